@@ -1,0 +1,86 @@
+"""The plugin contract: every hook a plugin can implement.
+
+hf_fisher is built from plugins. The built-in architecture adapters, estimators, consumers and
+per-sample gradient rules register through exactly these hooks, and so do third-party plugins,
+which arrive through the entry-point group ``hf_fisher``::
+
+    # pyproject.toml of a plugin distribution
+    [project.entry-points.hf_fisher]
+    my_plugin = "my_package.hf_fisher_plugin"
+
+    # my_package/hf_fisher_plugin.py
+    from hf_fisher import hookimpl
+
+    @hookimpl
+    def hf_fisher_register_consumers(register):
+        register("my_report", my_report)
+
+Set ``HF_FISHER_DISABLE_PLUGIN_AUTOLOAD=1`` to load only the built-ins, or
+``HF_FISHER_PLUGINS=name1,name2`` to load only the listed entry points. A plugin whose import or
+registration fails is reported once (plugin, distribution, error) and skipped.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import pluggy
+
+PROJECT_NAME = "hf_fisher"
+
+hookspec = pluggy.HookspecMarker(PROJECT_NAME)
+hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
+
+
+@hookspec(firstresult=True)
+def hf_fisher_model_layout(model: Any) -> Any | None:
+    """Describe ``model`` as an architecture-independent :class:`hf_fisher.layout.ModelLayout`.
+
+    Return ``None`` when the model is not one this adapter knows; the first non-``None`` answer
+    wins. The built-in generic adapter is ``trylast``; a third-party adapter can override a
+    built-in one with ``@hookimpl(tryfirst=True)``. ``model`` may be wrapped by PEFT: parameter
+    names in the layout are those of ``model.named_parameters()``.
+
+    Example::
+
+        @hookimpl
+        def hf_fisher_model_layout(model):
+            if getattr(model.config, "model_type", None) != "my_arch":
+                return None
+            builder = LayoutBuilder(model, adapter="my_arch")
+            ...  # builder.add_attention(...), builder.add_mlp(...)
+            return builder.build()
+    """
+
+
+@hookspec
+def hf_fisher_register_estimators(register: Callable[[str, Any], None]) -> None:
+    """Register Fisher estimators by name: ``register("empirical", EmpiricalEstimator)``.
+
+    An estimator is a class whose instances are built as ``cls(**options)`` and expose
+    ``collect(model, batches, **kwargs) -> hf_fisher.Fisher``; its docstring states the quantity
+    it returns, with the formula. Names are unique across all plugins: a duplicate is a
+    :class:`hf_fisher.errors.PluginError` naming both plugins.
+    """
+
+
+@hookspec
+def hf_fisher_register_consumers(register: Callable[[str, Any], None]) -> None:
+    """Register consumers of Fisher artifacts by name: ``register("importance", fn)``.
+
+    A consumer is a callable taking a :class:`hf_fisher.Fisher` first (and a model where it
+    must), e.g. pruning, Fisher-weighted merging, QK-OV interference, reports. Consumers read
+    artifacts only, never an estimator's internals. Names are unique across all plugins.
+    """
+
+
+@hookspec
+def hf_fisher_register_grad_rules(register: Callable[[type, Any], None]) -> None:
+    """Register per-sample gradient rules for module types: ``register(MyLayer, MyRule())``.
+
+    A rule turns one recorded call of a module (its inputs and the gradient of the loss with
+    respect to its output) into the exact per-sample gradients of the module's *own* trainable
+    parameters; see :class:`hf_fisher.engine.rules.GradRule` for the interface. The most
+    specific registered type in the module's MRO wins; modules with no rule get the generic
+    ``torch.func`` rule. A rule makes a custom layer exact and fast without touching the core.
+    """
