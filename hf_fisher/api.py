@@ -1,0 +1,75 @@
+"""The Python API's entry points: :func:`collect`."""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, Mapping
+
+import torch
+
+from . import plugins
+from .errors import InvalidInputError
+from .fisher import Fisher
+
+
+def collect(
+    model,
+    batches: Iterable[Mapping[str, Any]],
+    *,
+    estimator: str = "empirical",
+    reduction: str = "param",
+    task: str = "default",
+    normalization: str = "mean",
+    max_samples: int | None = None,
+    progress: bool = True,
+    accumulation_dtype: torch.dtype = torch.float64,
+    storage_dtype: torch.dtype | None = None,
+    storage_device: str | torch.device = "cpu",
+    ema_decay: float | None = None,
+    on_nonfinite: str = "raise",
+    memory_budget_mb: float = 256.0,
+    train_mode: bool = False,
+    task_type: str | None = None,
+    data_description: str | None = None,
+    model_name_or_path: str | None = None,
+    **estimator_options: Any,
+) -> Fisher:
+    """Collect the Fisher information of ``model`` over ``batches`` and return the artifact.
+
+    ``batches`` yields dicts with ``input_ids`` [B, T] and optionally ``attention_mask`` and
+    ``labels`` (-100 = ignored; causal LMs default to ``input_ids``). With the default
+    estimator the result is the empirical diagonal Fisher F = mean_i g_i ⊙ g_i with its
+    unbiased variance; ``reduction="group"`` sums within heads / kv-heads / channels /
+    vocabulary rows (square first, then reduce). See the README for the exact definitions.
+    """
+    available = plugins.estimators()
+    if estimator not in available:
+        raise InvalidInputError(f"unknown estimator {estimator!r}; available: {', '.join(sorted(available))}")
+    est = available[estimator](
+        reduction=reduction, normalization=normalization, accumulation_dtype=accumulation_dtype,
+        storage_dtype=storage_dtype, storage_device=storage_device, ema_decay=ema_decay,
+        on_nonfinite=on_nonfinite, memory_budget_mb=memory_budget_mb, train_mode=train_mode,
+        task_type=task_type, **estimator_options,
+    )
+    batches = _non_empty(batches)
+    return est.collect(
+        model, batches, task=task, max_samples=max_samples, progress=progress,
+        model_name_or_path=model_name_or_path, data_description=data_description,
+    )
+
+
+def _non_empty(batches):
+    from .errors import EmptyDataError
+
+    if batches is None:
+        raise EmptyDataError("batches is None: pass an iterable of batch dicts")
+    it = iter(batches)
+    try:
+        first = next(it)
+    except StopIteration:
+        raise EmptyDataError("no batches: the data is empty; pass at least one batch with input_ids") from None
+
+    def chain():
+        yield first
+        yield from it
+
+    return chain()

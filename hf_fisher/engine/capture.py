@@ -1,0 +1,132 @@
+"""Capture hooks: record every call of a module with trainable parameters, and the gradient that
+reaches its output during a backward pass the engine (or anyone else) runs.
+
+The hooks never touch ``.grad``: they only read module inputs (forward hooks) and output
+gradients (tensor hooks on the outputs). They are attachable and detachable, so the same capture
+serves a backward that the library runs itself and one that a Trainer runs.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable
+
+import torch
+import torch.nn as nn
+
+from .rules import ModuleCall
+
+log = logging.getLogger("hf_fisher.engine")
+
+
+def modules_with_trainable_params(model: nn.Module) -> list[nn.Module]:
+    """Every module owning at least one trainable *direct* parameter."""
+    return [m for m in model.modules() if any(p.requires_grad for p in m.parameters(recurse=False))]
+
+
+class Capture:
+    """Records module calls during forward and dispatches output gradients during backward.
+
+    ``on_grad(call)`` is invoked once per call whose output receives a gradient, with
+    ``call.grad_output`` set. ``recomputed`` becomes True when a forward hook fires during the
+    backward pass (activation checkpointing re-running forwards): the caller must not trust the
+    recorded calls then.
+    """
+
+    def __init__(self, modules: list[nn.Module], on_grad: Callable[[ModuleCall], None]):
+        self.modules = modules
+        self.on_grad = on_grad
+        self.calls: list[ModuleCall] = []
+        self.handles: list = []
+        self.in_backward = False
+        self.recomputed = False
+        self.suspended = False  # True while a rule runs a module's forward itself (torch.func)
+        self.batch_size = 0
+        self.compute_dtype = torch.float32
+        self.scale: torch.Tensor | None = None
+
+    def attach(self) -> "Capture":
+        if not self.handles:
+            for m in self.modules:
+                self.handles.append(m.register_forward_hook(self._forward_hook, with_kwargs=True))
+        return self
+
+    def detach(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+        self.calls = []
+
+    def __enter__(self) -> "Capture":
+        return self.attach()
+
+    def __exit__(self, *exc) -> None:
+        self.detach()
+
+    def start(self, batch_size: int, compute_dtype: torch.dtype, scale: torch.Tensor | None) -> None:
+        """Begin a new forward: forget previous calls."""
+        self.calls = []
+        self.in_backward = False
+        self.recomputed = False
+        self.batch_size = batch_size
+        self.compute_dtype = compute_dtype
+        self.scale = scale
+
+    def _forward_hook(self, module, args, kwargs, output):
+        if self.suspended:
+            return None
+        if self.in_backward:
+            self.recomputed = True
+            return None
+        if not torch.is_grad_enabled():
+            return None
+        call = ModuleCall(
+            module=module, args=args, kwargs=kwargs, output=output,
+            batch_size=self.batch_size, compute_dtype=self.compute_dtype, scale=self.scale,
+        )
+        self.calls.append(call)
+        if isinstance(output, torch.Tensor) and output.requires_grad:
+            output.register_hook(self._make_grad_hook(call))
+        return None
+
+    def _make_grad_hook(self, call: ModuleCall):
+        def hook(grad):
+            call.grad_output = grad
+            call.scale = self.scale
+            self.suspended = True
+            try:
+                self.on_grad(call)
+            finally:
+                self.suspended = False
+            return None
+
+        return hook
+
+
+def bottom_outputs(calls: list[ModuleCall], loss: torch.Tensor) -> list[int]:
+    """Indices of calls with no other recorded call below them in the autograd graph.
+
+    Asking autograd for the gradients of these outputs only (not of the parameters) makes the
+    backward traverse every recorded call on a path to the loss while skipping the weight-
+    gradient products a normal backward computes.
+    """
+    node_of = {}
+    for i, c in enumerate(calls):
+        if isinstance(c.output, torch.Tensor) and c.output.grad_fn is not None:
+            node_of[c.output.grad_fn] = i
+    if loss.grad_fn is None:
+        return []
+    # iterative post-order over the graph reachable from the loss
+    below: dict = {}
+    stack = [(loss.grad_fn, False)]
+    while stack:
+        node, expanded = stack.pop()
+        if node in below:
+            continue
+        children = [n for n, _ in node.next_functions if n is not None]
+        if not expanded:
+            stack.append((node, True))
+            stack.extend((c, False) for c in children if c not in below)
+        else:
+            below[node] = any((c in node_of) or below.get(c, False) for c in children)
+    return [i for node, i in node_of.items() if node in below and not below[node]]

@@ -1,0 +1,131 @@
+"""Per-sample losses: the pluggable piece that says what l_i is.
+
+For sample i with label tokens t in L_i (labels != -100 and attention_mask == 1):
+
+- causal LM:   l_it = CE(logits[i, t-1], labels[i, t])  (labels shifted by one)
+- masked LM:   l_it = CE(logits[i, t], labels[i, t])
+- sequence classification: one "token" per sample, l_i1 = CE(logits[i], labels[i])
+  (MSE for regression heads, summed BCE for multi-label heads).
+
+:func:`per_sample_loss` returns ``S_i = sum_t l_it`` and ``n_i = |L_i|``. The normalisation
+decides the per-sample gradient the Fisher squares (DESIGN.md section 2):
+
+- ``"mean"`` (default): g_i = d(S_i / n_i)/dθ,       C_i = g_i²
+- ``"sum"``:            g_i = d S_i/dθ,             C_i = g_i²
+- ``"token"``:          g_i = d S_i/dθ,             C_i = g_i² / n_i   (the seeds' form)
+
+:func:`normalization_weights` turns that into (backward weight w_i, contribution scale s_i): the
+engine back-propagates ``sum_i w_i S_i`` and squares ``s_i * (captured gradient of sample i)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import InvalidInputError
+
+NORMALIZATIONS = ("mean", "sum", "token")
+TASK_TYPES = ("causal_lm", "masked_lm", "sequence_classification")
+IGNORE_INDEX = -100
+
+
+@dataclass
+class SampleLosses:
+    """``loss_sum[i] = S_i`` (differentiable) and ``n_tokens[i] = n_i`` (int64)."""
+
+    loss_sum: torch.Tensor
+    n_tokens: torch.Tensor
+
+
+def task_type_of(model: Any) -> str:
+    """Infer the task type from the model class (``...ForCausalLM``, ``...LMHeadModel``, ...)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    name = type(base).__name__
+    if name.endswith("ForSequenceClassification"):
+        return "sequence_classification"
+    if name.endswith("ForMaskedLM"):
+        return "masked_lm"
+    if name.endswith("ForCausalLM") or name.endswith("LMHeadModel"):
+        return "causal_lm"
+    raise InvalidInputError(
+        f"cannot tell the task of a {name}: pass task_type='causal_lm', 'masked_lm' or "
+        "'sequence_classification' explicitly"
+    )
+
+
+def token_labels(batch: Mapping[str, torch.Tensor], task_type: str) -> torch.Tensor:
+    """Labels with -100 wherever a token must not count (given -100s, and attention_mask == 0).
+
+    Causal LM without ``labels`` uses ``input_ids``.
+    """
+    ids = batch["input_ids"]
+    labels = batch.get("labels")
+    if labels is None:
+        if task_type != "causal_lm":
+            raise InvalidInputError(f"a {task_type} batch needs 'labels'")
+        labels = ids
+    labels = labels.clone()
+    mask = batch.get("attention_mask")
+    if mask is not None and task_type != "sequence_classification":
+        labels[mask == 0] = IGNORE_INDEX
+        if task_type == "causal_lm":
+            # a token counts only when the position predicting it is a real token too
+            # (with left padding the first real token is "predicted" from a pad position)
+            labels[:, 1:][mask[:, :-1] == 0] = IGNORE_INDEX
+    return labels
+
+
+def per_sample_loss(task_type: str, logits: torch.Tensor, labels: torch.Tensor, *, problem_type: str | None = None) -> SampleLosses:
+    """Per-sample summed loss S_i and label-token count n_i (see module docstring)."""
+    if task_type == "sequence_classification":
+        return _classification_loss(logits, labels, problem_type)
+    if task_type == "causal_lm":
+        logits, labels = logits[:, :-1], labels[:, 1:]
+    elif task_type != "masked_lm":
+        raise InvalidInputError(f"unknown task_type {task_type!r}; choose one of {TASK_TYPES}")
+    B, T, V = logits.shape
+    valid = labels != IGNORE_INDEX
+    safe = labels.masked_fill(~valid, 0)
+    logits32 = logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
+    ce = F.cross_entropy(logits32.reshape(B * T, V), safe.reshape(B * T), reduction="none").view(B, T)
+    ce = ce.masked_fill(~valid, 0.0)
+    return SampleLosses(ce.sum(dim=1), valid.sum(dim=1))
+
+
+def _classification_loss(logits: torch.Tensor, labels: torch.Tensor, problem_type: str | None) -> SampleLosses:
+    logits32 = logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
+    B = logits.shape[0]
+    if problem_type == "regression" or (problem_type is None and logits.shape[-1] == 1 and labels.is_floating_point()):
+        loss = (logits32.view(B, -1) - labels.view(B, -1).to(logits32.dtype)).pow(2).sum(dim=1)
+        return SampleLosses(loss, torch.ones(B, dtype=torch.long, device=logits.device))
+    if problem_type == "multi_label_classification":
+        loss = F.binary_cross_entropy_with_logits(logits32, labels.to(logits32.dtype), reduction="none").sum(dim=1)
+        return SampleLosses(loss, torch.ones(B, dtype=torch.long, device=logits.device))
+    labels = labels.view(B)
+    valid = labels != IGNORE_INDEX
+    ce = F.cross_entropy(logits32, labels.masked_fill(~valid, 0), reduction="none").masked_fill(~valid, 0.0)
+    return SampleLosses(ce, valid.long())
+
+
+def normalization_weights(n_tokens: torch.Tensor, normalization: str, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(w, s): back-propagate ``sum_i w_i S_i``; square ``s_i * captured_i``.
+
+    Samples with n_i = 0 get w_i = 0 (they are skipped, never a NaN).
+    """
+    n = n_tokens.to(dtype)
+    safe = n.clamp(min=1)
+    ones = torch.ones_like(n)
+    if normalization == "mean":
+        w, s = 1.0 / safe, ones
+    elif normalization == "sum":
+        w, s = ones, ones
+    elif normalization == "token":
+        w, s = ones, 1.0 / safe.sqrt()
+    else:
+        raise InvalidInputError(f"unknown normalization {normalization!r}; choose one of {NORMALIZATIONS}")
+    w = torch.where(n_tokens > 0, w, torch.zeros_like(w))
+    return w, s

@@ -1,0 +1,401 @@
+"""Per-sample gradient rules: from one recorded module call to exact per-sample gradients.
+
+A :class:`GradRule` receives a :class:`ModuleCall` (the module, its inputs, and the gradient of
+the back-propagated loss with respect to its output, one row per sample) and returns one
+:class:`Part` per trainable *direct* parameter of the module. A part is the contribution of that
+call to the per-sample gradient ``g_i`` of the parameter; when a parameter receives several parts
+(tied embeddings / lm_head, a module called twice) the engine sums the parts per sample before
+squaring.
+
+Parts never materialise per-sample gradients unless asked:
+
+- :class:`OuterProductPart` (Linear, Conv1D): ``G_i = sum_t u_it ⊗ v_it`` with per-token factors
+  ``U_i`` [T, R] and ``V_i`` [T, C]. Per-index squared sums along rows use the Gram form
+  ``r_i = sum_{t,s} (v_it·v_is) u_itr u_isr``, whichever of Gram / materialisation is cheaper.
+- :class:`EmbeddingPart`: ``G_i[r] = sum_{t: x_it = r} g_it`` (segment sums, padding_idx rows 0).
+- :class:`DensePart`: per-sample gradients already materialised ``[B, *shape]`` (biases, the
+  generic ``torch.func`` rule for norms and custom layers).
+
+Built-in rules are registered through :func:`hf_fisher_register_grad_rules` like any plugin's.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+import torch.nn as nn
+
+from ..errors import UnsupportedError
+from ..hookspecs import hookimpl
+
+log = logging.getLogger("hf_fisher.engine")
+
+
+@dataclass
+class ModuleCall:
+    """One forward call of a module, with the gradient that reached its output."""
+
+    module: nn.Module
+    args: tuple
+    kwargs: dict
+    output: Any
+    grad_output: Any = None
+    batch_size: int = 0
+    compute_dtype: torch.dtype = torch.float32
+    # per-sample gradient scale s_i (see engine.losses.normalization_weights), shape [B]
+    scale: torch.Tensor | None = None
+    extra: dict = field(default_factory=dict)
+
+    def input(self, name: str = "input", position: int = 0) -> Any:
+        if len(self.args) > position:
+            return self.args[position]
+        return self.kwargs[name]
+
+
+class Part:
+    """Contribution of one module call to the per-sample gradients of one parameter.
+
+    ``samples`` index tensors select samples of the batch (rows of the call's batch dimension).
+    Gradients are scaled per sample by the call's ``scale``; :meth:`total` is unscaled (it equals
+    the parameter's batch gradient of the back-propagated loss, used for verification).
+    """
+
+    param: torch.Tensor
+
+    def materialize(self, samples: torch.Tensor) -> torch.Tensor:
+        """Signed per-sample gradients ``[len(samples), *param.shape]`` (scaled)."""
+        raise NotImplementedError
+
+    def per_index_sq(self, axis: int, samples: torch.Tensor, budget_elems: int) -> torch.Tensor:
+        """``sum over all axes but `axis` of g_i**2`` for each sample: ``[len(samples), size]``.
+
+        Only valid when this part is the parameter's only part. Default: materialise in chunks.
+        """
+        return chunked_per_index_sq(self.materialize, self.param.shape, axis, samples, budget_elems)
+
+    def total(self) -> torch.Tensor:
+        """Unscaled sum over samples of the gradient (equals autograd's batch gradient)."""
+        raise NotImplementedError
+
+
+Samples = "slice | torch.Tensor"
+
+
+def num_samples(samples) -> int:
+    """Number of samples selected by a slice of the batch or an index tensor."""
+    return samples.stop - samples.start if isinstance(samples, slice) else int(samples.numel())
+
+
+def sub_samples(samples, lo: int, hi: int):
+    """Samples ``lo:hi`` of a selection (slices stay slices: views, no copies)."""
+    if isinstance(samples, slice):
+        return slice(samples.start + lo, min(samples.start + hi, samples.stop))
+    return samples[lo:hi]
+
+
+def take(x: torch.Tensor, samples) -> torch.Tensor:
+    """Rows ``samples`` of ``x`` (a view for a slice, a gather for an index tensor)."""
+    return x[samples] if isinstance(samples, slice) else x.index_select(0, samples)
+
+
+def chunked_per_index_sq(materialize, shape, axis, samples, budget_elems) -> torch.Tensor:
+    numel = max(1, int(torch.Size(shape).numel()))
+    chunk = max(1, budget_elems // numel)
+    other = [d + 1 for d in range(len(shape)) if d != axis]
+    outs = []
+    for lo in range(0, num_samples(samples), chunk):
+        g = materialize(sub_samples(samples, lo, lo + chunk))
+        sq = g * g
+        outs.append(sq.sum(dim=other) if other else sq)
+    return torch.cat(outs)
+
+
+def _scale_rows(x: torch.Tensor, scale: torch.Tensor | None, samples) -> torch.Tensor:
+    x = take(x, samples)
+    if scale is None:
+        return x
+    s = take(scale, samples).to(x.dtype)
+    return x * s.view(-1, *([1] * (x.dim() - 1)))
+
+
+class DensePart(Part):
+    """Per-sample gradients given as a dense tensor ``[B, *param.shape]`` (unscaled)."""
+
+    def __init__(self, param: torch.Tensor, per_sample: torch.Tensor, scale: torch.Tensor | None):
+        self.param = param
+        self.per_sample = per_sample
+        self.scale = scale
+
+    def materialize(self, samples):
+        return _scale_rows(self.per_sample, self.scale, samples)
+
+    def total(self):
+        return self.per_sample.sum(0)
+
+
+class OuterProductPart(Part):
+    """``G_i = U_i^T V_i`` with ``U`` [B, T, R] (rows of the parameter) and ``V`` [B, T, C].
+
+    Per-index squared sums of rows, for one sample: ``r[r] = sum_c (sum_t U_tr V_tc)^2``. Two ways:
+    materialise ``G_i`` (cost ~ T·R·C) or the Gram form ``r = sum_t ((V V^T) U)_tr U_tr`` (cost
+    ~ T²·(R + C)); the cheaper one is taken, under the memory budget.
+    """
+
+    def __init__(self, param: torch.Tensor, U: torch.Tensor, V: torch.Tensor, scale: torch.Tensor | None):
+        self.param = param
+        self.U, self.V, self.scale = U, V, scale
+
+    def materialize(self, samples):
+        U = _scale_rows(self.U, self.scale, samples)
+        return torch.bmm(U.transpose(1, 2), take(self.V, samples))
+
+    def per_index_sq(self, axis, samples, budget_elems):
+        U = _scale_rows(self.U, self.scale, samples)
+        V = take(self.V, samples)
+        if axis == 1:
+            U, V = V, U
+        T, R, C = U.shape[1], U.shape[2], V.shape[2]
+        if T * T * (R + C) < T * R * C:
+            # Gram form, chunked over samples so [b, T, T] + [b, T, R] stay within budget.
+            chunk = max(1, budget_elems // max(1, T * T + T * R))
+            outs = []
+            for lo in range(0, U.shape[0], chunk):
+                u, v = U[lo : lo + chunk], V[lo : lo + chunk]
+                K = torch.bmm(v, v.transpose(1, 2))
+                outs.append((torch.bmm(K, u) * u).sum(dim=1))
+            return torch.cat(outs)
+        chunk = max(1, budget_elems // max(1, R * C))
+        outs = []
+        for lo in range(0, U.shape[0], chunk):
+            G = torch.bmm(U[lo : lo + chunk].transpose(1, 2), V[lo : lo + chunk])
+            outs.append((G * G).sum(dim=2))
+        return torch.cat(outs)
+
+    def total(self):
+        U = self.U.reshape(-1, self.U.shape[-1])
+        V = self.V.reshape(-1, self.V.shape[-1])
+        return U.t() @ V
+
+
+class EmbeddingPart(Part):
+    """``G_i[r] = sum_{t: ids_it = r} g_it`` for an embedding table [num_rows, dim]."""
+
+    def __init__(self, param: torch.Tensor, ids: torch.Tensor, grads: torch.Tensor, scale: torch.Tensor | None, padding_idx: int | None):
+        self.param = param
+        B = ids.shape[0]
+        self.ids = ids.reshape(B, -1)
+        self.grads = grads.reshape(B, self.ids.shape[1], -1)
+        if padding_idx is not None:
+            keep = (self.ids != padding_idx).unsqueeze(-1)
+            self.grads = self.grads * keep
+        self.scale = scale
+        self.num_rows = param.shape[0]
+
+    def _keys(self, samples):
+        ids = take(self.ids, samples)
+        b = ids.shape[0]
+        offsets = torch.arange(b, device=ids.device).unsqueeze(1) * self.num_rows
+        return (ids + offsets).reshape(-1), b
+
+    def materialize(self, samples):
+        keys, b = self._keys(samples)
+        g = _scale_rows(self.grads, self.scale, samples).reshape(keys.shape[0], -1)
+        out = g.new_zeros(b * self.num_rows, g.shape[1])
+        out.index_add_(0, keys, g)
+        return out.view(b, *self.param.shape)
+
+    def per_index_sq(self, axis, samples, budget_elems):
+        if axis != 0:
+            return super().per_index_sq(axis, samples, budget_elems)
+        keys, b = self._keys(samples)
+        g = _scale_rows(self.grads, self.scale, samples).reshape(keys.shape[0], -1)
+        uniq, inverse = torch.unique(keys, return_inverse=True)
+        sums = g.new_zeros(uniq.shape[0], g.shape[1]).index_add_(0, inverse, g)
+        out = g.new_zeros(b * self.num_rows)
+        out[uniq] = (sums * sums).sum(dim=1)
+        return out.view(b, self.num_rows)
+
+    def total(self):
+        g = self.grads.reshape(-1, self.grads.shape[-1])
+        return g.new_zeros(self.param.shape).index_add_(0, self.ids.reshape(-1), g)
+
+
+class GradRule:
+    """Turns a :class:`ModuleCall` into one :class:`Part` per trainable direct parameter.
+
+    Implementations must be exact: ``sum_i part.materialize(i)`` equals the batch gradient,
+    and row i depends on sample i only. Raise :class:`UnsupportedError` when a call cannot be
+    handled exactly; the engine then falls back to a per-sample loop, loudly.
+    """
+
+    def parts(self, call: ModuleCall) -> dict[str, Part]:  # local param name -> Part
+        raise NotImplementedError
+
+
+def _trainable(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p for n, p in module.named_parameters(recurse=False) if p.requires_grad}
+
+
+def _flat_tokens(x: torch.Tensor, B: int, dtype: torch.dtype) -> torch.Tensor:
+    if x.shape[0] != B:
+        raise UnsupportedError(f"input with leading dimension {x.shape[0]} in a batch of {B}")
+    return x.reshape(B, -1, x.shape[-1]).to(dtype)
+
+
+class LinearRule(GradRule):
+    """nn.Linear: weight [out, in]: U = grad_output, V = input; bias: sum_t grad_output."""
+
+    def parts(self, call):
+        params = _trainable(call.module)
+        B, dt = call.batch_size, call.compute_dtype
+        a = _flat_tokens(call.input(), B, dt)
+        g = _flat_tokens(call.grad_output, B, dt)
+        out = {}
+        if "weight" in params:
+            out["weight"] = OuterProductPart(params["weight"], g, a, call.scale)
+        if "bias" in params:
+            out["bias"] = DensePart(params["bias"], g.sum(1), call.scale)
+        return out
+
+
+class Conv1DRule(GradRule):
+    """HF Conv1D (y = x W + b, W [in, out]): U = input (rows = in), V = grad_output."""
+
+    def parts(self, call):
+        params = _trainable(call.module)
+        B, dt = call.batch_size, call.compute_dtype
+        a = _flat_tokens(call.input("x"), B, dt)
+        g = _flat_tokens(call.grad_output, B, dt)
+        out = {}
+        if "weight" in params:
+            out["weight"] = OuterProductPart(params["weight"], a, g, call.scale)
+        if "bias" in params:
+            out["bias"] = DensePart(params["bias"], g.sum(1), call.scale)
+        return out
+
+
+class EmbeddingRule(GradRule):
+    """nn.Embedding: per-sample segment sums of output gradients per token id."""
+
+    def parts(self, call):
+        m = call.module
+        params = _trainable(m)
+        if "weight" not in params:
+            return {}
+        if m.max_norm is not None or m.scale_grad_by_freq:
+            raise UnsupportedError("nn.Embedding with max_norm or scale_grad_by_freq")
+        ids = call.input()
+        B = call.batch_size
+        if ids.shape[0] != B:
+            raise UnsupportedError(f"embedding ids with leading dimension {ids.shape[0]} in a batch of {B}")
+        g = call.grad_output.reshape(B, -1, m.embedding_dim).to(call.compute_dtype)
+        return {"weight": EmbeddingPart(params["weight"], ids, g, call.scale, m.padding_idx)}
+
+
+class FuncRule(GradRule):
+    """Any module: per-sample gradients of its direct parameters with torch.func.
+
+    ``g_i = vjp_θ(module(θ, x_i))(grad_output_i)``, vectorised with ``vmap`` over the batch;
+    a per-sample loop of the same vjp when the module cannot be vmapped (logged once).
+    """
+
+    _loop_logged: set = set()
+
+    def parts(self, call):
+        params = _trainable(call.module)
+        if not params:
+            return {}
+        B = call.batch_size
+        per_sample = self._per_sample(call, params, B)
+        return {n: DensePart(p, per_sample[n].to(call.compute_dtype), call.scale) for n, p in params.items()}
+
+    def _per_sample(self, call, params, B):
+        from torch.func import functional_call, vjp, vmap
+
+        module = call.module
+        out = call.output
+        if not isinstance(out, torch.Tensor):
+            raise UnsupportedError(f"{type(module).__name__} returns {type(out).__name__}, not a tensor")
+        if out.shape[0] != B:
+            raise UnsupportedError(f"{type(module).__name__} output has leading dimension {out.shape[0]}, batch {B}")
+        flat_args = list(call.args)
+        kw_names = list(call.kwargs)
+        flat = flat_args + [call.kwargs[k] for k in kw_names]
+        batched = [isinstance(x, torch.Tensor) and x.dim() > 0 and x.shape[0] == B for x in flat]
+        n_args = len(flat_args)
+        detached = {n: p.detach() for n, p in params.items()}
+        go = call.grad_output
+
+        def single(batched_vals, g_i):
+            vals = list(flat)
+            it = iter(batched_vals)
+            for k, b in enumerate(batched):
+                if b:
+                    vals[k] = next(it).unsqueeze(0)
+            args, kwargs = vals[:n_args], dict(zip(kw_names, vals[n_args:]))
+
+            def f(p):
+                return functional_call(module, p, tuple(args), kwargs)
+
+            _, pullback = vjp(f, detached)
+            return pullback(g_i.unsqueeze(0))[0]
+
+        bvals = [x.detach() for x, b in zip(flat, batched) if b]
+        try:
+            return vmap(single)(bvals, go)
+        except Exception as e:  # vmap cannot handle every custom forward: loop, still exact
+            key = type(module).__name__
+            if key not in FuncRule._loop_logged:
+                FuncRule._loop_logged.add(key)
+                log.warning("per-sample gradients of %s: vmap failed (%s); using a per-sample loop", key, e)
+            rows = [single([v[i] for v in bvals], go[i]) for i in range(B)]
+            return {n: torch.stack([r[n] for r in rows]) for n in params}
+
+
+def conv1d_type():
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except Exception:  # pragma: no cover - transformers always has it
+        return None
+    return Conv1D
+
+
+@hookimpl
+def hf_fisher_register_grad_rules(register):
+    register(nn.Linear, LinearRule())
+    register(nn.Embedding, EmbeddingRule())
+    conv1d = conv1d_type()
+    if conv1d is not None:
+        register(conv1d, Conv1DRule())
+
+
+GENERIC_RULE = FuncRule()
+
+
+def rule_for(module: nn.Module, rules: dict[type, GradRule]) -> GradRule:
+    """The most specific registered rule in the module's MRO, else the generic torch.func rule."""
+    for cls in type(module).__mro__:
+        if cls in rules:
+            return rules[cls]
+    return GENERIC_RULE
+
+
+__all__ = [
+    "ModuleCall",
+    "Part",
+    "DensePart",
+    "OuterProductPart",
+    "EmbeddingPart",
+    "GradRule",
+    "LinearRule",
+    "Conv1DRule",
+    "EmbeddingRule",
+    "FuncRule",
+    "rule_for",
+    "num_samples",
+    "sub_samples",
+    "take",
+]

@@ -1,0 +1,48 @@
+"""The empirical Fisher estimator (built-in plugin).
+
+Returns the empirical diagonal Fisher F = (1/N) sum_i g_i ⊙ g_i, with g_i the gradient of
+sample i's loss on its dataset labels (normalisation "mean" | "sum" | "token", see
+:mod:`hf_fisher.engine.losses`), its unbiased variance Var_i(g_i ⊙ g_i) and the counts, per
+element (``reduction="param"``) or summed within the architecture adapter's groups
+(``reduction="group"``). Exact: every g_i comes from one batched forward/backward.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, Mapping
+
+from ..collector import FisherCollector
+from ..fisher import Fisher
+from ..hookspecs import hookimpl
+
+
+class EmpiricalEstimator:
+    """Empirical diagonal Fisher: F = mean_i (d l_i/dθ)², labels from the data."""
+
+    name = "empirical"
+
+    def __init__(self, **options: Any):
+        self.options = options
+
+    def collect(
+        self,
+        model,
+        batches: Iterable[Mapping[str, Any]],
+        *,
+        task: str = "default",
+        max_samples: int | None = None,
+        progress: bool = True,
+        model_name_or_path: str | None = None,
+        data_description: str | None = None,
+    ) -> Fisher:
+        collector = FisherCollector(model, estimator=self.name, **self.options)
+        try:
+            collector.collect(batches, task, max_samples=max_samples, progress=progress)
+            return collector.fisher(task, model_name_or_path=model_name_or_path, data_description=data_description)
+        finally:
+            collector.close()
+
+
+@hookimpl
+def hf_fisher_register_estimators(register):
+    register("empirical", EmpiricalEstimator)

@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Idempotent set-up shared by scripts/demo.sh and scripts/test.sh.
+#
+# 1. creates .venv in the repository (python3 -m venv) if it is missing or broken;
+# 2. installs torch==2.13.0 FIRST when torch is not importable in it (pinned on purpose: on these
+#    machines pip's global configuration finds a local CPU build of exactly this version, while an
+#    unpinned torch could pull a multi-GB CUDA build);
+# 3. installs this package in editable mode with its test extras: pip install -e ".[test]".
+#
+# A stamp in .venv (hash of pyproject.toml and of this script) makes a second run return at once.
+# Environment: PYTHON (interpreter used to create the venv, default python3),
+# HF_FISHER_VENV (venv folder, default <repo>/.venv), HF_FISHER_TORCH (torch requirement,
+# default torch==2.13.0).
+set -euo pipefail
+
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+venv="${HF_FISHER_VENV:-$repo/.venv}"
+python="${PYTHON:-python3}"
+torch_req="${HF_FISHER_TORCH:-torch==2.13.0}"
+stamp="$venv/.hf_fisher_setup_stamp"
+py="$venv/bin/python"
+
+log() { printf '[setup] %s\n' "$*" >&2; }
+
+want="$(cat "$repo/pyproject.toml" "${BASH_SOURCE[0]}" | sha256sum | cut -d' ' -f1)"
+
+# Fast path: already set up for this pyproject.toml and the package is still installed.
+if [ -x "$py" ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] \
+   && "$py" -c "import importlib.metadata as m; m.version('hf-fisher')" >/dev/null 2>&1; then
+  exit 0
+fi
+
+if ! "$python" -c 'import sys; sys.exit(sys.version_info < (3, 10))' 2>/dev/null; then
+  log "error: $python is missing or older than Python 3.10; set PYTHON=/path/to/python3.10+"
+  exit 1
+fi
+
+if [ ! -x "$py" ] || ! "$py" -c 'import sys' >/dev/null 2>&1; then
+  log "creating virtual environment $venv"
+  rm -rf "$venv"
+  "$python" -m venv "$venv"
+fi
+
+pip_args=(--disable-pip-version-check --no-input)
+if [ -n "${CI:-}" ] || [ ! -t 1 ]; then pip_args+=(--progress-bar off); fi
+
+if ! "$py" -c 'import torch' >/dev/null 2>&1; then
+  log "installing $torch_req (before anything else, so no other torch build is pulled in)"
+  "$py" -m pip install "${pip_args[@]}" "$torch_req"
+fi
+
+log "installing hf-fisher (editable) with test extras"
+"$py" -m pip install "${pip_args[@]}" -e "$repo[test]"
+
+printf '%s\n' "$want" > "$stamp"
+log "ready: $venv ($("$py" -c 'import torch, transformers; print(f"torch {torch.__version__}, transformers {transformers.__version__}")'))"

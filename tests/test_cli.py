@@ -1,0 +1,286 @@
+"""The ``hf-fisher`` command line, end to end on a tiny LLaMA saved to disk with an offline tokenizer.
+
+Numbers are checked against an independent reference: a one-sample-at-a-time autograd loop over
+the same tokenized lines (mean cross-entropy per sample, gradient squared, averaged).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import transformers as tf
+
+import tiny_models as tm
+from hf_fisher.cli import main
+from hf_fisher.demo import word_tokenizer
+
+REPO = Path(__file__).resolve().parents[1]
+
+LINES = [
+    "the cat sat on the mat",
+    "a dog ran in the park",
+    "the bird sang",
+    "cats and dogs play in the park on sunday",
+    "a mat",
+    "the sun is up and the bird is on the mat",
+]
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    model = tm.llama(torch.float32)
+    model_dir = root / "tiny-llama"
+    model.save_pretrained(model_dir)
+    words = sorted({w for line in LINES for w in line.split()})
+    tokenizer = word_tokenizer(words)
+    assert len(tokenizer) <= tm.VOCAB
+    tokenizer.save_pretrained(model_dir)
+    (root / "lines.txt").write_text("\n".join(LINES) + "\n\n", encoding="utf-8")
+    jsonl = [{"text": LINES[0]}, {"input_ids": [1, 40, 41, 42, 43, 60]}, {"text": LINES[2]}, {"text": LINES[3]}]
+    (root / "mixed.jsonl").write_text("".join(json.dumps(o) + "\n" for o in jsonl), encoding="utf-8")
+    return root
+
+
+@pytest.fixture(scope="module")
+def model(workspace):
+    return tf.AutoModelForCausalLM.from_pretrained(workspace / "tiny-llama").eval()
+
+
+@pytest.fixture(scope="module")
+def tokenizer(workspace):
+    return tf.AutoTokenizer.from_pretrained(workspace / "tiny-llama")
+
+
+def collect_args(ws: Path, data: str, out: Path, *extra: str) -> list[str]:
+    return ["collect", "--model", str(ws / "tiny-llama"), "--data", str(ws / data), "--task", "toy",
+            "--out", str(out), "--batch-size", "4", "--no-progress", *extra]
+
+
+@pytest.fixture(scope="module")
+def group_artifact(workspace):
+    out = workspace / "fisher-group"
+    assert main(collect_args(workspace, "lines.txt", out)) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def param_artifact(workspace):
+    """Collected by a real ``python -m hf_fisher.cli`` process, uninstalled (PYTHONPATH = repo)."""
+    out = workspace / "fisher-param"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+               HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    proc = subprocess.run(
+        [sys.executable, "-m", "hf_fisher.cli", *collect_args(workspace, "lines.txt", out, "--reduction", "param")],
+        cwd=workspace, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert f"to {out}" in proc.stdout
+    return out
+
+
+def reference_fisher(model, id_lists) -> dict[str, torch.Tensor]:
+    """mean_i (d l_i / d theta)^2, l_i = mean cross-entropy of sample i, one sample at a time."""
+    total = {n: torch.zeros_like(p, dtype=torch.float64) for n, p in model.named_parameters()}
+    for ids in id_lists:
+        x = torch.tensor([ids])
+        model.zero_grad(set_to_none=True)
+        model(input_ids=x, labels=x).loss.backward()
+        for n, p in model.named_parameters():
+            total[n] += p.grad.double() ** 2
+    model.zero_grad(set_to_none=True)
+    return {n: t / len(id_lists) for n, t in total.items()}
+
+
+def assert_matches_reference(fisher, ref):
+    assert sorted(fisher.names()) == sorted(ref)
+    for name, expected in ref.items():
+        got = fisher[name].double()
+        assert got.shape == expected.shape, name
+        torch.testing.assert_close(got, expected, rtol=2e-4, atol=1e-7 * float(expected.abs().max()), msg=name)
+
+
+def artifact_files(out: Path) -> set[str]:
+    return {p.name for p in out.iterdir()}
+
+
+def test_collect_txt_group(group_artifact, model):
+    from hf_fisher import Fisher
+
+    assert {"fisher.safetensors", "fisher_config.json", "README.md"} <= artifact_files(group_artifact)
+    fisher = Fisher.from_pretrained(group_artifact, model=model)
+    assert fisher.reduction == "group"
+    assert fisher.counts.samples == len(LINES)
+    # each line is <s> + its words; a causal LM predicts every token after the first
+    assert fisher.counts.tokens == sum(len(line.split()) for line in LINES)
+    assert fisher.metadata.task == "toy"
+    assert fisher.metadata.data_description == f"lines.txt: {len(LINES)} samples"
+    assert fisher.metadata.model_name_or_path.endswith("tiny-llama")
+    q = "model.layers.0.self_attn.q_proj.weight"
+    assert fisher[q].shape == (len(fisher.group_names(q)),)
+
+
+def test_subprocess_param_run_matches_one_sample_loop(param_artifact, group_artifact, model, tokenizer):
+    from hf_fisher import Fisher
+
+    ids = [tokenizer(line)["input_ids"] for line in LINES]
+    assert ids[2][0] == 1 and len(ids[2]) == 1 + 3  # <s> the bird sang
+    fisher = Fisher.from_pretrained(param_artifact, model=model)
+    assert fisher.reduction == "param"
+    assert_matches_reference(fisher, reference_fisher(model, ids))
+    # the group artifact (another process, another reduction) holds the same mass per tensor
+    group = Fisher.from_pretrained(group_artifact, model=model)
+    for name in fisher.names():
+        torch.testing.assert_close(group[name].double().sum(), fisher[name].double().sum(), rtol=1e-5, atol=0.0)
+
+
+def test_collect_jsonl_with_ids_and_max_samples(workspace, model, tokenizer):
+    from hf_fisher import Fisher
+
+    out = workspace / "fisher-jsonl"
+    assert main(collect_args(workspace, "mixed.jsonl", out, "--reduction", "param", "--max-samples", "3",
+                             "--normalization", "mean", "--batch-size", "2")) == 0
+    fisher = Fisher.from_pretrained(out, model=model)
+    assert fisher.counts.samples == 3
+    assert fisher.metadata.data_description == "mixed.jsonl: 3 samples"
+    ids = [tokenizer(LINES[0])["input_ids"], [1, 40, 41, 42, 43, 60], tokenizer(LINES[2])["input_ids"]]
+    assert_matches_reference(fisher, reference_fisher(model, ids))
+
+
+def table(text: str, title_start: str) -> list[list[str]]:
+    """Rows of the table whose title starts with ``title_start`` (cells split on whitespace)."""
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(title_start))
+    assert set(lines[start + 2].replace(" ", "")) == {"-"}
+    rows = []
+    for line in lines[start + 3 :]:
+        if not line.strip():
+            break
+        rows.append(line.split())
+    return rows
+
+
+def head_totals(fisher) -> dict[tuple[int, int], float]:
+    """Independent head totals from a param-reduction artifact: F summed over the head's Q rows
+    and O columns, plus its share (H_kv / H) of its kv-head's K and V rows."""
+    out = {}
+    for att in fisher.layout.attention:
+        for h in att.heads:
+            def mass(slices):
+                return sum(float(fisher[s.param][s.index()].double().sum()) for s in slices)
+
+            out[(h.layer, h.head)] = mass(h.q + h.o) + mass(h.k + h.v) * att.num_kv_heads / att.num_heads
+    return out
+
+
+def test_show_tables(param_artifact, capsys):
+    from hf_fisher import Fisher
+
+    assert main(["show", str(param_artifact), "--top", "3"]) == 0
+    text = capsys.readouterr().out
+    assert "task: toy" in text and "reduction: param" in text and f"samples: {len(LINES)}" in text
+    heads = table(text, "Top 3 of 8 attention heads")
+    assert len(heads) == 3
+    expected = head_totals(Fisher.from_pretrained(param_artifact))
+    ranked = sorted(expected.items(), key=lambda kv: -kv[1])
+    for row, ((layer, head), value) in zip(heads, ranked):
+        assert (int(row[1]), int(row[2])) == (layer, head)
+        assert float(row[3]) == pytest.approx(value, rel=1e-3)
+    assert float(heads[0][4].rstrip("%")) == pytest.approx(100 * ranked[0][1] / sum(expected.values()), abs=0.06)
+    assert len(table(text, "Top 3 of 80 MLP channels")) == 3
+    layers = table(text, "Per-layer totals")
+    assert [r[0] for r in layers] == ["0", "1", "-"]
+    assert sum(float(r[2].rstrip("%")) for r in layers) == pytest.approx(100.0, abs=0.2)
+
+    assert main(["show", str(param_artifact), "--top", "100"]) == 0
+    text = capsys.readouterr().out
+    assert len(table(text, "Top 8 of 8 attention heads")) == 8
+
+
+def test_show_group_artifact_agrees_with_param_artifact(group_artifact, param_artifact, capsys):
+    assert main(["show", str(group_artifact), "--top", "8"]) == 0
+    group_rows = table(capsys.readouterr().out, "Top 8 of 8 attention heads")
+    assert main(["show", str(param_artifact), "--top", "8"]) == 0
+    param_rows = table(capsys.readouterr().out, "Top 8 of 8 attention heads")
+    assert [r[1:3] for r in group_rows] == [r[1:3] for r in param_rows]
+    for g, p in zip(group_rows, param_rows):
+        assert float(g[3]) == pytest.approx(float(p[3]), rel=1e-3)
+
+
+def test_plugins_lists_builtins(capsys):
+    assert main(["plugins"]) == 0
+    rows = table(capsys.readouterr().out, "Registered plugins")
+    assert ["estimator", "empirical"] in [r[:2] for r in rows]
+    adapters = [r for r in rows if r[0] == "adapter"]
+    assert any("llama" in r[1] for r in adapters)
+    assert adapters[-1][1].endswith("generic")  # the generic adapter is asked last
+
+
+@pytest.mark.parametrize(
+    "data, content, message",
+    [
+        ("missing.txt", None, "missing.txt.*does not exist"),
+        ("data.csv", "a,b\n", r"\.txt or \.jsonl"),
+        ("bad.jsonl", '{"text": "the cat"}\n{"text": \n', r"bad\.jsonl, line 2: malformed JSON"),
+        ("empty.txt", "\n\n", "no sample"),
+    ],
+)
+def test_bad_data_exits_2_and_writes_nothing(workspace, tmp_path, capsys, data, content, message):
+    if content is not None:
+        (tmp_path / data).write_text(content, encoding="utf-8")
+    out = tmp_path / "out"
+    args = collect_args(workspace, data, out)
+    args[args.index("--data") + 1] = str(tmp_path / data)
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert re.search(message, err), err
+    assert "Traceback" not in err
+    assert not out.exists()
+
+
+def test_refuses_non_empty_out_and_bad_model(workspace, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("precious", encoding="utf-8")
+    assert main(collect_args(workspace, "lines.txt", out)) == 2
+    err = capsys.readouterr().err
+    assert "not empty" in err and "--overwrite" in err
+    assert artifact_files(out) == {"keep.txt"}
+
+    args = collect_args(workspace, "lines.txt", tmp_path / "out2")
+    args[args.index("--model") + 1] = str(tmp_path)  # a folder without config.json
+    assert main(args) == 2
+    assert "config.json" in capsys.readouterr().err
+    assert not (tmp_path / "out2").exists()
+
+    assert main(["show", str(tmp_path / "nothing-here")]) == 2
+    assert "nothing-here" in capsys.readouterr().err
+
+
+def test_demo_trains_collects_and_saves(tmp_path, capsys):
+    from hf_fisher import Fisher
+
+    out = tmp_path / "fisher-copy"
+    assert main(["demo", "--out", str(out), "--samples", "24"]) == 0
+    text = capsys.readouterr().out
+    before, after, acc = map(float, re.search(r"copy loss ([\d.]+) -> ([\d.]+), copy accuracy ([\d.]+)%", text).groups())
+    assert after < 0.25 * before and acc > 90.0  # the copy task was learned
+    fisher = Fisher.from_pretrained(out)
+    assert fisher.metadata.task == "copy" and fisher.reduction == "group" and fisher.counts.samples == 24
+    assert fisher.counts.tokens == 24 * 8  # loss on the 8 copied tokens only
+    assert len(table(text, "Top 8 of 8 attention heads")) == 8
+    assert f"Saved the Fisher artifact to {out}" in text
+
+    # the command the demo suggests works on what it saved
+    model_dir, data = tmp_path / "tiny-llama-copy", tmp_path / "copy.txt"
+    assert len(data.read_text().splitlines()) == 24
+    assert main(["collect", "--model", str(model_dir), "--data", str(data), "--task", "copy",
+                 "--out", str(tmp_path / "fisher-cli"), "--no-progress"]) == 0
+    assert Fisher.from_pretrained(tmp_path / "fisher-cli").counts.samples == 24
