@@ -29,7 +29,7 @@ logger = logging.getLogger("hf_fisher.cli")
 
 EXIT_ERROR = 2
 MODEL_DTYPES = ("float32", "float64", "bfloat16", "float16")
-STORAGE_DTYPES = ("float32", "float16")
+STORAGE_DTYPES = ("float64", "float32", "float16")
 
 
 # --------------------------------------------------------------------------- tables
@@ -155,7 +155,7 @@ def _cmd_collect(args: argparse.Namespace) -> int:
     from hf_fisher.data import load_samples, make_batches, pad_token_id
 
     samples = load_samples(data_path)
-    if args.max_samples is not None:
+    if args.max_samples is not None:  # the first N samples of the file
         samples = samples[: args.max_samples]
     model, task_type = _load_model(args.model, args.dtype, args.device)
     tokenizer = _load_tokenizer(args.model) if any(s.input_ids is None for s in samples) else None
@@ -181,7 +181,6 @@ def _cmd_collect(args: argparse.Namespace) -> int:
         task=args.task,
         reduction=args.reduction,
         normalization=args.normalization,
-        max_samples=args.max_samples,
         progress=not args.no_progress,
         storage_dtype=_torch_dtype(args.storage_dtype) if args.storage_dtype else None,
         model_name_or_path=str(args.model),
@@ -202,9 +201,12 @@ def _torch_dtype(name: str):
 
 def _load_model(name_or_path: str, dtype: str, device: str):
     """Causal LM by default; sequence classification when config.architectures says so."""
+    import torch
     import transformers
     from packaging.version import Version
 
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise InvalidInputError(f"--device {device}: no CUDA device is available here; use --device cpu")
     try:
         config = transformers.AutoConfig.from_pretrained(name_or_path)
         archs = getattr(config, "architectures", None) or []
@@ -214,7 +216,7 @@ def _load_model(name_or_path: str, dtype: str, device: str):
             cls, task_type = transformers.AutoModelForCausalLM, "causal_lm"
         # transformers >= 4.56 names the argument ``dtype`` (``torch_dtype`` before).
         key = "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
-        model = cls.from_pretrained(name_or_path, config=config, **{key: _torch_dtype(dtype)})
+        model = cls.from_pretrained(name_or_path, config=config, **{key: getattr(torch, dtype)})
     except (OSError, ValueError, KeyError) as e:
         raise InvalidInputError(f"could not load model {name_or_path!r}: {e}") from None
     return model.to(device), task_type
@@ -288,7 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-samples", type=int, default=None, help="use at most the first N samples")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", choices=MODEL_DTYPES, default="float32", help="dtype the model is loaded in")
-    p.add_argument("--storage-dtype", choices=STORAGE_DTYPES, default=None, help="dtype of the saved tensors (default float32)")
+    p.add_argument("--storage-dtype", choices=STORAGE_DTYPES, default=None, help="dtype of the saved tensors (default: the accumulation dtype, float64)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_collect)
 

@@ -165,8 +165,13 @@ def run(args: argparse.Namespace) -> DemoResult:
     print(f"Saved the Fisher artifact to {out}/")
     card = out / "README.md"
     if card.is_file():
-        print(f"First lines of {card}:")
-        for line in card.read_text(encoding="utf-8").splitlines()[: args.card_lines]:
+        lines = card.read_text(encoding="utf-8").splitlines()
+        if lines and lines[0] == "---" and "---" in lines[1:]:  # skip the Hub metadata block
+            lines = lines[lines.index("---", 1) + 1 :]
+        while lines and not lines[0].strip():
+            lines = lines[1:]
+        print(f"First lines of its model card, {card}:")
+        for line in lines[: args.card_lines]:
             print(f"  | {line}")
 
     model_dir = out.parent / "tiny-llama-copy"
@@ -183,7 +188,7 @@ def run(args: argparse.Namespace) -> DemoResult:
     seconds = time.perf_counter() - start
     print()
     print(f"Also saved the trained model + tokenizer to {model_dir}/ and the data to {data_file}; try")
-    print(f"  hf-fisher collect --model {model_dir} --data {data_file} --task copy --out {out.parent / 'fisher-cli'}")
+    print(f"  hf-fisher collect --model {model_dir} --data {data_file} --task copy --out {out.parent / 'fisher-cli'} --overwrite")
     print(f"  hf-fisher show {out.parent / 'fisher-cli'}")
     print(f"Done in {seconds:.1f} s.")
     return DemoResult(out=out, initial_loss=initial, final_loss=final, copy_accuracy=acc, seconds=seconds, fisher=fisher)

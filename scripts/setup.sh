@@ -41,7 +41,7 @@ if [ ! -x "$py" ] || ! "$py" -c 'import sys' >/dev/null 2>&1; then
   "$python" -m venv "$venv"
 fi
 
-pip_args=(--disable-pip-version-check --no-input)
+pip_args=(--disable-pip-version-check --no-input --quiet)
 if [ -n "${CI:-}" ] || [ ! -t 1 ]; then pip_args+=(--progress-bar off); fi
 
 if ! "$py" -c 'import torch' >/dev/null 2>&1; then

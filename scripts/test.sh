@@ -7,4 +7,7 @@ bash "$repo/scripts/setup.sh"
 cd "$repo"
 # Nothing in the test suite may reach the Hugging Face Hub.
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+# One intra-op thread per pytest worker: 2 workers x 2 OpenMP threads on 2 cores oversubscribe the
+# CPU, and OpenMP's spin-waiting then makes small models many times slower.
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" MKL_NUM_THREADS="${MKL_NUM_THREADS:-1}"
 exec "${HF_FISHER_VENV:-$repo/.venv}/bin/python" -m pytest -n 2 -q "$@"

@@ -146,9 +146,11 @@ def test_collect_jsonl_with_ids_and_max_samples(workspace, model, tokenizer):
 
     out = workspace / "fisher-jsonl"
     assert main(collect_args(workspace, "mixed.jsonl", out, "--reduction", "param", "--max-samples", "3",
-                             "--normalization", "mean", "--batch-size", "2")) == 0
+                             "--normalization", "mean", "--batch-size", "2", "--storage-dtype", "float32")) == 0
     fisher = Fisher.from_pretrained(out, model=model)
     assert fisher.counts.samples == 3
+    assert fisher.metadata.storage_dtype == "float32"
+    assert {fisher[n].dtype for n in fisher.names()} == {torch.float32}
     assert fisher.metadata.data_description == "mixed.jsonl: 3 samples"
     ids = [tokenizer(LINES[0])["input_ids"], [1, 40, 41, 42, 43, 60], tokenizer(LINES[2])["input_ids"]]
     assert_matches_reference(fisher, reference_fisher(model, ids))
@@ -262,6 +264,22 @@ def test_refuses_non_empty_out_and_bad_model(workspace, tmp_path, capsys):
 
     assert main(["show", str(tmp_path / "nothing-here")]) == 2
     assert "nothing-here" in capsys.readouterr().err
+
+    if not torch.cuda.is_available():
+        assert main(collect_args(workspace, "lines.txt", tmp_path / "out3", "--device", "cuda")) == 2
+        assert "no CUDA device" in capsys.readouterr().err
+        assert not (tmp_path / "out3").exists()
+
+
+def test_overwrite_replaces_a_previous_artifact(workspace, tmp_path):
+    from hf_fisher import Fisher
+
+    out = tmp_path / "fisher"
+    assert main(collect_args(workspace, "lines.txt", out, "--max-samples", "2")) == 0
+    assert main(collect_args(workspace, "lines.txt", out, "--max-samples", "3")) == 2  # not empty
+    assert Fisher.from_pretrained(out).counts.samples == 2
+    assert main(collect_args(workspace, "lines.txt", out, "--max-samples", "3", "--overwrite")) == 0
+    assert Fisher.from_pretrained(out).counts.samples == 3
 
 
 def test_demo_trains_collects_and_saves(tmp_path, capsys):
