@@ -26,7 +26,7 @@ def collect(
     storage_device: str | torch.device = "cpu",
     ema_decay: float | None = None,
     on_nonfinite: str = "raise",
-    memory_budget_mb: float = 256.0,
+    memory_budget_mb: float | None = None,
     train_mode: bool = False,
     task_type: str | None = None,
     data_description: str | None = None,

@@ -177,3 +177,19 @@ def test_sequence_classification_token_normalisation_and_padding_rows():
     mean, var, n, _ = reference_fisher(model, samples, task_type="classification")
     assert n == 3 and fisher.counts.tokens == 3
     assert_matches(fisher, mean, var)
+
+
+@pytest.mark.parametrize("lengths", [[5, 3, 7], [48, 40, 45]], ids=["short-gram", "long-materialise"])
+@pytest.mark.parametrize("budget", [None, 1e-4], ids=["default-budget", "one-sample-chunks"])
+def test_group_strategies_and_chunking_agree_with_param_level(lengths, budget):
+    """Short sequences take the Gram form (T²(R+C) < T·R·C), long ones materialise per-sample
+    gradients; a tiny budget forces one-sample chunks. All must equal the reduced param Fisher."""
+    model = tm.gpt2()  # Conv1D, fused c_attn, tied wte/lm_head (multi-part), wpe
+    batch = tm.padded_batch(lengths, seed=14)
+    param = hf_fisher.collect(model, [batch], progress=False, memory_budget_mb=budget)
+    group = hf_fisher.collect(model, [batch], reduction="group", progress=False, memory_budget_mb=budget)
+    mean, _, _, _ = reference_fisher(model, split(batch))
+    for n in param.names():
+        torch.testing.assert_close(param[n], mean[n], rtol=1e-7, atol=1e-12 * float(mean[n].abs().max()) + 1e-30)
+        ref = param.groups[n].reduce(mean[n])
+        torch.testing.assert_close(group[n], ref, rtol=1e-7, atol=1e-12 * float(ref.abs().max()) + 1e-30)

@@ -84,7 +84,9 @@ def per_sample_loss(task_type: str, logits: torch.Tensor, labels: torch.Tensor, 
     if task_type == "sequence_classification":
         return _classification_loss(logits, labels, problem_type)
     if task_type == "causal_lm":
-        logits, labels = logits[:, :-1], labels[:, 1:]
+        # shift the labels, not the logits (no copy of the [B, T, V] logits): position t
+        # predicts token t + 1, the last position predicts nothing
+        labels = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
     elif task_type != "masked_lm":
         raise InvalidInputError(f"unknown task_type {task_type!r}; choose one of {TASK_TYPES}")
     B, T, V = logits.shape

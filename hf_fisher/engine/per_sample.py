@@ -61,7 +61,16 @@ class ContributionSink:
     that fails half-way (or is redone without some samples) leaves them untouched.
     """
 
+    #: whether :meth:`add_moments` is available (order-independent statistics only)
+    accepts_moments = False
+
     def add(self, name: str, contributions: torch.Tensor) -> None:
+        """Per-sample contributions ``[b, ...]`` of the next samples; the sink owns the tensor
+        (it may modify it in place)."""
+        raise NotImplementedError
+
+    def add_moments(self, name: str, n: int, mean: torch.Tensor, m2: torch.Tensor) -> None:
+        """Moments of the next ``n`` samples' contributions (``M2 = sum (C_i - mean)²``)."""
         raise NotImplementedError
 
     def reset(self) -> None:
@@ -97,7 +106,10 @@ class PerSampleEngine:
         normalization: "mean" | "sum" | "token" (see :mod:`.losses`).
         loss_fn: optional ``(model_output, batch) -> SampleLosses`` replacing the dataset-label
             loss (e.g. labels sampled from the model for the true Fisher).
-        memory_budget_mb: bound on the per-chunk materialised per-sample tensors.
+        memory_budget_mb: bound on the temporaries of the per-sample reduction (materialised
+            per-sample gradients, Gram products). Default: 32 MB for group reductions (their
+            peak memory stays at or below a training step's), 256 MB for param reductions (whose
+            float64 accumulators dominate memory anyway, and bigger chunks are faster).
         on_nonfinite: "raise" (default) or "skip" (skip and count the sample).
     """
 
@@ -110,7 +122,7 @@ class PerSampleEngine:
         task_type: str,
         normalization: str = "mean",
         loss_fn: LossFn | None = None,
-        memory_budget_mb: float = 256.0,
+        memory_budget_mb: float | None = None,
         on_nonfinite: str = "raise",
         verify: bool = True,
     ):
@@ -132,6 +144,8 @@ class PerSampleEngine:
         self.device = param0.device
         self.model_dtype = param0.dtype
         self.compute_dtype = torch.promote_types(param0.dtype, torch.float32)
+        if memory_budget_mb is None:
+            memory_budget_mb = 32.0 if any(t.groups is not None for t in targets) else 256.0
         elem = torch.empty((), dtype=self.compute_dtype).element_size()
         self.budget_elems = max(1, int(memory_budget_mb * 2**20 / (3 * elem)))
         self.capture = Capture(modules_with_trainable_params(model), self._on_grad)
@@ -222,6 +236,7 @@ class PerSampleEngine:
             self.capture.start(B, self.compute_dtype, None)
             output = self.model(**self._model_inputs(batch))
             losses = self._losses(output, batch)
+            del output  # the logits live on in the graph only as long as autograd needs them
             keep, report = self._select(losses, exclude, limit, batch_index)
             w, s = normalization_weights(losses.n_tokens, self.normalization, self.compute_dtype)
             # all-ones scales (normalisations "mean" and "sum") cost nothing: leave them out
@@ -236,6 +251,8 @@ class PerSampleEngine:
             bottom = self._bottom(calls, loss, batch)
             verify = self.verify_next
             inputs = [calls[i].output for i in bottom]
+            for c in calls:  # the hooks live on the autograd nodes: outputs need not stay alive
+                c.output = None
             params = [t.param for t in self.targets] if verify else []
             self.capture.in_backward = True
             grads = torch.autograd.grad(loss, inputs + params, allow_unused=True) if (inputs or params) else []
@@ -302,7 +319,8 @@ class PerSampleEngine:
             self._pending.setdefault(pid, []).append(part)
             if len(self._pending[pid]) == self._expected.get(pid, 0):
                 self._reduce(pid)
-        call.args, call.kwargs, call.grad_output = (), {}, None
+        # free what this call held (inputs, output, its gradient) as soon as it is reduced
+        call.args, call.kwargs, call.grad_output, call.output = (), {}, None, None
 
     def _finish(self, verify_grads: dict[int, torch.Tensor | None] | None) -> None:
         for t in self.targets:
@@ -333,6 +351,12 @@ class PerSampleEngine:
             per_index = parts[0].per_index_sq(groups.axis, keep, self.budget_elems)
             self._emit(target.name, groups.reduce_axis(per_index))
             return
+        if groups is None and len(parts) == 1 and self._sink.accepts_moments and hasattr(parts[0], "sparse_moments"):
+            n, mean, m2 = parts[0].sparse_moments(keep)
+            if torch.isfinite(mean.sum()):
+                self._sink.add_moments(target.name, n, mean, m2)
+                return
+            # non-finite: the dense path below finds and names the sample
         numel = max(1, target.param.numel())
         chunk = max(1, self.budget_elems // numel)
         for lo in range(0, n_keep, chunk):

@@ -165,13 +165,13 @@ class OuterProductPart(Part):
             for lo in range(0, U.shape[0], chunk):
                 u, v = U[lo : lo + chunk], V[lo : lo + chunk]
                 K = torch.bmm(v, v.transpose(1, 2))
-                outs.append((torch.bmm(K, u) * u).sum(dim=1))
+                outs.append(torch.bmm(K, u).mul_(u).sum(dim=1))
             return torch.cat(outs)
         chunk = max(1, budget_elems // max(1, R * C))
         outs = []
         for lo in range(0, U.shape[0], chunk):
             G = torch.bmm(U[lo : lo + chunk].transpose(1, 2), V[lo : lo + chunk])
-            outs.append((G * G).sum(dim=2))
+            outs.append(G.mul_(G).sum(dim=2))
         return torch.cat(outs)
 
     def total(self):
@@ -217,6 +217,26 @@ class EmbeddingPart(Part):
         out = g.new_zeros(b * self.num_rows)
         out[uniq] = (sums * sums).sum(dim=1)
         return out.view(b, self.num_rows)
+
+    def sparse_moments(self, samples) -> tuple[int, torch.Tensor, torch.Tensor]:
+        """Moments over the selected samples of ``C_i = G_i ⊙ G_i`` without dense ``[b, V, d]``.
+
+        Sample i touches only the rows of its tokens; elsewhere ``C_i = 0``. With ``c_r`` the
+        number of samples touching row r: ``mean_r = (1/b) sum_{i touches r} C_i[r]`` and
+        ``M2_r = sum_{i touches r} (C_i[r] - mean_r)² + (b - c_r) mean_r²`` (exact).
+        """
+        keys, b = self._keys(samples)
+        g = _scale_rows(self.grads, self.scale, samples).reshape(keys.shape[0], -1)
+        uniq, inverse = torch.unique(keys, return_inverse=True)
+        sums = g.new_zeros(uniq.shape[0], g.shape[1]).index_add_(0, inverse, g)
+        c = sums.mul_(sums)
+        rows = uniq % self.num_rows
+        mean = g.new_zeros(self.param.shape).index_add_(0, rows, c).div_(b)
+        dev = c.sub_(mean.index_select(0, rows))
+        m2 = g.new_zeros(self.param.shape).index_add_(0, rows, dev.mul_(dev))
+        absent = (b - torch.bincount(rows, minlength=self.num_rows)).to(mean.dtype).unsqueeze(1)
+        m2.addcmul_(absent, mean * mean)
+        return b, mean, m2
 
     def total(self):
         g = self.grads.reshape(-1, self.grads.shape[-1])
@@ -316,11 +336,11 @@ class FuncRule(GradRule):
         from torch.func import functional_call, vjp, vmap
 
         module = call.module
-        out = call.output
+        out = call.grad_output
         if not isinstance(out, torch.Tensor):
             raise UnsupportedError(f"{type(module).__name__} returns {type(out).__name__}, not a tensor")
-        if out.shape[0] != B:
-            raise UnsupportedError(f"{type(module).__name__} output has leading dimension {out.shape[0]}, batch {B}")
+        if out.dim() == 0 or out.shape[0] != B:
+            raise UnsupportedError(f"{type(module).__name__} output is not batched over the {B} samples")
         flat_args = list(call.args)
         kw_names = list(call.kwargs)
         flat = flat_args + [call.kwargs[k] for k in kw_names]
