@@ -61,7 +61,7 @@ def _gpt2(model: Any) -> ModelLayout | None:
     if hd * H != d:
         return None
     for l, block in enumerate(blocks):
-        attn, mlp = block.attn, block.mlp
+        attn = block.attn
         if getattr(attn, "is_cross_attention", False):
             return None
         w, bias = attn.c_attn.weight, attn.c_attn.bias
@@ -83,17 +83,7 @@ def _gpt2(model: Any) -> ModelLayout | None:
             v=[HeadPart(w, 1, 2 * d), HeadPart(bias, 0, 2 * d)],
             o=[HeadPart(pw, 0)],
         )
-        fc_w, fc_b, proj_w = mlp.c_fc.weight, mlp.c_fc.bias, mlp.c_proj.weight
-        ff = int(fc_w.shape[1])
-        b.per_index(fc_w, 1, "channel_", layer=l)
-        b.per_index(fc_b, 0, "channel_", layer=l)
-        b.per_index(proj_w, 0, "channel_", layer=l)
-        b.single(mlp.c_proj.bias, layer=l)
-        b.add_mlp(l, ff, [(fc_w, 1), (fc_b, 0), (proj_w, 0)])
-        for ln in ("ln_1", "ln_2"):
-            mod = getattr(block, ln, None)
-            b.single(getattr(mod, "weight", None), layer=l)
-            b.single(getattr(mod, "bias", None), layer=l)
+        _mlp_and_norms(b, block, l, conv1d=True)
     _embeddings(b)
     return b.build(num_layers=len(blocks))
 
@@ -111,7 +101,7 @@ def _gpt_bigcode(model: Any) -> ModelLayout | None:
     mq = bool(getattr(b.config, "multi_query", True))
     Hkv = 1 if mq else H
     for l, block in enumerate(blocks):
-        attn, mlp = block.attn, block.mlp
+        attn = block.attn
         if getattr(attn, "is_cross_attention", False):
             return None
         w, bias = attn.c_attn.weight, attn.c_attn.bias
@@ -144,17 +134,7 @@ def _gpt_bigcode(model: Any) -> ModelLayout | None:
             v=[HeadPart(w, 0, *v_part), HeadPart(bias, 0, *v_part)],
             o=[HeadPart(pw, 1)],
         )
-        fc_w, fc_b, proj_w = mlp.c_fc.weight, mlp.c_fc.bias, mlp.c_proj.weight
-        ff = int(fc_w.shape[0])
-        b.per_index(fc_w, 0, "channel_", layer=l)
-        b.per_index(fc_b, 0, "channel_", layer=l)
-        b.per_index(proj_w, 1, "channel_", layer=l)
-        b.single(mlp.c_proj.bias, layer=l)
-        b.add_mlp(l, ff, [(fc_w, 0), (fc_b, 0), (proj_w, 1)])
-        for ln in ("ln_1", "ln_2"):
-            mod = getattr(block, ln, None)
-            b.single(getattr(mod, "weight", None), layer=l)
-            b.single(getattr(mod, "bias", None), layer=l)
+        _mlp_and_norms(b, block, l, conv1d=False)
     _embeddings(b)
     return b.build(num_layers=len(blocks))
 
@@ -168,3 +148,23 @@ def hf_fisher_model_layout(model: Any) -> ModelLayout | None:
     if mt == "gpt_bigcode":
         return _gpt_bigcode(model)
     return None
+
+
+def _mlp_and_norms(b, block, layer: int, *, conv1d: bool) -> None:
+    """MLP channels and LayerNorms of one GPT-2-style block.
+
+    Channel c is output c of ``c_fc`` (its weight column under HF Conv1D, row under Linear, and
+    its bias entry) and input c of ``c_proj``; ``c_proj``'s bias and the LayerNorms are one group.
+    """
+    mlp = block.mlp
+    fc_w, fc_b, proj_w = mlp.c_fc.weight, mlp.c_fc.bias, mlp.c_proj.weight
+    fc_axis, proj_axis = (1, 0) if conv1d else (0, 1)
+    b.per_index(fc_w, fc_axis, "channel_", layer=layer)
+    b.per_index(fc_b, 0, "channel_", layer=layer)
+    b.per_index(proj_w, proj_axis, "channel_", layer=layer)
+    b.single(mlp.c_proj.bias, layer=layer)
+    b.add_mlp(layer, int(fc_w.shape[fc_axis]), [(fc_w, fc_axis), (fc_b, 0), (proj_w, proj_axis)])
+    for ln in ("ln_1", "ln_2"):
+        mod = getattr(block, ln, None)
+        b.single(getattr(mod, "weight", None), layer=layer)
+        b.single(getattr(mod, "bias", None), layer=layer)

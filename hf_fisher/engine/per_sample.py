@@ -35,7 +35,7 @@ from ..errors import InvalidInputError, NonFiniteError, UnsupportedError
 from ..layout import ParamGroups
 from .capture import Capture, bottom_outputs, modules_with_trainable_params
 from .losses import SampleLosses, normalization_weights, per_sample_loss, token_labels
-from .rules import GradRule, ModuleCall, Part, num_samples, rule_for, sub_samples, take
+from .rules import GradRule, ModuleCall, Part, num_samples, rule_for, sub_samples
 
 log = logging.getLogger("hf_fisher.engine")
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -265,36 +265,43 @@ def _flat_tokens(x: torch.Tensor, B: int, dtype: torch.dtype) -> torch.Tensor:
     return x.reshape(B, -1, x.shape[-1]).to(dtype)
 
 
-class LinearRule(GradRule):
-    """nn.Linear: weight [out, in]: U = grad_output, V = input; bias: sum_t grad_output."""
+class AffineRule(GradRule):
+    """A layer ``y = x W^T + b`` (or ``x W + b``): per-sample weight gradients are sums of outer
+    products of per-token factors, the bias gradient is ``sum_t grad_output``."""
+
+    input_name = "input"
+
+    def factors(self, a: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(U, V) with ``G_i = U_i^T V_i`` in the weight's own layout."""
+        raise NotImplementedError
 
     def parts(self, call):
         params = _trainable(call.module)
         B, dt = call.batch_size, call.compute_dtype
-        a = _flat_tokens(call.input(), B, dt)
+        a = _flat_tokens(call.input(self.input_name), B, dt)
         g = _flat_tokens(call.grad_output, B, dt)
         out = {}
         if "weight" in params:
-            out["weight"] = OuterProductPart(params["weight"], g, a, call.scale)
+            out["weight"] = OuterProductPart(params["weight"], *self.factors(a, g), call.scale)
         if "bias" in params:
             out["bias"] = DensePart(params["bias"], g.sum(1), call.scale)
         return out
 
 
-class Conv1DRule(GradRule):
+class LinearRule(AffineRule):
+    """nn.Linear, weight [out, in]: U = grad_output (rows = out), V = input."""
+
+    def factors(self, a, g):
+        return g, a
+
+
+class Conv1DRule(AffineRule):
     """HF Conv1D (y = x W + b, W [in, out]): U = input (rows = in), V = grad_output."""
 
-    def parts(self, call):
-        params = _trainable(call.module)
-        B, dt = call.batch_size, call.compute_dtype
-        a = _flat_tokens(call.input("x"), B, dt)
-        g = _flat_tokens(call.grad_output, B, dt)
-        out = {}
-        if "weight" in params:
-            out["weight"] = OuterProductPart(params["weight"], a, g, call.scale)
-        if "bias" in params:
-            out["bias"] = DensePart(params["bias"], g.sum(1), call.scale)
-        return out
+    input_name = "x"
+
+    def factors(self, a, g):
+        return a, g
 
 
 class EmbeddingRule(GradRule):
@@ -410,6 +417,7 @@ __all__ = [
     "OuterProductPart",
     "EmbeddingPart",
     "GradRule",
+    "AffineRule",
     "LinearRule",
     "Conv1DRule",
     "EmbeddingRule",
