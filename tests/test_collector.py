@@ -193,3 +193,16 @@ def test_group_strategies_and_chunking_agree_with_param_level(lengths, budget):
         torch.testing.assert_close(param[n], mean[n], rtol=1e-7, atol=1e-12 * float(mean[n].abs().max()) + 1e-30)
         ref = param.groups[n].reduce(mean[n])
         torch.testing.assert_close(group[n], ref, rtol=1e-7, atol=1e-12 * float(ref.abs().max()) + 1e-30)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_half_precision_models_stay_on_the_batched_path(dtype):
+    """The first-batch check compares with autograd's gradient rounded in the model's dtype: it
+    must not send a healthy half-precision model to the slow loop; accumulation stays float64."""
+    batches = [tm.padded_batch([5, 3, 7], seed=15), tm.padded_batch([6, 4], seed=16)]
+    fisher = hf_fisher.collect(tm.llama(dtype), batches, reduction="group", progress=False)
+    ref = hf_fisher.collect(tm.llama(torch.float64), batches, reduction="group", progress=False)
+    assert fisher.metadata.extra["per_sample_path"] == "batched"
+    for n in ref.names():
+        assert fisher[n].dtype == torch.float64
+        torch.testing.assert_close(fisher[n], ref[n], rtol=0.05, atol=0.02 * float(ref[n].abs().max()))
