@@ -50,8 +50,8 @@ def _embeddings(b: LayoutBuilder) -> None:
         b.add_vocab(w, 0)
 
 
-def _gpt2(model: Any) -> ModelLayout | None:
-    b = LayoutBuilder(model, adapter="gpt2")
+def _geometry(b: LayoutBuilder):
+    """(blocks, num_heads, hidden, head_dim) of a GPT-2-style model, or None if it is not one."""
     blocks = find_module(b.base, ("transformer.h", "h"))
     if blocks is None:
         return None
@@ -60,6 +60,15 @@ def _gpt2(model: Any) -> ModelLayout | None:
     hd = d // H
     if hd * H != d:
         return None
+    return blocks, H, d, hd
+
+
+def _gpt2(model: Any) -> ModelLayout | None:
+    b = LayoutBuilder(model, adapter="gpt2")
+    geometry = _geometry(b)
+    if geometry is None:
+        return None
+    blocks, H, d, hd = geometry
     for l, block in enumerate(blocks):
         attn = block.attn
         if getattr(attn, "is_cross_attention", False):
@@ -90,14 +99,10 @@ def _gpt2(model: Any) -> ModelLayout | None:
 
 def _gpt_bigcode(model: Any) -> ModelLayout | None:
     b = LayoutBuilder(model, adapter="gpt_bigcode")
-    blocks = find_module(b.base, ("transformer.h", "h"))
-    if blocks is None:
+    geometry = _geometry(b)
+    if geometry is None:
         return None
-    H = int(b.config.n_head)
-    d = int(b.config.n_embd)
-    hd = d // H
-    if hd * H != d:
-        return None
+    blocks, H, d, hd = geometry
     mq = bool(getattr(b.config, "multi_query", True))
     Hkv = 1 if mq else H
     for l, block in enumerate(blocks):
