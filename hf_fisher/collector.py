@@ -253,6 +253,7 @@ class FisherCollector:
                 "task_type": self.task_type,
                 "per_sample_path": "loop" if self.engine.loop_mode else "batched",
                 **({"loop_reason": self.engine.loop_reason} if self.engine.loop_mode else {}),
+                **({"vjp_params": dict(self.engine.vjp_reasons)} if self.engine.vjp_reasons and not self.engine.loop_mode else {}),
             },
         )
 

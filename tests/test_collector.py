@@ -81,12 +81,16 @@ def test_module_called_twice_is_exact_in_one_batched_pass():
 
 
 def test_parameter_used_outside_its_module_falls_back_loudly_and_stays_exact(caplog):
+    """The parameter alone moves to the batched vector-Jacobian path (recorded, logged); the rest
+    of the model stays on the hooks."""
     model = _double(FunctionalHeadLM())
     batch = tm.padded_batch([5, 3, 7], seed=4)
     with caplog.at_level(logging.WARNING, logger="hf_fisher"):
         fisher = hf_fisher.collect(model, [batch, tm.padded_batch([4, 6], seed=5)], task_type="causal_lm", progress=False)
-    assert any("falling back to a per-sample loop" in r.getMessage() and "head.weight" in r.getMessage() for r in caplog.records)
-    assert fisher.metadata.extra["per_sample_path"] == "loop"
+    assert any("vector-Jacobian" in r.getMessage() and "head.weight" in r.getMessage() for r in caplog.records)
+    assert fisher.metadata.extra["per_sample_path"] == "batched"
+    assert list(fisher.metadata.extra["vjp_params"]) == ["head.weight"]
+    assert "outside its module's forward" in fisher.metadata.extra["vjp_params"]["head.weight"]
     mean, var, _, _ = reference_fisher(model, split(batch) + split(tm.padded_batch([4, 6], seed=5)))
     assert_matches(fisher, mean, var)
 

@@ -28,9 +28,12 @@ class Capture:
     """Records module calls during forward and dispatches output gradients during backward.
 
     ``on_grad(call)`` is invoked once per call whose output receives a gradient, with
-    ``call.grad_output`` set. ``recomputed`` becomes True when a forward hook fires during the
-    backward pass (activation checkpointing re-running forwards): the caller must not trust the
-    recorded calls then.
+    ``call.grad_output`` set. A call with several differentiable outputs (a tuple, a ModelOutput)
+    cannot know which of them will receive a gradient: its gradients are gathered (a list aligned
+    with the flattened outputs, None where none arrived) and it is dispatched by
+    :meth:`flush_deferred` once the backward has ended. ``recomputed`` becomes True when a
+    forward hook fires during the backward pass (activation checkpointing re-running forwards):
+    the caller must not trust the recorded calls then.
     """
 
     def __init__(self, modules: list[nn.Module], on_grad: Callable[[ModuleCall], None]):
@@ -44,6 +47,9 @@ class Capture:
         self.batch_size = 0
         self.compute_dtype = torch.float32
         self.scale: torch.Tensor | None = None
+        self.seq_len = 0
+        self.deferred: list[ModuleCall] = []
+        self.muted = False  # True while the graph is back-propagated again (hooks stay silent)
 
     def attach(self) -> "Capture":
         if not self.handles:
@@ -63,12 +69,15 @@ class Capture:
     def __exit__(self, *exc) -> None:
         self.detach()
 
-    def start(self, batch_size: int, compute_dtype: torch.dtype, scale: torch.Tensor | None) -> None:
+    def start(self, batch_size: int, compute_dtype: torch.dtype, scale: torch.Tensor | None, seq_len: int = 0) -> None:
         """Begin a new forward: forget previous calls."""
         self.calls = []
+        self.deferred = []
+        self.muted = False
         self.in_backward = False
         self.recomputed = False
         self.batch_size = batch_size
+        self.seq_len = seq_len
         self.compute_dtype = compute_dtype
         self.scale = scale
 
@@ -82,25 +91,58 @@ class Capture:
             return None
         call = ModuleCall(
             module=module, args=args, kwargs=kwargs, output=output,
-            batch_size=self.batch_size, compute_dtype=self.compute_dtype, scale=self.scale,
+            batch_size=self.batch_size, compute_dtype=self.compute_dtype, scale=self.scale, seq_len=self.seq_len,
         )
         self.calls.append(call)
-        if isinstance(output, torch.Tensor) and output.requires_grad:
-            output.register_hook(self._make_grad_hook(call))
+        if isinstance(output, torch.Tensor):
+            call.tensors = [output] if output.requires_grad else []
+            if output.requires_grad:
+                output.register_hook(self._make_grad_hook(call))
+            return None
+        from torch.utils._pytree import tree_flatten
+
+        leaves = tree_flatten(output)[0]
+        call.tensors = [x for x in leaves if isinstance(x, torch.Tensor) and x.requires_grad]
+        if call.tensors:
+            call.grad_output = [None] * len(leaves)
+            for k, x in enumerate(leaves):
+                if isinstance(x, torch.Tensor) and x.requires_grad:
+                    x.register_hook(self._make_leaf_hook(call, k))
         return None
+
+    def _dispatch(self, call: ModuleCall) -> None:
+        call.scale = self.scale
+        self.suspended = True
+        try:
+            self.on_grad(call)
+        finally:
+            self.suspended = False
 
     def _make_grad_hook(self, call: ModuleCall):
         def hook(grad):
-            call.grad_output = grad
-            call.scale = self.scale
-            self.suspended = True
-            try:
-                self.on_grad(call)
-            finally:
-                self.suspended = False
+            if not self.muted:
+                call.grad_output = grad
+                self._dispatch(call)
             return None
 
         return hook
+
+    def _make_leaf_hook(self, call: ModuleCall, k: int):
+        def hook(grad):
+            if self.muted:
+                return None
+            if all(g is None for g in call.grad_output):
+                self.deferred.append(call)
+            call.grad_output[k] = grad
+            return None
+
+        return hook
+
+    def flush_deferred(self) -> None:
+        """Dispatch the multi-output calls gathered during the backward (see class docstring)."""
+        deferred, self.deferred = self.deferred, []
+        for call in deferred:
+            self._dispatch(call)
 
 
 def bottom_outputs(calls: list[ModuleCall], loss: torch.Tensor) -> list[int]:
@@ -112,8 +154,9 @@ def bottom_outputs(calls: list[ModuleCall], loss: torch.Tensor) -> list[int]:
     """
     node_of = {}
     for i, c in enumerate(calls):
-        if isinstance(c.output, torch.Tensor) and c.output.grad_fn is not None:
-            node_of[c.output.grad_fn] = i
+        for t in c.tensors:
+            if t.grad_fn is not None:
+                node_of[t.grad_fn] = i
     if loss.grad_fn is None:
         return []
     # iterative post-order over the graph reachable from the loss
@@ -129,4 +172,4 @@ def bottom_outputs(calls: list[ModuleCall], loss: torch.Tensor) -> list[int]:
             stack.extend((c, False) for c in children if c not in below)
         else:
             below[node] = any((c in node_of) or below.get(c, False) for c in children)
-    return [i for node, i in node_of.items() if node in below and not below[node]]
+    return sorted({i for node, i in node_of.items() if node in below and not below[node]})

@@ -79,6 +79,20 @@ def token_labels(batch: Mapping[str, torch.Tensor], task_type: str) -> torch.Ten
     return labels
 
 
+def label_counts(batch: Mapping[str, torch.Tensor], task_type: str) -> torch.Tensor:
+    """``n_i``, the label tokens of every sample (int64 [B]), without running the model: the
+    same count :func:`per_sample_loss` returns."""
+    labels = token_labels(batch, task_type)
+    B = labels.shape[0]
+    if task_type == "sequence_classification":
+        if labels.dim() == 1 and not labels.is_floating_point():
+            return (labels != IGNORE_INDEX).long()
+        return torch.ones(B, dtype=torch.long, device=labels.device)
+    if task_type == "causal_lm":
+        labels = labels[:, 1:]
+    return (labels != IGNORE_INDEX).sum(dim=1)
+
+
 def per_sample_loss(task_type: str, logits: torch.Tensor, labels: torch.Tensor, *, problem_type: str | None = None) -> SampleLosses:
     """Per-sample summed loss S_i and label-token count n_i (see module docstring)."""
     if task_type == "sequence_classification":
@@ -94,6 +108,14 @@ def per_sample_loss(task_type: str, logits: torch.Tensor, labels: torch.Tensor, 
     safe = labels.masked_fill(~valid, 0)
     logits32 = logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
     ce = F.cross_entropy(logits32.reshape(B * T, V), safe.reshape(B * T), reduction="none").view(B, T)
+    if not bool(torch.isfinite(ce.detach()[~valid]).all()):
+        # non-finite logits at positions without a label (padding of a model that produces NaN
+        # there): their zero weight would still turn into NaN gradients (0 * NaN), so take the
+        # cross-entropy of the label positions only (a copy of their logits)
+        rows = valid.reshape(-1).nonzero().flatten()
+        picked = F.cross_entropy(logits32.reshape(B * T, V).index_select(0, rows), safe.reshape(-1)[rows], reduction="none")
+        ce = torch.zeros(B * T, dtype=picked.dtype, device=picked.device).index_put((rows,), picked).view(B, T)
+        return SampleLosses(ce.sum(dim=1), valid.sum(dim=1))
     ce = ce.masked_fill(~valid, 0.0)
     return SampleLosses(ce.sum(dim=1), valid.sum(dim=1))
 

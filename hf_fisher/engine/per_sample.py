@@ -14,11 +14,22 @@ How one batch is processed:
    ``reduction="group"`` takes per-index squared sums (Gram form or materialisation, whichever
    is cheaper) and sums them into the parameter's groups. Per-sample contributions go to a
    :class:`ContributionSink`.
-4. On the first batch, the sum over samples of every parameter's parts is checked against
-   autograd's batch gradient. Anything the hooks cannot do exactly (a parameter used outside
-   its module's forward, activation checkpointing re-running forwards, a module with a batch
-   broadcast) switches the engine to a per-sample loop, with a warning — never a silently wrong
-   number.
+4. On the first batch two checks fail closed: the sum over samples of every parameter's parts
+   must equal autograd's batch gradient (finite, within the rounding of the model's dtype,
+   judged against the model's gradient scale), and the most padded sample, run alone without
+   its padding, must get the gradient it got inside the padded batch (the invariant the
+   definitions demand: positions, padding, NaN at padded positions would all break it).
+   Anything the hooks cannot do exactly (a parameter used outside its module's forward,
+   activation checkpointing re-running forwards, a module whose output is not batched) switches
+   the engine to the per-sample path — one forward/backward per sample, each without its
+   padding — with a warning and the reason recorded; a batch whose batched pass gives a
+   non-finite value for a sample with a finite loss is redone on that path. Never a silently
+   wrong number.
+
+Positions: the engine passes the model's own inputs. It adds ``position_ids`` only where the
+model's default would number a sample's tokens differently than the sample alone gets them
+(left padding of a model counting positions with ``arange``, or of a RoBERTa-style model whose
+padding token differs from its ``padding_idx``), in the model's own convention.
 """
 
 from __future__ import annotations
@@ -33,9 +44,9 @@ import torch.nn as nn
 
 from ..errors import InvalidInputError, NonFiniteError, UnsupportedError
 from ..layout import ParamGroups
-from .capture import Capture, bottom_outputs, modules_with_trainable_params
-from .losses import SampleLosses, normalization_weights, per_sample_loss, token_labels
-from .rules import GradRule, ModuleCall, Part, num_samples, rule_for, sub_samples
+from .capture import Capture, bottom_outputs
+from .losses import SampleLosses, label_counts, normalization_weights, per_sample_loss, token_labels
+from .rules import DensePart, GradRule, ModuleCall, Part, num_samples, rule_for, sub_samples
 
 log = logging.getLogger("hf_fisher.engine")
 
@@ -95,6 +106,10 @@ class _NonFiniteSamples(Exception):
         self.where = where
 
 
+class _Redo(Exception):
+    """The batch must be processed again (a parameter moved to the vector-Jacobian path)."""
+
+
 class PerSampleEngine:
     """Exact per-sample Fisher contributions for every trainable parameter of a model.
 
@@ -148,11 +163,22 @@ class PerSampleEngine:
             memory_budget_mb = 32.0 if any(t.groups is not None for t in targets) else 256.0
         elem = torch.empty((), dtype=self.compute_dtype).element_size()
         self.budget_elems = max(1, int(memory_budget_mb * 2**20 / (3 * elem)))
-        self.capture = Capture(modules_with_trainable_params(model), self._on_grad)
+        self.owned = owned_parameters(model)
+        self.capture = Capture([m for m in model.modules() if id(m) in self.owned], self._on_grad)
         self._bottom_cache: dict = {}
         self._forward_params = _accepted_kwargs(model)
+        self.position_convention = _position_convention(model)
+        self.explicit_positions = _has_position_table(model)
         self.vocab_size = _vocab_size(model)
         self.batches_seen = 0
+        self.padding_checked = False
+        # parameters whose per-sample gradients come from the batched vjp (name -> reason)
+        self.vjp_params: set[int] = set()
+        self.vjp_reasons: dict[str, str] = {}
+        self._shared: set[int] = set()
+        self._probe: int | None = None
+        self._probe_grads: dict = {}
+        self._totals: dict = {}
         if _checkpointing(model):
             self._switch_to_loop("gradient checkpointing is enabled: recomputed forwards cannot be captured")
 
@@ -165,23 +191,44 @@ class PerSampleEngine:
         batch = self._prepare(batch, batch_index)
         exclude: set[int] = set()
         nonfinite: set[int] = set()
-        for _attempt in range(3):
+        for _attempt in range(3 + len(self.targets)):
             sink.reset()
             try:
-                report = self._process_once(batch, sink, batch_index, exclude, limit)
+                report = self._process_batched_or_loop(batch, sink, batch_index, exclude, limit)
             except _NonFiniteSamples as e:
                 if self.on_nonfinite == "raise":
                     i = min(e.samples)
                     raise NonFiniteError(
-                        f"non-finite {e.where} for sample {i} of batch {batch_index}; fix the data or the "
-                        "model, or pass on_nonfinite='skip' to skip and count such samples"
+                        f"non-finite {e.where} for sample {i} of batch {batch_index} (also when the sample "
+                        "runs alone, without padding); fix the data or the model, or pass "
+                        "on_nonfinite='skip' to skip and count such samples"
                     ) from None
                 exclude |= e.samples
                 nonfinite |= e.samples
                 continue
+            except _Redo:
+                continue
             report.nonfinite = len(nonfinite)
             return report
         raise NonFiniteError(f"batch {batch_index}: non-finite values persist after skipping samples {sorted(nonfinite)}")
+
+    def _process_batched_or_loop(self, batch, sink, batch_index, exclude, limit) -> BatchReport:
+        if self.loop_mode:
+            return self._process_loop(batch, sink, batch_index, exclude, limit)
+        try:
+            return self._process_once(batch, sink, batch_index, exclude, limit)
+        except _NonFiniteSamples as e:
+            # Is the batched pass to blame (NaN/inf at padded positions) or the samples? The
+            # per-sample path, each sample alone without its padding, decides; it raises
+            # _NonFiniteSamples itself for a sample that is non-finite alone too.
+            sink.reset()
+            report = self._process_loop(batch, sink, batch_index, exclude, limit)
+            self._switch_to_loop(
+                f"batch {batch_index}: the batched pass gives a non-finite {e.where} for sample(s) "
+                f"{sorted(e.samples)}, which are finite alone without padding (the model produces NaN/inf "
+                "at padded positions, e.g. fully masked attention rows)"
+            )
+            return report
 
     # ------------------------------------------------------------------ batch set-up
     def _prepare(self, batch: Mapping[str, Any], batch_index: int) -> dict[str, torch.Tensor]:
@@ -203,19 +250,41 @@ class PerSampleEngine:
                 )
         return out
 
-    def _model_inputs(self, batch: dict[str, torch.Tensor]) -> dict[str, Any]:
+    def _model_inputs(self, batch: dict[str, torch.Tensor], *, alone: bool = False) -> dict[str, Any]:
+        """The model's inputs for ``batch``; ``alone``: a single unpadded sample, run exactly as
+        the model runs it by default (the reference the padding check compares against)."""
         inputs = {k: batch[k] for k in _MODEL_INPUT_KEYS if k in batch and k in self._forward_params}
-        B, T = batch["input_ids"].shape
-        if "position_ids" in self._forward_params and "position_ids" not in inputs:
-            # explicit [B, T] positions: per-sample rows (no broadcast) and left padding handled
-            mask = batch.get("attention_mask")
-            if mask is not None:
-                inputs["position_ids"] = (mask.long().cumsum(-1) - 1).clamp(min=0)
-            else:
-                inputs["position_ids"] = torch.arange(T, device=self.device).expand(B, T)
+        if not alone and "position_ids" in self._forward_params and "position_ids" not in inputs:
+            positions = self._positions(batch)
+            if positions is not None:
+                inputs["position_ids"] = positions
         if "use_cache" in self._forward_params:
             inputs["use_cache"] = False
         return inputs
+
+    def _positions(self, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        """``position_ids`` to pass, or None where the model's default already gives every real
+        token the position it has in its sample alone (see the module docstring)."""
+        mask = batch.get("attention_mask")
+        if mask is None:
+            return None
+        ids = batch["input_ids"]
+        mask = mask.long()
+        real = mask.bool()
+        if self.position_convention is None:  # positions 0, 1, ... (arange) by default
+            B, T = ids.shape
+            own = torch.arange(T, device=ids.device).expand(B, T)
+            wanted = (mask.cumsum(-1) - 1).clamp(min=0)
+        else:  # RoBERTa style: padding_idx + 1, 2, ... over non-padding tokens
+            pad = self.position_convention
+            nonpad = ids.ne(pad).long()
+            own = nonpad.cumsum(-1) * nonpad + pad
+            wanted = mask.cumsum(-1) * mask + pad
+        if torch.equal(own[real], wanted[real]) and not self.explicit_positions:
+            return None
+        # a learned position table looked up with the model's default [1, T] positions would be
+        # one call shared by the batch: the same positions as [B, T] keep it per sample
+        return wanted
 
     def _losses(self, output: Any, batch: dict[str, torch.Tensor]) -> SampleLosses:
         if self.loss_fn is not None:
@@ -227,13 +296,11 @@ class PerSampleEngine:
 
     # ------------------------------------------------------------------ one pass
     def _process_once(self, batch, sink, batch_index, exclude, limit) -> BatchReport:
-        if self.loop_mode:
-            return self._process_loop(batch, sink, batch_index, exclude, limit)
-        B = batch["input_ids"].shape[0]
+        B, T = batch["input_ids"].shape
         self.capture.attach()
         try:
             # scale is filled in after the forward (it needs the label counts)
-            self.capture.start(B, self.compute_dtype, None)
+            self.capture.start(B, self.compute_dtype, None, seq_len=T)
             output = self.model(**self._model_inputs(batch))
             losses = self._losses(output, batch)
             del output  # the logits live on in the graph only as long as autograd needs them
@@ -241,25 +308,41 @@ class PerSampleEngine:
             w, s = normalization_weights(losses.n_tokens, self.normalization, self.compute_dtype)
             # all-ones scales (normalisations "mean" and "sum") cost nothing: leave them out
             self.capture.scale = None if bool((s == 1).all()) else s.to(self.device)
-            self._begin_backward(keep, sink)
-            loss = (losses.loss_sum * w.to(losses.loss_sum.dtype)).sum()
             calls = self.capture.calls
+            shared = self._shared_calls(calls)
+            verify = self.verify_next
+            padded = _has_padding(batch)
+            probe = self._probe_sample(losses.n_tokens, keep) if (verify or (padded and not self.padding_checked)) else None
+            self._begin_backward(keep, sink, shared, probe)
+            weighted = losses.loss_sum * w.to(losses.loss_sum.dtype)
+            loss = weighted.sum()
             for c in calls:
                 c.scale = self.capture.scale
-                if isinstance(c.output, torch.Tensor) and c.output.dim() > 0 and c.output.shape[0] != B:
-                    raise UnsupportedError(f"{type(c.module).__name__} output is broadcast over the batch")
             bottom = self._bottom(calls, loss, batch)
-            verify = self.verify_next
-            inputs = [calls[i].output for i in bottom]
+            inputs = [t for i in bottom for t in calls[i].tensors]
             for c in calls:  # the hooks live on the autograd nodes: outputs need not stay alive
                 c.output = None
+                c.tensors = []
             params = [t.param for t in self.targets] if verify else []
+            vjp = [t for t in self.targets if id(t.param) in self.vjp_params]
             self.capture.in_backward = True
-            grads = torch.autograd.grad(loss, inputs + params, allow_unused=True) if (inputs or params) else []
+            grads = (
+                torch.autograd.grad(loss, inputs + params, allow_unused=True, retain_graph=bool(vjp))
+                if (inputs or params) else []
+            )
+            self.capture.flush_deferred()
             self.capture.in_backward = False
             if self.capture.recomputed:
                 raise UnsupportedError("a module's forward ran again during backward (activation checkpointing)")
+            if vjp:
+                self.capture.muted = True
+                self._vjp_parts(weighted, vjp)
             self._finish(verify_grads=dict(zip(map(id, params), grads[len(inputs):])) if verify else None)
+            del grads, loss, weighted, losses
+            self.capture.detach()
+            if probe is not None:
+                self._check_alone(batch, probe, batch_index)
+                self.padding_checked = self.padding_checked or padded
             if verify:
                 self.verify_next = False
         except UnsupportedError as e:
@@ -271,6 +354,8 @@ class PerSampleEngine:
             self.capture.in_backward = False
             self.capture.detach()
             self._pending = {}
+            self._probe_grads = {}
+            self._totals = {}
         self.batches_seen += 1
         return report
 
@@ -280,14 +365,7 @@ class PerSampleEngine:
         bad = {int(i) for i in (~finite & (n > 0)).nonzero().flatten()} - exclude
         if bad:
             raise _NonFiniteSamples(bad, "loss")
-        keep = [i for i in range(n.shape[0]) if int(n[i]) > 0 and i not in exclude]
-        report = BatchReport(skipped=sum(1 for i in range(n.shape[0]) if int(n[i]) == 0))
-        if limit is not None:
-            keep = keep[: max(0, limit)]
-        report.used = len(keep)
-        report.used_index = keep
-        report.tokens = int(sum(int(n[i]) for i in keep))
-        return keep, report
+        return _keep_and_report(n, exclude, limit)
 
     def _bottom(self, calls: list[ModuleCall], loss: torch.Tensor, batch) -> list[int]:
         key = (tuple(id(c.module) for c in calls), tuple(sorted(batch)))
@@ -295,32 +373,68 @@ class PerSampleEngine:
             self._bottom_cache[key] = bottom_outputs(calls, loss)
         return self._bottom_cache[key]
 
+    def _shared_calls(self, calls: list[ModuleCall]) -> set[int]:
+        """Modules with a call whose output is not batched over the samples (a batch-shared
+        computation, e.g. DeBERTa's relative-position projections): their parameters get their
+        per-sample gradients from the batched vector-Jacobian product (see :meth:`_vjp_parts`)."""
+        shared = set()
+        for c in calls:
+            if any(c.batch_axis_kind(t) is None for t in c.tensors):
+                shared.add(id(c.module))
+                for p in c.module.parameters(recurse=False):
+                    if id(p) in self.by_param and id(p) not in self.vjp_params:
+                        self._use_vjp(p, f"{type(c.module).__name__} output of shape {tuple(c.tensors[0].shape)} is shared by the batch")
+        return shared
+
     # ------------------------------------------------------------------ reduction
-    def _begin_backward(self, keep: list[int], sink: ContributionSink) -> None:
+    def _begin_backward(self, keep: list[int], sink: ContributionSink, shared: set[int], probe: int | None) -> None:
         self._keep = _selection(keep, self.device)
         self._sink = sink
+        self._shared = shared
+        self._probe = probe
         expected: dict[int, int] = {}
         for c in self.capture.calls:
-            for p in c.module.parameters(recurse=False):
-                if id(p) in self.by_param:
-                    expected[id(p)] = expected.get(id(p), 0) + 1
+            for pid in self.owned.get(id(c.module), ()):
+                if pid in self.by_param and pid not in self.vjp_params:
+                    expected[pid] = expected.get(pid, 0) + 1
         self._expected = expected
         self._pending: dict[int, list[Part]] = {}
         self._done: set[int] = set()
         self._totals: dict[int, torch.Tensor] = {}
+        self._probe_grads: dict[int, torch.Tensor] = {}
 
     def _on_grad(self, call: ModuleCall) -> None:
-        rule = rule_for(call.module, self.rules)
-        parts = rule.parts(call)
-        for local, part in parts.items():
-            pid = id(part.param)
-            if pid not in self.by_param:
-                continue
-            self._pending.setdefault(pid, []).append(part)
-            if len(self._pending[pid]) == self._expected.get(pid, 0):
-                self._reduce(pid)
+        owned = self.owned.get(id(call.module), set())
+        if id(call.module) not in self._shared and any(pid not in self.vjp_params for pid in owned):
+            rule = rule_for(call.module, self.rules)
+            for local, part in rule.parts(call).items():
+                pid = id(part.param)
+                if pid not in self.by_param or pid not in owned or pid in self.vjp_params:
+                    continue
+                self._pending.setdefault(pid, []).append(part)
+                if len(self._pending[pid]) == self._expected.get(pid, 0):
+                    self._reduce(pid)
         # free what this call held (inputs, output, its gradient) as soon as it is reduced
         call.args, call.kwargs, call.grad_output, call.output = (), {}, None, None
+
+    def _vjp_parts(self, weighted: torch.Tensor, targets: list[Target]) -> None:
+        """Per-sample gradients ``[B, *shape]`` of ``targets`` by one vectorised backward of the
+        per-sample losses: ``torch.autograd.grad(L, θ, grad_outputs=I_B, is_grads_batched=True)``
+        with ``L_i = w_i S_i`` (exact; chunked over samples under the memory budget)."""
+        B = weighted.shape[0]
+        params = [t.param for t in targets]
+        numel = max(int(p.numel()) for p in params)
+        chunk = max(1, min(B, self.budget_elems // max(1, numel)))
+        eye = torch.eye(B, dtype=weighted.dtype, device=weighted.device)
+        rows: list[list[torch.Tensor]] = [[] for _ in params]
+        for lo in range(0, B, chunk):
+            hi = min(B, lo + chunk)
+            g = torch.autograd.grad(weighted, params, grad_outputs=eye[lo:hi], is_grads_batched=True, retain_graph=True, allow_unused=True)
+            for k, (p, gk) in enumerate(zip(params, g)):
+                rows[k].append(torch.zeros((hi - lo, *p.shape), dtype=self.compute_dtype, device=self.device) if gk is None else gk.to(self.compute_dtype))
+        for t, r in zip(targets, rows):
+            self._pending[id(t.param)] = [DensePart(t.param, torch.cat(r), self.capture.scale)]
+            self._reduce(id(t.param))
 
     def _finish(self, verify_grads: dict[int, torch.Tensor | None] | None) -> None:
         for t in self.targets:
@@ -334,8 +448,12 @@ class PerSampleEngine:
         target = self.by_param[pid]
         parts = self._pending.pop(pid, [])
         self._done.add(pid)
+        zeros = torch.zeros(target.param.shape, dtype=self.compute_dtype, device=self.device)
         if self.verify_next:
-            self._totals[pid] = sum((p.total() for p in parts), torch.zeros(target.param.shape, dtype=self.compute_dtype, device=self.device))
+            self._totals[pid] = sum((p.total() for p in parts), zeros)
+        if self._probe is not None:
+            one = slice(self._probe, self._probe + 1)
+            self._probe_grads[pid] = sum((p.materialize(one)[0] for p in parts), zeros)
         keep = self._keep
         shape = tuple(target.param.shape)
         n_keep = num_samples(keep)
@@ -374,26 +492,75 @@ class PerSampleEngine:
             raise _NonFiniteSamples({_sample_at(self._keep, r) for r in rows}, f"gradient of {name}")
         self._sink.add(name, contributions)
 
+    # ------------------------------------------------------------------ checks
+    def _tolerance(self) -> float:
+        # rounding of a gradient computed in the model's dtype (bf16: eps 7.8e-3; float64 models
+        # still run some ops in float32, e.g. Cohere's LayerNorm); a missing, double-counted or
+        # misattributed part shows up as an error of order 1
+        floor = 1e-6 if self.compute_dtype == torch.float64 else 1e-3
+        return max(floor, 8 * torch.finfo(self.model_dtype).eps)
+
     def _verify(self, grads: dict[int, torch.Tensor | None]) -> None:
-        # autograd's batch gradient is itself rounded in the model's dtype (bf16: eps 7.8e-3);
-        # a missing or double-counted part shows up as an error of order 1
-        floor = 1e-9 if self.compute_dtype == torch.float64 else 1e-3
-        tol = max(floor, 8 * torch.finfo(self.model_dtype).eps)
+        """Every parameter's parts add up to autograd's batch gradient (see :func:`mismatch`)."""
+        ref = {}
         for t in self.targets:
-            ref = grads.get(id(t.param))
-            ref = torch.zeros_like(t.param) if ref is None else ref
-            ref = ref.to(self.compute_dtype)
-            mine = self._totals.get(id(t.param))
-            err = (mine - ref).norm()
-            scale = ref.norm() + mine.norm()
-            if err > tol * scale + 1e-30 and err > 1e-12:
-                raise UnsupportedError(
-                    f"the captured per-sample gradients of {t.name} do not add up to its batch gradient "
-                    f"(relative error {float(err / scale):.2e}); the parameter is probably used outside its module's forward"
-                )
+            g = grads.get(id(t.param))
+            ref[id(t.param)] = torch.zeros_like(t.param, dtype=self.compute_dtype) if g is None else g.to(self.compute_dtype)
+        bad = mismatch(self._totals, ref, self._tolerance())
         self._totals = {}
+        if bad is None:
+            return
+        pid, rel = bad
+        name = self.by_param[pid].name
+        if not torch.isfinite(ref[pid]).all():
+            raise UnsupportedError(
+                f"autograd's batch gradient of {name} is not finite although every used sample's loss is "
+                "(NaN/inf at padded positions)"
+            )
+        if pid in self.vjp_params:  # the vjp is plain autograd: nothing finer to fall back to
+            raise UnsupportedError(f"the per-sample gradients of {name} do not add up to its batch gradient (relative error {rel:.2e})")
+        self._use_vjp(
+            self.by_param[pid].param,
+            f"its captured per-sample gradients do not add up to its batch gradient (relative error {rel:.2e}): "
+            "it is used outside its module's forward",
+        )
+        raise _Redo()
+
+    def _probe_sample(self, n_tokens: torch.Tensor, keep: list[int]) -> int | None:
+        """The used sample with the fewest label tokens (the most padded one, usually)."""
+        if not keep:
+            return None
+        return min(keep, key=lambda i: (int(n_tokens[i]), i))
+
+    def _check_alone(self, batch, i: int, batch_index: int) -> None:
+        """Sample ``i`` alone, without its padding, must get the gradient it got in the batch."""
+        mine = {pid: g.to(self.compute_dtype) for pid, g in self._probe_grads.items()}
+        self._probe_grads = {}
+        one = _alone(batch, i)
+        li = self._losses(self.model(**self._model_inputs(one, alone=True)), one)
+        w, s = normalization_weights(li.n_tokens, self.normalization, self.compute_dtype)
+        params = [t.param for t in self.targets]
+        grads = torch.autograd.grad((li.loss_sum * w.to(li.loss_sum.dtype)).sum(), params, allow_unused=True)
+        ref = {
+            id(t.param): (torch.zeros_like(t.param, dtype=self.compute_dtype) if g is None else g.to(self.compute_dtype) * s[0])
+            for t, g in zip(self.targets, grads)
+        }
+        bad = mismatch(mine, ref, self._tolerance())
+        if bad is not None:
+            pid, rel = bad
+            raise UnsupportedError(
+                f"sample {i} of batch {batch_index} alone, without padding, gets a different gradient of "
+                f"{self.by_param[pid].name} than inside the padded batch (relative error {rel:.2e}): the "
+                "model's output for a sample depends on the padding or on the other samples"
+            )
 
     # ------------------------------------------------------------------ fallback
+    def _use_vjp(self, param: torch.Tensor, reason: str) -> None:
+        name = self.by_param[id(param)].name
+        log.warning("hf_fisher: per-sample gradients of %s from a batched vector-Jacobian product (exact, slower): %s", name, reason)
+        self.vjp_params.add(id(param))
+        self.vjp_reasons[name] = reason
+
     def _switch_to_loop(self, reason: str) -> None:
         if not self.loop_mode:
             log.warning("hf_fisher: falling back to a per-sample loop (one forward/backward per sample; exact but slow): %s", reason)
@@ -401,16 +568,20 @@ class PerSampleEngine:
         self.loop_reason = reason
 
     def _process_loop(self, batch, sink, batch_index, exclude, limit) -> BatchReport:
-        """One forward/backward per sample: the exact but slow path."""
+        """One forward/backward per sample, each sample alone without its padding: the exact but
+        slow path."""
         B = batch["input_ids"].shape[0]
-        with torch.no_grad():
-            losses = self._losses(self.model(**self._model_inputs(batch)), batch)
-        keep, report = self._select(losses, exclude, limit, batch_index)
+        n = label_counts(batch, self.task_type)
+        keep, report = _keep_and_report(n, exclude, limit)
         self._sink = sink
         params = [t.param for t in self.targets]
-        for row, i in enumerate(keep):
-            one = {k: (v[i : i + 1] if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == B else v) for k, v in batch.items()}
-            li = self._losses(self.model(**self._model_inputs(one)), one)
+        bad = set()
+        for i in keep:
+            one = _alone(batch, i)
+            li = self._losses(self.model(**self._model_inputs(one, alone=True)), one)
+            if not bool(torch.isfinite(li.loss_sum.detach()).all()):
+                bad.add(i)
+                continue
             w, s = normalization_weights(li.n_tokens, self.normalization, self.compute_dtype)
             grads = torch.autograd.grad((li.loss_sum * w.to(li.loss_sum.dtype)).sum(), params, allow_unused=True)
             self._keep = slice(i, i + 1)
@@ -418,8 +589,119 @@ class PerSampleEngine:
                 g = torch.zeros_like(t.param, dtype=self.compute_dtype) if g is None else g.to(self.compute_dtype) * s[0]
                 c = (g * g).unsqueeze(0)
                 self._emit(t.name, t.groups.reduce(c, batch_dims=1) if t.groups is not None else c)
+        if bad:
+            raise _NonFiniteSamples(bad, "loss")
         self.batches_seen += 1
         return report
+
+
+def mismatch(mine: dict, ref: dict, tol: float) -> "tuple[Any, float] | None":
+    """The first key whose tensors differ beyond rounding, with its relative error; None if none.
+
+    Per parameter p: ``|mine_p - ref_p| <= tol * (|mine_p| + |ref_p|) + tol * G * sqrt(n_p / N)``
+    (Frobenius norms), G the norm of the whole reference gradient over N elements. The second
+    term is the rounding a parameter gets from the model's gradient scale: a parameter whose
+    exact gradient is zero (an attention key bias: softmax is shift invariant) holds pure
+    rounding noise of that size. Any non-finite value is a mismatch.
+    """
+    total = sum(float(r.double().square().sum()) for r in ref.values())
+    count = sum(max(1, r.numel()) for r in ref.values())
+    worst = None
+    for key, r in ref.items():
+        m = mine.get(key)
+        m = torch.zeros_like(r) if m is None else m
+        if not (torch.isfinite(r).all() and torch.isfinite(m).all()):
+            return key, float("nan")
+        err = float((m - r).double().norm())
+        allowed = tol * (float(m.double().norm()) + float(r.double().norm())) + tol * (total * max(1, r.numel()) / count) ** 0.5
+        if err > allowed and err > 1e-300:
+            rel = err / (float(r.double().norm()) + float(m.double().norm()) + 1e-300)
+            if worst is None or rel > worst[1]:
+                worst = (key, rel)
+    return worst
+
+
+def owned_parameters(model: nn.Module) -> dict[int, set[int]]:
+    """``id(module) -> ids of the trainable direct parameters its own calls account for``.
+
+    A parameter registered directly on two modules where one contains the other (BERT's
+    ``cls.predictions.bias``, tied into ``cls.predictions.decoder.bias``) is used through the
+    inner module: only the innermost owner counts it, so its parts are not counted twice. A
+    parameter registered on unrelated modules (tied embeddings) belongs to each of them: the
+    engine sums their parts per sample before squaring.
+    """
+    direct = {
+        id(m): {id(p) for p in m.parameters(recurse=False) if p.requires_grad} for m in model.modules()
+    }
+    owned: dict[int, set[int]] = {}
+    for m in model.modules():
+        mine = set(direct[id(m)])
+        if not mine:
+            continue
+        for sub in m.modules():
+            if sub is not m:
+                mine -= direct[id(sub)]
+        if mine:
+            owned[id(m)] = mine
+    return owned
+
+
+def _position_convention(model: nn.Module) -> int | None:
+    """None for models numbering positions 0, 1, ... by default; the ``padding_idx`` of a
+    RoBERTa-style model (positions ``padding_idx + 1, ...`` derived from the input ids)."""
+    for m in model.modules():
+        if hasattr(m, "create_position_ids_from_input_ids") and isinstance(getattr(m, "padding_idx", None), int):
+            return m.padding_idx
+    return None
+
+
+def _has_position_table(model: nn.Module) -> bool:
+    """Whether the model looks absolute positions up in an embedding table (BERT's
+    ``position_embeddings``, GPT-2's ``wpe``, OPT's ``embed_positions``)."""
+    for name, m in model.named_modules():
+        leaf = name.rsplit(".", 1)[-1].lower()
+        if isinstance(m, nn.Embedding) and ("pos" in leaf or leaf == "wpe") and "rel" not in leaf:
+            return True
+    return False
+
+
+def _has_padding(batch: Mapping[str, torch.Tensor]) -> bool:
+    mask = batch.get("attention_mask")
+    return mask is not None and not bool(mask.bool().all())
+
+
+def _alone(batch: Mapping[str, Any], i: int) -> dict[str, Any]:
+    """Sample ``i`` of a batch as a batch of one, without its leading and trailing padding
+    (positions with ``attention_mask == 0`` at either end; a mask with holes is kept whole)."""
+    ids = batch["input_ids"]
+    B, T = ids.shape
+    lo, hi = 0, T
+    mask = batch.get("attention_mask")
+    if mask is not None:
+        real = mask[i].nonzero().flatten()
+        if real.numel() and int(real[-1]) - int(real[0]) + 1 == real.numel():
+            lo, hi = int(real[0]), int(real[-1]) + 1
+    out = {}
+    for k, v in batch.items():
+        if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == B:
+            v = v[i : i + 1]
+            if v.dim() > 1 and v.shape[1] == T:
+                v = v[:, lo:hi]
+        out[k] = v
+    return out
+
+
+def _keep_and_report(n: torch.Tensor, exclude: set[int], limit: int | None) -> "tuple[list[int], BatchReport]":
+    """The used samples (label tokens, not excluded, at most ``limit``) and the batch report."""
+    counts = [int(x) for x in n]
+    keep = [i for i, c in enumerate(counts) if c > 0 and i not in exclude]
+    report = BatchReport(skipped=sum(1 for c in counts if c == 0))
+    if limit is not None:
+        keep = keep[: max(0, limit)]
+    report.used = len(keep)
+    report.used_index = keep
+    report.tokens = sum(counts[i] for i in keep)
+    return keep, report
 
 
 def _checkpointing(model: nn.Module) -> bool:

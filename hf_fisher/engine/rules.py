@@ -47,12 +47,44 @@ class ModuleCall:
     compute_dtype: torch.dtype = torch.float32
     # per-sample gradient scale s_i (see engine.losses.normalization_weights), shape [B]
     scale: torch.Tensor | None = None
+    # T of the batch's [B, T] input_ids: a leading dimension B * T is a token-flattened batch
+    seq_len: int = 0
+    # the differentiable tensors among the outputs (capture sets it)
+    tensors: list = field(default_factory=list)
     extra: dict = field(default_factory=dict)
 
     def input(self, name: str = "input", position: int = 0) -> Any:
         if len(self.args) > position:
             return self.args[position]
         return self.kwargs[name]
+
+    def batch_axis_kind(self, x: Any) -> str | None:
+        """How a tensor's leading dimension maps to samples: ``"batch"`` ([B, ...]),
+        ``"tokens"`` ([B*T, ...], rows in sample-major order, as ``x.view(B*T, ...)`` of a
+        [B, T, ...] tensor gives) or None (not batched: a broadcast or batch-shared tensor)."""
+        if not isinstance(x, torch.Tensor) or x.dim() == 0:
+            return None
+        if x.shape[0] == self.batch_size:
+            return "batch"
+        if self.seq_len > 1 and x.shape[0] == self.batch_size * self.seq_len:
+            return "tokens"
+        return None
+
+    def per_sample(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` with the samples as leading axis: [B, ...] unchanged, [B*T, ...] -> [B, T, ...].
+
+        Raises :class:`UnsupportedError` for a tensor whose leading dimension is neither.
+        """
+        kind = self.batch_axis_kind(x)
+        if kind == "batch":
+            return x
+        if kind == "tokens":
+            return x.reshape(self.batch_size, self.seq_len, *x.shape[1:])
+        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise UnsupportedError(
+            f"{type(self.module).__name__}: a tensor of shape {shape} is not batched over the "
+            f"{self.batch_size} samples (nor token-flattened over {self.batch_size}x{self.seq_len})"
+        )
 
 
 class Part:
@@ -254,15 +286,22 @@ class GradRule:
     def parts(self, call: ModuleCall) -> dict[str, Part]:  # local param name -> Part
         raise NotImplementedError
 
+    def applies_to(self, module_type: type, registered: type) -> bool:
+        """Whether this rule, registered for ``registered``, is exact for a module of
+        ``module_type`` (a subclass found through the MRO). Default: only when the subclass
+        keeps the registered class's ``forward``; a rule that knows other forwards says so here.
+        """
+        return module_type.forward is registered.forward
+
 
 def _trainable(module: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p for n, p in module.named_parameters(recurse=False) if p.requires_grad}
 
 
-def _flat_tokens(x: torch.Tensor, B: int, dtype: torch.dtype) -> torch.Tensor:
-    if x.shape[0] != B:
-        raise UnsupportedError(f"input with leading dimension {x.shape[0]} in a batch of {B}")
-    return x.reshape(B, -1, x.shape[-1]).to(dtype)
+def _flat_tokens(call: ModuleCall, x: torch.Tensor) -> torch.Tensor:
+    """``x`` as ``[B, tokens, features]`` in the compute dtype ([B, ...] or token-flattened)."""
+    x = call.per_sample(x)
+    return x.reshape(call.batch_size, -1, x.shape[-1]).to(call.compute_dtype)
 
 
 class AffineRule(GradRule):
@@ -277,9 +316,8 @@ class AffineRule(GradRule):
 
     def parts(self, call):
         params = _trainable(call.module)
-        B, dt = call.batch_size, call.compute_dtype
-        a = _flat_tokens(call.input(self.input_name), B, dt)
-        g = _flat_tokens(call.grad_output, B, dt)
+        a = _flat_tokens(call, call.input(self.input_name))
+        g = _flat_tokens(call, call.grad_output)
         out = {}
         if "weight" in params:
             out["weight"] = OuterProductPart(params["weight"], *self.factors(a, g), call.scale)
@@ -305,7 +343,18 @@ class Conv1DRule(AffineRule):
 
 
 class EmbeddingRule(GradRule):
-    """nn.Embedding: per-sample segment sums of output gradients per token id."""
+    """nn.Embedding: per-sample segment sums of output gradients per token id.
+
+    Also Gemma's ``...TextScaledWordEmbedding`` subclasses, whose forward is exactly
+    ``return super().forward(input_ids) * self.embed_scale.to(self.weight.dtype)``: the rows'
+    gradient is then ``embed_scale * grad_output`` (the forward is compared by its source, so a
+    subclass doing anything else gets the generic rule).
+    """
+
+    SCALED_FORWARD = "return super().forward(input_ids) * self.embed_scale.to(self.weight.dtype)"
+
+    def applies_to(self, module_type: type, registered: type) -> bool:
+        return module_type.forward is registered.forward or forward_body(module_type) == self.SCALED_FORWARD
 
     def parts(self, call):
         m = call.module
@@ -314,19 +363,46 @@ class EmbeddingRule(GradRule):
             return {}
         if m.max_norm is not None or m.scale_grad_by_freq:
             raise UnsupportedError("nn.Embedding with max_norm or scale_grad_by_freq")
-        ids = call.input()
+        ids = call.per_sample(call.input())
         B = call.batch_size
-        if ids.shape[0] != B:
-            raise UnsupportedError(f"embedding ids with leading dimension {ids.shape[0]} in a batch of {B}")
-        g = call.grad_output.reshape(B, -1, m.embedding_dim).to(call.compute_dtype)
+        g = call.per_sample(call.grad_output).reshape(B, -1, m.embedding_dim).to(call.compute_dtype)
+        if type(m).forward is not nn.Embedding.forward:  # the scaled subclass (see applies_to)
+            g = g * m.embed_scale.to(m.weight.dtype).to(g.dtype)
         return {"weight": EmbeddingPart(params["weight"], ids, g, call.scale, m.padding_idx)}
+
+
+_BODIES: dict[type, "str | None"] = {}
+
+
+def forward_body(cls: type) -> "str | None":
+    """The statements of ``cls.forward`` (docstring dropped), unparsed by :mod:`ast`, cached.
+
+    Lets a rule recognise a subclass whose forward it knows by what the forward does."""
+    if cls not in _BODIES:
+        import ast
+        import inspect
+        import textwrap
+
+        try:
+            tree = ast.parse(textwrap.dedent(inspect.getsource(cls.forward)))
+            body = tree.body[0].body
+            if body and isinstance(body[0], ast.Expr) and isinstance(getattr(body[0], "value", None), ast.Constant):
+                body = body[1:]
+            _BODIES[cls] = "\n".join(ast.unparse(stmt) for stmt in body)
+        except (OSError, TypeError, SyntaxError, IndexError, AttributeError):
+            _BODIES[cls] = None
+    return _BODIES[cls]
 
 
 class FuncRule(GradRule):
     """Any module: per-sample gradients of its direct parameters with torch.func.
 
     ``g_i = vjp_θ(module(θ, x_i))(grad_output_i)``, vectorised with ``vmap`` over the batch;
-    a per-sample loop of the same vjp when the module cannot be vmapped (logged once).
+    a per-sample loop of the same vjp when the module cannot be vmapped (logged once). Inputs
+    and outputs may be batched ([B, ...]: sample i sees ``x[i:i+1]``) or token-flattened
+    ([B*T, ...]: sample i sees its T rows); other inputs are passed whole (shared). A module
+    with several outputs (a tuple, a ModelOutput) is pulled back through every output that
+    received a gradient.
     """
 
     _loop_logged: set = set()
@@ -335,50 +411,61 @@ class FuncRule(GradRule):
         params = _trainable(call.module)
         if not params:
             return {}
-        B = call.batch_size
-        per_sample = self._per_sample(call, params, B)
+        per_sample = self._per_sample(call, params, call.batch_size)
         return {n: DensePart(p, per_sample[n].to(call.compute_dtype), call.scale) for n, p in params.items()}
 
     def _per_sample(self, call, params, B):
         from torch.func import functional_call, vjp, vmap
+        from torch.utils._pytree import tree_flatten
 
         module = call.module
-        out = call.grad_output
-        if not isinstance(out, torch.Tensor):
-            raise UnsupportedError(f"{type(module).__name__} returns {type(out).__name__}, not a tensor")
-        if out.dim() == 0 or out.shape[0] != B:
+        grads = call.grad_output if isinstance(call.grad_output, (tuple, list)) else [call.grad_output]
+        live = [k for k, g in enumerate(grads) if isinstance(g, torch.Tensor)]
+        if not live:
+            raise UnsupportedError(f"{type(module).__name__}: no output received a gradient")
+        out_kinds = [call.batch_axis_kind(grads[k]) for k in live]
+        if None in out_kinds:
             raise UnsupportedError(f"{type(module).__name__} output is not batched over the {B} samples")
         flat_args = list(call.args)
         kw_names = list(call.kwargs)
         flat = flat_args + [call.kwargs[k] for k in kw_names]
-        batched = [isinstance(x, torch.Tensor) and x.dim() > 0 and x.shape[0] == B for x in flat]
+        kinds = [call.batch_axis_kind(x) for x in flat]
         n_args = len(flat_args)
         detached = {n: p.detach() for n, p in params.items()}
-        go = call.grad_output
+        multi = isinstance(call.grad_output, (tuple, list))
 
-        def single(batched_vals, g_i):
+        def one(x, kind):  # the sample's slice as the module sees it alone
+            return x.unsqueeze(0) if kind == "batch" else x
+
+        def single(batched_vals, g_vals):
             vals = list(flat)
             it = iter(batched_vals)
-            for k, b in enumerate(batched):
-                if b:
-                    vals[k] = next(it).unsqueeze(0)
+            for k, kind in enumerate(kinds):
+                if kind is not None:
+                    vals[k] = one(next(it), kind)
             args, kwargs = vals[:n_args], dict(zip(kw_names, vals[n_args:]))
 
             def f(p):
-                return functional_call(module, p, tuple(args), kwargs)
+                out = functional_call(module, p, tuple(args), kwargs)
+                if not multi:
+                    return out
+                leaves = tree_flatten(out)[0]
+                return tuple(leaves[k] for k in live)
 
             _, pullback = vjp(f, detached)
-            return pullback(g_i.unsqueeze(0))[0]
+            cot = tuple(one(g, kind) for g, kind in zip(g_vals, out_kinds))
+            return pullback(cot if multi else cot[0])[0]
 
-        bvals = [x.detach() for x, b in zip(flat, batched) if b]
+        bvals = [call.per_sample(x.detach()) for x, kind in zip(flat, kinds) if kind is not None]
+        gvals = [call.per_sample(grads[k]) for k in live]
         try:
-            return vmap(single)(bvals, go)
+            return vmap(single)(bvals, gvals)
         except Exception as e:  # vmap cannot handle every custom forward: loop, still exact
             key = type(module).__name__
             if key not in FuncRule._loop_logged:
                 FuncRule._loop_logged.add(key)
                 log.warning("per-sample gradients of %s: vmap failed (%s); using a per-sample loop", key, e)
-            rows = [single([v[i] for v in bvals], go[i]) for i in range(B)]
+            rows = [single([v[i] for v in bvals], [g[i] for g in gvals]) for i in range(B)]
             return {n: torch.stack([r[n] for r in rows]) for n in params}
 
 
@@ -402,11 +489,22 @@ def hf_fisher_register_grad_rules(register):
 GENERIC_RULE = FuncRule()
 
 
+_OVERRIDE_LOGGED: set = set()
+
+
 def rule_for(module: nn.Module, rules: dict[type, GradRule]) -> GradRule:
-    """The most specific registered rule in the module's MRO, else the generic torch.func rule."""
-    for cls in type(module).__mro__:
+    """The most specific registered rule in the module's MRO that applies to the module's own
+    ``forward`` (:meth:`GradRule.applies_to`), else the generic torch.func rule."""
+    mtype = type(module)
+    for cls in mtype.__mro__:
         if cls in rules:
-            return rules[cls]
+            rule = rules[cls]
+            if rule.applies_to(mtype, cls):
+                return rule
+            if mtype not in _OVERRIDE_LOGGED:
+                _OVERRIDE_LOGGED.add(mtype)
+                log.info("%s overrides the forward of %s: using the generic torch.func rule", mtype.__name__, cls.__name__)
+            return GENERIC_RULE
     return GENERIC_RULE
 
 
