@@ -36,6 +36,9 @@ __all__ = [
     "slice_value",
     "head_importance",
     "channel_importance",
+    "expert_importance",
+    "expert_channel_importance",
+    "group_coordinates",
     "compare",
     "effective_count",
     "stderr",
@@ -118,7 +121,8 @@ def expand(fisher: "Fisher", name: str, spread: bool = False) -> torch.Tensor:
 
 
 def group_of(groups: ParamGroups, index: int) -> int:
-    """The group id containing position ``index`` along ``groups.axis``."""
+    """The group id containing position ``index`` of the group index (the index along
+    ``groups.axis``; for multi-axis groups the flat C-order index over ``groups.axes``)."""
     if index < 0:
         raise IndexError(f"index {index} is negative")
     offset = 0
@@ -132,8 +136,25 @@ def group_of(groups: ParamGroups, index: int) -> int:
     raise IndexError(f"index {index} is beyond the axis of size {offset}")
 
 
+def group_coordinates(groups: ParamGroups, shape, axis: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Smallest and largest index along ``axis`` (one of ``groups.axes``) of the elements of each
+    group of a parameter of ``shape``: two int64 tensors ``[num_groups]``. A group lies at one
+    index along ``axis`` (e.g. one expert) exactly when the two agree."""
+    if axis not in groups.axes:
+        raise UnsupportedError(f"axis {axis} is not one of the group axes {groups.axes}")
+    shape = tuple(int(n) for n in shape) or (1,)
+    sizes = [shape[a] for a in groups.axes]
+    j = groups.axes.index(axis)
+    stride = math.prod(sizes[j + 1 :])
+    coord = (torch.arange(groups.axis_size) // stride) % sizes[j]
+    idx = groups.index()
+    lo = torch.full((groups.num_groups,), shape[axis], dtype=torch.long).scatter_reduce(0, idx, coord, "amin")
+    hi = torch.full((groups.num_groups,), -1, dtype=torch.long).scatter_reduce(0, idx, coord, "amax")
+    return lo, hi
+
+
 def group_range(groups: ParamGroups, group: int) -> tuple[int, int]:
-    """Positions ``[start, stop)`` along ``groups.axis`` covered by group id ``group``."""
+    """Positions ``[start, stop)`` of the group index (see :func:`group_of`) covered by group id ``group``."""
     offset = 0
     gid = 0
     for run in groups.runs:
@@ -252,6 +273,21 @@ def slice_value(fisher: "Fisher", s: Slice) -> float:
     if fisher.reduction == "param":
         return float(t[s.index()].double().sum())
     pg = fisher.groups[s.param]
+    if pg.extra_axes:  # multi-axis groups: the groups whose elements all lie in [start, stop) along s.axis
+        if s.axis not in pg.axes:
+            raise UnsupportedError(
+                f"{s.param}: its groups run along axes {pg.axes}, but a slice along axis {s.axis} was asked for; "
+                "a group Fisher cannot be split that way — use a parameter-level Fisher"
+            )
+        lo, hi = group_coordinates(pg, fisher.param_shapes[s.param], s.axis)
+        inside = (lo >= s.start) & (hi < s.stop)
+        partial = ~inside & (hi >= s.start) & (lo < s.stop)
+        if bool(partial.any()):
+            raise UnsupportedError(
+                f"{s.param}: slice [{s.start}, {s.stop}) along axis {s.axis} cuts through groups; "
+                "use a parameter-level Fisher"
+            )
+        return float(t.detach().double().cpu()[inside].sum())
     if s.axis != pg.axis:
         raise UnsupportedError(
             f"{s.param}: its groups run along axis {pg.axis}, but a slice along axis {s.axis} was asked for; "
@@ -336,7 +372,7 @@ def channel_importance(fisher: "Fisher") -> dict[tuple[int, int], float]:
             else:
                 pg = fisher.groups[role.param]
                 gidx = pg.index()[role.offset : role.offset + n]
-                if pg.axis != role.axis or bool((pg.sizes()[gidx] != 1).any()):
+                if pg.extra_axes or pg.axis != role.axis or bool((pg.sizes()[gidx] != 1).any()):
                     raise UnsupportedError(
                         f"{role.param}: its groups do not hold one MLP channel each along axis {role.axis}; "
                         "use a parameter-level Fisher"
@@ -346,6 +382,114 @@ def channel_importance(fisher: "Fisher") -> dict[tuple[int, int], float]:
             out[(block.layer, c)] = float(totals[c])
     if used == 0:
         raise InvalidInputError("the Fisher covers none of the MLP parameters of its layout")
+    return out
+
+
+def _per_expert(fisher: "Fisher", name: str, expert_axis: int, num_experts: int) -> torch.Tensor:
+    """``[E]``: the Fisher mass of each expert's slice (index ``e`` along ``expert_axis``) of ``name``."""
+    t = fisher[name].detach().double().cpu()
+    if fisher.reduction == "param":
+        other = [d for d in range(t.dim()) if d != expert_axis]
+        return t.sum(dim=other) if other else t
+    pg = fisher.groups[name]
+    if expert_axis not in pg.axes:
+        raise UnsupportedError(
+            f"{name}: its groups run along axes {pg.axes}, not along the expert axis {expert_axis}; "
+            "use a parameter-level Fisher"
+        )
+    lo, hi = group_coordinates(pg, fisher.param_shapes[name], expert_axis)
+    if bool((lo != hi).any()):
+        raise UnsupportedError(f"{name}: some of its groups span several experts; use a parameter-level Fisher")
+    return torch.zeros(num_experts, dtype=torch.float64).index_add_(0, lo, t)
+
+
+def expert_importance(fisher: "Fisher", *, include_router: bool = False) -> dict[tuple[int, int], float]:
+    """Total Fisher of each routed expert, ``{(layer, expert): value}``.
+
+    ``T_e = Σ over the expert's own weights of F``: its whole slice ``[e]`` of every expert
+    parameter of the layer's :class:`~hf_fisher.layout.ExpertBlock` — for the HF fused layout
+    the gate and up rows ``gate_up_proj[e]`` plus the down columns ``down_proj[e]`` (plus the
+    experts' biases, when the model has them). The router is **not** included unless
+    ``include_router=True``, which adds the expert's router row ``gate.weight[e]`` (the router
+    rows are also the groups ``expert{e}`` of the router parameter). A Qwen2-MoE shared expert is
+    not a routed expert (it is in :func:`channel_importance`). Parameters not in the Fisher
+    contribute nothing. Works from a parameter-level Fisher and from a group Fisher whose groups
+    each lie within one expert (as the MoE adapter's do; :class:`UnsupportedError` otherwise).
+    """
+    layout = _require_layout(fisher, "expert_importance")
+    if not layout.experts:
+        raise InvalidInputError(f"layout {layout.adapter!r} describes no mixture-of-experts layers")
+    out: dict[tuple[int, int], float] = {}
+    used = 0
+    for block in layout.experts:
+        totals = torch.zeros(block.num_experts, dtype=torch.float64)
+        parts = [(p, block.expert_axis(p)) for p in block.params()]
+        if include_router and block.router is not None:
+            parts.append((block.router, block.router_axis))
+        for name, axis in parts:
+            if name not in fisher:
+                continue
+            used += 1
+            totals += _per_expert(fisher, name, axis, block.num_experts)
+        for e in range(block.num_experts):
+            out[(block.layer, e)] = float(totals[e])
+    if used == 0:
+        raise InvalidInputError("the Fisher covers none of the expert parameters of its layout")
+    return out
+
+
+def expert_channel_importance(fisher: "Fisher") -> dict[tuple[int, int, int], float]:
+    """Total Fisher of each channel of each routed expert, ``{(layer, expert, channel): value}``.
+
+    ``T_ec = Σ_roles F(role slice of channel c of expert e)`` — for the HF fused layout gate row
+    ``gate_up_proj[e, c]`` + up row ``gate_up_proj[e, I + c]`` + down column ``down_proj[e, :, c]``
+    (+ the gate/up bias entries, when present). Weights without a channel index (a down bias) and
+    the router are not included, so an expert's channels add up to its
+    :func:`expert_importance` minus those. A group Fisher must hold at most one (expert, channel)
+    per group (:class:`UnsupportedError` otherwise).
+    """
+    layout = _require_layout(fisher, "expert_channel_importance")
+    if not layout.experts:
+        raise InvalidInputError(f"layout {layout.adapter!r} describes no mixture-of-experts layers")
+    out: dict[tuple[int, int, int], float] = {}
+    used = 0
+    for block in layout.experts:
+        E, n = block.num_experts, block.num_channels
+        totals = torch.zeros(E, n, dtype=torch.float64)
+        for role in block.roles:
+            if role.channel_axis is None or role.param not in fisher:
+                continue
+            used += 1
+            t = fisher[role.param].detach().double().cpu()
+            ea, ca = role.expert_axis, role.channel_axis
+            if fisher.reduction == "param":
+                other = [d for d in range(t.dim()) if d not in (ea, ca)]
+                kept = t.sum(dim=other) if other else t
+                if ca < ea:
+                    kept = kept.t()
+                totals += kept[:, role.offset : role.offset + n]
+                continue
+            pg = fisher.groups[role.param]
+            if ea not in pg.axes or ca not in pg.axes:
+                raise UnsupportedError(
+                    f"{role.param}: its groups run along axes {pg.axes}, not along (expert, channel) axes "
+                    f"({ea}, {ca}); use a parameter-level Fisher"
+                )
+            shape = fisher.param_shapes[role.param]
+            e_lo, e_hi = group_coordinates(pg, shape, ea)
+            c_lo, c_hi = group_coordinates(pg, shape, ca)
+            touches = (c_hi >= role.offset) & (c_lo < role.offset + n)
+            if bool((touches & ((e_lo != e_hi) | (c_lo != c_hi))).any()):
+                raise UnsupportedError(
+                    f"{role.param}: some of its groups hold several expert channels; use a parameter-level Fisher"
+                )
+            sel = touches.nonzero().flatten()
+            totals.view(-1).index_add_(0, e_lo[sel] * n + (c_lo[sel] - role.offset), t[sel])
+        for e in range(E):
+            for c in range(n):
+                out[(block.layer, e, c)] = float(totals[e, c])
+    if used == 0:
+        raise InvalidInputError("the Fisher covers none of the expert parameters of its layout")
     return out
 
 

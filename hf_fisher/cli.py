@@ -188,8 +188,14 @@ def _cmd_collect(args: argparse.Namespace) -> int:
     )
     fisher.save_pretrained(out)
     c = fisher.counts
+    extra = fisher.metadata.extra
+    path = extra.get("per_sample_path", "batched")
+    if path == "loop":
+        path = f"per-sample loop: {extra.get('loop_reason', '')}"
+    elif extra.get("vjp_params"):
+        path = f"batched, {len(extra['vjp_params'])} parameter(s) through the batched vjp"
     print(f"Saved {args.reduction} Fisher of {len(fisher)} tensors to {out} "
-          f"(samples {c.samples}, tokens {c.tokens}, skipped {c.skipped})")
+          f"(samples {c.samples}, tokens {c.tokens}, skipped {c.skipped}; {path})")
     return 0
 
 

@@ -19,7 +19,7 @@ from .engine.losses import NORMALIZATIONS, task_type_of
 from .engine.per_sample import BatchReport, ContributionSink, LossFn, PerSampleEngine, Target
 from .errors import EmptyDataError, InvalidInputError, NoTrainableParametersError
 from .fisher import Counts, Fisher, FisherMetadata
-from .stats import Welford, make_accumulator
+from .stats import Welford, Workspace, make_accumulator, shifted_moments_
 
 log = logging.getLogger("hf_fisher")
 
@@ -32,36 +32,97 @@ def _check_choice(what: str, value: Any, choices: tuple) -> None:
 
 
 class _MomentsSink(ContributionSink):
-    """One batch-level :class:`~hf_fisher.stats.Welford` per parameter, fed chunk moments.
+    """Batch moments of every parameter's contributions, merged into the task at :meth:`commit`.
 
-    Chunk moments are taken in the contributions' own precision (two-pass, centred), then merged in the accumulation dtype; :meth:`commit` merges the
-    batch into the task's accumulators (Chan et al., exact).
+    Each chunk of per-sample contributions is summarised in its own precision and in place by
+    :func:`~hf_fisher.stats.shifted_moments_` (corrected two-pass: shift, residual, centred M2;
+    no ``[b, *shape]`` temporary). A parameter whose batch arrives in one chunk (all but the
+    largest ones) keeps that summary as it is until :meth:`commit` Chan-merges it straight into
+    the task's accumulator, in place, in the accumulation dtype (float64): one merge per
+    parameter and batch, with float64 temporaries from a reused :class:`~hf_fisher.stats.Workspace`.
+    A parameter that arrives in several chunks folds them into a batch-level float64
+    :class:`~hf_fisher.stats.Welford` first (so memory stays one float64 pair per parameter).
+
+    Nothing touches the task's accumulators before :meth:`commit`, so a batch that fails
+    half-way leaves them as they were. The sink is reused across batches (:meth:`reset`), which
+    keeps its scratch buffers.
+
+    :meth:`add_gradients` is the fused entry point: it takes the signed per-sample gradients
+    and squares them in place itself, and reports non-finite samples from the chunk's sums
+    instead of a separate finiteness pass over the contributions.
     """
 
     accepts_moments = True
+    #: whether :meth:`add_gradients` is available (contributions C_i = g_i ⊙ g_i from g_i)
+    accepts_gradients = True
 
     def __init__(self, dtype: torch.dtype):
         self.dtype = dtype
+        self.workspace = Workspace()
+        # name -> (n, shift, m2, residual) of the batch's only chunk so far
+        self.pending: dict[str, tuple] = {}
+        # name -> batch-level Welford, for parameters that came in several chunks
         self.batch: dict[str, Welford] = {}
 
     def reset(self) -> None:
+        self.pending = {}
         self.batch = {}
 
     def add(self, name: str, contributions: torch.Tensor) -> None:
-        mean_b = contributions.mean(0)
-        # two-pass centred M2, in place on the tensor the engine handed over
-        # (torch.var_mean over dim 0 is ~10x slower on CPU)
-        centred = contributions.sub_(mean_b)
-        self.add_moments(name, contributions.shape[0], mean_b, centred.mul_(centred).sum(0))
+        """Per-sample contributions ``[b, ...]``, already checked finite; modified in place."""
+        self._push(name, contributions.shape[0], *shifted_moments_(contributions))
+
+    def add_gradients(self, name: str, gradients: torch.Tensor, *, owned: bool = False) -> list[int]:
+        """Per-sample gradients ``g`` ``[b, ...]`` of the next samples: adds ``C_i = g_i ⊙ g_i``.
+
+        ``owned=True`` lets the sink square ``g`` in place (the caller will not read it again);
+        otherwise the squares go to a new tensor. Returns the rows (0-based, in this chunk) whose
+        contribution is not finite, and then adds nothing; an empty list when all was added.
+        Finiteness is read off the chunk's per-element sums, which are finite exactly when
+        every contribution is (unless a float32 sum overflows: then the chunk is redone in
+        float64, which cannot overflow).
+        """
+        b = gradients.shape[0]
+        if b == 0:
+            return []
+        if gradients.dtype not in (torch.float32, torch.float64):
+            x = gradients.to(torch.float32).square_()
+        else:
+            x = gradients.square_() if owned else gradients.square()
+        total = x.sum(0)
+        # N-sized checks: the column sums are non-finite iff a contribution is (or a sum overflows)
+        if not bool(torch.isfinite(total.sum())) and not bool(torch.isfinite(total).all()):
+            bad = (~torch.isfinite(x.reshape(b, -1))).any(dim=1).nonzero().flatten().tolist()
+            if bad:
+                return bad
+            x = x.to(torch.float64)  # finite contributions whose float32 sums overflow
+            total = x.sum(0)
+        self._push(name, b, *shifted_moments_(x, total=total))
+        return []
 
     def add_moments(self, name: str, n: int, mean: torch.Tensor, m2: torch.Tensor) -> None:
-        if name not in self.batch:
-            self.batch[name] = Welford(dtype=self.dtype, device=mean.device)
-        self.batch[name].update_moments(n, mean, m2)
+        self._push(name, int(n), mean, m2, None)
+
+    def _push(self, name: str, n: int, shift: torch.Tensor, m2: torch.Tensor, residual: torch.Tensor | None) -> None:
+        if n == 0:
+            return
+        if name in self.batch:
+            self.batch[name].update_shifted_(n, shift, m2, residual, workspace=self.workspace)
+        elif name in self.pending:
+            w = Welford(tuple(shift.shape), dtype=self.dtype, device=shift.device)
+            w.update_shifted_(*self.pending.pop(name), workspace=self.workspace)
+            w.update_shifted_(n, shift, m2, residual, workspace=self.workspace)
+            self.batch[name] = w
+        else:
+            self.pending[name] = (n, shift, m2, residual)
 
     def commit(self, accumulators: dict) -> None:
+        ws = self.workspace
+        for name, (n, shift, m2, residual) in self.pending.items():
+            accumulators[name].update_shifted_(n, shift, m2, residual, workspace=ws)
         for name, w in self.batch.items():
-            accumulators[name].update_moments(w.count, w.mean, w.m2)
+            accumulators[name].update_shifted_(w.count, w.mean, w.m2, workspace=ws)
+        self.reset()
 
 
 class _OrderedSink(ContributionSink):
@@ -159,6 +220,7 @@ class FisherCollector:
             loss_fn=loss_fn, memory_budget_mb=memory_budget_mb, on_nonfinite=on_nonfinite, verify=verify,
         )
         self.tasks: dict[str, _TaskState] = {}
+        self._moments_sink: _MomentsSink | None = None
 
     # ------------------------------------------------------------------ accumulation
     def _task(self, task: str) -> _TaskState:
@@ -173,11 +235,20 @@ class FisherCollector:
     def update(self, batch: Mapping[str, Any], task: str = "default", *, limit: int | None = None) -> BatchReport:
         """Add the samples of one batch to ``task``. Returns what was used and skipped."""
         state = self._task(task)
-        sink = _OrderedSink(self.accumulation_dtype) if self.ema_decay is not None else _MomentsSink(self.accumulation_dtype)
+        if self.ema_decay is not None:
+            sink: ContributionSink = _OrderedSink(self.accumulation_dtype)
+        else:
+            # one sink for the collector's life: its float64 scratch buffers are reused by every batch
+            if self._moments_sink is None:
+                self._moments_sink = _MomentsSink(self.accumulation_dtype)
+            sink = self._moments_sink
         was_training = self.model.training
         self.model.train(self.train_mode)
         try:
             report = self.engine.process(batch, sink, batch_index=state.batches, limit=limit)
+        except BaseException:
+            sink.reset()  # drop the half batch now rather than at the next update
+            raise
         finally:
             self.model.train(was_training)
         sink.commit(state.accumulators)
@@ -220,7 +291,8 @@ class FisherCollector:
         dtype = self.storage_dtype or self.accumulation_dtype
         mean, var = {}, {}
         for name, acc in state.accumulators.items():
-            mean[name] = acc.mean.to(device=self.storage_device, dtype=dtype)
+            # copies: the accumulators are updated in place by later batches
+            mean[name] = acc.mean_as(dtype, self.storage_device)
             var[name] = acc.variance().to(device=self.storage_device, dtype=dtype)
         return Fisher(
             mean, var,
@@ -258,5 +330,7 @@ class FisherCollector:
         )
 
     def close(self) -> None:
-        """Detach the capture hooks from the model."""
+        """Detach the capture hooks from the model and release the scratch buffers."""
         self.engine.capture.detach()
+        if self._moments_sink is not None:
+            self._moments_sink.workspace.clear()

@@ -237,9 +237,11 @@ class Fisher:
             shape = self.param_shapes[name]
             pg = self.groups.get(name)
             if pg is not None:
-                if not (0 <= pg.axis < max(len(shape), 1)) or (shape and pg.axis_size != shape[pg.axis]):
+                n = pg.group_axes_size(shape)
+                if n is None or (shape and pg.axis_size != n):
+                    where = f"axis {pg.axis}" if not pg.extra_axes else f"axes {pg.axes} (flattened)"
                     raise InvalidInputError(
-                        f"groups for {name!r} partition axis {pg.axis} into {pg.axis_size} indices, but the "
+                        f"groups for {name!r} partition {where} into {pg.axis_size} indices, but the "
                         f"parameter has shape {_shape_str(shape)}"
                     )
             if self.reduction == "param":
@@ -569,6 +571,18 @@ class Fisher:
         from hf_fisher import analysis
 
         return analysis.channel_importance(self)
+
+    def expert_importance(self, *, include_router: bool = False) -> dict[tuple[int, int], float]:
+        """Per routed-expert totals of MoE layers (see :func:`hf_fisher.analysis.expert_importance`)."""
+        from hf_fisher import analysis
+
+        return analysis.expert_importance(self, include_router=include_router)
+
+    def expert_channel_importance(self) -> dict[tuple[int, int, int], float]:
+        """Per (layer, expert, channel) totals (see :func:`hf_fisher.analysis.expert_channel_importance`)."""
+        from hf_fisher import analysis
+
+        return analysis.expert_channel_importance(self)
 
     def compare(self, other: "Fisher", k: int = 100) -> dict[str, Any]:
         """Similarity with another Fisher (see :func:`hf_fisher.analysis.compare`)."""

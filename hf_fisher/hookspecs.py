@@ -81,6 +81,9 @@ def hf_fisher_register_grad_rules(register: Callable[[type, Any], None]) -> None
     A rule turns one recorded call of a module (its inputs and the gradient of the loss with
     respect to its output) into the exact per-sample gradients of the module's *own* trainable
     parameters; see :class:`hf_fisher.engine.rules.GradRule` for the interface. The most
-    specific registered type in the module's MRO wins; modules with no rule get the generic
-    ``torch.func`` rule. A rule makes a custom layer exact and fast without touching the core.
+    specific registered type in the module's MRO wins, but only for a subclass whose ``forward``
+    the rule knows (``GradRule.applies_to``: by default the registered class's own forward), so
+    a subclass that changes the computation never gets a rule written for its parent; modules
+    with no applicable rule get the generic ``torch.func`` rule. A rule makes a custom layer
+    exact and fast without touching the core.
     """

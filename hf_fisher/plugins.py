@@ -58,8 +58,10 @@ logger = logging.getLogger("hf_fisher.plugins")
 BUILTIN_PLUGINS: tuple[str, ...] = (
     "hf_fisher.architectures.llama",
     "hf_fisher.architectures.gpt2",
+    "hf_fisher.architectures.moe",
     "hf_fisher.architectures.generic",
     "hf_fisher.engine.rules",
+    "hf_fisher.engine.moe",
     "hf_fisher.estimators.empirical",
     "hf_fisher.consumers.importance",
 )

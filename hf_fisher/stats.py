@@ -14,6 +14,15 @@ Two accumulators share one interface (``update``, ``count``, ``mean``, ``m2``, `
 
 Accumulation always happens in the accumulator's dtype (float64 by default) whatever the
 input dtype; ``mean_as``/``variance_as`` export in a storage dtype/device.
+
+The fast path of the collector (``reduction="param"``) is two pieces that avoid any float64
+``[b, *shape]`` temporary:
+
+- :func:`shifted_moments_` summarises a chunk of per-sample values (or of their squares, so the
+  square is not a separate step) in their own precision, in place, as a *shift*, a *residual* and
+  a centred ``M2`` (the corrected two-pass algorithm, see there);
+- :meth:`Welford.update_shifted_` Chan-merges such a summary into the float64 state in place,
+  with reusable scratch buffers from a :class:`Workspace`.
 """
 
 from __future__ import annotations
@@ -25,7 +34,7 @@ import torch
 
 from hf_fisher.errors import EmptyDataError, InvalidInputError, UnsupportedError
 
-__all__ = ["Welford", "EMA", "make_accumulator", "confidence_interval"]
+__all__ = ["Welford", "EMA", "Workspace", "make_accumulator", "shifted_moments_", "confidence_interval"]
 
 
 def _as_shape(shape: Sequence[int] | torch.Size | int | None) -> tuple[int, ...] | None:
@@ -40,6 +49,83 @@ def _count_of(value: Any) -> int:
     if isinstance(value, torch.Tensor):
         return int(value.item())
     return int(value)
+
+
+class Workspace:
+    """Reusable scratch buffers for the in-place updates (:meth:`Welford.update_shifted_`).
+
+    One flat buffer per ``(slot, dtype, device)``, grown to the largest size asked for and then
+    handed out as views: a long collection allocates its float64 temporaries once instead of at
+    every batch and parameter (fresh multi-megabyte allocations cost page faults, several times
+    an in-place pass on CPU). Not thread-safe; :meth:`clear` releases the memory.
+    """
+
+    def __init__(self) -> None:
+        self._buffers: dict[tuple, torch.Tensor] = {}
+
+    def get(self, slot: str, shape: Sequence[int] | torch.Size, dtype: torch.dtype, device) -> torch.Tensor:
+        """An uninitialised tensor of ``shape`` (a view of the slot's buffer: valid until the slot is asked for again)."""
+        shape = tuple(int(d) for d in shape)
+        numel = math.prod(shape)
+        key = (slot, dtype, torch.device(device))
+        buf = self._buffers.get(key)
+        if buf is None or buf.numel() < numel:
+            buf = torch.empty(numel, dtype=dtype, device=device)
+            self._buffers[key] = buf
+        return buf[:numel].view(shape)
+
+    def clear(self) -> None:
+        self._buffers = {}
+
+
+def shifted_moments_(
+    x: torch.Tensor, *, square: bool = False, total: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Moments over dim 0 of ``x`` (``[b, *shape]``), or of ``x²`` with ``square=True``; **overwrites** ``x``.
+
+    Returns ``(shift, m2, residual)``, in ``x``'s precision (float32 or float64; lower precisions
+    are first promoted to float32), such that, for the ``b`` values ``y_i`` (``x_i`` or ``x_i²``)::
+
+        mean = shift + residual / b            (to be evaluated in the accumulation dtype)
+        M2   = Σ_i (y_i − mean)²  = m2         (m2 >= 0)
+
+    ``residual`` is ``None`` when ``b == 1`` (then ``shift = y_0`` and ``m2 = 0``). ``total``, if
+    given, is ``x.sum(0)`` already computed by the caller (e.g. to check finiteness before ``x``
+    is overwritten); it is consumed (divided in place). It cannot be combined with ``square``.
+
+    The corrected two-pass algorithm (Björck; Chan, Golub & LeVeque 1983): ``shift = fl(Σ y / b)``
+    is a first estimate of the mean, the values are centred on it in place, ``d_i = y_i − shift``,
+    and ``residual = Σ d_i``, ``m2 = Σ d_i² − residual² / b``. The only cancellation is in that
+    last subtraction, whose correction term is ``b·(mean − shift)²``: tiny, because the shift
+    is the rounded mean itself, so ``m2`` keeps a relative error of a few units of ``x``'s
+    precision whatever the ratio of the mean to the spread. (Without the residual, the rounding
+    of the float32 mean, up to ``~eps32·|mean|``, would add ``b·(eps32·mean)²`` to ``M2``: a large
+    relative error when the values sit far from zero with a small spread.) The residual also
+    gives the mean beyond ``x``'s precision: ``shift + residual / b`` is accurate to
+    ``~eps·mean|d|`` plus the accumulation dtype's rounding.
+
+    Cost, with ``x`` owned by the caller: passes over ``x`` (square in place), sum, subtract in
+    place, sum, square in place, sum; no ``[b, *shape]`` temporary is allocated. (A fused sum of
+    squares, ``M2 = Σ y² − b·mean²``, would save two of those passes but loses every digit of
+    ``M2`` in low precision when the mean is large against the spread; in float64 it would
+    need float64 copies of ``x``, and ``sum(dtype=float64)`` over the batch dimension is ~20x
+    slower than a float32 sum on CPU.)
+    """
+    if total is not None and (square or total.dtype != x.dtype):
+        raise InvalidInputError("shifted_moments_: total must be x.sum(0) of the values themselves (no square, same dtype)")
+    if x.dtype not in (torch.float32, torch.float64):
+        x = x.to(torch.float32)
+    if square:
+        x.square_()
+    b = x.shape[0]
+    s = x.sum(0) if total is None else total
+    if b == 1:
+        return s, torch.zeros_like(s), None
+    shift = s.div_(b)
+    x.sub_(shift)
+    residual = x.sum(0)
+    m2 = x.square_().sum(0).addcmul_(residual, residual, value=-1.0 / b).clamp_min_(0.0)
+    return shift, m2, residual
 
 
 class _Accumulator:
@@ -162,8 +248,13 @@ class Welford(_Accumulator):
         m2_b = (d - md).square().sum(dim=0)
         return self._merge_moments(b, shift + md, m2_b)
 
-    def update_moments(self, n_b: int, mean_b: torch.Tensor, m2_b: torch.Tensor) -> "Welford":
-        """Merge precomputed moments of ``n_b`` samples: their mean and ``Σ (x − mean_b)²``."""
+    def update_moments(self, n_b: int, mean_b: torch.Tensor, m2_b: torch.Tensor, *, inplace: bool = False) -> "Welford":
+        """Merge precomputed moments of ``n_b`` samples: their mean and ``Σ (x − mean_b)²``.
+
+        ``inplace=True`` is :meth:`update_shifted_` (the state tensors are updated in place).
+        """
+        if inplace:
+            return self.update_shifted_(n_b, mean_b, m2_b)
         n_b = _count_of(n_b)
         if n_b < 0:
             raise InvalidInputError(f"sample count must be >= 0, got {n_b}")
@@ -193,6 +284,77 @@ class Welford(_Accumulator):
         self._mean = self._mean + delta * (n_b / n)
         self._m2 = self._m2 + m2_b + delta.square() * (n_a * n_b / n)
         self._n = n
+        return self
+
+    def update_shifted_(
+        self,
+        n_b: int,
+        shift: torch.Tensor,
+        m2_b: torch.Tensor,
+        residual: torch.Tensor | None = None,
+        *,
+        workspace: Workspace | None = None,
+    ) -> "Welford":
+        """Merge, **in place**, ``n_b`` samples with mean ``shift + residual / n_b`` and centred ``M2 = m2_b``.
+
+        The summary :func:`shifted_moments_` returns (``residual=None``: the mean is ``shift``).
+        Same Chan merge as :meth:`update_moments`, evaluated in the accumulation dtype::
+
+            δ   = (shift − μ_a) + residual / n_b
+            μ  += δ · n_b / n
+            M2 += m2_b + δ² · n_a · n_b / n
+
+        but the state tensors are updated in place and the float64 temporaries come from
+        ``workspace`` (a temporary one when None): no allocation per call. Inputs of another
+        dtype/device are first copied into workspace buffers (a vectorised conversion; mixed
+        dtype arithmetic is several times slower on CPU). Tensors obtained earlier from
+        :attr:`mean`/:attr:`m2` see the change; the inputs are not modified.
+        """
+        n_b = _count_of(n_b)
+        if n_b < 0:
+            raise InvalidInputError(f"sample count must be >= 0, got {n_b}")
+        shape = tuple(shift.shape)
+        if tuple(m2_b.shape) != shape or (residual is not None and tuple(residual.shape) != shape):
+            raise InvalidInputError(f"shift, m2 and residual shapes differ: {shape}, {tuple(m2_b.shape)}, {None if residual is None else tuple(residual.shape)}")
+        if self.shape is not None and shape != self.shape:
+            raise InvalidInputError(f"moments have shape {shape}, but this accumulator tracks shape {self.shape}")
+        if n_b == 0:
+            return self
+        if self._mean is None:
+            self._init_state(shape)
+        ws = workspace if workspace is not None else Workspace()
+        mean, m2 = self._mean, self._m2
+        n_a = self._n
+        n = n_a + n_b
+        if n_a == 0:
+            mean.copy_(shift)
+            if residual is not None:
+                mean.add_(self._converted(residual, "residual", ws), alpha=1.0 / n_b)
+            m2.copy_(m2_b)
+            self._n = n_b
+            return self
+        delta = ws.get("delta", shape, self.dtype, self.device)
+        delta.copy_(shift).sub_(mean)
+        if residual is not None:
+            delta.add_(self._converted(residual, "residual", ws), alpha=1.0 / n_b)
+        mean.add_(delta, alpha=n_b / n)
+        m2.add_(self._converted(m2_b, "m2", ws))
+        m2.addcmul_(delta, delta, value=n_a * n_b / n)
+        self._n = n
+        return self
+
+    def _converted(self, t: torch.Tensor, slot: str, ws: Workspace) -> torch.Tensor:
+        t = t.detach()
+        if t.dtype == self.dtype and t.device == self.device:
+            return t
+        return ws.get(slot, t.shape, self.dtype, self.device).copy_(t)
+
+    def reset(self) -> "Welford":
+        """Forget every sample, keeping the state tensors (and shape) for reuse."""
+        self._n = 0
+        if self._mean is not None:
+            self._mean.zero_()
+            self._m2.zero_()  # type: ignore[union-attr]
         return self
 
     def merge(self, other: "Welford") -> "Welford":

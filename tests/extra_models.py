@@ -84,6 +84,19 @@ def deberta_v2_classifier(dtype=torch.float64, seed=28):
     return _finish(tf.DebertaV2ForSequenceClassification(cfg), dtype, seed), "classification", RIGHT
 
 
+def deberta_v3_classifier(dtype=torch.float64, seed=38):
+    """DeBERTa-v3 style: the relative-position embeddings go through the encoder LayerNorm
+    (``norm_rel_ebd="layer_norm"``) and through the content ``query_proj``/``key_proj``
+    (``share_att_key=True``), so those projections have a per-sample call and a batch-shared one."""
+    torch.manual_seed(seed)
+    cfg = tf.DebertaV2Config(
+        **dict(ENCODER, num_labels=3), relative_attention=True, position_buckets=8, max_relative_positions=16,
+        pos_att_type=["p2c", "c2p"], position_biased_input=False, type_vocab_size=0, share_att_key=True,
+        norm_rel_ebd="layer_norm",
+    )
+    return _finish(tf.DebertaV2ForSequenceClassification(cfg), dtype, seed), "classification", RIGHT
+
+
 def modernbert_mlm(dtype=torch.float64, seed=29):
     torch.manual_seed(seed)
     cfg = tf.ModernBertConfig(
@@ -121,10 +134,16 @@ def opt(dtype=torch.float64, seed=33):
     return _finish(tf.OPTForCausalLM(cfg), dtype, seed), "causal_lm", BOTH
 
 
+def _eager_experts(model):
+    # the default grouped_mm experts kernel rejects float64; the float64 reference needs eager
+    model.set_experts_implementation("eager")
+    return model
+
+
 def mixtral(dtype=torch.float64, seed=34):
     torch.manual_seed(seed)
     cfg = tf.MixtralConfig(**dict(DECODER, num_key_value_heads=2), num_local_experts=4, num_experts_per_tok=2)
-    return _finish(tf.MixtralForCausalLM(cfg), dtype, seed), "causal_lm", BOTH
+    return _eager_experts(_finish(tf.MixtralForCausalLM(cfg), dtype, seed)), "causal_lm", BOTH
 
 
 def qwen2_moe(dtype=torch.float64, seed=35):
@@ -133,7 +152,7 @@ def qwen2_moe(dtype=torch.float64, seed=35):
         **dict(DECODER, num_key_value_heads=2), num_experts=4, num_experts_per_tok=2, moe_intermediate_size=24,
         shared_expert_intermediate_size=40, decoder_sparse_step=1,
     )
-    return _finish(tf.Qwen2MoeForCausalLM(cfg), dtype, seed), "causal_lm", BOTH
+    return _eager_experts(_finish(tf.Qwen2MoeForCausalLM(cfg), dtype, seed)), "causal_lm", BOTH
 
 
 def qwen3_moe(dtype=torch.float64, seed=36):
@@ -142,7 +161,7 @@ def qwen3_moe(dtype=torch.float64, seed=36):
         **dict(DECODER, num_key_value_heads=2, head_dim=8), num_experts=4, num_experts_per_tok=2,
         moe_intermediate_size=24, decoder_sparse_step=1, norm_topk_prob=True,
     )
-    return _finish(tf.Qwen3MoeForCausalLM(cfg), dtype, seed), "causal_lm", BOTH
+    return _eager_experts(_finish(tf.Qwen3MoeForCausalLM(cfg), dtype, seed)), "causal_lm", BOTH
 
 
 ZOO = {

@@ -42,6 +42,8 @@ from hf_fisher.layout import (
     AttentionLayer,
     ChannelBlock,
     ChannelRole,
+    ExpertBlock,
+    ExpertRole,
     HeadSlices,
     ModelLayout,
     ParamGroups,
@@ -120,6 +122,16 @@ def _axis_len(param: torch.Tensor, axis: int) -> int | None:
     return None
 
 
+def _groups_misfit(param: torch.Tensor, groups: ParamGroups) -> str | None:
+    """Why ``groups`` do not partition ``param`` (None when they do): the runs must cover
+    ``prod(param.shape[a] for a in groups.axes)`` indices exactly."""
+    n = groups.group_axes_size(tuple(param.shape))
+    if n is not None and groups.axis_size == n:
+        return None
+    where = f"axis {groups.axis}" if not groups.extra_axes else f"axes {groups.axes} (flattened, C order)"
+    return f"cover {groups.axis_size} indices along {where}, but the parameter has shape {tuple(param.shape)}"
+
+
 @dataclass(frozen=True, eq=False)
 class HeadPart:
     """Where the heads live in one parameter.
@@ -167,7 +179,7 @@ def default_groups(module: nn.Module, attr: str, param: torch.Tensor) -> ParamGr
 
 def _moved(groups: ParamGroups | None, from_axis: int, to_axis: int, size: int) -> ParamGroups | None:
     """``groups``' runs placed on ``to_axis`` when they partition ``from_axis`` of length ``size``."""
-    if groups is None or groups.axis != from_axis or groups.axis_size != size:
+    if groups is None or groups.extra_axes or groups.axis != from_axis or groups.axis_size != size:
         return None
     return ParamGroups(to_axis, groups.runs)
 
@@ -249,8 +261,9 @@ def complete_groups(model: nn.Module, groups: Mapping[str, ParamGroups]) -> dict
 def validate_layout(model: nn.Module, layout: ModelLayout, who: str) -> None:
     """Raise :class:`PluginError` naming ``who`` when ``layout`` does not fit ``model``.
 
-    Checks that every group partition and every slice names a parameter of
-    ``model.named_parameters()`` and stays within its shape.
+    Checks that every group partition, every slice and every expert block names a parameter of
+    ``model.named_parameters()`` and stays within its shape (multi-axis groups: the runs cover
+    the product of the group axes' sizes).
     """
     params = dict(model.named_parameters())
 
@@ -263,12 +276,9 @@ def validate_layout(model: nn.Module, layout: ModelLayout, who: str) -> None:
     for name, g in layout.groups.items():
         if name not in params:
             raise bad(f"groups for {name!r}, which is not a parameter of model.named_parameters()")
-        n = _axis_len(params[name], g.axis)
-        if n is None or g.axis_size != n:
-            raise bad(
-                f"groups of {name!r} cover {g.axis_size} indices along axis {g.axis}, "
-                f"but the parameter has shape {tuple(params[name].shape)}"
-            )
+        why = _groups_misfit(params[name], g)
+        if why is not None:
+            raise bad(f"groups of {name!r} {why}")
     slices: list[Slice] = list(layout.vocab)
     for head in layout.heads():
         slices.extend(head.q + head.k + head.v + head.o)
@@ -281,6 +291,35 @@ def validate_layout(model: nn.Module, layout: ModelLayout, who: str) -> None:
         n = _axis_len(params[s.param], s.axis)
         if n is None or not (0 <= s.start < s.stop <= n):
             raise bad(f"slice {s} is outside the parameter's shape {tuple(params[s.param].shape)}")
+    for block in getattr(layout, "experts", None) or []:
+        for role in block.roles:
+            if role.param not in params:
+                raise bad(f"experts of layer {block.layer}: {role.param!r} is not a parameter of model.named_parameters()")
+            shape = tuple(params[role.param].shape)
+            n_e = _axis_len(params[role.param], role.expert_axis)
+            if n_e != block.num_experts:
+                raise bad(
+                    f"experts of layer {block.layer}: {role.param!r} (shape {shape}) does not hold "
+                    f"{block.num_experts} experts along axis {role.expert_axis}"
+                )
+            if role.channel_axis is not None:
+                n_c = _axis_len(params[role.param], role.channel_axis)
+                if role.channel_axis == role.expert_axis or n_c is None or not (
+                    0 <= role.offset and role.offset + block.num_channels <= n_c
+                ):
+                    raise bad(
+                        f"experts of layer {block.layer}: role {role.role!r} (channels {role.offset}.."
+                        f"{role.offset + block.num_channels - 1} along axis {role.channel_axis}) is outside "
+                        f"{role.param!r} of shape {shape}"
+                    )
+        if block.router is not None:
+            if block.router not in params:
+                raise bad(f"router of layer {block.layer}: {block.router!r} is not a parameter of model.named_parameters()")
+            if _axis_len(params[block.router], block.router_axis) != block.num_experts:
+                raise bad(
+                    f"router {block.router!r} (shape {tuple(params[block.router].shape)}) does not have "
+                    f"{block.num_experts} experts along axis {block.router_axis}"
+                )
 
 
 # --------------------------------------------------------------------------------------------
@@ -308,6 +347,7 @@ class LayoutBuilder:
         self._attention: list[AttentionLayer] = []
         self._mlp: list[ChannelBlock] = []
         self._vocab: list[Slice] = []
+        self._experts: list[ExpertBlock] = []
 
     # -- names --------------------------------------------------------------------------------
 
@@ -328,12 +368,9 @@ class LayoutBuilder:
         if name is None:
             return
         assert param is not None
-        n = _axis_len(param, groups.axis)
-        if n is None or groups.axis_size != n:
-            raise PluginError(
-                f"adapter {self.adapter!r}: groups for {name!r} cover {groups.axis_size} indices along "
-                f"axis {groups.axis}, but the parameter has shape {tuple(param.shape)}"
-            )
+        why = _groups_misfit(param, groups)
+        if why is not None:
+            raise PluginError(f"adapter {self.adapter!r}: groups for {name!r} {why}")
         old = self._groups.get(name)
         if old is not None and old != groups:
             raise PluginError(f"adapter {self.adapter!r}: conflicting groups for {name!r}: {old} vs {groups}")
@@ -421,6 +458,52 @@ class LayoutBuilder:
         if out:
             self._mlp.append(ChannelBlock(layer, int(num_channels), tuple(out)))
 
+    def add_experts(
+        self,
+        layer: int,
+        num_experts: int,
+        num_channels: int,
+        roles: Sequence[tuple[str, torch.Tensor | None, int, int | None] | tuple[str, torch.Tensor | None, int, int | None, int]],
+        *,
+        router: torch.Tensor | None = None,
+        router_axis: int = 0,
+        top_k: int | None = None,
+    ) -> None:
+        """Describe the routed experts of one MoE layer (an :class:`ExpertBlock`).
+
+        ``roles`` are ``(role, param, expert_axis, channel_axis)`` or ``(role, param, expert_axis,
+        channel_axis, offset)``: expert ``e``'s channel ``c`` is index ``e`` along ``expert_axis``
+        and ``offset + c`` along ``channel_axis`` (``None``: the weight has no channel index).
+        ``router``: the router weight, expert ``e`` at index ``e`` along ``router_axis``. Roles
+        whose parameter is None or not a parameter of the model are dropped.
+        """
+        out = []
+        for spec in roles:
+            role, param, expert_axis, channel_axis = spec[0], spec[1], spec[2], spec[3]
+            offset = spec[4] if len(spec) > 4 else 0  # type: ignore[misc]
+            name = self.name(param)
+            if name is None:
+                continue
+            out.append(
+                ExpertRole(str(role), name, int(expert_axis), None if channel_axis is None else int(channel_axis), int(offset))
+            )
+            self._layers[name] = int(layer)
+        router_name = self.name(router)
+        if router_name is not None:
+            self._layers[router_name] = int(layer)
+        if out or router_name is not None:
+            self._experts.append(
+                ExpertBlock(
+                    layer=int(layer),
+                    num_experts=int(num_experts),
+                    num_channels=int(num_channels),
+                    roles=tuple(out),
+                    router=router_name,
+                    router_axis=int(router_axis),
+                    top_k=None if top_k is None else int(top_k),
+                )
+            )
+
     def add_vocab(self, param: torch.Tensor | None, axis: int = 0) -> None:
         """A vocabulary-indexed parameter (token embeddings, LM head); tied ones appear once."""
         name = self.name(param)
@@ -457,6 +540,7 @@ class LayoutBuilder:
             vocab=list(self._vocab),
             groups=groups,
             param_layers={n: layers[n] for n in groups if n in layers},
+            experts=list(self._experts),
         )
         validate_layout(self.model, layout, self.adapter)
         return layout

@@ -99,16 +99,24 @@ class Capture:
             if output.requires_grad:
                 output.register_hook(self._make_grad_hook(call))
             return None
-        from torch.utils._pytree import tree_flatten
+        from torch.utils._pytree import tree_flatten, tree_unflatten
 
-        leaves = tree_flatten(output)[0]
+        leaves, spec = tree_flatten(output)
+        if not any(isinstance(x, torch.Tensor) and x.requires_grad for x in leaves):
+            return None
+        # One output may be computed from another inside the module (a router's scores from its
+        # logits): a hook on the output itself would see the gradient arriving through the other
+        # output too. Handing the caller aliases (view_as: no copy) makes each hook see only the
+        # gradient from outside the module, which is what the module's vjp needs.
+        leaves = [x.view_as(x) if isinstance(x, torch.Tensor) and x.requires_grad else x for x in leaves]
         call.tensors = [x for x in leaves if isinstance(x, torch.Tensor) and x.requires_grad]
-        if call.tensors:
-            call.grad_output = [None] * len(leaves)
-            for k, x in enumerate(leaves):
-                if isinstance(x, torch.Tensor) and x.requires_grad:
-                    x.register_hook(self._make_leaf_hook(call, k))
-        return None
+        call.grad_output = [None] * len(leaves)
+        for k, x in enumerate(leaves):
+            if isinstance(x, torch.Tensor) and x.requires_grad:
+                x.register_hook(self._make_leaf_hook(call, k))
+        new = tree_unflatten(leaves, spec)
+        call.output = new
+        return new
 
     def _dispatch(self, call: ModuleCall) -> None:
         call.scale = self.scale

@@ -175,6 +175,7 @@ class PerSampleEngine:
         # parameters whose per-sample gradients come from the batched vjp (name -> reason)
         self.vjp_params: set[int] = set()
         self.vjp_reasons: dict[str, str] = {}
+        self._vjp_reported: set[str] = set()
         self._shared: set[int] = set()
         self._probe: int | None = None
         self._probe_grads: dict = {}
@@ -345,6 +346,7 @@ class PerSampleEngine:
                 self.padding_checked = self.padding_checked or padded
             if verify:
                 self.verify_next = False
+            self._report_vjp()
         except UnsupportedError as e:
             self._switch_to_loop(str(e))
             self.capture.detach()
@@ -466,7 +468,8 @@ class PerSampleEngine:
             self._emit(target.name, zeros)
             return
         if groups is not None and len(parts) == 1:
-            per_index = parts[0].per_index_sq(groups.axis, keep, self.budget_elems)
+            axes = groups.axes if getattr(groups, "extra_axes", ()) else groups.axis
+            per_index = parts[0].per_index_sq(axes, keep, self.budget_elems)
             self._emit(target.name, groups.reduce_axis(per_index))
             return
         if groups is None and len(parts) == 1 and self._sink.accepts_moments and hasattr(parts[0], "sparse_moments"):
@@ -557,9 +560,22 @@ class PerSampleEngine:
     # ------------------------------------------------------------------ fallback
     def _use_vjp(self, param: torch.Tensor, reason: str) -> None:
         name = self.by_param[id(param)].name
-        log.warning("hf_fisher: per-sample gradients of %s from a batched vector-Jacobian product (exact, slower): %s", name, reason)
+        log.debug("per-sample gradients of %s from the batched vector-Jacobian product: %s", name, reason)
         self.vjp_params.add(id(param))
         self.vjp_reasons[name] = reason
+
+    def _report_vjp(self) -> None:
+        """One warning for the parameters that moved to the vjp path since the last one."""
+        new = [n for n in self.vjp_reasons if n not in self._vjp_reported]
+        if not new:
+            return
+        self._vjp_reported.update(new)
+        shown = "; ".join(f"{n} ({self.vjp_reasons[n]})" for n in new[:3])
+        more = f"; and {len(new) - 3} more" if len(new) > 3 else ""
+        log.warning(
+            "hf_fisher: %d parameter(s) get their per-sample gradients from a batched vector-Jacobian product "
+            "instead of the hooks (exact, slower; the rest of the model stays batched): %s%s", len(new), shown, more,
+        )
 
     def _switch_to_loop(self, reason: str) -> None:
         if not self.loop_mode:

@@ -134,14 +134,18 @@ def take(x: torch.Tensor, samples) -> torch.Tensor:
 
 
 def chunked_per_index_sq(materialize, shape, axis, samples, budget_elems) -> torch.Tensor:
+    """``[b, size]`` per-index squared sums by materialising chunks of samples; ``axis`` may be a
+    tuple of axes, whose indices are then flattened in C order (multi-axis groups)."""
+    axes = tuple(axis) if isinstance(axis, (tuple, list)) else (axis,)
     numel = max(1, int(torch.Size(shape).numel()))
     chunk = max(1, budget_elems // numel)
-    other = [d + 1 for d in range(len(shape)) if d != axis]
+    other = [d + 1 for d in range(len(shape)) if d not in axes]
     outs = []
     for lo in range(0, num_samples(samples), chunk):
         g = materialize(sub_samples(samples, lo, lo + chunk))
         sq = g * g
-        outs.append(sq.sum(dim=other) if other else sq)
+        sq = sq.sum(dim=other) if other else sq
+        outs.append(sq.reshape(sq.shape[0], -1))
     return torch.cat(outs)
 
 

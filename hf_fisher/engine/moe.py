@@ -1,0 +1,196 @@
+"""Per-sample gradient rule for transformers' fused Mixture-of-Experts modules.
+
+transformers 5 keeps a layer's experts as two 3-D parameters (Mixtral, Qwen2-MoE, Qwen3-MoE,
+... ``@use_experts_implementation`` classes) and calls them on token-flattened hidden states::
+
+    experts(x [N, H], top_k_index [N, k], top_k_weights [N, k]) -> y [N, H],   N = B * T
+    y_t = sum_j w_tj * down[e_tj] @ act_gate(gate_up[e_tj] @ x_t)
+
+with ``gate_up_proj`` [E, 2I, H] (gate rows, then up rows), ``down_proj`` [E, H, I] and
+``act_gate(u) = act(u[:I]) * u[I:]``. With ``δ_t = dL/dy_t`` (the captured output gradient),
+for each expert e and its routed tokens t (those with ``e_tj = e``, weight ``w_tj``)::
+
+    dL/d down[e]    = sum_t (w_tj δ_t) ⊗ h_t,          h_t = act_gate(gate_up[e] @ x_t)
+    dL/d gate_up[e] = sum_t  d_t ⊗ x_t,                d_t = J_act_gate(u_t)^T (down[e]^T w_tj δ_t)
+
+so sample i's gradient of each expert is a sum of outer products over *its* tokens routed to
+that expert: one :class:`~hf_fisher.engine.rules.OuterProductPart` per expert (the Gram form
+or materialisation, whichever is cheaper, as for nn.Linear). The routing weights' own gradient
+flows on to the router through autograd (the router is an ordinary module with a tuple output,
+handled by the generic rule). ``act_gate``'s Jacobian-vector product comes from autograd on the
+module's own ``_apply_gate``, so any activation is exact.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from ..errors import UnsupportedError
+from ..hookspecs import hookimpl
+from .rules import GradRule, ModuleCall, OuterProductPart, Part, _trainable, num_samples
+
+#: (module path, class name) of the fused experts modules this rule knows
+EXPERTS_CLASSES = (
+    ("transformers.models.mixtral.modeling_mixtral", "MixtralExperts"),
+    ("transformers.models.qwen2_moe.modeling_qwen2_moe", "Qwen2MoeExperts"),
+    ("transformers.models.qwen3_moe.modeling_qwen3_moe", "Qwen3MoeExperts"),
+)
+
+
+class ExpertsPart(Part):
+    """Per-sample gradients of a 3-D experts parameter ``[E, R, C]``: one outer-product part
+    per expert, over the tokens routed to it (zero rows elsewhere).
+
+    ``factors[e] = (tokens, U, V)``: the routed token indices (into the B*T flattened tokens)
+    and their factors ``U`` [n_e, R], ``V`` [n_e, C]; ``G_i[e] = sum_{t of sample i} U_t ⊗ V_t``.
+    Group axes: 0 (expert), 1 (rows), 2 (columns), or (0, 1) / (0, 2) flattened.
+    """
+
+    def __init__(self, param, factors, batch_size: int, seq_len: int, scale):
+        self.param = param
+        self.factors = factors
+        self.B, self.T = batch_size, seq_len
+        self.scale = scale
+
+    def _expert(self, e: int) -> OuterProductPart | None:
+        tokens, U, V = self.factors[e]
+        if tokens.numel() == 0:
+            return None
+        N = self.B * self.T
+        Ufull = U.new_zeros(N, U.shape[1]).index_copy_(0, tokens, U)
+        Vfull = V.new_zeros(N, V.shape[1]).index_copy_(0, tokens, V)
+        return OuterProductPart(self.param[e], Ufull.view(self.B, self.T, -1), Vfull.view(self.B, self.T, -1), self.scale)
+
+    def materialize(self, samples):
+        E, R, C = self.param.shape
+        out = torch.zeros((num_samples(samples), E, R, C), dtype=self._dtype(), device=self.param.device)
+        for e in range(E):
+            part = self._expert(e)
+            if part is not None:
+                out[:, e] = part.materialize(samples)
+        return out
+
+    def per_index_sq(self, axis, samples, budget_elems):
+        axes = tuple(axis) if isinstance(axis, (tuple, list)) else (axis,)
+        E, R, C = self.param.shape
+        b = num_samples(samples)
+        inner = [a for a in axes if a != 0]
+        if len(inner) > 1:
+            return super().per_index_sq(axis, samples, budget_elems)
+        size = (R if inner == [1] else C) if inner else 1
+        per_expert = torch.zeros((b, E, size), dtype=self._dtype(), device=self.param.device)
+        for e in range(E):
+            part = self._expert(e)
+            if part is None:
+                continue
+            if inner:
+                per_expert[:, e] = part.per_index_sq(inner[0] - 1, samples, budget_elems)
+            else:
+                per_expert[:, e, 0] = part.per_index_sq(0, samples, budget_elems).sum(1)
+        if 0 in axes:
+            return per_expert.reshape(b, -1)
+        return per_expert.sum(1)
+
+    def total(self):
+        out = torch.zeros(self.param.shape, dtype=self._dtype(), device=self.param.device)
+        for e, (tokens, U, V) in enumerate(self.factors):
+            if tokens.numel():
+                out[e] = U.t() @ V
+        return out
+
+    def _dtype(self):
+        return next((U.dtype for _, U, _ in self.factors if U.numel()), torch.float32)
+
+
+class FusedExpertsRule(GradRule):
+    """transformers' fused experts (see the module docstring): exact, batched, per expert."""
+
+    def applies_to(self, module_type, registered):
+        return module_type.forward is registered.forward
+
+    def parts(self, call: ModuleCall) -> dict[str, Part]:
+        m = call.module
+        params = _trainable(m)
+        if not params:
+            return {}
+        if getattr(m, "has_bias", False) or getattr(m, "is_transposed", False) or not getattr(m, "is_concatenated", True) \
+                or not getattr(m, "has_gate", True) or getattr(m, "has_post_expert_norm", False):
+            raise UnsupportedError(f"{type(m).__name__}: only concatenated, untransposed, gated experts without bias are handled")
+        x = _arg(call, 0, "hidden_states")
+        index = _arg(call, 1, "top_k_index")
+        weights = _arg(call, 2, "top_k_weights")
+        B, T, dt = call.batch_size, call.seq_len, call.compute_dtype
+        for t in (x, index, weights, call.grad_output):
+            if call.batch_axis_kind(t) != "tokens" and not (T == 1 and call.batch_axis_kind(t) == "batch"):
+                raise UnsupportedError(f"{type(m).__name__}: expected token-flattened [B*T, ...] inputs")
+        x = x.detach().to(dt)
+        go = call.grad_output.to(dt)
+        w = weights.detach().to(dt)
+        W_gu = m.gate_up_proj.detach().to(dt)
+        W_d = m.down_proj.detach().to(dt)
+        want_gu, want_d = "gate_up_proj" in params, "down_proj" in params
+        gu_factors, d_factors = [], []
+        E = W_gu.shape[0]
+        for e in range(E):
+            tok, slot = (index == e).nonzero(as_tuple=True)
+            if tok.numel() == 0:
+                empty = x.new_zeros(0)
+                gu_factors.append((tok, empty.view(0, W_gu.shape[1]), empty.view(0, W_gu.shape[2])))
+                d_factors.append((tok, empty.view(0, W_d.shape[1]), empty.view(0, W_d.shape[2])))
+                continue
+            x_e = x.index_select(0, tok)
+            delta = go.index_select(0, tok) * w[tok, slot].unsqueeze(1)  # w_tj δ_t
+            with torch.enable_grad():
+                u = (x_e @ W_gu[e].t()).requires_grad_(True)
+                h = _apply_gate(m, u)
+                dh = delta @ W_d[e]
+                (d_u,) = torch.autograd.grad(h, u, dh)
+            gu_factors.append((tok, d_u, x_e))
+            d_factors.append((tok, delta, h.detach()))
+        out = {}
+        if want_gu:
+            out["gate_up_proj"] = ExpertsPart(params["gate_up_proj"], gu_factors, B, max(T, 1), call.scale)
+        if want_d:
+            out["down_proj"] = ExpertsPart(params["down_proj"], d_factors, B, max(T, 1), call.scale)
+        return out
+
+
+def _arg(call: ModuleCall, position: int, name: str):
+    if len(call.args) > position:
+        return call.args[position]
+    if name in call.kwargs:
+        return call.kwargs[name]
+    raise UnsupportedError(f"{type(call.module).__name__} called without {name}")
+
+
+def _apply_gate(module: nn.Module, u: torch.Tensor) -> torch.Tensor:
+    gate = getattr(module, "_apply_gate", None)
+    if gate is not None:
+        return gate(u)
+    g, up = u.chunk(2, dim=-1)
+    return module.act_fn(g) * up
+
+
+def experts_types() -> list[type]:
+    """The fused experts classes of the installed transformers (missing ones are skipped)."""
+    import importlib
+
+    out = []
+    for mod, name in EXPERTS_CLASSES:
+        try:
+            cls = getattr(importlib.import_module(mod), name)
+        except (ImportError, AttributeError):
+            continue
+        out.append(cls)
+    return out
+
+
+@hookimpl
+def hf_fisher_register_grad_rules(register):
+    rule = FusedExpertsRule()
+    for cls in experts_types():
+        register(cls, rule)
+
+
+__all__ = ["ExpertsPart", "FusedExpertsRule", "experts_types"]
