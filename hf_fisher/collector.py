@@ -280,8 +280,14 @@ class FisherCollector:
     # ------------------------------------------------------------------ results
     def fisher(self, task: str = "default", *, model_name_or_path: str | None = None, data_description: str | None = None) -> Fisher:
         """The Fisher artifact of ``task`` (mean, unbiased variance, counts, metadata)."""
+        seen = self.tasks.get(task)
+        if seen is not None and seen.samples == 0 and seen.nonfinite > 0:
+            raise EmptyDataError(
+                f"no usable sample for task {task!r}: all {seen.nonfinite} samples with label tokens were dropped "
+                f"because their loss or gradient is not finite (on_nonfinite='skip'; {seen.skipped} more had no "
+                "label token); check the model's weights and dtype (e.g. fp16 overflow) and the data"
+            )
         if task not in self.tasks or self.tasks[task].samples == 0:
-            seen = self.tasks.get(task)
             detail = f" ({seen.batches} batches, {seen.skipped} samples without label tokens)" if seen else ""
             raise EmptyDataError(
                 f"no usable sample for task {task!r}{detail}: pass non-empty batches whose samples have "

@@ -38,7 +38,8 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from hf_fisher.architectures.builder import HeadPart, LayoutBuilder, find_module, model_type_of
+from hf_fisher.architectures import llama
+from hf_fisher.architectures.builder import LayoutBuilder, model_type_of
 from hf_fisher.hookspecs import hookimpl
 from hf_fisher.layout import GroupRun, ModelLayout, ParamGroups
 
@@ -68,61 +69,6 @@ def expert_column_groups(num_experts: int, num_channels: int, channel_axis: int 
     """Groups of a ``down_proj [E, d, I]`` over axes (0, ``channel_axis``): ``expert{e}.channel_{c}``."""
     runs = tuple(GroupRun(f"expert{e}.channel_", num_channels, 1) for e in range(num_experts))
     return ParamGroups(0, runs, extra_axes=(channel_axis,))
-
-
-def _attention(b: LayoutBuilder, l: int, attn: Any, H: int, Hkv: int) -> bool:
-    """Head groups and :class:`AttentionLayer` of one LLaMA-like attention block (False: misfit)."""
-    cfg = b.config
-    if attn is None or not all(hasattr(attn, p) for p in ("q_proj", "k_proj", "v_proj", "o_proj")):
-        return False
-    hd = int(getattr(attn, "head_dim", None) or getattr(cfg, "head_dim", None) or cfg.hidden_size // H)
-    q, k, v, o = attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight, attn.o_proj.weight
-    if q.shape[0] != H * hd or k.shape[0] != Hkv * hd or v.shape[0] != Hkv * hd or o.shape[1] != H * hd:
-        logger.warning(
-            "%s layer %d: projection shapes %s do not match %d heads / %d kv-heads of size %d; "
-            "using the generic adapter", b.model_type, l, [tuple(t.shape) for t in (q, k, v, o)], H, Hkv, hd,
-        )
-        return False
-    heads_rows = ParamGroups(0, (GroupRun("head_", H, hd),))
-    kv_rows = ParamGroups(0, (GroupRun("kv_head_", Hkv, hd),))
-    b.set_groups(q, heads_rows, layer=l)
-    b.set_groups(_bias(attn.q_proj), heads_rows, layer=l)
-    for proj in (attn.k_proj, attn.v_proj):
-        b.set_groups(proj.weight, kv_rows, layer=l)
-        b.set_groups(_bias(proj), kv_rows, layer=l)
-    b.set_groups(o, ParamGroups(1, (GroupRun("head_", H, hd),)), layer=l)
-    b.single(_bias(attn.o_proj), layer=l)
-    b.add_attention(
-        l,
-        num_heads=H,
-        num_kv_heads=Hkv,
-        head_dim=hd,
-        q=[HeadPart(q, 0), HeadPart(_bias(attn.q_proj), 0)],
-        k=[HeadPart(k, 0), HeadPart(_bias(attn.k_proj), 0)],
-        v=[HeadPart(v, 0), HeadPart(_bias(attn.v_proj), 0)],
-        o=[HeadPart(o, 1)],
-    )
-    for norm in ("q_norm", "k_norm"):
-        if hasattr(attn, norm):
-            b.single(getattr(getattr(attn, norm), "weight", None), layer=l)
-    return True
-
-
-def _dense_mlp(b: LayoutBuilder, l: int, mlp: Any) -> None:
-    """Channel groups and :class:`ChannelBlock` of a gate/up/down ``nn.Linear`` MLP."""
-    if mlp is None or not all(hasattr(mlp, p) for p in ("gate_proj", "up_proj", "down_proj")):
-        return
-    gate, up, down = mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight
-    ff = int(gate.shape[0])
-    if up.shape[0] != ff or down.dim() != 2 or down.shape[1] != ff:
-        return
-    b.per_index(gate, 0, "channel_", layer=l)
-    b.per_index(up, 0, "channel_", layer=l)
-    b.per_index(down, 1, "channel_", layer=l)
-    for proj in (mlp.gate_proj, mlp.up_proj):
-        b.per_index(_bias(proj), 0, "channel_", layer=l)
-    b.single(_bias(mlp.down_proj), layer=l)
-    b.add_mlp(l, ff, [(gate, 0), (up, 0), (down, 1)])
 
 
 def _experts(b: LayoutBuilder, l: int, mlp: Any, hidden: int) -> bool:
@@ -181,46 +127,23 @@ def hf_fisher_model_layout(model: Any) -> ModelLayout | None:
     """Layout of a Mixtral / Qwen2-MoE / Qwen3-MoE model (see the module docstring), else None."""
     if model_type_of(model) not in MODEL_TYPES:
         return None
-    b = LayoutBuilder(model, adapter=ADAPTER)
-    layers = find_module(b.base, ("model.layers", "layers"))
-    if layers is None:
+    started = llama.start(model, ADAPTER)
+    if started is None:
         return None
-    cfg = b.config
-    H = int(cfg.num_attention_heads)
-    Hkv = int(getattr(cfg, "num_key_value_heads", None) or H)
-    hidden = int(cfg.hidden_size)
-    if Hkv <= 0 or H % Hkv:
-        logger.warning(
-            "%s model with %d heads and %d kv-heads (not a divisor): using the generic adapter",
-            b.model_type, H, Hkv,
-        )
-        return None
+    b, layers, H, Hkv = started
+    hidden = int(b.config.hidden_size)
     for l, layer in enumerate(layers):
-        if not _attention(b, l, getattr(layer, "self_attn", None), H, Hkv):
+        if not llama.attention_layer(b, l, getattr(layer, "self_attn", None), H, Hkv):
             return None
-        for norm in ("input_layernorm", "post_attention_layernorm"):
-            if hasattr(layer, norm):
-                b.single(getattr(getattr(layer, norm), "weight", None), layer=l)
+        llama.layer_norms(b, l, layer)
         mlp = getattr(layer, "mlp", None)
-        if mlp is None:
-            continue
-        if hasattr(mlp, "experts"):
+        if mlp is not None and hasattr(mlp, "experts"):
             _experts(b, l, mlp, hidden)
-            _dense_mlp(b, l, getattr(mlp, "shared_expert", None))
+            llama.gated_mlp(b, l, getattr(mlp, "shared_expert", None))
             sg = getattr(mlp, "shared_expert_gate", None)
             if sg is not None:
                 b.single(getattr(sg, "weight", None), layer=l)
                 b.single(_bias(sg), layer=l)
         else:
-            _dense_mlp(b, l, mlp)
-    embed = b.base.get_input_embeddings()
-    head = b.base.get_output_embeddings() if hasattr(b.base, "get_output_embeddings") else None
-    for mod in (embed, head):
-        w = getattr(mod, "weight", None) if mod is not None else None
-        if w is not None and w.dim() == 2:
-            b.per_index(w, 0, "token_")
-            b.add_vocab(w, 0)
-    final_norm = find_module(b.base, ("model.norm", "norm"))
-    if final_norm is not None:
-        b.single(getattr(final_norm, "weight", None))
-    return b.build(num_layers=len(layers))
+            llama.gated_mlp(b, l, mlp)
+    return llama.finish(b, len(layers))

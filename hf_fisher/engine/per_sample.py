@@ -170,6 +170,9 @@ class PerSampleEngine:
         self.position_convention = _position_convention(model)
         self.explicit_positions = _has_position_table(model)
         self.vocab_size = _vocab_size(model)
+        self.output_size = _output_size(model)
+        self.num_labels = getattr(_config(model), "num_labels", None)
+        self.position_limit = _position_limit(model, self.position_convention) if self.explicit_positions else None
         self.batches_seen = 0
         self.padding_checked = False
         # parameters whose per-sample gradients come from the batched vjp (name -> reason)
@@ -249,7 +252,54 @@ class PerSampleEngine:
                     f"batch {batch_index}: token id {int(ids[i, t])} at position (sample {i}, token {t}) is "
                     f"outside the model's vocabulary [0, {self.vocab_size}); check the tokenizer matches the model"
                 )
+        self._check_shapes_and_labels(out, batch_index)
         return out
+
+    def _check_shapes_and_labels(self, batch: dict[str, Any], batch_index: int) -> None:
+        """attention_mask / labels against input_ids, label ids against the output space, the
+        sequence length against a learned position table: before any forward."""
+        ids = batch["input_ids"]
+        B, T = ids.shape
+        where = f"batch {batch_index}"
+        for key in ("attention_mask", "token_type_ids", "position_ids"):
+            v = batch.get(key)
+            if v is not None and (not isinstance(v, torch.Tensor) or tuple(v.shape) != (B, T)):
+                shape = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
+                raise InvalidInputError(f"{where}: {key} has shape {shape} but input_ids has shape {(B, T)}; they must match")
+        labels = batch.get("labels")
+        if labels is not None:
+            if not isinstance(labels, torch.Tensor):
+                raise InvalidInputError(f"{where}: labels must be a tensor, not {type(labels).__name__}")
+            if self.task_type == "sequence_classification":
+                if labels.dim() == 0 or labels.shape[0] != B:
+                    raise InvalidInputError(f"{where}: labels has shape {tuple(labels.shape)}; a classifier needs one label per sample ([{B}] or [{B}, num_labels])")
+                if labels.dim() == 1 and not labels.is_floating_point() and self.num_labels is not None and self.num_labels > 1:
+                    bad = (labels != -100) & ((labels < 0) | (labels >= self.num_labels))
+                    if bad.any():
+                        i = int(bad.nonzero()[0])
+                        raise InvalidInputError(
+                            f"{where}: class label {int(labels[i])} of sample {i} is outside [0, {self.num_labels}) "
+                            f"(the model has num_labels={self.num_labels}); fix the labels or the model's num_labels"
+                        )
+            else:
+                if tuple(labels.shape) != (B, T):
+                    raise InvalidInputError(f"{where}: labels has shape {tuple(labels.shape)} but input_ids has shape {(B, T)}; they must match")
+                if labels.is_floating_point():
+                    raise InvalidInputError(f"{where}: labels must be integer token ids (-100 = ignored), not {labels.dtype}")
+                if self.output_size is not None:
+                    bad = (labels != -100) & ((labels < 0) | (labels >= self.output_size))
+                    if bad.any():
+                        i, t = (int(x) for x in bad.nonzero()[0])
+                        raise InvalidInputError(
+                            f"{where}: label id {int(labels[i, t])} at position (sample {i}, token {t}) is outside the "
+                            f"model's output vocabulary [0, {self.output_size}); use -100 for tokens that must not count"
+                        )
+        if self.position_limit is not None and T > self.position_limit:
+            raise InvalidInputError(
+                f"{where}: sequences of {T} tokens are longer than the model's {self.position_limit} positions; "
+                f"truncate them to at most {self.position_limit} tokens (e.g. tokenizer(..., truncation=True, "
+                f"max_length={self.position_limit}))"
+            )
 
     def _model_inputs(self, batch: dict[str, torch.Tensor], *, alone: bool = False) -> dict[str, Any]:
         """The model's inputs for ``batch``; ``alone``: a single unpadded sample, run exactly as
@@ -586,7 +636,6 @@ class PerSampleEngine:
     def _process_loop(self, batch, sink, batch_index, exclude, limit) -> BatchReport:
         """One forward/backward per sample, each sample alone without its padding: the exact but
         slow path."""
-        B = batch["input_ids"].shape[0]
         n = label_counts(batch, self.task_type)
         keep, report = _keep_and_report(n, exclude, limit)
         self._sink = sink
@@ -756,6 +805,38 @@ def _accepted_kwargs(model: nn.Module) -> set[str]:
         else:
             names |= {"input_ids", "attention_mask"}
     return names
+
+
+def _config(model: nn.Module):
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return getattr(base, "config", None)
+
+
+def _output_size(model: nn.Module) -> int | None:
+    """Size of the LM head's output (the label id range), or None when unknown."""
+    try:
+        head = model.get_output_embeddings()
+    except (AttributeError, NotImplementedError):
+        head = None
+    if head is not None:
+        size = getattr(head, "out_features", None) or getattr(head, "num_embeddings", None)
+        if size is None and isinstance(getattr(head, "weight", None), torch.Tensor):
+            size = head.weight.shape[0]
+        if isinstance(size, int):
+            return size
+    return getattr(_config(model), "vocab_size", None)
+
+
+def _position_limit(model: nn.Module, convention: int | None) -> int | None:
+    """Longest sequence a model with a learned position table can embed (config's
+    ``max_position_embeddings`` / ``n_positions``; RoBERTa style: minus ``padding_idx + 1``)."""
+    config = _config(model)
+    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if not isinstance(limit, int):
+        return None
+    if convention is not None:
+        limit -= convention + 1
+    return limit
 
 
 def _vocab_size(model: nn.Module) -> int | None:
