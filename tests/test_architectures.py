@@ -116,8 +116,7 @@ def _cases():
         for side in SIDES[name]:
             if (name, side) in NAN_PADDING_F64:
                 continue
-            marks = [pytest.mark.xfail(reason="MoE experts rule in progress", strict=False)] if name in MOE else []
-            cases.append(pytest.param(name, None, side, marks=marks, id=f"{name}-{side}"))
+            cases.append(pytest.param(name, None, side, id=f"{name}-{side}"))
     for name, side in FLOAT32_CASES:
         cases.append(pytest.param(name, torch.float32, side, id=f"{name}_f32-{side}"))
     return cases
@@ -125,7 +124,7 @@ def _cases():
 
 def test_zoo_sides():
     for name in MODELS:
-        model, task, sides = build(name)
+        _, task, sides = build(name)
         assert tuple(sides) == SIDES[name], name
         assert (task == "causal_lm") == (name in DECODERS), name
 
@@ -179,7 +178,10 @@ def test_model_nan_at_padding_goes_to_per_sample_path(name, side):
 
 # --------------------------------------------------------------------------- 1b. group reduction
 
-GROUP_CASES = [("bert_mlm", "right"), ("gemma", "left"), ("opt", "left"), ("deberta_v2_cls", "right"), ("cohere", "right")]
+GROUP_CASES = [
+    ("bert_mlm", "right"), ("gemma", "left"), ("opt", "left"), ("deberta_v2_cls", "right"), ("cohere", "right"),
+    ("mixtral", "right"), ("qwen2_moe", "left"), ("qwen3_moe", "right"),
+]
 
 
 @pytest.mark.parametrize("name,side", GROUP_CASES, ids=[f"{n}-{s}" for n, s in GROUP_CASES])
@@ -203,6 +205,13 @@ def test_zoo_group_reduction(name, side):
         R.assert_close(fisher.variances[pname], gvar[pname], rtol=RTOL_F64, floor=floor_v, what=f"group variance {pname}")
         # the reduction is a sum: mass preserved
         assert float(fisher[pname].double().sum()) == pytest.approx(float(mean[pname].sum()), rel=1e-6, abs=floor_m)
+    if name in MOE:  # per expert: the group Fisher's expert totals are the expert slices of the param Fisher
+        experts = fisher.expert_importance()
+        assert experts
+        for (layer, e), total in experts.items():
+            prefix = f"model.layers.{layer}.mlp.experts."
+            by_hand = float(mean[prefix + "gate_up_proj"][e].sum() + mean[prefix + "down_proj"][e].sum())
+            assert total == pytest.approx(by_hand, rel=1e-9)
 
 
 # --------------------------------------------------------------------------- 1c. DeBERTa's shared calls
@@ -286,22 +295,17 @@ def test_roberta_padding_invariant_per_sample(name, side):
                 )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "engine bug: the first-batch padding check runs only ONE probe sample, the one with the fewest "
-        "label tokens (PerSampleEngine._probe_sample); for sequence classification every sample has one, "
-        "so the probe is always sample 0. Left padding with an unpadded sample 0 is never checked, and a "
-        "head reading position 0 (RoBERTa/BERT/DistilBERT/ELECTRA/ALBERT/DeBERTa) then reads a pad for the "
-        "other samples: batched path, silently wrong numbers (relative error ~1)"
-    ),
-)
 @pytest.mark.parametrize("factory", [em.xlm_roberta_classifier, em.bert_classifier], ids=["xlm_roberta_cls", "bert_cls"])
 def test_left_padded_classifier_with_unpadded_first_sample(factory):
+    """A classifier head reading position 0 reads a pad under left padding: the model is not
+    padding invariant there. The padding check must probe the most padded sample (here sample 1,
+    not the unpadded sample 0) and send the batch to the per-sample path."""
     model, task, _ = factory(torch.float64)
     batch = tm.padded_batch([7, 3, 5], seed=1, pad_id=pad_id_of(model), side="left")
     batch["labels"] = torch.tensor([0, 1, 2])
     fisher = hf_fisher.collect(model, [batch], reduction="param", progress=False)
+    assert path_of(fisher) == "loop"
+    assert "alone, without padding" in fisher.metadata.extra["loop_reason"]
     check_exact(fisher, model, task, R.split_batch(batch))
 
 

@@ -174,7 +174,7 @@ class PerSampleEngine:
         self.num_labels = getattr(_config(model), "num_labels", None)
         self.position_limit = _position_limit(model, self.position_convention) if self.explicit_positions else None
         self.batches_seen = 0
-        self.padding_checked = False
+        self.padding_checked: set[str] = set()  # padding kinds already checked (see _padding_kind)
         # parameters whose per-sample gradients come from the batched vjp (name -> reason)
         self.vjp_params: set[int] = set()
         self.vjp_reasons: dict[str, str] = {}
@@ -362,8 +362,8 @@ class PerSampleEngine:
             calls = self.capture.calls
             shared = self._shared_calls(calls)
             verify = self.verify_next
-            padded = _has_padding(batch)
-            probe = self._probe_sample(losses.n_tokens, keep) if (verify or (padded and not self.padding_checked)) else None
+            padding = _padding_kind(batch)
+            probe = self._probe_sample(batch, losses.n_tokens, keep) if (verify or padding not in self.padding_checked) else None
             self._begin_backward(keep, sink, shared, probe)
             weighted = losses.loss_sum * w.to(losses.loss_sum.dtype)
             loss = weighted.sum()
@@ -393,7 +393,7 @@ class PerSampleEngine:
             self.capture.detach()
             if probe is not None:
                 self._check_alone(batch, probe, batch_index)
-                self.padding_checked = self.padding_checked or padded
+                self.padding_checked.add(padding)
             if verify:
                 self.verify_next = False
             self._report_vjp()
@@ -579,11 +579,14 @@ class PerSampleEngine:
         )
         raise _Redo()
 
-    def _probe_sample(self, n_tokens: torch.Tensor, keep: list[int]) -> int | None:
-        """The used sample with the fewest label tokens (the most padded one, usually)."""
+    def _probe_sample(self, batch, n_tokens: torch.Tensor, keep: list[int]) -> int | None:
+        """The used sample with the most padding (then the fewest label tokens): the one whose
+        result would change most if padding leaked into real tokens."""
         if not keep:
             return None
-        return min(keep, key=lambda i: (int(n_tokens[i]), i))
+        mask = batch.get("attention_mask")
+        pads = (mask == 0).sum(dim=1).tolist() if mask is not None else [0] * n_tokens.shape[0]
+        return min(keep, key=lambda i: (-int(pads[i]), int(n_tokens[i]), i))
 
     def _check_alone(self, batch, i: int, batch_index: int) -> None:
         """Sample ``i`` alone, without its padding, must get the gradient it got in the batch."""
@@ -730,9 +733,19 @@ def _has_position_table(model: nn.Module) -> bool:
     return False
 
 
-def _has_padding(batch: Mapping[str, torch.Tensor]) -> bool:
+def _padding_kind(batch: Mapping[str, torch.Tensor]) -> str:
+    """"none", "right" (every sample's real tokens start at 0), "left" or "other" (holes, mixed):
+    the padding check runs once for each kind a collection meets."""
     mask = batch.get("attention_mask")
-    return mask is not None and not bool(mask.bool().all())
+    if mask is None or bool(mask.bool().all()):
+        return "none"
+    m = mask.bool()
+    T = m.shape[1]
+    n = m.sum(dim=1)
+    pos = torch.arange(T, device=m.device)
+    right = (m == (pos < n.unsqueeze(1))).all()
+    left = (m == (pos >= (T - n).unsqueeze(1))).all()
+    return "right" if bool(right) else "left" if bool(left) else "other"
 
 
 def _alone(batch: Mapping[str, Any], i: int) -> dict[str, Any]:
