@@ -25,9 +25,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
-import tempfile
-import uuid
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Iterator, Mapping
@@ -417,13 +414,10 @@ class Fisher:
         from huggingface_hub import split_torch_state_dict_into_shards
         from safetensors.torch import save_file
 
-        target = Path(os.path.abspath(os.fspath(save_directory)))
-        if target.exists():
-            self._check_replaceable(target)
-        parent = target.parent
-        parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=parent, prefix=".tmp-hf-fisher-"))
-        try:
+        from hf_fisher.atomic import atomic_folder, check_target
+
+        target = check_target(save_directory, allowed=is_artifact_file, what="Fisher artifact")
+        with atomic_folder(target) as tmp:
             state = self._state_dict()
             split = split_torch_state_dict_into_shards(state, filename_pattern=WEIGHTS_PATTERN, max_shard_size=max_shard_size)
             file_meta = {
@@ -449,29 +443,8 @@ class Fisher:
             from hf_fisher.cards import render_card
 
             render_card(self).save(tmp / CARD_NAME)
-            _swap_into_place(tmp, target)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         logger.info("saved Fisher artifact (%d parameters) to %s", len(self), target)
         return target
-
-    @staticmethod
-    def _check_replaceable(target: Path) -> None:
-        if not target.is_dir():
-            raise ArtifactError(f"cannot save a Fisher artifact to {target}: a file with that name exists")
-        allowed = {CONFIG_NAME, CARD_NAME, WEIGHTS_NAME, WEIGHTS_INDEX_NAME}
-        foreign = [
-            p.name
-            for p in target.iterdir()
-            if p.name not in allowed and not (p.name.startswith("fisher-") and p.name.endswith(".safetensors"))
-        ]
-        if foreign:
-            raise ArtifactError(
-                f"refusing to overwrite {target}: it contains files that are not part of a Fisher artifact "
-                f"({', '.join(sorted(foreign)[:5])}). Save into a new or empty folder (e.g. a 'fisher/' "
-                "subfolder of a model folder)."
-            )
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -755,16 +728,8 @@ def _write_json(path: Path, obj: Any) -> None:
         f.write(text + "\n")
 
 
-def _swap_into_place(tmp: Path, target: Path) -> None:
-    """Rename the finished folder ``tmp`` to ``target``, replacing an existing artifact safely."""
-    if not target.exists():
-        os.replace(tmp, target)
-        return
-    aside = target.parent / f".old-hf-fisher-{uuid.uuid4().hex}"
-    os.rename(target, aside)
-    try:
-        os.rename(tmp, target)
-    except BaseException:
-        os.rename(aside, target)
-        raise
-    shutil.rmtree(aside, ignore_errors=True)
+def is_artifact_file(name: str) -> bool:
+    """Whether a file name belongs to a Fisher artifact folder (what a save may replace)."""
+    return name in (CONFIG_NAME, CARD_NAME, WEIGHTS_NAME, WEIGHTS_INDEX_NAME) or (
+        name.startswith("fisher-") and name.endswith(".safetensors")
+    )
