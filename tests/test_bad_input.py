@@ -7,6 +7,8 @@ import re
 import pytest
 import torch
 
+import hf_fisher
+
 import reference as R
 import tiny_models as tm
 from hf_fisher.errors import (
@@ -207,3 +209,74 @@ def test_unknown_option_names_choices(collect, option, value, choices):
     for c in choices:
         assert c in msg, f"valid choice {c!r} not listed: {msg}"
     assert spy.calls == 0
+
+
+# --------------------------------------------------------------------------- batch shapes and labels (issue 11)
+
+
+def _rejected_before_forward(model, batches, error=InvalidInputError):
+    spy = EmbeddingSpy(model)
+    with pytest.raises(error) as exc:
+        hf_fisher.collect(model, batches, progress=False)
+    assert spy.calls == 0, "the bad batch must be rejected before any forward"
+    return str(exc.value)
+
+
+def test_attention_mask_shape_mismatch():
+    batches = batches3()
+    batches[1]["attention_mask"] = batches[1]["attention_mask"][:, :-1]
+    msg = _rejected_before_forward(tm.llama(), batches[1:])
+    assert "attention_mask" in msg and "(3, 6)" in msg and "(3, 5)" in msg, msg
+
+
+def test_labels_shape_mismatch_causal():
+    batches = batches3()
+    batches[0]["labels"] = batches[0]["labels"][:1]
+    msg = _rejected_before_forward(tm.llama(), batches)
+    assert "labels" in msg and "(1, 5)" in msg, msg
+
+
+@pytest.mark.parametrize("kind", ["causal", "masked"])
+def test_label_id_outside_vocabulary(kind):
+    model = tm.llama() if kind == "causal" else tm.bert_mlm()
+    batches = batches3()
+    batches[1]["labels"][2, 1] = tm.VOCAB + 7
+    msg = _rejected_before_forward(model, batches[1:])
+    assert re.search(r"batch\D{0,12}0(?!\d)", msg) and _mentions(msg, 2, 1) and str(tm.VOCAB + 7) in msg, msg
+    assert "-100" in msg, "should say how to ignore a token"
+
+
+def test_class_label_outside_num_labels():
+    model = tm.bert_classifier(num_labels=3)
+    b = tm.padded_batch([4, 5, 3], seed=3)
+    b["labels"] = torch.tensor([0, 3, 1])
+    msg = _rejected_before_forward(model, [b])
+    assert "class label 3" in msg and "sample 1" in msg and "num_labels=3" in msg, msg
+
+
+def test_classifier_label_shape_mismatch():
+    model = tm.bert_classifier()
+    b = tm.padded_batch([4, 5, 3], seed=3)
+    b["labels"] = torch.tensor([0, 1])
+    msg = _rejected_before_forward(model, [b])
+    assert "one label per sample" in msg, msg
+
+
+def test_sequence_longer_than_learned_positions():
+    """GPT-2 has 128 learned positions in the tiny config: 130 tokens cannot be embedded."""
+    model = tm.gpt2()
+    b = tm.padded_batch([130, 20], seed=4)
+    msg = _rejected_before_forward(model, [b])
+    assert "130" in msg and "128" in msg and "truncat" in msg, msg
+
+
+def test_every_sample_nonfinite_says_so():
+    """With on_nonfinite='skip' and a model that is NaN everywhere, the error says that samples
+    were dropped as non-finite, not that there were no label tokens."""
+    model = tm.llama()
+    with torch.no_grad():
+        model.lm_head.weight.fill_(float("nan"))
+    with pytest.raises(EmptyDataError) as exc:
+        hf_fisher.collect(model, batches3()[:2], on_nonfinite="skip", progress=False)
+    msg = str(exc.value)
+    assert "not finite" in msg and "5 samples" in msg, msg
