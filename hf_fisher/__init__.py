@@ -6,17 +6,48 @@ Public API::
     fisher = hf_fisher.collect(model, batches, reduction="group", task="math")
     fisher.save_pretrained("fisher-math")
     fisher = hf_fisher.Fisher.from_pretrained("fisher-math", model=model)
+
+The public names are imported lazily (PEP 562): ``import hf_fisher`` itself does not import
+torch, so light users of the package (``hf-fisher --help``, ``hf_fisher.errors``) stay fast.
 """
 
 from __future__ import annotations
 
+import importlib
+from typing import TYPE_CHECKING, Any
+
 __version__ = "0.1.0"
 
-from .api import collect
-from .collector import FisherCollector
-from .errors import HfFisherError
-from .fisher import Fisher
-from .hookspecs import hookimpl
-from .layout import ModelLayout, ParamGroups
+# public name -> submodule defining it
+_LAZY = {
+    "collect": "api",
+    "FisherCollector": "collector",
+    "HfFisherError": "errors",
+    "Fisher": "fisher",
+    "hookimpl": "hookspecs",
+    "ModelLayout": "layout",
+    "ParamGroups": "layout",
+}
 
 __all__ = ["collect", "Fisher", "FisherCollector", "HfFisherError", "hookimpl", "ModelLayout", "ParamGroups", "__version__"]
+
+if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names come from __getattr__
+    from .api import collect
+    from .collector import FisherCollector
+    from .errors import HfFisherError
+    from .fisher import Fisher
+    from .hookspecs import hookimpl
+    from .layout import ModelLayout, ParamGroups
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'hf_fisher' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value  # later look-ups skip __getattr__
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

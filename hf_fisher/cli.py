@@ -7,27 +7,42 @@
     hf-fisher plugins
     hf-fisher demo [--out DIR]
 
-Every error hf_fisher raises on purpose (:class:`hf_fisher.errors.HfFisherError`), and a model or
-tokenizer that cannot be loaded, ends the command with a one-line message on stderr and exit
-code 2 (no traceback). Arguments are checked before anything heavy is loaded.
+Every error hf_fisher raises on purpose (:class:`hf_fisher.errors.HfFisherError`), an ``OSError``
+(a folder that cannot be written, a full disk...), and a model or tokenizer that cannot be loaded,
+ends the command with a one-line message on stderr and exit code 2 (no traceback). Output
+closed early (``hf-fisher plugins | head -1``) ends the command quietly with exit code 141
+(128 + SIGPIPE, like other Unix tools).
+
+Everything is checked before the work: the arguments, the device, the estimator, the output
+folder (overwrite rule, writable, enough free disk space for the artifact), the data file
+(encoding, JSON, labels against the model's ``num_labels``) -- all before the model's weights
+are loaded, so a typo never costs a collection.
+
+Building the parser imports nothing heavy (no torch): ``hf-fisher --help`` is fast.
 """
 
 from __future__ import annotations
 
 import argparse
+import codecs
+import json
 import logging
 import math
+import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
-from hf_fisher.errors import HfFisherError, InvalidInputError, UnsupportedError
+from hf_fisher.errors import ArtifactError, HfFisherError, InvalidInputError, UnsupportedError
 
-__all__ = ["main", "build_parser", "format_table", "format_report"]
+__all__ = ["main", "build_parser", "format_table", "format_report", "check_output_folder", "estimate_artifact_bytes"]
 
 logger = logging.getLogger("hf_fisher.cli")
 
 EXIT_ERROR = 2
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: what a Unix tool killed by a closed pipe returns
 MODEL_DTYPES = ("float32", "float64", "bfloat16", "float16")
 STORAGE_DTYPES = ("float64", "float32", "float16")
 
@@ -95,9 +110,11 @@ def format_report(fisher: Any, *, top: int = 10, source: str | None = None) -> s
     ]
 
     sections = ["\n".join(header)]
+    layout = getattr(fisher, "layout", None)
+    shapes = getattr(fisher, "param_shapes", {}) or {}
     for kind, fn, unit, parts in (
-        ("attention heads", analysis.head_importance, "head", "Q + O + its share of the kv-head's K, V"),
-        ("MLP channels", analysis.channel_importance, "channel", "gate + up rows + down column"),
+        ("attention heads", analysis.head_importance, "head", head_parts(layout, shapes)),
+        ("MLP channels", analysis.channel_importance, "channel", channel_parts(layout, shapes)),
     ):
         try:
             values = fn(fisher)
@@ -125,6 +142,69 @@ def format_report(fisher: Any, *, top: int = 10, source: str | None = None) -> s
     return "\n\n".join(sections)
 
 
+def _module_names(params: Sequence[str]) -> dict[str, str]:
+    """Short module names of parameters: ``model.layers.0.mlp.gate_proj.weight`` -> ``gate``
+    (``_proj`` dropped); two components (``intermediate.dense``) where one is ambiguous."""
+    def short(param: str, depth: int) -> str:
+        parts = param.split(".")
+        parts = parts[:-1] if len(parts) > 1 else parts  # drop "weight" / "bias"
+        name = ".".join(parts[-depth:])
+        stem = name[: -len("_proj")] if name.endswith("_proj") else name
+        return stem if len(stem) > 1 else name  # gate_proj -> gate, but GPT-2's c_proj stays
+
+    modules = list(dict.fromkeys(p.rsplit(".", 1)[0] for p in params))
+    depth = 1
+    while depth < 4 and len({short(m + ".w", depth) for m in modules}) < len(modules):
+        depth += 1
+    return {p: short(p, depth) for p in params}
+
+
+def _axis_word(param: str, axis: int, shapes: dict) -> str:
+    shape = shapes.get(param)
+    if (shape is not None and len(shape) == 1) or (shape is None and param.endswith("bias")):
+        return "bias"
+    return {0: "row", 1: "column"}.get(axis, f"axis {axis}")
+
+
+def channel_parts(layout: Any, shapes: dict | None = None) -> str:
+    """What an MLP channel's total adds up, in the model's own terms: ``gate/up row + down
+    column`` (LLaMA), ``c_fc column and bias + c_proj row`` (GPT-2's ``Conv1D`` weights are
+    ``[in, out]``), read from the layout's first channel block."""
+    blocks = getattr(layout, "mlp", None) or []
+    if not blocks:
+        return "its rows and columns in the MLP"
+    roles = blocks[0].roles
+    names = _module_names([r.param for r in roles])
+    per_module: dict[str, list[str]] = {}
+    for r in roles:
+        words = per_module.setdefault(names[r.param], [])
+        word = _axis_word(r.param, r.axis, shapes or {})
+        if word not in words:
+            words.append(word)
+    merged: list[tuple[list[str], list[str]]] = []  # (modules, words): consecutive modules with equal words
+    for module, words in per_module.items():
+        if merged and merged[-1][1] == words:
+            merged[-1][0].append(module)
+        else:
+            merged.append(([module], words))
+    return " + ".join(f"{'/'.join(mods)} {' and '.join(words)}" for mods, words in merged)
+
+
+def head_parts(layout: Any, shapes: dict | None = None) -> str:
+    """What an attention head's total adds up: ``Q + K + V + O`` when every head has its own K, V
+    (GPT-2, naming a fused QKV module), ``Q + O + its share of the kv-head's K, V`` under GQA/MQA."""
+    atts = getattr(layout, "attention", None) or []
+    shared = any(a.num_kv_heads < a.num_heads for a in atts)
+    text = "Q + O + its share of the kv-head's K, V" if shared else "Q + K + V + O"
+    heads = [h for a in atts for h in a.heads][:1]
+    if heads:
+        h = heads[0]
+        qkv = {s.param.rsplit(".", 1)[0] for s in (*h.q, *h.k, *h.v)}
+        if len(qkv) == 1:  # one fused projection (GPT-2's c_attn)
+            text += f"; Q, K, V fused in {next(iter(qkv)).rsplit('.', 1)[-1]}"
+    return text
+
+
 def _top(values: dict, k: int) -> list:
     return sorted(values.items(), key=lambda kv: (-kv[1], kv[0]))[: max(k, 0)]
 
@@ -132,38 +212,289 @@ def _top(values: dict, k: int) -> list:
 # --------------------------------------------------------------------------- commands
 
 
+# ---- output folders
+
+
+def _existing_ancestor(target: Path) -> Path:
+    """The nearest existing folder above ``target``: where its temporary folder (and any missing
+    parents) will be created. A file in the way is an error."""
+    p = target.parent
+    while not p.exists() and p.parent != p:
+        p = p.parent
+    if not p.is_dir():
+        raise ArtifactError(f"cannot write to {target}: {p} is a file, not a folder")
+    return p
+
+
+def _human(n: float) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def check_output_folder(
+    path: str | os.PathLike,
+    *,
+    allowed: Callable[[str], bool],
+    what: str,
+    overwrite: bool,
+    needed_bytes: int | None = None,
+    needed_detail: str = "",
+    flag: str = "--out",
+) -> Path:
+    """Check, before any work, that ``path`` can receive a ``what``; return it as an absolute path.
+
+    - the overwrite rule of :func:`hf_fisher.atomic.check_target` (new, empty, or holding only
+      ``allowed`` files, replaced only with ``overwrite``);
+    - the nearest existing folder above it is writable (a probe file is created and removed there;
+      ``path`` and its parents may not exist yet);
+    - with ``needed_bytes``, that folder's disk has at least that much free space.
+
+    Raises :class:`~hf_fisher.errors.ArtifactError` (an ``OSError``) naming the problem. Writes
+    nothing that stays.
+    """
+    from hf_fisher.atomic import check_target
+
+    try:
+        target = check_target(path, allowed=allowed, what=what, overwrite=overwrite)
+    except PermissionError as e:
+        raise ArtifactError(f"{flag} {os.fspath(path)}: cannot read it ({e.strerror})") from None
+    base = _existing_ancestor(target)
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".hf-fisher-probe-", dir=base)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise ArtifactError(
+            f"cannot write the {what} to {target}: {base} is not writable ({e.strerror or e}); "
+            f"choose another {flag}"
+        ) from None
+    if needed_bytes is not None:
+        try:
+            free = shutil.disk_usage(base).free
+        except OSError:
+            free = None
+        if free is not None and free < needed_bytes:
+            raise ArtifactError(
+                f"not enough disk space for the {what} in {target}: it needs about {_human(needed_bytes)}"
+                f"{f' ({needed_detail})' if needed_detail else ''} but only {_human(free)} are free there; "
+                f"free some space or choose another {flag}"
+            )
+    return target
+
+
+def _safetensors_shapes(model_dir: Path) -> list[tuple[int, ...]] | None:
+    """Tensor shapes from the headers of the ``*.safetensors`` files of a model folder (the
+    data is not read), or None when there are none or a header cannot be read."""
+    files = sorted(model_dir.glob("*.safetensors")) if model_dir.is_dir() else []
+    if not files:
+        return None
+    shapes: list[tuple[int, ...]] = []
+    try:
+        for f in files:
+            with open(f, "rb") as fh:
+                n = int.from_bytes(fh.read(8), "little")
+                if not 0 < n <= 100 * 2**20:
+                    return None
+                header = json.loads(fh.read(n))
+            shapes.extend(tuple(int(d) for d in v["shape"]) for k, v in header.items() if k != "__metadata__")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+    return shapes
+
+
+def estimate_artifact_bytes(shapes: Sequence[Sequence[int]], *, reduction: str, element_size: int) -> int:
+    """About how many bytes a Fisher artifact of parameters of ``shapes`` takes on disk.
+
+    ``param``: every element, twice (mean and variance) at ``element_size`` bytes; ``group``:
+    at most one value per row of the longest axis of each tensor (heads, channels, vocabulary
+    rows), twice -- small. Plus 1 MiB for the config and the model card.
+    """
+    if reduction == "param":
+        values = sum(math.prod(s) for s in shapes)
+    else:
+        values = sum(max(s) if len(s) else 1 for s in shapes)
+    return int(values) * element_size * 2 + 2**20
+
+
+_ELEMENT_SIZE = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2}
+
+
+def _disk_need(shapes: Sequence[Sequence[int]], args: argparse.Namespace) -> tuple[int, str]:
+    dtype = args.storage_dtype or "float64"
+    need = estimate_artifact_bytes(shapes, reduction=args.reduction, element_size=_ELEMENT_SIZE[dtype])
+    if args.reduction == "param":
+        n = sum(math.prod(s) for s in shapes)
+        detail = f"{n:,} parameters x {_ELEMENT_SIZE[dtype]} bytes ({dtype}) x 2 for mean and variance"
+    else:
+        detail = f"group reduction, {dtype}"
+    return need, detail
+
+
+def _meta_shapes(config: Any, task_type: str) -> list[tuple[int, ...]] | None:
+    """Parameter shapes of the model ``config`` describes, built on the meta device (no memory,
+    no weights read); None when that fails."""
+    try:
+        import torch
+        import transformers
+
+        cls = (transformers.AutoModelForSequenceClassification if task_type == "sequence_classification"
+               else transformers.AutoModelForCausalLM)
+        with torch.device("meta"):
+            model = cls.from_config(config)
+        return [tuple(p.shape) for p in model.parameters()]
+    except Exception as e:  # an estimate only: never a reason to fail
+        logger.debug("could not estimate the model's size from its config: %s", e)
+        return None
+
+
+# ---- devices, models, data
+
+
+def _check_device(device: str):
+    """Parse ``--device`` and check that it exists here; returns the ``torch.device``."""
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError, TypeError) as e:
+        raise InvalidInputError(f"--device {device!r} is not a device torch knows; use cpu, cuda, cuda:1, mps, ...") from None
+    if dev.type == "cpu":
+        return dev
+    if dev.type == "meta":
+        raise InvalidInputError("--device meta holds no data; use cpu or a GPU")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise InvalidInputError(f"--device {device}: no CUDA device is available here; use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise InvalidInputError(
+                f"--device {device}: there are only {torch.cuda.device_count()} CUDA device(s) here (cuda:0 ...)"
+            )
+        return dev
+    backend = getattr(torch.backends, dev.type, None) if dev.type == "mps" else getattr(torch, dev.type, None)
+    available = getattr(backend, "is_available", None)
+    if available is None or not available():
+        raise InvalidInputError(f"--device {device}: no {dev.type} device is available here; use --device cpu")
+    return dev
+
+
+def _check_estimator(name: str) -> None:
+    from hf_fisher import plugins
+
+    names = plugins.estimators()
+    if name not in names:
+        raise InvalidInputError(
+            f"--estimator {name!r} is not registered; available: {', '.join(sorted(names)) or 'none'} "
+            f"(see `hf-fisher plugins`)"
+        )
+
+
+def _position_limit(model: Any, config: Any) -> int | None:
+    """Longest sequence the model can place (config ``max_position_embeddings`` / ``n_positions``;
+    RoBERTa-style models, numbering positions from ``padding_idx + 1``: minus ``padding_idx + 1``)."""
+    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if not isinstance(limit, int) or isinstance(limit, bool) or limit <= 0:
+        return None
+    for m in model.modules():
+        if hasattr(m, "create_position_ids_from_input_ids") and isinstance(getattr(m, "padding_idx", None), int):
+            return max(limit - (m.padding_idx + 1), 1)
+    return limit
+
+
+def _check_token_ids(samples: Sequence[Any], vocab_size: Any) -> None:
+    """Ready ``input_ids`` against the config's vocabulary, before the weights are loaded."""
+    if not isinstance(vocab_size, int) or vocab_size <= 0:
+        return
+    for i, sample in enumerate(samples):
+        if sample.input_ids is not None and max(sample.input_ids) >= vocab_size:
+            raise InvalidInputError(
+                f"{sample.where or f'sample {i}'}: token id {max(sample.input_ids)} but the model's vocabulary "
+                f"has {vocab_size} entries (config.vocab_size); were these ids made by this model's tokenizer?"
+            )
+
+
+def _looks_local(name: str) -> bool:
+    """Whether ``--model`` can only be a local path (a Hub id is ``name`` or ``org/name``)."""
+    return (
+        os.path.isabs(name)
+        or name.startswith((".", "~"))
+        or name.count("/") > 1
+        or (os.sep != "/" and os.sep in name)
+    )
+
+
+SCORING = {
+    "causal_lm": "every token of each line scored, causal-LM labels = the input ids",
+    "sequence_classification": "each sample scored on its 'label'",
+}
+
+
 def _cmd_collect(args: argparse.Namespace) -> int:
     data_path = Path(args.data)
-    out = Path(args.out)
+    model_path = Path(args.model)
     # Cheap checks first: nothing heavy is loaded when an argument is wrong.
     if data_path.suffix.lower() not in (".txt", ".jsonl"):
         raise InvalidInputError(f"--data {str(data_path)!r}: expected a .txt or .jsonl file")
     if not data_path.is_file():
         raise InvalidInputError(f"--data {str(data_path)!r} does not exist (or is not a file)")
-    if out.exists() and not out.is_dir():
-        raise InvalidInputError(f"--out {str(out)!r} exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not args.overwrite:
-        raise InvalidInputError(f"--out {str(out)!r} is not empty; choose another folder or pass --overwrite")
-    model_path = Path(args.model)
-    if model_path.exists() and not (model_path / "config.json").is_file():
-        raise InvalidInputError(f"--model {str(model_path)!r} has no config.json: is it a saved transformers model?")
     for flag in ("batch_size", "max_length", "max_samples"):
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise InvalidInputError(f"--{flag.replace('_', '-')} must be >= 1 (got {value})")
+    if not args.task.strip():
+        raise InvalidInputError("--task must not be empty: it names what the data stands for (e.g. --task math)")
+    try:
+        codecs.lookup(args.encoding)
+    except LookupError:
+        raise InvalidInputError(f"--encoding {args.encoding!r} is not an encoding Python knows (e.g. utf-8, latin-1, cp1252, utf-16)") from None
+    if not model_path.exists() and _looks_local(args.model):
+        raise InvalidInputError(f"--model {args.model!r} does not exist; pass the folder of a saved transformers model")
+    if model_path.exists():
+        if not model_path.is_dir():
+            raise InvalidInputError(f"--model {str(model_path)!r} is a file; pass the folder of a saved transformers model")
+        if not (model_path / "config.json").is_file():
+            raise InvalidInputError(f"--model {str(model_path)!r} has no config.json: is it a saved transformers model?")
 
-    from hf_fisher.data import load_samples, make_batches, pad_token_id
+    # The output folder, before the model is touched: overwrite rule, writable, disk space.
+    from hf_fisher.fisher import is_artifact_file
 
-    samples = load_samples(data_path)
+    shapes = _safetensors_shapes(model_path)
+    need, detail = _disk_need(shapes, args) if shapes else (None, "")
+    out = check_output_folder(args.out, allowed=is_artifact_file, what="Fisher artifact",
+                              overwrite=args.overwrite, needed_bytes=need, needed_detail=detail)
+    _check_device(args.device)
+
+    from hf_fisher.data import check_labels, load_samples, make_batches, pad_token_id
+
+    samples = load_samples(data_path, encoding=args.encoding)
     if args.max_samples is not None:  # the first N samples of the file
         samples = samples[: args.max_samples]
-    model, task_type = _load_model(args.model, args.dtype, args.device)
+    _check_estimator(args.estimator)  # loads the plugins
+    config, task_type = _load_config(args.model)
+    check_labels(samples, task_type, getattr(config, "num_labels", None))
+    _check_token_ids(samples, getattr(config, "vocab_size", None))
+    if need is None:  # no safetensors headers to read: estimate from the config, still before the weights
+        shapes = _meta_shapes(config, task_type)
+        if shapes:
+            need, detail = _disk_need(shapes, args)
+            check_output_folder(out, allowed=is_artifact_file, what="Fisher artifact",
+                                overwrite=args.overwrite, needed_bytes=need, needed_detail=detail)
     tokenizer = _load_tokenizer(args.model) if any(s.input_ids is None for s in samples) else None
+
+    model = _load_model(args.model, config, args.dtype, args.device)
+    max_length = args.max_length
+    limit = _position_limit(model, config)
+    if limit is not None and max_length > limit:
+        logger.info("--max-length %d is more than the model's %d positions: samples are truncated to %d tokens",
+                    max_length, limit, limit)
+        max_length = limit
     batches = make_batches(
         tokenizer,
         samples,
         batch_size=args.batch_size,
-        max_length=args.max_length,
+        max_length=max_length,
         task_type=task_type,
         pad_id=pad_token_id(tokenizer, model.config),
         vocab_size=model.get_input_embeddings().num_embeddings,
@@ -173,7 +504,8 @@ def _cmd_collect(args: argparse.Namespace) -> int:
 
     import hf_fisher
 
-    logger.info("collecting %s Fisher (task %r) over %d samples in %d batches", args.estimator, args.task, len(samples), len(batches))
+    logger.info("collecting %s Fisher (task %r) over %d samples in %d batches; %s", args.estimator, args.task,
+                len(samples), len(batches), SCORING[task_type])
     fisher = hf_fisher.collect(
         model,
         batches,
@@ -195,7 +527,7 @@ def _cmd_collect(args: argparse.Namespace) -> int:
     elif extra.get("vjp_params"):
         path = f"batched, {len(extra['vjp_params'])} parameter(s) through the batched vjp"
     print(f"Saved {args.reduction} Fisher of {len(fisher)} tensors to {out} "
-          f"(samples {c.samples}, tokens {c.tokens}, skipped {c.skipped}; {path})")
+          f"(samples {c.samples}, tokens {c.tokens}, skipped {c.skipped}; {SCORING[task_type]}; {path})")
     return 0
 
 
@@ -205,27 +537,39 @@ def _torch_dtype(name: str):
     return getattr(torch, name)
 
 
-def _load_model(name_or_path: str, dtype: str, device: str):
-    """Causal LM by default; sequence classification when config.architectures says so."""
+def _load_config(name_or_path: str):
+    """The model's config and task type: causal LM by default, sequence classification when
+    ``config.architectures`` says so."""
+    import transformers
+
+    try:
+        config = transformers.AutoConfig.from_pretrained(name_or_path)
+    except Exception as e:  # whatever fails while reading a config, the model cannot be used
+        logger.debug("loading the config failed", exc_info=True)
+        raise InvalidInputError(f"could not load the config of model {name_or_path!r}: {e}") from None
+    archs = getattr(config, "architectures", None) or []
+    task_type = "sequence_classification" if any(a.endswith("ForSequenceClassification") for a in archs) else "causal_lm"
+    return config, task_type
+
+
+def _load_model(name_or_path: str, config: Any, dtype: str, device: str):
     import torch
     import transformers
     from packaging.version import Version
 
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise InvalidInputError(f"--device {device}: no CUDA device is available here; use --device cpu")
+    archs = getattr(config, "architectures", None) or []
+    if any(a.endswith("ForSequenceClassification") for a in archs):
+        cls = transformers.AutoModelForSequenceClassification
+    else:
+        cls = transformers.AutoModelForCausalLM
+    # transformers >= 4.56 names the argument ``dtype`` (``torch_dtype`` before).
+    key = "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
     try:
-        config = transformers.AutoConfig.from_pretrained(name_or_path)
-        archs = getattr(config, "architectures", None) or []
-        if any(a.endswith("ForSequenceClassification") for a in archs):
-            cls, task_type = transformers.AutoModelForSequenceClassification, "sequence_classification"
-        else:
-            cls, task_type = transformers.AutoModelForCausalLM, "causal_lm"
-        # transformers >= 4.56 names the argument ``dtype`` (``torch_dtype`` before).
-        key = "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
         model = cls.from_pretrained(name_or_path, config=config, **{key: getattr(torch, dtype)})
-    except (OSError, ValueError, KeyError) as e:
+        return model.to(device)
+    except Exception as e:  # corrupt weights (SafetensorError), shape mismatches, missing files...
+        logger.debug("loading the model failed", exc_info=True)
         raise InvalidInputError(f"could not load model {name_or_path!r}: {e}") from None
-    return model.to(device), task_type
 
 
 def _load_tokenizer(name_or_path: str):
@@ -233,7 +577,8 @@ def _load_tokenizer(name_or_path: str):
 
     try:
         return transformers.AutoTokenizer.from_pretrained(name_or_path)
-    except (OSError, ValueError, KeyError, TypeError) as e:
+    except Exception as e:
+        logger.debug("loading the tokenizer failed", exc_info=True)
         raise InvalidInputError(
             f"could not load a tokenizer from {name_or_path!r} ({e}); save one next to the model, "
             f"or use a .jsonl data file with 'input_ids'"
@@ -274,28 +619,45 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- parser
 
 
+COLLECT_DESCRIPTION = """\
+Collect the Fisher information of a saved model on a data file and save it as an artifact folder.
+
+What is scored: for a causal LM every token of each line counts (the labels are the input ids,
+padding ignored; the model predicts each token from the ones before it), unlike the demo, which
+scores only the copied half of its sequences. A classifier (config architectures
+...ForSequenceClassification) is scored on each sample's integer 'label' (.jsonl).
+
+Everything is checked before the model's weights are loaded: arguments, --device, --estimator,
+--out (new or empty, or a previous artifact with --overwrite; writable; enough free disk space),
+the data file (encoding, JSON, labels). --max-length is capped to the model's position limit.
+"""
+
+
 def build_parser() -> argparse.ArgumentParser:
+    """The ``hf-fisher`` argument parser (imports nothing heavy: no torch)."""
     parser = argparse.ArgumentParser(
         prog="hf-fisher",
         description="Exact per-sample Fisher information of Hugging Face transformers models.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", help="one of the commands below")
 
-    p = sub.add_parser("collect", help="collect a Fisher artifact of a model on a data file")
+    p = sub.add_parser("collect", help="collect a Fisher artifact of a model on a data file",
+                       description=COLLECT_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="folder of a saved transformers model (with its tokenizer)")
     p.add_argument("--data", required=True, help=".txt (one sample per line) or .jsonl ('text' or 'input_ids', optional 'label')")
+    p.add_argument("--encoding", default="utf-8", help="text encoding of --data (default utf-8; e.g. latin-1, cp1252, utf-16)")
     p.add_argument("--task", required=True, help="name of the task the data stands for (recorded in the artifact)")
-    p.add_argument("--out", required=True, help="folder to write the artifact to (must be new or empty)")
-    p.add_argument("--overwrite", action="store_true", help="replace a Fisher artifact already in --out")
+    p.add_argument("--out", required=True, help="folder to write the artifact to (new or empty; checked before the work)")
+    p.add_argument("--overwrite", action="store_true", help="replace a Fisher artifact already in --out (never other files)")
     p.add_argument("--reduction", choices=("group", "param"), default="group", help="group: per head/channel/row (default); param: parameter-shaped")
     p.add_argument("--normalization", choices=("mean", "sum", "token"), default="mean", help="per-sample loss normalisation (default mean)")
     p.add_argument("--estimator", default="empirical", help="estimator plugin (default empirical; see `hf-fisher plugins`)")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-length", type=int, default=512, help="truncate samples to this many tokens")
+    p.add_argument("--batch-size", type=int, default=8, help="samples per forward/backward (default 8)")
+    p.add_argument("--max-length", type=int, default=512, help="truncate samples to this many tokens (default 512; capped to the model's positions)")
     p.add_argument("--max-samples", type=int, default=None, help="use at most the first N samples")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
-    p.add_argument("--dtype", choices=MODEL_DTYPES, default="float32", help="dtype the model is loaded in")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default cpu)")
+    p.add_argument("--dtype", choices=MODEL_DTYPES, default="float32", help="dtype the model is loaded in (default float32)")
     p.add_argument("--storage-dtype", choices=STORAGE_DTYPES, default=None, help="dtype of the saved tensors (default: the accumulation dtype, float64)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_collect)
@@ -308,7 +670,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plugins", help="list registered plugins and plugins that failed to load")
     p.set_defaults(func=_cmd_plugins)
 
-    from hf_fisher.demo import add_arguments
+    from hf_fisher.demo import add_arguments  # light: the demo imports torch only when it runs
 
     p = sub.add_parser("demo", help="train a tiny LLaMA on a copy task and show its Fisher information")
     add_arguments(p)
@@ -337,22 +699,49 @@ def _configure_logging(verbose: bool) -> None:
         lib.addHandler(handler)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run ``hf-fisher`` with ``argv`` (default ``sys.argv[1:]``); returns the exit code."""
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so the interpreter's last flush cannot fail again (the recipe of
+    the Python docs for SIGPIPE)."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):
+        pass
+
+
+def _run(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
     except SystemExit as e:  # --help, or a usage error already printed by argparse
+        sys.stdout.flush()
         return e.code if isinstance(e.code, int) else EXIT_ERROR
     _configure_logging(args.verbose)
     try:
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
+        sys.stdout.flush()  # a closed pipe shows here, not at the interpreter's exit
+        return code
+    except BrokenPipeError:
+        raise
     except HfFisherError as e:
         print(f"hf-fisher {args.command}: error: {e}", file=sys.stderr)
+        return EXIT_ERROR
+    except OSError as e:  # a folder that cannot be written, a full disk, an unreadable file...
+        where = f" ({e.filename})" if getattr(e, "filename", None) and str(e.filename) not in str(e) else ""
+        print(f"hf-fisher {args.command}: error: {e}{where}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
         print("hf-fisher: interrupted", file=sys.stderr)
         return 130
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``hf-fisher`` with ``argv`` (default ``sys.argv[1:]``); returns the exit code."""
+    try:
+        return _run(argv)
+    except BrokenPipeError:  # e.g. `hf-fisher plugins | head -1`: the reader is gone, stop quietly
+        _silence_stdout()
+        return EXIT_BROKEN_PIPE
 
 
 if __name__ == "__main__":

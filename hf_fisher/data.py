@@ -7,6 +7,10 @@ File formats
   later) or ``"input_ids"`` (a list of ints, used as is). An optional integer ``"label"`` is the
   class of the sample for sequence classification.
 
+Files are read as UTF-8 by default (a leading byte-order mark is skipped); ``encoding=`` (the
+CLI's ``--encoding``) reads other encodings. A byte sequence that is not valid in the encoding is
+reported with the file, the line and a suggested encoding.
+
 Batches
 -------
 :func:`make_batches` produces the batches :func:`hf_fisher.collect` takes: dicts of
@@ -18,9 +22,10 @@ for sequence classification, ``labels`` is the ``[B]`` tensor of the samples' cl
 
 from __future__ import annotations
 
+import codecs
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -28,7 +33,7 @@ import torch
 
 from hf_fisher.errors import EmptyDataError, InvalidInputError
 
-__all__ = ["Sample", "load_samples", "make_batches", "pad_token_id", "TASK_TYPES"]
+__all__ = ["Sample", "load_samples", "make_batches", "check_labels", "pad_token_id", "TASK_TYPES"]
 
 logger = logging.getLogger("hf_fisher.data")
 
@@ -38,19 +43,67 @@ IGNORE_INDEX = -100
 
 @dataclass(frozen=True)
 class Sample:
-    """One sample of a data file: ``text`` to tokenize, or ready ``input_ids``; optional ``label``."""
+    """One sample of a data file: ``text`` to tokenize, or ready ``input_ids``; optional ``label``.
+
+    ``where`` (``"train.jsonl, line 3"``) says where the sample came from, for error messages; it
+    takes no part in comparisons.
+    """
 
     text: str | None = None
     input_ids: tuple[int, ...] | None = None
     label: int | None = None
+    where: str | None = field(default=None, compare=False, repr=False)
 
 
-def load_samples(path: str | Path) -> list[Sample]:
+def _where(sample: Sample, i: int) -> str:
+    return sample.where or f"sample {i}"
+
+
+def _read_text(path: Path, encoding: str) -> str:
+    """The file decoded with ``encoding`` (BOM skipped for UTF-8); bad bytes name the line."""
+    try:
+        codec = codecs.lookup(encoding).name
+    except LookupError:
+        raise InvalidInputError(f"unknown encoding {encoding!r} (e.g. utf-8, latin-1, cp1252, utf-16)") from None
+    data = path.read_bytes()
+    if codec == "utf-8":
+        codec = "utf-8-sig"  # a UTF-8 byte-order mark (Windows editors) is not part of the text
+    try:
+        return data.decode(codec)
+    except UnicodeDecodeError as e:
+        line_start = data.rfind(b"\n", 0, e.start) + 1
+        lineno = data.count(b"\n", 0, e.start) + 1
+        bad = data[e.start : min(e.end, e.start + 4)]
+        raise InvalidInputError(
+            f"{path.name}, line {lineno}: not valid {encoding} text (byte {bad.hex(' ')} at byte "
+            f"{e.start - line_start + 1} of the line); re-save the file as UTF-8 or pass its encoding, "
+            f"e.g. --encoding {_guess_encoding(data, codec)}"
+        ) from None
+
+
+def _guess_encoding(data: bytes, failed: str) -> str:
+    """A plausible encoding for bytes that failed to decode as ``failed``."""
+    if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        return "utf-16"
+    failed = "utf-8" if failed == "utf-8-sig" else failed
+    for enc in ("utf-8", "cp1252"):
+        if codecs.lookup(enc).name == failed:
+            continue
+        try:
+            data.decode(enc)
+        except UnicodeDecodeError:
+            continue
+        return enc
+    return "latin-1"  # decodes any byte sequence
+
+
+def load_samples(path: str | Path, *, encoding: str = "utf-8") -> list[Sample]:
     """Read the samples of a ``.txt`` or ``.jsonl`` file (see the module docstring for formats).
 
-    Raises :class:`InvalidInputError` for a missing file, an unknown extension, a malformed JSON
-    line or a line without ``"text"``/``"input_ids"`` (naming the file and line number), and
-    :class:`EmptyDataError` when the file holds no sample.
+    Raises :class:`InvalidInputError` for a missing file, an unknown extension, bytes that are not
+    valid in ``encoding``, a malformed JSON line or a line without ``"text"``/``"input_ids"``
+    (naming the file and line number), and :class:`EmptyDataError` when the file holds no sample.
+    Lines end at ``\n``, ``\r\n`` or ``\r``.
     """
     path = Path(path)
     suffix = path.suffix.lower()
@@ -61,15 +114,15 @@ def load_samples(path: str | Path) -> list[Sample]:
         )
     if not path.is_file():
         raise InvalidInputError(f"data file {str(path)!r} does not exist (or is not a file)")
+    text = _read_text(path, encoding)
     samples: list[Sample] = []
-    with path.open("r", encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            if suffix == ".txt":
-                samples.append(Sample(text=line.rstrip("\r\n")))
-            else:
-                samples.append(_parse_json_line(line, path, lineno))
+    for lineno, line in enumerate(text.replace("\r\n", "\n").replace("\r", "\n").split("\n"), start=1):
+        if not line.strip():
+            continue
+        if suffix == ".txt":
+            samples.append(Sample(text=line, where=f"{path.name}, line {lineno}"))
+        else:
+            samples.append(_parse_json_line(line, path, lineno))
     if not samples:
         raise EmptyDataError(f"data file {str(path)!r} contains no sample (every line is empty)")
     return samples
@@ -94,12 +147,36 @@ def _parse_json_line(line: str, path: Path, lineno: int) -> Sample:
             or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in ids)
         ):
             raise InvalidInputError(f"{where}: 'input_ids' must be a non-empty list of non-negative integers")
-        return Sample(input_ids=tuple(ids), label=label)
+        return Sample(input_ids=tuple(ids), label=label, where=where)
     if "text" in obj:
         if not isinstance(obj["text"], str):
             raise InvalidInputError(f"{where}: 'text' must be a string, got {type(obj['text']).__name__}")
-        return Sample(text=obj["text"], label=label)
+        return Sample(text=obj["text"], label=label, where=where)
     raise InvalidInputError(f"{where}: the object has neither a 'text' nor an 'input_ids' key (keys: {sorted(obj)})")
+
+
+def check_labels(samples: Sequence[Sample], task_type: str, num_labels: int | None = None) -> None:
+    """Check the samples' labels for ``task_type`` before any model work.
+
+    Sequence classification: every sample needs an integer ``label`` in ``[0, num_labels)``
+    (``-100`` = ignored, as in transformers) when ``num_labels > 1`` is known. Raises
+    :class:`InvalidInputError` naming the file and line of the first bad sample.
+    """
+    if task_type != "sequence_classification":
+        return
+    for i, sample in enumerate(samples):
+        if sample.label is None:
+            raise InvalidInputError(
+                f"{_where(sample, i)}: no 'label'; sequence classification needs a .jsonl file with an "
+                f"integer 'label' per line"
+            )
+        if isinstance(sample.label, bool) or not isinstance(sample.label, int):
+            raise InvalidInputError(f"{_where(sample, i)}: 'label' must be an integer class id, got {sample.label!r}")
+        if num_labels is not None and num_labels > 1 and sample.label != IGNORE_INDEX and not 0 <= sample.label < num_labels:
+            raise InvalidInputError(
+                f"{_where(sample, i)}: label {sample.label} is outside [0, {num_labels}) (the model has "
+                f"num_labels={num_labels}); fix the label or the model's num_labels"
+            )
 
 
 def pad_token_id(tokenizer: Any | None, config: Any | None = None) -> int:
@@ -153,19 +230,19 @@ def make_batches(
             ids = list(sample.input_ids[:max_length])
         else:
             if tokenizer is None:
-                raise InvalidInputError(f"sample {i} is text but no tokenizer was given; pass one or use 'input_ids'")
+                raise InvalidInputError(f"{_where(sample, i)}: the sample is text but no tokenizer was given; pass one or use 'input_ids'")
             ids = list(tokenizer(sample.text, truncation=True, max_length=max_length)["input_ids"])[:max_length]
         if not ids:
-            raise InvalidInputError(f"sample {i} has no tokens (empty text?); remove it from the data")
+            raise InvalidInputError(f"{_where(sample, i)}: the sample has no tokens (empty text?); remove it from the data")
         if vocab_size is not None and max(ids) >= vocab_size:
             raise InvalidInputError(
-                f"sample {i} has token id {max(ids)} but the model's vocabulary has {vocab_size} entries; "
+                f"{_where(sample, i)}: token id {max(ids)} but the model's vocabulary has {vocab_size} entries; "
                 f"does the tokenizer belong to this model?"
             )
         if task_type == "sequence_classification" and sample.label is None:
             raise InvalidInputError(
-                f"sample {i} has no 'label'; sequence classification needs a .jsonl file with an integer "
-                f"'label' per line"
+                f"{_where(sample, i)}: no 'label'; sequence classification needs a .jsonl file with an "
+                f"integer 'label' per line"
             )
         sequences.append(ids)
         labels.append(sample.label)

@@ -5,11 +5,19 @@
    only, so the model must learn attention heads that look back 9 positions;
 3. collects the empirical Fisher of the copy task with ``reduction="group"``;
 4. prints the most important heads and MLP channels and the per-layer totals (the same tables
-   as ``hf-fisher show``) and saves the artifact (default ``demo_output/fisher-copy``).
+   as ``hf-fisher show``) and saves the artifact.
 
-It also saves the trained model with a word-level tokenizer and the data as text next to the
-artifact, so the command line can be tried on them (the demo prints the command).
-Everything is seeded: two runs print the same numbers.
+Everything it writes goes inside ``--out`` (default ``demo_output``)::
+
+    fisher-copy/        the Fisher artifact
+    tiny-llama-copy/    the trained model with a word-level tokenizer
+    copy.txt            the data as text, one sequence per line
+
+so the command line can be tried on them (the demo prints the command, whose output
+``fisher-cli/`` also goes inside ``--out``). ``--out`` may be new, or hold what an earlier demo
+run wrote (it is replaced); anything else in it makes the demo refuse before training. The
+arguments are checked before anything is trained. Everything is seeded: two runs print the same
+numbers.
 """
 
 from __future__ import annotations
@@ -19,9 +27,12 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
-import torch
+from hf_fisher.errors import InvalidInputError
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["add_arguments", "run", "main", "DemoResult", "word_tokenizer", "copy_batch", "tiny_llama"]
 
@@ -32,6 +43,14 @@ SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>")  # ids 0..3
 SEP_ID = 4  # "|"
 FIRST_CONTENT_ID = 5  # "w5" ... "w127"
 SPAN = 8  # tokens to copy
+
+# what the demo writes inside --out (and the folder of the command it suggests)
+ARTIFACT_DIR = "fisher-copy"
+MODEL_DIR = "tiny-llama-copy"
+DATA_FILE = "copy.txt"
+CLI_ARTIFACT_DIR = "fisher-cli"
+DEMO_ENTRIES = (ARTIFACT_DIR, MODEL_DIR, DATA_FILE, CLI_ARTIFACT_DIR)
+MODEL_FILE_SUFFIXES = (".json", ".safetensors", ".txt", ".model", ".jinja")
 
 
 def word_tokenizer(words: Sequence[str]):
@@ -62,6 +81,7 @@ def demo_words() -> list[str]:
 
 def tiny_llama(seed: int = 0):
     """A randomly initialised LLaMA: hidden 64, 2 layers, 4 heads, 2 kv-heads (GQA), vocab 128."""
+    import torch
     import transformers as tf
 
     torch.manual_seed(seed)
@@ -75,6 +95,8 @@ def tiny_llama(seed: int = 0):
 
 def copy_batch(n: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
     """``n`` sequences ``<s> x1..x8 | x1..x8`` with labels on the copied half only (-100 elsewhere)."""
+    import torch
+
     x = torch.randint(FIRST_CONTENT_ID, VOCAB, (n, SPAN), generator=generator)
     bos = torch.full((n, 1), 1, dtype=torch.long)
     sep = torch.full((n, 1), SEP_ID, dtype=torch.long)
@@ -95,6 +117,8 @@ class DemoResult:
 
 
 def _copy_metrics(model, batch) -> tuple[float, float]:
+    import torch
+
     with torch.no_grad():
         out = model(**batch)
         pred = out.logits[:, :-1].argmax(-1)
@@ -106,6 +130,8 @@ def _copy_metrics(model, batch) -> tuple[float, float]:
 
 def train(model, *, steps: int, seed: int, batch_size: int = 32, lr: float = 3e-3) -> tuple[float, float, float]:
     """AdamW on fresh copy batches; returns (loss before, loss after, copy accuracy after)."""
+    import torch
+
     g = torch.Generator().manual_seed(seed)
     held_out = copy_batch(128, torch.Generator().manual_seed(seed + 1))
     model.eval()
@@ -127,14 +153,62 @@ def train(model, *, steps: int, seed: int, batch_size: int = 32, lr: float = 3e-
     return initial, final, acc
 
 
+def _is_model_file(name: str) -> bool:
+    return name.endswith(MODEL_FILE_SUFFIXES)
+
+
+def check_arguments(args: argparse.Namespace) -> Path:
+    """Check the demo's options and its output folder before any work; return ``--out``.
+
+    Raises :class:`~hf_fisher.errors.InvalidInputError` for an out-of-range number and
+    :class:`~hf_fisher.errors.ArtifactError` (from :func:`hf_fisher.cli.check_output_folder`) for
+    an output folder holding anything but an earlier demo's files, or one that cannot be written.
+    """
+    from hf_fisher.cli import check_output_folder
+    from hf_fisher.fisher import is_artifact_file
+
+    for flag, low in (("steps", 0), ("samples", 1), ("top", 0), ("card_lines", 0), ("seed", 0)):
+        value = getattr(args, flag)
+        if value < low:
+            raise InvalidInputError(f"--{flag.replace('_', '-')} must be >= {low} (got {value})")
+    if args.seed >= 2**63:
+        raise InvalidInputError(f"--seed must be < 2**63 (got {args.seed})")
+    from hf_fisher.errors import ArtifactError
+
+    try:
+        out = check_output_folder(
+            args.out, allowed=lambda name: name in DEMO_ENTRIES, what="demo output", overwrite=True, flag="--out"
+        )
+    except ArtifactError as e:
+        if (Path(args.out) / "fisher_config.json").is_file():  # --out names an artifact (the old usage)
+            raise ArtifactError(f"{e} (--out is the folder the demo writes everything into; its artifact goes "
+                                f"to {Path(args.out) / ARTIFACT_DIR})") from None
+        raise
+    check_output_folder(out / ARTIFACT_DIR, allowed=is_artifact_file, what="Fisher artifact", overwrite=True, flag="--out")
+    check_output_folder(out / MODEL_DIR, allowed=_is_model_file, what="model folder", overwrite=True, flag="--out")
+    check_output_folder(out / CLI_ARTIFACT_DIR, allowed=is_artifact_file, what="Fisher artifact", overwrite=True, flag="--out")
+    if (out / DATA_FILE).is_dir():
+        raise InvalidInputError(f"--out {out}: {DATA_FILE} is a folder; the demo writes its data to a file of that name")
+    return out
+
+
 def run(args: argparse.Namespace) -> DemoResult:
-    """Run the demo with the options of :func:`add_arguments`; prints its report."""
+    """Run the demo with the options of :func:`add_arguments`; prints its report.
+
+    Everything is written inside ``args.out`` (see the module docstring), which is checked,
+    with the other options, before the model is built.
+    """
+    root = check_arguments(args)
+
+    import torch
+
     import hf_fisher
+    from hf_fisher.atomic import atomic_folder
     from hf_fisher.cli import format_report
 
     start = time.perf_counter()
     torch.manual_seed(args.seed)
-    out = Path(args.out)
+    out = root / ARTIFACT_DIR
     model = tiny_llama(args.seed)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"Tiny LLaMA: {n_params:,} parameters, 2 layers, 4 heads / 2 kv-heads, vocab {VOCAB}")
@@ -146,7 +220,7 @@ def run(args: argparse.Namespace) -> DemoResult:
     sizes = [16] * (args.samples // 16) + ([args.samples % 16] if args.samples % 16 else [])
     batches = [copy_batch(size, g) for size in sizes]
     n = sum(len(b["input_ids"]) for b in batches)
-    print(f"Collecting the empirical Fisher of the copy task over {n} sequences ...")
+    print(f"Collecting the empirical Fisher of the copy task over {n} sequences (loss on the copied half only) ...")
     fisher = hf_fisher.collect(
         model,
         batches,
@@ -160,7 +234,6 @@ def run(args: argparse.Namespace) -> DemoResult:
     print(format_report(fisher, top=args.top, source=str(out)))
     print()
 
-    out.parent.mkdir(parents=True, exist_ok=True)
     fisher.save_pretrained(out)
     print(f"Saved the Fisher artifact to {out}/")
     card = out / "README.md"
@@ -174,33 +247,45 @@ def run(args: argparse.Namespace) -> DemoResult:
         for line in lines[: args.card_lines]:
             print(f"  | {line}")
 
-    model_dir = out.parent / "tiny-llama-copy"
-    data_file = out.parent / "copy.txt"
-    model.save_pretrained(model_dir)
+    model_dir = root / MODEL_DIR
+    data_file = root / DATA_FILE
     tokenizer = word_tokenizer(demo_words())
-    tokenizer.save_pretrained(model_dir)
+    with atomic_folder(model_dir) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
     words = demo_words()
     lines = []
     for b in batches:
         for row in b["input_ids"].tolist():
             lines.append(" ".join(words[i - len(SPECIAL_TOKENS)] for i in row[1:]))
-    data_file.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    tmp_data = data_file.with_name(f".{DATA_FILE}.tmp")
+    tmp_data.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    tmp_data.replace(data_file)
     seconds = time.perf_counter() - start
+    cli_out = root / CLI_ARTIFACT_DIR
     print()
     print(f"Also saved the trained model + tokenizer to {model_dir}/ and the data to {data_file}; try")
-    print(f"  hf-fisher collect --model {model_dir} --data {data_file} --task copy --out {out.parent / 'fisher-cli'} --overwrite")
-    print(f"  hf-fisher show {out.parent / 'fisher-cli'}")
+    print(f"  hf-fisher collect --model {model_dir} --data {data_file} --task copy --out {cli_out} --overwrite")
+    print(f"  hf-fisher show {cli_out}")
+    print("(hf-fisher collect scores every token of each line, the causal-LM labels being the input ids,")
+    print(" while the demo above scored only the copied half, so the two Fishers differ.)")
     print(f"Done in {seconds:.1f} s.")
     return DemoResult(out=out, initial_loss=initial, final_loss=final, copy_accuracy=acc, seconds=seconds, fisher=fisher)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", default="demo_output/fisher-copy", help="artifact folder (default demo_output/fisher-copy)")
+    """The demo's options (``hf-fisher demo`` / ``python -m hf_fisher.demo``); imports nothing heavy."""
+    parser.add_argument(
+        "--out", default="demo_output",
+        help=f"folder the demo writes everything into: {ARTIFACT_DIR}/ (the artifact), {MODEL_DIR}/ "
+             f"(model + tokenizer), {DATA_FILE} (the data); an earlier demo's output is replaced "
+             f"(default demo_output)",
+    )
     parser.add_argument("--steps", type=int, default=150, help="training steps (default 150)")
     parser.add_argument("--samples", type=int, default=64, help="sequences for the Fisher (default 64)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--top", type=int, default=8, help="rows in the heads / channels tables")
-    parser.add_argument("--card-lines", type=int, default=12, help="lines of the model card to print")
+    parser.add_argument("--seed", type=int, default=0, help="random seed of the model, training and data (default 0)")
+    parser.add_argument("--top", type=int, default=8, help="rows in the heads / channels tables (default 8)")
+    parser.add_argument("--card-lines", type=int, default=12, help="lines of the model card to print (default 12)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

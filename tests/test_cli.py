@@ -253,7 +253,10 @@ def test_refuses_non_empty_out_and_bad_model(workspace, tmp_path, capsys):
     (out / "keep.txt").write_text("precious", encoding="utf-8")
     assert main(collect_args(workspace, "lines.txt", out)) == 2
     err = capsys.readouterr().err
-    assert "not empty" in err and "--overwrite" in err
+    assert "refusing to overwrite" in err and "keep.txt" in err
+    assert artifact_files(out) == {"keep.txt"}
+    assert main(collect_args(workspace, "lines.txt", out, "--overwrite")) == 2  # never replaces foreign files
+    assert "keep.txt" in capsys.readouterr().err
     assert artifact_files(out) == {"keep.txt"}
 
     args = collect_args(workspace, "lines.txt", tmp_path / "out2")
@@ -271,12 +274,13 @@ def test_refuses_non_empty_out_and_bad_model(workspace, tmp_path, capsys):
         assert not (tmp_path / "out3").exists()
 
 
-def test_overwrite_replaces_a_previous_artifact(workspace, tmp_path):
+def test_overwrite_replaces_a_previous_artifact(workspace, tmp_path, capsys):
     from hf_fisher import Fisher
 
     out = tmp_path / "fisher"
     assert main(collect_args(workspace, "lines.txt", out, "--max-samples", "2")) == 0
     assert main(collect_args(workspace, "lines.txt", out, "--max-samples", "3")) == 2  # not empty
+    assert "--overwrite" in capsys.readouterr().err
     assert Fisher.from_pretrained(out).counts.samples == 2
     assert main(collect_args(workspace, "lines.txt", out, "--max-samples", "3", "--overwrite")) == 0
     assert Fisher.from_pretrained(out).counts.samples == 3
@@ -285,8 +289,9 @@ def test_overwrite_replaces_a_previous_artifact(workspace, tmp_path):
 def test_demo_trains_collects_and_saves(tmp_path, capsys):
     from hf_fisher import Fisher
 
-    out = tmp_path / "fisher-copy"
-    assert main(["demo", "--out", str(out), "--samples", "24"]) == 0
+    root = tmp_path / "demo"
+    out = root / "fisher-copy"
+    assert main(["demo", "--out", str(root), "--samples", "24"]) == 0
     text = capsys.readouterr().out
     before, after, acc = map(float, re.search(r"copy loss ([\d.]+) -> ([\d.]+), copy accuracy ([\d.]+)%", text).groups())
     assert after < 0.25 * before and acc > 90.0  # the copy task was learned
@@ -296,9 +301,22 @@ def test_demo_trains_collects_and_saves(tmp_path, capsys):
     assert len(table(text, "Top 8 of 8 attention heads")) == 8
     assert f"Saved the Fisher artifact to {out}" in text
 
+    # everything is written inside --out, nothing beside it
+    assert [p.name for p in tmp_path.iterdir()] == ["demo"]
+    assert sorted(p.name for p in root.iterdir()) == ["copy.txt", "fisher-copy", "tiny-llama-copy"]
+
     # the command the demo suggests works on what it saved
-    model_dir, data = tmp_path / "tiny-llama-copy", tmp_path / "copy.txt"
+    model_dir, data = root / "tiny-llama-copy", root / "copy.txt"
     assert len(data.read_text().splitlines()) == 24
     assert main(["collect", "--model", str(model_dir), "--data", str(data), "--task", "copy",
-                 "--out", str(tmp_path / "fisher-cli"), "--no-progress"]) == 0
-    assert Fisher.from_pretrained(tmp_path / "fisher-cli").counts.samples == 24
+                 "--out", str(root / "fisher-cli"), "--no-progress"]) == 0
+    cli_text = capsys.readouterr()
+    assert "every token of each line scored" in cli_text.out
+    assert "--max-length 512 is more than the model's 64 positions" in cli_text.err
+    assert Fisher.from_pretrained(root / "fisher-cli").counts.samples == 24
+    assert Fisher.from_pretrained(root / "fisher-cli").counts.tokens == 24 * (2 * 8 + 1)  # every token after <s>
+
+    # a second run replaces the demo's own output (including the folder of its suggested command)
+    assert main(["demo", "--out", str(root), "--samples", "16", "--steps", "5"]) == 0
+    assert Fisher.from_pretrained(out).counts.samples == 16
+    assert sorted(p.name for p in root.iterdir()) == ["copy.txt", "fisher-cli", "fisher-copy", "tiny-llama-copy"]

@@ -87,7 +87,7 @@ def test_sequence_classification_labels(tokenizer):
     (b,) = make_batches(tokenizer, samples, batch_size=8, max_length=8, task_type="sequence_classification")
     assert b["labels"].tolist() == [2, 0]
     assert b["input_ids"].tolist() == [[1, 4, 0], [1, 5, 6]]
-    with pytest.raises(InvalidInputError, match="sample 1 has no 'label'"):
+    with pytest.raises(InvalidInputError, match="sample 1: no 'label'"):
         make_batches(tokenizer, [samples[0], Sample(text="a")], batch_size=2, max_length=8, task_type="sequence_classification")
 
 
