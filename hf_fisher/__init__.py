@@ -22,6 +22,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "collect": "api",
     "FisherCollector": "collector",
+    "FisherCallback": "integrations.trainer",
     "HfFisherError": "errors",
     "Fisher": "fisher",
     "hookimpl": "hookspecs",
@@ -29,11 +30,12 @@ _LAZY = {
     "ParamGroups": "layout",
 }
 
-__all__ = ["collect", "Fisher", "FisherCollector", "HfFisherError", "hookimpl", "ModelLayout", "ParamGroups", "__version__"]
+__all__ = ["collect", "Fisher", "FisherCallback", "FisherCollector", "HfFisherError", "hookimpl", "ModelLayout", "ParamGroups", "__version__"]
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names come from __getattr__
     from .api import collect
     from .collector import FisherCollector
+    from .integrations.trainer import FisherCallback
     from .errors import HfFisherError
     from .fisher import Fisher
     from .hookspecs import hookimpl

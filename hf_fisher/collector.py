@@ -63,6 +63,8 @@ class _MomentsSink(ContributionSink):
         self.pending: dict[str, tuple] = {}
         # name -> batch-level Welford, for parameters that came in several chunks
         self.batch: dict[str, Welford] = {}
+        # the batch-level Welfords of earlier batches, reused
+        self.spare: dict[str, Welford] = {}
 
     def reset(self) -> None:
         self.pending = {}
@@ -70,7 +72,7 @@ class _MomentsSink(ContributionSink):
 
     def add(self, name: str, contributions: torch.Tensor) -> None:
         """Per-sample contributions ``[b, ...]``, already checked finite; modified in place."""
-        self._push(name, contributions.shape[0], *shifted_moments_(contributions))
+        self._push(name, contributions.shape[0], *shifted_moments_(contributions, corrected=False))
 
     def add_gradients(self, name: str, gradients: torch.Tensor, *, owned: bool = False) -> list[int]:
         """Per-sample gradients ``g`` ``[b, ...]`` of the next samples: adds ``C_i = g_i ⊙ g_i``.
@@ -97,7 +99,7 @@ class _MomentsSink(ContributionSink):
                 return bad
             x = x.to(torch.float64)  # finite contributions whose float32 sums overflow
             total = x.sum(0)
-        self._push(name, b, *shifted_moments_(x, total=total))
+        self._push(name, b, *shifted_moments_(x, total=total, corrected=False))
         return []
 
     def add_moments(self, name: str, n: int, mean: torch.Tensor, m2: torch.Tensor) -> None:
@@ -109,7 +111,11 @@ class _MomentsSink(ContributionSink):
         if name in self.batch:
             self.batch[name].update_shifted_(n, shift, m2, residual, workspace=self.workspace)
         elif name in self.pending:
-            w = Welford(tuple(shift.shape), dtype=self.dtype, device=shift.device)
+            # a batch-level Welford kept from an earlier batch (same shape and device): no allocation
+            w = self.spare.get(name)
+            if w is None or w.device != shift.device or w.shape != tuple(shift.shape):
+                w = self.spare[name] = Welford(tuple(shift.shape), dtype=self.dtype, device=shift.device)
+            w._forget()
             w.update_shifted_(*self.pending.pop(name), workspace=self.workspace)
             w.update_shifted_(n, shift, m2, residual, workspace=self.workspace)
             self.batch[name] = w
@@ -153,6 +159,37 @@ class _TaskState:
     batches: int = 0
 
 
+def select_parameters(model: nn.Module, params: "str | Iterable[str] | None") -> list[tuple[str, torch.Tensor]]:
+    """The trainable ``(name, parameter)`` pairs to collect: all of them (``None``), those whose
+    name matches a regular expression (``re.search``), or those named in a list (every name
+    must exist and be trainable)."""
+    import re
+
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if params is None:
+        return named
+    if isinstance(params, str):
+        try:
+            pattern = re.compile(params)
+        except re.error as e:
+            raise InvalidInputError(f"params={params!r} is not a valid regular expression: {e}") from None
+        chosen = [(n, p) for n, p in named if pattern.search(n)]
+        if not chosen:
+            raise InvalidInputError(f"params={params!r} matches no trainable parameter (e.g. {named[0][0] if named else 'none'!r})")
+        return chosen
+    wanted = list(params)
+    by_name = dict(named)
+    missing = [n for n in wanted if n not in by_name]
+    if missing:
+        all_names = {n for n, _ in model.named_parameters()}
+        frozen = [n for n in missing if n in all_names]
+        raise InvalidInputError(
+            f"params: {', '.join(missing[:3])} {'is' if len(missing) == 1 else 'are'} "
+            + ("frozen (requires_grad=False)" if frozen and len(frozen) == len(missing) else "not a trainable parameter of the model")
+        )
+    return [(n, by_name[n]) for n in dict.fromkeys(wanted)]
+
+
 class FisherCollector:
     """Collects the empirical diagonal Fisher of ``model`` for one or several tasks.
 
@@ -188,13 +225,14 @@ class FisherCollector:
         loss_fn: LossFn | None = None,
         estimator: str = "empirical",
         verify: bool = True,
+        params: "str | Iterable[str] | None" = None,
     ):
         _check_choice("reduction", reduction, REDUCTIONS)
         _check_choice("normalization", normalization, NORMALIZATIONS)
         _check_choice("on_nonfinite", on_nonfinite, ("raise", "skip"))
         if ema_decay is not None and not (0.0 < float(ema_decay) < 1.0):
             raise InvalidInputError(f"ema_decay must be in (0, 1), got {ema_decay}")
-        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        named = select_parameters(model, params)
         if not named:
             raise NoTrainableParametersError(
                 f"{type(model).__name__} has no trainable parameter (requires_grad=True); unfreeze the "
@@ -232,16 +270,60 @@ class FisherCollector:
             self.tasks[task] = _TaskState(acc)
         return self.tasks[task]
 
+    def _new_sink(self) -> ContributionSink:
+        if self.ema_decay is not None:
+            return _OrderedSink(self.accumulation_dtype)
+        # one moments sink for the collector's life: its float64 scratch buffers are reused
+        if self._moments_sink is None:
+            self._moments_sink = _MomentsSink(self.accumulation_dtype)
+        return self._moments_sink
+
+    def _record(self, state: _TaskState, report: BatchReport) -> None:
+        state.batches += 1
+        state.samples += report.used
+        state.tokens += report.tokens
+        state.skipped += report.skipped
+        state.nonfinite += report.nonfinite
+
+    def attach_training(self, task: str = "train", *, max_samples: int | None = None):
+        """Collect ``task`` from the backward passes someone else runs on the model (a Trainer):
+        returns the attached :class:`~hf_fisher.engine.external.ExternalBackward`; call its
+        ``finish()`` after each backward (before the optimizer step) and ``detach()`` at the end.
+
+        A micro-batch the free path cannot take exactly (see ``ExternalBackward``) is redone with
+        the engine's own pass, on the same parameters, with the random streams left untouched.
+        """
+        from .engine.external import ExternalBackward
+
+        state = self._task(task)
+        warned: set[str] = set()
+
+        def remaining():
+            return None if max_samples is None else max(0, max_samples - state.samples)
+
+        def done(micro):
+            if micro.failed is None:
+                micro.sink.commit(state.accumulators)
+                self._record(state, micro.report)
+                return
+            if micro.failed not in warned:
+                warned.add(micro.failed)
+                log.warning("hf_fisher: a training micro-batch is computed with an extra pass (exact): %s", micro.failed)
+            self.fallback_batches += 1
+            limit = remaining()
+            if limit == 0:
+                return
+            with ext.paused_capture(), _preserved_rng(self.model):
+                self.update(micro.batch, task, limit=limit)
+
+        ext = ExternalBackward(self.engine, self._new_sink, done, remaining)
+        self.fallback_batches = 0
+        return ext.attach()
+
     def update(self, batch: Mapping[str, Any], task: str = "default", *, limit: int | None = None) -> BatchReport:
         """Add the samples of one batch to ``task``. Returns what was used and skipped."""
         state = self._task(task)
-        if self.ema_decay is not None:
-            sink: ContributionSink = _OrderedSink(self.accumulation_dtype)
-        else:
-            # one sink for the collector's life: its float64 scratch buffers are reused by every batch
-            if self._moments_sink is None:
-                self._moments_sink = _MomentsSink(self.accumulation_dtype)
-            sink = self._moments_sink
+        sink = self._new_sink()
         was_training = self.model.training
         self.model.train(self.train_mode)
         try:
@@ -252,11 +334,7 @@ class FisherCollector:
         finally:
             self.model.train(was_training)
         sink.commit(state.accumulators)
-        state.batches += 1
-        state.samples += report.used
-        state.tokens += report.tokens
-        state.skipped += report.skipped
-        state.nonfinite += report.nonfinite
+        self._record(state, report)
         return report
 
     def collect(self, batches: Iterable[Mapping[str, Any]], task: str = "default", *, max_samples: int | None = None, progress: bool = True) -> None:
@@ -278,8 +356,14 @@ class FisherCollector:
             bar.close()
 
     # ------------------------------------------------------------------ results
-    def fisher(self, task: str = "default", *, model_name_or_path: str | None = None, data_description: str | None = None) -> Fisher:
-        """The Fisher artifact of ``task`` (mean, unbiased variance, counts, metadata)."""
+    def fisher(
+        self, task: str = "default", *, model_name_or_path: str | None = None, data_description: str | None = None,
+        extra: Mapping[str, Any] | None = None, dtype: torch.dtype | None = None,
+    ) -> Fisher:
+        """The Fisher artifact of ``task`` (mean, unbiased variance, counts, metadata).
+
+        ``extra`` is merged into ``metadata.extra``; ``dtype`` overrides the storage dtype (a
+        checkpoint keeps the accumulation dtype so that :meth:`restore` is exact)."""
         seen = self.tasks.get(task)
         if seen is not None and seen.samples == 0 and seen.nonfinite > 0:
             raise EmptyDataError(
@@ -294,7 +378,7 @@ class FisherCollector:
                 "label tokens (labels != -100)"
             )
         state = self.tasks[task]
-        dtype = self.storage_dtype or self.accumulation_dtype
+        dtype = dtype or self.storage_dtype or self.accumulation_dtype
         mean, var = {}, {}
         for name, acc in state.accumulators.items():
             # copies: the accumulators are updated in place by later batches
@@ -306,11 +390,45 @@ class FisherCollector:
             groups=dict(self.groups),
             param_shapes=dict(self.param_shapes),
             counts=Counts(samples=state.samples, tokens=state.tokens, skipped=state.skipped, nonfinite=state.nonfinite),
-            metadata=self._metadata(task, model_name_or_path, data_description, dtype),
+            metadata=self._metadata(task, model_name_or_path, data_description, dtype, extra, state),
             layout=self.layout,
         )
 
-    def _metadata(self, task, model_name_or_path, data_description, storage_dtype) -> FisherMetadata:
+    def restore(self, task: str, fisher: Fisher) -> None:
+        """Continue ``task`` from an artifact this collector (or one like it) wrote: the
+        accumulators are rebuilt from its mean, variance and counts (Welford: ``M2 = var (n-1)``;
+        EMA: with the weight sums kept in ``metadata.extra["ema_state"]``), exactly up to the
+        artifact's dtype."""
+        from .stats import EMA
+
+        if fisher.reduction != self.reduction or sorted(fisher.names()) != sorted(t.name for t in self.engine.targets):
+            raise InvalidInputError(
+                f"cannot resume task {task!r} from this artifact: it holds a {fisher.reduction} Fisher of "
+                f"{len(fisher)} parameters, this collector a {self.reduction} Fisher of {len(self.engine.targets)}"
+            )
+        n = fisher.counts.samples
+        ema = (fisher.metadata.extra or {}).get("ema_state")
+        acc = {}
+        for t in self.engine.targets:
+            mean = fisher[t.name].to(self.accumulation_dtype)
+            var = fisher.variances[t.name].to(self.accumulation_dtype) if fisher.has_variance else torch.zeros_like(mean)
+            if self.ema_decay is None:
+                acc[t.name] = Welford.from_state_dict(
+                    {"count": n, "mean": mean, "m2": var * max(0, n - 1)}, dtype=self.accumulation_dtype, device=self.accumulation_device,
+                )
+            else:
+                if not ema:
+                    raise InvalidInputError("this artifact has no EMA state (metadata.extra['ema_state']): it cannot resume an EMA")
+                w, w2 = float(ema["weight_sum"]), float(ema["weight_sq_sum"])
+                denom = 1.0 - w2 / (w * w) if n > 1 else 1.0
+                acc[t.name] = EMA.from_state_dict(
+                    {"count": n, "decay": self.ema_decay, "weight_sum": w, "weight_sq_sum": w2, "mean": mean, "m2": var * denom * w},
+                    dtype=self.accumulation_dtype, device=self.accumulation_device,
+                )
+        c = fisher.counts
+        self.tasks[task] = _TaskState(acc, samples=c.samples, tokens=c.tokens, skipped=c.skipped, nonfinite=c.nonfinite)
+
+    def _metadata(self, task, model_name_or_path, data_description, storage_dtype, extra=None, state=None) -> FisherMetadata:
         base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
         config = getattr(base, "config", None)
         name = model_name_or_path or getattr(config, "_name_or_path", None) or None
@@ -332,6 +450,8 @@ class FisherCollector:
                 "per_sample_path": "loop" if self.engine.loop_mode else "batched",
                 **({"loop_reason": self.engine.loop_reason} if self.engine.loop_mode else {}),
                 **({"vjp_params": dict(self.engine.vjp_reasons)} if self.engine.vjp_reasons and not self.engine.loop_mode else {}),
+                **(_ema_state(state) if state is not None and self.ema_decay is not None else {}),
+                **dict(extra or {}),
             },
         )
 
@@ -340,3 +460,19 @@ class FisherCollector:
         self.engine.capture.detach()
         if self._moments_sink is not None:
             self._moments_sink.workspace.clear()
+
+
+def _ema_state(state: _TaskState) -> dict:
+    """The EMA's weight sums (shared by every accumulator of a task), for :meth:`FisherCollector.restore`."""
+    acc = next(iter(state.accumulators.values()), None)
+    if acc is None or not hasattr(acc, "_w"):
+        return {}
+    return {"ema_state": {"weight_sum": float(acc._w), "weight_sq_sum": float(acc._w2)}}
+
+
+def _preserved_rng(model: nn.Module):
+    """``torch.random.fork_rng`` over the CPU and the model's CUDA device: an extra pass inside
+    training (dropout) leaves the random streams training uses as they were."""
+    devices = [p.device for p in model.parameters()][:1]
+    cuda = [d.index or 0 for d in devices if d.type == "cuda"]
+    return torch.random.fork_rng(devices=cuda)

@@ -163,7 +163,8 @@ class PerSampleEngine:
             memory_budget_mb = 32.0 if any(t.groups is not None for t in targets) else 256.0
         elem = torch.empty((), dtype=self.compute_dtype).element_size()
         self.budget_elems = max(1, int(memory_budget_mb * 2**20 / (3 * elem)))
-        self.owned = owned_parameters(model)
+        wanted = set(self.by_param)
+        self.owned = {m: ids & wanted for m, ids in owned_parameters(model).items() if ids & wanted}
         self.capture = Capture([m for m in model.modules() if id(m) in self.owned], self._on_grad)
         self._bottom_cache: dict = {}
         self._forward_params = _accepted_kwargs(model)
@@ -316,6 +317,20 @@ class PerSampleEngine:
     def _positions(self, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
         """``position_ids`` to pass, or None where the model's default already gives every real
         token the position it has in its sample alone (see the module docstring)."""
+        pair = self._position_pair(batch)
+        if pair is None:
+            return None
+        own, wanted, real = pair
+        if torch.equal(own[real], wanted[real]) and not self.explicit_positions:
+            return None
+        # a learned position table looked up with the model's default [1, T] positions would be
+        # one call shared by the batch: the same positions as [B, T] keep it per sample
+        return wanted
+
+    def _position_pair(self, batch: dict[str, torch.Tensor]):
+        """``(own, wanted, real)``: the positions the model would use by default, the ones each
+        real token has in its sample alone (both in the model's convention), and the mask of
+        real tokens; None without an attention mask."""
         mask = batch.get("attention_mask")
         if mask is None:
             return None
@@ -331,11 +346,7 @@ class PerSampleEngine:
             nonpad = ids.ne(pad).long()
             own = nonpad.cumsum(-1) * nonpad + pad
             wanted = mask.cumsum(-1) * mask + pad
-        if torch.equal(own[real], wanted[real]) and not self.explicit_positions:
-            return None
-        # a learned position table looked up with the model's default [1, T] positions would be
-        # one call shared by the batch: the same positions as [B, T] keep it per sample
-        return wanted
+        return own, wanted, real
 
     def _losses(self, output: Any, batch: dict[str, torch.Tensor]) -> SampleLosses:
         if self.loss_fn is not None:

@@ -1,0 +1,328 @@
+"""Per-sample contributions from a backward pass somebody else runs (a ``transformers.Trainer``).
+
+The capture hooks of :class:`~hf_fisher.engine.per_sample.PerSampleEngine` do not care who calls
+``backward``. :class:`ExternalBackward` attaches them to the model, reads each training forward's
+inputs (a forward pre-hook on the model), and derives the per-sample scale from the gradient
+that reaches the logits:
+
+The loss a Trainer back-propagates is, for the cross-entropy of causal / masked LMs and
+classifiers, ``L = c * sum_i S_i`` with ``S_i`` sample i's summed token loss and one constant
+``c`` for the micro-batch (``1 / num_items_in_batch``, or ``1 / (tokens * accumulation steps)``,
+times a GradScaler's scale, ...). With ``D = dS/dlogits`` (``softmax - onehot`` at the label
+positions) the gradient reaching the logits is ``G = c * D``, so ``c = <G, D> / <D, D>``, checked
+on a sample of positions: a loss that is not of this form (label smoothing, a custom
+``compute_loss``) fails the check and the micro-batch is reported as unsupported (the caller
+then computes it with the engine's own pass), never silently mis-scaled. Every captured
+per-sample gradient is then ``c * dS_i/dθ`` and the engine's scale is ``w_i s_i / c`` (see
+:func:`~hf_fisher.engine.losses.normalization_weights`).
+
+Gradient clipping happens after the backward, on ``.grad``: it never reaches the per-sample
+gradients the hooks see, so it does not change the contributions. Nothing here touches ``.grad``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+from ..errors import HfFisherError, UnsupportedError
+from .capture import Capture
+from .losses import IGNORE_INDEX, label_counts, normalization_weights, token_labels
+from .per_sample import BatchReport, ContributionSink, PerSampleEngine, _keep_and_report, mismatch
+
+log = logging.getLogger("hf_fisher.engine")
+
+_INPUT_KEYS = ("input_ids", "attention_mask", "labels", "token_type_ids", "position_ids")
+
+
+@dataclass
+class MicroBatch:
+    """What the pre-hook saw of one training forward."""
+
+    batch: dict
+    report: BatchReport
+    sink: ContributionSink
+    verify: bool
+    n_tokens: torch.Tensor
+    failed: str | None = None
+    scale_ready: bool = False
+
+
+class ExternalBackward:
+    """Feed the contributions of every training micro-batch into a sink, from the Trainer's own
+    forward and backward.
+
+    ``make_sink()`` gives the sink of the next micro-batch; ``done(micro)`` is called by
+    :meth:`finish` with the finished :class:`MicroBatch` (``micro.failed`` holds the reason when
+    the free path could not be used: the caller redoes that batch with the engine's own pass).
+    ``limit()`` returns how many more samples may be used (None: no limit).
+    """
+
+    def __init__(self, engine: PerSampleEngine, make_sink: Callable[[], ContributionSink], done: Callable[[MicroBatch], None],
+                 limit: Callable[[], "int | None"] = lambda: None):
+        self.engine = engine
+        self.make_sink = make_sink
+        self.done = done
+        self.limit = limit
+        self.handles: list = []
+        self.current: MicroBatch | None = None
+        self.queue: list = []
+        self._grads: dict | None = None
+        self._grad_handle = None
+        self.paused = False
+
+    # ------------------------------------------------------------------ attach
+    def attach(self) -> "ExternalBackward":
+        if not self.handles:
+            model = self.engine.model
+            self.handles.append(model.register_forward_pre_hook(self._pre, with_kwargs=True))
+            self.handles.append(model.register_forward_hook(self._post, with_kwargs=True))
+            cap = self.engine.capture
+            cap.on_grad = self._gated
+            cap.attach()
+        return self
+
+    @contextlib.contextmanager
+    def paused_capture(self):
+        """Let the engine run its own pass (its own hooks and dispatch) in the middle of training."""
+        engine = self.engine
+        self.paused = True
+        engine.capture.on_grad = engine._on_grad
+        try:
+            yield
+        finally:
+            self.paused = False
+            engine.capture.on_grad = self._gated
+            engine.capture.attach()
+
+    def detach(self) -> None:
+        self.finish()
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+        self.engine.capture.on_grad = self.engine._on_grad
+        self.engine.capture.detach()
+
+    # ------------------------------------------------------------------ forward
+    def _pre(self, module, args, kwargs):
+        if self.paused or not torch.is_grad_enabled():
+            return None
+        self.finish()  # a previous micro-batch whose end no callback reported
+        engine = self.engine
+        batch = {k: kwargs[k] for k in _INPUT_KEYS if isinstance(kwargs.get(k), torch.Tensor)}
+        if args and "input_ids" not in batch and isinstance(args[0], torch.Tensor):
+            batch["input_ids"] = args[0]
+        if "input_ids" not in batch:
+            log.warning("hf_fisher: a training forward without input_ids (inputs_embeds?) is not captured")
+            return None
+        batch = {k: v.detach() for k, v in batch.items()}
+        batch = engine._prepare(batch, engine.batches_seen)
+        n = label_counts(batch, engine.task_type)
+        keep, report = _keep_and_report(n, set(), self.limit())
+        B, T = batch["input_ids"].shape
+        verify = engine.verify_next
+        micro = MicroBatch(batch, report, self.make_sink(), verify, n)
+        self.current = micro
+        self.queue = []
+        cap = engine.capture
+        cap.start(B, engine.compute_dtype, None, seq_len=T)
+        engine._begin_backward(keep, micro.sink, set(), None)
+        if engine.loop_mode:
+            micro.failed = engine.loop_reason
+        if engine.explicit_positions and "position_ids" in engine._forward_params and "position_ids" not in kwargs:
+            pair = engine._position_pair(batch)
+            if pair is not None:
+                own, wanted, real = pair
+                if torch.equal(own[real], wanted[real]):
+                    # the positions the model would use anyway, as [B, T]: a learned position
+                    # table's lookup stays per sample; never a different number for a real token
+                    return args, dict(kwargs, position_ids=wanted)
+        return None
+
+    def _post(self, module, args, kwargs, output):
+        micro = self.current
+        if micro is None or self.paused or not torch.is_grad_enabled():
+            return None
+        engine = self.engine
+        for c in engine.capture.calls:
+            if any(c.batch_axis_kind(t) is None for t in c.tensors):
+                micro.failed = micro.failed or f"{type(c.module).__name__} output is shared by the batch"
+        logits = output.logits if hasattr(output, "logits") else (output[0] if isinstance(output, (tuple, list)) else None)
+        if not isinstance(logits, torch.Tensor) or not logits.requires_grad:
+            micro.failed = micro.failed or "the model's output has no logits that require grad"
+            return None
+        labels = token_labels(micro.batch, engine.task_type)
+        probe = _probe_positions(labels, engine.task_type)
+        picked = _picked_logits(logits.detach(), probe, engine.task_type)
+        targets = _picked_labels(labels, probe, engine.task_type)
+        logits.register_hook(lambda g: self._on_logits(g, picked, targets, probe))
+        if micro.verify:
+            params = [t.param for t in engine.targets]
+            self._grads = {}
+            self._grad_handle = torch.autograd.graph.register_multi_grad_hook(params, self._keep_grads, mode="all")
+        return None
+
+    # ------------------------------------------------------------------ backward
+    def _on_logits(self, grad, picked, targets, probe):
+        micro = self.current
+        if micro is None:
+            return None
+        try:
+            c = _loss_scale(grad, picked, targets, probe, self.engine.task_type)
+        except UnsupportedError as e:
+            micro.failed = micro.failed or str(e)
+            c = 1.0
+        engine = self.engine
+        w, s = normalization_weights(micro.n_tokens, engine.normalization, engine.compute_dtype)
+        engine.capture.scale = (w * s / c).to(engine.device)
+        micro.scale_ready = True
+        queued, self.queue = self.queue, []
+        for call in queued:
+            engine.capture._dispatch(call)
+        return None
+
+    def _gated(self, call):
+        micro = self.current
+        if micro is None or micro.failed:
+            call.args, call.kwargs, call.grad_output, call.output = (), {}, None, None
+            return
+        if not micro.scale_ready:
+            self.queue.append(call)
+            return
+        call.scale = self.engine.capture.scale
+        try:
+            self.engine._on_grad(call)
+        except (UnsupportedError, HfFisherError) as e:
+            micro.failed = micro.failed or str(e)
+        except Exception as e:  # _NonFiniteSamples and rule errors: the caller redoes the batch
+            log.debug("free capture failed", exc_info=True)
+            micro.failed = micro.failed or f"{type(e).__name__}: {e}"
+
+    def _keep_grads(self, grads):
+        if self._grads is not None:
+            self._grads = {id(t.param): g for t, g in zip(self.engine.targets, grads)}
+
+    # ------------------------------------------------------------------ end of a micro-batch
+    def finish(self) -> None:
+        """Close the current micro-batch (after its backward): reduce what is left, check the
+        first one against the Trainer's batch gradient, hand it to ``done``."""
+        micro, self.current = self.current, None
+        if micro is None:
+            return
+        engine = self.engine
+        cap = engine.capture
+        try:
+            with torch.no_grad():  # as inside the backward: nothing here is differentiated
+                self._close(micro)
+        except Exception as e:
+            log.debug("free capture failed", exc_info=True)
+            micro.failed = micro.failed or str(e)
+        finally:
+            cap.calls = []
+            cap.recomputed = False
+            engine._pending = {}
+            self._grads = None
+            if self._grad_handle is not None:
+                self._grad_handle.remove()
+                self._grad_handle = None
+        if not micro.failed:
+            engine.batches_seen += 1
+            if micro.verify:
+                engine.verify_next = False
+        else:
+            micro.sink.reset()
+        self.done(micro)
+
+    def _close(self, micro: MicroBatch) -> None:
+        """Reduce what the backward left (deferred multi-output calls, unreached parameters) and
+        check the first micro-batch; raises what makes the free path unusable."""
+        engine = self.engine
+        cap = engine.capture
+        if micro.failed:
+            return
+        if not micro.scale_ready:
+            raise UnsupportedError("no gradient reached the logits (was backward run?)")
+        if cap.recomputed:
+            raise UnsupportedError("a module's forward ran again during backward (activation checkpointing)")
+        cap.flush_deferred()
+        engine._finish(None)
+        if micro.verify:
+            self._verify()
+
+    def _verify(self) -> None:
+        engine = self.engine
+        grads = self._grads or {}
+        ref = {}
+        for t in engine.targets:
+            g = grads.get(id(t.param))
+            ref[id(t.param)] = torch.zeros_like(t.param, dtype=engine.compute_dtype) if g is None else g.to(engine.compute_dtype)
+        bad = mismatch(engine._totals, ref, engine._tolerance())
+        engine._totals = {}
+        if bad is not None:
+            pid, rel = bad
+            raise UnsupportedError(
+                f"the captured per-sample gradients of {engine.by_param[pid].name} do not add up to the "
+                f"Trainer's batch gradient (relative error {rel:.2e})"
+            )
+
+
+def _probe_positions(labels: torch.Tensor, task_type: str, k: int = 16) -> torch.Tensor:
+    """Up to ``k`` (sample, position) pairs with a label (spread over the batch)."""
+    if task_type == "sequence_classification":
+        valid = (labels != IGNORE_INDEX) if labels.dim() == 1 and not labels.is_floating_point() else torch.ones(labels.shape[0], dtype=torch.bool, device=labels.device)
+        idx = valid.nonzero().flatten()
+        step = max(1, idx.numel() // k)
+        return idx[::step][:k]
+    shifted = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX) if task_type == "causal_lm" else labels
+    idx = (shifted != IGNORE_INDEX).nonzero()
+    step = max(1, idx.shape[0] // k)
+    return idx[::step][:k]
+
+
+def _picked_logits(logits: torch.Tensor, probe: torch.Tensor, task_type: str) -> torch.Tensor:
+    if task_type == "sequence_classification":
+        return logits[probe].float() if logits.dtype not in (torch.float32, torch.float64) else logits[probe]
+    out = logits[probe[:, 0], probe[:, 1]]
+    return out if out.dtype in (torch.float32, torch.float64) else out.float()
+
+
+def _picked_labels(labels: torch.Tensor, probe: torch.Tensor, task_type: str) -> torch.Tensor:
+    if task_type == "sequence_classification":
+        return labels[probe]
+    shifted = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX) if task_type == "causal_lm" else labels
+    return shifted[probe[:, 0], probe[:, 1]]
+
+
+def _loss_scale(grad: torch.Tensor, picked: torch.Tensor, targets: torch.Tensor, probe: torch.Tensor, task_type: str) -> float:
+    """``c`` with ``dL/dlogits = c * dS/dlogits`` at the probed positions (least squares, checked)."""
+    if probe.numel() == 0:
+        raise UnsupportedError("no label token in the micro-batch")
+    if task_type == "sequence_classification":
+        if targets.is_floating_point() or targets.dim() != 1:
+            raise UnsupportedError("only single-label classification losses can be rescaled per sample")
+        g = grad[probe]
+    else:
+        g = grad[probe[:, 0], probe[:, 1]]
+    g = g.to(picked.dtype)
+    d = torch.softmax(picked, dim=-1)
+    d[torch.arange(d.shape[0], device=d.device), targets] -= 1.0
+    dd = float((d * d).sum())
+    if dd == 0.0:
+        raise UnsupportedError("the cross-entropy gradient vanishes at the probed positions")
+    c = float((g * d).sum()) / dd
+    resid = float((g - c * d).norm())
+    scale = float(g.norm()) + 1e-30
+    tol = 1e-2 if picked.dtype == torch.float32 and grad.dtype != torch.float32 else 1e-4
+    if not (c > 0) or resid > tol * scale:
+        raise UnsupportedError(
+            "the training loss is not a multiple of the summed cross-entropy of the labels (label smoothing, "
+            f"a custom compute_loss, a loss over other outputs?): residual {resid / scale:.2e}"
+        )
+    return c
+
+
+__all__ = ["ExternalBackward", "MicroBatch", "Capture"]

@@ -1,0 +1,300 @@
+"""``FisherCallback``: the Fisher of a model collected inside a ``transformers.Trainer``.
+
+Two modes:
+
+- ``"training"`` (free): the contributions come from the Trainer's own forward and backward
+  passes through the engine's capture hooks (:class:`hf_fisher.engine.external.ExternalBackward`):
+  no extra forward or backward. Each micro-batch's per-sample gradients are rescaled exactly
+  from the gradient that reaches the logits, whatever the Trainer's loss scaling (mean over the
+  micro-batch, ``num_items_in_batch`` under gradient accumulation, a GradScaler). Gradient
+  clipping acts on ``.grad`` after the backward and never on the per-sample gradients, so it
+  does not change them. The parameters change at every optimizer step: the result is a running
+  estimate along the training trajectory, ``F = mean_i C_i(θ_{step(i)})`` over the samples seen
+  (``ema_decay`` weighs recent samples more). A micro-batch the free path cannot take exactly
+  (activation checkpointing, a loss that is not the labels' cross-entropy) is computed with an
+  extra pass of the engine on the same parameters, loudly; never a silently wrong number.
+- ``"probe"``: every ``probe_every_n_steps`` optimizer steps and at the end of training, the
+  Fisher of the model as it is then, on ``probe_data``, in eval mode, leaving ``.grad``, the
+  optimizer, the random streams and the train/eval mode exactly as they were.
+
+At the end of training the artifact is saved to ``<output_dir>/<output_subdir>``; each Trainer
+checkpoint gets the accumulator state as a loadable artifact (``checkpoint-N/<output_subdir>``),
+which a resumed run restores, so an interrupted and resumed run ends with the Fisher of an
+uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+from transformers import TrainerCallback
+
+from ..errors import InvalidInputError
+
+log = logging.getLogger("hf_fisher")
+
+MODES = ("training", "probe")
+
+
+class FisherCallback(TrainerCallback):
+    """Collect the Fisher information of the model a ``transformers.Trainer`` trains.
+
+    Example::
+
+        trainer = Trainer(model, args, train_dataset=ds, callbacks=[hf_fisher.FisherCallback()])
+        trainer.train()
+        fisher = trainer.callback_handler.callbacks[-1].fisher()   # or keep a reference
+
+    Args:
+        mode: ``"training"`` (free, from the Trainer's backward passes) or ``"probe"``.
+        estimator: ``"empirical"`` (the only estimator the free mode can take from training).
+        reduction: ``"group"`` (heads, channels, ...) or ``"param"``.
+        task: the artifact's task name.
+        probe_data: probe mode: a DataLoader, an iterable of batch dicts, or a dataset whose
+            items the Trainer's collator turns into batches.
+        probe_every_n_steps: probe mode: probe every N optimizer steps (and at train end).
+        params: a regular expression or a list of names selecting the parameters (default: all
+            trainable ones; for a PEFT model, its trainable adapter weights).
+        max_samples: training mode: stop adding samples after this many.
+        storage_dtype, ema_decay: as for :func:`hf_fisher.collect`.
+        output_subdir: folder name of the artifact inside ``output_dir`` and checkpoints.
+        log_summary: add Fisher scalars (``fisher/trace``, ``fisher/samples``, per-layer traces)
+            to the Trainer's logs.
+    """
+
+    def __init__(
+        self,
+        mode: str = "training",
+        *,
+        estimator: str = "empirical",
+        reduction: str = "group",
+        task: str = "train",
+        probe_data: Any = None,
+        probe_every_n_steps: int | None = None,
+        params: "str | Iterable[str] | None" = None,
+        max_samples: int | None = None,
+        storage_dtype: torch.dtype | None = None,
+        ema_decay: float | None = None,
+        output_subdir: str = "fisher",
+        log_summary: bool = True,
+    ):
+        if mode not in MODES:
+            raise InvalidInputError(f"unknown mode {mode!r}; choose 'training' or 'probe'")
+        if mode == "training" and estimator != "empirical":
+            raise InvalidInputError(
+                f"estimator {estimator!r} needs its own passes: use mode='probe' with probe_data, "
+                "or estimator='empirical' for the free training mode"
+            )
+        if mode == "probe":
+            if probe_data is None:
+                raise InvalidInputError("mode='probe' needs probe_data (a DataLoader, batches, or a dataset)")
+            if probe_every_n_steps is not None and probe_every_n_steps < 1:
+                raise InvalidInputError(f"probe_every_n_steps must be >= 1, got {probe_every_n_steps}")
+        if max_samples is not None and max_samples < 1:
+            raise InvalidInputError(f"max_samples must be >= 1, got {max_samples}")
+        if not output_subdir or os.path.isabs(output_subdir) or ".." in Path(output_subdir).parts:
+            raise InvalidInputError(f"output_subdir must be a relative folder name, got {output_subdir!r}")
+        self.mode = mode
+        self.estimator = estimator
+        self.reduction = reduction
+        self.task = task
+        self.probe_data = probe_data
+        self.probe_every_n_steps = probe_every_n_steps
+        self.params = params
+        self.max_samples = max_samples
+        self.storage_dtype = storage_dtype
+        self.ema_decay = ema_decay
+        self.output_subdir = output_subdir
+        self.log_summary = log_summary
+        self.collector = None
+        self._external = None
+        self._probe_fisher = None
+        self._collate = None
+        self._model_name = None
+        self._args_summary: dict = {}
+
+    # ------------------------------------------------------------------ results
+    def fisher(self):
+        """The current :class:`hf_fisher.Fisher` (training mode: everything seen so far; probe
+        mode: the last probe)."""
+        if self.mode == "probe":
+            if self._probe_fisher is None:
+                raise InvalidInputError("no probe has run yet (probes run every probe_every_n_steps steps and at train end)")
+            return self._probe_fisher
+        if self.collector is None:
+            raise InvalidInputError("the callback has not seen training yet: pass it to a Trainer and call train()")
+        if self._external is not None:
+            self._external.finish()
+        return self.collector.fisher(self.task, model_name_or_path=self._model_name, extra={"training": self._args_summary})
+
+    # ------------------------------------------------------------------ set-up
+    def _make_collector(self, model, *, train_mode: bool):
+        from ..collector import FisherCollector
+
+        return FisherCollector(
+            model, reduction=self.reduction, storage_dtype=self.storage_dtype, ema_decay=self.ema_decay,
+            train_mode=train_mode, params=self.params,
+        )
+
+    def on_train_begin(self, args, state, control, model=None, train_dataloader=None, **kwargs):
+        if model is None:
+            raise InvalidInputError("FisherCallback needs the model (the Trainer passes it to callbacks)")
+        _refuse_sharded(model, args)
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        self._model_name = getattr(getattr(base, "config", None), "_name_or_path", None) or None
+        self._collate = getattr(train_dataloader, "collate_fn", None)
+        self._args_summary = _training_summary(args, self.mode)
+        if self.mode == "training":
+            if self.collector is None:
+                self.collector = self._make_collector(model, train_mode=True)
+                self._restore(args, state)
+            self._external = self.collector.attach_training(self.task, max_samples=self.max_samples)
+        return control
+
+    def _restore(self, args, state) -> None:
+        """Resume: the accumulator state saved with the checkpoint the Trainer resumed from."""
+        if not state.global_step:
+            return
+        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}" / self.output_subdir
+        if not folder.is_dir():
+            log.warning("hf_fisher: resuming at step %d without a Fisher state in %s: starting from zero", state.global_step, folder)
+            return
+        from ..fisher import Fisher
+
+        self.collector.restore(self.task, Fisher.from_pretrained(folder))
+        log.info("hf_fisher: resumed the Fisher accumulators from %s", folder)
+
+    # ------------------------------------------------------------------ training
+    def on_substep_end(self, args, state, control, **kwargs):
+        if self._external is not None:
+            self._external.finish()
+        return control
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        if self._external is not None:  # the last micro-batch, before the parameters change
+            self._external.finish()
+        return control
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if self._external is not None:
+            self._external.finish()
+        if self.mode == "probe" and self.probe_every_n_steps and state.global_step % self.probe_every_n_steps == 0:
+            self._probe(model, state.global_step)
+        return control
+
+    def on_save(self, args, state, control, **kwargs):
+        if not _is_main_process(args):
+            return control
+        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}" / self.output_subdir
+        if self.mode == "training" and self.collector is not None and self.task in self.collector.tasks:
+            if self._external is not None:
+                self._external.finish()
+            if self.collector.tasks[self.task].samples:
+                # the accumulation dtype, so that resuming is exact
+                self.collector.fisher(
+                    self.task, model_name_or_path=self._model_name, extra={"training": self._args_summary},
+                    dtype=self.collector.accumulation_dtype,
+                ).save_pretrained(folder)
+        elif self._probe_fisher is not None:
+            self._probe_fisher.save_pretrained(folder)
+        return control
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not self.log_summary or logs is None:
+            return control
+        fisher = self._current_or_none()
+        if fisher is not None:
+            logs.update(fisher_scalars(fisher))
+        return control
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        if self.mode == "probe":
+            self._probe(model, state.global_step)
+        if self._external is not None:
+            self._external.detach()
+            self._external = None
+        fisher = self._current_or_none()
+        if fisher is not None and _is_main_process(args):
+            fisher.save_pretrained(Path(args.output_dir) / self.output_subdir)
+        return control
+
+    def _current_or_none(self):
+        try:
+            return self.fisher()
+        except Exception:  # nothing collected yet (EmptyDataError, no probe): nothing to save or log
+            return None
+
+    # ------------------------------------------------------------------ probe
+    def _probe(self, model, step: int) -> None:
+        """The Fisher of the model as it is now, leaving training exactly as it was."""
+        from ..collector import _preserved_rng
+
+        batches = _probe_batches(self.probe_data, self._collate)
+        with _preserved_rng(model):
+            collector = self._make_collector(model, train_mode=False)
+            try:
+                collector.collect(batches, self.task, progress=False)
+                self._probe_fisher = collector.fisher(
+                    self.task, model_name_or_path=self._model_name, extra={"training": self._args_summary, "probe_step": step},
+                )
+            finally:
+                collector.close()
+
+
+def fisher_scalars(fisher, *, top_layers: int = 64) -> dict[str, float]:
+    """Scalars for the Trainer's logs: the trace, the samples seen, per-layer traces."""
+    out = {"fisher/trace": float(fisher.total()), "fisher/samples": float(fisher.counts.samples)}
+    for layer, value in sorted(fisher.per_layer().items(), key=lambda kv: (kv[0] is None, kv[0] or 0))[:top_layers]:
+        if layer is not None and math.isfinite(value):
+            out[f"fisher/layer_{layer}"] = float(value)
+    return out
+
+
+def _probe_batches(data: Any, collate) -> Iterable:
+    """A DataLoader or an iterable of batch dicts as it is; a dataset of examples (a sequence
+    whose items are dicts of unbatched values) through the Trainer's collator."""
+    if isinstance(data, torch.utils.data.DataLoader) or not (hasattr(data, "__getitem__") and hasattr(data, "__len__")):
+        return data
+    first = data[0] if len(data) else None
+    ids = first.get("input_ids") if isinstance(first, dict) else None
+    batched = isinstance(ids, torch.Tensor) and ids.dim() == 2
+    if isinstance(first, dict) and not batched:
+        if collate is None:
+            from transformers import default_data_collator as collate
+        return torch.utils.data.DataLoader(data, batch_size=8, collate_fn=collate)
+    return data
+
+
+def _training_summary(args, mode: str) -> dict:
+    keys = ("learning_rate", "per_device_train_batch_size", "gradient_accumulation_steps", "max_steps",
+            "num_train_epochs", "max_grad_norm", "bf16", "fp16", "seed", "gradient_checkpointing")
+    out = {k: getattr(args, k) for k in keys if hasattr(args, k)}
+    out["mode"] = mode
+    return out
+
+
+def _is_main_process(args) -> bool:
+    return getattr(args, "process_index", 0) == 0
+
+
+def _refuse_sharded(model, args) -> None:
+    """Refused at train begin (for now): sharded parameters (FSDP / DeepSpeed), where the hooks
+    would see shards, and several processes, whose accumulators are not merged yet."""
+    if getattr(args, "fsdp", None) or getattr(args, "deepspeed", None):
+        raise InvalidInputError(
+            "FisherCallback does not support FSDP or DeepSpeed yet (parameters are sharded across ranks); "
+            "train without them, or compute the Fisher after training with hf_fisher.collect on the saved model"
+        )
+    if getattr(args, "world_size", 1) > 1:
+        raise InvalidInputError(
+            f"FisherCallback runs in one process for now ({args.world_size} processes here: their accumulators "
+            "would not be merged); train in one process, or compute the Fisher after training with hf_fisher.collect"
+        )
+
+
+__all__ = ["FisherCallback", "fisher_scalars"]
