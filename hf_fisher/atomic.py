@@ -1,43 +1,130 @@
 """Folders written atomically: check the target before any work, write into a temporary folder
-beside it, rename into place.
+beside it, rename into place, and clean up after a save that was killed half-way.
 
 One home for the rules every command that writes a folder follows (Fisher artifacts, merged
 models, reports):
 
-- :func:`check_target` runs *before* the work: the target must be new, empty, or (when allowed)
-  hold only files of the kind being written; its parent must be writable.
-- :func:`atomic_folder` yields a temporary folder beside the target; when the block succeeds the
-  folder replaces the target in one rename (an existing target is moved aside first and restored
-  if the second rename fails); when it fails nothing is left behind.
+- :func:`check_target` runs *before* the work: it first repairs what an interrupted earlier save
+  of the same target left behind (:func:`recover`), then checks that the target is new, empty, or
+  (when allowed) holds only files of the kind being written.
+- :func:`atomic_folder` yields a temporary folder beside the target. When the block succeeds,
+  the folder gets the permissions a user's umask gives (folders ``0o777 & ~umask``, files
+  ``0o666 & ~umask``; when it replaces an existing folder, the new folder gets the old folder's
+  mode), every file and folder in it is fsync'ed, and it replaces the target: one rename for a new
+  target; for an existing one ``target -> backup`` then ``temporary -> target``, the parent folder
+  fsync'ed after the renames, then the backup removed. When the block fails nothing is left
+  behind and an existing target is untouched.
+- :func:`recover` (called by :func:`check_target`, :func:`atomic_folder` and by loaders) deals
+  with the leftovers of a process that died during a save:
+
+  * a *backup* ``.old-hf-fisher-<target name>-...`` with no target means the process died between
+    the two renames of an overwrite: the backup (the previous, complete artifact) is renamed back
+    to the target, so the target always holds the old or the new folder, never none;
+  * other leftovers of the same target (temporary folders ``.tmp-hf-fisher-<target name>-...``,
+    backups next to an existing target) are removed, but only when they are *stale*.
+
+Names and staleness. Temporary and backup folders are named
+``<prefix><target name>-<pid>.<host>-<random>``: the target's name (long names are shortened and
+hashed) so that cleaning one target never touches another target's folders, and the pid of the
+writing process plus a short hash of the host name. A save holds an exclusive ``flock`` on its
+temporary folder for as long as it runs (where the file system supports it), and renames happen
+under a short ``flock`` on the parent folder. A leftover is stale — safe to remove or restore —
+when no live save can own it:
+
+- it is not locked (a running save's temporary folder is), and
+- its process is dead on this host, or the folder is older than :data:`STALE_AFTER_S` seconds
+  (the process id was reused; a running save keeps its folder locked or, for a backup being
+  deleted, recently modified).
+
+Without file locks (some network file systems, Windows) only a dead process on this host makes a
+temporary folder stale. Leftovers of another host or of a running process are kept and reported
+(:class:`Recovery.kept`, logged at INFO level).
+
+Test hook: when the environment variable :data:`TEST_KILL_ENV` (``HF_FISHER_TEST_KILL_AT``) equals
+one of :data:`KILL_POINTS`, the process kills itself with SIGKILL at that point of a save. It exists
+only for the fault-injection tests (tests/test_crash_safety.py); never set it otherwise.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import hashlib
+import logging
 import os
 import shutil
-import tempfile
+import signal
+import socket
+import stat
+import time
 import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
 from .errors import ArtifactError
 
+__all__ = [
+    "check_target",
+    "atomic_folder",
+    "swap_into_place",
+    "recover",
+    "leftovers",
+    "Leftover",
+    "Recovery",
+    "TMP_PREFIX",
+    "OLD_PREFIX",
+    "STALE_AFTER_S",
+    "TEST_KILL_ENV",
+    "KILL_POINTS",
+]
+
+logger = logging.getLogger("hf_fisher.atomic")
+
 TMP_PREFIX = ".tmp-hf-fisher-"
 OLD_PREFIX = ".old-hf-fisher-"
+#: a leftover whose (live-looking) process id is older than this is taken as a reused pid
+STALE_AFTER_S = 30.0
+#: how long to wait for another save's renames in the same parent folder
+LOCK_TIMEOUT_S = 60.0
+#: test hook (see the module docstring): the kill point, read from the environment
+TEST_KILL_ENV = "HF_FISHER_TEST_KILL_AT"
+#: "tmp-created": the temporary folder exists, nothing written; "tmp-complete": the temporary
+#: folder is written and fsync'ed, not renamed; "between-renames": an existing target has been
+#: moved to its backup, the temporary folder not yet renamed to the target; "after-swap": the new
+#: folder is in place, the backup not yet removed.
+KILL_POINTS = ("tmp-created", "tmp-complete", "between-renames", "after-swap")
 
 #: predicate on a file name: True when the file belongs to what is being written
 Allowed = Callable[[str], bool]
 
+try:  # POSIX advisory locks
+    import fcntl as _fcntl
+except ImportError:  # pragma: no cover - Windows
+    _fcntl = None  # type: ignore[assignment]
 
+_HOST = hashlib.sha1(socket.gethostname().encode("utf-8", "surrogatepass")).hexdigest()[:8]
+
+
+# ---------------------------------------------------------------------------- public API
 def check_target(target: str | os.PathLike, *, allowed: Allowed, what: str = "artifact", overwrite: bool = True) -> Path:
     """Validate ``target`` before any work; return it as an absolute path.
 
-    A target that exists must be a folder; it may be replaced when it is empty, or when
+    First repairs the leftovers of an interrupted earlier save of ``target`` (:func:`recover`: a
+    previous artifact left in its backup is restored, stale temporary folders are removed). Then:
+    a target that exists must be a folder; it may be replaced when it is empty, or when
     ``overwrite`` and every file in it is ``allowed`` (a previous artifact of the same kind).
     Raises :class:`ArtifactError` naming the problem and what to do.
     """
     target = Path(os.path.abspath(os.fspath(target)))
+    if target.parent.is_dir():
+        rec = recover(target, what=what)
+        if rec.backup is not None and not target.exists():
+            raise ArtifactError(
+                f"an earlier save of the {what} {target} was interrupted and its previous version is in "
+                f"{rec.backup}, which could not be moved back ({rec.error}); rename it to {target.name} "
+                "by hand, then save again"
+            )
     if target.exists():
         if not target.is_dir():
             raise ArtifactError(f"cannot save the {what} to {target}: a file with that name exists")
@@ -54,32 +141,397 @@ def check_target(target: str | os.PathLike, *, allowed: Allowed, what: str = "ar
 
 
 @contextlib.contextmanager
-def atomic_folder(target: Path) -> Iterator[Path]:
-    """A temporary folder beside ``target`` that replaces it when the block succeeds."""
+def atomic_folder(target: str | os.PathLike, *, what: str = "artifact") -> Iterator[Path]:
+    """A temporary folder beside ``target`` that replaces it when the block succeeds.
+
+    The parent folder is created if needed and :func:`recover` runs first. The temporary folder
+    is ``.tmp-hf-fisher-<target name>-<pid>.<host>-<random>``, locked for the duration of the
+    block. On success: permissions (umask; the old target's mode when one exists), fsync of every
+    file and folder, then :func:`swap_into_place`. On any exception (KeyboardInterrupt included)
+    the temporary folder is removed and the target is left as it was.
+    """
+    target = Path(os.path.abspath(os.fspath(target)))
     parent = target.parent
     parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=parent, prefix=TMP_PREFIX))
+    recover(target, what=what)
+    tmp = _fresh_name(TMP_PREFIX, target)
+    os.mkdir(tmp, 0o777)  # the umask applies: the mode a user's new folder gets
+    lock = _lock_folder(tmp)
     try:
+        new_mode = stat.S_IMODE(os.stat(tmp).st_mode)  # 0o777 & ~umask (plus an inherited setgid bit)
+        _test_kill_point("tmp-created")
         yield tmp
+        _finish(tmp, target, new_mode)
+        _test_kill_point("tmp-complete")
         swap_into_place(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        _unlock(lock)
 
 
-def swap_into_place(tmp: Path, target: Path) -> None:
-    """Rename the finished folder ``tmp`` to ``target``, replacing an existing one safely."""
-    if not target.exists():
-        os.replace(tmp, target)
-        return
-    aside = target.parent / f"{OLD_PREFIX}{uuid.uuid4().hex}"
-    os.rename(target, aside)
+def swap_into_place(tmp: str | os.PathLike, target: str | os.PathLike) -> None:
+    """Rename the finished folder ``tmp`` to ``target``, replacing an existing one safely.
+
+    Under the parent folder's lock: a new target is one rename. An existing target is renamed to
+    a backup ``.old-hf-fisher-<target name>-...``, then ``tmp`` to ``target`` (if that fails the
+    backup is renamed back and the error re-raised); the parent folder is fsync'ed; finally the
+    backup is removed. A process killed between the two renames leaves the backup, which the
+    next save or load restores (:func:`recover`).
+    """
+    tmp, target = Path(tmp), Path(target)
+    parent = target.parent
+    with _parent_lock(parent):
+        if not target.exists():
+            os.replace(tmp, target)
+            _fsync_dir(parent)
+            return
+        aside = _fresh_name(OLD_PREFIX, target)
+        os.rename(target, aside)
+        _test_kill_point("between-renames")
+        try:
+            os.rename(tmp, target)
+        except BaseException:
+            os.rename(aside, target)
+            raise
+        _fsync_dir(parent)
+        _test_kill_point("after-swap")
+    if os.path.islink(aside):  # the target was a link to a folder: the link is replaced, not its folder
+        os.unlink(aside)
+    else:
+        shutil.rmtree(aside, ignore_errors=True)
+
+
+@dataclass
+class Leftover:
+    """A temporary (``kind="tmp"``) or backup (``kind="old"``) folder of a save of some target.
+
+    ``pid``: the writing process; ``local``: whether it was written on this host; ``stale``: no
+    live save can own it (see the module docstring); ``reason``: why, or why not.
+    """
+
+    path: Path
+    kind: str
+    pid: int
+    local: bool
+    stale: bool
+    reason: str
+
+
+@dataclass
+class Recovery:
+    """What :func:`recover` did for one target.
+
+    ``restored``: the backup renamed back to the target (the target was missing); ``backup``: a
+    stale backup that should have been restored but could not be (``error`` says why; with
+    ``restore=False`` the backup that would have been restored); ``removed``: stale leftovers
+    deleted; ``kept``: leftovers left in place because a running save may own them.
+    """
+
+    restored: Path | None = None
+    backup: Path | None = None
+    error: str | None = None
+    removed: list[Path] = field(default_factory=list)
+    kept: list[Leftover] = field(default_factory=list)
+
+
+def leftovers(target: str | os.PathLike) -> list[Leftover]:
+    """The temporary and backup folders of saves of ``target`` found beside it (newest first).
+
+    Only folders named for this target are listed (another target's folders, and folders of
+    other tools, are never touched).
+    """
+    target = Path(os.path.abspath(os.fspath(target)))
+    key = _target_key(target.name)
+    out: list[Leftover] = []
     try:
-        os.rename(tmp, target)
-    except BaseException:
-        os.rename(aside, target)
-        raise
-    shutil.rmtree(aside, ignore_errors=True)
+        entries = list(os.scandir(target.parent))
+    except OSError:
+        return out
+    for entry in entries:
+        for prefix, kind in ((TMP_PREFIX, "tmp"), (OLD_PREFIX, "old")):
+            if not entry.name.startswith(prefix):
+                continue
+            parsed = _parse_name(entry.name[len(prefix):])
+            if parsed is None or parsed[0] != key:
+                continue
+            try:
+                if not entry.is_dir(follow_symlinks=False):
+                    continue
+            except OSError:
+                continue
+            _, pid, host = parsed
+            out.append(_judge(Path(entry.path), kind, pid, host))
+    out.sort(key=lambda lo: _age(lo.path))
+    return out
 
 
-__all__ = ["check_target", "atomic_folder", "swap_into_place", "TMP_PREFIX", "OLD_PREFIX"]
+def recover(target: str | os.PathLike, *, what: str = "artifact", restore: bool = True, clean: bool = True) -> Recovery:
+    """Repair what interrupted saves of ``target`` left beside it; never raises for a leftover.
+
+    Under the parent folder's lock (so no save is between its renames):
+
+    - ``target`` missing and a stale backup exists: the newest backup is renamed to ``target``
+      (``restore=True``; logged as a warning) — it is the complete previous artifact of an
+      overwrite that died between its two renames. If the rename fails, :attr:`Recovery.backup`
+      names the backup and :attr:`Recovery.error` the reason.
+    - with ``clean=True``: every other stale leftover of ``target`` is removed (logged at INFO).
+    - leftovers that a running save may own are kept (:attr:`Recovery.kept`).
+    """
+    target = Path(os.path.abspath(os.fspath(target)))
+    rec = Recovery()
+    if not target.parent.is_dir():
+        return rec
+    with _parent_lock(target.parent):
+        found = leftovers(target)
+        stale_old = [lo for lo in found if lo.kind == "old" and lo.stale]
+        if not os.path.lexists(target) and stale_old:
+            newest = stale_old[0]
+            if restore:
+                try:
+                    os.rename(newest.path, target)
+                    _fsync_dir(target.parent)
+                except OSError as e:
+                    rec.backup, rec.error = newest.path, f"{type(e).__name__}: {e}"
+                    logger.warning("could not restore %s to %s: %s", newest.path, target, e)
+                else:
+                    rec.restored = newest.path
+                    logger.warning(
+                        "an earlier save of the %s %s was interrupted between its two renames; restored "
+                        "the previous version from %s", what, target, newest.path.name,
+                    )
+            else:
+                rec.backup = newest.path
+            found = [lo for lo in found if lo is not newest]
+    for lo in found:
+        if not lo.stale:
+            rec.kept.append(lo)
+            logger.info("left %s in place: %s", lo.path, lo.reason)
+        elif clean:
+            shutil.rmtree(lo.path, ignore_errors=True)
+            if not os.path.lexists(lo.path):
+                rec.removed.append(lo.path)
+                logger.info("removed %s, left by an interrupted save of %s (%s)", lo.path.name, target, lo.reason)
+            else:
+                rec.kept.append(lo)
+                logger.info("could not remove %s, left by an interrupted save of %s", lo.path, target)
+    return rec
+
+
+# ---------------------------------------------------------------------------- names
+def _target_key(name: str) -> str:
+    """The target's name as it appears in its leftovers' names (long names: shortened + hash)."""
+    if len(name.encode("utf-8", "surrogatepass")) <= 120:
+        return name
+    digest = hashlib.sha256(name.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+    short = name
+    while len(short.encode("utf-8", "surrogatepass")) > 60:
+        short = short[:-1]
+    return f"{short}~{digest}"
+
+
+def _fresh_name(prefix: str, target: Path) -> Path:
+    return target.parent / f"{prefix}{_target_key(target.name)}-{os.getpid()}.{_HOST}-{uuid.uuid4().hex[:12]}"
+
+
+def _parse_name(rest: str) -> tuple[str, int, str] | None:
+    """``<key>-<pid>.<host>-<random>`` -> (key, pid, host), or None for a foreign name."""
+    parts = rest.rsplit("-", 2)
+    if len(parts) != 3:
+        return None
+    key, owner, token = parts
+    pid, dot, host = owner.partition(".")
+    if not key or not dot or not pid.isdigit() or not token.isalnum():
+        return None
+    return key, int(pid), host
+
+
+# ---------------------------------------------------------------------------- staleness
+def _age(path: Path) -> float:
+    try:
+        st = os.stat(path, follow_symlinks=False)
+    except OSError:
+        return 0.0
+    return max(0.0, time.time() - max(st.st_mtime, st.st_ctime))
+
+
+def _pid_alive(pid: int) -> bool | None:
+    """True/False on POSIX; None where it cannot be told (Windows)."""
+    if os.name != "posix":
+        return None
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    except OSError:
+        return None
+    return True
+
+
+def _locked(path: Path) -> bool | None:
+    """Whether a running save holds the folder's lock; None when locks are not supported."""
+    if _fcntl is None:
+        return None
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        try:
+            _fcntl.flock(fd, _fcntl.LOCK_EX | _fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        except OSError:
+            return None
+        _fcntl.flock(fd, _fcntl.LOCK_UN)
+        return False
+    finally:
+        os.close(fd)
+
+
+def _judge(path: Path, kind: str, pid: int, host: str) -> Leftover:
+    local = host == _HOST
+    locked = _locked(path)
+    if locked:
+        return Leftover(path, kind, pid, local, False, f"locked by a running save (pid {pid})")
+    alive = _pid_alive(pid) if local else None
+    age = _age(path)
+    if local and alive is False:
+        return Leftover(path, kind, pid, local, True, f"its process {pid} is dead")
+    if locked is False and age > STALE_AFTER_S:
+        return Leftover(path, kind, pid, local, True, f"not locked and {age:.0f} s old (process id {pid} reused)")
+    if kind == "old" and alive is not None and age > STALE_AFTER_S:
+        # backups are never locked: an old, untouched backup of a live-looking pid is a reused pid
+        return Leftover(path, kind, pid, local, True, f"{age:.0f} s old (process id {pid} reused)")
+    where = "" if local else " on another host"
+    return Leftover(path, kind, pid, local, False, f"it may belong to a running save (process {pid}{where})")
+
+
+# ---------------------------------------------------------------------------- locks
+def _lock_folder(path: Path) -> int | None:
+    """Hold an exclusive lock on the folder ``path`` (its fd), or None where unsupported."""
+    if _fcntl is None:
+        return None
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        _fcntl.flock(fd, _fcntl.LOCK_EX | _fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def _unlock(fd: int | None) -> None:
+    if fd is not None:
+        os.close(fd)  # closing the last descriptor releases the flock
+
+
+@contextlib.contextmanager
+def _parent_lock(parent: Path) -> Iterator[None]:
+    """Exclusive lock on the parent folder while renaming in it (short critical sections)."""
+    fd = None
+    if _fcntl is not None:
+        try:
+            fd = os.open(parent, os.O_RDONLY)
+        except OSError:
+            fd = None
+        if fd is not None:
+            deadline = time.monotonic() + LOCK_TIMEOUT_S
+            while True:
+                try:
+                    _fcntl.flock(fd, _fcntl.LOCK_EX | _fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        os.close(fd)
+                        raise ArtifactError(
+                            f"another save has held the lock on {parent} for over {LOCK_TIMEOUT_S:.0f} s; "
+                            "wait for it to finish and try again"
+                        ) from None
+                    time.sleep(0.01)
+                except OSError:  # locks not supported here (e.g. NFS directories)
+                    os.close(fd)
+                    fd = None
+                    break
+    try:
+        yield
+    finally:
+        if fd is not None:
+            os.close(fd)
+
+
+# ---------------------------------------------------------------------------- durability
+def _finish(tmp: Path, target: Path, new_mode: int) -> None:
+    """Permissions and fsync of the finished temporary folder, deepest entries first.
+
+    ``new_mode`` is the mode ``mkdir`` gave ``tmp`` (``0o777 & ~umask``). Files get ``0o666 &
+    ~umask`` (``0o777 & ~umask`` when executable), sub-folders ``0o777 & ~umask``; ``tmp`` itself
+    keeps ``new_mode``, or takes the mode of the existing target it replaces.
+    """
+    base_mode = new_mode & 0o777
+    file_mode = base_mode & 0o666
+    exec_mode = base_mode
+    top_mode = new_mode
+    try:
+        if target.is_dir():
+            top_mode = stat.S_IMODE(os.stat(target).st_mode)
+    except OSError:
+        pass
+    for root, dirs, files in os.walk(tmp, topdown=False):
+        for name in files:
+            path = os.path.join(root, name)
+            st = os.lstat(path)
+            if stat.S_ISLNK(st.st_mode):
+                continue
+            want = exec_mode if st.st_mode & 0o111 else file_mode
+            if stat.S_IMODE(st.st_mode) != want:
+                os.chmod(path, want)
+            _fsync_file(path)
+        for name in dirs:
+            path = os.path.join(root, name)
+            if os.path.islink(path):
+                continue
+            if stat.S_IMODE(os.stat(path).st_mode) & 0o777 != base_mode:
+                os.chmod(path, base_mode)
+            _fsync_dir(Path(path))
+    if stat.S_IMODE(os.stat(tmp).st_mode) != top_mode:
+        os.chmod(tmp, top_mode)
+    _fsync_dir(tmp)
+
+
+def _fsync_file(path: str | os.PathLike) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    """fsync a folder (its entries); a no-op where folders cannot be opened or synced."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        if e.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF, errno.EACCES):
+            raise
+    finally:
+        os.close(fd)
+
+
+# ---------------------------------------------------------------------------- test hook
+def _test_kill_point(point: str) -> None:
+    """Test hook (fault-injection tests only): SIGKILL this process when $HF_FISHER_TEST_KILL_AT == point."""
+    if os.environ.get(TEST_KILL_ENV) == point:
+        os.kill(os.getpid(), getattr(signal, "SIGKILL", signal.SIGTERM))

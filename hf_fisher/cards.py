@@ -1,14 +1,25 @@
 """Model cards (README.md) for Fisher artifacts, rendered from the Jinja templates in model_cards/.
 
-The card's YAML header carries the Hub metadata (``library_name: hf_fisher``, ``tags`` and, when
-the source model is a Hub id, ``base_model``); the body explains the quantity (``F = mean_i C_i``,
+The card's YAML header carries the Hub metadata (``library_name: hf_fisher``, ``tags``, an
+``hf_fisher`` mapping with the task, estimator, reduction and normalisation, and, when the source
+model is a Hub id, ``base_model``); the body explains the quantity (``F = mean_i C_i``,
 ``C_i = g_i ⊙ g_i``), the normalisation and reduction used, the counts, the metadata and a
 per-layer summary (layer, total Fisher, share of the total, largest group).
+
+Rules:
+
+- ``base_model`` is set only for a real Hub id (:func:`hub_base_model`): never for a local folder.
+- Every value that comes from the user or the model (task, model name, metadata, parameter and
+  group names) is *escaped*, not stripped, where it enters Markdown (:func:`md_text`): it renders
+  as the same readable text and can never close an HTML block, start a heading, a table cell, a
+  link or an image. In the YAML header, values are written by huggingface_hub's ``CardData``
+  (``yaml.dump``), which quotes them.
 """
 
 from __future__ import annotations
 
-import re
+import json
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -19,10 +30,10 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from hf_fisher.fisher import Fisher
 
-__all__ = ["load_template", "card_data", "render_card", "looks_like_hub_id", "layer_rows"]
+__all__ = ["load_template", "card_data", "render_card", "looks_like_hub_id", "hub_base_model", "md_text", "layer_rows"]
 
 FISHER_TEMPLATE = "fisher_card.md"
-_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}(/[A-Za-z0-9][A-Za-z0-9._-]{0,95})?$")
+_COMMIT_HASH_LEN = 40
 
 
 def load_template(name: str = FISHER_TEMPLATE) -> str:
@@ -46,14 +57,44 @@ def load_template(name: str = FISHER_TEMPLATE) -> str:
 
 
 def looks_like_hub_id(value: str | None) -> bool:
-    """``"name"`` or ``"owner/name"`` made of letters, digits, ``.``, ``_``, ``-`` (not a local path)."""
-    if not value or ".." in value or "--" in value:
+    """Whether ``value`` is a valid Hub repo id, ``"name"`` or ``"owner/name"`` (checked with
+    ``huggingface_hub.utils.validate_repo_id``, the Hub's own rule)."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if not isinstance(value, str) or not value:
         return False
-    return bool(_HUB_ID.match(value)) and not value.endswith((".", "-"))
+    try:
+        validate_repo_id(value)
+    except HFValidationError:
+        return False
+    return True
+
+
+def _is_commit_hash(revision: Any) -> bool:
+    return isinstance(revision, str) and len(revision) == _COMMIT_HASH_LEN and all(c in "0123456789abcdef" for c in revision)
+
+
+def hub_base_model(name_or_path: str | None, revision: str | None = None) -> str | None:
+    """The ``base_model`` of a card: ``name_or_path`` when it names a model on the Hub, else None.
+
+    A real Hub id is a valid repo id (:func:`looks_like_hub_id`) that is either recorded with a
+    Hub commit hash as ``revision`` (transformers records ``_commit_hash`` only for models it
+    resolved from the Hub or its cache) or is not an existing local path (relative to the current
+    folder, or absolute; ``~`` expanded). A local folder never becomes ``base_model``.
+    """
+    if not looks_like_hub_id(name_or_path):
+        return None
+    assert isinstance(name_or_path, str)
+    if _is_commit_hash(revision):
+        return name_or_path
+    if os.path.lexists(name_or_path) or os.path.lexists(os.path.expanduser(name_or_path)):
+        return None
+    return name_or_path
 
 
 def card_data(fisher: "Fisher") -> "ModelCardData":
-    """Hub metadata: ``library_name="hf_fisher"``, tags, and ``base_model`` for Hub ids.
+    """Hub metadata: ``library_name="hf_fisher"``, tags, ``hf_fisher`` (task, estimator, reduction,
+    normalization) and ``base_model`` for Hub ids (:func:`hub_base_model`).
 
     A local path is not a valid ``base_model`` on the Hub, so it is left out (it stays in the
     card's metadata table).
@@ -62,17 +103,48 @@ def card_data(fisher: "Fisher") -> "ModelCardData":
 
     md = fisher.metadata
     tags = ["fisher-information", "hf-fisher", str(md.estimator), str(fisher.reduction)]
-    base = md.model_name_or_path if looks_like_hub_id(md.model_name_or_path) else None
-    return ModelCardData(library_name="hf_fisher", tags=tags, base_model=base)
+    base = hub_base_model(md.model_name_or_path, md.revision)
+    info = {"task": str(md.task), "estimator": str(md.estimator), "reduction": str(fisher.reduction),
+            "normalization": str(md.normalization)}
+    return ModelCardData(library_name="hf_fisher", tags=tags, base_model=base, hf_fisher=info)
+
+
+_MD_ESCAPED = set("\\`*_[]|~#$!:@")
+_MD_ENTITIES = {"&": "&amp;", "<": "&lt;", ">": "&gt;"}
+_CONTROL_NAMES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def md_text(value: Any) -> str:
+    """``str(value)`` escaped for inline Markdown (a heading, a paragraph, a table cell).
+
+    Escaped, not removed, so the text renders as written: ``& < >`` become HTML entities (no raw
+    HTML such as ``</details>``), Markdown punctuation ``\\ ` * _ [ ] | ~ # $ ! : @`` (and the dot of
+    ``www.``) gets a backslash (no emphasis, code, links or autolinks, images, table cells, math),
+    and line breaks and other control
+    characters are shown as ``\\n``, ``\\r``, ``\\t``, ``\\xNN`` / ``\\uNNNN`` on one line (no new
+    block can start).
+    """
+    out = []
+    text = str(value)
+    for i, ch in enumerate(text):
+        if ch == "." and text[max(0, i - 3):i].lower() == "www":  # no GFM www. autolink
+            out.append("\\.")
+        elif ch in _MD_ENTITIES:
+            out.append(_MD_ENTITIES[ch])
+        elif ch in _MD_ESCAPED:
+            out.append("\\" + ch)
+        elif ch in _CONTROL_NAMES:
+            out.append("\\" + _CONTROL_NAMES[ch])
+        elif ord(ch) < 0x20 or ord(ch) == 0x7F or ch in "\x85\u2028\u2029":
+            code = ord(ch)
+            out.append("\\\\" + (f"x{code:02x}" if code < 0x100 else f"u{code:04x}"))
+        else:
+            out.append(ch)
+    return "".join(out)
 
 
 def _fmt(x: float) -> str:
     return f"{x:.4e}"
-
-
-def _md(text: Any) -> str:
-    """Make a value safe inside a markdown table cell."""
-    return str(text).replace("|", "\\|").replace("\n", " ")
 
 
 def layer_rows(fisher: "Fisher") -> list[dict[str, str]]:
@@ -111,31 +183,37 @@ def layer_rows(fisher: "Fisher") -> list[dict[str, str]]:
                 "layer": "other (not in a layer)" if layer is None else str(layer),
                 "total": _fmt(total),
                 "share": f"{share:.2f}",
-                "top": _md(f"{top[1]} = {_fmt(top[0])}") if top else "",
+                "top": md_text(f"{top[1]} = {_fmt(top[0])}") if top else "",
             }
         )
     return rows
 
 
 def render_card(fisher: "Fisher", *, template: str | None = None) -> "ModelCard":
-    """The artifact's :class:`huggingface_hub.ModelCard` (``template``: Jinja text to override the default)."""
+    """The artifact's :class:`huggingface_hub.ModelCard` (``template``: Jinja text to override the default).
+
+    Template variables ending in ``_md`` and the row lists are escaped Markdown (:func:`md_text`);
+    ``reduction``/``normalization`` are the raw values for comparisons only; ``example_name`` is a
+    Python string literal for the fenced code block.
+    """
     from huggingface_hub import ModelCard
 
     md = fisher.metadata
     meta = md.to_dict()
     extra = meta.pop("extra", {}) or {}
-    rows = [(k, _md(v)) for k, v in meta.items() if v is not None]
-    rows += [(f"extra.{k}", _md(v)) for k, v in sorted(extra.items())]
+    rows = [(md_text(k), md_text(v)) for k, v in meta.items() if v is not None]
+    rows += [(md_text(f"extra.{k}"), md_text(v)) for k, v in sorted(extra.items(), key=lambda kv: str(kv[0]))]
     names = fisher.names()
     return ModelCard.from_template(
         card_data(fisher),
         template_str=template if template is not None else load_template(),
-        task=md.task,
-        model_name=md.model_name_or_path,
-        library_version=md.library_version,
-        estimator=md.estimator,
+        task_md=md_text(md.task),
+        model_name_md=md_text(md.model_name_or_path) if md.model_name_or_path else None,
+        library_version_md=md_text(md.library_version),
+        estimator_md=md_text(md.estimator),
         reduction=fisher.reduction,
         normalization=md.normalization,
+        normalization_md=md_text(md.normalization),
         ema_decay=md.ema_decay,
         has_variance=fisher.has_variance,
         counts=fisher.counts,
@@ -144,5 +222,5 @@ def render_card(fisher: "Fisher", *, template: str | None = None) -> "ModelCard"
         total=_fmt(fisher.total()),
         num_params=len(names),
         num_values=sum(fisher[n].numel() for n in names),
-        example_name=names[0] if names else "<param name>",
+        example_name=json.dumps(names[0] if names else "<param name>", ensure_ascii=True),
     )

@@ -460,6 +460,7 @@ class FisherCollector:
         self.engine.capture.detach()
         if self._moments_sink is not None:
             self._moments_sink.workspace.clear()
+            self._moments_sink.spare = {}
 
 
 def _ema_state(state: _TaskState) -> dict:

@@ -17,14 +17,24 @@ On disk an artifact is a folder::
     fisher_config.json                 metadata, counts, reduction, shapes, groups, layout, files
     README.md                          model card (hf_fisher.cards)
 
-Saving is atomic (temporary folder beside the target, then rename); loading never unpickles.
+Saving is atomic and crash-safe (:mod:`hf_fisher.atomic`: temporary folder beside the target,
+fsync, rename; a save killed at any point leaves the old or the new artifact, and the next save or
+load repairs the leftovers). Loading never unpickles and checks everything the artifact claims
+before using it (:class:`FisherReader`): every field of ``fisher_config.json`` (an
+:class:`~hf_fisher.errors.ArtifactError` naming the field), file names that stay inside the
+folder, and stored tensors of the dtype and shape the config gives. With a model,
+:meth:`Fisher.validate` also checks the architecture (model type, layers, heads, kv-heads, head
+dimension), not only names and shapes.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
+import operator
 import os
+import re
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Iterator, Mapping
@@ -97,13 +107,29 @@ class Counts:
     skipped: int = 0
     nonfinite: int = 0
 
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            try:
+                if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                    raise TypeError
+                number = operator.index(value) if not isinstance(value, float) else int(value)
+            except TypeError:
+                raise InvalidInputError(
+                    f"Counts.{f.name} must be a non-negative integer, got {value!r} ({type(value).__name__})"
+                ) from None
+            if number < 0:
+                raise InvalidInputError(f"Counts.{f.name} must be a non-negative integer, got {number}")
+            setattr(self, f.name, int(number))
+
     def to_dict(self) -> dict[str, int]:
         return {k: int(v) for k, v in asdict(self).items()}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "Counts":
+        """From ``fisher_config.json``'s ``counts`` (unknown keys ignored; bad values: InvalidInputError)."""
         names = {f.name for f in fields(cls)}
-        return cls(**{k: int(v) for k, v in d.items() if k in names})
+        return cls(**{k: v for k, v in d.items() if k in names})
 
 
 @dataclass
@@ -153,6 +179,336 @@ class FisherMetadata:
 
 def _shape_str(shape) -> str:
     return str(tuple(int(s) for s in shape))
+
+
+def _group_summary(pg: ParamGroups) -> str:
+    names = pg.names
+    shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+    return f"{shown} along axes {pg.axes}"
+
+
+# ---------------------------------------------------------------------------- config schema
+# fisher_config.json is checked field by field before anything is built from it, so that a
+# malformed, truncated or hand-edited artifact is an ArtifactError naming the field (its JSON
+# path, e.g. ``layout.attention[0].num_heads``), never a KeyError/TypeError from deep inside.
+
+
+class _Bad(Exception):
+    def __init__(self, path: str, problem: str) -> None:
+        super().__init__(path, problem)
+        self.path, self.problem = path, problem
+
+
+def _describe(v: Any) -> str:
+    if v is None:
+        return "null"
+    if isinstance(v, bool):
+        return f"the boolean {str(v).lower()}"
+    if isinstance(v, (int, float)):
+        return f"the number {v!r}"
+    if isinstance(v, str):
+        return f"the string {v[:60]!r}"
+    if isinstance(v, list):
+        return f"a list of {len(v)} item(s)"
+    if isinstance(v, dict):
+        return "an object"
+    return type(v).__name__
+
+
+def _key_path(path: str, key: str) -> str:
+    if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
+        return f"{path}.{key}" if path else key
+    return f"{path}[{json.dumps(key)}]"
+
+
+def _s_int(minimum: int = 0):
+    def check(v: Any, path: str) -> None:
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise _Bad(path, f"must be an integer >= {minimum}, got {_describe(v)}")
+        if v < minimum:
+            raise _Bad(path, f"must be an integer >= {minimum}, got {v}")
+    return check
+
+
+def _s_str(choices: tuple[str, ...] | None = None, nonempty: bool = False):
+    def check(v: Any, path: str) -> None:
+        if not isinstance(v, str):
+            raise _Bad(path, f"must be a string, got {_describe(v)}")
+        if choices is not None and v not in choices:
+            raise _Bad(path, f"must be one of {list(choices)}, got {v!r}")
+        if nonempty and not v:
+            raise _Bad(path, "must be a non-empty string")
+    return check
+
+
+def _s_bool(v: Any, path: str) -> None:
+    if not isinstance(v, bool):
+        raise _Bad(path, f"must be true or false, got {_describe(v)}")
+
+
+def _s_number(v: Any, path: str) -> None:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise _Bad(path, f"must be a finite number, got {_describe(v)}")
+
+
+def _s_nullable(spec):
+    def check(v: Any, path: str) -> None:
+        if v is not None:
+            spec(v, path)
+    return check
+
+
+def _s_list(item, min_len: int = 0):
+    def check(v: Any, path: str) -> None:
+        if not isinstance(v, list):
+            raise _Bad(path, f"must be a list, got {_describe(v)}")
+        if len(v) < min_len:
+            raise _Bad(path, f"must have at least {min_len} item(s), got {len(v)}")
+        for i, x in enumerate(v):
+            item(x, f"{path}[{i}]")
+    return check
+
+
+def _s_map(value):
+    def check(v: Any, path: str) -> None:
+        if not isinstance(v, dict):
+            raise _Bad(path, f"must be an object, got {_describe(v)}")
+        for k, x in v.items():
+            if not k:
+                raise _Bad(path, "has an empty key")
+            value(x, _key_path(path, k))
+    return check
+
+
+_REQUIRED = object()
+
+
+def _s_obj(spec: dict[str, tuple[Any, Any]], *, extra: bool = False, after=None):
+    """An object with the given fields: ``{name: (check, default)}``, ``_REQUIRED`` = must be present.
+
+    ``extra``: unknown keys allowed (kept for forward compatibility) or an error; ``after``: a
+    cross-field check ``after(obj, path)``.
+    """
+    def check(v: Any, path: str) -> None:
+        if not isinstance(v, dict):
+            raise _Bad(path, f"must be an object, got {_describe(v)}")
+        for name, (sub, default) in spec.items():
+            where = _key_path(path, name)
+            if name not in v:
+                if default is _REQUIRED:
+                    raise _Bad(where, "is missing")
+                continue
+            sub(v[name], where)
+        if not extra:
+            unknown = sorted(set(v) - set(spec))
+            if unknown:
+                raise _Bad(_key_path(path, unknown[0]), f"is not a known field (expected {sorted(spec)})")
+        if after is not None:
+            after(v, path)
+    return check
+
+
+def _after_groups(v: dict, path: str) -> None:
+    axes = [v["axis"], *v.get("extra_axes", [])]
+    if len(set(axes)) != len(axes):
+        raise _Bad(_key_path(path, "extra_axes"), f"must not repeat an axis (axes {axes})")
+
+
+def _after_slice(v: dict, path: str) -> None:
+    if v["stop"] < v["start"]:
+        raise _Bad(_key_path(path, "stop"), f"must be >= start ({v['start']}), got {v['stop']}")
+
+
+def _after_attention(v: dict, path: str) -> None:
+    if v["num_heads"] % v["num_kv_heads"]:
+        raise _Bad(
+            _key_path(path, "num_kv_heads"),
+            f"must divide num_heads ({v['num_heads']}), got {v['num_kv_heads']}",
+        )
+
+
+_S_SLICE = _s_obj(
+    {"param": (_s_str(nonempty=True), _REQUIRED), "axis": (_s_int(), _REQUIRED), "start": (_s_int(), _REQUIRED),
+     "stop": (_s_int(), _REQUIRED)},
+    after=_after_slice,
+)
+_S_GROUPS = _s_obj(
+    {
+        "axis": (_s_int(), _REQUIRED),
+        "runs": (_s_list(_s_obj({"prefix": (_s_str(), _REQUIRED), "count": (_s_int(), _REQUIRED),
+                                 "size": (_s_int(), _REQUIRED), "first": (_s_int(), 0)})), _REQUIRED),
+        "extra_axes": (_s_list(_s_int()), ()),
+    },
+    after=_after_groups,
+)
+_S_LAYOUT = _s_obj(
+    {
+        "adapter": (_s_str(), _REQUIRED),
+        "model_type": (_s_nullable(_s_str()), _REQUIRED),
+        "num_layers": (_s_int(), _REQUIRED),
+        "attention": (_s_list(_s_obj(
+            {
+                "layer": (_s_int(), _REQUIRED),
+                "num_heads": (_s_int(1), _REQUIRED),
+                "num_kv_heads": (_s_int(1), _REQUIRED),
+                "head_dim": (_s_int(1), _REQUIRED),
+                "heads": (_s_list(_s_obj({
+                    "layer": (_s_int(), _REQUIRED), "head": (_s_int(), _REQUIRED), "kv_head": (_s_int(), _REQUIRED),
+                    **{role: (_s_list(_S_SLICE), _REQUIRED) for role in "qkvo"},
+                })), _REQUIRED),
+            },
+            after=_after_attention,
+        )), _REQUIRED),
+        "mlp": (_s_list(_s_obj({
+            "layer": (_s_int(), _REQUIRED),
+            "num_channels": (_s_int(), _REQUIRED),
+            "roles": (_s_list(_s_obj({"param": (_s_str(nonempty=True), _REQUIRED), "axis": (_s_int(), _REQUIRED),
+                                      "offset": (_s_int(), 0)})), _REQUIRED),
+        })), _REQUIRED),
+        "vocab": (_s_list(_S_SLICE), _REQUIRED),
+        "groups": (_s_map(_S_GROUPS), _REQUIRED),
+        "param_layers": (_s_map(_s_int()), _REQUIRED),
+        "experts": (_s_list(_s_obj({
+            "layer": (_s_int(), _REQUIRED),
+            "num_experts": (_s_int(), _REQUIRED),
+            "num_channels": (_s_int(), _REQUIRED),
+            "roles": (_s_list(_s_obj({
+                "role": (_s_str(), _REQUIRED), "param": (_s_str(nonempty=True), _REQUIRED),
+                "expert_axis": (_s_int(), _REQUIRED), "channel_axis": (_s_nullable(_s_int()), _REQUIRED),
+                "offset": (_s_int(), 0),
+            })), _REQUIRED),
+            "router": (_s_nullable(_s_str()), None),
+            "router_axis": (_s_int(), 0),
+            "top_k": (_s_nullable(_s_int(1)), None),
+        })), []),
+    }
+)
+_S_METADATA = _s_obj(
+    {
+        "task": (_s_str(), _REQUIRED),
+        "estimator": (_s_str(nonempty=True), _REQUIRED),
+        "reduction": (_s_str(REDUCTIONS), _REQUIRED),
+        "normalization": (_s_str(nonempty=True), _REQUIRED),
+        "model_name_or_path": (_s_nullable(_s_str()), None),
+        "revision": (_s_nullable(_s_str()), None),
+        "model_type": (_s_nullable(_s_str()), None),
+        "mode": (_s_str(("eval", "train")), _REQUIRED),
+        "accumulation_dtype": (_s_nullable(_s_str()), None),
+        "storage_dtype": (_s_nullable(_s_str()), None),
+        "library_version": (_s_str(), _REQUIRED),
+        "data_description": (_s_nullable(_s_str()), None),
+        "ema_decay": (_s_nullable(_s_number), None),
+        "extra": (_s_nullable(_s_map(lambda v, p: None)), None),
+    },
+    extra=True,  # keys of a newer hf_fisher are kept in metadata.extra
+)
+_S_COUNTS = _s_obj({name: (_s_int(), _REQUIRED) for name in ("samples", "tokens", "skipped", "nonfinite")}, extra=True)
+
+
+def _after_config(cfg: dict, path: str) -> None:
+    if cfg["metadata"]["reduction"] != cfg["reduction"]:
+        raise _Bad("metadata.reduction", f"must equal reduction ({cfg['reduction']!r}), got {cfg['metadata']['reduction']!r}")
+    for name in cfg.get("groups") or {}:
+        if name not in cfg["param_shapes"]:
+            raise _Bad(_key_path("groups", name), "is not a parameter listed in param_shapes")
+    if cfg["reduction"] == "group":
+        # the Fisher takes its groups from "groups", or from the layout when "groups" is null
+        source = "groups" if cfg.get("groups") is not None else "layout.groups"
+        have = cfg.get("groups") if cfg.get("groups") is not None else (cfg.get("layout") or {}).get("groups", {})
+        lacking = sorted(set(cfg["param_shapes"]) - set(have))
+        if lacking:
+            raise _Bad(_key_path(source, lacking[0]), "is missing: a group-level Fisher needs the groups of every parameter")
+    if len(set(cfg["tensor_files"])) != len(cfg["tensor_files"]):
+        raise _Bad("tensor_files", "lists a file twice")
+
+
+_S_CONFIG = _s_obj(
+    {
+        "format_version": (_s_int(), _REQUIRED),
+        "library": (_s_str(), _REQUIRED),
+        "reduction": (_s_str(REDUCTIONS), _REQUIRED),
+        "metadata": (_S_METADATA, _REQUIRED),
+        "counts": (_S_COUNTS, _REQUIRED),
+        "param_shapes": (_s_map(_s_list(_s_int())), _REQUIRED),
+        "groups": (_s_nullable(_s_map(_S_GROUPS)), _REQUIRED),
+        "layout": (_s_nullable(_S_LAYOUT), _REQUIRED),
+        "has_variance": (_s_bool, _REQUIRED),
+        "tensor_files": (_s_list(_s_str(nonempty=True), min_len=1), _REQUIRED),
+        "index_file": (_s_nullable(_s_str(nonempty=True)), _REQUIRED),
+    },
+    extra=True,
+    after=_after_config,
+)
+_S_INDEX = _s_obj({"metadata": (_s_nullable(_s_map(lambda v, p: None)), None),
+                   "weight_map": (_s_map(_s_str(nonempty=True)), _REQUIRED)}, extra=True)
+
+
+def _json_error_field(text: str, pos: int) -> str:
+    """The last ``"key":`` before a JSON syntax error: the field being read when it broke."""
+    keys = re.findall(r'"((?:[^"\\]|\\.)*)"\s*:', text[:pos])
+    return keys[-1] if keys else "(top level)"
+
+
+def _read_json(path: Path, what: str, schema) -> dict[str, Any]:
+    """Parse and check a JSON file of the artifact; :class:`ArtifactError` naming the field."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ArtifactError(f"cannot read {path}: {e}") from e
+    try:
+        data = json.loads(text)
+    except ValueError as e:
+        pos = getattr(e, "pos", None)
+        near = f" in field {_json_error_field(text, pos)!r}" if pos is not None else ""
+        raise ArtifactError(
+            f"{path} is not valid JSON{near}: {e}. The {what} is corrupt; save or download the artifact again"
+        ) from e
+    try:
+        schema(data, "")
+    except _Bad as e:
+        raise ArtifactError(
+            f"{path} is malformed: field '{e.path or '(top level)'}' {e.problem}. The {what} was not written "
+            "by Fisher.save_pretrained or was damaged; save or download the artifact again"
+        ) from None
+    return data
+
+
+def _in_hub_cache(root: Path, real: Path) -> bool:
+    """Whether ``root`` is a huggingface_hub cache snapshot (``<repo>/snapshots/<revision>``) and
+    ``real`` lies in that repo's ``blobs/`` (the cache stores files as symlinks to blobs)."""
+    if root.parent.name != "snapshots":
+        return False
+    blobs = root.parent.parent / "blobs"
+    return real.is_relative_to(blobs)
+
+
+def _artifact_path(root: Path, name: str, field_name: str) -> Path:
+    """``root / name`` for a file the config or index names; it must stay inside the artifact.
+
+    Rejected (:class:`ArtifactError` naming ``field_name``): absolute paths, drive letters,
+    ``..`` components, and files that resolve outside ``root`` (a symlink pointing elsewhere),
+    except a huggingface_hub cache snapshot's links into the same repo's ``blobs/``.
+    """
+    from pathlib import PurePosixPath, PureWindowsPath
+
+    def bad(why: str) -> ArtifactError:
+        return ArtifactError(
+            f"Fisher artifact {root} is malformed: field '{field_name}' names {name!r}, {why}; an artifact "
+            "only reads files inside its own folder — do not load it"
+        )
+
+    if "\x00" in name:
+        raise bad("which contains a NUL character")
+    if PurePosixPath(name).is_absolute() or PureWindowsPath(name).is_absolute() or PureWindowsPath(name).drive:
+        raise bad("an absolute path")
+    if ".." in re.split(r"[\\/]", name):
+        raise bad("a path with '..'")
+    path = root / name
+    real_root = root.resolve()
+    real = path.resolve()
+    if not real.is_relative_to(real_root) and not _in_hub_cache(real_root, real):
+        raise bad(f"which resolves outside the artifact folder (to {real})")
+    return path
 
 
 class Fisher:
@@ -345,10 +701,24 @@ class Fisher:
 
     # ------------------------------------------------------------------ model checks
     def validate(self, model: Any) -> None:
-        """Check that every Fisher parameter exists in ``model.named_parameters()`` with its shape.
+        """Check that this Fisher belongs to ``model``: its architecture, names and shapes.
 
-        Raises :class:`~hf_fisher.errors.ModelMismatchError` listing (up to 5) offending names.
+        Architecture (same shapes are not enough: with 8 heads instead of 4 every head result
+        would be wrong), compared with the model's layout (:func:`hf_fisher.plugins.model_layout`):
+
+        - ``model_type`` (``metadata.model_type`` / ``layout.model_type``) against the model's
+          ``config.model_type`` (PEFT unwrapped);
+        - with a stored layout: ``layout.num_layers`` (a model with more layers is a mismatch),
+          per attention layer ``num_heads``, ``num_kv_heads``, ``head_dim`` (and which layers
+          have attention), per MLP block ``num_channels``, per MoE layer ``num_experts`` and
+          ``num_channels``; for ``reduction="group"`` also each parameter's groups;
+        - every Fisher parameter must exist in ``model.named_parameters()`` with its shape (the
+          model may have more parameters, e.g. frozen ones the Fisher does not cover).
+
+        Raises :class:`~hf_fisher.errors.ModelMismatchError` naming each differing field with both
+        values (up to 5 per section) and what to do.
         """
+        arch = self._architecture_problems(model)
         params = {n: tuple(p.shape) for n, p in model.named_parameters()}
         problems: list[str] = []
         for name in self.names():
@@ -359,17 +729,83 @@ class Fisher:
                 problems.append(
                     f"  - {name}: Fisher expects shape {_shape_str(want)}, the model has {_shape_str(params[name])}"
                 )
+        if not (arch or problems):
+            return
+
+        def section(items: list[str]) -> str:
+            shown = "\n".join(items[:5])
+            return shown + (f"\n  ... and {len(items) - 5} more" if len(items) > 5 else "")
+
+        parts = []
+        if arch:
+            parts.append(f"its architecture differs in {len(arch)} field(s) (artifact vs model):\n{section(arch)}")
         if problems:
-            shown = "\n".join(problems[:5])
-            more = f"\n  ... and {len(problems) - 5} more" if len(problems) > 5 else ""
-            src = self.metadata.model_name_or_path or "an unrecorded model"
-            raise ModelMismatchError(
-                f"this Fisher artifact does not match the model: {len(problems)} of its {len(self)} "
-                f"parameters differ:\n{shown}{more}\n"
-                f"It was computed for {src} (model_type={self.metadata.model_type}). Use it with that "
-                "model (same config, same PEFT wrapping: names include wrapper prefixes such as "
-                "'base_model.model.'), or collect a new Fisher for this model."
-            )
+            parts.append(f"{len(problems)} of its {len(self)} parameters differ:\n{section(problems)}")
+        src = self.metadata.model_name_or_path or "an unrecorded model"
+        raise ModelMismatchError(
+            "this Fisher artifact does not match the model: " + "\n".join(parts) + "\n"
+            f"It was computed for {src} (model_type={self.metadata.model_type}). Use it with that "
+            "model (same config, same PEFT wrapping: names include wrapper prefixes such as "
+            "'base_model.model.'), or collect a new Fisher for this model."
+        )
+
+    def _architecture_problems(self, model: Any) -> list[str]:
+        """Lines ``  - <field>: the artifact has X, the model has Y`` (see :meth:`validate`)."""
+        from hf_fisher.architectures.builder import model_type_of
+
+        out: list[str] = []
+
+        def differ(field_name: str, ours: Any, theirs: Any) -> None:
+            out.append(f"  - {field_name}: the artifact has {ours!r}, the model has {theirs!r}")
+
+        have_type = model_type_of(model)
+        for field_name, want_type in (("metadata.model_type", self.metadata.model_type),
+                                      ("layout.model_type", self.layout.model_type if self.layout else None)):
+            if want_type is not None and have_type is not None and want_type != have_type:
+                differ(field_name, want_type, have_type)
+                break
+        if self.layout is None:
+            return out
+        from hf_fisher import plugins
+
+        theirs = plugins.model_layout(model)
+        mine = self.layout
+        if mine.num_layers != theirs.num_layers:
+            differ("layout.num_layers", mine.num_layers, theirs.num_layers)
+        # per-layer fields: the same difference in several layers is one line
+        diffs: dict[tuple[str, str, Any, Any], list[tuple[int, int]]] = {}
+
+        def per_layer(kind: str, mine_items: list, theirs_items: list, attrs: tuple[str, ...]) -> None:
+            their_by_layer = {x.layer: x for x in theirs_items}
+            for i, x in enumerate(mine_items):
+                y = their_by_layer.pop(x.layer, None)
+                if y is None:
+                    out.append(f"  - layout.{kind}[{i}] (layer {x.layer}): the artifact has one, the model none")
+                    continue
+                for attr in attrs:
+                    if getattr(x, attr) != getattr(y, attr):
+                        diffs.setdefault((kind, attr, getattr(x, attr), getattr(y, attr)), []).append((i, x.layer))
+            for layer in sorted(their_by_layer):
+                out.append(f"  - layout.{kind} (layer {layer}): the model has one, the artifact none")
+
+        per_layer("attention", mine.attention, theirs.attention, ("num_heads", "num_kv_heads", "head_dim"))
+        per_layer("mlp", mine.mlp, theirs.mlp, ("num_channels",))
+        per_layer("experts", mine.experts, theirs.experts, ("num_experts", "num_channels"))
+        for (kind, attr, ours, other), where in diffs.items():
+            if len(where) == 1:
+                differ(f"layout.{kind}[{where[0][0]}].{attr} (layer {where[0][1]})", ours, other)
+            else:
+                layers = ", ".join(str(layer) for _, layer in where[:8]) + (", ..." if len(where) > 8 else "")
+                differ(f"layout.{kind}[*].{attr} (layers {layers})", ours, other)
+        if self.reduction == "group":
+            for name in self.names():
+                pg, other_pg = self.groups.get(name), theirs.groups.get(name)
+                if pg is not None and other_pg is not None and pg != other_pg:
+                    out.append(
+                        f"  - groups[{json.dumps(name)}]: the artifact sums {pg.num_groups} group(s) "
+                        f"({_group_summary(pg)}), the model's layout has {other_pg.num_groups} ({_group_summary(other_pg)})"
+                    )
+        return out
 
     # ------------------------------------------------------------------ saving
     def _state_dict(self) -> dict[str, torch.Tensor]:
@@ -407,9 +843,13 @@ class Fisher:
         Files: ``fisher.safetensors`` (or shards ``fisher-0000k-of-0000N.safetensors`` plus
         ``fisher.safetensors.index.json`` when the tensors exceed ``max_shard_size``),
         ``fisher_config.json`` and a ``README.md`` model card. Everything is written to a
-        temporary folder beside the target and renamed into place, so an interrupted save never
-        leaves a half-written artifact. An existing folder is replaced only when it holds
-        nothing but a previous Fisher artifact (otherwise :class:`ArtifactError`).
+        temporary folder beside the target, fsync'ed and renamed into place
+        (:func:`hf_fisher.atomic.atomic_folder`), so an interrupted save never leaves a
+        half-written artifact: the target holds the previous artifact or the new one, and the
+        next save (or load) repairs what a killed save left behind. An existing folder is
+        replaced only when it holds nothing but a previous Fisher artifact (otherwise
+        :class:`ArtifactError`, before anything is written); the new folder keeps its mode. New
+        folders and files get the permissions of the user's umask.
         """
         from huggingface_hub import split_torch_state_dict_into_shards
         from safetensors.torch import save_file
@@ -417,7 +857,7 @@ class Fisher:
         from hf_fisher.atomic import atomic_folder, check_target
 
         target = check_target(save_directory, allowed=is_artifact_file, what="Fisher artifact")
-        with atomic_folder(target) as tmp:
+        with atomic_folder(target, what="Fisher artifact") as tmp:
             state = self._state_dict()
             split = split_torch_state_dict_into_shards(state, filename_pattern=WEIGHTS_PATTERN, max_shard_size=max_shard_size)
             file_meta = {
@@ -453,8 +893,15 @@ class Fisher:
     ) -> "Fisher":
         """Load an artifact folder written by :meth:`save_pretrained` (safetensors only, no pickle).
 
-        With ``model``, also checks names and shapes (:meth:`validate`):
-        :class:`~hf_fisher.errors.ModelMismatchError` on any difference.
+        Every field of ``fisher_config.json``, every file name and every stored tensor (dtype,
+        shape) is checked first (see :class:`FisherReader`): a malformed artifact is an
+        :class:`~hf_fisher.errors.ArtifactError` naming the field or tensor. A folder missing
+        because a save into it was killed between its two renames is restored from the backup
+        the save left (a warning is logged).
+
+        With ``model``, also checks that the artifact belongs to it (:meth:`validate`: model type,
+        number of layers, attention heads / kv-heads / head dimension, names and shapes):
+        :class:`~hf_fisher.errors.ModelMismatchError` naming every difference.
         """
         reader = FisherReader(path)
         cfg = reader.config
@@ -463,12 +910,13 @@ class Fisher:
         for filename, keys in reader.file_keys().items():
             for key, tensor in _load_file(reader.root / filename, keys, device).items():
                 kind, _, name = key.partition(".")
-                if kind == "mean":
-                    mean[name] = tensor
-                elif kind == "variance":
-                    variance[name] = tensor
-                else:
-                    raise ArtifactError(f"unexpected tensor key {key!r} in {filename}; the artifact is malformed")
+                if kind not in _KINDS or name not in reader.param_shapes:
+                    raise ArtifactError(
+                        f"unexpected tensor {key!r} in {filename} of {reader.root}: not 'mean.<param>' or "
+                        "'variance.<param>' of a parameter listed in fisher_config.json; the artifact is malformed"
+                    )
+                reader.check_tensor(key, tensor, filename)
+                (mean if kind == "mean" else variance)[name] = tensor
         names = set(reader.param_shapes)
         missing = sorted(names - set(mean))
         if missing:
@@ -476,8 +924,18 @@ class Fisher:
                 f"Fisher artifact {reader.root} lacks the mean tensor of {len(missing)} parameter(s) "
                 f"(e.g. {missing[:5]}); the tensor files are incomplete — save it again"
             )
-        if cfg.get("has_variance") and sorted(names - set(variance)):
-            raise ArtifactError(f"Fisher artifact {reader.root} says it has variances but some are missing")
+        if cfg["has_variance"]:
+            lacking = sorted(names - set(variance))
+            if lacking:
+                raise ArtifactError(
+                    f"Fisher artifact {reader.root} says it has variances (has_variance: true) but lacks the "
+                    f"variance tensor of {len(lacking)} parameter(s) (e.g. {lacking[:5]}); save it again"
+                )
+        elif variance:
+            raise ArtifactError(
+                f"Fisher artifact {reader.root} is malformed: field 'has_variance' is false but its tensor files "
+                f"hold {len(variance)} variance tensor(s)"
+            )
         try:
             fisher = cls(
                 mean,
@@ -485,11 +943,11 @@ class Fisher:
                 reduction=cfg["reduction"],
                 groups=reader.groups,
                 param_shapes=reader.param_shapes,
-                counts=Counts.from_dict(cfg["counts"]),
-                metadata=FisherMetadata.from_dict(cfg["metadata"]),
-                layout=ModelLayout.from_dict(cfg["layout"]) if cfg.get("layout") else None,
+                counts=reader.counts,
+                metadata=reader.metadata,
+                layout=reader.layout,
             )
-        except (InvalidInputError, KeyError, TypeError) as e:
+        except (InvalidInputError, KeyError, TypeError, ValueError) as e:
             raise ArtifactError(f"Fisher artifact {reader.root} is malformed: {e}") from e
         if model is not None:
             fisher.validate(model)
@@ -499,7 +957,10 @@ class Fisher:
     def open_tensor(
         path: str | os.PathLike, name: str, kind: str = "mean", *, device: torch.device | str = "cpu"
     ) -> torch.Tensor:
-        """Read one tensor (``kind`` "mean" or "variance" of parameter ``name``) without loading the rest."""
+        """Read one tensor (``kind`` "mean" or "variance" of parameter ``name``) without loading the rest.
+
+        The artifact is checked as by :meth:`from_pretrained` (config fields, file names, the
+        tensor's dtype and shape; see :class:`FisherReader`)."""
         return FisherReader(path).get(name, kind, device=device)
 
     # ------------------------------------------------------------------ analysis (delegates)
@@ -582,16 +1043,28 @@ class FisherReader:
     ``reader.names()``, ``reader.param_shapes``, ``reader.groups``, ``reader.config`` come from
     ``fisher_config.json``; ``reader.get(name, kind)`` reads one tensor with
     ``safetensors.safe_open`` from the shard the index points to.
+
+    Opening checks the artifact before anything is read from it (every failure is an
+    :class:`~hf_fisher.errors.ArtifactError` naming the file or field):
+
+    - ``fisher_config.json`` is valid JSON and every field has its type (JSON path named, e.g.
+      ``counts.samples`` or ``layout.attention[0].num_heads``); counts are non-negative integers;
+      the format version is not newer than this hf_fisher;
+    - ``tensor_files``, ``index_file`` and the shard index's file names stay inside the folder
+      (no absolute paths, no ``..``, no symlink resolving outside it — except the links of a
+      huggingface_hub cache snapshot into its ``blobs/``) and exist; the shard index names only
+      ``mean.<param>``/``variance.<param>`` keys of listed parameters, in listed files.
+
+    A folder that does not exist, but whose previous version was left in a backup by a save
+    killed between its two renames, is **restored** first (the backup is renamed back to the
+    folder and a warning is logged; see :func:`hf_fisher.atomic.recover`); when the backup cannot
+    be moved (read-only parent) it is read in place, with a warning.
     """
 
     def __init__(self, path: str | os.PathLike) -> None:
         root = Path(os.fspath(path))
         if not root.exists():
-            raise ArtifactError(
-                f"no Fisher artifact at {root}: the folder does not exist. Only local folders are "
-                "supported here; download a Hub artifact first (huggingface_hub.snapshot_download) "
-                "and pass the local folder."
-            )
+            root = _recover_missing(root)
         if not root.is_dir():
             raise ArtifactError(f"{root} is a file; a Fisher artifact is a folder containing {CONFIG_NAME}")
         cfg_path = root / CONFIG_NAME
@@ -600,32 +1073,49 @@ class FisherReader:
                 f"{root} is not a Fisher artifact: {CONFIG_NAME} is missing (was it written by "
                 "Fisher.save_pretrained?)"
             )
-        try:
-            cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as e:
-            raise ArtifactError(f"cannot read {cfg_path}: {e}") from e
-        if not isinstance(cfg, dict) or "param_shapes" not in cfg or "reduction" not in cfg:
-            raise ArtifactError(f"{cfg_path} is malformed: it lacks 'param_shapes'/'reduction'")
-        version = int(cfg.get("format_version", 0))
+        cfg_path = _artifact_path(root, CONFIG_NAME, CONFIG_NAME)
+        raw = _read_json(cfg_path, "Fisher artifact", _s_obj({"format_version": (_s_int(), _REQUIRED)}, extra=True))
+        version = raw["format_version"]
         if version > FORMAT_VERSION:
             raise ArtifactError(
                 f"{root} uses artifact format {version}, newer than this hf_fisher supports "
                 f"({FORMAT_VERSION}); upgrade hf_fisher"
             )
+        try:
+            _S_CONFIG(raw, "")
+        except _Bad as e:
+            raise ArtifactError(
+                f"{cfg_path} is malformed: field '{e.path or '(top level)'}' {e.problem}. The Fisher artifact was "
+                "not written by Fisher.save_pretrained or was damaged; save or download it again"
+            ) from None
+        cfg = raw
         self.root = root
         self.config: dict[str, Any] = cfg
-        files = cfg.get("tensor_files") or [WEIGHTS_NAME]
+        files = list(cfg["tensor_files"])
+        for i, f in enumerate(files):
+            _artifact_path(root, f, f"tensor_files[{i}]")
         missing = [f for f in files if not (root / f).is_file()]
         self._weight_map: dict[str, str] | None = None
-        if cfg.get("index_file"):
-            index_path = root / cfg["index_file"]
+        if cfg["index_file"] is not None:
+            index_path = _artifact_path(root, cfg["index_file"], "index_file")
             if not index_path.is_file():
                 raise ArtifactError(f"Fisher artifact {root} is incomplete: the shard index {cfg['index_file']} is missing")
-            try:
-                index = json.loads(index_path.read_text(encoding="utf-8"))
-                self._weight_map = dict(index["weight_map"])
-            except (OSError, ValueError, KeyError) as e:
-                raise ArtifactError(f"cannot read the shard index {index_path}: {e}") from e
+            index = _read_json(index_path, "shard index", _S_INDEX)
+            self._weight_map = dict(index["weight_map"])
+            for key, f in self._weight_map.items():
+                where = f"{cfg['index_file']}: weight_map[{json.dumps(key)}]"
+                kind, _, name = key.partition(".")
+                if kind not in _KINDS or name not in cfg["param_shapes"]:
+                    raise ArtifactError(
+                        f"Fisher artifact {root} is malformed: field '{where}' is not 'mean.<param>' or "
+                        "'variance.<param>' of a parameter listed in param_shapes"
+                    )
+                _artifact_path(root, f, where)
+                if f not in files:
+                    raise ArtifactError(
+                        f"Fisher artifact {root} is malformed: field '{where}' names {f!r}, which is not in "
+                        f"tensor_files {files[:5]}"
+                    )
             missing += sorted({f for f in self._weight_map.values() if not (root / f).is_file()} - set(missing))
         if missing:
             raise ArtifactError(
@@ -633,12 +1123,34 @@ class FisherReader:
                 "re-download or save it again"
             )
         self._files = files
-        self.param_shapes: dict[str, tuple[int, ...]] = {
-            k: tuple(int(s) for s in v) for k, v in cfg["param_shapes"].items()
-        }
-        self.groups: dict[str, ParamGroups] | None = (
-            {k: ParamGroups.from_dict(v) for k, v in cfg["groups"].items()} if cfg.get("groups") else None
-        )
+        self.param_shapes: dict[str, tuple[int, ...]] = {k: tuple(v) for k, v in cfg["param_shapes"].items()}
+        self.groups: dict[str, ParamGroups] | None = None
+        self.layout: ModelLayout | None = None
+        try:
+            if cfg["groups"]:
+                self.groups = {k: ParamGroups.from_dict(v) for k, v in cfg["groups"].items()}
+            if cfg["layout"]:
+                self.layout = ModelLayout.from_dict(cfg["layout"])
+        except (KeyError, TypeError, ValueError) as e:  # pragma: no cover - the schema catches these first
+            raise ArtifactError(f"{cfg_path} is malformed: {e}") from e
+        self._check_groups(cfg_path)
+
+    def _check_groups(self, cfg_path: Path) -> None:
+        """Each parameter's groups partition its shape (the field named on failure)."""
+        sources = [("groups", self.groups or {})]
+        if self.layout is not None:
+            sources.append(("layout.groups", self.layout.groups))
+        for where, groups in sources:
+            for name, pg in groups.items():
+                shape = self.param_shapes.get(name)
+                if shape is None:
+                    continue
+                n = pg.group_axes_size(shape)
+                if n is None or (shape and pg.axis_size != n):  # the rule of Fisher's constructor
+                    raise ArtifactError(
+                        f"{cfg_path} is malformed: field '{_key_path(where, name)}' partitions {pg.axis_size} "
+                        f"indices of axes {pg.axes}, which does not fit the parameter's shape {_shape_str(shape)}"
+                    )
 
     @property
     def reduction(self) -> str:
@@ -646,7 +1158,11 @@ class FisherReader:
 
     @property
     def metadata(self) -> FisherMetadata:
-        return FisherMetadata.from_dict(self.config.get("metadata", {}))
+        return FisherMetadata.from_dict(self.config["metadata"])
+
+    @property
+    def counts(self) -> Counts:
+        return Counts.from_dict(self.config["counts"])
 
     def names(self) -> list[str]:
         return sorted(self.param_shapes)
@@ -667,8 +1183,23 @@ class FisherReader:
             return self._weight_map[key]
         return self._files[0]
 
+    def expected_shape(self, name: str) -> tuple[int, ...]:
+        """Shape of ``name``'s stored tensors: the parameter's (``"param"``) or ``[num_groups]``."""
+        if self.reduction == "param":
+            return self.param_shapes[name]
+        pg = (self.groups or {}).get(name)
+        if pg is None and self.layout is not None:
+            pg = self.layout.groups.get(name)
+        if pg is None:  # pragma: no cover - the schema requires groups for "group" artifacts
+            raise ArtifactError(f"Fisher artifact {self.root} has no groups for {name!r}")
+        return (pg.num_groups,)
+
     def get(self, name: str, kind: str = "mean", *, device: torch.device | str = "cpu") -> torch.Tensor:
-        """One tensor: ``kind`` is "mean" or "variance"."""
+        """One tensor: ``kind`` is "mean" or "variance".
+
+        ``KeyError`` when the artifact has no such tensor; :class:`ArtifactError` when the stored
+        tensor is not floating point or its shape disagrees with ``fisher_config.json``.
+        """
         if kind not in _KINDS:
             raise InvalidInputError(f"kind must be one of {_KINDS}, got {kind!r}")
         if name not in self.param_shapes:
@@ -681,7 +1212,50 @@ class FisherReader:
         tensors = _load_file(self.root / filename, [key], device, allow_missing=True)
         if key not in tensors:
             raise KeyError(f"the artifact at {self.root} has no {kind} tensor for {name!r}")
-        return tensors[key]
+        tensor = tensors[key]
+        self.check_tensor(key, tensor, filename)
+        return tensor
+
+    def check_tensor(self, key: str, tensor: torch.Tensor, filename: str) -> None:
+        """:class:`ArtifactError` unless ``tensor`` (stored as ``key`` in ``filename``) is floating
+        point with the shape ``fisher_config.json`` gives it."""
+        _, _, name = key.partition(".")
+        want = self.expected_shape(name)
+        if not tensor.dtype.is_floating_point:
+            raise ArtifactError(
+                f"Fisher artifact {self.root} is malformed: tensor {key!r} in {filename} has dtype "
+                f"{tensor.dtype}; Fisher values are floating point"
+            )
+        if tuple(tensor.shape) != want:
+            raise ArtifactError(
+                f"Fisher artifact {self.root} is malformed: tensor {key!r} in {filename} has shape "
+                f"{_shape_str(tensor.shape)}, but fisher_config.json gives it {_shape_str(want)} "
+                f"(reduction={self.reduction!r})"
+            )
+
+
+def _recover_missing(root: Path) -> Path:
+    """The folder to read for a missing artifact ``root``: restored from an interrupted save's
+    backup, the backup itself when it cannot be moved, else :class:`ArtifactError`."""
+    from hf_fisher.atomic import recover
+
+    try:
+        rec = recover(root, what="Fisher artifact", clean=False)
+    except HfFisherError:
+        rec = None
+    if root.exists():  # restored from the backup (recover() logged a warning), or a concurrent
+        return root    # save was between its two renames and recover() waited for it
+    if rec is not None and rec.backup is not None and rec.backup.is_dir():
+        logger.warning(
+            "Fisher artifact %s is missing because a save into it was interrupted; reading the previous "
+            "version from the backup %s, which could not be moved back (%s)", root, rec.backup, rec.error,
+        )
+        return rec.backup
+    raise ArtifactError(
+        f"no Fisher artifact at {root}: the folder does not exist. Only local folders are "
+        "supported here; download a Hub artifact first (huggingface_hub.snapshot_download) "
+        "and pass the local folder."
+    )
 
 
 def _load_file(path: Path, keys, device, *, allow_missing: bool = False) -> dict[str, torch.Tensor]:

@@ -79,7 +79,7 @@ class Workspace:
 
 
 def shifted_moments_(
-    x: torch.Tensor, *, square: bool = False, total: torch.Tensor | None = None
+    x: torch.Tensor, *, square: bool = False, total: torch.Tensor | None = None, corrected: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Moments over dim 0 of ``x`` (``[b, *shape]``), or of ``x²`` with ``square=True``; **overwrites** ``x``.
 
@@ -122,6 +122,10 @@ def shifted_moments_(
     if b == 1:
         return s, torch.zeros_like(s), None
     shift = s.div_(b)
+    if not corrected:
+        # (x - shift)² in one pass (mse_loss without reduction, written over x)
+        torch.ops.aten.mse_loss.out(x, shift.expand_as(x), 0, out=x)
+        return shift, x.sum(0), None
     x.sub_(shift)
     residual = x.sum(0)
     m2 = x.square_().sum(0).addcmul_(residual, residual, value=-1.0 / b).clamp_min_(0.0)
@@ -348,6 +352,11 @@ class Welford(_Accumulator):
         if t.dtype == self.dtype and t.device == self.device:
             return t
         return ws.get(slot, t.shape, self.dtype, self.device).copy_(t)
+
+    def _forget(self) -> None:
+        # reset() without zeroing: only for callers that merge new moments right away
+        # (the first merge overwrites the state)
+        self._n = 0
 
     def reset(self) -> "Welford":
         """Forget every sample, keeping the state tensors (and shape) for reuse."""

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import replace
+from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
@@ -318,3 +320,192 @@ def test_model_card(tmp_path, llama):
     f2 = make_fisher(llama, name="/tmp/checkpoints/run-1")
     card2 = ModelCard.load(f2.save_pretrained(tmp_path / "card2") / "README.md")
     assert card2.data.base_model is None and "/tmp/checkpoints/run-1" in card2.text
+
+
+# ---------------------------------------------------------------------------- card: base_model
+def card_of(fisher, folder):
+    return ModelCard.load(fisher.save_pretrained(folder) / "README.md")
+
+
+def test_base_model_only_for_hub_ids(tmp_path, llama, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "checkpoints" / "run-1").mkdir(parents=True)
+    (tmp_path / "localmodel").mkdir()
+    cases = {
+        "org/tiny-llama": "org/tiny-llama",  # not a local path, a valid repo id
+        "gpt2": "gpt2",
+        "checkpoints/run-1": None,  # looks like owner/name, but is an existing relative folder
+        "localmodel": None,  # existing relative folder
+        str(tmp_path / "localmodel"): None,  # absolute path
+        "./nowhere": None,  # a path, not a repo id
+        "a/b/c": None,
+        "org/model..x": None,  # validate_repo_id refuses '..'
+        "hf_fisher demo: tiny LLaMA": None,
+    }
+    for i, (name, expected) in enumerate(cases.items()):
+        f = make_fisher(llama, name=name)
+        card = card_of(f, tmp_path / f"out{i}")
+        assert card.data.base_model == expected, name
+    # a model transformers resolved from the Hub (it records the commit hash) is a Hub id even if a
+    # folder of the same name happens to exist here now; without the hash the folder wins
+    f = make_fisher(llama, name="checkpoints/run-1")
+    hub = Fisher(f.means, None, reduction="param", groups=f.groups, param_shapes=f.param_shapes, counts=f.counts,
+                 metadata=replace(f.metadata, revision="0123456789abcdef0123456789abcdef01234567"))
+    assert card_of(hub, tmp_path / "hub").data.base_model == "checkpoints/run-1"
+
+
+# ---------------------------------------------------------------------------- card: escaping
+class _Html(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.tags: list[str] = []
+        self.stack: list[str] = []
+        self.text: dict[str, list[str]] = {}
+        self.rows: list[list[str]] = []
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append(tag)
+        self.stack.append(tag)
+        if tag == "tr":
+            self.rows.append([])
+        if tag in ("td", "th"):
+            self.rows[-1].append("")
+
+    def handle_endtag(self, tag):
+        if tag in self.stack:
+            while self.stack.pop() != tag:
+                pass
+
+    def handle_data(self, data):
+        for tag in set(self.stack):
+            self.text.setdefault(tag, []).append(data)
+        if self.stack and self.stack[-1] in ("td", "th") or ("td" in self.stack or "th" in self.stack):
+            self.rows[-1][-1] += data
+
+
+def render_html(markdown: str) -> _Html:
+    from markdown_it import MarkdownIt
+
+    html = MarkdownIt("commonmark", {"html": True}).enable("table").enable("strikethrough").render(markdown)
+    parser = _Html()
+    parser.feed(html)
+    return parser
+
+
+NASTY = (
+    "x</details>\n# pwned | `tick` *b* _i_ [l](http://e.com) ![img](http://e.com/i.png) <img src=x onerror=alert(1)>"
+    "\n---\nbase_model: evil/model\n$x$ ~~s~~ \\ www.evil.com &amp; a@b.c\r\tend"
+)
+
+
+def shown(text: str) -> str:
+    """How a value must read in the rendered card: the same text, line breaks shown as \\n etc."""
+    return text.replace("\n", "\\n").replace("\r", "\\r").replace("\t", "\\t")
+
+
+def test_card_renders_task_and_names_inertly(tmp_path, llama):
+    f = make_fisher(llama, task=NASTY, name="org/<script>alert(1)</script>")
+    odd = "model.layers.0.x|y</td><b>z"  # a parameter name in the per-layer table
+    mean = dict(f.means)
+    mean[odd] = torch.full((3,), 1e6, dtype=torch.float64)
+    f = Fisher(mean, None, reduction="param", groups=None, param_shapes={**f.param_shapes, odd: (3,)},
+               counts=f.counts, metadata=replace(f.metadata, estimator="emp*irical", extra={"k|ey": "v<i>al"}))
+    card = card_of(f, tmp_path / "card")
+    # YAML header: values quoted by CardData, nothing injected
+    assert card.data.hf_fisher["task"] == NASTY
+    assert card.data.base_model is None and card.data.library_name == "hf_fisher"
+    assert card.data.tags == ["fisher-information", "hf-fisher", "emp*irical", "param"]
+    assert set(card.data.to_dict()) == {"library_name", "tags", "hf_fisher"}  # no injected base_model
+    # Markdown body: the values render as text; no HTML, heading, link, image or code from them
+    page = render_html(card.text)
+    assert page.tags.count("h1") == 1
+    assert set(page.tags) <= {"h1", "h2", "p", "strong", "em", "code", "ul", "li", "table", "thead", "tbody", "tr",
+                              "th", "td", "pre"}, set(page.tags)
+    heading = "".join(page.text["h1"])
+    assert heading == f'Fisher information for task "{shown(NASTY)}" of "org/<script>alert(1)</script>"', heading
+    assert not any("pwned" in t for t in page.text.get("h2", []))
+    assert all("tick" not in t for t in page.text.get("code", [])) and "em" in page.tags  # em: the template's *i*
+    assert not any("b" == t.strip() for t in page.text.get("em", []))
+    rows = {r[0]: r for r in page.rows}
+    assert rows["task"] == ["task", shown(NASTY)]
+    assert rows["estimator"] == ["estimator", "emp*irical"]
+    assert rows["extra.k|ey"] == ["extra.k|ey", "v<i>al"]
+    assert rows["0"][3] == f"{odd} = 3.0000e+06", rows["0"]
+    assert all(len(r) in (2, 4) for r in page.rows), page.rows  # no cell split by a '|'
+    assert "pwned" in card.text and "&lt;/details&gt;" in card.text  # escaped, not stripped
+
+
+# ---------------------------------------------------------------------------- permissions, fsync
+@pytest.fixture
+def umask():
+    old = os.umask(0o022)
+    os.umask(old)
+
+    def set_umask(value):
+        os.umask(value)
+
+    yield set_umask
+    os.umask(old)
+
+
+def modes(folder: Path) -> tuple[int, set[int]]:
+    return folder.stat().st_mode & 0o7777, {p.stat().st_mode & 0o7777 for p in folder.iterdir()}
+
+
+@pytest.mark.parametrize("mask,folder_mode,file_mode", [(0o022, 0o755, 0o644), (0o077, 0o700, 0o600), (0o002, 0o775, 0o664)])
+def test_new_artifacts_get_the_umask_permissions(tmp_path, llama, umask, mask, folder_mode, file_mode):
+    umask(mask)
+    out = make_fisher(llama).save_pretrained(tmp_path / "new", max_shard_size=20_000)
+    assert modes(out) == (folder_mode, {file_mode})
+    assert len(os.listdir(out)) > 4  # shards, index, config, card: every file checked
+
+
+def test_overwrite_keeps_the_folder_mode(tmp_path, llama, umask):
+    umask(0o022)
+    out = make_fisher(llama, seed=1).save_pretrained(tmp_path / "art")
+    out.chmod(0o750)
+    make_fisher(llama, seed=2).save_pretrained(out)
+    assert modes(out) == (0o750, {0o644})
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    empty.chmod(0o711)
+    make_fisher(llama).save_pretrained(empty)
+    assert modes(empty) == (0o711, {0o644})
+
+
+@pytest.mark.parametrize("existing", [False, True])
+def test_files_and_folders_are_fsynced_before_the_rename(tmp_path, llama, monkeypatch, existing):
+    target = tmp_path / "art"
+    if existing:
+        make_fisher(llama, seed=1).save_pretrained(target)
+    events: list[tuple[str, str]] = []
+    real_fsync, real_rename, real_replace = os.fsync, os.rename, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        return real_fsync(fd)
+
+    def rename(src, dst):
+        events.append(("rename", f"{src} -> {dst}"))
+        return real_rename(src, dst)
+
+    def replace_(src, dst):
+        events.append(("rename", f"{src} -> {dst}"))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "rename", rename)
+    monkeypatch.setattr(os, "replace", replace_)
+    make_fisher(llama, seed=2).save_pretrained(target, max_shard_size=20_000)
+    final = [i for i, (kind, what) in enumerate(events) if kind == "rename" and what.endswith(f"-> {target}")
+             and Path(what.split(" -> ")[0]).name.startswith(".tmp-hf-fisher-art-")]
+    assert len(final) == 1, events
+    tmp = events[final[0]][1].split(" -> ")[0]
+    before = {what for kind, what in events[: final[0]] if kind == "fsync"}
+    for name in os.listdir(target):
+        assert f"{tmp}/{name}" in before, f"{name} not fsynced before the rename"
+    assert tmp in before  # the folder itself
+    assert ("fsync", str(tmp_path)) in events[final[0] + 1:]  # the parent, after the rename
+    if existing:
+        aside = [what for kind, what in events[: final[0]] if kind == "rename" and what.startswith(f"{target} -> ")]
+        assert len(aside) == 1 and Path(aside[0].split(" -> ")[1]).name.startswith(".old-hf-fisher-art-")

@@ -91,11 +91,13 @@ class ExternalBackward:
         """Let the engine run its own pass (its own hooks and dispatch) in the middle of training."""
         engine = self.engine
         self.paused = True
+        engine.capture.detach()
         engine.capture.on_grad = engine._on_grad
         try:
             yield
         finally:
             self.paused = False
+            engine.capture.detach()
             engine.capture.on_grad = self._gated
             engine.capture.attach()
 
@@ -159,7 +161,17 @@ class ExternalBackward:
         probe = _probe_positions(labels, engine.task_type)
         picked = _picked_logits(logits.detach(), probe, engine.task_type)
         targets = _picked_labels(labels, probe, engine.task_type)
-        logits.register_hook(lambda g: self._on_logits(g, picked, targets, probe))
+        hook = lambda g: self._on_logits(g, picked, targets, probe)  # noqa: E731
+        node = logits.grad_fn
+        if node is not None and type(node).__name__.startswith("ToCopyBackward"):
+            # a wrapper converted the model's outputs (accelerate's autocast wrapper returns float32
+            # copies): the loss was computed inside the forward from the original logits, whose
+            # gradient arrives at the node that produced them
+            inner = node.next_functions[0][0]
+            if inner is not None:
+                inner.register_prehook(lambda grad_outputs: hook(grad_outputs[0]))
+                return None
+        logits.register_hook(hook)
         if micro.verify:
             params = [t.param for t in engine.targets]
             self._grads = {}

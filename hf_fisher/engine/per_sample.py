@@ -218,6 +218,8 @@ class PerSampleEngine:
         raise NonFiniteError(f"batch {batch_index}: non-finite values persist after skipping samples {sorted(nonfinite)}")
 
     def _process_batched_or_loop(self, batch, sink, batch_index, exclude, limit) -> BatchReport:
+        if not self.loop_mode and _checkpointing(self.model):  # may be switched on after set-up (a Trainer)
+            self._switch_to_loop("gradient checkpointing is enabled: recomputed forwards cannot be captured")
         if self.loop_mode:
             return self._process_loop(batch, sink, batch_index, exclude, limit)
         try:

@@ -142,6 +142,7 @@ class FisherCallback(TrainerCallback):
         )
 
     def on_train_begin(self, args, state, control, model=None, train_dataloader=None, **kwargs):
+        _run_first_in_on_log(self)
         if model is None:
             raise InvalidInputError("FisherCallback needs the model (the Trainer passes it to callbacks)")
         _refuse_sharded(model, args)
@@ -209,7 +210,11 @@ class FisherCallback(TrainerCallback):
             return control
         fisher = self._current_or_none()
         if fisher is not None:
-            logs.update(fisher_scalars(fisher))
+            scalars = fisher_scalars(fisher)
+            logs.update(scalars)
+            # the Trainer appended this log's copy to the history just before on_log
+            if state.log_history and all(state.log_history[-1].get(k) == v for k, v in logs.items() if k in state.log_history[-1]):
+                state.log_history[-1].update(scalars)
         return control
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
@@ -244,6 +249,27 @@ class FisherCallback(TrainerCallback):
                 )
             finally:
                 collector.close()
+
+
+def _run_first_in_on_log(callback) -> None:
+    """Move ``callback`` to the front of the Trainer's callback list, so that the Fisher scalars
+    it adds in ``on_log`` reach the reporting integrations (``report_to``), which are callbacks
+    registered before any user callback. The Trainer is found on the call stack (callbacks are
+    not handed the Trainer); without it, the scalars reach only the callbacks after this one."""
+    import inspect
+
+    frame = inspect.currentframe()
+    try:
+        while frame is not None:
+            handler = getattr(frame.f_locals.get("self"), "callback_handler", None)
+            callbacks = getattr(handler, "callbacks", None)
+            if isinstance(callbacks, list) and any(c is callback for c in callbacks):
+                callbacks.remove(callback)
+                callbacks.insert(0, callback)
+                return
+            frame = frame.f_back
+    finally:
+        del frame
 
 
 def fisher_scalars(fisher, *, top_layers: int = 64) -> dict[str, float]:
