@@ -359,7 +359,7 @@ def _check_device(device: str):
 
     try:
         dev = torch.device(device)
-    except (RuntimeError, ValueError, TypeError) as e:
+    except (RuntimeError, ValueError, TypeError):
         raise InvalidInputError(f"--device {device!r} is not a device torch knows; use cpu, cuda, cuda:1, mps, ...") from None
     if dev.type == "cpu":
         return dev

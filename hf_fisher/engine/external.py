@@ -25,7 +25,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 
@@ -267,11 +267,7 @@ class ExternalBackward:
 
     def _verify(self) -> None:
         engine = self.engine
-        grads = self._grads or {}
-        ref = {}
-        for t in engine.targets:
-            g = grads.get(id(t.param))
-            ref[id(t.param)] = torch.zeros_like(t.param, dtype=engine.compute_dtype) if g is None else g.to(engine.compute_dtype)
+        ref = engine.reference_gradients(self._grads or {})
         bad = mismatch(engine._totals, ref, engine._tolerance())
         engine._totals = {}
         if bad is not None:

@@ -566,12 +566,17 @@ class PerSampleEngine:
         floor = 1e-6 if self.compute_dtype == torch.float64 else 1e-3
         return max(floor, 8 * torch.finfo(self.model_dtype).eps)
 
-    def _verify(self, grads: dict[int, torch.Tensor | None]) -> None:
-        """Every parameter's parts add up to autograd's batch gradient (see :func:`mismatch`)."""
+    def reference_gradients(self, grads: Mapping[int, torch.Tensor | None]) -> dict[int, torch.Tensor]:
+        """``id(param) -> gradient`` in the compute dtype for every target (zeros where None)."""
         ref = {}
         for t in self.targets:
             g = grads.get(id(t.param))
             ref[id(t.param)] = torch.zeros_like(t.param, dtype=self.compute_dtype) if g is None else g.to(self.compute_dtype)
+        return ref
+
+    def _verify(self, grads: dict[int, torch.Tensor | None]) -> None:
+        """Every parameter's parts add up to autograd's batch gradient (see :func:`mismatch`)."""
+        ref = self.reference_gradients(grads)
         bad = mismatch(self._totals, ref, self._tolerance())
         self._totals = {}
         if bad is None:
