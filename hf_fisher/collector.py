@@ -34,21 +34,24 @@ def _check_choice(what: str, value: Any, choices: tuple) -> None:
 class _MomentsSink(ContributionSink):
     """Batch moments of every parameter's contributions, merged into the task at :meth:`commit`.
 
-    Each chunk of per-sample contributions is summarised in its own precision and in place by
-    :func:`~hf_fisher.stats.shifted_moments_` (corrected two-pass: shift, residual, centred M2;
-    no ``[b, *shape]`` temporary). A parameter whose batch arrives in one chunk (all but the
-    largest ones) keeps that summary as it is until :meth:`commit` Chan-merges it straight into
-    the task's accumulator, in place, in the accumulation dtype (float64): one merge per
-    parameter and batch, with float64 temporaries from a reused :class:`~hf_fisher.stats.Workspace`.
-    A parameter that arrives in several chunks folds them into a batch-level float64
-    :class:`~hf_fisher.stats.Welford` first (so memory stays one float64 pair per parameter).
+    Each chunk of per-sample contributions is summarised in its own precision, in place, by
+    :func:`~hf_fisher.stats.shifted_moments_` (two-pass around the rounded chunk mean, without
+    the residual correction: the contributions are themselves rounded in that precision, which
+    dominates the correction's effect -- see there; no ``[b, *shape]`` temporary). A parameter
+    whose batch arrives in one chunk (all but the largest) keeps that summary, two tensors of
+    the parameter's shape, until :meth:`commit` Chan-merges it straight into the task's
+    accumulator, in place, in the accumulation dtype (float64): one merge per parameter and
+    batch, with float64 temporaries from a reused :class:`~hf_fisher.stats.Workspace`. A
+    parameter that arrives in several chunks folds them into a batch-level float64
+    :class:`~hf_fisher.stats.Welford` first (kept for the next batch), so memory stays one
+    float64 pair per parameter.
 
     Nothing touches the task's accumulators before :meth:`commit`, so a batch that fails
-    half-way leaves them as they were. The sink is reused across batches (:meth:`reset`), which
-    keeps its scratch buffers.
+    half-way leaves them as they were. The collector keeps one sink for its life
+    (:meth:`reset` per batch), and with it the scratch buffers.
 
-    :meth:`add_gradients` is the fused entry point: it takes the signed per-sample gradients
-    and squares them in place itself, and reports non-finite samples from the chunk's sums
+    :meth:`add_gradients` is the fused entry point: it takes the signed per-sample gradients,
+    squares them in place itself, and reads non-finite samples off the chunk's column sums
     instead of a separate finiteness pass over the contributions.
     """
 

@@ -83,33 +83,42 @@ def shifted_moments_(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Moments over dim 0 of ``x`` (``[b, *shape]``), or of ``x²`` with ``square=True``; **overwrites** ``x``.
 
-    Returns ``(shift, m2, residual)``, in ``x``'s precision (float32 or float64; lower precisions
-    are first promoted to float32), such that, for the ``b`` values ``y_i`` (``x_i`` or ``x_i²``)::
+    Returns ``(shift, m2, residual)`` in ``x``'s precision (float32 or float64; lower precisions
+    are first promoted to float32) such that, for the ``b`` values ``y_i`` (``x_i`` or ``x_i²``)::
 
-        mean = shift + residual / b            (to be evaluated in the accumulation dtype)
-        M2   = Σ_i (y_i − mean)²  = m2         (m2 >= 0)
+        mean = shift + residual / b      (evaluate in the accumulation dtype; residual None: mean = shift)
+        M2   = Σ_i (y_i − mean)² = m2    (m2 >= 0)
 
-    ``residual`` is ``None`` when ``b == 1`` (then ``shift = y_0`` and ``m2 = 0``). ``total``, if
-    given, is ``x.sum(0)`` already computed by the caller (e.g. to check finiteness before ``x``
-    is overwritten); it is consumed (divided in place). It cannot be combined with ``square``.
+    ``total``, if given, is ``x.sum(0)`` already computed by the caller (e.g. to check
+    finiteness before ``x`` is overwritten); it is consumed (divided in place) and cannot be
+    combined with ``square``. With ``b == 1``: ``shift = y_0``, ``m2 = 0``, ``residual = None``.
 
-    The corrected two-pass algorithm (Björck; Chan, Golub & LeVeque 1983): ``shift = fl(Σ y / b)``
-    is a first estimate of the mean, the values are centred on it in place, ``d_i = y_i − shift``,
-    and ``residual = Σ d_i``, ``m2 = Σ d_i² − residual² / b``. The only cancellation is in that
-    last subtraction, whose correction term is ``b·(mean − shift)²``: tiny, because the shift
-    is the rounded mean itself, so ``m2`` keeps a relative error of a few units of ``x``'s
-    precision whatever the ratio of the mean to the spread. (Without the residual, the rounding
-    of the float32 mean, up to ``~eps32·|mean|``, would add ``b·(eps32·mean)²`` to ``M2``: a large
-    relative error when the values sit far from zero with a small spread.) The residual also
-    gives the mean beyond ``x``'s precision: ``shift + residual / b`` is accurate to
-    ``~eps·mean|d|`` plus the accumulation dtype's rounding.
+    Two-pass, never a sum of squares: ``shift = fl(Σ y / b)``, then ``M2`` is summed from the
+    centred values ``d_i = y_i − shift``, so there is no cancellation between large terms
+    (``M2 = Σ y² − b·mean²`` in float32 loses every digit when the mean is large against the
+    spread; a float64 version would need float64 copies of ``x``, and ``sum(dtype=float64)``
+    over the batch dimension is ~20x slower than a float32 sum on CPU).
 
-    Cost, with ``x`` owned by the caller: passes over ``x`` (square in place), sum, subtract in
-    place, sum, square in place, sum; no ``[b, *shape]`` temporary is allocated. (A fused sum of
-    squares, ``M2 = Σ y² − b·mean²``, would save two of those passes but loses every digit of
-    ``M2`` in low precision when the mean is large against the spread; in float64 it would
-    need float64 copies of ``x``, and ``sum(dtype=float64)`` over the batch dimension is ~20x
-    slower than a float32 sum on CPU.)
+    ``corrected=True`` (default) is the corrected two-pass algorithm (Björck; Chan, Golub &
+    LeVeque 1983): also ``residual = Σ d_i``, and ``m2 = Σ d_i² − residual² / b``. Its error is
+    a few units of ``x``'s precision relative to ``M2`` whatever the mean/spread ratio, and
+    ``shift + residual / b`` gives the mean beyond ``x``'s precision. Passes over ``x``:
+    (square), sum, subtract, sum, square, sum.
+
+    ``corrected=False`` skips the residual: ``m2 = Σ (y_i − shift)²`` (subtract and square fused
+    in one pass), the plain two-pass algorithm. It overestimates ``M2`` by exactly
+    ``b·(mean − shift)²``; the shift is the rounded mean, ``|mean − shift| <= k·eps·|mean|``
+    (``k ~ log2(b) + 2``), so the *variance* is off by at most ``~(k·eps·mean)²``, i.e. its
+    square root by ``k·eps·|mean|``. Relative to ``M2`` that is only visible when all ``b``
+    values agree to ~5 significant digits in float32 (coefficient of variation <~ 1e-4), and it
+    is then still smaller than what rounding the values themselves to ``x``'s precision
+    (``eps/2`` each) does to ``M2``: ``~eps·|mean|·spread·sqrt(b)``. That is the case of the
+    engine's contributions ``C_i = g_i ⊙ g_i``, computed and rounded in the compute dtype, so the
+    collector's sink uses this cheaper form (the same accuracy as before the fused path;
+    tests/test_stats.py checks both statements). Passes over ``x``: (square), sum, fused
+    subtract-square, sum.
+
+    No ``[b, *shape]`` temporary is allocated in either form.
     """
     if total is not None and (square or total.dtype != x.dtype):
         raise InvalidInputError("shifted_moments_: total must be x.sum(0) of the values themselves (no square, same dtype)")

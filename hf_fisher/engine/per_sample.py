@@ -74,6 +74,8 @@ class ContributionSink:
 
     #: whether :meth:`add_moments` is available (order-independent statistics only)
     accepts_moments = False
+    #: whether :meth:`add_gradients` is available (the sink squares signed gradients itself)
+    accepts_gradients = False
 
     def add(self, name: str, contributions: torch.Tensor) -> None:
         """Per-sample contributions ``[b, ...]`` of the next samples; the sink owns the tensor
@@ -82,6 +84,12 @@ class ContributionSink:
 
     def add_moments(self, name: str, n: int, mean: torch.Tensor, m2: torch.Tensor) -> None:
         """Moments of the next ``n`` samples' contributions (``M2 = sum (C_i - mean)²``)."""
+        raise NotImplementedError
+
+    def add_gradients(self, name: str, gradients: torch.Tensor, *, owned: bool = False) -> list[int]:
+        """Signed per-sample gradients ``[b, ...]`` of the next samples (parameter reduction):
+        the sink adds ``C_i = g_i ⊙ g_i`` (in place when ``owned``) and returns the rows whose
+        contribution is not finite (nothing of such a chunk is added)."""
         raise NotImplementedError
 
     def reset(self) -> None:
@@ -542,20 +550,31 @@ class PerSampleEngine:
                 return
             # non-finite: the dense path below finds and names the sample
         numel = max(1, target.param.numel())
-        chunk = max(1, self.budget_elems // numel)
+        # a sink that squares the signed gradients itself (in place) holds one [chunk, *shape]
+        # tensor instead of three: its chunks can be three times larger
+        fused = groups is None and getattr(self._sink, "accepts_gradients", False)
+        chunk = max(1, (3 if fused else 1) * self.budget_elems // numel)
         for lo in range(0, n_keep, chunk):
             idx = sub_samples(keep, lo, lo + chunk)
             g = parts[0].materialize(idx)
             for p in parts[1:]:
                 g = g + p.materialize(idx)
+            if fused:
+                bad = self._sink.add_gradients(target.name, g, owned=len(parts) > 1 or g._base is None)
+                if bad:
+                    raise _NonFiniteSamples({_sample_at(idx, r) for r in bad}, f"gradient of {target.name}")
+                continue
             c = g * g
-            self._emit(target.name, groups.reduce(c, batch_dims=1) if groups is not None else c)
+            self._emit(target.name, groups.reduce(c, batch_dims=1) if groups is not None else c, idx)
 
-    def _emit(self, name: str, contributions: torch.Tensor) -> None:
+    def _emit(self, name: str, contributions: torch.Tensor, samples=None) -> None:
+        """Hand per-sample contributions of the samples ``samples`` (default: all kept ones) to
+        the sink, naming the samples whose contribution is not finite."""
         flat = contributions.reshape(contributions.shape[0], -1)
         if not torch.isfinite(flat.sum()):
             rows = (~torch.isfinite(flat)).any(dim=1).nonzero().flatten().tolist()
-            raise _NonFiniteSamples({_sample_at(self._keep, r) for r in rows}, f"gradient of {name}")
+            where = self._keep if samples is None else samples
+            raise _NonFiniteSamples({_sample_at(where, r) for r in rows}, f"gradient of {name}")
         self._sink.add(name, contributions)
 
     # ------------------------------------------------------------------ checks
