@@ -157,6 +157,14 @@ def _scale_rows(x: torch.Tensor, scale: torch.Tensor | None, samples) -> torch.T
     return x * s.view(-1, *([1] * (x.dim() - 1)))
 
 
+def _times_sq(x: torch.Tensor, scale: torch.Tensor | None, samples) -> torch.Tensor:
+    """Rows of per-index squared sums times ``s_i^2`` (in place; ``x`` is a fresh result)."""
+    if scale is None:
+        return x
+    s = take(scale, samples).to(x.dtype)
+    return x.mul_((s * s).view(-1, *([1] * (x.dim() - 1))))
+
+
 class DensePart(Part):
     """Per-sample gradients given as a dense tensor ``[B, *param.shape]`` (unscaled)."""
 
@@ -189,7 +197,12 @@ class OuterProductPart(Part):
         return torch.bmm(U.transpose(1, 2), take(self.V, samples))
 
     def per_index_sq(self, axis, samples, budget_elems):
-        U = _scale_rows(self.U, self.scale, samples)
+        # the result is quadratic in the per-sample scale: apply s_i^2 to it, not s_i to U
+        out = self._per_index_sq_unscaled(axis, samples, budget_elems)
+        return _times_sq(out, self.scale, samples)
+
+    def _per_index_sq_unscaled(self, axis, samples, budget_elems):
+        U = take(self.U, samples)
         V = take(self.V, samples)
         if axis == 1:
             U, V = V, U
@@ -247,12 +260,12 @@ class EmbeddingPart(Part):
         if axis != 0:
             return super().per_index_sq(axis, samples, budget_elems)
         keys, b = self._keys(samples)
-        g = _scale_rows(self.grads, self.scale, samples).reshape(keys.shape[0], -1)
+        g = take(self.grads, samples).reshape(keys.shape[0], -1)
         uniq, inverse = torch.unique(keys, return_inverse=True)
         sums = g.new_zeros(uniq.shape[0], g.shape[1]).index_add_(0, inverse, g)
         out = g.new_zeros(b * self.num_rows)
         out[uniq] = (sums * sums).sum(dim=1)
-        return out.view(b, self.num_rows)
+        return _times_sq(out.view(b, self.num_rows), self.scale, samples)
 
     def sparse_moments(self, samples) -> tuple[int, torch.Tensor, torch.Tensor]:
         """Moments over the selected samples of ``C_i = G_i ⊙ G_i`` without dense ``[b, V, d]``.
