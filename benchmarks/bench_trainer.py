@@ -78,6 +78,9 @@ def run(spec, method: str, steps: int, probe_every: int):
     elif method == "probe":
         probe = [default_data_collator([data[i] for i in range(k, k + spec["B"])]) for k in (0, spec["B"])]
         callbacks = [hf_fisher.FisherCallback("probe", probe_data=probe, probe_every_n_steps=probe_every, log_summary=False)]
+    import gc
+
+    gc.collect()  # the previous run's Trainer, model and hooks (reference cycles)
     with tempfile.TemporaryDirectory() as out:
         args = TrainingArguments(
             out, per_device_train_batch_size=spec["B"], max_steps=steps, learning_rate=1e-4, report_to=[],
