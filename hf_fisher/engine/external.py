@@ -153,6 +153,10 @@ class ExternalBackward:
         for c in engine.capture.calls:
             if any(c.batch_axis_kind(t) is None for t in c.tensors):
                 micro.failed = micro.failed or f"{type(c.module).__name__} output is shared by the batch"
+            # the hooks live on the autograd nodes: holding the outputs would keep every
+            # activation alive until the end of the backward
+            c.output = None
+            c.tensors = []
         logits = output.logits if hasattr(output, "logits") else (output[0] if isinstance(output, (tuple, list)) else None)
         if not isinstance(logits, torch.Tensor) or not logits.requires_grad:
             micro.failed = micro.failed or "the model's output has no logits that require grad"
