@@ -375,23 +375,14 @@ def _pid_alive(pid: int) -> bool | None:
 
 def _locked(path: Path) -> bool | None:
     """Whether a running save holds the folder's lock; None when locks are not supported."""
-    if _fcntl is None:
+    fd = _lock_folder(path, busy="busy")
+    if fd == "busy":
+        return True
+    if fd is None:
         return None
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return None
-    try:
-        try:
-            _fcntl.flock(fd, _fcntl.LOCK_EX | _fcntl.LOCK_NB)
-        except BlockingIOError:
-            return True
-        except OSError:
-            return None
-        _fcntl.flock(fd, _fcntl.LOCK_UN)
-        return False
-    finally:
-        os.close(fd)
+    _fcntl.flock(fd, _fcntl.LOCK_UN)
+    os.close(fd)
+    return False
 
 
 def _judge(path: Path, kind: str, pid: int, host: str) -> Leftover:
@@ -413,8 +404,9 @@ def _judge(path: Path, kind: str, pid: int, host: str) -> Leftover:
 
 
 # ---------------------------------------------------------------------------- locks
-def _lock_folder(path: Path) -> int | None:
-    """Hold an exclusive lock on the folder ``path`` (its fd), or None where unsupported."""
+def _lock_folder(path: Path, busy=None):
+    """Hold an exclusive lock on the folder ``path`` (its fd), or None where unsupported;
+    ``busy`` when another process holds it."""
     if _fcntl is None:
         return None
     try:
@@ -423,6 +415,9 @@ def _lock_folder(path: Path) -> int | None:
         return None
     try:
         _fcntl.flock(fd, _fcntl.LOCK_EX | _fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return busy
     except OSError:
         os.close(fd)
         return None
