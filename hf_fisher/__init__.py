@@ -23,6 +23,8 @@ _LAZY = {
     "collect": "api",
     "FisherCollector": "collector",
     "FisherCallback": "integrations.trainer",
+    "EWCPenalty": "consumers.ewc",
+    "forgetting_risk": "consumers.ewc",
     "HfFisherError": "errors",
     "Fisher": "fisher",
     "hookimpl": "hookspecs",
@@ -30,11 +32,12 @@ _LAZY = {
     "ParamGroups": "layout",
 }
 
-__all__ = ["collect", "Fisher", "FisherCallback", "FisherCollector", "HfFisherError", "hookimpl", "ModelLayout", "ParamGroups", "__version__"]
+__all__ = ["collect", "EWCPenalty", "forgetting_risk", "Fisher", "FisherCallback", "FisherCollector", "HfFisherError", "hookimpl", "ModelLayout", "ParamGroups", "__version__"]
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names come from __getattr__
     from .api import collect
     from .collector import FisherCollector
+    from .consumers.ewc import EWCPenalty, forgetting_risk
     from .integrations.trainer import FisherCallback
     from .errors import HfFisherError
     from .fisher import Fisher
