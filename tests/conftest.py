@@ -22,3 +22,13 @@ def collect():
     import hf_fisher
 
     return hf_fisher.collect
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module of tiny forward passes: they gain nothing from threads
+    and slow down a lot on a busy machine (``pytestmark = pytest.mark.usefixtures("one_thread")``)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -57,13 +57,7 @@ def _tied_llama(dtype=torch.float64):
     return tf.LlamaForCausalLM(cfg).to(dtype).eval()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny forward passes gain nothing from threads and slow down a lot on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # name -> (factory, adapter, model_type, num_heads, num_kv_heads)

@@ -30,7 +30,6 @@ from typing import Callable
 import torch
 
 from ..errors import HfFisherError, UnsupportedError
-from .capture import Capture
 from .losses import IGNORE_INDEX, label_counts, normalization_weights, token_labels
 from .per_sample import BatchReport, ContributionSink, PerSampleEngine, _keep_and_report, mismatch
 
@@ -337,4 +336,4 @@ def _loss_scale(grad: torch.Tensor, picked: torch.Tensor, targets: torch.Tensor,
     return c
 
 
-__all__ = ["ExternalBackward", "MicroBatch", "Capture"]
+__all__ = ["ExternalBackward", "MicroBatch"]

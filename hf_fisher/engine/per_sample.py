@@ -629,15 +629,9 @@ class PerSampleEngine:
         """Sample ``i`` alone, without its padding, must get the gradient it got in the batch."""
         mine = {pid: g.to(self.compute_dtype) for pid, g in self._probe_grads.items()}
         self._probe_grads = {}
-        one = _alone(batch, i)
-        li = self._losses(self.model(**self._model_inputs(one, alone=True)), one)
-        w, s = normalization_weights(li.n_tokens, self.normalization, self.compute_dtype)
-        params = [t.param for t in self.targets]
-        grads = torch.autograd.grad((li.loss_sum * w.to(li.loss_sum.dtype)).sum(), params, allow_unused=True)
-        ref = {
-            id(t.param): (torch.zeros_like(t.param, dtype=self.compute_dtype) if g is None else g.to(self.compute_dtype) * s[0])
-            for t, g in zip(self.targets, grads)
-        }
+        ref = self._gradient_alone(batch, i)
+        if ref is None:
+            raise UnsupportedError(f"sample {i} of batch {batch_index} has a non-finite loss alone, without padding")
         bad = mismatch(mine, ref, self._tolerance())
         if bad is not None:
             pid, rel = bad
@@ -673,25 +667,34 @@ class PerSampleEngine:
         self.loop_mode = True
         self.loop_reason = reason
 
+    def _gradient_alone(self, batch, i: int) -> "dict[int, torch.Tensor] | None":
+        """``id(param) -> g_i`` (scaled, compute dtype) of sample ``i`` run alone, without its
+        padding, exactly as the model runs it by default; None when its loss is not finite."""
+        one = _alone(batch, i)
+        li = self._losses(self.model(**self._model_inputs(one, alone=True)), one)
+        if not bool(torch.isfinite(li.loss_sum.detach()).all()):
+            return None
+        w, s = normalization_weights(li.n_tokens, self.normalization, self.compute_dtype)
+        params = [t.param for t in self.targets]
+        grads = torch.autograd.grad((li.loss_sum * w.to(li.loss_sum.dtype)).sum(), params, allow_unused=True)
+        scaled = {id(p): g.to(self.compute_dtype) * s[0] for p, g in zip(params, grads) if g is not None}
+        return self.reference_gradients(scaled)
+
     def _process_loop(self, batch, sink, batch_index, exclude, limit) -> BatchReport:
         """One forward/backward per sample, each sample alone without its padding: the exact but
         slow path."""
         n = label_counts(batch, self.task_type)
         keep, report = _keep_and_report(n, exclude, limit)
         self._sink = sink
-        params = [t.param for t in self.targets]
         bad = set()
         for i in keep:
-            one = _alone(batch, i)
-            li = self._losses(self.model(**self._model_inputs(one, alone=True)), one)
-            if not bool(torch.isfinite(li.loss_sum.detach()).all()):
+            grads = self._gradient_alone(batch, i)
+            if grads is None:
                 bad.add(i)
                 continue
-            w, s = normalization_weights(li.n_tokens, self.normalization, self.compute_dtype)
-            grads = torch.autograd.grad((li.loss_sum * w.to(li.loss_sum.dtype)).sum(), params, allow_unused=True)
             self._keep = slice(i, i + 1)
-            for t, g in zip(self.targets, grads):
-                g = torch.zeros_like(t.param, dtype=self.compute_dtype) if g is None else g.to(self.compute_dtype) * s[0]
+            for t in self.targets:
+                g = grads[id(t.param)]
                 c = (g * g).unsqueeze(0)
                 self._emit(t.name, t.groups.reduce(c, batch_dims=1) if t.groups is not None else c)
         if bad:
