@@ -25,6 +25,9 @@ _LAZY = {
     "FisherCallback": "integrations.trainer",
     "EWCPenalty": "consumers.ewc",
     "forgetting_risk": "consumers.ewc",
+    "merge_with_fisher": "consumers.merging",
+    "EWCTrainer": "integrations.ewc_trainer",
+    "EWCMixin": "integrations.ewc_trainer",
     "HfFisherError": "errors",
     "Fisher": "fisher",
     "hookimpl": "hookspecs",
@@ -32,12 +35,14 @@ _LAZY = {
     "ParamGroups": "layout",
 }
 
-__all__ = ["collect", "EWCPenalty", "forgetting_risk", "Fisher", "FisherCallback", "FisherCollector", "HfFisherError", "hookimpl", "ModelLayout", "ParamGroups", "__version__"]
+__all__ = ["collect", "merge_with_fisher", "EWCPenalty", "EWCTrainer", "EWCMixin", "forgetting_risk", "Fisher", "FisherCallback", "FisherCollector", "HfFisherError", "hookimpl", "ModelLayout", "ParamGroups", "__version__"]
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names come from __getattr__
     from .api import collect
     from .collector import FisherCollector
     from .consumers.ewc import EWCPenalty, forgetting_risk
+    from .consumers.merging import merge_with_fisher
+    from .integrations.ewc_trainer import EWCMixin, EWCTrainer
     from .integrations.trainer import FisherCallback
     from .errors import HfFisherError
     from .fisher import Fisher

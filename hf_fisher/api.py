@@ -31,6 +31,7 @@ def collect(
     task_type: str | None = None,
     data_description: str | None = None,
     model_name_or_path: str | None = None,
+    distributed: bool | None = None,
     **estimator_options: Any,
 ) -> Fisher:
     """Collect the Fisher information of ``model`` over ``batches`` and return the artifact.
@@ -40,7 +41,16 @@ def collect(
     estimator the result is the empirical diagonal Fisher F = mean_i g_i ⊙ g_i with its
     unbiased variance; ``reduction="group"`` sums within heads / kv-heads / channels /
     vocabulary rows (square first, then reduce). See the README for the exact definitions.
+
+    Inside a ``torch.distributed`` process group of several processes (torchrun, accelerate),
+    every rank passes its own share of the data and every rank returns the Fisher of all
+    ranks' samples, merged exactly (Chan's formula; counts summed; ``metadata.extra
+    ["world_size"]``); it is a collective, so every rank must call it, and a rank may have no
+    batch. ``max_samples`` applies per rank. ``distributed=False`` returns each rank's own
+    Fisher; ``True`` requires an initialised process group.
     """
+    if distributed is not None:
+        estimator_options["distributed"] = distributed
     available = plugins.estimators()
     if estimator not in available:
         raise InvalidInputError(f"unknown estimator {estimator!r}; available: {', '.join(sorted(available))}")
@@ -50,11 +60,22 @@ def collect(
         on_nonfinite=on_nonfinite, memory_budget_mb=memory_budget_mb, train_mode=train_mode,
         task_type=task_type, **estimator_options,
     )
-    batches = _non_empty(batches)
+    if not _will_merge(distributed):
+        batches = _non_empty(batches)  # under several ranks one may have none: the merged result is checked
+    elif batches is None:
+        batches = ()
     return est.collect(
         model, batches, task=task, max_samples=max_samples, progress=progress,
         model_name_or_path=model_name_or_path, data_description=data_description,
     )
+
+
+def _will_merge(distributed: bool | None) -> bool:
+    from .integrations.distributed import is_distributed
+
+    if distributed is False:
+        return False
+    return is_distributed() or bool(distributed)
 
 
 def _non_empty(batches):

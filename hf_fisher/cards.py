@@ -30,7 +30,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from hf_fisher.fisher import Fisher
 
-__all__ = ["load_template", "card_data", "render_card", "looks_like_hub_id", "hub_base_model", "md_text", "layer_rows"]
+__all__ = ["load_template", "card_data", "render_card", "looks_like_hub_id", "hub_base_model", "md_text", "layer_rows", "merged_card"]
 
 FISHER_TEMPLATE = "fisher_card.md"
 _COMMIT_HASH_LEN = 40
@@ -223,4 +223,101 @@ def render_card(fisher: "Fisher", *, template: str | None = None) -> "ModelCard"
         num_params=len(names),
         num_values=sum(fisher[n].numel() for n in names),
         example_name=json.dumps(names[0] if names else "<param name>", ensure_ascii=True),
+    )
+
+
+# ---------------------------------------------------------------------------- merged models
+MERGED_TEMPLATE = "merged_card.md"
+
+_MERGE_FORMULAS = {
+    "fisher": "Fisher-weighted averaging, per element: θ\\* = Σ_i λ_i F̃_i θ_i / Σ_i λ_i F̃_i with F̃_i = max(F_i, floor).",
+    "fisher_task_vector": "Fisher-weighted task vectors: θ\\* = θ_base + Σ_i λ_i F̃_i τ_i / Σ_i λ_i F̃_i, τ_i = θ_i − θ_base.",
+    "average": "Weighted average: θ\\* = Σ_i λ_i θ_i / Σ_i λ_i.",
+    "task_arithmetic": "Task arithmetic: θ\\* = θ_base + s Σ_i λ_i τ_i, τ_i = θ_i − θ_base.",
+    "ties": "TIES: trim each λ_i τ_i to its largest magnitudes (density), elect each entry's sign, average the agreeing entries, θ\\* = θ_base + s · mean.",
+    "dare": "DARE: drop each task-vector entry with probability p, rescale the rest by 1/(1 − p), then task arithmetic or TIES.",
+    "regmean": "RegMean: W\\* = (Σ_i G̃_i)⁻¹ Σ_i G̃_i W_i per linear layer (input Gram matrices, off-diagonal scaled by α); other tensors averaged.",
+    "fisher_regmean": "RegMean for every linear weight, Fisher-weighted averaging for the other tensors.",
+}
+
+
+def _fence(text: str) -> str:
+    longest = max((len(m) for m in __import__("re").findall(r"`+", text)), default=0)
+    return "`" * max(3, longest + 1)
+
+
+def merged_card(recipe: dict, *, sources=None, fishers=None, base=None, template: str | None = None,
+                library_name: str = "transformers") -> "ModelCard":
+    """The :class:`huggingface_hub.ModelCard` of a merged model, from its recipe.
+
+    Metadata (compatible with mergekit's cards): ``base_model`` lists the inputs that are Hub ids
+    (:func:`hub_base_model`; local folders are listed in the body instead), ``base_model_relation:
+    merge``, ``tags`` ``merge``, ``hf-fisher`` and the method, ``library_name: transformers``
+    (``peft`` for a merged adapter).
+    The body names the method with its formula and paper, the inputs with their weights and
+    Fisher artifacts, the validation choice, and the recipe.
+    """
+    import yaml
+    from huggingface_hub import ModelCard, ModelCardData
+
+    from hf_fisher.consumers.merging import PAPERS
+
+    method = str(recipe.get("merge_method"))
+    entries = recipe.get("models") or []
+    refs = [str(e.get("model")) for e in entries]
+    base_ref = recipe.get("base_model")
+    hub_ids = []
+    for i, ref in enumerate(refs + ([str(base_ref)] if base_ref else [])):
+        src = None
+        if sources is not None and i < len(sources):
+            src = sources[i]
+        elif base is not None and i == len(refs):
+            src = base
+        hub = getattr(src, "hub_id", None) or hub_base_model(ref)
+        if hub and hub not in hub_ids:
+            hub_ids.append(hub)
+    local = [r for r in refs + ([str(base_ref)] if base_ref else []) if r not in hub_ids and r.split(":")[0] not in hub_ids]
+    tags = ["merge", "hf-fisher", method.replace("_", "-")]
+    if method in ("fisher", "fisher_task_vector", "fisher_regmean"):
+        tags.append("fisher-merging")
+    data = ModelCardData(library_name=library_name, base_model=hub_ids or None, base_model_relation="merge", tags=tags)
+    rows = []
+    for i, e in enumerate(entries):
+        p = e.get("parameters") or {}
+        rows.append({"index": i, "model": md_text(e.get("model")), "weight": md_text(p.get("weight", "")),
+                     "fisher": md_text(p.get("fisher")) if p.get("fisher") else "-"})
+    section = recipe.get("hf_fisher") or {}
+    no_fisher = (section.get("no_fisher") or {})
+    nf = no_fisher.get("tensors") or []
+    no_fisher_md = None
+    if nf:
+        shown = ", ".join(nf[:10]) + (f" and {len(nf) - 10} more" if len(nf) > 10 else "")
+        no_fisher_md = md_text(f"{len(nf)} tensor(s), merged by rule '{no_fisher.get('rule')}' ({no_fisher.get('text')}): {shown}")
+    val = section.get("validation")
+    validation_md = None
+    if val:
+        chosen = val.get("chosen") or {}
+        parts = [f"{k} = {v}" for k, v in chosen.items()]
+        validation_md = md_text(f"Picked on a grid of {val.get('points')} points by the {val.get('criterion')}: " + "; ".join(parts))
+    recipe_yaml = yaml.safe_dump(recipe, sort_keys=False, allow_unicode=True)
+    fence = _fence(recipe_yaml)
+    params = recipe.get("parameters") or {}
+    return ModelCard.from_template(
+        data,
+        template_str=template if template is not None else load_template(MERGED_TEMPLATE),
+        title_md=md_text(f"Merged model ({method})"),
+        num_models=len(entries),
+        version_md=md_text(section.get("version", "")),
+        method_md=md_text(method),
+        formula_md=_MERGE_FORMULAS.get(method, md_text(method)),
+        paper_md=md_text(PAPERS.get(method, "-")),
+        parameter_rows=[(md_text(k), md_text(v)) for k, v in params.items()] + (
+            [(md_text("dtype"), md_text(recipe["dtype"]))] if recipe.get("dtype") else []),
+        input_rows=rows,
+        base_md=md_text(base_ref) if base_ref else None,
+        local_md=md_text(", ".join(local)) if local else None,
+        no_fisher_md=no_fisher_md,
+        validation_md=validation_md,
+        recipe_yaml=recipe_yaml,
+        fence=fence,
     )

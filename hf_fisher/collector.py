@@ -202,6 +202,13 @@ class FisherCollector:
     vocabulary rows) before accumulating. Accumulation is Welford/Chan in ``accumulation_dtype``
     (float64 default), or an EMA with bias correction when ``ema_decay`` is set.
 
+    Inside a ``torch.distributed`` process group (torchrun, ``accelerate launch``) each rank
+    accumulates the samples it is given and :meth:`fisher` returns, on every rank, the Fisher
+    of all ranks' samples, merged exactly (Chan's formula, see
+    :mod:`hf_fisher.integrations.distributed`); :meth:`fisher` is then a collective that every
+    rank must call. ``distributed=None`` (default) merges when the group has more than one
+    process, ``False`` keeps each rank's own Fisher, ``True`` requires an initialised group.
+
     Example::
 
         collector = FisherCollector(model, reduction="group")
@@ -229,8 +236,19 @@ class FisherCollector:
         estimator: str = "empirical",
         verify: bool = True,
         params: "str | Iterable[str] | None" = None,
+        distributed: bool | None = None,
     ):
         _check_choice("reduction", reduction, REDUCTIONS)
+        if distributed not in (None, True, False):
+            raise InvalidInputError(f"distributed must be None (merge when torch.distributed runs several processes), True or False; got {distributed!r}")
+        if distributed:
+            import torch.distributed as dist
+
+            if not (dist.is_available() and dist.is_initialized()):
+                raise InvalidInputError(
+                    "distributed=True but torch.distributed is not initialised: launch with torchrun (or accelerate "
+                    "launch) and call torch.distributed.init_process_group first, or pass distributed=None/False"
+                )
         _check_choice("normalization", normalization, NORMALIZATIONS)
         _check_choice("on_nonfinite", on_nonfinite, ("raise", "skip"))
         if ema_decay is not None and not (0.0 < float(ema_decay) < 1.0):
@@ -252,6 +270,7 @@ class FisherCollector:
         self.ema_decay = ema_decay
         self.train_mode = train_mode
         self.estimator = estimator
+        self.distributed = distributed
         self.layout = plugins.model_layout(model)
         self.param_shapes = {n: tuple(p.shape) for n, p in named}
         self.groups = {n: self.layout.groups[n] for n, _ in named}
@@ -266,12 +285,46 @@ class FisherCollector:
     # ------------------------------------------------------------------ accumulation
     def _task(self, task: str) -> _TaskState:
         if task not in self.tasks:
-            acc = {}
-            for t in self.engine.targets:
-                shape = (t.groups.num_groups,) if t.groups is not None else tuple(t.param.shape)
-                acc[t.name] = make_accumulator(shape, ema_decay=self.ema_decay, dtype=self.accumulation_dtype, device=self.accumulation_device)
-            self.tasks[task] = _TaskState(acc)
+            self.tasks[task] = self._empty_state()
         return self.tasks[task]
+
+    def _empty_state(self) -> _TaskState:
+        acc = {}
+        for t in self.engine.targets:
+            shape = (t.groups.num_groups,) if t.groups is not None else tuple(t.param.shape)
+            acc[t.name] = make_accumulator(shape, ema_decay=self.ema_decay, dtype=self.accumulation_dtype, device=self.accumulation_device)
+        return _TaskState(acc)
+
+    def _merging(self, distributed: bool | None = None) -> bool:
+        """Whether :meth:`fisher` merges across ranks now (``distributed`` overrides the collector's setting)."""
+        from .integrations.distributed import is_distributed
+
+        choice = self.distributed if distributed is None else distributed
+        if choice is False:
+            return False
+        if choice is True:
+            import torch.distributed as dist
+
+            if not (dist.is_available() and dist.is_initialized()):
+                raise InvalidInputError("distributed=True but torch.distributed is not initialised (any more)")
+            return True
+        return is_distributed()
+
+    def merged_state(self, task: str) -> _TaskState:
+        """``task``'s state merged over every rank of the default process group: a new
+        :class:`_TaskState` (this rank's accumulators are left as they are, so merging again
+        later never counts a sample twice). A collective: every rank must call it, for the same
+        task. A rank that has not seen ``task`` takes part with an empty state."""
+        from .integrations.distributed import merge_accumulators
+
+        local = self.tasks.get(task) or self._empty_state()
+        counters = {k: getattr(local, k) for k in ("samples", "tokens", "skipped", "nonfinite", "batches")}
+        context = {
+            "task": task, "reduction": self.reduction, "normalization": self.normalization, "estimator": self.estimator,
+            "ema_decay": self.ema_decay, "accumulation_dtype": str(self.accumulation_dtype), "task_type": self.task_type,
+        }
+        acc, counts = merge_accumulators(local.accumulators, counters, context=context)
+        return _TaskState(acc, **counts)
 
     def _new_sink(self) -> ContributionSink:
         if self.ema_decay is not None:
@@ -361,26 +414,44 @@ class FisherCollector:
     # ------------------------------------------------------------------ results
     def fisher(
         self, task: str = "default", *, model_name_or_path: str | None = None, data_description: str | None = None,
-        extra: Mapping[str, Any] | None = None, dtype: torch.dtype | None = None,
+        extra: Mapping[str, Any] | None = None, dtype: torch.dtype | None = None, distributed: bool | None = None,
     ) -> Fisher:
         """The Fisher artifact of ``task`` (mean, unbiased variance, counts, metadata).
 
         ``extra`` is merged into ``metadata.extra``; ``dtype`` overrides the storage dtype (a
-        checkpoint keeps the accumulation dtype so that :meth:`restore` is exact)."""
-        seen = self.tasks.get(task)
+        checkpoint keeps the accumulation dtype so that :meth:`restore` is exact). Inside a
+        process group of K > 1 ranks (see the class docstring; ``distributed`` overrides the
+        collector's setting for this call) the result holds every rank's samples, identical on
+        every rank, and ``metadata.extra["world_size"]`` is K; this rank's own accumulators are
+        not changed, so calling it again (after more updates) still counts each sample once."""
+        info: dict[str, Any] = {}
+        if self._merging(distributed):
+            from .integrations.distributed import world_size
+
+            seen = self.merged_state(task)
+            merged = {task: seen}
+            info["world_size"] = world_size()
+        else:
+            from .integrations.distributed import is_distributed, rank
+
+            seen = self.tasks.get(task)
+            merged = self.tasks
+            if is_distributed():
+                info.update(world_size=1, rank=rank())
         if seen is not None and seen.samples == 0 and seen.nonfinite > 0:
             raise EmptyDataError(
                 f"no usable sample for task {task!r}: all {seen.nonfinite} samples with label tokens were dropped "
                 f"because their loss or gradient is not finite (on_nonfinite='skip'; {seen.skipped} more had no "
                 "label token); check the model's weights and dtype (e.g. fp16 overflow) and the data"
             )
-        if task not in self.tasks or self.tasks[task].samples == 0:
+        if task not in merged or merged[task].samples == 0:
             detail = f" ({seen.batches} batches, {seen.skipped} samples without label tokens)" if seen else ""
+            where = f" on any of the {info['world_size']} ranks" if info.get("world_size", 1) > 1 else ""
             raise EmptyDataError(
-                f"no usable sample for task {task!r}{detail}: pass non-empty batches whose samples have "
+                f"no usable sample for task {task!r}{where}{detail}: pass non-empty batches whose samples have "
                 "label tokens (labels != -100)"
             )
-        state = self.tasks[task]
+        state = merged[task]
         dtype = dtype or self.storage_dtype or self.accumulation_dtype
         mean, var = {}, {}
         for name, acc in state.accumulators.items():
@@ -393,7 +464,7 @@ class FisherCollector:
             groups=dict(self.groups),
             param_shapes=dict(self.param_shapes),
             counts=Counts(samples=state.samples, tokens=state.tokens, skipped=state.skipped, nonfinite=state.nonfinite),
-            metadata=self._metadata(task, model_name_or_path, data_description, dtype, extra, state),
+            metadata=self._metadata(task, model_name_or_path, data_description, dtype, {**info, **dict(extra or {})}, state),
             layout=self.layout,
         )
 
@@ -401,7 +472,10 @@ class FisherCollector:
         """Continue ``task`` from an artifact this collector (or one like it) wrote: the
         accumulators are rebuilt from its mean, variance and counts (Welford: ``M2 = var (n-1)``;
         EMA: with the weight sums kept in ``metadata.extra["ema_state"]``), exactly up to the
-        artifact's dtype."""
+        artifact's dtype.
+
+        Under several ranks, restore on one rank only (the trainer callback uses rank 0) and
+        start the others empty: a merge would otherwise count the restored samples once per rank."""
         from .stats import EMA
 
         if fisher.reduction != self.reduction or sorted(fisher.names()) != sorted(t.name for t in self.engine.targets):

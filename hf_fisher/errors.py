@@ -40,3 +40,8 @@ class ArtifactError(HfFisherError, OSError):
 
 class UnsupportedError(HfFisherError, NotImplementedError):
     """The requested computation cannot be done exactly for this model/configuration."""
+
+
+class DistributedMismatchError(HfFisherError, ValueError):
+    """The ranks of a process group do not hold the same accumulators (names, shapes, settings),
+    so their Fisher cannot be merged."""

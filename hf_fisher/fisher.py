@@ -474,12 +474,13 @@ def _read_json(path: Path, what: str, schema) -> dict[str, Any]:
 
 
 def _in_hub_cache(root: Path, real: Path) -> bool:
-    """Whether ``root`` is a huggingface_hub cache snapshot (``<repo>/snapshots/<revision>``) and
-    ``real`` lies in that repo's ``blobs/`` (the cache stores files as symlinks to blobs)."""
-    if root.parent.name != "snapshots":
-        return False
-    blobs = root.parent.parent / "blobs"
-    return real.is_relative_to(blobs)
+    """Whether ``root`` is a huggingface_hub cache snapshot (``<repo>/snapshots/<revision>``), or a
+    folder inside one (an artifact in a subfolder of the repository), and ``real`` lies in that
+    repo's ``blobs/`` (the cache stores files as symlinks to blobs)."""
+    for snapshot in (root, *root.parents):  # the artifact may be a subfolder of the snapshot
+        if snapshot.parent.name == "snapshots":
+            return real.is_relative_to(snapshot.parent.parent / "blobs")
+    return False
 
 
 def _artifact_path(root: Path, name: str, field_name: str) -> Path:
@@ -886,12 +887,75 @@ class Fisher:
         logger.info("saved Fisher artifact (%d parameters) to %s", len(self), target)
         return target
 
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        path_in_repo: str | None = None,
+        private: bool = False,
+        revision: str | None = None,
+        create_pr: bool = False,
+        commit_message: str | None = None,
+        token: str | None = None,
+        api: Any = None,
+    ) -> str:
+        """Publish this artifact on the Hugging Face Hub as ONE commit; returns the commit URL (or
+        the pull-request URL with ``create_pr=True``).
+
+        The artifact is written by :meth:`save_pretrained` into a temporary folder and uploaded by
+        :func:`hf_fisher.integrations.hub.push_folder`: to the root of ``repo_id`` (a standalone
+        artifact repository, created if needed, ``private`` when new), or under ``path_in_repo``
+        (e.g. ``"fisher"`` in the model's own repository: load it back with
+        ``Fisher.from_pretrained("user/model:fisher")``). ``revision``: the branch to commit to
+        (created from ``main`` if missing). ``api``: an ``huggingface_hub.HfApi`` (its endpoint and
+        token), else ``$HF_ENDPOINT`` / huggingface_hub's default. ``token`` is never written or
+        logged. Arguments are checked before anything is written or sent
+        (:class:`~hf_fisher.errors.InvalidInputError`); Hub failures are
+        :class:`~hf_fisher.errors.ArtifactError`. The default commit message names the task,
+        estimator, reduction and sample count.
+        """
+        import tempfile
+
+        from hf_fisher.integrations import hub
+
+        hub.check_push_args(repo_id, path_in_repo=path_in_repo, revision=revision, create_pr=create_pr,
+                            commit_message=commit_message, private=private)
+        if commit_message is None:
+            commit_message = (
+                f"Upload Fisher artifact (task {self.metadata.task!r}, estimator {self.metadata.estimator}, "
+                f"reduction {self.reduction}, {self.counts.samples} samples) with hf_fisher"
+            )
+        with tempfile.TemporaryDirectory(prefix="hf-fisher-push-") as tmp:
+            folder = self.save_pretrained(Path(tmp) / "fisher")
+            return hub.push_folder(
+                folder, repo_id, path_in_repo=path_in_repo, private=private, revision=revision,
+                create_pr=create_pr, commit_message=commit_message, token=token, api=api,
+            )
+
     # ------------------------------------------------------------------ loading
     @classmethod
     def from_pretrained(
-        cls, path: str | os.PathLike, *, model: Any = None, device: torch.device | str = "cpu"
+        cls,
+        path_or_repo: str | os.PathLike,
+        *,
+        model: Any = None,
+        device: torch.device | str = "cpu",
+        revision: str | None = None,
+        subfolder: str | None = None,
+        token: str | None = None,
+        cache_dir: str | os.PathLike | None = None,
     ) -> "Fisher":
-        """Load an artifact folder written by :meth:`save_pretrained` (safetensors only, no pickle).
+        """Load an artifact written by :meth:`save_pretrained` (safetensors only, no pickle), from a
+        local folder or from the Hugging Face Hub.
+
+        ``path_or_repo``: an artifact folder, or a Hub reference ``"user/repo"`` /
+        ``"user/repo:fisher"`` (the artifact in the subfolder ``fisher/``; or pass
+        ``subfolder="fisher"``). A Hub reference is used when no local folder of that name exists
+        (nor the backup of an interrupted save into it); it is downloaded with
+        :func:`hf_fisher.integrations.hub.resolve_folder` (``revision``: branch, tag or commit sha;
+        ``token``; ``cache_dir``; the Hugging Face cache is reused, ``HF_HUB_OFFLINE=1`` loads from
+        it, and every Hub failure is an :class:`~hf_fisher.errors.ArtifactError` saying what to do).
+        The downloaded folder then goes through exactly the checks of a local one.
 
         Every field of ``fisher_config.json``, every file name and every stored tensor (dtype,
         shape) is checked first (see :class:`FisherReader`): a malformed artifact is an
@@ -903,6 +967,22 @@ class Fisher:
         number of layers, attention heads / kv-heads / head dimension, names and shapes):
         :class:`~hf_fisher.errors.ModelMismatchError` naming every difference.
         """
+        from hf_fisher.integrations import hub
+
+        if _is_hub_source(path_or_repo):
+            path: str | os.PathLike = hub.resolve_folder(
+                path_or_repo, revision=revision, subfolder=subfolder, token=token, cache_dir=cache_dir,
+                what="Fisher artifact",
+            )
+        else:
+            if revision is not None:
+                raise InvalidInputError(
+                    f"revision={revision!r} only applies to Hub references, but {os.fspath(path_or_repo)!r} is a "
+                    "local path; drop revision= or pass a Hub reference such as 'user/repo:fisher'"
+                )
+            path = Path(os.fspath(path_or_repo))
+            if subfolder is not None:
+                path = path / hub._check_repo_path(subfolder, "subfolder")
         reader = FisherReader(path)
         cfg = reader.config
         mean: dict[str, torch.Tensor] = {}
@@ -1252,10 +1332,23 @@ def _recover_missing(root: Path) -> Path:
         )
         return rec.backup
     raise ArtifactError(
-        f"no Fisher artifact at {root}: the folder does not exist. Only local folders are "
-        "supported here; download a Hub artifact first (huggingface_hub.snapshot_download) "
-        "and pass the local folder."
+        f"no Fisher artifact at {root}: the folder does not exist. Pass the folder written by "
+        "Fisher.save_pretrained, or a Hub reference such as 'user/repo' or 'user/repo:fisher' to "
+        "Fisher.from_pretrained (downloaded into the Hugging Face cache)."
     )
+
+
+def _is_hub_source(path_or_repo: Any) -> bool:
+    """Whether :meth:`Fisher.from_pretrained` should read ``path_or_repo`` from the Hub: a string
+    that is a Hub reference, with no local file or folder of that name and no backup of an
+    interrupted save into such a folder (those are local and are restored by :class:`FisherReader`).
+    A reference with a bad subfolder counts, so that its error says what is wrong with it."""
+    from hf_fisher.atomic import leftovers
+    from hf_fisher.integrations.hub import looks_like_hub_repo
+
+    if not isinstance(path_or_repo, str) or os.path.lexists(path_or_repo) or not looks_like_hub_repo(path_or_repo):
+        return False
+    return not any(lo.kind == "old" for lo in leftovers(path_or_repo.partition(":")[0]))
 
 
 def _load_file(path: Path, keys, device, *, allow_missing: bool = False) -> dict[str, torch.Tensor]:

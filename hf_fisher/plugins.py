@@ -63,7 +63,9 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "hf_fisher.engine.rules",
     "hf_fisher.engine.moe",
     "hf_fisher.estimators.empirical",
+    "hf_fisher.estimators.true_fisher",
     "hf_fisher.consumers.importance",
+    "hf_fisher.consumers.merging",
 )
 BUILTIN_DISTRIBUTION = "hf-fisher"
 ENTRY_POINT_GROUP = PROJECT_NAME

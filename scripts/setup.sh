@@ -52,5 +52,19 @@ fi
 log "installing hf-fisher (editable) with test extras"
 "$py" -m pip install "${pip_args[@]}" -e "$repo[test]"
 
+# The curvature oracle of the KFAC tests: curvlinops. Its dependency backpack-for-pytorch declares
+# torchvision, which pip would satisfy with another (CUDA) torch build; torchvision is never
+# imported by either, so those two come without their declared dependencies and the
+# dependencies they do import are listed here (a satisfied torch is never upgraded).
+log "installing the test oracle curvlinops (without torchvision)"
+torch_before="$("$py" -c 'import torch; print(torch.__version__)')"
+"$py" -m pip install "${pip_args[@]}" einops opt-einsum "linear_operator>=0.5" unfoldNd
+"$py" -m pip install "${pip_args[@]}" --no-deps "curvlinops-for-pytorch==3.0.1" "backpack-for-pytorch==1.7.1" "einconv==0.1.0"
+torch_after="$("$py" -c 'import curvlinops, torch; print(torch.__version__)')"
+if [ "$torch_before" != "$torch_after" ]; then
+  log "error: installing curvlinops changed torch ($torch_before -> $torch_after); reinstall $torch_req"
+  exit 1
+fi
+
 printf '%s\n' "$want" > "$stamp"
 log "ready: $venv ($("$py" -c 'import torch, transformers; print(f"torch {torch.__version__}, transformers {transformers.__version__}")'))"

@@ -111,3 +111,57 @@ def test_ewc_forgets_task_a_less_than_plain_fine_tuning():
     risk_plain = hf_fisher.forgetting_risk(fisher_a, base, plain)["total"]
     risk_ewc = hf_fisher.forgetting_risk(fisher_a, base, ewc_model)["total"]
     assert risk_ewc < risk_plain
+
+
+def test_penalty_precision_follows_the_parameters_at_least_float32():
+    """float64 parameters: a float64 penalty (and anchor); bfloat16 parameters: float32."""
+    model64 = tm.llama(torch.float64)
+    fisher = _fisher(model64)
+    ewc = hf_fisher.EWCPenalty(fisher, model64, lam=2.0)
+    with torch.no_grad():
+        for p in model64.parameters():
+            p.add_(1e-9)  # below float32 resolution of the weights: a float32 anchor would lose it
+    value = ewc(model64)
+    assert value.dtype == torch.float64
+    assert float(value) == pytest.approx(2.0 * fisher.total() * 1e-18, rel=1e-5)
+    model16 = tm.llama(torch.float32)
+    fisher16 = _fisher(model16)
+    star = {n: p.detach().clone() for n, p in model16.named_parameters()}
+    model16 = model16.to(torch.bfloat16)
+    ewc16 = hf_fisher.EWCPenalty(fisher16, star, lam=1.0)
+    value16 = ewc16(model16)
+    assert value16.dtype == torch.float32
+    params = dict(model16.named_parameters())
+    expected = sum(float((fisher16[n].double() * (params[n].double() - star[n].double()) ** 2).sum()) for n in fisher16.names())
+    assert float(value16) == pytest.approx(expected, rel=1e-4)
+
+
+def test_risk_is_forgetting_risk_of_the_penalty_anchor():
+    before = tm.llama(torch.float32)
+    fisher = _fisher(before)
+    ewc = hf_fisher.EWCPenalty(fisher, before, lam=3.0)
+    after = tm.llama(torch.float32)
+    after.load_state_dict(before.state_dict())
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in after.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    ref = hf_fisher.forgetting_risk(fisher, before, after)
+    got = ewc.risk(after)
+    assert got["total"] == pytest.approx(ref["total"], rel=1e-5)
+    assert got["normalized"] == pytest.approx(ref["normalized"], rel=1e-5)
+    assert got["per_layer"] == pytest.approx(ref["per_layer"], rel=1e-5)
+    assert float(ewc(after)) == pytest.approx(3.0 * ref["total"], rel=1e-5)
+    ewc.set_anchor(after)
+    assert ewc.risk(after)["total"] == 0.0 and ewc.risk(after)["normalized"] == 0.0
+
+
+def test_validate_refuses_another_model():
+    from hf_fisher.errors import ModelMismatchError
+
+    fisher = _fisher(tm.llama(torch.float32))
+    ewc = hf_fisher.EWCPenalty(fisher, lam=1.0)
+    with pytest.raises(ModelMismatchError, match="does not match the model"):
+        ewc.validate(tm.llama(torch.float32, layers=3))
+    with pytest.raises(ModelMismatchError, match="are not parameters of the model"):
+        ewc(tm.lora_llama(torch.float32))

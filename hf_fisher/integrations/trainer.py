@@ -21,10 +21,24 @@ At the end of training the artifact is saved to ``<output_dir>/<output_subdir>``
 checkpoint gets the accumulator state as a loadable artifact (``checkpoint-N/<output_subdir>``),
 which a resumed run restores, so an interrupted and resumed run ends with the Fisher of an
 uninterrupted one.
+
+Several processes (torchrun / ``accelerate launch``, DDP): each rank accumulates the samples
+the Trainer's distributed sampler gives it (training mode) or every K-th probe batch (probe
+mode: ``probe_data`` is the whole probe set, given identically to every rank, unless it is a
+DataLoader that is already sharded); at each save, each log and at train end the ranks'
+accumulators are merged exactly (:mod:`hf_fisher.integrations.distributed`) on every rank,
+and only the process that saves (``args.should_save``) writes. On resume, global rank 0
+restores the merged state of the checkpoint and the other ranks start empty, so the next merge
+counts every sample once. With ``ema_decay``, the merge keeps each sample's weight in its own
+rank's EMA; a resumed EMA equals the uninterrupted one when every rank adds the same number of
+samples after the checkpoint (DDP with equal per-device batches whose samples all have label
+tokens), since rank 0's restored samples then decay exactly as they would have on their own
+ranks. FSDP and DeepSpeed are refused at train begin.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import os
@@ -34,7 +48,7 @@ from typing import Any, Iterable
 import torch
 from transformers import TrainerCallback
 
-from ..errors import InvalidInputError
+from ..errors import EmptyDataError, InvalidInputError
 
 log = logging.getLogger("hf_fisher")
 
@@ -117,20 +131,33 @@ class FisherCallback(TrainerCallback):
         self._collate = None
         self._model_name = None
         self._args_summary: dict = {}
+        self._final = None  # training mode: the merged Fisher at train end (no collective needed after)
 
     # ------------------------------------------------------------------ results
     def fisher(self):
         """The current :class:`hf_fisher.Fisher` (training mode: everything seen so far; probe
-        mode: the last probe)."""
+        mode: the last probe).
+
+        Under several processes it holds every rank's samples. During training it is then a
+        collective (every rank must call it); after training it is the result computed at train
+        end, so rank 0 alone may call it."""
         if self.mode == "probe":
             if self._probe_fisher is None:
                 raise InvalidInputError("no probe has run yet (probes run every probe_every_n_steps steps and at train end)")
             return self._probe_fisher
         if self.collector is None:
             raise InvalidInputError("the callback has not seen training yet: pass it to a Trainer and call train()")
+        if self._final is not None:
+            return self._final
+        return self._collected()
+
+    def _collected(self, dtype=None):
+        """The training-mode Fisher so far (merged across ranks when several run: a collective)."""
         if self._external is not None:
             self._external.finish()
-        return self.collector.fisher(self.task, model_name_or_path=self._model_name, extra={"training": self._args_summary})
+        return self.collector.fisher(
+            self.task, model_name_or_path=self._model_name, extra={"training": self._args_summary}, dtype=dtype,
+        )
 
     # ------------------------------------------------------------------ set-up
     def _make_collector(self, model, *, train_mode: bool):
@@ -146,6 +173,7 @@ class FisherCallback(TrainerCallback):
         if model is None:
             raise InvalidInputError("FisherCallback needs the model (the Trainer passes it to callbacks)")
         _refuse_sharded(model, args)
+        self._final = None
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         self._model_name = getattr(getattr(base, "config", None), "_name_or_path", None) or None
         self._collate = getattr(train_dataloader, "collate_fn", None)
@@ -160,6 +188,11 @@ class FisherCallback(TrainerCallback):
     def _restore(self, args, state) -> None:
         """Resume: the accumulator state saved with the checkpoint the Trainer resumed from."""
         if not state.global_step:
+            return
+        from .distributed import is_distributed
+
+        if is_distributed() and _global_rank(args) != 0:
+            log.info("hf_fisher: resuming at step %d: rank 0 restores the merged Fisher state, this rank starts empty", state.global_step)
             return
         folder = Path(args.output_dir) / f"checkpoint-{state.global_step}" / self.output_subdir
         if not folder.is_dir():
@@ -189,20 +222,19 @@ class FisherCallback(TrainerCallback):
         return control
 
     def on_save(self, args, state, control, **kwargs):
-        if not _is_main_process(args):
-            return control
+        # every rank takes part in the merge (a collective), in the same order; only the saver writes
         folder = Path(args.output_dir) / f"checkpoint-{state.global_step}" / self.output_subdir
-        if self.mode == "training" and self.collector is not None and self.task in self.collector.tasks:
-            if self._external is not None:
-                self._external.finish()
-            if self.collector.tasks[self.task].samples:
+        fisher = None
+        if self.mode == "training" and self.collector is not None:
+            try:
                 # the accumulation dtype, so that resuming is exact
-                self.collector.fisher(
-                    self.task, model_name_or_path=self._model_name, extra={"training": self._args_summary},
-                    dtype=self.collector.accumulation_dtype,
-                ).save_pretrained(folder)
-        elif self._probe_fisher is not None:
-            self._probe_fisher.save_pretrained(folder)
+                fisher = self._collected(dtype=self.collector.accumulation_dtype)
+            except EmptyDataError:  # nothing collected yet (on any rank)
+                fisher = None
+        elif self.mode == "probe":
+            fisher = self._probe_fisher
+        if fisher is not None and _is_main_process(args):
+            fisher.save_pretrained(folder)
         return control
 
     def on_log(self, args, state, control, logs=None, **kwargs):
@@ -223,15 +255,41 @@ class FisherCallback(TrainerCallback):
         if self._external is not None:
             self._external.detach()
             self._external = None
-        fisher = self._current_or_none()
+        fisher = self._current_or_none()  # under several ranks: the merge, on every rank
+        if self.mode == "training":
+            self._final = fisher
         if fisher is not None and _is_main_process(args):
-            fisher.save_pretrained(Path(args.output_dir) / self.output_subdir)
+            folder = fisher.save_pretrained(Path(args.output_dir) / self.output_subdir)
+            if getattr(args, "push_to_hub", False):
+                self._push(args, folder)
         return control
+
+    def _push(self, args, folder: Path) -> None:
+        """The final artifact into the Trainer's Hub repo, under ``<output_subdir>/``, as one commit.
+
+        The repository is the Trainer's own (``args.hub_model_id``, else the output folder's
+        name in the token owner's namespace, as ``Trainer.init_hf_repo`` names it); the token
+        is ``args.hub_token`` or huggingface_hub's usual sources. The Trainer's later pushes of
+        ``output_dir`` (``trainer.push_to_hub()``) carry the same folder along unchanged.
+        """
+        from huggingface_hub import HfApi
+
+        from .hub import push_folder
+
+        repo_id = args.hub_model_id or Path(args.output_dir).absolute().name
+        if "/" not in repo_id:
+            repo_id = f"{HfApi().whoami(token=args.hub_token)['name']}/{repo_id}"
+        url = push_folder(
+            folder, repo_id, path_in_repo=self.output_subdir, token=args.hub_token,
+            private=bool(getattr(args, "hub_private_repo", None)),
+            commit_message=f"Fisher information ({self.task}, {self.mode} mode) from hf_fisher",
+        )
+        log.info("hf_fisher: pushed the Fisher artifact to %s (%s/)", url, self.output_subdir)
 
     def _current_or_none(self):
         try:
             return self.fisher()
-        except Exception:  # nothing collected yet (EmptyDataError, no probe): nothing to save or log
+        except InvalidInputError:  # nothing collected yet (EmptyDataError, no probe): nothing to save or log
             return None
 
     # ------------------------------------------------------------------ probe
@@ -239,7 +297,12 @@ class FisherCallback(TrainerCallback):
         """The Fisher of the model as it is now, leaving training exactly as it was."""
         from ..collector import _preserved_rng
 
+        from .distributed import is_distributed, rank, world_size
+
         batches = _probe_batches(self.probe_data, self._collate)
+        if is_distributed() and not _already_sharded(self.probe_data):
+            # every rank is given the whole probe set: rank r takes batches r, r+K, ... (the merge adds them up)
+            batches = itertools.islice(batches, rank(), None, world_size())
         with _preserved_rng(model):
             collector = self._make_collector(model, train_mode=False)
             try:
@@ -305,21 +368,45 @@ def _training_summary(args, mode: str) -> dict:
 
 
 def _is_main_process(args) -> bool:
+    """The process that writes (the Trainer's ``should_save``: global rank 0, or each node's
+    local rank 0 with ``save_on_each_node``)."""
+    should_save = getattr(args, "should_save", None)
+    if isinstance(should_save, bool):
+        return should_save
     return getattr(args, "process_index", 0) == 0
 
 
+def _global_rank(args) -> int:
+    from .distributed import is_distributed, rank
+
+    return rank() if is_distributed() else getattr(args, "process_index", 0)
+
+
+def _already_sharded(data) -> bool:
+    """A DataLoader that already gives each rank its own share (a DistributedSampler, or one
+    prepared by accelerate): probe mode then takes all of its batches on every rank."""
+    from torch.utils.data.distributed import DistributedSampler
+
+    samplers = [getattr(data, "sampler", None), getattr(getattr(data, "batch_sampler", None), "sampler", None)]
+    if any(isinstance(s, DistributedSampler) for s in samplers):
+        return True
+    return type(data).__module__.startswith("accelerate")
+
+
 def _refuse_sharded(model, args) -> None:
-    """Refused at train begin (for now): sharded parameters (FSDP / DeepSpeed), where the hooks
-    would see shards, and several processes, whose accumulators are not merged yet."""
-    if getattr(args, "fsdp", None) or getattr(args, "deepspeed", None):
+    """Refused at train begin: sharded parameters (FSDP / DeepSpeed), where the capture hooks
+    would see each rank's shards instead of whole parameters. Several DDP processes are fine:
+    their accumulators are merged exactly."""
+    env = {k: os.environ.get(k, "").lower() in ("1", "true", "yes") for k in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED")}
+    fsdp = bool(getattr(args, "fsdp", None)) or env["ACCELERATE_USE_FSDP"]
+    deepspeed = bool(getattr(args, "deepspeed", None)) or env["ACCELERATE_USE_DEEPSPEED"]
+    if fsdp or deepspeed:
+        what = "FSDP" if fsdp else "DeepSpeed"
         raise InvalidInputError(
-            "FisherCallback does not support FSDP or DeepSpeed yet (parameters are sharded across ranks); "
-            "train without them, or compute the Fisher after training with hf_fisher.collect on the saved model"
-        )
-    if getattr(args, "world_size", 1) > 1:
-        raise InvalidInputError(
-            f"FisherCallback runs in one process for now ({args.world_size} processes here: their accumulators "
-            "would not be merged); train in one process, or compute the Fisher after training with hf_fisher.collect"
+            f"FisherCallback does not support {what}: it shards the parameters across ranks, so the per-sample "
+            "gradients would be those of shards. Train with plain data parallelism (torchrun / accelerate launch "
+            f"without {what}: the Fisher of every rank is merged exactly), or compute the Fisher after training with "
+            "hf_fisher.collect on the saved model (under torchrun, each rank on its share of the data)"
         )
 
 
