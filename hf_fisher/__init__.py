@@ -26,6 +26,10 @@ _LAZY = {
     "EWCPenalty": "consumers.ewc",
     "forgetting_risk": "consumers.ewc",
     "merge_with_fisher": "consumers.merging",
+    "spectrum": "estimators.spectrum",
+    "KFACFisher": "kfac",
+    "SpectrumResult": "estimators.spectrum",
+    "scale_by_fisher": "consumers.natural_gradient",
     "EWCTrainer": "integrations.ewc_trainer",
     "EWCMixin": "integrations.ewc_trainer",
     "HfFisherError": "errors",
@@ -35,13 +39,16 @@ _LAZY = {
     "ParamGroups": "layout",
 }
 
-__all__ = ["collect", "merge_with_fisher", "EWCPenalty", "EWCTrainer", "EWCMixin", "forgetting_risk", "Fisher", "FisherCallback", "FisherCollector", "HfFisherError", "hookimpl", "ModelLayout", "ParamGroups", "__version__"]
+__all__ = ["collect", "merge_with_fisher", "spectrum", "SpectrumResult", "KFACFisher", "scale_by_fisher", "EWCPenalty", "EWCTrainer", "EWCMixin", "forgetting_risk", "Fisher", "FisherCallback", "FisherCollector", "HfFisherError", "hookimpl", "ModelLayout", "ParamGroups", "__version__"]
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names come from __getattr__
     from .api import collect
     from .collector import FisherCollector
     from .consumers.ewc import EWCPenalty, forgetting_risk
     from .consumers.merging import merge_with_fisher
+    from .consumers.natural_gradient import scale_by_fisher
+    from .estimators.spectrum import SpectrumResult, spectrum
+    from .kfac import KFACFisher
     from .integrations.ewc_trainer import EWCMixin, EWCTrainer
     from .integrations.trainer import FisherCallback
     from .errors import HfFisherError

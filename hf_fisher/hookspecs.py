@@ -58,8 +58,9 @@ def hf_fisher_register_estimators(register: Callable[[str, Any], None]) -> None:
     """Register Fisher estimators by name: ``register("empirical", EmpiricalEstimator)``.
 
     An estimator is a class whose instances are built as ``cls(**options)`` and expose
-    ``collect(model, batches, **kwargs) -> hf_fisher.Fisher``; its docstring states the quantity
-    it returns, with the formula. Names are unique across all plugins: a duplicate is a
+    ``collect(model, batches, **kwargs)`` returning a :class:`hf_fisher.Fisher` (a diagonal), or
+    an artifact type of its own (KFAC factors) with ``save_pretrained``/``from_pretrained`` and
+    ``to_diagonal() -> Fisher``; its docstring states the quantity it returns, with the formula. Names are unique across all plugins: a duplicate is a
     :class:`hf_fisher.errors.PluginError` naming both plugins.
     """
 
@@ -68,9 +69,11 @@ def hf_fisher_register_estimators(register: Callable[[str, Any], None]) -> None:
 def hf_fisher_register_consumers(register: Callable[[str, Any], None]) -> None:
     """Register consumers of Fisher artifacts by name: ``register("importance", fn)``.
 
-    A consumer is a callable taking a :class:`hf_fisher.Fisher` first (and a model where it
-    must), e.g. pruning, Fisher-weighted merging, QK-OV interference, reports. Consumers read
-    artifacts only, never an estimator's internals. Names are unique across all plugins.
+    A consumer is a callable that uses Fisher information: a :class:`hf_fisher.Fisher` artifact
+    first where that is all it needs (importance, comparison, natural-gradient scaling), or the
+    models/data and artifacts its job takes (``merge(models, fishers, ...)``,
+    ``spectrum(model, batches, ...)``). Consumers read artifacts and public engine methods only,
+    never an estimator's internals. Names are unique across all plugins.
     """
 
 

@@ -121,7 +121,7 @@ class ExternalBackward:
             log.warning("hf_fisher: a training forward without input_ids (inputs_embeds?) is not captured")
             return None
         batch = {k: v.detach() for k, v in batch.items()}
-        batch = engine._prepare(batch, engine.batches_seen)
+        batch = engine.prepare(batch, engine.batches_seen)
         n = label_counts(batch, engine.task_type)
         keep, report = _keep_and_report(n, set(), self.limit())
         B, T = batch["input_ids"].shape

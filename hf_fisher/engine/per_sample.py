@@ -201,7 +201,7 @@ class PerSampleEngine:
 
         ``limit`` caps the number of used samples (the first ones with label tokens).
         """
-        batch = self._prepare(batch, batch_index)
+        batch = self.prepare(batch, batch_index)
         exclude: set[int] = set()
         nonfinite: set[int] = set()
         for _attempt in range(3 + len(self.targets)):
@@ -246,7 +246,7 @@ class PerSampleEngine:
             return report
 
     # ------------------------------------------------------------------ batch set-up
-    def _prepare(self, batch: Mapping[str, Any], batch_index: int) -> dict[str, torch.Tensor]:
+    def prepare(self, batch: Mapping[str, Any], batch_index: int) -> dict[str, torch.Tensor]:
         if not isinstance(batch, Mapping) or "input_ids" not in batch:
             raise InvalidInputError(f"batch {batch_index} must be a mapping with 'input_ids' (got {type(batch).__name__})")
         out = {k: (v.to(self.device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
@@ -312,7 +312,7 @@ class PerSampleEngine:
                 f"max_length={self.position_limit}))"
             )
 
-    def _model_inputs(self, batch: dict[str, torch.Tensor], *, alone: bool = False) -> dict[str, Any]:
+    def model_inputs(self, batch: dict[str, torch.Tensor], *, alone: bool = False) -> dict[str, Any]:
         """The model's inputs for ``batch``; ``alone``: a single unpadded sample, run exactly as
         the model runs it by default (the reference the padding check compares against)."""
         inputs = {k: batch[k] for k in _MODEL_INPUT_KEYS if k in batch and k in self._forward_params}
@@ -358,7 +358,7 @@ class PerSampleEngine:
             wanted = mask.cumsum(-1) * mask + pad
         return own, wanted, real
 
-    def _losses(self, output: Any, batch: dict[str, torch.Tensor]) -> SampleLosses:
+    def sample_losses(self, output: Any, batch: dict[str, torch.Tensor]) -> SampleLosses:
         if self.loss_fn is not None:
             return self.loss_fn(output, batch)
         logits = output.logits if hasattr(output, "logits") else output[0]
@@ -373,8 +373,8 @@ class PerSampleEngine:
         try:
             # scale is filled in after the forward (it needs the label counts)
             self.capture.start(B, self.compute_dtype, None, seq_len=T)
-            output = self.model(**self._model_inputs(batch))
-            losses = self._losses(output, batch)
+            output = self.model(**self.model_inputs(batch))
+            losses = self.sample_losses(output, batch)
             del output  # the logits live on in the graph only as long as autograd needs them
             keep, report = self._select(losses, exclude, limit, batch_index)
             w, s = normalization_weights(losses.n_tokens, self.normalization, self.compute_dtype)
@@ -629,7 +629,7 @@ class PerSampleEngine:
         """Sample ``i`` alone, without its padding, must get the gradient it got in the batch."""
         mine = {pid: g.to(self.compute_dtype) for pid, g in self._probe_grads.items()}
         self._probe_grads = {}
-        ref = self._gradient_alone(batch, i)
+        ref = self.gradient_alone(batch, i)
         if ref is None:
             raise UnsupportedError(f"sample {i} of batch {batch_index} has a non-finite loss alone, without padding")
         bad = mismatch(mine, ref, self._tolerance())
@@ -667,11 +667,11 @@ class PerSampleEngine:
         self.loop_mode = True
         self.loop_reason = reason
 
-    def _gradient_alone(self, batch, i: int) -> "dict[int, torch.Tensor] | None":
+    def gradient_alone(self, batch, i: int) -> "dict[int, torch.Tensor] | None":
         """``id(param) -> g_i`` (scaled, compute dtype) of sample ``i`` run alone, without its
         padding, exactly as the model runs it by default; None when its loss is not finite."""
-        one = _alone(batch, i)
-        li = self._losses(self.model(**self._model_inputs(one, alone=True)), one)
+        one = alone(batch, i)
+        li = self.sample_losses(self.model(**self.model_inputs(one, alone=True)), one)
         if not bool(torch.isfinite(li.loss_sum.detach()).all()):
             return None
         w, s = normalization_weights(li.n_tokens, self.normalization, self.compute_dtype)
@@ -688,7 +688,7 @@ class PerSampleEngine:
         self._sink = sink
         bad = set()
         for i in keep:
-            grads = self._gradient_alone(batch, i)
+            grads = self.gradient_alone(batch, i)
             if grads is None:
                 bad.add(i)
                 continue
@@ -788,7 +788,7 @@ def _padding_kind(batch: Mapping[str, torch.Tensor]) -> str:
     return "right" if bool(right) else "left" if bool(left) else "other"
 
 
-def _alone(batch: Mapping[str, Any], i: int) -> dict[str, Any]:
+def alone(batch: Mapping[str, Any], i: int) -> dict[str, Any]:
     """Sample ``i`` of a batch as a batch of one, without its leading and trailing padding
     (positions with ``attention_mask == 0`` at either end; a mask with holes is kept whole)."""
     ids = batch["input_ids"]

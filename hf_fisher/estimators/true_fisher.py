@@ -79,7 +79,7 @@ class LabelSampler:
 
     def _logits(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         with torch.no_grad():
-            out = self.engine.model(**self.engine._model_inputs(batch))
+            out = self.engine.model(**self.engine.model_inputs(batch))
         logits = out.logits if hasattr(out, "logits") else out[0]
         return logits.detach().to(torch.float64) / self.temperature
 
@@ -218,7 +218,7 @@ def _update(collector: FisherCollector, sampler: LabelSampler, batch, task: str,
     was_training = model.training
     model.train(collector.train_mode)
     try:
-        prepared = engine._prepare(batch, state.batches)
+        prepared = engine.prepare(batch, state.batches)
         total: dict[str, torch.Tensor] = {}
         first = None
         for labels, weights in sampler.draws(prepared):

@@ -1,0 +1,672 @@
+"""The KFAC estimator (built-in plugin ``"kfac"``): Kronecker factors of the Fisher per layer.
+
+Returns a :class:`hf_fisher.kfac.KFACFisher`: for every ``nn.Linear``, HF ``Conv1D`` (GPT-2's
+fused ``c_attn`` included: one layer with ``d_out = 3·hidden``) and ``nn.Embedding`` whose weight
+is collected, ``F_layer ≈ G ⊗ A`` (canonical form in :mod:`hf_fisher.kfac`).
+
+**Notation.** Sample i (a sequence) has label tokens ``n_i`` (labels != -100, padding excluded,
+:func:`hf_fisher.engine.losses.label_counts`), summed loss ``S_i = Σ_t l_it`` and the core's
+normalisation (:mod:`hf_fisher.engine.losses`) gives its Fisher weight
+
+    c_i = (w_i s_i)²:   "mean" (default) 1/n_i²,   "sum" 1,   "token" 1/n_i
+
+so that the core's Fisher is ``F = (1/N) Σ_i c_i ∇S_i ∇S_iᵀ``. Only samples with ``n_i > 0``
+count (N of them). ``P_i`` are sample i's real tokens (attention_mask == 1), ``R_i = |P_i|``,
+``M = Σ_i R_i``; ``a_it`` is the layer's input at token t, ``ã = [a, 1]`` when the bias is
+covered; ``ĝ_it = ∂S_i/∂s_it`` the gradient of the summed loss w.r.t. the layer's output at t.
+Padded tokens are masked out of every sum (a padded batch gives the factors of the same samples
+unpadded).
+
+**Factors** (Eschenhagen et al. 2023, "Kronecker-Factored Approximate Curvature for Modern
+Neural Network Architectures"):
+
+- expand:  ``A = (1/M) Σ_i Σ_{t∈P_i} ã_it ã_itᵀ``,
+           ``G = (1/N) Σ_i c_i Σ_t ĝ_it ĝ_itᵀ``
+- reduce:  ``A = (1/N) Σ_i ā_i ā_iᵀ`` with ``ā_i = [ (1/R_i) Σ_{t∈P_i} a_it , 1 ]``,
+           ``G = (1/N) Σ_i c_i (Σ_t ĝ_it)(Σ_t ĝ_it)ᵀ``
+
+Embeddings always use the expand form (their one-hot inputs make A exactly diagonal: the token
+frequencies ``A_vv = #{(i, t∈P_i): x_it = v} / M``, 0 for ``padding_idx``; reduce would make it a
+dense V x V matrix).
+
+**Fisher types** (what ``ĝ ĝᵀ`` is):
+
+- ``"empirical"``: ĝ from the dataset labels (one backward of ``Σ_i S_i``);
+- ``"mc"``: labels drawn from the model, ``y_t ~ softmax(z_t)`` at every label position,
+  ``mc_samples = K`` draws, each a backward, ``ĝĝᵀ`` averaged over the draws (weight 1/K). Draws
+  use a ``torch.Generator`` seeded with ``seed`` once per ``collect``: per batch and draw one
+  ``multinomial(softmax(z), 1)`` over the label rows in row-major order (the same stream as
+  curvlinops' ``KFACLinearOperator`` for equal-length, fully labelled data);
+- ``"type-2"``: the exact expectation, through the symmetric square root of the cross-entropy
+  Hessian w.r.t. the logits, ``H = diag(p) − p pᵀ = S Sᵀ`` with ``S = diag(√p) − √p pᵀ``: column
+  c, ``S_c = √p_c (e_c − p)``, is back-propagated from all label positions at once, and
+  ``Σ_c ĝ^c ĝ^cᵀ`` replaces ``ĝĝᵀ``. Cost: one backward per output class, V backward passes per
+  batch (a 32k vocabulary is 32k backwards). Above ``max_type2_outputs`` (default 1024) the
+  estimator refuses before any work and says to use ``"mc"`` (whose K draws estimate the same
+  expectation) or raise the limit.
+
+Every backward asks autograd only for the gradients of the lowest captured outputs (kept as
+autograd edges, so no layer output is held longer than the model holds it; no weight gradient is
+computed, ``.grad`` is never touched); A is accumulated in forward hooks (layers reading the same
+input tensor — q/k/v, gate/up — share one product), G in tensor hooks on the layer outputs; one
+batched forward per batch, no per-sample loop. Products run in the model's dtype promoted to
+float32, in chunks of rows; the factors accumulate in ``accumulation_dtype`` (float64 by
+default; float32 halves their memory).
+
+**Large outputs.** A layer whose output dimension exceeds ``diagonal_g_above`` (default 4096;
+None = never) keeps only ``diag G`` (an lm_head over a 50k vocabulary would need a 50k x 50k G);
+each such layer is logged.
+
+**Scale conventions vs curvlinops.** With data of equal-length, fully labelled sequences (``R``
+label positions each, every token real), curvlinops' ``KFACLinearOperator`` (``loss_func =
+CrossEntropyLoss(reduction=...)``, ``separate_weight_and_bias=False``, logits of the labelled
+positions) gives:
+
+- ``reduction="mean"``:  A and G equal ours with ``normalization="token"``;
+- ``reduction="sum"``:   A equal, G = N x ours with ``normalization="sum"``;
+- ours with the default ``normalization="mean"`` is 1/R x curvlinops' "mean" G.
+
+The product G ⊗ A approximates the core's Fisher of the same normalisation; KFAC is exact for
+a single sample with a single token position.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..collector import select_parameters
+from ..engine.capture import bottom_outputs
+from ..engine.losses import (
+    IGNORE_INDEX,
+    NORMALIZATIONS,
+    TASK_TYPES,
+    label_counts,
+    normalization_weights,
+    task_type_of,
+    token_labels,
+)
+from ..engine.rules import conv1d_type
+from ..errors import (
+    EmptyDataError,
+    InvalidInputError,
+    NonFiniteError,
+    NoTrainableParametersError,
+    UnsupportedError,
+)
+from ..fisher import Counts, FisherMetadata
+from ..hookspecs import hookimpl
+from ..kfac import FISHER_TYPES, KFAC_APPROXES, KFACFisher, KFACLayer
+
+__all__ = ["KFACEstimator"]
+
+log = logging.getLogger("hf_fisher")
+
+
+class _Node:
+    def __init__(self, node):
+        self.grad_fn = node
+
+
+class _Call:
+    """One recorded output, kept as its autograd edge only (the output tensor itself is freed
+    when the model no longer needs it): :func:`bottom_outputs` reads ``tensors[0].grad_fn``, the
+    backward asks for the gradient at ``edge``."""
+
+    def __init__(self, tensor: torch.Tensor):
+        from torch.autograd.graph import get_gradient_edge
+
+        self.edge = get_gradient_edge(tensor)
+        self.tensors = [_Node(self.edge.node)]
+
+
+_CHUNK_ELEMS = 1 << 20  # bound on the temporaries of one second-moment product
+
+
+def _second_moment(x: torch.Tensor, w: torch.Tensor | None, diagonal: bool) -> torch.Tensor:
+    """``Σ_r w_r x_r x_rᵀ`` (or its diagonal ``Σ_r w_r x_r²``) over the rows of ``x`` [R, d], in
+    chunks of rows so that a temporary stays below ``_CHUNK_ELEMS`` elements."""
+    R, d = x.shape
+    step = max(1, _CHUNK_ELEMS // max(1, d))
+    out = None
+    for lo in range(0, R, step):
+        xs = x[lo : lo + step]
+        if diagonal:
+            sq = xs * xs
+            part = sq.sum(0) if w is None else w[lo : lo + step] @ sq
+        else:
+            xw = xs if w is None else xs * w[lo : lo + step].unsqueeze(1)
+            part = xw.transpose(0, 1) @ xs
+        out = part if out is None else out.add_(part)
+    assert out is not None
+    return out
+
+
+class _Ctx:
+    """What the hooks need to know about the batch being processed."""
+
+    B = 0
+    T = 0
+    pos: torch.Tensor  # [B, T] bool: real tokens of samples with labels
+    valid: torch.Tensor  # [B] bool
+    weight: torch.Tensor  # [B] float64: c_i (x the draw's weight)
+    in_backward = False
+    all_real = True  # no padding in the batch (hooks may skip the position mask)
+    a_cache: dict  # this forward's input products, by input tensor identity
+
+
+class _Acc:
+    """The accumulators of one layer."""
+
+    def __init__(self, name: str, module: nn.Module, kind: str, weight: str, bias: str | None, g_diag: bool, form: str):
+        self.name, self.module, self.kind = name, module, kind
+        self.weight, self.bias = weight, bias
+        self.g_diag, self.form = g_diag, form
+        self.A: torch.Tensor | None = None
+        self.G: torch.Tensor | None = None
+        self.a_count = 0
+        self.calls = 0
+
+    def add_a(self, x: torch.Tensor) -> None:
+        self.A = x if self.A is None else self.A.add_(x)
+
+    def add_g(self, x: torch.Tensor) -> None:
+        self.G = x if self.G is None else self.G.add_(x)
+
+
+def _per_token(x: torch.Tensor, ctx: _Ctx, what: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x`` as [B, T', d] with its position mask [B, T'] ([B, d]: one position per sample)."""
+    B, T = ctx.B, ctx.T
+    if x.dim() == 3 and x.shape[0] == B and x.shape[1] == T:
+        return x, ctx.pos
+    if x.dim() == 2 and x.shape[0] == B:
+        return x.unsqueeze(1), ctx.valid.unsqueeze(1)
+    if x.dim() == 2 and T > 1 and x.shape[0] == B * T:
+        return x.view(B, T, -1), ctx.pos
+    raise UnsupportedError(
+        f"KFAC: {what} has shape {tuple(x.shape)}, which is not [batch, seq, features] ({B}, {T}, ...) "
+        f"nor [batch, features]; such a layer cannot be Kronecker-factored per token here — exclude it with params="
+    )
+
+
+class KFACEstimator:
+    """KFAC: per layer ``F ≈ G ⊗ A`` (formulas and scale conventions in the module docstring).
+
+    Options:
+        fisher_type: "empirical" (default) | "mc" | "type-2".
+        kfac_approx: "expand" (default) | "reduce".
+        mc_samples: draws per label position for "mc" (>= 1; must stay 1 otherwise).
+        seed: seed of the "mc" draws.
+        diagonal_g_above: output size above which G is kept diagonal (default 4096; None: never).
+        max_type2_outputs: largest output (vocabulary) size "type-2" accepts (default 1024).
+        params: which parameters (None: every trainable weight of a supported layer; a regular
+            expression; or a list of names, which must all belong to supported layers).
+        normalization: "mean" | "sum" | "token" (the core's per-sample loss conventions).
+        task_type: "causal_lm" | "masked_lm" | "sequence_classification" (inferred by default).
+        train_mode: run the model in train mode (dropout on); default eval.
+        accumulation_dtype: dtype of the factors, torch.float64 (default) or torch.float32 (half
+            the memory; products are computed in the model's dtype promoted to float32 either way).
+    """
+
+    name = "kfac"
+
+    def __init__(
+        self,
+        *,
+        fisher_type: str = "empirical",
+        kfac_approx: str = "expand",
+        mc_samples: int = 1,
+        seed: int = 0,
+        diagonal_g_above: int | None = 4096,
+        max_type2_outputs: int = 1024,
+        params: Any = None,
+        normalization: str = "mean",
+        task_type: str | None = None,
+        train_mode: bool = False,
+        accumulation_dtype: torch.dtype = torch.float64,
+        **collect_options: Any,
+    ):
+        _check_collect_options(collect_options)
+
+        def choice(what, value, choices):
+            if value not in choices:
+                raise InvalidInputError(f"{what} must be one of {list(choices)}, got {value!r}")
+
+        choice("fisher_type", fisher_type, FISHER_TYPES)
+        choice("kfac_approx", kfac_approx, KFAC_APPROXES)
+        choice("normalization", normalization, NORMALIZATIONS)
+        if task_type is not None:
+            choice("task_type", task_type, TASK_TYPES)
+        if isinstance(mc_samples, bool) or not isinstance(mc_samples, int) or mc_samples < 1:
+            raise InvalidInputError(f"mc_samples must be an integer >= 1, got {mc_samples!r}")
+        if fisher_type != "mc" and mc_samples != 1:
+            raise InvalidInputError(
+                f"mc_samples={mc_samples} only applies to fisher_type='mc' (got {fisher_type!r}); drop it or use 'mc'"
+            )
+        if diagonal_g_above is not None and (isinstance(diagonal_g_above, bool) or not isinstance(diagonal_g_above, int) or diagonal_g_above < 0):
+            raise InvalidInputError(f"diagonal_g_above must be None or an integer >= 0, got {diagonal_g_above!r}")
+        if isinstance(max_type2_outputs, bool) or not isinstance(max_type2_outputs, int) or max_type2_outputs < 1:
+            raise InvalidInputError(f"max_type2_outputs must be an integer >= 1, got {max_type2_outputs!r}")
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise InvalidInputError(f"seed must be a non-negative integer, got {seed!r}")
+        if accumulation_dtype not in (torch.float32, torch.float64):
+            raise InvalidInputError(f"accumulation_dtype must be torch.float32 or torch.float64, got {accumulation_dtype!r}")
+        self.accumulation_dtype = accumulation_dtype
+        if not isinstance(train_mode, bool):
+            raise InvalidInputError(f"train_mode must be True or False, got {train_mode!r}")
+        self.fisher_type = fisher_type
+        self.kfac_approx = kfac_approx
+        self.mc_samples = mc_samples
+        self.seed = seed
+        self.diagonal_g_above = diagonal_g_above
+        self.max_type2_outputs = max_type2_outputs
+        self.params = params
+        self.normalization = normalization
+        self.task_type = task_type
+        self.train_mode = train_mode
+
+    # ------------------------------------------------------------------ set-up
+    def _layers(self, model: nn.Module) -> dict[str, _Acc]:
+        named = select_parameters(model, self.params)
+        if not named:
+            raise NoTrainableParametersError(f"{type(model).__name__} has no trainable parameter to collect KFAC factors for")
+        selected = {id(p): n for n, p in named}
+        conv1d = conv1d_type()
+        out: dict[str, _Acc] = {}
+        covered: set[int] = set()
+        for mname, m in model.named_modules():
+            if isinstance(m, nn.Linear) and type(m).forward is nn.Linear.forward:
+                kind = "linear"
+            elif conv1d is not None and isinstance(m, conv1d) and type(m).forward is conv1d.forward:
+                kind = "conv1d"
+            elif isinstance(m, nn.Embedding) and type(m).forward is nn.Embedding.forward:
+                kind = "embedding"
+            else:
+                continue
+            w = m._parameters.get("weight")
+            b = m._parameters.get("bias")
+            if w is None or id(w) not in selected:
+                continue
+            if kind == "embedding" and (m.max_norm is not None or m.scale_grad_by_freq):
+                raise UnsupportedError(f"KFAC: embedding {mname} uses max_norm or scale_grad_by_freq; exclude it with params=")
+            bias = selected.get(id(b)) if b is not None else None
+            d_out = m.embedding_dim if kind == "embedding" else (m.out_features if kind == "linear" else m.nf)
+            g_diag = self.diagonal_g_above is not None and d_out > self.diagonal_g_above
+            if g_diag:
+                log.info("KFAC: %s has %d outputs (> diagonal_g_above=%d): its G is kept diagonal", mname, d_out, self.diagonal_g_above)
+            form = "expand" if kind == "embedding" else self.kfac_approx
+            out[mname] = _Acc(mname, m, kind, selected[id(w)], bias, g_diag, form)
+            covered.add(id(w))
+            if b is not None and id(b) in selected:
+                covered.add(id(b))
+        left = [n for n, p in named if id(p) not in covered]
+        if left:
+            if self.params is not None and not isinstance(self.params, str):
+                raise InvalidInputError(
+                    f"params: {left[:3]} {'is' if len(left) == 1 else 'are'} not the weight (or its bias) of an nn.Linear, "
+                    "HF Conv1D or nn.Embedding, which are the layers KFAC factors; drop them from params"
+                )
+            log.info("KFAC: %d selected parameter(s) are not in a Kronecker-factored layer and are left out (e.g. %s)",
+                     len(left), ", ".join(left[:3]))
+        if not out:
+            raise InvalidInputError(
+                "KFAC: no selected parameter is the weight of an nn.Linear, HF Conv1D or nn.Embedding; select such layers with params="
+            )
+        return out
+
+    def _output_size(self, model: nn.Module, task_type: str) -> int | None:
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        if task_type == "sequence_classification":
+            return getattr(getattr(base, "config", None), "num_labels", None)
+        emb = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+        if emb is not None:
+            return int(emb.weight.shape[0])
+        return getattr(getattr(base, "config", None), "vocab_size", None)
+
+    # ------------------------------------------------------------------ collect
+    def collect(
+        self,
+        model: nn.Module,
+        batches: Iterable[Mapping[str, Any]],
+        *,
+        task: str = "default",
+        max_samples: int | None = None,
+        progress: bool = True,
+        model_name_or_path: str | None = None,
+        data_description: str | None = None,
+    ) -> KFACFisher:
+        """Accumulate the factors over ``batches`` (dicts with ``input_ids`` and optionally
+        ``attention_mask`` / ``labels``) and return the :class:`KFACFisher`."""
+        from tqdm.auto import tqdm
+
+        from ..engine.per_sample import (
+            _accepted_kwargs,
+            _checkpointing,
+            _position_convention,
+        )
+
+        if max_samples is not None and (isinstance(max_samples, bool) or not isinstance(max_samples, int) or max_samples <= 0):
+            raise InvalidInputError(f"max_samples must be a positive integer, got {max_samples!r}")
+        task_type = self.task_type or task_type_of(model)
+        problem = getattr(getattr(model, "config", None), "problem_type", None)
+        if task_type == "sequence_classification" and problem in ("regression", "multi_label_classification"):
+            raise UnsupportedError(f"KFAC here is for categorical (cross-entropy) heads; this head's problem_type is {problem!r}")
+        if _checkpointing(model):
+            raise UnsupportedError("KFAC: gradient checkpointing re-runs forwards during the backward; disable it for the collection")
+        V = self._output_size(model, task_type)
+        if self.fisher_type == "type-2" and V is not None and V > self.max_type2_outputs:
+            raise UnsupportedError(
+                f"fisher_type='type-2' back-propagates one column of the loss Hessian's square root per output class: "
+                f"{V} backward passes per batch for this model (max_type2_outputs={self.max_type2_outputs}). Use "
+                f"fisher_type='mc' (mc_samples draws estimate the same expectation), or raise max_type2_outputs"
+            )
+        layers = self._layers(model)
+        by_module = {id(a.module): a for a in layers.values()}
+        accepted = _accepted_kwargs(model)
+        explicit_positions = _position_convention(model) is None and "position_ids" in accepted
+        device = next(model.parameters()).device
+        compute = torch.promote_types(next(model.parameters()).dtype, torch.float32)
+        ctx = _Ctx()
+        outputs: list[_Call] = []
+        gen = torch.Generator().manual_seed(self.seed)
+        acc_dtype = self.accumulation_dtype
+
+        def g_hook(acc: _Acc):
+            def hook(g: torch.Tensor):
+                x, pos = _per_token(g, ctx, f"the output gradient of {acc.name}")
+                x = x.to(compute)
+                c = ctx.weight.to(device=x.device, dtype=compute)  # c_i (x the draw's weight)
+                d = x.shape[-1]
+                if acc.form == "expand":
+                    if ctx.all_real and pos.shape[1] == x.shape[1] and bool(ctx.valid.all()):
+                        rows, w = x.reshape(-1, d), c.repeat_interleave(x.shape[1])
+                    else:
+                        rows, w = x[pos], c.unsqueeze(1).expand(-1, pos.shape[1])[pos]
+                else:
+                    rows, w = x.masked_fill(~pos.unsqueeze(-1), 0).sum(1)[ctx.valid], c[ctx.valid]
+                acc.add_g(_second_moment(rows, w, acc.g_diag).to(acc_dtype))
+            return hook
+
+        def f_hook(module, args, kwargs, output):
+            if not torch.is_grad_enabled():
+                return
+            if ctx.in_backward:
+                raise UnsupportedError("KFAC: a forward ran during the backward (activation checkpointing); disable it")
+            acc = by_module[id(module)]
+            acc.calls += 1
+            if acc.calls > 1:
+                raise UnsupportedError(
+                    f"KFAC: {acc.name} is called more than once per forward; its factors would mix the calls. "
+                    "Exclude it with params="
+                )
+            x = args[0] if args else next(iter(kwargs.values()))
+            if acc.kind == "embedding":
+                ids = x.reshape(ctx.B, -1) if x.dim() == 2 else x
+                if tuple(ids.shape) != (ctx.B, ctx.T):
+                    raise UnsupportedError(f"KFAC: embedding {acc.name} sees ids of shape {tuple(x.shape)}, not the batch's")
+                pos = ctx.pos
+                sel = ids[pos]
+                cnt = torch.bincount(sel, minlength=module.num_embeddings).to(acc_dtype)
+                if module.padding_idx is not None:
+                    cnt[module.padding_idx] = 0
+                acc.add_a(cnt)
+                acc.a_count += int(sel.numel())
+            else:
+                # q/k/v (gate/up) projections read the same input tensor: one product for all of
+                # them (the cache holds the tensor, so its address cannot be reused meanwhile)
+                key = (x.data_ptr(), tuple(x.shape), x.stride(), x._version, acc.form, acc.bias is not None)
+                hit = ctx.a_cache.get(key)
+                if hit is None:
+                    aa, n_rows = self._input_moment(x.detach(), acc, ctx, compute, acc_dtype)
+                    ctx.a_cache[key] = (x, aa, n_rows)
+                else:
+                    _, aa, n_rows = hit
+                acc.add_a(aa.clone())
+                acc.a_count += n_rows
+            out = output if isinstance(output, torch.Tensor) else None
+            if out is None or not out.requires_grad:
+                return
+            out.register_hook(g_hook(acc))
+            outputs.append(_Call(out))
+            return
+
+        handles = [a.module.register_forward_hook(f_hook, with_kwargs=True) for a in layers.values()]
+        was_training = model.training
+        model.train(self.train_mode)
+        samples = tokens = skipped = batches_seen = 0
+        bar = tqdm(total=max_samples, desc=f"KFAC[{task}]", unit="sample", disable=not progress)
+        try:
+            for bi, batch in enumerate(batches):
+                remaining = None if max_samples is None else max_samples - samples
+                if remaining is not None and remaining <= 0:
+                    break
+                prepared = self._prepare(batch, bi, device, task_type, V)
+                labels = token_labels(prepared, task_type)
+                n = label_counts(prepared, task_type)
+                valid = n > 0
+                if remaining is not None:
+                    valid &= valid.long().cumsum(0) <= remaining
+                    n = torch.where(valid, n, torch.zeros_like(n))
+                nv = int(valid.sum())
+                skipped += int((label_counts(prepared, task_type) == 0).sum())
+                if nv == 0:
+                    continue
+                ids = prepared["input_ids"]
+                B, T = ids.shape
+                mask = prepared.get("attention_mask")
+                real = mask.bool() if mask is not None else torch.ones_like(ids, dtype=torch.bool)
+                w, s = normalization_weights(n, self.normalization, torch.float64)
+                ctx.B, ctx.T = B, T
+                ctx.valid = valid.to(device)
+                ctx.pos = (real & valid.unsqueeze(1)).to(device)
+                base_weight = torch.where(valid, (w * s) ** 2, torch.zeros_like(w)).to(device)
+                ctx.weight = base_weight
+                ctx.in_backward = False
+                ctx.all_real = mask is None or bool(mask.bool().all())
+                ctx.a_cache = {}
+                outputs.clear()
+                for a in layers.values():
+                    a.calls = 0
+                inputs = {k: prepared[k] for k in ("input_ids", "attention_mask", "token_type_ids", "position_ids") if k in prepared and k in accepted}
+                if explicit_positions and "position_ids" not in inputs:
+                    # every sample's own positions, [B, T]: with the default [1, T] a learned
+                    # position table would be one lookup shared by the batch (no per-sample G)
+                    inputs["position_ids"] = (
+                        (mask.long().cumsum(-1) - 1).clamp(min=0) if mask is not None
+                        else torch.arange(T, device=ids.device).expand(B, T)
+                    )
+                if "use_cache" in accepted:
+                    inputs["use_cache"] = False
+                with torch.enable_grad():
+                    out = model(**inputs)
+                    ctx.a_cache = {}
+                    logits = out.logits if hasattr(out, "logits") else out[0]
+                    self._backward(logits, _targets(labels, task_type, logits), outputs, ctx, base_weight, gen)
+                    del out, logits
+                samples += nv
+                tokens += int(n.sum())
+                batches_seen += 1
+                bar.update(nv)
+        finally:
+            bar.close()
+            for h in handles:
+                h.remove()
+            model.train(was_training)
+        if samples == 0:
+            raise EmptyDataError("KFAC: the data yielded no sample with a label token (no batches, or every label is -100)")
+        return self._artifact(model, layers, samples, tokens, skipped, task, task_type, model_name_or_path, data_description)
+
+    @staticmethod
+    def _input_moment(x, acc, ctx, compute, acc_dtype) -> tuple[torch.Tensor, int]:
+        """``Σ ã ãᵀ`` over the counted rows of a layer input (tokens for expand, per-sample means
+        for reduce) and the number of rows."""
+        xt, pos = _per_token(x, ctx, f"the input of {acc.name}")
+        xt = xt.to(compute)
+        if acc.form == "expand" or xt.shape[1] == 1:
+            full = ctx.all_real and bool(ctx.valid.all()) and pos.shape[1] == xt.shape[1]
+            rows = xt.reshape(-1, xt.shape[-1]) if full else xt[pos]
+        else:
+            R = pos.sum(1).clamp(min=1).to(compute)
+            rows = (xt.masked_fill(~pos.unsqueeze(-1), 0).sum(1) / R.unsqueeze(1))[ctx.valid]
+        aa = _second_moment(rows, None, False).to(acc_dtype)
+        if acc.bias is not None:  # ã = [a, 1]: [[Σ aaᵀ, Σ a], [Σ aᵀ, n]] without copying a
+            col = rows.sum(0).to(acc_dtype)
+            corner = torch.tensor([[float(rows.shape[0])]], dtype=acc_dtype, device=col.device)
+            aa = torch.cat([torch.cat([aa, col.unsqueeze(1)], 1), torch.cat([col.unsqueeze(0), corner], 1)], 0)
+        return aa, int(rows.shape[0])
+
+    def _prepare(self, batch, bi, device, task_type, V) -> dict[str, torch.Tensor]:
+        if not isinstance(batch, Mapping) or "input_ids" not in batch:
+            raise InvalidInputError(f"batch {bi} must be a mapping with 'input_ids' (got {type(batch).__name__})")
+        out = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+        ids = out["input_ids"]
+        if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.is_floating_point() or ids.numel() == 0:
+            raise InvalidInputError(f"batch {bi}: input_ids must be a non-empty integer tensor [batch, seq_len]")
+        mask = out.get("attention_mask")
+        if mask is not None and (not isinstance(mask, torch.Tensor) or tuple(mask.shape) != tuple(ids.shape)):
+            raise InvalidInputError(f"batch {bi}: attention_mask must have the shape of input_ids {tuple(ids.shape)}")
+        labels = out.get("labels")
+        if labels is not None and task_type != "sequence_classification" and (
+            not isinstance(labels, torch.Tensor) or tuple(labels.shape) != tuple(ids.shape)
+        ):
+            raise InvalidInputError(f"batch {bi}: labels must have the shape of input_ids {tuple(ids.shape)} (-100 = ignored)")
+        if labels is not None and V is not None:
+            bad = (labels != IGNORE_INDEX) & ((labels < 0) | (labels >= V))
+            if bool(bad.any()):
+                raise InvalidInputError(f"batch {bi}: a label id is outside the model's {V} outputs; use -100 for tokens that must not count")
+        return out
+
+    def _backward(self, logits, targets, outputs, ctx, base_weight, gen) -> None:
+        """The backward pass(es) of one batch; the G hooks accumulate (see the module docstring).
+
+        ``targets`` [rows] are aligned with ``logits`` viewed as [rows, V] (-100: no label)."""
+        V = logits.shape[-1]
+        z = logits.reshape(-1, V)
+        if z.grad_fn is None:
+            raise InvalidInputError("KFAC: the logits do not depend on any collected parameter (nothing requires grad)")
+        bottoms = [outputs[i].edge for i in bottom_outputs(outputs, z)]
+        keep = targets != IGNORE_INDEX
+        ctx.in_backward = True
+
+        def back(root, grad, retain):
+            torch.autograd.grad([root], bottoms, grad_outputs=[grad], retain_graph=retain, allow_unused=True)
+
+        def finite(t):
+            if not bool(torch.isfinite(t).all()):
+                raise NonFiniteError("KFAC: the loss or the logits at label positions are not finite; check the model's weights and dtype")
+
+        try:
+            if self.fisher_type == "empirical":
+                loss = F.cross_entropy(z, targets, ignore_index=IGNORE_INDEX, reduction="sum")
+                finite(loss.detach())
+                back(loss, None, False)
+            elif self.fisher_type == "mc":
+                probs = torch.softmax(z.detach()[keep].to(torch.float64), dim=-1).cpu()
+                finite(probs)
+                ctx.weight = base_weight / self.mc_samples
+                for m in range(self.mc_samples):
+                    y = torch.full_like(targets, IGNORE_INDEX)
+                    y[keep] = probs.multinomial(num_samples=1, generator=gen).squeeze(-1).to(y.device)
+                    loss = F.cross_entropy(z, y, ignore_index=IGNORE_INDEX, reduction="sum")
+                    back(loss, None, m < self.mc_samples - 1)
+            else:
+                p = torch.softmax(z.detach()[keep].to(torch.float64), dim=-1)
+                finite(p)
+                sq = p.sqrt()
+                for c in range(V):
+                    col = -sq[:, c : c + 1] * p
+                    col[:, c] += sq[:, c]
+                    full = torch.zeros_like(z)
+                    full[keep] = col.to(z.dtype)
+                    back(z, full, c < V - 1)
+        finally:
+            ctx.in_backward = False
+            ctx.weight = base_weight
+
+    def _artifact(self, model, layers, samples, tokens, skipped, task, task_type, model_name_or_path, data_description) -> KFACFisher:
+        out: dict[str, KFACLayer] = {}
+        shapes: dict[str, tuple[int, ...]] = {}
+        params = dict(model.named_parameters())
+        for name, acc in layers.items():
+            if (acc.A is None or acc.G is None or acc.a_count == 0) and self.params is None:
+                log.warning("KFAC: layer %s does not reach the loss (no output gradient); it is left out", name)
+                continue
+            if acc.A is None or acc.G is None or acc.a_count == 0:
+                raise InvalidInputError(
+                    f"KFAC: layer {name} received no {'input' if acc.A is None else 'output gradient'} during the "
+                    "collection (it does not reach the loss); exclude it with params="
+                )
+            A = acc.A.div_(acc.a_count)
+            G = acc.G.div_(samples)
+            # a NaN or Inf entry makes the sum NaN or Inf (one reduction instead of an elementwise pass)
+            if not (math.isfinite(float(A.sum())) and math.isfinite(float(G.sum()))):
+                raise NonFiniteError(f"KFAC: the factors of {name} are not finite; check the model's weights and dtype")
+            out[name] = KFACLayer(acc.kind, acc.weight, acc.bias, A, G, a_diagonal=acc.kind == "embedding", g_diagonal=acc.g_diag)
+            shapes[acc.weight] = tuple(params[acc.weight].shape)
+            if acc.bias is not None:
+                shapes[acc.bias] = tuple(params[acc.bias].shape)
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        config = getattr(base, "config", None)
+        settings = {
+            "fisher_type": self.fisher_type,
+            "kfac_approx": self.kfac_approx,
+            "mc_samples": self.mc_samples if self.fisher_type == "mc" else None,
+            "seed": self.seed if self.fisher_type == "mc" else None,
+            "diagonal_g_above": self.diagonal_g_above,
+        }
+        meta = FisherMetadata(
+            task=task,
+            estimator="kfac",
+            reduction="param",
+            normalization=self.normalization,
+            model_name_or_path=model_name_or_path or getattr(config, "_name_or_path", None) or None,
+            revision=getattr(config, "_commit_hash", None),
+            model_type=getattr(config, "model_type", None),
+            mode="train" if self.train_mode else "eval",
+            accumulation_dtype=str(self.accumulation_dtype).removeprefix("torch."),
+            storage_dtype=str(self.accumulation_dtype).removeprefix("torch."),
+            data_description=data_description,
+            extra={"task_type": task_type, "kfac": dict(settings)},
+        )
+        return KFACFisher(out, param_shapes=shapes, counts=Counts(samples, tokens, skipped), metadata=meta, settings=settings)
+
+
+def _targets(labels: torch.Tensor, task_type: str, logits: torch.Tensor) -> torch.Tensor:
+    """The label of every row of ``logits`` viewed as [rows, V] (-100 where none counts): shifted
+    by one for a causal LM (position t predicts token t + 1); one per sample for a classifier."""
+    if task_type == "sequence_classification":
+        return labels.reshape(-1)
+    if task_type == "causal_lm":
+        labels = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+    return labels.reshape(-1)
+
+
+#: options ``hf_fisher.collect`` passes to every estimator, with the value KFAC can honour
+_COLLECT_DEFAULTS = {"reduction": ("param",), "storage_dtype": (None,), "storage_device": ("cpu",),
+                     "ema_decay": (None,), "on_nonfinite": ("raise",), "memory_budget_mb": None, "distributed": (None, False)}
+
+
+def _check_collect_options(options: dict) -> None:
+    """The diagonal estimators' options that ``hf_fisher.collect`` passes along: accepted where they
+    mean nothing for Kronecker factors at their defaults (``reduction`` concerns the diagonal:
+    take ``kfac.to_diagonal().to_groups()``), refused otherwise, naming the option."""
+    for key, value in options.items():
+        if key not in _COLLECT_DEFAULTS:
+            raise InvalidInputError(f"KFAC has no option {key!r}; see hf_fisher.estimators.kfac.KFACEstimator")
+        allowed = _COLLECT_DEFAULTS[key]
+        if allowed is not None and value not in allowed:
+            raise InvalidInputError(
+                f"{key}={value!r} does not apply to KFAC factors (they are not a diagonal Fisher); leave it at its "
+                "default and convert the result with kfac.to_diagonal() where a diagonal is needed"
+            )
+
+
+@hookimpl
+def hf_fisher_register_estimators(register):
+    register("kfac", KFACEstimator)
