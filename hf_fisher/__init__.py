@@ -27,6 +27,7 @@ _LAZY = {
     "forgetting_risk": "consumers.ewc",
     "merge_with_fisher": "consumers.merging",
     "spectrum": "estimators.spectrum",
+    "compare_estimators": "consumers.compare_estimators",
     "KFACFisher": "kfac",
     "SpectrumResult": "estimators.spectrum",
     "scale_by_fisher": "consumers.natural_gradient",
@@ -39,12 +40,13 @@ _LAZY = {
     "ParamGroups": "layout",
 }
 
-__all__ = ["collect", "merge_with_fisher", "spectrum", "SpectrumResult", "KFACFisher", "scale_by_fisher", "EWCPenalty", "EWCTrainer", "EWCMixin", "forgetting_risk", "Fisher", "FisherCallback", "FisherCollector", "HfFisherError", "hookimpl", "ModelLayout", "ParamGroups", "__version__"]
+__all__ = ["collect", "merge_with_fisher", "spectrum", "SpectrumResult", "KFACFisher", "compare_estimators", "scale_by_fisher", "EWCPenalty", "EWCTrainer", "EWCMixin", "forgetting_risk", "Fisher", "FisherCallback", "FisherCollector", "HfFisherError", "hookimpl", "ModelLayout", "ParamGroups", "__version__"]
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names come from __getattr__
     from .api import collect
     from .collector import FisherCollector
     from .consumers.ewc import EWCPenalty, forgetting_risk
+    from .consumers.compare_estimators import compare_estimators
     from .consumers.merging import merge_with_fisher
     from .consumers.natural_gradient import scale_by_fisher
     from .estimators.spectrum import SpectrumResult, spectrum

@@ -7,6 +7,7 @@
     hf-fisher plugins
     hf-fisher demo [--out DIR]
     hf-fisher merge RECIPE.yaml --out DIR [options]
+    hf-fisher compare-estimators --model DIR --data FILE [--methods empirical,true,kfac,spectrum] [options]
 
 Every error hf_fisher raises on purpose (:class:`hf_fisher.errors.HfFisherError`), an ``OSError``
 (a folder that cannot be written, a full disk...), and a model or tokenizer that cannot be loaded,
@@ -432,10 +433,12 @@ SCORING = {
 }
 
 
-def _cmd_collect(args: argparse.Namespace) -> int:
+def _check_model_and_data_args(args: argparse.Namespace) -> tuple[Path, Path]:
+    """The cheap checks shared by ``collect`` and ``compare-estimators`` (nothing heavy loaded):
+    ``--data`` (.txt / .jsonl, exists), ``--batch-size`` / ``--max-length`` / ``--max-samples``
+    (>= 1), ``--encoding``, ``--model`` (a folder with a config.json, or a Hub id)."""
     data_path = Path(args.data)
     model_path = Path(args.model)
-    # Cheap checks first: nothing heavy is loaded when an argument is wrong.
     if data_path.suffix.lower() not in (".txt", ".jsonl"):
         raise InvalidInputError(f"--data {str(data_path)!r}: expected a .txt or .jsonl file")
     if not data_path.is_file():
@@ -444,8 +447,6 @@ def _cmd_collect(args: argparse.Namespace) -> int:
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise InvalidInputError(f"--{flag.replace('_', '-')} must be >= 1 (got {value})")
-    if not args.task.strip():
-        raise InvalidInputError("--task must not be empty: it names what the data stands for (e.g. --task math)")
     try:
         codecs.lookup(args.encoding)
     except LookupError:
@@ -457,33 +458,36 @@ def _cmd_collect(args: argparse.Namespace) -> int:
             raise InvalidInputError(f"--model {str(model_path)!r} is a file; pass the folder of a saved transformers model")
         if not (model_path / "config.json").is_file():
             raise InvalidInputError(f"--model {str(model_path)!r} has no config.json: is it a saved transformers model?")
+    return data_path, model_path
 
-    # The output folder, before the model is touched: overwrite rule, writable, disk space.
-    from hf_fisher.fisher import is_artifact_file
 
-    shapes = _safetensors_shapes(model_path)
-    need, detail = _disk_need(shapes, args) if shapes else (None, "")
-    out = check_output_folder(args.out, allowed=is_artifact_file, what="Fisher artifact",
-                              overwrite=args.overwrite, needed_bytes=need, needed_detail=detail)
-    _check_device(args.device)
-
-    from hf_fisher.data import check_labels, load_samples, make_batches, pad_token_id
+def _read_samples(args: argparse.Namespace, data_path: Path) -> list:
+    """The samples of ``--data`` (the first ``--max-samples`` of them)."""
+    from hf_fisher.data import load_samples
 
     samples = load_samples(data_path, encoding=args.encoding)
     if args.max_samples is not None:  # the first N samples of the file
         samples = samples[: args.max_samples]
-    _check_estimator(args.estimator)  # loads the plugins
+    return samples
+
+
+def _check_samples_against_config(args: argparse.Namespace, samples: Sequence[Any]) -> tuple[Any, str]:
+    """The model's config and task type, with the samples' labels and token ids checked against
+    it (before the weights are loaded)."""
+    from hf_fisher.data import check_labels
+
     config, task_type = _load_config(args.model)
     check_labels(samples, task_type, getattr(config, "num_labels", None))
     _check_token_ids(samples, getattr(config, "vocab_size", None))
-    if need is None:  # no safetensors headers to read: estimate from the config, still before the weights
-        shapes = _meta_shapes(config, task_type)
-        if shapes:
-            need, detail = _disk_need(shapes, args)
-            check_output_folder(out, allowed=is_artifact_file, what="Fisher artifact",
-                                overwrite=args.overwrite, needed_bytes=need, needed_detail=detail)
-    tokenizer = _load_tokenizer(args.model) if any(s.input_ids is None for s in samples) else None
+    return config, task_type
 
+
+def _load_model_and_batches(args: argparse.Namespace, config: Any, task_type: str, samples: Sequence[Any]):
+    """Tokenizer (when a sample needs one), model (``--dtype``, ``--device``) and the batches
+    (``--batch-size``; ``--max-length`` capped to the model's positions) on ``--device``."""
+    from hf_fisher.data import make_batches, pad_token_id
+
+    tokenizer = _load_tokenizer(args.model) if any(s.input_ids is None for s in samples) else None
     model = _load_model(args.model, config, args.dtype, args.device)
     max_length = args.max_length
     limit = _position_limit(model, config)
@@ -502,6 +506,34 @@ def _cmd_collect(args: argparse.Namespace) -> int:
     )
     if args.device != "cpu":
         batches = [{k: v.to(args.device) for k, v in b.items()} for b in batches]
+    return model, batches
+
+
+def _cmd_collect(args: argparse.Namespace) -> int:
+    # Cheap checks first: nothing heavy is loaded when an argument is wrong.
+    data_path, model_path = _check_model_and_data_args(args)
+    if not args.task.strip():
+        raise InvalidInputError("--task must not be empty: it names what the data stands for (e.g. --task math)")
+
+    # The output folder, before the model is touched: overwrite rule, writable, disk space.
+    from hf_fisher.fisher import is_artifact_file
+
+    shapes = _safetensors_shapes(model_path)
+    need, detail = _disk_need(shapes, args) if shapes else (None, "")
+    out = check_output_folder(args.out, allowed=is_artifact_file, what="Fisher artifact",
+                              overwrite=args.overwrite, needed_bytes=need, needed_detail=detail)
+    _check_device(args.device)
+
+    samples = _read_samples(args, data_path)
+    _check_estimator(args.estimator)  # loads the plugins
+    config, task_type = _check_samples_against_config(args, samples)
+    if need is None:  # no safetensors headers to read: estimate from the config, still before the weights
+        shapes = _meta_shapes(config, task_type)
+        if shapes:
+            need, detail = _disk_need(shapes, args)
+            check_output_folder(out, allowed=is_artifact_file, what="Fisher artifact",
+                                overwrite=args.overwrite, needed_bytes=need, needed_detail=detail)
+    model, batches = _load_model_and_batches(args, config, task_type, samples)
 
     import hf_fisher
 
@@ -529,6 +561,40 @@ def _cmd_collect(args: argparse.Namespace) -> int:
         path = f"batched, {len(extra['vjp_params'])} parameter(s) through the batched vjp"
     print(f"Saved {args.reduction} Fisher of {len(fisher)} tensors to {out} "
           f"(samples {c.samples}, tokens {c.tokens}, skipped {c.skipped}; {SCORING[task_type]}; {path})")
+    return 0
+
+
+def _cmd_compare_estimators(args: argparse.Namespace) -> int:
+    from hf_fisher.consumers.compare_estimators import parse_methods
+
+    methods = parse_methods(args.methods)
+    data_path, _ = _check_model_and_data_args(args)
+    for flag in ("k", "top_k"):
+        if getattr(args, flag) < 1:
+            raise InvalidInputError(f"--{flag.replace('_', '-')} must be >= 1 (got {getattr(args, flag)})")
+    if args.json is not None:
+        target = Path(args.json)
+        if target.is_dir():
+            raise InvalidInputError(f"--json {args.json!r} is a folder; pass a file name such as comparison.json")
+        parent = target.parent if str(target.parent) else Path(".")
+        if not parent.is_dir():
+            raise InvalidInputError(f"--json {args.json!r}: folder {str(parent)!r} does not exist; create it first")
+        if not os.access(parent, os.W_OK):
+            raise InvalidInputError(f"--json {args.json!r}: folder {str(parent)!r} is not writable")
+    _check_device(args.device)
+    samples = _read_samples(args, data_path)
+    config, task_type = _check_samples_against_config(args, samples)
+    model, batches = _load_model_and_batches(args, config, task_type, samples)
+
+    from hf_fisher.consumers.compare_estimators import compare_estimators
+
+    logger.info("comparing %s over %d samples in %d batches", ", ".join(methods), len(samples), len(batches))
+    result = compare_estimators(model, batches, methods=methods, reduction=args.reduction, k=args.k,
+                                top_k=args.top_k, progress=not args.no_progress)
+    print(result.to_markdown())
+    if args.json is not None:
+        result.to_json(args.json)
+        print(f"Saved the comparison to {args.json}")
     return 0
 
 
@@ -737,6 +803,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--push-to-hub", default=None, metavar="REPO_ID", help="also upload the merged folder to this Hub repo")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_merge)
+
+    p = sub.add_parser("compare-estimators",
+                       help="run empirical / true / KFAC / Lanczos on the same data and print one comparison table")
+    p.add_argument("--model", required=True, help="folder of a saved transformers model (with its tokenizer)")
+    p.add_argument("--data", required=True, help=".txt (one sample per line) or .jsonl ('text' or 'input_ids', optional 'label')")
+    p.add_argument("--encoding", default="utf-8", help="text encoding of --data (default utf-8)")
+    p.add_argument("--methods", default="empirical,true,kfac,spectrum",
+                   help="comma-separated methods from empirical,true,kfac,spectrum (default all four)")
+    p.add_argument("--reduction", choices=("group", "param"), default="group", help="diagonal reduction of empirical/true and unit of the correlations (default group)")
+    p.add_argument("--batch-size", type=int, default=8, help="samples per forward/backward (default 8)")
+    p.add_argument("--max-length", type=int, default=512, help="truncate samples to this many tokens (default 512; capped to the model's positions)")
+    p.add_argument("--max-samples", type=int, default=None, help="use at most the first N samples")
+    p.add_argument("--k", type=int, default=5, help="top eigenvalues of spectrum and KFAC (default 5)")
+    p.add_argument("--top-k", type=int, default=20, help="groups in the top-k overlap (default 20)")
+    p.add_argument("--json", default=None, metavar="OUT.json", help="also write the comparison as JSON to this file")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default cpu)")
+    p.add_argument("--dtype", choices=MODEL_DTYPES, default="float32", help="dtype the model is loaded in (default float32)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=_cmd_compare_estimators)
     return parser
 
 

@@ -69,6 +69,7 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "hf_fisher.estimators.spectrum",
     "hf_fisher.consumers.natural_gradient",
     "hf_fisher.consumers.merging",
+    "hf_fisher.consumers.compare_estimators",
 )
 BUILTIN_DISTRIBUTION = "hf-fisher"
 ENTRY_POINT_GROUP = PROJECT_NAME
