@@ -376,6 +376,26 @@ class FisherCollector:
         self.fallback_batches = 0
         return ext.attach()
 
+    def add_contributions(self, task: str, contributions: Mapping[str, torch.Tensor], report: BatchReport) -> None:
+        """Add one batch's per-sample contributions ``{name: [b, ...]}`` (already combined, e.g.
+        averaged over the true Fisher's label draws) to ``task``, with the batch's ``report``
+        (samples used, tokens). Same accumulation as :meth:`update`."""
+        state = self._task(task)
+        sink = self._new_sink()
+        sink.reset()
+        for name, c in contributions.items():
+            sink.add(name, c)
+        sink.commit(state.accumulators)
+        self._record(state, report)
+
+    def batches_seen(self, task: str) -> int:
+        """Batches added to ``task`` so far (the index of the next batch in error messages)."""
+        return self._task(task).batches
+
+    def samples_seen(self, task: str) -> int:
+        """Samples added to ``task`` so far (this process only)."""
+        return self._task(task).samples
+
     def update(self, batch: Mapping[str, Any], task: str = "default", *, limit: int | None = None) -> BatchReport:
         """Add the samples of one batch to ``task``. Returns what was used and skipped."""
         state = self._task(task)

@@ -192,11 +192,10 @@ class TrueFisherEstimator:
             sampler = LabelSampler(
                 collector.engine, mc_samples=self.mc_samples, temperature=self.temperature, exact=self.exact, seed=self.seed
             )
-            state = collector._task(task)
             bar = tqdm(total=max_samples, desc=f"true Fisher[{task}]", unit="sample", disable=not progress)
             try:
                 for batch in batches:
-                    remaining = None if max_samples is None else max_samples - state.samples
+                    remaining = None if max_samples is None else max_samples - collector.samples_seen(task)
                     if remaining is not None and remaining <= 0:
                         break
                     bar.update(_update(collector, sampler, batch, task, remaining))
@@ -213,22 +212,22 @@ def _update(collector: FisherCollector, sampler: LabelSampler, batch, task: str,
     """One batch: every draw through the engine, contributions combined per sample with the
     draws' weights, then added to the task's accumulators. Returns the samples used."""
     engine = collector.engine
-    state = collector._task(task)
+    index = collector.batches_seen(task)
     model = collector.model
     was_training = model.training
     model.train(collector.train_mode)
     try:
-        prepared = engine.prepare(batch, state.batches)
+        prepared = engine.prepare(batch, index)
         total: dict[str, torch.Tensor] = {}
         first = None
         for labels, weights in sampler.draws(prepared):
             buf = _DrawBuffer()
-            report = engine.process({**prepared, "labels": labels}, buf, batch_index=state.batches, limit=limit)
+            report = engine.process({**prepared, "labels": labels}, buf, batch_index=index, limit=limit)
             if first is None:
                 first = report
             elif report.used_index != first.used_index:
                 raise NonFiniteError(
-                    f"batch {state.batches}: the true Fisher's draws used different samples ({first.used_index} vs "
+                    f"batch {index}: the true Fisher's draws used different samples ({first.used_index} vs "
                     f"{report.used_index}): a drawn label gives a non-finite gradient; check the model's weights and dtype"
                 )
             rows = weights[report.used_index] if report.used_index else weights[:0]
@@ -241,12 +240,7 @@ def _update(collector: FisherCollector, sampler: LabelSampler, batch, task: str,
     finally:
         model.train(was_training)
     assert first is not None
-    sink = collector._new_sink()
-    sink.reset()
-    for name, c in total.items():
-        sink.add(name, c)
-    sink.commit(state.accumulators)
-    collector._record(state, first)
+    collector.add_contributions(task, total, first)
     return first.used
 
 
