@@ -26,6 +26,13 @@ _LAZY = {
     "EWCPenalty": "consumers.ewc",
     "forgetting_risk": "consumers.ewc",
     "merge_with_fisher": "consumers.merging",
+    "prune": "consumers.pruning",
+    "PruneResult": "consumers.pruning",
+    "mask_overlap": "consumers.overlap",
+    "task_overlap": "consumers.overlap",
+    "perturb": "consumers.perturb",
+    "perturbation_sweep": "consumers.perturb",
+    "write_report": "consumers.report",
     "spectrum": "estimators.spectrum",
     "compare_estimators": "consumers.compare_estimators",
     "KFACFisher": "kfac",
@@ -40,7 +47,7 @@ _LAZY = {
     "ParamGroups": "layout",
 }
 
-__all__ = ["collect", "merge_with_fisher", "spectrum", "SpectrumResult", "KFACFisher", "compare_estimators", "scale_by_fisher", "EWCPenalty", "EWCTrainer", "EWCMixin", "forgetting_risk", "Fisher", "FisherCallback", "FisherCollector", "HfFisherError", "hookimpl", "ModelLayout", "ParamGroups", "__version__"]
+__all__ = ["collect", "merge_with_fisher", "prune", "PruneResult", "mask_overlap", "task_overlap", "perturb", "perturbation_sweep", "write_report", "spectrum", "SpectrumResult", "KFACFisher", "compare_estimators", "scale_by_fisher", "EWCPenalty", "EWCTrainer", "EWCMixin", "forgetting_risk", "Fisher", "FisherCallback", "FisherCollector", "HfFisherError", "hookimpl", "ModelLayout", "ParamGroups", "__version__"]
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names come from __getattr__
     from .api import collect
@@ -48,6 +55,10 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names come from
     from .consumers.ewc import EWCPenalty, forgetting_risk
     from .consumers.compare_estimators import compare_estimators
     from .consumers.merging import merge_with_fisher
+    from .consumers.overlap import mask_overlap, task_overlap
+    from .consumers.perturb import perturb, perturbation_sweep
+    from .consumers.pruning import PruneResult, prune
+    from .consumers.report import write_report
     from .consumers.natural_gradient import scale_by_fisher
     from .estimators.spectrum import SpectrumResult, spectrum
     from .kfac import KFACFisher

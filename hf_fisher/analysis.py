@@ -34,6 +34,8 @@ __all__ = [
     "per_layer",
     "normalized",
     "slice_value",
+    "slice_groups",
+    "channel_groups",
     "head_importance",
     "channel_importance",
     "expert_importance",
@@ -272,6 +274,13 @@ def slice_value(fisher: "Fisher", s: Slice) -> float:
     t = fisher[s.param]
     if fisher.reduction == "param":
         return float(t[s.index()].double().sum())
+    return float(t.detach().double().cpu()[slice_groups(fisher, s)].sum())
+
+
+def slice_groups(fisher: "Fisher", s: Slice) -> torch.Tensor:
+    """The groups of a group Fisher that make up a :class:`Slice`, as increasing group indices
+    (int64): ``slice_value(fisher, s) = Σ_{g in slice_groups(fisher, s)} F_g``. The slice must lie
+    along the groups' axis and start/stop on group boundaries (:class:`UnsupportedError` otherwise)."""
     pg = fisher.groups[s.param]
     if pg.extra_axes:  # multi-axis groups: the groups whose elements all lie in [start, stop) along s.axis
         if s.axis not in pg.axes:
@@ -287,7 +296,7 @@ def slice_value(fisher: "Fisher", s: Slice) -> float:
                 f"{s.param}: slice [{s.start}, {s.stop}) along axis {s.axis} cuts through groups; "
                 "use a parameter-level Fisher"
             )
-        return float(t.detach().double().cpu()[inside].sum())
+        return inside.nonzero().flatten()
     if s.axis != pg.axis:
         raise UnsupportedError(
             f"{s.param}: its groups run along axis {pg.axis}, but a slice along axis {s.axis} was asked for; "
@@ -299,7 +308,7 @@ def slice_value(fisher: "Fisher", s: Slice) -> float:
             f"{s.param}: slice [{s.start}, {s.stop}) does not start and end on group boundaries; "
             "use a parameter-level Fisher"
         )
-    return float(t[g0 : g1 + 1].double().sum())
+    return torch.arange(g0, g1 + 1)
 
 
 def _require_layout(fisher: "Fisher", what: str) -> ModelLayout:
@@ -370,19 +379,25 @@ def channel_importance(fisher: "Fisher") -> dict[tuple[int, int], float]:
                 per_index = t.sum(dim=other) if other else t
                 totals += per_index[role.offset : role.offset + n]
             else:
-                pg = fisher.groups[role.param]
-                gidx = pg.index()[role.offset : role.offset + n]
-                if pg.extra_axes or pg.axis != role.axis or bool((pg.sizes()[gidx] != 1).any()):
-                    raise UnsupportedError(
-                        f"{role.param}: its groups do not hold one MLP channel each along axis {role.axis}; "
-                        "use a parameter-level Fisher"
-                    )
-                totals += t[gidx]
+                totals += t[channel_groups(fisher, role, n)]
         for c in range(n):
             out[(block.layer, c)] = float(totals[c])
     if used == 0:
         raise InvalidInputError("the Fisher covers none of the MLP parameters of its layout")
     return out
+
+
+def channel_groups(fisher: "Fisher", role, num_channels: int) -> torch.Tensor:
+    """Group index (int64, ``[num_channels]``) holding channel ``c`` of an MLP ``role`` in a group
+    Fisher; :class:`UnsupportedError` unless each such group is exactly one channel index."""
+    pg = fisher.groups[role.param]
+    gidx = pg.index()[role.offset : role.offset + num_channels]
+    if pg.extra_axes or pg.axis != role.axis or bool((pg.sizes()[gidx] != 1).any()):
+        raise UnsupportedError(
+            f"{role.param}: its groups do not hold one MLP channel each along axis {role.axis}; "
+            "use a parameter-level Fisher"
+        )
+    return gidx
 
 
 def _per_expert(fisher: "Fisher", name: str, expert_axis: int, num_experts: int) -> torch.Tensor:

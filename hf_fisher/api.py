@@ -32,6 +32,7 @@ def collect(
     data_description: str | None = None,
     model_name_or_path: str | None = None,
     distributed: bool | None = None,
+    keep_sample_contributions: bool = False,
     **estimator_options: Any,
 ) -> Fisher:
     """Collect the Fisher information of ``model`` over ``batches`` and return the artifact.
@@ -48,7 +49,28 @@ def collect(
     ["world_size"]``); it is a collective, so every rank must call it, and a rank may have no
     batch. ``max_samples`` applies per rank. ``distributed=False`` returns each rank's own
     Fisher; ``True`` requires an initialised process group.
+
+    ``keep_sample_contributions=True`` (``reduction="group"`` only) also keeps every used
+    sample's group contributions ``C_i,g = Σ_{j ∈ g} (g_i ⊙ g_i)_j`` as
+    ``fisher.sample_contributions[name]`` (``[n, num_groups]``, in sample order, float32 on the
+    CPU or ``storage_dtype``; ``mean_i C_i,g = F_g``), saved to
+    ``sample_contributions.safetensors``; :func:`hf_fisher.uncertainty.unit_intervals` uses
+    them for bootstrap intervals. With ``max_samples`` only the used samples are kept. Refused
+    (:class:`InvalidInputError`, before any batch is read) with ``reduction="param"``, with
+    ``ema_decay``, and when merging across ``torch.distributed`` ranks (see
+    :class:`~hf_fisher.collector.FisherCollector`).
     """
+    from .collector import check_keep_sample_contributions
+
+    check_keep_sample_contributions(keep_sample_contributions, reduction, ema_decay)
+    if keep_sample_contributions:
+        if _will_merge(distributed):
+            raise InvalidInputError(
+                "keep_sample_contributions=True is not supported when the Fisher is merged across torch.distributed "
+                "ranks (the per-sample contributions are not gathered); pass distributed=False to get each rank's "
+                "own Fisher with its own samples' contributions, or collect in a single process"
+            )
+        estimator_options["keep_sample_contributions"] = True
     if distributed is not None:
         estimator_options["distributed"] = distributed
     available = plugins.estimators()

@@ -3,8 +3,10 @@
 The card's YAML header carries the Hub metadata (``library_name: hf_fisher``, ``tags``, an
 ``hf_fisher`` mapping with the task, estimator, reduction and normalisation, and, when the source
 model is a Hub id, ``base_model``); the body explains the quantity (``F = mean_i C_i``,
-``C_i = g_i ⊙ g_i``), the normalisation and reduction used, the counts, the metadata and a
-per-layer summary (layer, total Fisher, share of the total, largest group).
+``C_i = g_i ⊙ g_i``), the normalisation and reduction used, the counts, the metadata, a
+per-layer summary (layer, total Fisher, share of the total, largest group) and, when the layout
+describes attention heads, a "Summary" section (:func:`summary_section`: curvature scale, top
+heads, critical / compressible counts with their thresholds).
 
 Rules:
 
@@ -19,6 +21,7 @@ Rules:
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -30,7 +33,9 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from hf_fisher.fisher import Fisher
 
-__all__ = ["load_template", "card_data", "render_card", "looks_like_hub_id", "hub_base_model", "md_text", "layer_rows", "merged_card"]
+__all__ = ["load_template", "card_data", "render_card", "looks_like_hub_id", "hub_base_model", "md_text", "layer_rows", "merged_card", "summary_section"]
+
+logger = logging.getLogger(__name__)
 
 FISHER_TEMPLATE = "fisher_card.md"
 _COMMIT_HASH_LEN = 40
@@ -223,7 +228,24 @@ def render_card(fisher: "Fisher", *, template: str | None = None) -> "ModelCard"
         num_params=len(names),
         num_values=sum(fisher[n].numel() for n in names),
         example_name=json.dumps(names[0] if names else "<param name>", ensure_ascii=True),
+        summary_md=summary_section(fisher),
     )
+
+
+def summary_section(fisher: "Fisher") -> str | None:
+    """Markdown of the card's "Summary" section (:func:`hf_fisher.consumers.report.summary_markdown`),
+    or None when the Fisher has no layout with attention heads or the summary cannot be computed
+    for it (logged; the card is written without the section)."""
+    layout = fisher.layout
+    if layout is None or not layout.attention:
+        return None
+    from hf_fisher.consumers.report import summary_markdown
+
+    try:
+        return summary_markdown(fisher)
+    except HfFisherError as e:
+        logger.info("model card: no Summary section (%s)", e)
+        return None
 
 
 # ---------------------------------------------------------------------------- merged models

@@ -438,7 +438,6 @@ def _check_model_and_data_args(args: argparse.Namespace) -> tuple[Path, Path]:
     ``--data`` (.txt / .jsonl, exists), ``--batch-size`` / ``--max-length`` / ``--max-samples``
     (>= 1), ``--encoding``, ``--model`` (a folder with a config.json, or a Hub id)."""
     data_path = Path(args.data)
-    model_path = Path(args.model)
     if data_path.suffix.lower() not in (".txt", ".jsonl"):
         raise InvalidInputError(f"--data {str(data_path)!r}: expected a .txt or .jsonl file")
     if not data_path.is_file():
@@ -451,6 +450,12 @@ def _check_model_and_data_args(args: argparse.Namespace) -> tuple[Path, Path]:
         codecs.lookup(args.encoding)
     except LookupError:
         raise InvalidInputError(f"--encoding {args.encoding!r} is not an encoding Python knows (e.g. utf-8, latin-1, cp1252, utf-16)") from None
+    return data_path, _check_model_arg(args)
+
+
+def _check_model_arg(args: argparse.Namespace) -> Path:
+    """``--model``: a folder with a config.json, or a Hub id."""
+    model_path = Path(args.model)
     if not model_path.exists() and _looks_local(args.model):
         raise InvalidInputError(f"--model {args.model!r} does not exist; pass the folder of a saved transformers model")
     if model_path.exists():
@@ -458,7 +463,7 @@ def _check_model_and_data_args(args: argparse.Namespace) -> tuple[Path, Path]:
             raise InvalidInputError(f"--model {str(model_path)!r} is a file; pass the folder of a saved transformers model")
         if not (model_path / "config.json").is_file():
             raise InvalidInputError(f"--model {str(model_path)!r} has no config.json: is it a saved transformers model?")
-    return data_path, model_path
+    return model_path
 
 
 def _read_samples(args: argparse.Namespace, data_path: Path) -> list:
@@ -598,6 +603,92 @@ def _cmd_compare_estimators(args: argparse.Namespace) -> int:
     return 0
 
 
+PRUNE_SCORES = ("fisher", "mask_fisher", "obd", "magnitude", "random", "wanda_sp", "flap", "taylor1", "taylor2")
+
+
+def _parse_structured(text: str):
+    if text.strip().lower() in ("none", "unstructured", ""):
+        return None
+    kinds = [k.strip() for k in text.split(",") if k.strip()]
+    bad = [k for k in kinds if k not in ("heads", "kv_heads", "channels", "vocab")]
+    if bad:
+        raise InvalidInputError(f"--structured {text!r}: unknown unit {bad[0]!r}; use a comma list of heads, kv_heads, channels, vocab (or none)")
+    return kinds
+
+
+def _cmd_prune(args: argparse.Namespace) -> int:
+    # Cheap checks first: flags, the model and Fisher folders, the data file, the output folder.
+    if not 0.0 <= args.sparsity < 1.0:
+        raise InvalidInputError(f"--sparsity must be in [0, 1) (a fraction of the candidate parameters), got {args.sparsity}")
+    structured = _parse_structured(args.structured)
+    if args.min_per_layer < 0:
+        raise InvalidInputError(f"--min-per-layer must be >= 0 (got {args.min_per_layer})")
+    if args.confidence is not None and not 0.0 < args.confidence < 1.0:
+        raise InvalidInputError(f"--confidence must be in (0, 1), e.g. 0.95 (got {args.confidence})")
+    if args.data is not None:
+        data_path, _ = _check_model_and_data_args(args)
+    else:
+        data_path = None
+        _check_model_arg(args)
+    if args.fisher is not None and not Path(args.fisher).is_dir():
+        raise InvalidInputError(f"--fisher {args.fisher!r} is not a folder; pass a Fisher artifact folder (hf-fisher collect --out)")
+    if args.fisher is None and args.score in ("fisher", "obd"):
+        raise InvalidInputError(f"--score {args.score} reads a Fisher artifact: pass --fisher DIR (hf-fisher collect)")
+    if data_path is None and args.score in ("mask_fisher", "wanda_sp", "flap", "taylor1", "taylor2"):
+        raise InvalidInputError(f"--score {args.score} is computed on calibration data: pass --data FILE")
+    from hf_fisher.atomic import check_target
+    from hf_fisher.consumers.merge_io import is_model_output_file
+    from hf_fisher.consumers.pruning import PRUNE_FILES
+
+    check_target(args.out, allowed=lambda n: is_model_output_file(n) or n in PRUNE_FILES, what="pruned model", overwrite=args.overwrite)
+    _check_device(args.device)
+    batches = None
+    if data_path is not None:
+        samples = _read_samples(args, data_path)
+        config, task_type = _check_samples_against_config(args, samples)
+        model, batches = _load_model_and_batches(args, config, task_type, samples)
+    else:
+        config, _ = _load_config(args.model)
+        model = _load_model(args.model, config, args.dtype, args.device)
+    fisher = None
+    if args.fisher is not None:
+        from hf_fisher.fisher import Fisher
+
+        fisher = Fisher.from_pretrained(args.fisher)
+    from hf_fisher.consumers.pruning import prune
+
+    result = prune(
+        model, fisher, sparsity=args.sparsity, structured=structured, score=args.score, scope=args.scope,
+        min_per_layer=args.min_per_layer, confidence=args.confidence, physical=args.physical,
+        rescale_batches=None if args.no_rescale else batches, calibration_batches=batches,
+        rescale=False if args.no_rescale or batches is None else None, seed=args.seed, progress=not args.no_progress,
+    )
+    result.save_pretrained(args.out, overwrite=args.overwrite)
+    st = result.stats
+    print(f"Removed {st.get('removed_units', len(result.masks))} units ({100 * st['achieved_sparsity']:.1f}% of "
+          f"{st['candidate_params']:,} candidate parameters; score {st['score']}, scope {st['scope']})")
+    print(f"Saved the {'smaller' if args.physical else 'masked'} model to {args.out}")
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    if len(args.artifacts) > 2:
+        raise InvalidInputError(f"report takes one or two Fisher artifact folders, got {len(args.artifacts)}")
+    if args.top < 1:
+        raise InvalidInputError(f"--top must be >= 1 (got {args.top})")
+    for a in args.artifacts:
+        if not Path(a).is_dir():
+            raise InvalidInputError(f"{a!r} is not a folder; pass Fisher artifact folders (hf-fisher collect --out)")
+    from hf_fisher.consumers.report import write_report
+
+    result = write_report(list(args.artifacts), args.out, k=args.top, overwrite=args.overwrite)
+    print(result.summary)
+    for note in result.notes:
+        print(f"note: {note}")
+    print(f"Wrote {', '.join(result.files)} to {args.out}")
+    return 0
+
+
 def _torch_dtype(name: str):
     import torch
 
@@ -731,6 +822,21 @@ the data file (encoding, JSON, labels). --max-length is capped to the model's po
 """
 
 
+PRUNE_DESCRIPTION = """\
+Prune a model by its Fisher information (or a baseline criterion) and save the result:
+
+    hf-fisher collect --model M --data calib.txt --task lm --out fisher-lm --reduction param
+    hf-fisher prune --model M --fisher fisher-lm --sparsity 0.3 --structured heads,channels \\
+        --scope layer --data calib.txt --physical --out M-pruned
+
+A head's score is the Fisher of its Q rows and O columns (no share of the K/V it shares under
+GQA), a channel's that of its gate/up rows and down column. With --data the kept units are
+rescaled by least squares (Kwon et al. 2022) to reconstruct each layer's output. --physical
+removes the units (a smaller model from_pretrained loads); otherwise the weights are zeroed.
+pruning.json in --out records what was removed.
+"""
+
+
 MERGE_DESCRIPTION = """\
 Merge models as a recipe describes (mergekit-like YAML):
 
@@ -822,6 +928,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=MODEL_DTYPES, default="float32", help="dtype the model is loaded in (default float32)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_compare_estimators)
+
+    p = sub.add_parser("prune", help="prune heads / kv-heads / channels / vocabulary rows (or weights) by Fisher or a baseline score",
+                       description=PRUNE_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="folder of a saved transformers model")
+    p.add_argument("--fisher", default=None, help="Fisher artifact folder of the model (needed by --score fisher / obd)")
+    p.add_argument("--sparsity", type=float, required=True, help="fraction of the candidate parameters to remove, in [0, 1)")
+    p.add_argument("--structured", default="heads,channels", help="comma list of heads, kv_heads, channels, vocab; or none (unstructured)")
+    p.add_argument("--score", choices=PRUNE_SCORES, default="fisher", help="criterion (default fisher)")
+    p.add_argument("--scope", choices=("global", "layer"), default="global", help="one global budget, or the same budget in every layer (default global)")
+    p.add_argument("--min-per-layer", type=int, default=1, help="units of each kind kept in every layer (default 1)")
+    p.add_argument("--confidence", type=float, default=None, help="remove only units whose upper confidence bound is below every kept unit (e.g. 0.95)")
+    p.add_argument("--physical", action="store_true", help="remove the units and save a smaller model (LLaMA family; needs --scope layer)")
+    p.add_argument("--data", default=None, help="calibration data (.txt / .jsonl): the least-squares rescale and the data-driven scores")
+    p.add_argument("--no-rescale", action="store_true", help="no least-squares rescale even with --data")
+    p.add_argument("--encoding", default="utf-8", help="text encoding of --data (default utf-8)")
+    p.add_argument("--batch-size", type=int, default=8, help="samples per batch of --data (default 8)")
+    p.add_argument("--max-length", type=int, default=512, help="truncate calibration samples to this many tokens (default 512)")
+    p.add_argument("--max-samples", type=int, default=None, help="use at most the first N calibration samples")
+    p.add_argument("--seed", type=int, default=0, help="seed of --score random (default 0)")
+    p.add_argument("--out", required=True, help="folder to write the pruned model to (new, empty, or a previous output with --overwrite)")
+    p.add_argument("--overwrite", action="store_true", help="replace a model already in --out (never other files)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default cpu)")
+    p.add_argument("--dtype", choices=MODEL_DTYPES, default="float32", help="dtype the model is loaded in (default float32)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=_cmd_prune)
+
+    p = sub.add_parser("report", help="write plots, a tall CSV and a readable summary of one or two Fisher artifacts")
+    p.add_argument("artifacts", nargs="+", metavar="ARTIFACT_DIR", help="one or two Fisher artifact folders")
+    p.add_argument("--out", required=True, help="folder to write the report to (new or empty)")
+    p.add_argument("--overwrite", action="store_true", help="replace a report already in --out (never other files)")
+    p.add_argument("--top", type=int, default=10, help="hotspots listed per kind (default 10)")
+    p.set_defaults(func=_cmd_report)
     return parser
 
 

@@ -59,8 +59,13 @@ class _MomentsSink(ContributionSink):
     #: whether :meth:`add_gradients` is available (contributions C_i = g_i ⊙ g_i from g_i)
     accepts_gradients = True
 
-    def __init__(self, dtype: torch.dtype):
+    def __init__(self, dtype: torch.dtype, keep_dtype: torch.dtype | None = None):
         self.dtype = dtype
+        #: dtype of the per-sample contributions kept on the CPU (None: none kept; see
+        #: ``FisherCollector(keep_sample_contributions=True)``)
+        self.keep_dtype = keep_dtype
+        # name -> this batch's kept contributions [b, num_groups], chunks in sample order
+        self.kept: dict[str, list[torch.Tensor]] = {}
         self.workspace = Workspace()
         # name -> (n, shift, m2, residual) of the batch's only chunk so far
         self.pending: dict[str, tuple] = {}
@@ -72,9 +77,17 @@ class _MomentsSink(ContributionSink):
     def reset(self) -> None:
         self.pending = {}
         self.batch = {}
+        self.kept = {}
+
+    def take_kept(self) -> dict[str, list[torch.Tensor]]:
+        """This batch's kept per-sample contributions (call before :meth:`commit`, which resets)."""
+        kept, self.kept = self.kept, {}
+        return kept
 
     def add(self, name: str, contributions: torch.Tensor) -> None:
         """Per-sample contributions ``[b, ...]``, already checked finite; modified in place."""
+        if self.keep_dtype is not None:  # a copy, before shifted_moments_ overwrites them
+            self.kept.setdefault(name, []).append(contributions.detach().to("cpu", self.keep_dtype, copy=True))
         self._push(name, contributions.shape[0], *shifted_moments_(contributions, corrected=False))
 
     def add_gradients(self, name: str, gradients: torch.Tensor, *, owned: bool = False) -> list[int]:
@@ -160,6 +173,9 @@ class _TaskState:
     skipped: int = 0
     nonfinite: int = 0
     batches: int = 0
+    #: name -> kept per-sample contributions (chunks of [b, num_groups], in sample order), or
+    #: None when the collector does not keep them
+    rows: dict | None = None
 
 
 def select_parameters(model: nn.Module, params: "str | Iterable[str] | None") -> list[tuple[str, torch.Tensor]]:
@@ -209,6 +225,18 @@ class FisherCollector:
     rank must call. ``distributed=None`` (default) merges when the group has more than one
     process, ``False`` keeps each rank's own Fisher, ``True`` requires an initialised group.
 
+    ``keep_sample_contributions=True`` (``reduction="group"`` only) also keeps every used
+    sample's group contributions ``C_i,g = Σ_{j ∈ g} C_ij``, one ``[n, num_groups]`` tensor per
+    parameter, in sample order (batches in the order given, samples within a batch in order),
+    on the CPU in ``storage_dtype`` (float32 when it is None): :attr:`Fisher.sample_contributions`,
+    whose mean over samples is the Fisher (``mean_i C_i,g = F_g``) and from which
+    :mod:`hf_fisher.uncertainty` draws bootstrap intervals. Memory: ``4 n Σ num_groups`` bytes
+    in float32. Refused (:class:`InvalidInputError`) with ``reduction="param"`` (``[n, *shape]``
+    per parameter would be n copies of the model), with ``ema_decay`` (the EMA is a weighted
+    mean, which the plain mean of the kept values would not reproduce) and when the Fisher is
+    merged across ``torch.distributed`` ranks (they are not gathered: pass ``distributed=False``
+    for each rank's own Fisher and samples).
+
     Example::
 
         collector = FisherCollector(model, reduction="group")
@@ -237,8 +265,10 @@ class FisherCollector:
         verify: bool = True,
         params: "str | Iterable[str] | None" = None,
         distributed: bool | None = None,
+        keep_sample_contributions: bool = False,
     ):
         _check_choice("reduction", reduction, REDUCTIONS)
+        check_keep_sample_contributions(keep_sample_contributions, reduction, ema_decay)
         if distributed not in (None, True, False):
             raise InvalidInputError(f"distributed must be None (merge when torch.distributed runs several processes), True or False; got {distributed!r}")
         if distributed:
@@ -271,6 +301,10 @@ class FisherCollector:
         self.train_mode = train_mode
         self.estimator = estimator
         self.distributed = distributed
+        self.keep_sample_contributions = keep_sample_contributions
+        #: dtype of the kept per-sample contributions (None: not kept)
+        self.keep_dtype = (storage_dtype or torch.float32) if keep_sample_contributions else None
+        self._refuse_merging_kept(None)
         self.layout = plugins.model_layout(model)
         self.param_shapes = {n: tuple(p.shape) for n, p in named}
         self.groups = {n: self.layout.groups[n] for n, _ in named}
@@ -293,7 +327,22 @@ class FisherCollector:
         for t in self.engine.targets:
             shape = (t.groups.num_groups,) if t.groups is not None else tuple(t.param.shape)
             acc[t.name] = make_accumulator(shape, ema_decay=self.ema_decay, dtype=self.accumulation_dtype, device=self.accumulation_device)
-        return _TaskState(acc)
+        return _TaskState(acc, rows={name: [] for name in acc} if self.keep_dtype is not None else None)
+
+    def _refuse_merging_kept(self, distributed: bool | None) -> None:
+        if self.keep_sample_contributions and self._merging(distributed):
+            raise InvalidInputError(
+                "keep_sample_contributions=True is not supported when the Fisher is merged across torch.distributed "
+                "ranks (the per-sample contributions are not gathered); pass distributed=False to get each rank's "
+                "own Fisher with its own samples' contributions, or collect in a single process"
+            )
+
+    def _commit(self, sink: ContributionSink, state: _TaskState) -> None:
+        """``sink.commit`` into ``state``, appending the batch's kept per-sample contributions."""
+        kept = sink.take_kept() if state.rows is not None else {}
+        sink.commit(state.accumulators)
+        for name, chunks in kept.items():
+            state.rows[name].extend(chunks)
 
     def _merging(self, distributed: bool | None = None) -> bool:
         """Whether :meth:`fisher` merges across ranks now (``distributed`` overrides the collector's setting)."""
@@ -331,7 +380,7 @@ class FisherCollector:
             return _OrderedSink(self.accumulation_dtype)
         # one moments sink for the collector's life: its float64 scratch buffers are reused
         if self._moments_sink is None:
-            self._moments_sink = _MomentsSink(self.accumulation_dtype)
+            self._moments_sink = _MomentsSink(self.accumulation_dtype, self.keep_dtype)
         return self._moments_sink
 
     def _record(self, state: _TaskState, report: BatchReport) -> None:
@@ -359,7 +408,7 @@ class FisherCollector:
 
         def done(micro):
             if micro.failed is None:
-                micro.sink.commit(state.accumulators)
+                self._commit(micro.sink, state)
                 self._record(state, micro.report)
                 return
             if micro.failed not in warned:
@@ -385,7 +434,7 @@ class FisherCollector:
         sink.reset()
         for name, c in contributions.items():
             sink.add(name, c)
-        sink.commit(state.accumulators)
+        self._commit(sink, state)
         self._record(state, report)
 
     def batches_seen(self, task: str) -> int:
@@ -409,7 +458,7 @@ class FisherCollector:
             raise
         finally:
             self.model.train(was_training)
-        sink.commit(state.accumulators)
+        self._commit(sink, state)
         self._record(state, report)
         return report
 
@@ -445,6 +494,7 @@ class FisherCollector:
         every rank, and ``metadata.extra["world_size"]`` is K; this rank's own accumulators are
         not changed, so calling it again (after more updates) still counts each sample once."""
         info: dict[str, Any] = {}
+        self._refuse_merging_kept(distributed)
         if self._merging(distributed):
             from .integrations.distributed import world_size
 
@@ -478,6 +528,9 @@ class FisherCollector:
             # copies: the accumulators are updated in place by later batches
             mean[name] = acc.mean_as(dtype, self.storage_device)
             var[name] = acc.variance().to(device=self.storage_device, dtype=dtype)
+        samples = None
+        if state.rows is not None:
+            samples = {name: _concat_rows(state.rows[name], acc.shape, self.keep_dtype) for name, acc in state.accumulators.items()}
         return Fisher(
             mean, var,
             reduction=self.reduction,
@@ -486,6 +539,7 @@ class FisherCollector:
             counts=Counts(samples=state.samples, tokens=state.tokens, skipped=state.skipped, nonfinite=state.nonfinite),
             metadata=self._metadata(task, model_name_or_path, data_description, dtype, {**info, **dict(extra or {})}, state),
             layout=self.layout,
+            sample_contributions=samples,
         )
 
     def restore(self, task: str, fisher: Fisher) -> None:
@@ -522,8 +576,16 @@ class FisherCollector:
                     {"count": n, "decay": self.ema_decay, "weight_sum": w, "weight_sq_sum": w2, "mean": mean, "m2": var * denom * w},
                     dtype=self.accumulation_dtype, device=self.accumulation_device,
                 )
+        rows = None
+        if self.keep_dtype is not None:
+            if fisher.sample_contributions is None:
+                raise InvalidInputError(
+                    f"cannot resume task {task!r} with keep_sample_contributions=True: the artifact has no per-sample "
+                    "contributions (it was collected without keep_sample_contributions)"
+                )
+            rows = {t.name: [fisher.sample_contributions[t.name].to("cpu", self.keep_dtype, copy=True)] for t in self.engine.targets}
         c = fisher.counts
-        self.tasks[task] = _TaskState(acc, samples=c.samples, tokens=c.tokens, skipped=c.skipped, nonfinite=c.nonfinite)
+        self.tasks[task] = _TaskState(acc, samples=c.samples, tokens=c.tokens, skipped=c.skipped, nonfinite=c.nonfinite, rows=rows)
 
     def _metadata(self, task, model_name_or_path, data_description, storage_dtype, extra=None, state=None) -> FisherMetadata:
         base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
@@ -558,6 +620,33 @@ class FisherCollector:
         if self._moments_sink is not None:
             self._moments_sink.workspace.clear()
             self._moments_sink.spare = {}
+
+
+def check_keep_sample_contributions(keep: Any, reduction: str, ema_decay: float | None) -> None:
+    """:class:`InvalidInputError` unless ``keep_sample_contributions=keep`` can be honoured (see
+    :class:`FisherCollector`): a bool, ``reduction="group"``, no ``ema_decay``."""
+    if not isinstance(keep, bool):
+        raise InvalidInputError(f"keep_sample_contributions must be True or False, got {keep!r}")
+    if not keep:
+        return
+    if reduction != "group":
+        raise InvalidInputError(
+            f"keep_sample_contributions=True needs reduction='group' (got reduction={reduction!r}): the per-sample "
+            "contributions of a parameter-level Fisher are [n_samples, *param_shape] per parameter, n copies of the "
+            "model, far too big to keep; pass reduction='group' to keep the per-sample group sums [n_samples, num_groups]"
+        )
+    if ema_decay is not None:
+        raise InvalidInputError(
+            "keep_sample_contributions=True cannot be combined with ema_decay: an EMA Fisher is a weighted mean "
+            "that the plain mean of the kept per-sample contributions would not reproduce; drop ema_decay"
+        )
+
+
+def _concat_rows(chunks: list[torch.Tensor], shape: tuple, dtype: torch.dtype) -> torch.Tensor:
+    """The kept chunks of one parameter as one ``[n, num_groups]`` tensor (``[0, num_groups]`` if none)."""
+    if not chunks:
+        return torch.zeros((0, *shape), dtype=dtype)
+    return torch.cat(chunks) if len(chunks) > 1 else chunks[0].clone()
 
 
 def _ema_state(state: _TaskState) -> dict:

@@ -15,6 +15,8 @@ On disk an artifact is a folder::
     fisher.safetensors                 keys "mean.<param>" and "variance.<param>"
       (or fisher-00001-of-0000N.safetensors ... + fisher.safetensors.index.json when sharded)
     fisher_config.json                 metadata, counts, reduction, shapes, groups, layout, files
+    sample_contributions.safetensors   optional (group Fisher collected with keep_sample_contributions):
+                                       key "<param>" = per-sample group contributions [n, num_groups]
     README.md                          model card (hf_fisher.cards)
 
 Saving is atomic and crash-safe (:mod:`hf_fisher.atomic`: temporary folder beside the target,
@@ -61,6 +63,7 @@ CONFIG_NAME = "fisher_config.json"
 WEIGHTS_NAME = "fisher.safetensors"
 WEIGHTS_INDEX_NAME = "fisher.safetensors.index.json"
 WEIGHTS_PATTERN = "fisher{suffix}.safetensors"
+SAMPLES_NAME = "sample_contributions.safetensors"
 CARD_NAME = "README.md"
 FORMAT_VERSION = 1
 REDUCTIONS = ("param", "group")
@@ -435,6 +438,7 @@ _S_CONFIG = _s_obj(
         "has_variance": (_s_bool, _REQUIRED),
         "tensor_files": (_s_list(_s_str(nonempty=True), min_len=1), _REQUIRED),
         "index_file": (_s_nullable(_s_str(nonempty=True)), _REQUIRED),
+        "sample_contributions_file": (_s_nullable(_s_str(nonempty=True)), None),
     },
     extra=True,
     after=_after_config,
@@ -522,7 +526,11 @@ class Fisher:
     - ``variance``: same names and shapes, or ``None`` when unknown;
     - ``groups``: ``{param name: ParamGroups}`` — required for "group" (taken from ``layout``
       when omitted), optional for "param" (used by :meth:`to_groups`);
-    - ``param_shapes``: the shape of every parameter the Fisher covers.
+    - ``param_shapes``: the shape of every parameter the Fisher covers;
+    - ``sample_contributions``: optional, ``reduction="group"`` only: ``{param name: [n, num_groups]}``,
+      row ``i`` the group contributions ``C_i,g = Σ_{j ∈ g} C_ij`` of used sample ``i``, in sample
+      order, ``n = counts.samples`` (see ``collect(..., keep_sample_contributions=True)``); their
+      mean over rows is ``fisher[name]`` up to rounding in their dtype.
 
     The constructor validates names and shapes and raises
     :class:`~hf_fisher.errors.InvalidInputError` naming what is inconsistent.
@@ -539,6 +547,7 @@ class Fisher:
         counts: Counts,
         metadata: FisherMetadata,
         layout: ModelLayout | None = None,
+        sample_contributions: Mapping[str, torch.Tensor] | None = None,
     ) -> None:
         if reduction not in REDUCTIONS:
             raise InvalidInputError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
@@ -584,6 +593,33 @@ class Fisher:
                     )
                 self._variance[name] = v.detach()
         self._validate_shapes()
+        self.sample_contributions: dict[str, torch.Tensor] | None = (
+            None if sample_contributions is None else self._checked_samples(sample_contributions)
+        )
+
+    def _checked_samples(self, samples: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``samples`` as a dict after checking names, dtypes and shapes ``[counts.samples, num_groups]``."""
+        if self.reduction != "group":
+            raise InvalidInputError(
+                "sample_contributions are only kept for a group Fisher (reduction='group'); this one is "
+                f"reduction={self.reduction!r}"
+            )
+        if set(samples) != set(self._mean):
+            diff = sorted(set(samples) ^ set(self._mean))
+            raise InvalidInputError(f"sample_contributions and mean must have the same parameter names; they differ on {diff[:5]}")
+        n = self.counts.samples
+        out = {}
+        for name in sorted(samples):
+            t = samples[name]
+            want = (n, self.groups[name].num_groups)
+            if not isinstance(t, torch.Tensor) or not t.dtype.is_floating_point or tuple(t.shape) != want:
+                got = f"shape {_shape_str(t.shape)}, dtype {t.dtype}" if isinstance(t, torch.Tensor) else type(t).__name__
+                raise InvalidInputError(
+                    f"sample_contributions for {name!r} must be a floating-point tensor of shape {_shape_str(want)} "
+                    f"([counts.samples, num_groups]), got {got}"
+                )
+            out[name] = t.detach()
+        return out
 
     # ------------------------------------------------------------------ validation
     def _validate_shapes(self) -> None:
@@ -671,10 +707,12 @@ class Fisher:
             return t.to(device=device if device is not None else t.device, dtype=dtype or t.dtype)
 
         meta = replace(self.metadata, storage_dtype=_dtype_str(dtype) if dtype else self.metadata.storage_dtype)
+        samples = self.sample_contributions
         return self._replace(
             mean={k: conv(v) for k, v in self._mean.items()},
             variance={k: conv(v) for k, v in self._variance.items()} if self._variance else None,
             metadata=meta,
+            sample_contributions={k: conv(v) for k, v in samples.items()} if samples is not None else None,
         )
 
     def _replace(self, **changes: Any) -> "Fisher":
@@ -687,6 +725,8 @@ class Fisher:
             counts=self.counts,
             metadata=self.metadata,
             layout=self.layout,
+            # per-sample contributions describe these means only: dropped when the means change
+            sample_contributions=None if "mean" in changes else self.sample_contributions,
         )
         kwargs.update(changes)
         mean = kwargs.pop("mean")
@@ -697,7 +737,8 @@ class Fisher:
         return (
             f"Fisher(task={self.metadata.task!r}, estimator={self.metadata.estimator!r}, "
             f"reduction={self.reduction!r}, params={len(self)}, samples={self.counts.samples}, "
-            f"variance={'yes' if self._variance else 'no'})"
+            f"variance={'yes' if self._variance else 'no'}"
+            f"{', sample_contributions=yes' if self.sample_contributions is not None else ''})"
         )
 
     # ------------------------------------------------------------------ model checks
@@ -824,6 +865,8 @@ class Fisher:
         return out
 
     def _config(self, tensor_files: list[str], sharded: bool) -> dict[str, Any]:
+        # "sample_contributions_file" only when there are any (older readers ignore the key)
+        samples = {"sample_contributions_file": SAMPLES_NAME} if self.sample_contributions is not None else {}
         return {
             "format_version": FORMAT_VERSION,
             "library": "hf_fisher",
@@ -836,6 +879,7 @@ class Fisher:
             "has_variance": bool(self._variance),
             "tensor_files": tensor_files,
             "index_file": WEIGHTS_INDEX_NAME if sharded else None,
+            **samples,
         }
 
     def save_pretrained(self, save_directory: str | os.PathLike, *, max_shard_size: int | str = "2GB") -> Path:
@@ -843,7 +887,9 @@ class Fisher:
 
         Files: ``fisher.safetensors`` (or shards ``fisher-0000k-of-0000N.safetensors`` plus
         ``fisher.safetensors.index.json`` when the tensors exceed ``max_shard_size``),
-        ``fisher_config.json`` and a ``README.md`` model card. Everything is written to a
+        ``fisher_config.json`` and a ``README.md`` model card; a Fisher with
+        :attr:`sample_contributions` also gets ``sample_contributions.safetensors`` (one unsharded
+        file, key ``<param>``, recorded as ``sample_contributions_file`` in the config). Everything is written to a
         temporary folder beside the target, fsync'ed and renamed into place
         (:func:`hf_fisher.atomic.atomic_folder`), so an interrupted save never leaves a
         half-written artifact: the target holds the previous artifact or the new one, and the
@@ -880,6 +926,9 @@ class Fisher:
                 index = {"metadata": dict(split.metadata), "weight_map": dict(split.tensor_to_filename)}
                 _write_json(tmp / WEIGHTS_INDEX_NAME, index)
             files = sorted(filename_to_tensors)
+            if self.sample_contributions is not None:
+                kept = {k: v.detach().to("cpu").contiguous().clone() for k, v in self.sample_contributions.items()}
+                save_file(kept, str(tmp / SAMPLES_NAME), metadata={**file_meta, "kind": "sample_contributions"})
             _write_json(tmp / CONFIG_NAME, self._config(files, sharded))
             from hf_fisher.cards import render_card
 
@@ -1016,6 +1065,7 @@ class Fisher:
                 f"Fisher artifact {reader.root} is malformed: field 'has_variance' is false but its tensor files "
                 f"hold {len(variance)} variance tensor(s)"
             )
+        samples = reader.sample_contributions(device=device)
         try:
             fisher = cls(
                 mean,
@@ -1026,6 +1076,7 @@ class Fisher:
                 counts=reader.counts,
                 metadata=reader.metadata,
                 layout=reader.layout,
+                sample_contributions=samples,
             )
         except (InvalidInputError, KeyError, TypeError, ValueError) as e:
             raise ArtifactError(f"Fisher artifact {reader.root} is malformed: {e}") from e
@@ -1203,6 +1254,19 @@ class FisherReader:
                 "re-download or save it again"
             )
         self._files = files
+        self._samples_file: Path | None = None
+        if cfg.get("sample_contributions_file") is not None:
+            if cfg["reduction"] != "group":
+                raise ArtifactError(
+                    f"{cfg_path} is malformed: field 'sample_contributions_file' is set, but per-sample contributions "
+                    "exist only for reduction 'group'"
+                )
+            self._samples_file = _artifact_path(root, cfg["sample_contributions_file"], "sample_contributions_file")
+            if not self._samples_file.is_file():
+                raise ArtifactError(
+                    f"Fisher artifact {root} is incomplete: the per-sample contributions file "
+                    f"{cfg['sample_contributions_file']} is missing; re-download or save it again"
+                )
         self.param_shapes: dict[str, tuple[int, ...]] = {k: tuple(v) for k, v in cfg["param_shapes"].items()}
         self.groups: dict[str, ParamGroups] | None = None
         self.layout: ModelLayout | None = None
@@ -1295,6 +1359,32 @@ class FisherReader:
         tensor = tensors[key]
         self.check_tensor(key, tensor, filename)
         return tensor
+
+    def sample_contributions(self, *, device: torch.device | str = "cpu") -> dict[str, torch.Tensor] | None:
+        """The per-sample group contributions ``{param: [counts.samples, num_groups]}`` of
+        ``sample_contributions_file``, or None when the artifact has none. :class:`ArtifactError`
+        unless the file holds exactly one floating-point tensor of that shape per parameter."""
+        if self._samples_file is None:
+            return None
+        filename = self._samples_file.name
+        tensors = _load_file(self._samples_file, None, device)
+        names = set(self.param_shapes)
+        if set(tensors) != names:
+            extra, lacking = sorted(set(tensors) - names), sorted(names - set(tensors))
+            raise ArtifactError(
+                f"Fisher artifact {self.root} is malformed: {filename} must hold one tensor per parameter; "
+                f"unexpected {extra[:5]}, missing {lacking[:5]}"
+            )
+        n = self.counts.samples
+        for name, t in tensors.items():
+            want = (n, self.expected_shape(name)[0])
+            if not t.dtype.is_floating_point or tuple(t.shape) != want:
+                raise ArtifactError(
+                    f"Fisher artifact {self.root} is malformed: tensor {name!r} in {filename} has shape "
+                    f"{_shape_str(t.shape)} and dtype {t.dtype}, but must be floating point of shape {_shape_str(want)} "
+                    "([counts.samples, num_groups])"
+                )
+        return tensors
 
     def check_tensor(self, key: str, tensor: torch.Tensor, filename: str) -> None:
         """:class:`ArtifactError` unless ``tensor`` (stored as ``key`` in ``filename``) is floating
@@ -1397,6 +1487,6 @@ def _write_json(path: Path, obj: Any) -> None:
 
 def is_artifact_file(name: str) -> bool:
     """Whether a file name belongs to a Fisher artifact folder (what a save may replace)."""
-    return name in (CONFIG_NAME, CARD_NAME, WEIGHTS_NAME, WEIGHTS_INDEX_NAME) or (
+    return name in (CONFIG_NAME, CARD_NAME, WEIGHTS_NAME, WEIGHTS_INDEX_NAME, SAMPLES_NAME) or (
         name.startswith("fisher-") and name.endswith(".safetensors")
     )

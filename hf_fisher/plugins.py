@@ -70,6 +70,10 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "hf_fisher.consumers.natural_gradient",
     "hf_fisher.consumers.merging",
     "hf_fisher.consumers.compare_estimators",
+    "hf_fisher.consumers.pruning",
+    "hf_fisher.consumers.overlap",
+    "hf_fisher.consumers.perturb",
+    "hf_fisher.consumers.report",
 )
 BUILTIN_DISTRIBUTION = "hf-fisher"
 ENTRY_POINT_GROUP = PROJECT_NAME

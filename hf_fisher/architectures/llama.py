@@ -113,7 +113,9 @@ def gated_mlp(b: LayoutBuilder, l: int, mlp: Any) -> None:
     for proj in (mlp.gate_proj, mlp.up_proj):
         b.per_index(_bias(proj), 0, "channel_", layer=l)
     b.single(_bias(mlp.down_proj), layer=l)
-    b.add_mlp(l, ff, [(gate, 0), (up, 0), (down, 1)])
+    # a channel owns its gate/up bias entries too (mlp_bias=True): zeroing its weights alone
+    # would leave act(b_gate) * b_up flowing into the down projection
+    b.add_mlp(l, ff, [(gate, 0), (up, 0), (down, 1), (_bias(mlp.gate_proj), 0), (_bias(mlp.up_proj), 0)])
 
 
 def finish(b: LayoutBuilder, num_layers: int) -> ModelLayout:

@@ -29,13 +29,13 @@ more).
 from __future__ import annotations
 
 import logging
-import re
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 import torch.nn as nn
 
+from hf_fisher.consumers.module_inputs import linear_weights, select_weights, token_inputs
 from hf_fisher.errors import EmptyDataError, InvalidInputError
 
 __all__ = ["NORMALIZE", "InputGrams", "collect_input_grams", "regmean_tensor"]
@@ -44,7 +44,6 @@ log = logging.getLogger("hf_fisher")
 
 NORMALIZE = ("mean", "sum")
 KINDS = ("linear", "conv1d")
-_INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
 
 
 @dataclass
@@ -70,142 +69,6 @@ class InputGrams:
 
     def __contains__(self, name: object) -> bool:
         return name in self.grams
-
-
-def _conv1d_type():
-    try:
-        from transformers.pytorch_utils import Conv1D
-    except Exception:  # pragma: no cover - transformers always has it
-        return None
-    return Conv1D
-
-
-def _candidates(model: nn.Module) -> tuple[dict[str, tuple[nn.Module, str]], dict[str, str]]:
-    """``{weight name: (module, kind)}`` of the plain Linear / Conv1D weights, and
-    ``{weight name: reason}`` of those that cannot get an exact Gram."""
-    conv1d = _conv1d_type()
-    owners: dict[int, list[str]] = {}
-    for pname, p in model.named_parameters(remove_duplicate=False):
-        owners.setdefault(id(p), []).append(pname)
-    found: dict[str, tuple[nn.Module, str]] = {}
-    skipped: dict[str, str] = {}
-    for mname, m in model.named_modules():
-        if isinstance(m, nn.Linear):
-            kind, base = "linear", nn.Linear
-        elif conv1d is not None and isinstance(m, conv1d):
-            kind, base = "conv1d", conv1d
-        else:
-            continue
-        w = m._parameters.get("weight")
-        if not isinstance(w, torch.Tensor):
-            continue
-        name = f"{mname}.weight" if mname else "weight"
-        others = [n for n in owners.get(id(w), []) if n != name]
-        if others:
-            skipped[name] = (
-                f"tied to {', '.join(others)}: the weight is also used outside this {type(m).__name__}, so its "
-                "input Gram does not describe every use of it"
-            )
-        elif type(m).forward is not base.forward:
-            skipped[name] = f"{type(m).__name__} overrides the forward of {base.__name__}; its output is not x W^T"
-        else:
-            found[name] = (m, kind)
-    return found, skipped
-
-
-def _select(found: dict, skipped: dict, names: "str | Iterable[str] | None") -> tuple[dict, dict]:
-    if names is None:
-        return found, skipped
-    every = {**found, **skipped}
-    if isinstance(names, str):
-        try:
-            pattern = re.compile(names)
-        except re.error as e:
-            raise InvalidInputError(f"names={names!r} is not a valid regular expression: {e}") from None
-        keep = {n for n in every if pattern.search(n)}
-        if not keep:
-            raise InvalidInputError(
-                f"names={names!r} matches no Linear/Conv1D weight of the model (e.g. {next(iter(every), 'none')!r})"
-            )
-    else:
-        wanted = list(names)
-        missing = [n for n in wanted if n not in every]
-        if missing:
-            raise InvalidInputError(
-                f"names: {', '.join(missing[:3])} {'is' if len(missing) == 1 else 'are'} not the weight of an "
-                f"nn.Linear / Conv1D of the model (e.g. {next(iter(every), 'none')!r}); RegMean applies to those only"
-            )
-        keep = set(wanted)
-    return {n: v for n, v in found.items() if n in keep}, {n: r for n, r in skipped.items() if n in keep}
-
-
-def _accepted(model: nn.Module) -> set[str] | None:
-    import inspect
-
-    try:
-        params = inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        return None
-    if any(p.kind == inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        return None
-    return set(params)
-
-
-def _position_convention(model: nn.Module) -> int | None:
-    for m in model.modules():
-        if hasattr(m, "create_position_ids_from_input_ids") and isinstance(getattr(m, "padding_idx", None), int):
-            return m.padding_idx
-    return None
-
-
-def _inputs(model: nn.Module, batch: Mapping[str, Any], index: int, device, accepted, convention) -> dict[str, Any]:
-    """The model inputs of one batch (checked), on ``device``, with ``position_ids`` where the
-    model's default would number a left-padded sample's tokens differently than alone."""
-    if not isinstance(batch, Mapping) or "input_ids" not in batch:
-        raise InvalidInputError(f"batch {index} must be a mapping with 'input_ids' (got {type(batch).__name__})")
-    ids = batch["input_ids"]
-    if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.is_floating_point():
-        raise InvalidInputError(f"batch {index}: input_ids must be an integer tensor [batch, seq_len]")
-    if ids.numel() == 0:
-        raise InvalidInputError(f"batch {index} is empty")
-    B, T = ids.shape
-    out: dict[str, Any] = {}
-    for key in _INPUT_KEYS:
-        v = batch.get(key)
-        if v is None:
-            continue
-        if not isinstance(v, torch.Tensor) or tuple(v.shape) != (B, T):
-            shape = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
-            raise InvalidInputError(f"batch {index}: {key} has shape {shape} but input_ids has shape {(B, T)}; they must match")
-        if accepted is None or key in accepted:
-            out[key] = v.to(device)
-    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    vocab = getattr(emb, "num_embeddings", None)
-    if vocab is not None and bool(((ids < 0) | (ids >= vocab)).any()):
-        raise InvalidInputError(
-            f"batch {index}: a token id is outside the model's vocabulary [0, {vocab}); check the tokenizer matches the model"
-        )
-    mask = out.get("attention_mask")
-    if mask is not None and "position_ids" not in out and (accepted is None or "position_ids" in accepted):
-        m = mask.long()
-        if convention is None:
-            own = torch.arange(T, device=m.device).expand(B, T)
-            wanted = (m.cumsum(-1) - 1).clamp(min=0)
-        else:
-            nonpad = out["input_ids"].ne(convention).long()
-            own = nonpad.cumsum(-1) * nonpad + convention
-            wanted = m.cumsum(-1) * m + convention
-        real = m.bool()
-        if not torch.equal(own[real], wanted[real]):
-            out["position_ids"] = wanted
-    if accepted is None or "use_cache" in accepted:
-        out["use_cache"] = False
-    return out
-
-
-def _truncate(batch: Mapping[str, Any], n: int) -> dict[str, Any]:
-    B = batch["input_ids"].shape[0]
-    return {k: (v[:n] if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == B else v) for k, v in batch.items()}
 
 
 def collect_input_grams(
@@ -245,87 +108,30 @@ def collect_input_grams(
         raise InvalidInputError(f"max_samples must be a positive integer, got {max_samples!r}")
     if not isinstance(model, nn.Module):
         raise InvalidInputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    found, skipped = _select(*_candidates(model), names)
+    found, skipped = select_weights(*linear_weights(model), names)
     if not found:
         raise InvalidInputError(
             "the model has no nn.Linear / Conv1D weight RegMean can use"
             + (f" (skipped: {dict(list(skipped.items())[:3])})" if skipped else "")
         )
-    from tqdm.auto import tqdm
-
-    from hf_fisher.collector import _preserved_rng
-
-    try:
-        model_device = next(model.parameters()).device
-    except StopIteration:  # pragma: no cover - found is non-empty
-        model_device = torch.device("cpu")
-    accepted = _accepted(model)
-    convention = _position_convention(model)
     grams: dict[str, torch.Tensor] = {}
     rows: dict[str, int] = {n: 0 for n in found}
-    unaligned: dict[str, str] = {}
-    state: dict[str, Any] = {}
 
-    def make_hook(name: str, module: nn.Module, kind: str):
-        def hook(mod, args, kwargs, output):
-            x = args[0] if args else kwargs.get("input" if kind == "linear" else "x")
-            if not isinstance(x, torch.Tensor):
-                unaligned[name] = f"its input is a {type(x).__name__}, not a tensor"
-                return None
-            B, T, mask = state["B"], state["T"], state["mask"]
-            feats = x.shape[-1]
-            if mask is None:
-                xs = x.reshape(-1, feats)
-            elif tuple(x.shape[:-1]) == (B, T):
-                xs = x[mask]
-            elif x.dim() == 2 and x.shape[0] == B * T:
-                xs = x[mask.reshape(-1)]
-            else:
-                unaligned[name] = (
-                    f"its input has shape {tuple(x.shape)}, not [batch={B}, seq={T}, in] (e.g. routed expert tokens), "
-                    "so padding positions cannot be excluded"
-                )
-                return None
-            xs = xs.detach().to(device=device or xs.device, dtype=torch.float64)
-            g = grams.get(name)
-            if g is None:
-                g = grams[name] = torch.zeros((feats, feats), dtype=torch.float64, device=xs.device)
-            g.addmm_(xs.T, xs)
-            rows[name] += int(xs.shape[0])
-            return None
+    def add(name: str, xs: torch.Tensor) -> None:
+        g = grams.get(name)
+        if g is None:
+            g = grams[name] = torch.zeros((xs.shape[1], xs.shape[1]), dtype=torch.float64, device=xs.device)
+        g.addmm_(xs.T, xs)
+        rows[name] += int(xs.shape[0])
 
-        return hook
-
-    modes = [(m, m.training) for m in model.modules()]
-    handles = [m.register_forward_hook(make_hook(n, m, k), with_kwargs=True) for n, (m, k) in found.items()]
-    samples = 0
-    n_batches = 0
-    bar = tqdm(total=max_samples, desc="RegMean Grams", unit="sample", disable=not progress)
     try:
-        model.eval()
-        with _preserved_rng(model), torch.no_grad():
-            for index, batch in enumerate(batches):
-                if max_samples is not None and samples >= max_samples:
-                    break
-                if max_samples is not None and isinstance(batch, Mapping) and isinstance(batch.get("input_ids"), torch.Tensor):
-                    if batch["input_ids"].dim() == 2 and batch["input_ids"].shape[0] > max_samples - samples:
-                        batch = _truncate(batch, max_samples - samples)
-                inputs = _inputs(model, batch, index, model_device, accepted, convention)
-                ids = inputs["input_ids"]
-                mask = inputs.get("attention_mask")
-                state.update(B=ids.shape[0], T=ids.shape[1], mask=None if mask is None else mask.bool())
-                model(**inputs)
-                samples += int(ids.shape[0])
-                n_batches += 1
-                bar.update(int(ids.shape[0]))
-    finally:
-        bar.close()
-        for h in handles:
-            h.remove()
-        for m, flag in modes:
-            m.training = flag
-    if n_batches == 0:
-        raise EmptyDataError("no batches: RegMean needs at least one batch of the model's inputs to form Grams")
+        seen = token_inputs(
+            model, batches, {n: m for n, (m, _) in found.items()}, add,
+            max_samples=max_samples, progress=progress, desc="RegMean Grams", device=device,
+        )
+    except EmptyDataError:
+        raise EmptyDataError("no batches: RegMean needs at least one batch of the model's inputs to form Grams") from None
+    samples, unaligned = seen.samples, seen.unaligned
     out, kinds, tokens = {}, {}, {}
     for name, (_, kind) in found.items():
         if name in unaligned:

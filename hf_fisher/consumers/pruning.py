@@ -1,0 +1,550 @@
+"""Fisher pruning: ``hf_fisher.prune`` — structured (attention heads, kv-heads, MLP channels,
+vocabulary rows) or unstructured masks at a target sparsity, applied reversibly or physically,
+with the least-squares rescale of Kwon et al. 2022, and the baseline criteria in the same API.
+
+Budget. ``sparsity`` is the fraction of *parameters* of the candidate units to remove (the units
+of the kinds in ``structured``, see :mod:`~hf_fisher.consumers.prune_units`; unstructured: the
+nn.Linear / Conv1D weights). ``scope="layer"`` gives every layer the same budget: query heads
+balanced over kv groups (``round(sparsity · H/H_kv)`` per group, at least one head kept per
+group, so the model stays a valid GQA/MQA model; or ``round(sparsity · H_kv)`` whole kv groups),
+then as many MLP channels as bring the layer's removed parameters nearest to ``sparsity`` × its
+unit parameters (every layer then removes the same counts); ``scope="global"``
+ranks all units together by score per parameter (FLAP: by its standardised score, as FLAP's
+adaptive structure search does) and removes the cheapest until the removed parameters are within
+half a unit of the target, keeping ``min_per_layer`` units of each (kind, layer) (query heads: at
+least one per kv group). Unstructured ``scope="layer"`` gives every weight matrix the same
+sparsity.
+
+Confidence. ``confidence=c`` (needs a Fisher with variances, score "fisher" or "obd") withholds
+from removal every selected unit whose upper confidence bound ``score + t_{(1+c)/2, n−1} · se``
+(``se``: :func:`~hf_fisher.consumers.prune_scores.slice_stderr`, conservative) is not below the
+lowest score of the units kept in its budget (its bucket for ``scope="layer"``, all units for
+``"global"``): only units confidently cheaper than everything kept are removed.
+
+Applying. The masks (``True`` = kept) zero the removed slices in place; ``PruneResult.restore()``
+puts every touched tensor back bitwise. With rescale batches, the kept units' output columns are
+rescaled layer by layer (:mod:`~hf_fisher.consumers.prune_rescale`) while the masks go in; FLAP's
+bias compensation adds ``Σ_{removed j} W_{:,j} E[x_j]`` to the projection's bias (creating one when
+the module has none). ``physical=True`` returns a smaller model instead
+(:mod:`~hf_fisher.consumers.prune_physical`) and leaves the given model as it was.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
+
+import torch
+import torch.nn as nn
+
+from hf_fisher.consumers import prune_scores as S
+from hf_fisher.consumers.prune_units import KINDS, Unit, describe, input_axis, owner, structured_units
+from hf_fisher.errors import InvalidInputError
+from hf_fisher.hookspecs import hookimpl
+
+if TYPE_CHECKING:  # pragma: no cover
+    from hf_fisher.fisher import Fisher
+
+__all__ = ["prune", "PruneResult", "hf_fisher_register_consumers"]
+
+logger = logging.getLogger("hf_fisher.pruning")
+
+SCOPES = ("global", "layer")
+PRUNE_FILES = ("pruning.json", "vocab_map.json")
+
+
+@dataclass
+class PruneResult:
+    """What :func:`prune` did.
+
+    - ``model``: the pruned model (the given one, masked in place; or a new, smaller one with
+      ``physical=True``);
+    - ``masks``: ``{param: BoolTensor}`` (True = kept) for every parameter a removed unit touches,
+      in the given model's shapes;
+    - ``removed``: the removed units (``kind, layer, index, kv_head, params``);
+    - ``stats``: requested / achieved sparsity, per-layer counts and sparsities, score, seconds;
+    - ``vocab_map``: after physical vocabulary pruning, ``old id -> new id`` (−1: removed).
+    """
+
+    model: nn.Module
+    masks: dict[str, torch.Tensor]
+    removed: list[dict[str, Any]]
+    stats: dict[str, Any]
+    vocab_map: list[int] | None = None
+    _edits: "_Edits | None" = field(default=None, repr=False)
+
+    def restore(self) -> None:
+        """Put back every tensor the pruning changed in the given model (bitwise)."""
+        if self._edits is not None:
+            self._edits.restore()
+
+    def save_pretrained(self, save_directory: str | Path, *, overwrite: bool = False, **kwargs: Any) -> Path:
+        """``model.save_pretrained`` plus ``pruning.json`` (stats and removed units) and, after
+        physical vocabulary pruning, ``vocab_map.json`` (``old_to_new``, ``new_to_old``); written
+        to a temporary folder first, then renamed. An existing folder is replaced only when it
+        holds a model (``overwrite=True``)."""
+        from hf_fisher.atomic import atomic_folder, check_target
+        from hf_fisher.consumers.merge_io import is_model_output_file
+
+        target = check_target(save_directory, allowed=lambda n: is_model_output_file(n) or n in PRUNE_FILES,
+                              what="pruned model", overwrite=overwrite)
+        with atomic_folder(target, what="pruned model") as tmp:
+            self.model.save_pretrained(tmp, **kwargs)
+            (Path(tmp) / "pruning.json").write_text(json.dumps({"stats": self.stats, "removed": self.removed}, indent=1))
+            if self.vocab_map is not None:
+                new_to_old = [o for o, n in sorted(((o, n) for o, n in enumerate(self.vocab_map) if n >= 0), key=lambda t: t[1])]
+                (Path(tmp) / "vocab_map.json").write_text(json.dumps({"old_to_new": self.vocab_map, "new_to_old": new_to_old}))
+        return target
+
+
+class _Edits:
+    """Originals of every tensor changed in place, and biases added, for an exact restore."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.params = dict(model.named_parameters())
+        self.originals: dict[str, torch.Tensor] = {}
+        self.added: list[nn.Module] = []
+
+    def touch(self, name: str) -> None:
+        if name not in self.originals:
+            self.originals[name] = self.params[name].detach().clone()
+
+    def add_bias(self, module: nn.Module, out_features: int, like: torch.Tensor) -> torch.Tensor:
+        module.bias = nn.Parameter(torch.zeros(out_features, dtype=like.dtype, device=like.device), requires_grad=False)
+        self.added.append(module)
+        return module.bias
+
+    def restore(self) -> None:
+        with torch.no_grad():
+            for name, t in self.originals.items():
+                self.params[name].copy_(t)
+        for m in self.added:
+            m.bias = None
+        self.originals, self.added = {}, []
+
+
+# ----------------------------------------------------------------------------- selection
+def _round(x: float) -> int:
+    return int(math.floor(x + 0.5))
+
+
+def _select_layer(units: Sequence[Unit], scores: torch.Tensor, sparsity: float, min_per_layer: int) -> list[int]:
+    """Per layer: attention first (query heads: ``round(sparsity · H/H_kv)`` per kv group, at
+    least one kept; kv groups: ``round(sparsity · H_kv)``), then as many MLP channels as bring the
+    layer's removed parameters nearest to ``sparsity`` × its unit parameters; vocabulary rows:
+    ``round(sparsity · n)``."""
+    buckets: dict[tuple, list[int]] = {}
+    for k, u in enumerate(units):
+        key = (u.layer, u.kind, u.group if u.kind == "head" else None)
+        buckets.setdefault(key, []).append(k)
+    layer_params: dict = {}
+    for u in units:
+        layer_params[u.layer] = layer_params.get(u.layer, 0) + u.size
+    groups_in_layer: dict = {}
+    for (layer, kind, _g) in buckets:
+        if kind == "head":
+            groups_in_layer[layer] = groups_in_layer.get(layer, 0) + 1
+    removed: list[int] = []
+    done: dict = {}
+
+    def lowest(members: list[int], r: int) -> list[int]:
+        return sorted(members, key=lambda k: (float(scores[k]), k))[: max(0, r)]
+
+    order = {"head": 0, "kv_head": 0, "vocab": 1, "channel": 2}
+    for key in sorted(buckets, key=lambda k: (order[k[1]], -1 if k[0] is None else k[0], -1 if k[2] is None else k[2])):
+        layer, kind, _g = key
+        members = buckets[key]
+        n = len(members)
+        if kind == "head":
+            floor = max(1, math.ceil(min_per_layer / groups_in_layer[layer]))
+            r = _round(sparsity * n)
+        elif kind == "channel":
+            floor = min_per_layer
+            size = units[members[0]].size
+            r = _round((sparsity * layer_params[layer] - done.get(layer, 0)) / size) if size else 0
+        else:
+            floor = min_per_layer if kind == "kv_head" else 0
+            r = _round(sparsity * n)
+        picked = lowest(members, min(r, n - floor))
+        removed += picked
+        done[layer] = done.get(layer, 0) + sum(units[k].size for k in picked)
+    return sorted(removed)
+
+
+def _global_keys(units: Sequence[Unit], scores: torch.Tensor, score: str) -> torch.Tensor:
+    if score != "flap":
+        sizes = torch.tensor([max(1, u.size) for u in units], dtype=torch.float64)
+        return scores / sizes
+    keys = scores.clone()
+    buckets: dict[tuple, list[int]] = {}
+    for k, u in enumerate(units):
+        buckets.setdefault(u.bucket, []).append(k)
+    for members in buckets.values():
+        v = scores[members]
+        sd = float(v.std()) if len(members) > 1 else 0.0
+        keys[members] = (v - v.mean()) / (sd if sd > 0 else 1.0)
+    return keys
+
+
+def _select_global(units: Sequence[Unit], keys: torch.Tensor, sparsity: float, min_per_layer: int) -> list[int]:
+    total = sum(u.size for u in units)
+    target = sparsity * total
+    left: dict[tuple, int] = {}
+    for u in units:
+        b = (u.kind, u.layer, u.group) if u.kind == "head" else u.bucket
+        left[b] = left.get(b, 0) + 1
+    floors = {b: (1 if b[0] == "head" else (0 if b[0] == "vocab" else min_per_layer)) for b in left}
+    if min_per_layer > 1:
+        heads_per_layer: dict[tuple, list[tuple]] = {}
+        for b in left:
+            if b[0] == "head":
+                heads_per_layer.setdefault(b[:2], []).append(b)
+        for lay, groups in heads_per_layer.items():
+            for b in groups:
+                floors[b] = max(1, math.ceil(min_per_layer / len(groups)))
+    removed: list[int] = []
+    done = 0
+    for k in sorted(range(len(units)), key=lambda k: (float(keys[k]), k)):
+        u = units[k]
+        b = (u.kind, u.layer, u.group) if u.kind == "head" else u.bucket
+        if left[b] <= floors[b]:
+            continue
+        if done + u.size > target + u.size / 2:
+            continue
+        removed.append(k)
+        left[b] -= 1
+        done += u.size
+    return sorted(removed)
+
+
+# ----------------------------------------------------------------------------- checks
+def _check_batches(name: str, batches) -> list | None:
+    if batches is None:
+        return None
+    if isinstance(batches, Mapping) or not isinstance(batches, Iterable):
+        raise InvalidInputError(f"{name} must be a list (or other re-iterable) of batch dicts with input_ids")
+    out = list(batches)
+    if not out:
+        raise InvalidInputError(f"{name} is empty: give at least one batch dict with input_ids")
+    for i, b in enumerate(out):
+        if not isinstance(b, Mapping) or "input_ids" not in b:
+            raise InvalidInputError(f"{name}[{i}] is not a batch dict with input_ids")
+    return out
+
+
+def _structured_kinds(structured) -> list[str] | None:
+    if structured is None:
+        return None
+    kinds = [structured] if isinstance(structured, str) else list(structured)
+    bad = [k for k in kinds if k not in KINDS]
+    if bad or not kinds:
+        raise InvalidInputError(f"structured={structured!r}: choose from {', '.join(KINDS)} (or None for unstructured)")
+    if "heads" in kinds and "kv_heads" in kinds:
+        raise InvalidInputError("structured: 'heads' and 'kv_heads' overlap (a kv group holds query heads); choose one")
+    return list(dict.fromkeys(kinds))
+
+
+def _layout_of(model: nn.Module, fisher: "Fisher | None"):
+    from hf_fisher import plugins
+
+    if fisher is not None:
+        fisher.validate(model)
+        if fisher.layout is not None:
+            return fisher.layout
+    return plugins.model_layout(model)
+
+
+# ----------------------------------------------------------------------------- main
+def prune(
+    model: nn.Module,
+    fisher: "Fisher | None" = None,
+    *,
+    sparsity: float,
+    structured: "str | Sequence[str] | None" = ("heads", "channels"),
+    score: str = "fisher",
+    scope: str = "global",
+    min_per_layer: int = 1,
+    confidence: float | None = None,
+    physical: bool = False,
+    rescale_batches: Sequence[Mapping[str, Any]] | None = None,
+    rescale: bool | None = None,
+    calibration_batches: Sequence[Mapping[str, Any]] | None = None,
+    compensate: bool | None = None,
+    keep_tokens: Sequence[int] = (),
+    seed: int = 0,
+    progress: bool = True,
+) -> PruneResult:
+    """Prune ``model`` to ``sparsity`` (module docstring for budgets, confidence and applying).
+
+    ``fisher``: the artifact for ``score="fisher"`` / ``"obd"`` (a group Fisher works for
+    "fisher"; "obd" and unstructured pruning need ``reduction="param"``). ``score``: see
+    :mod:`~hf_fisher.consumers.prune_scores`. ``rescale_batches``: calibration batches for the
+    least-squares rescale, on by default when given (``rescale=False`` turns it off; FLAP uses its
+    bias compensation instead unless ``rescale=True``). ``calibration_batches``: batches for the
+    data-driven scores (default: ``rescale_batches``). ``compensate``: FLAP's bias compensation
+    (default: on for ``score="flap"``). ``keep_tokens``: token ids vocabulary pruning never
+    removes (besides the config's special tokens). ``physical``: remove heads / channels / rows
+    and return a smaller model (LLaMA-family configs; ``scope="layer"``).
+    """
+    t_start = time.perf_counter()
+    kinds = _structured_kinds(structured)
+    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0.0 <= float(sparsity) < 1.0:
+        raise InvalidInputError(f"sparsity must be a number in [0, 1), got {sparsity!r}")
+    if scope not in SCOPES:
+        raise InvalidInputError(f"scope={scope!r}: choose 'global' or 'layer'")
+    if isinstance(min_per_layer, bool) or not isinstance(min_per_layer, int) or min_per_layer < 0:
+        raise InvalidInputError(f"min_per_layer must be a non-negative integer, got {min_per_layer!r}")
+    if confidence is not None:
+        if not isinstance(confidence, float) or not 0.0 < confidence < 1.0:
+            raise InvalidInputError(f"confidence must be a float in (0, 1), e.g. 0.95; got {confidence!r}")
+        if score not in ("fisher", "obd") or fisher is None or not fisher.has_variance:
+            raise InvalidInputError(
+                "confidence= needs score='fisher' or 'obd' and a Fisher with variances (hf_fisher.collect keeps them)"
+            )
+        if kinds is None:
+            raise InvalidInputError("confidence= applies to structured pruning (group scores); pass structured=...")
+    rescale_batches = _check_batches("rescale_batches", rescale_batches)
+    calibration_batches = _check_batches("calibration_batches", calibration_batches) or rescale_batches
+    S.check_score(score, None if kinds is None else set(kinds), fisher, calibration_batches is not None)
+    if rescale is None:
+        rescale = rescale_batches is not None and score != "flap"
+    if rescale and rescale_batches is None:
+        raise InvalidInputError("rescale=True needs rescale_batches= (a few calibration batches)")
+    if rescale and kinds is None:
+        raise InvalidInputError("the rescale applies to structured pruning; pass structured=... or rescale=False")
+    if compensate is None:
+        compensate = score == "flap" and kinds is not None
+    if compensate and (calibration_batches is None or kinds is None):
+        raise InvalidInputError("compensate=True (FLAP's bias compensation) needs structured units and calibration batches")
+    if compensate and rescale:
+        raise InvalidInputError("choose one of rescale (least squares) and compensate (FLAP's bias compensation)")
+    layout = _layout_of(model, fisher)
+    if physical:
+        from hf_fisher.consumers.prune_physical import check_physical
+
+        check_physical(model, kinds, scope, compensate)
+    if kinds is None:
+        return _prune_unstructured(model, fisher, sparsity=float(sparsity), score=score, scope=scope,
+                                   batches=calibration_batches, seed=seed, progress=progress, physical=physical, t_start=t_start)
+    units = structured_units(model, layout, kinds, keep_tokens=keep_tokens)
+    if compensate and any(u.kind == "vocab" for u in units):
+        raise InvalidInputError("FLAP's bias compensation applies to heads and channels, not vocabulary rows")
+    stats_act = None
+    if score in ("wanda_sp", "flap") or compensate:
+        stats_act = S.activation_stats(model, list(dict.fromkeys(s.param for u in units for s in u.out)), calibration_batches, progress=progress)
+    scores, score_seconds = S.score_units(model, units, score, fisher=fisher, batches=calibration_batches,
+                                          stats=stats_act, seed=seed, progress=progress)
+    if scope == "layer":
+        removed = _select_layer(units, scores, float(sparsity), min_per_layer)
+    else:
+        removed = _select_global(units, _global_keys(units, scores, score), float(sparsity), min_per_layer)
+    withheld = 0
+    if confidence is not None:
+        removed, withheld = _confident(units, scores, removed, fisher, confidence, scope, score, model)
+    edits = _Edits(model)
+    t_apply = time.perf_counter()
+    rescaled = _apply(model, units, set(removed), edits, rescale_batches if rescale else None, progress)
+    if compensate:
+        _compensate(model, units, set(removed), stats_act, edits)
+    masks = _masks(model, units, removed)
+    stats = _stats(units, removed, float(sparsity), score, scope, score_seconds)
+    stats.update(withheld_by_confidence=withheld, rescaled=rescaled, compensated=bool(compensate),
+                 apply_seconds=time.perf_counter() - t_apply)
+    result = PruneResult(model, masks, [describe(units[k]) for k in removed], stats, _edits=edits)
+    if physical:
+        from hf_fisher.consumers.prune_physical import build_physical
+
+        try:
+            small, vocab_map = build_physical(model, units, set(removed))
+        finally:
+            edits.restore()
+        result = PruneResult(small, masks, result.removed, stats, vocab_map=vocab_map)
+    stats["seconds"] = time.perf_counter() - t_start
+    logger.info("pruned %d of %d units (%.1f%% of their parameters) by %s, scope %s",
+                len(removed), len(units), 100 * stats["achieved_sparsity"], score, scope)
+    return result
+
+
+def _confident(units, scores, removed, fisher, confidence, scope, score, model) -> tuple[list[int], int]:
+    from scipy import stats as sps
+
+    from hf_fisher import analysis
+
+    se = S.slice_stderr(fisher, units)
+    if score == "obd":  # ½ Σ se(F) w² bounds the standard error of ½ Σ F w²
+        params = dict(model.named_parameters())
+        w2 = {n: 0.5 * params[n].detach().double().cpu() ** 2 for n in {s.param for u in units for s in u.slices}}
+        se = S._slice_sums(units, {n: analysis.stderr(fisher, n) * w2[n] for n in w2})
+    n = analysis.effective_count(fisher)
+    t = float(sps.t.ppf((1 + confidence) / 2, max(1.0, n - 1)))
+    ucb = scores + t * se
+    rem = set(removed)
+    kept_min: dict[Any, float] = {}
+    for k, u in enumerate(units):
+        if k in rem:
+            continue
+        key = u.bucket if scope == "layer" else None
+        kept_min[key] = min(kept_min.get(key, math.inf), float(scores[k]))
+    out = [k for k in removed if float(ucb[k]) < kept_min.get(units[k].bucket if scope == "layer" else None, math.inf)]
+    return out, len(removed) - len(out)
+
+
+def _zero(model: nn.Module, unit: Unit, edits: _Edits) -> None:
+    with torch.no_grad():
+        for s in unit.slices:
+            edits.touch(s.param)
+            edits.params[s.param][s.index()] = 0
+
+
+def _apply(model, units: Sequence[Unit], removed: set[int], edits: _Edits, batches, progress: bool) -> list[dict]:
+    """Zero the removed units; with ``batches``, rescale stage by stage (layer order, attention
+    before MLP) before each stage's masks go in. Returns the rescale log."""
+    from hf_fisher.consumers.prune_rescale import fold_scales, least_squares_scales, output_gram
+
+    if batches is None:
+        for k in sorted(removed):
+            _zero(model, units[k], edits)
+        return []
+    stages: dict[tuple, list[int]] = {}
+    order = {"head": 0, "kv_head": 0, "channel": 1, "vocab": 2}
+    for k, u in enumerate(units):
+        stages.setdefault((u.layer if u.layer is not None else 1 << 30, order[u.kind]), []).append(k)
+    log: list[dict] = []
+    from tqdm.auto import tqdm
+
+    for key in tqdm(sorted(stages), desc="rescale", unit="stage", disable=not progress):
+        members = stages[key]
+        gone = [k for k in members if k in removed]
+        if not gone:
+            continue
+        if units[members[0]].kind == "vocab" or not units[members[0]].out:
+            for k in gone:
+                _zero(model, units[k], edits)
+            continue
+        weight = units[members[0]].out[0].param
+        gram = output_gram(model, weight, batches)
+        kept_pos = [i for i, k in enumerate(members) if k not in removed]
+        stage_units = [units[k] for k in members]
+        scales = least_squares_scales(model, weight, stage_units, kept_pos, gram) if kept_pos else None
+        for k in gone:
+            _zero(model, units[k], edits)
+        if scales is not None:
+            fold_scales(model, weight, [stage_units[i] for i in kept_pos], scales, edits.touch)
+            log.append({"weight": weight, "kept": len(kept_pos), "removed": len(gone),
+                        "scale_min": float(scales.min()), "scale_max": float(scales.max())})
+    return log
+
+
+def _compensate(model, units: Sequence[Unit], removed: set[int], stats, edits: _Edits) -> None:
+    """FLAP's bias compensation: ``b += Σ_{removed j} W_{:,j} E[x_j]`` per output projection."""
+    shift: dict[str, torch.Tensor] = {}
+    for k in removed:
+        for s in units[k].out:
+            mean = stats.mean(s.param)
+            m = torch.zeros_like(mean)
+            m[s.start : s.stop] = mean[s.start : s.stop]
+            shift[s.param] = shift.get(s.param, torch.zeros_like(mean)) + m
+    for name, m in shift.items():
+        w = edits.originals.get(name, edits.params[name]).detach().double().cpu()
+        delta = w @ m if input_axis(model, name) == 1 else m @ w
+        module, _ = owner(model, name)
+        bias = getattr(module, "bias", None)
+        if bias is None:
+            bias = edits.add_bias(module, delta.shape[0], edits.params[name])
+            bias_name = None
+        else:
+            bias_name = next(n for n, p in edits.params.items() if p is bias)
+            edits.touch(bias_name)
+        with torch.no_grad():
+            bias += delta.to(bias.dtype)
+
+
+def _masks(model: nn.Module, units: Sequence[Unit], removed: Iterable[int]) -> dict[str, torch.Tensor]:
+    params = dict(model.named_parameters())
+    out: dict[str, torch.Tensor] = {}
+    for k in removed:
+        for s in units[k].slices:
+            m = out.get(s.param)
+            if m is None:
+                m = out[s.param] = torch.ones(params[s.param].shape, dtype=torch.bool)
+            m[s.index()] = False
+    return out
+
+
+def _stats(units, removed, sparsity, score, scope, score_seconds) -> dict[str, Any]:
+    rem = set(removed)
+    total = sum(u.size for u in units)
+    gone = sum(units[k].size for k in rem)
+    layers: dict[str, dict[str, Any]] = {}
+    for k, u in enumerate(units):
+        key = "vocab" if u.layer is None else str(u.layer)
+        d = layers.setdefault(key, {"units": {}, "removed": {}, "params": 0, "removed_params": 0})
+        d["units"][u.kind] = d["units"].get(u.kind, 0) + 1
+        d["params"] += u.size
+        if k in rem:
+            d["removed"][u.kind] = d["removed"].get(u.kind, 0) + 1
+            d["removed_params"] += u.size
+    for d in layers.values():
+        d["sparsity"] = d["removed_params"] / d["params"] if d["params"] else 0.0
+    return {
+        "requested_sparsity": sparsity,
+        "achieved_sparsity": gone / total if total else 0.0,
+        "candidate_params": total,
+        "removed_params": gone,
+        "units": len(units),
+        "removed_units": len(rem),
+        "score": score,
+        "scope": scope,
+        "score_seconds": score_seconds,
+        "per_layer": layers,
+    }
+
+
+def _prune_unstructured(model, fisher, *, sparsity, score, scope, batches, seed, progress, physical, t_start) -> PruneResult:
+    if physical:
+        raise InvalidInputError("physical=True removes structures; unstructured masks cannot shrink a model (use physical=False)")
+    params = dict(model.named_parameters())
+    names = [n for n in params if input_axis(model, n) is not None and (fisher is None or n in fisher)]
+    if not names:
+        raise InvalidInputError("no nn.Linear / Conv1D weight to prune (covered by the Fisher)")
+    t0 = time.perf_counter()
+    scores = S.score_weights(model, names, score, fisher=fisher, batches=batches, seed=seed, progress=progress)
+    score_seconds = time.perf_counter() - t0
+    masks: dict[str, torch.Tensor] = {}
+    groups = [names] if scope == "global" else [[n] for n in names]
+    for group in groups:
+        flat = torch.cat([scores[n].reshape(-1) for n in group])
+        r = _round(sparsity * flat.numel())
+        keep = torch.ones(flat.numel(), dtype=torch.bool)
+        if r > 0:
+            keep[torch.sort(flat, stable=True).indices[:r]] = False
+        off = 0
+        for n in group:
+            k = params[n].numel()
+            masks[n] = keep[off : off + k].reshape(params[n].shape)
+            off += k
+    edits = _Edits(model)
+    with torch.no_grad():
+        for n, m in masks.items():
+            edits.touch(n)
+            params[n].mul_(m.to(params[n].device, params[n].dtype))
+    total = sum(m.numel() for m in masks.values())
+    gone = sum(int((~m).sum()) for m in masks.values())
+    stats = {
+        "requested_sparsity": sparsity, "achieved_sparsity": gone / total, "candidate_params": total,
+        "removed_params": gone, "score": score, "scope": scope, "structured": None, "score_seconds": score_seconds,
+        "per_param": {n: float((~m).float().mean()) for n, m in masks.items()},
+        "seconds": time.perf_counter() - t_start,
+    }
+    return PruneResult(model, masks, [], stats, _edits=edits)
+
+
+@hookimpl
+def hf_fisher_register_consumers(register) -> None:
+    register("prune", prune)
