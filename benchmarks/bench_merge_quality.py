@@ -65,13 +65,14 @@ ROWS = [
     (BATCH_GRAD, "fisher", "batch_grad"),
     ("fisher_task_vector", "fisher_task_vector", "per_sample"),
     ("fisher_regmean", "fisher_regmean", "per_sample"),
+    ("kfac", "kfac", "kfac"),
     ("regmean", "regmean", None),
     ("average", "average", None),
     ("task_arithmetic", "task_arithmetic", None),
     ("ties", "ties", None),
     ("dare", "dare", None),
 ]
-FISHER_LABELS = ("fisher", BATCH_GRAD, "fisher_task_vector", "fisher_regmean")
+FISHER_LABELS = ("fisher", BATCH_GRAD, "fisher_task_vector", "fisher_regmean", "kfac")
 BASELINE_LABELS = ("average", "task_arithmetic", "ties", "dare")
 ALPHAS = (0.0, 0.25, 0.5, 0.75, 0.9, 1.0)  # this script's RegMean alpha grid
 # --extended-grid: the hyper-parameter the library's validation grid leaves fixed, searched around it
@@ -135,7 +136,7 @@ def _fmt_hp(hp: dict | None) -> str:
 def library_merge(mw, label, method, fishers, pair, data, validation, **extra):
     """One call of ``merge_with_fisher`` from the saved folders; returns (model, chosen settings)."""
     kw = dict(method=method, progress=False, **extra)
-    if method in ("fisher", "fisher_task_vector", "fisher_regmean"):
+    if method in ("fisher", "fisher_task_vector", "fisher_regmean", "kfac"):
         kw["fishers"] = fishers
     if method in mw.BASE_METHODS:
         kw["base_model"] = str(pair.path("base"))
@@ -269,6 +270,12 @@ def main() -> None:
     grams = {n: ([g.grams[n] for g in per_model_grams], per_model_grams[0].kinds[n])
              for n in per_model_grams[0].grams if all(n in g.grams for g in per_model_grams)}
     timing["grams_s"] = time.perf_counter() - t
+    kfac = None
+    if not args.only or "kfac" in args.only:
+        t = time.perf_counter()
+        kfac = [hf_fisher.collect(m, b, estimator="kfac", task=d, progress=False) for m, b, d in zip(models, train, DOMAINS)]
+        timing["kfac_s"] = time.perf_counter() - t
+        print(f"KFAC factors of the same sequences: {timing['kfac_s']:.1f} s")
     print(f"Fishers of {args.fisher_samples} train sequences per task: per-sample {timing['per_sample_fisher_s']:.1f} s, "
           f"squared batch gradient {timing['batch_grad_fisher_s']:.1f} s, RegMean Grams {timing['grams_s']:.1f} s")
     fisher_stats = {}
@@ -290,7 +297,7 @@ def main() -> None:
     for label, method, which in ROWS:
         if args.only and label not in args.only:
             continue
-        fishers = {"per_sample": per_sample, "batch_grad": batch_grad, None: None}[which]
+        fishers = {"per_sample": per_sample, "batch_grad": batch_grad, "kfac": kfac, None: None}[which]
         # default hyper-parameters
         t = time.perf_counter()
         model, hp, _ = library_merge(mw, label, method, fishers, pair, train, None)

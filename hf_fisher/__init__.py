@@ -33,6 +33,13 @@ _LAZY = {
     "perturb": "consumers.perturb",
     "perturbation_sweep": "consumers.perturb",
     "write_report": "consumers.report",
+    "store_gradients": "consumers.gradient_store",
+    "GradientStore": "consumers.gradient_store",
+    "sample_conflicts": "consumers.conflicts",
+    "qkov_interference": "consumers.qkov",
+    "head_categories": "consumers.head_behaviour",
+    "aggregate_by_category": "consumers.head_behaviour",
+    "analyze": "consumers.analyze",
     "spectrum": "estimators.spectrum",
     "compare_estimators": "consumers.compare_estimators",
     "KFACFisher": "kfac",
@@ -47,7 +54,7 @@ _LAZY = {
     "ParamGroups": "layout",
 }
 
-__all__ = ["collect", "merge_with_fisher", "prune", "PruneResult", "mask_overlap", "task_overlap", "perturb", "perturbation_sweep", "write_report", "spectrum", "SpectrumResult", "KFACFisher", "compare_estimators", "scale_by_fisher", "EWCPenalty", "EWCTrainer", "EWCMixin", "forgetting_risk", "Fisher", "FisherCallback", "FisherCollector", "HfFisherError", "hookimpl", "ModelLayout", "ParamGroups", "__version__"]
+__all__ = ["collect", "merge_with_fisher", "prune", "PruneResult", "mask_overlap", "task_overlap", "perturb", "perturbation_sweep", "write_report", "store_gradients", "GradientStore", "sample_conflicts", "qkov_interference", "head_categories", "aggregate_by_category", "analyze", "spectrum", "SpectrumResult", "KFACFisher", "compare_estimators", "scale_by_fisher", "EWCPenalty", "EWCTrainer", "EWCMixin", "forgetting_risk", "Fisher", "FisherCallback", "FisherCollector", "HfFisherError", "hookimpl", "ModelLayout", "ParamGroups", "__version__"]
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names come from __getattr__
     from .api import collect
@@ -59,6 +66,11 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names come from
     from .consumers.perturb import perturb, perturbation_sweep
     from .consumers.pruning import PruneResult, prune
     from .consumers.report import write_report
+    from .consumers.conflicts import sample_conflicts
+    from .consumers.gradient_store import GradientStore, store_gradients
+    from .consumers.head_behaviour import aggregate_by_category, head_categories
+    from .consumers.qkov import qkov_interference
+    from .consumers.analyze import analyze
     from .consumers.natural_gradient import scale_by_fisher
     from .estimators.spectrum import SpectrumResult, spectrum
     from .kfac import KFACFisher

@@ -689,6 +689,153 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+CIRCUIT_FILES = ("qkov.json", "conflicts.json", "claims.txt", "head_categories.json")
+
+
+def _is_circuit_file(name: str) -> bool:
+    return name in CIRCUIT_FILES or (name.startswith("qkov_") and name.endswith(".png"))
+
+
+def _two_task_batches(args: argparse.Namespace):
+    """Checks and loading shared by ``qkov`` and ``conflicts``: --task-a / --task-b data files,
+    --model, --out (new, empty, or a previous output with --overwrite), then the model and both
+    tasks' batches."""
+    from hf_fisher.atomic import check_target
+
+    paths = []
+    for flag in ("task_a", "task_b"):
+        args.data = getattr(args, flag)
+        try:
+            data_path, _ = _check_model_and_data_args(args)
+        except InvalidInputError as e:
+            raise InvalidInputError(str(e).replace("--data", f"--{flag.replace('_', '-')}")) from None
+        paths.append(data_path)
+    if args.memory_budget_mb <= 0:
+        raise InvalidInputError(f"--memory-budget-mb must be > 0 (got {args.memory_budget_mb})")
+    layers = None
+    if args.layers:
+        try:
+            layers = [int(x) for x in args.layers.split(",") if x.strip()]
+        except ValueError:
+            raise InvalidInputError(f"--layers {args.layers!r}: give comma-separated layer indices, e.g. 0,3") from None
+    if args.fisher is not None and not Path(args.fisher).is_dir():
+        raise InvalidInputError(f"--fisher {args.fisher!r} is not a folder; pass a Fisher artifact (hf-fisher collect --reduction param)")
+    target = check_target(args.out, allowed=_is_circuit_file, what="analysis", overwrite=args.overwrite)
+    _check_device(args.device)
+    samples = [_read_samples(args, p) for p in paths]
+    config, task_type = _check_samples_against_config(args, samples[0] + samples[1])
+    model, batches_a = _load_model_and_batches(args, config, task_type, samples[0])
+    batches_b = _batches_for(args, model, config, task_type, samples[1])
+    fisher = None
+    if args.fisher is not None:
+        from hf_fisher.fisher import Fisher
+
+        fisher = Fisher.from_pretrained(args.fisher)
+    return model, batches_a, batches_b, layers, fisher, target
+
+
+def _cmd_qkov(args: argparse.Namespace) -> int:
+    model, a, b, layers, fisher, target = _two_task_batches(args)
+    from hf_fisher.atomic import atomic_folder
+    from hf_fisher.consumers.qkov import qkov_interference
+
+    result = qkov_interference(model, a, b, fisher=fisher, layers=layers, variant=args.variant, aggregate=args.aggregate,
+                               memory_budget_mb=args.memory_budget_mb, top_k=args.top, progress=not args.no_progress)
+    extra = {}
+    if args.head_categories:
+        from hf_fisher.consumers.head_behaviour import aggregate_by_category, head_categories
+
+        cats = head_categories(model, progress=not args.no_progress)
+        extra = {"head_categories": cats.to_dict(),
+                 "by_category": aggregate_by_category(result.by_head(), cats)}
+    with atomic_folder(target, what="analysis") as tmp:
+        data = json.loads(result.to_json())
+        data.update(extra)
+        (tmp / "qkov.json").write_text(json.dumps(data, indent=1))
+        pngs = result.save_heatmaps(tmp)
+    print(f"QK-OV interference ({args.variant}, {args.aggregate}) of {len(a)} x {len(b)} batches; top entries:")
+    for row in result.top(min(args.top, 10)):
+        print("  " + ", ".join(f"{k}={v}" for k, v in row.items()))
+    print(f"Wrote qkov.json{' and ' + str(len(pngs)) + ' heatmaps' if pngs else ''} to {args.out}")
+    return 0
+
+
+def _cmd_conflicts(args: argparse.Namespace) -> int:
+    if not 0.0 < args.alpha < 1.0:
+        raise InvalidInputError(f"--alpha must be in (0, 1) (got {args.alpha})")
+    if args.permutations < 1:
+        raise InvalidInputError(f"--permutations must be >= 1 (got {args.permutations})")
+    model, a, b, layers, fisher, target = _two_task_batches(args)
+    from hf_fisher.atomic import atomic_folder
+    from hf_fisher.consumers.conflicts import sample_conflicts
+
+    result = sample_conflicts(model, a, b, fisher=fisher, layers=layers, groups=args.groups, alpha=args.alpha,
+                              n_permutations=args.permutations, memory_budget_mb=args.memory_budget_mb,
+                              top_k=args.top, progress=not args.no_progress)
+    with atomic_folder(target, what="analysis") as tmp:
+        result.to_json(tmp / "conflicts.json")
+        (tmp / "claims.txt").write_text("".join(c + "\n" for c in result.claims), encoding="utf-8")
+    for claim in result.claims[:10] or ["no significant conflict (Benjamini-Hochberg adjusted)"]:
+        print(claim)
+    print(f"Wrote conflicts.json and claims.txt to {args.out}")
+    return 0
+
+
+def _cmd_analyze(args: argparse.Namespace) -> int:
+    tasks = {}
+    for spec in args.task:
+        name, sep, path = spec.partition("=")
+        if not sep or not name.strip() or not path:
+            raise InvalidInputError(f"--task {spec!r}: write NAME=FILE, e.g. --task math=math.jsonl")
+        if name in tasks:
+            raise InvalidInputError(f"--task {name!r} is given twice")
+        tasks[name] = path
+    if not 0.0 <= args.sparsity < 1.0:
+        raise InvalidInputError(f"--sparsity must be in [0, 1) (got {args.sparsity})")
+    stages = [s.strip() for s in args.stages.split(",") if s.strip()] if args.stages else None
+    paths = {}
+    for name, path in tasks.items():
+        args.data = path
+        try:
+            paths[name], _ = _check_model_and_data_args(args)
+        except InvalidInputError as e:
+            raise InvalidInputError(f"--task {name}: {e}".replace("--data ", "")) from None
+    from hf_fisher.consumers.analyze import AnalysisConfig, _stages
+
+    known = _stages()
+    bad = [s for s in stages or [] if s not in known]
+    if bad:
+        raise InvalidInputError(f"--stages: unknown stage(s) {bad}; registered: {', '.join(known)}")
+    _check_device(args.device)
+    samples = {n: _read_samples(args, p) for n, p in paths.items()}
+    config, task_type = _check_samples_against_config(args, [x for v in samples.values() for x in v])
+    model, batches = None, {}
+    for name, smp in samples.items():
+        m, b = _load_model_and_batches(args, config, task_type, smp) if model is None else (model, _batches_for(args, model, config, task_type, smp))
+        model = m
+        batches[name] = b
+    from hf_fisher.consumers.analyze import analyze
+
+    result = analyze(model, batches, out=args.out, overwrite=args.overwrite,
+                     config=AnalysisConfig(stages=stages, sparsity=args.sparsity, progress=not args.no_progress))
+    print((Path(result.folder) / "summary.txt").read_text(), end="")
+    print(f"Wrote the analysis to {args.out}")
+    return 0 if all(v != "failed" for v in result.status.values()) else 1
+
+
+def _batches_for(args: argparse.Namespace, model: Any, config: Any, task_type: str, samples: Sequence[Any]):
+    from hf_fisher.data import make_batches, pad_token_id
+
+    tokenizer = _load_tokenizer(args.model) if any(s.input_ids is None for s in samples) else None
+    limit = _position_limit(model, config)
+    batches = make_batches(tokenizer, samples, batch_size=args.batch_size,
+                           max_length=min(args.max_length, limit) if limit else args.max_length, task_type=task_type,
+                           pad_id=pad_token_id(tokenizer, model.config), vocab_size=model.get_input_embeddings().num_embeddings)
+    if args.device != "cpu":
+        batches = [{k: v.to(args.device) for k, v in b.items()} for b in batches]
+    return batches
+
+
 def _torch_dtype(name: str):
     import torch
 
@@ -960,6 +1107,53 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace a report already in --out (never other files)")
     p.add_argument("--top", type=int, default=10, help="hotspots listed per kind (default 10)")
     p.set_defaults(func=_cmd_report)
+
+    for name, helptext, func in (
+        ("qkov", "QK-OV interference between two tasks per layer, head and Q/K/V/O block", _cmd_qkov),
+        ("conflicts", "per-sample gradient conflicts between two tasks (permutation test, BH-FDR, forensic claims)", _cmd_conflicts),
+    ):
+        p = sub.add_parser(name, help=helptext)
+        p.add_argument("--model", required=True, help="folder of a saved transformers model (with its tokenizer for text data)")
+        p.add_argument("--task-a", required=True, help="task A data (.txt / .jsonl)")
+        p.add_argument("--task-b", required=True, help="task B data (.txt / .jsonl)")
+        p.add_argument("--out", required=True, help="folder to write the results to (new, empty, or a previous output with --overwrite)")
+        p.add_argument("--overwrite", action="store_true", help="replace results already in --out (never other files)")
+        p.add_argument("--fisher", default=None, help="Fisher artifact (reduction param) to use instead of the tasks' own Fisher")
+        p.add_argument("--layers", default=None, help="comma-separated layers to analyse (default all)")
+        p.add_argument("--memory-budget-mb", type=float, default=512.0, help="bound on each task's stored per-sample gradients (default 512)")
+        p.add_argument("--top", type=int, default=20, help="top entries reported (default 20)")
+        p.add_argument("--encoding", default="utf-8", help="text encoding of the data files (default utf-8)")
+        p.add_argument("--batch-size", type=int, default=8, help="samples per batch (default 8)")
+        p.add_argument("--max-length", type=int, default=512, help="truncate samples to this many tokens (default 512)")
+        p.add_argument("--max-samples", type=int, default=None, help="use at most the first N samples of each task")
+        p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default cpu)")
+        p.add_argument("--dtype", choices=MODEL_DTYPES, default="float32", help="dtype the model is loaded in (default float32)")
+        p.add_argument("--no-progress", action="store_true", help="no progress bars")
+        if name == "qkov":
+            p.add_argument("--variant", choices=("unsigned", "signed", "symmetric", "natural"), default="unsigned", help="interference metric (default unsigned)")
+            p.add_argument("--aggregate", choices=("mean", "sum"), default="mean", help="mean or sum over a slice (default mean)")
+            p.add_argument("--head-categories", action="store_true", help="also categorise the heads (induction, previous-token, ...) and aggregate by category")
+        else:
+            p.add_argument("--groups", choices=("param", "layer"), default="param", help="conflicts per parameter or per layer, plus overall (default param)")
+            p.add_argument("--alpha", type=float, default=0.05, help="false discovery rate (default 0.05)")
+            p.add_argument("--permutations", type=int, default=1000, help="permutations of the test (default 1000)")
+        p.set_defaults(func=func)
+
+    p = sub.add_parser("analyze", help="every analysis stage (Fisher, importance, pruning, overlap, conflicts, QK-OV, ...) into one report folder")
+    p.add_argument("--model", required=True, help="folder of a saved transformers model (with its tokenizer for text data)")
+    p.add_argument("--task", action="append", required=True, metavar="NAME=FILE", help="a task and its data file (.txt / .jsonl); repeat per task")
+    p.add_argument("--out", required=True, help="folder to write the analysis to (new, empty, or a previous analysis with --overwrite)")
+    p.add_argument("--overwrite", action="store_true", help="replace an analysis already in --out (never other files)")
+    p.add_argument("--stages", default=None, help="comma-separated stages to run (default all; see `hf-fisher plugins`)")
+    p.add_argument("--sparsity", type=float, default=0.3, help="pruning stage sparsity (default 0.3)")
+    p.add_argument("--encoding", default="utf-8", help="text encoding of the data files (default utf-8)")
+    p.add_argument("--batch-size", type=int, default=8, help="samples per batch (default 8)")
+    p.add_argument("--max-length", type=int, default=512, help="truncate samples to this many tokens (default 512)")
+    p.add_argument("--max-samples", type=int, default=None, help="use at most the first N samples of each task")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default cpu)")
+    p.add_argument("--dtype", choices=MODEL_DTYPES, default="float32", help="dtype the model is loaded in (default float32)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=_cmd_analyze)
     return parser
 
 

@@ -287,6 +287,13 @@ class KFACFisher:
             comps.setdefault(find(n), []).append(n)
         return list(comps.values())
 
+    def blocks(self) -> list[list[str]]:
+        """The parameter blocks the Kronecker factors couple, each a sorted list of names: a
+        weight with its covered bias, and a tied weight with every layer using it. ``matvec`` and
+        ``inverse_vp`` take whole blocks."""
+        return [sorted({p for layer in comp for p in (self.layers[layer].weight, self.layers[layer].bias) if p})
+                for comp in self._components()]
+
     def _check_vectors(self, vecs: Mapping[str, torch.Tensor], what: str) -> None:
         unknown = sorted(set(vecs) - set(self.param_shapes))
         if unknown:

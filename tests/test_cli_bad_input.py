@@ -484,7 +484,7 @@ def _parsers(parser: argparse.ArgumentParser, path: str = "hf-fisher"):
 
 def test_every_option_has_help():
     parsers = list(_parsers(cli.build_parser()))
-    assert {p for p, _ in parsers} == {"hf-fisher", "hf-fisher collect", "hf-fisher show", "hf-fisher plugins", "hf-fisher demo", "hf-fisher merge", "hf-fisher compare-estimators", "hf-fisher prune", "hf-fisher report"}
+    assert {p for p, _ in parsers} == {"hf-fisher", "hf-fisher collect", "hf-fisher show", "hf-fisher plugins", "hf-fisher demo", "hf-fisher merge", "hf-fisher compare-estimators", "hf-fisher prune", "hf-fisher report", "hf-fisher qkov", "hf-fisher conflicts", "hf-fisher analyze"}
     for path, parser in parsers:
         for action in parser._actions:
             if isinstance(action, argparse._SubParsersAction):

@@ -14,7 +14,11 @@ Notation: models ``θ_1..θ_n`` with weights ``λ_i``, Fishers ``F_i``, base ``�
 - ``regmean`` (Jin et al. 2023): every Linear/Conv1D weight ``W* = (Σ G̃_i)⁻¹ Σ G̃_i W_i`` with input
   Gram matrices ``G_i`` (off-diagonal scaled by ``alpha``; :mod:`hf_fisher.consumers.regmean`),
   other tensors the λ-weighted average; ``fisher_regmean``: RegMean for Linear weights, Fisher
-  merging for every other tensor.
+  merging for every other tensor;
+- ``kfac``: each model's Kronecker-factored Fisher ``F_i ≈ G_i ⊗ A_i`` per layer (KFAC artifacts,
+  ``hf_fisher.collect(..., estimator="kfac")``): solve ``Σ λ_i (G_i ⊗ A_i + δI) vec(M − M_i) = 0``
+  per block by conjugate gradients, damped relative to the Fishers' scale
+  (:mod:`hf_fisher.consumers.merge_kfac`); tensors no KFAC covers follow ``no_fisher_rule``.
 
 Group Fishers are broadcast to their slices with ``spread=True``: each element of group ``g``
 gets ``F_g / |g|``, the group's mean per-element Fisher, comparable with parameter-level Fishers
@@ -84,8 +88,10 @@ __all__ = [
 
 logger = logging.getLogger("hf_fisher.merge")
 
-METHODS = ("fisher", "fisher_task_vector", "average", "task_arithmetic", "ties", "dare", "regmean", "fisher_regmean")
+METHODS = ("fisher", "fisher_task_vector", "average", "task_arithmetic", "ties", "dare", "regmean", "fisher_regmean", "kfac")
 FISHER_METHODS = ("fisher", "fisher_task_vector", "fisher_regmean")
+#: methods that take one Fisher (diagonal or KFAC) per model
+FISHER_INPUT_METHODS = FISHER_METHODS + ("kfac",)
 BASE_METHODS = ("fisher_task_vector", "task_arithmetic", "ties", "dare")
 NO_FISHER_RULES = ("average", "first", "base", "error")
 RECIPE_NAME = "merge_recipe.yaml"
@@ -121,6 +127,7 @@ PAPERS = {
     "dare": "Yu et al. 2024, *Language Models are Super Mario* (DARE, arXiv:2311.03099)",
     "regmean": "Jin et al. 2023, *Dataless Knowledge Fusion by Merging Weights of Language Models* (RegMean, arXiv:2212.09849)",
     "fisher_regmean": "Jin et al. 2023 (RegMean) for Linear weights + Matena & Raffel 2022 (Fisher merging) elsewhere",
+    "kfac": "Matena & Raffel 2022 (Fisher-weighted averaging) with Kronecker-factored Fishers (Martens & Grosse 2015, KFAC)",
 }
 
 
@@ -322,6 +329,8 @@ class MergeSettings:
     dare_then: str = "task_arithmetic"
     alpha: float = 0.9
     no_fisher_rule: str = "average"
+    kfac_damping: float = 1e-3
+    kfac_damping_mode: str = "factor"
 
     def parameters(self) -> dict[str, Any]:
         m = self.method
@@ -337,6 +346,8 @@ class MergeSettings:
             out.update(drop_p=self.drop_p, seed=self.seed, dare_then=self.dare_then)
         if m in ("regmean", "fisher_regmean"):
             out["alpha"] = self.alpha
+        if m == "kfac":
+            out.update(kfac_damping=self.kfac_damping, kfac_damping_mode=self.kfac_damping_mode, no_fisher_rule=self.no_fisher_rule)
         return out
 
 
@@ -357,8 +368,8 @@ def merge_tensor(
         from hf_fisher.consumers.regmean import regmean_tensor
 
         return regmean_tensor(list(thetas), list(gram[0]), alpha=s.alpha, kind=gram[1])
-    if m in FISHER_METHODS:
-        if fishers is None:
+    if m in FISHER_INPUT_METHODS:
+        if fishers is None:  # (KFAC-covered tensors never get here: see _merge_one)
             if s.no_fisher_rule == "first":
                 return thetas[0].clone()
             if s.no_fisher_rule == "base":
@@ -387,6 +398,7 @@ class _Inputs:
     fishers: list[FisherInput] | None
     covered: set[str] = field(default_factory=set)
     grams: dict[str, tuple[list[torch.Tensor], str]] = field(default_factory=dict)
+    kfac: Any = None  # merge_kfac.KFACMerge for method "kfac"
 
 
 class _Reader:
@@ -414,6 +426,10 @@ class _Reader:
 
 
 def _merge_one(reader: _Reader, info: TensorInfo, s: MergeSettings, out_dtype: torch.dtype | None) -> torch.Tensor:
+    kf = reader.inp.kfac
+    if kf is not None and info.name in kf.block_of:
+        merged = kf.merged(info.name, lambda n: reader.read(n)[0], s.weights, s.kfac_damping, s.kfac_damping_mode)
+        return merged.to(out_dtype or info.dtype)
     thetas, base, fishers = reader.read(info.name)
     if not info.dtype.is_floating_point:  # integer buffers are not merged: they must agree
         for i, t in enumerate(thetas[1:], start=1):
@@ -460,16 +476,9 @@ def _eval_model(src: TensorSource, dtype: torch.dtype | None = None):
 
 
 def _batch_loss(model, batch: Mapping[str, Any]) -> float:
-    batch = dict(batch)
-    if "labels" not in batch and "input_ids" in batch:
-        labels = batch["input_ids"].clone()
-        if "attention_mask" in batch:
-            labels[batch["attention_mask"] == 0] = -100
-        batch["labels"] = labels
-    out = model(**batch)
-    if getattr(out, "loss", None) is None:
-        raise InvalidInputError("the model returned no loss on a validation batch; give batches with 'labels'")
-    return float(out.loss)
+    from hf_fisher.engine.losses import model_loss
+
+    return float(model_loss(model, batch))
 
 
 def validation_loss(model, validation: Sequence[Sequence[Mapping[str, Any]]]) -> float:
@@ -592,13 +601,18 @@ def merge_with_fisher(
     progress: bool = True,
     rank: int | str | None = None,
     merge_into_base: bool = False,
+    kfac_damping: float = 1e-3,
+    kfac_damping_mode: str = "factor",
     **hub_options: Any,
 ):
     """Merge ``models`` (folders, Hub ids or loaded ``PreTrainedModel``\\ s) into one.
 
     Methods and formulas: see the module docstring. ``fishers``: one per model (``Fisher``,
     artifact folder, Hub ``repo`` / ``repo:subfolder``), required by ``fisher``,
-    ``fisher_task_vector``, ``fisher_regmean``. ``weights`` λ_i: default ``1/n`` each for the
+    ``fisher_task_vector``, ``fisher_regmean``; for ``kfac`` one KFAC Fisher per model
+    (``KFACFisher``, artifact folder or Hub ref), ``kfac_damping`` (relative δ, default 1e-3) and
+    ``kfac_damping_mode`` ("factor", default, or "exact"; :mod:`hf_fisher.consumers.merge_kfac`).
+    ``weights`` λ_i: default ``1/n`` each for the
     averaging methods and ``1.0`` each for task arithmetic / TIES / DARE (mergekit's default).
     ``base_model``: required by ``fisher_task_vector``, ``task_arithmetic``, ``ties``, ``dare``.
     ``scaling`` s (default 1.0), ``density`` (TIES; default 0.2, the paper's top-20%), ``drop_p``
@@ -647,6 +661,12 @@ def merge_with_fisher(
         raise InvalidInputError(f"density must be in (0, 1], got {density!r}")
     if not 0 <= alpha <= 1:
         raise InvalidInputError(f"alpha must be in [0, 1], got {alpha!r}")
+    if isinstance(kfac_damping, bool) or not isinstance(kfac_damping, (int, float)) or not (
+        math.isfinite(kfac_damping) and kfac_damping > 0
+    ):
+        raise InvalidInputError(f"kfac_damping must be a positive finite number (δ relative to the mean Fisher diagonal), got {kfac_damping!r}")
+    if kfac_damping_mode not in ("factor", "exact"):
+        raise InvalidInputError(f"kfac_damping_mode must be 'factor' ((G + √δI) ⊗ (A + √δI)) or 'exact' (G ⊗ A + δI), got {kfac_damping_mode!r}")
     if weights is None:
         w = [1.0] * n if method in ("task_arithmetic", "ties", "dare") else [1.0 / n] * n
     else:
@@ -655,13 +675,14 @@ def merge_with_fisher(
             raise InvalidInputError(f"{len(w)} weights for {n} models; give one weight per model")
         if any(not math.isfinite(x) for x in w):
             raise InvalidInputError(f"weights must be finite numbers, got {list(weights)}")
-        if method in ("fisher", "fisher_task_vector", "average", "regmean", "fisher_regmean") and (
+        if method in ("fisher", "fisher_task_vector", "average", "regmean", "fisher_regmean", "kfac") and (
             any(x < 0 for x in w) or sum(w) <= 0
         ):
             raise InvalidInputError(f"method {method!r} needs non-negative weights with a positive sum, got {w}")
-    if method in FISHER_METHODS:
+    if method in FISHER_INPUT_METHODS:
         if fishers is None:
-            raise InvalidInputError(f"method {method!r} needs fishers=[one Fisher per model]")
+            what = "KFAC Fisher (hf_fisher.collect(..., estimator='kfac'))" if method == "kfac" else "Fisher"
+            raise InvalidInputError(f"method {method!r} needs fishers=[one {what} per model]")
         if len(fishers) != n:
             raise InvalidInputError(f"{len(fishers)} Fishers for {n} models; give one Fisher per model")
     if method in BASE_METHODS and base_model is None:
@@ -684,7 +705,8 @@ def merge_with_fisher(
     out_dtype = _out_dtype(dtype)
     shard_bytes = _io.parse_size(max_shard_size)
     settings = MergeSettings(method, w, float(fisher_floor), bool(normalize_fishers), float(scaling), dens,
-                             float(drop_p), int(seed), dare_then, float(alpha), no_fisher_rule)
+                             float(drop_p), int(seed), dare_then, float(alpha), no_fisher_rule, float(kfac_damping),
+                             kfac_damping_mode)
 
     if push_to_hub:  # the repository arguments, before any work or request
         from hf_fisher.integrations.hub import check_push_args
@@ -698,6 +720,8 @@ def merge_with_fisher(
         target = _check_output(output_dir)
 
     if any(_is_adapter(m) for m in models):
+        if method == "kfac":
+            raise UnsupportedError("method='kfac' merges full models; for LoRA adapters use method='fisher' (delta-W space)")
         return _merge_adapters(models, fishers, settings, base_model, out_dtype, target, push_to_hub, hub_options,
                                rank=rank, merge_into_base=merge_into_base)
 
@@ -716,12 +740,20 @@ def merge_with_fisher(
         for fi, src, label in zip(fisher_inputs, sources, labels):
             _check_fisher(fi, src, label)
         covered = set.intersection(*(fi.names() for fi in fisher_inputs))
+    elif method == "kfac":
+        from hf_fisher.consumers.merge_kfac import KFACMerge, load_kfac
+
+        kfacs = [load_kfac(f, hub_options=hub_options) for f in fishers]
+        kfac_merge = KFACMerge(kfacs, [{k: tuple(i.shape) for k, i in src.infos().items()} for src in sources], labels)
+        covered = kfac_merge.covered()
     elif fishers is not None:
         logger.info("method %r does not use Fishers; the %d Fishers given are ignored", method, len(fishers))
     plan_infos = list(sources[0].infos().values())
     inp = _Inputs(sources, labels, base, fisher_inputs, covered)
+    if method == "kfac":
+        inp.kfac = kfac_merge
     no_fisher: list[str] = []
-    if method in FISHER_METHODS:
+    if method in FISHER_INPUT_METHODS:
         no_fisher = [i.name for i in plan_infos if i.dtype.is_floating_point and i.name not in covered]
         if method == "fisher_regmean":
             pass  # filled in after the Grams are known
@@ -912,18 +944,22 @@ def _version() -> str:
 
 def build_recipe(models, fishers, s: MergeSettings, base_model, out_dtype, choice, no_fisher, gram_params) -> dict:
     """The mergekit-like recipe of a merge (what ``hf-fisher merge RECIPE.yaml`` reads back)."""
-    use_fisher = s.method in FISHER_METHODS
+    use_fisher = s.method in FISHER_INPUT_METHODS
     entries = []
     for i, m in enumerate(models):
         params: dict[str, Any] = {"weight": s.weights[i]}
         if use_fisher and fishers is not None:
             params["fisher"] = _ref_of(fishers[i]) if isinstance(fishers[i], (str, os.PathLike)) else \
-                f"<in-memory Fisher, task {fishers[i].metadata.task!r}>"
+                f"<in-memory {'KFAC ' if s.method == 'kfac' else ''}Fisher, task {fishers[i].metadata.task!r}>"
         entries.append({"model": _ref_of(m), "parameters": params})
     section: dict[str, Any] = {"version": _version(), "validation": choice}
     if use_fisher:
         section["no_fisher"] = {"rule": s.no_fisher_rule, "text": _RULE_TEXT[s.no_fisher_rule], "tensors": list(no_fisher)}
-        section["fisher_broadcast"] = "group Fishers spread over their slices: F_g / |g| per element"
+        if s.method == "kfac":
+            section["kfac"] = ("per block: sum_i lambda_i F_i vec(M - M_i) = 0, F_i = (G_i + sqrt(delta) I) x (A_i + sqrt(delta) I) "
+                               "(factor) or G_i x A_i + delta I (exact); delta = kfac_damping x mean Fisher diagonal")
+        else:
+            section["fisher_broadcast"] = "group Fishers spread over their slices: F_g / |g| per element"
     if gram_params is not None:
         section["regmean_tensors"] = gram_params
     return {
@@ -940,6 +976,7 @@ _PARAM_KEYS = {
     "fisher_floor": (float, int), "normalize_fishers": (bool,), "scaling": (float, int), "density": (float, int),
     "drop_p": (float, int), "seed": (int,), "dare_then": (str,), "alpha": (float, int), "no_fisher_rule": (str,),
     "allow_tokenizer_mismatch": (bool,), "max_shard_size": (str, int), "rank": (int, str), "merge_into_base": (bool,),
+    "kfac_damping": (float, int), "kfac_damping_mode": (str,),
 }
 _TOP_KEYS = ("merge_method", "base_model", "models", "parameters", "dtype", "hf_fisher")
 
@@ -1039,7 +1076,7 @@ def recipe_to_kwargs(recipe: Mapping[str, Any], *, relative_to: str | os.PathLik
         kwargs["weights"] = weights
     elif any(x is not None for x in weights):
         raise InvalidInputError("recipe: give parameters.weight for every model or for none")
-    if method in FISHER_METHODS:
+    if method in FISHER_INPUT_METHODS:
         if any(f is None for f in fishers):
             raise InvalidInputError(f"recipe: method {method!r} needs models[i].parameters.fisher for every model")
         kwargs["fishers"] = fishers

@@ -173,6 +173,8 @@ def _broadcast_in(model: nn.Module, name: str, per_input: torch.Tensor, shape) -
 def calibration_gradient(model: nn.Module, names: Sequence[str], batches) -> dict[str, torch.Tensor]:
     """``∂L/∂w`` for ``names``, ``L`` = mean over the batches of ``model(**batch).loss`` (labels
     default to the input ids with padding ignored), in eval mode; ``.grad`` is left as it was."""
+    from hf_fisher.engine.losses import model_loss
+
     params = _params(model)
     targets = [params[n] for n in names]
     saved = [(p, p.requires_grad) for p in model.parameters()]
@@ -187,7 +189,7 @@ def calibration_gradient(model: nn.Module, names: Sequence[str], batches) -> dic
             p.requires_grad_(True)
         for batch in batches:
             with torch.enable_grad():
-                loss = _loss_tensor(model, batch)
+                loss = model_loss(model, batch)
                 grads = torch.autograd.grad(loss, targets, allow_unused=True)
             for n, g in zip(names, grads):
                 if g is not None:
@@ -200,19 +202,6 @@ def calibration_gradient(model: nn.Module, names: Sequence[str], batches) -> dic
     if count == 0:
         raise InvalidInputError("no calibration batches: the Taylor scores need at least one batch")
     return {n: t / count for n, t in total.items()}
-
-
-def _loss_tensor(model: nn.Module, batch: Mapping[str, Any]) -> torch.Tensor:
-    batch = dict(batch)
-    if "labels" not in batch and "input_ids" in batch:
-        labels = batch["input_ids"].clone()
-        if "attention_mask" in batch:
-            labels[batch["attention_mask"] == 0] = -100
-        batch["labels"] = labels
-    out = model(**batch)
-    if getattr(out, "loss", None) is None:
-        raise InvalidInputError("the model returned no loss on a calibration batch; give batches with 'labels'")
-    return out.loss
 
 
 def calibration_fisher(model: nn.Module, names: Sequence[str], batches, *, progress: bool = True) -> dict[str, torch.Tensor]:

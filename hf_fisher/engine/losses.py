@@ -153,3 +153,19 @@ def normalization_weights(n_tokens: torch.Tensor, normalization: str, dtype: tor
         raise InvalidInputError(f"unknown normalization {normalization!r}; choose one of {NORMALIZATIONS}")
     w = torch.where(n_tokens > 0, w, torch.zeros_like(w))
     return w, s
+
+
+def model_loss(model: Any, batch: Mapping[str, Any]):
+    """``model(**batch).loss`` (a tensor), with causal-LM labels defaulting to the input ids with
+    padding (``attention_mask == 0``) set to -100; :class:`InvalidInputError` when the model
+    returns no loss."""
+    batch = dict(batch)
+    if "labels" not in batch and "input_ids" in batch:
+        labels = batch["input_ids"].clone()
+        if "attention_mask" in batch:
+            labels[batch["attention_mask"] == 0] = IGNORE_INDEX
+        batch["labels"] = labels
+    out = model(**batch)
+    if getattr(out, "loss", None) is None:
+        raise InvalidInputError("the model returned no loss on a batch; give batches with 'labels'")
+    return out.loss
