@@ -16,9 +16,12 @@ balanced over the kv groups, channels filling each layer's budget), so only the 
 differs. Calibration: ``--calib`` sequences of the **train** split; evaluation: the held-out
 **test** split (never used to choose anything). Rows:
 
-- hf_fisher's default: ``score="fisher"`` (group Fisher of exactly what a unit removes) + the
-  least-squares rescale; the other score options ``"mask_fisher"`` and ``"obd"``, each with and
-  without the rescale; ``"fisher"`` without it;
+- hf_fisher's default with calibration data, ``score="kfac"``: layer by layer, units removed
+  greedily by the least loss increase under the KFAC quadratic (the Fisher of the layer output
+  ``G`` times the Gram of its input), the kept units' scales re-optimised and folded in
+  (``hf_fisher/consumers/prune_obs.py``); the other score options ``"fisher"`` (group Fisher of
+  exactly what a unit removes), ``"mask_fisher"`` and ``"obd"``, each with and without the
+  least-squares rescale;
 - the baselines in their published form: FLAP (fluctuation metric + bias compensation),
   Wanda-sp, LLM-Pruner Taylor first and second order (element-wise, summed over the unit), Kwon
   et al.'s mask Fisher with its rescale (the ``mask_fisher + rescale`` row), weight magnitude,
@@ -109,8 +112,9 @@ def forward_backward_seconds(model, batches) -> float:
 
 
 ROWS = [
-    # label, score, rescale, kind
-    ("hf_fisher default: fisher + rescale", "fisher", True, "ours"),
+    # label, score (None: the library's default), rescale, kind
+    ("hf_fisher default (kfac: KFAC-OBS + its rescale)", None, True, "ours"),
+    ("fisher + rescale", "fisher", True, "ours"),
     ("fisher (no rescale)", "fisher", False, "ours"),
     ("mask_fisher + rescale (Kwon et al. 2022)", "mask_fisher", True, "baseline"),
     ("mask_fisher (no rescale)", "mask_fisher", False, "ours"),
@@ -164,7 +168,8 @@ def main() -> None:
                 fisher = fisher_param if score == "obd" else fisher_group if score == "fisher" else None
                 r = prune(model, fisher, sparsity=sp, structured=("heads", "channels"), score=score, scope="layer",
                           rescale_batches=calib if rescale else None, calibration_batches=calib,
-                          rescale=rescale, seed=seed, progress=False)
+                          rescale=None if score is None else rescale, seed=seed, progress=False)
+                row["score"] = r.stats["score"]
                 losses.append(mt.eval_loss(model, test))
                 extra = t_param if score == "obd" else t_group if score == "fisher" else 0.0
                 secs.append(r.stats["score_seconds"] + extra)

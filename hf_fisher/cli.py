@@ -603,7 +603,7 @@ def _cmd_compare_estimators(args: argparse.Namespace) -> int:
     return 0
 
 
-PRUNE_SCORES = ("fisher", "mask_fisher", "obd", "magnitude", "random", "wanda_sp", "flap", "taylor1", "taylor2")
+PRUNE_SCORES = ("fisher", "kfac", "mask_fisher", "obd", "magnitude", "random", "wanda_sp", "flap", "taylor1", "taylor2")
 
 
 def _parse_structured(text: str):
@@ -972,13 +972,15 @@ the data file (encoding, JSON, labels). --max-length is capped to the model's po
 PRUNE_DESCRIPTION = """\
 Prune a model by its Fisher information (or a baseline criterion) and save the result:
 
-    hf-fisher collect --model M --data calib.txt --task lm --out fisher-lm --reduction param
-    hf-fisher prune --model M --fisher fisher-lm --sparsity 0.3 --structured heads,channels \\
+    hf-fisher prune --model M --sparsity 0.3 --structured heads,channels \\
         --scope layer --data calib.txt --physical --out M-pruned
+    hf-fisher prune --model M --fisher fisher-lm --sparsity 0.3 --out M-masked
 
-A head's score is the Fisher of its Q rows and O columns (no share of the K/V it shares under
-GQA), a channel's that of its gate/up rows and down column. With --data the kept units are
-rescaled by least squares (Kwon et al. 2022) to reconstruct each layer's output. --physical
+With --data and --scope layer the default criterion is "kfac": layer by layer, units are removed
+greedily by the least loss increase under the KFAC quadratic (Fisher of the layer output x
+Gram of its input) with the kept units' scales re-optimised and folded into the weights.
+Without data, "fisher": a head's score is the Fisher of its Q rows and O columns (no share of
+the K/V it shares under GQA), a channel's that of its gate/up rows and down column. --physical
 removes the units (a smaller model from_pretrained loads); otherwise the weights are zeroed.
 pruning.json in --out records what was removed.
 """
@@ -1082,7 +1084,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fisher", default=None, help="Fisher artifact folder of the model (needed by --score fisher / obd)")
     p.add_argument("--sparsity", type=float, required=True, help="fraction of the candidate parameters to remove, in [0, 1)")
     p.add_argument("--structured", default="heads,channels", help="comma list of heads, kv_heads, channels, vocab; or none (unstructured)")
-    p.add_argument("--score", choices=PRUNE_SCORES, default="fisher", help="criterion (default fisher)")
+    p.add_argument("--score", choices=PRUNE_SCORES, default=None,
+                   help="criterion (default: kfac with --data and --scope layer, else fisher)")
     p.add_argument("--scope", choices=("global", "layer"), default="global", help="one global budget, or the same budget in every layer (default global)")
     p.add_argument("--min-per-layer", type=int, default=1, help="units of each kind kept in every layer (default 1)")
     p.add_argument("--confidence", type=float, default=None, help="remove only units whose upper confidence bound is below every kept unit (e.g. 0.95)")

@@ -264,7 +264,7 @@ def test_rescale_scales_are_the_least_squares_solution():
     h.remove()
     mask = torch.cat([b["attention_mask"].bool().reshape(-1) for b in BATCHES])
     Z = torch.cat([z.reshape(-1, z.shape[-1]) for z in zs])[mask].double()
-    r = prune(m, F, sparsity=0.5, structured="heads", scope="layer", rescale_batches=BATCHES, progress=False)
+    r = prune(m, F, sparsity=0.5, structured="heads", score="fisher", scope="layer", rescale_batches=BATCHES, progress=False)
     try:
         gone = {u["index"] for u in r.removed}
         kept = [h for h in range(4) if h not in gone]
@@ -297,10 +297,10 @@ def test_rescale_lowers_the_layer_reconstruction_error():
         return torch.cat([x.reshape(-1, x.shape[-1]) for x in outs])[mask]
 
     full, full_logits = o_out(), logits(m)
-    plain = prune(m, F, sparsity=0.5, scope="layer", progress=False)
+    plain = prune(m, F, sparsity=0.5, score="fisher", scope="layer", progress=False)
     err_plain = float((o_out() - full).pow(2).sum())
     plain.restore()
-    scaled = prune(m, F, sparsity=0.5, scope="layer", rescale_batches=BATCHES, progress=False)
+    scaled = prune(m, F, sparsity=0.5, score="fisher", scope="layer", rescale_batches=BATCHES, progress=False)
     err_scaled = float((o_out() - full).pow(2).sum())
     scaled.restore()
     hook.remove()
@@ -505,3 +505,62 @@ def test_registered_as_a_consumer():
     assert hf_fisher.plugins.consumers()["prune"] is prune
     assert hf_fisher.prune is prune
     assert math.isclose(0.5, 0.5)
+
+
+# ----------------------------------------------------------------------------- KFAC OBS (the default with data)
+def _fake_units(n_units, width, name="w"):
+    from hf_fisher.consumers.prune_units import Unit
+    from hf_fisher.layout import Slice
+
+    return [Unit("channel", 0, k, None, (), (Slice(name, 1, k * width, (k + 1) * width),), width) for k in range(n_units)]
+
+
+def test_obs_greedy_equals_brute_force_weighted_least_squares():
+    """Each greedy step removes the unit whose removal, with the other scales re-fitted by
+    G-weighted least squares on explicit per-unit outputs, raises ½ Σ_t δyᵀ G δy least."""
+    from hf_fisher.consumers.prune_obs import obs_select
+
+    g = torch.Generator().manual_seed(0)
+    n_units, width, out, T = 6, 2, 5, 40
+    W = torch.randn(out, n_units * width, generator=g, dtype=torch.float64)
+    X = torch.randn(T, n_units * width, generator=g, dtype=torch.float64)
+    R = torch.randn(out, out, generator=g, dtype=torch.float64)
+    G = R @ R.T + 0.1 * torch.eye(out, dtype=torch.float64)
+    units = _fake_units(n_units, width)
+    removed, scales, cost = obs_select(W, 1, "w", units, {("channel", 0, None): 3}, lambda u: (u.kind, u.layer, None),
+                                       X.T @ X, G, False)
+    L = torch.linalg.cholesky(G)  # G = L Lᵀ: ½ δyᵀ G δy = ½ ‖Lᵀ δy‖²
+    Y = [X[:, k * width:(k + 1) * width] @ W[:, k * width:(k + 1) * width].T for k in range(n_units)]  # [T, out]
+    target = (sum(Y) @ L).reshape(-1)
+
+    def fit(kept):
+        A = torch.stack([(Y[k] @ L).reshape(-1) for k in kept], 1)
+        s = torch.linalg.lstsq(A, target.unsqueeze(1)).solution.squeeze(1)
+        return s, 0.5 * float(((A @ s) - target).pow(2).sum())
+
+    kept, total = list(range(n_units)), 0.0
+    for _ in range(3):
+        best = min(kept, key=lambda k: fit([j for j in kept if j != k])[1])
+        kept.remove(best)
+    s_ref, e_ref = fit(kept)
+    assert removed == sorted(set(range(n_units)) - set(kept))
+    torch.testing.assert_close(scales, s_ref, rtol=1e-7, atol=1e-9)
+    assert cost == pytest.approx(e_ref, rel=1e-6)
+
+
+def test_default_score_with_calibration_is_kfac_obs():
+    m = tm.llama(kv_heads=2, layers=2, seed=12)
+    F = hf_fisher.collect(m, BATCHES, reduction="group", progress=False)
+    full = logits(m)
+    r = prune(m, F, sparsity=0.5, scope="layer", rescale_batches=BATCHES, progress=False)
+    try:
+        assert r.stats["score"] == "kfac" and r.stats["rescaled"]
+        assert r.stats["per_layer"]["0"]["removed"] == {"head": 2, "channel": round((0.5 * 5888 - 1024) / 96)}
+    finally:
+        r.restore()
+    assert torch.equal(logits(m), full)
+    plain = prune(m, F, sparsity=0.5, scope="layer", progress=False)  # no data: the Fisher
+    plain.restore()
+    assert plain.stats["score"] == "fisher"
+    with pytest.raises(InvalidInputError, match="scope='layer'"):
+        prune(m, F, sparsity=0.5, score="kfac", rescale_batches=BATCHES, progress=False)

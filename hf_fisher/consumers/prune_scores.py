@@ -12,6 +12,9 @@ inputs ``x_j`` over the calibration tokens (non-padding positions, unpruned mode
 ``"mask_fisher"``     Kwon et al. 2022: ``mean_i (∂L_i/∂m_u)²`` for a multiplicative mask ``m_u``
                       on the unit's output; ``∂L_i/∂m_u = Σ_{J_u} ⟨W_{:,j}, g_{i,:,j}⟩`` (the
                       per-sample gradients ``g_i`` come from the batched engine)
+``"kfac"``            structured Optimal Brain Surgeon under the KFAC quadratic (G ⊗ A of the
+                      output projection): units removed greedily by the least loss increase
+                      with the kept units' scales re-optimised (:mod:`~hf_fisher.consumers.prune_obs`)
 ``"obd"``             ``½ Σ_{S_u} F w²``: the loss increase of zeroing ``u`` under the diagonal
                       quadratic model (Optimal Brain Damage with the Fisher as the Hessian)
 ``"magnitude"``       ``‖w_{S_u}‖₂``
@@ -54,13 +57,13 @@ __all__ = ["SCORES", "NEEDS_FISHER", "NEEDS_DATA", "ActivationStats", "score_uni
 
 logger = logging.getLogger("hf_fisher.pruning")
 
-SCORES = ("fisher", "mask_fisher", "obd", "magnitude", "random", "wanda_sp", "flap", "taylor1", "taylor2")
+SCORES = ("fisher", "kfac", "mask_fisher", "obd", "magnitude", "random", "wanda_sp", "flap", "taylor1", "taylor2")
 #: scores read from the given Fisher artifact
 NEEDS_FISHER = frozenset({"fisher", "obd"})
 #: scores computed from calibration batches
-NEEDS_DATA = frozenset({"mask_fisher", "wanda_sp", "flap", "taylor1", "taylor2"})
+NEEDS_DATA = frozenset({"kfac", "mask_fisher", "wanda_sp", "flap", "taylor1", "taylor2"})
 #: scores defined through the unit's output-projection columns (not for vocabulary rows)
-NEEDS_OUT = frozenset({"mask_fisher", "wanda_sp", "flap"})
+NEEDS_OUT = frozenset({"kfac", "mask_fisher", "wanda_sp", "flap"})
 UNSTRUCTURED = ("fisher", "obd", "magnitude", "random", "taylor1", "taylor2")
 
 
@@ -310,7 +313,7 @@ def mask_fisher(model: nn.Module, units: Sequence[Unit], batches, *, progress: b
 
 
 # ----------------------------------------------------------------------------- entry points
-def check_score(score: str, units_kinds: set[str] | None, fisher, has_data: bool) -> None:
+def check_score(score: str, units_kinds: set[str] | None, fisher, has_data: bool, *, sequential: bool = False) -> None:
     """Fail before any work when ``score`` cannot be computed with what was given."""
     if score not in SCORES:
         raise InvalidInputError(f"unknown score {score!r}; choose one of {', '.join(SCORES)}")
@@ -318,7 +321,7 @@ def check_score(score: str, units_kinds: set[str] | None, fisher, has_data: bool
         raise InvalidInputError(
             f"score={score!r} is defined for structured units only; for unstructured pruning choose one of {', '.join(UNSTRUCTURED)}"
         )
-    if score in NEEDS_FISHER and fisher is None:
+    if score in NEEDS_FISHER and fisher is None and not sequential:
         raise InvalidInputError(f"score={score!r} reads a Fisher artifact: pass fisher= (hf_fisher.collect(model, batches))")
     if score == "obd" and fisher is not None and fisher.reduction != "param":
         raise InvalidInputError(

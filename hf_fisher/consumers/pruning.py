@@ -267,7 +267,7 @@ def prune(
     *,
     sparsity: float,
     structured: "str | Sequence[str] | None" = ("heads", "channels"),
-    score: str = "fisher",
+    score: str | None = None,
     scope: str = "global",
     min_per_layer: int = 1,
     confidence: float | None = None,
@@ -277,11 +277,16 @@ def prune(
     calibration_batches: Sequence[Mapping[str, Any]] | None = None,
     compensate: bool | None = None,
     keep_tokens: Sequence[int] = (),
+    sequential: bool = False,
     seed: int = 0,
     progress: bool = True,
 ) -> PruneResult:
     """Prune ``model`` to ``sparsity`` (module docstring for budgets, confidence and applying).
 
+    ``score=None`` (default) is ``"kfac"`` — structured OBS under the KFAC quadratic with its
+    Fisher-weighted rescale, the lowest held-out loss in ``benchmarks/bench_prune_quality.py`` — when
+    calibration batches are given with ``scope="layer"`` (heads / kv-heads / channels), else
+    ``"fisher"``.
     ``fisher``: the artifact for ``score="fisher"`` / ``"obd"`` (a group Fisher works for
     "fisher"; "obd" and unstructured pruning need ``reduction="param"``). ``score``: see
     :mod:`~hf_fisher.consumers.prune_scores`. ``rescale_batches``: calibration batches for the
@@ -291,9 +296,16 @@ def prune(
     (default: on for ``score="flap"``). ``keep_tokens``: token ids vocabulary pruning never
     removes (besides the config's special tokens). ``physical``: remove heads / channels / rows
     and return a smaller model (LLaMA-family configs; ``scope="layer"``).
+    ``sequential=True`` (``scope="layer"``, calibration batches): each layer's units are scored on
+    the model as pruned (and rescaled) so far, attention then MLP, layer by layer, with the same
+    counts; "fisher" / "obd" then use the exact Fisher of the calibration batches on that model.
     """
     t_start = time.perf_counter()
     kinds = _structured_kinds(structured)
+    if score is None:  # the default: the best criterion the inputs allow
+        data_given = rescale_batches is not None or calibration_batches is not None
+        score = "kfac" if (data_given and scope == "layer" and kinds and "vocab" not in kinds
+                           and confidence is None and not compensate) else "fisher"
     if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0.0 <= float(sparsity) < 1.0:
         raise InvalidInputError(f"sparsity must be a number in [0, 1), got {sparsity!r}")
     if scope not in SCOPES:
@@ -311,7 +323,7 @@ def prune(
             raise InvalidInputError("confidence= applies to structured pruning (group scores); pass structured=...")
     rescale_batches = _check_batches("rescale_batches", rescale_batches)
     calibration_batches = _check_batches("calibration_batches", calibration_batches) or rescale_batches
-    S.check_score(score, None if kinds is None else set(kinds), fisher, calibration_batches is not None)
+    S.check_score(score, None if kinds is None else set(kinds), fisher, calibration_batches is not None, sequential=sequential)
     if rescale is None:
         rescale = rescale_batches is not None and score != "flap"
     if rescale and rescale_batches is None:
@@ -324,6 +336,18 @@ def prune(
         raise InvalidInputError("compensate=True (FLAP's bias compensation) needs structured units and calibration batches")
     if compensate and rescale:
         raise InvalidInputError("choose one of rescale (least squares) and compensate (FLAP's bias compensation)")
+    if score == "kfac" and (scope != "layer" or calibration_batches is None or kinds is None or "vocab" in kinds
+                            or confidence is not None or compensate):
+        raise InvalidInputError(
+            "score='kfac' (structured OBS under the KFAC quadratic) prunes heads / kv-heads / channels layer by layer: it "
+            "needs scope='layer', calibration batches (calibration_batches= or rescale_batches=), no vocabulary rows, "
+            "no confidence= and no compensate"
+        )
+    if sequential and (scope != "layer" or calibration_batches is None or kinds is None or confidence is not None):
+        raise InvalidInputError(
+            "sequential=True scores each layer on the pruned model: it needs structured units, scope='layer', "
+            "calibration batches (calibration_batches= or rescale_batches=) and no confidence="
+        )
     layout = _layout_of(model, fisher)
     if physical:
         from hf_fisher.consumers.prune_physical import check_physical
@@ -335,11 +359,18 @@ def prune(
     units = structured_units(model, layout, kinds, keep_tokens=keep_tokens)
     if compensate and any(u.kind == "vocab" for u in units):
         raise InvalidInputError("FLAP's bias compensation applies to heads and channels, not vocabulary rows")
+    if sequential or score == "kfac":
+        return _prune_sequential(model, units, score=score, sparsity=float(sparsity), min_per_layer=min_per_layer,
+                                 calibration=calibration_batches, rescale_batches=rescale_batches if rescale else None,
+                                 compensate=bool(compensate), seed=seed, progress=progress, physical=physical, t_start=t_start)
     stats_act = None
+    t_stats = time.perf_counter()
     if score in ("wanda_sp", "flap") or compensate:
         stats_act = S.activation_stats(model, list(dict.fromkeys(s.param for u in units for s in u.out)), calibration_batches, progress=progress)
+    t_stats = time.perf_counter() - t_stats
     scores, score_seconds = S.score_units(model, units, score, fisher=fisher, batches=calibration_batches,
                                           stats=stats_act, seed=seed, progress=progress)
+    score_seconds += t_stats  # the activation statistics are part of the score's cost
     if scope == "layer":
         removed = _select_layer(units, scores, float(sparsity), min_per_layer)
     else:
@@ -402,12 +433,14 @@ def _zero(model: nn.Module, unit: Unit, edits: _Edits) -> None:
             edits.params[s.param][s.index()] = 0
 
 
-def _apply(model, units: Sequence[Unit], removed: set[int], edits: _Edits, batches, progress: bool) -> list[dict]:
+def _apply(model, units: Sequence[Unit], removed: set[int], edits: _Edits, batches, progress: bool, choose=None) -> list[dict]:
     """Zero the removed units; with ``batches``, rescale stage by stage (layer order, attention
-    before MLP) before each stage's masks go in. Returns the rescale log."""
+    before MLP) before each stage's masks go in. ``choose(members)`` (sequential pruning) picks
+    each stage's removed units on the model as it is then and adds them to ``removed``. Returns
+    the rescale log."""
     from hf_fisher.consumers.prune_rescale import fold_scales, least_squares_scales, output_gram
 
-    if batches is None:
+    if batches is None and choose is None:
         for k in sorted(removed):
             _zero(model, units[k], edits)
         return []
@@ -420,10 +453,12 @@ def _apply(model, units: Sequence[Unit], removed: set[int], edits: _Edits, batch
 
     for key in tqdm(sorted(stages), desc="rescale", unit="stage", disable=not progress):
         members = stages[key]
+        if choose is not None:
+            removed.update(choose(members))
         gone = [k for k in members if k in removed]
         if not gone:
             continue
-        if units[members[0]].kind == "vocab" or not units[members[0]].out:
+        if batches is None or units[members[0]].kind == "vocab" or not units[members[0]].out:
             for k in gone:
                 _zero(model, units[k], edits)
             continue
@@ -439,6 +474,120 @@ def _apply(model, units: Sequence[Unit], removed: set[int], edits: _Edits, batch
             log.append({"weight": weight, "kept": len(kept_pos), "removed": len(gone),
                         "scale_min": float(scales.min()), "scale_max": float(scales.max())})
     return log
+
+
+def _output_fishers(model, units: Sequence[Unit], calibration) -> dict:
+    """The KFAC layer (its output factor G) of every output projection the units write through."""
+    import re
+
+    from hf_fisher.api import collect
+
+    names = list(dict.fromkeys(s.param for u in units for s in u.out))
+    saved = [(p, p.requires_grad) for p in model.parameters()]
+    params = dict(model.named_parameters())
+    try:
+        for n in names:
+            params[n].requires_grad_(True)
+        kf = collect(model, calibration, estimator="kfac", params="^(" + "|".join(re.escape(n) for n in names) + ")$",
+                     progress=False, task="calibration")
+    finally:
+        for p, flag in saved:
+            p.requires_grad_(flag)
+    return {L.weight: L for L in kf.layers.values()}
+
+
+class _ParamFisher(dict):
+    """Parameter-level Fisher tensors in the form score_units reads (``fisher[name]``)."""
+
+    reduction = "param"
+
+
+def _prune_sequential(model, units, *, score, sparsity, min_per_layer, calibration, rescale_batches, compensate,
+                      seed, progress, physical, t_start) -> PruneResult:
+    """Layer by layer, attention then MLP: score the stage's units on the model as it is now,
+    remove the counts ``scope="layer"`` removes, rescale (or compensate), go on."""
+    counts: dict[tuple, int] = {}
+    for k in _select_layer(units, torch.zeros(len(units), dtype=torch.float64), sparsity, min_per_layer):
+        u = units[k]
+        key = (u.kind, u.layer, u.group if u.kind == "head" else None)
+        counts[key] = counts.get(key, 0) + 1
+    seconds = [0.0]
+
+    G = _output_fishers(model, units, calibration) if score == "kfac" else None
+    edits = _Edits(model)
+
+    def key_of(u: Unit) -> tuple:
+        return (u.kind, u.layer, u.group if u.kind == "head" else None)
+
+    def choose_obs(members: list[int]) -> list[int]:
+        from hf_fisher.consumers.prune_obs import obs_select
+        from hf_fisher.consumers.prune_rescale import fold_scales, output_gram
+
+        stage = [units[k] for k in members]
+        if not stage[0].out:
+            return []
+        t0 = time.perf_counter()
+        name = stage[0].out[0].param
+        gram = output_gram(model, name, calibration)
+        layer = G[name]
+        gone, scales, _ = obs_select(edits.params[name], input_axis(model, name), name, stage,
+                                     {k: v for k, v in counts.items() if k[1] == stage[0].layer}, key_of, gram,
+                                     layer.G, layer.g_diagonal)
+        kept = [i for i in range(len(stage)) if i not in set(gone)]
+        fold_scales(model, name, [stage[i] for i in kept], scales, edits.touch)
+        obs_log.append({"weight": name, "kept": len(kept), "removed": len(gone),
+                        "scale_min": float(scales.min()) if len(kept) else 1.0,
+                        "scale_max": float(scales.max()) if len(kept) else 1.0})
+        seconds[0] += time.perf_counter() - t0
+        return [members[i] for i in gone]
+
+    obs_log: list[dict] = []
+
+    def choose(members: list[int]) -> list[int]:
+        if score == "kfac":
+            return choose_obs(members)
+        stage = [units[k] for k in members]
+        t0 = time.perf_counter()
+        fisher = None
+        if score in ("fisher", "obd"):
+            names = list(dict.fromkeys(s.param for u in stage for s in u.slices))
+            fisher = _ParamFisher(S.calibration_fisher(model, names, calibration, progress=False))
+        scores, _ = S.score_units(model, stage, score, fisher=fisher, batches=calibration, seed=seed + members[0],
+                                  progress=False)
+        seconds[0] += time.perf_counter() - t0
+        by_key: dict[tuple, list[int]] = {}
+        for i, u in enumerate(stage):
+            by_key.setdefault((u.kind, u.layer, u.group if u.kind == "head" else None), []).append(i)
+        picked: list[int] = []
+        for key, idx in by_key.items():
+            order = sorted(idx, key=lambda i: (float(scores[i]), i))
+            picked += [members[i] for i in order[: counts.get(key, 0)]]
+        return picked
+
+    removed: set[int] = set()
+    stats_act = None
+    if compensate:
+        stats_act = S.activation_stats(model, list(dict.fromkeys(s.param for u in units for s in u.out)), calibration, progress=progress)
+    t_apply = time.perf_counter()
+    rescaled = _apply(model, units, removed, edits, None if score == "kfac" else rescale_batches, progress, choose=choose)
+    rescaled = obs_log or rescaled
+    if compensate:
+        _compensate(model, units, removed, stats_act, edits)
+    order = sorted(removed)
+    stats = _stats(units, order, sparsity, score, "layer", seconds[0])
+    stats.update(sequential=True, withheld_by_confidence=0, rescaled=rescaled, compensated=compensate,
+                 apply_seconds=time.perf_counter() - t_apply - seconds[0])
+    result = PruneResult(model, _masks(model, units, order), [describe(units[k]) for k in order], stats, _edits=edits)
+    if physical:
+        from hf_fisher.consumers.prune_physical import build_physical
+
+        try:
+            small, vocab_map = build_physical(model, units, removed)
+        finally:
+            edits.restore()
+        result = PruneResult(small, result.masks, result.removed, stats, vocab_map=vocab_map)
+    stats["seconds"] = time.perf_counter() - t_start
+    return result
 
 
 def _compensate(model, units: Sequence[Unit], removed: set[int], stats, edits: _Edits) -> None:
