@@ -564,3 +564,17 @@ def test_default_score_with_calibration_is_kfac_obs():
     assert plain.stats["score"] == "fisher"
     with pytest.raises(InvalidInputError, match="scope='layer'"):
         prune(m, F, sparsity=0.5, score="kfac", rescale_batches=BATCHES, progress=False)
+
+
+def test_sequential_scores_each_layer_on_the_pruned_model():
+    m = tm.llama(kv_heads=2, layers=2, seed=13)
+    one_shot = prune(m, None, sparsity=0.5, score="mask_fisher", scope="layer", calibration_batches=BATCHES, progress=False)
+    one_shot.restore()
+    seq = prune(m, None, sparsity=0.5, score="mask_fisher", scope="layer", calibration_batches=BATCHES,
+                sequential=True, progress=False)
+    seq.restore()
+    assert seq.stats["sequential"] and seq.stats["per_layer"] == one_shot.stats["per_layer"]
+    first = [u for u in one_shot.removed if u["layer"] == 0 and u["kind"] == "head"]
+    assert [u for u in seq.removed if u["layer"] == 0 and u["kind"] == "head"] == first  # nothing pruned below it yet
+    with pytest.raises(InvalidInputError, match="sequential"):
+        prune(m, None, sparsity=0.5, score="mask_fisher", scope="global", calibration_batches=BATCHES, sequential=True)
