@@ -904,8 +904,14 @@ def _cmd_plugins(args: argparse.Namespace) -> int:
     from hf_fisher import plugins
 
     # Adapters are listed in the order they are asked (the first that recognises a model wins).
-    rows = [(r["kind"], r["name"], r["plugin"], r.get("distribution") or "-") for r in plugins.describe()]
+    described = plugins.describe()
+    rows = [(r["kind"], r["name"], r["plugin"], r.get("distribution") or "-") for r in described]
     print(format_table(["kind", "name", "plugin", "distribution"], rows, title="Registered plugins"))
+    adapters = [(r["name"], ", ".join(r["model_types"]) if r["model_types"] else "(not declared)", r["order"],
+                 r.get("distribution") or "-", r.get("version") or "-") for r in described if r["kind"] == "adapter"]
+    print()
+    print(format_table(["adapter", "model types", "order", "distribution", "version"], adapters,
+                       title="Architecture adapters (asked in this order; the first that knows a model wins)"))
     failed = plugins.failed_plugins()
     if failed:
         rows = [(f.get("name"), f.get("distribution"), f.get("stage"), f.get("error")) for f in failed]

@@ -490,19 +490,35 @@ def model_layout(model: Any) -> ModelLayout:
 # introspection
 
 
+def _dist_version(dist: str | None) -> str | None:
+    if dist is None:
+        return None
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
 def describe() -> list[dict[str, Any]]:
     """Everything the plugins provide, for ``hf-fisher plugins``.
 
     One dict per adapter (each plugin implementing ``hf_fisher_model_layout``, in call order),
     estimator, consumer and grad rule, with keys ``kind`` ("adapter" | "estimator" | "consumer"
     | "grad_rule"), ``name``, ``plugin`` and ``distribution`` ("hf-fisher" for built-ins).
+    Adapters also have ``version`` (of their distribution, when installed), ``model_types`` (the
+    ``config.model_type`` values the plugin module claims in a ``MODEL_TYPES`` attribute, sorted;
+    None when it does not say) and ``order`` ("tryfirst": overrides the others, "trylast": asked
+    last, "normal").
     """
     state = _get_state()
     out: list[dict[str, Any]] = []
     for impl in _impls(state, "hf_fisher_model_layout"):
+        dist = _distribution(state, impl.plugin_name)
+        types = getattr(impl.plugin, "MODEL_TYPES", None)
         out.append(
-            {"kind": "adapter", "name": impl.plugin_name, "plugin": impl.plugin_name,
-             "distribution": _distribution(state, impl.plugin_name)}
+            {"kind": "adapter", "name": impl.plugin_name, "plugin": impl.plugin_name, "distribution": dist,
+             "version": _dist_version(dist), "model_types": sorted(types) if types is not None else None,
+             "order": "tryfirst" if impl.tryfirst else "trylast" if impl.trylast else "normal"}
         )
     for kind in ("estimator", "consumer", "grad_rule"):
         for key, (_, plugin) in sorted(_registry(kind).items(), key=lambda kv: str(kv[0] if isinstance(kv[0], str) else _type_name(kv[0]))):

@@ -3,6 +3,7 @@ environment switches, broken plugins, conflicts, adapter precedence, register/un
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 import logging
 import sys
@@ -318,7 +319,8 @@ def test_tryfirst_adapter_overrides_builtin():
     assert layout.group_names("model.layers.0.self_attn.q_proj.weight") == ["whole"]
     assert layout.group_names("model.layers.1.self_attn.q_proj.weight")[:2] == ["channel_0", "channel_1"]
     adapters = [d for d in plugins.describe() if d["kind"] == "adapter"]
-    assert adapters[0] == {"kind": "adapter", "name": "override", "plugin": "override", "distribution": "overdist"}
+    assert adapters[0] == {"kind": "adapter", "name": "override", "plugin": "override", "distribution": "overdist",
+                           "version": None, "model_types": None, "order": "tryfirst"}
     plugins.unregister("override")
     assert plugins.model_layout(model).adapter == "llama"
 
@@ -430,3 +432,11 @@ def test_example_plugin_installs_through_its_entry_point(tmp_path, monkeypatch):
     finally:
         for mod in [m for m in sys.modules if m.startswith("hf_fisher_example")]:
             sys.modules.pop(mod, None)
+
+
+def test_adapters_list_their_model_types_order_and_version():
+    rows = {d["name"]: d for d in plugins.describe() if d["kind"] == "adapter"}
+    llama = rows["hf_fisher.architectures.llama"]
+    assert llama["model_types"] == ["llama", "mistral", "qwen2", "qwen3"] and llama["order"] == "normal"
+    assert llama["version"] == importlib.metadata.version("hf-fisher")
+    assert rows["hf_fisher.architectures.generic"]["order"] == "trylast"

@@ -20,6 +20,7 @@ from hf_fisher.layout import ModelLayout
 logger = logging.getLogger("hf_fisher.architectures.generic")
 
 ADAPTER = "generic"
+MODEL_TYPES = ("*",)  # any model no other adapter describes
 
 _logged_model_types: set[str | None] = set()
 _lock = threading.Lock()

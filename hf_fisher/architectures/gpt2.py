@@ -35,6 +35,8 @@ from hf_fisher.layout import GroupRun, ModelLayout, ParamGroups
 
 logger = logging.getLogger("hf_fisher.architectures.gpt2")
 
+MODEL_TYPES = frozenset({"gpt2", "gpt_bigcode"})
+
 
 def _embeddings(b: LayoutBuilder) -> None:
     tr = find_module(b.base, ("transformer",)) or b.base
