@@ -851,6 +851,14 @@ def _load_config(name_or_path: str):
         config = transformers.AutoConfig.from_pretrained(name_or_path)
     except Exception as e:  # whatever fails while reading a config, the model cannot be used
         logger.debug("loading the config failed", exc_info=True)
+        if not os.path.exists(name_or_path) and not _looks_local(name_or_path):
+            offline = any(os.environ.get(k, "").lower() in ("1", "true", "yes", "on") for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+            why = "HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE is set" if offline else "the Hub could not be reached"
+            raise InvalidInputError(
+                f"--model {name_or_path!r} is not a local folder, and it is not in the Hugging Face cache ({why}). "
+                "Pass the folder of a saved model (model.save_pretrained(DIR)), or download it first where the Hub is "
+                f"reachable: hf download {name_or_path}"
+            ) from None
         raise InvalidInputError(f"could not load the config of model {name_or_path!r}: {e}") from None
     archs = getattr(config, "architectures", None) or []
     task_type = "sequence_classification" if any(a.endswith("ForSequenceClassification") for a in archs) else "causal_lm"
@@ -877,9 +885,19 @@ def _load_model(name_or_path: str, config: Any, dtype: str, device: str):
         raise InvalidInputError(f"could not load model {name_or_path!r}: {e}") from None
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "tokenizer.model", "spiece.model")
+
+
 def _load_tokenizer(name_or_path: str):
     import transformers
 
+    folder = Path(name_or_path)
+    if folder.is_dir() and not any((folder / f).exists() for f in TOKENIZER_FILES):
+        raise InvalidInputError(
+            f"the data has text, but {name_or_path!r} holds no tokenizer ({', '.join(TOKENIZER_FILES[:2])}, ...): save "
+            "the tokenizer next to the model (tokenizer.save_pretrained(DIR)), or give a .jsonl data file with "
+            "ready 'input_ids'"
+        )
     try:
         return transformers.AutoTokenizer.from_pretrained(name_or_path)
     except Exception as e:
@@ -1050,7 +1068,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from hf_fisher.demo import add_arguments  # light: the demo imports torch only when it runs
 
-    p = sub.add_parser("demo", help="train a tiny LLaMA on a copy task and show its Fisher information")
+    p = sub.add_parser("demo", help="two tiny tasks end to end: Trainer + FisherCallback, top heads, pruning, Fisher merging, report")
     add_arguments(p)
     p.set_defaults(func=_cmd_demo)
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The demo command: set up .venv if needed, then train a tiny LLaMA on a copy task, collect its
-# Fisher information, print the most important heads and channels, and save the artifact.
-# Extra arguments go to the demo, e.g.  bash scripts/demo.sh --out /tmp/fisher-copy
+# The demo command: set up .venv if needed, then run the offline demo: a tiny LLaMA on two
+# generated tasks (Trainer + FisherCallback), top heads, pruning, Fisher merging vs averaging,
+# a report with plots, all in one folder. Extra arguments go to the demo, e.g.
+#   bash scripts/demo.sh --out /tmp/hf-fisher-demo
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 bash "$repo/scripts/setup.sh"

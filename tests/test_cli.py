@@ -286,28 +286,64 @@ def test_overwrite_replaces_a_previous_artifact(workspace, tmp_path, capsys):
     assert Fisher.from_pretrained(out).counts.samples == 3
 
 
+DEMO_TOP = ["base", "copy", "copy.txt", "merged-average", "merged-fisher", "pruned-copy", "report", "reverse", "reverse.txt"]
+
+
 def test_demo_trains_collects_and_saves(tmp_path, capsys):
+    """Every stage of the demo on small options: base, Trainer + FisherCallback per task, heads,
+    pruning, Fisher vs average merging with the score table, report; all inside --out."""
+    import json
+
     from hf_fisher import Fisher
 
     root = tmp_path / "demo"
-    out = root / "fisher-copy"
-    assert main(["demo", "--out", str(root), "--samples", "24"]) == 0
+    small = ["--steps", "150", "--task-steps", "20", "--samples", "24", "--card-lines", "3"]
+    assert main(["demo", "--out", str(root), *small]) == 0
     text = capsys.readouterr().out
+    # 1. the base learned the copy task (the easy one) on the mixed batches
     before, after, acc = map(float, re.search(r"copy loss ([\d.]+) -> ([\d.]+), copy accuracy ([\d.]+)%", text).groups())
-    assert after < 0.25 * before and acc > 90.0  # the copy task was learned
-    fisher = Fisher.from_pretrained(out)
-    assert fisher.metadata.task == "copy" and fisher.reduction == "group" and fisher.counts.samples == 24
-    assert fisher.counts.tokens == 24 * 8  # loss on the 8 copied tokens only
+    assert after < 0.25 * before and acc > 90.0
+    assert (root / "base" / "config.json").is_file() and (root / "base" / "tokenizer.json").is_file()
+    # 2. one Trainer fine-tune per task; FisherCallback's artifact in <task>/fisher
+    for task in ("copy", "reverse"):
+        assert re.search(rf"Fine-tuning a {task} model from the base: transformers.Trainer, 20 steps", text)
+        fisher = Fisher.from_pretrained(root / task / "fisher")
+        assert fisher.metadata.task == task and fisher.reduction == "group" and fisher.metadata.mode == "train"
+        assert fisher.counts.samples == 20 * 32 and fisher.counts.tokens == 20 * 32 * 8  # loss on the answer only
+        assert (root / task / "fisher" / "README.md").is_file()
+        assert (root / task / "model" / "model.safetensors").is_file()
+        assert sorted(p.name for p in (root / task).iterdir()) == ["fisher", "model"]
+    # 3. the most important heads of each task
     assert len(table(text, "Top 8 of 8 attention heads")) == 8
-    assert f"Saved the Fisher artifact to {out}" in text
+    assert re.search(r"top heads of copy +: L\d\.H\d \d+%", text) and re.search(r"top heads of reverse +: L\d\.H\d", text)
+    # 4. pruning: a smaller model, its loss before / after
+    m = re.search(r"([\d,]+) -> ([\d,]+) parameters; copy loss ([\d.]+) -> ([\d.]+)", text)
+    n_before, n_after = (int(x.replace(",", "")) for x in m.groups()[:2])
+    assert n_after < 0.9 * n_before
+    pruning = json.loads((root / "pruned-copy" / "pruning.json").read_text())
+    assert pruning["stats"]["score"] == "kfac" and pruning["removed"]
+    assert (root / "pruned-copy" / "model.safetensors").is_file()
+    # 5. the merges and the score table: four rows, each with both tasks' losses
+    for name in ("merged-average", "merged-fisher"):
+        assert (root / name / "merge_recipe.yaml").is_file() and (root / name / "README.md").is_file()
+    rows = table(text, "Held-out loss per task")
+    labels = [" ".join(r[:2]) for r in rows]
+    assert labels == ["copy model", "reverse model", "average merge", "Fisher merge"]
+    for line in text.split("Held-out loss per task")[1].splitlines()[3:7]:
+        assert len(re.findall(r"\d+\.\d{3}", line)) == 3  # copy loss, reverse loss, mean
+    # 6. the report
+    report = sorted(p.name for p in (root / "report").iterdir())
+    assert "report.csv" in report and "summary.txt" in report and any(n.endswith(".png") for n in report)
+    assert "Everything is in" in text and "merged-fisher/" in text.split("Everything is in")[1]
 
     # everything is written inside --out, nothing beside it
     assert [p.name for p in tmp_path.iterdir()] == ["demo"]
-    assert sorted(p.name for p in root.iterdir()) == ["copy.txt", "fisher-copy", "tiny-llama-copy"]
+    assert sorted(p.name for p in root.iterdir()) == DEMO_TOP
 
     # the command the demo suggests works on what it saved
-    model_dir, data = root / "tiny-llama-copy", root / "copy.txt"
+    model_dir, data = root / "copy" / "model", root / "copy.txt"
     assert len(data.read_text().splitlines()) == 24
+    assert f"--model {model_dir} --data {data}" in text
     assert main(["collect", "--model", str(model_dir), "--data", str(data), "--task", "copy",
                  "--out", str(root / "fisher-cli"), "--no-progress"]) == 0
     cli_text = capsys.readouterr()
@@ -317,6 +353,13 @@ def test_demo_trains_collects_and_saves(tmp_path, capsys):
     assert Fisher.from_pretrained(root / "fisher-cli").counts.tokens == 24 * (2 * 8 + 1)  # every token after <s>
 
     # a second run replaces the demo's own output (including the folder of its suggested command)
-    assert main(["demo", "--out", str(root), "--samples", "16", "--steps", "5"]) == 0
-    assert Fisher.from_pretrained(out).counts.samples == 16
-    assert sorted(p.name for p in root.iterdir()) == ["copy.txt", "fisher-cli", "fisher-copy", "tiny-llama-copy"]
+    # and the layout of the demo's earlier version (fisher-copy/, tiny-llama-copy/)
+    (root / "fisher-copy").mkdir()
+    Fisher.from_pretrained(root / "fisher-cli").save_pretrained(root / "fisher-copy")
+    (root / "tiny-llama-copy").mkdir()
+    (root / "tiny-llama-copy" / "config.json").write_text("{}")
+    assert main(["demo", "--out", str(root), "--samples", "16", "--steps", "5", "--task-steps", "2"]) == 0
+    assert Fisher.from_pretrained(root / "copy" / "fisher").counts.samples == 2 * 32
+    assert len((root / "reverse.txt").read_text().splitlines()) == 16
+    assert sorted(p.name for p in root.iterdir()) == sorted([*DEMO_TOP, "fisher-cli"])
+    assert [p.name for p in tmp_path.iterdir()] == ["demo"]

@@ -494,3 +494,24 @@ def test_every_option_has_help():
                 continue
             assert action.help and action.help.strip() and action.help != argparse.SUPPRESS, \
                 f"{path} {action.option_strings or action.dest}: no help"
+
+
+# ----------------------------------------------------------------------------- newcomer mistakes
+def test_hub_id_while_offline_says_what_to_do(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    (tmp_path / "d.txt").write_text("a line\n")
+    rc = main(["collect", "--model", "someone/some-model", "--data", str(tmp_path / "d.txt"), "--task", "t",
+               "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "not a local folder" in err and "HF_HUB_OFFLINE" in err and "hf download someone/some-model" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_model_folder_without_tokenizer_and_text_data(tmp_path, capsys):
+    tm.llama(torch.float32).save_pretrained(tmp_path / "m")
+    (tmp_path / "d.txt").write_text("a line\n\nanother line\n")
+    rc = main(["collect", "--model", str(tmp_path / "m"), "--data", str(tmp_path / "d.txt"), "--task", "t",
+               "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "holds no tokenizer" in err and "tokenizer.save_pretrained" in err and "input_ids" in err
+    assert not (tmp_path / "out").exists()

@@ -538,7 +538,7 @@ def test_obs_greedy_equals_brute_force_weighted_least_squares():
         s = torch.linalg.lstsq(A, target.unsqueeze(1)).solution.squeeze(1)
         return s, 0.5 * float(((A @ s) - target).pow(2).sum())
 
-    kept, total = list(range(n_units)), 0.0
+    kept = list(range(n_units))
     for _ in range(3):
         best = min(kept, key=lambda k: fit([j for j in kept if j != k])[1])
         kept.remove(best)

@@ -32,7 +32,11 @@ def _log_once(model_type: str | None, model: Any) -> None:
             return
         _logged_model_types.add(model_type)
     what = model_type if model_type is not None else f"<{type(model).__name__} without config>"
-    logger.info("no adapter for model type %s; using generic per-output-channel groups", what)
+    logger.info(
+        "no adapter for model type %s; using generic per-output-channel groups (Fisher per parameter and per output "
+        "channel are exact; heads and MLP channels are not described, so head importance, head pruning and QK-OV need "
+        "an adapter: see plugins/README.md to write one)", what,
+    )
 
 
 def reset_log_once() -> None:

@@ -181,7 +181,9 @@ def test_discovered_only_through_its_entry_point(monkeypatch):
     assert eps[0].value == "hf_fisher_bert.layout" and eps[0].dist.metadata["Name"] == DISTRIBUTION
     assert not any("hf_fisher_bert" in m for m in plugins.BUILTIN_PLUGINS)
     adapters = [d for d in plugins.describe() if d["kind"] == "adapter"]
-    assert {"kind": "adapter", "name": ADAPTER, "plugin": ADAPTER, "distribution": DISTRIBUTION} in adapters
+    mine = [a for a in adapters if a["name"] == ADAPTER]
+    assert len(mine) == 1 and mine[0]["plugin"] == ADAPTER and mine[0]["distribution"] == DISTRIBUTION
+    assert mine[0]["order"] == "tryfirst" and "bert" in mine[0]["model_types"] and mine[0]["version"]
     names = [d["name"] for d in adapters]
     assert names.index(ADAPTER) < names.index("hf_fisher.architectures.generic")
     listed = {p["name"]: p for p in plugins.list_plugins()}
