@@ -510,10 +510,15 @@ class PerSampleEngine:
             self._reduce(id(t.param))
 
     def _finish(self, verify_grads: dict[int, torch.Tensor | None] | None) -> None:
-        for t in self.targets:
-            pid = id(t.param)
-            if pid not in self._done:
-                self._reduce(pid)
+        from .rules import release_grams
+
+        try:
+            for t in self.targets:
+                pid = id(t.param)
+                if pid not in self._done:
+                    self._reduce(pid)
+        finally:
+            release_grams()
         if verify_grads is not None:
             self._verify(verify_grads)
 

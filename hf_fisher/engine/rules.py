@@ -180,6 +180,27 @@ class DensePart(Part):
         return self.per_sample.sum(0)
 
 
+_LAST_GRAM: list = []  # [(v, K)]: the most recent per-sample Gram, see _gram
+
+
+def _gram(v: torch.Tensor) -> torch.Tensor:
+    """``K = v vᵀ`` per sample ``[b, T, T]``. Weights reduced one after another often share their
+    input (q/k/v projections, gate/up): the last Gram is reused when ``v`` is a view of the same
+    memory with the same shape and strides (the entry keeps ``v`` alive, so its memory cannot be
+    reused by another tensor meanwhile); only one Gram is ever kept."""
+    key = (v.data_ptr(), tuple(v.shape), tuple(v.stride()), v.dtype, v.device)
+    if _LAST_GRAM and _LAST_GRAM[0][0] == key:
+        return _LAST_GRAM[0][2]
+    K = torch.bmm(v, v.transpose(1, 2))
+    _LAST_GRAM[:] = [(key, v, K)]
+    return K
+
+
+def release_grams() -> None:
+    """Drop the kept Gram (the engine calls it when a batch's reductions are done)."""
+    _LAST_GRAM.clear()
+
+
 class OuterProductPart(Part):
     """``G_i = U_i^T V_i`` with ``U`` [B, T, R] (rows of the parameter) and ``V`` [B, T, C].
 
@@ -213,8 +234,7 @@ class OuterProductPart(Part):
             outs = []
             for lo in range(0, U.shape[0], chunk):
                 u, v = U[lo : lo + chunk], V[lo : lo + chunk]
-                K = torch.bmm(v, v.transpose(1, 2))
-                outs.append(torch.bmm(K, u).mul_(u).sum(dim=1))
+                outs.append(torch.bmm(_gram(v), u).mul_(u).sum(dim=1))
             return torch.cat(outs)
         chunk = max(1, budget_elems // max(1, R * C))
         outs = []
@@ -391,6 +411,49 @@ class EmbeddingRule(GradRule):
 _BODIES: dict[type, "str | None"] = {}
 
 
+class RMSNormRule(GradRule):
+    """LLaMA-style RMSNorm ``y = w ⊙ x̂``, ``x̂ = (x / sqrt(mean(x²) + ε))`` computed in float32
+    and cast back to the input dtype (HF's forward): the per-sample weight gradient is
+    ``G_i = Σ_t δ_it ⊙ x̂_it`` over the sample's positions (and heads, for a per-head norm such as
+    Qwen3's ``q_norm``). Registered for the transformers classes whose forward is that one
+    (:func:`rmsnorm_classes`)."""
+
+    def parts(self, call):
+        params = _trainable(call.module)
+        x = call.input("hidden_states")
+        xf = x.to(torch.float32)
+        xhat = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + call.module.variance_epsilon)).to(x.dtype)
+        a = _flat_tokens(call, xhat)
+        g = _flat_tokens(call, call.grad_output)
+        return {"weight": DensePart(params["weight"], (g * a).sum(1), call.scale)} if "weight" in params else {}
+
+
+#: (module, class) of transformers RMSNorms the rule knows, when their forward is LLaMA's
+_RMSNORMS = (
+    ("llama", "LlamaRMSNorm"), ("mistral", "MistralRMSNorm"), ("qwen2", "Qwen2RMSNorm"), ("qwen3", "Qwen3RMSNorm"),
+    ("mixtral", "MixtralRMSNorm"), ("qwen2_moe", "Qwen2MoeRMSNorm"), ("qwen3_moe", "Qwen3MoeRMSNorm"),
+)
+
+
+def rmsnorm_classes() -> list[type]:
+    """The installed transformers RMSNorm classes whose forward is exactly LlamaRMSNorm's."""
+    import importlib
+
+    out: list[type] = []
+    ref = None
+    for mod, name in _RMSNORMS:
+        try:
+            cls = getattr(importlib.import_module(f"transformers.models.{mod}.modeling_{mod}"), name)
+        except (ImportError, AttributeError):
+            continue
+        body = forward_body(cls)
+        if ref is None:
+            ref = body
+        if body is not None and body == ref:
+            out.append(cls)
+    return out
+
+
 def forward_body(cls: type) -> "str | None":
     """The statements of ``cls.forward`` (docstring dropped), unparsed by :mod:`ast`, cached.
 
@@ -498,6 +561,9 @@ def conv1d_type():
 def hf_fisher_register_grad_rules(register):
     register(nn.Linear, LinearRule())
     register(nn.Embedding, EmbeddingRule())
+    rms = RMSNormRule()
+    for cls in rmsnorm_classes():
+        register(cls, rms)
     conv1d = conv1d_type()
     if conv1d is not None:
         register(conv1d, Conv1DRule())
