@@ -9,9 +9,10 @@
 (c) the same with ``FisherCallback("probe", probe_data=..., probe_every_n_steps=--probe-every)``;
     reported as the cost of one probe relative to a plain forward + backward over the probe set.
 
-Times are medians of ``--repeats`` runs after one warm-up run; each run builds a fresh model
-(seeded), so the runs are identical. Memory: extra peak RSS of one ``train()`` above the loaded
-model, in a fresh process per measurement (``/proc/self/clear_refs`` + VmHWM, as
+Times are medians of ``--repeats`` runs after one warm-up run per method, the methods
+interleaved run by run; each run builds a fresh model (seeded), so the runs are identical.
+Memory: extra peak RSS of one ``train()`` above the loaded model, in a fresh process per
+measurement (``/proc/self/clear_refs`` + VmHWM, as
 bench_engine.py). Targets (issue 5): (b) <= 1.2x the time and <= 1.1x the memory of (a).
 """
 
@@ -144,10 +145,16 @@ def main(argv=None) -> int:
     import logging
 
     logging.getLogger("transformers").setLevel(logging.ERROR)
-    times = {}
-    for method in ("plain", "training", "probe"):
+    methods = ("plain", "training", "probe")
+    for method in methods:
         run(spec, method, steps, a.probe_every)  # warm-up
-        times[method] = statistics.median(run(spec, method, steps, a.probe_every) for _ in range(repeats))
+    # interleaved (plain, training, probe, plain, ...): a change of the machine's load during the
+    # run hits every method alike instead of one block of repeats
+    samples = {m: [] for m in methods}
+    for _ in range(repeats):
+        for method in methods:
+            samples[method].append(run(spec, method, steps, a.probe_every))
+    times = {m: statistics.median(v) for m, v in samples.items()}
     probes = steps // a.probe_every + (0 if steps % a.probe_every == 0 else 1)
     probe_set = plain_fwd_bwd(spec, 2)
     per_probe = (times["probe"] - times["plain"]) / max(1, probes)
