@@ -1029,6 +1029,16 @@ paths are read relative to the recipe's folder.
 MERGE_DTYPES = ("float32", "float64", "bfloat16", "float16")
 
 
+def _add_task_data_options(p: argparse.ArgumentParser) -> None:
+    """The data and model-loading options of the commands that read one file per task."""
+    p.add_argument("--encoding", default="utf-8", help="text encoding of the data files (default utf-8)")
+    p.add_argument("--batch-size", type=int, default=8, help="samples per batch (default 8)")
+    p.add_argument("--max-length", type=int, default=512, help="truncate samples to this many tokens (default 512)")
+    p.add_argument("--max-samples", type=int, default=None, help="use at most the first N samples of each task")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default cpu)")
+    p.add_argument("--dtype", choices=MODEL_DTYPES, default="float32", help="dtype the model is loaded in (default float32)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``hf-fisher`` argument parser (imports nothing heavy: no torch)."""
     parser = argparse.ArgumentParser(
@@ -1149,12 +1159,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--layers", default=None, help="comma-separated layers to analyse (default all)")
         p.add_argument("--memory-budget-mb", type=float, default=512.0, help="bound on each task's stored per-sample gradients (default 512)")
         p.add_argument("--top", type=int, default=20, help="top entries reported (default 20)")
-        p.add_argument("--encoding", default="utf-8", help="text encoding of the data files (default utf-8)")
-        p.add_argument("--batch-size", type=int, default=8, help="samples per batch (default 8)")
-        p.add_argument("--max-length", type=int, default=512, help="truncate samples to this many tokens (default 512)")
-        p.add_argument("--max-samples", type=int, default=None, help="use at most the first N samples of each task")
-        p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default cpu)")
-        p.add_argument("--dtype", choices=MODEL_DTYPES, default="float32", help="dtype the model is loaded in (default float32)")
+        _add_task_data_options(p)
         p.add_argument("--no-progress", action="store_true", help="no progress bars")
         if name == "qkov":
             p.add_argument("--variant", choices=("unsigned", "signed", "symmetric", "natural"), default="unsigned", help="interference metric (default unsigned)")
@@ -1173,12 +1178,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an analysis already in --out (never other files)")
     p.add_argument("--stages", default=None, help="comma-separated stages to run (default all; see `hf-fisher plugins`)")
     p.add_argument("--sparsity", type=float, default=0.3, help="pruning stage sparsity (default 0.3)")
-    p.add_argument("--encoding", default="utf-8", help="text encoding of the data files (default utf-8)")
-    p.add_argument("--batch-size", type=int, default=8, help="samples per batch (default 8)")
-    p.add_argument("--max-length", type=int, default=512, help="truncate samples to this many tokens (default 512)")
-    p.add_argument("--max-samples", type=int, default=None, help="use at most the first N samples of each task")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default cpu)")
-    p.add_argument("--dtype", choices=MODEL_DTYPES, default="float32", help="dtype the model is loaded in (default float32)")
+    _add_task_data_options(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_analyze)
     return parser

@@ -322,10 +322,10 @@ def _resolve_names(model: Any, params: Any, layers: Iterable[int] | None) -> lis
 
 
 def _check_budget(model: Any, names: list[str], batches: list, dtype: torch.dtype, budget: float, task: str) -> None:
-    shapes = dict(model.named_parameters())
-    per_sample = sum(shapes[n].numel() for n in names) * torch.empty((), dtype=dtype).element_size()
+    from hf_fisher.consumers.gradient_store import samples_that_fit
+
+    fit, per_sample = samples_that_fit(model, names, dtype, budget)
     n = sum(int(b["input_ids"].shape[0]) for b in batches)
-    fit = int(budget * 2**20 // per_sample)
     if n > fit:
         raise InvalidInputError(
             f"task {task}: {n} samples x {per_sample / 2**20:.2f} MB of gradients need {n * per_sample / 2**20:.1f} MB; "

@@ -15,10 +15,11 @@ most recent samples that fit (the oldest are dropped; ``evicted`` counts them).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import torch
 import torch.nn as nn
@@ -74,6 +75,26 @@ class GradientStore:
         return out
 
 
+@contextlib.contextmanager
+def only_trainable(model: nn.Module, names: Sequence[str]) -> Iterator[None]:
+    """Within the block, ``names`` are the model's only trainable parameters and the model is in
+    eval mode; every ``requires_grad`` flag and the train/eval mode are restored afterwards."""
+    params = dict(model.named_parameters())
+    saved = [(p, p.requires_grad) for p in model.parameters()]
+    was = model.training
+    try:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for n in names:
+            params[n].requires_grad_(True)
+        model.eval()
+        yield
+    finally:
+        for p, flag in saved:
+            p.requires_grad_(flag)
+        model.train(was)
+
+
 def attention_params(model: nn.Module, layout, layers: Iterable[int] | None = None) -> list[str]:
     """The parameters holding the Q/K/V/O slices of the layout's attention heads (of ``layers``)."""
     if not layout.attention:
@@ -116,6 +137,14 @@ class _StoreSink(ContributionSink):
             return bad.nonzero().flatten().tolist()
         self.pending.setdefault(name, []).append(gradients.detach().to("cpu", self.dtype).clone())
         return []
+
+
+def samples_that_fit(model: nn.Module, names: Sequence[str], dtype: torch.dtype, memory_budget_mb: float) -> tuple[int, int]:
+    """``(samples the budget holds, bytes per sample)`` for stored gradients of ``names`` in ``dtype``:
+    a sample costs ``Σ numel × element size``."""
+    params = dict(model.named_parameters())
+    per_sample = sum(params[n].numel() for n in names) * torch.empty((), dtype=dtype).element_size()
+    return int(memory_budget_mb * 2**20 // max(per_sample, 1)), per_sample
 
 
 def _count_samples(batches: Sequence[Mapping[str, Any]]) -> int:
@@ -174,8 +203,7 @@ def store_gradients(
     missing = [n for n in names if n not in all_params]
     if missing or not names:
         raise InvalidInputError(f"params: {missing[:3] or 'nothing'} {'is' if len(missing) == 1 else 'are'} not parameters of the model")
-    per_sample = sum(all_params[n].numel() for n in names) * torch.empty((), dtype=dtype).element_size()
-    fit = int(memory_budget_mb * 2**20 // per_sample)
+    fit, per_sample = samples_that_fit(model, names, dtype, memory_budget_mb)
     total = _count_samples(batches)
     wanted = total if max_samples is None else min(total, max_samples)
     if fit < 1 or (wanted > fit and on_budget == "refuse"):
@@ -186,18 +214,11 @@ def store_gradients(
             "or on_budget='evict' (keeps the most recent samples that fit)"
         )
     shapes = {n: tuple(all_params[n].shape) for n in names}
-    saved = [(p, p.requires_grad) for p in model.parameters()]
-    was = model.training
     kept: dict[str, list[torch.Tensor]] = {n: [] for n in names}
     ids: list[tuple[int, int]] = []
     evicted = 0
     sink = _StoreSink(shapes, dtype)
-    try:
-        for p in model.parameters():
-            p.requires_grad_(False)
-        for n in names:
-            all_params[n].requires_grad_(True)
-        model.eval()
+    with only_trainable(model, names):
         engine = PerSampleEngine(model, [Target(n, all_params[n], None) for n in names], plugins.grad_rules(),
                                  task_type=task_type_of(model), normalization=normalization)
         try:
@@ -218,10 +239,6 @@ def store_gradients(
                     evicted += drop
         finally:
             engine.capture.detach()
-    finally:
-        for p, flag in saved:
-            p.requires_grad_(flag)
-        model.train(was)
     grads = {n: (torch.cat(kept[n]) if kept[n] else torch.zeros((0, *shapes[n]), dtype=dtype)) for n in names}
     if evicted:
         logger.warning("gradient store (%s): the budget of %g MB holds %d samples; evicted the %d oldest",

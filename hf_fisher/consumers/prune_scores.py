@@ -46,6 +46,7 @@ import torch
 import torch.nn as nn
 
 from hf_fisher import analysis
+from hf_fisher.consumers.gradient_store import only_trainable
 from hf_fisher.consumers.prune_units import Unit, input_axis, owner
 from hf_fisher.engine.per_sample import ContributionSink
 from hf_fisher.errors import InvalidInputError, UnsupportedError
@@ -180,16 +181,9 @@ def calibration_gradient(model: nn.Module, names: Sequence[str], batches) -> dic
 
     params = _params(model)
     targets = [params[n] for n in names]
-    saved = [(p, p.requires_grad) for p in model.parameters()]
-    was = model.training
     total = {n: torch.zeros(params[n].shape, dtype=torch.float64) for n in names}
     count = 0
-    try:
-        model.eval()
-        for p in model.parameters():
-            p.requires_grad_(False)
-        for p in targets:
-            p.requires_grad_(True)
+    with only_trainable(model, names):
         for batch in batches:
             with torch.enable_grad():
                 loss = model_loss(model, batch)
@@ -198,10 +192,6 @@ def calibration_gradient(model: nn.Module, names: Sequence[str], batches) -> dic
                 if g is not None:
                     total[n] += g.detach().to("cpu", torch.float64)
             count += 1
-    finally:
-        for p, flag in saved:
-            p.requires_grad_(flag)
-        model.train(was)
     if count == 0:
         raise InvalidInputError("no calibration batches: the Taylor scores need at least one batch")
     return {n: t / count for n, t in total.items()}
@@ -214,16 +204,9 @@ def calibration_fisher(model: nn.Module, names: Sequence[str], batches, *, progr
 
     from hf_fisher.api import collect
 
-    saved = [(p, p.requires_grad) for p in model.parameters()]
-    params = _params(model)
-    try:
-        for n in names:
-            params[n].requires_grad_(True)
+    with only_trainable(model, names):
         pattern = "^(" + "|".join(re.escape(n) for n in names) + ")$"
         fisher = collect(model, batches, reduction="param", params=pattern, progress=progress, task="calibration")
-    finally:
-        for p, flag in saved:
-            p.requires_grad_(flag)
     return {n: fisher[n] for n in names}
 
 
@@ -282,16 +265,9 @@ def mask_fisher(model: nn.Module, units: Sequence[Unit], batches, *, progress: b
 
     names = _unit_params(units, out=True)
     params = _params(model)
-    saved = [(p, p.requires_grad) for p in model.parameters()]
-    was = model.training
     sink = _MaskGradSink(model, units)
     n = 0
-    try:
-        for p in model.parameters():
-            p.requires_grad_(False)
-        for name in names:
-            params[name].requires_grad_(True)
-        model.eval()
+    with only_trainable(model, names):
         engine = PerSampleEngine(
             model, [Target(name, params[name], None) for name in names], plugins.grad_rules(),
             task_type=task_type_of(model), normalization="mean",
@@ -303,10 +279,6 @@ def mask_fisher(model: nn.Module, units: Sequence[Unit], batches, *, progress: b
                 n += report.used
         finally:
             engine.capture.detach()
-    finally:
-        for p, flag in saved:
-            p.requires_grad_(flag)
-        model.train(was)
     if n == 0:
         raise InvalidInputError("no calibration sample has a label token: the mask Fisher needs some")
     return sink.total / n

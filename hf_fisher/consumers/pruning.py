@@ -482,17 +482,12 @@ def _output_fishers(model, units: Sequence[Unit], calibration) -> dict:
 
     from hf_fisher.api import collect
 
+    from hf_fisher.consumers.gradient_store import only_trainable
+
     names = list(dict.fromkeys(s.param for u in units for s in u.out))
-    saved = [(p, p.requires_grad) for p in model.parameters()]
-    params = dict(model.named_parameters())
-    try:
-        for n in names:
-            params[n].requires_grad_(True)
+    with only_trainable(model, names):
         kf = collect(model, calibration, estimator="kfac", params="^(" + "|".join(re.escape(n) for n in names) + ")$",
                      progress=False, task="calibration")
-    finally:
-        for p, flag in saved:
-            p.requires_grad_(flag)
     return {L.weight: L for L in kf.layers.values()}
 
 

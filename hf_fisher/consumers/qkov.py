@@ -84,7 +84,7 @@ from torch import nn
 
 from ..errors import InvalidInputError, ModelMismatchError
 from ..hookspecs import hookimpl
-from .gradient_store import GradientStore, attention_params, store_gradients
+from .gradient_store import GradientStore, attention_params, samples_that_fit, store_gradients
 
 __all__ = ["AGGREGATES", "BLOCKS", "FISHER_FROM", "VARIANTS", "QKOVResult", "qkov_interference"]
 
@@ -516,12 +516,11 @@ def qkov_interference(
     # ---- budget of the stores to build (both tasks together), before any work
     to_build = [w for w in ("A", "B") if not isinstance(inputs[w], GradientStore) and not (w == "B" and same)]
     if to_build:
-        per_sample = sum(params[n].numel() for n in names) * torch.empty((), dtype=dtype).element_size()
+        fit, per_sample = samples_that_fit(model, names, dtype, memory_budget_mb)
         counts = {w: _count_rows(inputs[w], w) for w in to_build}
         if max_samples is not None:
             counts = {w: min(c, max_samples) for w, c in counts.items()}
         total = sum(counts.values())
-        fit = int(memory_budget_mb * 2**20 // per_sample)
         if total > fit:
             detail = " + ".join(f"{c} of task {w}" for w, c in counts.items())
             raise InvalidInputError(
