@@ -365,6 +365,46 @@ def test_mismatch_tolerates_rounding_noise_of_a_zero_gradient_but_not_a_missing_
     assert key == "key_bias"
 
 
+def test_first_batch_check_through_random_directions_catches_one_missing_row():
+    """The first batch's check compares the summed parts with autograd's batch gradient through
+    k fixed Gaussian directions (``PerSampleEngine._verify_probe``): exact totals pass; totals
+    missing one row of one matrix (its largest, ~0.28 of its norm here) are caught and named; the
+    directions come from their own generator (the global RNG is untouched)."""
+    from hf_fisher.collector import FisherCollector
+
+    model = tm.llama(torch.float32)
+    state = torch.get_rng_state()
+    engine = FisherCollector(model, reduction="group").engine
+    batch = tm.padded_batch([6, 4], seed=3)
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
+    params = [t.param for t in engine.targets]
+    grads = dict(zip(map(id, params), torch.autograd.grad(out.loss, params)))
+
+    def totals(g):
+        out = {}
+        for t in engine.targets:
+            probe = engine._verify_probe(t.param)
+            out[id(t.param)] = g[id(t.param)] if probe is None else g[id(t.param)] @ probe
+        return out
+
+    engine._totals = totals(grads)
+    bad, _ = engine.check_totals(grads)
+    assert bad is None
+    assert torch.equal(torch.get_rng_state(), state)
+    assert any(engine._verify_probe(p) is not None for p in params)  # matrices are projected
+    w = model.model.layers[0].mlp.down_proj.weight
+    assert engine._verify_probe(w) is not None
+    g = grads[id(w)]
+    row = int(g.norm(dim=1).argmax())
+    broken = dict(grads)
+    broken[id(w)] = g.clone()
+    broken[id(w)][row] = 0
+    assert float(g[row].norm() / g.norm()) > 0.1
+    engine._totals = totals(broken)
+    bad, _ = engine.check_totals(grads)
+    assert bad is not None and bad[0] == id(w)
+
+
 # --------------------------------------------------------------------------- 4. rule selection
 
 

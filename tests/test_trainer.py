@@ -200,3 +200,31 @@ def test_bad_arguments_are_refused_before_training():
         hf_fisher.FisherCallback(output_subdir="../elsewhere")
     with pytest.raises(InvalidInputError, match="matches no trainable parameter"):
         hf_fisher.FisherCollector(tm.llama(torch.float32), params="no_such_thing")
+
+
+def test_training_mode_reduces_each_parameter_inside_the_backward(tmp_path):
+    """The free path reduces a parameter as soon as its gradient factors arrive, inside the
+    Trainer's backward (so they are freed at once), not after it: every reduction of this model
+    (single-output modules only) runs while autograd's graph task is active."""
+    from transformers import TrainerCallback
+
+    model = tm.llama(torch.float32)
+    cb = hf_fisher.FisherCallback(reduction="group")
+    where: list[int] = []
+
+    class Spy(TrainerCallback):
+        def on_train_begin(self, *args, **kwargs):
+            engine = cb.collector.engine
+            reduce = engine._reduce
+
+            def spy(pid):
+                where.append(torch._C._current_graph_task_id())
+                return reduce(pid)
+
+            engine._reduce = spy
+
+    train(model, make_samples(), tmp_path, callbacks=[cb, Spy()])
+    assert cb.collector.fallback_batches == 0
+    n_params = sum(1 for p in model.parameters() if p.requires_grad)
+    assert len(where) == n_params * (N // 2)
+    assert all(task != -1 for task in where), f"{sum(t == -1 for t in where)} reductions ran after the backward"

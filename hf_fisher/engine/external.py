@@ -31,7 +31,7 @@ import torch
 
 from ..errors import HfFisherError, UnsupportedError
 from .losses import IGNORE_INDEX, label_counts, normalization_weights, token_labels
-from .per_sample import BatchReport, ContributionSink, PerSampleEngine, _keep_and_report, mismatch
+from .per_sample import BatchReport, ContributionSink, PerSampleEngine, _keep_and_report
 
 log = logging.getLogger("hf_fisher.engine")
 
@@ -149,6 +149,7 @@ class ExternalBackward:
         if micro is None or self.paused or not torch.is_grad_enabled():
             return None
         engine = self.engine
+        engine.expect_recorded_calls()  # the forward has recorded its calls now
         for c in engine.capture.calls:
             if any(c.batch_axis_kind(t) is None for t in c.tensors):
                 micro.failed = micro.failed or f"{type(c.module).__name__} output is shared by the batch"
@@ -270,9 +271,7 @@ class ExternalBackward:
 
     def _verify(self) -> None:
         engine = self.engine
-        ref = engine.reference_gradients(self._grads or {})
-        bad = mismatch(engine._totals, ref, engine._tolerance())
-        engine._totals = {}
+        bad, _ = engine.check_totals(self._grads or {})
         if bad is not None:
             pid, rel = bad
             raise UnsupportedError(

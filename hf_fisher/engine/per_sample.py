@@ -465,16 +465,22 @@ class PerSampleEngine:
         self._sink = sink
         self._shared = shared
         self._probe = probe
+        self._pending: dict[int, list[Part]] = {}
+        self._done: set[int] = set()
+        self._totals: dict[int, torch.Tensor] = {}
+        self._probe_grads: dict[int, torch.Tensor] = {}
+        self.expect_recorded_calls()
+
+    def expect_recorded_calls(self) -> None:
+        """Count, per parameter, the recorded calls whose parts it receives: a parameter is
+        reduced as soon as its last part arrives (during the backward, while its factors are
+        fresh, and freeing them). Called after the forward that recorded the calls."""
         expected: dict[int, int] = {}
         for c in self.capture.calls:
             for pid in self.owned.get(id(c.module), ()):
                 if pid in self.by_param and pid not in self.vjp_params:
                     expected[pid] = expected.get(pid, 0) + 1
         self._expected = expected
-        self._pending: dict[int, list[Part]] = {}
-        self._done: set[int] = set()
-        self._totals: dict[int, torch.Tensor] = {}
-        self._probe_grads: dict[int, torch.Tensor] = {}
 
     def _on_grad(self, call: ModuleCall) -> None:
         owned = self.owned.get(id(call.module), set())
@@ -526,10 +532,14 @@ class PerSampleEngine:
         target = self.by_param[pid]
         parts = self._pending.pop(pid, [])
         self._done.add(pid)
-        zeros = torch.zeros(target.param.shape, dtype=self.compute_dtype, device=self.device)
         if self.verify_next:
-            self._totals[pid] = sum((p.total() for p in parts), zeros)
+            probe = self._verify_probe(target.param)
+            if probe is None:
+                self._totals[pid] = sum(p.total() for p in parts) if parts else None
+            else:
+                self._totals[pid] = sum(p.total_times(probe) for p in parts) if parts else None
         if self._probe is not None:
+            zeros = torch.zeros(target.param.shape, dtype=self.compute_dtype, device=self.device)
             one = slice(self._probe, self._probe + 1)
             self._probe_grads[pid] = sum((p.materialize(one)[0] for p in parts), zeros)
         keep = self._keep
@@ -598,11 +608,46 @@ class PerSampleEngine:
             ref[id(t.param)] = torch.zeros_like(t.param, dtype=self.compute_dtype) if g is None else g.to(self.compute_dtype)
         return ref
 
-    def _verify(self, grads: dict[int, torch.Tensor | None]) -> None:
-        """Every parameter's parts add up to autograd's batch gradient (see :func:`mismatch`)."""
+    #: directions the first-batch check looks through (see :meth:`_verify_probe`)
+    VERIFY_DIRECTIONS = 8
+
+    def _verify_probe(self, param: torch.Tensor) -> "torch.Tensor | None":
+        """Gaussian directions ``P`` [last dim, k] (entries N(0, 1/k), a fixed seed, the global
+        RNG untouched) for a matrix whose last dimension exceeds 2k, else None (checked whole).
+
+        The first batch's check compares ``(Σ parts) P`` with ``grad P``: ``E‖E P‖² = ‖E‖²`` for any
+        error ``E``, and a missing, double-counted or misattributed part leaves an error of order
+        one, so it shows with probability one, at ~k/C of the cost of summing whole gradients
+        (the factored parts never form ``Uᵀ V``)."""
+        k = self.VERIFY_DIRECTIONS
+        if param.dim() < 2 or param.shape[-1] <= 2 * k:
+            return None
+        key = (int(param.shape[-1]), self.compute_dtype, self.device)
+        probes = self.__dict__.setdefault("_probes", {})
+        if key not in probes:
+            g = torch.Generator().manual_seed(0)
+            probes[key] = (torch.randn(key[0], k, generator=g, dtype=torch.float64) / k**0.5).to(self.compute_dtype).to(self.device)
+        return probes[key]
+
+    def check_totals(self, grads: Mapping[int, torch.Tensor | None]):
+        """Compare the first batch's summed parts (:attr:`_totals`) with autograd's batch
+        gradients ``grads`` (seen through :meth:`_verify_probe`). Returns ``(bad, ref)``: the
+        worst ``(id(param), relative error)`` beyond rounding (:func:`mismatch`) or None, and the
+        whole reference gradients. Forgets the totals."""
         ref = self.reference_gradients(grads)
-        bad = mismatch(self._totals, ref, self._tolerance())
-        self._totals = {}
+        mine, self._totals = self._totals, {}
+        seen = {}
+        for pid, r in ref.items():
+            probe = self._verify_probe(self.by_param[pid].param)
+            seen[pid] = r if probe is None else r @ probe
+            if mine.get(pid) is None:
+                mine[pid] = torch.zeros_like(seen[pid])
+        sizes = {pid: int(self.by_param[pid].param.numel()) for pid in ref}
+        return mismatch(mine, seen, self._tolerance(), sizes=sizes), ref
+
+    def _verify(self, grads: dict[int, torch.Tensor | None]) -> None:
+        """Every parameter's parts add up to autograd's batch gradient (see :meth:`check_totals`)."""
+        bad, ref = self.check_totals(grads)
         if bad is None:
             return
         pid, rel = bad
@@ -708,17 +753,20 @@ class PerSampleEngine:
         return report
 
 
-def mismatch(mine: dict, ref: dict, tol: float) -> "tuple[Any, float] | None":
-    """The first key whose tensors differ beyond rounding, with its relative error; None if none.
+def mismatch(mine: dict, ref: dict, tol: float, sizes: "dict | None" = None) -> "tuple[Any, float] | None":
+    """The key whose tensors differ most beyond rounding, with its relative error; None if none.
 
     Per parameter p: ``|mine_p - ref_p| <= tol * (|mine_p| + |ref_p|) + tol * G * sqrt(n_p / N)``
     (Frobenius norms), G the norm of the whole reference gradient over N elements. The second
     term is the rounding a parameter gets from the model's gradient scale: a parameter whose
     exact gradient is zero (an attention key bias: softmax is shift invariant) holds pure
-    rounding noise of that size. Any non-finite value is a mismatch.
+    rounding noise of that size. Any non-finite value is a mismatch. ``sizes`` gives the
+    element counts ``n_p`` when the tensors are norm-preserving projections of the parameters
+    (default: their own sizes).
     """
     total = sum(float(r.double().square().sum()) for r in ref.values())
-    count = sum(max(1, r.numel()) for r in ref.values())
+    size = (lambda key, r: max(1, sizes[key])) if sizes is not None else (lambda key, r: max(1, r.numel()))
+    count = sum(size(key, r) for key, r in ref.items())
     worst = None
     for key, r in ref.items():
         m = mine.get(key)
@@ -726,7 +774,7 @@ def mismatch(mine: dict, ref: dict, tol: float) -> "tuple[Any, float] | None":
         if not (torch.isfinite(r).all() and torch.isfinite(m).all()):
             return key, float("nan")
         err = float((m - r).double().norm())
-        allowed = tol * (float(m.double().norm()) + float(r.double().norm())) + tol * (total * max(1, r.numel()) / count) ** 0.5
+        allowed = tol * (float(m.double().norm()) + float(r.double().norm())) + tol * (total * size(key, r) / count) ** 0.5
         if err > allowed and err > 1e-300:
             rel = err / (float(r.double().norm()) + float(m.double().norm()) + 1e-300)
             if worst is None or rel > worst[1]:

@@ -112,6 +112,12 @@ class Part:
         """Unscaled sum over samples of the gradient (equals autograd's batch gradient)."""
         raise NotImplementedError
 
+    def total_times(self, probe: torch.Tensor) -> torch.Tensor:
+        """``total() @ probe`` (``probe`` [last dim, k]): the batch gradient seen through a few
+        directions, for the engine's first-batch check. Default: from :meth:`total`; parts
+        whose factors give it cheaper override it."""
+        return self.total() @ probe.to(self.param.device)
+
 
 Samples = "slice | torch.Tensor"
 
@@ -248,6 +254,12 @@ class OuterProductPart(Part):
         V = self.V.reshape(-1, self.V.shape[-1])
         return U.t() @ V
 
+    def total_times(self, probe):
+        # Uᵀ (V P): ~T·(R + C)·k per sample instead of the T·R·C of the gradient itself
+        U = self.U.reshape(-1, self.U.shape[-1])
+        V = self.V.reshape(-1, self.V.shape[-1])
+        return U.t() @ (V @ probe.to(V.dtype))
+
 
 class EmbeddingPart(Part):
     """``G_i[r] = sum_{t: ids_it = r} g_it`` for an embedding table [num_rows, dim]."""
@@ -310,6 +322,10 @@ class EmbeddingPart(Part):
     def total(self):
         g = self.grads.reshape(-1, self.grads.shape[-1])
         return g.new_zeros(self.param.shape).index_add_(0, self.ids.reshape(-1), g)
+
+    def total_times(self, probe):
+        g = self.grads.reshape(-1, self.grads.shape[-1]) @ probe.to(self.grads.dtype)
+        return g.new_zeros(self.num_rows, g.shape[1]).index_add_(0, self.ids.reshape(-1), g)
 
 
 class GradRule:
@@ -420,12 +436,22 @@ class RMSNormRule(GradRule):
 
     def parts(self, call):
         params = _trainable(call.module)
+        if "weight" not in params:
+            return {}
         x = call.input("hidden_states")
-        xf = x.to(torch.float32)
-        xhat = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + call.module.variance_epsilon)).to(x.dtype)
-        a = _flat_tokens(call, xhat)
+        eps = call.module.variance_epsilon
         g = _flat_tokens(call, call.grad_output)
-        return {"weight": DensePart(params["weight"], (g * a).sum(1), call.scale)} if "weight" in params else {}
+        if x.dtype == torch.float32 and g.dtype == torch.float32:
+            # x̂ = x·r with r = 1/sqrt(mean(x²) + ε) per position: Σ_t δ_t ⊙ x_t · r_t, without
+            # forming x̂ (two passes over the activations instead of five). Only in float32, the
+            # precision HF computes x̂ in: other dtypes round x̂ as the forward does, below.
+            xt = _flat_tokens(call, x)
+            r = torch.linalg.vector_norm(xt, dim=-1, keepdim=True).square_().div_(xt.shape[-1]).add_(eps).rsqrt_()
+            return {"weight": DensePart(params["weight"], (g * xt).mul_(r).sum(1), call.scale)}
+        xf = x.to(torch.float32)
+        xhat = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+        a = _flat_tokens(call, xhat)
+        return {"weight": DensePart(params["weight"], (g * a).sum(1), call.scale)}
 
 
 #: (module, class) of transformers RMSNorms the rule knows, when their forward is LLaMA's
