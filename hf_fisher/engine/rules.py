@@ -22,6 +22,7 @@ Built-in rules are registered through :func:`hf_fisher_register_grad_rules` like
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -202,9 +203,25 @@ def _gram(v: torch.Tensor) -> torch.Tensor:
     return K
 
 
+_SCRATCH: list = []  # [flat tensor]: the buffer of the Gram-form products, see _scratch
+
+
+def _scratch(shape: tuple, like: torch.Tensor) -> torch.Tensor:
+    """A ``shape`` view of one buffer reused by every Gram-form product of a batch (they are
+    consumed right away): a fresh multi-MB temporary per parameter would cost page faults."""
+    n = math.prod(shape)
+    buf = _SCRATCH[0] if _SCRATCH else None
+    if buf is None or buf.numel() < n or buf.dtype != like.dtype or buf.device != like.device:
+        buf = torch.empty(n, dtype=like.dtype, device=like.device)
+        _SCRATCH[:] = [buf]
+    return buf[:n].view(shape)
+
+
 def release_grams() -> None:
-    """Drop the kept Gram (the engine calls it when a batch's reductions are done)."""
+    """Drop the kept Gram and the products' buffer (the engine calls it when a batch's
+    reductions are done)."""
     _LAST_GRAM.clear()
+    _SCRATCH.clear()
 
 
 class OuterProductPart(Part):
@@ -240,7 +257,7 @@ class OuterProductPart(Part):
             outs = []
             for lo in range(0, U.shape[0], chunk):
                 u, v = U[lo : lo + chunk], V[lo : lo + chunk]
-                outs.append(torch.bmm(_gram(v), u).mul_(u).sum(dim=1))
+                outs.append(torch.bmm(_gram(v), u, out=_scratch(tuple(u.shape), u)).mul_(u).sum(dim=1))
             return torch.cat(outs)
         chunk = max(1, budget_elems // max(1, R * C))
         outs = []
