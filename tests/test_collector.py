@@ -210,3 +210,27 @@ def test_half_precision_models_stay_on_the_batched_path(dtype):
     for n in ref.names():
         assert fisher[n].dtype == torch.float64
         torch.testing.assert_close(fisher[n], ref[n], rtol=0.05, atol=0.02 * float(ref[n].abs().max()))
+
+
+def test_two_engines_in_two_threads_give_what_each_gives_alone():
+    """The group reduction keeps one Gram and one product buffer between parameters; two
+    collectors running at once in two threads (torch releases the GIL inside its ops) must never
+    read each other's: each gets exactly the Fisher it gets alone."""
+    import threading
+
+    models = [tm.llama(torch.float32, seed=s) for s in (0, 1)]
+    batches = [[tm.padded_batch([7, 4, 6, 5], seed=10 * s + k) for k in range(6)] for s in (0, 1)]
+
+    def run(k):
+        return hf_fisher.collect(models[k], batches[k], reduction="group", progress=False)
+
+    alone = [run(0), run(1)]
+    together = [None, None]
+    threads = [threading.Thread(target=lambda k=k: together.__setitem__(k, run(k))) for k in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for k in (0, 1):
+        for name in alone[k].names():
+            assert torch.equal(together[k][name], alone[k][name]), name

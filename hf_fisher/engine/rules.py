@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -187,7 +188,11 @@ class DensePart(Part):
         return self.per_sample.sum(0)
 
 
-_LAST_GRAM: list = []  # [(v, K)]: the most recent per-sample Gram, see _gram
+# The most recent per-sample Gram and the buffer of the Gram-form products, each with the thread
+# that made it: an entry is reused only by its own thread (two engines in two threads never
+# share one), and released by whichever thread ends the batch (CUDA runs backward hooks in
+# autograd's device thread, the engine ends the batch in the caller's).
+_KEPT: dict = {"gram": None, "scratch": None}
 
 
 def _gram(v: torch.Tensor) -> torch.Tensor:
@@ -195,33 +200,30 @@ def _gram(v: torch.Tensor) -> torch.Tensor:
     input (q/k/v projections, gate/up): the last Gram is reused when ``v`` is a view of the same
     memory with the same shape and strides (the entry keeps ``v`` alive, so its memory cannot be
     reused by another tensor meanwhile); only one Gram is ever kept."""
-    key = (v.data_ptr(), tuple(v.shape), tuple(v.stride()), v.dtype, v.device)
-    if _LAST_GRAM and _LAST_GRAM[0][0] == key:
-        return _LAST_GRAM[0][2]
+    key = (threading.get_ident(), v.data_ptr(), tuple(v.shape), tuple(v.stride()), v.dtype, v.device)
+    last = _KEPT["gram"]
+    if last is not None and last[0] == key:
+        return last[2]
     K = torch.bmm(v, v.transpose(1, 2))
-    _LAST_GRAM[:] = [(key, v, K)]
+    _KEPT["gram"] = (key, v, K)
     return K
 
 
-_SCRATCH: list = []  # [flat tensor]: the buffer of the Gram-form products, see _scratch
-
-
 def _scratch(shape: tuple, like: torch.Tensor) -> torch.Tensor:
-    """A ``shape`` view of one buffer reused by every Gram-form product of a batch (they are
+    """A ``shape`` view of one buffer reused by every Gram-form product of a batch (each is
     consumed right away): a fresh multi-MB temporary per parameter would cost page faults."""
     n = math.prod(shape)
-    buf = _SCRATCH[0] if _SCRATCH else None
-    if buf is None or buf.numel() < n or buf.dtype != like.dtype or buf.device != like.device:
-        buf = torch.empty(n, dtype=like.dtype, device=like.device)
-        _SCRATCH[:] = [buf]
-    return buf[:n].view(shape)
+    kept = _KEPT["scratch"]
+    me = threading.get_ident()
+    if kept is None or kept[0] != me or kept[1].numel() < n or kept[1].dtype != like.dtype or kept[1].device != like.device:
+        kept = _KEPT["scratch"] = (me, torch.empty(n, dtype=like.dtype, device=like.device))
+    return kept[1][:n].view(shape)
 
 
 def release_grams() -> None:
     """Drop the kept Gram and the products' buffer (the engine calls it when a batch's
     reductions are done)."""
-    _LAST_GRAM.clear()
-    _SCRATCH.clear()
+    _KEPT["gram"] = _KEPT["scratch"] = None
 
 
 class OuterProductPart(Part):
