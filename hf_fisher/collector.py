@@ -17,7 +17,7 @@ import torch.nn as nn
 from . import plugins
 from .engine.losses import NORMALIZATIONS, task_type_of
 from .engine.per_sample import BatchReport, ContributionSink, LossFn, PerSampleEngine, Target
-from .errors import EmptyDataError, InvalidInputError, NoTrainableParametersError
+from .errors import EmptyDataError, InvalidInputError, NoTrainableParametersError, regex_argument
 from .fisher import Counts, Fisher, FisherMetadata
 from .stats import Welford, Workspace, make_accumulator, shifted_moments_
 
@@ -182,16 +182,11 @@ def select_parameters(model: nn.Module, params: "str | Iterable[str] | None") ->
     """The trainable ``(name, parameter)`` pairs to collect: all of them (``None``), those whose
     name matches a regular expression (``re.search``), or those named in a list (every name
     must exist and be trainable)."""
-    import re
-
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if params is None:
         return named
     if isinstance(params, str):
-        try:
-            pattern = re.compile(params)
-        except re.error as e:
-            raise InvalidInputError(f"params={params!r} is not a valid regular expression: {e}") from None
+        pattern = regex_argument("params", params)
         chosen = [(n, p) for n, p in named if pattern.search(n)]
         if not chosen:
             raise InvalidInputError(f"params={params!r} matches no trainable parameter (e.g. {named[0][0] if named else 'none'!r})")

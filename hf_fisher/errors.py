@@ -45,3 +45,14 @@ class UnsupportedError(HfFisherError, NotImplementedError):
 class DistributedMismatchError(HfFisherError, ValueError):
     """The ranks of a process group do not hold the same accumulators (names, shapes, settings),
     so their Fisher cannot be merged."""
+
+
+def regex_argument(name: str, value: str):
+    """``re.compile(value)`` for the argument ``name`` (a parameter-name pattern), or an
+    :class:`InvalidInputError` that names the argument and the regex error."""
+    import re
+
+    try:
+        return re.compile(value)
+    except re.error as e:
+        raise InvalidInputError(f"{name}={value!r} is not a valid regular expression: {e}") from None

@@ -54,7 +54,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import warnings
 import zlib
 from dataclasses import dataclass, field
@@ -63,7 +62,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import torch
 
 from hf_fisher.consumers.gradient_store import GradientStore, attention_params, store_gradients
-from hf_fisher.errors import InvalidInputError, ModelMismatchError
+from hf_fisher.errors import InvalidInputError, ModelMismatchError, regex_argument
 from hf_fisher.hookspecs import hookimpl
 from hf_fisher.layout import layer_of
 
@@ -293,10 +292,7 @@ def _select(names: Sequence[str], params: Any, layers: Iterable[int] | None, whe
     out = list(names)
     if params is not None:
         if isinstance(params, str):
-            try:
-                pattern = re.compile(params)
-            except re.error as e:
-                raise InvalidInputError(f"params={params!r} is not a valid regular expression: {e}") from None
+            pattern = regex_argument("params", params)
             out = [n for n in out if pattern.search(n)]
         else:
             wanted = list(params)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import re
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
@@ -25,7 +24,7 @@ import torch
 import torch.nn as nn
 
 from hf_fisher.engine.per_sample import ContributionSink
-from hf_fisher.errors import InvalidInputError
+from hf_fisher.errors import InvalidInputError, regex_argument
 
 __all__ = ["GradientStore", "store_gradients", "attention_params"]
 
@@ -193,10 +192,7 @@ def store_gradients(
     if params is None:
         names = attention_params(model, plugins.model_layout(model), layers)
     elif isinstance(params, str):
-        try:
-            pattern = re.compile(params)
-        except re.error as e:
-            raise InvalidInputError(f"params={params!r} is not a valid regular expression: {e}") from None
+        pattern = regex_argument("params", params)
         names = [n for n in all_params if pattern.search(n)]
     else:
         names = list(params)

@@ -12,14 +12,13 @@ may raise :class:`StopForward` to end a batch's forward early (the layers above 
 from __future__ import annotations
 
 import logging
-import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping
 
 import torch
 import torch.nn as nn
 
-from hf_fisher.errors import EmptyDataError, InvalidInputError
+from hf_fisher.errors import EmptyDataError, InvalidInputError, regex_argument
 
 __all__ = [
     "StopForward",
@@ -95,10 +94,7 @@ def select_weights(found: dict, skipped: dict, names: "str | Iterable[str] | Non
         return found, skipped
     every = {**found, **skipped}
     if isinstance(names, str):
-        try:
-            pattern = re.compile(names)
-        except re.error as e:
-            raise InvalidInputError(f"names={names!r} is not a valid regular expression: {e}") from None
+        pattern = regex_argument("names", names)
         keep = {n for n in every if pattern.search(n)}
         if not keep:
             raise InvalidInputError(

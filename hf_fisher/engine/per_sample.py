@@ -192,6 +192,7 @@ class PerSampleEngine:
         self._probe: int | None = None
         self._probe_grads: dict = {}
         self._totals: dict = {}
+        self._verify_probes: dict = {}  # (last dim, dtype, device) -> directions, see _verify_probe
         if _checkpointing(model):
             self._switch_to_loop("gradient checkpointing is enabled: recomputed forwards cannot be captured")
 
@@ -623,7 +624,7 @@ class PerSampleEngine:
         if param.dim() < 2 or param.shape[-1] <= 2 * k:
             return None
         key = (int(param.shape[-1]), self.compute_dtype, self.device)
-        probes = self.__dict__.setdefault("_probes", {})
+        probes = self._verify_probes
         if key not in probes:
             g = torch.Generator().manual_seed(0)
             probes[key] = (torch.randn(key[0], k, generator=g, dtype=torch.float64) / k**0.5).to(self.compute_dtype).to(self.device)
