@@ -24,6 +24,8 @@ from .stats import Welford, Workspace, make_accumulator, shifted_moments_
 log = logging.getLogger("hf_fisher")
 
 REDUCTIONS = ("param", "group")
+#: the estimator a FisherCollector computes itself
+EMPIRICAL = "empirical"
 
 
 def _check_choice(what: str, value: Any, choices: tuple) -> None:
@@ -232,6 +234,12 @@ class FisherCollector:
     merged across ``torch.distributed`` ranks (they are not gathered: pass ``distributed=False``
     for each rank's own Fisher and samples).
 
+    ``estimator`` names what the collector computes, which is the empirical Fisher: any other
+    name is refused (:class:`InvalidInputError`; the true Fisher and KFAC are
+    ``hf_fisher.collect(model, batches, estimator="true" | "kfac", ...)``). An estimator that
+    computes its own contributions and adds them with :meth:`add_contributions` builds its
+    collector with :meth:`for_estimator`, which labels the artifacts with its name.
+
     Example::
 
         collector = FisherCollector(model, reduction="group")
@@ -262,6 +270,13 @@ class FisherCollector:
         distributed: bool | None = None,
         keep_sample_contributions: bool = False,
     ):
+        if estimator != EMPIRICAL:
+            raise InvalidInputError(
+                f"FisherCollector computes the empirical Fisher (the data's labels), not estimator={estimator!r}. "
+                "For the true Fisher (labels drawn from the model) or KFAC use hf_fisher.collect(model, batches, "
+                "estimator='true', mc_samples=..., seed=...) or estimator='kfac'; drop estimator= (or pass "
+                "'empirical') for the empirical Fisher"
+            )
         _check_choice("reduction", reduction, REDUCTIONS)
         check_keep_sample_contributions(keep_sample_contributions, reduction, ema_decay)
         if distributed not in (None, True, False):
@@ -310,6 +325,24 @@ class FisherCollector:
         )
         self.tasks: dict[str, _TaskState] = {}
         self._moments_sink: _MomentsSink | None = None
+
+    @classmethod
+    def for_estimator(cls, estimator: str, model: nn.Module, **options: Any) -> "FisherCollector":
+        """A collector for an estimator that computes its own per-sample contributions (e.g. the
+        true Fisher's label draws) and adds them with :meth:`add_contributions`: its artifacts
+        say ``estimator``. Its :meth:`update`, :meth:`collect` and :meth:`attach_training`, which
+        compute the empirical Fisher, are refused (they would add empirical contributions under
+        that name)."""
+        collector = cls(model, **options)
+        collector.estimator = estimator
+        return collector
+
+    def _refuse_other_estimator(self, what: str) -> None:
+        if self.estimator != EMPIRICAL:
+            raise InvalidInputError(
+                f"{what} computes the empirical Fisher, but this collector is labelled estimator={self.estimator!r}: "
+                f"add that estimator's contributions with add_contributions(), or use a FisherCollector of its own"
+            )
 
     # ------------------------------------------------------------------ accumulation
     def _task(self, task: str) -> _TaskState:
@@ -390,13 +423,16 @@ class FisherCollector:
         returns the attached :class:`~hf_fisher.engine.external.ExternalBackward`; call its
         ``finish()`` after each backward (before the optimizer step) and ``detach()`` at the end.
 
-        A micro-batch the free path cannot take exactly (see ``ExternalBackward``) is redone with
-        the engine's own pass, on the same parameters, with the random streams left untouched.
+        A micro-batch the free path cannot take exactly (see ``ExternalBackward``: e.g. a Trainer
+        loss that counts the first real token after left padding, which the Fisher of the sample
+        alone does not) is redone with the engine's own pass, on the same parameters, with the
+        random streams left untouched; one WARNING per reason, and the counts are kept in
+        :attr:`fallback_batches` and :attr:`fallback_reasons` (``{reason: micro-batches}``).
         """
         from .engine.external import ExternalBackward
 
+        self._refuse_other_estimator("attach_training()")
         state = self._task(task)
-        warned: set[str] = set()
 
         def remaining():
             return None if max_samples is None else max(0, max_samples - state.samples)
@@ -406,9 +442,9 @@ class FisherCollector:
                 self._commit(micro.sink, state)
                 self._record(state, micro.report)
                 return
-            if micro.failed not in warned:
-                warned.add(micro.failed)
+            if micro.failed not in self.fallback_reasons:
                 log.warning("hf_fisher: a training micro-batch is computed with an extra pass (exact): %s", micro.failed)
+            self.fallback_reasons[micro.failed] = self.fallback_reasons.get(micro.failed, 0) + 1
             self.fallback_batches += 1
             limit = remaining()
             if limit == 0:
@@ -417,7 +453,9 @@ class FisherCollector:
                 self.update(micro.batch, task, limit=limit)
 
         ext = ExternalBackward(self.engine, self._new_sink, done, remaining)
+        #: micro-batches computed with the engine's own pass, and how many for each reason
         self.fallback_batches = 0
+        self.fallback_reasons: dict[str, int] = {}
         return ext.attach()
 
     def add_contributions(self, task: str, contributions: Mapping[str, torch.Tensor], report: BatchReport) -> None:
@@ -442,6 +480,7 @@ class FisherCollector:
 
     def update(self, batch: Mapping[str, Any], task: str = "default", *, limit: int | None = None) -> BatchReport:
         """Add the samples of one batch to ``task``. Returns what was used and skipped."""
+        self._refuse_other_estimator("update()")
         state = self._task(task)
         sink = self._new_sink()
         was_training = self.model.training
@@ -461,6 +500,7 @@ class FisherCollector:
         """:meth:`update` over ``batches`` until they end or ``max_samples`` samples were used."""
         from tqdm.auto import tqdm
 
+        self._refuse_other_estimator("collect()")
         if max_samples is not None and max_samples <= 0:
             raise InvalidInputError(f"max_samples must be positive, got {max_samples}")
         state = self._task(task)

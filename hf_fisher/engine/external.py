@@ -12,7 +12,12 @@ times a GradScaler's scale, ...). With ``D = dS/dlogits`` (``softmax - onehot`` 
 positions) the gradient reaching the logits is ``G = c * D``, so ``c = <G, D> / <D, D>``, checked
 on a sample of positions: a loss that is not of this form (label smoothing, a custom
 ``compute_loss``) fails the check and the micro-batch is reported as unsupported (the caller
-then computes it with the engine's own pass), never silently mis-scaled. Every captured
+then computes it with the engine's own pass), never silently mis-scaled. So is a micro-batch whose
+Trainer forward or loss is not that of its samples alone (the Fisher's definition): a loss that
+counts a label the sample alone does not have (the first real token after left padding,
+predicted from a padding position, as ``DataCollatorForLanguageModeling`` labels it with
+``padding_side="left"``; labels on padding), or left padding that moves the real tokens along a
+learned position table. Every captured
 per-sample gradient is then ``c * dS_i/dθ`` and the engine's scale is ``w_i s_i / c`` (see
 :func:`~hf_fisher.engine.losses.normalization_weights`).
 
@@ -134,6 +139,8 @@ class ExternalBackward:
         engine._begin_backward(keep, micro.sink, set(), None)
         if engine.loop_mode:
             micro.failed = engine.loop_reason
+        if micro.failed is None and _counts_labels_beyond_samples(batch, engine.task_type):
+            micro.failed = _BEYOND_SAMPLES
         if engine.explicit_positions and "position_ids" in engine._forward_params and "position_ids" not in kwargs:
             pair = engine._position_pair(batch)
             if pair is not None:
@@ -142,6 +149,9 @@ class ExternalBackward:
                     # the positions the model would use anyway, as [B, T]: a learned position
                     # table's lookup stays per sample; never a different number for a real token
                     return args, dict(kwargs, position_ids=wanted)
+                # left padding moves the real tokens along a learned position table: the
+                # Trainer's forward is not the samples' own; never a different number
+                micro.failed = micro.failed or _MOVED_POSITIONS
         return None
 
     def _post(self, module, args, kwargs, output):
@@ -278,6 +288,34 @@ class ExternalBackward:
                 f"the captured per-sample gradients of {engine.by_param[pid].name} do not add up to the "
                 f"Trainer's batch gradient (relative error {rel:.2e})"
             )
+
+
+#: reasons a micro-batch takes the engine's own pass: the Trainer's forward or loss is not that of
+#: the samples alone (the Fisher's definition, DESIGN.md section 2)
+_BEYOND_SAMPLES = (
+    "the Trainer's loss counts label tokens that the samples alone do not have (the first real token after left "
+    "padding, predicted from a padding position, as DataCollatorForLanguageModeling labels it with "
+    "padding_side='left'; or labels on padding), which the Fisher of each sample alone excludes. Pad on the "
+    "right (tokenizer.padding_side='right') or set those labels to -100 to keep the free path"
+)
+_MOVED_POSITIONS = (
+    "left padding moves the real tokens along the model's learned position table in the Trainer's forward (its "
+    "default positions 0, 1, ... count the padding), unlike each sample alone. Pad on the right "
+    "(tokenizer.padding_side='right') to keep the free path"
+)
+
+
+def _counts_labels_beyond_samples(batch: dict, task_type: str) -> bool:
+    """Whether the model's own loss on ``batch`` (cross-entropy over every label != -100, shifted
+    by one for a causal LM) counts a label that :func:`token_labels` excludes: a label on
+    padding, or (causal LM) one predicted from a padding position."""
+    labels = batch.get("labels")
+    if labels is None or task_type == "sequence_classification" or labels.shape != batch["input_ids"].shape:
+        return False
+    beyond = (labels != IGNORE_INDEX) & (token_labels(batch, task_type) == IGNORE_INDEX)
+    if task_type == "causal_lm":
+        beyond = beyond[:, 1:]  # the first position's label is never predicted
+    return bool(beyond.any())
 
 
 def _probe_positions(labels: torch.Tensor, task_type: str, k: int = 16) -> torch.Tensor:

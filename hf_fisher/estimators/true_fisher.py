@@ -155,15 +155,18 @@ class TrueFisherEstimator:
         self.seed = int(seed)
         self.options = options
 
-    def _check_model(self, collector: FisherCollector) -> None:
-        task = collector.task_type
-        problem = getattr(getattr(collector.model, "config", None), "problem_type", None)
+    def check_model(self, model, task_type: str) -> None:
+        """:class:`UnsupportedError` when this estimator cannot give the true Fisher of ``model``
+        (a ``task_type`` model): regression and multi-label heads, ``exact`` beyond classifiers."""
+        task = task_type
+        config = getattr(model.get_base_model() if hasattr(model, "get_base_model") else model, "config", None)
+        problem = getattr(config, "problem_type", None)
         if task == "sequence_classification" and problem in ("regression", "multi_label_classification"):
             raise UnsupportedError(
                 f"the true Fisher is an expectation over a categorical prediction; this head's problem_type is "
                 f"{problem!r}. Use estimator='empirical' for it"
             )
-        if task == "sequence_classification" and getattr(getattr(collector.model, "config", None), "num_labels", 2) == 1:
+        if task == "sequence_classification" and getattr(config, "num_labels", 2) == 1:
             raise UnsupportedError("the true Fisher of a one-output (regression) head is not defined here; use estimator='empirical'")
         if self.exact and task != "sequence_classification":
             raise UnsupportedError(
@@ -186,9 +189,9 @@ class TrueFisherEstimator:
 
         if max_samples is not None and max_samples <= 0:
             raise InvalidInputError(f"max_samples must be positive, got {max_samples}")
-        collector = FisherCollector(model, estimator=self.name, **self.options)
+        collector = FisherCollector.for_estimator(self.name, model, **self.options)
         try:
-            self._check_model(collector)
+            self.check_model(collector.model, collector.task_type)
             sampler = LabelSampler(
                 collector.engine, mc_samples=self.mc_samples, temperature=self.temperature, exact=self.exact, seed=self.seed
             )

@@ -43,11 +43,12 @@ import logging
 import math
 import os
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping
 
 import torch
 from transformers import TrainerCallback
 
+from ..cards import looks_like_hub_id
 from ..errors import EmptyDataError, InvalidInputError
 
 log = logging.getLogger("hf_fisher")
@@ -66,7 +67,13 @@ class FisherCallback(TrainerCallback):
 
     Args:
         mode: ``"training"`` (free, from the Trainer's backward passes) or ``"probe"``.
-        estimator: ``"empirical"`` (the only estimator the free mode can take from training).
+        estimator: ``"empirical"`` (both modes; the only one the free mode can take from
+            training) or ``"true"`` (probe mode: labels drawn from the model, see
+            :class:`hf_fisher.estimators.true_fisher.TrueFisherEstimator`). Anything else (``"kfac"``
+            included) is refused at construction: compute it with :func:`hf_fisher.collect` on the
+            trained model.
+        estimator_options: probe mode with ``estimator="true"``: its ``mc_samples``,
+            ``temperature``, ``exact`` and ``seed`` (checked at construction).
         reduction: ``"group"`` (heads, channels, ...) or ``"param"``.
         task: the artifact's task name.
         probe_data: probe mode: a DataLoader, an iterable of batch dicts, or a dataset whose
@@ -79,6 +86,18 @@ class FisherCallback(TrainerCallback):
         output_subdir: folder name of the artifact inside ``output_dir`` and checkpoints.
         log_summary: add Fisher scalars (``fisher/trace``, ``fisher/samples``, per-layer traces)
             to the Trainer's logs.
+        base_model: the Hub id of the model being trained (e.g. ``"meta-llama/Llama-3.2-1B"``),
+            recorded in the artifact (``metadata.model_name_or_path``) and its card's
+            ``base_model``; default: the model's ``config._name_or_path`` (a local folder when
+            the model was loaded from one, which a card never names as ``base_model``).
+
+    The Fisher is that of each sample alone, without its padding (the README's definition):
+    in training mode, a micro-batch whose Trainer loss counts a label the sample alone does not
+    have (the first real token after left padding, predicted from a padding position, as
+    ``DataCollatorForLanguageModeling`` labels it with ``padding_side="left"``) is computed with
+    an extra pass of the engine, with a WARNING; the artifact records how many
+    (``metadata.extra["training"]["extra_pass_batches"]`` and ``["extra_pass_reasons"]``). Right
+    padding keeps the free path.
     """
 
     def __init__(
@@ -96,25 +115,29 @@ class FisherCallback(TrainerCallback):
         ema_decay: float | None = None,
         output_subdir: str = "fisher",
         log_summary: bool = True,
+        estimator_options: Mapping[str, Any] | None = None,
+        base_model: str | None = None,
     ):
         if mode not in MODES:
             raise InvalidInputError(f"unknown mode {mode!r}; choose 'training' or 'probe'")
-        if mode == "training" and estimator != "empirical":
-            raise InvalidInputError(
-                f"estimator {estimator!r} needs its own passes: use mode='probe' with probe_data, "
-                "or estimator='empirical' for the free training mode"
-            )
+        estimator_options = _check_estimator(mode, estimator, estimator_options)
         if mode == "probe":
-            if probe_data is None:
-                raise InvalidInputError("mode='probe' needs probe_data (a DataLoader, batches, or a dataset)")
+            _check_probe_data(probe_data)
             if probe_every_n_steps is not None and probe_every_n_steps < 1:
                 raise InvalidInputError(f"probe_every_n_steps must be >= 1, got {probe_every_n_steps}")
+        if base_model is not None and not looks_like_hub_id(base_model):
+            raise InvalidInputError(
+                f"base_model must be a Hugging Face Hub model id such as 'meta-llama/Llama-3.2-1B' (the model this "
+                f"training starts from, named in the Fisher card), got {base_model!r}"
+            )
         if max_samples is not None and max_samples < 1:
             raise InvalidInputError(f"max_samples must be >= 1, got {max_samples}")
         if not output_subdir or os.path.isabs(output_subdir) or ".." in Path(output_subdir).parts:
             raise InvalidInputError(f"output_subdir must be a relative folder name, got {output_subdir!r}")
         self.mode = mode
         self.estimator = estimator
+        self.estimator_options = estimator_options
+        self.base_model = base_model
         self.reduction = reduction
         self.task = task
         self.probe_data = probe_data
@@ -155,9 +178,11 @@ class FisherCallback(TrainerCallback):
         """The training-mode Fisher so far (merged across ranks when several run: a collective)."""
         if self._external is not None:
             self._external.finish()
-        return self.collector.fisher(
-            self.task, model_name_or_path=self._model_name, extra={"training": self._args_summary}, dtype=dtype,
-        )
+        training = dict(self._args_summary)
+        reasons = getattr(self.collector, "fallback_reasons", None)
+        if reasons:  # this process's micro-batches computed with the engine's own pass, per reason
+            training.update(extra_pass_batches=sum(reasons.values()), extra_pass_reasons=dict(reasons))
+        return self.collector.fisher(self.task, model_name_or_path=self._model_name, extra={"training": training}, dtype=dtype)
 
     # ------------------------------------------------------------------ set-up
     def _make_collector(self, model, *, train_mode: bool):
@@ -175,9 +200,11 @@ class FisherCallback(TrainerCallback):
         _refuse_sharded(model, args)
         self._final = None
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
-        self._model_name = getattr(getattr(base, "config", None), "_name_or_path", None) or None
+        self._model_name = self.base_model or getattr(getattr(base, "config", None), "_name_or_path", None) or None
         self._collate = getattr(train_dataloader, "collate_fn", None)
         self._args_summary = _training_summary(args, self.mode)
+        if self.mode == "probe":
+            self._check_probe_against(model)
         if self.mode == "training":
             if self.collector is None:
                 self.collector = self._make_collector(model, train_mode=True)
@@ -293,6 +320,32 @@ class FisherCallback(TrainerCallback):
             return None
 
     # ------------------------------------------------------------------ probe
+    def _probe_estimator(self):
+        """The estimator a probe runs (``self.estimator``, with the callback's collection options)."""
+        from .. import plugins
+
+        return plugins.estimators()[self.estimator](
+            reduction=self.reduction, storage_dtype=self.storage_dtype, ema_decay=self.ema_decay, train_mode=False,
+            params=self.params, **self.estimator_options,
+        )
+
+    def _check_probe_against(self, model) -> None:
+        """At train begin, before any step: the estimator must suit the model, and probe data given
+        as batches must hold a label token for this model's task."""
+        from ..engine.losses import label_counts, task_type_of
+
+        task_type = task_type_of(model)
+        estimator = self._probe_estimator()
+        if hasattr(estimator, "check_model"):
+            estimator.check_model(model, task_type)
+        batches = _in_memory_batches(self.probe_data)
+        if batches is not None and not any(int(label_counts(b, task_type).sum()) for b in batches):
+            raise EmptyDataError(
+                f"probe_data has no label token for this {task_type} model in any of its {len(batches)} batches (all "
+                "padding, all labels -100, or, for a causal LM, no token after a sample's first): pass probe batches "
+                "whose samples have at least two real tokens with labels"
+            )
+
     def _probe(self, model, step: int) -> None:
         """The Fisher of the model as it is now, leaving training exactly as it was."""
         from ..collector import _preserved_rng
@@ -304,14 +357,14 @@ class FisherCallback(TrainerCallback):
             # every rank is given the whole probe set: rank r takes batches r, r+K, ... (the merge adds them up)
             batches = itertools.islice(batches, rank(), None, world_size())
         with _preserved_rng(model):
-            collector = self._make_collector(model, train_mode=False)
             try:
-                collector.collect(batches, self.task, progress=False)
-                self._probe_fisher = collector.fisher(
-                    self.task, model_name_or_path=self._model_name, extra={"training": self._args_summary, "probe_step": step},
+                fisher = self._probe_estimator().collect(
+                    model, batches, task=self.task, progress=False, model_name_or_path=self._model_name,
                 )
-            finally:
-                collector.close()
+            except EmptyDataError as e:
+                raise EmptyDataError(f"FisherCallback probe at step {step}: probe_data gave no usable sample: {e}") from e
+        fisher.metadata.extra.update(training=self._args_summary, probe_step=step)
+        self._probe_fisher = fisher
 
 
 def _run_first_in_on_log(callback) -> None:
@@ -342,6 +395,94 @@ def fisher_scalars(fisher, *, top_layers: int = 64) -> dict[str, float]:
         if layer is not None and math.isfinite(value):
             out[f"fisher/layer_{layer}"] = float(value)
     return out
+
+
+#: estimators the callback honours, per mode
+ESTIMATORS = {"training": ("empirical",), "probe": ("empirical", "true")}
+#: ``estimator_options`` of ``estimator="true"`` (the others are the callback's own arguments)
+TRUE_FISHER_OPTIONS = ("mc_samples", "temperature", "exact", "seed")
+
+
+def _check_estimator(mode: str, estimator: Any, options: Mapping[str, Any] | None) -> dict:
+    """The estimator choice is honoured or refused here, at construction, never swapped."""
+    if estimator not in ESTIMATORS[mode]:
+        if estimator == "true":
+            raise InvalidInputError(
+                "estimator='true' draws labels from the model, which needs passes of its own: use mode='probe' with "
+                "probe_data and estimator='true', or estimator='empirical' for the free training mode"
+            )
+        if estimator == "kfac":
+            raise InvalidInputError(
+                "FisherCallback does not collect KFAC factors (it saves, logs, checkpoints and merges diagonal Fishers); "
+                "compute them on the trained model with hf_fisher.collect(model, batches, estimator='kfac'), or use "
+                "estimator='empirical' (training or probe mode) or 'true' (probe mode) here"
+            )
+        raise InvalidInputError(
+            f"unknown estimator {estimator!r} for FisherCallback(mode={mode!r}); choose "
+            + " or ".join(repr(e) for e in ESTIMATORS[mode])
+            + ("" if mode == "probe" else " (mode='probe' also takes 'true')")
+        )
+    if options is None:
+        return {}
+    if not isinstance(options, Mapping):
+        raise InvalidInputError(f"estimator_options must be a dict, got {type(options).__name__}")
+    options = dict(options)
+    if options and estimator != "true":
+        raise InvalidInputError(
+            f"estimator_options apply to estimator='true' ({', '.join(TRUE_FISHER_OPTIONS)}); the empirical Fisher's "
+            f"options are the callback's own arguments; got {sorted(options)}"
+        )
+    unknown = sorted(set(options) - set(TRUE_FISHER_OPTIONS))
+    if unknown:
+        raise InvalidInputError(
+            f"estimator_options: {unknown} {'is' if len(unknown) == 1 else 'are'} not an option of estimator='true' "
+            f"(it takes {', '.join(TRUE_FISHER_OPTIONS)}; reduction, params, storage_dtype, ... are the callback's own arguments)"
+        )
+    from ..estimators.true_fisher import TrueFisherEstimator
+
+    TrueFisherEstimator(**options)  # checks the values (InvalidInputError naming the option)
+    return options
+
+
+def _check_probe_data(data: Any) -> None:
+    """Refuse, at construction, probe data that is missing or visibly empty: no batch (or
+    example) at all, or batches with no label token (all padding, all labels -100)."""
+    if data is None:
+        raise InvalidInputError("mode='probe' needs probe_data (a DataLoader, batches, or a dataset)")
+    if isinstance(data, (str, bytes, Mapping)):
+        raise InvalidInputError(
+            f"probe_data must be a DataLoader, a list of batch dicts or a dataset of examples, not a {type(data).__name__}"
+        )
+    if not isinstance(data, torch.utils.data.DataLoader) and hasattr(data, "__len__") and len(data) == 0:
+        raise EmptyDataError("probe_data is empty: pass at least one probe batch (or example) with label tokens")
+    batches = _in_memory_batches(data)
+    if batches is not None and not any(_may_have_labels(b) for b in batches):
+        raise EmptyDataError(
+            f"probe_data has no label token in any of its {len(batches)} batches (attention_mask all 0 or labels all "
+            "-100): pass probe batches with real tokens and labels"
+        )
+
+
+def _in_memory_batches(data: Any) -> list | None:
+    """``data`` as a list when it is a list or tuple of batch dicts (``input_ids`` a 2-D tensor),
+    which can be checked up front without reading anything; None otherwise (a DataLoader, a
+    dataset, a generator: read only when probing)."""
+    if not isinstance(data, (list, tuple)) or not data:
+        return None
+    ok = all(isinstance(b, Mapping) and isinstance(b.get("input_ids"), torch.Tensor) and b["input_ids"].dim() == 2 for b in data)
+    return list(data) if ok else None
+
+
+def _may_have_labels(batch: Mapping) -> bool:
+    """False when ``batch`` visibly has no label token for any task (every token padding, or
+    every label -100); the exact count needs the model's task (checked at train begin)."""
+    mask = batch.get("attention_mask")
+    if isinstance(mask, torch.Tensor) and not bool(mask.bool().any()):
+        return False
+    labels = batch.get("labels")
+    if isinstance(labels, torch.Tensor) and not labels.is_floating_point() and not bool((labels != -100).any()):
+        return False
+    return batch["input_ids"].numel() > 0
 
 
 def _probe_batches(data: Any, collate) -> Iterable:
