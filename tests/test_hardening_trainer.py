@@ -150,3 +150,128 @@ def test_right_padded_lm_collator_stays_free_and_exact(tmp_path):
     fisher = cb.fisher()
     assert "extra_pass_batches" not in fisher.metadata.extra["training"]
     assert_fisher_close(fisher, hf_fisher.collect(model, collator.batches, reduction="group", progress=False), rtol=2e-5)
+
+
+# ---------------------------------------------------------------------------------- estimator choice
+def probe_batches(model_dtype=torch.float32):
+    s = lm_samples(6, seed=3)
+    tok = eos_tokenizer("right")
+    collate = DataCollatorForLanguageModeling(tok, mlm=False)
+    return [collate(s[:3]), collate(s[3:])]
+
+
+def test_probe_true_fisher_is_the_true_estimator(tmp_path):
+    """estimator='true' in probe mode is the true-Fisher estimator with the same draws (seed, mc_samples):
+    equal to hf_fisher.collect(..., estimator='true'), labelled so, and not the empirical Fisher."""
+    model = tm.llama(torch.float32)
+    probe = probe_batches()
+    cb = hf_fisher.FisherCallback(
+        "probe", estimator="true", estimator_options={"mc_samples": 2, "seed": 5}, probe_data=probe, reduction="group",
+    )
+    train_lm(model, lm_samples(), tmp_path, DataCollatorForLanguageModeling(eos_tokenizer("right"), mlm=False), callbacks=[cb])
+    fisher = cb.fisher()
+    true = hf_fisher.collect(model, probe, estimator="true", mc_samples=2, seed=5, reduction="group", progress=False)
+    assert fisher.metadata.estimator == "true" == true.metadata.estimator
+    assert fisher.metadata.extra["true_fisher"] == {"mc_samples": 2, "exact": False, "temperature": 1.0, "seed": 5}
+    assert fisher.metadata.extra["probe_step"] == 2
+    assert_fisher_close(fisher, true, rtol=1e-9)
+    empirical = hf_fisher.collect(model, probe, reduction="group", progress=False)
+    differ = max(float((fisher[n] - empirical[n]).norm() / empirical[n].norm()) for n in empirical.names())
+    assert differ > 0.05, "a true Fisher, not the empirical one"
+    assert hf_fisher.Fisher.from_pretrained(tmp_path / "fisher").metadata.estimator == "true"
+
+
+def test_estimator_choices_the_callback_cannot_honour_are_refused():
+    probe = probe_batches()
+    with pytest.raises(InvalidInputError, match="KFAC.*estimator='kfac'"):
+        hf_fisher.FisherCallback("probe", estimator="kfac", probe_data=probe)
+    with pytest.raises(InvalidInputError, match="KFAC"):
+        hf_fisher.FisherCallback(estimator="kfac")
+    with pytest.raises(InvalidInputError, match="mode='probe'"):
+        hf_fisher.FisherCallback(estimator="true")
+    with pytest.raises(InvalidInputError, match="unknown estimator 'fancy'.*'empirical' or 'true'"):
+        hf_fisher.FisherCallback("probe", estimator="fancy", probe_data=probe)
+    with pytest.raises(InvalidInputError, match="estimator_options apply to estimator='true'"):
+        hf_fisher.FisherCallback("probe", probe_data=probe, estimator_options={"mc_samples": 4})
+    with pytest.raises(InvalidInputError, match=r"\['reduction'\] is not an option"):
+        hf_fisher.FisherCallback("probe", estimator="true", probe_data=probe, estimator_options={"reduction": "param"})
+    with pytest.raises(InvalidInputError, match="mc_samples"):
+        hf_fisher.FisherCallback("probe", estimator="true", probe_data=probe, estimator_options={"mc_samples": 0})
+
+
+def test_true_fisher_exact_on_a_causal_lm_is_refused_before_training(tmp_path):
+    model = tm.llama(torch.float32)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    cb = hf_fisher.FisherCallback("probe", estimator="true", estimator_options={"exact": True}, probe_data=probe_batches())
+    with pytest.raises(hf_fisher.errors.UnsupportedError, match="exact=True"):
+        train_lm(model, lm_samples(), tmp_path, DataCollatorForLanguageModeling(eos_tokenizer("right"), mlm=False), callbacks=[cb])
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+def test_collector_refuses_an_estimator_it_does_not_compute():
+    model = tm.llama(torch.float32)
+    with pytest.raises(InvalidInputError, match="empirical Fisher.*estimator='true'"):
+        hf_fisher.FisherCollector(model, estimator="true")
+    with pytest.raises(InvalidInputError, match="not estimator='kfac'"):
+        hf_fisher.FisherCollector(model, estimator="kfac")
+    # an estimator that adds its own contributions labels its collector; that collector never computes the empirical Fisher
+    fed = hf_fisher.FisherCollector.for_estimator("true", model)
+    with pytest.raises(InvalidInputError, match="labelled estimator='true'"):
+        fed.update(probe_batches()[0])
+    with pytest.raises(InvalidInputError, match="labelled estimator='true'"):
+        fed.attach_training()
+    # the true-Fisher estimator still labels what it computes
+    true = hf_fisher.collect(model, probe_batches(), estimator="true", progress=False)
+    assert true.metadata.estimator == "true"
+
+
+# ---------------------------------------------------------------------------------- probe data, base_model
+def test_probe_data_without_samples_is_refused_at_construction():
+    with pytest.raises(hf_fisher.errors.EmptyDataError, match="probe_data is empty"):
+        hf_fisher.FisherCallback("probe", probe_data=[])
+    with pytest.raises(hf_fisher.errors.EmptyDataError, match="probe_data is empty"):
+        hf_fisher.FisherCallback("probe", probe_data=ListDataset([]))
+    pad = {"input_ids": torch.full((2, 4), EOS), "attention_mask": torch.zeros(2, 4, dtype=torch.long)}
+    with pytest.raises(hf_fisher.errors.EmptyDataError, match="no label token"):
+        hf_fisher.FisherCallback("probe", probe_data=[pad])
+    ignored = {"input_ids": torch.full((2, 4), 5), "labels": torch.full((2, 4), -100)}
+    with pytest.raises(hf_fisher.errors.EmptyDataError, match="no label token"):
+        hf_fisher.FisherCallback("probe", probe_data=[ignored, pad])
+    with pytest.raises(InvalidInputError, match="probe_data must be"):
+        hf_fisher.FisherCallback("probe", probe_data={"input_ids": torch.ones(1, 3, dtype=torch.long)})
+
+
+def test_probe_data_without_labels_for_the_model_is_refused_before_the_first_step(tmp_path):
+    """One real token per sample: a causal LM has nothing to predict (known only with the model): refused at train
+    begin, before any optimizer step; a generator that turns out empty says which probe failed."""
+    one = {"input_ids": torch.tensor([[7], [9]]), "attention_mask": torch.ones(2, 1, dtype=torch.long)}
+    model = tm.llama(torch.float32)
+    collator = DataCollatorForLanguageModeling(eos_tokenizer("right"), mlm=False)
+    cb = hf_fisher.FisherCallback("probe", probe_data=[one])
+    with pytest.raises(hf_fisher.errors.EmptyDataError, match="no label token for this causal_lm model"):
+        train_lm(model, lm_samples(), tmp_path / "a", collator, callbacks=[cb])
+    cb = hf_fisher.FisherCallback("probe", probe_data=(b for b in []))
+    with pytest.raises(hf_fisher.errors.EmptyDataError, match="probe at step 2: probe_data gave no usable sample"):
+        train_lm(model, lm_samples(), tmp_path / "b", collator, callbacks=[cb])
+
+
+def test_base_model_goes_into_the_artifact_and_card(tmp_path):
+    with pytest.raises(InvalidInputError, match="base_model must be a Hugging Face Hub model id"):
+        hf_fisher.FisherCallback(base_model="/data/models/base")
+    with pytest.raises(InvalidInputError, match="base_model"):
+        hf_fisher.FisherCallback(base_model="not a repo id")
+    # a model loaded from a local folder: the card names the Hub id given, never the folder
+    local = tmp_path / "base"
+    tm.llama(torch.float32).save_pretrained(local)
+    model = type(tm.llama(torch.float32)).from_pretrained(local)
+    assert model.config._name_or_path == str(local)
+    collator = DataCollatorForLanguageModeling(eos_tokenizer("right"), mlm=False)
+    for mode, extra in (("training", {}), ("probe", {"probe_data": probe_batches()})):
+        out = tmp_path / mode
+        cb = hf_fisher.FisherCallback(mode, base_model="hf-internal-testing/tiny-random-LlamaForCausalLM", **extra)
+        train_lm(model, lm_samples(), out, collator, callbacks=[cb])
+        saved = hf_fisher.Fisher.from_pretrained(out / "fisher")
+        assert saved.metadata.model_name_or_path == "hf-internal-testing/tiny-random-LlamaForCausalLM"
+        card = (out / "fisher" / "README.md").read_text()
+        assert "base_model: hf-internal-testing/tiny-random-LlamaForCausalLM" in card
+        assert str(local) not in card
