@@ -76,6 +76,7 @@ def collect(
     available = plugins.estimators()
     if estimator not in available:
         raise InvalidInputError(f"unknown estimator {estimator!r}; available: {', '.join(sorted(available))}")
+    _refuse_unknown_options(estimator, available[estimator], estimator_options)
     est = available[estimator](
         reduction=reduction, normalization=normalization, accumulation_dtype=accumulation_dtype,
         storage_dtype=storage_dtype, storage_device=storage_device, ema_decay=ema_decay,
@@ -90,6 +91,29 @@ def collect(
         model, batches, task=task, max_samples=max_samples, progress=progress,
         model_name_or_path=model_name_or_path, data_description=data_description,
     )
+
+
+def _refuse_unknown_options(name: str, cls: type, options: Mapping[str, Any]) -> None:
+    """The built-in diagonal estimators pass their options on to :class:`FisherCollector`: an
+    option neither takes (e.g. ``mc_samples`` without ``estimator="true"``) is refused here, naming
+    the estimator, instead of a ``TypeError`` from inside it."""
+    import inspect
+
+    from .collector import FisherCollector
+    from .estimators.empirical import EmpiricalEstimator
+    from .estimators.true_fisher import TrueFisherEstimator
+
+    if cls not in (EmpiricalEstimator, TrueFisherEstimator):
+        return  # other estimators check their own options
+    known = set(inspect.signature(FisherCollector.__init__).parameters) | set(inspect.signature(cls.__init__).parameters)
+    unknown = sorted(set(options) - (known - {"self", "model", "estimator", "options"}))
+    if unknown:
+        hint = {"mc_samples": "true", "temperature": "true", "exact": "true", "seed": "true", "fisher_type": "kfac", "kfac_approx": "kfac"}
+        owners = sorted({hint[k] for k in unknown if k in hint} - {name})
+        raise InvalidInputError(
+            f"estimator={name!r} has no option {', '.join(unknown)}"
+            + (f" (an option of estimator={' / '.join(map(repr, owners))}: pass estimator= to use it)" if owners else "")
+        )
 
 
 def _will_merge(distributed: bool | None) -> bool:

@@ -275,3 +275,14 @@ def test_base_model_goes_into_the_artifact_and_card(tmp_path):
         card = (out / "fisher" / "README.md").read_text()
         assert "base_model: hf-internal-testing/tiny-random-LlamaForCausalLM" in card
         assert str(local) not in card
+
+
+def test_collect_refuses_an_option_of_another_estimator():
+    """mc_samples without estimator='true' is not silently dropped nor a raw TypeError: refused, naming the owner."""
+    model = tm.llama(torch.float32)
+    batch = [tm.padded_batch([3, 4])]
+    with pytest.raises(InvalidInputError, match="estimator='empirical' has no option mc_samples.*estimator='true'"):
+        hf_fisher.collect(model, batch, mc_samples=2, progress=False)
+    with pytest.raises(InvalidInputError, match="estimator='true' has no option fisher_type.*estimator='kfac'"):
+        hf_fisher.collect(model, batch, estimator="true", fisher_type="mc", progress=False)
+    assert hf_fisher.collect(model, batch, estimator="true", mc_samples=2, seed=1, progress=False).metadata.estimator == "true"

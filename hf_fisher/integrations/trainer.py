@@ -11,8 +11,10 @@ Two modes:
   does not change them. The parameters change at every optimizer step: the result is a running
   estimate along the training trajectory, ``F = mean_i C_i(θ_{step(i)})`` over the samples seen
   (``ema_decay`` weighs recent samples more). A micro-batch the free path cannot take exactly
-  (activation checkpointing, a loss that is not the labels' cross-entropy) is computed with an
-  extra pass of the engine on the same parameters, loudly; never a silently wrong number.
+  (activation checkpointing, a loss that is not the labels' cross-entropy, a loss that counts the
+  first real token after left padding, which the Fisher of the sample alone does not) is computed
+  with an extra pass of the engine on the same parameters, loudly (a WARNING, and the count in the
+  artifact); never a silently wrong number.
 - ``"probe"``: every ``probe_every_n_steps`` optimizer steps and at the end of training, the
   Fisher of the model as it is then, on ``probe_data``, in eval mode, leaving ``.grad``, the
   optimizer, the random streams and the train/eval mode exactly as they were.
@@ -95,9 +97,9 @@ class FisherCallback(TrainerCallback):
     in training mode, a micro-batch whose Trainer loss counts a label the sample alone does not
     have (the first real token after left padding, predicted from a padding position, as
     ``DataCollatorForLanguageModeling`` labels it with ``padding_side="left"``) is computed with
-    an extra pass of the engine, with a WARNING; the artifact records how many
-    (``metadata.extra["training"]["extra_pass_batches"]`` and ``["extra_pass_reasons"]``). Right
-    padding keeps the free path.
+    an extra pass of the engine, with a WARNING; the artifact records how many micro-batches of
+    the saving process did (``metadata.extra["training"]["extra_pass_batches"]`` and
+    ``["extra_pass_reasons"]``). Right padding keeps the free path.
     """
 
     def __init__(
