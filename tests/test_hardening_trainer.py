@@ -286,3 +286,26 @@ def test_collect_refuses_an_option_of_another_estimator():
     with pytest.raises(InvalidInputError, match="estimator='true' has no option fisher_type.*estimator='kfac'"):
         hf_fisher.collect(model, batch, estimator="true", fisher_type="mc", progress=False)
     assert hf_fisher.collect(model, batch, estimator="true", mc_samples=2, seed=1, progress=False).metadata.estimator == "true"
+
+
+def test_left_padding_on_a_learned_position_table_takes_the_exact_pass_and_names_why(tmp_path):
+    """GPT-2 (learned positions) left-padded, first real token's label already -100: the Trainer's forward puts the
+    real tokens at shifted positions, unlike each sample alone: extra pass, named as such, equal to collect."""
+    model = tm.gpt2(torch.float32)
+    for m in model.modules():  # eval-mode collect vs the Trainer's train-mode forward: no dropout to differ
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    base = DataCollatorForLanguageModeling(eos_tokenizer("left"), mlm=False)
+
+    def first_unlabelled(items):
+        b = base(items)
+        b["labels"][(b["attention_mask"].cumsum(-1) == 1) & (b["attention_mask"] == 1)] = -100
+        return b
+
+    collator = Recording(first_unlabelled)
+    cb = hf_fisher.FisherCallback(reduction="param")
+    train_lm(model, lm_samples(), tmp_path, collator, callbacks=[cb])
+    assert not any(first_label_from_padding(b) for b in collator.batches)
+    reasons = cb.fisher().metadata.extra["training"]["extra_pass_reasons"]
+    assert list(reasons) == [next(r for r in reasons if "learned position table" in r)] and sum(reasons.values()) == 2
+    assert_fisher_close(cb.fisher(), hf_fisher.collect(model, collator.batches, reduction="param", progress=False), rtol=2e-5)
