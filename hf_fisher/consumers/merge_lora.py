@@ -273,6 +273,7 @@ class _FisherSource:
                 f"fishers[{index}] must be a Fisher, a FisherReader or an artifact folder, got {type(src).__name__}"
             )
         self.src = src
+        src.check_values()  # finite and non-negative, before any work
         names = set(src.names())
         self.names: dict[str, str] = {}
         missing = []

@@ -176,6 +176,8 @@ class FisherInput:
             )
         self.groups = dict(groups or {})
         self._scale: float = 1.0
+        # every value finite and non-negative, before any work (the reader streams one tensor at a time)
+        (self.fisher or self.reader).check_values()
 
     def names(self) -> set[str]:
         return set(self.param_shapes)
