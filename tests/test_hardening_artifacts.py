@@ -296,3 +296,185 @@ def test_trainer_resume_refuses_invalid_checkpoint_state(tmp_path):
     with pytest.raises(ArtifactError) as e:
         trainer.train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-2"))
     _names_tensor_and_count(str(e.value), "nan")
+
+
+# ---------------------------------------------------------------------------- item 2: merge inputs
+def _merge(models, fishers=None, **kw):
+    from hf_fisher.consumers.merging import merge_with_fisher
+
+    return merge_with_fisher(models, fishers, progress=False, **kw)
+
+
+def test_fisher_folder_missing_a_listed_tensor(merge_inputs, tmp_path):
+    import shutil
+
+    r = merge_inputs
+    folder = Path(shutil.copytree(r / "f1", tmp_path / "f1"))
+    tensors = load_file(str(folder / "fisher.safetensors"))
+    del tensors[f"mean.{TARGET}"]
+    save_file(tensors, str(folder / "fisher.safetensors"))
+    with pytest.raises(ArtifactError) as e:
+        _merge([r / "m0", r / "m1"], [r / "f0", folder], output_dir=tmp_path / "out")
+    assert f"'mean.{TARGET}' is missing" in str(e.value) and "incomplete" in str(e.value), str(e.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_truncated_model_safetensors(merge_inputs, tmp_path):
+    import shutil
+
+    r = merge_inputs
+    model = Path(shutil.copytree(r / "m1", tmp_path / "m1"))
+    file = model / "model.safetensors"
+    data = file.read_bytes()
+    file.write_bytes(data[:-100])
+    with pytest.raises(ArtifactError, match="truncated") as e:
+        _merge([r / "m0", model], [r / "f0", r / "f1"], output_dir=tmp_path / "out")
+    assert str(file) in str(e.value)
+    assert not (tmp_path / "out").exists()
+    recipe = {"merge_method": "average", "models": [{"model": str(r / "m0")}, {"model": str(model)}]}
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    proc = hf_fisher("merge", str(tmp_path / "recipe.yaml"), "--out", str(tmp_path / "out"), "--no-progress", cwd=tmp_path)
+    assert proc.returncode == 2 and "truncated" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "kwargs, pattern",
+    [
+        (dict(method="task_arithmetic", scaling=float("nan")), r"scaling must be a finite number, got nan"),
+        (dict(method="task_arithmetic", scaling=float("inf")), r"scaling must be a finite number"),
+        (dict(method="ties", density=float("nan")), r"density must be a finite number"),
+        (dict(method="average", weights=["a", 1]), r"weights\[0\] must be a finite number, got 'a'"),
+        (dict(method="average", weights=[True, 1]), r"weights\[0\] must be a finite number, got True"),
+        (dict(method="average", weights="ab"), r"weights must be a list of numbers"),
+        (dict(method="fisher", fisher_floor=True), r"fisher_floor must be a finite number, got True"),
+        (dict(method="dare", seed=1.5), r"seed must be an integer"),
+        (dict(method="average", validation=[[], []]), r"validation\[0\] holds no batch"),
+        (dict(method="average", validation=[[{"input_ids": torch.ones(1, 3, dtype=torch.long)}], iter([])]),
+         r"validation\[1\] holds no batch"),
+        (dict(method="regmean", data=[[], []]), r"data\[0\] holds no batch"),
+        (dict(method="regmean", data=[[{"input_ids": torch.ones(1, 3, dtype=torch.long)}], (x for x in [])]),
+         r"data\[1\] holds no batch"),
+    ],
+    ids=["scaling-nan", "scaling-inf", "density-nan", "weights-str", "weights-bool", "weights-string",
+         "floor-bool", "seed-float", "validation-empty", "validation-iterator", "regmean-empty", "regmean-generator"],
+)
+def test_bad_merge_arguments_refused_up_front(merge_inputs, tmp_path, kwargs, pattern):
+    r = merge_inputs
+    kw = dict(kwargs)
+    method = kw.pop("method")
+    fishers = [r / "f0", r / "f1"] if method == "fisher" else None
+    base = r / "m0" if method in ("task_arithmetic", "ties", "dare") else None
+    with pytest.raises(InvalidInputError, match=pattern):
+        _merge([r / "m0", r / "m1"], fishers, method=method, base_model=base, output_dir=tmp_path / "out", **kw)
+    assert not (tmp_path / "out").exists()
+
+
+def test_lora_merge_refuses_bad_numbers(tmp_path):
+    from hf_fisher.consumers.merge_lora import merge_lora_adapters
+
+    with pytest.raises(InvalidInputError, match="fisher_floor must be a finite number, got True"):
+        merge_lora_adapters([tmp_path / "a", tmp_path / "b"], [None, None], fisher_floor=True)
+    with pytest.raises(InvalidInputError, match=r"weights\[1\] must be a finite number"):
+        merge_lora_adapters([tmp_path / "a", tmp_path / "b"], None, method="average", weights=[1, "x"])
+    with pytest.raises(InvalidInputError, match="scaling must be a finite number"):
+        merge_lora_adapters([tmp_path / "a", tmp_path / "b"], None, method="task_arithmetic", scaling=float("nan"))
+
+
+DUPLICATE = """\
+merge_method: average
+models:
+  - model: {m0}
+    parameters: {{weight: 0.5}}
+  - model: {m1}
+    parameters:
+      weight: 0.5
+      weight: 0.9
+"""
+
+
+def test_duplicate_recipe_key_refused_naming_key_and_lines(merge_inputs, tmp_path):
+    from hf_fisher.consumers.merging import load_recipe
+
+    r = merge_inputs
+    path = tmp_path / "recipe.yaml"
+    path.write_text(DUPLICATE.format(m0=r / "m0", m1=r / "m1"))
+    with pytest.raises(InvalidInputError, match=r"key 'weight' is given twice in one mapping \(lines 7 and 8\)"):
+        load_recipe(path)
+    top = "merge_method: average\nmerge_method: fisher\nmodels: []\n"
+    (tmp_path / "top.yaml").write_text(top)
+    with pytest.raises(InvalidInputError, match=r"'merge_method' is given twice .*lines 1 and 2"):
+        load_recipe(tmp_path / "top.yaml")
+    proc = hf_fisher("merge", str(path), "--out", str(tmp_path / "out"), cwd=tmp_path)
+    assert proc.returncode == 2 and "'weight' is given twice" in proc.stderr, proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------------------- item 4: minor
+def test_samples_zero_with_values_is_refused(tmp_path, llama):
+    f = make_fisher(llama, variance=False, samples=0)
+    folder = f.save_pretrained(tmp_path / "f")
+    with pytest.raises(ArtifactError, match="counts.samples is 0") as e:
+        Fisher.from_pretrained(folder)
+    assert "non-zero" in str(e.value)
+    with pytest.raises(ArtifactError, match="non-zero"):
+        FisherReader(folder).get(TARGET)
+    zero = Fisher({n: torch.zeros_like(t) for n, t in f.means.items()}, None, reduction="param", groups=None,
+                  param_shapes=f.param_shapes, counts=Counts(0, 0), metadata=f.metadata)
+    Fisher.from_pretrained(zero.save_pretrained(tmp_path / "zero"))  # all zeros with no sample: consistent
+
+
+def test_unknown_estimator_is_refused_with_the_known_names(tmp_path, llama):
+    from hf_fisher import plugins
+
+    f = make_fisher(llama)
+    odd = Fisher(f.means, None, reduction="param", groups=None, param_shapes=f.param_shapes, counts=f.counts,
+                 metadata=replace(f.metadata, estimator="my_estimator"))
+    folder = odd.save_pretrained(tmp_path / "f")
+    for load in (Fisher.from_pretrained, FisherReader):
+        with pytest.raises(ArtifactError, match="'my_estimator', which is not registered") as e:
+            load(folder)
+        assert all(name in str(e.value) for name in ("'empirical'", "'kfac'", "'true'"))
+    assert "load_problems" in Fisher.from_pretrained(folder, strict=False).metadata.extra
+
+    class MyPlugin:  # a plugin that registers the estimator: the artifact loads
+        @plugins.hookimpl
+        def hf_fisher_register_estimators(self, register):
+            register("my_estimator", object)
+
+    name = plugins.register(MyPlugin(), "my-plugin")
+    try:
+        back = Fisher.from_pretrained(folder)
+        assert back.metadata.estimator == "my_estimator" and "load_problems" not in back.metadata.extra
+    finally:
+        plugins.unregister(name)
+
+
+# ---------------------------------------------------------------------------- item 3: cards
+def test_merged_card_reads_as_written(merge_inputs, tmp_path):
+    import shutil
+
+    from huggingface_hub import ModelCard
+    from markdown_it import MarkdownIt
+
+    r = merge_inputs
+    models = [Path(shutil.copytree(r / f"m{i}", tmp_path / f"my_model_{i}")) for i in (0, 1)]
+    val = [[tm.padded_batch([4, 3], seed=5)], [tm.padded_batch([4, 3], seed=6)]]
+    out = _merge(models, [r / "f0", r / "f1"], output_dir=tmp_path / "out", validation=val,
+                 validation_grid={"weight_lean": [0.0, 0.5], "fisher_floor": [1e-6]})
+    text = ModelCard.load(out / "README.md").text
+    body = text.split("## Recipe")[0]
+    # the raw file reads as written: no backslash escapes in names, paths, settings or the paper title
+    assert "\\" not in body, [line for line in body.splitlines() if "\\" in line]
+    assert f"`{models[0]}`" in body and "`fisher_floor`" in body and "`no_fisher_rule`" in body
+    html = MarkdownIt("commonmark", {"html": True}).enable("table").render(text)
+    assert "<em>Merging Models with Fisher-Weighted Averaging</em>" in html  # the title in italics, not *...*
+    assert f"<code>{models[0]}</code>" in html and "<code>fisher_floor</code>" in html
+    assert "Matena &amp; Raffel 2022" in html and "&amp;amp;" not in html
+    # the recipe: plain YAML, no anchors or aliases, and it loads back to the same recipe
+    recipe_text = (out / "merge_recipe.yaml").read_text()
+    assert "&id" not in recipe_text and "*id" not in recipe_text, recipe_text
+    block = text.split("```yaml\n")[1].split("```")[0]
+    assert "&id" not in block and "*id" not in block
+    recipe = yaml.safe_load(recipe_text)
+    assert [e["parameters"]["weight"] for e in recipe["models"]] == recipe["hf_fisher"]["validation"]["chosen"]["weights"]
