@@ -284,6 +284,27 @@ def check_estimator_name(name: str, what: str, *, strict: bool = True) -> str | 
     return msg
 
 
+def _ema_state_problem(metadata: Mapping[str, Any]) -> str | None:
+    """What is wrong with the EMA weight sums an EMA Fisher keeps for resuming
+    (``metadata.extra.ema_state``: ``weight_sum`` W > 0 and ``weight_sq_sum`` W2 with
+    0 < W2 <= W², both finite), or None when absent or valid."""
+    ema = (metadata.get("extra") or {}).get("ema_state", metadata.get("ema_state"))
+    if ema is None:
+        return None
+    if not isinstance(ema, Mapping):
+        return f"must be an object with weight_sum and weight_sq_sum, got {_describe(ema)}"
+    values = {}
+    for key in ("weight_sum", "weight_sq_sum"):
+        v = ema.get(key)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+            return f"has {key} {_describe(v)}, which must be a positive finite number"
+        values[key] = float(v)
+    if values["weight_sq_sum"] > values["weight_sum"] ** 2 * (1 + 1e-9):
+        return (f"has weight_sq_sum {values['weight_sq_sum']!r} > weight_sum² ({values['weight_sum'] ** 2!r}), "
+                "which no set of non-negative weights gives")
+    return None
+
+
 def _record_problems(metadata: "FisherMetadata", problems: list[str]) -> "FisherMetadata":
     if not problems:
         return metadata
@@ -1437,6 +1458,14 @@ class FisherReader:
         problem = check_estimator_name(cfg["metadata"]["estimator"], f"Fisher artifact {root}", strict=strict)
         if problem:
             self.problems.append(problem)
+        problem = _ema_state_problem(cfg["metadata"])
+        if problem:
+            msg = (f"{cfg_path} is malformed: field 'metadata.extra.ema_state' {problem}; a Trainer cannot resume "
+                   "its exponential moving average from it")
+            if strict:
+                raise ArtifactError(msg + " (load it with strict=False to inspect it)")
+            logger.warning("%s. Loaded anyway (strict=False)", msg)
+            self.problems.append(msg)
 
     def _check_groups(self, cfg_path: Path) -> None:
         """Each parameter's groups partition its shape (the field named on failure)."""

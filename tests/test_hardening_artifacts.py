@@ -478,3 +478,36 @@ def test_merged_card_reads_as_written(merge_inputs, tmp_path):
     assert "&id" not in block and "*id" not in block
     recipe = yaml.safe_load(recipe_text)
     assert [e["parameters"]["weight"] for e in recipe["models"]] == recipe["hf_fisher"]["validation"]["chosen"]["weights"]
+
+
+@pytest.mark.parametrize("state, problem", [
+    ({"weight_sum": float("nan"), "weight_sq_sum": 1.0}, "weight_sum"),
+    ({"weight_sum": 2.0, "weight_sq_sum": -1.0}, "weight_sq_sum"),
+    ({"weight_sum": 2.0, "weight_sq_sum": 5.0}, "weight_sq_sum 5.0 > weight_sum²"),
+    ({"weight_sum": 2.0}, "weight_sq_sum null"),
+])
+def test_ema_resume_state_is_checked(tmp_path, llama, state, problem):
+    f = make_fisher(llama)
+    ema = Fisher(f.means, f.variances, reduction="param", groups=None, param_shapes=f.param_shapes, counts=f.counts,
+                 metadata=replace(f.metadata, ema_decay=0.9, extra={"ema_state": state}))
+    folder = ema.save_pretrained(tmp_path / "f")
+    with pytest.raises(ArtifactError, match="metadata.extra.ema_state") as e:
+        Fisher.from_pretrained(folder)
+    assert problem in str(e.value), str(e.value)
+    good = replace(ema.metadata, extra={"ema_state": {"weight_sum": 2.0, "weight_sq_sum": 1.5}})
+    Fisher.from_pretrained(Fisher(f.means, f.variances, reduction="param", groups=None, param_shapes=f.param_shapes,
+                                  counts=f.counts, metadata=good).save_pretrained(tmp_path / "g"))
+
+
+def test_accumulator_state_values_are_checked():
+    from hf_fisher.stats import EMA, Welford
+
+    mean = torch.ones(5, dtype=torch.float64)
+    with pytest.raises(InvalidInputError, match=r"'m2' holds 2 negative \(of 5 values\)"):
+        Welford.from_state_dict({"count": 3, "mean": mean, "m2": torch.tensor([1.0, -1, -2, 0, 0])})
+    with pytest.raises(InvalidInputError, match=r"'mean' holds 1 NaN"):
+        Welford.from_state_dict({"count": 3, "mean": torch.tensor([1.0, float("nan"), 0, 0, 0]), "m2": mean})
+    with pytest.raises(InvalidInputError, match="weight_sum"):
+        EMA.from_state_dict({"count": 3, "decay": 0.9, "weight_sum": float("nan"), "weight_sq_sum": 0.1,
+                             "mean": mean, "m2": mean})
+    assert Welford.from_state_dict({"count": 3, "mean": mean, "m2": mean}).count == 3
