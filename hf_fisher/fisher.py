@@ -24,7 +24,10 @@ fsync, rename; a save killed at any point leaves the old or the new artifact, an
 load repairs the leftovers). Loading never unpickles and checks everything the artifact claims
 before using it (:class:`FisherReader`): every field of ``fisher_config.json`` (an
 :class:`~hf_fisher.errors.ArtifactError` naming the field), file names that stay inside the
-folder, and stored tensors of the dtype and shape the config gives. With a model,
+folder, and stored tensors of the dtype and shape the config gives, with valid values (finite and
+non-negative, all zero when no sample was counted: :class:`ValueCheck`, the one rule every
+reader of Fisher data applies; ``strict=False`` loads an invalid artifact with a WARNING, to
+inspect or repair it). With a model,
 :meth:`Fisher.validate` also checks the architecture (model type, layers, heads, kv-heads, head
 dimension), not only names and shapes.
 """
@@ -1356,6 +1359,14 @@ class FisherReader:
       (no absolute paths, no ``..``, no symlink resolving outside it — except the links of a
       huggingface_hub cache snapshot into its ``blobs/``) and exist; the shard index names only
       ``mean.<param>``/``variance.<param>`` keys of listed parameters, in listed files.
+
+    Values (:class:`ValueCheck`, the rule of :meth:`Fisher.from_pretrained`): every tensor
+    :meth:`get` returns is checked (finite, non-negative, all zero when ``counts.samples`` is 0),
+    and :meth:`check_values` reads the whole artifact once, one tensor at a time, so that a
+    streaming consumer (merging) refuses an invalid artifact before any work or write. The
+    estimator name must be registered and an EMA's resume state valid. ``strict=False`` logs
+    these problems as WARNINGs and records them (:attr:`problems`, ``metadata.extra["load_problems"]``)
+    instead of raising.
 
     A folder that does not exist, but whose previous version was left in a backup by a save
     killed between its two renames, is **restored** first (the backup is renamed back to the

@@ -98,7 +98,7 @@ class EWCPenalty(nn.Module):
     def __init__(self, fisher, params_star: Any = None, lam: float = 1.0, online_decay: float | None = None):
         super().__init__()
         if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not (math.isfinite(lam) and lam >= 0):
-            raise InvalidInputError(f"lam must be a finite number >= 0, got {lam!r}")
+            raise InvalidInputError(f"lam must be >= 0 and finite (a number), got {lam!r}")
         if online_decay is not None and not (0.0 <= online_decay <= 1.0):
             raise InvalidInputError(f"online_decay must be in [0, 1], got {online_decay}")
         fisher.check_values()  # a NaN / Inf / negative Fisher would turn every parameter NaN or reward drifting
