@@ -257,8 +257,8 @@ class ValueCheck:
         msg = self.message()
         if self.strict:
             raise ArtifactError(
-                msg + " (or load it with strict=False to inspect it: a WARNING is logged and the problem recorded "
-                f"in metadata.extra[{LOAD_PROBLEMS_KEY!r}])"
+                msg + " (to inspect it anyway: hf-fisher show --no-strict, or from_pretrained(..., strict=False), "
+                f"which logs a WARNING and records the problem in metadata.extra[{LOAD_PROBLEMS_KEY!r}])"
             )
         logger.warning("%s. Loaded anyway (strict=False); the problem is recorded in metadata.extra[%r]", msg,
                        LOAD_PROBLEMS_KEY)
@@ -282,7 +282,7 @@ def check_estimator_name(name: str, what: str, *, strict: bool = True) -> str | 
     msg = (f"{what} was made by the estimator {name!r}, which is not registered here (known: {known}); "
            "install the plugin that provides it, or the artifact's metadata is corrupt")
     if strict:
-        raise ArtifactError(msg + " (or load it with strict=False to inspect it)")
+        raise ArtifactError(msg + " (to inspect it anyway: hf-fisher show --no-strict, or from_pretrained(..., strict=False))")
     logger.warning("%s. Loaded anyway (strict=False)", msg)
     return msg
 
@@ -1474,7 +1474,7 @@ class FisherReader:
             msg = (f"{cfg_path} is malformed: field 'metadata.extra.ema_state' {problem}; a Trainer cannot resume "
                    "its exponential moving average from it")
             if strict:
-                raise ArtifactError(msg + " (load it with strict=False to inspect it)")
+                raise ArtifactError(msg + " (to inspect it anyway: hf-fisher show --no-strict, or from_pretrained(..., strict=False))")
             logger.warning("%s. Loaded anyway (strict=False)", msg)
             self.problems.append(msg)
 

@@ -511,3 +511,9 @@ def test_accumulator_state_values_are_checked():
         EMA.from_state_dict({"count": 3, "decay": 0.9, "weight_sum": float("nan"), "weight_sq_sum": 0.1,
                              "mean": mean, "m2": mean})
     assert Welford.from_state_dict({"count": 3, "mean": mean, "m2": mean}).count == 3
+
+
+def test_show_no_strict_prints_the_problem(merge_inputs, tmp_path):
+    proc = hf_fisher("show", str(merge_inputs / "f1-negative"), "--no-strict", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("WARNING: ") and f"'mean.{TARGET}' has 3 negative" in proc.stdout
