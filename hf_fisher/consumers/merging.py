@@ -700,7 +700,9 @@ def merge_with_fisher(
         raise InvalidInputError(f"density must be in (0, 1], got {density!r}")
     if not 0 <= real_number("alpha", alpha) <= 1:
         raise InvalidInputError(f"alpha must be in [0, 1], got {alpha!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int):
+    import numbers
+
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
         raise InvalidInputError(f"seed must be an integer, got {seed!r}")
     if isinstance(kfac_damping, bool) or not isinstance(kfac_damping, (int, float)) or not (
         math.isfinite(kfac_damping) and kfac_damping > 0
