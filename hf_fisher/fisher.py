@@ -54,6 +54,8 @@ __all__ = [
     "FisherMetadata",
     "Fisher",
     "FisherReader",
+    "ValueCheck",
+    "known_estimators",
     "CONFIG_NAME",
     "WEIGHTS_NAME",
     "WEIGHTS_INDEX_NAME",
