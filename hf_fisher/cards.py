@@ -33,7 +33,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from hf_fisher.fisher import Fisher
 
-__all__ = ["load_template", "card_data", "render_card", "looks_like_hub_id", "hub_base_model", "md_text", "layer_rows", "merged_card", "summary_section"]
+__all__ = ["load_template", "card_data", "render_card", "looks_like_hub_id", "hub_base_model", "md_text", "md_code", "layer_rows", "merged_card", "summary_section"]
 
 logger = logging.getLogger(__name__)
 
@@ -148,6 +148,47 @@ def md_text(value: Any) -> str:
     return "".join(out)
 
 
+def _shown_controls(text: str) -> str:
+    """Line breaks and other control characters as visible escapes (``\\n``, ``\\xNN``...)."""
+    out = []
+    for ch in text:
+        if ch in _CONTROL_NAMES:
+            out.append(_CONTROL_NAMES[ch])
+        elif ord(ch) < 0x20 or ord(ch) == 0x7F or ch in "\x85\u2028\u2029":
+            out.append(f"\\x{ord(ch):02x}" if ord(ch) < 0x100 else f"\\u{ord(ch):04x}")
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+def md_code(value: Any, *, in_table: bool = False) -> str:
+    """``str(value)`` as an inline code span: shown verbatim, so a path or a parameter name reads
+    as written (``m_0``, not ``m\\_0``) in the raw file and on the page, while nothing in it is
+    interpreted (no HTML, emphasis, link or heading can start inside a code span). The fence is
+    longer than any backtick run in the text; line breaks and control characters are shown as
+    ``\\n``, ``\\xNN`` (one line); ``in_table``: ``|`` is written ``\\|`` (a GFM table cell, which
+    renders it as ``|``)."""
+    text = _shown_controls(str(value))
+    if not text:
+        return ""
+    if in_table:
+        text = text.replace("|", "\\|")
+    import re
+
+    fence = "`" * (max((len(m) for m in re.findall(r"`+", text)), default=0) + 1)
+    pad = " " if text[0] in "` " or text[-1] in "` " else ""
+    return f"{fence}{pad}{text}{pad}{fence}"
+
+
+def _value_md(value: Any) -> str:
+    """A setting in a table cell: a number as it is, anything else as a code span."""
+    import numbers
+
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        return str(value)
+    return md_code(value, in_table=True) or "-"
+
+
 def _fmt(x: float) -> str:
     return f"{x:.4e}"
 
@@ -252,14 +293,15 @@ def summary_section(fisher: "Fisher") -> str | None:
 MERGED_TEMPLATE = "merged_card.md"
 
 _MERGE_FORMULAS = {
-    "fisher": "Fisher-weighted averaging, per element: θ\\* = Σ_i λ_i F̃_i θ_i / Σ_i λ_i F̃_i with F̃_i = max(F_i, floor).",
-    "fisher_task_vector": "Fisher-weighted task vectors: θ\\* = θ_base + Σ_i λ_i F̃_i τ_i / Σ_i λ_i F̃_i, τ_i = θ_i − θ_base.",
-    "average": "Weighted average: θ\\* = Σ_i λ_i θ_i / Σ_i λ_i.",
-    "task_arithmetic": "Task arithmetic: θ\\* = θ_base + s Σ_i λ_i τ_i, τ_i = θ_i − θ_base.",
-    "ties": "TIES: trim each λ_i τ_i to its largest magnitudes (density), elect each entry's sign, average the agreeing entries, θ\\* = θ_base + s · mean.",
-    "dare": "DARE: drop each task-vector entry with probability p, rescale the rest by 1/(1 − p), then task arithmetic or TIES.",
-    "regmean": "RegMean: W\\* = (Σ_i G̃_i)⁻¹ Σ_i G̃_i W_i per linear layer (input Gram matrices, off-diagonal scaled by α); other tensors averaged.",
+    "fisher": "Fisher-weighted averaging, per element: `θ* = Σ_i λ_i F̃_i θ_i / Σ_i λ_i F̃_i` with `F̃_i = max(F_i, floor)`.",
+    "fisher_task_vector": "Fisher-weighted task vectors: `θ* = θ_base + Σ_i λ_i F̃_i τ_i / Σ_i λ_i F̃_i`, `τ_i = θ_i − θ_base`.",
+    "average": "Weighted average: `θ* = Σ_i λ_i θ_i / Σ_i λ_i`.",
+    "task_arithmetic": "Task arithmetic: `θ* = θ_base + s Σ_i λ_i τ_i`, `τ_i = θ_i − θ_base`.",
+    "ties": "TIES: trim each `λ_i τ_i` to its largest magnitudes (density), elect each entry's sign, average the agreeing entries, `θ* = θ_base + s · mean`.",
+    "dare": "DARE: drop each task-vector entry with probability `p`, rescale the rest by `1/(1 − p)`, then task arithmetic or TIES.",
+    "regmean": "RegMean: `W* = (Σ_i G̃_i)⁻¹ Σ_i G̃_i W_i` per linear layer (input Gram matrices, off-diagonal scaled by `α`); other tensors averaged.",
     "fisher_regmean": "RegMean for every linear weight, Fisher-weighted averaging for the other tensors.",
+    "kfac": "KFAC Fisher merging, per block: `Σ_i λ_i (F_i + δI) vec(M* − M_i) = 0` with `F_i ≈ G_i ⊗ A_i` (Kronecker-factored Fishers).",
 }
 
 
@@ -279,10 +321,9 @@ def merged_card(recipe: dict, *, sources=None, fishers=None, base=None, template
     The body names the method with its formula and paper, the inputs with their weights and
     Fisher artifacts, the validation choice, and the recipe.
     """
-    import yaml
     from huggingface_hub import ModelCard, ModelCardData
 
-    from hf_fisher.consumers.merging import PAPERS
+    from hf_fisher.consumers.merging import PAPERS, yaml_text
 
     method = str(recipe.get("merge_method"))
     entries = recipe.get("models") or []
@@ -303,25 +344,29 @@ def merged_card(recipe: dict, *, sources=None, fishers=None, base=None, template
     if method in ("fisher", "fisher_task_vector", "fisher_regmean"):
         tags.append("fisher-merging")
     data = ModelCardData(library_name=library_name, base_model=hub_ids or None, base_model_relation="merge", tags=tags)
+    # Values read as they are written: names, paths and settings in code spans (md_code), prose
+    # the library wrote itself as plain Markdown; only free text goes through md_text.
     rows = []
     for i, e in enumerate(entries):
         p = e.get("parameters") or {}
-        rows.append({"index": i, "model": md_text(e.get("model")), "weight": md_text(p.get("weight", "")),
-                     "fisher": md_text(p.get("fisher")) if p.get("fisher") else "-"})
+        rows.append({"index": i, "model": md_code(e.get("model"), in_table=True),
+                     "weight": _value_md(p.get("weight", "")),
+                     "fisher": md_code(p.get("fisher"), in_table=True) if p.get("fisher") else "-"})
     section = recipe.get("hf_fisher") or {}
     no_fisher = (section.get("no_fisher") or {})
     nf = no_fisher.get("tensors") or []
     no_fisher_md = None
     if nf:
-        shown = ", ".join(nf[:10]) + (f" and {len(nf) - 10} more" if len(nf) > 10 else "")
-        no_fisher_md = md_text(f"{len(nf)} tensor(s), merged by rule '{no_fisher.get('rule')}' ({no_fisher.get('text')}): {shown}")
+        shown = ", ".join(md_code(t) for t in nf[:10]) + (f" and {len(nf) - 10} more" if len(nf) > 10 else "")
+        no_fisher_md = (f"{len(nf)} tensor(s), merged by rule {md_code(no_fisher.get('rule'))} "
+                        f"({md_text(no_fisher.get('text'))}): {shown}")
     val = section.get("validation")
     validation_md = None
     if val:
         chosen = val.get("chosen") or {}
-        parts = [f"{k} = {v}" for k, v in chosen.items()]
-        validation_md = md_text(f"Picked on a grid of {val.get('points')} points by the {val.get('criterion')}: " + "; ".join(parts))
-    recipe_yaml = yaml.safe_dump(recipe, sort_keys=False, allow_unicode=True)
+        parts = [md_code(f"{k} = {v}") for k, v in chosen.items()]
+        validation_md = f"Picked on a grid of {md_text(val.get('points'))} points by the {md_text(val.get('criterion'))}: " + "; ".join(parts)
+    recipe_yaml = yaml_text(recipe)
     fence = _fence(recipe_yaml)
     params = recipe.get("parameters") or {}
     return ModelCard.from_template(
@@ -332,12 +377,12 @@ def merged_card(recipe: dict, *, sources=None, fishers=None, base=None, template
         version_md=md_text(section.get("version", "")),
         method_md=md_text(method),
         formula_md=_MERGE_FORMULAS.get(method, md_text(method)),
-        paper_md=md_text(PAPERS.get(method, "-")),
-        parameter_rows=[(md_text(k), md_text(v)) for k, v in params.items()] + (
-            [(md_text("dtype"), md_text(recipe["dtype"]))] if recipe.get("dtype") else []),
+        paper_md=PAPERS.get(method) or "-",  # the library's own Markdown (titles in italics)
+        parameter_rows=[(md_code(k, in_table=True), _value_md(v)) for k, v in params.items()] + (
+            [(md_code("dtype"), md_code(recipe["dtype"], in_table=True))] if recipe.get("dtype") else []),
         input_rows=rows,
-        base_md=md_text(base_ref) if base_ref else None,
-        local_md=md_text(", ".join(local)) if local else None,
+        base_md=md_code(base_ref) if base_ref else None,
+        local_md=", ".join(md_code(r) for r in local) if local else None,
         no_fisher_md=no_fisher_md,
         validation_md=validation_md,
         recipe_yaml=recipe_yaml,

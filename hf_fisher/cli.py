@@ -913,7 +913,9 @@ def _cmd_show(args: argparse.Namespace) -> int:
         raise InvalidInputError(f"--top must be >= 0 (got {args.top})")
     from hf_fisher.fisher import Fisher
 
-    fisher = Fisher.from_pretrained(args.dir)
+    fisher = Fisher.from_pretrained(args.dir, strict=not args.no_strict)
+    for problem in fisher.metadata.extra.get("load_problems") or []:
+        print(f"WARNING: {problem}")
     print(format_report(fisher, top=args.top, source=str(args.dir)))
     return 0
 
@@ -1071,6 +1073,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("show", help="print the top heads, channels and per-layer totals of an artifact")
     p.add_argument("dir", help="folder of a Fisher artifact")
     p.add_argument("--top", type=int, default=10, help="rows in the heads and channels tables (default 10)")
+    p.add_argument("--no-strict", action="store_true",
+                   help="show an artifact with invalid values (NaN, Inf, negative) or an unknown estimator anyway, "
+                        "with a warning per problem, to inspect it")
     p.set_defaults(func=_cmd_show)
 
     p = sub.add_parser("plugins", help="list registered plugins and plugins that failed to load")

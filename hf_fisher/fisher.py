@@ -24,7 +24,10 @@ fsync, rename; a save killed at any point leaves the old or the new artifact, an
 load repairs the leftovers). Loading never unpickles and checks everything the artifact claims
 before using it (:class:`FisherReader`): every field of ``fisher_config.json`` (an
 :class:`~hf_fisher.errors.ArtifactError` naming the field), file names that stay inside the
-folder, and stored tensors of the dtype and shape the config gives. With a model,
+folder, and stored tensors of the dtype and shape the config gives, with valid values (finite and
+non-negative, all zero when no sample was counted: :class:`ValueCheck`, the one rule every
+reader of Fisher data applies; ``strict=False`` loads an invalid artifact with a WARNING, to
+inspect or repair it). With a model,
 :meth:`Fisher.validate` also checks the architecture (model type, layers, heads, kv-heads, head
 dimension), not only names and shapes.
 """
@@ -51,6 +54,8 @@ __all__ = [
     "FisherMetadata",
     "Fisher",
     "FisherReader",
+    "ValueCheck",
+    "known_estimators",
     "CONFIG_NAME",
     "WEIGHTS_NAME",
     "WEIGHTS_INDEX_NAME",
@@ -178,6 +183,145 @@ class FisherMetadata:
         extra = dict(known.pop("extra", None) or {})
         extra.update(unknown)
         return cls(**known, extra=extra)
+
+
+# ---------------------------------------------------------------------------- value checks
+# One home for the rule every reader of stored Fisher data applies (Fisher, FisherReader, the
+# KFAC artifact, the Trainer's checkpoint state, and the consumers given an in-memory Fisher):
+# a Fisher is finite and non-negative (F = mean_i g_i ⊙ g_i; its variance and per-sample
+# contributions too; a KFAC factor is finite with a non-negative diagonal), and it is all zeros
+# when it averages over no sample. One NaN would make every merged weight or EWC step NaN; a
+# negative value would be clamped to the merge floor and silently ignore that model.
+
+#: the metadata.extra key where a load with strict=False records what it let through
+LOAD_PROBLEMS_KEY = "load_problems"
+
+
+def _value_problems(t: torch.Tensor, nonnegative: str, zero: bool) -> dict[str, int]:
+    """``{"NaN": n, "Inf": n, "negative": n, "non-zero": n}`` (only the non-zero counts) of ``t``;
+    ``nonnegative``: "all" values, the "diagonal" (a square factor) or "none" must be >= 0;
+    ``zero``: every value must be 0."""
+    if not isinstance(t, torch.Tensor) or not t.dtype.is_floating_point or t.numel() == 0:
+        return {}
+    x = t.detach()
+    part = torch.diagonal(x) if nonnegative == "diagonal" and x.dim() == 2 else x
+    # fast path, one reduction (NaN propagates into both ends, ±Inf shows at one): ~50x quicker
+    # than counting, which only runs when something is wrong
+    lo, hi = (float(v) for v in x.aminmax())
+    ok = math.isfinite(lo) and math.isfinite(hi)
+    if ok and nonnegative != "none":
+        ok = (lo if part is x else float(part.amin())) >= 0
+    if ok and zero:
+        ok = lo == 0 and hi == 0
+    if ok:
+        return {}
+    out = {"NaN": int(torch.isnan(x).sum()), "Inf": int(torch.isinf(x).sum())}
+    if nonnegative != "none":
+        out["negative"] = int((part < 0).sum())
+    if zero:
+        out["non-zero"] = int(((x != 0) & torch.isfinite(x)).sum())
+    return {k: v for k, v in out.items() if v}
+
+
+class ValueCheck:
+    """Collects the invalid values of an artifact's tensors, then refuses them all at once.
+
+    ``check = ValueCheck("Fisher artifact /x", strict=True, samples=n)``; ``check.add(key,
+    tensor)`` for each tensor (``nonnegative="diagonal"`` for a square KFAC factor);
+    ``check.finish()`` raises an :class:`~hf_fisher.errors.ArtifactError` naming every bad tensor
+    (up to 5) with its counts of NaN / Inf / negative values (and non-zero values when
+    ``samples == 0``), or with ``strict=False`` logs it as a WARNING and returns the message (the
+    caller records it in ``metadata.extra["load_problems"]``).
+    """
+
+    def __init__(self, what: str, *, strict: bool = True, samples: int | None = None) -> None:
+        if not isinstance(strict, bool):
+            raise InvalidInputError(f"strict must be True or False, got {strict!r}")
+        self.what, self.strict, self.samples = what, strict, samples
+        self.found: dict[str, tuple[dict[str, int], int]] = {}
+
+    def add(self, key: str, tensor: torch.Tensor, *, nonnegative: str = "all") -> None:
+        problems = _value_problems(tensor, nonnegative, zero=self.samples == 0)
+        if problems:
+            self.found[key] = (problems, tensor.numel())
+
+    def message(self) -> str:
+        parts = []
+        for key, (problems, numel) in list(self.found.items())[:5]:
+            counts = ", ".join(f"{n} {kind}" for kind, n in problems.items())
+            parts.append(f"tensor {key!r} has {counts} (of {numel} values)")
+        more = f"; and {len(self.found) - 5} more tensor(s)" if len(self.found) > 5 else ""
+        zero = (" (counts.samples is 0, so every value must be 0)"
+                if any("non-zero" in p for p, _ in self.found.values()) else "")
+        return (
+            f"{self.what} holds invalid values: {'; '.join(parts)}{more}{zero}. A Fisher is finite and "
+            "non-negative (the mean of squared gradients; its variance and a KFAC factor's diagonal too), so "
+            "the artifact is corrupt or was edited: collect, save or download it again"
+        )
+
+    def finish(self) -> str | None:
+        if not self.found:
+            return None
+        msg = self.message()
+        if self.strict:
+            raise ArtifactError(
+                msg + " (to inspect it anyway: hf-fisher show --no-strict, or from_pretrained(..., strict=False), "
+                f"which logs a WARNING and records the problem in metadata.extra[{LOAD_PROBLEMS_KEY!r}])"
+            )
+        logger.warning("%s. Loaded anyway (strict=False); the problem is recorded in metadata.extra[%r]", msg,
+                       LOAD_PROBLEMS_KEY)
+        return msg
+
+
+def known_estimators() -> list[str]:
+    """The estimator names an artifact may carry: every registered estimator (built-ins and
+    plugins, :func:`hf_fisher.plugins.estimators`)."""
+    from hf_fisher import plugins
+
+    return sorted(plugins.estimators())
+
+
+def check_estimator_name(name: str, what: str, *, strict: bool = True) -> str | None:
+    """:class:`ArtifactError` (or, with ``strict=False``, a WARNING and the message) when ``name``
+    is not a registered estimator."""
+    known = known_estimators()
+    if name in known:
+        return None
+    msg = (f"{what} was made by the estimator {name!r}, which is not registered here (known: {known}); "
+           "install the plugin that provides it, or the artifact's metadata is corrupt")
+    if strict:
+        raise ArtifactError(msg + " (to inspect it anyway: hf-fisher show --no-strict, or from_pretrained(..., strict=False))")
+    logger.warning("%s. Loaded anyway (strict=False)", msg)
+    return msg
+
+
+def _ema_state_problem(metadata: Mapping[str, Any]) -> str | None:
+    """What is wrong with the EMA weight sums an EMA Fisher keeps for resuming
+    (``metadata.extra.ema_state``: ``weight_sum`` W > 0 and ``weight_sq_sum`` W2 with
+    0 < W2 <= W², both finite), or None when absent or valid."""
+    ema = (metadata.get("extra") or {}).get("ema_state", metadata.get("ema_state"))
+    if ema is None:
+        return None
+    if not isinstance(ema, Mapping):
+        return f"must be an object with weight_sum and weight_sq_sum, got {_describe(ema)}"
+    values = {}
+    for key in ("weight_sum", "weight_sq_sum"):
+        v = ema.get(key)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+            return f"has {key} {_describe(v)}, which must be a positive finite number"
+        values[key] = float(v)
+    if values["weight_sq_sum"] > values["weight_sum"] ** 2 * (1 + 1e-9):
+        return (f"has weight_sq_sum {values['weight_sq_sum']!r} > weight_sum² ({values['weight_sum'] ** 2!r}), "
+                "which no set of non-negative weights gives")
+    return None
+
+
+def _record_problems(metadata: "FisherMetadata", problems: list[str]) -> "FisherMetadata":
+    if not problems:
+        return metadata
+    extra = dict(metadata.extra)
+    extra[LOAD_PROBLEMS_KEY] = list(extra.get(LOAD_PROBLEMS_KEY) or []) + problems
+    return replace(metadata, extra=extra)
 
 
 def _shape_str(shape) -> str:
@@ -741,6 +885,23 @@ class Fisher:
             f"{', sample_contributions=yes' if self.sample_contributions is not None else ''})"
         )
 
+    # ------------------------------------------------------------------ value checks
+    def check_values(self, what: str | None = None) -> None:
+        """:class:`~hf_fisher.errors.ArtifactError` unless every mean, variance and per-sample
+        contribution is finite and non-negative (and all zero when ``counts.samples`` is 0),
+        naming each bad tensor with its counts (:class:`ValueCheck`). Consumers (merging, EWC)
+        call it before any work; a Fisher that passed is not scanned again."""
+        if getattr(self, "_values_ok", False):
+            return
+        check = ValueCheck(what or f"the Fisher of task {self.metadata.task!r}", samples=self.counts.samples)
+        for kind, tensors in (("mean", self._mean), ("variance", self._variance)):
+            for name in sorted(tensors):
+                check.add(f"{kind}.{name}", tensors[name])
+        for name, t in sorted((self.sample_contributions or {}).items()):
+            check.add(f"sample_contributions.{name}", t)
+        check.finish()
+        self._values_ok = True
+
     # ------------------------------------------------------------------ model checks
     def validate(self, model: Any) -> None:
         """Check that this Fisher belongs to ``model``: its architecture, names and shapes.
@@ -993,6 +1154,7 @@ class Fisher:
         subfolder: str | None = None,
         token: str | None = None,
         cache_dir: str | os.PathLike | None = None,
+        strict: bool = True,
     ) -> "Fisher":
         """Load an artifact written by :meth:`save_pretrained` (safetensors only, no pickle), from a
         local folder or from the Hugging Face Hub.
@@ -1012,11 +1174,23 @@ class Fisher:
         because a save into it was killed between its two renames is restored from the backup
         the save left (a warning is logged).
 
+        The values are checked too (:class:`ValueCheck`): every mean, variance and per-sample
+        contribution must be finite and non-negative, and all zero when ``counts.samples`` is 0;
+        ``metadata.estimator`` must be a registered estimator (built-in or plugin). Otherwise an
+        :class:`~hf_fisher.errors.ArtifactError` names each bad tensor with its counts of NaN /
+        Inf / negative values. ``strict=False`` loads such an artifact anyway, to inspect or
+        repair it: a WARNING is logged and the problems are recorded in
+        ``metadata.extra["load_problems"]`` (consumers such as merging and EWC still refuse
+        invalid values).
+
         With ``model``, also checks that the artifact belongs to it (:meth:`validate`: model type,
         number of layers, attention heads / kv-heads / head dimension, names and shapes):
         :class:`~hf_fisher.errors.ModelMismatchError` naming every difference.
         """
         from hf_fisher.integrations import hub
+
+        if not isinstance(strict, bool):
+            raise InvalidInputError(f"strict must be True or False, got {strict!r}")
 
         if _is_hub_source(path_or_repo):
             path: str | os.PathLike = hub.resolve_folder(
@@ -1032,7 +1206,7 @@ class Fisher:
             path = Path(os.fspath(path_or_repo))
             if subfolder is not None:
                 path = path / hub._check_repo_path(subfolder, "subfolder")
-        reader = FisherReader(path)
+        reader = FisherReader(path, strict=strict)
         cfg = reader.config
         mean: dict[str, torch.Tensor] = {}
         variance: dict[str, torch.Tensor] = {}
@@ -1066,6 +1240,13 @@ class Fisher:
                 f"hold {len(variance)} variance tensor(s)"
             )
         samples = reader.sample_contributions(device=device)
+        check = ValueCheck(f"Fisher artifact {reader.root}", strict=strict, samples=reader.counts.samples)
+        for kind, tensors in (("mean", mean), ("variance", variance)):
+            for name in sorted(tensors):
+                check.add(f"{kind}.{name}", tensors[name])
+        for name, t in sorted((samples or {}).items()):
+            check.add(f"{SAMPLES_NAME}: {name}", t)
+        problem = check.finish()
         try:
             fisher = cls(
                 mean,
@@ -1074,12 +1255,13 @@ class Fisher:
                 groups=reader.groups,
                 param_shapes=reader.param_shapes,
                 counts=reader.counts,
-                metadata=reader.metadata,
+                metadata=_record_problems(reader.metadata, reader.problems + ([problem] if problem else [])),
                 layout=reader.layout,
                 sample_contributions=samples,
             )
         except (InvalidInputError, KeyError, TypeError, ValueError) as e:
             raise ArtifactError(f"Fisher artifact {reader.root} is malformed: {e}") from e
+        fisher._values_ok = problem is None
         if model is not None:
             fisher.validate(model)
         return fisher
@@ -1186,13 +1368,27 @@ class FisherReader:
       huggingface_hub cache snapshot into its ``blobs/``) and exist; the shard index names only
       ``mean.<param>``/``variance.<param>`` keys of listed parameters, in listed files.
 
+    Values (:class:`ValueCheck`, the rule of :meth:`Fisher.from_pretrained`): every tensor
+    :meth:`get` returns is checked (finite, non-negative, all zero when ``counts.samples`` is 0),
+    and :meth:`check_values` reads the whole artifact once, one tensor at a time, so that a
+    streaming consumer (merging) refuses an invalid artifact before any work or write. The
+    estimator name must be registered and an EMA's resume state valid. ``strict=False`` logs
+    these problems as WARNINGs and records them (:attr:`problems`, ``metadata.extra["load_problems"]``)
+    instead of raising.
+
     A folder that does not exist, but whose previous version was left in a backup by a save
     killed between its two renames, is **restored** first (the backup is renamed back to the
     folder and a warning is logged; see :func:`hf_fisher.atomic.recover`); when the backup cannot
     be moved (read-only parent) it is read in place, with a warning.
     """
 
-    def __init__(self, path: str | os.PathLike) -> None:
+    def __init__(self, path: str | os.PathLike, *, strict: bool = True) -> None:
+        if not isinstance(strict, bool):
+            raise InvalidInputError(f"strict must be True or False, got {strict!r}")
+        self.strict = strict
+        #: what a strict=False reader let through (messages; also in ``metadata.extra["load_problems"]``)
+        self.problems: list[str] = []
+        self._values_ok = False
         root = Path(os.fspath(path))
         if not root.exists():
             root = _recover_missing(root)
@@ -1278,6 +1474,17 @@ class FisherReader:
         except (KeyError, TypeError, ValueError) as e:  # pragma: no cover - the schema catches these first
             raise ArtifactError(f"{cfg_path} is malformed: {e}") from e
         self._check_groups(cfg_path)
+        problem = check_estimator_name(cfg["metadata"]["estimator"], f"Fisher artifact {root}", strict=strict)
+        if problem:
+            self.problems.append(problem)
+        problem = _ema_state_problem(cfg["metadata"])
+        if problem:
+            msg = (f"{cfg_path} is malformed: field 'metadata.extra.ema_state' {problem}; a Trainer cannot resume "
+                   "its exponential moving average from it")
+            if strict:
+                raise ArtifactError(msg + " (to inspect it anyway: hf-fisher show --no-strict, or from_pretrained(..., strict=False))")
+            logger.warning("%s. Loaded anyway (strict=False)", msg)
+            self.problems.append(msg)
 
     def _check_groups(self, cfg_path: Path) -> None:
         """Each parameter's groups partition its shape (the field named on failure)."""
@@ -1302,7 +1509,7 @@ class FisherReader:
 
     @property
     def metadata(self) -> FisherMetadata:
-        return FisherMetadata.from_dict(self.config["metadata"])
+        return _record_problems(FisherMetadata.from_dict(self.config["metadata"]), self.problems)
 
     @property
     def counts(self) -> Counts:
@@ -1341,24 +1548,63 @@ class FisherReader:
     def get(self, name: str, kind: str = "mean", *, device: torch.device | str = "cpu") -> torch.Tensor:
         """One tensor: ``kind`` is "mean" or "variance".
 
-        ``KeyError`` when the artifact has no such tensor; :class:`ArtifactError` when the stored
-        tensor is not floating point or its shape disagrees with ``fisher_config.json``.
+        ``KeyError`` when ``name`` is not a parameter of the artifact (or it has no variances);
+        :class:`ArtifactError` when the config lists the tensor but the files lack it, when the
+        stored tensor is not floating point or its shape disagrees with ``fisher_config.json``,
+        or when its values are invalid (NaN, Inf, negative; non-zero with ``counts.samples`` 0:
+        :class:`ValueCheck`, logged and recorded instead with ``strict=False``).
         """
         if kind not in _KINDS:
             raise InvalidInputError(f"kind must be one of {_KINDS}, got {kind!r}")
         if name not in self.param_shapes:
             raise KeyError(f"{name!r} is not in the Fisher artifact at {self.root}")
         key = f"{kind}.{name}"
+        if kind == "variance" and not self.config["has_variance"]:
+            raise KeyError(f"the artifact at {self.root} has no variances (has_variance: false)")
         try:
             filename = self._file_of(key)
         except KeyError:
-            raise KeyError(f"the artifact at {self.root} has no {kind} tensor for {name!r}") from None
-        tensors = _load_file(self.root / filename, [key], device, allow_missing=True)
+            filename = None
+        tensors = _load_file(self.root / filename, [key], device, allow_missing=True) if filename else {}
         if key not in tensors:
-            raise KeyError(f"the artifact at {self.root} has no {kind} tensor for {name!r}")
+            raise ArtifactError(
+                f"Fisher artifact {self.root} is incomplete: {CONFIG_NAME} lists {name!r}, but its {kind} tensor "
+                f"{key!r} is missing from {filename or 'the shard index'}; save or download the artifact again"
+            )
         tensor = tensors[key]
         self.check_tensor(key, tensor, filename)
+        if not self._values_ok:
+            check = ValueCheck(f"Fisher artifact {self.root}", strict=self.strict, samples=self.counts.samples)
+            check.add(key, tensor)
+            problem = check.finish()
+            if problem and problem not in self.problems:
+                self.problems.append(problem)
         return tensor
+
+    def check_values(self) -> None:
+        """Read every stored tensor once (one at a time) and check its values as
+        :meth:`Fisher.from_pretrained` does (:class:`ValueCheck`: finite, non-negative, zero when
+        ``counts.samples`` is 0; a tensor the config lists but the files lack is an
+        :class:`ArtifactError`). Streaming consumers call it before any work or write; with
+        ``strict=False`` the problems are logged and recorded instead."""
+        if self._values_ok:
+            return
+        check = ValueCheck(f"Fisher artifact {self.root}", strict=self.strict, samples=self.counts.samples)
+        kinds = _KINDS if self.config["has_variance"] else ("mean",)
+        strict, self.strict = self.strict, True
+        self._values_ok = True  # get() below leaves the values to this check
+        try:
+            for name in self.names():
+                for kind in kinds:
+                    check.add(f"{kind}.{name}", self.get(name, kind))
+            for name, t in sorted((self.sample_contributions() or {}).items()):
+                check.add(f"{SAMPLES_NAME}: {name}", t)
+        finally:
+            self.strict, self._values_ok = strict, False
+        problem = check.finish()
+        if problem and problem not in self.problems:
+            self.problems.append(problem)
+        self._values_ok = problem is None
 
     def sample_contributions(self, *, device: torch.device | str = "cpu") -> dict[str, torch.Tensor] | None:
         """The per-sample group contributions ``{param: [counts.samples, num_groups]}`` of

@@ -517,16 +517,43 @@ class KFACFisher:
             "| layer | kind | A | G |\n|---|---|---|---|\n" + rows + "\n"
         )
 
+    def _value_check(self, what: str, strict: bool = True):
+        from hf_fisher.fisher import ValueCheck
+
+        check = ValueCheck(what, strict=strict, samples=self.counts.samples)
+        for n, L in sorted(self.layers.items()):
+            check.add(f"A.{n}", L.A, nonnegative="all" if L.a_diagonal else "diagonal")
+            check.add(f"G.{n}", L.G, nonnegative="all" if L.g_diagonal else "diagonal")
+        return check
+
+    def check_values(self, what: str | None = None) -> None:
+        """:class:`~hf_fisher.errors.ArtifactError` unless every factor is finite with a
+        non-negative diagonal (a stored diagonal: all of it), and all zero when
+        ``counts.samples`` is 0, naming each bad factor with its counts
+        (:class:`hf_fisher.fisher.ValueCheck`). Consumers call it before any work."""
+        if not getattr(self, "_values_ok", False):
+            self._value_check(what or f"the KFAC Fisher of task {self.metadata.task!r}").finish()
+            self._values_ok = True
+
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, *, model: Any = None, device: torch.device | str = "cpu") -> KFACFisher:
+    def from_pretrained(cls, path: str | os.PathLike, *, model: Any = None, device: torch.device | str = "cpu",
+                        strict: bool = True) -> KFACFisher:
         """Load a folder written by :meth:`save_pretrained` (safetensors only, no pickle).
 
         Checks every field of ``kfac_config.json`` (an :class:`~hf_fisher.errors.ArtifactError`
         naming the field), that the tensor file holds exactly the ``A.<layer>`` / ``G.<layer>``
-        tensors the config lists with its dtype and shapes, that they are finite, and that the
-        factors fit the parameter shapes. With ``model``, also :meth:`validate`."""
+        tensors the config lists with its dtype and shapes, and that the factors fit the
+        parameter shapes; then the values (:class:`hf_fisher.fisher.ValueCheck`): every factor
+        finite with a non-negative diagonal (all zero when ``counts.samples`` is 0), and
+        ``metadata.estimator`` a registered estimator, else an ArtifactError naming each bad
+        factor with its counts. ``strict=False`` loads such an artifact anyway with a WARNING,
+        recording the problems in ``metadata.extra["load_problems"]``. With ``model``, also
+        :meth:`validate`."""
         from hf_fisher.atomic import recover
-        from hf_fisher.fisher import _artifact_path, _load_file, _read_json
+        from hf_fisher.fisher import _artifact_path, _load_file, _read_json, _record_problems, check_estimator_name
+
+        if not isinstance(strict, bool):
+            raise InvalidInputError(f"strict must be True or False, got {strict!r}")
 
         root = Path(os.fspath(path))
         if root.parent.is_dir():
@@ -567,8 +594,6 @@ class KFACFisher:
                         f"KFAC artifact {root} is malformed: tensor '{k}.{n}' has shape {list(t.shape)} and dtype "
                         f"{str(t.dtype).removeprefix('torch.')}, {KFAC_CONFIG_NAME} says {shape} and {spec['dtype']}"
                     )
-                if not bool(torch.isfinite(t).all()):
-                    raise ArtifactError(f"KFAC artifact {root}: tensor '{k}.{n}' holds NaN or Inf; the artifact is corrupt")
             layers[n] = KFACLayer(
                 spec["kind"], spec["weight"], spec["bias"], tensors[f"A.{n}"], tensors[f"G.{n}"],
                 spec["a_diagonal"], spec["g_diagonal"],
@@ -580,6 +605,12 @@ class KFACFisher:
             )
         except InvalidInputError as e:
             raise ArtifactError(f"KFAC artifact {root} is malformed: {e}") from e
+        what = f"KFAC artifact {root}"
+        problems = [check_estimator_name(out.metadata.estimator, what, strict=strict),
+                    out._value_check(what, strict).finish()]
+        problems = [p for p in problems if p]
+        out.metadata = _record_problems(out.metadata, problems)
+        out._values_ok = not problems
         if model is not None:
             out.validate(model)
         return out

@@ -418,6 +418,7 @@ class Welford(_Accumulator):
             acc._init_state(tuple(state["mean"].shape))
             acc._mean = state["mean"].detach().to(device=acc.device, dtype=dtype).clone()
             acc._m2 = state["m2"].detach().to(device=acc.device, dtype=dtype).clone()
+            _check_state_values(cls.__name__, acc._mean, acc._m2)
         acc._n = _count_of(state["count"])
         if acc._n > 0 and acc._mean is None:
             raise InvalidInputError("state_dict has a positive count but no 'mean'/'m2' tensors")
@@ -554,10 +555,31 @@ class EMA(_Accumulator):
             acc._init_state(tuple(state["mean"].shape))
             acc._mean = state["mean"].detach().to(device=acc.device, dtype=dtype).clone()
             acc._m2 = state["m2"].detach().to(device=acc.device, dtype=dtype).clone()
+            _check_state_values(cls.__name__, acc._mean, acc._m2)
         acc._n = _count_of(state["count"])
         acc._w = float(state["weight_sum"])
         acc._w2 = float(state["weight_sq_sum"])
+        if not (math.isfinite(acc._w) and math.isfinite(acc._w2) and acc._w >= 0 and acc._w2 >= 0):
+            raise InvalidInputError(
+                f"EMA.from_state_dict: weight_sum {acc._w!r} and weight_sq_sum {acc._w2!r} must be finite and >= 0"
+            )
         return acc
+
+
+def _check_state_values(cls_name: str, mean: torch.Tensor, m2: torch.Tensor) -> None:
+    """A restored accumulator's ``mean`` must be finite and its ``M2`` (a sum of squared
+    deviations) finite and >= 0: :class:`InvalidInputError` naming the tensor and the counts
+    (the counting of :class:`hf_fisher.fisher.ValueCheck`)."""
+    from hf_fisher.fisher import _value_problems
+
+    for key, t, rule in (("mean", mean, "none"), ("m2", m2, "all")):
+        problems = _value_problems(t, rule, zero=False)
+        if problems:
+            counts = ", ".join(f"{n} {kind}" for kind, n in problems.items())
+            raise InvalidInputError(
+                f"{cls_name}.from_state_dict: '{key}' holds {counts} (of {t.numel()} values); the mean must be "
+                "finite and M2 (a sum of squared deviations) finite and >= 0"
+            )
 
 
 def make_accumulator(

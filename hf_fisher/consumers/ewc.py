@@ -23,6 +23,7 @@ parameters' device; the anchor θ* is kept in that dtype too.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -96,10 +97,11 @@ class EWCPenalty(nn.Module):
 
     def __init__(self, fisher, params_star: Any = None, lam: float = 1.0, online_decay: float | None = None):
         super().__init__()
-        if not (lam >= 0):
-            raise InvalidInputError(f"lam must be >= 0, got {lam}")
+        if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not (math.isfinite(lam) and lam >= 0):
+            raise InvalidInputError(f"lam must be >= 0 and finite (a number), got {lam!r}")
         if online_decay is not None and not (0.0 <= online_decay <= 1.0):
             raise InvalidInputError(f"online_decay must be in [0, 1], got {online_decay}")
+        fisher.check_values()  # a NaN / Inf / negative Fisher would turn every parameter NaN or reward drifting
         self.lam = float(lam)
         self.online_decay = online_decay
         self.names = list(fisher.names())
@@ -198,6 +200,7 @@ class EWCPenalty(nn.Module):
             raise InvalidInputError("consolidate() is online EWC: create the penalty with online_decay=...")
         if sorted(fisher.names()) != sorted(self.names):
             raise ModelMismatchError("the new Fisher covers other parameters than the penalty's")
+        fisher.check_values()
         for n in self.names:
             old = self._fisher[n]
             self._fisher[n] = self.online_decay * old + _elementwise(fisher, n).detach().to(device=old.device, dtype=old.dtype)

@@ -144,6 +144,9 @@ class TensorSource:
 
 
 def _read_header(path: Path) -> dict[str, Any]:
+    """The safetensors header of ``path``, after checking that the file holds every byte the
+    header's ``data_offsets`` promise (a truncated download or copy is found here, before any
+    work, not when its last tensor is read)."""
     try:
         with open(path, "rb") as f:
             raw = f.read(8)
@@ -152,9 +155,29 @@ def _read_header(path: Path) -> dict[str, Any]:
             (n,) = struct.unpack("<Q", raw)
             if not 0 < n <= 100 * 2**20:
                 raise ValueError(f"header length {n} is not plausible")
-            return json.loads(f.read(n))
+            header = json.loads(f.read(n))
+        if not isinstance(header, dict):
+            raise ValueError("the header is not a JSON object")
+        end = 0
+        for key, v in header.items():
+            if key == "__metadata__":
+                continue
+            offsets = v.get("data_offsets") if isinstance(v, dict) else None
+            if (not isinstance(offsets, list) or len(offsets) != 2 or not all(isinstance(o, int) for o in offsets)
+                    or not 0 <= offsets[0] <= offsets[1] or not isinstance(v.get("shape"), list)):
+                raise ValueError(f"the entry of tensor {key!r} has no valid data_offsets/shape")
+            end = max(end, offsets[1])
+        size = path.stat().st_size
+        if size < 8 + n + end:
+            raise ValueError(
+                f"the file is truncated: its header describes {8 + n + end} bytes, the file has {size}"
+            )
+        return header
     except (OSError, ValueError) as e:
-        raise ArtifactError(f"cannot read the safetensors header of {path}: {e}; the file is corrupt or not safetensors") from e
+        raise ArtifactError(
+            f"cannot read the safetensors file {path}: {e}; the file is corrupt, truncated or not safetensors "
+            "(download or save the model again)"
+        ) from e
 
 
 class FolderSource(TensorSource):
@@ -220,8 +243,11 @@ class FolderSource(TensorSource):
         from safetensors import safe_open
 
         path = self._file_of[name]
-        with safe_open(str(path), framework="pt", device="cpu") as f:  # mapped for this read only
-            return f.get_tensor(name)
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as f:  # mapped for this read only
+                return f.get_tensor(name)
+        except Exception as e:  # safetensors raises its own error types for a corrupt file
+            raise ArtifactError(f"model {self.ref!r}: cannot read tensor {name!r} from {path}: {e}") from e
 
 
 class ModelSource(TensorSource):

@@ -42,6 +42,7 @@ def load_kfac(obj: Any, *, hub_options: dict | None = None):
     from hf_fisher.kfac import KFAC_CONFIG_NAME, KFACFisher
 
     if isinstance(obj, KFACFisher):
+        obj.check_values()  # finite factors with non-negative diagonals, before any work
         return obj
     if isinstance(obj, (str, os.PathLike)):
         text = os.fspath(obj)

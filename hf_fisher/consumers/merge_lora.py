@@ -273,6 +273,7 @@ class _FisherSource:
                 f"fishers[{index}] must be a Fisher, a FisherReader or an artifact folder, got {type(src).__name__}"
             )
         self.src = src
+        src.check_values()  # finite and non-negative, before any work
         names = set(src.names())
         self.names: dict[str, str] = {}
         missing = []
@@ -493,12 +494,16 @@ def merge_lora_adapters(
         raise InvalidInputError(f"unknown method {method!r}; choose one of {', '.join(map(repr, METHODS))}")
     if isinstance(adapters, (str, os.PathLike)) or not isinstance(adapters, Sequence) or len(adapters) == 0:
         raise InvalidInputError("adapters must be a non-empty list of adapter folders or PeftModels")
+    from hf_fisher.consumers.merging import real_number
+
     n = len(adapters)
-    weights = [1.0] * n if weights is None else [float(w) for w in weights]
+    if weights is not None and (isinstance(weights, (str, bytes)) or not isinstance(weights, Sequence)):
+        raise InvalidInputError(f"weights must be a list of numbers, one per adapter, got {weights!r}")
+    weights = [1.0] * n if weights is None else [real_number(f"weights[{i}]", w) for i, w in enumerate(weights)]
     if len(weights) != n:
         raise InvalidInputError(f"{len(weights)} weights for {n} adapters; give one weight per adapter")
-    if not all(math.isfinite(w) for w in weights):
-        raise InvalidInputError(f"weights must be finite, got {weights}")
+    for name, value in (("fisher_floor", fisher_floor), ("scaling", scaling), ("density", density), ("drop_p", drop_p)):
+        real_number(name, value)
     if method in ("fisher", "average") and (any(w < 0 for w in weights) or sum(weights) <= 0):
         raise InvalidInputError(f"method={method!r} needs non-negative weights with a positive sum, got {weights}")
     if method == "fisher":

@@ -176,6 +176,8 @@ class FisherInput:
             )
         self.groups = dict(groups or {})
         self._scale: float = 1.0
+        # every value finite and non-negative, before any work (the reader streams one tensor at a time)
+        (self.fisher or self.reader).check_values()
 
     def names(self) -> set[str]:
         return set(self.param_shapes)
@@ -567,6 +569,42 @@ def _is_adapter(m: Any) -> bool:
     return isinstance(m, (str, os.PathLike)) and (Path(os.fspath(m)) / "adapter_config.json").is_file()
 
 
+def real_number(name: str, value: Any) -> float:
+    """``float(value)`` for the numeric argument ``name``, or an :class:`InvalidInputError` naming it
+    when ``value`` is a bool (``True`` is not 1.0 here), not a real number, NaN or infinite."""
+    import numbers
+
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(float(value)):
+        raise InvalidInputError(f"{name} must be a finite number, got {value!r} ({type(value).__name__})")
+    return float(value)
+
+
+def _nonempty_batches(name: str, items: Sequence[Any]) -> list[Any]:
+    """Each entry of ``items`` (one iterable of batches per model) with at least one batch, checked
+    before any work: sized entries by their length, iterators by peeking at their first batch
+    (which is put back). :class:`InvalidInputError` naming the empty entry."""
+    out = []
+    for i, batches in enumerate(items):
+        if isinstance(batches, Mapping) or isinstance(batches, (str, bytes)) or not isinstance(batches, Iterable):
+            raise InvalidInputError(
+                f"{name}[{i}] must be an iterable of batches (dicts of tensors), got {type(batches).__name__}"
+            )
+        if hasattr(batches, "__len__"):
+            empty = len(batches) == 0
+        else:
+            it = iter(batches)
+            first = next(it, _EMPTY)
+            empty = first is _EMPTY
+            batches = batches if empty else itertools.chain([first], it)
+        if empty:
+            raise InvalidInputError(f"{name}[{i}] holds no batch; give at least one batch for every model")
+        out.append(batches)
+    return out
+
+
+_EMPTY = object()
+
+
 def _ref_of(obj: Any) -> str:
     if isinstance(obj, (str, os.PathLike)):
         return os.fspath(obj)
@@ -652,15 +690,20 @@ def merge_with_fisher(
         raise InvalidInputError(f"no_fisher_rule must be one of {list(NO_FISHER_RULES)}, got {no_fisher_rule!r}")
     if dare_then not in ("task_arithmetic", "ties"):
         raise InvalidInputError(f"dare_then must be 'task_arithmetic' or 'ties', got {dare_then!r}")
-    if not (isinstance(fisher_floor, (int, float)) and fisher_floor > 0 and math.isfinite(fisher_floor)):
+    if not real_number("fisher_floor", fisher_floor) > 0:
         raise InvalidInputError(f"fisher_floor must be a positive finite number, got {fisher_floor!r}")
-    if not 0 <= drop_p < 1:
+    real_number("scaling", scaling)
+    if not 0 <= real_number("drop_p", drop_p) < 1:
         raise InvalidInputError(f"drop_p must be in [0, 1), got {drop_p!r}")
-    dens = 0.2 if density is None else float(density)
+    dens = 0.2 if density is None else real_number("density", density)
     if not 0 < dens <= 1:
         raise InvalidInputError(f"density must be in (0, 1], got {density!r}")
-    if not 0 <= alpha <= 1:
+    if not 0 <= real_number("alpha", alpha) <= 1:
         raise InvalidInputError(f"alpha must be in [0, 1], got {alpha!r}")
+    import numbers
+
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise InvalidInputError(f"seed must be an integer, got {seed!r}")
     if isinstance(kfac_damping, bool) or not isinstance(kfac_damping, (int, float)) or not (
         math.isfinite(kfac_damping) and kfac_damping > 0
     ):
@@ -670,11 +713,11 @@ def merge_with_fisher(
     if weights is None:
         w = [1.0] * n if method in ("task_arithmetic", "ties", "dare") else [1.0 / n] * n
     else:
-        w = [float(x) for x in weights]
+        if isinstance(weights, (str, bytes)) or not isinstance(weights, Sequence):
+            raise InvalidInputError(f"weights must be a list of numbers, one per model, got {weights!r}")
+        w = [real_number(f"weights[{i}]", x) for i, x in enumerate(weights)]
         if len(w) != n:
             raise InvalidInputError(f"{len(w)} weights for {n} models; give one weight per model")
-        if any(not math.isfinite(x) for x in w):
-            raise InvalidInputError(f"weights must be finite numbers, got {list(weights)}")
         if method in ("fisher", "fisher_task_vector", "average", "regmean", "fisher_regmean", "kfac") and (
             any(x < 0 for x in w) or sum(w) <= 0
         ):
@@ -690,18 +733,23 @@ def merge_with_fisher(
     if no_fisher_rule == "base" and base_model is None:
         raise InvalidInputError("no_fisher_rule='base' needs base_model=")
     if method in ("regmean", "fisher_regmean"):
-        if data is None or len(data) != n:
+        if data is None or isinstance(data, (str, Mapping)) or not isinstance(data, Sequence) or len(data) != n:
             raise InvalidInputError(f"method {method!r} needs data=[batches_1, ..., batches_{n}], one iterable of batches per model")
         if validation is not None:
             raise UnsupportedError("validation tuning is not available for RegMean methods; tune alpha by hand")
-    if validation is not None and len(validation) != n:
-        raise InvalidInputError(f"validation must hold one list of batches per model ({n}), got {len(validation)}")
+        data = _nonempty_batches("data", data)
+    if validation is not None:
+        if isinstance(validation, (str, Mapping)) or not isinstance(validation, Sequence) or len(validation) != n:
+            got = len(validation) if isinstance(validation, Sequence) else type(validation).__name__
+            raise InvalidInputError(f"validation must hold one list of batches per model ({n}), got {got}")
+        validation = [list(b) for b in _nonempty_batches("validation", validation)]  # read once per grid point
     grid = dict(DEFAULT_GRID)
     if validation_grid:
         unknown = sorted(set(validation_grid) - set(grid))
         if unknown:
             raise InvalidInputError(f"validation_grid has unknown key(s) {unknown}; known: {sorted(grid)}")
-        grid.update({k: tuple(float(x) for x in v) for k, v in validation_grid.items()})
+        grid.update({k: tuple(real_number(f"validation_grid[{k!r}][{i}]", x) for i, x in enumerate(v))
+                     for k, v in validation_grid.items()})
     out_dtype = _out_dtype(dtype)
     shard_bytes = _io.parse_size(max_shard_size)
     settings = MergeSettings(method, w, float(fisher_floor), bool(normalize_fishers), float(scaling), dens,
@@ -809,9 +857,7 @@ def merge_with_fisher(
             writer.abort()
             raise
         _write_side_files(tmp, sources, base, out_dtype)
-        import yaml
-
-        (tmp / RECIPE_NAME).write_text(yaml.safe_dump(recipe, sort_keys=False, allow_unicode=True), encoding="utf-8")
+        (tmp / RECIPE_NAME).write_text(yaml_text(recipe), encoding="utf-8")
         from hf_fisher.cards import merged_card
 
         merged_card(recipe, sources=sources, fishers=fisher_inputs, base=base).save(tmp / CARD_NAME)
@@ -915,8 +961,6 @@ def _merge_adapters(models, fishers, s: MergeSettings, base_model, out_dtype, ta
         recipe["parameters"]["rank"] = rank
     if merge_into_base:
         recipe["parameters"]["merge_into_base"] = True
-    import yaml
-
     from hf_fisher.atomic import atomic_folder
     from hf_fisher.cards import merged_card
 
@@ -924,7 +968,7 @@ def _merge_adapters(models, fishers, s: MergeSettings, base_model, out_dtype, ta
     write_to = target if target is not None else Path(ctx.name) / "merged"
     with atomic_folder(write_to, what="merged adapter") as tmp:
         result.write_files(tmp)
-        (tmp / RECIPE_NAME).write_text(yaml.safe_dump(recipe, sort_keys=False), encoding="utf-8")
+        (tmp / RECIPE_NAME).write_text(yaml_text(recipe), encoding="utf-8")
         merged_card(recipe, library_name="transformers" if merge_into_base else "peft").save(tmp / CARD_NAME)
     if push_to_hub:
         _push(write_to, push_to_hub, hub_options)
@@ -985,6 +1029,46 @@ def _bad(path: str, problem: str, where: str) -> InvalidInputError:
     return InvalidInputError(f"recipe {where}: key '{path}' {problem}")
 
 
+class _DuplicateKey(Exception):
+    def __init__(self, key: Any, first: int, line: int) -> None:
+        super().__init__(key, first, line)
+        self.key, self.first, self.line = key, first, line
+
+
+def _unique_key_loader():
+    """A ``yaml.SafeLoader`` that refuses a key given twice in one mapping (PyYAML keeps the last)."""
+    import yaml
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            if isinstance(node, yaml.MappingNode):
+                seen: dict[Any, int] = {}
+                for key_node, _ in node.value:
+                    key = self.construct_object(key_node, deep=True)
+                    try:
+                        first = seen.get(key)
+                    except TypeError:  # an unhashable key: the base class reports it
+                        continue
+                    if first is not None:
+                        raise _DuplicateKey(key, first, key_node.start_mark.line + 1)
+                    seen[key] = key_node.start_mark.line + 1
+            return super().construct_mapping(node, deep=deep)
+
+    return UniqueKeyLoader
+
+
+def yaml_text(data: Any) -> str:
+    """``data`` as plain YAML (block style, key order kept, no anchors/aliases: a value that
+    appears twice is written twice, so every reader sees it where it is used)."""
+    import yaml
+
+    class PlainDumper(yaml.SafeDumper):
+        def ignore_aliases(self, data):
+            return True
+
+    return yaml.dump(data, Dumper=PlainDumper, sort_keys=False, allow_unicode=True, default_flow_style=False)
+
+
 def load_recipe(path: str | os.PathLike) -> dict[str, Any]:
     """Read and validate a recipe YAML file; :class:`InvalidInputError` naming the key."""
     import yaml
@@ -995,7 +1079,12 @@ def load_recipe(path: str | os.PathLike) -> dict[str, Any]:
     except (OSError, UnicodeDecodeError) as e:
         raise InvalidInputError(f"cannot read recipe {where}: {e}") from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_unique_key_loader())  # noqa: S506 - a SafeLoader subclass
+    except _DuplicateKey as e:
+        raise InvalidInputError(
+            f"recipe {where}: key '{e.key}' is given twice in one mapping (lines {e.first} and {e.line}); "
+            "YAML would keep only the last one silently: remove one of them"
+        ) from None
     except yaml.YAMLError as e:
         raise InvalidInputError(f"recipe {where} is not valid YAML: {e}") from None
     if not isinstance(data, dict):
