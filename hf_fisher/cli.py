@@ -654,8 +654,10 @@ def _cmd_report(args: argparse.Namespace) -> int:
     for a in args.artifacts:
         if not Path(a).is_dir():
             raise InvalidInputError(f"{a!r} is not a folder; pass Fisher artifact folders (hf-fisher collect --out)")
-    from hf_fisher.consumers.report import write_report
+    from hf_fisher.atomic import check_target
+    from hf_fisher.consumers.report import _is_report_file, write_report
 
+    check_target(args.out, allowed=_is_report_file, what="report", overwrite=args.overwrite, flag="--out")
     result = write_report(list(args.artifacts), args.out, k=args.top, overwrite=args.overwrite)
     print(result.summary)
     for note in result.notes:
