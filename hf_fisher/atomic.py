@@ -81,6 +81,7 @@ __all__ = [
     "check_not_input",
     "sweep",
     "atomic_folder",
+    "scratch_folder",
     "swap_into_place",
     "recover",
     "leftovers",
@@ -306,6 +307,26 @@ def atomic_folder(target: str | os.PathLike, *, what: str = "artifact") -> Itera
         raise
     finally:
         _unlock(lock)
+
+
+@contextlib.contextmanager
+def scratch_folder(target: str | os.PathLike) -> Iterator[Path]:
+    """A working folder beside ``target`` (its parent is created), removed when the block ends.
+
+    For work that builds several atomically saved folders before the final :func:`atomic_folder`
+    (it is not locked, so saves may nest inside it). It is named like a temporary folder of this
+    library (``.tmp-hf-fisher-<target name>~scratch-<pid>.<host>-<random>``), so that when its
+    process is killed, :func:`sweep` removes it at a later save in the same folder once its process
+    is dead; never while it runs.
+    """
+    target = _resolved(Path(os.path.abspath(os.fspath(target))))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    scratch = target.parent / f"{TMP_PREFIX}{_target_key(target.name)}~scratch-{os.getpid()}.{_HOST}-{uuid.uuid4().hex[:12]}"
+    os.mkdir(scratch, 0o777)
+    try:
+        yield scratch
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def swap_into_place(tmp: str | os.PathLike, target: str | os.PathLike) -> None:

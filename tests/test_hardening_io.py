@@ -267,6 +267,44 @@ def test_killed_save_is_cleaned_at_the_next_save_of_another_target(tmp_path, mon
     assert atomic.sweep(tmp_path) == [] and live.exists()
 
 
+KILLED_SCRATCH = textwrap.dedent(
+    """
+    import os, signal, sys
+    from pathlib import Path
+    from hf_fisher import atomic
+    with atomic.scratch_folder(Path(sys.argv[1])) as scratch:  # what analyze() stages its stages in
+        (scratch / "big.bin").write_bytes(b"x" * 1000)
+        print(scratch, flush=True)
+        if sys.argv[2] == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        sys.stdin.readline()
+    """
+)
+
+
+def test_killed_analysis_staging_is_swept_but_a_running_one_is_kept(tmp_path, monkeypatch):
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    killed = subprocess.run([sys.executable, "-c", KILLED_SCRATCH, str(tmp_path / "analysis"), "kill"], env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert killed.returncode == -signal.SIGKILL
+    dead_scratch = Path(killed.stdout.strip())
+    assert dead_scratch.is_dir() and dead_scratch.name.startswith(atomic.TMP_PREFIX + "analysis~scratch-")
+    running = subprocess.Popen([sys.executable, "-c", KILLED_SCRATCH, str(tmp_path / "analysis2"), "wait"], env=env,
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        live_scratch = Path(running.stdout.readline().strip())
+        monkeypatch.setattr(atomic, "STALE_AFTER_S", -1.0)
+        small_fisher(1).save_pretrained(tmp_path / "other")
+        assert not dead_scratch.exists() and live_scratch.is_dir()
+        running.stdin.write("\n")
+        running.stdin.flush()
+        assert running.wait(timeout=60) == 0
+    finally:
+        if running.poll() is None:
+            running.kill()
+    assert not live_scratch.exists() and hidden(tmp_path) == []
+
+
 # =========================================================================== output folder == an input
 
 

@@ -32,7 +32,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 import time
 import traceback
 from dataclasses import asdict, dataclass, field
@@ -170,7 +169,7 @@ def analyze(model, tasks: Mapping[str, Sequence[Mapping[str, Any]]], *, out: str
     and write the report folder ``out``. Arguments are checked before any stage runs."""
     from tqdm.auto import tqdm
 
-    from hf_fisher.atomic import atomic_folder
+    from hf_fisher.atomic import atomic_folder, scratch_folder
 
     cfg = AnalysisConfig.of(config)
     if not isinstance(tasks, Mapping) or not tasks:
@@ -197,7 +196,7 @@ def analyze(model, tasks: Mapping[str, Sequence[Mapping[str, Any]]], *, out: str
     target.parent.mkdir(parents=True, exist_ok=True)
     # Stages write into a staging folder beside the target (their own saves are atomic writes
     # too, which must not nest inside a locked temporary folder); it is moved in at the end.
-    with tempfile.TemporaryDirectory(prefix=f".hf-fisher-analysis-{target.name}-", dir=target.parent) as staging:
+    with scratch_folder(target) as staging:
         tmp = Path(staging)
         ctx = AnalysisContext(model, batches, cfg, tmp)
         for name in tqdm(wanted, desc="analysis", unit="stage", disable=not cfg.progress):
