@@ -400,7 +400,7 @@ def leftovers(target: str | os.PathLike) -> list[Leftover]:
     Only folders named for this target are listed (another target's folders, and folders of
     other tools, are never touched).
     """
-    target = Path(os.path.abspath(os.fspath(target)))
+    target = _resolved(Path(os.path.abspath(os.fspath(target))))
     key = _target_key(target.name)
     out: list[Leftover] = []
     try:
@@ -437,7 +437,7 @@ def recover(target: str | os.PathLike, *, what: str = "artifact", restore: bool 
     - with ``clean=True``: every other stale leftover of ``target`` is removed (logged at INFO).
     - leftovers that a running save may own are kept (:attr:`Recovery.kept`).
     """
-    target = Path(os.path.abspath(os.fspath(target)))
+    target = _resolved(Path(os.path.abspath(os.fspath(target))))  # a link: its destination's leftovers
     rec = Recovery()
     if not target.parent.is_dir():
         return rec

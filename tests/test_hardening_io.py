@@ -206,6 +206,21 @@ def test_a_symlinked_output_folder_stays_a_link(tmp_path):
     assert dangling.is_symlink() and same(Fisher.from_pretrained(tmp_path / "store" / "new-place"), small_fisher(3))
 
 
+def test_a_save_through_a_link_killed_between_its_renames_is_restored_through_the_link(tmp_path):
+    real = tmp_path / "store" / "fisher-real"
+    small_fisher(1).save_pretrained(real)
+    link = tmp_path / "fisher"
+    link.symlink_to(real)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")]),
+           atomic.TEST_KILL_ENV: "between-renames"}
+    proc = subprocess.run([sys.executable, "-c", KILLED_SAVE, str(link), str(REPO / "tests")], env=env, timeout=180)
+    assert proc.returncode == -signal.SIGKILL and not real.exists() and hidden(real.parent)
+    assert same(Fisher.from_pretrained(link), small_fisher(1))  # the previous version, restored where the link points
+    assert link.is_symlink() and real.is_dir() and not any(n.startswith(atomic.OLD_PREFIX) for n in hidden(real.parent))
+    small_fisher(2).save_pretrained(link)  # the next save through the link removes the killed save's folder
+    assert link.is_symlink() and same(Fisher.from_pretrained(real), small_fisher(2)) and hidden(real.parent) == []
+
+
 def test_a_link_to_foreign_files_is_still_refused(tmp_path):
     real = tmp_path / "precious"
     real.mkdir()
