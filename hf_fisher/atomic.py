@@ -5,8 +5,15 @@ One home for the rules every command that writes a folder follows (Fisher artifa
 models, reports):
 
 - :func:`check_target` runs *before* the work: it first repairs what an interrupted earlier save
-  of the same target left behind (:func:`recover`), then checks that the target is new, empty, or
-  (when allowed) holds only files of the kind being written.
+  of the same target left behind (:func:`recover`) and removes the stale temporary folders of
+  saves of *other* targets in the same parent folder (:func:`sweep`), then checks that the target
+  is new, empty, or (when allowed) holds only files of the kind being written; that it is not,
+  does not contain and is not inside one of the command's *inputs* (``inputs=``: replacing the
+  input model's own folder would delete it); and that the folder where it will be created can be
+  written to (a probe file is created and removed there). Every refusal is an
+  :class:`~hf_fisher.errors.ArtifactError` naming the user's path, raised before any work.
+- A target that is a symbolic link to a folder stays a link: the new folder is written beside the
+  link's (final) destination and replaces that destination atomically; the link itself is kept.
 - :func:`atomic_folder` yields a temporary folder beside the target. When the block succeeds,
   the folder gets the permissions a user's umask gives (folders ``0o777 & ~umask``, files
   ``0o666 & ~umask``; when it replaces an existing folder, the new folder gets the old folder's
@@ -37,7 +44,10 @@ when no live save can own it:
   deleted, recently modified).
 
 Without file locks (some network file systems, Windows) only a dead process on this host makes a
-temporary folder stale. Leftovers of another host or of a running process are kept and reported
+temporary folder stale. Leftovers of *other* targets in the same parent (:func:`sweep`, at every
+save) are removed only when they are not locked, their process is dead on this host, and they have
+not changed for :data:`STALE_AFTER_S` seconds; a backup of another target only when that target
+exists (otherwise it is the previous version of that target, restored at its next load or save). Leftovers of another host or of a running process are kept and reported
 (:class:`Recovery.kept`, logged at INFO level).
 
 Test hook: when the environment variable :data:`TEST_KILL_ENV` (``HF_FISHER_TEST_KILL_AT``) equals
@@ -56,17 +66,22 @@ import shutil
 import signal
 import socket
 import stat
+import tempfile
 import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
 from .errors import ArtifactError
 
 __all__ = [
     "check_target",
+    "check_writable",
+    "check_not_input",
+    "sweep",
     "atomic_folder",
+    "scratch_folder",
     "swap_into_place",
     "recover",
     "leftovers",
@@ -107,53 +122,176 @@ _HOST = hashlib.sha1(socket.gethostname().encode("utf-8", "surrogatepass")).hexd
 
 
 # ---------------------------------------------------------------------------- public API
-def check_target(target: str | os.PathLike, *, allowed: Allowed, what: str = "artifact", overwrite: bool = True) -> Path:
-    """Validate ``target`` before any work; return it as an absolute path.
+def check_target(
+    target: str | os.PathLike,
+    *,
+    allowed: Allowed,
+    what: str = "artifact",
+    overwrite: bool = True,
+    inputs: Iterable[tuple[str, object]] = (),
+    flag: str | None = None,
+) -> Path:
+    """Validate ``target`` before any work; return it as an absolute path (a link is not resolved).
 
-    First repairs the leftovers of an interrupted earlier save of ``target`` (:func:`recover`: a
-    previous artifact left in its backup is restored, stale temporary folders are removed). Then:
-    a target that exists must be a folder; it may be replaced when it is empty, or when
-    ``overwrite`` and every file in it is ``allowed`` (a previous artifact of the same kind).
-    Raises :class:`ArtifactError` naming the problem and what to do.
+    The one place of the rules every command that writes a folder follows:
+
+    - repairs the leftovers of an interrupted earlier save of ``target`` (:func:`recover`: a
+      previous artifact left in its backup is restored, stale temporary folders are removed) and
+      removes stale temporary folders of other targets in the same parent (:func:`sweep`);
+    - a target that exists must be a folder (or a link to one); it may be replaced when it is
+      empty, or when ``overwrite`` and every file in it is ``allowed`` (a previous output of the
+      same kind);
+    - ``inputs``: ``(label, path)`` pairs of what the command reads (``("--model", "M")``); the
+      target may not be, contain or lie inside an existing one (:func:`check_not_input`);
+    - the folder where the target will be created is writable (:func:`check_writable`).
+
+    ``flag`` names the argument in messages (``"--out"``, ``"output_dir"``). Raises
+    :class:`ArtifactError` naming the problem, the user's path and what to do.
     """
-    target = Path(os.path.abspath(os.fspath(target)))
+    user = Path(os.path.abspath(os.fspath(target)))
+    target = _resolved(user)
+    where = f"{flag} {user}" if flag else str(user)
+    check_not_input(user, inputs, what=what, flag=flag)
     if target.parent.is_dir():
         rec = recover(target, what=what)
         if rec.backup is not None and not target.exists():
             raise ArtifactError(
-                f"an earlier save of the {what} {target} was interrupted and its previous version is in "
+                f"an earlier save of the {what} {user} was interrupted and its previous version is in "
                 f"{rec.backup}, which could not be moved back ({rec.error}); rename it to {target.name} "
                 "by hand, then save again"
             )
-    if target.exists():
+        sweep(target.parent)
+    if os.path.lexists(target):
         if not target.is_dir():
-            raise ArtifactError(f"cannot save the {what} to {target}: a file with that name exists")
-        names = [p.name for p in target.iterdir()]
+            raise ArtifactError(f"cannot save the {what} to {where}: a file with that name exists")
+        try:
+            names = [p.name for p in target.iterdir()]
+        except PermissionError as e:
+            raise ArtifactError(f"cannot save the {what} to {where}: cannot read it ({e.strerror})") from None
         foreign = sorted(n for n in names if not allowed(n))
         if foreign:
             raise ArtifactError(
-                f"refusing to overwrite {target}: it contains files that are not part of a {what} "
+                f"refusing to overwrite {where}: it contains files that are not part of a {what} "
                 f"({', '.join(foreign[:5])}). Save into a new or empty folder."
             )
         if names and not overwrite:
-            raise ArtifactError(f"{target} already holds a {what}; pass overwrite=True (--overwrite) to replace it")
-    return target
+            raise ArtifactError(f"{where} already holds a {what}; pass overwrite=True (--overwrite) to replace it")
+    check_writable(user, what=what, flag=flag)
+    return user
+
+
+def check_writable(target: str | os.PathLike, *, what: str = "artifact", flag: str | None = None) -> Path:
+    """The folder where ``target`` (a link: its destination) will be created -- its parent, or the
+    nearest existing folder above it -- accepts new entries: a probe file is created there and
+    removed. Returns that folder; :class:`ArtifactError` naming ``target`` otherwise."""
+    user = Path(os.path.abspath(os.fspath(target)))
+    real = _resolved(user)
+    where = f"{flag} {user}" if flag else str(user)
+    base = real.parent
+    while not os.path.lexists(base) and base.parent != base:
+        base = base.parent
+    if not base.is_dir():
+        raise ArtifactError(f"cannot write the {what} to {where}: {base} is a file, not a folder")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".hf-fisher-probe-", dir=base)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise ArtifactError(
+            f"cannot write the {what} to {where}: {base} is not writable ({e.strerror or e}); "
+            f"choose another {flag or 'folder'}"
+        ) from None
+    return base
+
+
+def check_not_input(
+    target: str | os.PathLike, inputs: Iterable[tuple[str, object]], *, what: str = "artifact", flag: str | None = None
+) -> None:
+    """Refuse a ``target`` that is, contains, or lies inside one of the existing local ``inputs``
+    (``(label, path)`` pairs; Hub ids and missing paths are skipped): replacing it would delete
+    the input (or write into it). Paths are compared after resolving links."""
+    user = Path(os.path.abspath(os.fspath(target)))
+    real = Path(os.path.realpath(user))
+    where = f"{flag} {user}" if flag else str(user)
+    for label, path in inputs:
+        if path is None or not isinstance(path, (str, os.PathLike)) or not os.path.exists(path):
+            continue
+        inp = Path(os.path.realpath(path))
+        if real == inp:
+            how = "is"
+        elif inp.is_relative_to(real):
+            how = "contains"
+        elif real.is_relative_to(inp):
+            how = "is inside"
+        else:
+            continue
+        raise ArtifactError(
+            f"refusing to write the {what} to {where}: it {how} the input {label} {os.fspath(path)}, which "
+            f"{'the new folder would delete' if how != 'is inside' else 'would be changed'}. Choose "
+            f"{'another' if not flag else 'another ' + flag} folder outside the inputs."
+        )
+
+
+def sweep(parent: str | os.PathLike) -> list[Path]:
+    """Remove the stale leftovers of interrupted saves of *any* target in ``parent``; return them.
+
+    Only folders named by this library (``.tmp-hf-fisher-...``, ``.old-hf-fisher-...``) are
+    looked at. A temporary folder is removed when it is not locked, its process is dead on this
+    host and it has not changed for :data:`STALE_AFTER_S` seconds (a save that is running keeps its
+    folder locked). A backup is removed on the same conditions only when its target exists (the
+    leftover of a completed overwrite); a backup without its target is the previous version of that
+    target, restored by its next load or save (:func:`recover`), and kept. Never raises.
+    """
+    parent = Path(parent)
+    removed: list[Path] = []
+    try:
+        entries = list(os.scandir(parent))
+    except OSError:
+        return removed
+    for entry in entries:
+        for prefix, kind in ((TMP_PREFIX, "tmp"), (OLD_PREFIX, "old")):
+            if not entry.name.startswith(prefix):
+                continue
+            parsed = _parse_name(entry.name[len(prefix):])
+            try:
+                if parsed is None or not entry.is_dir(follow_symlinks=False):
+                    continue
+            except OSError:
+                continue
+            key, pid, host = parsed
+            if kind == "old" and not (parent / key).is_dir():
+                continue
+            lo = _judge(Path(entry.path), kind, pid, host)
+            if not (lo.stale and lo.local and _pid_alive(pid) is False and _age(lo.path) > STALE_AFTER_S):
+                continue
+            shutil.rmtree(lo.path, ignore_errors=True)
+            if not os.path.lexists(lo.path):
+                removed.append(lo.path)
+                logger.info("removed %s, left by an interrupted save (its process %d is dead)", lo.path, pid)
+    return removed
+
+
+def _resolved(path: Path) -> Path:
+    """``path``, or where it leads when it is a symbolic link (the link is kept, its destination replaced)."""
+    return Path(os.path.realpath(path)) if os.path.islink(path) else path
 
 
 @contextlib.contextmanager
 def atomic_folder(target: str | os.PathLike, *, what: str = "artifact") -> Iterator[Path]:
     """A temporary folder beside ``target`` that replaces it when the block succeeds.
 
-    The parent folder is created if needed and :func:`recover` runs first. The temporary folder
+    A ``target`` that is a link to a folder is kept: its destination is replaced. The parent
+    folder is created if needed; :func:`recover` and :func:`sweep` run first. The temporary folder
     is ``.tmp-hf-fisher-<target name>-<pid>.<host>-<random>``, locked for the duration of the
     block. On success: permissions (umask; the old target's mode when one exists), fsync of every
     file and folder, then :func:`swap_into_place`. On any exception (KeyboardInterrupt included)
     the temporary folder is removed and the target is left as it was.
     """
-    target = Path(os.path.abspath(os.fspath(target)))
+    target = _resolved(Path(os.path.abspath(os.fspath(target))))
     parent = target.parent
     parent.mkdir(parents=True, exist_ok=True)
     recover(target, what=what)
+    sweep(parent)
     tmp = _fresh_name(TMP_PREFIX, target)
     os.mkdir(tmp, 0o777)  # the umask applies: the mode a user's new folder gets
     lock = _lock_folder(tmp)
@@ -169,6 +307,26 @@ def atomic_folder(target: str | os.PathLike, *, what: str = "artifact") -> Itera
         raise
     finally:
         _unlock(lock)
+
+
+@contextlib.contextmanager
+def scratch_folder(target: str | os.PathLike) -> Iterator[Path]:
+    """A working folder beside ``target`` (its parent is created), removed when the block ends.
+
+    For work that builds several atomically saved folders before the final :func:`atomic_folder`
+    (it is not locked, so saves may nest inside it). It is named like a temporary folder of this
+    library (``.tmp-hf-fisher-<target name>~scratch-<pid>.<host>-<random>``), so that when its
+    process is killed, :func:`sweep` removes it at a later save in the same folder once its process
+    is dead; never while it runs.
+    """
+    target = _resolved(Path(os.path.abspath(os.fspath(target))))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    scratch = target.parent / f"{TMP_PREFIX}{_target_key(target.name)}~scratch-{os.getpid()}.{_HOST}-{uuid.uuid4().hex[:12]}"
+    os.mkdir(scratch, 0o777)
+    try:
+        yield scratch
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def swap_into_place(tmp: str | os.PathLike, target: str | os.PathLike) -> None:
@@ -242,7 +400,7 @@ def leftovers(target: str | os.PathLike) -> list[Leftover]:
     Only folders named for this target are listed (another target's folders, and folders of
     other tools, are never touched).
     """
-    target = Path(os.path.abspath(os.fspath(target)))
+    target = _resolved(Path(os.path.abspath(os.fspath(target))))
     key = _target_key(target.name)
     out: list[Leftover] = []
     try:
@@ -279,7 +437,7 @@ def recover(target: str | os.PathLike, *, what: str = "artifact", restore: bool 
     - with ``clean=True``: every other stale leftover of ``target`` is removed (logged at INFO).
     - leftovers that a running save may own are kept (:attr:`Recovery.kept`).
     """
-    target = Path(os.path.abspath(os.fspath(target)))
+    target = _resolved(Path(os.path.abspath(os.fspath(target))))  # a link: its destination's leftovers
     rec = Recovery()
     if not target.parent.is_dir():
         return rec

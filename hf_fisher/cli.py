@@ -33,7 +33,6 @@ import math
 import os
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -217,17 +216,6 @@ def _top(values: dict, k: int) -> list:
 # ---- output folders
 
 
-def _existing_ancestor(target: Path) -> Path:
-    """The nearest existing folder above ``target``: where its temporary folder (and any missing
-    parents) will be created. A file in the way is an error."""
-    p = target.parent
-    while not p.exists() and p.parent != p:
-        p = p.parent
-    if not p.is_dir():
-        raise ArtifactError(f"cannot write to {target}: {p} is a file, not a folder")
-    return p
-
-
 def _human(n: float) -> str:
     for unit in ("bytes", "KiB", "MiB", "GiB", "TiB"):
         if n < 1024 or unit == "TiB":
@@ -248,31 +236,17 @@ def check_output_folder(
 ) -> Path:
     """Check, before any work, that ``path`` can receive a ``what``; return it as an absolute path.
 
-    - the overwrite rule of :func:`hf_fisher.atomic.check_target` (new, empty, or holding only
-      ``allowed`` files, replaced only with ``overwrite``);
-    - the nearest existing folder above it is writable (a probe file is created and removed there;
-      ``path`` and its parents may not exist yet);
+    - the rules of :func:`hf_fisher.atomic.check_target` (new, empty, or holding only ``allowed``
+      files, replaced only with ``overwrite``; the nearest existing folder above it writable);
     - with ``needed_bytes``, that folder's disk has at least that much free space.
 
     Raises :class:`~hf_fisher.errors.ArtifactError` (an ``OSError``) naming the problem. Writes
     nothing that stays.
     """
-    from hf_fisher.atomic import check_target
+    from hf_fisher.atomic import check_target, check_writable
 
-    try:
-        target = check_target(path, allowed=allowed, what=what, overwrite=overwrite)
-    except PermissionError as e:
-        raise ArtifactError(f"{flag} {os.fspath(path)}: cannot read it ({e.strerror})") from None
-    base = _existing_ancestor(target)
-    try:
-        fd, probe = tempfile.mkstemp(prefix=".hf-fisher-probe-", dir=base)
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as e:
-        raise ArtifactError(
-            f"cannot write the {what} to {target}: {base} is not writable ({e.strerror or e}); "
-            f"choose another {flag}"
-        ) from None
+    target = check_target(path, allowed=allowed, what=what, overwrite=overwrite, flag=flag)
+    base = check_writable(target, what=what, flag=flag)
     if needed_bytes is not None:
         try:
             free = shutil.disk_usage(base).free
@@ -640,7 +614,8 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     from hf_fisher.consumers.merge_io import is_model_output_file
     from hf_fisher.consumers.pruning import PRUNE_FILES
 
-    check_target(args.out, allowed=lambda n: is_model_output_file(n) or n in PRUNE_FILES, what="pruned model", overwrite=args.overwrite)
+    check_target(args.out, allowed=lambda n: is_model_output_file(n) or n in PRUNE_FILES, what="pruned model",
+                 overwrite=args.overwrite, flag="--out", inputs=[("--model", args.model), ("--fisher", args.fisher)])
     _check_device(args.device)
     batches = None
     if data_path is not None:
@@ -679,8 +654,10 @@ def _cmd_report(args: argparse.Namespace) -> int:
     for a in args.artifacts:
         if not Path(a).is_dir():
             raise InvalidInputError(f"{a!r} is not a folder; pass Fisher artifact folders (hf-fisher collect --out)")
-    from hf_fisher.consumers.report import write_report
+    from hf_fisher.atomic import check_target
+    from hf_fisher.consumers.report import _is_report_file, write_report
 
+    check_target(args.out, allowed=_is_report_file, what="report", overwrite=args.overwrite, flag="--out")
     result = write_report(list(args.artifacts), args.out, k=args.top, overwrite=args.overwrite)
     print(result.summary)
     for note in result.notes:
@@ -720,7 +697,7 @@ def _two_task_batches(args: argparse.Namespace):
             raise InvalidInputError(f"--layers {args.layers!r}: give comma-separated layer indices, e.g. 0,3") from None
     if args.fisher is not None and not Path(args.fisher).is_dir():
         raise InvalidInputError(f"--fisher {args.fisher!r} is not a folder; pass a Fisher artifact (hf-fisher collect --reduction param)")
-    target = check_target(args.out, allowed=_is_circuit_file, what="analysis", overwrite=args.overwrite)
+    target = check_target(args.out, allowed=_is_circuit_file, what="analysis", overwrite=args.overwrite, flag="--out")
     _check_device(args.device)
     samples = [_read_samples(args, p) for p in paths]
     config, task_type = _check_samples_against_config(args, samples[0] + samples[1])
@@ -800,12 +777,13 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
             paths[name], _ = _check_model_and_data_args(args)
         except InvalidInputError as e:
             raise InvalidInputError(f"--task {name}: {e}".replace("--data ", "")) from None
-    from hf_fisher.consumers.analyze import AnalysisConfig, _stages
+    from hf_fisher.consumers.analyze import AnalysisConfig, _stages, check_out
 
     known = _stages()
     bad = [s for s in stages or [] if s not in known]
     if bad:
         raise InvalidInputError(f"--stages: unknown stage(s) {bad}; registered: {', '.join(known)}")
+    check_out(args.out, overwrite=args.overwrite, flag="--out")
     _check_device(args.device)
     samples = {n: _read_samples(args, p) for n, p in paths.items()}
     config, task_type = _check_samples_against_config(args, [x for v in samples.values() for x in v])
@@ -954,7 +932,7 @@ def _cmd_merge(args: argparse.Namespace) -> int:
         raise InvalidInputError(f"recipe {str(recipe_path)!r} does not exist (or is not a file); pass a merge recipe YAML")
     if args.dtype is not None and args.dtype not in MERGE_DTYPES:  # pragma: no cover - argparse choices
         raise InvalidInputError(f"--dtype must be one of {MERGE_DTYPES}")
-    from hf_fisher.consumers.merging import RECIPE_NAME, load_recipe, recipe_to_kwargs
+    from hf_fisher.consumers.merging import _check_output, _input_paths, load_recipe, recipe_to_kwargs
 
     recipe = load_recipe(recipe_path)
     kwargs = recipe_to_kwargs(recipe, relative_to=recipe_path.parent)
@@ -962,8 +940,11 @@ def _cmd_merge(args: argparse.Namespace) -> int:
         if ref is not None and not os.path.exists(ref) and _looks_local(ref):
             raise InvalidInputError(f"recipe {recipe_path}: {ref!r} does not exist (a local path, not a Hub id)")
     out = Path(os.path.abspath(args.out))
-    if out.is_dir() and any(out.iterdir()) and not (out / RECIPE_NAME).is_file():
-        raise ArtifactError(f"--out {out} is a non-empty folder that is not a previous merge output; choose a new or empty folder")
+    if args.push_to_hub:
+        from hf_fisher.integrations.hub import check_push_ready
+
+        check_push_ready(args.push_to_hub, flag="--push-to-hub")
+    _check_output(out, _input_paths(kwargs["models"], kwargs.get("base_model"), kwargs.get("fishers")), flag="--out")
     if args.dtype is not None:
         kwargs["dtype"] = args.dtype
     if args.max_shard_size is not None:

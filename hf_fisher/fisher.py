@@ -1128,8 +1128,8 @@ class Fisher:
 
         from hf_fisher.integrations import hub
 
-        hub.check_push_args(repo_id, path_in_repo=path_in_repo, revision=revision, create_pr=create_pr,
-                            commit_message=commit_message, private=private)
+        hub.check_push_ready(repo_id, path_in_repo=path_in_repo, revision=revision, create_pr=create_pr,
+                             commit_message=commit_message, private=private, token=token, api=api)
         if commit_message is None:
             commit_message = (
                 f"Upload Fisher artifact (task {self.metadata.task!r}, estimator {self.metadata.estimator}, "

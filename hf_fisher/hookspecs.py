@@ -60,8 +60,10 @@ def hf_fisher_register_estimators(register: Callable[[str, Any], None]) -> None:
     An estimator is a class whose instances are built as ``cls(**options)`` and expose
     ``collect(model, batches, **kwargs)`` returning a :class:`hf_fisher.Fisher` (a diagonal), or
     an artifact type of its own (KFAC factors) with ``save_pretrained``/``from_pretrained`` and
-    ``to_diagonal() -> Fisher``; its docstring states the quantity it returns, with the formula. Names are unique across all plugins: a duplicate is a
-    :class:`hf_fisher.errors.PluginError` naming both plugins.
+    ``to_diagonal() -> Fisher``; its docstring states the quantity it returns, with the formula. Names are unique across all plugins: an installed
+    (entry-point) plugin that registers a taken name is reported and skipped (a built-in wins, else
+    the plugin loaded first); one registered in code is a :class:`hf_fisher.errors.PluginError`
+    naming both plugins.
     """
 
 

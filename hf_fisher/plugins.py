@@ -5,12 +5,21 @@ Loading (lazy, once per process, on the first call of any function here):
 1. the built-in plugin modules of :data:`BUILTIN_PLUGINS`, imported by dotted name and
    registered through the same hooks as third-party plugins;
 2. every entry point of the group ``hf_fisher`` (``[project.entry-points.hf_fisher]``), unless
-   ``HF_FISHER_DISABLE_PLUGIN_AUTOLOAD`` is set to a true value (``1``, ``true``, ``yes``, ``on``).
+   ``HF_FISHER_DISABLE_PLUGIN_AUTOLOAD`` is true (``1``, ``true``, ``yes``, ``on``; ``0``,
+   ``false``, ``no``, ``off`` or empty: false; any case; anything else is a
+   :class:`~hf_fisher.errors.InvalidInputError` naming the variable).
    ``HF_FISHER_PLUGINS=name1,name2`` is an allow-list of entry-point names (set but empty: none).
 
 A plugin whose import, registration or registry hook fails is reported once (a log record
 naming the plugin, its distribution and the error; ERROR level for built-ins, WARNING for
 third-party ones), listed by :func:`failed_plugins`, and skipped; everything else keeps working.
+
+Conflicts. An entry-point plugin that registers an estimator or consumer name, or a grad rule's
+module type, that is already taken is skipped as a whole (reported as above, stage
+``"conflict"``): a built-in always wins over an entry-point plugin, and between two entry-point
+plugins the one loaded first (entry-point order) wins. A plugin registered in code with
+:func:`register` that clashes is an error instead (:class:`PluginError` naming both plugins,
+raised by the registry that holds the clash): code that asks for a plugin gets it or an error.
 
 Registries (:func:`estimators`, :func:`consumers`, :func:`grad_rules`) are built lazily from the
 ``hf_fisher_register_*`` hooks and cached; :func:`register` / :func:`unregister` /
@@ -30,7 +39,7 @@ from typing import Any, Callable
 import pluggy
 
 from hf_fisher import hookspecs
-from hf_fisher.errors import HfFisherError, PluginError
+from hf_fisher.errors import HfFisherError, InvalidInputError, PluginError
 from hf_fisher.hookspecs import PROJECT_NAME, hookimpl
 from hf_fisher.layout import ModelLayout, layer_of
 
@@ -85,6 +94,7 @@ ENV_DISABLE_AUTOLOAD = "HF_FISHER_DISABLE_PLUGIN_AUTOLOAD"
 ENV_ALLOW_LIST = "HF_FISHER_PLUGINS"
 
 _TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"", "0", "false", "no", "off"}
 
 
 @dataclass(frozen=True)
@@ -93,6 +103,7 @@ class _PluginInfo:
     distribution: str | None
     version: str | None
     builtin: bool
+    explicit: bool = False  # registered in code with register(), not loaded from an entry point
 
 
 @dataclass
@@ -200,8 +211,22 @@ def _allow_list() -> set[str] | None:
     return {part.strip() for part in raw.split(",") if part.strip()}
 
 
+def _autoload_disabled() -> bool:
+    """``HF_FISHER_DISABLE_PLUGIN_AUTOLOAD`` read as a boolean; a value that is neither is refused."""
+    raw = os.environ.get(ENV_DISABLE_AUTOLOAD, "")
+    value = raw.strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise InvalidInputError(
+        f"the environment variable {ENV_DISABLE_AUTOLOAD}={raw!r} is not a boolean: set it to 1, true, yes or on "
+        "to leave the installed plugins out, or to 0, false, no or off (or unset it) to load them"
+    )
+
+
 def _load_entry_points(state: _State) -> None:
-    if os.environ.get(ENV_DISABLE_AUTOLOAD, "").strip().lower() in _TRUE:
+    if _autoload_disabled():
         logger.debug("%s is set: entry-point plugins are not loaded", ENV_DISABLE_AUTOLOAD)
         return
     allowed = _allow_list()
@@ -242,6 +267,7 @@ def _get_state() -> _State:
             new = _State(pm)
             _load_builtins(new)
             _load_entry_points(new)
+            _drop_conflicting(new)
             _state = new
         return _state
 
@@ -284,7 +310,7 @@ def register(plugin: Any, name: str | None = None, *, distribution: str | None =
                 f"plugin {name!r} implements unknown hook(s) {', '.join(sorted(unknown))}; "
                 "the known hooks are listed in hf_fisher.hookspecs"
             )
-        state.info[name] = _PluginInfo(name, distribution, None, False)
+        state.info[name] = _PluginInfo(name, distribution, None, False, explicit=True)
         state.cache.clear()
         return name
 
@@ -344,26 +370,90 @@ def _impls(state: _State, hook: str) -> list[pluggy.HookImpl]:
 # registries
 
 
+def _load_order(state: _State, impls: list[pluggy.HookImpl]) -> list[pluggy.HookImpl]:
+    """``impls`` in the order their plugins were loaded (built-ins first, then entry points, then
+    plugins registered in code): the order in which names are claimed."""
+    order = {name: i for i, name in enumerate(state.info)}
+    return sorted(impls, key=lambda impl: order.get(impl.plugin_name, len(order)))
+
+
+def _staged(state: _State, impl: pluggy.HookImpl, hook: str, check_key: Callable[[Any], None]) -> list[tuple[Any, Any]] | None:
+    """Call one implementation of a registry ``hook`` with a collecting ``register``; ``[(key,
+    value)]``, or None when it raised (reported)."""
+    staged: list[tuple[Any, Any]] = []
+
+    def register_(key: Any, value: Any) -> None:
+        check_key(key)
+        staged.append((key, value))
+
+    info = state.info.get(impl.plugin_name)
+    try:
+        impl.function(*[register_ for _ in impl.argnames])
+    except Exception as exc:
+        _report(
+            state, impl.plugin_name, info.distribution if info else None, hook, exc,
+            builtin=bool(info and info.builtin),
+        )
+        return None
+    return staged
+
+
+def _drop_conflicting(state: _State) -> None:
+    """Skip (unregister and report) every entry-point plugin that registers a name or type already
+    taken: by a built-in, by an entry-point plugin loaded before it, or twice by itself."""
+    auto = [n for n, i in state.info.items() if not i.builtin and not i.explicit]
+    if not auto:
+        return
+    pm = state.pm
+    hooks = {c.name for n in auto for c in (pm.get_hookcallers(pm.get_plugin(n)) or [])}
+    kinds = [(kind, hook, check, desc) for kind, (hook, check, desc) in _KINDS.items() if hook in hooks]
+    if not kinds:
+        return
+    taken: dict[tuple[str, Any], str] = {}  # (kind, key) -> plugin that holds it
+    claims: dict[str, list[tuple[str, Any, Callable[[Any], str]]]] = {}  # plugin -> [(kind, key, describe)]
+    for kind, hook, check, desc in kinds:
+        for impl in _load_order(state, _impls(state, hook)):
+            staged = _staged(state, impl, hook, check)
+            if staged is None:
+                continue
+            claims.setdefault(impl.plugin_name, []).extend((kind, key, desc) for key, _ in staged)
+    for name in state.info.copy():
+        info = state.info[name]
+        mine: set[tuple[str, Any]] = set()
+        clash = None
+        for kind, key, desc in claims.get(name, []):
+            if (kind, key) in mine:
+                clash = f"registers {desc(key)} twice"
+            elif (kind, key) in taken:
+                holder = state.info.get(taken[kind, key])
+                by = "the built-in " if holder and holder.builtin else ""
+                clash = (f"registers {desc(key)}, which {by}{_who(state, taken[kind, key])} already provides "
+                         f"({'a built-in always wins' if holder and holder.builtin else 'the plugin loaded first wins'})")
+            if clash:
+                break
+            mine.add((kind, key))
+        if clash and not info.builtin and not info.explicit:
+            pm.unregister(name=name)
+            del state.info[name]
+            _report(state, name, info.distribution, "conflict",
+                    f"{clash}; the whole plugin is skipped -- uninstall it or leave it out with {ENV_ALLOW_LIST}",
+                    builtin=False)
+            continue
+        for kind, key, _ in claims.get(name, []):
+            taken.setdefault((kind, key), name)
+    state.cache.clear()
+
+
 def _build_registry(
     state: _State, hook: str, check_key: Callable[[Any], None], describe_key: Callable[[Any], str]
 ) -> dict[Any, tuple[Any, str]]:
-    """Call every implementation of ``hook`` with its own ``register``; key -> (value, plugin)."""
+    """Call every implementation of ``hook`` (in load order) with its own ``register``; key ->
+    (value, plugin). Clashes left after :func:`_drop_conflicting` (plugins registered in code,
+    built-ins) raise :class:`PluginError` naming both plugins."""
     entries: dict[Any, tuple[Any, str]] = {}
-    for impl in _impls(state, hook):
-        staged: list[tuple[Any, Any]] = []
-
-        def register_(key: Any, value: Any, _staged: list = staged) -> None:
-            check_key(key)
-            _staged.append((key, value))
-
-        info = state.info.get(impl.plugin_name)
-        try:
-            impl.function(*[register_ for _ in impl.argnames])
-        except Exception as exc:
-            _report(
-                state, impl.plugin_name, info.distribution if info else None, hook, exc,
-                builtin=bool(info and info.builtin),
-            )
+    for impl in _load_order(state, _impls(state, hook)):
+        staged = _staged(state, impl, hook, check_key)
+        if staged is None:
             continue
         for key, value in staged:
             if key in entries:

@@ -32,7 +32,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 import time
 import traceback
 from dataclasses import asdict, dataclass, field
@@ -151,13 +150,26 @@ def _stages() -> dict[str, Callable]:
     return {s: found[s] for s in order}
 
 
+def check_out(out: str | Path, *, overwrite: bool = False, flag: str | None = None) -> Path:
+    """The rules of :func:`hf_fisher.atomic.check_target` for an analysis folder ``out`` (new, empty,
+    or a previous analysis with ``overwrite``; writable), checked before any work."""
+    from hf_fisher.atomic import check_target
+
+    stages = _stages()
+
+    def ours(entry: str) -> bool:  # what a previous analysis leaves at the top of its folder
+        return entry in ANALYSIS_FILES or entry.startswith("fisher-") or entry in stages
+
+    return check_target(out, allowed=ours, what="analysis", overwrite=overwrite, flag=flag)
+
+
 def analyze(model, tasks: Mapping[str, Sequence[Mapping[str, Any]]], *, out: str | Path, config=None,
             overwrite: bool = False) -> AnalysisResult:
     """Run the analysis stages (module docstring) on ``tasks`` (``{name: list of batch dicts}``)
     and write the report folder ``out``. Arguments are checked before any stage runs."""
     from tqdm.auto import tqdm
 
-    from hf_fisher.atomic import atomic_folder, check_target
+    from hf_fisher.atomic import atomic_folder, scratch_folder
 
     cfg = AnalysisConfig.of(config)
     if not isinstance(tasks, Mapping) or not tasks:
@@ -179,15 +191,12 @@ def analyze(model, tasks: Mapping[str, Sequence[Mapping[str, Any]]], *, out: str
     unknown = [s for s in wanted if s not in stages]
     if unknown:
         raise InvalidInputError(f"unknown stage(s) {unknown}; registered: {list(stages)}")
-    def ours(entry: str) -> bool:  # what a previous analysis leaves at the top of its folder
-        return entry in ANALYSIS_FILES or entry.startswith("fisher-") or entry in stages
-
-    target = check_target(out, allowed=ours, what="analysis", overwrite=overwrite)
+    target = check_out(out, overwrite=overwrite)
     status, errors, seconds = {}, {}, {}
     target.parent.mkdir(parents=True, exist_ok=True)
     # Stages write into a staging folder beside the target (their own saves are atomic writes
     # too, which must not nest inside a locked temporary folder); it is moved in at the end.
-    with tempfile.TemporaryDirectory(prefix=f".hf-fisher-analysis-{target.name}-", dir=target.parent) as staging:
+    with scratch_folder(target) as staging:
         tmp = Path(staging)
         ctx = AnalysisContext(model, batches, cfg, tmp)
         for name in tqdm(wanted, desc="analysis", unit="stage", disable=not cfg.progress):

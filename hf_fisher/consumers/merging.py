@@ -757,15 +757,15 @@ def merge_with_fisher(
                              kfac_damping_mode)
 
     if push_to_hub:  # the repository arguments, before any work or request
-        from hf_fisher.integrations.hub import check_push_args
+        from hf_fisher.integrations.hub import check_push_ready
 
-        check_push_args(str(push_to_hub), **{k: v for k, v in hub_options.items()
-                                             if k in ("path_in_repo", "revision", "create_pr", "commit_message", "private")})
+        check_push_ready(str(push_to_hub), **{k: v for k, v in hub_options.items() if k in (
+            "path_in_repo", "revision", "create_pr", "commit_message", "private", "token", "api")})
 
     # ---- the output folder, before the inputs are read
     target = None
     if output_dir is not None:
-        target = _check_output(output_dir)
+        target = _check_output(output_dir, _input_paths(models, base_model, fishers))
 
     if any(_is_adapter(m) for m in models):
         if method == "kfac":
@@ -880,16 +880,24 @@ _RULE_TEXT = {
 }
 
 
-def _check_output(output_dir) -> Path:
-    from hf_fisher.atomic import check_target
+def _input_paths(models, base_model, fishers) -> list[tuple[str, Any]]:
+    """``(label, path)`` of the inputs given as paths: an output folder may not be, hold or lie in one."""
+    pairs = [(f"model {i}", m) for i, m in enumerate(models)] + [("base_model", base_model)]
+    pairs += [(f"Fisher {i}", f) for i, f in enumerate(fishers or [])]
+    return [(label, ref) for label, ref in pairs if isinstance(ref, (str, os.PathLike))]
+
+
+def _check_output(output_dir, inputs=(), flag: str = "output_dir") -> Path:
+    from hf_fisher.atomic import check_not_input, check_target
 
     path = Path(os.path.abspath(os.fspath(output_dir)))
+    check_not_input(path, inputs, what="merged model", flag=flag)
     if path.is_dir() and any(path.iterdir()) and not (path / RECIPE_NAME).is_file():
         raise ArtifactError(
-            f"output_dir {path} is a non-empty folder that is not a previous merge output (no {RECIPE_NAME}); "
+            f"{flag} {path} is a non-empty folder that is not a previous merge output (no {RECIPE_NAME}); "
             "choose a new or empty folder"
         )
-    return check_target(path, allowed=is_merge_output_file, what="merged model", overwrite=True)
+    return check_target(path, allowed=is_merge_output_file, what="merged model", overwrite=True, flag=flag)
 
 
 def _write_side_files(tmp: Path, sources: Sequence[TensorSource], base: TensorSource | None, out_dtype) -> None:

@@ -87,12 +87,14 @@ class PruneResult:
         """``model.save_pretrained`` plus ``pruning.json`` (stats and removed units) and, after
         physical vocabulary pruning, ``vocab_map.json`` (``old_to_new``, ``new_to_old``); written
         to a temporary folder first, then renamed. An existing folder is replaced only when it
-        holds a model (``overwrite=True``)."""
+        holds a model (``overwrite=True``); never the folder the model was loaded from
+        (``config.name_or_path``), nor one that holds it or lies inside it."""
         from hf_fisher.atomic import atomic_folder, check_target
         from hf_fisher.consumers.merge_io import is_model_output_file
 
         target = check_target(save_directory, allowed=lambda n: is_model_output_file(n) or n in PRUNE_FILES,
-                              what="pruned model", overwrite=overwrite)
+                              what="pruned model", overwrite=overwrite,
+                              inputs=[("model", getattr(getattr(self.model, "config", None), "name_or_path", None))])
         with atomic_folder(target, what="pruned model") as tmp:
             self.model.save_pretrained(tmp, **kwargs)
             (Path(tmp) / "pruning.json").write_text(json.dumps({"stats": self.stats, "removed": self.removed}, indent=1))

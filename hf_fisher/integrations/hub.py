@@ -11,6 +11,8 @@ artifact "folder or Hub reference":
   not cached, no such repository / revision / subfolder, credentials refused, Hub unreachable — is
   an :class:`~hf_fisher.errors.ArtifactError` naming the repository, the revision, the endpoint
   and what to do.
+- :func:`check_push_ready`: what every path that pushes checks *before its work* (a merge, a
+  save): the repository arguments, offline mode off, a token at hand.
 - :func:`push_folder`: checks everything first (no request is made for bad input), creates the
   repository if needed and uploads the whole folder as **one** commit (``HfApi.create_commit``),
   optionally as a pull request, and returns the commit (or pull-request) URL.
@@ -34,6 +36,7 @@ from hf_fisher.errors import ArtifactError, HfFisherError, InvalidInputError
 
 __all__ = [
     "check_push_args",
+    "check_push_ready",
     "hub_endpoint",
     "looks_like_hub_ref",
     "looks_like_hub_repo",
@@ -397,6 +400,54 @@ def check_push_args(
     return sub or None
 
 
+def check_push_ready(
+    repo_id: str,
+    *,
+    token: str | bool | None = None,
+    api: Any = None,
+    path_in_repo: str | None = None,
+    repo_type: str = "model",
+    revision: str | None = None,
+    create_pr: bool = False,
+    commit_message: str | None = None,
+    private: bool = False,
+    flag: str = "push_to_hub",
+) -> str | None:
+    """Everything a push needs, checked before any work and without a request: the repository
+    arguments (:func:`check_push_args`, the one Hub-id check), offline mode off (``HF_HUB_OFFLINE``
+    / ``TRANSFORMERS_OFFLINE``), and a token: ``token``, else ``api.token``, else
+    ``huggingface_hub.get_token()`` (``HF_TOKEN``, ``hf auth login``). Returns the clean
+    ``path_in_repo``; :class:`~hf_fisher.errors.InvalidInputError` says what is wrong and what to
+    do (``flag`` names the option in messages, e.g. ``--push-to-hub``). The token is never shown.
+    """
+    sub = check_push_args(repo_id, path_in_repo=path_in_repo, repo_type=repo_type, revision=revision,
+                          create_pr=create_pr, commit_message=commit_message, private=private)
+    if _offline():
+        which = [k for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE") if _env_true(k)] or ["HF_HUB_OFFLINE"]
+        raise InvalidInputError(
+            f"{flag} {repo_id!r}: cannot push, offline mode is on ({' / '.join(f'{k}=1' for k in which)}). "
+            f"Unset {' and '.join(which)} to push, or drop {flag} and upload the folder later"
+        )
+    if token is not None and token is not False and not isinstance(token, str):
+        raise InvalidInputError(f"token must be a string (or None for huggingface_hub's token), got {type(token).__name__}")
+    if not token:
+        found = None
+        if token is None:
+            found = getattr(api, "token", None) if api is not None else None
+            if not found:
+                from huggingface_hub import get_token
+
+                found = get_token()
+        if not found:
+            raise InvalidInputError(
+                f"{flag} {repo_id!r}: cannot push without a Hugging Face token "
+                f"({'token=False was passed' if token is False else 'none passed, none in HF_TOKEN or the login file'}). "
+                "Log in with `hf auth login` (or `huggingface-cli login`), set HF_TOKEN, or pass token=... "
+                "with write access to the repository"
+            )
+    return sub
+
+
 def push_folder(
     folder: str | os.PathLike,
     repo_id: str,
@@ -414,7 +465,8 @@ def push_folder(
     """Upload every file of ``folder`` to ``repo_id`` (under ``path_in_repo``) as ONE commit.
 
     Everything is checked before any request (:class:`~hf_fisher.errors.InvalidInputError`): the
-    folder exists and holds files, ``repo_id`` is ``namespace/name``, ``path_in_repo`` is relative
+    folder exists and holds files, offline mode is off and a token is at hand
+    (:func:`check_push_ready`), ``repo_id`` is ``namespace/name``, ``path_in_repo`` is relative
     without ``..``, ``revision`` is a branch (``create_pr`` only against the default branch). Then
     the repository is created if needed (``create_repo(exist_ok=True)``, ``private`` applies to a
     new repository), the branch ``revision`` is created from ``main`` if missing, and all files go
@@ -438,8 +490,8 @@ def push_folder(
     files = _folder_files(root)
     if not files:
         raise InvalidInputError(f"cannot push {root}: the folder holds no files (nothing to commit)")
-    if token is not None and not isinstance(token, str):
-        raise InvalidInputError(f"token must be a string (or None for huggingface_hub's token), got {type(token).__name__}")
+    check_push_ready(repo_id, token=token, api=api, path_in_repo=path_in_repo, repo_type=repo_type,
+                     revision=revision, create_pr=create_pr, commit_message=commit_message, private=private)
     if api is not None and endpoint is not None and api.endpoint.rstrip("/") != endpoint.rstrip("/"):
         raise InvalidInputError(
             f"api (endpoint {api.endpoint}) and endpoint={endpoint!r} disagree; pass one of them"
