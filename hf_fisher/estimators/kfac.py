@@ -159,6 +159,14 @@ class _Ctx:
     in_backward = False
     all_real = True  # no padding in the batch (hooks may skip the position mask)
     a_cache: dict  # this forward's input products, by input tensor identity
+    # a padded batch's products are staged until they are known finite: a model can give NaN at
+    # padded positions (fully masked attention rows) which then reaches the real ones; such a
+    # batch is redone one sample at a time without its padding (see ``KFACEstimator.collect``)
+    staged = False
+
+
+class _NonFiniteBatch(Exception):
+    """A staged (padded) batch gave non-finite values: redo it sample by sample."""
 
 
 class _Acc:
@@ -172,12 +180,43 @@ class _Acc:
         self.G: torch.Tensor | None = None
         self.a_count = 0
         self.calls = 0
+        # this batch's products while a batch is staged (see ``_Ctx.staged``)
+        self.pA: torch.Tensor | None = None
+        self.pG: torch.Tensor | None = None
+        self.p_count = 0
+        # an nn.Linear / Conv1D subclass with its own forward is covered once its output is
+        # checked to be the layer's affine map (first call); a failed check leaves it out
+        self.unverified = False
+        self.dropped: str | None = None
 
-    def add_a(self, x: torch.Tensor) -> None:
-        self.A = x if self.A is None else self.A.add_(x)
+    def add_a(self, x: torch.Tensor, n_rows: int, staged: bool) -> None:
+        if staged:
+            self.pA = x if self.pA is None else self.pA.add_(x)
+            self.p_count += n_rows
+        else:
+            self.A = x if self.A is None else self.A.add_(x)
+            self.a_count += n_rows
 
-    def add_g(self, x: torch.Tensor) -> None:
-        self.G = x if self.G is None else self.G.add_(x)
+    def add_g(self, x: torch.Tensor, staged: bool) -> None:
+        if staged:
+            self.pG = x if self.pG is None else self.pG.add_(x)
+        else:
+            self.G = x if self.G is None else self.G.add_(x)
+
+    def pending(self) -> list[torch.Tensor]:
+        return [t for t in (self.pA, self.pG) if t is not None]
+
+    def commit(self) -> None:
+        """Add the staged products of the batch to the totals."""
+        if self.pA is not None:
+            self.add_a(self.pA, self.p_count, False)
+        if self.pG is not None:
+            self.add_g(self.pG, False)
+        self.discard()
+
+    def discard(self) -> None:
+        self.pA = self.pG = None
+        self.p_count = 0
 
 
 def _per_token(x: torch.Tensor, ctx: _Ctx, what: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -272,7 +311,8 @@ class KFACEstimator:
         self.train_mode = train_mode
 
     # ------------------------------------------------------------------ set-up
-    def _layers(self, model: nn.Module) -> dict[str, _Acc]:
+    def _layers(self, model: nn.Module) -> tuple[dict[str, _Acc], dict[str, str]]:
+        """The layers to factor, and the selected parameters left uncovered (name -> why)."""
         named = select_parameters(model, self.params)
         if not named:
             raise NoTrainableParametersError(f"{type(model).__name__} has no trainable parameter to collect KFAC factors for")
@@ -280,18 +320,26 @@ class KFACEstimator:
         conv1d = conv1d_type()
         out: dict[str, _Acc] = {}
         covered: set[int] = set()
+        why: dict[int, str] = {}  # id(param) -> reason, for parameters of layers not factored
         for mname, m in model.named_modules():
-            if isinstance(m, nn.Linear) and type(m).forward is nn.Linear.forward:
-                kind = "linear"
-            elif conv1d is not None and isinstance(m, conv1d) and type(m).forward is conv1d.forward:
-                kind = "conv1d"
-            elif isinstance(m, nn.Embedding) and type(m).forward is nn.Embedding.forward:
-                kind = "embedding"
+            if isinstance(m, nn.Linear):
+                kind, own = "linear", type(m).forward is nn.Linear.forward
+            elif conv1d is not None and isinstance(m, conv1d):
+                kind, own = "conv1d", type(m).forward is conv1d.forward
+            elif isinstance(m, nn.Embedding):
+                kind, own = "embedding", type(m).forward is nn.Embedding.forward
+                if not own:  # e.g. a scaled embedding: not the plain lookup A and G describe
+                    for p in m._parameters.values():
+                        if p is not None:
+                            why[id(p)] = f"{type(m).__name__} {mname} overrides nn.Embedding.forward"
+                    continue
             else:
                 continue
             w = m._parameters.get("weight")
             b = m._parameters.get("bias")
             if w is None or id(w) not in selected:
+                if b is not None:
+                    why[id(b)] = f"the weight of {mname} is not selected (a bias is factored with its weight)"
                 continue
             if kind == "embedding" and (m.max_norm is not None or m.scale_grad_by_freq):
                 raise UnsupportedError(f"KFAC: embedding {mname} uses max_norm or scale_grad_by_freq; exclude it with params=")
@@ -301,24 +349,28 @@ class KFACEstimator:
             if g_diag:
                 log.info("KFAC: %s has %d outputs (> diagonal_g_above=%d): its G is kept diagonal", mname, d_out, self.diagonal_g_above)
             form = "expand" if kind == "embedding" else self.kfac_approx
-            out[mname] = _Acc(mname, m, kind, selected[id(w)], bias, g_diag, form)
+            acc = out[mname] = _Acc(mname, m, kind, selected[id(w)], bias, g_diag, form)
+            acc.unverified = not own
             covered.add(id(w))
             if b is not None and id(b) in selected:
                 covered.add(id(b))
-        left = [n for n, p in named if id(p) not in covered]
-        if left:
-            if self.params is not None and not isinstance(self.params, str):
-                raise InvalidInputError(
-                    f"params: {left[:3]} {'is' if len(left) == 1 else 'are'} not the weight (or its bias) of an nn.Linear, "
-                    "HF Conv1D or nn.Embedding, which are the layers KFAC factors; drop them from params"
-                )
-            log.info("KFAC: %d selected parameter(s) are not in a Kronecker-factored layer and are left out (e.g. %s)",
-                     len(left), ", ".join(left[:3]))
+        left = [(n, p) for n, p in named if id(p) not in covered]
+        if left and self.params is not None and not isinstance(self.params, str):
+            names = [n for n, _ in left]
+            raise InvalidInputError(
+                f"params: {names[:3]} {'is' if len(names) == 1 else 'are'} not the weight (or its bias) of an nn.Linear, "
+                "HF Conv1D or nn.Embedding, which are the layers KFAC factors; drop them from params"
+            )
         if not out:
             raise InvalidInputError(
                 "KFAC: no selected parameter is the weight of an nn.Linear, HF Conv1D or nn.Embedding; select such layers with params="
             )
-        return out
+        owners = {id(p): (mn, type(mod).__name__) for mn, mod in model.named_modules() for p in mod._parameters.values() if p is not None}
+        uncovered = {}
+        for n, p in left:
+            mn, tn = owners.get(id(p), ("", "?"))
+            uncovered[n] = why.get(id(p)) or f"a parameter of {tn} {mn or '(the model)'}, not an nn.Linear, HF Conv1D or nn.Embedding layer"
+        return out, uncovered
 
     def _output_size(self, model: nn.Module, task_type: str) -> int | None:
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -366,7 +418,7 @@ class KFACEstimator:
                 f"{V} backward passes per batch for this model (max_type2_outputs={self.max_type2_outputs}). Use "
                 f"fisher_type='mc' (mc_samples draws estimate the same expectation), or raise max_type2_outputs"
             )
-        layers = self._layers(model)
+        layers, uncovered = self._layers(model)
         by_module = {id(a.module): a for a in layers.values()}
         accepted = _accepted_kwargs(model)
         explicit_positions = _position_convention(model) is None and "position_ids" in accepted
@@ -390,7 +442,7 @@ class KFACEstimator:
                         rows, w = x[pos], c.unsqueeze(1).expand(-1, pos.shape[1])[pos]
                 else:
                     rows, w = x.masked_fill(~pos.unsqueeze(-1), 0).sum(1)[ctx.valid], c[ctx.valid]
-                acc.add_g(_second_moment(rows, w, acc.g_diag).to(acc_dtype))
+                acc.add_g(_second_moment(rows, w, acc.g_diag).to(acc_dtype), ctx.staged)
             return hook
 
         def f_hook(module, args, kwargs, output):
@@ -399,6 +451,8 @@ class KFACEstimator:
             if ctx.in_backward:
                 raise UnsupportedError("KFAC: a forward ran during the backward (activation checkpointing); disable it")
             acc = by_module[id(module)]
+            if acc.dropped is not None:
+                return
             acc.calls += 1
             if acc.calls > 1:
                 raise UnsupportedError(
@@ -406,6 +460,8 @@ class KFACEstimator:
                     "Exclude it with params="
                 )
             x = args[0] if args else next(iter(kwargs.values()))
+            if acc.unverified and not self._verify_affine(acc, args, kwargs, output):
+                return
             if acc.kind == "embedding":
                 ids = x.reshape(ctx.B, -1) if x.dim() == 2 else x
                 if tuple(ids.shape) != (ctx.B, ctx.T):
@@ -415,8 +471,7 @@ class KFACEstimator:
                 cnt = torch.bincount(sel, minlength=module.num_embeddings).to(acc_dtype)
                 if module.padding_idx is not None:
                     cnt[module.padding_idx] = 0
-                acc.add_a(cnt)
-                acc.a_count += int(sel.numel())
+                acc.add_a(cnt, int(sel.numel()), ctx.staged)
             else:
                 # q/k/v (gate/up) projections read the same input tensor: one product for all of
                 # them (the cache holds the tensor, so its address cannot be reused meanwhile)
@@ -427,8 +482,7 @@ class KFACEstimator:
                     ctx.a_cache[key] = (x, aa, n_rows)
                 else:
                     _, aa, n_rows = hit
-                acc.add_a(aa.clone())
-                acc.a_count += n_rows
+                acc.add_a(aa.clone(), n_rows, ctx.staged)
             out = output if isinstance(output, torch.Tensor) else None
             if out is None or not out.requires_grad:
                 return
@@ -436,6 +490,81 @@ class KFACEstimator:
             outputs.append(_Call(out))
             return
 
+        def run(prepared, labels, valid, n) -> None:
+            """One forward and the backward(s) of a prepared batch; ``valid`` [B]: the samples
+            that count, ``n`` [B] their label tokens."""
+            ids = prepared["input_ids"]
+            B, T = ids.shape
+            mask = prepared.get("attention_mask")
+            real = mask.bool() if mask is not None else torch.ones_like(ids, dtype=torch.bool)
+            w, s = normalization_weights(n, self.normalization, torch.float64)
+            ctx.B, ctx.T = B, T
+            ctx.valid = valid.to(device)
+            ctx.pos = (real & valid.unsqueeze(1)).to(device)
+            base_weight = torch.where(valid, (w * s) ** 2, torch.zeros_like(w)).to(device)
+            ctx.weight = base_weight
+            ctx.in_backward = False
+            ctx.all_real = mask is None or bool(mask.bool().all())
+            ctx.a_cache = {}
+            outputs.clear()
+            for a in layers.values():
+                a.calls = 0
+            inputs = {k: prepared[k] for k in ("input_ids", "attention_mask", "token_type_ids", "position_ids") if k in prepared and k in accepted}
+            if explicit_positions and "position_ids" not in inputs:
+                # every sample's own positions, [B, T]: with the default [1, T] a learned
+                # position table would be one lookup shared by the batch (no per-sample G)
+                inputs["position_ids"] = (
+                    (mask.long().cumsum(-1) - 1).clamp(min=0) if mask is not None
+                    else torch.arange(T, device=ids.device).expand(B, T)
+                )
+            if "use_cache" in accepted:
+                inputs["use_cache"] = False
+            try:
+                with torch.enable_grad():
+                    out = model(**inputs)
+                    ctx.a_cache = {}
+                    logits = out.logits if hasattr(out, "logits") else out[0]
+                    self._backward(logits, _targets(labels, task_type, logits), outputs, ctx, base_weight, gen)
+                    del out, logits
+            finally:
+                ctx.a_cache = {}
+                outputs.clear()
+
+        def run_staged(prepared, labels, valid, n) -> bool:
+            """A padded batch, its products kept apart until they are known finite; False (nothing
+            added) when they are not."""
+            ctx.staged = True
+            try:
+                run(prepared, labels, valid, n)
+                parts = [t for a in layers.values() for t in a.pending()]
+                if parts and not math.isfinite(float(torch.stack([t.sum().to(torch.float64) for t in parts]).sum())):
+                    raise _NonFiniteBatch
+            except _NonFiniteBatch:
+                for a in layers.values():
+                    a.discard()
+                return False
+            finally:
+                ctx.staged = False
+            for a in layers.values():
+                a.commit()
+            return True
+
+        def run_alone(prepared, labels, valid, n, bi) -> None:
+            """Each counted sample of a batch alone, without its padding (the definition)."""
+            from ..engine.per_sample import alone
+
+            for i in valid.nonzero().flatten().tolist():
+                p1 = alone({**prepared, "_kfac_labels": labels}, i)
+                l1 = p1.pop("_kfac_labels")
+                try:
+                    run(p1, l1, valid[i : i + 1], n[i : i + 1])
+                except NonFiniteError:
+                    raise NonFiniteError(
+                        f"KFAC: sample {i} of batch {bi} gives a non-finite loss or logits also alone, without its "
+                        "padding; check the model's weights and dtype, or drop the sample"
+                    ) from None
+
+        loop_reason = None
         handles = [a.module.register_forward_hook(f_hook, with_kwargs=True) for a in layers.values()]
         was_training = model.training
         model.train(self.train_mode)
@@ -457,38 +586,19 @@ class KFACEstimator:
                 skipped += int((label_counts(prepared, task_type) == 0).sum())
                 if nv == 0:
                     continue
-                ids = prepared["input_ids"]
-                B, T = ids.shape
                 mask = prepared.get("attention_mask")
-                real = mask.bool() if mask is not None else torch.ones_like(ids, dtype=torch.bool)
-                w, s = normalization_weights(n, self.normalization, torch.float64)
-                ctx.B, ctx.T = B, T
-                ctx.valid = valid.to(device)
-                ctx.pos = (real & valid.unsqueeze(1)).to(device)
-                base_weight = torch.where(valid, (w * s) ** 2, torch.zeros_like(w)).to(device)
-                ctx.weight = base_weight
-                ctx.in_backward = False
-                ctx.all_real = mask is None or bool(mask.bool().all())
-                ctx.a_cache = {}
-                outputs.clear()
-                for a in layers.values():
-                    a.calls = 0
-                inputs = {k: prepared[k] for k in ("input_ids", "attention_mask", "token_type_ids", "position_ids") if k in prepared and k in accepted}
-                if explicit_positions and "position_ids" not in inputs:
-                    # every sample's own positions, [B, T]: with the default [1, T] a learned
-                    # position table would be one lookup shared by the batch (no per-sample G)
-                    inputs["position_ids"] = (
-                        (mask.long().cumsum(-1) - 1).clamp(min=0) if mask is not None
-                        else torch.arange(T, device=ids.device).expand(B, T)
-                    )
-                if "use_cache" in accepted:
-                    inputs["use_cache"] = False
-                with torch.enable_grad():
-                    out = model(**inputs)
-                    ctx.a_cache = {}
-                    logits = out.logits if hasattr(out, "logits") else out[0]
-                    self._backward(logits, _targets(labels, task_type, logits), outputs, ctx, base_weight, gen)
-                    del out, logits
+                padded = mask is not None and not bool(mask.bool().all())
+                if not padded:
+                    run(prepared, labels, valid, n)
+                elif loop_reason is not None or not run_staged(prepared, labels, valid, n):
+                    if loop_reason is None:
+                        loop_reason = (
+                            f"batch {bi}: the padded batch gives non-finite values (the model produces NaN/inf at padded "
+                            "positions, e.g. fully masked attention rows of left padding in eager attention); padded "
+                            "batches are processed one sample at a time, without their padding (exact, slower)"
+                        )
+                        log.warning("KFAC: %s", loop_reason)
+                    run_alone(prepared, labels, valid, n, bi)
                 samples += nv
                 tokens += int(n.sum())
                 batches_seen += 1
@@ -498,9 +608,56 @@ class KFACEstimator:
             for h in handles:
                 h.remove()
             model.train(was_training)
+            ctx.staged = False
+            for a in layers.values():
+                a.discard()
         if samples == 0:
             raise EmptyDataError("KFAC: the data yielded no sample with a label token (no batches, or every label is -100)")
-        return self._artifact(model, layers, samples, tokens, skipped, task, task_type, model_name_or_path, data_description)
+        return self._artifact(model, layers, uncovered, samples, tokens, skipped, task, task_type, model_name_or_path,
+                              data_description, loop_reason)
+
+    def _verify_affine(self, acc: _Acc, args, kwargs, output) -> bool:
+        """First call of an nn.Linear / Conv1D subclass with its own forward (Falcon's
+        ``FalconLinear`` computes ``x @ W.T + b`` in two steps): its forward, run in float64 on a
+        few rows of this input, must give the layer's affine map ``x Wᵀ + b`` (Conv1D: ``x W + b``)
+        to float64 rounding. Then the factors are the layer's; otherwise the layer is left out
+        (WARNING, recorded in the artifact's ``uncovered``), or refused when ``params`` names it."""
+        from torch.func import functional_call
+
+        m = acc.module
+        reason = None
+        if kwargs or len(args) != 1 or not isinstance(args[0], torch.Tensor) or not isinstance(output, torch.Tensor):
+            reason = "its forward takes other arguments than the input, or returns more than one tensor"
+        else:
+            x = args[0].detach()
+            rows = x.reshape(-1, x.shape[-1])[:8].to(torch.float64)
+            if not bool(torch.isfinite(rows).all()):
+                return True  # judged at a finite call (a non-finite batch is redone or refused anyway)
+            if x.dim() > 2:
+                rows = rows.unsqueeze(0)
+            params = {k: p.detach().to(torch.float64) for k, p in m.named_parameters(recurse=False)}
+            w, b = params["weight"], params.get("bias")
+            wt = w if acc.kind == "linear" else w.transpose(0, 1)
+            with torch.no_grad():
+                try:
+                    got = functional_call(m, params, (rows,))
+                except Exception as e:  # noqa: BLE001 - any failure means: not checkable, left out
+                    got, reason = None, f"its forward cannot be checked in float64 ({type(e).__name__}: {e})"
+                ref = rows @ wt.transpose(0, 1) + (b if b is not None else 0)
+                bound = rows.abs() @ wt.abs().transpose(0, 1) + (b.abs() if b is not None else 0)
+                tol = (rows.shape[-1] + 2) * torch.finfo(torch.float64).eps
+                if got is not None and not (
+                    isinstance(got, torch.Tensor) and got.shape == ref.shape and bool(((got - ref).abs() <= tol * bound + 1e-300).all())
+                ):
+                    reason = f"its forward ({type(m).__qualname__}.forward) is not the layer's affine map x W^T + b"
+        if reason is None:
+            acc.unverified = False
+            return True
+        if self.params is not None and not isinstance(self.params, str):
+            raise UnsupportedError(f"KFAC: {acc.name}: {reason}; its factors would not be its Fisher's. Drop it from params")
+        acc.dropped = f"{type(m).__name__} {acc.name}: {reason}"
+        log.warning("KFAC: %s; the layer is left out (recorded in KFACFisher.uncovered)", acc.dropped)
+        return False
 
     @staticmethod
     def _input_moment(x, acc, ctx, compute, acc_dtype) -> tuple[torch.Tensor, int]:
@@ -559,6 +716,8 @@ class KFACEstimator:
 
         def finite(t):
             if not bool(torch.isfinite(t).all()):
+                if ctx.staged:
+                    raise _NonFiniteBatch
                 raise NonFiniteError("KFAC: the loss or the logits at label positions are not finite; check the model's weights and dtype")
 
         try:
@@ -589,13 +748,18 @@ class KFACEstimator:
             ctx.in_backward = False
             ctx.weight = base_weight
 
-    def _artifact(self, model, layers, samples, tokens, skipped, task, task_type, model_name_or_path, data_description) -> KFACFisher:
+    def _artifact(self, model, layers, uncovered, samples, tokens, skipped, task, task_type, model_name_or_path,
+                  data_description, loop_reason=None) -> KFACFisher:
         out: dict[str, KFACLayer] = {}
         shapes: dict[str, tuple[int, ...]] = {}
+        uncovered = dict(uncovered)
         params = dict(model.named_parameters())
         for name, acc in layers.items():
-            if (acc.A is None or acc.G is None or acc.a_count == 0) and self.params is None:
-                log.warning("KFAC: layer %s does not reach the loss (no output gradient); it is left out", name)
+            if acc.dropped is not None or ((acc.A is None or acc.G is None or acc.a_count == 0) and self.params is None):
+                why = acc.dropped or f"layer {name} does not reach the loss (no output gradient)"
+                for p in (acc.weight, acc.bias):
+                    if p is not None:
+                        uncovered[p] = why
                 continue
             if acc.A is None or acc.G is None or acc.a_count == 0:
                 raise InvalidInputError(
@@ -611,6 +775,21 @@ class KFACEstimator:
             shapes[acc.weight] = tuple(params[acc.weight].shape)
             if acc.bias is not None:
                 shapes[acc.bias] = tuple(params[acc.bias].shape)
+        partly = sorted(set(uncovered) & set(shapes))
+        if partly:
+            raise UnsupportedError(
+                f"KFAC: {partly[0]} is used by a factored layer and by a layer left out ({uncovered[partly[0]]}); its "
+                "factors would miss a use. Exclude it with params="
+            )
+        if uncovered:
+            first = sorted(uncovered)[0]
+            log.warning(
+                "KFAC covers %d of the %d selected parameters; %d are not in a Kronecker-factored layer and are left out, recorded in KFACFisher.uncovered "
+                "(to_diagonal(), matvec and inverse_vp do not cover them; select the covered layers with params= to "
+                "leave nothing out): %s%s, e.g. %s: %s", len(shapes), len(shapes) + len(uncovered), len(uncovered),
+                ", ".join(sorted(uncovered)[:5]), f" and {len(uncovered) - 5} more" if len(uncovered) > 5 else "",
+                first, uncovered[first],
+            )
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         config = getattr(base, "config", None)
         settings = {
@@ -632,9 +811,10 @@ class KFACEstimator:
             accumulation_dtype=str(self.accumulation_dtype).removeprefix("torch."),
             storage_dtype=str(self.accumulation_dtype).removeprefix("torch."),
             data_description=data_description,
-            extra={"task_type": task_type, "kfac": dict(settings)},
+            extra={"task_type": task_type, "kfac": dict(settings), **({"loop_reason": loop_reason} if loop_reason else {})},
         )
-        return KFACFisher(out, param_shapes=shapes, counts=Counts(samples, tokens, skipped), metadata=meta, settings=settings)
+        return KFACFisher(out, param_shapes=shapes, counts=Counts(samples, tokens, skipped), metadata=meta, settings=settings,
+                          uncovered=uncovered)
 
 
 def _targets(labels: torch.Tensor, task_type: str, logits: torch.Tensor) -> torch.Tensor:
