@@ -4,6 +4,25 @@ Returns a :class:`hf_fisher.kfac.KFACFisher`: for every ``nn.Linear``, HF ``Conv
 fused ``c_attn`` included: one layer with ``d_out = 3·hidden``) and ``nn.Embedding`` whose weight
 is collected, ``F_layer ≈ G ⊗ A`` (canonical form in :mod:`hf_fisher.kfac`).
 
+**Coverage.** A subclass of ``nn.Linear`` / ``Conv1D`` with its own ``forward`` (Falcon's
+``FalconLinear`` — fused ``query_key_value``, ``dense``, MLP — computes ``x @ W.T`` and adds the
+bias in a second step) is covered once its forward, run in float64 on a few rows of its first
+input, gives the layer's affine map to float64 rounding; otherwise the layer is left out (or
+refused when ``params`` lists it). An ``nn.Embedding`` subclass with its own forward (e.g. a
+scaled embedding) is left out. Every selected parameter no layer covers (norm weights, such
+layers, a layer that never reaches the loss) is recorded in ``KFACFisher.uncovered`` with the
+reason, and one WARNING says how many (select only factored layers with ``params=`` to have
+none). ``scripts/kfac_coverage.py`` lists, per architecture, the Linear / Conv1D layers left out.
+
+**Non-finite padded batches.** The input products of a batch are added once its forward is
+finite at every position of the counted samples (padding included). Some models give NaN at
+padded positions — eager attention in a float64 model takes its softmax in float32, where the
+mask value ``finfo(float64).min`` is ``-inf``, so the fully masked rows of left padding are NaN
+and reach the real tokens through the next layer (0 x NaN). Such a padded batch adds nothing and
+is redone one sample at a time without its padding (the definition, exact), and so are the
+later padded batches: one WARNING, and ``metadata.extra["loop_reason"]`` says so. A non-finite
+forward of an unpadded batch, or of a sample alone, is a :class:`~hf_fisher.errors.NonFiniteError`.
+
 **Notation.** Sample i (a sequence) has label tokens ``n_i`` (labels != -100, padding excluded,
 :func:`hf_fisher.engine.losses.label_counts`), summed loss ``S_i = Σ_t l_it`` and the core's
 normalisation (:mod:`hf_fisher.engine.losses`) gives its Fisher weight
@@ -157,16 +176,18 @@ class _Ctx:
     valid: torch.Tensor  # [B] bool
     weight: torch.Tensor  # [B] float64: c_i (x the draw's weight)
     in_backward = False
+    index = 0  # the batch's index in the data
     all_real = True  # no padding in the batch (hooks may skip the position mask)
+    all_valid = True  # every sample of the batch counts
     a_cache: dict  # this forward's input products, by input tensor identity
-    # a padded batch's products are staged until they are known finite: a model can give NaN at
-    # padded positions (fully masked attention rows) which then reaches the real ones; such a
-    # batch is redone one sample at a time without its padding (see ``KFACEstimator.collect``)
-    staged = False
+    # finiteness of this forward (device flags, read once after it): every layer input and the
+    # logits, at every position of the counted samples, padding included; and of the G products
+    checks: list
+    g_checks: list
 
 
 class _NonFiniteBatch(Exception):
-    """A staged (padded) batch gave non-finite values: redo it sample by sample."""
+    """A padded batch's forward is not finite: redo it sample by sample, without the padding."""
 
 
 class _Acc:
@@ -180,43 +201,30 @@ class _Acc:
         self.G: torch.Tensor | None = None
         self.a_count = 0
         self.calls = 0
-        # this batch's products while a batch is staged (see ``_Ctx.staged``)
+        # this forward's input product, added once the forward is known finite (it may be shared
+        # with the layers reading the same input: never modified in place)
         self.pA: torch.Tensor | None = None
-        self.pG: torch.Tensor | None = None
         self.p_count = 0
         # an nn.Linear / Conv1D subclass with its own forward is covered once its output is
         # checked to be the layer's affine map (first call); a failed check leaves it out
         self.unverified = False
         self.dropped: str | None = None
 
-    def add_a(self, x: torch.Tensor, n_rows: int, staged: bool) -> None:
-        if staged:
-            self.pA = x if self.pA is None else self.pA.add_(x)
-            self.p_count += n_rows
-        else:
-            self.A = x if self.A is None else self.A.add_(x)
-            self.a_count += n_rows
+    def stage_a(self, x: torch.Tensor, n_rows: int) -> None:
+        self.pA, self.p_count = x, n_rows
 
-    def add_g(self, x: torch.Tensor, staged: bool) -> None:
-        if staged:
-            self.pG = x if self.pG is None else self.pG.add_(x)
-        else:
-            self.G = x if self.G is None else self.G.add_(x)
-
-    def pending(self) -> list[torch.Tensor]:
-        return [t for t in (self.pA, self.pG) if t is not None]
-
-    def commit(self) -> None:
-        """Add the staged products of the batch to the totals."""
+    def commit_a(self) -> None:
+        """Add this forward's input product to A."""
         if self.pA is not None:
-            self.add_a(self.pA, self.p_count, False)
-        if self.pG is not None:
-            self.add_g(self.pG, False)
+            self.A = self.pA.clone() if self.A is None else self.A.add_(self.pA)
+            self.a_count += self.p_count
         self.discard()
 
     def discard(self) -> None:
-        self.pA = self.pG = None
-        self.p_count = 0
+        self.pA, self.p_count = None, 0
+
+    def add_g(self, x: torch.Tensor) -> None:
+        self.G = x if self.G is None else self.G.add_(x)
 
 
 def _per_token(x: torch.Tensor, ctx: _Ctx, what: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -442,7 +450,9 @@ class KFACEstimator:
                         rows, w = x[pos], c.unsqueeze(1).expand(-1, pos.shape[1])[pos]
                 else:
                     rows, w = x.masked_fill(~pos.unsqueeze(-1), 0).sum(1)[ctx.valid], c[ctx.valid]
-                acc.add_g(_second_moment(rows, w, acc.g_diag).to(acc_dtype), ctx.staged)
+                gg = _second_moment(rows, w, acc.g_diag).to(acc_dtype)
+                ctx.g_checks.append((acc.name, torch.isfinite(gg.sum())))
+                acc.add_g(gg)
             return hook
 
         def f_hook(module, args, kwargs, output):
@@ -471,7 +481,7 @@ class KFACEstimator:
                 cnt = torch.bincount(sel, minlength=module.num_embeddings).to(acc_dtype)
                 if module.padding_idx is not None:
                     cnt[module.padding_idx] = 0
-                acc.add_a(cnt, int(sel.numel()), ctx.staged)
+                acc.stage_a(cnt, int(sel.numel()))
             else:
                 # q/k/v (gate/up) projections read the same input tensor: one product for all of
                 # them (the cache holds the tensor, so its address cannot be reused meanwhile)
@@ -480,9 +490,11 @@ class KFACEstimator:
                 if hit is None:
                     aa, n_rows = self._input_moment(x.detach(), acc, ctx, compute, acc_dtype)
                     ctx.a_cache[key] = (x, aa, n_rows)
+                    xs = x.detach() if ctx.all_valid or x.shape[0] != ctx.B else x.detach()[ctx.valid]
+                    ctx.checks.append(torch.isfinite(xs).all())
                 else:
                     _, aa, n_rows = hit
-                acc.add_a(aa.clone(), n_rows, ctx.staged)
+                acc.stage_a(aa, n_rows)
             out = output if isinstance(output, torch.Tensor) else None
             if out is None or not out.requires_grad:
                 return
@@ -490,9 +502,12 @@ class KFACEstimator:
             outputs.append(_Call(out))
             return
 
-        def run(prepared, labels, valid, n) -> None:
+        def run(prepared, labels, valid, n, padded: bool) -> None:
             """One forward and the backward(s) of a prepared batch; ``valid`` [B]: the samples
-            that count, ``n`` [B] their label tokens."""
+            that count, ``n`` [B] their label tokens. The input products are added once the
+            forward is finite at every position of the counted samples (padding included); if it
+            is not, nothing is added and a padded batch raises _NonFiniteBatch (to be redone one
+            sample at a time), an unpadded one NonFiniteError."""
             ids = prepared["input_ids"]
             B, T = ids.shape
             mask = prepared.get("attention_mask")
@@ -500,15 +515,18 @@ class KFACEstimator:
             w, s = normalization_weights(n, self.normalization, torch.float64)
             ctx.B, ctx.T = B, T
             ctx.valid = valid.to(device)
+            ctx.all_valid = bool(valid.all())
             ctx.pos = (real & valid.unsqueeze(1)).to(device)
             base_weight = torch.where(valid, (w * s) ** 2, torch.zeros_like(w)).to(device)
             ctx.weight = base_weight
             ctx.in_backward = False
             ctx.all_real = mask is None or bool(mask.bool().all())
             ctx.a_cache = {}
+            ctx.checks, ctx.g_checks = [], []
             outputs.clear()
             for a in layers.values():
                 a.calls = 0
+                a.discard()
             inputs = {k: prepared[k] for k in ("input_ids", "attention_mask", "token_type_ids", "position_ids") if k in prepared and k in accepted}
             if explicit_positions and "position_ids" not in inputs:
                 # every sample's own positions, [B, T]: with the default [1, T] a learned
@@ -524,43 +542,46 @@ class KFACEstimator:
                     out = model(**inputs)
                     ctx.a_cache = {}
                     logits = out.logits if hasattr(out, "logits") else out[0]
+                    z = logits.detach() if ctx.all_valid or logits.shape[0] != B else logits.detach()[ctx.valid]
+                    if not bool(torch.stack([torch.isfinite(z).all(), *ctx.checks]).all()):
+                        if padded:
+                            raise _NonFiniteBatch
+                        raise NonFiniteError(
+                            f"KFAC: batch {ctx.index}: the model's forward gives non-finite values (layer inputs or "
+                            "logits); check the model's weights and dtype"
+                        )
+                    for a in layers.values():
+                        a.commit_a()
                     self._backward(logits, _targets(labels, task_type, logits), outputs, ctx, base_weight, gen)
-                    del out, logits
+                    del out, logits, z
+                if ctx.g_checks and not bool(torch.stack([f for _, f in ctx.g_checks]).all()):
+                    bad = [name for name, f in ctx.g_checks if not bool(f)]
+                    raise NonFiniteError(
+                        f"KFAC: batch {ctx.index}: the output gradients of {bad[:3]} are not finite although the forward "
+                        "is" + (" (the model may hide NaN at padded positions in its forward; pass unpadded batches, "
+                                "e.g. batch size 1, or another attention implementation)" if padded else
+                                "; check the model's weights and dtype")
+                    )
             finally:
                 ctx.a_cache = {}
+                ctx.checks, ctx.g_checks = [], []
                 outputs.clear()
-
-        def run_staged(prepared, labels, valid, n) -> bool:
-            """A padded batch, its products kept apart until they are known finite; False (nothing
-            added) when they are not."""
-            ctx.staged = True
-            try:
-                run(prepared, labels, valid, n)
-                parts = [t for a in layers.values() for t in a.pending()]
-                if parts and not math.isfinite(float(torch.stack([t.sum().to(torch.float64) for t in parts]).sum())):
-                    raise _NonFiniteBatch
-            except _NonFiniteBatch:
                 for a in layers.values():
                     a.discard()
-                return False
-            finally:
-                ctx.staged = False
-            for a in layers.values():
-                a.commit()
-            return True
 
-        def run_alone(prepared, labels, valid, n, bi) -> None:
+        def run_alone(prepared, labels, valid, n) -> None:
             """Each counted sample of a batch alone, without its padding (the definition)."""
             from ..engine.per_sample import alone
 
             for i in valid.nonzero().flatten().tolist():
                 p1 = alone({**prepared, "_kfac_labels": labels}, i)
                 l1 = p1.pop("_kfac_labels")
+                m1 = p1.get("attention_mask")
                 try:
-                    run(p1, l1, valid[i : i + 1], n[i : i + 1])
-                except NonFiniteError:
+                    run(p1, l1, valid[i : i + 1], n[i : i + 1], m1 is not None and not bool(m1.bool().all()))
+                except (NonFiniteError, _NonFiniteBatch):
                     raise NonFiniteError(
-                        f"KFAC: sample {i} of batch {bi} gives a non-finite loss or logits also alone, without its "
+                        f"KFAC: sample {i} of batch {ctx.index} gives non-finite values also alone, without its "
                         "padding; check the model's weights and dtype, or drop the sample"
                     ) from None
 
@@ -588,9 +609,12 @@ class KFACEstimator:
                     continue
                 mask = prepared.get("attention_mask")
                 padded = mask is not None and not bool(mask.bool().all())
-                if not padded:
-                    run(prepared, labels, valid, n)
-                elif loop_reason is not None or not run_staged(prepared, labels, valid, n):
+                ctx.index = bi
+                try:
+                    if loop_reason is not None and padded:
+                        raise _NonFiniteBatch
+                    run(prepared, labels, valid, n, padded)
+                except _NonFiniteBatch:
                     if loop_reason is None:
                         loop_reason = (
                             f"batch {bi}: the padded batch gives non-finite values (the model produces NaN/inf at padded "
@@ -598,7 +622,7 @@ class KFACEstimator:
                             "batches are processed one sample at a time, without their padding (exact, slower)"
                         )
                         log.warning("KFAC: %s", loop_reason)
-                    run_alone(prepared, labels, valid, n, bi)
+                    run_alone(prepared, labels, valid, n)
                 samples += nv
                 tokens += int(n.sum())
                 batches_seen += 1
@@ -608,9 +632,6 @@ class KFACEstimator:
             for h in handles:
                 h.remove()
             model.train(was_training)
-            ctx.staged = False
-            for a in layers.values():
-                a.discard()
         if samples == 0:
             raise EmptyDataError("KFAC: the data yielded no sample with a label token (no batches, or every label is -100)")
         return self._artifact(model, layers, uncovered, samples, tokens, skipped, task, task_type, model_name_or_path,
@@ -716,8 +737,6 @@ class KFACEstimator:
 
         def finite(t):
             if not bool(torch.isfinite(t).all()):
-                if ctx.staged:
-                    raise _NonFiniteBatch
                 raise NonFiniteError("KFAC: the loss or the logits at label positions are not finite; check the model's weights and dtype")
 
         try:
