@@ -40,9 +40,10 @@ Operations:
 On disk an artifact is a folder::
 
     kfac.safetensors     keys "A.<layer>" and "G.<layer>"
-    kfac_config.json     metadata, counts, settings, parameter shapes, and per layer its kind,
+    kfac_config.json     metadata, counts, settings, parameter shapes, the collected parameters
+                         no layer covers ("uncovered": name -> why), and per layer its kind,
                          parameters and factor shapes
-    README.md            a short card
+    README.md            a short card (with the uncovered parameters)
 
 Saving is atomic (:mod:`hf_fisher.atomic`); loading never unpickles and checks every config
 field, the tensors' dtypes and shapes, and that the factors fit the parameter shapes

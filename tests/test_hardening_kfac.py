@@ -77,6 +77,19 @@ def test_falcon_every_linear_covered_and_factors_equal_brute_force(variant, kfac
     _equal_brute(k, model, batch)
 
 
+@pytest.mark.parametrize("variant", ["multi_query", "new_decoder_gqa"])
+def test_falcon_float32(variant):
+    """float32 model: FalconLinear's two-step forward is still checked in float64 and covered."""
+    model = falcon(variant).float()
+    batch = padded_batch([6, 4, 5], seed=3, side="left")
+    k = KFACEstimator().collect(model, [batch], progress=False)
+    assert set(_linear_modules(model)) <= set(k.layers)
+    ref = _brute(model.double(), batch, kfac_approx="expand")
+    for name, layer in k.layers.items():
+        _close(layer.A, ref[name][0], rtol=1e-5)
+        _close(layer.G, ref[name][1], rtol=1e-4)
+
+
 def test_falcon_factors_equal_curvlinops():
     """The oracle on FalconLinear layers (equal-length, fully labelled sequences; curvlinops'
     "mean" reduction = our "token" normalisation)."""
