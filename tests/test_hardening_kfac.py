@@ -114,15 +114,20 @@ def test_falcon_factors_equal_curvlinops():
         _close(layer.G, K._gradient_covariances["m." + name])
 
 
-def test_listed_architectures_cover_every_linear_layer():
-    """scripts/kfac_coverage.py over the architectures of issue 21: no Linear / Conv1D layer left out."""
+def _coverage_script():
     path = Path(__file__).resolve().parents[1] / "scripts" / "kfac_coverage.py"
     spec = importlib.util.spec_from_file_location("kfac_coverage", path)
     cov = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(cov)
+    return cov
+
+
+def test_listed_architectures_cover_every_linear_layer():
+    """scripts/kfac_coverage.py over the architectures of issue 21: no Linear / Conv1D layer left out."""
+    cov = _coverage_script()
     bad = {}
-    for name in cov.CONFIGS:
-        total, left, err = cov.report(name)
+    for name in cov.LISTED:
+        total, left, err, _ = cov.report(name)
         if left or err:
             bad[name] = (left, err)
     assert bad == {}
@@ -273,3 +278,38 @@ def test_nonfinite_sample_alone_still_refused():
     bad = [i for i in range(3) if bool((batch["input_ids"][i][batch["attention_mask"][i].bool()] == tok).any())]
     with pytest.raises(NonFiniteError, match=f"sample {bad[0]} of batch 0 .* also alone"):
         KFACEstimator().collect(model, [batch], progress=False)
+
+
+
+def test_deepseek_four_dimensional_layer_input_equals_curvlinops():
+    """DeepSeek's kv_b_proj reads a [batch, 1, seq, rank] latent: factored per token like any
+    other layer (it used to refuse the whole collection), equal to curvlinops."""
+    from curvlinops import KFACLinearOperator
+    from test_kfac import _Logits
+
+    model = _coverage_script().build("deepseek_v3")
+    g = torch.Generator().manual_seed(1)
+    batches = [torch.randint(3, V, (3, 6), generator=g) for _ in range(2)]
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and "layers." in n]
+    assert any("kv_b_proj" in n for n in names)
+    K = KFACLinearOperator(
+        _Logits(model), nn.CrossEntropyLoss(), [model.get_submodule(n).weight for n in names],
+        [(x, x[:, 1:]) for x in batches], fisher_type="type-2", kfac_approx="expand",
+        separate_weight_and_bias=False, check_deterministic=False,
+    )
+    K.compute_kronecker_factors()
+    ours = KFACEstimator(fisher_type="type-2", normalization="token", params=[f"{n}.weight" for n in names]).collect(
+        model, [{"input_ids": x} for x in batches], progress=False
+    )
+    assert sorted(ours.layers) == sorted(names)
+    for name, layer in ours.layers.items():
+        _close(layer.A, K._input_covariances["m." + name], rtol=1e-6)
+        _close(layer.G, K._gradient_covariances["m." + name], rtol=1e-6)
+
+
+def test_layer_never_called_is_recorded_with_its_reason():
+    """Jamba's Mamba mixer uses dt_proj's weight outside dt_proj's forward: left out, said so."""
+    model = _coverage_script().build("jamba")
+    k = KFACEstimator().collect(model, [padded_batch([5, 4], seed=0)], progress=False)
+    why = k.uncovered["model.layers.0.mamba.dt_proj.weight"]
+    assert "never called" in why and "model.layers.0.mamba.dt_proj.weight" not in k.to_diagonal().names()

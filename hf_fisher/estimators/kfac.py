@@ -236,6 +236,8 @@ def _per_token(x: torch.Tensor, ctx: _Ctx, what: str) -> tuple[torch.Tensor, tor
         return x.unsqueeze(1), ctx.valid.unsqueeze(1)
     if x.dim() == 2 and T > 1 and x.shape[0] == B * T:
         return x.view(B, T, -1), ctx.pos
+    if x.dim() > 3 and x.shape[0] == B and math.prod(x.shape[1:-1]) == T and sum(s != 1 for s in x.shape[1:-1]) <= 1:
+        return x.reshape(B, T, x.shape[-1]), ctx.pos  # [B, 1, T, d] (DeepSeek's kv_b_proj): one head axis of size 1
     raise UnsupportedError(
         f"KFAC: {what} has shape {tuple(x.shape)}, which is not [batch, seq, features] ({B}, {T}, ...) "
         f"nor [batch, features]; such a layer cannot be Kronecker-factored per token here — exclude it with params="
@@ -659,7 +661,8 @@ class KFACEstimator:
             params = {k: p.detach().to(torch.float64) for k, p in m.named_parameters(recurse=False)}
             w, b = params["weight"], params.get("bias")
             wt = w if acc.kind == "linear" else w.transpose(0, 1)
-            with torch.no_grad():
+            # float64 throughout, whatever autocast the caller runs the collection under
+            with torch.no_grad(), torch.autocast(device_type=x.device.type, enabled=False):
                 try:
                     got = functional_call(m, params, (rows,))
                 except Exception as e:  # noqa: BLE001 - any failure means: not checkable, left out
@@ -775,7 +778,11 @@ class KFACEstimator:
         params = dict(model.named_parameters())
         for name, acc in layers.items():
             if acc.dropped is not None or ((acc.A is None or acc.G is None or acc.a_count == 0) and self.params is None):
-                why = acc.dropped or f"layer {name} does not reach the loss (no output gradient)"
+                why = acc.dropped or (
+                    f"layer {name} is never called in the forward (a weight used outside its module's forward, e.g. "
+                    "Mamba's dt_proj, cannot be Kronecker-factored here)" if acc.A is None or acc.a_count == 0
+                    else f"the output of layer {name} does not reach the loss (no output gradient)"
+                )
                 for p in (acc.weight, acc.bias):
                     if p is not None:
                         uncovered[p] = why
