@@ -312,4 +312,36 @@ def test_layer_never_called_is_recorded_with_its_reason():
     model = _coverage_script().build("jamba")
     k = KFACEstimator().collect(model, [padded_batch([5, 4], seed=0)], progress=False)
     why = k.uncovered["model.layers.0.mamba.dt_proj.weight"]
-    assert "never called" in why and "model.layers.0.mamba.dt_proj.weight" not in k.to_diagonal().names()
+    assert "used outside the layer's forward" in why and "model.layers.0.mamba.dt_proj.weight" not in k.to_diagonal().names()
+
+
+class _TiedHead(nn.Module):
+    """An output projection reading the embedding table directly (not through a module)."""
+
+    def __init__(self, embedding):
+        super().__init__()
+        self.table = [embedding]  # not a submodule: the weight is used outside the embedding's forward
+
+    @property
+    def weight(self):  # what get_output_embeddings() readers expect
+        return self.table[0].weight
+
+    def forward(self, h):
+        return nn.functional.linear(h, self.table[0].weight)
+
+
+def test_weight_also_used_outside_its_layer_is_not_half_covered(caplog):
+    """The embedding's lookup is a factored layer, but its table is also the output projection
+    (read directly): factors of the lookup alone would be silently wrong. Left out and said so;
+    refused when named."""
+    model = llama()
+    model.lm_head = _TiedHead(model.model.embed_tokens)
+    batch = padded_batch([5, 4], seed=0)
+    with caplog.at_level(logging.WARNING, logger="hf_fisher"):
+        k = KFACEstimator().collect(model, [batch], progress=False)
+    assert "outside the layer's forward" in k.uncovered["model.embed_tokens.weight"]
+    assert "model.embed_tokens" not in k.layers and "model.layers.0.mlp.down_proj" in k.layers
+    assert any("model.embed_tokens" in r.getMessage() and r.levelno == logging.WARNING for r in caplog.records)
+    _equal_brute(k, model, batch)
+    with pytest.raises(UnsupportedError, match="embed_tokens.weight is also used outside"):
+        KFACEstimator(params=["model.embed_tokens.weight"]).collect(model, [batch], progress=False)

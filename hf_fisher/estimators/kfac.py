@@ -9,8 +9,12 @@ is collected, ``F_layer ≈ G ⊗ A`` (canonical form in :mod:`hf_fisher.kfac`).
 bias in a second step) is covered once its forward, run in float64 on a few rows of its first
 input, gives the layer's affine map to float64 rounding; otherwise the layer is left out (or
 refused when ``params`` lists it). An ``nn.Embedding`` subclass with its own forward (e.g. a
-scaled embedding) is left out. Every selected parameter no layer covers (norm weights, such
-layers, a layer that never reaches the loss) is recorded in ``KFACFisher.uncovered`` with the
+scaled embedding) is left out. During the first forward a torch-function mode watches the
+factored layers' parameters: one that enters a differentiable operation outside its layer's
+forward (Mamba's ``dt_proj.weight @ x``, an embedding table read directly as the output
+projection) has a use its factors would miss, so its layer is left out (or refused when
+``params`` lists it). Every selected parameter no layer covers (norm weights, such layers, a
+layer that never reaches the loss) is recorded in ``KFACFisher.uncovered`` with the
 reason, and one WARNING says how many (select only factored layers with ``params=`` to have
 none). ``scripts/kfac_coverage.py`` lists, per architecture, the Linear / Conv1D layers left out.
 
@@ -99,6 +103,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_leaves
 
 from ..collector import select_parameters
 from ..engine.capture import bottom_outputs
@@ -188,6 +194,28 @@ class _Ctx:
 
 class _NonFiniteBatch(Exception):
     """A padded batch's forward is not finite: redo it sample by sample, without the padding."""
+
+
+class _OutsideUses(TorchFunctionMode):
+    """During one forward: the factored layers' parameters that enter a differentiable torch
+    function while none of their layers is running its forward (Mamba's ``dt_proj.weight @ x``,
+    a tied weight read directly as an output projection). The factors of such a layer miss that
+    use of its weight, so it cannot be covered."""
+
+    def __init__(self, owners: dict[int, list[_Acc]], active: dict[int, int]):
+        super().__init__()
+        self.owners, self.active = owners, active
+        self.outside: set[int] = set()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves((args, kwargs)):
+            if isinstance(t, torch.Tensor) and id(t) in self.owners and id(t) not in self.outside:
+                if not any(self.active.get(id(a.module)) for a in self.owners[id(t)]) and any(
+                    isinstance(o, torch.Tensor) and o.requires_grad for o in tree_leaves(out)
+                ):
+                    self.outside.add(id(t))
+        return out
 
 
 class _Acc:
@@ -541,7 +569,15 @@ class KFACEstimator:
                 inputs["use_cache"] = False
             try:
                 with torch.enable_grad():
-                    out = model(**inputs)
+                    if uses.checked:
+                        out = model(**inputs)
+                    else:
+                        for a in layers.values():
+                            uses.active[id(a.module)] = 0
+                        with _OutsideUses(uses.owners, uses.active) as mode:
+                            out = model(**inputs)
+                        self._drop_outside_uses(layers, mode.outside)
+                        uses.checked = True
                     ctx.a_cache = {}
                     logits = out.logits if hasattr(out, "logits") else out[0]
                     z = logits.detach() if ctx.all_valid or logits.shape[0] != B else logits.detach()[ctx.valid]
@@ -587,8 +623,26 @@ class KFACEstimator:
                         "padding; check the model's weights and dtype, or drop the sample"
                     ) from None
 
+        # which layers are running (for the first forward's check of the weights' uses)
+        uses = _Ctx()
+        uses.checked, uses.active, uses.owners = False, {}, {}
+        for a in layers.values():
+            for pname in (a.weight, a.bias):
+                if pname is not None:
+                    uses.owners.setdefault(id(model.get_parameter(pname)), []).append(a)
+
+        def enter(module, args):
+            if not uses.checked:
+                uses.active[id(module)] = uses.active.get(id(module), 0) + 1
+
+        def leave(module, args, output):
+            if not uses.checked:
+                uses.active[id(module)] = uses.active.get(id(module), 1) - 1
+
         loop_reason = None
         handles = [a.module.register_forward_hook(f_hook, with_kwargs=True) for a in layers.values()]
+        handles += [a.module.register_forward_pre_hook(enter) for a in layers.values()]
+        handles += [a.module.register_forward_hook(leave, always_call=True) for a in layers.values()]
         was_training = model.training
         model.train(self.train_mode)
         samples = tokens = skipped = batches_seen = 0
@@ -638,6 +692,24 @@ class KFACEstimator:
             raise EmptyDataError("KFAC: the data yielded no sample with a label token (no batches, or every label is -100)")
         return self._artifact(model, layers, uncovered, samples, tokens, skipped, task, task_type, model_name_or_path,
                               data_description, loop_reason)
+
+    def _drop_outside_uses(self, layers: dict[str, _Acc], outside: set[int]) -> None:
+        """Leave out (or refuse, when ``params`` names them) the layers whose weight or bias is
+        also used outside the layer's forward (see :class:`_OutsideUses`)."""
+        for a in layers.values():
+            if a.dropped is not None:
+                continue
+            params = [n for n, local in ((a.weight, "weight"), (a.bias, "bias"))
+                      if n is not None and id(a.module._parameters[local]) in outside]
+            if not params:
+                continue
+            reason = (f"{type(a.module).__name__} {a.name}: {params[0]} is also used outside the layer's forward "
+                      "(its factors would miss that use)")
+            if self.params is not None and not isinstance(self.params, str):
+                raise UnsupportedError(f"KFAC: {reason}; drop it from params")
+            a.dropped = reason
+            a.discard()
+            log.warning("KFAC: %s; the layer is left out (recorded in KFACFisher.uncovered)", a.dropped)
 
     def _verify_affine(self, acc: _Acc, args, kwargs, output) -> bool:
         """First call of an nn.Linear / Conv1D subclass with its own forward (Falcon's
