@@ -307,7 +307,7 @@ def test_deepseek_four_dimensional_layer_input_equals_curvlinops():
         _close(layer.G, K._gradient_covariances["m." + name], rtol=1e-6)
 
 
-def test_layer_never_called_is_recorded_with_its_reason():
+def test_mamba_dt_proj_used_outside_its_forward_is_recorded():
     """Jamba's Mamba mixer uses dt_proj's weight outside dt_proj's forward: left out, said so."""
     model = _coverage_script().build("jamba")
     k = KFACEstimator().collect(model, [padded_batch([5, 4], seed=0)], progress=False)
