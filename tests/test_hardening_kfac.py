@@ -105,7 +105,7 @@ def test_falcon_factors_equal_curvlinops():
         kfac_approx="expand", separate_weight_and_bias=False, check_deterministic=False,
     )
     K.compute_kronecker_factors()
-    ours = KFACEstimator(fisher_type="type-2", normalization="token", params=r"\.h\.\d+\..*weight").collect(
+    ours = KFACEstimator(fisher_type="type-2", normalization="token", params=r"query_key_value|dense").collect(
         model, [{"input_ids": x} for x in batches], progress=False
     )
     assert len(ours.layers) == 8
