@@ -40,9 +40,10 @@ Operations:
 On disk an artifact is a folder::
 
     kfac.safetensors     keys "A.<layer>" and "G.<layer>"
-    kfac_config.json     metadata, counts, settings, parameter shapes, and per layer its kind,
+    kfac_config.json     metadata, counts, settings, parameter shapes, the collected parameters
+                         no layer covers ("uncovered": name -> why), and per layer its kind,
                          parameters and factor shapes
-    README.md            a short card
+    README.md            a short card (with the uncovered parameters)
 
 Saving is atomic (:mod:`hf_fisher.atomic`); loading never unpickles and checks every config
 field, the tensors' dtypes and shapes, and that the factors fit the parameter shapes
@@ -185,7 +186,11 @@ class KFACFisher:
     - ``layers``: ``{module name: KFACLayer}``;
     - ``param_shapes``: the shape of every parameter the layers cover (and only those);
     - ``settings``: ``{"fisher_type", "kfac_approx", "mc_samples", "seed", "diagonal_g_above"}``
-      (stored in ``kfac_config.json`` and in ``metadata.extra["kfac"]``).
+      (stored in ``kfac_config.json`` and in ``metadata.extra["kfac"]``);
+    - ``uncovered``: ``{parameter name: why}`` for the collected parameters no layer covers (a
+      norm's weight, a layer whose forward is not its affine map, ...). They have no factors:
+      :meth:`to_diagonal`, :meth:`matvec` and :meth:`inverse_vp` leave them out, and the
+      artifact says so (``kfac_config.json``, the card, ``repr``).
 
     The constructor checks that the factors fit the parameter shapes
     (:class:`~hf_fisher.errors.InvalidInputError` naming the layer).
@@ -199,8 +204,10 @@ class KFACFisher:
         counts: Counts,
         metadata: FisherMetadata,
         settings: Mapping[str, Any],
+        uncovered: Mapping[str, str] | None = None,
     ) -> None:
         self.layers: dict[str, KFACLayer] = dict(layers)
+        self.uncovered: dict[str, str] = dict(uncovered or {})
         self.param_shapes = {k: tuple(int(s) for s in v) for k, v in param_shapes.items()}
         self.counts = counts
         self.metadata = metadata
@@ -241,6 +248,12 @@ class KFACFisher:
         extra = sorted(set(self.param_shapes) - used)
         if extra:
             raise InvalidInputError(f"param_shapes lists parameters no layer covers: {extra[:5]}")
+        both = sorted(set(self.uncovered) & used)
+        if both:
+            raise InvalidInputError(f"uncovered lists parameters a layer covers: {both[:5]}")
+        bad = [n for n, why in self.uncovered.items() if not (isinstance(n, str) and n and isinstance(why, str))]
+        if bad:
+            raise InvalidInputError(f"uncovered must map parameter names to reasons (strings), got {bad[:3]}")
 
     # ------------------------------------------------------------------ views
     def names(self) -> list[str]:
@@ -257,7 +270,8 @@ class KFACFisher:
         s = self.settings
         return (
             f"KFACFisher(task={self.metadata.task!r}, fisher_type={s.get('fisher_type')!r}, "
-            f"kfac_approx={s.get('kfac_approx')!r}, layers={len(self)}, samples={self.counts.samples})"
+            f"kfac_approx={s.get('kfac_approx')!r}, layers={len(self)}, samples={self.counts.samples}"
+            + (f", uncovered={len(self.uncovered)}" if self.uncovered else "") + ")"
         )
 
     def _uses(self) -> dict[str, list[str]]:
@@ -424,7 +438,16 @@ class KFACFisher:
         """The diagonal of the KFAC, ``diag(Σ_u G_u ⊗ A_u)``, as a :class:`hf_fisher.Fisher`
         (reduction "param", no variance, same counts; ``metadata.estimator`` "kfac" and
         ``metadata.extra["kfac"]`` the settings). Weight entries ``G_oo A_ii``; bias entries
-        ``G_oo Ã_{-1,-1}`` (the bias-augmented corner, equal to 1)."""
+        ``G_oo Ã_{-1,-1}`` (the bias-augmented corner, equal to 1).
+
+        Parameters the KFAC does not cover (:attr:`uncovered`) are not in the result (no zeros in
+        their place); they are listed in ``metadata.extra["uncovered"]`` and a WARNING names them."""
+        if self.uncovered:
+            logger.warning(
+                "to_diagonal: this KFAC leaves %d parameter(s) uncovered (%s%s); the diagonal Fisher has no entry for them "
+                "(listed in metadata.extra['uncovered'])", len(self.uncovered), ", ".join(sorted(self.uncovered)[:3]),
+                ", ..." if len(self.uncovered) > 3 else "",
+            )
         mean: dict[str, torch.Tensor] = {}
         for name in self.layer_names():
             L = self.layers[name]
@@ -435,6 +458,8 @@ class KFACFisher:
         extra = dict(self.metadata.extra)
         extra["kfac"] = dict(self.settings)
         extra["diagonal_of"] = "kfac"
+        if self.uncovered:
+            extra["uncovered"] = dict(self.uncovered)
         meta = replace(self.metadata, reduction="param", estimator="kfac", extra=extra)
         return Fisher(mean, None, reduction="param", groups=None, param_shapes=self.param_shapes, counts=self.counts, metadata=meta)
 
@@ -462,6 +487,7 @@ class KFACFisher:
             "counts": self.counts.to_dict(),
             "settings": dict(self.settings),
             "param_shapes": {n: list(self.param_shapes[n]) for n in self.names()},
+            "uncovered": dict(sorted(self.uncovered.items())),
             "layers": {
                 n: {
                     "kind": L.kind, "weight": L.weight, "bias": L.bias,
@@ -501,6 +527,13 @@ class KFACFisher:
 
         md, s = self.metadata, self.settings
         base = f"base_model: {md.model_name_or_path}\n" if md.model_name_or_path and "\n" not in md.model_name_or_path else ""
+        left = ""
+        if self.uncovered:
+            left = (
+                f"\n**Not covered** ({len(self.uncovered)} of the collected parameters have no factors; "
+                "`to_diagonal()`, `matvec` and `inverse_vp` leave them out):\n\n| parameter | why |\n|---|---|\n"
+                + "\n".join(f"| {md_text(n)} | {md_text(w)} |" for n, w in sorted(self.uncovered.items())) + "\n"
+            )
         rows = "\n".join(
             f"| {md_text(n)} | {L.kind} | {tuple(L.A.shape)}{' diag' if L.a_diagonal else ''} | "
             f"{tuple(L.G.shape)}{' diag' if L.g_diagonal else ''} |"
@@ -514,7 +547,7 @@ class KFACFisher:
             f"`{md.normalization}`, {self.counts.samples} samples, {self.counts.tokens} label tokens.\n\n"
             "```python\nfrom hf_fisher.kfac import KFACFisher\nkfac = KFACFisher.from_pretrained(path)\n"
             "nat_grad = kfac.inverse_vp(grads, damping=1e-3)\nfisher = kfac.to_diagonal()\n```\n\n"
-            "| layer | kind | A | G |\n|---|---|---|---|\n" + rows + "\n"
+            "| layer | kind | A | G |\n|---|---|---|---|\n" + rows + "\n" + left
         )
 
     def _value_check(self, what: str, strict: bool = True):
@@ -602,6 +635,7 @@ class KFACFisher:
             out = cls(
                 layers, param_shapes=cfg["param_shapes"], counts=Counts.from_dict(cfg["counts"]),
                 metadata=FisherMetadata.from_dict(cfg["metadata"]), settings=cfg["settings"],
+                uncovered=cfg.get("uncovered") or {},
             )
         except InvalidInputError as e:
             raise ArtifactError(f"KFAC artifact {root} is malformed: {e}") from e
@@ -676,6 +710,7 @@ def _schema():
             "counts": (_S_COUNTS, _REQUIRED),
             "settings": (settings, _REQUIRED),
             "param_shapes": (_s_map(_s_list(_s_int())), _REQUIRED),
+            "uncovered": (_s_map(_s_str()), None),  # absent in artifacts written before it existed
             "layers": (_s_map(layer), _REQUIRED),
             "tensor_file": (_s_str(nonempty=True), _REQUIRED),
         },

@@ -4,6 +4,29 @@ Returns a :class:`hf_fisher.kfac.KFACFisher`: for every ``nn.Linear``, HF ``Conv
 fused ``c_attn`` included: one layer with ``d_out = 3·hidden``) and ``nn.Embedding`` whose weight
 is collected, ``F_layer ≈ G ⊗ A`` (canonical form in :mod:`hf_fisher.kfac`).
 
+**Coverage.** A subclass of ``nn.Linear`` / ``Conv1D`` with its own ``forward`` (Falcon's
+``FalconLinear`` — fused ``query_key_value``, ``dense``, MLP — computes ``x @ W.T`` and adds the
+bias in a second step) is covered once its forward, run in float64 on a few rows of its first
+input, gives the layer's affine map to float64 rounding; otherwise the layer is left out (or
+refused when ``params`` lists it). An ``nn.Embedding`` subclass with its own forward (e.g. a
+scaled embedding) is left out. During the first forward a torch-function mode watches the
+factored layers' parameters: one that enters a differentiable operation outside its layer's
+forward (Mamba's ``dt_proj.weight @ x``, an embedding table read directly as the output
+projection) has a use its factors would miss, so its layer is left out (or refused when
+``params`` lists it). Every selected parameter no layer covers (norm weights, such layers, a
+layer that never reaches the loss) is recorded in ``KFACFisher.uncovered`` with the
+reason, and one WARNING says how many (select only factored layers with ``params=`` to have
+none). ``scripts/kfac_coverage.py`` lists, per architecture, the Linear / Conv1D layers left out.
+
+**Non-finite padded batches.** The input products of a batch are added once its forward is
+finite at every position of the counted samples (padding included). Some models give NaN at
+padded positions — eager attention in a float64 model takes its softmax in float32, where the
+mask value ``finfo(float64).min`` is ``-inf``, so the fully masked rows of left padding are NaN
+and reach the real tokens through the next layer (0 x NaN). Such a padded batch adds nothing and
+is redone one sample at a time without its padding (the definition, exact), and so are the
+later padded batches: one WARNING, and ``metadata.extra["loop_reason"]`` says so. A non-finite
+forward of an unpadded batch, or of a sample alone, is a :class:`~hf_fisher.errors.NonFiniteError`.
+
 **Notation.** Sample i (a sequence) has label tokens ``n_i`` (labels != -100, padding excluded,
 :func:`hf_fisher.engine.losses.label_counts`), summed loss ``S_i = Σ_t l_it`` and the core's
 normalisation (:mod:`hf_fisher.engine.losses`) gives its Fisher weight
@@ -80,6 +103,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_leaves
 
 from ..collector import select_parameters
 from ..engine.capture import bottom_outputs
@@ -157,8 +182,40 @@ class _Ctx:
     valid: torch.Tensor  # [B] bool
     weight: torch.Tensor  # [B] float64: c_i (x the draw's weight)
     in_backward = False
+    index = 0  # the batch's index in the data
     all_real = True  # no padding in the batch (hooks may skip the position mask)
+    all_valid = True  # every sample of the batch counts
     a_cache: dict  # this forward's input products, by input tensor identity
+    # finiteness of this forward (device flags, read once after it): every layer input and the
+    # logits, at every position of the counted samples, padding included; and of the G products
+    checks: list
+    g_checks: list
+
+
+class _NonFiniteBatch(Exception):
+    """A padded batch's forward is not finite: redo it sample by sample, without the padding."""
+
+
+class _OutsideUses(TorchFunctionMode):
+    """During one forward: the factored layers' parameters that enter a differentiable torch
+    function while none of their layers is running its forward (Mamba's ``dt_proj.weight @ x``,
+    a tied weight read directly as an output projection). The factors of such a layer miss that
+    use of its weight, so it cannot be covered."""
+
+    def __init__(self, owners: dict[int, list[_Acc]], active: dict[int, int]):
+        super().__init__()
+        self.owners, self.active = owners, active
+        self.outside: set[int] = set()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves((args, kwargs)):
+            if isinstance(t, torch.Tensor) and id(t) in self.owners and id(t) not in self.outside:
+                if not any(self.active.get(id(a.module)) for a in self.owners[id(t)]) and any(
+                    isinstance(o, torch.Tensor) and o.requires_grad for o in tree_leaves(out)
+                ):
+                    self.outside.add(id(t))
+        return out
 
 
 class _Acc:
@@ -172,9 +229,27 @@ class _Acc:
         self.G: torch.Tensor | None = None
         self.a_count = 0
         self.calls = 0
+        # this forward's input product, added once the forward is known finite (it may be shared
+        # with the layers reading the same input: never modified in place)
+        self.pA: torch.Tensor | None = None
+        self.p_count = 0
+        # an nn.Linear / Conv1D subclass with its own forward is covered once its output is
+        # checked to be the layer's affine map (first call); a failed check leaves it out
+        self.unverified = False
+        self.dropped: str | None = None
 
-    def add_a(self, x: torch.Tensor) -> None:
-        self.A = x if self.A is None else self.A.add_(x)
+    def stage_a(self, x: torch.Tensor, n_rows: int) -> None:
+        self.pA, self.p_count = x, n_rows
+
+    def commit_a(self) -> None:
+        """Add this forward's input product to A."""
+        if self.pA is not None:
+            self.A = self.pA.clone() if self.A is None else self.A.add_(self.pA)
+            self.a_count += self.p_count
+        self.discard()
+
+    def discard(self) -> None:
+        self.pA, self.p_count = None, 0
 
     def add_g(self, x: torch.Tensor) -> None:
         self.G = x if self.G is None else self.G.add_(x)
@@ -189,6 +264,8 @@ def _per_token(x: torch.Tensor, ctx: _Ctx, what: str) -> tuple[torch.Tensor, tor
         return x.unsqueeze(1), ctx.valid.unsqueeze(1)
     if x.dim() == 2 and T > 1 and x.shape[0] == B * T:
         return x.view(B, T, -1), ctx.pos
+    if x.dim() > 3 and x.shape[0] == B and math.prod(x.shape[1:-1]) == T and sum(s != 1 for s in x.shape[1:-1]) <= 1:
+        return x.reshape(B, T, x.shape[-1]), ctx.pos  # [B, 1, T, d] (DeepSeek's kv_b_proj): one head axis of size 1
     raise UnsupportedError(
         f"KFAC: {what} has shape {tuple(x.shape)}, which is not [batch, seq, features] ({B}, {T}, ...) "
         f"nor [batch, features]; such a layer cannot be Kronecker-factored per token here — exclude it with params="
@@ -272,7 +349,8 @@ class KFACEstimator:
         self.train_mode = train_mode
 
     # ------------------------------------------------------------------ set-up
-    def _layers(self, model: nn.Module) -> dict[str, _Acc]:
+    def _layers(self, model: nn.Module) -> tuple[dict[str, _Acc], dict[str, str]]:
+        """The layers to factor, and the selected parameters left uncovered (name -> why)."""
         named = select_parameters(model, self.params)
         if not named:
             raise NoTrainableParametersError(f"{type(model).__name__} has no trainable parameter to collect KFAC factors for")
@@ -280,18 +358,26 @@ class KFACEstimator:
         conv1d = conv1d_type()
         out: dict[str, _Acc] = {}
         covered: set[int] = set()
+        why: dict[int, str] = {}  # id(param) -> reason, for parameters of layers not factored
         for mname, m in model.named_modules():
-            if isinstance(m, nn.Linear) and type(m).forward is nn.Linear.forward:
-                kind = "linear"
-            elif conv1d is not None and isinstance(m, conv1d) and type(m).forward is conv1d.forward:
-                kind = "conv1d"
-            elif isinstance(m, nn.Embedding) and type(m).forward is nn.Embedding.forward:
-                kind = "embedding"
+            if isinstance(m, nn.Linear):
+                kind, own = "linear", type(m).forward is nn.Linear.forward
+            elif conv1d is not None and isinstance(m, conv1d):
+                kind, own = "conv1d", type(m).forward is conv1d.forward
+            elif isinstance(m, nn.Embedding):
+                kind, own = "embedding", type(m).forward is nn.Embedding.forward
+                if not own:  # e.g. a scaled embedding: not the plain lookup A and G describe
+                    for p in m._parameters.values():
+                        if p is not None:
+                            why[id(p)] = f"{type(m).__name__} {mname} overrides nn.Embedding.forward"
+                    continue
             else:
                 continue
             w = m._parameters.get("weight")
             b = m._parameters.get("bias")
             if w is None or id(w) not in selected:
+                if b is not None:
+                    why[id(b)] = f"the weight of {mname} is not selected (a bias is factored with its weight)"
                 continue
             if kind == "embedding" and (m.max_norm is not None or m.scale_grad_by_freq):
                 raise UnsupportedError(f"KFAC: embedding {mname} uses max_norm or scale_grad_by_freq; exclude it with params=")
@@ -301,24 +387,28 @@ class KFACEstimator:
             if g_diag:
                 log.info("KFAC: %s has %d outputs (> diagonal_g_above=%d): its G is kept diagonal", mname, d_out, self.diagonal_g_above)
             form = "expand" if kind == "embedding" else self.kfac_approx
-            out[mname] = _Acc(mname, m, kind, selected[id(w)], bias, g_diag, form)
+            acc = out[mname] = _Acc(mname, m, kind, selected[id(w)], bias, g_diag, form)
+            acc.unverified = not own
             covered.add(id(w))
             if b is not None and id(b) in selected:
                 covered.add(id(b))
-        left = [n for n, p in named if id(p) not in covered]
-        if left:
-            if self.params is not None and not isinstance(self.params, str):
-                raise InvalidInputError(
-                    f"params: {left[:3]} {'is' if len(left) == 1 else 'are'} not the weight (or its bias) of an nn.Linear, "
-                    "HF Conv1D or nn.Embedding, which are the layers KFAC factors; drop them from params"
-                )
-            log.info("KFAC: %d selected parameter(s) are not in a Kronecker-factored layer and are left out (e.g. %s)",
-                     len(left), ", ".join(left[:3]))
+        left = [(n, p) for n, p in named if id(p) not in covered]
+        if left and self.params is not None and not isinstance(self.params, str):
+            names = [n for n, _ in left]
+            raise InvalidInputError(
+                f"params: {names[:3]} {'is' if len(names) == 1 else 'are'} not the weight (or its bias) of an nn.Linear, "
+                "HF Conv1D or nn.Embedding, which are the layers KFAC factors; drop them from params"
+            )
         if not out:
             raise InvalidInputError(
                 "KFAC: no selected parameter is the weight of an nn.Linear, HF Conv1D or nn.Embedding; select such layers with params="
             )
-        return out
+        owners = {id(p): (mn, type(mod).__name__) for mn, mod in model.named_modules() for p in mod._parameters.values() if p is not None}
+        uncovered = {}
+        for n, p in left:
+            mn, tn = owners.get(id(p), ("", "?"))
+            uncovered[n] = why.get(id(p)) or f"a parameter of {tn} {mn or '(the model)'}, not an nn.Linear, HF Conv1D or nn.Embedding layer"
+        return out, uncovered
 
     def _output_size(self, model: nn.Module, task_type: str) -> int | None:
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -366,7 +456,7 @@ class KFACEstimator:
                 f"{V} backward passes per batch for this model (max_type2_outputs={self.max_type2_outputs}). Use "
                 f"fisher_type='mc' (mc_samples draws estimate the same expectation), or raise max_type2_outputs"
             )
-        layers = self._layers(model)
+        layers, uncovered = self._layers(model)
         by_module = {id(a.module): a for a in layers.values()}
         accepted = _accepted_kwargs(model)
         explicit_positions = _position_convention(model) is None and "position_ids" in accepted
@@ -390,7 +480,9 @@ class KFACEstimator:
                         rows, w = x[pos], c.unsqueeze(1).expand(-1, pos.shape[1])[pos]
                 else:
                     rows, w = x.masked_fill(~pos.unsqueeze(-1), 0).sum(1)[ctx.valid], c[ctx.valid]
-                acc.add_g(_second_moment(rows, w, acc.g_diag).to(acc_dtype))
+                gg = _second_moment(rows, w, acc.g_diag).to(acc_dtype)
+                ctx.g_checks.append((acc.name, torch.isfinite(gg.sum())))
+                acc.add_g(gg)
             return hook
 
         def f_hook(module, args, kwargs, output):
@@ -399,6 +491,8 @@ class KFACEstimator:
             if ctx.in_backward:
                 raise UnsupportedError("KFAC: a forward ran during the backward (activation checkpointing); disable it")
             acc = by_module[id(module)]
+            if acc.dropped is not None:
+                return
             acc.calls += 1
             if acc.calls > 1:
                 raise UnsupportedError(
@@ -406,6 +500,8 @@ class KFACEstimator:
                     "Exclude it with params="
                 )
             x = args[0] if args else next(iter(kwargs.values()))
+            if acc.unverified and not self._verify_affine(acc, args, kwargs, output):
+                return
             if acc.kind == "embedding":
                 ids = x.reshape(ctx.B, -1) if x.dim() == 2 else x
                 if tuple(ids.shape) != (ctx.B, ctx.T):
@@ -415,8 +511,7 @@ class KFACEstimator:
                 cnt = torch.bincount(sel, minlength=module.num_embeddings).to(acc_dtype)
                 if module.padding_idx is not None:
                     cnt[module.padding_idx] = 0
-                acc.add_a(cnt)
-                acc.a_count += int(sel.numel())
+                acc.stage_a(cnt, int(sel.numel()))
             else:
                 # q/k/v (gate/up) projections read the same input tensor: one product for all of
                 # them (the cache holds the tensor, so its address cannot be reused meanwhile)
@@ -425,10 +520,11 @@ class KFACEstimator:
                 if hit is None:
                     aa, n_rows = self._input_moment(x.detach(), acc, ctx, compute, acc_dtype)
                     ctx.a_cache[key] = (x, aa, n_rows)
+                    xs = x.detach() if ctx.all_valid or x.shape[0] != ctx.B else x.detach()[ctx.valid]
+                    ctx.checks.append(torch.isfinite(xs).all())
                 else:
                     _, aa, n_rows = hit
-                acc.add_a(aa.clone())
-                acc.a_count += n_rows
+                acc.stage_a(aa, n_rows)
             out = output if isinstance(output, torch.Tensor) else None
             if out is None or not out.requires_grad:
                 return
@@ -436,7 +532,117 @@ class KFACEstimator:
             outputs.append(_Call(out))
             return
 
+        def run(prepared, labels, valid, n, padded: bool) -> None:
+            """One forward and the backward(s) of a prepared batch; ``valid`` [B]: the samples
+            that count, ``n`` [B] their label tokens. The input products are added once the
+            forward is finite at every position of the counted samples (padding included); if it
+            is not, nothing is added and a padded batch raises _NonFiniteBatch (to be redone one
+            sample at a time), an unpadded one NonFiniteError."""
+            ids = prepared["input_ids"]
+            B, T = ids.shape
+            mask = prepared.get("attention_mask")
+            real = mask.bool() if mask is not None else torch.ones_like(ids, dtype=torch.bool)
+            w, s = normalization_weights(n, self.normalization, torch.float64)
+            ctx.B, ctx.T = B, T
+            ctx.valid = valid.to(device)
+            ctx.all_valid = bool(valid.all())
+            ctx.pos = (real & valid.unsqueeze(1)).to(device)
+            base_weight = torch.where(valid, (w * s) ** 2, torch.zeros_like(w)).to(device)
+            ctx.weight = base_weight
+            ctx.in_backward = False
+            ctx.all_real = mask is None or bool(mask.bool().all())
+            ctx.a_cache = {}
+            ctx.checks, ctx.g_checks = [], []
+            outputs.clear()
+            for a in layers.values():
+                a.calls = 0
+                a.discard()
+            inputs = {k: prepared[k] for k in ("input_ids", "attention_mask", "token_type_ids", "position_ids") if k in prepared and k in accepted}
+            if explicit_positions and "position_ids" not in inputs:
+                # every sample's own positions, [B, T]: with the default [1, T] a learned
+                # position table would be one lookup shared by the batch (no per-sample G)
+                inputs["position_ids"] = (
+                    (mask.long().cumsum(-1) - 1).clamp(min=0) if mask is not None
+                    else torch.arange(T, device=ids.device).expand(B, T)
+                )
+            if "use_cache" in accepted:
+                inputs["use_cache"] = False
+            try:
+                with torch.enable_grad():
+                    if uses.checked:
+                        out = model(**inputs)
+                    else:
+                        for a in layers.values():
+                            uses.active[id(a.module)] = 0
+                        with _OutsideUses(uses.owners, uses.active) as mode:
+                            out = model(**inputs)
+                        self._drop_outside_uses(layers, mode.outside)
+                        uses.checked = True
+                    ctx.a_cache = {}
+                    logits = out.logits if hasattr(out, "logits") else out[0]
+                    z = logits.detach() if ctx.all_valid or logits.shape[0] != B else logits.detach()[ctx.valid]
+                    if not bool(torch.stack([torch.isfinite(z).all(), *ctx.checks]).all()):
+                        if padded:
+                            raise _NonFiniteBatch
+                        raise NonFiniteError(
+                            f"KFAC: batch {ctx.index}: the model's forward gives non-finite values (layer inputs or "
+                            "logits); check the model's weights and dtype"
+                        )
+                    for a in layers.values():
+                        a.commit_a()
+                    self._backward(logits, _targets(labels, task_type, logits), outputs, ctx, base_weight, gen)
+                    del out, logits, z
+                if ctx.g_checks and not bool(torch.stack([f for _, f in ctx.g_checks]).all()):
+                    bad = [name for name, f in ctx.g_checks if not bool(f)]
+                    raise NonFiniteError(
+                        f"KFAC: batch {ctx.index}: the output gradients of {bad[:3]} are not finite although the forward "
+                        "is" + (" (the model may hide NaN at padded positions in its forward; pass unpadded batches, "
+                                "e.g. batch size 1, or another attention implementation)" if padded else
+                                "; check the model's weights and dtype")
+                    )
+            finally:
+                ctx.a_cache = {}
+                ctx.checks, ctx.g_checks = [], []
+                outputs.clear()
+                for a in layers.values():
+                    a.discard()
+
+        def run_alone(prepared, labels, valid, n) -> None:
+            """Each counted sample of a batch alone, without its padding (the definition)."""
+            from ..engine.per_sample import alone
+
+            for i in valid.nonzero().flatten().tolist():
+                p1 = alone({**prepared, "_kfac_labels": labels}, i)
+                l1 = p1.pop("_kfac_labels")
+                m1 = p1.get("attention_mask")
+                try:
+                    run(p1, l1, valid[i : i + 1], n[i : i + 1], m1 is not None and not bool(m1.bool().all()))
+                except (NonFiniteError, _NonFiniteBatch):
+                    raise NonFiniteError(
+                        f"KFAC: sample {i} of batch {ctx.index} gives non-finite values also alone, without its "
+                        "padding; check the model's weights and dtype, or drop the sample"
+                    ) from None
+
+        # which layers are running (for the first forward's check of the weights' uses)
+        uses = _Ctx()
+        uses.checked, uses.active, uses.owners = False, {}, {}
+        for a in layers.values():
+            for pname in (a.weight, a.bias):
+                if pname is not None:
+                    uses.owners.setdefault(id(model.get_parameter(pname)), []).append(a)
+
+        def enter(module, args):
+            if not uses.checked:
+                uses.active[id(module)] = uses.active.get(id(module), 0) + 1
+
+        def leave(module, args, output):
+            if not uses.checked:
+                uses.active[id(module)] = uses.active.get(id(module), 1) - 1
+
+        loop_reason = None
         handles = [a.module.register_forward_hook(f_hook, with_kwargs=True) for a in layers.values()]
+        handles += [a.module.register_forward_pre_hook(enter) for a in layers.values()]
+        handles += [a.module.register_forward_hook(leave, always_call=True) for a in layers.values()]
         was_training = model.training
         model.train(self.train_mode)
         samples = tokens = skipped = batches_seen = 0
@@ -457,38 +663,22 @@ class KFACEstimator:
                 skipped += int((label_counts(prepared, task_type) == 0).sum())
                 if nv == 0:
                     continue
-                ids = prepared["input_ids"]
-                B, T = ids.shape
                 mask = prepared.get("attention_mask")
-                real = mask.bool() if mask is not None else torch.ones_like(ids, dtype=torch.bool)
-                w, s = normalization_weights(n, self.normalization, torch.float64)
-                ctx.B, ctx.T = B, T
-                ctx.valid = valid.to(device)
-                ctx.pos = (real & valid.unsqueeze(1)).to(device)
-                base_weight = torch.where(valid, (w * s) ** 2, torch.zeros_like(w)).to(device)
-                ctx.weight = base_weight
-                ctx.in_backward = False
-                ctx.all_real = mask is None or bool(mask.bool().all())
-                ctx.a_cache = {}
-                outputs.clear()
-                for a in layers.values():
-                    a.calls = 0
-                inputs = {k: prepared[k] for k in ("input_ids", "attention_mask", "token_type_ids", "position_ids") if k in prepared and k in accepted}
-                if explicit_positions and "position_ids" not in inputs:
-                    # every sample's own positions, [B, T]: with the default [1, T] a learned
-                    # position table would be one lookup shared by the batch (no per-sample G)
-                    inputs["position_ids"] = (
-                        (mask.long().cumsum(-1) - 1).clamp(min=0) if mask is not None
-                        else torch.arange(T, device=ids.device).expand(B, T)
-                    )
-                if "use_cache" in accepted:
-                    inputs["use_cache"] = False
-                with torch.enable_grad():
-                    out = model(**inputs)
-                    ctx.a_cache = {}
-                    logits = out.logits if hasattr(out, "logits") else out[0]
-                    self._backward(logits, _targets(labels, task_type, logits), outputs, ctx, base_weight, gen)
-                    del out, logits
+                padded = mask is not None and not bool(mask.bool().all())
+                ctx.index = bi
+                try:
+                    if loop_reason is not None and padded:
+                        raise _NonFiniteBatch
+                    run(prepared, labels, valid, n, padded)
+                except _NonFiniteBatch:
+                    if loop_reason is None:
+                        loop_reason = (
+                            f"batch {bi}: the padded batch gives non-finite values (the model produces NaN/inf at padded "
+                            "positions, e.g. fully masked attention rows of left padding in eager attention); padded "
+                            "batches are processed one sample at a time, without their padding (exact, slower)"
+                        )
+                        log.warning("KFAC: %s", loop_reason)
+                    run_alone(prepared, labels, valid, n)
                 samples += nv
                 tokens += int(n.sum())
                 batches_seen += 1
@@ -500,7 +690,70 @@ class KFACEstimator:
             model.train(was_training)
         if samples == 0:
             raise EmptyDataError("KFAC: the data yielded no sample with a label token (no batches, or every label is -100)")
-        return self._artifact(model, layers, samples, tokens, skipped, task, task_type, model_name_or_path, data_description)
+        return self._artifact(model, layers, uncovered, samples, tokens, skipped, task, task_type, model_name_or_path,
+                              data_description, loop_reason)
+
+    def _drop_outside_uses(self, layers: dict[str, _Acc], outside: set[int]) -> None:
+        """Leave out (or refuse, when ``params`` names them) the layers whose weight or bias is
+        also used outside the layer's forward (see :class:`_OutsideUses`)."""
+        for a in layers.values():
+            if a.dropped is not None:
+                continue
+            params = [n for n, local in ((a.weight, "weight"), (a.bias, "bias"))
+                      if n is not None and id(a.module._parameters[local]) in outside]
+            if not params:
+                continue
+            reason = (f"{type(a.module).__name__} {a.name}: {params[0]} is also used outside the layer's forward "
+                      "(its factors would miss that use)")
+            if self.params is not None and not isinstance(self.params, str):
+                raise UnsupportedError(f"KFAC: {reason}; drop it from params")
+            a.dropped = reason
+            a.discard()
+            log.warning("KFAC: %s; the layer is left out (recorded in KFACFisher.uncovered)", a.dropped)
+
+    def _verify_affine(self, acc: _Acc, args, kwargs, output) -> bool:
+        """First call of an nn.Linear / Conv1D subclass with its own forward (Falcon's
+        ``FalconLinear`` computes ``x @ W.T + b`` in two steps): its forward, run in float64 on a
+        few rows of this input, must give the layer's affine map ``x Wᵀ + b`` (Conv1D: ``x W + b``)
+        to float64 rounding. Then the factors are the layer's; otherwise the layer is left out
+        (WARNING, recorded in the artifact's ``uncovered``), or refused when ``params`` names it."""
+        from torch.func import functional_call
+
+        m = acc.module
+        reason = None
+        if kwargs or len(args) != 1 or not isinstance(args[0], torch.Tensor) or not isinstance(output, torch.Tensor):
+            reason = "its forward takes other arguments than the input, or returns more than one tensor"
+        else:
+            x = args[0].detach()
+            rows = x.reshape(-1, x.shape[-1])[:8].to(torch.float64)
+            if not bool(torch.isfinite(rows).all()):
+                return True  # judged at a finite call (a non-finite batch is redone or refused anyway)
+            if x.dim() > 2:
+                rows = rows.unsqueeze(0)
+            params = {k: p.detach().to(torch.float64) for k, p in m.named_parameters(recurse=False)}
+            w, b = params["weight"], params.get("bias")
+            wt = w if acc.kind == "linear" else w.transpose(0, 1)
+            # float64 throughout, whatever autocast the caller runs the collection under
+            with torch.no_grad(), torch.autocast(device_type=x.device.type, enabled=False):
+                try:
+                    got = functional_call(m, params, (rows,))
+                except Exception as e:  # noqa: BLE001 - any failure means: not checkable, left out
+                    got, reason = None, f"its forward cannot be checked in float64 ({type(e).__name__}: {e})"
+                ref = rows @ wt.transpose(0, 1) + (b if b is not None else 0)
+                bound = rows.abs() @ wt.abs().transpose(0, 1) + (b.abs() if b is not None else 0)
+                tol = (rows.shape[-1] + 2) * torch.finfo(torch.float64).eps
+                if got is not None and not (
+                    isinstance(got, torch.Tensor) and got.shape == ref.shape and bool(((got - ref).abs() <= tol * bound + 1e-300).all())
+                ):
+                    reason = f"its forward ({type(m).__qualname__}.forward) is not the layer's affine map x W^T + b"
+        if reason is None:
+            acc.unverified = False
+            return True
+        if self.params is not None and not isinstance(self.params, str):
+            raise UnsupportedError(f"KFAC: {acc.name}: {reason}; its factors would not be its Fisher's. Drop it from params")
+        acc.dropped = f"{type(m).__name__} {acc.name}: {reason}"
+        log.warning("KFAC: %s; the layer is left out (recorded in KFACFisher.uncovered)", acc.dropped)
+        return False
 
     @staticmethod
     def _input_moment(x, acc, ctx, compute, acc_dtype) -> tuple[torch.Tensor, int]:
@@ -589,13 +842,22 @@ class KFACEstimator:
             ctx.in_backward = False
             ctx.weight = base_weight
 
-    def _artifact(self, model, layers, samples, tokens, skipped, task, task_type, model_name_or_path, data_description) -> KFACFisher:
+    def _artifact(self, model, layers, uncovered, samples, tokens, skipped, task, task_type, model_name_or_path,
+                  data_description, loop_reason=None) -> KFACFisher:
         out: dict[str, KFACLayer] = {}
         shapes: dict[str, tuple[int, ...]] = {}
+        uncovered = dict(uncovered)
         params = dict(model.named_parameters())
         for name, acc in layers.items():
-            if (acc.A is None or acc.G is None or acc.a_count == 0) and self.params is None:
-                log.warning("KFAC: layer %s does not reach the loss (no output gradient); it is left out", name)
+            if acc.dropped is not None or ((acc.A is None or acc.G is None or acc.a_count == 0) and self.params is None):
+                why = acc.dropped or (
+                    f"layer {name} is never called in the forward (a weight used outside its module's forward, e.g. "
+                    "Mamba's dt_proj, cannot be Kronecker-factored here)" if acc.A is None or acc.a_count == 0
+                    else f"the output of layer {name} does not reach the loss (no output gradient)"
+                )
+                for p in (acc.weight, acc.bias):
+                    if p is not None:
+                        uncovered[p] = why
                 continue
             if acc.A is None or acc.G is None or acc.a_count == 0:
                 raise InvalidInputError(
@@ -611,6 +873,21 @@ class KFACEstimator:
             shapes[acc.weight] = tuple(params[acc.weight].shape)
             if acc.bias is not None:
                 shapes[acc.bias] = tuple(params[acc.bias].shape)
+        partly = sorted(set(uncovered) & set(shapes))
+        if partly:
+            raise UnsupportedError(
+                f"KFAC: {partly[0]} is used by a factored layer and by a layer left out ({uncovered[partly[0]]}); its "
+                "factors would miss a use. Exclude it with params="
+            )
+        if uncovered:
+            first = sorted(uncovered)[0]
+            log.warning(
+                "KFAC covers %d of the %d selected parameters; %d are not in a Kronecker-factored layer and are left out, recorded in KFACFisher.uncovered "
+                "(to_diagonal(), matvec and inverse_vp do not cover them; select the covered layers with params= to "
+                "leave nothing out): %s%s, e.g. %s: %s", len(shapes), len(shapes) + len(uncovered), len(uncovered),
+                ", ".join(sorted(uncovered)[:5]), f" and {len(uncovered) - 5} more" if len(uncovered) > 5 else "",
+                first, uncovered[first],
+            )
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         config = getattr(base, "config", None)
         settings = {
@@ -632,9 +909,10 @@ class KFACEstimator:
             accumulation_dtype=str(self.accumulation_dtype).removeprefix("torch."),
             storage_dtype=str(self.accumulation_dtype).removeprefix("torch."),
             data_description=data_description,
-            extra={"task_type": task_type, "kfac": dict(settings)},
+            extra={"task_type": task_type, "kfac": dict(settings), **({"loop_reason": loop_reason} if loop_reason else {})},
         )
-        return KFACFisher(out, param_shapes=shapes, counts=Counts(samples, tokens, skipped), metadata=meta, settings=settings)
+        return KFACFisher(out, param_shapes=shapes, counts=Counts(samples, tokens, skipped), metadata=meta, settings=settings,
+                          uncovered=uncovered)
 
 
 def _targets(labels: torch.Tensor, task_type: str, logits: torch.Tensor) -> torch.Tensor:
