@@ -222,6 +222,17 @@ def test_nothing_left_out_means_no_warning(caplog):
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
 
 
+def test_only_norm_scales_left_out_is_info_not_warning(caplog):
+    """Vector parameters (norm scales) are outside KFAC by design: recorded, logged at INFO, no WARNING."""
+    model = llama()
+    with caplog.at_level(logging.INFO, logger="hf_fisher"):
+        k = KFACEstimator().collect(model, [padded_batch([4, 3], seed=0)], progress=False)
+    assert k.uncovered and all(model.get_parameter(p).dim() == 1 for p in k.uncovered)
+    assert "model.norm.weight" in k.uncovered
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert [r for r in caplog.records if r.levelno == logging.INFO and "KFAC covers" in r.getMessage()]
+
+
 # ---------------------------------------------------------------------------- item 6: eager + left padding
 def _model(arch, attn):
     if arch == "falcon":

@@ -15,8 +15,9 @@ forward (Mamba's ``dt_proj.weight @ x``, an embedding table read directly as the
 projection) has a use its factors would miss, so its layer is left out (or refused when
 ``params`` lists it). Every selected parameter no layer covers (norm weights, such layers, a
 layer that never reaches the loss) is recorded in ``KFACFisher.uncovered`` with the
-reason, and one WARNING says how many (select only factored layers with ``params=`` to have
-none). ``scripts/kfac_coverage.py`` lists, per architecture, the Linear / Conv1D layers left out.
+reason, and one log line says how many: a WARNING when a matrix is among them, INFO when only
+vector parameters (norm scales) are, which KFAC leaves out by design (select only factored layers
+with ``params=`` to have none). ``scripts/kfac_coverage.py`` lists, per architecture, the Linear / Conv1D layers left out.
 
 **Non-finite padded batches.** The input products of a batch are added once its forward is
 finite at every position of the counted samples (padding included). Some models give NaN at
@@ -880,8 +881,12 @@ class KFACEstimator:
                 "factors would miss a use. Exclude it with params="
             )
         if uncovered:
-            first = sorted(uncovered)[0]
-            log.warning(
+            # Norm scales and other vector parameters are outside KFAC by design (INFO); a matrix left out
+            # (a fused MoE expert, a layer that failed the affine check) changes what the KFAC means (WARNING).
+            matrices = sorted(p for p in uncovered if p in params and params[p].dim() >= 2)
+            first = matrices[0] if matrices else sorted(uncovered)[0]
+            log.log(
+                logging.WARNING if matrices else logging.INFO,
                 "KFAC covers %d of the %d selected parameters; %d are not in a Kronecker-factored layer and are left out, recorded in KFACFisher.uncovered "
                 "(to_diagonal(), matvec and inverse_vp do not cover them; select the covered layers with params= to "
                 "leave nothing out): %s%s, e.g. %s: %s", len(shapes), len(shapes) + len(uncovered), len(uncovered),
