@@ -99,6 +99,9 @@ class ExpertsPart(Part):
                 out[e] = U.t() @ V
         return out
 
+    def rounding_sq(self):
+        return sum((U.square().sum(-1) * V.square().sum(-1)).sum() for _, U, V in self.factors)
+
     def _dtype(self):
         return next((U.dtype for _, U, _ in self.factors if U.numel()), torch.float32)
 
