@@ -1,0 +1,138 @@
+"""Issue 21, engine items: the first-batch check judges every parameter on its own scale (a tiny
+gradient next to large ones cannot hide a wrong rule, in float32 too), Mamba exact with its
+``dt_proj`` (used outside its module's forward), GPT-OSS, and the message for models that take
+no ``input_ids``.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import reference as R
+import tiny_models as tm
+import torch
+import transformers as tf
+from test_architectures import check_exact, make_batches, path_of
+from torch import nn
+
+import hf_fisher
+from hf_fisher import plugins
+from hf_fisher.engine.rules import GradRule, LinearRule, OuterProductPart
+from hf_fisher.hookspecs import hookimpl
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+# --------------------------------------------------------------------------- 1. per-parameter check
+
+
+class RuledLinear(nn.Linear):
+    """nn.Linear's own forward; the test registers a deliberately wrong rule for this class."""
+
+
+class MissingRule(GradRule):
+    """No part at all: what the hooks give a weight used outside its module's forward."""
+
+    def parts(self, call):
+        return {}
+
+
+class DoubledRule(LinearRule):
+    """The Linear rule with the weight's part twice too large."""
+
+    def parts(self, call):
+        out = super().parts(call)
+        w = out["weight"]
+        out["weight"] = OuterProductPart(w.param, 2 * w.U, w.V, w.scale)
+        return out
+
+
+def _tiny_gradient_llama():
+    """A float32 LLaMA whose layer-0 ``o_proj`` has a gradient ~1e-4 of the others': its input
+    (the attention output, from ``v_proj``) is scaled down by 1e-5. ``o_proj`` becomes a
+    :class:`RuledLinear` with the same weights."""
+    model = tm.llama(torch.float32)
+    attn = model.model.layers[0].self_attn
+    with torch.no_grad():
+        attn.v_proj.weight.mul_(1e-5)
+    old = attn.o_proj
+    new = RuledLinear(old.in_features, old.out_features, bias=False)
+    with torch.no_grad():
+        new.weight.copy_(old.weight)
+    attn.o_proj = new
+    return model.eval()
+
+
+@pytest.mark.parametrize("rule", [MissingRule(), DoubledRule()], ids=["missing", "doubled"])
+def test_tiny_gradient_with_a_wrong_rule_cannot_pass_the_first_batch_check_in_float32(rule, caplog):
+    model = _tiny_gradient_llama()
+    name = "model.layers.0.self_attn.o_proj.weight"
+    batches = make_batches(model, "causal_lm", "right")
+    samples = [s for b in batches for s in R.split_batch(b)]
+    # the premise: o_proj's gradient is ~1e-4 of the typical parameter's (RMS per element)
+    out = model(**batches[0])
+    named = [(n, p) for n, p in model.named_parameters()]
+    grads = torch.autograd.grad(out.loss, [p for _, p in named])
+    rms = {n: float(g.norm() / g.numel() ** 0.5) for (n, _), g in zip(named, grads)}
+    others = sorted(v for n, v in rms.items() if n != name)
+    ratio = rms[name] / others[len(others) // 2]
+    assert 3e-5 < ratio < 3e-4, ratio
+
+    class Plugin:
+        @hookimpl
+        def hf_fisher_register_grad_rules(self, register):
+            register(RuledLinear, rule)
+
+    plugins.register(Plugin(), name="wrong-rule")
+    try:
+        with caplog.at_level(logging.WARNING, logger="hf_fisher.engine"):
+            fisher = hf_fisher.collect(model, batches, reduction="param", progress=False)
+    finally:
+        plugins.unregister("wrong-rule")
+    mean = check_exact(fisher, model, "causal_lm", samples)
+    assert float(mean[name].sum()) > 0  # the caught parameter's Fisher is compared, not zero
+    # caught, moved to the exact vector-Jacobian path (recorded, loud), the rest stays batched
+    assert path_of(fisher) == "batched"
+    vjp = fisher.metadata.extra.get("vjp_params") or {}
+    assert set(vjp) == {name}, vjp
+    assert "do not add up to its batch gradient" in vjp[name]
+    assert any(name in r.getMessage() and r.levelno == logging.WARNING for r in caplog.records)
+
+
+# --------------------------------------------------------------------------- 2. Mamba
+
+
+def mamba(dtype=torch.float64, seed=40):
+    torch.manual_seed(seed)
+    cfg = tf.MambaConfig(
+        vocab_size=tm.VOCAB, hidden_size=32, state_size=8, num_hidden_layers=2, expand=2, conv_kernel=4,
+        time_step_rank=4, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+    )
+    model = tf.MambaForCausalLM(cfg)
+    with torch.no_grad():  # non-trivial biases and norms (several start at constants)
+        g = torch.Generator().manual_seed(seed + 1000)
+        for n, p in model.named_parameters():
+            if n.endswith("bias") or "norm" in n:
+                p.add_(0.05 * torch.randn(p.shape, generator=g))
+    return model.to(dtype).eval()
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+def test_mamba_exact_including_dt_proj(dtype, side):
+    """Mamba's mixer uses ``dt_proj.weight`` / ``conv1d`` outside their modules' forwards: the
+    hooks see no call of them; the first-batch check must catch all of them (dt_proj's gradient
+    is tiny next to the model's: float32's old model-wide scale let it through as 0) and move
+    them to the vector-Jacobian path."""
+    model = mamba(dtype)
+    batches = make_batches(model, "causal_lm", side)
+    fisher = hf_fisher.collect(model, batches, reduction="param", progress=False)
+    mean = check_exact(fisher, model, "causal_lm", [s for b in batches for s in R.split_batch(b)])
+    for layer in range(2):
+        assert float(mean[f"backbone.layers.{layer}.mixer.dt_proj.weight"].sum()) > 0
+    assert path_of(fisher) == "batched", fisher.metadata.extra.get("loop_reason")
+    vjp = set(fisher.metadata.extra.get("vjp_params") or {})
+    for layer in range(2):
+        for p in ("dt_proj.weight", "dt_proj.bias", "conv1d.weight", "conv1d.bias"):
+            assert f"backbone.layers.{layer}.mixer.{p}" in vjp
