@@ -136,3 +136,43 @@ def test_mamba_exact_including_dt_proj(dtype, side):
     for layer in range(2):
         for p in ("dt_proj.weight", "dt_proj.bias", "conv1d.weight", "conv1d.bias"):
             assert f"backbone.layers.{layer}.mixer.{p}" in vjp
+
+
+# --------------------------------------------------------------------------- 3. GPT-OSS
+
+
+def gpt_oss(dtype=torch.float64, seed=41):
+    """Attention sinks (a direct parameter of the attention module, which has submodules),
+    biased transposed experts, YaRN rotary embeddings passed as a (cos, sin) tuple."""
+    torch.manual_seed(seed)
+    cfg = tf.GptOssConfig(
+        vocab_size=tm.VOCAB, hidden_size=32, intermediate_size=40, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=128,
+        sliding_window=64, pad_token_id=0, bos_token_id=1, eos_token_id=2, attn_implementation="eager",
+    )
+    model = tf.GptOssForCausalLM(cfg)
+    with torch.no_grad():  # the router and sinks start at zero, biases at constants
+        g = torch.Generator().manual_seed(seed + 1000)
+        for n, p in model.named_parameters():
+            if n.endswith("bias") or "norm" in n or "sinks" in n or "router" in n:
+                p.add_(0.05 * torch.randn(p.shape, generator=g))
+    model = model.to(dtype).eval()
+    if dtype == torch.float64:  # the default grouped_mm experts kernel rejects float64
+        model.set_experts_implementation("eager")
+    return model
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+def test_gpt_oss_exact(dtype, side):
+    """``collect`` crashed on GPT-OSS in every dtype and padding: the attention module's generic
+    rule (its ``sinks``) ran after the backward with grad mode on, so its per-sample gradients
+    joined the graph (``mse_loss ... out=`` in the statistics), and with left padding it passed
+    the per-sample rotary ``(cos, sin)`` tuple whole to every sample (a shape error)."""
+    model = gpt_oss(dtype)
+    batches = make_batches(model, "causal_lm", side)
+    fisher = hf_fisher.collect(model, batches, reduction="param", progress=False)
+    mean = check_exact(fisher, model, "causal_lm", [s for b in batches for s in R.split_batch(b)])
+    assert float(mean["model.layers.0.self_attn.sinks"].sum()) > 0
+    assert path_of(fisher) == "batched", fisher.metadata.extra.get("loop_reason")
+    assert not fisher.metadata.extra.get("vjp_params"), fisher.metadata.extra["vjp_params"]

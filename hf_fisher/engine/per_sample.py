@@ -524,10 +524,13 @@ class PerSampleEngine:
         from .rules import release_grams
 
         try:
-            for t in self.targets:
-                pid = id(t.param)
-                if pid not in self._done:
-                    self._reduce(pid)
+            # after the backward, grad mode is back on: the parts' factors (activations) must
+            # not make the reduced contributions part of a graph
+            with torch.no_grad():
+                for t in self.targets:
+                    pid = id(t.param)
+                    if pid not in self._done:
+                        self._reduce(pid)
         finally:
             release_grams()
         if verify_grads is not None:

@@ -567,7 +567,7 @@ class FuncRule(GradRule):
 
     def _per_sample(self, call, params, B):
         from torch.func import functional_call, vjp, vmap
-        from torch.utils._pytree import tree_flatten
+        from torch.utils._pytree import tree_flatten, tree_unflatten
 
         module = call.module
         grads = call.grad_output if isinstance(call.grad_output, (tuple, list)) else [call.grad_output]
@@ -577,11 +577,10 @@ class FuncRule(GradRule):
         out_kinds = [call.batch_axis_kind(grads[k]) for k in live]
         if None in out_kinds:
             raise UnsupportedError(f"{type(module).__name__} output is not batched over the {B} samples")
-        flat_args = list(call.args)
-        kw_names = list(call.kwargs)
-        flat = flat_args + [call.kwargs[k] for k in kw_names]
+        # tensors nested in the inputs (a (cos, sin) tuple of per-sample rotary embeddings) are
+        # sliced per sample like top-level ones
+        flat, in_spec = tree_flatten((tuple(call.args), dict(call.kwargs)))
         kinds = [call.batch_axis_kind(x) for x in flat]
-        n_args = len(flat_args)
         detached = {n: p.detach() for n, p in params.items()}
         multi = isinstance(call.grad_output, (tuple, list))
 
@@ -594,7 +593,7 @@ class FuncRule(GradRule):
             for k, kind in enumerate(kinds):
                 if kind is not None:
                     vals[k] = one(next(it), kind)
-            args, kwargs = vals[:n_args], dict(zip(kw_names, vals[n_args:]))
+            args, kwargs = tree_unflatten(vals, in_spec)
 
             def f(p):
                 out = functional_call(module, p, tuple(args), kwargs)
