@@ -176,3 +176,45 @@ def test_gpt_oss_exact(dtype, side):
     assert float(mean["model.layers.0.self_attn.sinks"].sum()) > 0
     assert path_of(fisher) == "batched", fisher.metadata.extra.get("loop_reason")
     assert not fisher.metadata.extra.get("vjp_params"), fisher.metadata.extra["vjp_params"]
+
+
+# --------------------------------------------------------------------------- 4. non-text models
+
+
+def _vit():
+    torch.manual_seed(0)
+    cfg = tf.ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=40, image_size=16,
+                       patch_size=8, num_labels=3)
+    return tf.ViTForImageClassification(cfg).eval(), {"pixel_values": torch.randn(2, 3, 16, 16), "labels": torch.tensor([0, 1])}
+
+
+def _whisper():
+    torch.manual_seed(0)
+    cfg = tf.WhisperConfig(
+        vocab_size=tm.VOCAB, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
+        decoder_attention_heads=4, encoder_ffn_dim=40, decoder_ffn_dim=40, num_mel_bins=8, max_source_positions=8,
+        max_target_positions=16, pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=1,
+    )
+    batch = {"input_features": torch.randn(2, 8, 16), "labels": torch.tensor([[1, 5, 6], [1, 7, 8]])}
+    return tf.WhisperForConditionalGeneration(cfg).eval(), batch
+
+
+@pytest.mark.parametrize("task_type", [None, "sequence_classification", "causal_lm"])
+@pytest.mark.parametrize("make,takes", [(_vit, "pixel_values"), (_whisper, "input_features")], ids=["vit", "whisper"])
+def test_non_text_model_is_refused_naming_its_input_before_any_forward(make, takes, task_type):
+    from hf_fisher.errors import UnsupportedError
+
+    model, batch = make()
+    calls = []
+    model.register_forward_pre_hook(lambda *a: calls.append(1))
+    with pytest.raises(UnsupportedError, match=f"takes '{takes}' as its input, not token ids.*not supported yet"):
+        hf_fisher.collect(model, [batch], task_type=task_type, progress=False)
+    assert calls == []
+
+
+def test_batch_without_input_ids_names_its_keys():
+    from hf_fisher.errors import InvalidInputError
+
+    model = tm.llama(torch.float32)
+    with pytest.raises(InvalidInputError, match=r"batch 0 has no 'input_ids' \(its keys: 'pixel_values', 'labels'\)"):
+        hf_fisher.collect(model, [{"pixel_values": torch.randn(2, 3), "labels": torch.tensor([0, 1])}], progress=False)

@@ -46,7 +46,7 @@ import torch.nn as nn
 from ..errors import InvalidInputError, NonFiniteError, UnsupportedError
 from ..layout import ParamGroups
 from .capture import Capture, bottom_outputs
-from .losses import SampleLosses, label_counts, normalization_weights, per_sample_loss, token_labels
+from .losses import SampleLosses, label_counts, normalization_weights, per_sample_loss, require_token_inputs, token_labels
 from .rules import DensePart, GradRule, ModuleCall, Part, num_samples, rule_for, sub_samples
 
 log = logging.getLogger("hf_fisher.engine")
@@ -153,6 +153,7 @@ class PerSampleEngine:
         if on_nonfinite not in ("raise", "skip"):
             raise InvalidInputError(f"on_nonfinite must be 'raise' or 'skip', not {on_nonfinite!r}")
         normalization_weights(torch.ones(1, dtype=torch.long), normalization, torch.float32)  # validates
+        require_token_inputs(model)
         self.model = model
         self.targets = targets
         self.by_param = {id(t.param): t for t in targets}
@@ -250,8 +251,14 @@ class PerSampleEngine:
 
     # ------------------------------------------------------------------ batch set-up
     def prepare(self, batch: Mapping[str, Any], batch_index: int) -> dict[str, torch.Tensor]:
-        if not isinstance(batch, Mapping) or "input_ids" not in batch:
+        if not isinstance(batch, Mapping):
             raise InvalidInputError(f"batch {batch_index} must be a mapping with 'input_ids' (got {type(batch).__name__})")
+        if "input_ids" not in batch:
+            keys = ", ".join(repr(k) for k in batch) or "none"
+            raise InvalidInputError(
+                f"batch {batch_index} has no 'input_ids' (its keys: {keys}); every batch needs token ids "
+                "(tokenizer output: input_ids, attention_mask, labels)"
+            )
         out = {k: (v.to(self.device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
         ids = out["input_ids"]
         if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.is_floating_point():
