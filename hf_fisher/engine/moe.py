@@ -100,7 +100,7 @@ class ExpertsPart(Part):
         return out
 
     def rounding_sq(self):
-        return sum((U.square().sum(-1) * V.square().sum(-1)).sum() for _, U, V in self.factors)
+        return sum((torch.linalg.vector_norm(U, dim=-1).square() * torch.linalg.vector_norm(V, dim=-1).square()).sum() for _, U, V in self.factors)
 
     def _dtype(self):
         return next((U.dtype for _, U, _ in self.factors if U.numel()), torch.float32)

@@ -202,7 +202,7 @@ class DensePart(Part):
         return self.per_sample.sum(0)
 
     def rounding_sq(self):
-        return (self.per_sample if self.terms is None else self.terms).square().sum()
+        return torch.linalg.vector_norm(self.per_sample if self.terms is None else self.terms).square()
 
 
 # The most recent per-sample Gram and the buffer of the Gram-form products, each with the thread
@@ -298,7 +298,7 @@ class OuterProductPart(Part):
 
     def rounding_sq(self):
         # Σ_t ‖u_t ⊗ v_t‖² = Σ_t ‖u_t‖² ‖v_t‖²
-        return (self.U.square().sum(-1) * self.V.square().sum(-1)).sum()
+        return (torch.linalg.vector_norm(self.U, dim=-1).square() * torch.linalg.vector_norm(self.V, dim=-1).square()).sum()
 
 
 class EmbeddingPart(Part):
@@ -368,7 +368,7 @@ class EmbeddingPart(Part):
         return g.new_zeros(self.num_rows, g.shape[1]).index_add_(0, self.ids.reshape(-1), g)
 
     def rounding_sq(self):
-        return self.grads.square().sum()
+        return torch.linalg.vector_norm(self.grads).square()
 
 
 class GradRule:
