@@ -16,13 +16,16 @@ How one batch is processed:
    :class:`ContributionSink`.
 4. On the first batch two checks fail closed: the sum over samples of every parameter's parts
    must equal autograd's batch gradient (finite, within the rounding of the model's dtype,
-   judged against the model's gradient scale), and the most padded sample, run alone without
-   its padding, must get the gradient it got inside the padded batch (the invariant the
-   definitions demand: positions, padding, NaN at padded positions would all break it).
-   Anything the hooks cannot do exactly (a parameter used outside its module's forward,
-   activation checkpointing re-running forwards, a module whose output is not batched) switches
-   the engine to the per-sample path — one forward/backward per sample, each without its
-   padding — with a warning and the reason recorded; a batch whose batched pass gives a
+   judged against each parameter's own scale: a tiny gradient next to large ones cannot hide a
+   missing or wrong part), and the most padded sample, run alone without its padding, must get
+   the gradient it got inside the padded batch (the invariant the definitions demand:
+   positions, padding, NaN at padded positions would all break it). A parameter the hooks
+   cannot give exactly (used outside its module's forward, a rule not exact for it, a module
+   call shared by the batch) gets its per-sample gradients from a batched vector-Jacobian
+   product instead, the rest of the model staying batched; anything else (activation
+   checkpointing re-running forwards, a model that depends on the padding) switches the engine
+   to the per-sample path — one forward/backward per sample, each without its padding. Both
+   with a warning and the reason recorded; a batch whose batched pass gives a
    non-finite value for a sample with a finite loss is redone on that path. Never a silently
    wrong number.
 
@@ -702,7 +705,7 @@ class PerSampleEngine:
             self._use_vjp(
                 self.by_param[pid].param,
                 f"its captured per-sample gradients do not add up to its batch gradient (relative error {rel:.2e}): "
-                "it is used outside its module's forward",
+                "it is used outside its module's forward, or its module's rule is not exact for it",
             )
         raise _Redo()
 
