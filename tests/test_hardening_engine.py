@@ -164,16 +164,24 @@ def gpt_oss(dtype=torch.float64, seed=41):
 
 @pytest.mark.parametrize("side", ["right", "left"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
-def test_gpt_oss_exact(dtype, side):
+def test_gpt_oss_exact(dtype, side, caplog):
     """``collect`` crashed on GPT-OSS in every dtype and padding: the attention module's generic
     rule (its ``sinks``) ran after the backward with grad mode on, so its per-sample gradients
     joined the graph (``mse_loss ... out=`` in the statistics), and with left padding it passed
-    the per-sample rotary ``(cos, sin)`` tuple whole to every sample (a shape error)."""
+    the per-sample rotary ``(cos, sin)`` tuple whole to every sample (a shape error). Its
+    transposed, biased experts get the fused experts rule (factored parts, no per-sample loop)."""
+    from hf_fisher.engine.moe import FusedExpertsRule
+    from hf_fisher.engine.rules import rule_for
+
     model = gpt_oss(dtype)
+    assert isinstance(rule_for(model.model.layers[0].mlp.experts, plugins.grad_rules()), FusedExpertsRule)
     batches = make_batches(model, "causal_lm", side)
-    fisher = hf_fisher.collect(model, batches, reduction="param", progress=False)
+    with caplog.at_level(logging.WARNING, logger="hf_fisher.engine"):
+        fisher = hf_fisher.collect(model, batches, reduction="param", progress=False)
+    assert not [r for r in caplog.records if "per-sample loop" in r.getMessage()]
     mean = check_exact(fisher, model, "causal_lm", [s for b in batches for s in R.split_batch(b)])
-    assert float(mean["model.layers.0.self_attn.sinks"].sum()) > 0
+    for name in ("self_attn.sinks", "mlp.experts.gate_up_proj_bias", "mlp.experts.down_proj_bias"):
+        assert float(mean[f"model.layers.0.{name}"].sum()) > 0
     assert path_of(fisher) == "batched", fisher.metadata.extra.get("loop_reason")
     assert not fisher.metadata.extra.get("vjp_params"), fisher.metadata.extra["vjp_params"]
 
@@ -218,3 +226,20 @@ def test_batch_without_input_ids_names_its_keys():
     model = tm.llama(torch.float32)
     with pytest.raises(InvalidInputError, match=r"batch 0 has no 'input_ids' \(its keys: 'pixel_values', 'labels'\)"):
         hf_fisher.collect(model, [{"pixel_values": torch.randn(2, 3), "labels": torch.tensor([0, 1])}], progress=False)
+
+
+def test_gpt_oss_group_reduction_exact():
+    model = gpt_oss(torch.float64)
+    batches = make_batches(model, "causal_lm", "left")
+    samples = [s for b in batches for s in R.split_batch(b)]
+    fisher = hf_fisher.collect(model, batches, reduction="group", progress=False)
+    assert path_of(fisher) == "batched"
+    contributions = R.per_sample_contributions(model, samples, task_type="causal_lm")
+    mean, _, n_used, _ = R.mean_and_variance(contributions)
+    assert fisher.counts.samples == n_used == len(samples)
+    gmean = R.reference_group(mean, fisher.groups)
+    gvar = R.reference_group_variance(contributions, fisher.groups)
+    floor_m, floor_v = R.global_floor(gmean), R.global_floor(gvar)
+    for name in mean:
+        R.assert_close(fisher[name], gmean[name], rtol=1e-6, floor=floor_m, what=f"group mean {name}")
+        R.assert_close(fisher.variances[name], gvar[name], rtol=1e-6, floor=floor_v, what=f"group variance {name}")
