@@ -243,3 +243,21 @@ def test_gpt_oss_group_reduction_exact():
     for name in mean:
         R.assert_close(fisher[name], gmean[name], rtol=1e-6, floor=floor_m, what=f"group mean {name}")
         R.assert_close(fisher.variances[name], gvar[name], rtol=1e-6, floor=floor_v, what=f"group variance {name}")
+
+
+def test_trainer_callback_on_mamba_keeps_the_vjp_parameters(tmp_path, caplog):
+    """In training mode the hooks see the Trainer's backward of the batch loss: a parameter that
+    the first-batch check moved to the vector-Jacobian path (Mamba's dt_proj / conv1d) has no
+    parts there. Every micro-batch must then come from the engine's own pass (loudly), never
+    with those parameters left at zero."""
+    from test_trainer import assert_fisher_close, make_samples, reference, train
+
+    model = mamba(torch.float32)
+    samples = make_samples()
+    cb = hf_fisher.FisherCallback(reduction="param")
+    with caplog.at_level(logging.WARNING):
+        train(model, samples, tmp_path, callbacks=[cb], bs=2, ga=1)
+    fisher = cb.fisher()
+    assert_fisher_close(fisher, reference(model, samples, "param"), rtol=2e-5)
+    assert cb.collector.fallback_batches == len(samples) // 2
+    assert any("vector-Jacobian product of the per-sample losses" in r.getMessage() for r in caplog.records)
