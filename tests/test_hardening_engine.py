@@ -215,7 +215,7 @@ def test_non_text_model_is_refused_naming_its_input_before_any_forward(make, tak
     model, batch = make()
     calls = []
     model.register_forward_pre_hook(lambda *a: calls.append(1))
-    with pytest.raises(UnsupportedError, match=f"takes '{takes}' as its input, not token ids.*not supported yet"):
+    with pytest.raises(UnsupportedError, match=f"takes '{takes}' as its main input, not token ids.*not supported yet"):
         hf_fisher.collect(model, [batch], task_type=task_type, progress=False)
     assert calls == []
 

@@ -48,9 +48,9 @@ def require_token_inputs(model: Any) -> None:
     main = getattr(base, "main_input_name", "input_ids")
     if isinstance(main, str) and main != "input_ids":
         raise UnsupportedError(
-            f"{type(base).__name__} takes {main!r} as its input, not token ids ('input_ids'): hf_fisher computes "
-            "the Fisher of text models (token ids in, token or class labels out); models with image, audio or "
-            "other non-text inputs are not supported yet"
+            f"{type(base).__name__} takes {main!r} as its main input, not token ids as 'input_ids': hf_fisher "
+            "computes the Fisher of text models (token ids in, token or class labels out); models with image, "
+            "audio or other non-text inputs are not supported yet"
         )
 
 
