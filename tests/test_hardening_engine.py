@@ -1,7 +1,7 @@
 """Issue 21, engine items: the first-batch check judges every parameter on its own scale (a tiny
 gradient next to large ones cannot hide a wrong rule, in float32 too), Mamba exact with its
-``dt_proj`` (used outside its module's forward), GPT-OSS, and the message for models that take
-no ``input_ids``.
+``dt_proj`` (used outside its module's forward), also in training mode (FisherCallback), GPT-OSS
+exact (sinks, biased transposed experts), and the message for models that take no ``input_ids``.
 """
 
 from __future__ import annotations
