@@ -147,10 +147,14 @@ class Capture:
         return hook
 
     def flush_deferred(self) -> None:
-        """Dispatch the multi-output calls gathered during the backward (see class docstring)."""
+        """Dispatch the multi-output calls gathered during the backward (see class docstring),
+        without grad mode, as the backward's own hooks run: a rule's per-sample gradients never
+        join a graph (a module whose submodules' parameters require grad would otherwise give
+        parts that do)."""
         deferred, self.deferred = self.deferred, []
-        for call in deferred:
-            self._dispatch(call)
+        with torch.no_grad():
+            for call in deferred:
+                self._dispatch(call)
 
 
 def bottom_outputs(calls: list[ModuleCall], loss: torch.Tensor) -> list[int]:

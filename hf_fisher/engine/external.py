@@ -139,6 +139,15 @@ class ExternalBackward:
         engine._begin_backward(keep, micro.sink, set(), None)
         if engine.loop_mode:
             micro.failed = engine.loop_reason
+        elif engine.vjp_params:
+            # their per-sample gradients need a backward of the per-sample losses, which the
+            # Trainer's backward of the batch loss cannot give: the hooks would leave them zero
+            names = sorted(engine.vjp_reasons)
+            micro.failed = (
+                f"{len(names)} parameter(s) get their per-sample gradients from a vector-Jacobian product of the "
+                f"per-sample losses, which the Trainer's backward cannot give ({', '.join(names[:3])}"
+                f"{', ...' if len(names) > 3 else ''})"
+            )
         if micro.failed is None and _counts_labels_beyond_samples(batch, engine.task_type):
             micro.failed = _BEYOND_SAMPLES
         if engine.explicit_positions and "position_ids" in engine._forward_params and "position_ids" not in kwargs:

@@ -26,7 +26,7 @@ from typing import Any, Mapping
 import torch
 import torch.nn.functional as F
 
-from ..errors import InvalidInputError
+from ..errors import InvalidInputError, UnsupportedError
 
 NORMALIZATIONS = ("mean", "sum", "token")
 TASK_TYPES = ("causal_lm", "masked_lm", "sequence_classification")
@@ -41,8 +41,22 @@ class SampleLosses:
     n_tokens: torch.Tensor
 
 
+def require_token_inputs(model: Any) -> None:
+    """Refuse a model whose main input is not token ids (ViT's ``pixel_values``, Whisper's
+    ``input_features``, ...), naming what it takes: every task here is defined on token ids."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    main = getattr(base, "main_input_name", "input_ids")
+    if isinstance(main, str) and main != "input_ids":
+        raise UnsupportedError(
+            f"{type(base).__name__} takes {main!r} as its main input, not token ids as 'input_ids': hf_fisher "
+            "computes the Fisher of text models (token ids in, token or class labels out); models with image, "
+            "audio or other non-text inputs are not supported yet"
+        )
+
+
 def task_type_of(model: Any) -> str:
     """Infer the task type from the model class (``...ForCausalLM``, ``...LMHeadModel``, ...)."""
+    require_token_inputs(model)
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     name = type(base).__name__
     if name.endswith("ForSequenceClassification"):

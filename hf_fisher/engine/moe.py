@@ -1,7 +1,8 @@
 """Per-sample gradient rule for transformers' fused Mixture-of-Experts modules.
 
 transformers 5 keeps a layer's experts as two 3-D parameters (Mixtral, Qwen2-MoE, Qwen3-MoE,
-... ``@use_experts_implementation`` classes) and calls them on token-flattened hidden states::
+GPT-OSS, ... ``@use_experts_implementation`` classes; GPT-OSS's transposed, biased form: see
+:class:`FusedExpertsRule`) and calls them on token-flattened hidden states::
 
     experts(x [N, H], top_k_index [N, k], top_k_weights [N, k]) -> y [N, H],   N = B * T
     y_t = sum_j w_tj * down[e_tj] @ act_gate(gate_up[e_tj] @ x_t)
@@ -28,13 +29,14 @@ import torch.nn as nn
 
 from ..errors import UnsupportedError
 from ..hookspecs import hookimpl
-from .rules import GradRule, ModuleCall, OuterProductPart, Part, _trainable, num_samples
+from .rules import DensePart, GradRule, ModuleCall, OuterProductPart, Part, _trainable, num_samples
 
 #: (module path, class name) of the fused experts modules this rule knows
 EXPERTS_CLASSES = (
     ("transformers.models.mixtral.modeling_mixtral", "MixtralExperts"),
     ("transformers.models.qwen2_moe.modeling_qwen2_moe", "Qwen2MoeExperts"),
     ("transformers.models.qwen3_moe.modeling_qwen3_moe", "Qwen3MoeExperts"),
+    ("transformers.models.gpt_oss.modeling_gpt_oss", "GptOssExperts"),
 )
 
 
@@ -99,12 +101,35 @@ class ExpertsPart(Part):
                 out[e] = U.t() @ V
         return out
 
+    def rounding_sq(self):
+        return sum((torch.linalg.vector_norm(U, dim=-1).square() * torch.linalg.vector_norm(V, dim=-1).square()).sum() for _, U, V in self.factors)
+
     def _dtype(self):
         return next((U.dtype for _, U, _ in self.factors if U.numel()), torch.float32)
 
 
+def _expert_bias_part(param, rows, batch_size: int, seq_len: int, scale) -> DensePart:
+    """Per-sample gradients ``[B, E, C]`` of an experts bias ``[E, C]``: sample i's rows of expert
+    e summed (``rows[e] = (tokens, D)``, ``D`` [n_e, C] the gradients at the bias's output)."""
+    E, C = param.shape
+    dtype = next((D.dtype for _, D in rows if D.numel()), torch.float32)
+    out = torch.zeros((batch_size * E, C), dtype=dtype, device=param.device)
+    for e, (tok, D) in enumerate(rows):
+        if tok.numel():
+            out.index_add_(0, (tok // seq_len) * E + e, D.to(dtype))
+    terms = torch.cat([D.to(dtype) for _, D in rows]) if rows else out[:0]
+    return DensePart(param, out.view(batch_size, E, C), scale, terms=terms)
+
+
 class FusedExpertsRule(GradRule):
-    """transformers' fused experts (see the module docstring): exact, batched, per expert."""
+    """transformers' fused experts (see the module docstring): exact, batched, per expert.
+
+    Also the transposed, biased form (GPT-OSS: ``gate_up_proj`` [E, H, 2I] applied as
+    ``x @ W + b``, interleaved gate/up rows through the module's own ``_apply_gate``,
+    ``down_proj`` [E, I, H] and its bias inside the routing weight:
+    ``y_t = Σ_j w_tj (act_gate(x_t W_gu[e] + b_gu[e]) W_d[e] + b_d[e])``): the factors swap
+    roles and each bias gets ``Σ_t`` of the gradient at its output per sample and expert.
+    """
 
     def applies_to(self, module_type, registered):
         return module_type.forward is registered.forward
@@ -114,9 +139,10 @@ class FusedExpertsRule(GradRule):
         params = _trainable(m)
         if not params:
             return {}
-        if getattr(m, "has_bias", False) or getattr(m, "is_transposed", False) or not getattr(m, "is_concatenated", True) \
-                or not getattr(m, "has_gate", True) or getattr(m, "has_post_expert_norm", False):
-            raise UnsupportedError(f"{type(m).__name__}: only concatenated, untransposed, gated experts without bias are handled")
+        if not getattr(m, "has_gate", True) or getattr(m, "has_post_expert_norm", False):
+            raise UnsupportedError(f"{type(m).__name__}: only gated experts without a post-expert norm are handled")
+        transposed = bool(getattr(m, "is_transposed", False))
+        biased = bool(getattr(m, "has_bias", False))
         x = _arg(call, 0, "hidden_states")
         index = _arg(call, 1, "top_k_index")
         weights = _arg(call, 2, "top_k_weights")
@@ -129,8 +155,8 @@ class FusedExpertsRule(GradRule):
         w = weights.detach().to(dt)
         W_gu = m.gate_up_proj.detach().to(dt)
         W_d = m.down_proj.detach().to(dt)
-        want_gu, want_d = "gate_up_proj" in params, "down_proj" in params
-        gu_factors, d_factors = [], []
+        b_gu = m.gate_up_proj_bias.detach().to(dt) if biased else None
+        gu_factors, d_factors, gu_rows, d_rows = [], [], [], []
         E = W_gu.shape[0]
         for e in range(E):
             tok, slot = (index == e).nonzero(as_tuple=True)
@@ -138,21 +164,34 @@ class FusedExpertsRule(GradRule):
                 empty = x.new_zeros(0)
                 gu_factors.append((tok, empty.view(0, W_gu.shape[1]), empty.view(0, W_gu.shape[2])))
                 d_factors.append((tok, empty.view(0, W_d.shape[1]), empty.view(0, W_d.shape[2])))
+                gu_rows.append((tok, empty.view(0, W_gu.shape[2] if transposed else W_gu.shape[1])))
+                d_rows.append((tok, empty.view(0, W_d.shape[2] if transposed else W_d.shape[1])))
                 continue
             x_e = x.index_select(0, tok)
             delta = go.index_select(0, tok) * w[tok, slot].unsqueeze(1)  # w_tj δ_t
             with torch.enable_grad():
-                u = (x_e @ W_gu[e].t()).requires_grad_(True)
+                u = x_e @ (W_gu[e] if transposed else W_gu[e].t())
+                if b_gu is not None:
+                    u = u + b_gu[e]
+                u.requires_grad_(True)
                 h = _apply_gate(m, u)
-                dh = delta @ W_d[e]
+                dh = delta @ (W_d[e].t() if transposed else W_d[e])
                 (d_u,) = torch.autograd.grad(h, u, dh)
-            gu_factors.append((tok, d_u, x_e))
-            d_factors.append((tok, delta, h.detach()))
+            h = h.detach()
+            gu_factors.append((tok, x_e, d_u) if transposed else (tok, d_u, x_e))
+            d_factors.append((tok, h, delta) if transposed else (tok, delta, h))
+            gu_rows.append((tok, d_u))
+            d_rows.append((tok, delta))
         out = {}
-        if want_gu:
-            out["gate_up_proj"] = ExpertsPart(params["gate_up_proj"], gu_factors, B, max(T, 1), call.scale)
-        if want_d:
-            out["down_proj"] = ExpertsPart(params["down_proj"], d_factors, B, max(T, 1), call.scale)
+        T1 = max(T, 1)
+        if "gate_up_proj" in params:
+            out["gate_up_proj"] = ExpertsPart(params["gate_up_proj"], gu_factors, B, T1, call.scale)
+        if "down_proj" in params:
+            out["down_proj"] = ExpertsPart(params["down_proj"], d_factors, B, T1, call.scale)
+        if biased and "gate_up_proj_bias" in params:
+            out["gate_up_proj_bias"] = _expert_bias_part(params["gate_up_proj_bias"], gu_rows, B, T1, call.scale)
+        if biased and "down_proj_bias" in params:
+            out["down_proj_bias"] = _expert_bias_part(params["down_proj_bias"], d_rows, B, T1, call.scale)
         return out
 
 

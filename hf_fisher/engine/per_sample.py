@@ -16,13 +16,16 @@ How one batch is processed:
    :class:`ContributionSink`.
 4. On the first batch two checks fail closed: the sum over samples of every parameter's parts
    must equal autograd's batch gradient (finite, within the rounding of the model's dtype,
-   judged against the model's gradient scale), and the most padded sample, run alone without
-   its padding, must get the gradient it got inside the padded batch (the invariant the
-   definitions demand: positions, padding, NaN at padded positions would all break it).
-   Anything the hooks cannot do exactly (a parameter used outside its module's forward,
-   activation checkpointing re-running forwards, a module whose output is not batched) switches
-   the engine to the per-sample path — one forward/backward per sample, each without its
-   padding — with a warning and the reason recorded; a batch whose batched pass gives a
+   judged against each parameter's own scale: a tiny gradient next to large ones cannot hide a
+   missing or wrong part), and the most padded sample, run alone without its padding, must get
+   the gradient it got inside the padded batch (the invariant the definitions demand:
+   positions, padding, NaN at padded positions would all break it). A parameter the hooks
+   cannot give exactly (used outside its module's forward, a rule not exact for it, a module
+   call shared by the batch) gets its per-sample gradients from a batched vector-Jacobian
+   product instead, the rest of the model staying batched; anything else (activation
+   checkpointing re-running forwards, a model that depends on the padding) switches the engine
+   to the per-sample path — one forward/backward per sample, each without its padding. Both
+   with a warning and the reason recorded; a batch whose batched pass gives a
    non-finite value for a sample with a finite loss is redone on that path. Never a silently
    wrong number.
 
@@ -36,6 +39,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
@@ -45,7 +49,7 @@ import torch.nn as nn
 from ..errors import InvalidInputError, NonFiniteError, UnsupportedError
 from ..layout import ParamGroups
 from .capture import Capture, bottom_outputs
-from .losses import SampleLosses, label_counts, normalization_weights, per_sample_loss, token_labels
+from .losses import SampleLosses, label_counts, normalization_weights, per_sample_loss, require_token_inputs, token_labels
 from .rules import DensePart, GradRule, ModuleCall, Part, num_samples, rule_for, sub_samples
 
 log = logging.getLogger("hf_fisher.engine")
@@ -152,6 +156,7 @@ class PerSampleEngine:
         if on_nonfinite not in ("raise", "skip"):
             raise InvalidInputError(f"on_nonfinite must be 'raise' or 'skip', not {on_nonfinite!r}")
         normalization_weights(torch.ones(1, dtype=torch.long), normalization, torch.float32)  # validates
+        require_token_inputs(model)
         self.model = model
         self.targets = targets
         self.by_param = {id(t.param): t for t in targets}
@@ -192,6 +197,7 @@ class PerSampleEngine:
         self._probe: int | None = None
         self._probe_grads: dict = {}
         self._totals: dict = {}
+        self._rounding: dict = {}  # id(param) -> rounding scale of its first-batch total, see check_totals
         self._verify_probes: dict = {}  # (last dim, dtype, device) -> directions, see _verify_probe
         if _checkpointing(model):
             self._switch_to_loop("gradient checkpointing is enabled: recomputed forwards cannot be captured")
@@ -248,8 +254,14 @@ class PerSampleEngine:
 
     # ------------------------------------------------------------------ batch set-up
     def prepare(self, batch: Mapping[str, Any], batch_index: int) -> dict[str, torch.Tensor]:
-        if not isinstance(batch, Mapping) or "input_ids" not in batch:
+        if not isinstance(batch, Mapping):
             raise InvalidInputError(f"batch {batch_index} must be a mapping with 'input_ids' (got {type(batch).__name__})")
+        if "input_ids" not in batch:
+            keys = ", ".join(repr(k) for k in batch) or "none"
+            raise InvalidInputError(
+                f"batch {batch_index} has no 'input_ids' (its keys: {keys}); every batch needs token ids "
+                "(tokenizer output: input_ids, attention_mask, labels)"
+            )
         out = {k: (v.to(self.device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
         ids = out["input_ids"]
         if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.is_floating_point():
@@ -430,6 +442,7 @@ class PerSampleEngine:
             self._pending = {}
             self._probe_grads = {}
             self._totals = {}
+            self._rounding = {}
         self.batches_seen += 1
         return report
 
@@ -469,6 +482,7 @@ class PerSampleEngine:
         self._pending: dict[int, list[Part]] = {}
         self._done: set[int] = set()
         self._totals: dict[int, torch.Tensor] = {}
+        self._rounding: dict[int, float] = {}
         self._probe_grads: dict[int, torch.Tensor] = {}
         self.expect_recorded_calls()
 
@@ -520,10 +534,13 @@ class PerSampleEngine:
         from .rules import release_grams
 
         try:
-            for t in self.targets:
-                pid = id(t.param)
-                if pid not in self._done:
-                    self._reduce(pid)
+            # after the backward, grad mode is back on: the parts' factors (activations) must
+            # not make the reduced contributions part of a graph
+            with torch.no_grad():
+                for t in self.targets:
+                    pid = id(t.param)
+                    if pid not in self._done:
+                        self._reduce(pid)
         finally:
             release_grams()
         if verify_grads is not None:
@@ -539,6 +556,7 @@ class PerSampleEngine:
                 self._totals[pid] = sum(p.total() for p in parts) if parts else None
             else:
                 self._totals[pid] = sum(p.total_times(probe) for p in parts) if parts else None
+            self._rounding[pid] = _rounding_scale(parts)
         if self._probe is not None:
             zeros = torch.zeros(target.param.shape, dtype=self.compute_dtype, device=self.device)
             one = slice(self._probe, self._probe + 1)
@@ -632,39 +650,63 @@ class PerSampleEngine:
 
     def check_totals(self, grads: Mapping[int, torch.Tensor | None]):
         """Compare the first batch's summed parts (:attr:`_totals`) with autograd's batch
-        gradients ``grads`` (seen through :meth:`_verify_probe`). Returns ``(bad, ref)``: the
-        worst ``(id(param), relative error)`` beyond rounding (:func:`mismatch`) or None, and the
-        whole reference gradients. Forgets the totals."""
+        gradients ``grads`` (seen through :meth:`_verify_probe`), EACH PARAMETER ON ITS OWN SCALE.
+
+        A hook-path parameter passes when ``‖Δ‖ <= tol (‖mine‖ + ‖ref‖) + tol ρ``, with ``ρ`` the
+        rounding scale of its own parts (:meth:`Part.rounding_sq`: ``sqrt(Σ_t ‖u_t‖²‖v_t‖²)`` of
+        the terms its total adds up; 0 for a parameter without parts). A part missing or wrong
+        by any fraction of the parameter's own gradient above ``tol`` fails, however small that
+        gradient is next to the rest of the model's (a parameter used outside its module's
+        forward has no parts: any non-zero autograd gradient fails it). Parameters already on
+        the vector-Jacobian path get autograd's own per-sample gradients (nothing can be missed
+        there): they are judged with the model-wide rounding term of :func:`mismatch`.
+
+        Returns ``(bad, ref)``: the worst failing ``(id(param), relative error)`` or None, and
+        the whole reference gradients. Forgets the totals."""
+        bad, ref = self._failing_totals(grads)
+        return (bad[0] if bad else None), ref
+
+    def _failing_totals(self, grads: Mapping[int, torch.Tensor | None]):
+        """:meth:`check_totals` with every failing parameter, worst first."""
         ref = self.reference_gradients(grads)
         mine, self._totals = self._totals, {}
+        rounding, self._rounding = self._rounding, {}
         seen = {}
         for pid, r in ref.items():
             probe = self._verify_probe(self.by_param[pid].param)
             seen[pid] = r if probe is None else r @ probe
             if mine.get(pid) is None:
                 mine[pid] = torch.zeros_like(seen[pid])
+        tol = self._tolerance()
         sizes = {pid: int(self.by_param[pid].param.numel()) for pid in ref}
-        return mismatch(mine, seen, self._tolerance(), sizes=sizes), ref
+        floors = model_rounding(ref, tol, sizes)
+        for pid in ref:
+            if pid not in self.vjp_params:
+                floors[pid] = tol * rounding.get(pid, 0.0)
+        return mismatches(mine, seen, tol, floors), ref
 
     def _verify(self, grads: dict[int, torch.Tensor | None]) -> None:
-        """Every parameter's parts add up to autograd's batch gradient (see :meth:`check_totals`)."""
-        bad, ref = self.check_totals(grads)
-        if bad is None:
+        """Every parameter's parts add up to autograd's batch gradient (see :meth:`check_totals`);
+        the hook-path parameters that fail all move to the vector-Jacobian path at once (loudly,
+        recorded) and the batch is redone."""
+        bad, ref = self._failing_totals(grads)
+        if not bad:
             return
-        pid, rel = bad
-        name = self.by_param[pid].name
-        if not torch.isfinite(ref[pid]).all():
-            raise UnsupportedError(
-                f"autograd's batch gradient of {name} is not finite although every used sample's loss is "
-                "(NaN/inf at padded positions)"
+        for pid, rel in bad:
+            name = self.by_param[pid].name
+            if not torch.isfinite(ref[pid]).all():
+                raise UnsupportedError(
+                    f"autograd's batch gradient of {name} is not finite although every used sample's loss is "
+                    "(NaN/inf at padded positions)"
+                )
+            if pid in self.vjp_params:  # the vjp is plain autograd: nothing finer to fall back to
+                raise UnsupportedError(f"the per-sample gradients of {name} do not add up to its batch gradient (relative error {rel:.2e})")
+        for pid, rel in bad:
+            self._use_vjp(
+                self.by_param[pid].param,
+                f"its captured per-sample gradients do not add up to its batch gradient (relative error {rel:.2e}): "
+                "it is used outside its module's forward, or its module's rule is not exact for it",
             )
-        if pid in self.vjp_params:  # the vjp is plain autograd: nothing finer to fall back to
-            raise UnsupportedError(f"the per-sample gradients of {name} do not add up to its batch gradient (relative error {rel:.2e})")
-        self._use_vjp(
-            self.by_param[pid].param,
-            f"its captured per-sample gradients do not add up to its batch gradient (relative error {rel:.2e}): "
-            "it is used outside its module's forward",
-        )
         raise _Redo()
 
     def _probe_sample(self, batch, n_tokens: torch.Tensor, keep: list[int]) -> int | None:
@@ -758,29 +800,54 @@ def mismatch(mine: dict, ref: dict, tol: float, sizes: "dict | None" = None) -> 
     """The key whose tensors differ most beyond rounding, with its relative error; None if none.
 
     Per parameter p: ``|mine_p - ref_p| <= tol * (|mine_p| + |ref_p|) + tol * G * sqrt(n_p / N)``
-    (Frobenius norms), G the norm of the whole reference gradient over N elements. The second
-    term is the rounding a parameter gets from the model's gradient scale: a parameter whose
-    exact gradient is zero (an attention key bias: softmax is shift invariant) holds pure
-    rounding noise of that size. Any non-finite value is a mismatch. ``sizes`` gives the
-    element counts ``n_p`` when the tensors are norm-preserving projections of the parameters
-    (default: their own sizes).
+    (Frobenius norms), G the norm of the whole reference gradient over N elements (see
+    :func:`model_rounding`). Any non-finite value is a mismatch. ``sizes`` gives the element
+    counts ``n_p`` when the tensors are norm-preserving projections of the parameters (default:
+    their own sizes). The padding check compares whole forwards and backwards (batched against
+    alone), whose rounding comes from the whole model: this model-wide term is its scale.
     """
+    bad = mismatches(mine, ref, tol, model_rounding(ref, tol, sizes))
+    return bad[0] if bad else None
+
+
+def model_rounding(ref: dict, tol: float, sizes: "dict | None" = None) -> dict:
+    """``key -> tol * G * sqrt(n_p / N)``: the rounding a parameter gets from the model's
+    gradient scale (G the norm of the whole reference gradient over N elements): a parameter
+    whose exact gradient is zero (an attention key bias: softmax is shift invariant) holds pure
+    rounding noise of that size after a computation that rounds differently."""
     total = sum(float(r.double().square().sum()) for r in ref.values())
     size = (lambda key, r: max(1, sizes[key])) if sizes is not None else (lambda key, r: max(1, r.numel()))
     count = sum(size(key, r) for key, r in ref.items())
-    worst = None
+    return {key: tol * (total * size(key, r) / max(1, count)) ** 0.5 for key, r in ref.items()}
+
+
+def mismatches(mine: dict, ref: dict, tol: float, floors: dict) -> "list[tuple[Any, float]]":
+    """Every key whose tensors differ beyond ``tol * (|mine| + |ref|) + floors[key]`` (Frobenius
+    norms; a missing ``mine`` counts as zeros; any non-finite value fails with error NaN), with
+    its relative error, worst first."""
+    out = []
     for key, r in ref.items():
         m = mine.get(key)
         m = torch.zeros_like(r) if m is None else m
         if not (torch.isfinite(r).all() and torch.isfinite(m).all()):
-            return key, float("nan")
+            out.append((key, float("nan")))
+            continue
         err = float((m - r).double().norm())
-        allowed = tol * (float(m.double().norm()) + float(r.double().norm())) + tol * (total * size(key, r) / count) ** 0.5
-        if err > allowed and err > 1e-300:
-            rel = err / (float(r.double().norm()) + float(m.double().norm()) + 1e-300)
-            if worst is None or rel > worst[1]:
-                worst = (key, rel)
-    return worst
+        rn, mn = float(r.double().norm()), float(m.double().norm())
+        if err > tol * (mn + rn) + floors.get(key, 0.0) and err > 1e-300:
+            out.append((key, err / (rn + mn + 1e-300)))
+    return sorted(out, key=lambda kv: -math.inf if math.isnan(kv[1]) else -kv[1])
+
+
+def _rounding_scale(parts: "list[Part]") -> float:
+    """``sqrt(Σ rounding_sq)`` over a parameter's parts (:meth:`Part.rounding_sq`; a part that
+    does not know its terms adds nothing, so the parameter is judged on its total alone)."""
+    total = 0.0
+    for p in parts:
+        r = p.rounding_sq()
+        if r is not None:
+            total += float(r)
+    return total**0.5
 
 
 def owned_parameters(model: nn.Module) -> dict[int, set[int]]:

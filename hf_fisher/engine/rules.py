@@ -120,6 +120,15 @@ class Part:
         whose factors give it cheaper override it."""
         return self.total() @ probe.to(self.param.device)
 
+    def rounding_sq(self) -> "torch.Tensor | None":
+        """``Σ ‖term‖²`` over the terms :meth:`total` adds up (per-token outer products, rows):
+        the square of the scale of the rounding in the total, which the first-batch check
+        allows a parameter judged on its own (see ``PerSampleEngine.check_totals``). A few
+        passes over the factors, no product. None (the default): unknown, the parameter is then
+        judged against its own total alone (fail closed: a parameter whose gradient is pure
+        rounding moves to the exact vector-Jacobian path)."""
+        return None
+
 
 Samples = "slice | torch.Tensor"
 
@@ -174,18 +183,26 @@ def _times_sq(x: torch.Tensor, scale: torch.Tensor | None, samples) -> torch.Ten
 
 
 class DensePart(Part):
-    """Per-sample gradients given as a dense tensor ``[B, *param.shape]`` (unscaled)."""
+    """Per-sample gradients given as a dense tensor ``[B, *param.shape]`` (unscaled).
 
-    def __init__(self, param: torch.Tensor, per_sample: torch.Tensor, scale: torch.Tensor | None):
+    ``terms``: optionally the finer terms the rows are sums of (``[B, T, ...]``: per-token
+    gradients whose sum over dim 1 is ``per_sample``), for :meth:`rounding_sq`; without them the
+    per-sample rows are the terms."""
+
+    def __init__(self, param: torch.Tensor, per_sample: torch.Tensor, scale: torch.Tensor | None, terms: torch.Tensor | None = None):
         self.param = param
         self.per_sample = per_sample
         self.scale = scale
+        self.terms = terms
 
     def materialize(self, samples):
         return _scale_rows(self.per_sample, self.scale, samples)
 
     def total(self):
         return self.per_sample.sum(0)
+
+    def rounding_sq(self):
+        return torch.linalg.vector_norm(self.per_sample if self.terms is None else self.terms).square()
 
 
 # The most recent per-sample Gram and the buffer of the Gram-form products, each with the thread
@@ -279,6 +296,10 @@ class OuterProductPart(Part):
         V = self.V.reshape(-1, self.V.shape[-1])
         return U.t() @ (V @ probe.to(V.dtype))
 
+    def rounding_sq(self):
+        # Σ_t ‖u_t ⊗ v_t‖² = Σ_t ‖u_t‖² ‖v_t‖²
+        return (torch.linalg.vector_norm(self.U, dim=-1).square() * torch.linalg.vector_norm(self.V, dim=-1).square()).sum()
+
 
 class EmbeddingPart(Part):
     """``G_i[r] = sum_{t: ids_it = r} g_it`` for an embedding table [num_rows, dim]."""
@@ -346,6 +367,9 @@ class EmbeddingPart(Part):
         g = self.grads.reshape(-1, self.grads.shape[-1]) @ probe.to(self.grads.dtype)
         return g.new_zeros(self.num_rows, g.shape[1]).index_add_(0, self.ids.reshape(-1), g)
 
+    def rounding_sq(self):
+        return torch.linalg.vector_norm(self.grads).square()
+
 
 class GradRule:
     """Turns a :class:`ModuleCall` into one :class:`Part` per trainable direct parameter.
@@ -394,7 +418,7 @@ class AffineRule(GradRule):
         if "weight" in params:
             out["weight"] = OuterProductPart(params["weight"], *self.factors(a, g), call.scale)
         if "bias" in params:
-            out["bias"] = DensePart(params["bias"], g.sum(1), call.scale)
+            out["bias"] = DensePart(params["bias"], g.sum(1), call.scale, terms=g)
         return out
 
 
@@ -466,11 +490,13 @@ class RMSNormRule(GradRule):
             # precision HF computes x̂ in: other dtypes round x̂ as the forward does, below.
             xt = _flat_tokens(call, x)
             r = torch.linalg.vector_norm(xt, dim=-1, keepdim=True).square_().div_(xt.shape[-1]).add_(eps).rsqrt_()
-            return {"weight": DensePart(params["weight"], (g * xt).mul_(r).sum(1), call.scale)}
+            terms = (g * xt).mul_(r)
+            return {"weight": DensePart(params["weight"], terms.sum(1), call.scale, terms=terms)}
         xf = x.to(torch.float32)
         xhat = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
         a = _flat_tokens(call, xhat)
-        return {"weight": DensePart(params["weight"], (g * a).sum(1), call.scale)}
+        terms = g * a
+        return {"weight": DensePart(params["weight"], terms.sum(1), call.scale, terms=terms)}
 
 
 #: (module, class) of transformers RMSNorms the rule knows, when their forward is LLaMA's
@@ -541,7 +567,7 @@ class FuncRule(GradRule):
 
     def _per_sample(self, call, params, B):
         from torch.func import functional_call, vjp, vmap
-        from torch.utils._pytree import tree_flatten
+        from torch.utils._pytree import tree_flatten, tree_unflatten
 
         module = call.module
         grads = call.grad_output if isinstance(call.grad_output, (tuple, list)) else [call.grad_output]
@@ -551,11 +577,10 @@ class FuncRule(GradRule):
         out_kinds = [call.batch_axis_kind(grads[k]) for k in live]
         if None in out_kinds:
             raise UnsupportedError(f"{type(module).__name__} output is not batched over the {B} samples")
-        flat_args = list(call.args)
-        kw_names = list(call.kwargs)
-        flat = flat_args + [call.kwargs[k] for k in kw_names]
+        # tensors nested in the inputs (a (cos, sin) tuple of per-sample rotary embeddings) are
+        # sliced per sample like top-level ones
+        flat, in_spec = tree_flatten((tuple(call.args), dict(call.kwargs)))
         kinds = [call.batch_axis_kind(x) for x in flat]
-        n_args = len(flat_args)
         detached = {n: p.detach() for n, p in params.items()}
         multi = isinstance(call.grad_output, (tuple, list))
 
@@ -568,7 +593,7 @@ class FuncRule(GradRule):
             for k, kind in enumerate(kinds):
                 if kind is not None:
                     vals[k] = one(next(it), kind)
-            args, kwargs = vals[:n_args], dict(zip(kw_names, vals[n_args:]))
+            args, kwargs = tree_unflatten(vals, in_spec)
 
             def f(p):
                 out = functional_call(module, p, tuple(args), kwargs)
