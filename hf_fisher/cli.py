@@ -632,14 +632,22 @@ def _cmd_prune(args: argparse.Namespace) -> int:
         _check_model_arg(args)
     if args.fisher is not None and not Path(args.fisher).is_dir():
         raise InvalidInputError(f"--fisher {args.fisher!r} is not a folder; pass a Fisher artifact folder (hf-fisher collect --out)")
-    if args.fisher is None and args.score in ("fisher", "obd"):
-        raise InvalidInputError(f"--score {args.score} reads a Fisher artifact: pass --fisher DIR (hf-fisher collect)")
-    if data_path is None and args.score in ("mask_fisher", "wanda_sp", "flap", "taylor1", "taylor2"):
-        raise InvalidInputError(f"--score {args.score} is computed on calibration data: pass --data FILE")
     from hf_fisher.atomic import check_target
     from hf_fisher.consumers.merge_io import is_model_output_file
-    from hf_fisher.consumers.pruning import PRUNE_FILES
+    from hf_fisher.consumers.pruning import CLI_TERMS, PRUNE_FILES, check_options, prune
 
+    # The flag combinations, on the model's config and the Fisher artifact, before the model is loaded.
+    config, _ = _load_config(args.model)
+    fisher = None
+    if args.fisher is not None:
+        from hf_fisher.fisher import Fisher
+
+        fisher = Fisher.from_pretrained(args.fisher)
+    has_data = data_path is not None
+    check_options(sparsity=args.sparsity, structured=structured, score=args.score, scope=args.scope,
+                  min_per_layer=args.min_per_layer, confidence=args.confidence, physical=args.physical,
+                  has_data=has_data, has_rescale_data=has_data and not args.no_rescale, fisher=fisher,
+                  rescale=False if args.no_rescale or not has_data else None, config=config, terms=CLI_TERMS)
     check_target(args.out, allowed=lambda n: is_model_output_file(n) or n in PRUNE_FILES, what="pruned model", overwrite=args.overwrite)
     _check_device(args.device)
     batches = None
@@ -648,15 +656,7 @@ def _cmd_prune(args: argparse.Namespace) -> int:
         config, task_type = _check_samples_against_config(args, samples)
         model, batches = _load_model_and_batches(args, config, task_type, samples)
     else:
-        config, _ = _load_config(args.model)
         model = _load_model(args.model, config, args.dtype, args.device)
-    fisher = None
-    if args.fisher is not None:
-        from hf_fisher.fisher import Fisher
-
-        fisher = Fisher.from_pretrained(args.fisher)
-    from hf_fisher.consumers.pruning import prune
-
     result = prune(
         model, fisher, sparsity=args.sparsity, structured=structured, score=args.score, scope=args.scope,
         min_per_layer=args.min_per_layer, confidence=args.confidence, physical=args.physical,

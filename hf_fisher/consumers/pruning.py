@@ -44,13 +44,13 @@ import torch.nn as nn
 
 from hf_fisher.consumers import prune_scores as S
 from hf_fisher.consumers.prune_units import KINDS, Unit, describe, input_axis, owner, structured_units
-from hf_fisher.errors import InvalidInputError
+from hf_fisher.errors import EmptyDataError, InvalidInputError, UnsupportedError
 from hf_fisher.hookspecs import hookimpl
 
 if TYPE_CHECKING:  # pragma: no cover
     from hf_fisher.fisher import Fisher
 
-__all__ = ["prune", "PruneResult", "hf_fisher_register_consumers"]
+__all__ = ["prune", "PruneResult", "check_options", "API_TERMS", "CLI_TERMS", "hf_fisher_register_consumers"]
 
 logger = logging.getLogger("hf_fisher.pruning")
 
@@ -134,22 +134,38 @@ def _round(x: float) -> int:
     return int(math.floor(x + 0.5))
 
 
+def _floors(units: Sequence[Unit], min_per_layer: int) -> dict[tuple, int]:
+    """The fewest units each budget key (:attr:`Unit.budget`) keeps: ``min_per_layer`` of a
+    layer's kv-heads, channels, or query heads of a multi-head layer; a GQA/MQA layer's query
+    heads keep at least one per kv group and ``min_per_layer`` in the layer; vocabulary rows: 0."""
+    groups: dict[int | None, int] = {}
+    for b in {u.budget for u in units}:
+        if b[0] == "head" and b[2] is not None:
+            groups[b[1]] = groups.get(b[1], 0) + 1
+    floors = {}
+    for b in {u.budget for u in units}:
+        if b[0] == "vocab":
+            floors[b] = 0
+        elif b[0] == "head" and b[2] is not None:
+            floors[b] = max(1, math.ceil(min_per_layer / groups[b[1]]))
+        else:
+            floors[b] = min_per_layer
+    return floors
+
+
 def _select_layer(units: Sequence[Unit], scores: torch.Tensor, sparsity: float, min_per_layer: int) -> list[int]:
-    """Per layer: attention first (query heads: ``round(sparsity · H/H_kv)`` per kv group, at
-    least one kept; kv groups: ``round(sparsity · H_kv)``), then as many MLP channels as bring the
-    layer's removed parameters nearest to ``sparsity`` × its unit parameters; vocabulary rows:
-    ``round(sparsity · n)``."""
+    """Per layer: attention first (query heads: ``round(sparsity · H/H_kv)`` per kv group under
+    GQA/MQA, at least one kept, ``round(sparsity · H)`` per layer in multi-head attention; kv
+    groups: ``round(sparsity · H_kv)``), then as many MLP channels as bring the layer's removed
+    parameters nearest to ``sparsity`` × its unit parameters; vocabulary rows:
+    ``round(sparsity · n)``. Never below :func:`_floors`."""
     buckets: dict[tuple, list[int]] = {}
     for k, u in enumerate(units):
-        key = (u.layer, u.kind, u.group if u.kind == "head" else None)
-        buckets.setdefault(key, []).append(k)
+        buckets.setdefault(u.budget, []).append(k)
+    floors = _floors(units, min_per_layer)
     layer_params: dict = {}
     for u in units:
         layer_params[u.layer] = layer_params.get(u.layer, 0) + u.size
-    groups_in_layer: dict = {}
-    for (layer, kind, _g) in buckets:
-        if kind == "head":
-            groups_in_layer[layer] = groups_in_layer.get(layer, 0) + 1
     removed: list[int] = []
     done: dict = {}
 
@@ -157,21 +173,16 @@ def _select_layer(units: Sequence[Unit], scores: torch.Tensor, sparsity: float, 
         return sorted(members, key=lambda k: (float(scores[k]), k))[: max(0, r)]
 
     order = {"head": 0, "kv_head": 0, "vocab": 1, "channel": 2}
-    for key in sorted(buckets, key=lambda k: (order[k[1]], -1 if k[0] is None else k[0], -1 if k[2] is None else k[2])):
-        layer, kind, _g = key
+    for key in sorted(buckets, key=lambda b: (-1 if b[1] is None else b[1], order[b[0]], -1 if b[2] is None else b[2])):
+        kind, layer, _g = key
         members = buckets[key]
         n = len(members)
-        if kind == "head":
-            floor = max(1, math.ceil(min_per_layer / groups_in_layer[layer]))
-            r = _round(sparsity * n)
-        elif kind == "channel":
-            floor = min_per_layer
+        if kind == "channel":
             size = units[members[0]].size
             r = _round((sparsity * layer_params[layer] - done.get(layer, 0)) / size) if size else 0
         else:
-            floor = min_per_layer if kind == "kv_head" else 0
             r = _round(sparsity * n)
-        picked = lowest(members, min(r, n - floor))
+        picked = lowest(members, min(r, n - floors[key]))
         removed += picked
         done[layer] = done.get(layer, 0) + sum(units[k].size for k in picked)
     return sorted(removed)
@@ -197,44 +208,72 @@ def _select_global(units: Sequence[Unit], keys: torch.Tensor, sparsity: float, m
     target = sparsity * total
     left: dict[tuple, int] = {}
     for u in units:
-        b = (u.kind, u.layer, u.group) if u.kind == "head" else u.bucket
-        left[b] = left.get(b, 0) + 1
-    floors = {b: (1 if b[0] == "head" else (0 if b[0] == "vocab" else min_per_layer)) for b in left}
-    if min_per_layer > 1:
-        heads_per_layer: dict[tuple, list[tuple]] = {}
-        for b in left:
-            if b[0] == "head":
-                heads_per_layer.setdefault(b[:2], []).append(b)
-        for lay, groups in heads_per_layer.items():
-            for b in groups:
-                floors[b] = max(1, math.ceil(min_per_layer / len(groups)))
+        left[u.budget] = left.get(u.budget, 0) + 1
+    floors = _floors(units, min_per_layer)
     removed: list[int] = []
     done = 0
     for k in sorted(range(len(units)), key=lambda k: (float(keys[k]), k)):
         u = units[k]
-        b = (u.kind, u.layer, u.group) if u.kind == "head" else u.bucket
-        if left[b] <= floors[b]:
+        if left[u.budget] <= floors[u.budget]:
             continue
         if done + u.size > target + u.size / 2:
             continue
         removed.append(k)
-        left[b] -= 1
+        left[u.budget] -= 1
         done += u.size
     return sorted(removed)
 
 
 # ----------------------------------------------------------------------------- checks
-def _check_batches(name: str, batches) -> list | None:
+def _check_batches(name: str, batches, model: nn.Module) -> list | None:
+    """The batches as a list, refused before any work when a score or the rescale could not read
+    them: not batch dicts, an input_ids that is not an integer [batch, seq] tensor, a token id
+    outside the model's vocabulary, an attention_mask of another shape, or no real (non-padding)
+    token in any batch."""
     if batches is None:
         return None
     if isinstance(batches, Mapping) or not isinstance(batches, Iterable):
         raise InvalidInputError(f"{name} must be a list (or other re-iterable) of batch dicts with input_ids")
     out = list(batches)
     if not out:
-        raise InvalidInputError(f"{name} is empty: give at least one batch dict with input_ids")
+        raise EmptyDataError(f"{name} is empty: give at least one batch dict with input_ids")
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    vocab = getattr(emb, "num_embeddings", None)
+    real = 0
     for i, b in enumerate(out):
         if not isinstance(b, Mapping) or "input_ids" not in b:
             raise InvalidInputError(f"{name}[{i}] is not a batch dict with input_ids")
+        ids = b["input_ids"]
+        if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.is_floating_point() or ids.dtype == torch.bool:
+            raise InvalidInputError(f"{name}[{i}]: input_ids must be an integer tensor [batch, seq_len]")
+        if vocab is not None and ids.numel() and bool(((ids < 0) | (ids >= vocab)).any()):
+            bad = int(ids[(ids < 0) | (ids >= vocab)][0])
+            raise InvalidInputError(
+                f"{name}[{i}]: token id {bad} is outside the model's vocabulary [0, {vocab}); check the tokenizer matches the model"
+            )
+        mask = b.get("attention_mask")
+        if mask is not None and (not isinstance(mask, torch.Tensor) or tuple(mask.shape) != tuple(ids.shape)):
+            raise InvalidInputError(f"{name}[{i}]: attention_mask must be a tensor of input_ids' shape {tuple(ids.shape)}")
+        real += int(ids.numel()) if mask is None else int(mask.bool().sum())
+    if real == 0:
+        raise EmptyDataError(
+            f"{name} holds no real token (every position is padding: attention_mask is all 0); the data-based "
+            "scores and the rescale read real tokens only — give batches with text"
+        )
+    return out
+
+
+def _check_keep_tokens(keep_tokens, model: nn.Module) -> list[int]:
+    if isinstance(keep_tokens, (str, bytes, Mapping)) or not isinstance(keep_tokens, Iterable):
+        raise InvalidInputError(f"keep_tokens must be a list of token ids, got {type(keep_tokens).__name__}")
+    out = list(keep_tokens)
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    vocab = getattr(emb, "num_embeddings", None) or getattr(getattr(model, "config", None), "vocab_size", None)
+    for t in out:
+        if isinstance(t, bool) or not isinstance(t, int) or t < 0 or (vocab is not None and t >= vocab):
+            raise InvalidInputError(
+                f"keep_tokens: {t!r} is not a token id of this model (integers in [0, {vocab if vocab is not None else '?'}))"
+            )
     return out
 
 
@@ -258,6 +297,110 @@ def _layout_of(model: nn.Module, fisher: "Fisher | None"):
         if fisher.layout is not None:
             return fisher.layout
     return plugins.model_layout(model)
+
+
+#: how the option checks name what to change: in the Python API and on the command line
+API_TERMS = {
+    "score": "score={!r}", "data": "calibration_batches= (or rescale_batches=)", "rescale_data": "rescale_batches=",
+    "fisher": "fisher= (hf_fisher.collect(model, batches))", "layer": "scope='layer'", "masked": "physical=False",
+    "physical": "physical=True", "structured": "structured=...", "unstructured": "structured=None",
+    "confidence": "confidence=", "param": "a Fisher collected with reduction='param'", "min": "min_per_layer",
+    "no_rescale": "rescale=False", "compensate": "compensate", "sequential": "sequential=True",
+}
+CLI_TERMS = {
+    "score": "--score {}", "data": "--data FILE", "rescale_data": "--data FILE",
+    "fisher": "--fisher DIR (hf-fisher collect --out DIR)", "layer": "--scope layer", "masked": "no --physical",
+    "physical": "--physical", "structured": "--structured heads,channels", "unstructured": "--structured none",
+    "confidence": "--confidence", "param": "a Fisher collected with hf-fisher collect --reduction param",
+    "min": "--min-per-layer", "no_rescale": "--no-rescale", "compensate": "FLAP's bias compensation",
+    "sequential": "sequential",
+}
+
+
+def check_options(*, sparsity, structured, score, scope, min_per_layer, confidence, physical: bool, has_data: bool,
+                  has_rescale_data: bool, fisher, rescale=None, compensate=None, sequential: bool = False, config=None,
+                  terms: Mapping[str, str] = API_TERMS) -> tuple[list[str] | None, str, bool, bool]:
+    """Every check of :func:`prune`'s options that needs neither the model's weights nor the data's
+    content — run by ``prune`` and by ``hf-fisher prune`` before it loads the model, with the
+    messages in ``terms`` (:data:`API_TERMS` or :data:`CLI_TERMS`). ``config``: the model's config
+    (physical removal). Returns ``(kinds, score, rescale, compensate)`` resolved."""
+    t = terms
+    kinds = _structured_kinds(structured)
+    default = score is None
+    if default:  # the best criterion the inputs allow
+        score = "kfac" if (has_data and scope == "layer" and kinds and "vocab" not in kinds
+                           and confidence is None and not compensate) else "fisher"
+    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0.0 <= float(sparsity) < 1.0:
+        raise InvalidInputError(f"sparsity must be a number in [0, 1), got {sparsity!r}")
+    if scope not in SCOPES:
+        raise InvalidInputError(f"scope={scope!r}: choose 'global' or 'layer'")
+    if isinstance(min_per_layer, bool) or not isinstance(min_per_layer, int) or min_per_layer < 0:
+        raise InvalidInputError(f"{t['min']} must be a non-negative integer, got {min_per_layer!r}")
+    if min_per_layer == 0 and set(kinds or ()) & {"heads", "kv_heads"}:
+        raise InvalidInputError(
+            f"{t['min']} 0 lets a layer lose every attention head (kv-head): its attention would be gone, and a "
+            f"smaller model cannot have zero heads. Use {t['min']} 1 or more (the default 1)"
+        )
+    sc = t["score"].format(score)
+    if confidence is not None:
+        if isinstance(confidence, bool) or not isinstance(confidence, float) or not 0.0 < confidence < 1.0:
+            raise InvalidInputError(f"{t['confidence']} must be a number in (0, 1), e.g. 0.95; got {confidence!r}")
+        if score not in ("fisher", "obd") or fisher is None or not fisher.has_variance:
+            raise InvalidInputError(
+                f"{t['confidence']} needs {t['score'].format('fisher')} or {t['score'].format('obd')} and {t['fisher']} "
+                "with variances (collect keeps them)"
+            )
+        if kinds is None:
+            raise InvalidInputError(f"{t['confidence']} applies to structured pruning (group scores), not {t['unstructured']}")
+    if score not in S.SCORES:
+        raise InvalidInputError(f"unknown score {score!r}; choose one of {', '.join(S.SCORES)}")
+    if kinds is None and score not in S.UNSTRUCTURED:
+        raise InvalidInputError(
+            f"{sc} is defined for structured units only; with {t['unstructured']} choose one of {', '.join(S.UNSTRUCTURED)}"
+        )
+    if score in S.NEEDS_FISHER and fisher is None and not sequential:
+        how = (f" (the default without {t['data']} and {t['layer']}; with them it is 'kfac')" if default else "")
+        raise InvalidInputError(f"{sc} reads a Fisher artifact{how}: pass {t['fisher']}, or choose another score")
+    if fisher is not None and fisher.reduction != "param" and (score == "obd" or (kinds is None and score == "fisher")):
+        raise InvalidInputError(
+            f"{sc} {'with ' + t['unstructured'] + ' ' if kinds is None else ''}needs the Fisher of every weight: "
+            f"{t['param']}; the given Fisher is a group Fisher"
+        )
+    if score in S.NEEDS_DATA and not has_data:
+        raise InvalidInputError(f"{sc} is computed on calibration data: pass {t['data']}")
+    if score in S.NEEDS_OUT and kinds and "vocab" in kinds:
+        raise InvalidInputError(f"{sc} is defined through output projections; it does not apply to vocabulary rows")
+    if rescale is None:
+        rescale = has_rescale_data and score != "flap"
+    if rescale and not has_rescale_data:
+        raise InvalidInputError(f"the rescale needs {t['rescale_data']} (a few calibration batches)")
+    if rescale and kinds is None:
+        raise InvalidInputError(f"the rescale applies to structured pruning; pass {t['structured']} or {t['no_rescale']}")
+    if compensate is None:
+        compensate = score == "flap" and kinds is not None
+    if compensate and (not has_data or kinds is None or "vocab" in kinds):
+        raise InvalidInputError(
+            f"{t['compensate']} (with {t['score'].format('flap')}) needs heads / kv-heads / channels (no vocabulary rows) "
+            f"and {t['data']}"
+        )
+    if compensate and rescale:
+        raise InvalidInputError(f"choose one of the rescale (least squares) and {t['compensate']}")
+    if score == "kfac" and (scope != "layer" or not has_data or kinds is None or "vocab" in kinds
+                            or confidence is not None or compensate):
+        raise InvalidInputError(
+            f"{sc} (structured OBS under the KFAC quadratic) prunes heads / kv-heads / channels layer by layer: it "
+            f"needs {t['layer']}, {t['data']}, no vocabulary rows and no {t['confidence']}"
+        )
+    if sequential and (scope != "layer" or not has_data or kinds is None or confidence is not None):
+        raise InvalidInputError(
+            f"{t['sequential']} scores each layer on the pruned model: it needs structured units, {t['layer']}, "
+            f"{t['data']} and no {t['confidence']}"
+        )
+    if physical:
+        from hf_fisher.consumers.prune_physical import check_physical
+
+        check_physical(config, kinds, scope, bool(compensate), terms=t)
+    return kinds, score, bool(rescale), bool(compensate)
 
 
 # ----------------------------------------------------------------------------- main
@@ -300,65 +443,25 @@ def prune(
     the model as pruned (and rescaled) so far, attention then MLP, layer by layer, with the same
     counts; "fisher" / "obd" then use the exact Fisher of the calibration batches on that model.
     """
-    t_start = time.perf_counter()
-    kinds = _structured_kinds(structured)
-    if score is None:  # the default: the best criterion the inputs allow
-        data_given = rescale_batches is not None or calibration_batches is not None
-        score = "kfac" if (data_given and scope == "layer" and kinds and "vocab" not in kinds
-                           and confidence is None and not compensate) else "fisher"
-    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0.0 <= float(sparsity) < 1.0:
-        raise InvalidInputError(f"sparsity must be a number in [0, 1), got {sparsity!r}")
-    if scope not in SCOPES:
-        raise InvalidInputError(f"scope={scope!r}: choose 'global' or 'layer'")
-    if isinstance(min_per_layer, bool) or not isinstance(min_per_layer, int) or min_per_layer < 0:
-        raise InvalidInputError(f"min_per_layer must be a non-negative integer, got {min_per_layer!r}")
-    if confidence is not None:
-        if not isinstance(confidence, float) or not 0.0 < confidence < 1.0:
-            raise InvalidInputError(f"confidence must be a float in (0, 1), e.g. 0.95; got {confidence!r}")
-        if score not in ("fisher", "obd") or fisher is None or not fisher.has_variance:
-            raise InvalidInputError(
-                "confidence= needs score='fisher' or 'obd' and a Fisher with variances (hf_fisher.collect keeps them)"
-            )
-        if kinds is None:
-            raise InvalidInputError("confidence= applies to structured pruning (group scores); pass structured=...")
-    rescale_batches = _check_batches("rescale_batches", rescale_batches)
-    calibration_batches = _check_batches("calibration_batches", calibration_batches) or rescale_batches
-    S.check_score(score, None if kinds is None else set(kinds), fisher, calibration_batches is not None, sequential=sequential)
-    if rescale is None:
-        rescale = rescale_batches is not None and score != "flap"
-    if rescale and rescale_batches is None:
-        raise InvalidInputError("rescale=True needs rescale_batches= (a few calibration batches)")
-    if rescale and kinds is None:
-        raise InvalidInputError("the rescale applies to structured pruning; pass structured=... or rescale=False")
-    if compensate is None:
-        compensate = score == "flap" and kinds is not None
-    if compensate and (calibration_batches is None or kinds is None):
-        raise InvalidInputError("compensate=True (FLAP's bias compensation) needs structured units and calibration batches")
-    if compensate and rescale:
-        raise InvalidInputError("choose one of rescale (least squares) and compensate (FLAP's bias compensation)")
-    if score == "kfac" and (scope != "layer" or calibration_batches is None or kinds is None or "vocab" in kinds
-                            or confidence is not None or compensate):
-        raise InvalidInputError(
-            "score='kfac' (structured OBS under the KFAC quadratic) prunes heads / kv-heads / channels layer by layer: it "
-            "needs scope='layer', calibration batches (calibration_batches= or rescale_batches=), no vocabulary rows, "
-            "no confidence= and no compensate"
-        )
-    if sequential and (scope != "layer" or calibration_batches is None or kinds is None or confidence is not None):
-        raise InvalidInputError(
-            "sequential=True scores each layer on the pruned model: it needs structured units, scope='layer', "
-            "calibration batches (calibration_batches= or rescale_batches=) and no confidence="
-        )
-    layout = _layout_of(model, fisher)
-    if physical:
-        from hf_fisher.consumers.prune_physical import check_physical
+    from hf_fisher.architectures.builder import config_of
 
-        check_physical(model, kinds, scope, compensate)
+    t_start = time.perf_counter()
+    if hasattr(model, "peft_config") and physical:
+        raise UnsupportedError("physical removal of a PEFT model: merge the adapters first (model.merge_and_unload())")
+    kinds, score, rescale, compensate = check_options(
+        sparsity=sparsity, structured=structured, score=score, scope=scope, min_per_layer=min_per_layer,
+        confidence=confidence, physical=physical, has_data=rescale_batches is not None or calibration_batches is not None,
+        has_rescale_data=rescale_batches is not None, fisher=fisher, rescale=rescale, compensate=compensate,
+        sequential=sequential, config=config_of(model),
+    )
+    keep_tokens = _check_keep_tokens(keep_tokens, model)
+    rescale_batches = _check_batches("rescale_batches", rescale_batches, model)
+    calibration_batches = _check_batches("calibration_batches", calibration_batches, model) or rescale_batches
+    layout = _layout_of(model, fisher)
     if kinds is None:
         return _prune_unstructured(model, fisher, sparsity=float(sparsity), score=score, scope=scope,
                                    batches=calibration_batches, seed=seed, progress=progress, physical=physical, t_start=t_start)
     units = structured_units(model, layout, kinds, keep_tokens=keep_tokens)
-    if compensate and any(u.kind == "vocab" for u in units):
-        raise InvalidInputError("FLAP's bias compensation applies to heads and channels, not vocabulary rows")
     if sequential or score == "kfac":
         return _prune_sequential(model, units, score=score, sparsity=float(sparsity), min_per_layer=min_per_layer,
                                  calibration=calibration_batches, rescale_batches=rescale_batches if rescale else None,
@@ -384,7 +487,7 @@ def prune(
     if compensate:
         _compensate(model, units, set(removed), stats_act, edits)
     masks = _masks(model, units, removed)
-    stats = _stats(units, removed, float(sparsity), score, scope, score_seconds)
+    stats = _stats(units, removed, float(sparsity), score, scope, score_seconds, min_per_layer)
     stats.update(withheld_by_confidence=withheld, rescaled=rescaled, compensated=bool(compensate),
                  apply_seconds=time.perf_counter() - t_apply)
     result = PruneResult(model, masks, [describe(units[k]) for k in removed], stats, _edits=edits)
@@ -503,16 +606,14 @@ def _prune_sequential(model, units, *, score, sparsity, min_per_layer, calibrati
     remove the counts ``scope="layer"`` removes, rescale (or compensate), go on."""
     counts: dict[tuple, int] = {}
     for k in _select_layer(units, torch.zeros(len(units), dtype=torch.float64), sparsity, min_per_layer):
-        u = units[k]
-        key = (u.kind, u.layer, u.group if u.kind == "head" else None)
-        counts[key] = counts.get(key, 0) + 1
+        counts[units[k].budget] = counts.get(units[k].budget, 0) + 1
     seconds = [0.0]
 
     G = _output_fishers(model, units, calibration) if score == "kfac" else None
     edits = _Edits(model)
 
     def key_of(u: Unit) -> tuple:
-        return (u.kind, u.layer, u.group if u.kind == "head" else None)
+        return u.budget
 
     def choose_obs(members: list[int]) -> list[int]:
         from hf_fisher.consumers.prune_obs import obs_select
@@ -552,7 +653,7 @@ def _prune_sequential(model, units, *, score, sparsity, min_per_layer, calibrati
         seconds[0] += time.perf_counter() - t0
         by_key: dict[tuple, list[int]] = {}
         for i, u in enumerate(stage):
-            by_key.setdefault((u.kind, u.layer, u.group if u.kind == "head" else None), []).append(i)
+            by_key.setdefault(u.budget, []).append(i)
         picked: list[int] = []
         for key, idx in by_key.items():
             order = sorted(idx, key=lambda i: (float(scores[i]), i))
@@ -569,7 +670,7 @@ def _prune_sequential(model, units, *, score, sparsity, min_per_layer, calibrati
     if compensate:
         _compensate(model, units, removed, stats_act, edits)
     order = sorted(removed)
-    stats = _stats(units, order, sparsity, score, "layer", seconds[0])
+    stats = _stats(units, order, sparsity, score, "layer", seconds[0], min_per_layer)
     stats.update(sequential=True, withheld_by_confidence=0, rescaled=rescaled, compensated=compensate,
                  apply_seconds=time.perf_counter() - t_apply - seconds[0])
     result = PruneResult(model, _masks(model, units, order), [describe(units[k]) for k in order], stats, _edits=edits)
@@ -621,7 +722,30 @@ def _masks(model: nn.Module, units: Sequence[Unit], removed: Iterable[int]) -> d
     return out
 
 
-def _stats(units, removed, sparsity, score, scope, score_seconds) -> dict[str, Any]:
+def _warn(stats: dict[str, Any], message: str) -> None:
+    """A WARNING that is also recorded in the result (``stats["warnings"]``, saved in pruning.json)."""
+    logger.warning("%s", message)
+    stats.setdefault("warnings", []).append(message)
+
+
+def _reach(stats: dict[str, Any], units: Sequence[Unit], min_per_layer: int) -> None:
+    """Warn when the removed parameters miss the requested sparsity by more than one unit: the
+    floors (``min_per_layer``, one query head per kv group) or whole-unit rounding per budget."""
+    biggest = max((u.size for u in units), default=0)
+    missed = stats["removed_params"] - stats["requested_sparsity"] * stats["candidate_params"]
+    if abs(missed) <= biggest:
+        return
+    if missed < 0:
+        why = (f"the floors keep the rest (min_per_layer={min_per_layer}; a GQA/MQA layer keeps a query head per kv "
+               "group; a layer keeps at least one head): lower min_per_layer, or prune other kinds of units")
+    else:
+        why = "whole units are removed per budget (scope='layer' rounds each layer's / kv group's count)"
+    _warn(stats, f"requested sparsity {stats['requested_sparsity']:.1%} is not reachable: removed "
+                 f"{stats['removed_params']} of {stats['candidate_params']} candidate parameters "
+                 f"({stats['achieved_sparsity']:.1%}) because {why}")
+
+
+def _stats(units, removed, sparsity, score, scope, score_seconds, min_per_layer: int = 1) -> dict[str, Any]:
     rem = set(removed)
     total = sum(u.size for u in units)
     gone = sum(units[k].size for k in rem)
@@ -636,7 +760,7 @@ def _stats(units, removed, sparsity, score, scope, score_seconds) -> dict[str, A
             d["removed_params"] += u.size
     for d in layers.values():
         d["sparsity"] = d["removed_params"] / d["params"] if d["params"] else 0.0
-    return {
+    stats = {
         "requested_sparsity": sparsity,
         "achieved_sparsity": gone / total if total else 0.0,
         "candidate_params": total,
@@ -647,7 +771,10 @@ def _stats(units, removed, sparsity, score, scope, score_seconds) -> dict[str, A
         "scope": scope,
         "score_seconds": score_seconds,
         "per_layer": layers,
+        "warnings": [],
     }
+    _reach(stats, units, min_per_layer)
+    return stats
 
 
 def _prune_unstructured(model, fisher, *, sparsity, score, scope, batches, seed, progress, physical, t_start) -> PruneResult:
