@@ -153,12 +153,13 @@ def _floors(units: Sequence[Unit], min_per_layer: int) -> dict[tuple, int]:
     return floors
 
 
-def _select_layer(units: Sequence[Unit], scores: torch.Tensor, sparsity: float, min_per_layer: int) -> list[int]:
+def _select_layer(units: Sequence[Unit], scores: torch.Tensor, sparsity: float, min_per_layer: int) -> tuple[list[int], bool]:
     """Per layer: attention first (query heads: ``round(sparsity · H/H_kv)`` per kv group under
     GQA/MQA, at least one kept, ``round(sparsity · H)`` per layer in multi-head attention; kv
     groups: ``round(sparsity · H_kv)``), then as many MLP channels as bring the layer's removed
     parameters nearest to ``sparsity`` × its unit parameters; vocabulary rows:
-    ``round(sparsity · n)``. Never below :func:`_floors`."""
+    ``round(sparsity · n)``. Never below :func:`_floors`. Returns ``(removed, whether a floor
+    held back a removal the budget asked for)``."""
     buckets: dict[tuple, list[int]] = {}
     for k, u in enumerate(units):
         buckets.setdefault(u.budget, []).append(k)
@@ -168,6 +169,7 @@ def _select_layer(units: Sequence[Unit], scores: torch.Tensor, sparsity: float, 
         layer_params[u.layer] = layer_params.get(u.layer, 0) + u.size
     removed: list[int] = []
     done: dict = {}
+    blocked = False
 
     def lowest(members: list[int], r: int) -> list[int]:
         return sorted(members, key=lambda k: (float(scores[k]), k))[: max(0, r)]
@@ -182,10 +184,11 @@ def _select_layer(units: Sequence[Unit], scores: torch.Tensor, sparsity: float, 
             r = _round((sparsity * layer_params[layer] - done.get(layer, 0)) / size) if size else 0
         else:
             r = _round(sparsity * n)
+        blocked |= r > n - floors[key]
         picked = lowest(members, min(r, n - floors[key]))
         removed += picked
         done[layer] = done.get(layer, 0) + sum(units[k].size for k in picked)
-    return sorted(removed)
+    return sorted(removed), blocked
 
 
 def _global_keys(units: Sequence[Unit], scores: torch.Tensor, score: str) -> torch.Tensor:
@@ -203,7 +206,10 @@ def _global_keys(units: Sequence[Unit], scores: torch.Tensor, score: str) -> tor
     return keys
 
 
-def _select_global(units: Sequence[Unit], keys: torch.Tensor, sparsity: float, min_per_layer: int) -> list[int]:
+def _select_global(units: Sequence[Unit], keys: torch.Tensor, sparsity: float, min_per_layer: int) -> tuple[list[int], bool]:
+    """The cheapest units by ``keys`` until the removed parameters are within half a unit of the
+    target, never below :func:`_floors`. Returns ``(removed, whether a floor held back a unit the
+    budget had room for)``."""
     total = sum(u.size for u in units)
     target = sparsity * total
     left: dict[tuple, int] = {}
@@ -211,17 +217,19 @@ def _select_global(units: Sequence[Unit], keys: torch.Tensor, sparsity: float, m
         left[u.budget] = left.get(u.budget, 0) + 1
     floors = _floors(units, min_per_layer)
     removed: list[int] = []
+    held: list[int] = []
     done = 0
     for k in sorted(range(len(units)), key=lambda k: (float(keys[k]), k)):
         u = units[k]
         if left[u.budget] <= floors[u.budget]:
+            held.append(k)
             continue
         if done + u.size > target + u.size / 2:
             continue
         removed.append(k)
         left[u.budget] -= 1
         done += u.size
-    return sorted(removed)
+    return sorted(removed), any(done + units[k].size <= target + units[k].size / 2 for k in held)
 
 
 # ----------------------------------------------------------------------------- checks
@@ -475,9 +483,9 @@ def prune(
                                           stats=stats_act, seed=seed, progress=progress)
     score_seconds += t_stats  # the activation statistics are part of the score's cost
     if scope == "layer":
-        removed = _select_layer(units, scores, float(sparsity), min_per_layer)
+        removed, blocked = _select_layer(units, scores, float(sparsity), min_per_layer)
     else:
-        removed = _select_global(units, _global_keys(units, scores, score), float(sparsity), min_per_layer)
+        removed, blocked = _select_global(units, _global_keys(units, scores, score), float(sparsity), min_per_layer)
     withheld = 0
     if confidence is not None:
         removed, withheld = _confident(units, scores, removed, fisher, confidence, scope, score, model)
@@ -487,7 +495,7 @@ def prune(
     if compensate:
         _compensate(model, units, set(removed), stats_act, edits)
     masks = _masks(model, units, removed)
-    stats = _stats(units, removed, float(sparsity), score, scope, score_seconds, min_per_layer)
+    stats = _stats(units, removed, float(sparsity), score, scope, score_seconds, min_per_layer, blocked)
     stats.update(withheld_by_confidence=withheld, rescaled=rescaled, compensated=bool(compensate),
                  apply_seconds=time.perf_counter() - t_apply)
     result = PruneResult(model, masks, [describe(units[k]) for k in removed], stats, _edits=edits)
@@ -605,7 +613,8 @@ def _prune_sequential(model, units, *, score, sparsity, min_per_layer, calibrati
     """Layer by layer, attention then MLP: score the stage's units on the model as it is now,
     remove the counts ``scope="layer"`` removes, rescale (or compensate), go on."""
     counts: dict[tuple, int] = {}
-    for k in _select_layer(units, torch.zeros(len(units), dtype=torch.float64), sparsity, min_per_layer):
+    planned, blocked = _select_layer(units, torch.zeros(len(units), dtype=torch.float64), sparsity, min_per_layer)
+    for k in planned:
         counts[units[k].budget] = counts.get(units[k].budget, 0) + 1
     seconds = [0.0]
 
@@ -670,7 +679,7 @@ def _prune_sequential(model, units, *, score, sparsity, min_per_layer, calibrati
     if compensate:
         _compensate(model, units, removed, stats_act, edits)
     order = sorted(removed)
-    stats = _stats(units, order, sparsity, score, "layer", seconds[0], min_per_layer)
+    stats = _stats(units, order, sparsity, score, "layer", seconds[0], min_per_layer, blocked)
     stats.update(sequential=True, withheld_by_confidence=0, rescaled=rescaled, compensated=compensate,
                  apply_seconds=time.perf_counter() - t_apply - seconds[0])
     result = PruneResult(model, _masks(model, units, order), [describe(units[k]) for k in order], stats, _edits=edits)
@@ -728,12 +737,15 @@ def _warn(stats: dict[str, Any], message: str) -> None:
     stats.setdefault("warnings", []).append(message)
 
 
-def _reach(stats: dict[str, Any], units: Sequence[Unit], min_per_layer: int) -> None:
-    """Warn when the removed parameters miss the requested sparsity by more than one unit: the
-    floors (``min_per_layer``, one query head per kv group) or whole-unit rounding per budget."""
+def _reach(stats: dict[str, Any], units: Sequence[Unit], min_per_layer: int, blocked: bool) -> None:
+    """Warn when the removed parameters fall short of the requested sparsity by more than half a
+    unit because a floor (``min_per_layer``, one query head per kv group, one head per layer) held
+    back removals the budget asked for, or miss it by more than one unit (whole-unit rounding per
+    budget)."""
     biggest = max((u.size for u in units), default=0)
     missed = stats["removed_params"] - stats["requested_sparsity"] * stats["candidate_params"]
-    if abs(missed) <= biggest:
+    short = blocked and missed < -biggest / 2  # a floor held back what the budget asked for
+    if not short and abs(missed) <= biggest:
         return
     if missed < 0:
         why = (f"the floors keep the rest (min_per_layer={min_per_layer}; a GQA/MQA layer keeps a query head per kv "
@@ -745,7 +757,7 @@ def _reach(stats: dict[str, Any], units: Sequence[Unit], min_per_layer: int) -> 
                  f"({stats['achieved_sparsity']:.1%}) because {why}")
 
 
-def _stats(units, removed, sparsity, score, scope, score_seconds, min_per_layer: int = 1) -> dict[str, Any]:
+def _stats(units, removed, sparsity, score, scope, score_seconds, min_per_layer: int = 1, blocked: bool = False) -> dict[str, Any]:
     rem = set(removed)
     total = sum(u.size for u in units)
     gone = sum(units[k].size for k in rem)
@@ -773,7 +785,7 @@ def _stats(units, removed, sparsity, score, scope, score_seconds, min_per_layer:
         "per_layer": layers,
         "warnings": [],
     }
-    _reach(stats, units, min_per_layer)
+    _reach(stats, units, min_per_layer, blocked)
     return stats
 
 
