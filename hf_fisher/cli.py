@@ -637,6 +637,16 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     from hf_fisher.consumers.pruning import CLI_TERMS, PRUNE_FILES, check_options, prune
 
     # The flag combinations, on the model's config and the Fisher artifact, before the model is loaded.
+    from hf_fisher.consumers.merge_io import TOKENIZER_FILES
+
+    if args.physical and structured and "vocab" in structured and Path(args.model).is_dir() and any(
+            (Path(args.model) / f).is_file() for f in TOKENIZER_FILES):
+        raise InvalidInputError(
+            "--structured vocab with --physical renumbers the token ids, and the tokenizer in --model cannot be "
+            "renumbered with them (the output would have none that fits): prune the vocabulary without --physical "
+            "(rows zeroed, ids and tokenizer unchanged), or use hf_fisher.prune(..., physical=True, tokenizer=False) "
+            "and map ids through its vocab_map.json"
+        )
     config, _ = _load_config(args.model)
     fisher = None
     if args.fisher is not None:

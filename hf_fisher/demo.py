@@ -449,8 +449,7 @@ def _run(args: argparse.Namespace, root: Path) -> DemoResult:
     n_small = sum(p.numel() for p in small.parameters())
     loss_before, acc_before = _metrics(models["copy"], held_out["copy"])
     loss_after, acc_after = _metrics(small, held_out["copy"])
-    pruned.save_pretrained(root / PRUNED_DIR, overwrite=True)
-    tokenizer.save_pretrained(root / PRUNED_DIR)
+    pruned.save_pretrained(root / PRUNED_DIR, overwrite=True)  # with the tokenizer of the copy model's folder
     result.prune_stats = {"params_before": n_params, "params_after": n_small, "loss_before": loss_before,
                           "loss_after": loss_after, "accuracy_before": acc_before, "accuracy_after": acc_after,
                           "removed_units": len(pruned.removed), "score": pruned.stats.get("score")}

@@ -307,3 +307,75 @@ def test_cli_physical_on_gpt2_refused_before_loading(cli_ws, tmp_path):
     proc = subprocess.run([*entry_point(), *args], cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "no --physical" in proc.stderr and "physical=False" not in proc.stderr, proc.stderr
     assert not (tmp_path / "out").exists()
+
+
+# ----------------------------------------------------------------------------- tokenizer in pruned outputs
+LINES = ["the cat sat on the mat", "a dog ran in the park", "the bird sang"]
+
+
+@pytest.fixture
+def model_folder(tmp_path) -> Path:
+    from hf_fisher.demo import word_tokenizer
+
+    m = tm.llama(torch.float64, kv_heads=2, seed=30)
+    with torch.no_grad():
+        m.model.embed_tokens.weight[3] = 0  # <unk> (special in the tokenizer, not in the config): the cheapest row
+        m.lm_head.weight[3] = 0
+    m.save_pretrained(tmp_path / "model")
+    word_tokenizer(sorted({w for line in LINES for w in line.split()})).save_pretrained(tmp_path / "model")
+    (tmp_path / "lines.txt").write_text("\n".join(LINES) + "\n", encoding="utf-8")
+    return tmp_path / "model"
+
+
+@pytest.mark.parametrize("physical", [False, True])
+def test_pruned_output_carries_the_tokenizer_and_collect_runs_on_it(model_folder, tmp_path, physical):
+    from hf_fisher.cli import main
+
+    m = tf.AutoModelForCausalLM.from_pretrained(model_folder, dtype=torch.float64).eval()
+    r = prune(m, None, sparsity=0.3, score="magnitude", scope="layer", physical=physical, progress=False)
+    out = r.save_pretrained(tmp_path / "pruned")
+    assert (out / "tokenizer.json").is_file() and (out / "tokenizer_config.json").is_file()
+    assert (out / "tokenizer.json").read_bytes() == (model_folder / "tokenizer.json").read_bytes()
+    rc = main(["collect", "--model", str(out), "--data", str(tmp_path / "lines.txt"), "--task", "t",
+               "--out", str(tmp_path / "fisher"), "--no-progress", "--dtype", "float64"])
+    assert rc == 0 and (tmp_path / "fisher" / "fisher_config.json").is_file()
+
+
+def test_cli_pruned_output_carries_the_tokenizer(model_folder, tmp_path):
+    from hf_fisher.cli import main
+
+    assert main(["prune", "--model", str(model_folder), "--sparsity", "0.3", "--score", "magnitude", "--scope", "layer",
+                 "--physical", "--out", str(tmp_path / "p"), "--no-progress"]) == 0
+    assert (tmp_path / "p" / "tokenizer.json").read_bytes() == (model_folder / "tokenizer.json").read_bytes()
+
+
+def test_vocabulary_pruning_keeps_the_tokenizers_special_tokens(model_folder, tmp_path):
+    m = tf.AutoModelForCausalLM.from_pretrained(model_folder, dtype=torch.float64).eval()
+    assert m.config.unk_token_id is None if hasattr(m.config, "unk_token_id") else True
+    r = prune(m, None, sparsity=0.9, structured="vocab", score="magnitude", progress=False)
+    r.restore()
+    gone = {u["index"] for u in r.removed}
+    assert len(gone) == round(0.9 * (tm.VOCAB - 4)) and not gone & {0, 1, 2, 3}
+    out = r.save_pretrained(tmp_path / "masked-vocab")  # ids unchanged: the tokenizer still fits
+    assert (out / "tokenizer.json").read_bytes() == (model_folder / "tokenizer.json").read_bytes()
+
+
+def test_physical_vocabulary_pruning_with_a_tokenizer_is_refused(model_folder, tmp_path):
+    m = tf.AutoModelForCausalLM.from_pretrained(model_folder, dtype=torch.float64).eval()
+    before = snapshot(m)
+    with pytest.raises(InvalidInputError, match="tokenizer=False"):
+        prune(m, None, sparsity=0.5, structured="vocab", score="magnitude", physical=True, progress=False)
+    assert same(m, before)
+    r = prune(m, None, sparsity=0.5, structured="vocab", score="magnitude", physical=True, tokenizer=False, progress=False)
+    out = r.save_pretrained(tmp_path / "v")
+    assert (out / "vocab_map.json").is_file() and not (out / "tokenizer.json").exists()
+
+
+def test_cli_physical_vocabulary_pruning_with_a_tokenizer_refused_before_loading(model_folder, tmp_path):
+    (model_folder / "model.safetensors").write_bytes(b"\x00" * 64)  # loading would fail
+    args = ["prune", "--model", str(model_folder), "--sparsity", "0.3", "--score", "magnitude", "--structured", "vocab",
+            "--physical", "--out", str(tmp_path / "out")]
+    proc = subprocess.run([*entry_point(), *args], cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert "--structured vocab with --physical" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "out").exists()

@@ -77,6 +77,9 @@ class PruneResult:
     stats: dict[str, Any]
     vocab_map: list[int] | None = None
     _edits: "_Edits | None" = field(default=None, repr=False)
+    #: the model's tokenizer (an object with ``save_pretrained``, or the local folder holding its
+    #: files): written beside the pruned model by :meth:`save_pretrained`
+    tokenizer: Any = field(default=None, repr=False)
 
     def restore(self) -> None:
         """Put back every tensor the pruning changed in the given model (bitwise)."""
@@ -84,10 +87,12 @@ class PruneResult:
             self._edits.restore()
 
     def save_pretrained(self, save_directory: str | Path, *, overwrite: bool = False, **kwargs: Any) -> Path:
-        """``model.save_pretrained`` plus ``pruning.json`` (stats and removed units) and, after
-        physical vocabulary pruning, ``vocab_map.json`` (``old_to_new``, ``new_to_old``); written
-        to a temporary folder first, then renamed. An existing folder is replaced only when it
-        holds a model (``overwrite=True``)."""
+        """``model.save_pretrained`` plus ``pruning.json`` (stats and removed units), the model's
+        tokenizer (:attr:`tokenizer`: the one given to :func:`prune`, or the files of the folder the
+        model was loaded from; token ids are unchanged by masking) and, after physical vocabulary
+        pruning, ``vocab_map.json`` (``old_to_new``, ``new_to_old``); written to a temporary folder
+        first, then renamed. An existing folder is replaced only when it holds a model
+        (``overwrite=True``)."""
         from hf_fisher.atomic import atomic_folder, check_target
         from hf_fisher.consumers.merge_io import is_model_output_file
 
@@ -96,10 +101,66 @@ class PruneResult:
         with atomic_folder(target, what="pruned model") as tmp:
             self.model.save_pretrained(tmp, **kwargs)
             (Path(tmp) / "pruning.json").write_text(json.dumps({"stats": self.stats, "removed": self.removed}, indent=1))
+            if self.tokenizer is not None and self.vocab_map is None:
+                _write_tokenizer(self.tokenizer, Path(tmp))
             if self.vocab_map is not None:
                 new_to_old = [o for o, n in sorted(((o, n) for o, n in enumerate(self.vocab_map) if n >= 0), key=lambda t: t[1])]
                 (Path(tmp) / "vocab_map.json").write_text(json.dumps({"old_to_new": self.vocab_map, "new_to_old": new_to_old}))
         return target
+
+
+def _write_tokenizer(tokenizer: Any, folder: Path) -> None:
+    from hf_fisher.consumers.merge_io import TOKENIZER_FILES, copy_side_files
+
+    if isinstance(tokenizer, (str, Path)):
+        copy_side_files([Path(tokenizer)], folder, TOKENIZER_FILES)
+    else:
+        tokenizer.save_pretrained(folder)
+
+
+def _source_tokenizer(model: nn.Module, tokenizer: Any) -> Any:
+    """The tokenizer :func:`prune` carries: ``tokenizer`` when given (``False``: none), else the
+    local folder the model was loaded from when it holds tokenizer files, else None."""
+    from hf_fisher.consumers.merge_io import TOKENIZER_FILES
+
+    if tokenizer is False:
+        return None
+    if tokenizer is not None:
+        if not isinstance(tokenizer, (str, Path)) and not hasattr(tokenizer, "save_pretrained"):
+            raise InvalidInputError(f"tokenizer= must be a tokenizer (with save_pretrained), a folder, or False; got {type(tokenizer).__name__}")
+        if isinstance(tokenizer, (str, Path)) and not any((Path(tokenizer) / f).is_file() for f in TOKENIZER_FILES):
+            raise InvalidInputError(f"tokenizer={str(tokenizer)!r} is not a folder with tokenizer files")
+        return tokenizer
+    from hf_fisher.architectures.builder import config_of
+
+    for where in (getattr(model, "name_or_path", None), getattr(config_of(model), "_name_or_path", None)):
+        if where and Path(where).is_dir() and any((Path(where) / f).is_file() for f in TOKENIZER_FILES):
+            return Path(where)
+    return None
+
+
+def _describe_tokenizer(tokenizer: Any) -> str:
+    return f"the files in {str(tokenizer)!r}" if isinstance(tokenizer, (str, Path)) else type(tokenizer).__name__
+
+
+def _with_tokenizer(result: "PruneResult", tokenizer: Any) -> "PruneResult":
+    result.tokenizer = tokenizer
+    return result
+
+
+def _tokenizer_special_ids(tokenizer: Any) -> list[int]:
+    """The special token ids of a tokenizer (object or folder): vocabulary pruning keeps them."""
+    if isinstance(tokenizer, (str, Path)):
+        from transformers import AutoTokenizer
+
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(tokenizer))
+        except Exception as e:  # noqa: BLE001 - any failure: its special tokens are unknown
+            raise InvalidInputError(
+                f"cannot read the tokenizer in {str(tokenizer)!r} ({type(e).__name__}: {e}), so its special tokens could "
+                "be pruned: pass tokenizer= (the tokenizer object), or tokenizer=False to prune without one"
+            ) from None
+    return [int(t) for t in getattr(tokenizer, "all_special_ids", []) if isinstance(t, int) and t >= 0]
 
 
 class _Edits:
@@ -431,6 +492,7 @@ def prune(
     sequential: bool = False,
     seed: int = 0,
     progress: bool = True,
+    tokenizer: Any = None,
 ) -> PruneResult:
     """Prune ``model`` to ``sparsity`` (module docstring for budgets, confidence and applying).
 
@@ -445,8 +507,14 @@ def prune(
     bias compensation instead unless ``rescale=True``). ``calibration_batches``: batches for the
     data-driven scores (default: ``rescale_batches``). ``compensate``: FLAP's bias compensation
     (default: on for ``score="flap"``). ``keep_tokens``: token ids vocabulary pruning never
-    removes (besides the config's special tokens). ``physical``: remove heads / channels / rows
-    and return a smaller model (LLaMA-family configs; ``scope="layer"``).
+    removes (besides the config's and the tokenizer's special tokens). ``physical``: remove heads /
+    channels / rows and return a smaller model (LLaMA-family configs; ``scope="layer"``).
+    ``tokenizer``: the model's tokenizer (object or folder; default: the tokenizer files of the
+    local folder the model was loaded from, if any; ``False``: none). Its special tokens are never
+    pruned and ``PruneResult.save_pretrained`` writes it beside the model. Physical vocabulary
+    pruning renumbers the token ids, which a tokenizer cannot follow: with a tokenizer it is
+    refused (prune the rows with ``physical=False``, ids unchanged; or pass ``tokenizer=False`` and
+    map ids through ``vocab_map.json``).
     ``sequential=True`` (``scope="layer"``, calibration batches): each layer's units are scored on
     the model as pruned (and rescaled) so far, attention then MLP, layer by layer, with the same
     counts; "fisher" / "obd" then use the exact Fisher of the calibration batches on that model.
@@ -463,17 +531,28 @@ def prune(
         sequential=sequential, config=config_of(model),
     )
     keep_tokens = _check_keep_tokens(keep_tokens, model)
+    tokenizer = _source_tokenizer(model, tokenizer)
+    if tokenizer is not None and kinds and "vocab" in kinds:
+        if physical:
+            raise InvalidInputError(
+                f"physical vocabulary pruning renumbers the token ids, and the tokenizer ({_describe_tokenizer(tokenizer)}) "
+                "cannot be renumbered with them: prune the rows with physical=False (zeroed, ids and tokenizer "
+                "unchanged), or pass tokenizer=False to write no tokenizer and map ids through vocab_map.json (old_to_new)"
+            )
+        keep_tokens = keep_tokens + _tokenizer_special_ids(tokenizer)
     rescale_batches = _check_batches("rescale_batches", rescale_batches, model)
     calibration_batches = _check_batches("calibration_batches", calibration_batches, model) or rescale_batches
     layout = _layout_of(model, fisher)
     if kinds is None:
-        return _prune_unstructured(model, fisher, sparsity=float(sparsity), score=score, scope=scope,
-                                   batches=calibration_batches, seed=seed, progress=progress, physical=physical, t_start=t_start)
+        return _with_tokenizer(_prune_unstructured(model, fisher, sparsity=float(sparsity), score=score, scope=scope,
+                                   batches=calibration_batches, seed=seed, progress=progress, physical=physical,
+                                   t_start=t_start), tokenizer)
     units = structured_units(model, layout, kinds, keep_tokens=keep_tokens)
     if sequential or score == "kfac":
-        return _prune_sequential(model, units, score=score, sparsity=float(sparsity), min_per_layer=min_per_layer,
-                                 calibration=calibration_batches, rescale_batches=rescale_batches if rescale else None,
-                                 compensate=bool(compensate), seed=seed, progress=progress, physical=physical, t_start=t_start)
+        return _with_tokenizer(_prune_sequential(
+            model, units, score=score, sparsity=float(sparsity), min_per_layer=min_per_layer, calibration=calibration_batches,
+            rescale_batches=rescale_batches if rescale else None, compensate=bool(compensate), seed=seed, progress=progress,
+            physical=physical, t_start=t_start), tokenizer)
     stats_act = None
     t_stats = time.perf_counter()
     if score in ("wanda_sp", "flap") or compensate:
@@ -510,7 +589,7 @@ def prune(
     stats["seconds"] = time.perf_counter() - t_start
     logger.info("pruned %d of %d units (%.1f%% of their parameters) by %s, scope %s",
                 len(removed), len(units), 100 * stats["achieved_sparsity"], score, scope)
-    return result
+    return _with_tokenizer(result, tokenizer)
 
 
 def _confident(units, scores, removed, fisher, confidence, scope, score, model) -> tuple[list[int], int]:
