@@ -379,3 +379,90 @@ def test_cli_physical_vocabulary_pruning_with_a_tokenizer_refused_before_loading
     assert proc.returncode == 2, proc.stderr
     assert "--structured vocab with --physical" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "out").exists()
+
+
+# ----------------------------------------------------------------------------- 10: a converged (saturated) model
+@pytest.fixture(scope="module")
+def converged():
+    """The demo's copy model trained the demo's way, shorter: its shared base (300 steps on copy
+    and reverse), then 100 steps on copy alone (the demo fine-tunes 200 with the Trainer). It
+    predicts the copy answers with probability ~1, so its gradients, its empirical and its true
+    Fisher vanish."""
+    from hf_fisher import demo as D
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        m = D.tiny_llama(0)
+        D.train_base(m, steps=300, seed=0)
+        g = torch.Generator().manual_seed(10)
+        opt = torch.optim.AdamW(m.parameters(), lr=2e-3, weight_decay=0.0)
+        m.train()
+        for _ in range(100):
+            loss = m(**D.task_batch("copy", D.BATCH_SIZE, g)).loss
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    finally:
+        torch.set_num_threads(threads)
+    held = D._split(D.task_batch("copy", 64, torch.Generator().manual_seed(1)), 16)
+    calib = D._split(D.task_batch("copy", 32, torch.Generator().manual_seed(3)), 16)
+    return m.eval(), held, calib
+
+
+def _held_loss(r, held):
+    from hf_fisher import demo as D
+
+    try:
+        return D._metrics(r.model, held)[0]
+    finally:
+        r.restore()
+
+
+def test_converged_model_default_warns_compensates_and_beats_magnitude_and_flap(converged, caplog):
+    from hf_fisher import demo as D
+    from hf_fisher.consumers.pruning import SATURATED_LOSS
+
+    m, held, calib = converged
+    base = D._metrics(m, calib)[0]
+    assert base < SATURATED_LOSS
+    with caplog.at_level(logging.WARNING, logger="hf_fisher.pruning"):
+        r = prune(m, None, sparsity=0.3, scope="layer", rescale_batches=calib, progress=False)
+    assert r.stats["score"] == "kfac" and r.stats["compensated"]
+    assert any("saturated" in w for w in r.stats["warnings"])
+    assert any("compensate=True, not chosen" in w for w in r.stats["warnings"])
+    assert sum("saturated" in rec.getMessage() and rec.levelno == logging.WARNING for rec in caplog.records) == 1
+    default = _held_loss(r, held)
+    flap = _held_loss(prune(m, None, sparsity=0.3, scope="layer", score="flap", calibration_batches=calib, progress=False), held)
+    magnitude = _held_loss(prune(m, None, sparsity=0.3, scope="layer", score="magnitude", progress=False), held)
+    plain = _held_loss(prune(m, None, sparsity=0.3, scope="layer", rescale_batches=calib, compensate=False, progress=False), held)
+    assert default < flap and default < magnitude and default < plain, (default, flap, magnitude, plain)
+
+
+@pytest.mark.parametrize("chosen", [dict(compensate=False), dict(score="kfac")])
+def test_converged_model_explicit_choice_is_kept_with_a_warning(converged, chosen):
+    m, held, calib = converged
+    r = prune(m, None, sparsity=0.3, scope="layer", rescale_batches=calib, progress=False, **chosen)
+    r.restore()
+    assert not r.stats["compensated"]
+    assert len(r.stats["warnings"]) == 1 and "saturated" in r.stats["warnings"][0]
+
+
+def test_converged_model_fisher_artifact_warns(converged, tmp_path):
+    m, held, calib = converged
+    F = hf_fisher.collect(m, calib, reduction="param", progress=False)
+    r = prune(m, F, sparsity=0.5, structured=None, progress=False)
+    r.restore()
+    assert len(r.stats["warnings"]) == 1
+    assert "saturated" in r.stats["warnings"][0] and "score='magnitude'" in r.stats["warnings"][0]
+    out = r.save_pretrained(tmp_path / "p")
+    assert json.loads((out / "pruning.json").read_text())["stats"]["warnings"] == r.stats["warnings"]
+
+
+def test_a_model_that_is_not_saturated_gets_no_warning():
+    m = tm.llama(kv_heads=2)
+    F = hf_fisher.collect(m, BATCHES, reduction="param", progress=False)
+    for kw in (dict(), dict(structured=None), dict(scope="layer", rescale_batches=BATCHES)):
+        r = prune(m, F, sparsity=0.5, progress=False, **kw)
+        r.restore()
+        assert r.stats["warnings"] == [] and not r.stats.get("compensated"), kw

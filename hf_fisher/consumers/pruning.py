@@ -143,8 +143,9 @@ def _describe_tokenizer(tokenizer: Any) -> str:
     return f"the files in {str(tokenizer)!r}" if isinstance(tokenizer, (str, Path)) else type(tokenizer).__name__
 
 
-def _with_tokenizer(result: "PruneResult", tokenizer: Any) -> "PruneResult":
+def _finish(result: "PruneResult", tokenizer: Any, notes: list[str]) -> "PruneResult":
     result.tokenizer = tokenizer
+    result.stats["warnings"] = notes + result.stats.get("warnings", [])
     return result
 
 
@@ -398,7 +399,7 @@ def check_options(*, sparsity, structured, score, scope, min_per_layer, confiden
     default = score is None
     if default:  # the best criterion the inputs allow
         score = "kfac" if (has_data and scope == "layer" and kinds and "vocab" not in kinds
-                           and confidence is None and not compensate) else "fisher"
+                           and confidence is None) else "fisher"
     if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0.0 <= float(sparsity) < 1.0:
         raise InvalidInputError(f"sparsity must be a number in [0, 1), got {sparsity!r}")
     if scope not in SCOPES:
@@ -452,10 +453,8 @@ def check_options(*, sparsity, structured, score, scope, min_per_layer, confiden
             f"{t['compensate']} (with {t['score'].format('flap')}) needs heads / kv-heads / channels (no vocabulary rows) "
             f"and {t['data']}"
         )
-    if compensate and rescale:
-        raise InvalidInputError(f"choose one of the rescale (least squares) and {t['compensate']}")
     if score == "kfac" and (scope != "layer" or not has_data or kinds is None or "vocab" in kinds
-                            or confidence is not None or compensate):
+                            or confidence is not None):
         raise InvalidInputError(
             f"{sc} (structured OBS under the KFAC quadratic) prunes heads / kv-heads / channels layer by layer: it "
             f"needs {t['layer']}, {t['data']}, no vocabulary rows and no {t['confidence']}"
@@ -522,6 +521,7 @@ def prune(
     from hf_fisher.architectures.builder import config_of
 
     t_start = time.perf_counter()
+    chosen = {"score": score is not None, "compensate": compensate is not None}
     if hasattr(model, "peft_config") and physical:
         raise UnsupportedError("physical removal of a PEFT model: merge the adapters first (model.merge_and_unload())")
     kinds, score, rescale, compensate = check_options(
@@ -543,16 +543,32 @@ def prune(
     rescale_batches = _check_batches("rescale_batches", rescale_batches, model)
     calibration_batches = _check_batches("calibration_batches", calibration_batches, model) or rescale_batches
     layout = _layout_of(model, fisher)
+    notes: list[str] = []
     if kinds is None:
-        return _with_tokenizer(_prune_unstructured(model, fisher, sparsity=float(sparsity), score=score, scope=scope,
-                                   batches=calibration_batches, seed=seed, progress=progress, physical=physical,
-                                   t_start=t_start), tokenizer)
+        names = [n for n, _ in model.named_parameters() if input_axis(model, n) is not None and (fisher is None or n in fisher)]
+        _saturation(model, score, fisher, calibration_batches, notes, names=names)
+        return _finish(_prune_unstructured(model, fisher, sparsity=float(sparsity), score=score, scope=scope,
+                                           batches=calibration_batches, seed=seed, progress=progress, physical=physical,
+                                           t_start=t_start), tokenizer, notes)
     units = structured_units(model, layout, kinds, keep_tokens=keep_tokens)
+    if _saturation(model, score, fisher, calibration_batches, notes, units=units) and score == "kfac" \
+            and not chosen["score"] and not chosen["compensate"] and not compensate:
+        try:
+            if physical:
+                from hf_fisher.consumers.prune_physical import check_physical
+
+                check_physical(config_of(model), kinds, scope, True)
+            compensate = True
+            _note(notes, "so the default criterion (score 'kfac', not chosen) runs WITH FLAP's bias compensation of the "
+                         "mean output each projection loses (compensate=True, not chosen): it restores what the rescale "
+                         "cannot on such a model (pass compensate=False to keep the plain default)")
+        except UnsupportedError as e:
+            _note(notes, f"the bias compensation that helps such a model cannot be added here ({e})")
     if sequential or score == "kfac":
-        return _with_tokenizer(_prune_sequential(
+        return _finish(_prune_sequential(
             model, units, score=score, sparsity=float(sparsity), min_per_layer=min_per_layer, calibration=calibration_batches,
             rescale_batches=rescale_batches if rescale else None, compensate=bool(compensate), seed=seed, progress=progress,
-            physical=physical, t_start=t_start), tokenizer)
+            physical=physical, t_start=t_start), tokenizer, notes)
     stats_act = None
     t_stats = time.perf_counter()
     if score in ("wanda_sp", "flap") or compensate:
@@ -589,7 +605,69 @@ def prune(
     stats["seconds"] = time.perf_counter() - t_start
     logger.info("pruned %d of %d units (%.1f%% of their parameters) by %s, scope %s",
                 len(removed), len(units), 100 * stats["achieved_sparsity"], score, scope)
-    return _with_tokenizer(result, tokenizer)
+    return _finish(result, tokenizer, notes)
+
+
+#: below these, the model fits its data so closely that its Fisher scores are noise (``_saturation``)
+SATURATED_LOSS = 0.01  # nats per label token on the calibration batches
+SATURATED_QUADRATIC = 1e-5  # nats: the Fisher's own estimate of removing every candidate parameter (tiny random models: ~5e-4; the demo's converged model: ~1e-8)
+FISHER_SCORES = ("fisher", "obd", "kfac", "mask_fisher", "taylor1", "taylor2")
+
+
+def _note(notes: list[str], message: str) -> None:
+    logger.warning("%s", message)
+    notes.append(message)
+
+
+def _saturation(model, score: str, fisher, batches, notes: list[str], *, units=None, names=None) -> bool:
+    """Whether the model is saturated on its data, where Fisher (curvature) scores say nothing:
+    its mean calibration loss is below :data:`SATURATED_LOSS`, or the given Fisher's quadratic
+    estimate of the loss increase of zeroing *every* candidate parameter, ``½ Σ F w²`` (a group
+    Fisher: ``½ Σ_u F_u ‖w_u‖² / n_u``), is below :data:`SATURATED_QUADRATIC`. Both the empirical
+    and the true Fisher vanish there: the gradients of a model predicting its labels with
+    probability ≈ 1 vanish, and so does the curvature of its loss. Adds a WARNING to ``notes``
+    when ``score`` is a Fisher / gradient score."""
+    if score not in FISHER_SCORES:
+        return False
+    from hf_fisher.engine.losses import model_loss
+
+    loss = None
+    if batches is not None:
+        was = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                losses = [float(model_loss(model, b)) for b in batches]
+        finally:
+            model.train(was)
+        finite = [v for v in losses if math.isfinite(v)]
+        loss = sum(finite) / len(finite) if finite else None
+    quad = None
+    if fisher is not None and score in ("fisher", "obd"):
+        params = dict(model.named_parameters())
+        if names is not None:
+            quad = sum(float((0.5 * fisher[n].double().cpu() * params[n].detach().double().cpu() ** 2).sum()) for n in names)
+        elif units:
+            F_u = S._fisher_sums(fisher, units)
+            w2 = S._slice_sums(units, {n: params[n].detach().double() ** 2 for n in S._unit_params(units)})
+            sizes = torch.tensor([max(1, u.size) for u in units], dtype=torch.float64)
+            quad = float(0.5 * (F_u * w2 / sizes).sum())
+    low_loss = loss is not None and loss < SATURATED_LOSS
+    low_quad = quad is not None and quad < SATURATED_QUADRATIC
+    if not (low_loss or low_quad):
+        return False
+    facts = []
+    if loss is not None:
+        facts.append(f"mean calibration loss {loss:.3g} nats")
+    if quad is not None:
+        facts.append(f"the Fisher's own estimate of the loss increase of removing every candidate parameter, "
+                     f"½ Σ F w², is {quad:.3g} nats")
+    _note(notes, f"score {score!r} on a saturated model ({'; '.join(facts)}): the model fits its data so closely that its "
+                 "gradients vanish, and with them the empirical Fisher, the true Fisher (sampled labels: the model "
+                 "samples its own confident answer) and every curvature-based score — their ranking is noise here. "
+                 "Unstructured: prefer score='magnitude'. Structured: prune with calibration data and FLAP's bias "
+                 "compensation (score='flap', or the default 'kfac' with compensate=True)")
+    return True
 
 
 def _confident(units, scores, removed, fisher, confidence, scope, score, model) -> tuple[list[int], int]:
@@ -775,22 +853,22 @@ def _prune_sequential(model, units, *, score, sparsity, min_per_layer, calibrati
 
 
 def _compensate(model, units: Sequence[Unit], removed: set[int], stats, edits: _Edits) -> None:
-    """FLAP's bias compensation: ``b += Σ_{removed j} W_{:,j} E[x_j]`` per output projection."""
-    shift: dict[str, torch.Tensor] = {}
-    for k in removed:
-        for s in units[k].out:
-            mean = stats.mean(s.param)
-            m = torch.zeros_like(mean)
-            m[s.start : s.stop] = mean[s.start : s.stop]
-            shift[s.param] = shift.get(s.param, torch.zeros_like(mean)) + m
-    for name, m in shift.items():
-        w = edits.originals.get(name, edits.params[name]).detach().double().cpu()
-        delta = w @ m if input_axis(model, name) == 1 else m @ w
+    """FLAP's bias compensation, the mean output each output projection lost:
+    ``b += (W₀ − W) E[x]`` — ``Σ_{removed j} W₀_{:,j} E[x_j]`` after masking, plus
+    ``Σ_{kept j} (1 − s_j) W₀_{:,j} E[x_j]`` for the columns a rescale scaled by ``s_j``
+    (``E[x]``: the unpruned model's mean input over the calibration tokens)."""
+    names = list(dict.fromkeys(s.param for k in removed for s in units[k].out))
+    for name in names:
+        if name not in edits.originals:
+            continue
+        w0 = edits.originals[name].detach().double().cpu()
+        dw = w0 - edits.params[name].detach().double().cpu()
+        m = stats.mean(name)
+        delta = dw @ m if input_axis(model, name) == 1 else m @ dw
         module, _ = owner(model, name)
         bias = getattr(module, "bias", None)
         if bias is None:
             bias = edits.add_bias(module, delta.shape[0], edits.params[name])
-            bias_name = None
         else:
             bias_name = next(n for n, p in edits.params.items() if p is bias)
             edits.touch(bias_name)
