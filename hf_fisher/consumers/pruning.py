@@ -638,6 +638,9 @@ def _saturation(model, score: str, fisher, batches, notes: list[str], *, units=N
         try:
             with torch.no_grad():
                 losses = [float(model_loss(model, b)) for b in batches]
+        except Exception:  # noqa: BLE001 - no loss on these batches (a model without a head...): judged without it
+            logger.debug("no calibration loss for the saturation check", exc_info=True)
+            losses = []
         finally:
             model.train(was)
         finite = [v for v in losses if math.isfinite(v)]
