@@ -6,11 +6,14 @@ kv group, gate/up rows and down column of a channel, embedding / LM-head rows of
 new config states the new sizes. LLaMA-family configs (llama, mistral, qwen2, qwen3) hold one
 head count, one kv-head count and one intermediate size for *all* layers, so physical removal
 needs the same counts in every layer (``scope="layer"``) and, under GQA, the same number of
-query heads kept in every kv group (what ``scope="layer"`` selects). Other architectures (e.g.
+query heads kept in every kv group (what ``scope="layer"`` selects); in multi-head attention
+(as many kv-heads as heads) a removed head takes its K/V rows along and the new config has as
+many kv-heads as heads again. Other architectures (e.g.
 GPT-2, whose fused ``c_attn`` split is tied to the hidden size) keep the masks
 (``physical=False``). Vocabulary removal renumbers the kept tokens in order; the config's special
-token ids are renumbered with them and ``PruneResult.vocab_map`` says ``old -> new`` (a tokenizer
-must be remapped the same way).
+token ids are renumbered with them and ``PruneResult.vocab_map`` says ``old -> new``; a tokenizer
+cannot follow, so :func:`~hf_fisher.consumers.pruning.prune` refuses it when the model has one
+(unless ``tokenizer=False``).
 """
 
 from __future__ import annotations

@@ -4,16 +4,29 @@ with the least-squares rescale of Kwon et al. 2022, and the baseline criteria in
 
 Budget. ``sparsity`` is the fraction of *parameters* of the candidate units to remove (the units
 of the kinds in ``structured``, see :mod:`~hf_fisher.consumers.prune_units`; unstructured: the
-nn.Linear / Conv1D weights). ``scope="layer"`` gives every layer the same budget: query heads
-balanced over kv groups (``round(sparsity · H/H_kv)`` per group, at least one head kept per
-group, so the model stays a valid GQA/MQA model; or ``round(sparsity · H_kv)`` whole kv groups),
-then as many MLP channels as bring the layer's removed parameters nearest to ``sparsity`` × its
-unit parameters (every layer then removes the same counts); ``scope="global"``
-ranks all units together by score per parameter (FLAP: by its standardised score, as FLAP's
-adaptive structure search does) and removes the cheapest until the removed parameters are within
-half a unit of the target, keeping ``min_per_layer`` units of each (kind, layer) (query heads: at
-least one per kv group). Unstructured ``scope="layer"`` gives every weight matrix the same
-sparsity.
+nn.Linear / Conv1D weights). ``scope="layer"`` gives every layer the same budget: under GQA/MQA
+query heads balanced over kv groups (``round(sparsity · H/H_kv)`` per group, at least one head kept
+per group, so the model stays a valid GQA/MQA model); in multi-head attention (one query head per
+kv-head: GPT-2, BERT, LLaMA with H_kv = H) ``round(sparsity · H)`` heads per layer, each
+with its K/V rows; or ``round(sparsity · H_kv)`` whole kv groups; then as many MLP channels as
+bring the layer's removed parameters nearest to ``sparsity`` × its unit parameters (every layer
+then removes the same counts); ``scope="global"`` ranks all units together by score per parameter
+(FLAP: by its standardised score, as FLAP's adaptive structure search does) and removes the
+cheapest until the removed parameters are within half a unit of the target, keeping
+``min_per_layer`` units of each (kind, layer) (query heads under GQA/MQA: also one per kv group).
+A layer keeps at least one head (``min_per_layer=0`` is refused for heads / kv-heads). When these
+floors hold back what the budget asks for, or whole-unit rounding misses it by more than a unit,
+a WARNING says so and ``stats["warnings"]`` records it with the achieved sparsity. Unstructured
+``scope="layer"`` gives every weight matrix the same sparsity.
+
+Saturated models. On a model that fits its calibration data almost exactly (mean loss below
+:data:`SATURATED_LOSS`) or whose Fisher says removing every candidate parameter costs nearly
+nothing (``½ Σ F w²`` below :data:`SATURATED_QUADRATIC`), gradients vanish and with them the
+empirical Fisher, the true Fisher and every curvature score: ``prune`` warns (recorded in
+``stats["warnings"]``), and its default criterion (``score`` and ``compensate`` not chosen) adds
+the bias compensation, which restores the mean output the pruned units carried and which no
+rescale can (on the demo's converged copy model, 30% of heads / channels: held-out loss 0.00016
+against FLAP's 0.00076, magnitude's 0.44 and the plain default's 0.73).
 
 Confidence. ``confidence=c`` (needs a Fisher with variances, score "fisher" or "obd") withholds
 from removal every selected unit whose upper confidence bound ``score + t_{(1+c)/2, n−1} · se``
@@ -24,8 +37,8 @@ lowest score of the units kept in its budget (its bucket for ``scope="layer"``, 
 Applying. The masks (``True`` = kept) zero the removed slices in place; ``PruneResult.restore()``
 puts every touched tensor back bitwise. With rescale batches, the kept units' output columns are
 rescaled layer by layer (:mod:`~hf_fisher.consumers.prune_rescale`) while the masks go in; FLAP's
-bias compensation adds ``Σ_{removed j} W_{:,j} E[x_j]`` to the projection's bias (creating one when
-the module has none). ``physical=True`` returns a smaller model instead
+bias compensation adds ``(W₀ − W) E[x]`` (``Σ_{removed j} W_{:,j} E[x_j]``, plus what a rescale
+took from the kept columns) to the projection's bias (creating one when the module has none). ``physical=True`` returns a smaller model instead
 (:mod:`~hf_fisher.consumers.prune_physical`) and leaves the given model as it was.
 """
 
