@@ -187,6 +187,22 @@ def test_all_padding_calibration_data_is_refused(kwargs):
     assert same(m, before)
 
 
+NO_LABELS = [{"input_ids": torch.tensor([[3, 4, 5, 6]]), "labels": torch.full((1, 4), -100)}]
+
+
+@pytest.mark.parametrize("score, structured", [
+    ("taylor1", "heads"), ("taylor2", "heads"), ("mask_fisher", "heads"), ("kfac", "heads"),
+    ("taylor1", None), ("taylor2", None),
+])
+def test_calibration_data_without_labels_is_refused_by_label_scores(score, structured):
+    m = tm.llama(kv_heads=2)
+    before = snapshot(m)
+    with pytest.raises(EmptyDataError, match="label token"):
+        prune(m, None, sparsity=0.3, score=score, structured=structured, scope="layer", calibration_batches=NO_LABELS,
+              progress=False)
+    assert same(m, before)
+
+
 NEG = [{"input_ids": torch.tensor([[3, 4, -1]])}]
 
 

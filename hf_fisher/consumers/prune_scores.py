@@ -49,7 +49,7 @@ from hf_fisher import analysis
 from hf_fisher.consumers.gradient_store import only_trainable
 from hf_fisher.consumers.prune_units import Unit, input_axis, owner
 from hf_fisher.engine.per_sample import ContributionSink
-from hf_fisher.errors import InvalidInputError, UnsupportedError
+from hf_fisher.errors import EmptyDataError, InvalidInputError, UnsupportedError
 
 if TYPE_CHECKING:  # pragma: no cover
     from hf_fisher.fisher import Fisher
@@ -177,8 +177,14 @@ def _broadcast_in(model: nn.Module, name: str, per_input: torch.Tensor, shape) -
 def calibration_gradient(model: nn.Module, names: Sequence[str], batches) -> dict[str, torch.Tensor]:
     """``∂L/∂w`` for ``names``, ``L`` = mean over the batches of ``model(**batch).loss`` (labels
     default to the input ids with padding ignored), in eval mode; ``.grad`` is left as it was."""
-    from hf_fisher.engine.losses import model_loss
+    from hf_fisher.engine.losses import label_counts, model_loss, task_type_of
 
+    task = task_type_of(model)
+    if sum(int(label_counts(b, task).sum()) for b in batches) == 0:
+        raise EmptyDataError(
+            "no calibration sample has a label token (every label is -100 or padding): the gradient scores "
+            "(taylor1 / taylor2) need labels"
+        )
     params = _params(model)
     targets = [params[n] for n in names]
     total = {n: torch.zeros(params[n].shape, dtype=torch.float64) for n in names}
@@ -280,7 +286,7 @@ def mask_fisher(model: nn.Module, units: Sequence[Unit], batches, *, progress: b
         finally:
             engine.capture.detach()
     if n == 0:
-        raise InvalidInputError("no calibration sample has a label token: the mask Fisher needs some")
+        raise EmptyDataError("no calibration sample has a label token: the mask Fisher needs some")
     return sink.total / n
 
 
