@@ -1014,9 +1014,12 @@ With --data and --scope layer the default criterion is "kfac": layer by layer, u
 greedily by the least loss increase under the KFAC quadratic (Fisher of the layer output x
 Gram of its input) with the kept units' scales re-optimised and folded into the weights.
 Without data, "fisher": a head's score is the Fisher of its Q rows and O columns (no share of
-the K/V it shares under GQA), a channel's that of its gate/up rows and down column. --physical
-removes the units (a smaller model from_pretrained loads); otherwise the weights are zeroed.
-pruning.json in --out records what was removed.
+the K/V it shares under GQA; in multi-head attention a head takes its K/V rows along), a
+channel's that of its gate/up rows and down column. --physical removes the units (a smaller model
+from_pretrained loads); otherwise the weights are zeroed. --out gets the tokenizer files of
+--model and pruning.json: what was removed, and the warnings (a sparsity the floors cannot reach;
+a saturated model, whose Fisher vanishes: then the default adds FLAP's bias compensation).
+The flag combinations are checked before the model is loaded.
 """
 
 
