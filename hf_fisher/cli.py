@@ -606,16 +606,32 @@ def _cmd_prune(args: argparse.Namespace) -> int:
         _check_model_arg(args)
     if args.fisher is not None and not Path(args.fisher).is_dir():
         raise InvalidInputError(f"--fisher {args.fisher!r} is not a folder; pass a Fisher artifact folder (hf-fisher collect --out)")
-    if args.fisher is None and args.score in ("fisher", "obd"):
-        raise InvalidInputError(f"--score {args.score} reads a Fisher artifact: pass --fisher DIR (hf-fisher collect)")
-    if data_path is None and args.score in ("mask_fisher", "wanda_sp", "flap", "taylor1", "taylor2"):
-        raise InvalidInputError(f"--score {args.score} is computed on calibration data: pass --data FILE")
     from hf_fisher.atomic import check_target
-    from hf_fisher.consumers.merge_io import is_model_output_file
-    from hf_fisher.consumers.pruning import PRUNE_FILES
+    from hf_fisher.consumers.merge_io import TOKENIZER_FILES, is_model_output_file
+    from hf_fisher.consumers.pruning import CLI_TERMS, PRUNE_FILES, check_options, prune
 
     check_target(args.out, allowed=lambda n: is_model_output_file(n) or n in PRUNE_FILES, what="pruned model",
                  overwrite=args.overwrite, flag="--out", inputs=[("--model", args.model), ("--fisher", args.fisher)])
+    # The flag combinations, on the model's config and the Fisher artifact, before the model is loaded.
+    if args.physical and structured and "vocab" in structured and Path(args.model).is_dir() and any(
+            (Path(args.model) / f).is_file() for f in TOKENIZER_FILES):
+        raise InvalidInputError(
+            "--structured vocab with --physical renumbers the token ids, and the tokenizer in --model cannot be "
+            "renumbered with them (the output would have none that fits): prune the vocabulary without --physical "
+            "(rows zeroed, ids and tokenizer unchanged), or use hf_fisher.prune(..., physical=True, tokenizer=False) "
+            "and map ids through its vocab_map.json"
+        )
+    config, _ = _load_config(args.model)
+    fisher = None
+    if args.fisher is not None:
+        from hf_fisher.fisher import Fisher
+
+        fisher = Fisher.from_pretrained(args.fisher)
+    has_data = data_path is not None
+    check_options(sparsity=args.sparsity, structured=structured, score=args.score, scope=args.scope,
+                  min_per_layer=args.min_per_layer, confidence=args.confidence, physical=args.physical,
+                  has_data=has_data, has_rescale_data=has_data and not args.no_rescale, fisher=fisher,
+                  rescale=False if args.no_rescale or not has_data else None, config=config, terms=CLI_TERMS)
     _check_device(args.device)
     batches = None
     if data_path is not None:
@@ -623,15 +639,7 @@ def _cmd_prune(args: argparse.Namespace) -> int:
         config, task_type = _check_samples_against_config(args, samples)
         model, batches = _load_model_and_batches(args, config, task_type, samples)
     else:
-        config, _ = _load_config(args.model)
         model = _load_model(args.model, config, args.dtype, args.device)
-    fisher = None
-    if args.fisher is not None:
-        from hf_fisher.fisher import Fisher
-
-        fisher = Fisher.from_pretrained(args.fisher)
-    from hf_fisher.consumers.pruning import prune
-
     result = prune(
         model, fisher, sparsity=args.sparsity, structured=structured, score=args.score, scope=args.scope,
         min_per_layer=args.min_per_layer, confidence=args.confidence, physical=args.physical,
@@ -987,9 +995,12 @@ With --data and --scope layer the default criterion is "kfac": layer by layer, u
 greedily by the least loss increase under the KFAC quadratic (Fisher of the layer output x
 Gram of its input) with the kept units' scales re-optimised and folded into the weights.
 Without data, "fisher": a head's score is the Fisher of its Q rows and O columns (no share of
-the K/V it shares under GQA), a channel's that of its gate/up rows and down column. --physical
-removes the units (a smaller model from_pretrained loads); otherwise the weights are zeroed.
-pruning.json in --out records what was removed.
+the K/V it shares under GQA; in multi-head attention a head takes its K/V rows along), a
+channel's that of its gate/up rows and down column. --physical removes the units (a smaller model
+from_pretrained loads); otherwise the weights are zeroed. --out gets the tokenizer files of
+--model and pruning.json: what was removed, and the warnings (a sparsity the floors cannot reach;
+a saturated model, whose Fisher vanishes: then the default adds FLAP's bias compensation).
+The flag combinations are checked before the model is loaded.
 """
 
 

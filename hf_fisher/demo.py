@@ -13,7 +13,8 @@ Each stage uses the public API on what the stage before it produced:
    ``hf-fisher show``);
 4. prunes the copy model with :func:`hf_fisher.prune` (30% of the heads / channels of every
    layer, structured OBS under KFAC with a rescale on calibration batches, physically removed) and
-   prints its copy loss before and after;
+   prints its copy loss before and after (the fine-tuned copy model is saturated — its Fisher
+   vanishes — so ``prune`` warns and adds FLAP's bias compensation to its default);
 5. merges the two task models with :func:`hf_fisher.merge_with_fisher`, by Fisher merging and by
    plain averaging, and prints a score table: each task's held-out loss for the copy model, the
    reverse model, the average merge and the Fisher merge;
@@ -449,11 +450,14 @@ def _run(args: argparse.Namespace, root: Path) -> DemoResult:
     n_small = sum(p.numel() for p in small.parameters())
     loss_before, acc_before = _metrics(models["copy"], held_out["copy"])
     loss_after, acc_after = _metrics(small, held_out["copy"])
-    pruned.save_pretrained(root / PRUNED_DIR, overwrite=True)
-    tokenizer.save_pretrained(root / PRUNED_DIR)
+    pruned.save_pretrained(root / PRUNED_DIR, overwrite=True)  # with the tokenizer of the copy model's folder
     result.prune_stats = {"params_before": n_params, "params_after": n_small, "loss_before": loss_before,
                           "loss_after": loss_after, "accuracy_before": acc_before, "accuracy_after": acc_after,
-                          "removed_units": len(pruned.removed), "score": pruned.stats.get("score")}
+                          "removed_units": len(pruned.removed), "score": pruned.stats.get("score"),
+                          "compensated": pruned.stats.get("compensated"), "warnings": pruned.stats.get("warnings", [])}
+    if pruned.stats.get("compensated"):
+        print("  the copy model is saturated (it predicts its answers with probability ~1, so its Fisher vanishes): "
+              "hf_fisher.prune warned and added FLAP's bias compensation to the default (pruning.json, 'warnings')")
     print(f"  removed {len(pruned.removed)} heads / channels: {n_params:,} -> {n_small:,} parameters; "
           f"copy loss {loss_before:.3f} -> {loss_after:.3f}, copy accuracy {100 * acc_before:.1f}% -> {100 * acc_after:.1f}%")
 

@@ -6,11 +6,14 @@ kv group, gate/up rows and down column of a channel, embedding / LM-head rows of
 new config states the new sizes. LLaMA-family configs (llama, mistral, qwen2, qwen3) hold one
 head count, one kv-head count and one intermediate size for *all* layers, so physical removal
 needs the same counts in every layer (``scope="layer"``) and, under GQA, the same number of
-query heads kept in every kv group (what ``scope="layer"`` selects). Other architectures (e.g.
+query heads kept in every kv group (what ``scope="layer"`` selects); in multi-head attention
+(as many kv-heads as heads) a removed head takes its K/V rows along and the new config has as
+many kv-heads as heads again. Other architectures (e.g.
 GPT-2, whose fused ``c_attn`` split is tied to the hidden size) keep the masks
 (``physical=False``). Vocabulary removal renumbers the kept tokens in order; the config's special
-token ids are renumbered with them and ``PruneResult.vocab_map`` says ``old -> new`` (a tokenizer
-must be remapped the same way).
+token ids are renumbered with them and ``PruneResult.vocab_map`` says ``old -> new``; a tokenizer
+cannot follow, so :func:`~hf_fisher.consumers.pruning.prune` refuses it when the model has one
+(unless ``tokenizer=False``).
 """
 
 from __future__ import annotations
@@ -21,7 +24,6 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 
-from hf_fisher.architectures.builder import model_type_of
 from hf_fisher.architectures.llama import MODEL_TYPES
 from hf_fisher.consumers.prune_units import Unit
 from hf_fisher.errors import InvalidInputError, UnsupportedError
@@ -32,31 +34,36 @@ _TOKEN_KEYS = ("pad_token_id", "bos_token_id", "eos_token_id", "unk_token_id", "
                "cls_token_id", "mask_token_id", "decoder_start_token_id")
 
 
-def check_physical(model: nn.Module, kinds: Sequence[str] | None, scope: str, compensate: bool) -> None:
-    """Refuse, before any work, what physical removal cannot produce, saying what to do."""
+def check_physical(config, kinds: Sequence[str] | None, scope: str, compensate: bool, *, terms=None) -> None:
+    """Refuse, before any work (the model's config is enough), what physical removal cannot
+    produce, saying what to do (``terms``: :data:`hf_fisher.consumers.pruning.API_TERMS` or
+    ``CLI_TERMS``)."""
+    from hf_fisher.consumers.pruning import API_TERMS
+
+    t = terms or API_TERMS
     if kinds is None:
-        raise InvalidInputError("physical=True removes structures; unstructured masks cannot shrink a model (use physical=False)")
-    if hasattr(model, "peft_config"):
-        raise UnsupportedError("physical removal of a PEFT model: merge the adapters first (model.merge_and_unload())")
-    mt = model_type_of(model)
+        raise InvalidInputError(
+            f"{t['physical']} removes structures; unstructured masks ({t['unstructured']}) cannot shrink a model "
+            f"(use {t['masked']})"
+        )
+    mt = getattr(config, "model_type", None)
     if mt not in MODEL_TYPES:
         raise UnsupportedError(
             f"physical removal is implemented for LLaMA-family configs ({', '.join(sorted(MODEL_TYPES))}), not "
-            f"{mt!r}: its config cannot describe the smaller shapes. Use physical=False (masks) for this model"
+            f"{mt!r}: its config cannot describe the smaller shapes. Use {t['masked']} (masks) for this model"
         )
     if scope != "layer" and any(k != "vocab" for k in kinds):
         raise InvalidInputError(
             f"a {mt} config holds one head count and one intermediate size for all layers, so physical removal "
-            "needs the same counts in every layer: pass scope='layer' (uniform per-layer budgets), or physical=False"
+            f"needs the same counts in every layer: pass {t['layer']} (uniform per-layer budgets), or {t['masked']}"
         )
     if compensate:
-        cfg = model.config
         need = [k for k, kind in (("attention_bias", ("heads", "kv_heads")), ("mlp_bias", ("channels",)))
-                if any(x in kinds for x in kind) and not hasattr(cfg, k)]
+                if any(x in kinds for x in kind) and not hasattr(config, k)]
         if need:
             raise UnsupportedError(
                 f"FLAP's bias compensation adds output biases a {mt} config cannot declare ({', '.join(need)} missing); "
-                "use physical=False or compensate=False"
+                f"use {t['masked']} or another score"
             )
 
 
@@ -82,6 +89,9 @@ def build_physical(model: nn.Module, units: Sequence[Unit], removed: set[int]) -
         if units[members[0]].kind == "kv_head":
             gone = {units[k].index for k in members if k in removed}
             heads[layer] = (H - g * len(gone), Hkv - len(gone))
+        elif g == 1:  # multi-head attention: a query head's unit holds its kv-head's K/V rows
+            kept = sum(k not in removed for k in members)
+            heads[layer] = (kept, kept)
         else:
             per_group: dict[int, int] = {}
             for k in members:

@@ -49,7 +49,7 @@ from hf_fisher import analysis
 from hf_fisher.consumers.gradient_store import only_trainable
 from hf_fisher.consumers.prune_units import Unit, input_axis, owner
 from hf_fisher.engine.per_sample import ContributionSink
-from hf_fisher.errors import InvalidInputError, UnsupportedError
+from hf_fisher.errors import EmptyDataError, InvalidInputError, UnsupportedError
 
 if TYPE_CHECKING:  # pragma: no cover
     from hf_fisher.fisher import Fisher
@@ -177,8 +177,14 @@ def _broadcast_in(model: nn.Module, name: str, per_input: torch.Tensor, shape) -
 def calibration_gradient(model: nn.Module, names: Sequence[str], batches) -> dict[str, torch.Tensor]:
     """``∂L/∂w`` for ``names``, ``L`` = mean over the batches of ``model(**batch).loss`` (labels
     default to the input ids with padding ignored), in eval mode; ``.grad`` is left as it was."""
-    from hf_fisher.engine.losses import model_loss
+    from hf_fisher.engine.losses import label_counts, model_loss, task_type_of
 
+    task = task_type_of(model)
+    if sum(int(label_counts(b, task).sum()) for b in batches) == 0:
+        raise EmptyDataError(
+            "no calibration sample has a label token (every label is -100 or padding): the gradient scores "
+            "(taylor1 / taylor2) need labels"
+        )
     params = _params(model)
     targets = [params[n] for n in names]
     total = {n: torch.zeros(params[n].shape, dtype=torch.float64) for n in names}
@@ -280,35 +286,11 @@ def mask_fisher(model: nn.Module, units: Sequence[Unit], batches, *, progress: b
         finally:
             engine.capture.detach()
     if n == 0:
-        raise InvalidInputError("no calibration sample has a label token: the mask Fisher needs some")
+        raise EmptyDataError("no calibration sample has a label token: the mask Fisher needs some")
     return sink.total / n
 
 
 # ----------------------------------------------------------------------------- entry points
-def check_score(score: str, units_kinds: set[str] | None, fisher, has_data: bool, *, sequential: bool = False) -> None:
-    """Fail before any work when ``score`` cannot be computed with what was given."""
-    if score not in SCORES:
-        raise InvalidInputError(f"unknown score {score!r}; choose one of {', '.join(SCORES)}")
-    if units_kinds is None and score not in UNSTRUCTURED:
-        raise InvalidInputError(
-            f"score={score!r} is defined for structured units only; for unstructured pruning choose one of {', '.join(UNSTRUCTURED)}"
-        )
-    if score in NEEDS_FISHER and fisher is None and not sequential:
-        raise InvalidInputError(f"score={score!r} reads a Fisher artifact: pass fisher= (hf_fisher.collect(model, batches))")
-    if score == "obd" and fisher is not None and fisher.reduction != "param":
-        raise InvalidInputError(
-            "score='obd' needs the Fisher of every weight (reduction='param'); the given Fisher is a group Fisher"
-        )
-    if units_kinds is None and score == "fisher" and fisher is not None and fisher.reduction != "param":
-        raise InvalidInputError("unstructured pruning needs a Fisher of every weight (reduction='param'); this one is a group Fisher")
-    if score in NEEDS_DATA and not has_data:
-        raise InvalidInputError(
-            f"score={score!r} is computed on calibration batches: pass calibration_batches= (or rescale_batches=)"
-        )
-    if score in NEEDS_OUT and units_kinds and "vocab" in units_kinds:
-        raise InvalidInputError(f"score={score!r} is defined through output projections; it does not apply to vocabulary rows")
-
-
 def score_units(
     model: nn.Module,
     units: Sequence[Unit],
@@ -349,7 +331,7 @@ def score_units(
         out = _slice_sums(units, {n: _taylor(params[n], grads[n], None if F is None else F[n]) for n in names})
     elif score == "mask_fisher":
         out = mask_fisher(model, units, batches, progress=progress)
-    else:  # pragma: no cover - check_score guards
+    else:  # pragma: no cover - pruning.check_options guards
         raise InvalidInputError(f"unknown score {score!r}")
     if not bool(torch.isfinite(out).all()):
         bad = int((~torch.isfinite(out)).nonzero()[0])

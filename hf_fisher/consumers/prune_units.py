@@ -5,8 +5,10 @@ score of :mod:`hf_fisher.consumers.prune_scores` sums over:
 
 - ``"head"`` (query head ``h`` of layer ``l``): its Q rows (and Q bias) and its O columns. Under
   GQA/MQA the K/V rows of its kv-head stay (other query heads still read them): no share of them
-  belongs to the head. With one query head per kv-head (plain multi-head attention) removing the
-  head removes its K/V rows too, so they are part of it.
+  belongs to the head, and its kv group keeps at least one query head. With one query head per
+  kv-head (plain multi-head attention: GPT-2, BERT, LLaMA with as many kv-heads as heads)
+  removing the head removes its kv group — its K/V rows are part of it — and the head's budget
+  is its layer's, not its group's (:attr:`Unit.budget`).
 - ``"kv_head"`` (kv group ``j`` of layer ``l``): the K/V rows of kv-head ``j`` and every query
   head reading it (their Q rows and O columns).
 - ``"channel"`` (MLP channel ``c`` of layer ``l``): every slice of the layout's
@@ -43,7 +45,7 @@ class Unit:
     (None for vocabulary rows); ``index`` (head, kv-head, channel or token id); ``group`` (the
     kv-head of a query head: budgets are balanced over it); ``slices`` (everything removing it
     removes); ``out`` (its slices on the output projection's input axis); ``size`` (parameters
-    in ``slices``)."""
+    in ``slices``); ``shares_kv`` (a query head whose kv-head other query heads read: GQA/MQA)."""
 
     kind: str
     layer: int | None
@@ -52,6 +54,14 @@ class Unit:
     slices: tuple[Slice, ...]
     out: tuple[Slice, ...]
     size: int
+    shares_kv: bool = False
+
+    @property
+    def budget(self) -> tuple[str, int | None, int | None]:
+        """Units with the same budget key are counted together by the selection (and keep at
+        least the floor): ``(kind, layer, kv group)`` for a query head sharing its kv-head
+        (its group must keep one), else ``(kind, layer, None)``."""
+        return (self.kind, self.layer, self.group if self.kind == "head" and self.shares_kv else None)
 
     @property
     def bucket(self) -> tuple[str, int | None]:
@@ -112,9 +122,9 @@ def structured_units(model: nn.Module, layout: ModelLayout, kinds: Iterable[str]
         )
     units: list[Unit] = []
 
-    def unit(kind, layer, index, group, slices, out):
+    def unit(kind, layer, index, group, slices, out, shares_kv=False):
         slices = tuple(slices)
-        units.append(Unit(kind, layer, index, group, slices, tuple(out), sum(_size(shapes, s) for s in slices)))
+        units.append(Unit(kind, layer, index, group, slices, tuple(out), sum(_size(shapes, s) for s in slices), shares_kv))
 
     def out_of(slices) -> list[Slice]:
         return [s for s in slices if input_axis(model, s.param) == s.axis]
@@ -131,7 +141,7 @@ def structured_units(model: nn.Module, layout: ModelLayout, kinds: Iterable[str]
         if "heads" in kinds:
             for h in att.heads:
                 own = list(h.q) + list(h.o) + (list(h.k) + list(h.v) if g == 1 else [])
-                unit("head", att.layer, h.head, h.kv_head, own, out_of(h.o))
+                unit("head", att.layer, h.head, h.kv_head, own, out_of(h.o), g > 1)
         if "kv_heads" in kinds:
             for j in range(att.num_kv_heads):
                 members = [h for h in att.heads if h.kv_head == j]
