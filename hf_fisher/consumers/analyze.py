@@ -39,6 +39,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
+from hf_fisher.consumers.conflict_defaults import DEFAULT_ALPHA, DEFAULT_MIN_EFFECT_SIZE
 from hf_fisher.errors import InvalidInputError
 from hf_fisher.hookspecs import hookimpl
 
@@ -59,7 +60,8 @@ class AnalysisConfig:
     sparsity: float = 0.3
     structured: Sequence[str] = ("heads", "channels")
     keep: float = 0.2
-    n_permutations: int = 200
+    alpha: float = DEFAULT_ALPHA
+    min_effect_size: float = DEFAULT_MIN_EFFECT_SIZE
     memory_budget_mb: float = 256.0
     max_samples: int | None = None
     layers: Sequence[int] | None = None
@@ -283,7 +285,8 @@ def stage_conflicts(ctx: AnalysisContext) -> dict:
 
     a, b = ctx.pair()
     res = sample_conflicts(ctx.model, ctx.tasks[a], ctx.tasks[b], layers=ctx.config.layers,
-                           n_permutations=ctx.config.n_permutations, memory_budget_mb=ctx.config.memory_budget_mb,
+                           alpha=ctx.config.alpha, min_effect_size=ctx.config.min_effect_size,
+                           memory_budget_mb=ctx.config.memory_budget_mb,
                            top_k=ctx.config.top_k, progress=ctx.config.progress)
     folder = ctx.folder("conflicts")
     res.to_json(folder / "conflicts.json")

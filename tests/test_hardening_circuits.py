@@ -1,0 +1,196 @@
+"""Issue 21, circuits: the sample-conflict test on noise and on planted conflicts, its effect-size
+floor and its one set of defaults; QK-OV refusing empty data; the reports' and circuit commands'
+plots as a reader sees them."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import math
+
+import pytest
+import torch
+
+from hf_fisher.consumers.conflicts import DEFAULT_ALPHA, DEFAULT_MIN_EFFECT_SIZE, sample_conflicts
+from hf_fisher.consumers.gradient_store import GradientStore
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+NAMES = ("model.layers.0.self_attn.q_proj.weight", "model.layers.0.self_attn.v_proj.weight")
+N = 16
+
+
+def structured_noise(seed: int, n: int = N, dim: int = 4096, rank: int = 24, decay: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two tasks' gradients from ONE mean-zero distribution, independent samples: what real
+    per-sample gradients look like to the test (a few dominant directions with a decaying
+    spectrum, heavy-tailed sample norms, uneven loadings on the directions, coordinates of very
+    different scales), so unrelated samples have cosines far from 0 though nothing conflicts."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(dim, rank, generator=g, dtype=torch.float64) / torch.arange(1, rank + 1, dtype=torch.float64) ** decay
+    coord = torch.exp(torch.randn(dim, generator=g, dtype=torch.float64))
+
+    def draw():
+        z = torch.randn(n, rank, generator=g, dtype=torch.float64)
+        z = z * torch.exp(torch.randn(n, 1, generator=g, dtype=torch.float64)) * torch.exp(
+            0.5 * torch.randn(n, rank, generator=g, dtype=torch.float64))
+        return (z @ w.T + 0.05 * torch.randn(n, dim, generator=g, dtype=torch.float64)) * coord
+
+    return draw(), draw()
+
+
+def stores(a: torch.Tensor, b: torch.Tensor) -> tuple[GradientStore, GradientStore]:
+    half = a.shape[1] // 2
+
+    def store(x, batch):
+        return GradientStore({NAMES[0]: x[:, :half].reshape(len(x), -1, 4), NAMES[1]: x[:, half:].reshape(len(x), -1, 4)},
+                             [(batch, i) for i in range(len(x))], dtype=x.dtype)
+
+    return store(a, 0), store(b, 1)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_pure_noise_gives_no_discovery(seed):
+    """Independent samples of one distribution: nothing may be called a conflict (under the
+    complete null the FDR is the chance of any discovery, <= alpha; these seeds give none), even
+    with the effect-size floor off, though a third of the cosines are below -0.1."""
+    a, b = structured_noise(seed)
+    r = sample_conflicts(None, *stores(a, b), min_effect_size=0.0, progress=False)
+    assert float((r.cosine["overall"] < -0.1).double().mean()) > 0.2  # far from 0: a coordinate null would fire
+    assert sum(int(s.sum()) for s in r.significant.values()) == 0
+    assert r.claims == [] and r.clusters == [] and r.recommendations["samples"] == []
+
+
+def large_layer_noise(seed: int, dim: int = 590_000, rank: int = 16, share: float = 0.04):
+    """Independent samples of a 590k-coordinate layer (the issue's MiniLM case): isotropic noise
+    plus a shared low-rank part carrying ``share`` of the energy, so cosines are near zero
+    (sd ~ 0.01) yet eight times wider than a coordinate permutation's (1 / sqrt(dim) ~ 0.0013)."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(dim, rank, generator=g) / math.sqrt(rank)
+
+    def draw():
+        return (math.sqrt(share) * torch.randn(N, rank, generator=g) @ w.T
+                + math.sqrt(1 - share) * torch.randn(N, dim, generator=g))
+
+    return draw(), draw()
+
+
+def test_near_zero_cosines_of_a_large_layer_are_not_conflicts():
+    """The old coordinate-permutation test called about half of these pairs conflicts (mean
+    cosine ~ 0); now none, by the test alone and by the effect-size floor."""
+    a, b = large_layer_noise(0)
+    r = sample_conflicts(None, *stores(a, b), progress=False)
+    cos = r.cosine["overall"]
+    assert float(cos.abs().max()) < 0.05 and float(cos.std()) > 5 / math.sqrt(590_000)
+    assert sum(int(s.sum()) for s in r.significant.values()) == 0
+    r0 = sample_conflicts(None, *stores(a, b), min_effect_size=0.0, progress=False)
+    assert sum(int(s.sum()) for s in r0.significant.values()) == 0
+
+
+def plant(a: torch.Tensor, b: torch.Tensor, strength: float = 1.0, row: bool = True):
+    """Planted conflicts: four lone pairs, a 3 x 3 cluster (A 8-10 against B 8-10 along one
+    direction) and (``row``) sample 14 of A against every sample of B. Returns A, B and the truth."""
+    a, b = a.clone(), b.clone()
+    truth = torch.zeros(N, N, dtype=torch.bool)
+    for i, j in ((0, 3), (2, 7), (4, 1), (6, 12)):
+        b[j] = -strength * a[i] * b[j].norm() / a[i].norm() + 0.5 * b[j]
+        truth[i, j] = True
+    d = a[8] / a[8].norm()
+    for i in (8, 9, 10):
+        a[i] = d * a[i].norm() + 0.5 * a[i]
+    for j in (8, 9, 10):
+        b[j] = -strength * d * b[j].norm() + 0.5 * b[j]
+    truth[8:11, 8:11] = True
+    if row:
+        for j in range(N):
+            b[j] = b[j] - 1.2 * strength * a[14] * b[j].norm() / a[14].norm()
+        truth[14, :] = True
+    return a, b, truth
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_planted_conflicts_are_found_and_nothing_else(seed):
+    g = torch.Generator().manual_seed(100 + seed)
+    a = torch.randn(N, 8192, generator=g, dtype=torch.float64)
+    b = torch.randn(N, 8192, generator=g, dtype=torch.float64)
+    a, b, truth = plant(a, b)
+    r = sample_conflicts(None, *stores(a, b), progress=False)
+    assert torch.equal(r.significant["overall"], truth)
+    assert bool((r.cosine["overall"][truth] < -0.3).all())
+    clusters = [(c.samples_a, c.samples_b) for c in r.clusters]
+    assert clusters == [([0, 2, 4, 6, 8, 9, 10, 14], list(range(N)))]  # sample 14 joins every B sample into one
+    samples = {(s["task"], s["sample"]): s["action"] for s in r.recommendations["samples"]}
+    assert samples[("A", 14)] == "filter"
+    assert any(c.startswith("sample 14 of task A conflicts with sample ") for c in r.claims)
+
+
+def test_planted_conflicts_in_structured_noise():
+    """Planted pairs among structured gradients (about 30 effective directions): they stand out
+    of a null whose cosines spread widely (sd ~ 0.25): most are found, the false discoveries
+    stay within the FDR."""
+    a, b = structured_noise(7, dim=8192, rank=64, decay=0.5)
+    a, b, truth = plant(a, b, strength=3.0, row=False)
+    r = sample_conflicts(None, *stores(a, b), progress=False)
+    assert bool((r.cosine["overall"][truth] < -0.75).all())
+    sig = r.significant["overall"]
+    found, false = int((sig & truth).sum()), int((sig & ~truth).sum())
+    assert found >= 0.8 * int(truth.sum()) and false <= 0.1 * (found + false)  # 11 of 13, 1 false here
+
+
+def test_the_effect_size_floor_drops_significant_but_tiny_conflicts():
+    """A weak planted conflict (cos ~ -0.03) in a large layer is statistically clear; the floor
+    (default 0.05) keeps it out, a floor of 0 or 0.02 lets it in."""
+    g = torch.Generator().manual_seed(3)
+    a = torch.randn(N, 200_000, generator=g, dtype=torch.float64)
+    b = torch.randn(N, 200_000, generator=g, dtype=torch.float64)
+    b[5] = b[5] - 0.03 * a[2] * b[5].norm() / a[2].norm()
+    sa, sb = stores(a, b)
+    r = sample_conflicts(None, sa, sb, progress=False)
+    cos = float(r.cosine["overall"][2, 5])
+    assert -0.04 < cos < -0.02 and float(r.p_adjusted["overall"][2, 5]) < 1e-6
+    assert r.min_effect_size == DEFAULT_MIN_EFFECT_SIZE == 0.05 and not bool(r.significant["overall"].any())
+    assert "cosine <= -0.05" in r.recommendations["actions"][0]
+    for floor in (0.0, 0.02):
+        rf = sample_conflicts(None, sa, sb, min_effect_size=floor, progress=False)
+        assert rf.significant["overall"].nonzero().tolist() == [[2, 5]]
+    assert json.loads(r.to_json())["min_effect_size"] == 0.05
+    assert sample_conflicts(None, sa, sb, min_effect_size=0.04, progress=False).significant["overall"].nonzero().tolist() == []
+
+
+def test_one_set_of_defaults_for_api_analyze_and_cli():
+    from hf_fisher.cli import build_parser
+    from hf_fisher.consumers.analyze import AnalysisConfig
+
+    sig = inspect.signature(sample_conflicts).parameters
+    assert sig["alpha"].default == DEFAULT_ALPHA and sig["min_effect_size"].default == DEFAULT_MIN_EFFECT_SIZE
+    assert "n_permutations" not in sig and "seed" not in sig
+    cfg = AnalysisConfig()
+    assert (cfg.alpha, cfg.min_effect_size) == (DEFAULT_ALPHA, DEFAULT_MIN_EFFECT_SIZE)
+    args = build_parser().parse_args(["conflicts", "--model", "m", "--task-a", "a", "--task-b", "b", "--out", "o"])
+    assert (args.alpha, args.min_effect_size) == (DEFAULT_ALPHA, DEFAULT_MIN_EFFECT_SIZE)
+    assert not hasattr(args, "permutations")
+
+
+def test_analyze_passes_its_alpha_and_floor_to_the_conflicts_stage(tmp_path):
+    import tiny_models as tm
+    from hf_fisher.consumers.analyze import analyze
+
+    model = tm.llama(kv_heads=2, layers=2)
+    tasks = {"a": [tm.padded_batch([7, 5, 6], seed=1)], "b": [tm.padded_batch([6, 8, 4], seed=2)]}
+    res = analyze(model, tasks, out=tmp_path / "a",
+                  config={"stages": ["conflicts"], "alpha": 0.1, "min_effect_size": 0.2, "progress": False})
+    assert res.status == {"conflicts": "ok"}
+    data = json.loads((tmp_path / "a" / "conflicts" / "conflicts.json").read_text())
+    assert data["alpha"] == 0.1 and data["min_effect_size"] == 0.2
+
+
+def test_cli_refuses_a_bad_floor_before_loading_the_model(tmp_path):
+    from test_cli_bad_input import hf_fisher
+
+    (tmp_path / "a.jsonl").write_text('{"input_ids": [1, 2, 3]}\n')
+    (tmp_path / "b.jsonl").write_text('{"input_ids": [1, 2, 3]}\n')
+    for flag, value in (("--min-effect-size", "1.5"), ("--min-effect-size", "-0.1"), ("--permutations", "50")):
+        proc = hf_fisher("conflicts", "--model", str(tmp_path / "no-such-model"), "--task-a", "a.jsonl", "--task-b",
+                         "b.jsonl", "--out", "out", flag, value, cwd=tmp_path)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+        assert flag in proc.stderr and "no-such-model" not in proc.stderr  # before the model folder is looked at
+        assert not (tmp_path / "out").exists()
