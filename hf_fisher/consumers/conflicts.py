@@ -64,10 +64,11 @@ Quantities (all in float64, per element of the stored parameters):
   bipartite graph whose nodes are the samples of A and B and whose edges are the significant
   conflicts of the ``"overall"`` group; components with at least one edge.
 
-Cost: the cosines are ``n_A · n_B · Σ_G D_G`` multiply-adds (``Σ_G D_G`` is twice the stored
-coordinates: the groups and ``"overall"``); the test is ``O(n_A · n_B)`` per group. Memory: the
-float64 natural gradients of one group (``(n_A + n_B) · D_G · 8`` bytes; for ``"overall"``
-twice a float32 store).
+Cost: ``n_A · n_B · D`` multiply-adds for the natural-gradient dot products, one parameter
+tensor at a time (``D`` stored coordinates; every group's and ``"overall"``'s cosines are sums
+of its parameters' dot products and squared norms); the test is ``O(n_A · n_B)`` per group.
+Memory: the float64 natural gradients of one parameter tensor, ``(n_A + n_B) · D_param · 8``
+bytes. 16 x 16 samples of a 590k-coordinate layer: about a second.
 """
 
 from __future__ import annotations
@@ -205,14 +206,6 @@ def fdr_bh(p_values: Any) -> torch.Tensor:
     if not bool(((p >= 0) & (p <= 1)).all()):
         raise InvalidInputError("p-values must lie in [0, 1]")
     return torch.from_numpy(false_discovery_control(p.numpy(), method="bh")).to(torch.float64)
-
-
-def _unit(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rows of ``x`` scaled to unit norm (zero rows stay zero) and the squared norms of the result (1 or 0)."""
-    norm = x.norm(dim=1, keepdim=True)
-    nz = norm > 0
-    u = torch.where(nz, x / torch.where(nz, norm, torch.ones_like(norm)), torch.zeros_like(x))
-    return u, nz.squeeze(1).to(x.dtype)
 
 
 def unit_l2_effect_size(cos: torch.Tensor, sq_a: torch.Tensor | None = None, sq_b: torch.Tensor | None = None) -> torch.Tensor:
@@ -542,21 +535,30 @@ def sample_conflicts(
         F = {n: ((sa.grads[n].double() ** 2).sum(0) + (sb.grads[n].double() ** 2).sum(0)) / (n_a + n_b) for n in names}
     else:
         F = fisher_given
-    scale = {n: (F[n] + eps).rsqrt() for n in names}
-
-    def natural(store: GradientStore, plist: list[str]) -> torch.Tensor:
-        return torch.cat([(store.grads[n].double() * scale[n]).reshape(store.num_samples, -1) for n in plist], dim=1)
+    # --- per parameter: natural-gradient dot products of every pair and squared norms; a group's
+    # (and "overall"'s) cosines are sums of its parameters' (no concatenated copies)
+    dots, sq_a, sq_b = {}, {}, {}
+    for n in tqdm(names, desc="conflict cosines", unit="param", disable=not progress):
+        scale = (F[n] + eps).rsqrt().reshape(-1)
+        xa = sa.grads[n].reshape(n_a, -1).double() * scale
+        xb = sb.grads[n].reshape(n_b, -1).double() * scale
+        dots[n], sq_a[n], sq_b[n] = xa @ xb.T, xa.square().sum(1), xb.square().sum(1)
+        del xa, xb
 
     # --- cosines, effect sizes, p-values of the sign-symmetric null
     cosine, effect, pvals, nref = {}, {}, {}, {}
-    for key in tqdm(keys, desc="conflict tests", unit="group", disable=not progress):
-        u, sq_a = _unit(natural(sa, group_params[key]))
-        v, sq_b = _unit(natural(sb, group_params[key]))
-        cos = (u @ v.T).clamp_(-1.0, 1.0)
+    for key in keys:
+        plist = group_params[key]
+        na = torch.stack([sq_a[n] for n in plist]).sum(0).sqrt()
+        nb = torch.stack([sq_b[n] for n in plist]).sum(0).sqrt()
+        valid = (na[:, None] > 0) & (nb[None, :] > 0)
+        denom = torch.where(valid, na[:, None] * nb[None, :], torch.ones_like(valid, dtype=torch.float64))
+        cos = torch.where(valid, torch.stack([dots[n] for n in plist]).sum(0) / denom, 0.0).clamp_(-1.0, 1.0)
         p, k = conflict_pvalues(cos)
         # a zero gradient has no direction: its cosines are 0 and cannot be tested
-        p = torch.where((sq_a[:, None] > 0) & (sq_b[None, :] > 0), p, torch.ones_like(p))
-        cosine[key], effect[key], pvals[key], nref[key] = cos, unit_l2_effect_size(cos, sq_a, sq_b), p, k
+        p = torch.where(valid, p, torch.ones_like(p))
+        unit_a, unit_b = (na > 0).to(torch.float64), (nb > 0).to(torch.float64)
+        cosine[key], effect[key], pvals[key], nref[key] = cos, unit_l2_effect_size(cos, unit_a, unit_b), p, k
 
     flat = torch.cat([pvals[k].reshape(-1) for k in keys])
     adj_flat = fdr_bh(flat)
