@@ -17,7 +17,7 @@ import tiny_models as tm
 from hf_fisher.consumers import conflicts as cf
 from hf_fisher.consumers.conflicts import conflict_pvalues, fdr_bh, format_p, sample_conflicts
 from hf_fisher.consumers.gradient_store import GradientStore, attention_params, store_gradients
-from hf_fisher.errors import InvalidInputError
+from hf_fisher.errors import EmptyDataError, InvalidInputError
 from hf_fisher.plugins import model_layout
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -250,11 +250,10 @@ def test_format_p_and_short_names():
     assert cf._group_phrase("layer 2", 8) == "on layer 2"
 
 
-def test_empty_task_warns_and_returns_empty(model):
-    with pytest.warns(UserWarning, match="task B has no sample"):
-        r = sample_conflicts(model, BATCHES_A[:1], [], layers=[0], progress=False)
-    assert r.cosine["overall"].shape == (3, 0) and r.clusters == [] and r.claims == []
-    assert r.sample_ids_b == [] and "one of the tasks has no sample" in r.recommendations["actions"][0]
+def test_empty_task_is_refused(model):
+    """Issue 21: an empty task used to give empty results and a warning; now refused before any work."""
+    with pytest.raises(EmptyDataError, match="task B has no batch"):
+        sample_conflicts(model, BATCHES_A[:1], [], layers=[0], progress=False)
 
 
 @pytest.mark.parametrize(

@@ -194,3 +194,62 @@ def test_cli_refuses_a_bad_floor_before_loading_the_model(tmp_path):
         assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
         assert flag in proc.stderr and "no-such-model" not in proc.stderr  # before the model folder is looked at
         assert not (tmp_path / "out").exists()
+
+
+# --------------------------------------------------------------------------- empty data
+
+
+def _empty_cases():
+    import tiny_models as tm
+
+    unlabeled = tm.padded_batch([5, 4], seed=9)
+    unlabeled["labels"][:] = -100
+    all_pad = tm.padded_batch([5, 4], seed=9)
+    all_pad["attention_mask"][:] = 0
+    del all_pad["labels"]  # labels from input_ids, every position padding
+    return {"no batch": [], "all labels -100": [unlabeled], "all padding": [all_pad]}
+
+
+@pytest.mark.parametrize("side", ["a", "b"])
+@pytest.mark.parametrize("case", ["no batch", "all labels -100", "all padding", "empty store"])
+@pytest.mark.parametrize("consumer", ["qkov", "conflicts"])
+def test_empty_or_unlabelled_task_is_refused_before_any_work(monkeypatch, consumer, case, side):
+    import tiny_models as tm
+    from hf_fisher.consumers import conflicts as cf
+    from hf_fisher.consumers import gradient_store as gs
+    from hf_fisher.consumers import qkov as qk
+    from hf_fisher.errors import EmptyDataError
+
+    model = tm.llama(kv_heads=2, layers=2)
+    good = [tm.padded_batch([7, 5, 6], seed=1)]
+    if case == "empty store":
+        names = gs.attention_params(model, __import__("hf_fisher").plugins.model_layout(model), None)
+        params = dict(model.named_parameters())
+        empty = GradientStore({n: torch.zeros((0, *params[n].shape)) for n in names}, [])
+        good = gs.store_gradients(model, good, progress=False)
+    else:
+        empty = _empty_cases()[case]
+
+    def boom(*a, **k):
+        raise AssertionError("gradients were computed before the data was checked")
+
+    mod = qk if consumer == "qkov" else cf
+    monkeypatch.setattr(mod, "store_gradients", boom)
+    fn = qk.qkov_interference if consumer == "qkov" else cf.sample_conflicts
+    a, b = (empty, good) if side == "a" else (good, empty)
+    with pytest.raises(EmptyDataError, match=f"task {side.upper()}"):
+        fn(model, a, b, progress=False)
+
+
+def test_cli_refuses_an_empty_task_file(tmp_path):
+    import tiny_models as tm
+    from test_cli_bad_input import hf_fisher
+
+    tm.llama(torch.float32, layers=2).save_pretrained(tmp_path / "model")
+    (tmp_path / "a.jsonl").write_text('{"input_ids": [5, 6, 7]}\n')
+    (tmp_path / "b.jsonl").write_text("")
+    for command in ("qkov", "conflicts"):
+        proc = hf_fisher(command, "--model", "model", "--task-a", "a.jsonl", "--task-b",
+                         "b.jsonl", "--out", "out", cwd=tmp_path)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+        assert "b.jsonl" in proc.stderr and not (tmp_path / "out").exists(), proc.stderr

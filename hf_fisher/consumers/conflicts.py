@@ -76,15 +76,14 @@ from __future__ import annotations
 import json
 import math
 import os
-import warnings
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 
 from hf_fisher.consumers.conflict_defaults import DEFAULT_ALPHA, DEFAULT_MIN_EFFECT_SIZE
-from hf_fisher.consumers.gradient_store import GradientStore, attention_params, store_gradients
-from hf_fisher.errors import InvalidInputError, ModelMismatchError, regex_argument
+from hf_fisher.consumers.gradient_store import GradientStore, attention_params, require_samples, store_gradients
+from hf_fisher.errors import EmptyDataError, InvalidInputError, ModelMismatchError, regex_argument
 from hf_fisher.hookspecs import hookimpl
 from hf_fisher.layout import layer_of
 
@@ -435,7 +434,8 @@ def sample_conflicts(
     their row in the store, ``sample_ids_*`` give ``(batch, row)``). Recommendations: a sample with
     significant overall conflicts with at least half of the other task's samples is to *filter*,
     one with fewer to *down-weight* (a heuristic); hotspots are the groups with the most
-    significant conflicts. An empty task gives empty results and a warning.
+    significant conflicts. An empty task (no batch, no sample with a label token, an empty
+    store) raises :class:`~hf_fisher.errors.EmptyDataError` before any work.
 
     Raises :class:`InvalidInputError` before any work on bad arguments (unknown ``groups``,
     ``eps <= 0``, ``alpha`` outside (0, 1), ``min_effect_size`` outside [0, 1), a Fisher of another model, of
@@ -489,6 +489,7 @@ def sample_conflicts(
         mp = dict(model.named_parameters())
         shapes = {n: tuple(mp[n].shape) for n in names}
     for t in ("a", "b"):
+        require_samples(model, raw[t] if raw[t] is not None else stores[t], f"task {t.upper()}")
         if raw[t] is not None:
             _check_budget(model, names, raw[t], dtype, memory_budget_mb, t.upper())
     fisher_given = None if fisher is None else _check_fisher(fisher, model, shapes)
@@ -514,21 +515,12 @@ def sample_conflicts(
     group_params[OVERALL] = list(names)
     keys = list(group_params)
 
-    def empty(dt: torch.dtype) -> dict[str, torch.Tensor]:
-        return {k: torch.zeros((n_a, n_b), dtype=dt) for k in keys}
-
     common = dict(groups=keys, group_params=group_params, sample_ids_a=list(sa.sample_ids), sample_ids_b=list(sb.sample_ids),
                   alpha=float(alpha), min_effect_size=float(min_effect_size), eps=float(eps),
                   fisher_source="pooled" if fisher is None else "given")
-    if n_a == 0 or n_b == 0:
-        warnings.warn(f"sample_conflicts: task {'A' if n_a == 0 else 'B'} has no sample with a gradient; "
-                      "returning empty results", UserWarning, stacklevel=2)
-        ones = {k: torch.ones((n_a, n_b), dtype=torch.float64) for k in keys}
-        return ConflictResult(cosine=empty(torch.float64), effect_size=empty(torch.float64), p_values=ones,
-                              n_reference=empty(torch.int64),
-                              p_adjusted={k: v.clone() for k, v in ones.items()}, significant=empty(torch.bool),
-                              clusters=[], claims=[], recommendations={"samples": [], "hotspots": [], "actions": [
-                                  "No conflicts can be computed: one of the tasks has no sample."]}, **common)
+    if n_a == 0 or n_b == 0:  # e.g. every sample dropped by the engine
+        raise EmptyDataError(f"sample_conflicts: task {'A' if n_a == 0 else 'B'} gave no per-sample gradient; "
+                             "pass data with label tokens")
 
     # --- Fisher and natural-gradient coordinates
     if fisher_given is None:

@@ -62,9 +62,10 @@ the slice's elements so that the float64 temporaries stay below ~64 MB whatever 
 the two gradient stores (checked against ``memory_budget_mb`` before any work), one layer's
 Fisher (float64, parameter-shaped), the chunk temporaries and the result ``[nA, nB, L, H, 4]``.
 
-Empty task: when A or B has no sample with a label token (no batch, or every label -100) the
-result holds zero scores (``empty=True``) and a ``RuntimeWarning`` is issued (also logged on
-``hf_fisher.analysis``); means over pairs are then 0, never NaN.
+Empty task: when A or B has no sample with a label token (no batch, every label -100 or
+padding, or an empty gradient store) :func:`qkov_interference` raises
+:class:`~hf_fisher.errors.EmptyDataError` before any gradient is computed. (``empty`` stays in
+the result and its JSON, always ``False`` for a computed result.)
 """
 
 from __future__ import annotations
@@ -73,7 +74,6 @@ import json
 import logging
 import math
 import os
-import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -82,9 +82,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import InvalidInputError, ModelMismatchError
+from ..errors import EmptyDataError, InvalidInputError, ModelMismatchError
 from ..hookspecs import hookimpl
-from .gradient_store import GradientStore, attention_params, samples_that_fit, store_gradients
+from .gradient_store import GradientStore, attention_params, require_samples, samples_that_fit, store_gradients
 
 __all__ = ["AGGREGATES", "BLOCKS", "FISHER_FROM", "VARIANTS", "QKOVResult", "qkov_interference"]
 
@@ -422,9 +422,9 @@ def qkov_interference(
         max_samples: at most this many samples per task (the first ones).
         progress: progress bars.
 
-    Returns a :class:`QKOVResult`. An empty task (no batch, or no sample with a label token)
-    gives zero scores and a warning. Bad arguments raise
-    :class:`~hf_fisher.errors.InvalidInputError` before any gradient is computed.
+    Returns a :class:`QKOVResult`. An empty task (no batch, no sample with a label token, or an
+    empty store), on either side, raises :class:`~hf_fisher.errors.EmptyDataError`; other bad
+    arguments :class:`~hf_fisher.errors.InvalidInputError`; both before any gradient is computed.
     """
     from tqdm.auto import tqdm
 
@@ -515,6 +515,10 @@ def qkov_interference(
 
     # ---- budget of the stores to build (both tasks together), before any work
     to_build = [w for w in ("A", "B") if not isinstance(inputs[w], GradientStore) and not (w == "B" and same)]
+    for which in ("A", "B"):
+        if not isinstance(inputs[which], GradientStore):
+            _count_rows(inputs[which], which)  # well-formed batches
+        require_samples(model, inputs[which], f"task {which}")
     if to_build:
         fit, per_sample = samples_that_fit(model, names, dtype, memory_budget_mb)
         counts = {w: _count_rows(inputs[w], w) for w in to_build}
@@ -560,14 +564,10 @@ def qkov_interference(
     )
     pool = {"a": [sa], "b": [sb], "both": [sa] if sb is sa else [sa, sb]}[fisher_from]
     pooled_n = sum(s.num_samples for s in pool)
-    if nA == 0 or nB == 0 or (fisher is None and pooled_n == 0):
+    if nA == 0 or nB == 0 or (fisher is None and pooled_n == 0):  # e.g. every sample dropped by the engine
         empty = [w for w, n in (("A", nA), ("B", nB)) if n == 0] or [fisher_from]
-        msg = (f"QK-OV interference: task(s) {', '.join(empty)} have no sample with a label token (no batch, or all "
-               "labels -100); the scores are zeros")
-        warnings.warn(msg, RuntimeWarning, stacklevel=2)
-        logger.warning(msg)
-        result.empty = True
-        return result
+        raise EmptyDataError(f"QK-OV interference: task(s) {', '.join(empty)} gave no per-sample gradient; "
+                             "pass data with label tokens")
 
     # ---- scores, one layer at a time
     for li, att in enumerate(tqdm(atts, desc="QK-OV interference", unit="layer", disable=not progress)):
