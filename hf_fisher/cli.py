@@ -740,7 +740,8 @@ def _cmd_qkov(args: argparse.Namespace) -> int:
     from hf_fisher.consumers.qkov import qkov_interference
 
     result = qkov_interference(model, a, b, fisher=fisher, layers=layers, variant=args.variant, aggregate=args.aggregate,
-                               memory_budget_mb=args.memory_budget_mb, top_k=args.top, progress=not args.no_progress)
+                               memory_budget_mb=args.memory_budget_mb, top_k=args.top, progress=not args.no_progress,
+                               task_names=(Path(args.task_a).stem or "task A", Path(args.task_b).stem or "task B"))
     extra = {}
     if args.head_categories:
         from hf_fisher.consumers.head_behaviour import aggregate_by_category, head_categories

@@ -253,3 +253,110 @@ def test_cli_refuses_an_empty_task_file(tmp_path):
                          "b.jsonl", "--out", "out", cwd=tmp_path)
         assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
         assert "b.jsonl" in proc.stderr and not (tmp_path / "out").exists(), proc.stderr
+
+
+# --------------------------------------------------------------------------- plots a reader sees
+
+
+def _is_int_ticks(axis):
+    locs = list(axis.get_ticklocs())
+    return bool(locs) and all(float(x).is_integer() for x in locs)
+
+
+def _tick_text(axis):
+    return [t.get_text() for t in axis.get_ticklabels()]
+
+
+@pytest.fixture(scope="module")
+def qkov_result():
+    import tiny_models as tm
+    from hf_fisher.consumers.qkov import qkov_interference
+
+    m = tm.llama(kv_heads=2, layers=2)
+    return qkov_interference(m, [tm.padded_batch([5, 7], seed=0)], [tm.padded_batch([6, 4], seed=1)],
+                             task_names=("math", "code"), progress=False)
+
+
+def test_qkov_heatmaps_are_readable(qkov_result, tmp_path):
+    from PIL import Image
+
+    figs = qkov_result.heatmap_figures()
+    assert list(figs) == ["Q", "K", "V", "O"]
+    for block, fig in figs.items():
+        ax, cax = fig.axes
+        assert "math" in ax.get_title() and "code" in ax.get_title() and f"{block} block" in ax.get_title()
+        assert ax.get_xlabel() == "query head" and ax.get_ylabel() == "layer"
+        assert _is_int_ticks(ax.xaxis) and _is_int_ticks(ax.yaxis)
+        assert _tick_text(ax.xaxis) == ["0", "1", "2", "3"] and _tick_text(ax.yaxis) == ["0", "1"]
+        assert "interference score" in cax.get_ylabel()
+    paths = qkov_result.save_heatmaps(tmp_path)
+    for p in paths:
+        w, h = Image.open(p).size
+        assert w >= 640 and h >= 400
+    assert json.loads(qkov_result.to_json())["task_names"] == ["math", "code"]
+    # another title on request
+    assert "alpha vs beta" in qkov_result.heatmap_figures(("alpha", "beta"))["Q"].axes[0].get_title()
+
+
+@pytest.fixture(scope="module")
+def wide_runs():
+    """Two Fishers of a 6-layer x 12-head LLaMA (72 heads), with variances."""
+    import tiny_models as tm
+    import transformers as tf
+
+    import hf_fisher
+
+    torch.manual_seed(0)
+    cfg = tf.LlamaConfig(vocab_size=tm.VOCAB, hidden_size=48, intermediate_size=40, num_hidden_layers=6,
+                         num_attention_heads=12, num_key_value_heads=12, max_position_embeddings=64, pad_token_id=0)
+    model = tf.LlamaForCausalLM(cfg).double().eval()
+    data = [[tm.padded_batch([5, 7, 6], seed=s)] for s in (0, 1)]
+    return [hf_fisher.collect(model, d, reduction="group", task=t, progress=False) for d, t in zip(data, ("math", "code"))]
+
+
+def test_report_plots_are_readable(wide_runs, tmp_path):
+    from PIL import Image
+
+    from hf_fisher.consumers import report as rp
+
+    runs = [rp._analyse(f, f.metadata.task) for f in wide_runs]
+    figs = dict(rp.figures(runs, rp._matplotlib()))
+    # heat maps: integer head and layer ticks, every colour bar labelled
+    heat = figs["heads_qkvo_run1.png"]
+    images = [ax for ax in heat.axes if ax.images]
+    bars = [ax for ax in heat.axes if not ax.images]
+    assert len(images) == 4 and len(bars) == 4
+    for ax in images:
+        assert _is_int_ticks(ax.xaxis) and _is_int_ticks(ax.yaxis) and ax.get_xlabel() == "query head"
+        assert set(_tick_text(ax.yaxis)) == {str(x) for x in range(6)}
+    assert all("Σ F over the head's" in ax.get_ylabel() for ax in bars)
+    # the uncertainty plot of 72 heads: one readable label per layer (>= 8 pt), a minor tick per head
+    unc = figs["head_uncertainty_run1.png"].axes[0]
+    assert _tick_text(unc.xaxis) == [f"L{x}" for x in range(6)]
+    assert all(t.get_fontsize() >= 8 for t in unc.xaxis.get_ticklabels())
+    assert len(unc.xaxis.get_minorticklocs()) + len(unc.xaxis.get_majorticklocs()) == 72  # minor ones at majors drop
+    # the scatter: a colour bar labelled "layer" with integer ticks, a legend for y = x
+    sc, cbar = figs["heads_scatter.png"].axes
+    assert cbar.get_ylabel() == "layer" and _tick_text(cbar.yaxis) == [str(x) for x in range(6)]
+    assert _is_int_ticks(cbar.yaxis)
+    assert [t.get_text() for t in sc.get_legend().get_texts()] == ["y = x"]
+    assert "math" in sc.get_xlabel() and "code" in sc.get_ylabel()
+    rp.write_report(wide_runs, tmp_path / "r")
+    for name in figs:
+        w, h = Image.open(tmp_path / "r" / name).size
+        assert w >= 500 and h >= 400
+
+
+def test_report_small_model_head_ticks_are_integers(tmp_path):
+    """4 heads: the old heat maps put head ticks at -0.5, 0, 0.5, ..."""
+    import tiny_models as tm
+
+    import hf_fisher
+    from hf_fisher.consumers import report as rp
+
+    f = hf_fisher.collect(tm.llama(kv_heads=2), [tm.padded_batch([5, 7, 6], seed=0)], reduction="group", progress=False)
+    figs = dict(rp.figures([rp._analyse(f, "a")], rp._matplotlib()))
+    for ax in (ax for ax in figs["heads_qkvo_run1.png"].axes if ax.images):
+        assert [float(x) for x in ax.get_xticks()] == [0.0, 1.0, 2.0, 3.0]
+    unc = figs["head_uncertainty_run1.png"].axes[0]
+    assert _tick_text(unc.xaxis)[:2] == ["L0 H0", "L0 H1"] and all(t.get_fontsize() >= 8 for t in unc.xaxis.get_ticklabels())

@@ -299,7 +299,7 @@ def stage_qkov(ctx: AnalysisContext) -> dict:
     a, b = ctx.pair()
     res = qkov_interference(ctx.model, ctx.tasks[a], ctx.tasks[b], layers=ctx.config.layers,
                             memory_budget_mb=ctx.config.memory_budget_mb, top_k=ctx.config.top_k,
-                            progress=ctx.config.progress)
+                            progress=ctx.config.progress, task_names=(a, b))
     folder = ctx.folder("qkov")
     (folder / "qkov.json").write_text(res.to_json())
     res.save_heatmaps(folder)

@@ -54,6 +54,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 from hf_fisher import analysis
 from hf_fisher.consumers.importance import UnitLabels, classify_units
+from hf_fisher.consumers.qkov import integer_ticks
 from hf_fisher.errors import ArtifactError, InvalidInputError
 from hf_fisher.hookspecs import hookimpl
 
@@ -371,6 +372,13 @@ def _matplotlib():
     return Figure, FigureCanvasAgg, LogNorm
 
 
+def mpl_colormap(name: str, n: int):
+    """``n`` discrete colours of the matplotlib colormap ``name``."""
+    from matplotlib import colormaps
+
+    return colormaps[name].resampled(max(n, 1))
+
+
 def _save(mpl, fig, path: Path) -> None:
     mpl[1](fig)  # attach the Agg canvas (no pyplot, no global backend state)
     fig.savefig(path, dpi=100)
@@ -385,9 +393,10 @@ def _grid(run: _Run, metric: str):
     return layers, grid
 
 
-def _plots(runs: list[_Run], tmp: Path, mpl) -> list[str]:
+def figures(runs: list[_Run], mpl) -> list[tuple[str, Any]]:
+    """``(file name, matplotlib Figure)`` of every plot of the report (module docstring)."""
     Figure, _, LogNorm = mpl
-    files: list[str] = []
+    files: list[tuple[str, Any]] = []
     for i, run in enumerate(runs, 1):
         if run.heads:
             fig = Figure(figsize=(10, 8), layout="constrained")
@@ -396,15 +405,16 @@ def _plots(runs: list[_Run], tmp: Path, mpl) -> list[str]:
                 layers, grid = _grid(run, f"group_fisher_{r}")
                 vals = [v for row in grid for v in row if not math.isnan(v)]
                 norm = LogNorm() if vals and min(vals) > 0 else None
-                im = ax.imshow(grid, aspect="auto", cmap="viridis", norm=norm)
+                im = ax.imshow(grid, aspect="auto", cmap="viridis", norm=norm, interpolation="nearest")
                 ax.set_title(f"{r.upper()} group Fisher")
-                ax.set_xlabel("head")
+                ax.set_xlabel("query head")
                 ax.set_ylabel("layer")
-                ax.set_yticks(range(len(layers)), [str(x) for x in layers])
-                fig.colorbar(im, ax=ax)
+                integer_ticks(ax.xaxis, list(range(len(grid[0]))), max_ticks=16)
+                integer_ticks(ax.yaxis, layers)
+                cbar = fig.colorbar(im, ax=ax)
+                cbar.set_label(f"Σ F over the head's {r.upper()} slices" + (" (log scale)" if norm is not None else ""))
             fig.suptitle(f"{run.name}: group Fisher per head (K/V: the head's kv-head)")
-            files.append(f"heads_qkvo_run{i}.png")
-            _save(mpl, fig, tmp / files[-1])
+            files.append((f"heads_qkvo_run{i}.png", fig))
         if run.mlp:
             fig = Figure(figsize=(8, 4), layout="constrained")
             ax = fig.add_subplot(1, 1, 1)
@@ -413,19 +423,27 @@ def _plots(runs: list[_Run], tmp: Path, mpl) -> list[str]:
             ax.set_xlabel("layer")
             ax.set_ylabel("MLP Fisher (sum over channels)")
             ax.set_title(f"{run.name}: MLP importance per layer")
-            files.append(f"mlp_per_layer_run{i}.png")
-            _save(mpl, fig, tmp / files[-1])
+            files.append((f"mlp_per_layer_run{i}.png", fig))
         bounded = [(u, m) for u, m in sorted(run.heads.items()) if "head_total_stderr_bound" in m]
         if bounded:
-            fig = Figure(figsize=(max(6, 0.25 * len(bounded)), 4), layout="constrained")
+            fig = Figure(figsize=(min(max(7.0, 0.3 * len(bounded)), 16.0), 4.5), layout="constrained")
             ax = fig.add_subplot(1, 1, 1)
             ax.errorbar(range(len(bounded)), [m["head_total"] for _, m in bounded],
-                        yerr=[m["head_total_stderr_bound"] for _, m in bounded], fmt="o", capsize=2)
-            ax.set_xticks(range(len(bounded)), [_unit("heads", u) for u, _ in bounded], rotation=90, fontsize=6)
+                        yerr=[m["head_total_stderr_bound"] for _, m in bounded], fmt="o", capsize=2, markersize=4)
+            if len(bounded) <= 32:  # one readable label per head
+                ax.set_xticks(range(len(bounded)), [_unit("heads", u) for u, _ in bounded], rotation=90, fontsize=9)
+                ax.set_xlabel("head")
+            else:  # one label per layer at its first head, a minor tick per head, a line between layers
+                starts = [p for p, (u, _) in enumerate(bounded) if p == 0 or u[0] != bounded[p - 1][0][0]]
+                ax.set_xticks(starts, [f"L{bounded[p][0][0]}" for p in starts], fontsize=9)
+                ax.set_xticks(range(len(bounded)), minor=True)
+                for p in starts[1:]:
+                    ax.axvline(p - 0.5, color="grey", linewidth=0.5, alpha=0.6)
+                ax.set_xlabel("head, grouped by layer (label at each layer's head 0)")
+            ax.set_xlim(-0.5, len(bounded) - 0.5)
             ax.set_ylabel("head total ± se bound")
             ax.set_title(f"{run.name}: head totals with a conservative standard-error bound")
-            files.append(f"head_uncertainty_run{i}.png")
-            _save(mpl, fig, tmp / files[-1])
+            files.append((f"head_uncertainty_run{i}.png", fig))
     if len(runs) == 2:
         a, b = runs
         common = sorted(set(a.heads) & set(b.heads))
@@ -434,18 +452,40 @@ def _plots(runs: list[_Run], tmp: Path, mpl) -> list[str]:
             ax = fig.add_subplot(1, 1, 1)
             x = [a.heads[u]["head_total"] for u in common]
             y = [b.heads[u]["head_total"] for u in common]
-            ax.scatter(x, y, c=[u[0] for u in common], cmap="viridis", s=12)
+            layers = sorted({u[0] for u in common})
+            from matplotlib.colors import BoundaryNorm
+
+            cmap = mpl_colormap("viridis", len(layers))
+            norm = BoundaryNorm([i - 0.5 for i in range(len(layers) + 1)], cmap.N)
+            pts = ax.scatter(x, y, c=[layers.index(u[0]) for u in common], cmap=cmap, norm=norm, s=14)
             lo, hi = min(x + y), max(x + y)
-            ax.plot([lo, hi], [lo, hi], color="grey", linewidth=0.8, linestyle="--")  # y = x
+            ax.plot([lo, hi], [lo, hi], color="grey", linewidth=0.8, linestyle="--", label="y = x")
             if min(x + y) > 0:
                 ax.set_xscale("log")
                 ax.set_yscale("log")
+                from matplotlib.ticker import FormatStrFormatter, LogLocator
+
+                for axis in (ax.xaxis, ax.yaxis):  # labels at 1, 2, 5 x 10^k only: they never overlap
+                    axis.set_minor_locator(LogLocator(subs=(2.0, 5.0)))
+                    axis.set_minor_formatter(FormatStrFormatter("%.3g"))
+                    axis.set_major_formatter(FormatStrFormatter("%.3g"))
+            ax.legend(loc="upper left", fontsize=9)
+            cbar = fig.colorbar(pts, ax=ax)
+            cbar.set_label("layer")
+            integer_ticks(cbar.ax.yaxis, layers)
             ax.set_xlabel(f"{a.name}: head total")
             ax.set_ylabel(f"{b.name}: head total")
-            ax.set_title("head totals of the two runs (colour: layer)")
-            files.append("heads_scatter.png")
-            _save(mpl, fig, tmp / files[-1])
+            ax.set_title(f"head totals, {a.name} vs {b.name} (one point per head)")
+            files.append(("heads_scatter.png", fig))
     return files
+
+
+def _plots(runs: list[_Run], tmp: Path, mpl) -> list[str]:
+    names = []
+    for name, fig in figures(runs, mpl):
+        _save(mpl, fig, tmp / name)
+        names.append(name)
+    return names
 
 
 # ---------------------------------------------------------------------------- inputs
