@@ -360,3 +360,73 @@ def test_report_small_model_head_ticks_are_integers(tmp_path):
         assert [float(x) for x in ax.get_xticks()] == [0.0, 1.0, 2.0, 3.0]
     unc = figs["head_uncertainty_run1.png"].axes[0]
     assert _tick_text(unc.xaxis)[:2] == ["L0 H0", "L0 H1"] and all(t.get_fontsize() >= 8 for t in unc.xaxis.get_ticklabels())
+
+
+# --------------------------------------------------------------------------- per-head spectra in the report
+
+
+def test_report_carries_the_per_head_spectral_metrics(tmp_path):
+    import csv
+
+    import tiny_models as tm
+
+    import hf_fisher
+    from hf_fisher.consumers.report import SPECTRAL_METRICS, write_report
+    from hf_fisher.estimators.spectrum import spectrum
+
+    model = tm.llama(kv_heads=2)
+    data = [tm.padded_batch([5, 7, 6], seed=0), tm.padded_batch([4, 6], seed=10)]
+    f = hf_fisher.collect(model, data, reduction="group", task="math", progress=False)
+    spec = spectrum(model, data, blocks="head", k=1, hutchinson_probes=0, slq_vectors=0)
+    res = write_report(f, tmp_path / "r", spectra=[spec])
+    with open(tmp_path / "r" / "report.csv", newline="") as fh:
+        rows = list(csv.reader(fh))[1:]
+    got = {(r[1], r[2], r[3]): r[4] for r in rows if r[3].startswith("spectral_")}
+    assert len(got) == 2 * 4 * len(SPECTRAL_METRICS)  # 2 layers x 4 heads
+    for layer in range(2):
+        for head in range(4):
+            block = spec.blocks[f"layer{layer}.head{head}"].metrics
+            for metric, key in SPECTRAL_METRICS.items():
+                value = got[(str(layer), str(head), metric)]
+                assert (int(value) if metric == "spectral_rank" else float(value)) == block[key]
+    top = max(spec.blocks.items(), key=lambda kv: kv[1].metrics["eigmax"])
+    layer, head = top[0].removeprefix("layer").split(".head")
+    assert f"1. layer {layer} head {head}: eigmax {top[1].metrics['eigmax']:.4e}" in res.summary
+    assert "condition number" in res.summary and "energy(top 8)" in res.summary
+    # without spectra the summary says why there are none, and the CSV has no spectral rows
+    res2 = write_report(f, tmp_path / "r2")
+    assert "not computed: they need per-sample gradients" in res2.summary
+    assert "spectral_" not in (tmp_path / "r2" / "report.csv").read_text()
+
+
+def test_report_refuses_spectra_that_do_not_fit(tmp_path):
+    import tiny_models as tm
+
+    import hf_fisher
+    from hf_fisher.consumers.report import write_report
+    from hf_fisher.errors import InvalidInputError
+    from hf_fisher.estimators.spectrum import spectrum
+
+    model = tm.llama(kv_heads=2)
+    data = [tm.padded_batch([5, 7, 6], seed=0)]
+    f = hf_fisher.collect(model, data, reduction="group", progress=False)
+    layers_only = spectrum(model, data, blocks="layer", k=1, hutchinson_probes=0, slq_vectors=0)
+    wide = tm.llama(kv_heads=2, layers=3)
+    other = spectrum(wide, data, blocks="head", k=1, hutchinson_probes=0, slq_vectors=0)
+    for spectra, match in (([layers_only], "no per-head blocks"), ([other], "does not have"),
+                           (["x"], "SpectrumResult"), ([None, None], "one SpectrumResult")):
+        with pytest.raises(InvalidInputError, match=match):
+            write_report(f, tmp_path / "never", spectra=spectra)
+        assert not (tmp_path / "never").exists()
+
+
+def test_analyze_report_has_spectral_rows(tmp_path):
+    import tiny_models as tm
+    from hf_fisher.consumers.analyze import analyze
+
+    model = tm.llama(kv_heads=2, layers=2)
+    tasks = {"a": [tm.padded_batch([7, 5, 6], seed=1)], "b": [tm.padded_batch([6, 8, 4], seed=2)]}
+    res = analyze(model, tasks, out=tmp_path / "x", config={"stages": ["fisher", "report"], "progress": False})
+    assert res.status == {"fisher": "ok", "report": "ok"}
+    text = (tmp_path / "x" / "report" / "report.csv").read_text()
+    assert text.count("spectral_eigmax") == 2 * 2 * 4  # two runs x 2 layers x 4 heads

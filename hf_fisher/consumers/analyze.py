@@ -322,12 +322,28 @@ def stage_estimators(ctx: AnalysisContext) -> dict:
 
 
 def stage_report(ctx: AnalysisContext) -> dict:
+    """The report of the first two Fishers, with the per-head spectral metrics of each task
+    (:func:`hf_fisher.estimators.spectrum.spectrum`, ``blocks="head"`` over the attention
+    parameters) when its per-sample gradient matrix fits ``memory_budget_mb``; a note otherwise."""
+    from hf_fisher import plugins
+    from hf_fisher.consumers.gradient_store import attention_params
     from hf_fisher.consumers.report import write_report
+    from hf_fisher.estimators.spectrum import spectrum
 
     ctx.need_fishers()
-    fishers = list(ctx.fishers.values())[:2]
-    res = write_report(fishers, ctx.root / "report", k=ctx.config.top_k)
-    return {"files": [f"report/{f}" for f in res.files], "notes": res.notes}
+    names = list(ctx.fishers)[:2]
+    spectra, notes = [], []
+    for name in names:
+        try:
+            params = attention_params(ctx.model, plugins.model_layout(ctx.model), ctx.config.layers)
+            spectra.append(spectrum(ctx.model, ctx.tasks[name], blocks="head", k=1, hutchinson_probes=0, slq_vectors=0,
+                                    params=params, max_memory_mb=ctx.config.memory_budget_mb))
+        except InvalidInputError as e:
+            spectra.append(None)
+            notes.append(f"per-head spectra of {name!r} not computed: {e}")
+            logger.warning("analyze report: per-head spectra of %r not computed: %s", name, e)
+    res = write_report([ctx.fishers[n] for n in names], ctx.root / "report", k=ctx.config.top_k, spectra=spectra)
+    return {"files": [f"report/{f}" for f in res.files], "notes": notes + res.notes}
 
 
 @hookimpl

@@ -23,9 +23,24 @@ place, :mod:`hf_fisher.atomic`):
                                                                  (:meth:`Fisher.head_importance`)
   ``head_total_stderr_bound``               layer       head     see below (only with variances)
   ``head_total_ci95_halfwidth_bound``       layer       head     ``t_{0.975, n-1} ·`` the bound
+
+  ``spectral_eigmax``                       layer       head     λ_1 of the head's empirical
+                                                                 Fisher block (only with spectra)
+  ``spectral_condition_number``             layer       head     λ_1 / λ_r on its range
+  ``spectral_energy_r8``                    layer       head     low-rank energy Σ_{j≤8} λ_j / tr
+  ``spectral_rank``                         layer       head     numerical rank r
   ========================================  ==========  =======  ==================================
 
   .. [#] ``other`` for parameters outside the layer stack (embeddings, final norm, LM head).
+
+  **Per-head spectral metrics** (``spectral_*``, the seeds' condition number, largest eigenvalue
+  and low-rank energy) are the :func:`~hf_fisher.estimators.spectrum.capacity_metrics` of the
+  block ``F_bb`` of head b (its Q rows, its kv-head's K/V rows, its O columns) of the *full*
+  empirical Fisher, from :func:`hf_fisher.estimators.spectrum.spectrum` with ``blocks="head"``
+  (exact, from the N x N Gram matrix of per-sample gradients). A diagonal artifact does not hold
+  the off-diagonal entries they need, so they are written only when ``spectra=`` is given
+  (``hf-fisher analyze`` computes them when its per-sample gradient matrix fits; ``hf-fisher
+  report`` on artifact folders cannot, and the summary says so). Values are the spectrum's own.
 
   Values are written with ``repr(float)``, so they read back exactly equal to the artifact's.
   **Uncertainty bound**: ``head_total`` sums several stored values (groups, or elements of a
@@ -71,6 +86,9 @@ SUMMARY_NAME = "summary.txt"
 CSV_COLUMNS = ("run", "layer", "head", "metric", "value")
 PLOTS_HINT = 'pip install "hf-fisher[plots]"'
 ROLES = "qkvo"
+SPECTRAL_METRICS = {"spectral_eigmax": "eigmax", "spectral_condition_number": "condition_number",
+                    "spectral_energy_r8": "energy_r8", "spectral_rank": "rank"}
+"""CSV metric -> key of the spectrum's per-head :func:`~hf_fisher.estimators.spectrum.capacity_metrics`."""
 
 
 @dataclass
@@ -185,16 +203,56 @@ class _Run:
     channel_labels: UnitLabels | None
     rows: list
     missing: list[str]
+    spectral: dict[tuple[int, int], dict[str, float]] = field(default_factory=dict)
+    spectral_note: str = ""
 
 
-def _analyse(fisher: "Fisher", name: str) -> _Run:
+def head_spectral_metrics(spec: Any) -> dict[tuple[int, int], dict[str, float]]:
+    """``{(layer, head): {spectral metric: value}}`` (:data:`SPECTRAL_METRICS`) from the head
+    blocks ``layer{l}.head{h}`` of a :class:`~hf_fisher.estimators.spectrum.SpectrumResult`."""
+    import re
+
+    out = {}
+    for name, block in spec.blocks.items():
+        m = re.fullmatch(r"layer(\d+)\.head(\d+)", name)
+        if m:
+            out[(int(m.group(1)), int(m.group(2)))] = {k: block.metrics[v] for k, v in SPECTRAL_METRICS.items()}
+    return out
+
+
+def _check_spectra(spectra: Any, pairs: list) -> list:
+    """One SpectrumResult with head blocks (or None) per run, its heads those of the run's layout."""
+    from hf_fisher.estimators.spectrum import SpectrumResult
+
+    if spectra is None:
+        return [None] * len(pairs)
+    items = [spectra] if isinstance(spectra, SpectrumResult) else list(spectra)
+    if len(items) != len(pairs):
+        raise InvalidInputError(f"spectra must hold one SpectrumResult (or None) per Fisher: {len(pairs)}, got {len(items)}")
+    for i, (spec, (fisher, _)) in enumerate(zip(items, pairs), 1):
+        if spec is None:
+            continue
+        if not isinstance(spec, SpectrumResult):
+            raise InvalidInputError(f"spectra[{i - 1}] must be a hf_fisher SpectrumResult or None, got {type(spec).__name__}")
+        heads = head_spectral_metrics(spec)
+        if not heads:
+            raise InvalidInputError(f"spectra[{i - 1}] has no per-head blocks: compute it with spectrum(..., blocks='head')")
+        known = {(h.layer, h.head) for h in fisher.layout.heads()}
+        alien = sorted(set(heads) - known)
+        if alien:
+            raise InvalidInputError(f"spectra[{i - 1}] has heads {alien[:3]} that Fisher {i}'s model does not have; "
+                                    "pass the spectrum of the same model")
+    return items
+
+
+def _analyse(fisher: "Fisher", name: str, spec: Any = None) -> _Run:
     has_heads, has_mlp = _has_heads(fisher), _has_mlp(fisher)
     missing = [
         f"no {what}: the layout ({fisher.layout.adapter!r}) describes none, or the Fisher holds none of their "
         "parameters (e.g. a Fisher of adapter weights only)"
         for what, ok in (("attention heads", has_heads), ("MLP channels", has_mlp)) if not ok
     ]
-    return _Run(
+    run = _Run(
         name=name,
         fisher=fisher,
         heads=head_table(fisher),
@@ -205,6 +263,17 @@ def _analyse(fisher: "Fisher", name: str) -> _Run:
         rows=report_rows(fisher, name),
         missing=missing,
     )
+    if spec is None:
+        run.spectral_note = (
+            "not computed: they need per-sample gradients, which a diagonal Fisher artifact does not hold; pass "
+            "spectra= (hf_fisher.spectrum(model, batches, blocks='head')) or use hf-fisher analyze")
+    else:
+        run.spectral = head_spectral_metrics(spec)
+        run.rows += [(name, str(l), str(h), m, v) for (l, h), ms in sorted(run.spectral.items()) for m, v in ms.items()]
+        run.spectral_note = (f"exact blocks of the empirical Fisher from {spec.n_samples} samples (spectrum, blocks='head')"
+                             + ("" if spec.n_samples == fisher.counts.samples else
+                                f"; the Fisher artifact counts {fisher.counts.samples} samples"))
+    return run
 
 
 def _e(x: float) -> str:
@@ -297,6 +366,17 @@ def _run_summary(run: _Run, k: int) -> list[str]:
             f"  {_listing(lab, 'compressible', k)} (together {_e(lab.thresholds['compressible_mass'])} of "
             f"{_e(lab.thresholds['total'])})",
         ]
+    if run.heads:
+        lines += ["", "Per-head spectra (largest eigenvalue, condition number on the range, low-rank energy of the top 8)"]
+        if not run.spectral:
+            lines.append(f"  {run.spectral_note}")
+        else:
+            lines.append(f"  {run.spectral_note}; top {k} heads by largest eigenvalue:")
+            top_s = sorted(run.spectral.items(), key=lambda kv: (-kv[1]["spectral_eigmax"], kv[0]))[:k]
+            for i, (u, m) in enumerate(top_s, 1):
+                lines.append(f"  {i:3d}. layer {u[0]} head {u[1]}: eigmax {_e(m['spectral_eigmax'])}, condition number "
+                             f"{_e(m['spectral_condition_number'])}, energy(top 8) {100 * m['spectral_energy_r8']:.1f} %, "
+                             f"rank {m['spectral_rank']}")
     bounded = [m for m in run.heads.values() if "head_total_stderr_bound" in m and m["head_total"] > 0]
     if bounded:
         rel = sorted(m["head_total_stderr_bound"] / m["head_total"] for m in bounded)
@@ -550,6 +630,7 @@ def write_report(
     names: Sequence[str] | None = None,
     k: int = 10,
     overwrite: bool = False,
+    spectra: Any = None,
 ) -> ReportResult:
     """Write a report of one or two Fishers (objects or artifact folder paths) into folder ``out``.
 
@@ -559,18 +640,21 @@ def write_report(
     that is not an artifact, a Fisher without layout, bad ``names``/``k``, an ``out`` that is not
     empty — unless ``overwrite`` and it holds only report files). The folder is written
     atomically. Files and definitions: module docstring. Without matplotlib the CSV and text are
-    still written and ``notes`` says how to get the plots.
+    still written and ``notes`` says how to get the plots. ``spectra``: one
+    :class:`~hf_fisher.estimators.spectrum.SpectrumResult` with ``blocks="head"`` (or None) per
+    Fisher, whose per-head metrics go to the CSV (``spectral_*``) and the summary.
     """
     from hf_fisher.atomic import atomic_folder, check_target
 
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise InvalidInputError(f"k must be a positive integer (hotspots per kind), got {k!r}")
     pairs = _inputs(fishers, names)
+    specs = _check_spectra(spectra, pairs)
     try:
         target = check_target(out, allowed=_is_report_file, what="report", overwrite=overwrite)
     except ArtifactError as e:
         raise InvalidInputError(str(e)) from e
-    runs = [_analyse(f, n) for f, n in pairs]
+    runs = [_analyse(f, n, s) for (f, n), s in zip(pairs, specs)]
     lines = ["hf_fisher report", "================", ""]
     for run in runs:
         lines += _run_summary(run, k) + [""]
