@@ -85,6 +85,7 @@ from torch import nn
 from ..errors import EmptyDataError, InvalidInputError, ModelMismatchError
 from ..hookspecs import hookimpl
 from .gradient_store import GradientStore, attention_params, require_samples, samples_that_fit, store_gradients
+from .plotting import integer_ticks
 
 __all__ = ["AGGREGATES", "BLOCKS", "FISHER_FROM", "VARIANTS", "QKOVResult", "qkov_interference"]
 
@@ -290,15 +291,6 @@ class QKOVResult:
             fig.savefig(p, dpi=100)
             paths.append(p)
         return paths
-
-
-def integer_ticks(axis, labels: Sequence[Any], *, max_ticks: int = 24, fontsize: float | None = None) -> None:
-    """Ticks of an image axis at the integer cell positions ``0..len(labels)-1`` with ``labels``:
-    all of them up to ``max_ticks``, else every k-th (k the smallest step that fits)."""
-    n = len(labels)
-    step = max(1, math.ceil(n / max_ticks))
-    pos = list(range(0, n, step))
-    axis.set_ticks(pos, [str(labels[i]) for i in pos], **({"fontsize": fontsize} if fontsize else {}))
 
 
 # ----------------------------------------------------------------------------- validation

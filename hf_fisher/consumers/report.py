@@ -69,7 +69,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 from hf_fisher import analysis
 from hf_fisher.consumers.importance import UnitLabels, classify_units
-from hf_fisher.consumers.qkov import integer_ticks
+from hf_fisher.consumers.plotting import discrete_colormap, integer_ticks
 from hf_fisher.errors import ArtifactError, InvalidInputError
 from hf_fisher.hookspecs import hookimpl
 
@@ -452,13 +452,6 @@ def _matplotlib():
     return Figure, FigureCanvasAgg, LogNorm
 
 
-def mpl_colormap(name: str, n: int):
-    """``n`` discrete colours of the matplotlib colormap ``name``."""
-    from matplotlib import colormaps
-
-    return colormaps[name].resampled(max(n, 1))
-
-
 def _save(mpl, fig, path: Path) -> None:
     mpl[1](fig)  # attach the Agg canvas (no pyplot, no global backend state)
     fig.savefig(path, dpi=100)
@@ -535,7 +528,7 @@ def figures(runs: list[_Run], mpl) -> list[tuple[str, Any]]:
             layers = sorted({u[0] for u in common})
             from matplotlib.colors import BoundaryNorm
 
-            cmap = mpl_colormap("viridis", len(layers))
+            cmap = discrete_colormap("viridis", len(layers))
             norm = BoundaryNorm([i - 0.5 for i in range(len(layers) + 1)], cmap.N)
             pts = ax.scatter(x, y, c=[layers.index(u[0]) for u in common], cmap=cmap, norm=norm, s=14)
             lo, hi = min(x + y), max(x + y)
