@@ -776,7 +776,8 @@ def _cmd_conflicts(args: argparse.Namespace) -> int:
     with atomic_folder(target, what="analysis") as tmp:
         result.to_json(tmp / "conflicts.json")
         (tmp / "claims.txt").write_text("".join(c + "\n" for c in result.claims), encoding="utf-8")
-    for claim in result.claims[:10] or ["no significant conflict (Benjamini-Hochberg adjusted)"]:
+    for claim in result.claims[:10] or [f"no significant conflict (Benjamini-Hochberg FDR {result.alpha:g}, "
+                                        f"cosine <= -{result.min_effect_size:g})"]:
         print(claim)
     print(f"Wrote conflicts.json and claims.txt to {args.out}")
     return 0

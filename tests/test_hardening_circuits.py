@@ -183,6 +183,22 @@ def test_analyze_passes_its_alpha_and_floor_to_the_conflicts_stage(tmp_path):
     assert data["alpha"] == 0.1 and data["min_effect_size"] == 0.2
 
 
+def test_analyze_and_the_api_give_the_same_conflicts(tmp_path):
+    """The issue: analyze (200 permutations) and the CLI (1000) disagreed on the same data; now one
+    deterministic test with one set of defaults."""
+    import tiny_models as tm
+    from hf_fisher.consumers.analyze import analyze
+
+    model = tm.llama(kv_heads=2, layers=2)
+    tasks = {"a": [tm.padded_batch([7, 5, 6, 8], seed=1)], "b": [tm.padded_batch([6, 8, 4, 5], seed=2)]}
+    analyze(model, tasks, out=tmp_path / "x", config={"stages": ["conflicts"], "progress": False})
+    data = json.loads((tmp_path / "x" / "conflicts" / "conflicts.json").read_text())
+    r = sample_conflicts(model, tasks["a"], tasks["b"], progress=False)
+    assert data["p_values"] == {k: v.tolist() for k, v in r.p_values.items()}
+    assert data["significant"] == {k: v.tolist() for k, v in r.significant.items()}
+    assert (data["alpha"], data["min_effect_size"]) == (DEFAULT_ALPHA, DEFAULT_MIN_EFFECT_SIZE)
+
+
 def test_cli_refuses_a_bad_floor_before_loading_the_model(tmp_path):
     from test_cli_bad_input import hf_fisher
 
