@@ -725,7 +725,8 @@ def _cmd_qkov(args: argparse.Namespace) -> int:
     from hf_fisher.consumers.qkov import qkov_interference
 
     result = qkov_interference(model, a, b, fisher=fisher, layers=layers, variant=args.variant, aggregate=args.aggregate,
-                               memory_budget_mb=args.memory_budget_mb, top_k=args.top, progress=not args.no_progress)
+                               memory_budget_mb=args.memory_budget_mb, top_k=args.top, progress=not args.no_progress,
+                               task_names=(Path(args.task_a).stem or "task A", Path(args.task_b).stem or "task B"))
     extra = {}
     if args.head_categories:
         from hf_fisher.consumers.head_behaviour import aggregate_by_category, head_categories
@@ -748,19 +749,20 @@ def _cmd_qkov(args: argparse.Namespace) -> int:
 def _cmd_conflicts(args: argparse.Namespace) -> int:
     if not 0.0 < args.alpha < 1.0:
         raise InvalidInputError(f"--alpha must be in (0, 1) (got {args.alpha})")
-    if args.permutations < 1:
-        raise InvalidInputError(f"--permutations must be >= 1 (got {args.permutations})")
+    if not 0.0 <= args.min_effect_size < 1.0:
+        raise InvalidInputError(f"--min-effect-size must be in [0, 1) (got {args.min_effect_size})")
     model, a, b, layers, fisher, target = _two_task_batches(args)
     from hf_fisher.atomic import atomic_folder
     from hf_fisher.consumers.conflicts import sample_conflicts
 
     result = sample_conflicts(model, a, b, fisher=fisher, layers=layers, groups=args.groups, alpha=args.alpha,
-                              n_permutations=args.permutations, memory_budget_mb=args.memory_budget_mb,
+                              min_effect_size=args.min_effect_size, memory_budget_mb=args.memory_budget_mb,
                               top_k=args.top, progress=not args.no_progress)
     with atomic_folder(target, what="analysis") as tmp:
         result.to_json(tmp / "conflicts.json")
         (tmp / "claims.txt").write_text("".join(c + "\n" for c in result.claims), encoding="utf-8")
-    for claim in result.claims[:10] or ["no significant conflict (Benjamini-Hochberg adjusted)"]:
+    for claim in result.claims[:10] or [f"no significant conflict (Benjamini-Hochberg FDR {result.alpha:g}, "
+                                        f"cosine <= -{result.min_effect_size:g})"]:
         print(claim)
     print(f"Wrote conflicts.json and claims.txt to {args.out}")
     return 0
@@ -1144,7 +1146,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name, helptext, func in (
         ("qkov", "QK-OV interference between two tasks per layer, head and Q/K/V/O block", _cmd_qkov),
-        ("conflicts", "per-sample gradient conflicts between two tasks (permutation test, BH-FDR, forensic claims)", _cmd_conflicts),
+        ("conflicts", "per-sample gradient conflicts between two tasks (sign-symmetric null, BH-FDR, effect-size floor, forensic claims)", _cmd_conflicts),
     ):
         p = sub.add_parser(name, help=helptext)
         p.add_argument("--model", required=True, help="folder of a saved transformers model (with its tokenizer for text data)")
@@ -1164,8 +1166,11 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--head-categories", action="store_true", help="also categorise the heads (induction, previous-token, ...) and aggregate by category")
         else:
             p.add_argument("--groups", choices=("param", "layer"), default="param", help="conflicts per parameter or per layer, plus overall (default param)")
-            p.add_argument("--alpha", type=float, default=0.05, help="false discovery rate (default 0.05)")
-            p.add_argument("--permutations", type=int, default=1000, help="permutations of the test (default 1000)")
+            from hf_fisher.consumers.conflict_defaults import DEFAULT_ALPHA, DEFAULT_MIN_EFFECT_SIZE
+
+            p.add_argument("--alpha", type=float, default=DEFAULT_ALPHA, help=f"false discovery rate (default {DEFAULT_ALPHA:g})")
+            p.add_argument("--min-effect-size", type=float, default=DEFAULT_MIN_EFFECT_SIZE,
+                           help=f"a conflict needs cosine <= -this (default {DEFAULT_MIN_EFFECT_SIZE:g}; 0: any negative cosine)")
         p.set_defaults(func=func)
 
     p = sub.add_parser("analyze", help="every analysis stage (Fisher, importance, pruning, overlap, conflicts, QK-OV, ...) into one report folder")

@@ -41,7 +41,7 @@ def test_qkov_cli_writes_json_and_heatmaps(workspace):
 
 def test_conflicts_cli_writes_json_and_claims(workspace):
     out = workspace / "conflicts"
-    assert run(workspace, "conflicts", out, "--permutations", "50", "--groups", "layer") == 0
+    assert run(workspace, "conflicts", out, "--groups", "layer") == 0
     data = json.loads((out / "conflicts.json").read_text())
     assert "claims" in data and (out / "claims.txt").exists()
 

@@ -22,7 +22,7 @@ from hf_fisher.consumers.gradient_store import (
     store_gradients,
 )
 from hf_fisher.consumers.qkov import qkov_interference
-from hf_fisher.errors import InvalidInputError, ModelMismatchError
+from hf_fisher.errors import EmptyDataError, InvalidInputError, ModelMismatchError
 from hf_fisher.plugins import model_layout
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -281,16 +281,15 @@ def test_memory_budget_refuses_before_any_work(monkeypatch):
     assert r.scores.shape[:2] == (3, 3)
 
 
-def test_empty_task_gives_zeros_and_a_warning():
+def test_empty_task_is_refused():
+    """Issue 21: an empty task used to give zero scores and a warning; now refused (either side),
+    before any gradient (the full matrix in tests/test_hardening_circuits.py)."""
     m = tm.llama(kv_heads=2, layers=2)
     unlabeled = tm.padded_batch([5, 4], seed=9)
     unlabeled["labels"][:] = -100
     for b in ([], [unlabeled]):
-        with pytest.warns(RuntimeWarning, match="no sample with a label token"):
-            r = qkov_interference(m, A, b, progress=False)
-        assert r.empty and r.scores.shape == (5, 0, 2, 4, 4)
-        assert all((h == 0).all() for h in r.heatmaps().values()) and r.top() == []
-        assert json.loads(r.to_json())["empty"] is True
+        with pytest.raises(EmptyDataError, match="task B"):
+            qkov_interference(m, A, b, progress=False)
 
 
 def test_json_and_png_exports(tmp_path):

@@ -38,6 +38,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
+from hf_fisher.consumers.conflict_defaults import DEFAULT_ALPHA, DEFAULT_MIN_EFFECT_SIZE
 from hf_fisher.errors import InvalidInputError
 from hf_fisher.hookspecs import hookimpl
 
@@ -58,7 +59,8 @@ class AnalysisConfig:
     sparsity: float = 0.3
     structured: Sequence[str] = ("heads", "channels")
     keep: float = 0.2
-    n_permutations: int = 200
+    alpha: float = DEFAULT_ALPHA
+    min_effect_size: float = DEFAULT_MIN_EFFECT_SIZE
     memory_budget_mb: float = 256.0
     max_samples: int | None = None
     layers: Sequence[int] | None = None
@@ -292,7 +294,8 @@ def stage_conflicts(ctx: AnalysisContext) -> dict:
 
     a, b = ctx.pair()
     res = sample_conflicts(ctx.model, ctx.tasks[a], ctx.tasks[b], layers=ctx.config.layers,
-                           n_permutations=ctx.config.n_permutations, memory_budget_mb=ctx.config.memory_budget_mb,
+                           alpha=ctx.config.alpha, min_effect_size=ctx.config.min_effect_size,
+                           memory_budget_mb=ctx.config.memory_budget_mb,
                            top_k=ctx.config.top_k, progress=ctx.config.progress)
     folder = ctx.folder("conflicts")
     res.to_json(folder / "conflicts.json")
@@ -305,7 +308,7 @@ def stage_qkov(ctx: AnalysisContext) -> dict:
     a, b = ctx.pair()
     res = qkov_interference(ctx.model, ctx.tasks[a], ctx.tasks[b], layers=ctx.config.layers,
                             memory_budget_mb=ctx.config.memory_budget_mb, top_k=ctx.config.top_k,
-                            progress=ctx.config.progress)
+                            progress=ctx.config.progress, task_names=(a, b))
     folder = ctx.folder("qkov")
     (folder / "qkov.json").write_text(res.to_json())
     res.save_heatmaps(folder)
@@ -328,12 +331,28 @@ def stage_estimators(ctx: AnalysisContext) -> dict:
 
 
 def stage_report(ctx: AnalysisContext) -> dict:
+    """The report of the first two Fishers, with the per-head spectral metrics of each task
+    (:func:`hf_fisher.estimators.spectrum.spectrum`, ``blocks="head"`` over the attention
+    parameters) when its per-sample gradient matrix fits ``memory_budget_mb``; a note otherwise."""
+    from hf_fisher import plugins
+    from hf_fisher.consumers.gradient_store import attention_params
     from hf_fisher.consumers.report import write_report
+    from hf_fisher.estimators.spectrum import spectrum
 
     ctx.need_fishers()
-    fishers = list(ctx.fishers.values())[:2]
-    res = write_report(fishers, ctx.root / "report", k=ctx.config.top_k)
-    return {"files": [f"report/{f}" for f in res.files], "notes": res.notes}
+    names = list(ctx.fishers)[:2]
+    spectra, notes = [], []
+    for name in names:
+        try:
+            params = attention_params(ctx.model, plugins.model_layout(ctx.model), ctx.config.layers)
+            spectra.append(spectrum(ctx.model, ctx.tasks[name], blocks="head", k=1, hutchinson_probes=0, slq_vectors=0,
+                                    params=params, max_memory_mb=ctx.config.memory_budget_mb))
+        except InvalidInputError as e:
+            spectra.append(None)
+            notes.append(f"per-head spectra of {name!r} not computed: {e}")
+            logger.warning("analyze report: per-head spectra of %r not computed: %s", name, e)
+    res = write_report([ctx.fishers[n] for n in names], ctx.root / "report", k=ctx.config.top_k, spectra=spectra)
+    return {"files": [f"report/{f}" for f in res.files], "notes": notes + res.notes}
 
 
 @hookimpl

@@ -23,30 +23,52 @@ Quantities (all in float64, per element of the stored parameters):
   ``v = ĝ_j,G/‖ĝ_j,G‖`` (the zero vector when the norm is 0),
   ``d = ‖u − v‖₂ / 2``, so ``d = sqrt((1 − cos) / 2)`` when both norms are non-zero: ``d = 0``
   aligned, ``d = 1/√2 ≈ 0.707`` orthogonal, ``d > 0.707`` conflicting, ``d = 1`` opposite.
-- Permutation p-value per (pair, group), H0 "no alignment beyond chance": the null cosines are
-  ``cos(ĝ_i,G, π_k(ĝ_j,G))`` for ``k = 1..K`` (``K = n_permutations``) random permutations
-  ``π_k`` of the group's ``D_G`` coordinates (drawn by a ``torch.Generator`` seeded from ``seed``
-  and the group key, so a group's p-values do not depend on which other groups are tested; the
-  same ``π_k`` serve every pair of the group). One-sided for conflict:
-  ``p = (1 + #{k : cos_k ≤ cos_obs}) / (1 + K)`` (a null cosine within ``1e-12`` of the observed
-  one counts as ``≤``: ties never make p smaller). The smallest possible p is ``1 / (1 + K)``.
-  A norm of 0 gives ``cos_obs = 0 = cos_k`` and ``p = 1``.
+- P-value per (pair, group), H0_ij "sample j of B has no directional relation to sample i of A":
+  ``ĝ_j`` is independent of ``ĝ_i`` and its direction is sign-symmetric (``ĝ`` and ``−ĝ`` equally
+  likely). Under H0 ``cos_ij`` is symmetric about 0 with a scale ``σ_ij² = E[cos²]`` that depends
+  on the two samples (how much of each lies in the directions the other task's gradients share)
+  and on the gradients' effective dimension, which for real networks is far below the number of
+  coordinates (a coordinate-permutation null, ``σ² ≈ 1/D_G``, calls near-zero cosines of large
+  layers significant). ``σ_ij²`` is estimated from the same two samples' other cosines: the
+  *reference* cosines ``R_ij = {cos_ij' : j' ≠ j} ∪ {cos_i'j : i' ≠ i}`` (sample i against the
+  other samples of B, sample j against the other samples of A), keeping only the positive ones
+  (by the sign symmetry of H0 they carry the whole scale, and conflicts, which are negative,
+  cannot inflate it): ``σ̂_ij² = mean{c² : c ∈ R_ij, c > 0}`` from ``k_ij`` such values. Then
+  ``t_ij = cos_ij / σ̂_ij`` is referred to Student's t with ``k_ij`` degrees of freedom (the
+  scale is itself estimated), fewer when the positive ``t_ij`` of the group are heavier-tailed
+  than that (see :func:`conflict_pvalues`), and ``p = P(T ≤ t_ij)`` (one-sided, for conflict). A pair with no
+  positive reference (``k_ij = 0``) or a zero gradient gets ``p = 1`` (it cannot be tested). The
+  test is conservative when the cosines share a positive offset (a common gradient direction) and
+  when the effective dimension is small (the cosine is then bounded, lighter-tailed than t).
+  It needs a few samples per task: at most ``n_A + n_B − 2`` references per pair. Why not a
+  permutation of sample labels or a sign-flip of whole samples: they respect the samples, but
+  their smallest p-value is ``1 / (1 + 2 (n_A + n_B − 2))`` per pair, which cannot pass the BH
+  threshold ``alpha / m`` at the usual numbers of pairs; the parametric t extrapolates the tail
+  from the same references. Very heavy-tailed gradient directions (a few samples dominated by a
+  few shared directions) can still make it somewhat liberal; the effect-size floor bounds what
+  such a case can report.
+  Cost: one ``[n_A, D_G] x [D_G, n_B]`` product per group and ``O(n_A · n_B)`` afterwards.
+- Effect-size floor (the seeds' ``min_conflict_effect_size``, here on the strength of the
+  opposition ``−cos``): a conflict needs ``cos ≤ −min_effect_size`` (default 0.05: a
+  natural-gradient step on one sample raises the other's loss at at least 5% of the rate an
+  aligned step of the same length would lower it);
+  ``min_effect_size = 0`` keeps only ``cos < 0``. Equivalently ``d ≥ sqrt((1 + min_effect_size)/2)``.
 - Benjamini–Hochberg false-discovery-rate adjustment over every tested (pair, group) p-value
   together (``m = n_A · n_B · (number of groups + 1)``), by
   ``scipy.stats.false_discovery_control(p, method="bh")``:
   ``p_adj(r) = min_{s ≥ r} min(1, p_(s) · m / s)`` (``p_(s)`` the s-th smallest).
-  ``significant = (p_adj < alpha) & (cos < 0)``.
+  ``significant = (p_adj < alpha) & (cos < 0) & (−cos ≥ min_effect_size)``; ``alpha`` defaults
+  to 0.05. Both defaults live in :mod:`hf_fisher.consumers.conflict_defaults`, read by the API,
+  ``analyze`` and ``hf-fisher conflicts`` alike.
 - Clusters: connected components (``scipy.sparse.csgraph.connected_components``) of the
   bipartite graph whose nodes are the samples of A and B and whose edges are the significant
   conflicts of the ``"overall"`` group; components with at least one edge.
 
-Cost: the permutation test is ``O(K · n_A · n_B · Σ_G D_G)`` multiply-adds (float64 matrix
-products of the ``n_A x D_G`` unit vectors with ``K`` permuted copies of the ``n_B x D_G`` ones,
-in chunks of about ``_CHUNK_BYTES``), plus the gathers. ``Σ_G D_G`` is twice the stored
-coordinates (the groups and ``"overall"``). Example: 64 x 64 pairs, 2 x 1,024 coordinates,
-K = 1,000 is ~8.4 G multiply-adds, about 1.2 s on one CPU core. Memory: the float64 natural
-gradients of one group (``(n_A + n_B) · D_G · 8`` bytes; for ``"overall"`` twice a float32 store)
-plus the permutation chunks.
+Cost: ``n_A · n_B · D`` multiply-adds for the natural-gradient dot products, one parameter
+tensor at a time (``D`` stored coordinates; every group's and ``"overall"``'s cosines are sums
+of its parameters' dot products and squared norms); the test is ``O(n_A · n_B)`` per group.
+Memory: the float64 natural gradients of one parameter tensor, ``(n_A + n_B) · D_param · 8``
+bytes. 16 x 16 samples of a 590k-coordinate layer: about a second.
 """
 
 from __future__ import annotations
@@ -54,15 +76,14 @@ from __future__ import annotations
 import json
 import math
 import os
-import warnings
-import zlib
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 
-from hf_fisher.consumers.gradient_store import GradientStore, attention_params, store_gradients
-from hf_fisher.errors import InvalidInputError, ModelMismatchError, regex_argument
+from hf_fisher.consumers.conflict_defaults import DEFAULT_ALPHA, DEFAULT_MIN_EFFECT_SIZE
+from hf_fisher.consumers.gradient_store import GradientStore, attention_params, require_samples, store_gradients
+from hf_fisher.errors import EmptyDataError, InvalidInputError, ModelMismatchError, regex_argument
 from hf_fisher.hookspecs import hookimpl
 from hf_fisher.layout import layer_of
 
@@ -71,7 +92,9 @@ __all__ = [
     "ConflictCluster",
     "ConflictResult",
     "sample_conflicts",
-    "permutation_pvalues",
+    "DEFAULT_ALPHA",
+    "DEFAULT_MIN_EFFECT_SIZE",
+    "conflict_pvalues",
     "fdr_bh",
     "unit_l2_effect_size",
     "format_p",
@@ -80,8 +103,6 @@ __all__ = [
 
 GROUPS = ("param", "layer")
 OVERALL = "overall"
-_TIE_TOL = 1e-12
-_CHUNK_BYTES = 32 * 2**20
 
 
 # ----------------------------------------------------------------------------- results
@@ -105,9 +126,10 @@ class ConflictCluster:
 class ConflictResult:
     """The outcome of :func:`sample_conflicts` (formulas in the module docstring).
 
-    ``cosine``, ``effect_size`` (unit-vector L2 effect size), ``p_values`` (raw permutation
-    p-values), ``p_adjusted`` (Benjamini–Hochberg over all tested entries) and ``significant``
-    map each group key (``groups``, ending with ``"overall"``) to an ``[n_A, n_B]`` tensor; row
+    ``cosine``, ``effect_size`` (unit-vector L2 effect size), ``p_values`` (raw one-sided
+    p-values of the sign-symmetric null), ``n_reference`` (the positive reference cosines that
+    estimated each pair's null scale, the t test's degrees of freedom), ``p_adjusted``
+    (Benjamini–Hochberg over all tested entries) and ``significant`` map each group key (``groups``, ending with ``"overall"``) to an ``[n_A, n_B]`` tensor; row
     ``i`` is sample ``i`` of task A (``sample_ids_a[i] = (batch, row)``), column ``j`` sample
     ``j`` of task B. ``top_conflicts`` lists the strongest significant (pair, group) entries,
     ``claims`` says them as sentences, ``clusters`` are the mutually conflicting groups of
@@ -129,11 +151,12 @@ class ConflictResult:
     sample_ids_b: list[tuple[int, int]]
     top_conflicts: list[dict[str, Any]] = field(default_factory=list)
     group_summary: dict[str, dict[str, Any]] = field(default_factory=dict)
-    n_permutations: int = 1000
-    alpha: float = 0.05
+    n_reference: dict[str, torch.Tensor] = field(default_factory=dict)
+    alpha: float = DEFAULT_ALPHA
+    min_effect_size: float = DEFAULT_MIN_EFFECT_SIZE
     eps: float = 1e-8
-    seed: int = 0
     fisher_source: str = "pooled"
+    test: str = "sign-symmetric t (scale from the pair's positive reference cosines)"
 
     @property
     def num_a(self) -> int:
@@ -150,9 +173,10 @@ class ConflictResult:
         return {
             "groups": list(self.groups), "group_params": {k: list(v) for k, v in self.group_params.items()},
             "sample_ids_a": [list(s) for s in self.sample_ids_a], "sample_ids_b": [list(s) for s in self.sample_ids_b],
-            "n_permutations": self.n_permutations, "alpha": self.alpha, "eps": self.eps, "seed": self.seed,
+            "test": self.test, "alpha": self.alpha, "min_effect_size": self.min_effect_size, "eps": self.eps,
             "fisher_source": self.fisher_source,
             "cosine": mat(self.cosine), "effect_size": mat(self.effect_size), "p_values": mat(self.p_values),
+            "n_reference": mat(self.n_reference),
             "p_adjusted": mat(self.p_adjusted), "significant": mat(self.significant),
             "clusters": [c.to_dict() for c in self.clusters], "top_conflicts": self.top_conflicts,
             "group_summary": self.group_summary, "claims": list(self.claims), "recommendations": self.recommendations,
@@ -183,14 +207,6 @@ def fdr_bh(p_values: Any) -> torch.Tensor:
     return torch.from_numpy(false_discovery_control(p.numpy(), method="bh")).to(torch.float64)
 
 
-def _unit(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rows of ``x`` scaled to unit norm (zero rows stay zero) and the squared norms of the result (1 or 0)."""
-    norm = x.norm(dim=1, keepdim=True)
-    nz = norm > 0
-    u = torch.where(nz, x / torch.where(nz, norm, torch.ones_like(norm)), torch.zeros_like(x))
-    return u, nz.squeeze(1).to(x.dtype)
-
-
 def unit_l2_effect_size(cos: torch.Tensor, sq_a: torch.Tensor | None = None, sq_b: torch.Tensor | None = None) -> torch.Tensor:
     """Unit-vector L2 effect size ``d = ‖u − v‖₂ / 2`` from ``cos = u · v`` and the squared norms
     of the unit vectors (1, or 0 for a zero gradient; default 1): ``d = sqrt(‖u‖² + ‖v‖² − 2 cos) / 2``,
@@ -200,39 +216,45 @@ def unit_l2_effect_size(cos: torch.Tensor, sq_a: torch.Tensor | None = None, sq_
     return (a[:, None] + b[None, :] - 2 * cos).clamp_min(0).sqrt() / 2
 
 
-def permutation_pvalues(
-    x_a: torch.Tensor, x_b: torch.Tensor, *, n_permutations: int = 1000, seed: int = 0,
-    generator: torch.Generator | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Cosines ``[n_A, n_B]`` of the rows of ``x_a`` ``[n_A, D]`` and ``x_b`` ``[n_B, D]`` and their
-    one-sided (conflict) permutation p-values ``p = (1 + #{k : cos(x_a,i, π_k(x_b,j)) ≤ cos_ij}) / (1 + K)``,
-    ``π_k`` random permutations of the D coordinates (shared by all pairs), drawn from ``generator``
-    (default: a CPU generator seeded with ``seed``). Computed in float64, in chunks of permutations."""
-    if isinstance(n_permutations, bool) or not isinstance(n_permutations, int) or n_permutations < 1:
-        raise InvalidInputError(f"n_permutations must be a positive integer, got {n_permutations!r}")
-    x_a = x_a.detach().to("cpu", torch.float64).reshape(x_a.shape[0], -1)
-    x_b = x_b.detach().to("cpu", torch.float64).reshape(x_b.shape[0], -1)
-    if x_a.shape[1] != x_b.shape[1]:
-        raise InvalidInputError(f"x_a has {x_a.shape[1]} coordinates, x_b {x_b.shape[1]}: they must match")
-    u, _ = _unit(x_a)
-    v, _ = _unit(x_b)
-    cos = (u @ v.T).clamp_(-1.0, 1.0)
-    n_a, n_b, dim = u.shape[0], v.shape[0], u.shape[1]
-    count = torch.zeros((n_a, n_b), dtype=torch.float64)
-    if n_a and n_b and dim:
-        gen = generator if generator is not None else torch.Generator().manual_seed(int(seed))
-        per_perm = 8 * (n_b * dim + 2 * n_a * n_b + 2 * dim)  # gathered copy, null cosines + mask, keys + indices
-        chunk = max(1, min(n_permutations, _CHUNK_BYTES // per_perm))
-        bound = (cos + _TIE_TOL)[:, :, None]
-        done = 0
-        while done < n_permutations:
-            k = min(chunk, n_permutations - done)
-            perms = torch.rand((k, dim), generator=gen, dtype=torch.float64).argsort(dim=1)  # [k, D]
-            vp = v[:, perms]  # [n_B, k, D]
-            null = (u @ vp.reshape(n_b * k, dim).T).reshape(n_a, n_b, k)
-            count += (null <= bound).sum(dim=2).to(torch.float64)
-            done += k
-    return cos, (1.0 + count) / (1.0 + n_permutations)
+def conflict_pvalues(cos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One-sided (conflict) p-values of a cosine matrix ``cos`` ``[n_A, n_B]`` under the
+    sign-symmetric null of the module docstring, and the number of reference cosines of each pair.
+
+    For pair ``(i, j)`` the references are the other cosines of row ``i`` and of column ``j``;
+    of these the positive ones (``k_ij`` of them) give the null scale
+    ``σ̂_ij² = mean{c²}``, and ``p_ij = P(T ≤ t_ij)``, ``t_ij = cos_ij / σ̂_ij``, for ``T``
+    Student's t (``scipy.stats.t``) with ``min(k_ij, ν)`` degrees of freedom; ``ν`` guards
+    against heavier tails than a t's: with ``κ`` the kurtosis ``mean(t⁴) / mean(t²)²`` of the
+    positive ``t_ij`` (at least 8 of them; negative ones, where conflicts lie, are not used),
+    ``ν = 4 + 6 / (κ − 3)`` (a t's kurtosis solved for its degrees of freedom) when ``κ > 3``,
+    else no bound. ``p = 1`` where ``k_ij = 0``.
+    Returns ``(p, k)``, float64 and int64 ``[n_A, n_B]``."""
+    from scipy.stats import t as student_t
+
+    cos = torch.as_tensor(cos, dtype=torch.float64)
+    if cos.dim() != 2:
+        raise InvalidInputError(f"cos must be a [n_A, n_B] matrix, got shape {tuple(cos.shape)}")
+    if not bool(torch.isfinite(cos).all()) or bool((cos.abs() > 1 + 1e-9).any()):
+        raise InvalidInputError("cos must hold finite cosines in [-1, 1]")
+    pos = (cos > 0).to(torch.float64)
+    sq = cos.square() * pos
+    # the row's and the column's positive cosines, the pair itself left out (it is in both)
+    k = pos.sum(1, keepdim=True) + pos.sum(0, keepdim=True) - 2 * pos
+    total = sq.sum(1, keepdim=True) + sq.sum(0, keepdim=True) - 2 * sq
+    ok = (k > 0) & (total > 0)
+    scale = torch.where(ok, (total / k.clamp_min(1)).sqrt(), torch.ones_like(total))
+    t = cos / scale
+    df = k.clamp_min(1).expand_as(t).clone()
+    # heavier tails than a t's: the kurtosis of the positive statistics (conflicts cannot reach
+    # them) gives the t's degrees of freedom by moments, 4 + 6 / (kurtosis - 3); the smaller is used
+    upper = t[ok & (t > 0)]
+    if upper.numel() >= 8:
+        excess = float(upper.pow(4).mean() / upper.square().mean().square()) - 3.0
+        if excess > 0:
+            df = df.clamp_max(4.0 + 6.0 / excess)
+    p = torch.from_numpy(student_t.cdf(t.numpy(), df.numpy())).to(torch.float64)
+    p = torch.where(ok, p, torch.ones_like(p))
+    return p, k.round().to(torch.int64)
 
 
 def format_p(p: float) -> str:
@@ -379,9 +401,8 @@ def sample_conflicts(
     layers: Iterable[int] | None = None,
     eps: float = 1e-8,
     groups: str = "param",
-    n_permutations: int = 1000,
-    alpha: float = 0.05,
-    seed: int = 0,
+    alpha: float = DEFAULT_ALPHA,
+    min_effect_size: float = DEFAULT_MIN_EFFECT_SIZE,
     memory_budget_mb: float = 512.0,
     dtype: torch.dtype = torch.float32,
     top_k: int = 20,
@@ -401,9 +422,11 @@ def sample_conflicts(
     ``reduction="param"`` :class:`hf_fisher.Fisher`. For every pair ``(i, j)`` and group ``G``
     (``groups="param"`` or ``"layer"``, plus ``"overall"``): ``cos = ĝ_i·ĝ_j / (‖ĝ_i‖ ‖ĝ_j‖)``,
     unit-vector L2 effect size ``d = ‖ĝ_i/‖ĝ_i‖ − ĝ_j/‖ĝ_j‖‖₂ / 2`` (``= sqrt((1 − cos)/2)``), the
-    one-sided permutation p-value ``p = (1 + #{cos_perm ≤ cos}) / (1 + n_permutations)`` and its
-    Benjamini–Hochberg adjustment over all tested entries; ``significant = p_adj < alpha and
-    cos < 0``. See the module docstring for the details and the cost.
+    one-sided p-value of the sign-symmetric null (the pair's scale estimated from the two samples'
+    other positive cosines, Student's t; :func:`conflict_pvalues`) and its Benjamini–Hochberg
+    adjustment over all tested entries; ``significant = p_adj < alpha and cos ≤ −min_effect_size``
+    (and ``cos < 0``). See the module docstring for the null, why not a coordinate permutation,
+    and the cost.
 
     The ``top_k`` strongest significant entries (smallest adjusted p, then most negative cosine)
     become ``top_conflicts`` and ``claims`` ("sample 7 of task A conflicts with sample 23 of task B
@@ -411,10 +434,11 @@ def sample_conflicts(
     their row in the store, ``sample_ids_*`` give ``(batch, row)``). Recommendations: a sample with
     significant overall conflicts with at least half of the other task's samples is to *filter*,
     one with fewer to *down-weight* (a heuristic); hotspots are the groups with the most
-    significant conflicts. An empty task gives empty results and a warning.
+    significant conflicts. An empty task (no batch, no sample with a label token, an empty
+    store) raises :class:`~hf_fisher.errors.EmptyDataError` before any work.
 
     Raises :class:`InvalidInputError` before any work on bad arguments (unknown ``groups``,
-    ``eps <= 0``, ``alpha`` outside (0, 1), ``n_permutations < 1``, a Fisher of another model, of
+    ``eps <= 0``, ``alpha`` outside (0, 1), ``min_effect_size`` outside [0, 1), a Fisher of another model, of
     ``reduction="group"`` or not covering the parameters, malformed batches, a budget too small).
     """
     from tqdm.auto import tqdm
@@ -426,10 +450,11 @@ def sample_conflicts(
         raise InvalidInputError(f"eps must be a positive finite number (the damping of sqrt(F + eps)), got {eps!r}")
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha < 1:
         raise InvalidInputError(f"alpha must lie strictly between 0 and 1 (the FDR level), got {alpha!r}")
-    if isinstance(n_permutations, bool) or not isinstance(n_permutations, int) or n_permutations < 1:
-        raise InvalidInputError(f"n_permutations must be a positive integer, got {n_permutations!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise InvalidInputError(f"seed must be an integer, got {seed!r}")
+    if (isinstance(min_effect_size, bool) or not isinstance(min_effect_size, (int, float))
+            or not 0 <= min_effect_size < 1):
+        raise InvalidInputError(
+            f"min_effect_size must lie in [0, 1) (a conflict needs cos <= -min_effect_size; 0 keeps every cos < 0), "
+            f"got {min_effect_size!r}")
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
         raise InvalidInputError(f"top_k must be a non-negative integer, got {top_k!r}")
     if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
@@ -464,6 +489,7 @@ def sample_conflicts(
         mp = dict(model.named_parameters())
         shapes = {n: tuple(mp[n].shape) for n in names}
     for t in ("a", "b"):
+        require_samples(model, raw[t] if raw[t] is not None else stores[t], f"task {t.upper()}")
         if raw[t] is not None:
             _check_budget(model, names, raw[t], dtype, memory_budget_mb, t.upper())
     fisher_given = None if fisher is None else _check_fisher(fisher, model, shapes)
@@ -489,40 +515,42 @@ def sample_conflicts(
     group_params[OVERALL] = list(names)
     keys = list(group_params)
 
-    def empty(dt: torch.dtype) -> dict[str, torch.Tensor]:
-        return {k: torch.zeros((n_a, n_b), dtype=dt) for k in keys}
-
     common = dict(groups=keys, group_params=group_params, sample_ids_a=list(sa.sample_ids), sample_ids_b=list(sb.sample_ids),
-                  n_permutations=n_permutations, alpha=float(alpha), eps=float(eps), seed=seed,
+                  alpha=float(alpha), min_effect_size=float(min_effect_size), eps=float(eps),
                   fisher_source="pooled" if fisher is None else "given")
-    if n_a == 0 or n_b == 0:
-        warnings.warn(f"sample_conflicts: task {'A' if n_a == 0 else 'B'} has no sample with a gradient; "
-                      "returning empty results", UserWarning, stacklevel=2)
-        ones = {k: torch.ones((n_a, n_b), dtype=torch.float64) for k in keys}
-        return ConflictResult(cosine=empty(torch.float64), effect_size=empty(torch.float64), p_values=ones,
-                              p_adjusted={k: v.clone() for k, v in ones.items()}, significant=empty(torch.bool),
-                              clusters=[], claims=[], recommendations={"samples": [], "hotspots": [], "actions": [
-                                  "No conflicts can be computed: one of the tasks has no sample."]}, **common)
+    if n_a == 0 or n_b == 0:  # e.g. every sample dropped by the engine
+        raise EmptyDataError(f"sample_conflicts: task {'A' if n_a == 0 else 'B'} gave no per-sample gradient; "
+                             "pass data with label tokens")
 
     # --- Fisher and natural-gradient coordinates
     if fisher_given is None:
         F = {n: ((sa.grads[n].double() ** 2).sum(0) + (sb.grads[n].double() ** 2).sum(0)) / (n_a + n_b) for n in names}
     else:
         F = fisher_given
-    scale = {n: (F[n] + eps).rsqrt() for n in names}
+    # --- per parameter: natural-gradient dot products of every pair and squared norms; a group's
+    # (and "overall"'s) cosines are sums of its parameters' (no concatenated copies)
+    dots, sq_a, sq_b = {}, {}, {}
+    for n in tqdm(names, desc="conflict cosines", unit="param", disable=not progress):
+        scale = (F[n] + eps).rsqrt().reshape(-1)
+        xa = sa.grads[n].reshape(n_a, -1).double() * scale
+        xb = sb.grads[n].reshape(n_b, -1).double() * scale
+        dots[n], sq_a[n], sq_b[n] = xa @ xb.T, xa.square().sum(1), xb.square().sum(1)
+        del xa, xb
 
-    def natural(store: GradientStore, plist: list[str]) -> torch.Tensor:
-        return torch.cat([(store.grads[n].double() * scale[n]).reshape(store.num_samples, -1) for n in plist], dim=1)
-
-    # --- cosines, effect sizes, permutation p-values
-    cosine, effect, pvals = {}, {}, {}
-    for key in tqdm(keys, desc="conflict permutation tests", unit="group", disable=not progress):
-        xa, xb = natural(sa, group_params[key]), natural(sb, group_params[key])
-        gen = torch.Generator().manual_seed((int(seed) * 1_000_003 + zlib.crc32(key.encode())) % (2**63))
-        cos, p = permutation_pvalues(xa, xb, n_permutations=n_permutations, generator=gen)
-        _, sq_a = _unit(xa)
-        _, sq_b = _unit(xb)
-        cosine[key], effect[key], pvals[key] = cos, unit_l2_effect_size(cos, sq_a, sq_b), p
+    # --- cosines, effect sizes, p-values of the sign-symmetric null
+    cosine, effect, pvals, nref = {}, {}, {}, {}
+    for key in keys:
+        plist = group_params[key]
+        na = torch.stack([sq_a[n] for n in plist]).sum(0).sqrt()
+        nb = torch.stack([sq_b[n] for n in plist]).sum(0).sqrt()
+        valid = (na[:, None] > 0) & (nb[None, :] > 0)
+        denom = torch.where(valid, na[:, None] * nb[None, :], torch.ones_like(valid, dtype=torch.float64))
+        cos = torch.where(valid, torch.stack([dots[n] for n in plist]).sum(0) / denom, 0.0).clamp_(-1.0, 1.0)
+        p, k = conflict_pvalues(cos)
+        # a zero gradient has no direction: its cosines are 0 and cannot be tested
+        p = torch.where(valid, p, torch.ones_like(p))
+        unit_a, unit_b = (na > 0).to(torch.float64), (nb > 0).to(torch.float64)
+        cosine[key], effect[key], pvals[key], nref[key] = cos, unit_l2_effect_size(cos, unit_a, unit_b), p, k
 
     flat = torch.cat([pvals[k].reshape(-1) for k in keys])
     adj_flat = fdr_bh(flat)
@@ -530,7 +558,7 @@ def sample_conflicts(
     for k in keys:
         padj[k] = adj_flat[offset:offset + n_a * n_b].reshape(n_a, n_b)
         offset += n_a * n_b
-        sig[k] = (padj[k] < alpha) & (cosine[k] < 0)
+        sig[k] = (padj[k] < alpha) & (cosine[k] < 0) & (cosine[k] <= -min_effect_size)
 
     clusters = _clusters(sig[OVERALL], cosine[OVERALL])
     top = _top_conflicts(keys, cosine, effect, pvals, padj, sig, sa.sample_ids, sb.sample_ids, top_k)
@@ -545,8 +573,9 @@ def sample_conflicts(
             "n_pairs": n_a * n_b}
         for k in keys
     }
-    recs = _recommendations(sig, summary, keys, n_a, n_b, top_k, alpha)
+    recs = _recommendations(sig, summary, keys, n_a, n_b, top_k, alpha, min_effect_size)
     return ConflictResult(cosine=cosine, effect_size=effect, p_values=pvals, p_adjusted=padj, significant=sig,
+                          n_reference=nref,
                           clusters=clusters, claims=claims, recommendations=recs, top_conflicts=top,
                           group_summary=summary, **common)
 
@@ -588,7 +617,7 @@ def _top_conflicts(keys, cosine, effect, pvals, padj, sig, ids_a, ids_b, top_k) 
     ]
 
 
-def _recommendations(sig, summary, keys, n_a, n_b, top_k, alpha) -> dict[str, Any]:
+def _recommendations(sig, summary, keys, n_a, n_b, top_k, alpha, min_effect_size) -> dict[str, Any]:
     overall = sig[OVERALL]
     samples = []
     for task, counts, other in (("A", overall.sum(1), n_b), ("B", overall.sum(0), n_a)):
@@ -613,7 +642,8 @@ def _recommendations(sig, summary, keys, n_a, n_b, top_k, alpha) -> dict[str, An
                        f"significantly, mean cosine {h['mean_cosine']:.3f}); consider task-specific adapters or "
                        "gradient surgery there.")
     if not actions:
-        actions.append(f"No significant conflicts at FDR level alpha = {alpha:g}: nothing to filter or down-weight.")
+        actions.append(f"No significant conflicts at FDR level alpha = {alpha:g} with cosine <= -{min_effect_size:g}: "
+                       "nothing to filter or down-weight.")
     return {"samples": samples, "hotspots": hotspots, "actions": actions}
 
 

@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 
 from hf_fisher.engine.per_sample import ContributionSink
-from hf_fisher.errors import InvalidInputError, regex_argument
+from hf_fisher.errors import EmptyDataError, InvalidInputError, regex_argument
 
 __all__ = ["GradientStore", "store_gradients", "attention_params"]
 
@@ -153,6 +153,28 @@ def _count_samples(batches: Sequence[Mapping[str, Any]]) -> int:
             raise InvalidInputError(f"batch {i} must be a dict with input_ids [batch, seq_len]")
         n += int(b["input_ids"].shape[0])
     return n
+
+
+def require_samples(model: nn.Module, task: "Sequence[Mapping[str, Any]] | GradientStore", what: str) -> None:
+    """Refuse (:class:`~hf_fisher.errors.EmptyDataError`), before any gradient is computed, a task
+    that cannot give one per-sample gradient: a :class:`GradientStore` with no sample, no batch, or
+    batches in which no sample has a label token (every label -100 or padding; counted by
+    :func:`hf_fisher.engine.losses.label_counts`, the rule the engine applies). ``what`` names
+    the task in the message (e.g. ``"task A"``). Batches are assumed well-formed (checked before)."""
+    from hf_fisher.engine.losses import label_counts, task_type_of
+
+    if isinstance(task, GradientStore):
+        if task.num_samples == 0:
+            raise EmptyDataError(f"{what}: the gradient store holds no sample; store gradients of at least one sample")
+        return
+    if len(task) == 0:
+        raise EmptyDataError(f"{what} has no batch: pass at least one batch with a label token")
+    task_type = task_type_of(model)
+    if not any(bool((label_counts(b, task_type) > 0).any()) for b in task):
+        n = _count_samples(task)
+        raise EmptyDataError(
+            f"{what}: none of its {n} sample(s) has a label token (every label is -100 or padding), so there is no "
+            "gradient to compare; pass data with label tokens")
 
 
 def store_gradients(

@@ -62,9 +62,10 @@ the slice's elements so that the float64 temporaries stay below ~64 MB whatever 
 the two gradient stores (checked against ``memory_budget_mb`` before any work), one layer's
 Fisher (float64, parameter-shaped), the chunk temporaries and the result ``[nA, nB, L, H, 4]``.
 
-Empty task: when A or B has no sample with a label token (no batch, or every label -100) the
-result holds zero scores (``empty=True``) and a ``RuntimeWarning`` is issued (also logged on
-``hf_fisher.analysis``); means over pairs are then 0, never NaN.
+Empty task: when A or B has no sample with a label token (no batch, every label -100 or
+padding, or an empty gradient store) :func:`qkov_interference` raises
+:class:`~hf_fisher.errors.EmptyDataError` before any gradient is computed. (``empty`` stays in
+the result and its JSON, always ``False`` for a computed result.)
 """
 
 from __future__ import annotations
@@ -73,7 +74,6 @@ import json
 import logging
 import math
 import os
-import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -82,9 +82,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import InvalidInputError, ModelMismatchError
+from ..errors import EmptyDataError, InvalidInputError, ModelMismatchError
 from ..hookspecs import hookimpl
-from .gradient_store import GradientStore, attention_params, samples_that_fit, store_gradients
+from .gradient_store import GradientStore, attention_params, require_samples, samples_that_fit, store_gradients
+from .plotting import integer_ticks
 
 __all__ = ["AGGREGATES", "BLOCKS", "FISHER_FROM", "VARIANTS", "QKOVResult", "qkov_interference"]
 
@@ -132,6 +133,7 @@ class QKOVResult:
     diagnostics: dict[tuple[int, int, str], dict[str, Any]] = field(default_factory=dict)
     top_k: int = 20
     empty: bool = False
+    task_names: tuple[str, str] = ("task A", "task B")
 
     @property
     def num_samples_a(self) -> int:
@@ -220,6 +222,7 @@ class QKOVResult:
             "ridge_rel": self.ridge_rel,
             "ridge_min": self.ridge_min,
             "empty": self.empty,
+            "task_names": list(self.task_names),
             "num_samples_a": self.num_samples_a,
             "num_samples_b": self.num_samples_b,
             "sample_ids_a": [list(s) for s in self.sample_ids_a],
@@ -243,32 +246,49 @@ class QKOVResult:
             Path(path).write_text(text)
         return text
 
-    def save_heatmaps(self, out_dir: str | os.PathLike, *, prefix: str = "qkov") -> list[Path]:
-        """One PNG per block (``{prefix}_{block}.png``, layers x heads, mean over pairs) in
-        ``out_dir``; returns the paths, or [] with a logged note when matplotlib is missing."""
+    def heatmap_figures(self, task_names: tuple[str, str] | None = None) -> dict[str, Any]:
+        """``{block: matplotlib Figure}``: layers x query heads, mean over sample pairs, titled
+        with the two tasks (``task_names``, default :attr:`task_names`), the colour bar labelled
+        with the metric, one integer tick per head and layer (every few when there are many);
+        640 x 400 pixels or more at 100 dpi. Raises ImportError without matplotlib."""
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+
+        a, b = task_names if task_names is not None else self.task_names
+        figs = {}
+        for block, m in self.heatmaps().items():
+            fig = Figure(figsize=(max(6.4, 1.6 + 0.35 * len(self.heads)), max(4.0, 1.6 + 0.3 * len(self.layers))),
+                         layout="constrained")
+            FigureCanvasAgg(fig)
+            ax = fig.add_subplot(1, 1, 1)
+            im = ax.imshow(m.numpy(), aspect="auto", cmap="viridis", interpolation="nearest")
+            ax.set_xlabel("query head")
+            ax.set_ylabel("layer")
+            integer_ticks(ax.xaxis, list(self.heads))
+            integer_ticks(ax.yaxis, list(self.layers))
+            ax.set_title(f"QK-OV interference, {block} block: {a} vs {b}\n"
+                         f"({self.variant} variant, {self.aggregate} over the slice; "
+                         f"{self.num_samples_a} x {self.num_samples_b} sample pairs)", fontsize=11)
+            cbar = fig.colorbar(im, ax=ax)
+            cbar.set_label(f"interference score ({self.variant}), mean over sample pairs")
+            figs[block] = fig
+        return figs
+
+    def save_heatmaps(self, out_dir: str | os.PathLike, *, prefix: str = "qkov",
+                      task_names: tuple[str, str] | None = None) -> list[Path]:
+        """One PNG per block (``{prefix}_{block}.png``, :meth:`heatmap_figures`) in ``out_dir``;
+        returns the paths, or [] with a logged note when matplotlib is missing."""
         try:
-            from matplotlib.backends.backend_agg import FigureCanvasAgg
-            from matplotlib.figure import Figure
+            figs = self.heatmap_figures(task_names)
         except ImportError:
             logger.info("matplotlib is not installed: no QK-OV heatmap PNGs written (pip install matplotlib)")
             return []
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         paths = []
-        for block, m in self.heatmaps().items():
-            fig = Figure(figsize=(1.0 + 0.45 * max(len(self.heads), 1), 1.0 + 0.4 * max(len(self.layers), 1)))
-            FigureCanvasAgg(fig)
-            ax = fig.add_subplot(1, 1, 1)
-            im = ax.imshow(m.numpy(), aspect="auto", cmap="viridis")
-            ax.set_xlabel("head")
-            ax.set_ylabel("layer")
-            ax.set_xticks(range(len(self.heads)), [str(h) for h in self.heads])
-            ax.set_yticks(range(len(self.layers)), [str(l) for l in self.layers])
-            ax.set_title(f"QK-OV {block} ({self.variant}, {self.aggregate})")
-            fig.colorbar(im, ax=ax)
-            fig.tight_layout()
+        for block, fig in figs.items():
             p = out / f"{prefix}_{block}.png"
-            fig.savefig(p, dpi=80)
+            fig.savefig(p, dpi=100)
             paths.append(p)
         return paths
 
@@ -396,6 +416,7 @@ def qkov_interference(
     top_k: int = 20,
     max_samples: int | None = None,
     progress: bool = True,
+    task_names: tuple[str, str] | None = None,
 ) -> QKOVResult:
     """QK-OV interference scores of every (sample of A, sample of B, layer, head, block).
 
@@ -421,10 +442,12 @@ def qkov_interference(
         top_k: default ``k`` of :meth:`QKOVResult.top` and of the JSON export.
         max_samples: at most this many samples per task (the first ones).
         progress: progress bars.
+        task_names: the two tasks' names for titles and JSON (default: the tasks of given
+            :class:`GradientStore` objects, else ``("task A", "task B")``).
 
-    Returns a :class:`QKOVResult`. An empty task (no batch, or no sample with a label token)
-    gives zero scores and a warning. Bad arguments raise
-    :class:`~hf_fisher.errors.InvalidInputError` before any gradient is computed.
+    Returns a :class:`QKOVResult`. An empty task (no batch, no sample with a label token, or an
+    empty store), on either side, raises :class:`~hf_fisher.errors.EmptyDataError`; other bad
+    arguments :class:`~hf_fisher.errors.InvalidInputError`; both before any gradient is computed.
     """
     from tqdm.auto import tqdm
 
@@ -449,6 +472,12 @@ def qkov_interference(
         raise InvalidInputError(f"memory_budget_mb must be a positive number of MB, got {memory_budget_mb!r}")
     if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise InvalidInputError(f"dtype must be a floating torch dtype, got {dtype!r}")
+    if task_names is None:
+        task_names = tuple(src.task if isinstance(src, GradientStore) and src.task != "default" else f"task {w}"
+                           for w, src in (("A", batches_a), ("B", batches_b)))
+    elif (isinstance(task_names, (str, bytes)) or len(tuple(task_names)) != 2
+          or not all(isinstance(t, str) and t.strip() for t in task_names)):
+        raise InvalidInputError(f"task_names must be two non-empty strings, got {task_names!r}")
     inputs = {}
     for which, src in (("A", batches_a), ("B", batches_b)):
         if isinstance(src, GradientStore):
@@ -515,6 +544,10 @@ def qkov_interference(
 
     # ---- budget of the stores to build (both tasks together), before any work
     to_build = [w for w in ("A", "B") if not isinstance(inputs[w], GradientStore) and not (w == "B" and same)]
+    for which in ("A", "B"):
+        if not isinstance(inputs[which], GradientStore):
+            _count_rows(inputs[which], which)  # well-formed batches
+        require_samples(model, inputs[which], f"task {which}")
     if to_build:
         fit, per_sample = samples_that_fit(model, names, dtype, memory_budget_mb)
         counts = {w: _count_rows(inputs[w], w) for w in to_build}
@@ -557,17 +590,14 @@ def qkov_interference(
         fisher_from="fisher" if fisher is not None else fisher_from, ridge=float(ridge),
         ridge_rel=None if ridge_rel is None else float(ridge_rel), ridge_min=float(ridge_min),
         sample_ids_a=list(sa.sample_ids), sample_ids_b=list(sb.sample_ids), kv_heads=kv_heads, top_k=top_k,
+        task_names=tuple(task_names),
     )
     pool = {"a": [sa], "b": [sb], "both": [sa] if sb is sa else [sa, sb]}[fisher_from]
     pooled_n = sum(s.num_samples for s in pool)
-    if nA == 0 or nB == 0 or (fisher is None and pooled_n == 0):
+    if nA == 0 or nB == 0 or (fisher is None and pooled_n == 0):  # e.g. every sample dropped by the engine
         empty = [w for w, n in (("A", nA), ("B", nB)) if n == 0] or [fisher_from]
-        msg = (f"QK-OV interference: task(s) {', '.join(empty)} have no sample with a label token (no batch, or all "
-               "labels -100); the scores are zeros")
-        warnings.warn(msg, RuntimeWarning, stacklevel=2)
-        logger.warning(msg)
-        result.empty = True
-        return result
+        raise EmptyDataError(f"QK-OV interference: task(s) {', '.join(empty)} gave no per-sample gradient; "
+                             "pass data with label tokens")
 
     # ---- scores, one layer at a time
     for li, att in enumerate(tqdm(atts, desc="QK-OV interference", unit="layer", disable=not progress)):

@@ -23,9 +23,24 @@ place, :mod:`hf_fisher.atomic`):
                                                                  (:meth:`Fisher.head_importance`)
   ``head_total_stderr_bound``               layer       head     see below (only with variances)
   ``head_total_ci95_halfwidth_bound``       layer       head     ``t_{0.975, n-1} ·`` the bound
+
+  ``spectral_eigmax``                       layer       head     λ_1 of the head's empirical
+                                                                 Fisher block (only with spectra)
+  ``spectral_condition_number``             layer       head     λ_1 / λ_r on its range
+  ``spectral_energy_r8``                    layer       head     low-rank energy Σ_{j≤8} λ_j / tr
+  ``spectral_rank``                         layer       head     numerical rank r
   ========================================  ==========  =======  ==================================
 
   .. [#] ``other`` for parameters outside the layer stack (embeddings, final norm, LM head).
+
+  **Per-head spectral metrics** (``spectral_*``, the seeds' condition number, largest eigenvalue
+  and low-rank energy) are the :func:`~hf_fisher.estimators.spectrum.capacity_metrics` of the
+  block ``F_bb`` of head b (its Q rows, its kv-head's K/V rows, its O columns) of the *full*
+  empirical Fisher, from :func:`hf_fisher.estimators.spectrum.spectrum` with ``blocks="head"``
+  (exact, from the N x N Gram matrix of per-sample gradients). A diagonal artifact does not hold
+  the off-diagonal entries they need, so they are written only when ``spectra=`` is given
+  (``hf-fisher analyze`` computes them when its per-sample gradient matrix fits; ``hf-fisher
+  report`` on artifact folders cannot, and the summary says so). Values are the spectrum's own.
 
   Values are written with ``repr(float)``, so they read back exactly equal to the artifact's.
   **Uncertainty bound**: ``head_total`` sums several stored values (groups, or elements of a
@@ -54,6 +69,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 from hf_fisher import analysis
 from hf_fisher.consumers.importance import UnitLabels, classify_units
+from hf_fisher.consumers.plotting import discrete_colormap, integer_ticks
 from hf_fisher.errors import ArtifactError, InvalidInputError
 from hf_fisher.hookspecs import hookimpl
 
@@ -70,6 +86,9 @@ SUMMARY_NAME = "summary.txt"
 CSV_COLUMNS = ("run", "layer", "head", "metric", "value")
 PLOTS_HINT = 'pip install "hf-fisher[plots]"'
 ROLES = "qkvo"
+SPECTRAL_METRICS = {"spectral_eigmax": "eigmax", "spectral_condition_number": "condition_number",
+                    "spectral_energy_r8": "energy_r8", "spectral_rank": "rank"}
+"""CSV metric -> key of the spectrum's per-head :func:`~hf_fisher.estimators.spectrum.capacity_metrics`."""
 
 
 @dataclass
@@ -184,16 +203,56 @@ class _Run:
     channel_labels: UnitLabels | None
     rows: list
     missing: list[str]
+    spectral: dict[tuple[int, int], dict[str, float]] = field(default_factory=dict)
+    spectral_note: str = ""
 
 
-def _analyse(fisher: "Fisher", name: str) -> _Run:
+def head_spectral_metrics(spec: Any) -> dict[tuple[int, int], dict[str, float]]:
+    """``{(layer, head): {spectral metric: value}}`` (:data:`SPECTRAL_METRICS`) from the head
+    blocks ``layer{l}.head{h}`` of a :class:`~hf_fisher.estimators.spectrum.SpectrumResult`."""
+    import re
+
+    out = {}
+    for name, block in spec.blocks.items():
+        m = re.fullmatch(r"layer(\d+)\.head(\d+)", name)
+        if m:
+            out[(int(m.group(1)), int(m.group(2)))] = {k: block.metrics[v] for k, v in SPECTRAL_METRICS.items()}
+    return out
+
+
+def _check_spectra(spectra: Any, pairs: list) -> list:
+    """One SpectrumResult with head blocks (or None) per run, its heads those of the run's layout."""
+    from hf_fisher.estimators.spectrum import SpectrumResult
+
+    if spectra is None:
+        return [None] * len(pairs)
+    items = [spectra] if isinstance(spectra, SpectrumResult) else list(spectra)
+    if len(items) != len(pairs):
+        raise InvalidInputError(f"spectra must hold one SpectrumResult (or None) per Fisher: {len(pairs)}, got {len(items)}")
+    for i, (spec, (fisher, _)) in enumerate(zip(items, pairs), 1):
+        if spec is None:
+            continue
+        if not isinstance(spec, SpectrumResult):
+            raise InvalidInputError(f"spectra[{i - 1}] must be a hf_fisher SpectrumResult or None, got {type(spec).__name__}")
+        heads = head_spectral_metrics(spec)
+        if not heads:
+            raise InvalidInputError(f"spectra[{i - 1}] has no per-head blocks: compute it with spectrum(..., blocks='head')")
+        known = {(h.layer, h.head) for h in fisher.layout.heads()}
+        alien = sorted(set(heads) - known)
+        if alien:
+            raise InvalidInputError(f"spectra[{i - 1}] has heads {alien[:3]} that Fisher {i}'s model does not have; "
+                                    "pass the spectrum of the same model")
+    return items
+
+
+def _analyse(fisher: "Fisher", name: str, spec: Any = None) -> _Run:
     has_heads, has_mlp = _has_heads(fisher), _has_mlp(fisher)
     missing = [
         f"no {what}: the layout ({fisher.layout.adapter!r}) describes none, or the Fisher holds none of their "
         "parameters (e.g. a Fisher of adapter weights only)"
         for what, ok in (("attention heads", has_heads), ("MLP channels", has_mlp)) if not ok
     ]
-    return _Run(
+    run = _Run(
         name=name,
         fisher=fisher,
         heads=head_table(fisher),
@@ -204,6 +263,17 @@ def _analyse(fisher: "Fisher", name: str) -> _Run:
         rows=report_rows(fisher, name),
         missing=missing,
     )
+    if spec is None:
+        run.spectral_note = (
+            "not computed: they need per-sample gradients, which a diagonal Fisher artifact does not hold; pass "
+            "spectra= (hf_fisher.spectrum(model, batches, blocks='head')) or use hf-fisher analyze")
+    else:
+        run.spectral = head_spectral_metrics(spec)
+        run.rows += [(name, str(l), str(h), m, v) for (l, h), ms in sorted(run.spectral.items()) for m, v in ms.items()]
+        run.spectral_note = (f"exact blocks of the empirical Fisher from {spec.n_samples} samples (spectrum, blocks='head')"
+                             + ("" if spec.n_samples == fisher.counts.samples else
+                                f"; the Fisher artifact counts {fisher.counts.samples} samples"))
+    return run
 
 
 def _e(x: float) -> str:
@@ -296,6 +366,17 @@ def _run_summary(run: _Run, k: int) -> list[str]:
             f"  {_listing(lab, 'compressible', k)} (together {_e(lab.thresholds['compressible_mass'])} of "
             f"{_e(lab.thresholds['total'])})",
         ]
+    if run.heads:
+        lines += ["", "Per-head spectra (largest eigenvalue, condition number on the range, low-rank energy of the top 8)"]
+        if not run.spectral:
+            lines.append(f"  {run.spectral_note}")
+        else:
+            lines.append(f"  {run.spectral_note}; top {k} heads by largest eigenvalue:")
+            top_s = sorted(run.spectral.items(), key=lambda kv: (-kv[1]["spectral_eigmax"], kv[0]))[:k]
+            for i, (u, m) in enumerate(top_s, 1):
+                lines.append(f"  {i:3d}. layer {u[0]} head {u[1]}: eigmax {_e(m['spectral_eigmax'])}, condition number "
+                             f"{_e(m['spectral_condition_number'])}, energy(top 8) {100 * m['spectral_energy_r8']:.1f} %, "
+                             f"rank {m['spectral_rank']}")
     bounded = [m for m in run.heads.values() if "head_total_stderr_bound" in m and m["head_total"] > 0]
     if bounded:
         rel = sorted(m["head_total_stderr_bound"] / m["head_total"] for m in bounded)
@@ -385,9 +466,10 @@ def _grid(run: _Run, metric: str):
     return layers, grid
 
 
-def _plots(runs: list[_Run], tmp: Path, mpl) -> list[str]:
+def figures(runs: list[_Run], mpl) -> list[tuple[str, Any]]:
+    """``(file name, matplotlib Figure)`` of every plot of the report (module docstring)."""
     Figure, _, LogNorm = mpl
-    files: list[str] = []
+    files: list[tuple[str, Any]] = []
     for i, run in enumerate(runs, 1):
         if run.heads:
             fig = Figure(figsize=(10, 8), layout="constrained")
@@ -396,15 +478,16 @@ def _plots(runs: list[_Run], tmp: Path, mpl) -> list[str]:
                 layers, grid = _grid(run, f"group_fisher_{r}")
                 vals = [v for row in grid for v in row if not math.isnan(v)]
                 norm = LogNorm() if vals and min(vals) > 0 else None
-                im = ax.imshow(grid, aspect="auto", cmap="viridis", norm=norm)
+                im = ax.imshow(grid, aspect="auto", cmap="viridis", norm=norm, interpolation="nearest")
                 ax.set_title(f"{r.upper()} group Fisher")
-                ax.set_xlabel("head")
+                ax.set_xlabel("query head")
                 ax.set_ylabel("layer")
-                ax.set_yticks(range(len(layers)), [str(x) for x in layers])
-                fig.colorbar(im, ax=ax)
+                integer_ticks(ax.xaxis, list(range(len(grid[0]))), max_ticks=16)
+                integer_ticks(ax.yaxis, layers)
+                cbar = fig.colorbar(im, ax=ax)
+                cbar.set_label(f"Σ F over the head's {r.upper()} slices" + (" (log scale)" if norm is not None else ""))
             fig.suptitle(f"{run.name}: group Fisher per head (K/V: the head's kv-head)")
-            files.append(f"heads_qkvo_run{i}.png")
-            _save(mpl, fig, tmp / files[-1])
+            files.append((f"heads_qkvo_run{i}.png", fig))
         if run.mlp:
             fig = Figure(figsize=(8, 4), layout="constrained")
             ax = fig.add_subplot(1, 1, 1)
@@ -413,19 +496,27 @@ def _plots(runs: list[_Run], tmp: Path, mpl) -> list[str]:
             ax.set_xlabel("layer")
             ax.set_ylabel("MLP Fisher (sum over channels)")
             ax.set_title(f"{run.name}: MLP importance per layer")
-            files.append(f"mlp_per_layer_run{i}.png")
-            _save(mpl, fig, tmp / files[-1])
+            files.append((f"mlp_per_layer_run{i}.png", fig))
         bounded = [(u, m) for u, m in sorted(run.heads.items()) if "head_total_stderr_bound" in m]
         if bounded:
-            fig = Figure(figsize=(max(6, 0.25 * len(bounded)), 4), layout="constrained")
+            fig = Figure(figsize=(min(max(7.0, 0.3 * len(bounded)), 16.0), 4.5), layout="constrained")
             ax = fig.add_subplot(1, 1, 1)
             ax.errorbar(range(len(bounded)), [m["head_total"] for _, m in bounded],
-                        yerr=[m["head_total_stderr_bound"] for _, m in bounded], fmt="o", capsize=2)
-            ax.set_xticks(range(len(bounded)), [_unit("heads", u) for u, _ in bounded], rotation=90, fontsize=6)
+                        yerr=[m["head_total_stderr_bound"] for _, m in bounded], fmt="o", capsize=2, markersize=4)
+            if len(bounded) <= 32:  # one readable label per head
+                ax.set_xticks(range(len(bounded)), [_unit("heads", u) for u, _ in bounded], rotation=90, fontsize=9)
+                ax.set_xlabel("head")
+            else:  # one label per layer at its first head, a minor tick per head, a line between layers
+                starts = [p for p, (u, _) in enumerate(bounded) if p == 0 or u[0] != bounded[p - 1][0][0]]
+                ax.set_xticks(starts, [f"L{bounded[p][0][0]}" for p in starts], fontsize=9)
+                ax.set_xticks(range(len(bounded)), minor=True)
+                for p in starts[1:]:
+                    ax.axvline(p - 0.5, color="grey", linewidth=0.5, alpha=0.6)
+                ax.set_xlabel("head, grouped by layer (label at each layer's head 0)")
+            ax.set_xlim(-0.5, len(bounded) - 0.5)
             ax.set_ylabel("head total ± se bound")
             ax.set_title(f"{run.name}: head totals with a conservative standard-error bound")
-            files.append(f"head_uncertainty_run{i}.png")
-            _save(mpl, fig, tmp / files[-1])
+            files.append((f"head_uncertainty_run{i}.png", fig))
     if len(runs) == 2:
         a, b = runs
         common = sorted(set(a.heads) & set(b.heads))
@@ -434,18 +525,40 @@ def _plots(runs: list[_Run], tmp: Path, mpl) -> list[str]:
             ax = fig.add_subplot(1, 1, 1)
             x = [a.heads[u]["head_total"] for u in common]
             y = [b.heads[u]["head_total"] for u in common]
-            ax.scatter(x, y, c=[u[0] for u in common], cmap="viridis", s=12)
+            layers = sorted({u[0] for u in common})
+            from matplotlib.colors import BoundaryNorm
+
+            cmap = discrete_colormap("viridis", len(layers))
+            norm = BoundaryNorm([i - 0.5 for i in range(len(layers) + 1)], cmap.N)
+            pts = ax.scatter(x, y, c=[layers.index(u[0]) for u in common], cmap=cmap, norm=norm, s=14)
             lo, hi = min(x + y), max(x + y)
-            ax.plot([lo, hi], [lo, hi], color="grey", linewidth=0.8, linestyle="--")  # y = x
+            ax.plot([lo, hi], [lo, hi], color="grey", linewidth=0.8, linestyle="--", label="y = x")
             if min(x + y) > 0:
                 ax.set_xscale("log")
                 ax.set_yscale("log")
+                from matplotlib.ticker import FormatStrFormatter, LogLocator
+
+                for axis in (ax.xaxis, ax.yaxis):  # labels at 1, 2, 5 x 10^k only: they never overlap
+                    axis.set_minor_locator(LogLocator(subs=(2.0, 5.0)))
+                    axis.set_minor_formatter(FormatStrFormatter("%.3g"))
+                    axis.set_major_formatter(FormatStrFormatter("%.3g"))
+            ax.legend(loc="upper left", fontsize=9)
+            cbar = fig.colorbar(pts, ax=ax)
+            cbar.set_label("layer")
+            integer_ticks(cbar.ax.yaxis, layers)
             ax.set_xlabel(f"{a.name}: head total")
             ax.set_ylabel(f"{b.name}: head total")
-            ax.set_title("head totals of the two runs (colour: layer)")
-            files.append("heads_scatter.png")
-            _save(mpl, fig, tmp / files[-1])
+            ax.set_title(f"head totals, {a.name} vs {b.name} (one point per head)")
+            files.append(("heads_scatter.png", fig))
     return files
+
+
+def _plots(runs: list[_Run], tmp: Path, mpl) -> list[str]:
+    names = []
+    for name, fig in figures(runs, mpl):
+        _save(mpl, fig, tmp / name)
+        names.append(name)
+    return names
 
 
 # ---------------------------------------------------------------------------- inputs
@@ -510,6 +623,7 @@ def write_report(
     names: Sequence[str] | None = None,
     k: int = 10,
     overwrite: bool = False,
+    spectra: Any = None,
 ) -> ReportResult:
     """Write a report of one or two Fishers (objects or artifact folder paths) into folder ``out``.
 
@@ -519,18 +633,21 @@ def write_report(
     that is not an artifact, a Fisher without layout, bad ``names``/``k``, an ``out`` that is not
     empty — unless ``overwrite`` and it holds only report files). The folder is written
     atomically. Files and definitions: module docstring. Without matplotlib the CSV and text are
-    still written and ``notes`` says how to get the plots.
+    still written and ``notes`` says how to get the plots. ``spectra``: one
+    :class:`~hf_fisher.estimators.spectrum.SpectrumResult` with ``blocks="head"`` (or None) per
+    Fisher, whose per-head metrics go to the CSV (``spectral_*``) and the summary.
     """
     from hf_fisher.atomic import atomic_folder, check_target
 
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise InvalidInputError(f"k must be a positive integer (hotspots per kind), got {k!r}")
     pairs = _inputs(fishers, names)
+    specs = _check_spectra(spectra, pairs)
     try:
         target = check_target(out, allowed=_is_report_file, what="report", overwrite=overwrite)
     except ArtifactError as e:
         raise InvalidInputError(str(e)) from e
-    runs = [_analyse(f, n) for f, n in pairs]
+    runs = [_analyse(f, n, s) for (f, n), s in zip(pairs, specs)]
     lines = ["hf_fisher report", "================", ""]
     for run in runs:
         lines += _run_summary(run, k) + [""]
