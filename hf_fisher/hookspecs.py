@@ -80,6 +80,32 @@ def hf_fisher_register_consumers(register: Callable[[str, Any], None]) -> None:
 
 
 @hookspec
+def hf_fisher_register_merge_methods(register: Callable[[str, Any], None]) -> None:
+    """Register model-merging methods by name: ``register("fisher", FisherMerge)``.
+
+    A merge method is a :class:`hf_fisher.consumers.merge.base.MergeMethod` subclass: its
+    docstring states the formula, its class attributes say what it needs (Fisher artifacts, a base
+    model, data) and which options it takes, and it merges one tensor (or one layer) at a time.
+    ``merge_with_fisher``, LoRA merging, recipes and ``hf-fisher merge`` resolve method names
+    through this registry only, so a plugin's method works everywhere a built-in does. Names are
+    unique across all plugins (an installed plugin that registers a taken name is reported and
+    skipped).
+    """
+
+
+@hookspec
+def hf_fisher_register_prune_scores(register: Callable[[str, Any], None]) -> None:
+    """Register pruning criteria by name: ``register("mask_fisher", MaskFisherScore)``.
+
+    A prune score is a :class:`hf_fisher.consumers.prune.base.PruneScore` subclass: its
+    docstring states the formula, its class attributes say what it needs (a Fisher artifact,
+    calibration data, labels) and it scores every candidate unit (or weight). ``prune`` and
+    ``hf-fisher prune --score`` resolve names through this registry only. Names are unique across
+    all plugins.
+    """
+
+
+@hookspec
 def hf_fisher_register_grad_rules(register: Callable[[type, Any], None]) -> None:
     """Register per-sample gradient rules for module types: ``register(MyLayer, MyRule())``.
 

@@ -485,6 +485,8 @@ _KINDS: dict[str, tuple[str, Callable[[Any], None], Callable[[Any], str]]] = {
     "estimator": ("hf_fisher_register_estimators", _check_name, lambda k: f"estimator {k!r}"),
     "consumer": ("hf_fisher_register_consumers", _check_name, lambda k: f"consumer {k!r}"),
     "grad_rule": ("hf_fisher_register_grad_rules", _check_type, lambda k: f"a grad rule for {_type_name(k)}"),
+    "merge_method": ("hf_fisher_register_merge_methods", _check_name, lambda k: f"merge method {k!r}"),
+    "prune_score": ("hf_fisher_register_prune_scores", _check_name, lambda k: f"prune score {k!r}"),
 }
 
 
@@ -508,6 +510,16 @@ def estimators() -> dict[str, Any]:
 def consumers() -> dict[str, Any]:
     """Consumer callables by name, from every ``hf_fisher_register_consumers`` implementation."""
     return {k: v for k, (v, _) in _registry("consumer").items()}
+
+
+def merge_methods() -> dict[str, Any]:
+    """Merge-method classes by name, from every ``hf_fisher_register_merge_methods`` implementation."""
+    return {k: v for k, (v, _) in _registry("merge_method").items()}
+
+
+def prune_scores() -> dict[str, Any]:
+    """Prune-score classes by name, from every ``hf_fisher_register_prune_scores`` implementation."""
+    return {k: v for k, (v, _) in _registry("prune_score").items()}
 
 
 def grad_rules() -> dict[type, Any]:
