@@ -47,7 +47,7 @@ __all__ = [
     "confidence_interval",
 ]
 
-logger = logging.getLogger("hf_fisher.analysis")
+logger = logging.getLogger(__name__)
 
 
 # ---------------------------------------------------------------------------- groups

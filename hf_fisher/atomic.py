@@ -94,7 +94,7 @@ __all__ = [
     "KILL_POINTS",
 ]
 
-logger = logging.getLogger("hf_fisher.atomic")
+logger = logging.getLogger(__name__)
 
 TMP_PREFIX = ".tmp-hf-fisher-"
 OLD_PREFIX = ".old-hf-fisher-"

@@ -40,7 +40,7 @@ from hf_fisher.errors import ArtifactError, HfFisherError, InvalidInputError, Un
 
 __all__ = ["main", "build_parser", "format_table", "format_report", "check_output_folder", "estimate_artifact_bytes"]
 
-logger = logging.getLogger("hf_fisher.cli")
+logger = logging.getLogger(__name__)
 
 EXIT_ERROR = 2
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: what a Unix tool killed by a closed pipe returns

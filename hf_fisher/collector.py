@@ -21,7 +21,7 @@ from .errors import EmptyDataError, InvalidInputError, NoTrainableParametersErro
 from .fisher import Counts, Fisher, FisherMetadata
 from .stats import Welford, Workspace, make_accumulator, shifted_moments_
 
-log = logging.getLogger("hf_fisher")
+log = logging.getLogger(__name__)
 
 REDUCTIONS = ("param", "group")
 #: the estimator a FisherCollector computes itself

@@ -35,7 +35,7 @@ from hf_fisher.errors import EmptyDataError, InvalidInputError
 
 __all__ = ["Sample", "load_samples", "make_batches", "check_labels", "pad_token_id", "TASK_TYPES"]
 
-logger = logging.getLogger("hf_fisher.data")
+logger = logging.getLogger(__name__)
 
 TASK_TYPES = ("causal_lm", "sequence_classification")
 IGNORE_INDEX = -100

@@ -62,7 +62,7 @@ __all__ = [
     "TASKS", "DemoResult", "add_arguments", "copy_batch", "main", "run", "task_batch", "tiny_llama", "word_tokenizer",
 ]
 
-logger = logging.getLogger("hf_fisher.demo")
+logger = logging.getLogger(__name__)
 
 VOCAB = 128
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>")  # ids 0..3

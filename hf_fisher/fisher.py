@@ -62,7 +62,7 @@ __all__ = [
     "FORMAT_VERSION",
 ]
 
-logger = logging.getLogger("hf_fisher.fisher")
+logger = logging.getLogger(__name__)
 
 CONFIG_NAME = "fisher_config.json"
 WEIGHTS_NAME = "fisher.safetensors"

@@ -67,7 +67,7 @@ from hf_fisher.fisher import Counts, Fisher, FisherMetadata
 
 __all__ = ["KFAC_CONFIG_NAME", "KFAC_FORMAT_VERSION", "KFAC_WEIGHTS_NAME", "KFACEigen", "KFACFisher", "KFACLayer"]
 
-logger = logging.getLogger("hf_fisher.kfac")
+logger = logging.getLogger(__name__)
 
 KFAC_CONFIG_NAME = "kfac_config.json"
 KFAC_WEIGHTS_NAME = "kfac.safetensors"

@@ -62,7 +62,7 @@ __all__ = [
     "describe",
 ]
 
-logger = logging.getLogger("hf_fisher.plugins")
+logger = logging.getLogger(__name__)
 
 BUILTIN_PLUGINS: tuple[str, ...] = (
     "hf_fisher.architectures.llama",

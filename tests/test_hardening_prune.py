@@ -243,7 +243,7 @@ def test_unreachable_sparsity_warns_and_records(case, scope, caplog):
         m, kw = _one_head_llama(), dict(structured="heads")
     else:
         m, kw = tm.llama(kv_heads=2), dict(structured="heads", min_per_layer=5)
-    with caplog.at_level(logging.WARNING, logger="hf_fisher.pruning"):
+    with caplog.at_level(logging.WARNING, logger="hf_fisher"):
         r = prune(m, None, sparsity=0.5, score="magnitude", scope=scope, progress=False, **kw)
     r.restore()
     assert r.stats["achieved_sparsity"] == 0.0
@@ -442,7 +442,7 @@ def test_converged_model_default_warns_compensates_and_beats_magnitude_and_flap(
     m, held, calib = converged
     base = D._metrics(m, calib)[0]
     assert base < SATURATED_LOSS
-    with caplog.at_level(logging.WARNING, logger="hf_fisher.pruning"):
+    with caplog.at_level(logging.WARNING, logger="hf_fisher"):
         r = prune(m, None, sparsity=0.3, scope="layer", rescale_batches=calib, progress=False)
     assert r.stats["score"] == "kfac" and r.stats["compensated"]
     assert any("saturated" in w for w in r.stats["warnings"])

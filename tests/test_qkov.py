@@ -215,7 +215,7 @@ def test_ridge_keeps_scores_finite_for_a_zero_fisher(caplog):
     g = s_a.grads["model.layers.0.self_attn.q_proj.weight"][:, :HD].flatten(1)
     torch.testing.assert_close(r.scores[:, :, 0, 0, 0], (g * g / lam) @ g.abs().T, rtol=1e-10, atol=0)
     assert r.diagnostics[(0, 0, "Q")]["frac_below_ridge"] == 1.0 and r.diagnostics[(0, 0, "Q")]["I_max"] == 0.0
-    with caplog.at_level(logging.WARNING, logger="hf_fisher.analysis"):
+    with caplog.at_level(logging.WARNING, logger="hf_fisher"):
         r0 = qkov_interference(m, s_a, s_a, fisher=Z, ridge=0.0, progress=False)
     assert torch.isfinite(r0.scores).all() and (r0.scores == 0).all()
     assert r0.diagnostics[(0, 0, "Q")]["zero_denominator"] == HD * 32 and "I + ridge = 0" in caplog.text
@@ -317,7 +317,7 @@ def test_png_export_without_matplotlib_is_a_logged_note(monkeypatch, tmp_path, c
     m = tm.llama(kv_heads=2, layers=1)
     r = qkov_interference(m, A[:1], B[:1], progress=False)
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)  # import fails
-    with caplog.at_level(logging.INFO, logger="hf_fisher.analysis"):
+    with caplog.at_level(logging.INFO, logger="hf_fisher"):
         assert r.save_heatmaps(tmp_path) == []
     assert "matplotlib is not installed" in caplog.text and not list(tmp_path.iterdir())
 

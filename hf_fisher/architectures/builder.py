@@ -64,7 +64,7 @@ __all__ = [
     "is_conv1d",
 ]
 
-logger = logging.getLogger("hf_fisher.architectures")
+logger = logging.getLogger(__name__)
 
 
 # --------------------------------------------------------------------------------------------

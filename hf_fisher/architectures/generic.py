@@ -17,7 +17,7 @@ from hf_fisher.architectures.builder import LayoutBuilder
 from hf_fisher.hookspecs import hookimpl
 from hf_fisher.layout import ModelLayout
 
-logger = logging.getLogger("hf_fisher.architectures.generic")
+logger = logging.getLogger(__name__)
 
 ADAPTER = "generic"
 MODEL_TYPES = ("*",)  # any model no other adapter describes

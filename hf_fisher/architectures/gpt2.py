@@ -33,7 +33,7 @@ from hf_fisher.architectures.builder import HeadPart, LayoutBuilder, find_module
 from hf_fisher.hookspecs import hookimpl
 from hf_fisher.layout import GroupRun, ModelLayout, ParamGroups
 
-logger = logging.getLogger("hf_fisher.architectures.gpt2")
+logger = logging.getLogger(__name__)
 
 MODEL_TYPES = frozenset({"gpt2", "gpt_bigcode"})
 

@@ -26,7 +26,7 @@ from hf_fisher.architectures.builder import HeadPart, LayoutBuilder, find_module
 from hf_fisher.hookspecs import hookimpl
 from hf_fisher.layout import GroupRun, ModelLayout, ParamGroups
 
-logger = logging.getLogger("hf_fisher.architectures.llama")
+logger = logging.getLogger(__name__)
 
 MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
 ADAPTER = "llama"

@@ -43,7 +43,7 @@ from hf_fisher.architectures.builder import LayoutBuilder, model_type_of
 from hf_fisher.hookspecs import hookimpl
 from hf_fisher.layout import GroupRun, ModelLayout, ParamGroups
 
-logger = logging.getLogger("hf_fisher.architectures.moe")
+logger = logging.getLogger(__name__)
 
 MODEL_TYPES = frozenset({"mixtral", "qwen2_moe", "qwen3_moe"})
 ADAPTER = "moe"

@@ -44,7 +44,7 @@ from hf_fisher.hookspecs import hookimpl
 
 __all__ = ["AnalysisConfig", "AnalysisContext", "AnalysisResult", "analyze", "STAGE_PREFIX"]
 
-logger = logging.getLogger("hf_fisher.analyze")
+logger = logging.getLogger(__name__)
 
 STAGE_PREFIX = "stage."
 BUILTIN_STAGES = ("fisher", "importance", "head_categories", "pruning", "conflicts", "qkov", "estimators", "report")

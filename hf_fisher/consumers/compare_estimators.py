@@ -79,7 +79,7 @@ from hf_fisher.hookspecs import hookimpl
 
 __all__ = ["METHODS", "EstimatorComparison", "compare_estimators", "parse_methods", "hf_fisher_register_consumers"]
 
-log = logging.getLogger("hf_fisher")
+log = logging.getLogger(__name__)
 
 METHODS = ("empirical", "true", "kfac", "spectrum")
 DIAGONAL_METHODS = ("empirical", "true", "kfac")

@@ -28,7 +28,7 @@ from hf_fisher.errors import EmptyDataError, InvalidInputError, regex_argument
 
 __all__ = ["GradientStore", "store_gradients", "attention_params"]
 
-logger = logging.getLogger("hf_fisher.analysis")
+logger = logging.getLogger(__name__)
 
 ON_BUDGET = ("refuse", "evict")
 

@@ -51,7 +51,7 @@ __all__ = [
     "parse_size",
 ]
 
-logger = logging.getLogger("hf_fisher.merge")
+logger = logging.getLogger(__name__)
 
 WEIGHTS_NAME = "model.safetensors"
 WEIGHTS_INDEX_NAME = "model.safetensors.index.json"

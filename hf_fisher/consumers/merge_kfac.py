@@ -33,7 +33,7 @@ from hf_fisher.errors import InvalidInputError, ModelMismatchError
 
 __all__ = ["load_kfac", "KFACMerge", "kfac_merge_block"]
 
-logger = logging.getLogger("hf_fisher.merge")
+logger = logging.getLogger(__name__)
 
 
 def load_kfac(obj: Any, *, hub_options: dict | None = None):

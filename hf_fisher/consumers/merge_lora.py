@@ -56,7 +56,7 @@ from . import merge_math as mm
 
 __all__ = ["METHODS", "LoraMergeResult", "merge_lora_adapters"]
 
-log = logging.getLogger("hf_fisher")
+log = logging.getLogger(__name__)
 
 METHODS = ("fisher", "average", "task_arithmetic", "ties", "dare")
 ADAPTER_CONFIG = "adapter_config.json"

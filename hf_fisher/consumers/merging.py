@@ -86,7 +86,7 @@ __all__ = [
     "recipe_to_kwargs",
 ]
 
-logger = logging.getLogger("hf_fisher.merge")
+logger = logging.getLogger(__name__)
 
 METHODS = ("fisher", "fisher_task_vector", "average", "task_arithmetic", "ties", "dare", "regmean", "fisher_regmean", "kfac")
 FISHER_METHODS = ("fisher", "fisher_task_vector", "fisher_regmean")

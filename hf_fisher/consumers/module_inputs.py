@@ -29,7 +29,7 @@ __all__ = [
     "model_inputs",
 ]
 
-log = logging.getLogger("hf_fisher")
+log = logging.getLogger(__name__)
 
 INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
 

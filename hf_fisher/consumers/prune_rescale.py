@@ -27,7 +27,7 @@ from hf_fisher.consumers.prune_units import Unit, input_axis, owner
 
 __all__ = ["output_gram", "least_squares_scales", "fold_scales"]
 
-logger = logging.getLogger("hf_fisher.pruning")
+logger = logging.getLogger(__name__)
 
 
 def output_gram(model: nn.Module, weight: str, batches: Sequence[Mapping], *, progress: bool = False) -> torch.Tensor:

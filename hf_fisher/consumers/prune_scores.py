@@ -56,7 +56,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = ["SCORES", "NEEDS_FISHER", "NEEDS_DATA", "ActivationStats", "score_units", "score_weights", "activation_stats"]
 
-logger = logging.getLogger("hf_fisher.pruning")
+logger = logging.getLogger(__name__)
 
 SCORES = ("fisher", "kfac", "mask_fisher", "obd", "magnitude", "random", "wanda_sp", "flap", "taylor1", "taylor2")
 #: scores read from the given Fisher artifact

@@ -65,7 +65,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = ["prune", "PruneResult", "check_options", "API_TERMS", "CLI_TERMS", "hf_fisher_register_consumers"]
 
-logger = logging.getLogger("hf_fisher.pruning")
+logger = logging.getLogger(__name__)
 
 SCOPES = ("global", "layer")
 PRUNE_FILES = ("pruning.json", "vocab_map.json")

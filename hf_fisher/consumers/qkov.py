@@ -89,7 +89,7 @@ from .plotting import integer_ticks
 
 __all__ = ["AGGREGATES", "BLOCKS", "FISHER_FROM", "VARIANTS", "QKOVResult", "qkov_interference"]
 
-logger = logging.getLogger("hf_fisher.analysis")
+logger = logging.getLogger(__name__)
 
 BLOCKS = ("Q", "K", "V", "O")
 VARIANTS = ("unsigned", "signed", "symmetric", "natural")

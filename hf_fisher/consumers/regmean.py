@@ -40,7 +40,7 @@ from hf_fisher.errors import EmptyDataError, InvalidInputError
 
 __all__ = ["NORMALIZE", "InputGrams", "collect_input_grams", "regmean_tensor"]
 
-log = logging.getLogger("hf_fisher")
+log = logging.getLogger(__name__)
 
 NORMALIZE = ("mean", "sum")
 KINDS = ("linear", "conv1d")

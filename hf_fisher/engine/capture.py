@@ -16,7 +16,7 @@ import torch.nn as nn
 
 from .rules import ModuleCall
 
-log = logging.getLogger("hf_fisher.engine")
+log = logging.getLogger(__name__)
 
 
 def modules_with_trainable_params(model: nn.Module) -> list[nn.Module]:

@@ -38,7 +38,7 @@ from ..errors import HfFisherError, UnsupportedError
 from .losses import IGNORE_INDEX, label_counts, normalization_weights, token_labels
 from .per_sample import BatchReport, ContributionSink, PerSampleEngine, _keep_and_report
 
-log = logging.getLogger("hf_fisher.engine")
+log = logging.getLogger(__name__)
 
 _INPUT_KEYS = ("input_ids", "attention_mask", "labels", "token_type_ids", "position_ids")
 

@@ -52,7 +52,7 @@ from .capture import Capture, bottom_outputs
 from .losses import SampleLosses, label_counts, normalization_weights, per_sample_loss, require_token_inputs, token_labels
 from .rules import DensePart, GradRule, ModuleCall, Part, num_samples, rule_for, sub_samples
 
-log = logging.getLogger("hf_fisher.engine")
+log = logging.getLogger(__name__)
 
 _MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids", "position_ids", "inputs_embeds")
 

@@ -33,7 +33,7 @@ import torch.nn as nn
 from ..errors import UnsupportedError
 from ..hookspecs import hookimpl
 
-log = logging.getLogger("hf_fisher.engine")
+log = logging.getLogger(__name__)
 
 
 @dataclass

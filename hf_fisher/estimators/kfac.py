@@ -132,7 +132,7 @@ from ..kfac import FISHER_TYPES, KFAC_APPROXES, KFACFisher, KFACLayer
 
 __all__ = ["KFACEstimator"]
 
-log = logging.getLogger("hf_fisher")
+log = logging.getLogger(__name__)
 
 
 class _Node:

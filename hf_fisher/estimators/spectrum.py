@@ -109,7 +109,7 @@ __all__ = [
     "spectrum",
 ]
 
-log = logging.getLogger("hf_fisher")
+log = logging.getLogger(__name__)
 
 CURVATURES = ("empirical", "ggn")
 BLOCK_KINDS = ("layer", "head", "head_qkvo")

