@@ -38,10 +38,12 @@ __all__ = [
     "check_push_args",
     "check_push_ready",
     "hub_endpoint",
+    "looks_like_hub_id",
     "looks_like_hub_ref",
     "looks_like_hub_repo",
     "parse_hub_ref",
     "push_folder",
+    "repo_id_problem",
     "resolve_folder",
 ]
 
@@ -49,7 +51,7 @@ logger = logging.getLogger(__name__)
 
 REPO_TYPES = ("model", "dataset")
 _NAME = r"[A-Za-z0-9_](?:[A-Za-z0-9_.-]{0,94}[A-Za-z0-9_])?"
-_REPO_ID = re.compile(rf"({_NAME})/({_NAME})")
+_NAME_RE = re.compile(_NAME)
 _COMMIT_SHA = re.compile(r"[0-9a-f]{40}")
 _VALID_REF = (
     "a Hub reference looks like 'user/repo' or 'user/repo:sub/folder' (namespace and name of letters, digits, "
@@ -60,19 +62,36 @@ _IGNORED_PARTS = (".git", ".cache")
 
 
 # ---------------------------------------------------------------------------- references
-def _repo_id_problem(repo_id: str) -> str | None:
-    """Why ``repo_id`` is not a valid ``namespace/name`` Hub id (``None`` when it is)."""
+def repo_id_problem(repo_id: Any, *, namespace: bool = True) -> str | None:
+    """Why ``repo_id`` is not a valid Hub repository id, ``None`` when it is: hf_fisher's one Hub-id check.
+
+    ``namespace=True`` (artifacts hf_fisher reads from or pushes to the Hub): exactly
+    ``'<namespace>/<name>'``; ``namespace=False`` (models, e.g. a card's ``base_model``) also accepts a
+    bare ``'<name>'`` such as ``gpt2``. Each part: ASCII letters, digits, ``-``, ``_``, ``.``, at most 96
+    characters, not starting or ending with ``-`` or ``.``; no ``--`` or ``..``; not ending in ``.git``
+    (the Hub's rules, as in ``huggingface_hub.utils.validate_repo_id``).
+    """
+    if not isinstance(repo_id, str):
+        return f"it is a {type(repo_id).__name__}, not a string"
     if not repo_id:
         return "it is empty"
-    if repo_id.count("/") != 1:
+    slashes = repo_id.count("/")
+    if namespace and slashes != 1:
         return "it must be exactly '<namespace>/<name>' (one '/')"
-    if not _REPO_ID.fullmatch(repo_id):
+    if slashes > 1:
+        return "it must be '<name>' or '<namespace>/<name>' (at most one '/')"
+    if not all(_NAME_RE.fullmatch(part) for part in repo_id.split("/")):
         return "it contains characters other than letters, digits, '-', '_', '.' or starts/ends with '-' or '.'"
     if "--" in repo_id or ".." in repo_id:
         return "it contains '--' or '..'"
     if repo_id.endswith(".git"):
         return "it ends with '.git'"
     return None
+
+
+def looks_like_hub_id(value: Any, *, namespace: bool = False) -> bool:
+    """Whether ``value`` is a valid Hub repository id (:func:`repo_id_problem`; never raises)."""
+    return repo_id_problem(value, namespace=namespace) is None
 
 
 def _check_repo_path(value: str, what: str) -> str:
@@ -101,7 +120,7 @@ def parse_hub_ref(ref: str) -> tuple[str, str | None]:
     if not isinstance(ref, str):
         raise InvalidInputError(f"a Hub reference must be a string, got {type(ref).__name__}; {_VALID_REF}")
     repo_id, sep, subfolder = ref.partition(":")
-    problem = _repo_id_problem(repo_id)
+    problem = repo_id_problem(repo_id)
     if problem is not None:
         raise InvalidInputError(f"{ref!r} is not a valid Hub reference: the repository id {repo_id!r} is invalid "
                                 f"({problem}); {_VALID_REF}")
@@ -130,7 +149,7 @@ def looks_like_hub_ref(value: Any) -> bool:
 def looks_like_hub_repo(value: Any) -> bool:
     """Whether ``value`` is a string whose part before any ``:`` is a valid ``namespace/name`` repository
     id: meant as a Hub reference (its subfolder is checked by :func:`parse_hub_ref`). Never raises."""
-    return isinstance(value, str) and _repo_id_problem(value.partition(":")[0]) is None
+    return isinstance(value, str) and repo_id_problem(value.partition(":")[0]) is None
 
 
 def hub_endpoint(endpoint: str | None = None) -> str:
@@ -221,7 +240,7 @@ def resolve_folder(
         repo_id, ref_sub = parse_hub_ref(ref_or_path)
     except InvalidInputError as e:
         head, sep, _ = ref_or_path.partition(":")
-        if sep and _repo_id_problem(head) is None:
+        if sep and repo_id_problem(head) is None:
             raise  # meant as a Hub reference, with a bad subfolder
         raise ArtifactError(
             f"the {what} {ref_or_path!r} does not exist: there is no local folder of that name, and it is not a "
@@ -372,7 +391,7 @@ def check_push_args(
     names what is wrong."""
     if not isinstance(repo_id, str):
         raise InvalidInputError(f"repo_id must be a string such as 'user/fisher-math', got {type(repo_id).__name__}")
-    problem = _repo_id_problem(repo_id)
+    problem = repo_id_problem(repo_id)
     if problem is not None:
         raise InvalidInputError(
             f"repo_id {repo_id!r} is not a valid Hub repository id ({problem}); use '<user or organisation>/<name>', "
