@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The test command: set up .venv if needed, then run the whole test suite on 2 cores.
 # Extra arguments go to pytest, e.g.  bash scripts/test.sh tests/test_cli.py -x
+# The default run (and CI) is the full suite. For a quick local run, leave out the ~50 slowest
+# tests (marked @pytest.mark.slow):  bash scripts/test.sh -m "not slow"
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 bash "$repo/scripts/setup.sh"
