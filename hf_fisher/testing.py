@@ -34,8 +34,9 @@ The module is importable without pytest; it is not imported by ``hf_fisher`` its
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -413,7 +414,9 @@ def assert_fisher_close(
     assert sorted(fisher.names()) == sorted(mean), "parameter names differ from the reference"
     floor_m = global_floor(mean, floor_fraction)
     for name in mean:
-        assert_close(fisher[name], mean[name], rtol=rtol, atol_rel=atol_rel, floor=floor_m, what=f"{reduction} mean {name}")
+        assert_close(
+            fisher[name], mean[name], rtol=rtol, atol_rel=atol_rel, floor=floor_m, what=f"{reduction} mean {name}"
+        )
     if variances:
         floor_v = global_floor(var, floor_fraction)
         for name in var:

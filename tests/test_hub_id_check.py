@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from hf_fisher import cards
-from hf_fisher.errors import InvalidInputError
 from hf_fisher.consumers import merge_io
+from hf_fisher.errors import InvalidInputError
 from hf_fisher.integrations import hub, trainer
 
 
@@ -37,7 +39,8 @@ def test_one_rule_with_and_without_namespace(value, with_namespace, bare_name_ok
 def test_every_caller_uses_the_same_function():
     assert cards.looks_like_hub_id is hub.looks_like_hub_id
     assert trainer.looks_like_hub_id is hub.looks_like_hub_id
-    assert "from hf_fisher.cards import looks_like_hub_id" in open(merge_io.__file__).read()  # imported lazily
+    source = Path(merge_io.__file__).read_text(encoding="utf-8")
+    assert "from hf_fisher.cards import looks_like_hub_id" in source  # imported inside resolve_hub
 
 
 def test_reference_checks_agree_with_the_id_check():
@@ -45,5 +48,5 @@ def test_reference_checks_agree_with_the_id_check():
         assert hub.looks_like_hub_repo(ok) and hub.parse_hub_ref(ok)[0] == "org/model"
     for bad in ("org/mo..del", "gpt2", "a/b/c"):
         assert not hub.looks_like_hub_repo(bad)
-        with pytest.raises(InvalidInputError, match="repository id .* is invalid"):
+        with pytest.raises(InvalidInputError, match=r"repository id .* is invalid"):
             hub.parse_hub_ref(bad)

@@ -95,9 +95,9 @@ def _import_time_nodes(body: list[ast.stmt], deferred: bool = False):
         elif isinstance(node, ast.Try):
             for block in (node.body, node.orelse, node.finalbody, *[h.body for h in node.handlers]):
                 yield from _import_time_nodes(block, deferred)
-        elif isinstance(node, (ast.With, ast.For, ast.While, ast.ClassDef)):
-            yield from _import_time_nodes(node.body, deferred)
-        elif deferred and isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+        elif isinstance(node, (ast.With, ast.For, ast.While, ast.ClassDef)) or (
+            deferred and isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+        ):
             yield from _import_time_nodes(node.body, deferred)
 
 
@@ -203,7 +203,9 @@ def test_no_import_cycles_at_module_level():
     assert not found, "module-level import cycles in hf_fisher:\n" + _report(found)
 
 
-@pytest.mark.xfail(strict=False, reason="cycles broken by the artifacts/analysis moves; lead removes the mark after merging")
+@pytest.mark.xfail(
+    strict=False, reason="cycles broken by the artifacts/analysis moves; lead removes the mark after merging"
+)
 def test_no_import_cycles_through_deferred_imports():
     """The same with the imports inside functions: a circle kept alive by importing late."""
     found = cycles(import_graph(deferred=True))

@@ -13,15 +13,16 @@ import re
 import types
 from pathlib import Path
 
-import extra_models as em
 import pytest
-import tiny_models as tm
 import torch
 
 import hf_fisher
 from hf_fisher import plugins
 from hf_fisher.errors import UnsupportedError
 from hf_fisher.testing import assert_fisher_close, per_sample_fisher
+
+import extra_models as em
+import tiny_models as tm
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -119,4 +120,5 @@ def test_structure_without_groups_is_not_enough_for_a_group_fisher(opt):
     group = hf_fisher.collect(opt, _batches("right"), reduction="group", task_type="causal_lm", progress=False)
     with pytest.raises(UnsupportedError, match="cannot be split that way"):
         group.head_importance()
-    hf_fisher.collect(opt, _batches("right"), reduction="param", task_type="causal_lm", progress=False).head_importance()
+    param = hf_fisher.collect(opt, _batches("right"), reduction="param", task_type="causal_lm", progress=False)
+    assert len(param.head_importance()) == 8

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-import tiny_models as tm
 import torch
 
 import hf_fisher
@@ -16,6 +15,8 @@ from hf_fisher.testing import (
     per_sample_fisher,
     split_batch,
 )
+
+import tiny_models as tm
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
