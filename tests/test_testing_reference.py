@@ -90,3 +90,26 @@ def test_group_moments_need_groups_and_bad_options_are_refused():
         per_sample_fisher(model, _batches(), normalization="avg")
     with pytest.raises(ValueError, match="task_type"):
         per_sample_fisher(model, _batches(), task_type="seq2seq")
+
+
+def test_reference_covers_the_engines_choices():
+    """The reference keeps its own lists (it shares no code with the engine) but must cover them."""
+    from hf_fisher.engine import losses
+    from hf_fisher.testing import NORMALIZATIONS, TASK_TYPES
+
+    assert set(losses.NORMALIZATIONS) == set(NORMALIZATIONS)
+    assert set(losses.TASK_TYPES) <= set(TASK_TYPES)
+
+
+def test_sequence_classification_is_the_engines_name_for_classification():
+    model = tm.bert_classifier()
+    batch = {"input_ids": torch.randint(3, 50, (3, 6)), "attention_mask": torch.ones(3, 6, dtype=torch.long),
+             "labels": torch.tensor([0, 2, 1])}
+    batch["attention_mask"][1, 4:] = 0
+    a = per_sample_fisher(model, [batch], task_type="classification")
+    b = per_sample_fisher(model, [batch], task_type="sequence_classification")
+    assert a.samples == b.samples == 3
+    for n in a.mean:
+        torch.testing.assert_close(a.mean[n], b.mean[n], rtol=0, atol=0)
+    fisher = hf_fisher.collect(model, [batch], reduction="param", task_type="sequence_classification", progress=False)
+    assert_fisher_close(fisher, b)
