@@ -357,8 +357,9 @@ def per_sample_fisher(
     (``"mean"``, ``"sum"``, ``"token"``) and ``task_type`` (``"causal_lm"``: shifted labels,
     ``"masked_lm"``, ``"sequence_classification"`` alias ``"classification"``: one label per
     sample). C_i = g_i² is accumulated in ``dtype`` with Welford's update, so a large model's
-    per-sample tensors are not all kept (``keep_contributions=True`` keeps them). ``groups`` (e.g. ``hf_fisher.plugins.model_layout(model).groups``) adds group
-    moments from ``groups[name].reduce(C_i)``. ``model`` and ``.grad`` are left as they were.
+    per-sample tensors are not all kept (``keep_contributions=True`` keeps them). ``groups`` (e.g.
+    ``hf_fisher.plugins.model_layout(model).groups``) adds group moments from
+    ``groups[name].reduce(C_i)``. ``model`` and ``.grad`` are left as they were.
     """
     param_acc: dict[str, _Welford] = {}
     group_acc: dict[str, _Welford] = {}
