@@ -47,6 +47,7 @@ def third_party_stages():
     plugins.unregister(name)
 
 
+@pytest.mark.slow
 def test_every_stage_writes_its_output_and_a_broken_stage_is_reported(tmp_path, third_party_stages):
     model = tm.llama(torch.float32, layers=2, seed=3)
     res = analyze(model, TASKS, out=tmp_path / "a", config={"progress": False})
@@ -89,6 +90,7 @@ def test_bad_input_before_any_stage(tmp_path, kwargs, match):
     assert not (tmp_path / "c").exists()
 
 
+@pytest.mark.slow
 def test_cli_analyze(tmp_path):
     tm.llama(torch.float32, layers=2, seed=3).save_pretrained(tmp_path / "model")
     for name, batches in TASKS.items():

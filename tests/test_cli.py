@@ -289,6 +289,7 @@ def test_overwrite_replaces_a_previous_artifact(workspace, tmp_path, capsys):
 DEMO_TOP = ["base", "copy", "copy.txt", "merged-average", "merged-fisher", "pruned-copy", "report", "reverse", "reverse.txt"]
 
 
+@pytest.mark.slow
 def test_demo_trains_collects_and_saves(tmp_path, capsys):
     """Every stage of the demo on small options: base, Trainer + FisherCallback per task, heads,
     pruning, Fisher vs average merging with the score table, report; all inside --out."""

@@ -145,6 +145,7 @@ OUT_CASES = [("foreign-files", True), ("foreign-files-overwrite", False), ("arti
 
 
 @pytest.mark.parametrize("case, real", OUT_CASES, ids=[c for c, _ in OUT_CASES])
+@pytest.mark.slow
 def test_output_folder_checked_before_the_model(ws, tmp_path, capsys, case, real):
     model = ws / "broken-config"
     out = tmp_path / "out"
@@ -271,6 +272,7 @@ def test_encoding_option_reads_the_file(ws, tmp_path, capsys):
     ],
     ids=["too-large", "negative", "not-integer", "missing"],
 )
+@pytest.mark.slow
 def test_classifier_labels_checked_before_the_weights(ws, tmp_path, capsys, lines, pattern, real):
     data = tmp_path / "labels.jsonl"
     data.write_text("".join(json.dumps(o) + "\n" for o in lines), encoding="utf-8")

@@ -144,6 +144,7 @@ def ema_reference(contribs, orders, decay):
 
 # ------------------------------------------------------------------------------------ collect
 @pytest.mark.parametrize("reduction", ["param", "group"])
+@pytest.mark.slow
 def test_collect_two_ranks_equals_one_process(collect_run, reduction):
     got = assert_ranks_identical(collect_run, reduction)
     f, mean, var = one_process(tm.llama(torch.float64), C.make_samples(), reduction)
@@ -151,6 +152,7 @@ def test_collect_two_ranks_equals_one_process(collect_run, reduction):
     assert got.counts["samples"] == C.N and got.extra["world_size"] == 2
 
 
+@pytest.mark.slow
 def test_uneven_and_empty_ranks(collect_run):
     model, samples = tm.llama(torch.float64), C.make_samples()
     for tag, reduction in (("uneven", "param"), ("empty", "group")):  # 5 + 3 samples; 8 + 0 samples
@@ -159,6 +161,7 @@ def test_uneven_and_empty_ranks(collect_run):
         assert_same(got, mean, var, rtol=1e-9, ref_counts=counts_of(f))
 
 
+@pytest.mark.slow
 def test_collector_fisher_twice_never_double_counts(collect_run):
     model, samples = tm.llama(torch.float64), C.make_samples()
     first = assert_ranks_identical(collect_run, "twice_first")  # ranks' first batches: samples 0..3
@@ -169,6 +172,7 @@ def test_collector_fisher_twice_never_double_counts(collect_run):
     assert_same(second, mean, var, rtol=1e-9, ref_counts=counts_of(f))
 
 
+@pytest.mark.slow
 def test_distributed_false_keeps_each_ranks_own_fisher(collect_run):
     model, samples = tm.llama(torch.float64), C.make_samples()
     for r in (0, 1):
@@ -178,6 +182,7 @@ def test_distributed_false_keeps_each_ranks_own_fisher(collect_run):
         assert got.extra["world_size"] == 1 and got.extra["rank"] == r
 
 
+@pytest.mark.slow
 def test_ema_merges_with_each_samples_own_rank_weight(collect_run):
     got = assert_ranks_identical(collect_run, "ema")
     model, samples = tm.llama(torch.float64), C.make_samples()
@@ -190,6 +195,7 @@ def test_ema_merges_with_each_samples_own_rank_weight(collect_run):
     assert got.extra["ema_state"]["weight_sq_sum"] == pytest.approx(w2, rel=1e-12)
 
 
+@pytest.mark.slow
 def test_mismatched_ranks_raise_on_every_rank_naming_the_difference(collect_run):
     errors = [json.loads((collect_run / f"errors_rank{r}.json").read_text()) for r in (0, 1)]
     assert errors[0] == errors[1], "every rank raises the same error"
@@ -203,6 +209,7 @@ def _info(out: Path):
     return [json.loads((out / f"info_rank{r}.json").read_text()) for r in (0, 1)]
 
 
+@pytest.mark.slow
 def test_trainer_two_ranks_equals_one_process(trainer_run):
     info = _info(trainer_run)
     seen = [i["train"]["seen"] for i in info]
@@ -217,6 +224,7 @@ def test_trainer_two_ranks_equals_one_process(trainer_run):
     assert [i["train"]["logged_samples"] for i in info] == [[4.0, 8.0], [4.0, 8.0]]
 
 
+@pytest.mark.slow
 def test_trainer_checkpoints_hold_the_merged_state_written_by_rank_0_only(trainer_run):
     info = _info(trainer_run)
     run = trainer_run / "run_train"
@@ -232,6 +240,7 @@ def test_trainer_checkpoints_hold_the_merged_state_written_by_rank_0_only(traine
     assert ckpt.metadata.accumulation_dtype == "float64" and ckpt.metadata.extra["world_size"] == 2
 
 
+@pytest.mark.slow
 def test_trainer_resume_under_two_ranks_equals_uninterrupted(trainer_run):
     info = _info(trainer_run)
     assert [i["resume"]["restored"] for i in info] == [4, 0], "rank 0 restores the merged state, the others start empty"
@@ -240,6 +249,7 @@ def test_trainer_resume_under_two_ranks_equals_uninterrupted(trainer_run):
     assert_same(resumed, whole.mean, whole.var, rtol=1e-6, ref_counts=whole.counts)
 
 
+@pytest.mark.slow
 def test_trainer_ema_two_ranks_and_resume(trainer_run):
     info = _info(trainer_run)
     orders = [i["ema"]["seen"] for i in info]
@@ -254,6 +264,7 @@ def test_trainer_ema_two_ranks_and_resume(trainer_run):
     assert resumed.extra["ema_state"]["weight_sq_sum"] == pytest.approx(w2, rel=1e-12)
 
 
+@pytest.mark.slow
 def test_trainer_probe_mode_two_ranks_equals_one_process(trainer_run):
     got = assert_ranks_identical(trainer_run, "probe")
     model = tm.llama(torch.float32)

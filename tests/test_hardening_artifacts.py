@@ -205,6 +205,7 @@ def test_merge_api_refuses_invalid_fisher_before_writing(merge_inputs, tmp_path,
 
 
 @pytest.mark.parametrize("bad", ["nan", "negative"])
+@pytest.mark.slow
 def test_merge_cli_exits_2_with_nothing_written(merge_inputs, tmp_path, bad):
     r = merge_inputs
     recipe = {"merge_method": "fisher", "models": [
@@ -219,6 +220,7 @@ def test_merge_cli_exits_2_with_nothing_written(merge_inputs, tmp_path, bad):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["recipe.yaml"]
 
 
+@pytest.mark.slow
 def test_show_refuses_nan(merge_inputs, tmp_path):
     proc = hf_fisher("show", str(merge_inputs / "f1-nan"), cwd=tmp_path)
     assert proc.returncode == 2 and "nan" not in proc.stdout.lower(), proc.stdout
@@ -513,6 +515,7 @@ def test_accumulator_state_values_are_checked():
     assert Welford.from_state_dict({"count": 3, "mean": mean, "m2": mean}).count == 3
 
 
+@pytest.mark.slow
 def test_show_no_strict_prints_the_problem(merge_inputs, tmp_path):
     proc = hf_fisher("show", str(merge_inputs / "f1-negative"), "--no-strict", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr

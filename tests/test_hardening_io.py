@@ -323,6 +323,7 @@ def test_killed_analysis_staging_is_swept_but_a_running_one_is_kept(tmp_path, mo
 # =========================================================================== output folder == an input
 
 
+@pytest.mark.slow
 def test_cli_prune_refuses_the_models_own_folder_before_loading(ws, tmp_path):
     model = tmp_path / "model"
     model.mkdir()
@@ -450,6 +451,7 @@ def test_between_two_plugins_the_first_loaded_wins(tmp_path, monkeypatch, fresh_
     assert "estimator 'shared'" in failed["error"] and "'first'" in failed["error"] and "loaded first wins" in failed["error"]
 
 
+@pytest.mark.slow
 def test_hf_fisher_plugins_lists_the_skipped_plugin_and_commands_work(tmp_path):
     site = tmp_path / "site"
     make_dist(site, "impostor-dist", {"impostor": plugin_src(estimators=("empirical",))})

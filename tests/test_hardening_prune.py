@@ -301,6 +301,7 @@ CLI_CASES = [
 
 
 @pytest.mark.parametrize("extra, pattern", CLI_CASES)
+@pytest.mark.slow
 def test_cli_flag_combinations_refused_before_loading(cli_ws, tmp_path, extra, pattern):
     import re
 
@@ -317,6 +318,7 @@ def test_cli_flag_combinations_refused_before_loading(cli_ws, tmp_path, extra, p
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_cli_physical_on_gpt2_refused_before_loading(cli_ws, tmp_path):
     args = ["prune", "--model", str(cli_ws / "gpt2"), "--sparsity", "0.3", "--score", "magnitude", "--scope", "layer",
             "--physical", "--out", str(tmp_path / "out")]
@@ -387,6 +389,7 @@ def test_physical_vocabulary_pruning_with_a_tokenizer_is_refused(model_folder, t
     assert (out / "vocab_map.json").is_file() and not (out / "tokenizer.json").exists()
 
 
+@pytest.mark.slow
 def test_cli_physical_vocabulary_pruning_with_a_tokenizer_refused_before_loading(model_folder, tmp_path):
     (model_folder / "model.safetensors").write_bytes(b"\x00" * 64)  # loading would fail
     args = ["prune", "--model", str(model_folder), "--sparsity", "0.3", "--score", "magnitude", "--structured", "vocab",
@@ -435,6 +438,7 @@ def _held_loss(r, held):
         r.restore()
 
 
+@pytest.mark.slow
 def test_converged_model_default_warns_compensates_and_beats_magnitude_and_flap(converged, caplog):
     from hf_fisher import demo as D
     from hf_fisher.consumers.pruning import SATURATED_LOSS
@@ -456,6 +460,7 @@ def test_converged_model_default_warns_compensates_and_beats_magnitude_and_flap(
 
 
 @pytest.mark.parametrize("chosen", [dict(compensate=False), dict(score="kfac")])
+@pytest.mark.slow
 def test_converged_model_explicit_choice_is_kept_with_a_warning(converged, chosen):
     m, held, calib = converged
     r = prune(m, None, sparsity=0.3, scope="layer", rescale_batches=calib, progress=False, **chosen)
@@ -464,6 +469,7 @@ def test_converged_model_explicit_choice_is_kept_with_a_warning(converged, chose
     assert len(r.stats["warnings"]) == 1 and "saturated" in r.stats["warnings"][0]
 
 
+@pytest.mark.slow
 def test_converged_model_fisher_artifact_warns(converged, tmp_path):
     m, held, calib = converged
     F = hf_fisher.collect(m, calib, reduction="param", progress=False)

@@ -156,6 +156,7 @@ def _synthetic(folder: Path, n: int, rows: int, cols: int, seed: int, fisher: Pa
 
 
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads VmHWM from /proc")
+@pytest.mark.slow
 def test_streaming_peak_memory_is_bounded(tmp_path):
     rows, cols, n = 1024, 1024, 12  # 4 MiB tensors, 48 MiB per model, 48 MiB per Fisher
     total = 0

@@ -138,6 +138,7 @@ def _check(fisher, mean, var, n):
 # ------------------------------------------------------------------------ 1. discovery
 
 
+@pytest.mark.slow
 def test_discovered_only_through_its_entry_point(monkeypatch):
     monkeypatch.delenv("HF_FISHER_PLUGINS", raising=False)
     monkeypatch.delenv("HF_FISHER_DISABLE_PLUGIN_AUTOLOAD", raising=False)
@@ -243,6 +244,7 @@ def test_other_models_are_left_alone():
 # ----------------------------------------------------------- 2. exact Fisher, real weights
 
 
+@pytest.mark.slow
 def test_classifier_fisher_exact_param_and_group(tokenizer, tmp_path):
     model = _classifier()
     batches = _cls_batches(tokenizer)
@@ -280,6 +282,7 @@ def test_classifier_fisher_exact_param_and_group(tokenizer, tmp_path):
     assert loaded.head_importance() == pytest.approx(heads, rel=1e-6)
 
 
+@pytest.mark.slow
 def test_masked_lm_fisher_exact_param_and_group(tokenizer):
     model = _masked_lm()
     batches = _mlm_batches(tokenizer)
@@ -351,6 +354,7 @@ def _run(model, inputs):
     return logits, seen
 
 
+@pytest.mark.slow
 def test_head_slices_ablate_exactly_that_head(tokenizer):
     model = _classifier()
     layout = plugins.model_layout(model)
