@@ -74,7 +74,7 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "hf_fisher.estimators.empirical",
     "hf_fisher.estimators.true_fisher",
     "hf_fisher.estimators.kfac",
-    "hf_fisher.consumers.importance",
+    "hf_fisher.analysis.importance",
     "hf_fisher.estimators.spectrum",
     "hf_fisher.consumers.natural_gradient",
     "hf_fisher.consumers.merging",

@@ -16,7 +16,8 @@ from safetensors.torch import load_file, save_file
 import hf_fisher
 import reference as ref
 import tiny_models as tm
-from hf_fisher import plugins, uncertainty
+from hf_fisher import plugins
+from hf_fisher.analysis import uncertainty
 from hf_fisher.collector import FisherCollector
 from hf_fisher.errors import ArtifactError, InvalidInputError
 from hf_fisher.fisher import Fisher

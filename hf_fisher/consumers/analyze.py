@@ -243,7 +243,7 @@ def stage_fisher(ctx: AnalysisContext) -> dict:
 
 
 def stage_importance(ctx: AnalysisContext) -> dict:
-    from hf_fisher.consumers.importance import classify_units, importance
+    from hf_fisher.analysis.importance import classify_units, importance
 
     ctx.need_fishers()
     out = {}
