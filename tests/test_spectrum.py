@@ -25,7 +25,7 @@ from hf_fisher.errors import (
     NoTrainableParametersError,
     UnsupportedError,
 )
-from hf_fisher.estimators.spectrum import (
+from hf_fisher.consumers.spectrum import (
     capacity_metrics,
     hutchinson_trace,
     lanczos,
@@ -330,7 +330,7 @@ def test_matrix_free_empirical_matches_engine_gradients(model, emp):
 
 
 def test_retained_graphs_give_the_same_products(model):
-    from hf_fisher.estimators.spectrum import (
+    from hf_fisher.estimators.curvature import (
         EmpiricalFisherOperator,
         GGNOperator,
         _Problem,

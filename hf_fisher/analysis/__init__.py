@@ -45,7 +45,29 @@ from hf_fisher.analysis.views import (
     top_k,
 )
 
-__all__ = list(views.__all__)
+__all__ = [  # the public names of views, as hf_fisher/analysis.py had them
+    "channel_groups",
+    "channel_importance",
+    "compare",
+    "confidence_interval",
+    "effective_count",
+    "expand",
+    "expert_channel_importance",
+    "expert_importance",
+    "group_coordinates",
+    "group_of",
+    "group_range",
+    "group_view",
+    "head_importance",
+    "layer_index",
+    "normalized",
+    "per_layer",
+    "resolve_groups",
+    "slice_groups",
+    "slice_value",
+    "stderr",
+    "top_k",
+]
 
 _SUBMODULES = ("views", "importance", "uncertainty", "summary")
 

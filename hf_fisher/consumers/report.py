@@ -34,9 +34,9 @@ place, :mod:`hf_fisher.atomic`):
   .. [#] ``other`` for parameters outside the layer stack (embeddings, final norm, LM head).
 
   **Per-head spectral metrics** (``spectral_*``, the seeds' condition number, largest eigenvalue
-  and low-rank energy) are the :func:`~hf_fisher.estimators.spectrum.capacity_metrics` of the
+  and low-rank energy) are the :func:`~hf_fisher.consumers.spectrum.capacity_metrics` of the
   block ``F_bb`` of head b (its Q rows, its kv-head's K/V rows, its O columns) of the *full*
-  empirical Fisher, from :func:`hf_fisher.estimators.spectrum.spectrum` with ``blocks="head"``
+  empirical Fisher, from :func:`hf_fisher.consumers.spectrum.spectrum` with ``blocks="head"``
   (exact, from the N x N Gram matrix of per-sample gradients). A diagonal artifact does not hold
   the off-diagonal entries they need, so they are written only when ``spectra=`` is given
   (``hf-fisher analyze`` computes them when its per-sample gradient matrix fits; ``hf-fisher
@@ -99,7 +99,7 @@ PLOTS_HINT = 'pip install "hf-fisher[plots]"'
 ROLES = "qkvo"
 SPECTRAL_METRICS = {"spectral_eigmax": "eigmax", "spectral_condition_number": "condition_number",
                     "spectral_energy_r8": "energy_r8", "spectral_rank": "rank"}
-"""CSV metric -> key of the spectrum's per-head :func:`~hf_fisher.estimators.spectrum.capacity_metrics`."""
+"""CSV metric -> key of the spectrum's per-head :func:`~hf_fisher.consumers.spectrum.capacity_metrics`."""
 
 
 @dataclass
@@ -204,7 +204,7 @@ class _Run:
 
 def head_spectral_metrics(spec: Any) -> dict[tuple[int, int], dict[str, float]]:
     """``{(layer, head): {spectral metric: value}}`` (:data:`SPECTRAL_METRICS`) from the head
-    blocks ``layer{l}.head{h}`` of a :class:`~hf_fisher.estimators.spectrum.SpectrumResult`."""
+    blocks ``layer{l}.head{h}`` of a :class:`~hf_fisher.consumers.spectrum.SpectrumResult`."""
     import re
 
     out = {}
@@ -217,7 +217,7 @@ def head_spectral_metrics(spec: Any) -> dict[tuple[int, int], dict[str, float]]:
 
 def _check_spectra(spectra: Any, pairs: list) -> list:
     """One SpectrumResult with head blocks (or None) per run, its heads those of the run's layout."""
-    from hf_fisher.estimators.spectrum import SpectrumResult
+    from hf_fisher.consumers.spectrum import SpectrumResult
 
     if spectra is None:
         return [None] * len(pairs)
@@ -566,7 +566,7 @@ def write_report(
     empty — unless ``overwrite`` and it holds only report files). The folder is written
     atomically. Files and definitions: module docstring. Without matplotlib the CSV and text are
     still written and ``notes`` says how to get the plots. ``spectra``: one
-    :class:`~hf_fisher.estimators.spectrum.SpectrumResult` with ``blocks="head"`` (or None) per
+    :class:`~hf_fisher.consumers.spectrum.SpectrumResult` with ``blocks="head"`` (or None) per
     Fisher, whose per-head metrics go to the CSV (``spectral_*``) and the summary.
     """
     from hf_fisher.atomic import atomic_folder, check_target
