@@ -1,4 +1,4 @@
-"""Tests of hf_fisher.consumers.head_behaviour (head_categories, aggregate_by_category).
+"""Tests of hf_fisher.consumers.circuits.head_behaviour (head_categories, aggregate_by_category).
 
 The key test plants a previous-token head and an induction head into a tiny GPT-2 built from
 constructed weights (see :func:`planted_gpt2`) and checks that the categoriser finds them.

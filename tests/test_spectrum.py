@@ -1,4 +1,4 @@
-"""Spectra (hf_fisher.estimators.spectrum) against dense matrices built by brute force.
+"""Spectra (hf_fisher.consumers.spectrum over hf_fisher.estimators.curvature) against dense matrices built by brute force.
 
 The tiny model is a 1-layer LLaMA (hidden 16, 4 heads, 2 kv-heads: GQA; vocab 17; P = 2512
 parameters) in float64. References:

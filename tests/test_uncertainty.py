@@ -1,5 +1,5 @@
 """Kept per-sample group contributions (collect(..., keep_sample_contributions=True)) and the
-unit intervals of hf_fisher.uncertainty, checked against a brute-force reference (one sample at
+unit intervals of hf_fisher.analysis.uncertainty, checked against a brute-force reference (one sample at
 a time, plain autograd, tests/reference.py) and direct scipy.stats calls on it."""
 
 from __future__ import annotations
