@@ -60,7 +60,7 @@ def collect(
     ``ema_decay``, and when merging across ``torch.distributed`` ranks (see
     :class:`~hf_fisher.collector.FisherCollector`).
     """
-    from .collector import check_keep_sample_contributions
+    from .collect.collector import check_keep_sample_contributions
 
     check_keep_sample_contributions(keep_sample_contributions, reduction, ema_decay)
     if keep_sample_contributions:
@@ -99,7 +99,7 @@ def _refuse_unknown_options(name: str, cls: type, options: Mapping[str, Any]) ->
     the estimator, instead of a ``TypeError`` from inside it."""
     import inspect
 
-    from .collector import FisherCollector
+    from .collect.collector import FisherCollector
     from .estimators.empirical import EmpiricalEstimator
     from .estimators.true_fisher import TrueFisherEstimator
 
@@ -117,7 +117,7 @@ def _refuse_unknown_options(name: str, cls: type, options: Mapping[str, Any]) ->
 
 
 def _will_merge(distributed: bool | None) -> bool:
-    from .integrations.distributed import is_distributed
+    from .collect.distributed import is_distributed
 
     if distributed is False:
         return False

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any, Iterable, Mapping
 
-from ..collector import FisherCollector
+from ..collect.collector import FisherCollector
 from ..fisher import Fisher
 from ..hookspecs import hookimpl
 

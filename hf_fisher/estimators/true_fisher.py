@@ -38,7 +38,7 @@ from typing import Any, Iterable, Mapping
 
 import torch
 
-from ..collector import FisherCollector
+from ..collect.collector import FisherCollector
 from ..engine.losses import IGNORE_INDEX, token_labels
 from ..engine.per_sample import ContributionSink
 from ..errors import InvalidInputError, NonFiniteError, UnsupportedError
