@@ -19,7 +19,7 @@ from ..engine.losses import NORMALIZATIONS, task_type_of
 from ..engine.per_sample import BatchReport, ContributionSink, LossFn, PerSampleEngine, Target
 from ..errors import EmptyDataError, InvalidInputError, NoTrainableParametersError, regex_argument
 from ..fisher import Counts, Fisher, FisherMetadata
-from .stats import Welford, Workspace, make_accumulator, shifted_moments_
+from .stats import EMA, AccumulatorState, Welford, Workspace, make_accumulator, shifted_moments_
 
 log = logging.getLogger("hf_fisher")
 
@@ -133,7 +133,7 @@ class _MomentsSink(ContributionSink):
             w = self.spare.get(name)
             if w is None or w.device != shift.device or w.shape != tuple(shift.shape):
                 w = self.spare[name] = Welford(tuple(shift.shape), dtype=self.dtype, device=shift.device)
-            w._forget()
+            w.reset(zero=False)
             w.update_shifted_(*self.pending.pop(name), workspace=self.workspace)
             w.update_shifted_(n, shift, m2, residual, workspace=self.workspace)
             self.batch[name] = w
@@ -585,8 +585,6 @@ class FisherCollector:
 
         Under several ranks, restore on one rank only (the trainer callback uses rank 0) and
         start the others empty: a merge would otherwise count the restored samples once per rank."""
-        from .stats import EMA
-
         if fisher.reduction != self.reduction or sorted(fisher.names()) != sorted(t.name for t in self.engine.targets):
             raise InvalidInputError(
                 f"cannot resume task {task!r} from this artifact: it holds a {fisher.reduction} Fisher of "
@@ -599,16 +597,16 @@ class FisherCollector:
             mean = fisher[t.name].to(self.accumulation_dtype)
             var = fisher.variances[t.name].to(self.accumulation_dtype) if fisher.has_variance else torch.zeros_like(mean)
             if self.ema_decay is None:
-                acc[t.name] = Welford.from_state_dict(
-                    {"count": n, "mean": mean, "m2": var * max(0, n - 1)}, dtype=self.accumulation_dtype, device=self.accumulation_device,
+                acc[t.name] = Welford.from_state(
+                    AccumulatorState(n, mean, var * max(0, n - 1)), dtype=self.accumulation_dtype, device=self.accumulation_device,
                 )
             else:
                 if not ema:
                     raise InvalidInputError("this artifact has no EMA state (metadata.extra['ema_state']): it cannot resume an EMA")
                 w, w2 = float(ema["weight_sum"]), float(ema["weight_sq_sum"])
                 denom = 1.0 - w2 / (w * w) if n > 1 else 1.0
-                acc[t.name] = EMA.from_state_dict(
-                    {"count": n, "decay": self.ema_decay, "weight_sum": w, "weight_sq_sum": w2, "mean": mean, "m2": var * denom * w},
+                acc[t.name] = EMA.from_state(
+                    AccumulatorState(n, mean, var * denom * w, self.ema_decay, w, w2),
                     dtype=self.accumulation_dtype, device=self.accumulation_device,
                 )
         rows = None
@@ -687,9 +685,10 @@ def _concat_rows(chunks: list[torch.Tensor], shape: tuple, dtype: torch.dtype) -
 def _ema_state(state: _TaskState) -> dict:
     """The EMA's weight sums (shared by every accumulator of a task), for :meth:`FisherCollector.restore`."""
     acc = next(iter(state.accumulators.values()), None)
-    if acc is None or not hasattr(acc, "_w"):
+    if not isinstance(acc, EMA):
         return {}
-    return {"ema_state": {"weight_sum": float(acc._w), "weight_sq_sum": float(acc._w2)}}
+    s = acc.state()
+    return {"ema_state": {"weight_sum": float(s.weight_sum), "weight_sq_sum": float(s.weight_sq_sum)}}
 
 
 def preserved_rng(model: nn.Module):

@@ -52,7 +52,7 @@ from typing import Any, Mapping
 import torch
 
 from ..errors import DistributedMismatchError, InvalidInputError
-from .stats import EMA, Welford
+from .stats import EMA, AccumulatorState, Welford
 
 log = logging.getLogger("hf_fisher")
 
@@ -263,7 +263,8 @@ def merge_accumulators(
     emas = [n for n in names if isinstance(accumulators[n], EMA)]
     weights = None
     if emas:
-        w = torch.tensor([[accumulators[n]._w, accumulators[n]._w2] for n in emas], dtype=torch.float64)
+        states = [accumulators[n].state() for n in emas]
+        w = torch.tensor([[s.weight_sum, s.weight_sq_sum] for s in states], dtype=torch.float64)
         weights = all_gather_tensor(w, group)
 
     index = {n: i for i, n in enumerate(names)}
@@ -286,22 +287,20 @@ def merge_accumulators(
                 n, w, w2, mean, s = merge_ema_states(
                     [(counts[r], float(weights[r][j, 0]), float(weights[r][j, 1]), pieces[r][0], pieces[r][1]) for r in range(k)]
                 )
-                out[name] = EMA.from_state_dict(
-                    {"count": n, "decay": acc.decay, "weight_sum": w, "weight_sq_sum": w2, "mean": mean, "m2": s},
-                    dtype=acc.dtype, device=device,
-                )
+                out[name] = EMA.from_state(AccumulatorState(n, mean, s, acc.decay, w, w2), dtype=acc.dtype, device=device)
             else:
                 n, mean, m2 = merge_welford_states([(counts[r], pieces[r][0], pieces[r][1]) for r in range(k)])
-                out[name] = Welford.from_state_dict({"count": n, "mean": mean, "m2": m2}, dtype=acc.dtype, device=device)
+                out[name] = Welford.from_state(AccumulatorState(n, mean, m2), dtype=acc.dtype, device=device)
     return out, merged_counters
 
 
 def _state(acc) -> tuple[torch.Tensor, torch.Tensor]:
     """(μ, M2) of a Welford, (μ, S) of an EMA: the raw state tensors (zeros before any sample)."""
-    if acc._mean is None:
+    state = acc.state()
+    if state.mean is None:
         z = torch.zeros(acc.shape, dtype=acc.dtype, device=acc.device)
         return z, z
-    return acc._mean, acc._m2
+    return state.mean, state.m2
 
 
 def _buckets(accumulators, names: list[str], limit: int) -> list[list[str]]:

@@ -5,7 +5,9 @@ Pure tensor math, no model knowledge. The engine feeds per-sample contributions
 ``F = mean_i C_i`` with its sample variance.
 
 Two accumulators share one interface (``update``, ``count``, ``mean``, ``m2``, ``variance``,
-``stderr``, ``effective_count``, ``mean_as``, ``variance_as``, ``state_dict``/``from_state_dict``):
+``stderr``, ``effective_count``, ``mean_as``, ``variance_as``, ``state_dict``/``from_state_dict``,
+and the exact in-memory state ``state()``/``from_state()`` as an :class:`AccumulatorState`, which
+the cross-rank merge and the collector's checkpoints read instead of the accumulators' internals):
 
 - :class:`Welford` — exact, order-independent mean and centred sum of squares, mergeable across
   batches, ranks and checkpoints with Chan et al.'s pairwise formula. The default.
@@ -28,13 +30,14 @@ The fast path of the collector (``reduction="param"``) is two pieces that avoid 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
 
 from hf_fisher.errors import EmptyDataError, InvalidInputError, UnsupportedError
 
-__all__ = ["Welford", "EMA", "Workspace", "make_accumulator", "shifted_moments_", "confidence_interval"]
+__all__ = ["AccumulatorState", "Welford", "EMA", "Workspace", "make_accumulator", "shifted_moments_", "confidence_interval"]
 
 
 def _as_shape(shape: Sequence[int] | torch.Size | int | None) -> tuple[int, ...] | None:
@@ -141,8 +144,35 @@ def shifted_moments_(
     return shift, m2, residual
 
 
+@dataclass(frozen=True)
+class AccumulatorState:
+    """The exact state of a :class:`Welford` or :class:`EMA` accumulator.
+
+    ``count`` = n samples; ``mean`` = μ; ``m2`` = Welford's ``M2 = Σ_i (x_i − μ)²`` or the EMA's
+    unnormalised weighted dispersion ``S = Σ_k w_k (x_k − μ)²`` (its :attr:`EMA.m2` is ``S / W``);
+    EMA only: ``decay``, ``weight_sum`` ``W = Σ_k w_k`` and ``weight_sq_sum`` ``Σ_k w_k²``.
+    ``mean``/``m2`` are None for an accumulator created without a shape that saw no sample.
+    """
+
+    count: int
+    mean: torch.Tensor | None
+    m2: torch.Tensor | None
+    decay: float | None = None
+    weight_sum: float | None = None
+    weight_sq_sum: float | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        """The :meth:`Welford.state_dict` / :meth:`EMA.state_dict` keys (tensors not copied)."""
+        out: dict[str, Any] = {"count": self.count}
+        if self.mean is not None:
+            out.update(mean=self.mean, m2=self.m2)
+        if self.decay is not None:
+            out.update(decay=self.decay, weight_sum=self.weight_sum, weight_sq_sum=self.weight_sq_sum)
+        return out
+
+
 class _Accumulator:
-    """Shared plumbing: lazy shape, dtype/device handling, exports."""
+    """Shared plumbing: lazy shape, dtype/device handling, exports, the state API."""
 
     kind = "base"
 
@@ -218,6 +248,18 @@ class _Accumulator:
         if n_eff <= 0:
             return torch.zeros_like(var)
         return torch.sqrt(var / n_eff)
+
+    def state(self) -> AccumulatorState:
+        """The exact state (see :class:`AccumulatorState`), with the live tensors in the
+        accumulation dtype and device: no copy, so read them before the next update and do not
+        modify them; :meth:`from_state` copies."""
+        return AccumulatorState(self._n, self._mean, self._m2)
+
+    @classmethod
+    def from_state(cls, state: AccumulatorState, *, dtype: torch.dtype = torch.float64, device="cpu"):
+        """A new accumulator holding ``state`` (tensors copied to ``dtype``/``device``, values
+        checked as in :meth:`from_state_dict`)."""
+        return cls.from_state_dict(state.as_dict(), dtype=dtype, device=device)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(shape={self.shape}, count={self._n}, dtype={self.dtype}, device={self.device})"
@@ -362,15 +404,12 @@ class Welford(_Accumulator):
             return t
         return ws.get(slot, t.shape, self.dtype, self.device).copy_(t)
 
-    def _forget(self) -> None:
-        # reset() without zeroing: only for callers that merge new moments right away
-        # (the first merge overwrites the state)
+    def reset(self, *, zero: bool = True) -> "Welford":
+        """Forget every sample, keeping the state tensors (and shape) for reuse. ``zero=False``
+        skips zeroing them, for a caller that merges new moments right away (the first merge
+        overwrites the state)."""
         self._n = 0
-
-    def reset(self) -> "Welford":
-        """Forget every sample, keeping the state tensors (and shape) for reuse."""
-        self._n = 0
-        if self._mean is not None:
+        if zero and self._mean is not None:
             self._mean.zero_()
             self._m2.zero_()  # type: ignore[union-attr]
         return self
@@ -535,6 +574,10 @@ class EMA(_Accumulator):
         if denom <= 0.0:
             return torch.zeros_like(biased)
         return biased / denom
+
+    def state(self) -> AccumulatorState:
+        """The exact state, with the EMA's decay and weight sums (see :meth:`_Accumulator.state`)."""
+        return AccumulatorState(self._n, self._mean, self._m2, self.decay, self._w, self._w2)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         out = {
