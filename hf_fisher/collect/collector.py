@@ -15,22 +15,20 @@ import torch
 import torch.nn as nn
 
 from .. import plugins
-from ..engine.losses import NORMALIZATIONS, task_type_of
+from ..engine.losses import task_type_of
 from ..engine.per_sample import BatchReport, ContributionSink, LossFn, PerSampleEngine, Target
 from ..errors import EmptyDataError, InvalidInputError, NoTrainableParametersError, regex_argument
+from ..estimators.base import REDUCTIONS, CollectOptions, check_keep_sample_contributions  # noqa: F401 (re-exported)
 from ..fisher import Counts, Fisher, FisherMetadata
 from .stats import EMA, AccumulatorState, Welford, Workspace, make_accumulator, shifted_moments_
 
 log = logging.getLogger("hf_fisher")
 
-REDUCTIONS = ("param", "group")
 #: the estimator a FisherCollector computes itself
 EMPIRICAL = "empirical"
-
-
-def _check_choice(what: str, value: Any, choices: tuple) -> None:
-    if value not in choices:
-        raise InvalidInputError(f"unknown {what} {value!r}; choose one of {', '.join(map(repr, choices))}")
+#: the collector's own options besides the shared :class:`~hf_fisher.estimators.base.CollectOptions`
+#: (the diagonal estimators take them too)
+COLLECTOR_OPTIONS = frozenset({"params", "verify", "loss_fn", "accumulation_device"})
 
 
 class _MomentsSink(ContributionSink):
@@ -277,22 +275,13 @@ class FisherCollector:
                 "estimator='true', mc_samples=..., seed=...) or estimator='kfac'; drop estimator= (or pass "
                 "'empirical') for the empirical Fisher"
             )
-        _check_choice("reduction", reduction, REDUCTIONS)
-        check_keep_sample_contributions(keep_sample_contributions, reduction, ema_decay)
-        if distributed not in (None, True, False):
-            raise InvalidInputError(f"distributed must be None (merge when torch.distributed runs several processes), True or False; got {distributed!r}")
-        if distributed:
-            import torch.distributed as dist
-
-            if not (dist.is_available() and dist.is_initialized()):
-                raise InvalidInputError(
-                    "distributed=True but torch.distributed is not initialised: launch with torchrun (or accelerate "
-                    "launch) and call torch.distributed.init_process_group first, or pass distributed=None/False"
-                )
-        _check_choice("normalization", normalization, NORMALIZATIONS)
-        _check_choice("on_nonfinite", on_nonfinite, ("raise", "skip"))
-        if ema_decay is not None and not (0.0 < float(ema_decay) < 1.0):
-            raise InvalidInputError(f"ema_decay must be in (0, 1), got {ema_decay}")
+        # the shared options, checked in one place (the same checks hf_fisher.collect makes)
+        CollectOptions(
+            reduction=reduction, normalization=normalization, accumulation_dtype=accumulation_dtype,
+            storage_dtype=storage_dtype, storage_device=storage_device, ema_decay=ema_decay, on_nonfinite=on_nonfinite,
+            memory_budget_mb=memory_budget_mb, train_mode=train_mode, task_type=task_type, distributed=distributed,
+            keep_sample_contributions=keep_sample_contributions,
+        )
         named = select_parameters(model, params)
         if not named:
             raise NoTrainableParametersError(
@@ -653,26 +642,6 @@ class FisherCollector:
         if self._moments_sink is not None:
             self._moments_sink.workspace.clear()
             self._moments_sink.spare = {}
-
-
-def check_keep_sample_contributions(keep: Any, reduction: str, ema_decay: float | None) -> None:
-    """:class:`InvalidInputError` unless ``keep_sample_contributions=keep`` can be honoured (see
-    :class:`FisherCollector`): a bool, ``reduction="group"``, no ``ema_decay``."""
-    if not isinstance(keep, bool):
-        raise InvalidInputError(f"keep_sample_contributions must be True or False, got {keep!r}")
-    if not keep:
-        return
-    if reduction != "group":
-        raise InvalidInputError(
-            f"keep_sample_contributions=True needs reduction='group' (got reduction={reduction!r}): the per-sample "
-            "contributions of a parameter-level Fisher are [n_samples, *param_shape] per parameter, n copies of the "
-            "model, far too big to keep; pass reduction='group' to keep the per-sample group sums [n_samples, num_groups]"
-        )
-    if ema_decay is not None:
-        raise InvalidInputError(
-            "keep_sample_contributions=True cannot be combined with ema_decay: an EMA Fisher is a weighted mean "
-            "that the plain mean of the kept per-sample contributions would not reproduce; drop ema_decay"
-        )
 
 
 def _concat_rows(chunks: list[torch.Tensor], shape: tuple, dtype: torch.dtype) -> torch.Tensor:
