@@ -14,7 +14,6 @@ from hf_fisher.errors import InvalidInputError, UnsupportedError
 __all__ = ["format_table", "format_report", "channel_parts", "head_parts"]
 
 
-
 def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], *, title: str | None = None) -> str:
     """A plain-text table: left-aligned text columns, right-aligned numeric columns."""
     cells = [[_cell(v) for v in row] for row in rows]

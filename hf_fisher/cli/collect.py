@@ -40,7 +40,6 @@ the data file (encoding, JSON, labels). --max-length is capped to the model's po
 """
 
 
-
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add ``hf-fisher collect`` to the subcommands ``sub``."""
     p = sub.add_parser("collect", help="collect a Fisher artifact of a model on a data file",

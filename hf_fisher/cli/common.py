@@ -422,6 +422,7 @@ class _StderrHandler(logging.StreamHandler):
 
 
 def configure_logging(verbose: bool) -> None:
+    """The ``hf_fisher`` loggers to stderr (``LEVEL name: message``), INFO, DEBUG with ``-v``."""
     lib = logging.getLogger("hf_fisher")
     lib.setLevel(logging.DEBUG if verbose else logging.INFO)
     if not any(isinstance(h, _StderrHandler) for h in lib.handlers):

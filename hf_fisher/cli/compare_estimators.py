@@ -20,8 +20,6 @@ from hf_fisher.errors import InvalidInputError
 logger = logging.getLogger(__name__)
 
 
-
-
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add ``hf-fisher compare-estimators`` to the subcommands ``sub``."""
     p = sub.add_parser("compare-estimators",

@@ -34,7 +34,6 @@ paths are read relative to the recipe's folder.
 MERGE_DTYPES = ("float32", "float64", "bfloat16", "float16")
 
 
-
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add ``hf-fisher merge`` to the subcommands ``sub``."""
     p = sub.add_parser("merge", help="merge models (Fisher, TIES, DARE, task arithmetic, ...) from a recipe YAML",
