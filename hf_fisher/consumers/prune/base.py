@@ -12,7 +12,7 @@ any work), and computes the scores in :meth:`PruneScore.score_units` (structured
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Mapping, Sequence
 
 import torch
 import torch.nn as nn
@@ -23,7 +23,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from hf_fisher.consumers.prune.statistics import ActivationStats
     from hf_fisher.consumers.prune.units import Unit
 
-__all__ = ["PruneScore", "ScoreInputs"]
+__all__ = ["PruneScore", "ScoreInputs", "Stage"]
 
 
 @dataclass
@@ -39,6 +39,19 @@ class ScoreInputs:
     stats: "ActivationStats | None" = None
     seed: int = 0
     progress: bool = True
+
+
+@dataclass
+class Stage:
+    """One stage of layer-by-layer pruning (a layer's attention, then its MLP) for a
+    :attr:`PruneScore.layer_by_layer` score: ``units`` (the stage's candidates), ``quota``
+    (budget key :attr:`Unit.budget` -> how many units of it to remove; keys of other stages may
+    be present) and ``touch(name)``, to call before changing parameter ``name`` in place so that
+    ``PruneResult.restore()`` puts it back."""
+
+    units: "Sequence[Unit]"
+    quota: Mapping[tuple, int]
+    touch: Callable[[str], None]
 
 
 class PruneScore:
@@ -88,6 +101,16 @@ class PruneScore:
     def score_weights(self, model: nn.Module, names: Sequence[str], inputs: ScoreInputs) -> dict[str, torch.Tensor]:
         """``{name: tensor of the weight's shape}``: the cost of zeroing each element."""
         raise UnsupportedError(f"prune score {self.name!r} is defined for structured units only")
+
+    def prepare(self, model: nn.Module, units: "Sequence[Unit]", inputs: ScoreInputs) -> None:
+        """Called once with every candidate unit before the first stage (``layer_by_layer`` scores):
+        statistics of the unpruned model the stages read."""
+
+    def prune_stage(self, model: nn.Module, stage: Stage, inputs: ScoreInputs) -> tuple[list[int], dict[str, Any] | None]:
+        """``layer_by_layer`` scores: ``(positions in stage.units to remove — exactly the quota,
+        a log entry or None)``, after changing the kept units' weights in place (through
+        ``stage.touch``) where the method prescribes it; ``prune`` then zeroes the removed ones."""
+        raise NotImplementedError(f"prune score {self.name!r} is not a layer-by-layer method")
 
     def stderr(self, model: nn.Module, units: "Sequence[Unit]", fisher: Any) -> torch.Tensor:
         """``[len(units)]``: a (conservative) standard error of each unit's score, for ``confidence=``."""

@@ -57,6 +57,7 @@ import torch.nn as nn
 
 from hf_fisher import plugins
 from hf_fisher.consumers.prune import statistics as S
+from hf_fisher.consumers.prune.base import ScoreInputs, Stage
 from hf_fisher.consumers.prune.registry import get_score
 from hf_fisher.consumers.prune.select import global_keys as _global_keys
 from hf_fisher.consumers.prune.select import round_half_up as _round
@@ -338,8 +339,9 @@ def check_options(*, sparsity, structured, score, scope, min_per_layer, confiden
         if isinstance(confidence, bool) or not isinstance(confidence, float) or not 0.0 < confidence < 1.0:
             raise InvalidInputError(f"{t['confidence']} must be a number in (0, 1), e.g. 0.95; got {confidence!r}")
         if not _confident_score(score) or fisher is None or not fisher.has_variance:
+            with_se = " or ".join(t["score"].format(n) for n, c in plugins.prune_scores().items() if c.confidence)
             raise InvalidInputError(
-                f"{t['confidence']} needs {t['score'].format('fisher')} or {t['score'].format('obd')} and {t['fisher']} "
+                f"{t['confidence']} needs {with_se} and {t['fisher']} "
                 "with variances (collect keeps them)"
             )
         if kinds is None:
@@ -666,21 +668,6 @@ def _apply(model, units: Sequence[Unit], removed: set[int], edits: _Edits, batch
     return log
 
 
-def _output_fishers(model, units: Sequence[Unit], calibration) -> dict:
-    """The KFAC layer (its output factor G) of every output projection the units write through."""
-    import re
-
-    from hf_fisher.api import collect
-
-    from hf_fisher.consumers.gradient_store import only_trainable
-
-    names = list(dict.fromkeys(s.param for u in units for s in u.out))
-    with only_trainable(model, names):
-        kf = collect(model, calibration, estimator="kfac", params="^(" + "|".join(re.escape(n) for n in names) + ")$",
-                     progress=False, task="calibration")
-    return {L.weight: L for L in kf.layers.values()}
-
-
 class _ParamFisher(dict):
     """Parameter-level Fisher tensors in the form score_units reads (``fisher[name]``)."""
 
@@ -697,45 +684,31 @@ def _prune_sequential(model, units, *, score, sparsity, min_per_layer, calibrati
         counts[units[k].budget] = counts.get(units[k].budget, 0) + 1
     seconds = [0.0]
 
-    greedy = get_score(score).layer_by_layer
-    needs_fisher = get_score(score).needs_fisher
-    G = _output_fishers(model, units, calibration) if greedy else None
+    scorer = get_score(score)()
+    greedy = scorer.layer_by_layer
     edits = _Edits(model)
+    if greedy:
+        scorer.prepare(model, units, ScoreInputs(batches=calibration, seed=seed, progress=False))
+    obs_log: list[dict] = []
 
-    def key_of(u: Unit) -> tuple:
-        return u.budget
-
-    def choose_obs(members: list[int]) -> list[int]:
-        from hf_fisher.consumers.prune.obs import obs_select
-        from hf_fisher.consumers.prune.rescale import fold_scales, output_gram
-
+    def choose_greedy(members: list[int]) -> list[int]:
         stage = [units[k] for k in members]
-        if not stage[0].out:
-            return []
         t0 = time.perf_counter()
-        name = stage[0].out[0].param
-        gram = output_gram(model, name, calibration)
-        layer = G[name]
-        gone, scales, _ = obs_select(edits.params[name], input_axis(model, name), name, stage,
-                                     {k: v for k, v in counts.items() if k[1] == stage[0].layer}, key_of, gram,
-                                     layer.G, layer.g_diagonal)
-        kept = [i for i in range(len(stage)) if i not in set(gone)]
-        fold_scales(model, name, [stage[i] for i in kept], scales, edits.touch)
-        obs_log.append({"weight": name, "kept": len(kept), "removed": len(gone),
-                        "scale_min": float(scales.min()) if len(kept) else 1.0,
-                        "scale_max": float(scales.max()) if len(kept) else 1.0})
+        quota = {k: v for k, v in counts.items() if k[1] == stage[0].layer}
+        gone, entry = scorer.prune_stage(model, Stage(stage, quota, edits.touch),
+                                         ScoreInputs(batches=calibration, seed=seed + members[0], progress=False))
+        if entry is not None:
+            obs_log.append(entry)
         seconds[0] += time.perf_counter() - t0
         return [members[i] for i in gone]
 
-    obs_log: list[dict] = []
-
     def choose(members: list[int]) -> list[int]:
         if greedy:
-            return choose_obs(members)
+            return choose_greedy(members)
         stage = [units[k] for k in members]
         t0 = time.perf_counter()
         fisher = None
-        if needs_fisher:
+        if scorer.needs_fisher:
             names = list(dict.fromkeys(s.param for u in stage for s in u.slices))
             fisher = _ParamFisher(S.calibration_fisher(model, names, calibration, progress=False))
         scores, _ = S.score_units(model, stage, score, fisher=fisher, batches=calibration, seed=seed + members[0],

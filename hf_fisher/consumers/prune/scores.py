@@ -17,6 +17,7 @@ import torch.nn as nn
 
 from hf_fisher.consumers.prune import statistics as S
 from hf_fisher.consumers.prune.base import PruneScore
+from hf_fisher.consumers.prune.units import input_axis
 from hf_fisher.errors import InvalidInputError
 
 __all__ = [
@@ -103,6 +104,39 @@ class KFACScore(PruneScore):
 
     def score_units(self, model, units, inputs):
         raise InvalidInputError("score 'kfac' selects units greedily layer by layer; prune() runs it (it has no per-unit score)")
+
+    def prepare(self, model, units, inputs):
+        """The KFAC layer (its output factor ``G``) of every output projection the units write
+        through, on the unpruned model."""
+        import re
+
+        from hf_fisher.api import collect
+        from hf_fisher.consumers.gradient_store import only_trainable
+
+        names = S._unit_params(units, out=True)
+        with only_trainable(model, names):
+            kf = collect(model, inputs.batches, estimator="kfac", progress=False, task="calibration",
+                         params="^(" + "|".join(re.escape(n) for n in names) + ")$")
+        self._layers = {L.weight: L for L in kf.layers.values()}
+
+    def prune_stage(self, model, stage, inputs):
+        from hf_fisher.consumers.prune.obs import obs_select
+        from hf_fisher.consumers.prune.rescale import fold_scales, output_gram
+
+        units = list(stage.units)
+        if not units[0].out:
+            return [], None
+        name = units[0].out[0].param
+        gram = output_gram(model, name, inputs.batches)
+        layer = self._layers[name]
+        weight = dict(model.named_parameters())[name]
+        gone, scales, _ = obs_select(weight, input_axis(model, name), name, units, stage.quota, lambda u: u.budget, gram,
+                                     layer.G, layer.g_diagonal)
+        kept = [i for i in range(len(units)) if i not in set(gone)]
+        fold_scales(model, name, [units[i] for i in kept], scales, stage.touch)
+        return gone, {"weight": name, "kept": len(kept), "removed": len(gone),
+                      "scale_min": float(scales.min()) if len(kept) else 1.0,
+                      "scale_max": float(scales.max()) if len(kept) else 1.0}
 
 
 class MaskFisherScore(PruneScore):
