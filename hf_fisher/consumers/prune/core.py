@@ -425,8 +425,10 @@ def prune(
     calibration batches are given with ``scope="layer"`` (heads / kv-heads / channels), else
     ``"fisher"``.
     ``fisher``: the artifact for ``score="fisher"`` / ``"obd"`` (a group Fisher works for
-    "fisher"; "obd" and unstructured pruning need ``reduction="param"``). ``score``: see
-    :mod:`~hf_fisher.consumers.prune.statistics`. ``rescale_batches``: calibration batches for the
+    "fisher"; "obd" and unstructured pruning need ``reduction="param"``). ``score``: the name of a
+    registered :class:`~hf_fisher.consumers.prune.base.PruneScore` (built-ins in
+    :mod:`~hf_fisher.consumers.prune.scores`; plugins add more, ``hf_fisher.plugins.prune_scores()``
+    lists them); what it needs is checked from its class before any work. ``rescale_batches``: calibration batches for the
     least-squares rescale, on by default when given (``rescale=False`` turns it off; FLAP uses its
     bias compensation instead unless ``rescale=True``). ``calibration_batches``: batches for the
     data-driven scores (default: ``rescale_batches``). ``compensate``: FLAP's bias compensation
