@@ -25,8 +25,8 @@ _LAZY = {
     "EWCPenalty": "consumers.ewc",
     "forgetting_risk": "consumers.ewc",
     "merge_with_fisher": "consumers.merging",
-    "prune": "consumers.pruning",
-    "PruneResult": "consumers.pruning",
+    "prune": "consumers.prune.core",
+    "PruneResult": "consumers.prune.core",
     "mask_overlap": "consumers.overlap",
     "task_overlap": "consumers.overlap",
     "perturb": "consumers.perturb",
@@ -63,7 +63,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names come from
     from .consumers.merging import merge_with_fisher
     from .consumers.overlap import mask_overlap, task_overlap
     from .consumers.perturb import perturb, perturbation_sweep
-    from .consumers.pruning import PruneResult, prune
+    from .consumers.prune.core import PruneResult, prune
     from .consumers.report import write_report
     from .consumers.conflicts import sample_conflicts
     from .collect.gradients import GradientStore, store_gradients

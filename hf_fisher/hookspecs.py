@@ -112,6 +112,25 @@ def hf_fisher_register_prune_scores(register: Callable[[str, Any], None]) -> Non
     """
 
 
+@hookspec(firstresult=True)
+def hf_fisher_physical_pruner(config: Any) -> Any | None:
+    """Return a physical pruner for models with this ``config`` (a ``transformers``
+    ``PretrainedConfig``), or ``None`` when this plugin cannot shrink such a model.
+
+    The pruner (:class:`hf_fisher.consumers.prune.physical.PhysicalPruner`) has
+    ``check(config, kinds, scope, compensate, terms)``, which refuses from the config alone
+    (before the model is loaded) what a smaller config of this architecture cannot describe, and
+    ``build(model, units, removed) -> (smaller_model, vocab_map | None)``. Contract of ``build``:
+    every parameter slice of every removed unit (``units[k].slices`` for ``k in removed``) is
+    cut out, every other tensor is kept bitwise, the new config states the new sizes, and for
+    every input ``x`` the smaller model's output equals the masked model's
+    (``small(x) == masked(x)`` up to float rounding); ``vocab_map[old] = new`` (−1: removed) after
+    vocabulary removal. The first non-``None`` answer wins (``@hookimpl(tryfirst=True)`` to
+    override a built-in); the built-in one covers the LLaMA family. Used by
+    ``prune(..., physical=True)`` and ``hf-fisher prune --physical``.
+    """
+
+
 @hookspec
 def hf_fisher_register_grad_rules(register: Callable[[type, Any], None]) -> None:
     """Register per-sample gradient rules for module types: ``register(MyLayer, MyRule())``.
