@@ -194,7 +194,6 @@ def test_hf_fisher_plugins_lists_the_score(site, tmp_path):
     assert "prune_score" in line and "extra_scores" in line and DIST in line
 
 
-@pytest.mark.xfail(strict=False, reason="CLI wiring by lead")
 def test_cli_prune_with_the_plugin_score(site, tmp_path):
     model = tiny_llama()
     model.save_pretrained(tmp_path / "model")
