@@ -153,14 +153,8 @@ def load_recipe(path: str | os.PathLike) -> dict[str, Any]:
     for k in data:
         if k not in _TOP_KEYS:
             raise _bad(str(k), f"is not a known key (expected {list(_TOP_KEYS)})", where)
-    methods = registry.available()
     if "merge_method" not in data:
-        raise _bad("merge_method", f"is missing (one of {list(methods)})", where)
-    cls = methods.get(data["merge_method"]) if isinstance(data["merge_method"], str) else None
-    if cls is None:
-        raise _bad("merge_method", f"must be one of {list(methods)}, got {data['merge_method']!r}", where)
-    if cls.needs_data:
-        raise _bad("merge_method", f"{cls.name!r} needs data batches, which a recipe cannot hold; use the Python API", where)
+        raise _bad("merge_method", "is missing (the name of a registered merge method, e.g. fisher)", where)
     models = data.get("models")
     if not isinstance(models, list) or len(models) < 2:
         raise _bad("models", "must be a list of at least two entries {model: ..., parameters: {...}}", where)
@@ -188,6 +182,13 @@ def load_recipe(path: str | os.PathLike) -> dict[str, Any]:
     base = data.get("base_model")
     if base is not None and (not isinstance(base, str) or not base or base.startswith("<")):
         raise _bad("base_model", f"must be a model folder or Hub id, got {base!r}", where)
+    # the method's name, from the registry (loading the plugins imports torch: after the checks above)
+    methods = registry.available()
+    cls = methods.get(data["merge_method"]) if isinstance(data["merge_method"], str) else None
+    if cls is None:
+        raise _bad("merge_method", f"must be one of {list(methods)}, got {data['merge_method']!r}", where)
+    if cls.needs_data:
+        raise _bad("merge_method", f"{cls.name!r} needs data batches, which a recipe cannot hold; use the Python API", where)
     params = data.get("parameters") or {}
     if not isinstance(params, dict):
         raise _bad("parameters", "must be a mapping", where)
