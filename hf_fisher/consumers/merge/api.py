@@ -47,7 +47,15 @@ from hf_fisher.hookspecs import hookimpl
 
 from . import registry
 from .base import RULE_TEXT, MergeMethod, TensorInputs, real_number
-from .recipe import CARD_NAME, RECIPE_NAME, _ref_of, build_recipe, load_recipe, recipe_to_kwargs, yaml_text  # noqa: F401
+from .recipe import (  # noqa: F401
+    CARD_NAME,
+    RECIPE_NAME,
+    _ref_of,
+    build_recipe,
+    load_recipe,
+    recipe_to_kwargs,
+    yaml_text,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     from .io import TensorInfo, TensorSource

@@ -52,7 +52,6 @@ import torch.nn as nn
 
 from hf_fisher.errors import InvalidInputError, ModelMismatchError, UnsupportedError
 
-from . import math as mm
 from .base import MergeMethod, TensorInputs
 
 __all__ = ["LoraMergeResult", "merge_lora_adapters"]
@@ -462,7 +461,7 @@ def merge_lora_adapters(
     weights: Sequence[float] | None = None,
     method: str | MergeMethod = "fisher",
     base_model: Any = None,
-    rank: "int | str | None" = None,
+    rank: int | str | None = None,
     merge_into_base: bool = False,
     dtype: torch.dtype | None = None,
     **options: Any,

@@ -140,7 +140,7 @@ def load_recipe(path: str | os.PathLike) -> dict[str, Any]:
     except (OSError, UnicodeDecodeError) as e:
         raise InvalidInputError(f"cannot read recipe {where}: {e}") from None
     try:
-        data = yaml.load(text, Loader=_unique_key_loader())  # noqa: S506 - a SafeLoader subclass
+        data = yaml.load(text, Loader=_unique_key_loader())
     except _DuplicateKey as e:
         raise InvalidInputError(
             f"recipe {where}: key '{e.key}' is given twice in one mapping (lines {e.first} and {e.line}); "

@@ -35,7 +35,11 @@ from typing import Any, Iterable, Mapping, Sequence
 import torch
 import torch.nn as nn
 
-from hf_fisher.consumers.module_inputs import linear_weights, select_weights, token_inputs
+from hf_fisher.consumers.module_inputs import (
+    linear_weights,
+    select_weights,
+    token_inputs,
+)
 from hf_fisher.errors import EmptyDataError, InvalidInputError
 
 __all__ = ["NORMALIZE", "InputGrams", "collect_input_grams", "regmean_tensor"]
@@ -75,11 +79,11 @@ def collect_input_grams(
     model: nn.Module,
     batches: Iterable[Mapping[str, Any]],
     *,
-    names: "str | Iterable[str] | None" = None,
+    names: str | Iterable[str] | None = None,
     max_samples: int | None = None,
     progress: bool = True,
     normalize: str = "mean",
-    device: "str | torch.device | None" = None,
+    device: str | torch.device | None = None,
 ) -> InputGrams:
     """Input Grams of ``model``'s nn.Linear / Conv1D weights over ``batches``.
 

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
-from ..base import FISHER_FLOOR, NO_FISHER_RULE, NORMALIZE_FISHERS, FisherInputMethod, TensorInputs
+from ..base import (
+    FISHER_FLOOR,
+    NO_FISHER_RULE,
+    NORMALIZE_FISHERS,
+    FisherInputMethod,
+    TensorInputs,
+)
 
 _BROADCAST = {"fisher_broadcast": "group Fishers spread over their slices: F_g / |g| per element"}
 

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
-from ..base import KFAC_DAMPING, KFAC_DAMPING_MODE, NO_FISHER_RULE, FisherInputMethod, TensorInputs
+from ..base import (
+    KFAC_DAMPING,
+    KFAC_DAMPING_MODE,
+    NO_FISHER_RULE,
+    FisherInputMethod,
+    TensorInputs,
+)
 
 
 class KFAC(FisherInputMethod):

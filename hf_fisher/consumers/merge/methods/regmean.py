@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
-from ..base import ALPHA, FISHER_FLOOR, NO_FISHER_RULE, NORMALIZE_FISHERS, MergeMethod, TensorInputs
+from ..base import (
+    ALPHA,
+    FISHER_FLOOR,
+    NO_FISHER_RULE,
+    NORMALIZE_FISHERS,
+    MergeMethod,
+    TensorInputs,
+)
 from .fisher import Fisher
 
 _LORA = ("needs the input Grams of every merged-in model; merge the merged-in models "
