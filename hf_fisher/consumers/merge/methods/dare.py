@@ -6,8 +6,9 @@ from ..base import DARE_THEN, DENSITY, DROP_P, SCALING, SEED, MergeMethod, Tenso
 
 
 class Dare(MergeMethod):
-    """DARE (Yu et al. 2024): drop each entry of ``τ_i`` with probability ``p`` (``drop_p``) and
-    rescale the kept ones by ``1/(1−p)``, then combine by task arithmetic or TIES (``dare_then``).
+    """DARE (Yu et al. 2024): ``τ̂_i = m_i ⊙ τ_i / (1 − p)`` with ``m_i ~ Bernoulli(1 − p)`` per
+    entry (drop each entry of ``τ_i`` with probability ``p = drop_p``, rescale the kept ones), then
+    combine the ``τ̂_i`` by task arithmetic or TIES (``dare_then``).
     The drop masks are seeded per tensor and model (``seed``, the tensor name, the model index),
     so a merge is reproducible and independent of the order tensors are read in."""
 
