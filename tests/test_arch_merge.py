@@ -166,6 +166,20 @@ def test_a_method_registered_in_code_works_in_the_api_and_recipes(lerp_plugin, p
     assert not (tmp_path / "bad").exists()
 
 
+def test_a_method_instance_is_accepted_when_its_class_is_registered(lerp_plugin, pair, tmp_path):
+    a, b = pair
+    out = merge_with_fisher([a, b], method=Lerp(t=0.25), dtype="float64", output_dir=tmp_path / "out", progress=False)
+    ref = merge_with_fisher([a, b], method="lerp_test", t=0.25, dtype="float64", output_dir=tmp_path / "ref", progress=False)
+    assert all(torch.equal(_weights(out)[k], v) for k, v in _weights(ref).items())
+    plugins.unregister("lerp-test")
+    try:
+        with pytest.raises(InvalidInputError, match="is not registered"):
+            merge_with_fisher([a, b], method=Lerp(t=0.25), output_dir=tmp_path / "o2", progress=False)
+    finally:
+        plugins.register(_LerpPlugin(), "lerp-test")
+    assert not (tmp_path / "o2").exists()
+
+
 def test_a_registration_that_is_not_a_merge_method_is_refused():
     plugins.register(_NotAMethod(), "not-a-method")
     try:

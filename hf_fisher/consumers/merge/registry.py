@@ -72,6 +72,11 @@ def build(method: str | MergeMethod, options: Mapping[str, Any]) -> MergeMethod:
         raise InvalidInputError(f"unknown merge option(s) {unknown}; known: {sorted(catalogue)}")
     if isinstance(method, MergeMethod):
         cls = type(method)
+        if available().get(cls.name) is not cls:  # its recipe must read back
+            raise InvalidInputError(
+                f"method {method!r} is not registered (as {cls.name!r}); register its class through the hook "
+                "hf_fisher_register_merge_methods, or pass its name"
+            )
         base = method.values()
     else:
         cls = get(method)
