@@ -20,8 +20,7 @@ __version__ = "0.1.0"
 
 # public name -> submodule defining it
 _LAZY = {
-    "collect": "api",
-    "FisherCollector": "collector",
+    "FisherCollector": "collect.collector",
     "FisherCallback": "integrations.trainer",
     "EWCPenalty": "consumers.ewc",
     "forgetting_risk": "consumers.ewc",
@@ -33,8 +32,8 @@ _LAZY = {
     "perturb": "consumers.perturb",
     "perturbation_sweep": "consumers.perturb",
     "write_report": "consumers.report",
-    "store_gradients": "consumers.gradient_store",
-    "GradientStore": "consumers.gradient_store",
+    "store_gradients": "collect.gradients",
+    "GradientStore": "collect.gradients",
     "sample_conflicts": "consumers.conflicts",
     "qkov_interference": "consumers.qkov",
     "head_categories": "consumers.head_behaviour",
@@ -58,7 +57,7 @@ __all__ = ["collect", "merge_with_fisher", "prune", "PruneResult", "mask_overlap
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names come from __getattr__
     from .api import collect
-    from .collector import FisherCollector
+    from .collect.collector import FisherCollector
     from .consumers.ewc import EWCPenalty, forgetting_risk
     from .consumers.compare_estimators import compare_estimators
     from .consumers.merge.api import merge_with_fisher
@@ -67,7 +66,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names come from
     from .consumers.pruning import PruneResult, prune
     from .consumers.report import write_report
     from .consumers.conflicts import sample_conflicts
-    from .consumers.gradient_store import GradientStore, store_gradients
+    from .collect.gradients import GradientStore, store_gradients
     from .consumers.head_behaviour import aggregate_by_category, head_categories
     from .consumers.qkov import qkov_interference
     from .consumers.analyze import analyze
@@ -80,6 +79,10 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names come from
     from .fisher import Fisher
     from .hookspecs import hookimpl
     from .layout import ModelLayout, ParamGroups
+
+
+# the package hf_fisher.collect is itself callable as hf_fisher.api.collect: one object, whatever is imported first
+from . import collect  # noqa: E402
 
 
 def __getattr__(name: str) -> Any:

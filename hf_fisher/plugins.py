@@ -74,8 +74,8 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "hf_fisher.estimators.empirical",
     "hf_fisher.estimators.true_fisher",
     "hf_fisher.estimators.kfac",
-    "hf_fisher.consumers.importance",
-    "hf_fisher.estimators.spectrum",
+    "hf_fisher.analysis.importance",
+    "hf_fisher.consumers.spectrum",
     "hf_fisher.consumers.natural_gradient",
     "hf_fisher.consumers.merge.api",
     "hf_fisher.consumers.merge.registry",
@@ -84,9 +84,9 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "hf_fisher.consumers.overlap",
     "hf_fisher.consumers.perturb",
     "hf_fisher.consumers.report",
-    "hf_fisher.consumers.head_behaviour",
-    "hf_fisher.consumers.conflicts",
-    "hf_fisher.consumers.qkov",
+    "hf_fisher.consumers.circuits.head_behaviour",
+    "hf_fisher.consumers.circuits.conflicts",
+    "hf_fisher.consumers.circuits.qkov",
     "hf_fisher.consumers.analyze",
 )
 BUILTIN_DISTRIBUTION = "hf-fisher"
