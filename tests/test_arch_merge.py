@@ -238,7 +238,7 @@ def test_old_module_paths_warn_and_alias_the_new_module(monkeypatch, old, new):
         warnings.simplefilter("always")
         mod = importlib.import_module(f"hf_fisher.consumers.{old}")
     assert mod is importlib.import_module(f"hf_fisher.consumers.merge.{new}")
-    (w,) = [w for w in caught if issubclass(w.category, DeprecationWarning)]
+    (w,) = [w for w in caught if issubclass(w.category, DeprecationWarning) and f"consumers.{old} " in str(w.message)]
     assert f"hf_fisher.consumers.merge.{new}" in str(w.message)
 
 
