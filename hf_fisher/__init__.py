@@ -24,7 +24,7 @@ _LAZY = {
     "FisherCallback": "integrations.trainer",
     "EWCPenalty": "consumers.ewc",
     "forgetting_risk": "consumers.ewc",
-    "merge_with_fisher": "consumers.merging",
+    "merge_with_fisher": "consumers.merge.api",
     "prune": "consumers.prune.core",
     "PruneResult": "consumers.prune.core",
     "mask_overlap": "consumers.overlap",
@@ -60,7 +60,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names come from
     from .collect.collector import FisherCollector
     from .consumers.ewc import EWCPenalty, forgetting_risk
     from .consumers.compare_estimators import compare_estimators
-    from .consumers.merging import merge_with_fisher
+    from .consumers.merge.api import merge_with_fisher
     from .consumers.overlap import mask_overlap, task_overlap
     from .consumers.perturb import perturb, perturbation_sweep
     from .consumers.prune.core import PruneResult, prune

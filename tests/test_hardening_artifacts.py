@@ -161,7 +161,7 @@ def test_kfac_reader_refuses_invalid_factors(tmp_path, kfac_folder, bad):
     loose = KFACFisher.from_pretrained(folder, strict=False)
     assert "load_problems" in loose.metadata.extra
     with pytest.raises(ArtifactError):  # merging it refuses before any work
-        from hf_fisher.consumers.merge_kfac import load_kfac
+        from hf_fisher.consumers.merge.kfac import load_kfac
         load_kfac(loose)
 
 
@@ -194,7 +194,7 @@ def merge_inputs(tmp_path_factory):
 
 @pytest.mark.parametrize("bad", list(BAD))
 def test_merge_api_refuses_invalid_fisher_before_writing(merge_inputs, tmp_path, bad):
-    from hf_fisher.consumers.merging import merge_with_fisher
+    from hf_fisher.consumers.merge.api import merge_with_fisher
 
     r = merge_inputs
     for fishers in ([r / "f0", r / f"f1-{bad}"], [r / "f0", Fisher.from_pretrained(r / f"f1-{bad}", strict=False)]):
@@ -230,8 +230,8 @@ def test_lora_merge_refuses_invalid_fisher(tmp_path):
 
     import peft
 
-    from hf_fisher.consumers.merge_lora import merge_lora_adapters
-    from hf_fisher.consumers.merging import merge_with_fisher
+    from hf_fisher.consumers.merge.lora import merge_lora_adapters
+    from hf_fisher.consumers.merge.api import merge_with_fisher
 
     base = tm.llama(layers=1)
     dirs = []
@@ -300,7 +300,7 @@ def test_trainer_resume_refuses_invalid_checkpoint_state(tmp_path):
 
 # ---------------------------------------------------------------------------- item 2: merge inputs
 def _merge(models, fishers=None, **kw):
-    from hf_fisher.consumers.merging import merge_with_fisher
+    from hf_fisher.consumers.merge.api import merge_with_fisher
 
     return merge_with_fisher(models, fishers, progress=False, **kw)
 
@@ -371,7 +371,7 @@ def test_bad_merge_arguments_refused_up_front(merge_inputs, tmp_path, kwargs, pa
 
 
 def test_lora_merge_refuses_bad_numbers(tmp_path):
-    from hf_fisher.consumers.merge_lora import merge_lora_adapters
+    from hf_fisher.consumers.merge.lora import merge_lora_adapters
 
     with pytest.raises(InvalidInputError, match="fisher_floor must be a finite number, got True"):
         merge_lora_adapters([tmp_path / "a", tmp_path / "b"], [None, None], fisher_floor=True)
@@ -394,7 +394,7 @@ models:
 
 
 def test_duplicate_recipe_key_refused_naming_key_and_lines(merge_inputs, tmp_path):
-    from hf_fisher.consumers.merging import load_recipe
+    from hf_fisher.consumers.merge.api import load_recipe
 
     r = merge_inputs
     path = tmp_path / "recipe.yaml"
