@@ -6,7 +6,8 @@ each artifact class implements only its own pieces:
 - ``_save_pretrained(folder, **kwargs)``: write the artifact's files into ``folder`` (an empty
   temporary folder; the mixin makes the write atomic);
 - ``_from_pretrained(folder, *, device, strict, **kwargs)``: build the artifact from a local
-  folder, checking its structure (config fields, file names, dtypes, shapes);
+  folder, checking its structure (config fields, file names, dtypes, shapes), and set ``_root``
+  to the folder it read;
 - ``_value_check(what, strict)``: a :class:`~hf_fisher.artifacts.values.ValueCheck` over the
   artifact's tensors (the rule every reader of Fisher data applies);
 - ``_commit_message()``: the default commit message of :meth:`push_to_hub`;
@@ -192,7 +193,9 @@ class ArtifactHubMixin:
         folder = cls._local_folder(path_or_repo, revision=revision, subfolder=subfolder, token=token,
                                    cache_dir=cache_dir)
         obj = cls._from_pretrained(folder, device=device, strict=strict, **kwargs)
-        problem = obj._value_check(f"{cls.artifact_kind} {obj._root}", strict).finish()
+        # the folder actually read (a reader may read the backup of an interrupted save instead)
+        root = getattr(obj, "_root", folder)
+        problem = obj._value_check(f"{cls.artifact_kind} {root}", strict).finish()
         if problem:
             obj.metadata = record_problems(obj.metadata, [problem])
         obj._values_ok = problem is None
