@@ -9,6 +9,7 @@ The Hub is the local Hub-compatible server of tests/hub_server.py (no mocks, no 
 from __future__ import annotations
 
 import ast
+import dataclasses
 import inspect
 import json
 import subprocess
@@ -162,9 +163,14 @@ def test_kfac_push_to_hub_and_from_pretrained(hub_server, kfac, gpt2, tmp_path):
 
     # a revision pins the artifact
     sha = push.oid
-    kfac.push_to_hub("user/kfac-math", token=hub_server.token, commit_message="again")
+    other = KFACFisher.from_pretrained(local)
+    other.metadata = dataclasses.replace(other.metadata, task="other")
+    other.push_to_hub("user/kfac-math", token=hub_server.token, commit_message="again")
     assert hub_server.commits("user/kfac-math")[0].title == "again"
-    _same_kfac(kfac, KFACFisher.from_pretrained("user/kfac-math", revision=sha, cache_dir=tmp_path / "cache"))
+    assert KFACFisher.from_pretrained("user/kfac-math", cache_dir=tmp_path / "cache").metadata.task == "other"
+    pinned = KFACFisher.from_pretrained("user/kfac-math", revision=sha, cache_dir=tmp_path / "cache")
+    _same_kfac(kfac, pinned)
+    assert pinned.metadata.task == kfac.metadata.task != "other"
 
 
 def test_kfac_hub_load_checks_like_a_local_load(hub_server, kfac, tmp_path):
