@@ -154,6 +154,10 @@ def test_kfac_push_to_hub_and_from_pretrained(hub_server, kfac, gpt2, tmp_path):
     _same_kfac(kfac, back)
     assert "load_problems" not in back.metadata.extra
     back.check_values()  # loaded valid: nothing to refuse
+    # the folder alone (what a consumer checks before loading, e.g. merging's "is it a KFAC?")
+    folder = KFACFisher.resolve_folder("user/kfac-math", cache_dir=tmp_path / "cache")
+    assert {p.name for p in folder.iterdir()} >= KFAC_FILES and folder.is_relative_to(tmp_path / "cache")
+    assert KFACFisher.resolve_folder(local) == local
 
     # under a subfolder of a model repository, "repo:subfolder" and subfolder= alike
     kfac.push_to_hub("user/tiny-gpt2", path_in_repo="kfac", token=hub_server.token)

@@ -190,8 +190,8 @@ class ArtifactHubMixin:
         """
         if not isinstance(strict, bool):
             raise InvalidInputError(f"strict must be True or False, got {strict!r}")
-        folder = cls._local_folder(path_or_repo, revision=revision, subfolder=subfolder, token=token,
-                                   cache_dir=cache_dir)
+        folder = cls.resolve_folder(path_or_repo, revision=revision, subfolder=subfolder, token=token,
+                                    cache_dir=cache_dir)
         obj = cls._from_pretrained(folder, device=device, strict=strict, **kwargs)
         # the folder actually read (a reader may read the backup of an interrupted save instead)
         root = getattr(obj, "_root", folder)
@@ -204,12 +204,16 @@ class ArtifactHubMixin:
         return obj
 
     @classmethod
-    def _local_folder(cls, path_or_repo: str | os.PathLike, *, revision: str | None, subfolder: str | None,
-                      token: str | None, cache_dir: str | os.PathLike | None) -> Path:
-        """The local folder to read: downloaded for a Hub reference, else the path (+ subfolder)."""
+    def resolve_folder(cls, path_or_repo: str | os.PathLike, *, revision: str | None = None,
+                       subfolder: str | None = None, token: str | None = None,
+                       cache_dir: str | os.PathLike | None = None, endpoint: str | None = None) -> Path:
+        """The local folder :meth:`from_pretrained` reads, without reading it: a Hub reference is
+        downloaded (:func:`hf_fisher.artifacts.hub.resolve_folder`: into the Hugging Face cache,
+        ``endpoint`` else ``$HF_ENDPOINT``), a local path is returned with ``subfolder`` joined
+        (``revision`` is refused for it: :class:`~hf_fisher.errors.InvalidInputError`)."""
         if is_hub_source(path_or_repo):
             return hub.resolve_folder(path_or_repo, revision=revision, subfolder=subfolder, token=token,
-                                      cache_dir=cache_dir, what=cls.artifact_kind)
+                                      cache_dir=cache_dir, endpoint=endpoint, what=cls.artifact_kind)
         if revision is not None:
             raise InvalidInputError(
                 f"revision={revision!r} only applies to Hub references, but {os.fspath(path_or_repo)!r} is a "
