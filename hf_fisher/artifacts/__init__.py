@@ -39,7 +39,21 @@ _LAZY = {
     "is_kfac_artifact_file": "format",
 }
 
-__all__ = sorted(_LAZY)
+__all__ = [
+    "DEFAULT_MAX_SHARD_SIZE",
+    "LOAD_PROBLEMS_KEY",
+    "ArtifactHubMixin",
+    "Counts",
+    "Fisher",
+    "FisherMetadata",
+    "FisherReader",
+    "KFACFisher",
+    "KFACLayer",
+    "ValueCheck",
+    "is_artifact_file",
+    "is_kfac_artifact_file",
+    "open_tensor",
+]
 
 if TYPE_CHECKING:
     from .base import ArtifactHubMixin

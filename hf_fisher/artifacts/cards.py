@@ -26,6 +26,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from hf_fisher.artifacts.hub import looks_like_hub_id
 from hf_fisher.errors import ArtifactError, HfFisherError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -59,20 +60,6 @@ def load_template(name: str = FISHER_TEMPLATE) -> str:
         f"card template {name!r} not found in hf_fisher.model_cards nor in {fallback.parent}; "
         "the installation is incomplete — reinstall hf-fisher"
     )
-
-
-def looks_like_hub_id(value: str | None) -> bool:
-    """Whether ``value`` is a valid Hub repo id, ``"name"`` or ``"owner/name"`` (checked with
-    ``huggingface_hub.utils.validate_repo_id``, the Hub's own rule)."""
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
-    if not isinstance(value, str) or not value:
-        return False
-    try:
-        validate_repo_id(value)
-    except HFValidationError:
-        return False
-    return True
 
 
 def _is_commit_hash(revision: Any) -> bool:

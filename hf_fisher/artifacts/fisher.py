@@ -43,6 +43,10 @@ from typing import Any, Iterator, Mapping
 
 import torch
 
+from hf_fisher.artifacts import base as _base
+from hf_fisher.artifacts import format as _format
+from hf_fisher.artifacts import metadata as _metadata
+from hf_fisher.artifacts import values as _values
 from hf_fisher.artifacts.base import ArtifactHubMixin
 from hf_fisher.artifacts.format import (
     CARD_NAME,
@@ -67,40 +71,6 @@ from hf_fisher.artifacts.values import LOAD_PROBLEMS_KEY, ValueCheck, check_esti
 from hf_fisher.errors import ArtifactError, InvalidInputError, ModelMismatchError
 from hf_fisher.layout import ModelLayout, ParamGroups
 
-# The private names this module had before the artifacts package: code outside the package may
-# still reach them through the deprecated alias ``hf_fisher.fisher`` (to be swept to the public names).
-from hf_fisher.artifacts.base import is_hub_source as _is_hub_source  # noqa: E402,F401
-from hf_fisher.artifacts.format import (  # noqa: F401
-    KINDS as _KINDS,
-    REQUIRED as _REQUIRED,
-    S_CONFIG as _S_CONFIG,
-    S_COUNTS as _S_COUNTS,
-    S_INDEX as _S_INDEX,
-    S_METADATA as _S_METADATA,
-    SchemaError as _Bad,
-    artifact_path as _artifact_path,
-    describe as _describe,
-    dtype_str as _dtype_str,
-    key_path as _key_path,
-    load_file as _load_file,
-    read_json as _read_json,
-    s_bool as _s_bool,
-    s_int as _s_int,
-    s_list as _s_list,
-    s_map as _s_map,
-    s_nullable as _s_nullable,
-    s_number as _s_number,
-    s_obj as _s_obj,
-    s_str as _s_str,
-    write_json as _write_json,
-)
-from hf_fisher.artifacts.metadata import library_version as _library_version  # noqa: F401
-from hf_fisher.artifacts.values import (  # noqa: F401
-    ema_state_problem as _ema_state_problem,
-    record_problems as _record_problems,
-    value_problems as _value_problems,
-)
-
 __all__ = [
     "Counts",
     "FisherMetadata",
@@ -119,6 +89,19 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+# The private names this module had before the artifacts package: code outside the package may
+# still reach them through the deprecated alias ``hf_fisher.fisher`` (to be swept to the public names).
+_is_hub_source = _base.is_hub_source
+_KINDS, _REQUIRED, _Bad = _format.KINDS, _format.REQUIRED, _format.SchemaError
+_S_CONFIG, _S_COUNTS, _S_INDEX, _S_METADATA = _format.S_CONFIG, _format.S_COUNTS, _format.S_INDEX, _format.S_METADATA
+_s_bool, _s_int, _s_list, _s_map = _format.s_bool, _format.s_int, _format.s_list, _format.s_map
+_s_nullable, _s_number, _s_obj, _s_str = _format.s_nullable, _format.s_number, _format.s_obj, _format.s_str
+_artifact_path, _describe, _dtype_str, _key_path = _format.artifact_path, _format.describe, _format.dtype_str, _format.key_path
+_load_file, _read_json, _write_json, _shape_str = _format.load_file, _format.read_json, _format.write_json, _format.shape_str
+_library_version = _metadata.library_version
+_ema_state_problem, _record_problems, _value_problems = (_values.ema_state_problem, _values.record_problems,
+                                                         _values.value_problems)
 
 
 def _group_summary(pg: ParamGroups) -> str:

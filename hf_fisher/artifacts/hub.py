@@ -38,6 +38,7 @@ __all__ = [
     "check_push_args",
     "check_push_ready",
     "hub_endpoint",
+    "looks_like_hub_id",
     "looks_like_hub_ref",
     "looks_like_hub_repo",
     "parse_hub_ref",
@@ -126,6 +127,22 @@ def looks_like_hub_ref(value: Any) -> bool:
     try:
         parse_hub_ref(value)
     except InvalidInputError:
+        return False
+    return True
+
+
+def looks_like_hub_id(value: str | None) -> bool:
+    """Whether ``value`` is a valid Hub repo id, ``"name"`` or ``"owner/name"`` (checked with
+    ``huggingface_hub.utils.validate_repo_id``, the Hub's own rule): what a model reference such as
+    a card's ``base_model`` may be. Artifacts, which hf_fisher publishes, need ``"owner/name"``
+    (:func:`parse_hub_ref`)."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if not isinstance(value, str) or not value:
+        return False
+    try:
+        validate_repo_id(value)
+    except HFValidationError:
         return False
     return True
 
