@@ -41,13 +41,13 @@ _LAZY = {
     "analyze": "consumers.analyze",
     "spectrum": "estimators.spectrum",
     "compare_estimators": "consumers.compare_estimators",
-    "KFACFisher": "kfac",
+    "KFACFisher": "artifacts.kfac",
     "SpectrumResult": "estimators.spectrum",
     "scale_by_fisher": "consumers.natural_gradient",
     "EWCTrainer": "integrations.ewc_trainer",
     "EWCMixin": "integrations.ewc_trainer",
     "HfFisherError": "errors",
-    "Fisher": "fisher",
+    "Fisher": "artifacts.fisher",
     "hookimpl": "hookspecs",
     "ModelLayout": "layout",
     "ParamGroups": "layout",
@@ -72,11 +72,11 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names come from
     from .consumers.analyze import analyze
     from .consumers.natural_gradient import scale_by_fisher
     from .estimators.spectrum import SpectrumResult, spectrum
-    from .kfac import KFACFisher
+    from .artifacts.kfac import KFACFisher
     from .integrations.ewc_trainer import EWCMixin, EWCTrainer
     from .integrations.trainer import FisherCallback
     from .errors import HfFisherError
-    from .fisher import Fisher
+    from .artifacts.fisher import Fisher
     from .hookspecs import hookimpl
     from .layout import ModelLayout, ParamGroups
 

@@ -21,7 +21,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from hf_fisher.errors import ArtifactError, InvalidInputError
-from hf_fisher.fisher import Counts, Fisher, FisherMetadata, FisherReader
+from hf_fisher.artifacts.fisher import Counts, Fisher, FisherMetadata, FisherReader
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -100,7 +100,7 @@ def test_sharded_reader_refuses_invalid_values(tmp_path, llama):
 
 def test_strict_false_warns_and_records(tmp_path, llama, caplog):
     folder = make_fisher(llama, bad="nan").save_pretrained(tmp_path / "f")
-    with caplog.at_level(logging.WARNING, logger="hf_fisher.fisher"):
+    with caplog.at_level(logging.WARNING, logger="hf_fisher.artifacts"):
         f = Fisher.from_pretrained(folder, strict=False)
     assert any(r.levelno == logging.WARNING and TARGET in r.getMessage() for r in caplog.records)
     problems = f.metadata.extra["load_problems"]
@@ -109,7 +109,7 @@ def test_strict_false_warns_and_records(tmp_path, llama, caplog):
     with pytest.raises(ArtifactError, match="3 NaN"):  # consumers still refuse it
         f.check_values()
     reader = FisherReader(folder, strict=False)
-    with caplog.at_level(logging.WARNING, logger="hf_fisher.fisher"):
+    with caplog.at_level(logging.WARNING, logger="hf_fisher.artifacts"):
         reader.check_values()
     assert "load_problems" in reader.metadata.extra
 
@@ -147,7 +147,7 @@ def kfac_folder(tmp_path_factory):
 def test_kfac_reader_refuses_invalid_factors(tmp_path, kfac_folder, bad):
     import shutil
 
-    from hf_fisher.kfac import KFAC_WEIGHTS_NAME, KFACFisher
+    from hf_fisher.artifacts.kfac import KFAC_WEIGHTS_NAME, KFACFisher
 
     folder = Path(shutil.copytree(kfac_folder[0], tmp_path / "k"))
     key = "A.transformer.h.0.mlp.c_fc"
@@ -168,7 +168,7 @@ def test_kfac_reader_refuses_invalid_factors(tmp_path, kfac_folder, bad):
 def test_kfac_negative_off_diagonal_is_fine(tmp_path, kfac_folder):
     import shutil
 
-    from hf_fisher.kfac import KFAC_WEIGHTS_NAME, KFACFisher
+    from hf_fisher.artifacts.kfac import KFAC_WEIGHTS_NAME, KFACFisher
 
     folder = Path(shutil.copytree(kfac_folder[0], tmp_path / "k"))
     key = "A.transformer.h.0.mlp.c_fc"
