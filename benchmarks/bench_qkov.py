@@ -45,7 +45,7 @@ import torch
 import transformers as tf
 
 from hf_fisher.consumers.gradient_store import store_gradients
-from hf_fisher.consumers.qkov import qkov_interference
+from hf_fisher.consumers.circuits.qkov import qkov_interference
 from hf_fisher.errors import InvalidInputError
 
 

@@ -35,11 +35,11 @@ import transformers as tf
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from hf_fisher.estimators.spectrum import (
+from hf_fisher.consumers.spectrum import spectrum
+from hf_fisher.estimators.curvature import (
     EmpiricalFisherOperator,
     GGNOperator,
     _Problem,
-    spectrum,
 )
 
 

@@ -20,21 +20,20 @@ __version__ = "0.1.0"
 
 # public name -> submodule defining it
 _LAZY = {
-    "collect": "api",
-    "FisherCollector": "collector",
+    "FisherCollector": "collect.collector",
     "FisherCallback": "integrations.trainer",
     "EWCPenalty": "consumers.ewc",
     "forgetting_risk": "consumers.ewc",
-    "merge_with_fisher": "consumers.merging",
-    "prune": "consumers.pruning",
-    "PruneResult": "consumers.pruning",
+    "merge_with_fisher": "consumers.merge.api",
+    "prune": "consumers.prune.core",
+    "PruneResult": "consumers.prune.core",
     "mask_overlap": "consumers.overlap",
     "task_overlap": "consumers.overlap",
     "perturb": "consumers.perturb",
     "perturbation_sweep": "consumers.perturb",
     "write_report": "consumers.report",
-    "store_gradients": "consumers.gradient_store",
-    "GradientStore": "consumers.gradient_store",
+    "store_gradients": "collect.gradients",
+    "GradientStore": "collect.gradients",
     "sample_conflicts": "consumers.conflicts",
     "qkov_interference": "consumers.qkov",
     "head_categories": "consumers.head_behaviour",
@@ -42,13 +41,13 @@ _LAZY = {
     "analyze": "consumers.analyze",
     "spectrum": "estimators.spectrum",
     "compare_estimators": "consumers.compare_estimators",
-    "KFACFisher": "kfac",
+    "KFACFisher": "artifacts.kfac",
     "SpectrumResult": "estimators.spectrum",
     "scale_by_fisher": "consumers.natural_gradient",
     "EWCTrainer": "integrations.ewc_trainer",
     "EWCMixin": "integrations.ewc_trainer",
     "HfFisherError": "errors",
-    "Fisher": "fisher",
+    "Fisher": "artifacts.fisher",
     "hookimpl": "hookspecs",
     "ModelLayout": "layout",
     "ParamGroups": "layout",
@@ -58,28 +57,32 @@ __all__ = ["collect", "merge_with_fisher", "prune", "PruneResult", "mask_overlap
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names come from __getattr__
     from .api import collect
-    from .collector import FisherCollector
+    from .collect.collector import FisherCollector
     from .consumers.ewc import EWCPenalty, forgetting_risk
     from .consumers.compare_estimators import compare_estimators
-    from .consumers.merging import merge_with_fisher
+    from .consumers.merge.api import merge_with_fisher
     from .consumers.overlap import mask_overlap, task_overlap
     from .consumers.perturb import perturb, perturbation_sweep
-    from .consumers.pruning import PruneResult, prune
+    from .consumers.prune.core import PruneResult, prune
     from .consumers.report import write_report
     from .consumers.conflicts import sample_conflicts
-    from .consumers.gradient_store import GradientStore, store_gradients
+    from .collect.gradients import GradientStore, store_gradients
     from .consumers.head_behaviour import aggregate_by_category, head_categories
     from .consumers.qkov import qkov_interference
     from .consumers.analyze import analyze
     from .consumers.natural_gradient import scale_by_fisher
     from .estimators.spectrum import SpectrumResult, spectrum
-    from .kfac import KFACFisher
+    from .artifacts.kfac import KFACFisher
     from .integrations.ewc_trainer import EWCMixin, EWCTrainer
     from .integrations.trainer import FisherCallback
     from .errors import HfFisherError
-    from .fisher import Fisher
+    from .artifacts.fisher import Fisher
     from .hookspecs import hookimpl
     from .layout import ModelLayout, ParamGroups
+
+
+# the package hf_fisher.collect is itself callable as hf_fisher.api.collect: one object, whatever is imported first
+from . import collect  # noqa: E402
 
 
 def __getattr__(name: str) -> Any:

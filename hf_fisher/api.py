@@ -1,4 +1,10 @@
-"""The Python API's entry points: :func:`collect`."""
+"""The Python API's entry points: :func:`collect`.
+
+The path is straight: :func:`collect` checks the options once
+(:class:`~hf_fisher.estimators.base.CollectOptions`), builds the registered estimator with the
+options it declares (refusing the others, naming their owners) and returns what the estimator's
+``collect`` returns; the estimator drives the collector.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +12,6 @@ from typing import Any, Iterable, Mapping
 
 import torch
 
-from . import plugins
 from .errors import InvalidInputError
 from .fisher import Fisher
 
@@ -58,31 +63,23 @@ def collect(
     them for bootstrap intervals. With ``max_samples`` only the used samples are kept. Refused
     (:class:`InvalidInputError`, before any batch is read) with ``reduction="param"``, with
     ``ema_decay``, and when merging across ``torch.distributed`` ranks (see
-    :class:`~hf_fisher.collector.FisherCollector`).
+    :class:`~hf_fisher.collect.collector.FisherCollector`).
     """
-    from .collector import check_keep_sample_contributions
+    from .estimators.base import CollectOptions, build_estimator
 
-    check_keep_sample_contributions(keep_sample_contributions, reduction, ema_decay)
-    if keep_sample_contributions:
-        if _will_merge(distributed):
-            raise InvalidInputError(
-                "keep_sample_contributions=True is not supported when the Fisher is merged across torch.distributed "
-                "ranks (the per-sample contributions are not gathered); pass distributed=False to get each rank's "
-                "own Fisher with its own samples' contributions, or collect in a single process"
-            )
-        estimator_options["keep_sample_contributions"] = True
-    if distributed is not None:
-        estimator_options["distributed"] = distributed
-    available = plugins.estimators()
-    if estimator not in available:
-        raise InvalidInputError(f"unknown estimator {estimator!r}; available: {', '.join(sorted(available))}")
-    _refuse_unknown_options(estimator, available[estimator], estimator_options)
-    est = available[estimator](
+    options = CollectOptions(
         reduction=reduction, normalization=normalization, accumulation_dtype=accumulation_dtype,
-        storage_dtype=storage_dtype, storage_device=storage_device, ema_decay=ema_decay,
-        on_nonfinite=on_nonfinite, memory_budget_mb=memory_budget_mb, train_mode=train_mode,
-        task_type=task_type, **estimator_options,
+        storage_dtype=storage_dtype, storage_device=storage_device, ema_decay=ema_decay, on_nonfinite=on_nonfinite,
+        memory_budget_mb=memory_budget_mb, train_mode=train_mode, task_type=task_type, distributed=distributed,
+        keep_sample_contributions=keep_sample_contributions,
     )
+    if keep_sample_contributions and _will_merge(distributed):
+        raise InvalidInputError(
+            "keep_sample_contributions=True is not supported when the Fisher is merged across torch.distributed "
+            "ranks (the per-sample contributions are not gathered); pass distributed=False to get each rank's "
+            "own Fisher with its own samples' contributions, or collect in a single process"
+        )
+    est = build_estimator(estimator, options, estimator_options)
     if not _will_merge(distributed):
         batches = _non_empty(batches)  # under several ranks one may have none: the merged result is checked
     elif batches is None:
@@ -93,31 +90,8 @@ def collect(
     )
 
 
-def _refuse_unknown_options(name: str, cls: type, options: Mapping[str, Any]) -> None:
-    """The built-in diagonal estimators pass their options on to :class:`FisherCollector`: an
-    option neither takes (e.g. ``mc_samples`` without ``estimator="true"``) is refused here, naming
-    the estimator, instead of a ``TypeError`` from inside it."""
-    import inspect
-
-    from .collector import FisherCollector
-    from .estimators.empirical import EmpiricalEstimator
-    from .estimators.true_fisher import TrueFisherEstimator
-
-    if cls not in (EmpiricalEstimator, TrueFisherEstimator):
-        return  # other estimators check their own options
-    known = set(inspect.signature(FisherCollector.__init__).parameters) | set(inspect.signature(cls.__init__).parameters)
-    unknown = sorted(set(options) - (known - {"self", "model", "estimator", "options"}))
-    if unknown:
-        hint = {"mc_samples": "true", "temperature": "true", "exact": "true", "seed": "true", "fisher_type": "kfac", "kfac_approx": "kfac"}
-        owners = sorted({hint[k] for k in unknown if k in hint} - {name})
-        raise InvalidInputError(
-            f"estimator={name!r} has no option {', '.join(unknown)}"
-            + (f" (an option of estimator={' / '.join(map(repr, owners))}: pass estimator= to use it)" if owners else "")
-        )
-
-
 def _will_merge(distributed: bool | None) -> bool:
-    from .integrations.distributed import is_distributed
+    from .collect.distributed import is_distributed
 
     if distributed is False:
         return False

@@ -57,13 +57,18 @@ def hf_fisher_model_layout(model: Any) -> Any | None:
 def hf_fisher_register_estimators(register: Callable[[str, Any], None]) -> None:
     """Register Fisher estimators by name: ``register("empirical", EmpiricalEstimator)``.
 
-    An estimator is a class whose instances are built as ``cls(**options)`` and expose
-    ``collect(model, batches, **kwargs)`` returning a :class:`hf_fisher.Fisher` (a diagonal), or
-    an artifact type of its own (KFAC factors) with ``save_pretrained``/``from_pretrained`` and
-    ``to_diagonal() -> Fisher``; its docstring states the quantity it returns, with the formula. Names are unique across all plugins: an installed
-    (entry-point) plugin that registers a taken name is reported and skipped (a built-in wins, else
-    the plugin loaded first); one registered in code is a :class:`hf_fisher.errors.PluginError`
-    naming both plugins.
+    An estimator is a class following :class:`hf_fisher.estimators.base.Estimator`: it lists the
+    :class:`~hf_fisher.estimators.base.CollectOptions` fields it uses (``collect_options``) and
+    its own keyword options (``own_options``), is built as ``cls(**options)`` with exactly those,
+    and exposes ``collect(model, batches, **kwargs)`` returning a :class:`hf_fisher.Fisher` (a
+    diagonal), or an artifact type of its own (KFAC factors) with
+    ``save_pretrained``/``from_pretrained`` and ``to_diagonal() -> Fisher``.
+    :func:`hf_fisher.collect` refuses, before any work, an option the chosen estimator does not
+    list, naming the estimators that take it (an estimator that lists nothing gets every option
+    and checks them itself). Its docstring states the quantity it returns, with the formula.
+    Names are unique across all plugins: an installed (entry-point) plugin that registers a
+    taken name is reported and skipped (a built-in wins, else the plugin loaded first); one
+    registered in code is a :class:`hf_fisher.errors.PluginError` naming both plugins.
     """
 
 
@@ -74,8 +79,10 @@ def hf_fisher_register_consumers(register: Callable[[str, Any], None]) -> None:
     A consumer is a callable that uses Fisher information: a :class:`hf_fisher.Fisher` artifact
     first where that is all it needs (importance, comparison, natural-gradient scaling), or the
     models/data and artifacts its job takes (``merge(models, fishers, ...)``,
-    ``spectrum(model, batches, ...)``). Consumers read artifacts and public engine methods only,
-    never an estimator's internals. Names are unique across all plugins.
+    ``spectrum(model, batches, ...)``). Consumers read artifacts, call the public API
+    (:func:`hf_fisher.collect`, which picks the estimator from the registry, and the public
+    classes of :mod:`hf_fisher.collect`) and public engine methods only, never an estimator's or
+    the collector's internals. Names are unique across all plugins.
     """
 
 
@@ -102,6 +109,25 @@ def hf_fisher_register_prune_scores(register: Callable[[str, Any], None]) -> Non
     calibration data, labels) and it scores every candidate unit (or weight). ``prune`` and
     ``hf-fisher prune --score`` resolve names through this registry only. Names are unique across
     all plugins.
+    """
+
+
+@hookspec(firstresult=True)
+def hf_fisher_physical_pruner(config: Any) -> Any | None:
+    """Return a physical pruner for models with this ``config`` (a ``transformers``
+    ``PretrainedConfig``), or ``None`` when this plugin cannot shrink such a model.
+
+    The pruner (:class:`hf_fisher.consumers.prune.physical.PhysicalPruner`) has
+    ``check(config, kinds, scope, compensate, terms)``, which refuses from the config alone
+    (before the model is loaded) what a smaller config of this architecture cannot describe, and
+    ``build(model, units, removed) -> (smaller_model, vocab_map | None)``. Contract of ``build``:
+    every parameter slice of every removed unit (``units[k].slices`` for ``k in removed``) is
+    cut out, every other tensor is kept bitwise, the new config states the new sizes, and for
+    every input ``x`` the smaller model's output equals the masked model's
+    (``small(x) == masked(x)`` up to float rounding); ``vocab_map[old] = new`` (−1: removed) after
+    vocabulary removal. The first non-``None`` answer wins (``@hookimpl(tryfirst=True)`` to
+    override a built-in); the built-in one covers the LLaMA family. Used by
+    ``prune(..., physical=True)`` and ``hf-fisher prune --physical``.
     """
 
 

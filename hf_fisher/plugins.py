@@ -74,18 +74,20 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "hf_fisher.estimators.empirical",
     "hf_fisher.estimators.true_fisher",
     "hf_fisher.estimators.kfac",
-    "hf_fisher.consumers.importance",
-    "hf_fisher.estimators.spectrum",
+    "hf_fisher.analysis.importance",
+    "hf_fisher.consumers.spectrum",
     "hf_fisher.consumers.natural_gradient",
-    "hf_fisher.consumers.merging",
+    "hf_fisher.consumers.merge.api",
+    "hf_fisher.consumers.merge.registry",
     "hf_fisher.consumers.compare_estimators",
-    "hf_fisher.consumers.pruning",
+    "hf_fisher.consumers.prune.core",
+    "hf_fisher.consumers.prune.registry",
     "hf_fisher.consumers.overlap",
     "hf_fisher.consumers.perturb",
     "hf_fisher.consumers.report",
-    "hf_fisher.consumers.head_behaviour",
-    "hf_fisher.consumers.conflicts",
-    "hf_fisher.consumers.qkov",
+    "hf_fisher.consumers.circuits.head_behaviour",
+    "hf_fisher.consumers.circuits.conflicts",
+    "hf_fisher.consumers.circuits.qkov",
     "hf_fisher.consumers.analyze",
 )
 BUILTIN_DISTRIBUTION = "hf-fisher"
@@ -605,8 +607,8 @@ def describe() -> list[dict[str, Any]]:
     """Everything the plugins provide, for ``hf-fisher plugins``.
 
     One dict per adapter (each plugin implementing ``hf_fisher_model_layout``, in call order),
-    estimator, consumer and grad rule, with keys ``kind`` ("adapter" | "estimator" | "consumer"
-    | "grad_rule"), ``name``, ``plugin`` and ``distribution`` ("hf-fisher" for built-ins).
+    estimator, consumer, grad rule, merge method and prune score, with keys ``kind`` ("adapter" |
+    "estimator" | "consumer" | "grad_rule" | "merge_method" | "prune_score"), ``name``, ``plugin`` and ``distribution`` ("hf-fisher" for built-ins).
     Adapters also have ``version`` (of their distribution, when installed), ``model_types`` (the
     ``config.model_type`` values the plugin module claims in a ``MODEL_TYPES`` attribute, sorted;
     None when it does not say) and ``order`` ("tryfirst": overrides the others, "trylast": asked
@@ -622,7 +624,7 @@ def describe() -> list[dict[str, Any]]:
              "version": _dist_version(dist), "model_types": sorted(types) if types is not None else None,
              "order": "tryfirst" if impl.tryfirst else "trylast" if impl.trylast else "normal"}
         )
-    for kind in ("estimator", "consumer", "grad_rule"):
+    for kind in ("estimator", "consumer", "grad_rule", "merge_method", "prune_score"):
         for key, (_, plugin) in sorted(_registry(kind).items(), key=lambda kv: str(kv[0] if isinstance(kv[0], str) else _type_name(kv[0]))):
             out.append(
                 {"kind": kind, "name": key if isinstance(key, str) else _type_name(key), "plugin": plugin,

@@ -11,7 +11,7 @@ import torch
 
 import tiny_models as tm
 from hf_fisher import analysis, plugins
-from hf_fisher.consumers import importance as importance_consumer
+from hf_fisher.analysis import importance as importance_consumer
 from hf_fisher.errors import InvalidInputError, UnsupportedError
 from hf_fisher.fisher import Counts, Fisher, FisherMetadata
 from hf_fisher.layout import GroupRun, ParamGroups

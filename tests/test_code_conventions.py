@@ -14,7 +14,7 @@ ROOT = Path(hf_fisher.__file__).resolve().parent.parent
 SOURCES = sorted([*(ROOT / "hf_fisher").rglob("*.py"), *(ROOT / "plugins").glob("*/*/*.py")])
 
 #: a library logger configured (not logged to) by name: the CLI sets up the package's root logger
-CONFIGURES_PACKAGE_LOGGER = {("hf_fisher/cli.py", "hf_fisher"), ("hf_fisher/cli/__init__.py", "hf_fisher")}
+CONFIGURES_PACKAGE_LOGGER = {("hf_fisher/cli/common.py", "hf_fisher")}
 
 
 def _hand_typed_loggers(path: Path) -> list[tuple[int, str]]:

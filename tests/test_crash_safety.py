@@ -20,9 +20,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from hf_fisher import atomic
+from hf_fisher.artifacts import atomic
 from hf_fisher.errors import ArtifactError
-from hf_fisher.fisher import Fisher, is_artifact_file
+from hf_fisher.artifacts.fisher import Fisher, is_artifact_file
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 BUILD = textwrap.dedent(
     """
     import torch
-    from hf_fisher.fisher import Counts, Fisher, FisherMetadata
+    from hf_fisher.artifacts.fisher import Counts, Fisher, FisherMetadata
 
     def build(seed):
         g = torch.Generator().manual_seed(seed)
@@ -171,7 +171,7 @@ def test_killed_save_leaves_old_or_new_artifact(tmp_path, saver, point, existing
             with pytest.raises(ArtifactError, match="does not exist"):
                 Fisher.from_pretrained(target)
         else:
-            with caplog.at_level(logging.WARNING, logger="hf_fisher.atomic"):
+            with caplog.at_level(logging.WARNING, logger="hf_fisher.artifacts.atomic"):
                 loaded = Fisher.from_pretrained(target)
             assert same(loaded, old if holds == "old" else new)
             if point == "between-renames":
@@ -249,7 +249,7 @@ def test_a_running_save_keeps_its_folder(tmp_path):
         """
         import sys, time
         from pathlib import Path
-        from hf_fisher import atomic
+        from hf_fisher.artifacts import atomic
         with atomic.atomic_folder(Path(sys.argv[1])) as tmp:
             (tmp / "fisher_config.json").write_text("{}")
             print(tmp, flush=True)

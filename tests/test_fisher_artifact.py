@@ -17,7 +17,7 @@ from safetensors import safe_open
 import tiny_models as tm
 from hf_fisher import plugins
 from hf_fisher.errors import ArtifactError, InvalidInputError, ModelMismatchError
-from hf_fisher.fisher import Counts, Fisher, FisherMetadata
+from hf_fisher.artifacts.fisher import Counts, Fisher, FisherMetadata
 from hf_fisher.layout import ParamGroups
 
 
@@ -188,12 +188,12 @@ def test_float16_storage_is_preserved(tmp_path, llama):
 
 # ---------------------------------------------------------------------------- atomicity
 def test_interrupted_save_leaves_nothing(tmp_path, llama, monkeypatch):
-    import hf_fisher.cards
+    import hf_fisher.artifacts.cards
 
     def broken(*a, **k):
         raise RuntimeError("disk full while rendering the card")
 
-    monkeypatch.setattr(hf_fisher.cards, "render_card", broken)
+    monkeypatch.setattr(hf_fisher.artifacts.cards, "render_card", broken)
     with pytest.raises(RuntimeError, match="disk full"):
         make_fisher(llama).save_pretrained(tmp_path / "new")
     assert not (tmp_path / "new").exists()

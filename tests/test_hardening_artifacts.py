@@ -21,7 +21,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from hf_fisher.errors import ArtifactError, InvalidInputError
-from hf_fisher.fisher import Counts, Fisher, FisherMetadata, FisherReader
+from hf_fisher.artifacts.fisher import Counts, Fisher, FisherMetadata, FisherReader
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -100,7 +100,7 @@ def test_sharded_reader_refuses_invalid_values(tmp_path, llama):
 
 def test_strict_false_warns_and_records(tmp_path, llama, caplog):
     folder = make_fisher(llama, bad="nan").save_pretrained(tmp_path / "f")
-    with caplog.at_level(logging.WARNING, logger="hf_fisher.fisher"):
+    with caplog.at_level(logging.WARNING, logger="hf_fisher.artifacts"):
         f = Fisher.from_pretrained(folder, strict=False)
     assert any(r.levelno == logging.WARNING and TARGET in r.getMessage() for r in caplog.records)
     problems = f.metadata.extra["load_problems"]
@@ -109,7 +109,7 @@ def test_strict_false_warns_and_records(tmp_path, llama, caplog):
     with pytest.raises(ArtifactError, match="3 NaN"):  # consumers still refuse it
         f.check_values()
     reader = FisherReader(folder, strict=False)
-    with caplog.at_level(logging.WARNING, logger="hf_fisher.fisher"):
+    with caplog.at_level(logging.WARNING, logger="hf_fisher.artifacts"):
         reader.check_values()
     assert "load_problems" in reader.metadata.extra
 
@@ -147,7 +147,7 @@ def kfac_folder(tmp_path_factory):
 def test_kfac_reader_refuses_invalid_factors(tmp_path, kfac_folder, bad):
     import shutil
 
-    from hf_fisher.kfac import KFAC_WEIGHTS_NAME, KFACFisher
+    from hf_fisher.artifacts.kfac import KFAC_WEIGHTS_NAME, KFACFisher
 
     folder = Path(shutil.copytree(kfac_folder[0], tmp_path / "k"))
     key = "A.transformer.h.0.mlp.c_fc"
@@ -161,14 +161,14 @@ def test_kfac_reader_refuses_invalid_factors(tmp_path, kfac_folder, bad):
     loose = KFACFisher.from_pretrained(folder, strict=False)
     assert "load_problems" in loose.metadata.extra
     with pytest.raises(ArtifactError):  # merging it refuses before any work
-        from hf_fisher.consumers.merge_kfac import load_kfac
+        from hf_fisher.consumers.merge.kfac import load_kfac
         load_kfac(loose)
 
 
 def test_kfac_negative_off_diagonal_is_fine(tmp_path, kfac_folder):
     import shutil
 
-    from hf_fisher.kfac import KFAC_WEIGHTS_NAME, KFACFisher
+    from hf_fisher.artifacts.kfac import KFAC_WEIGHTS_NAME, KFACFisher
 
     folder = Path(shutil.copytree(kfac_folder[0], tmp_path / "k"))
     key = "A.transformer.h.0.mlp.c_fc"
@@ -194,7 +194,7 @@ def merge_inputs(tmp_path_factory):
 
 @pytest.mark.parametrize("bad", list(BAD))
 def test_merge_api_refuses_invalid_fisher_before_writing(merge_inputs, tmp_path, bad):
-    from hf_fisher.consumers.merging import merge_with_fisher
+    from hf_fisher.consumers.merge.api import merge_with_fisher
 
     r = merge_inputs
     for fishers in ([r / "f0", r / f"f1-{bad}"], [r / "f0", Fisher.from_pretrained(r / f"f1-{bad}", strict=False)]):
@@ -232,8 +232,8 @@ def test_lora_merge_refuses_invalid_fisher(tmp_path):
 
     import peft
 
-    from hf_fisher.consumers.merge_lora import merge_lora_adapters
-    from hf_fisher.consumers.merging import merge_with_fisher
+    from hf_fisher.consumers.merge.lora import merge_lora_adapters
+    from hf_fisher.consumers.merge.api import merge_with_fisher
 
     base = tm.llama(layers=1)
     dirs = []
@@ -302,7 +302,7 @@ def test_trainer_resume_refuses_invalid_checkpoint_state(tmp_path):
 
 # ---------------------------------------------------------------------------- item 2: merge inputs
 def _merge(models, fishers=None, **kw):
-    from hf_fisher.consumers.merging import merge_with_fisher
+    from hf_fisher.consumers.merge.api import merge_with_fisher
 
     return merge_with_fisher(models, fishers, progress=False, **kw)
 
@@ -373,7 +373,7 @@ def test_bad_merge_arguments_refused_up_front(merge_inputs, tmp_path, kwargs, pa
 
 
 def test_lora_merge_refuses_bad_numbers(tmp_path):
-    from hf_fisher.consumers.merge_lora import merge_lora_adapters
+    from hf_fisher.consumers.merge.lora import merge_lora_adapters
 
     with pytest.raises(InvalidInputError, match="fisher_floor must be a finite number, got True"):
         merge_lora_adapters([tmp_path / "a", tmp_path / "b"], [None, None], fisher_floor=True)
@@ -396,7 +396,7 @@ models:
 
 
 def test_duplicate_recipe_key_refused_naming_key_and_lines(merge_inputs, tmp_path):
-    from hf_fisher.consumers.merging import load_recipe
+    from hf_fisher.consumers.merge.api import load_recipe
 
     r = merge_inputs
     path = tmp_path / "recipe.yaml"

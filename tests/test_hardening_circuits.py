@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 
-from hf_fisher.consumers.conflicts import DEFAULT_ALPHA, DEFAULT_MIN_EFFECT_SIZE, sample_conflicts
+from hf_fisher.consumers.circuits.conflicts import DEFAULT_ALPHA, DEFAULT_MIN_EFFECT_SIZE, sample_conflicts
 from hf_fisher.consumers.gradient_store import GradientStore
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -231,9 +231,9 @@ def _empty_cases():
 @pytest.mark.parametrize("consumer", ["qkov", "conflicts"])
 def test_empty_or_unlabelled_task_is_refused_before_any_work(monkeypatch, consumer, case, side):
     import tiny_models as tm
-    from hf_fisher.consumers import conflicts as cf
+    from hf_fisher.consumers.circuits import conflicts as cf
     from hf_fisher.consumers import gradient_store as gs
-    from hf_fisher.consumers import qkov as qk
+    from hf_fisher.consumers.circuits import qkov as qk
     from hf_fisher.errors import EmptyDataError
 
     model = tm.llama(kv_heads=2, layers=2)
@@ -286,7 +286,7 @@ def _tick_text(axis):
 @pytest.fixture(scope="module")
 def qkov_result():
     import tiny_models as tm
-    from hf_fisher.consumers.qkov import qkov_interference
+    from hf_fisher.consumers.circuits.qkov import qkov_interference
 
     m = tm.llama(kv_heads=2, layers=2)
     return qkov_interference(m, [tm.padded_batch([5, 7], seed=0)], [tm.padded_batch([6, 4], seed=1)],
@@ -388,7 +388,7 @@ def test_report_carries_the_per_head_spectral_metrics(tmp_path):
 
     import hf_fisher
     from hf_fisher.consumers.report import SPECTRAL_METRICS, write_report
-    from hf_fisher.estimators.spectrum import spectrum
+    from hf_fisher.consumers.spectrum import spectrum
 
     model = tm.llama(kv_heads=2)
     data = [tm.padded_batch([5, 7, 6], seed=0), tm.padded_batch([4, 6], seed=10)]
@@ -421,7 +421,7 @@ def test_report_refuses_spectra_that_do_not_fit(tmp_path):
     import hf_fisher
     from hf_fisher.consumers.report import write_report
     from hf_fisher.errors import InvalidInputError
-    from hf_fisher.estimators.spectrum import spectrum
+    from hf_fisher.consumers.spectrum import spectrum
 
     model = tm.llama(kv_heads=2)
     data = [tm.padded_batch([5, 7, 6], seed=0)]

@@ -22,7 +22,7 @@ from torch import nn
 
 from hf_fisher.errors import ArtifactError, NonFiniteError, UnsupportedError
 from hf_fisher.estimators.kfac import KFACEstimator
-from hf_fisher.kfac import KFACFisher
+from hf_fisher.artifacts.kfac import KFACFisher
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -176,7 +176,7 @@ def test_uncovered_layer_warns_and_is_recorded(tmp_path, caplog):
     _equal_brute(k, model, batch)  # the two-step Linear's factors are right
 
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="hf_fisher.kfac"):
+    with caplog.at_level(logging.WARNING, logger="hf_fisher.artifacts"):
         diag = k.to_diagonal()
     assert odd not in diag.names() and diag.metadata.extra["uncovered"] == k.uncovered
     assert any("uncovered" in r.getMessage() and odd in r.getMessage() for r in caplog.records)

@@ -18,7 +18,7 @@ import transformers as tf
 
 import hf_fisher
 import tiny_models as tm
-from hf_fisher.consumers.pruning import prune
+from hf_fisher.consumers.prune.core import prune
 from hf_fisher.errors import EmptyDataError, InvalidInputError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -441,7 +441,7 @@ def _held_loss(r, held):
 @pytest.mark.slow
 def test_converged_model_default_warns_compensates_and_beats_magnitude_and_flap(converged, caplog):
     from hf_fisher import demo as D
-    from hf_fisher.consumers.pruning import SATURATED_LOSS
+    from hf_fisher.consumers.prune.core import SATURATED_LOSS
 
     m, held, calib = converged
     base = D._metrics(m, calib)[0]

@@ -1,4 +1,4 @@
-"""Tests of hf_fisher.consumers.head_behaviour (head_categories, aggregate_by_category).
+"""Tests of hf_fisher.consumers.circuits.head_behaviour (head_categories, aggregate_by_category).
 
 The key test plants a previous-token head and an induction head into a tiny GPT-2 built from
 constructed weights (see :func:`planted_gpt2`) and checks that the categoriser finds them.
@@ -14,7 +14,7 @@ import tiny_models as tm
 import torch
 import transformers as tf
 
-from hf_fisher.consumers.head_behaviour import (
+from hf_fisher.consumers.circuits.head_behaviour import (
     CATEGORIES,
     DEFAULT_THRESHOLDS,
     METRICS,
@@ -383,7 +383,7 @@ def test_model_without_heads_is_rejected():
 
 
 def test_registered_as_consumers():
-    from hf_fisher.consumers import head_behaviour
+    from hf_fisher.consumers.circuits import head_behaviour
 
     got = {}
     head_behaviour.hf_fisher_register_consumers(lambda name, fn: got.setdefault(name, fn))

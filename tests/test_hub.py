@@ -19,8 +19,8 @@ import torch
 from test_fisher_artifact import assert_same, make_fisher
 
 from hf_fisher.errors import ArtifactError, InvalidInputError
-from hf_fisher.fisher import Fisher, FisherReader
-from hf_fisher.integrations import hub
+from hf_fisher.artifacts.fisher import Fisher, FisherReader
+from hf_fisher.artifacts import hub
 
 pytest_plugins = ["hub_server"]  # the hub_server fixture
 

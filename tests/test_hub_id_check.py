@@ -1,4 +1,4 @@
-"""One Hub-id check: hf_fisher.integrations.hub.repo_id_problem, used by every place that asks."""
+"""One Hub-id check: hf_fisher.artifacts.hub.repo_id_problem, used by every place that asks."""
 
 from __future__ import annotations
 
@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from hf_fisher import cards
-from hf_fisher.consumers import merge_io
+from hf_fisher.artifacts import cards, hub
+from hf_fisher.consumers.merge import io as merge_io
 from hf_fisher.errors import InvalidInputError
-from hf_fisher.integrations import hub, trainer
+from hf_fisher.integrations import trainer
 
 
 @pytest.mark.parametrize(
@@ -40,7 +40,7 @@ def test_every_caller_uses_the_same_function():
     assert cards.looks_like_hub_id is hub.looks_like_hub_id
     assert trainer.looks_like_hub_id is hub.looks_like_hub_id
     source = Path(merge_io.__file__).read_text(encoding="utf-8")
-    assert "from hf_fisher.cards import looks_like_hub_id" in source  # imported inside resolve_hub
+    assert "from hf_fisher.artifacts.hub import looks_like_hub_id" in source  # imported inside resolve_hub
 
 
 def test_reference_checks_agree_with_the_id_check():

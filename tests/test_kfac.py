@@ -32,8 +32,8 @@ from hf_fisher.errors import (
     UnsupportedError,
 )
 from hf_fisher.estimators.kfac import KFACEstimator, hf_fisher_register_estimators
-from hf_fisher.fisher import Fisher
-from hf_fisher.kfac import KFACFisher
+from hf_fisher.artifacts.fisher import Fisher
+from hf_fisher.artifacts.kfac import KFACFisher
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -10,7 +10,7 @@ from huggingface_hub import ModelCard
 from transformers import AutoModelForCausalLM
 
 import tiny_models as tm
-from hf_fisher.consumers.merging import merge_with_fisher
+from hf_fisher.consumers.merge.api import merge_with_fisher
 from hf_fisher.errors import InvalidInputError
 from hf_fisher.integrations.hub import push_folder
 from test_merging import _fisher

@@ -12,7 +12,7 @@ import torch
 
 import hf_fisher
 import tiny_models as tm
-from hf_fisher.consumers.merging import load_recipe, merge_with_fisher, recipe_to_kwargs
+from hf_fisher.consumers.merge.api import load_recipe, merge_with_fisher, recipe_to_kwargs
 from hf_fisher.errors import InvalidInputError, ModelMismatchError
 from test_kfac import _dense_block
 

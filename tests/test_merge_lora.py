@@ -11,8 +11,8 @@ import pytest
 import tiny_models as tm
 import torch
 
-from hf_fisher.consumers import merge_math as mm
-from hf_fisher.consumers.merge_lora import LoraMergeResult, merge_lora_adapters
+from hf_fisher.consumers.merge import math as mm
+from hf_fisher.consumers.merge.lora import LoraMergeResult, merge_lora_adapters
 from hf_fisher.errors import InvalidInputError, ModelMismatchError, UnsupportedError
 
 peft = pytest.importorskip("peft")

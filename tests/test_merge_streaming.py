@@ -16,14 +16,14 @@ import tiny_models as tm
 import torch
 from safetensors.torch import load_file, save_file
 
-from hf_fisher.consumers.merge_io import (
+from hf_fisher.consumers.merge.io import (
     FolderSource,
     ModelSource,
     ShardedWriter,
     TensorInfo,
     parse_size,
 )
-from hf_fisher.consumers.merging import merge_with_fisher
+from hf_fisher.consumers.merge.api import merge_with_fisher
 from hf_fisher.fisher import Counts, Fisher, FisherMetadata
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -107,7 +107,7 @@ _MEMORY_SCRIPT = textwrap.dedent(
     import json, sys
     import torch, transformers, safetensors, yaml, jinja2, huggingface_hub, tqdm
     from transformers.models.llama import configuration_llama
-    from hf_fisher.consumers import merging, merge_io, merge_math
+    from hf_fisher.consumers.merge import api as merging, io as merge_io, math as merge_math
     import hf_fisher.fisher, hf_fisher.cards, hf_fisher.atomic
 
     def status(key):

@@ -14,7 +14,7 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from hf_fisher.consumers.merging import DEFAULT_GRID, merge_with_fisher, validation_loss
+from hf_fisher.consumers.merge.api import DEFAULT_GRID, merge_with_fisher, validation_loss
 from hf_fisher.errors import ArtifactError, InvalidInputError, ModelMismatchError
 from hf_fisher.fisher import Counts, Fisher, FisherMetadata
 from hf_fisher.layout import GroupRun, ParamGroups
@@ -392,7 +392,7 @@ def test_output_folder_rules(zoo, tmp_path):
 
 # ---------------------------------------------------------------------------- RegMean (dispatch)
 def test_fisher_regmean_dispatch(zoo):
-    regmean = pytest.importorskip("hf_fisher.consumers.regmean")
+    regmean = pytest.importorskip("hf_fisher.consumers.merge.regmean")
     a, b = zoo["models"]
     fa, fb = _fisher(a, 20), _fisher(b, 21)
     data = [_val_batches(3), _val_batches(4)]

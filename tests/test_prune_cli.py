@@ -12,7 +12,7 @@ import transformers as tf
 import hf_fisher
 import tiny_models as tm
 from hf_fisher.cli import main
-from hf_fisher.consumers.pruning import prune
+from hf_fisher.consumers.prune.core import prune
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

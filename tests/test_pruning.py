@@ -14,7 +14,7 @@ import transformers as tf
 import hf_fisher
 import reference as ref
 import tiny_models as tm
-from hf_fisher.consumers.pruning import prune
+from hf_fisher.consumers.prune.core import prune
 from hf_fisher.errors import InvalidInputError, UnsupportedError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -110,8 +110,8 @@ def head_rows(h, hd=8):
 
 
 def test_fisher_and_obd_scores_equal_hand_sums(llama_and_fisher):
-    from hf_fisher.consumers.prune_scores import score_units
-    from hf_fisher.consumers.prune_units import structured_units
+    from hf_fisher.consumers.prune.statistics import score_units
+    from hf_fisher.consumers.prune.units import structured_units
 
     m, F = llama_and_fisher
     units = structured_units(m, F.layout, ["heads", "channels"])
@@ -176,8 +176,8 @@ def _mask_fisher_reference(model, units, batches):
 
 
 def test_mask_fisher_equals_per_sample_mask_gradients():
-    from hf_fisher.consumers.prune_scores import score_units
-    from hf_fisher.consumers.prune_units import structured_units
+    from hf_fisher.consumers.prune.statistics import score_units
+    from hf_fisher.consumers.prune.units import structured_units
 
     m = tm.llama(kv_heads=2, layers=2, seed=5)
     units = structured_units(m, hf_fisher.plugins.model_layout(m), ["heads", "channels"])
@@ -187,8 +187,8 @@ def test_mask_fisher_equals_per_sample_mask_gradients():
 
 
 def test_activation_and_taylor_scores_equal_references():
-    from hf_fisher.consumers.prune_scores import score_units
-    from hf_fisher.consumers.prune_units import structured_units
+    from hf_fisher.consumers.prune.statistics import score_units
+    from hf_fisher.consumers.prune.units import structured_units
 
     m = tm.llama(kv_heads=2, layers=1, seed=6)
     units = structured_units(m, hf_fisher.plugins.model_layout(m), ["heads", "channels"])
@@ -419,8 +419,8 @@ def test_unstructured_masks_remove_the_lowest_fisher_weights(llama_and_fisher, s
 
 
 def test_confidence_withholds_units_not_clearly_cheaper(llama_and_fisher):
-    from hf_fisher.consumers.prune_scores import slice_stderr, score_units
-    from hf_fisher.consumers.prune_units import structured_units
+    from hf_fisher.consumers.prune.statistics import slice_stderr, score_units
+    from hf_fisher.consumers.prune.units import structured_units
     from scipy import stats
 
     m, F = llama_and_fisher
@@ -509,7 +509,7 @@ def test_registered_as_a_consumer():
 
 # ----------------------------------------------------------------------------- KFAC OBS (the default with data)
 def _fake_units(n_units, width, name="w"):
-    from hf_fisher.consumers.prune_units import Unit
+    from hf_fisher.consumers.prune.units import Unit
     from hf_fisher.layout import Slice
 
     return [Unit("channel", 0, k, None, (), (Slice(name, 1, k * width, (k + 1) * width),), width) for k in range(n_units)]
@@ -518,7 +518,7 @@ def _fake_units(n_units, width, name="w"):
 def test_obs_greedy_equals_brute_force_weighted_least_squares():
     """Each greedy step removes the unit whose removal, with the other scales re-fitted by
     G-weighted least squares on explicit per-unit outputs, raises ½ Σ_t δyᵀ G δy least."""
-    from hf_fisher.consumers.prune_obs import obs_select
+    from hf_fisher.consumers.prune.obs import obs_select
 
     g = torch.Generator().manual_seed(0)
     n_units, width, out, T = 6, 2, 5, 40

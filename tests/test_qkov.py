@@ -15,13 +15,13 @@ import tiny_models as tm
 import torch
 
 import hf_fisher
-from hf_fisher.consumers import qkov as qkov_mod
+from hf_fisher.consumers.circuits import qkov as qkov_mod
 from hf_fisher.consumers.gradient_store import (
     GradientStore,
     attention_params,
     store_gradients,
 )
-from hf_fisher.consumers.qkov import qkov_interference
+from hf_fisher.consumers.circuits.qkov import qkov_interference
 from hf_fisher.errors import EmptyDataError, InvalidInputError, ModelMismatchError
 from hf_fisher.plugins import model_layout
 

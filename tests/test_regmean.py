@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from hf_fisher.consumers.regmean import InputGrams, collect_input_grams, regmean_tensor
+from hf_fisher.consumers.merge.regmean import InputGrams, collect_input_grams, regmean_tensor
 from hf_fisher.errors import EmptyDataError, InvalidInputError
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -14,7 +14,7 @@ import torch
 import tiny_models as tm
 from hf_fisher import analysis, plugins
 from hf_fisher.consumers import report as report_mod
-from hf_fisher.consumers.importance import classify_units
+from hf_fisher.analysis.importance import classify_units
 from hf_fisher.consumers.report import CSV_COLUMNS, PLOTS_HINT, summary_markdown, write_report
 from hf_fisher.errors import InvalidInputError
 from hf_fisher.fisher import Counts, Fisher, FisherMetadata

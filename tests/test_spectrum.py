@@ -1,4 +1,4 @@
-"""Spectra (hf_fisher.estimators.spectrum) against dense matrices built by brute force.
+"""Spectra (hf_fisher.consumers.spectrum over hf_fisher.estimators.curvature) against dense matrices built by brute force.
 
 The tiny model is a 1-layer LLaMA (hidden 16, 4 heads, 2 kv-heads: GQA; vocab 17; P = 2512
 parameters) in float64. References:
@@ -25,7 +25,7 @@ from hf_fisher.errors import (
     NoTrainableParametersError,
     UnsupportedError,
 )
-from hf_fisher.estimators.spectrum import (
+from hf_fisher.consumers.spectrum import (
     capacity_metrics,
     hutchinson_trace,
     lanczos,
@@ -330,7 +330,7 @@ def test_matrix_free_empirical_matches_engine_gradients(model, emp):
 
 
 def test_retained_graphs_give_the_same_products(model):
-    from hf_fisher.estimators.spectrum import (
+    from hf_fisher.estimators.curvature import (
         EmpiricalFisherOperator,
         GGNOperator,
         _Problem,

@@ -1,5 +1,5 @@
 """Kept per-sample group contributions (collect(..., keep_sample_contributions=True)) and the
-unit intervals of hf_fisher.uncertainty, checked against a brute-force reference (one sample at
+unit intervals of hf_fisher.analysis.uncertainty, checked against a brute-force reference (one sample at
 a time, plain autograd, tests/reference.py) and direct scipy.stats calls on it."""
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ from safetensors.torch import load_file, save_file
 import hf_fisher
 import reference as ref
 import tiny_models as tm
-from hf_fisher import plugins, uncertainty
+from hf_fisher import plugins
+from hf_fisher.analysis import uncertainty
 from hf_fisher.collector import FisherCollector
 from hf_fisher.errors import ArtifactError, InvalidInputError
 from hf_fisher.fisher import Fisher

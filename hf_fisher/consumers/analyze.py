@@ -38,7 +38,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-from hf_fisher.consumers.conflict_defaults import DEFAULT_ALPHA, DEFAULT_MIN_EFFECT_SIZE
+from hf_fisher.consumers.circuits.conflict_defaults import DEFAULT_ALPHA, DEFAULT_MIN_EFFECT_SIZE
 from hf_fisher.errors import InvalidInputError
 from hf_fisher.hookspecs import hookimpl
 
@@ -243,7 +243,7 @@ def stage_fisher(ctx: AnalysisContext) -> dict:
 
 
 def stage_importance(ctx: AnalysisContext) -> dict:
-    from hf_fisher.consumers.importance import classify_units, importance
+    from hf_fisher.analysis.importance import classify_units, importance
 
     ctx.need_fishers()
     out = {}
@@ -258,7 +258,7 @@ def stage_importance(ctx: AnalysisContext) -> dict:
 
 
 def stage_head_categories(ctx: AnalysisContext) -> dict:
-    from hf_fisher.consumers.head_behaviour import aggregate_by_category, head_categories
+    from hf_fisher.consumers.circuits.head_behaviour import aggregate_by_category, head_categories
 
     cats = head_categories(ctx.model, progress=ctx.config.progress)
     out = {"categories": cats.to_dict()}
@@ -290,7 +290,7 @@ def stage_pruning(ctx: AnalysisContext) -> dict:
 
 
 def stage_conflicts(ctx: AnalysisContext) -> dict:
-    from hf_fisher.consumers.conflicts import sample_conflicts
+    from hf_fisher.consumers.circuits.conflicts import sample_conflicts
 
     a, b = ctx.pair()
     res = sample_conflicts(ctx.model, ctx.tasks[a], ctx.tasks[b], layers=ctx.config.layers,
@@ -303,7 +303,7 @@ def stage_conflicts(ctx: AnalysisContext) -> dict:
 
 
 def stage_qkov(ctx: AnalysisContext) -> dict:
-    from hf_fisher.consumers.qkov import qkov_interference
+    from hf_fisher.consumers.circuits.qkov import qkov_interference
 
     a, b = ctx.pair()
     res = qkov_interference(ctx.model, ctx.tasks[a], ctx.tasks[b], layers=ctx.config.layers,
@@ -315,7 +315,7 @@ def stage_qkov(ctx: AnalysisContext) -> dict:
     out = {"tasks": [a, b], "top": res.top(ctx.config.top_k)}
     cats = ctx.results.get("head_categories", {}).get("categories")
     if cats is not None:
-        from hf_fisher.consumers.head_behaviour import HeadCategories, aggregate_by_category
+        from hf_fisher.consumers.circuits.head_behaviour import HeadCategories, aggregate_by_category
 
         out["by_category"] = aggregate_by_category(res.by_head(), HeadCategories.from_dict(cats))
     return out
@@ -332,12 +332,12 @@ def stage_estimators(ctx: AnalysisContext) -> dict:
 
 def stage_report(ctx: AnalysisContext) -> dict:
     """The report of the first two Fishers, with the per-head spectral metrics of each task
-    (:func:`hf_fisher.estimators.spectrum.spectrum`, ``blocks="head"`` over the attention
+    (:func:`hf_fisher.consumers.spectrum.spectrum`, ``blocks="head"`` over the attention
     parameters) when its per-sample gradient matrix fits ``memory_budget_mb``; a note otherwise."""
     from hf_fisher import plugins
     from hf_fisher.consumers.gradient_store import attention_params
     from hf_fisher.consumers.report import write_report
-    from hf_fisher.estimators.spectrum import spectrum
+    from hf_fisher.consumers.spectrum import spectrum
 
     ctx.need_fishers()
     names = list(ctx.fishers)[:2]

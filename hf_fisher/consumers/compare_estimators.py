@@ -11,7 +11,7 @@ the same data, then runs each method in turn:
 - ``"kfac"``: ``hf_fisher.collect(estimator="kfac")``, a :class:`hf_fisher.kfac.KFACFisher`; its
   diagonal is ``kfac.to_diagonal()`` (it covers the Linear / Conv1D / Embedding weights only, so
   norm weights are absent from it);
-- ``"spectrum"``: :func:`hf_fisher.estimators.spectrum.spectrum` (Lanczos / ``eigsh`` top-k of
+- ``"spectrum"``: :func:`hf_fisher.consumers.spectrum.spectrum` (Lanczos / ``eigsh`` top-k of
   the empirical Fisher by default; ``options={"spectrum": {"curvature": "ggn"}}`` for the GGN),
   with ``blocks=None`` and ``slq_vectors=0`` unless the options say otherwise. It has no
   diagonal, so it takes no part in the agreement table.
@@ -35,7 +35,7 @@ Per method, a row (:attr:`EstimatorComparison.rows`) with:
   standard error; the exact ``‖G‖_F²/N`` is in ``details["trace_exact"]`` when kept);
 - ``top_eigenvalues`` (k of them, descending) and ``condition_number`` where the method gives
   them: ``spectrum`` (eigsh, and its ``capacity["condition_number"]``: λ_1 / smallest non-zero
-  eigenvalue, see :func:`~hf_fisher.estimators.spectrum.capacity_metrics`); ``kfac``, cheaply and
+  eigenvalue, see :func:`~hf_fisher.consumers.spectrum.capacity_metrics`); ``kfac``, cheaply and
   exactly for the Kronecker approximation itself: the eigenvalues of a block-diagonal
   ``⊕_layers G ⊗ A`` are the products ``λ_G,i λ_A,j`` of the factors' eigenvalues, so the top k
   come from the top k of each factor of each layer, and the condition number (on the range) is
@@ -211,7 +211,7 @@ class EstimatorComparison:
       included) with ``a``, ``b``, ``pearson``, ``spearman``, ``topk_overlap``, ``k``,
       ``num_elements``, ``unit``;
     - ``results``: the method's own result (a :class:`~hf_fisher.Fisher`, a
-      :class:`~hf_fisher.kfac.KFACFisher`, a :class:`~hf_fisher.estimators.spectrum.SpectrumResult`)
+      :class:`~hf_fisher.kfac.KFACFisher`, a :class:`~hf_fisher.consumers.spectrum.SpectrumResult`)
       by method name, for the methods that succeeded.
     """
 
@@ -335,7 +335,7 @@ def _run_method(method, model, data, *, reduction, k, opts, progress):
                       num_elements=sum(int(diag[n].numel()) for n in diag.names()),
                       details={"layers": len(kf.layer_names()), **({"eigen_note": note} if note else {})})
         return kf, diag, fields
-    from hf_fisher.estimators.spectrum import spectrum
+    from hf_fisher.consumers.spectrum import spectrum
 
     res = spectrum(model, data, k=k, **(_SPECTRUM_DEFAULTS | dict(opts)))
     fields.update(trace=res.trace, trace_stderr=res.trace_stderr, top_eigenvalues=[float(v) for v in res.eigenvalues],

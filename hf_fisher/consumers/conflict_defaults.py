@@ -1,8 +1,12 @@
-"""The defaults of the sample-conflict test, in one torch-free place: :func:`hf_fisher.consumers.conflicts.sample_conflicts`,
-``analyze`` (:class:`hf_fisher.consumers.analyze.AnalysisConfig`) and ``hf-fisher conflicts`` all read them from here."""
+"""Deprecated alias of :mod:`hf_fisher.consumers.circuits.conflict_defaults`, where this module moved (this path goes in the next release)."""
 
-DEFAULT_ALPHA = 0.05
-"""False-discovery rate (Benjamini–Hochberg) of the conflict test."""
+import importlib
+import sys
+import warnings
 
-DEFAULT_MIN_EFFECT_SIZE = 0.05
-"""Effect-size floor: a conflict needs ``cos ≤ −0.05`` in natural-gradient space."""
+warnings.warn(
+    "hf_fisher.consumers.conflict_defaults moved to hf_fisher.consumers.circuits.conflict_defaults; import it from there (the old path is an alias that goes in the next release)",
+    DeprecationWarning,
+    stacklevel=2,
+)
+sys.modules[__name__] = importlib.import_module("hf_fisher.consumers.circuits.conflict_defaults")

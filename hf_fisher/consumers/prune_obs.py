@@ -1,75 +1,13 @@
-"""Structured Optimal Brain Surgeon under the KFAC quadratic: ``prune(..., score="kfac")``.
+"""Deprecated: moved to :mod:`hf_fisher.consumers.prune.obs` (this alias goes in the next release)."""
 
-For one output projection (attention O, MLP down) with weight ``W`` (as ``[out, in]``), units
-``u`` owning input columns ``J_u``, calibration inputs ``x_t`` of the model as pruned so far and
-the KFAC output factor ``G = E[∂L/∂y ∂L/∂yᵀ]`` of the projection (the Fisher of its output), the
-loss increase of replacing the output ``y = Σ_u W_{J_u} x_{J_u}`` by ``Σ_{u∈K} s_u W_{J_u} x_{J_u}``
-is, to second order (KFAC: ``F ≈ G ⊗ A``),
+import importlib
+import sys
+import warnings
 
-    ΔL(K, s) ≈ ½ Σ_t δy_tᵀ G δy_t = ½ (s − 1)ᵀ H (s − 1)    over all units (s_u = 0 removed),
-    H = Pᵀ (A ⊙ WᵀGW) P,   A = Σ_t x_t x_tᵀ,   P the column-to-unit indicator.
-
-Units are removed greedily, each time the one whose removal — with every kept unit's scale
-re-optimised — raises ΔL least: with ``H⁻¹`` over the kept units and the current optimal scales
-``s``, removing ``k`` costs ``½ (s_k)² / [H⁻¹]_kk`` (the OBS formula, here on unit scales), after
-which ``s ← s − s_k H⁻¹_{:,k} / H⁻¹_kk`` and ``H⁻¹`` is downdated (Schur complement). The final
-``s`` of the kept units are folded into their columns (the Fisher-weighted counterpart of the
-least-squares rescale, which is the case ``G = I``). Removal counts per kv group / layer are the
-``scope="layer"`` counts.
-"""
-
-from __future__ import annotations
-
-from typing import Mapping, Sequence
-
-import torch
-
-from hf_fisher.consumers.prune_units import Unit
-
-__all__ = ["obs_select"]
-
-
-def _unit_matrix(weight: torch.Tensor, axis: int, units: Sequence[Unit], name: str, gram: torch.Tensor,
-                 G: torch.Tensor, g_diagonal: bool) -> torch.Tensor:
-    w = weight.detach().to("cpu", torch.float64)
-    w = w if axis == 1 else w.T  # [out, in]
-    Gw = (G.double().unsqueeze(1) * w) if g_diagonal else G.double() @ w
-    M = gram * (w.T @ Gw)  # [in, in]
-    P = torch.zeros(M.shape[0], len(units), dtype=torch.float64)
-    for k, u in enumerate(units):
-        for s in u.out:
-            if s.param == name:
-                P[s.start : s.stop, k] = 1.0
-    return P.T @ M @ P
-
-
-def obs_select(weight: torch.Tensor, axis: int, name: str, units: Sequence[Unit], quota: Mapping[tuple, int],
-               key_of, gram: torch.Tensor, G: torch.Tensor, g_diagonal: bool) -> tuple[list[int], torch.Tensor, float]:
-    """``(removed positions, scales of the kept positions in order, ΔL estimate)`` for one stage
-    (module docstring). ``quota[key_of(unit)]``: how many units of each key to remove."""
-    H = _unit_matrix(weight, axis, units, name, gram, G, g_diagonal)
-    n = H.shape[0]
-    ridge = 1e-10 * float(H.diagonal().mean()) if n else 0.0
-    Hinv = torch.linalg.inv(H + ridge * torch.eye(n, dtype=torch.float64))
-    s = torch.ones(n, dtype=torch.float64)
-    alive = list(range(n))
-    left = dict(quota)
-    removed: list[int] = []
-    cost = 0.0
-    while True:
-        cands = [i for i, k in enumerate(alive) if left.get(key_of(units[k]), 0) > 0]
-        if not cands:
-            break
-        d = Hinv.diagonal()
-        deltas = torch.tensor([0.5 * float(s[i]) ** 2 / max(float(d[i]), 1e-300) for i in cands])
-        j = cands[int(torch.argmin(deltas))]
-        cost += float(deltas.min())
-        col = Hinv[:, j].clone()
-        s = s - s[j] * col / col[j]
-        Hinv = Hinv - torch.outer(col, col) / col[j]
-        keep = [i for i in range(len(alive)) if i != j]
-        s, Hinv = s[keep], Hinv[keep][:, keep]
-        k = alive.pop(j)
-        removed.append(k)
-        left[key_of(units[k])] -= 1
-    return sorted(removed), s, cost
+warnings.warn(
+    "hf_fisher.consumers.prune_obs moved to hf_fisher.consumers.prune.obs; import it from there "
+    "(this alias is removed in the next release)",
+    DeprecationWarning,
+    stacklevel=2,
+)
+sys.modules[__name__] = importlib.import_module("hf_fisher.consumers.prune.obs")

@@ -34,9 +34,9 @@ place, :mod:`hf_fisher.atomic`):
   .. [#] ``other`` for parameters outside the layer stack (embeddings, final norm, LM head).
 
   **Per-head spectral metrics** (``spectral_*``, the seeds' condition number, largest eigenvalue
-  and low-rank energy) are the :func:`~hf_fisher.estimators.spectrum.capacity_metrics` of the
+  and low-rank energy) are the :func:`~hf_fisher.consumers.spectrum.capacity_metrics` of the
   block ``F_bb`` of head b (its Q rows, its kv-head's K/V rows, its O columns) of the *full*
-  empirical Fisher, from :func:`hf_fisher.estimators.spectrum.spectrum` with ``blocks="head"``
+  empirical Fisher, from :func:`hf_fisher.consumers.spectrum.spectrum` with ``blocks="head"``
   (exact, from the N x N Gram matrix of per-sample gradients). A diagonal artifact does not hold
   the off-diagonal entries they need, so they are written only when ``spectra=`` is given
   (``hf-fisher analyze`` computes them when its per-sample gradient matrix fits; ``hf-fisher
@@ -50,7 +50,7 @@ place, :mod:`hf_fisher.atomic`):
   It is conservative (exact only for perfectly correlated groups), not an estimate.
 - ``summary.txt``: curvature scale, layers ranked, hotspots (top ``k`` heads and channels with
   their share of the trace), critical / compressible units with the thresholds of
-  :func:`hf_fisher.consumers.importance.classify_units`, and for two runs a comparison
+  :func:`hf_fisher.analysis.importance.classify_units`, and for two runs a comparison
   (:func:`hf_fisher.analysis.compare`).
 - PNG plots when matplotlib is installed (Agg backend, imported lazily): ``heads_qkvo_run<i>.png``
   (layer x head heatmaps of Q/K/V/O group Fisher), ``mlp_per_layer_run<i>.png``,
@@ -68,7 +68,18 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 from hf_fisher import analysis
-from hf_fisher.consumers.importance import UnitLabels, classify_units
+from hf_fisher.analysis.importance import UnitLabels, classify_units
+from hf_fisher.analysis.summary import (
+    fmt as _e,
+    has_heads as _has_heads,
+    has_mlp as _has_mlp,
+    listing as _listing,
+    num_params as _num_params,
+    pct as _pct,
+    rule_text as _rule_text,
+    summary_markdown,
+    unit_label as _unit,
+)
 from hf_fisher.consumers.plotting import discrete_colormap, integer_ticks
 from hf_fisher.errors import ArtifactError, InvalidInputError
 from hf_fisher.hookspecs import hookimpl
@@ -88,7 +99,7 @@ PLOTS_HINT = 'pip install "hf-fisher[plots]"'
 ROLES = "qkvo"
 SPECTRAL_METRICS = {"spectral_eigmax": "eigmax", "spectral_condition_number": "condition_number",
                     "spectral_energy_r8": "energy_r8", "spectral_rank": "rank"}
-"""CSV metric -> key of the spectrum's per-head :func:`~hf_fisher.estimators.spectrum.capacity_metrics`."""
+"""CSV metric -> key of the spectrum's per-head :func:`~hf_fisher.consumers.spectrum.capacity_metrics`."""
 
 
 @dataclass
@@ -103,27 +114,11 @@ class ReportResult:
 
 
 # ---------------------------------------------------------------------------- numbers
-def _num_params(fisher: "Fisher") -> int:
-    return sum(math.prod(shape) for shape in fisher.param_shapes.values())
-
-
 def _stderr_fisher(fisher: "Fisher") -> "Fisher | None":
     """The same artifact with ``se = sqrt(Var/n)`` as its values (None without variances)."""
     if not fisher.has_variance or set(fisher.names()) - set(fisher.variances):
         return None
     return fisher._replace(mean={n: analysis.stderr(fisher, n) for n in fisher.names()}, variance=None)
-
-
-def _has_heads(fisher: "Fisher") -> bool:
-    """Whether the layout describes heads and the Fisher holds at least one of their parameters."""
-    layout = fisher.layout
-    return layout is not None and any(s.param in fisher for h in layout.heads() for s in h.q + h.k + h.v + h.o)
-
-
-def _has_mlp(fisher: "Fisher") -> bool:
-    """Whether the layout describes MLP channels and the Fisher holds at least one of their parameters."""
-    layout = fisher.layout
-    return layout is not None and any(r.param in fisher for b in layout.mlp for r in b.roles)
 
 
 def head_table(fisher: "Fisher") -> dict[tuple[int, int], dict[str, float]]:
@@ -209,7 +204,7 @@ class _Run:
 
 def head_spectral_metrics(spec: Any) -> dict[tuple[int, int], dict[str, float]]:
     """``{(layer, head): {spectral metric: value}}`` (:data:`SPECTRAL_METRICS`) from the head
-    blocks ``layer{l}.head{h}`` of a :class:`~hf_fisher.estimators.spectrum.SpectrumResult`."""
+    blocks ``layer{l}.head{h}`` of a :class:`~hf_fisher.consumers.spectrum.SpectrumResult`."""
     import re
 
     out = {}
@@ -222,7 +217,7 @@ def head_spectral_metrics(spec: Any) -> dict[tuple[int, int], dict[str, float]]:
 
 def _check_spectra(spectra: Any, pairs: list) -> list:
     """One SpectrumResult with head blocks (or None) per run, its heads those of the run's layout."""
-    from hf_fisher.estimators.spectrum import SpectrumResult
+    from hf_fisher.consumers.spectrum import SpectrumResult
 
     if spectra is None:
         return [None] * len(pairs)
@@ -274,40 +269,6 @@ def _analyse(fisher: "Fisher", name: str, spec: Any = None) -> _Run:
                              + ("" if spec.n_samples == fisher.counts.samples else
                                 f"; the Fisher artifact counts {fisher.counts.samples} samples"))
     return run
-
-
-def _e(x: float) -> str:
-    return f"{x:.4e}"
-
-
-def _pct(v: float, total: float) -> str:
-    return f"{100.0 * v / total:.2f} %" if total > 0 else "n/a"
-
-
-def _unit(kind: str, u: tuple[int, int]) -> str:
-    return f"L{u[0]} {'H' if kind == 'heads' else 'C'}{u[1]}"
-
-
-def _rule_text(lab: UnitLabels) -> tuple[str, str]:
-    """Readable critical / compressible rules with their numbers."""
-    th = lab.thresholds
-    kind = "head" if lab.unit == "heads" else "channel"
-    if th["rule"] == "factor":
-        crit = (f"value > {th['critical_factor']:g} x mean {kind} value {_e(th['mean'])}"
-                f" = {_e(th['critical_above'] or 0.0)}")
-    else:
-        crit = f"largest {kind}s holding {100 * th['critical_share']:g} % of the {kind} mass"
-    comp = f"smallest {kind}s together holding at most {100 * th['compressible_share']:g} % of the {kind} mass"
-    return crit, comp
-
-
-def _listing(lab: UnitLabels, label: str, k: int) -> str:
-    units = lab.of(label)
-    if not units:
-        return "none"
-    shown = ", ".join(f"{_unit(lab.unit, u)} ({_e(lab.values[u])})" for u in units[:k])
-    more = f", ... and {len(units) - k} more" if len(units) > k else ""
-    return f"{len(units)} of {len(lab.values)}: {shown}{more}"
 
 
 def _run_summary(run: _Run, k: int) -> list[str]:
@@ -408,35 +369,6 @@ def _comparison(a: _Run, b: _Run, k: int) -> list[str]:
     if c["only_in_a"] or c["only_in_b"]:
         lines.append(f"  parameters in one run only: {len(c['only_in_a'])} in \"{a.name}\", {len(c['only_in_b'])} in \"{b.name}\"")
     return lines
-
-
-def summary_markdown(fisher: "Fisher", k: int = 10) -> str:
-    """Short Markdown summary of a Fisher with attention heads (used in the artifact's model card):
-    curvature scale (trace ``Σ F`` and per-parameter mean ``Σ F / N``), the top ``k`` heads by
-    head total (:func:`hf_fisher.analysis.head_importance`) with their share of the trace, and
-    the counts of critical / compressible heads and MLP channels with the default thresholds of
-    :func:`~hf_fisher.consumers.importance.classify_units`. :class:`InvalidInputError` when the
-    Fisher has no layout with attention heads."""
-    heads = classify_units(fisher, unit="heads")
-    total = fisher.total()
-    n = _num_params(fisher)
-    top = sorted(heads.values.items(), key=lambda kv: (-kv[1], kv[0]))[:k]
-    top_md = "; ".join(f"layer {u[0]} head {u[1]} = {_e(v)} ({_pct(v, total)})" for u, v in top)
-    lines = [
-        f"- **Curvature scale**: trace (sum of all Fisher values) {_e(total)} over {n} parameters, "
-        f"per-parameter mean {_e(total / max(1, n))}.",
-        f"- **Top {len(top)} heads** by head total (share of the trace): {top_md}.",
-    ]
-    kinds = [heads]
-    if _has_mlp(fisher):
-        kinds.append(classify_units(fisher, unit="channels"))
-    for lab in kinds:
-        crit, comp = _rule_text(lab)
-        counts = lab.counts()
-        name = "heads" if lab.unit == "heads" else "MLP channels"
-        lines.append(f"- **Critical {name}**: {counts['critical']} of {len(lab.values)} ({crit}).")
-        lines.append(f"- **Compressible {name}**: {counts['compressible']} of {len(lab.values)} ({comp}).")
-    return "\n".join(lines).replace(" x ", " × ")
 
 
 # ---------------------------------------------------------------------------- plots
@@ -634,7 +566,7 @@ def write_report(
     empty — unless ``overwrite`` and it holds only report files). The folder is written
     atomically. Files and definitions: module docstring. Without matplotlib the CSV and text are
     still written and ``notes`` says how to get the plots. ``spectra``: one
-    :class:`~hf_fisher.estimators.spectrum.SpectrumResult` with ``blocks="head"`` (or None) per
+    :class:`~hf_fisher.consumers.spectrum.SpectrumResult` with ``blocks="head"`` (or None) per
     Fisher, whose per-head metrics go to the CSV (``spectral_*``) and the summary.
     """
     from hf_fisher.atomic import atomic_folder, check_target

@@ -96,7 +96,7 @@ class ExternalBackward:
         engine = self.engine
         self.paused = True
         engine.capture.detach()
-        engine.capture.on_grad = engine._on_grad
+        engine.capture.on_grad = engine.on_grad
         try:
             yield
         finally:
@@ -110,7 +110,7 @@ class ExternalBackward:
         for h in self.handles:
             h.remove()
         self.handles = []
-        self.engine.capture.on_grad = self.engine._on_grad
+        self.engine.capture.on_grad = self.engine.on_grad
         self.engine.capture.detach()
 
     # ------------------------------------------------------------------ forward
@@ -136,7 +136,7 @@ class ExternalBackward:
         self.queue = []
         cap = engine.capture
         cap.start(B, engine.compute_dtype, None, seq_len=T)
-        engine._begin_backward(keep, micro.sink, set(), None)
+        engine.begin_backward(keep, micro.sink, set(), None)
         if engine.loop_mode:
             micro.failed = engine.loop_reason
         elif engine.vjp_params:
@@ -150,8 +150,8 @@ class ExternalBackward:
             )
         if micro.failed is None and _counts_labels_beyond_samples(batch, engine.task_type):
             micro.failed = _BEYOND_SAMPLES
-        if engine.explicit_positions and "position_ids" in engine._forward_params and "position_ids" not in kwargs:
-            pair = engine._position_pair(batch)
+        if engine.explicit_positions and "position_ids" in engine.forward_params and "position_ids" not in kwargs:
+            pair = engine.position_pair(batch)
             if pair is not None:
                 own, wanted, real = pair
                 if torch.equal(own[real], wanted[real]):
@@ -230,7 +230,7 @@ class ExternalBackward:
             return
         call.scale = self.engine.capture.scale
         try:
-            self.engine._on_grad(call)
+            self.engine.on_grad(call)
         except (UnsupportedError, HfFisherError) as e:
             micro.failed = micro.failed or str(e)
         except Exception as e:  # _NonFiniteSamples and rule errors: the caller redoes the batch
@@ -259,7 +259,7 @@ class ExternalBackward:
         finally:
             cap.calls = []
             cap.recomputed = False
-            engine._pending = {}
+            engine.discard_pending()
             self._grads = None
             if self._grad_handle is not None:
                 self._grad_handle.remove()
@@ -284,7 +284,7 @@ class ExternalBackward:
         if cap.recomputed:
             raise UnsupportedError("a module's forward ran again during backward (activation checkpointing)")
         cap.flush_deferred()
-        engine._finish(None)
+        engine.finish_backward(None)
         if micro.verify:
             self._verify()
 

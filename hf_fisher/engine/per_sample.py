@@ -178,9 +178,10 @@ class PerSampleEngine:
         self.budget_elems = max(1, int(memory_budget_mb * 2**20 / (3 * elem)))
         wanted = set(self.by_param)
         self.owned = {m: ids & wanted for m, ids in owned_parameters(model).items() if ids & wanted}
-        self.capture = Capture([m for m in model.modules() if id(m) in self.owned], self._on_grad)
+        self.capture = Capture([m for m in model.modules() if id(m) in self.owned], self.on_grad)
         self._bottom_cache: dict = {}
-        self._forward_params = _accepted_kwargs(model)
+        #: the keyword arguments the model's forward accepts
+        self.forward_params = _accepted_kwargs(model)
         self.position_convention = _position_convention(model)
         self.explicit_positions = _has_position_table(model)
         self.vocab_size = _vocab_size(model)
@@ -328,19 +329,19 @@ class PerSampleEngine:
     def model_inputs(self, batch: dict[str, torch.Tensor], *, alone: bool = False) -> dict[str, Any]:
         """The model's inputs for ``batch``; ``alone``: a single unpadded sample, run exactly as
         the model runs it by default (the reference the padding check compares against)."""
-        inputs = {k: batch[k] for k in _MODEL_INPUT_KEYS if k in batch and k in self._forward_params}
-        if not alone and "position_ids" in self._forward_params and "position_ids" not in inputs:
+        inputs = {k: batch[k] for k in _MODEL_INPUT_KEYS if k in batch and k in self.forward_params}
+        if not alone and "position_ids" in self.forward_params and "position_ids" not in inputs:
             positions = self._positions(batch)
             if positions is not None:
                 inputs["position_ids"] = positions
-        if "use_cache" in self._forward_params:
+        if "use_cache" in self.forward_params:
             inputs["use_cache"] = False
         return inputs
 
     def _positions(self, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
         """``position_ids`` to pass, or None where the model's default already gives every real
         token the position it has in its sample alone (see the module docstring)."""
-        pair = self._position_pair(batch)
+        pair = self.position_pair(batch)
         if pair is None:
             return None
         own, wanted, real = pair
@@ -350,7 +351,7 @@ class PerSampleEngine:
         # one call shared by the batch: the same positions as [B, T] keep it per sample
         return wanted
 
-    def _position_pair(self, batch: dict[str, torch.Tensor]):
+    def position_pair(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
         """``(own, wanted, real)``: the positions the model would use by default, the ones each
         real token has in its sample alone (both in the model's convention), and the mask of
         real tokens; None without an attention mask."""
@@ -398,7 +399,7 @@ class PerSampleEngine:
             verify = self.verify_next
             padding = _padding_kind(batch)
             probe = self._probe_sample(batch, losses.n_tokens, keep) if (verify or padding not in self.padding_checked) else None
-            self._begin_backward(keep, sink, shared, probe)
+            self.begin_backward(keep, sink, shared, probe)
             weighted = losses.loss_sum * w.to(losses.loss_sum.dtype)
             loss = weighted.sum()
             for c in calls:
@@ -422,7 +423,7 @@ class PerSampleEngine:
             if vjp:
                 self.capture.muted = True
                 self._vjp_parts(weighted, vjp)
-            self._finish(verify_grads=dict(zip(map(id, params), grads[len(inputs):])) if verify else None)
+            self.finish_backward(verify_grads=dict(zip(map(id, params), grads[len(inputs):])) if verify else None)
             del grads, loss, weighted, losses
             self.capture.detach()
             if probe is not None:
@@ -474,7 +475,15 @@ class PerSampleEngine:
         return shared
 
     # ------------------------------------------------------------------ reduction
-    def _begin_backward(self, keep: list[int], sink: ContributionSink, shared: set[int], probe: int | None) -> None:
+    # The backward step, public for a driver that runs the forward and backward itself
+    # (:class:`hf_fisher.engine.external.ExternalBackward`): :meth:`begin_backward` after the
+    # capture started, :meth:`on_grad` as the capture's callback (the default), then
+    # :meth:`finish_backward` after the backward, or :meth:`discard_pending` to drop a failed one.
+    def begin_backward(self, keep: list[int], sink: ContributionSink, shared: set[int], probe: int | None) -> None:
+        """Start one backward: reduce the per-sample gradients of the samples ``keep`` (batch
+        rows) into ``sink``; ``shared``: ids of modules whose calls are batch-shared (their
+        parameters go through the vector-Jacobian path); ``probe``: a sample whose gradient is
+        also kept for the exactness check (None: none)."""
         self._keep = _selection(keep, self.device)
         self._sink = sink
         self._shared = shared
@@ -497,7 +506,10 @@ class PerSampleEngine:
                     expected[pid] = expected.get(pid, 0) + 1
         self._expected = expected
 
-    def _on_grad(self, call: ModuleCall) -> None:
+    def on_grad(self, call: ModuleCall) -> None:
+        """A recorded call's output gradient arrived: turn it into per-sample gradient parts of
+        the parameters it owns (the module's rule) and reduce each parameter once its last
+        part is in; frees what the call held."""
         owned = self.owned.get(id(call.module), set())
         if id(call.module) not in self._shared and any(pid not in self.vjp_params for pid in owned):
             rule = rule_for(call.module, self.rules)
@@ -510,6 +522,10 @@ class PerSampleEngine:
                     self._reduce(pid)
         # free what this call held (inputs, output, its gradient) as soon as it is reduced
         call.args, call.kwargs, call.grad_output, call.output = (), {}, None, None
+
+    def discard_pending(self) -> None:
+        """Drop the parts of a backward that will not be finished (its micro-batch failed)."""
+        self._pending = {}
 
     def _vjp_parts(self, weighted: torch.Tensor, targets: list[Target]) -> None:
         """Per-sample gradients ``[B, *shape]`` of ``targets`` by one vectorised backward of the
@@ -530,7 +546,10 @@ class PerSampleEngine:
             self._pending[id(t.param)] = [DensePart(t.param, torch.cat(r), self.capture.scale)]
             self._reduce(id(t.param))
 
-    def _finish(self, verify_grads: dict[int, torch.Tensor | None] | None) -> None:
+    def finish_backward(self, verify_grads: dict[int, torch.Tensor | None] | None) -> None:
+        """End one backward: reduce the parameters no call reached (zero contributions) and, with
+        ``verify_grads`` (``{id(param): batch gradient}``), check the per-sample gradients
+        against them (:class:`UnsupportedError` when they do not add up)."""
         from .rules import release_grams
 
         try:

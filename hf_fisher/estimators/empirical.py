@@ -9,17 +9,25 @@ element (``reduction="param"``) or summed within the architecture adapter's grou
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Mapping
+from typing import Any, ClassVar, Iterable, Mapping
 
-from ..collector import FisherCollector
+from ..collect.collector import COLLECTOR_OPTIONS, FisherCollector
 from ..fisher import Fisher
 from ..hookspecs import hookimpl
+from .base import CollectOptions
 
 
 class EmpiricalEstimator:
-    """Empirical diagonal Fisher: F = mean_i (d l_i/dθ)², labels from the data."""
+    """Empirical diagonal Fisher: F = mean_i (d l_i/dθ)², labels from the data.
 
-    name = "empirical"
+    Takes every :class:`~hf_fisher.estimators.base.CollectOptions` field and the collector's
+    own options (``params``, ``verify``, ``loss_fn``, ``accumulation_device``: see
+    :class:`~hf_fisher.collect.collector.FisherCollector`).
+    """
+
+    name: ClassVar[str] = "empirical"
+    collect_options: ClassVar[frozenset[str]] = frozenset(CollectOptions.names())
+    own_options: ClassVar[frozenset[str]] = COLLECTOR_OPTIONS
 
     def __init__(self, **options: Any):
         self.options = options

@@ -99,7 +99,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -107,7 +107,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
-from ..collector import select_parameters
+from ..collect.collector import select_parameters
 from ..engine.capture import bottom_outputs
 from ..engine.losses import (
     IGNORE_INDEX,
@@ -129,6 +129,7 @@ from ..errors import (
 from ..fisher import Counts, FisherMetadata
 from ..hookspecs import hookimpl
 from ..kfac import FISHER_TYPES, KFAC_APPROXES, KFACFisher, KFACLayer
+from .base import refusal
 
 __all__ = ["KFACEstimator"]
 
@@ -290,9 +291,23 @@ class KFACEstimator:
         train_mode: run the model in train mode (dropout on); default eval.
         accumulation_dtype: dtype of the factors, torch.float64 (default) or torch.float32 (half
             the memory; products are computed in the model's dtype promoted to float32 either way).
+        distributed: None or False (the factors are this process's; merging across ranks is not
+            supported, so True is refused).
+
+    The other :class:`~hf_fisher.estimators.base.CollectOptions` (``reduction``,
+    ``storage_dtype``, ``ema_decay``, ``memory_budget_mb``, ...) concern a diagonal Fisher and are
+    refused, naming them: take ``kfac.to_diagonal()`` (``.to_groups()``) where a diagonal is needed.
     """
 
-    name = "kfac"
+    name: ClassVar[str] = "kfac"
+    collect_options: ClassVar[frozenset[str]] = frozenset({"normalization", "task_type", "train_mode", "accumulation_dtype", "distributed"})
+    own_options: ClassVar[frozenset[str]] = frozenset(
+        {"fisher_type", "kfac_approx", "mc_samples", "seed", "diagonal_g_above", "max_type2_outputs", "params"}
+    )
+    refusal_hint: ClassVar[str] = (
+        "KFAC factors are not a diagonal Fisher: leave the diagonal options at their defaults and convert the "
+        "result with kfac.to_diagonal() (.to_groups()) where a diagonal is needed"
+    )
 
     def __init__(
         self,
@@ -308,9 +323,16 @@ class KFACEstimator:
         task_type: str | None = None,
         train_mode: bool = False,
         accumulation_dtype: torch.dtype = torch.float64,
-        **collect_options: Any,
+        distributed: bool | None = None,
+        **unused: Any,
     ):
-        _check_collect_options(collect_options)
+        if unused:
+            raise refusal(self.name, type(self), sorted(unused))
+        if distributed not in (None, False):
+            raise InvalidInputError(
+                f"distributed={distributed!r} does not apply to KFAC: its factors are not merged across torch.distributed "
+                "ranks; leave it at None (or False) and collect in a single process where the factors of all data are needed"
+            )
 
         def choice(what, value, choices):
             if value not in choices:
@@ -928,26 +950,6 @@ def _targets(labels: torch.Tensor, task_type: str, logits: torch.Tensor) -> torc
     if task_type == "causal_lm":
         labels = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
     return labels.reshape(-1)
-
-
-#: options ``hf_fisher.collect`` passes to every estimator, with the value KFAC can honour
-_COLLECT_DEFAULTS = {"reduction": ("param",), "storage_dtype": (None,), "storage_device": ("cpu",),
-                     "ema_decay": (None,), "on_nonfinite": ("raise",), "memory_budget_mb": None, "distributed": (None, False)}
-
-
-def _check_collect_options(options: dict) -> None:
-    """The diagonal estimators' options that ``hf_fisher.collect`` passes along: accepted where they
-    mean nothing for Kronecker factors at their defaults (``reduction`` concerns the diagonal:
-    take ``kfac.to_diagonal().to_groups()``), refused otherwise, naming the option."""
-    for key, value in options.items():
-        if key not in _COLLECT_DEFAULTS:
-            raise InvalidInputError(f"KFAC has no option {key!r}; see hf_fisher.estimators.kfac.KFACEstimator")
-        allowed = _COLLECT_DEFAULTS[key]
-        if allowed is not None and value not in allowed:
-            raise InvalidInputError(
-                f"{key}={value!r} does not apply to KFAC factors (they are not a diagonal Fisher); leave it at its "
-                "default and convert the result with kfac.to_diagonal() where a diagonal is needed"
-            )
 
 
 @hookimpl

@@ -34,16 +34,17 @@ are refused (:class:`~hf_fisher.errors.UnsupportedError`).
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable, Mapping
+from typing import Any, ClassVar, Iterable, Mapping
 
 import torch
 
-from ..collector import FisherCollector
+from ..collect.collector import COLLECTOR_OPTIONS, FisherCollector
 from ..engine.losses import IGNORE_INDEX, token_labels
 from ..engine.per_sample import ContributionSink
 from ..errors import InvalidInputError, NonFiniteError, UnsupportedError
 from ..fisher import Fisher
 from ..hookspecs import hookimpl
+from .base import CollectOptions
 
 __all__ = ["TrueFisherEstimator", "LabelSampler"]
 
@@ -133,14 +134,17 @@ class LabelSampler:
 class TrueFisherEstimator:
     """True Fisher: ``F = mean_i E_{y ~ p_θ}[g_i(y) ⊙ g_i(y)]`` (see the module docstring).
 
-    Options (besides the collector's: reduction, normalization, dtypes, ...):
+    Options (besides every :class:`~hf_fisher.estimators.base.CollectOptions` field and the
+    collector's own, as for the empirical Fisher):
         mc_samples: Monte Carlo draws per label position (>= 1; default 1).
         temperature: the predictive distribution is ``softmax(z / temperature)`` (> 0; default 1).
         exact: sum over all classes instead of sampling (single-label sequence classification).
         seed: seed of the label draws.
     """
 
-    name = "true"
+    name: ClassVar[str] = "true"
+    collect_options: ClassVar[frozenset[str]] = frozenset(CollectOptions.names())
+    own_options: ClassVar[frozenset[str]] = COLLECTOR_OPTIONS | {"mc_samples", "temperature", "exact", "seed"}
 
     def __init__(self, *, mc_samples: int = 1, temperature: float = 1.0, exact: bool = False, seed: int = 0, **options: Any):
         if isinstance(mc_samples, bool) or not isinstance(mc_samples, int) or mc_samples < 1:

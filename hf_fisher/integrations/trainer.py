@@ -50,7 +50,7 @@ from typing import Any, Iterable, Mapping
 import torch
 from transformers import TrainerCallback
 
-from ..cards import looks_like_hub_id
+from ..artifacts.hub import looks_like_hub_id
 from ..errors import EmptyDataError, InvalidInputError
 
 log = logging.getLogger(__name__)

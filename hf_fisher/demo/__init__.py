@@ -250,14 +250,14 @@ def _is_model_file(name: str) -> bool:
 
 def _check_folders(out: Path) -> None:
     """Each of the demo's folders inside ``out`` holds only what the demo writes there."""
-    from hf_fisher.cli import check_output_folder
+    from hf_fisher.atomic import check_target, check_writable
     from hf_fisher.consumers.merging import is_merge_output_file
     from hf_fisher.consumers.pruning import PRUNE_FILES
     from hf_fisher.consumers.report import _is_report_file
     from hf_fisher.fisher import is_artifact_file
 
     def check(path: Path, allowed, what: str) -> None:
-        check_output_folder(path, allowed=allowed, what=what, overwrite=True, flag="--out")
+        check_writable(check_target(path, allowed=allowed, what=what, overwrite=True, flag="--out"), what=what, flag="--out")
 
     check(out / BASE_DIR, _is_model_file, "model folder")
     for task in TASKS:
@@ -280,10 +280,11 @@ def check_arguments(args: argparse.Namespace) -> Path:
     """Check the demo's options and its output folder before any work; return ``--out``.
 
     Raises :class:`~hf_fisher.errors.InvalidInputError` for an out-of-range number and
-    :class:`~hf_fisher.errors.ArtifactError` (from :func:`hf_fisher.cli.check_output_folder`) for
-    an output folder holding anything but an earlier demo's files, or one that cannot be written.
+    :class:`~hf_fisher.errors.ArtifactError` (from :func:`hf_fisher.atomic.check_target` /
+    :func:`~hf_fisher.atomic.check_writable`) for an output folder holding anything but an earlier
+    demo's files, or one that cannot be written.
     """
-    from hf_fisher.cli import check_output_folder
+    from hf_fisher.atomic import check_target, check_writable
 
     for flag, low in (("steps", 0), ("task_steps", 1), ("samples", 1), ("top", 0), ("card_lines", 0), ("seed", 0)):
         value = getattr(args, flag)
@@ -294,9 +295,9 @@ def check_arguments(args: argparse.Namespace) -> Path:
     from hf_fisher.errors import ArtifactError
 
     try:
-        out = check_output_folder(
-            args.out, allowed=lambda name: name in DEMO_ENTRIES, what="demo output", overwrite=True, flag="--out"
-        )
+        out = check_target(args.out, allowed=lambda name: name in DEMO_ENTRIES, what="demo output", overwrite=True,
+                           flag="--out")
+        check_writable(out, what="demo output", flag="--out")
     except ArtifactError as e:
         if (Path(args.out) / "fisher_config.json").is_file():  # --out names an artifact (the old usage)
             raise ArtifactError(f"{e} (--out is the folder the demo writes everything into; its artifacts go "
@@ -377,7 +378,7 @@ def _run(args: argparse.Namespace, root: Path) -> DemoResult:
     import transformers as tf
 
     import hf_fisher
-    from hf_fisher.cli import format_report
+    from hf_fisher.tables import format_report
 
     start = time.perf_counter()
     for name in LEGACY_ENTRIES:  # an earlier demo version's output (checked above): replaced by the new layout
@@ -543,16 +544,3 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="random seed of the model, training and data (default 0)")
     parser.add_argument("--top", type=int, default=8, help="rows in the heads / channels tables (default 8)")
     parser.add_argument("--card-lines", type=int, default=12, help="lines of the model card to print (default 12)")
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m hf_fisher.demo [options]`` is ``hf-fisher demo [options]``."""
-    import sys
-
-    from hf_fisher.cli import main as cli_main
-
-    return cli_main(["demo", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

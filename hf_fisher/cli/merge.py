@@ -1,0 +1,86 @@
+"""``hf-fisher merge``: merge models as a recipe YAML describes.
+
+The method names come from the merge-method registry (built-ins and plugins, ``hf-fisher plugins``);
+the recipe's method is checked by :func:`hf_fisher.consumers.merging.load_recipe` /
+``recipe_to_kwargs`` before torch is imported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from hf_fisher.cli.common import looks_local
+from hf_fisher.errors import InvalidInputError
+
+MERGE_DESCRIPTION = """\
+Merge models as a recipe describes (mergekit-like YAML):
+
+    merge_method: fisher            # fisher, fisher_task_vector, average, task_arithmetic, ties, dare,
+                                    # or a plugin's method (all of them: hf-fisher plugins)
+    base_model: null                # required by fisher_task_vector, task_arithmetic, ties, dare
+    models:
+      - model: path/or/hub-id
+        parameters: {weight: 0.5, fisher: path/to/fisher-artifact}
+      - model: other/model
+        parameters: {weight: 0.5, fisher: other/fisher:subfolder}
+    parameters: {fisher_floor: 1.0e-6, normalize_fishers: false}
+    dtype: null
+
+Every input, Fisher and the output folder are checked before any tensor is merged. Relative
+paths are read relative to the recipe's folder.
+"""
+MERGE_DTYPES = ("float32", "float64", "bfloat16", "float16")
+
+
+def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Add ``hf-fisher merge`` to the subcommands ``sub``."""
+    p = sub.add_parser("merge", help="merge models (Fisher, TIES, DARE, task arithmetic, ...) from a recipe YAML",
+                       description=MERGE_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("recipe", help="merge recipe YAML (the merge_recipe.yaml a merge writes reproduces it)")
+    p.add_argument("--out", required=True, help="folder to write the merged model to (new, empty, or a previous merge output)")
+    p.add_argument("--dtype", choices=MERGE_DTYPES, default=None, help="dtype of the merged weights (default: the recipe's, else the inputs')")
+    p.add_argument("--max-shard-size", default=None, help="largest weight shard, e.g. 5GB or 500MB (default 5GB)")
+    p.add_argument("--allow-tokenizer-mismatch", action="store_true", help="merge even when the inputs' tokenizer vocabularies differ")
+    p.add_argument("--push-to-hub", default=None, metavar="REPO_ID", help="also upload the merged folder to this Hub repo")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    recipe_path = Path(args.recipe)
+    # Cheap checks first: the recipe file and its keys, the output folder -- before torch is imported.
+    if not recipe_path.is_file():
+        raise InvalidInputError(f"recipe {str(recipe_path)!r} does not exist (or is not a file); pass a merge recipe YAML")
+    if args.dtype is not None and args.dtype not in MERGE_DTYPES:  # pragma: no cover - argparse choices
+        raise InvalidInputError(f"--dtype must be one of {MERGE_DTYPES}")
+    from hf_fisher.consumers.merging import _check_output, _input_paths, load_recipe, recipe_to_kwargs
+
+    recipe = load_recipe(recipe_path)
+    kwargs = recipe_to_kwargs(recipe, relative_to=recipe_path.parent)
+    for ref in [*kwargs["models"], kwargs.get("base_model"), *(kwargs.get("fishers") or [])]:
+        if ref is not None and not os.path.exists(ref) and looks_local(ref):
+            raise InvalidInputError(f"recipe {recipe_path}: {ref!r} does not exist (a local path, not a Hub id)")
+    out = Path(os.path.abspath(args.out))
+    if args.push_to_hub:
+        from hf_fisher.integrations.hub import check_push_ready
+
+        check_push_ready(args.push_to_hub, flag="--push-to-hub")
+    _check_output(out, _input_paths(kwargs["models"], kwargs.get("base_model"), kwargs.get("fishers")), flag="--out")
+    if args.dtype is not None:
+        kwargs["dtype"] = args.dtype
+    if args.max_shard_size is not None:
+        kwargs["max_shard_size"] = args.max_shard_size
+    if args.allow_tokenizer_mismatch:
+        kwargs["allow_tokenizer_mismatch"] = True
+    from hf_fisher.consumers.merging import merge_with_fisher
+
+    path = merge_with_fisher(output_dir=out, progress=not args.no_progress,
+                             push_to_hub=args.push_to_hub, **kwargs)
+    print(f"Merged {len(kwargs['models'])} models ({kwargs['method']}) into {path}")
+    return 0
+
+
+# --------------------------------------------------------------------------- parser

@@ -1,0 +1,147 @@
+"""``hf-fisher prune``: prune a model by its Fisher information or a baseline score, save the result.
+
+The score names come from the prune-score registry (built-ins and plugins, ``hf-fisher plugins``);
+an unknown ``--score`` is refused by :func:`hf_fisher.consumers.pruning.check_options` before the
+model is loaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from hf_fisher.cli.common import (
+    add_device_options,
+    check_device,
+    check_model_and_data_args,
+    check_model_arg,
+    check_samples_against_config,
+    load_config,
+    load_model,
+    load_model_and_batches,
+    read_samples,
+)
+from hf_fisher.errors import InvalidInputError
+
+PRUNE_DESCRIPTION = """\
+Prune a model by its Fisher information (or a baseline criterion) and save the result:
+
+    hf-fisher prune --model M --sparsity 0.3 --structured heads,channels \\
+        --scope layer --data calib.txt --physical --out M-pruned
+    hf-fisher prune --model M --fisher fisher-lm --sparsity 0.3 --out M-masked
+
+With --data and --scope layer the default criterion is "kfac": layer by layer, units are removed
+greedily by the least loss increase under the KFAC quadratic (Fisher of the layer output x
+Gram of its input) with the kept units' scales re-optimised and folded into the weights.
+Without data, "fisher": a head's score is the Fisher of its Q rows and O columns (no share of
+the K/V it shares under GQA; in multi-head attention a head takes its K/V rows along), a
+channel's that of its gate/up rows and down column. --physical removes the units (a smaller model
+from_pretrained loads); otherwise the weights are zeroed. --out gets the tokenizer files of
+--model and pruning.json: what was removed, and the warnings (a sparsity the floors cannot reach;
+a saturated model, whose Fisher vanishes: then the default adds FLAP's bias compensation).
+The flag combinations are checked before the model is loaded.
+"""
+
+
+def _parse_structured(text: str):
+    if text.strip().lower() in ("none", "unstructured", ""):
+        return None
+    kinds = [k.strip() for k in text.split(",") if k.strip()]
+    bad = [k for k in kinds if k not in ("heads", "kv_heads", "channels", "vocab")]
+    if bad:
+        raise InvalidInputError(f"--structured {text!r}: unknown unit {bad[0]!r}; use a comma list of heads, kv_heads, channels, vocab (or none)")
+    return kinds
+
+
+def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Add ``hf-fisher prune`` to the subcommands ``sub``."""
+    p = sub.add_parser("prune", help="prune heads / kv-heads / channels / vocabulary rows (or weights) by Fisher or a baseline score",
+                       description=PRUNE_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="folder of a saved transformers model")
+    p.add_argument("--fisher", default=None, help="Fisher artifact folder of the model (needed by --score fisher / obd)")
+    p.add_argument("--sparsity", type=float, required=True, help="fraction of the candidate parameters to remove, in [0, 1)")
+    p.add_argument("--structured", default="heads,channels", help="comma list of heads, kv_heads, channels, vocab; or none (unstructured)")
+    p.add_argument("--score", default=None, metavar="SCORE",
+                   help="criterion: a registered prune score, e.g. fisher, kfac, obd, magnitude, wanda_sp, flap (all of them: "
+                        "`hf-fisher plugins`; default: kfac with --data and --scope layer, else fisher)")
+    p.add_argument("--scope", choices=("global", "layer"), default="global", help="one global budget, or the same budget in every layer (default global)")
+    p.add_argument("--min-per-layer", type=int, default=1, help="units of each kind kept in every layer (default 1)")
+    p.add_argument("--confidence", type=float, default=None, help="remove only units whose upper confidence bound is below every kept unit (e.g. 0.95)")
+    p.add_argument("--physical", action="store_true", help="remove the units and save a smaller model (LLaMA family; needs --scope layer)")
+    p.add_argument("--data", default=None, help="calibration data (.txt / .jsonl): the least-squares rescale and the data-driven scores")
+    p.add_argument("--no-rescale", action="store_true", help="no least-squares rescale even with --data")
+    p.add_argument("--encoding", default="utf-8", help="text encoding of --data (default utf-8)")
+    p.add_argument("--batch-size", type=int, default=8, help="samples per batch of --data (default 8)")
+    p.add_argument("--max-length", type=int, default=512, help="truncate calibration samples to this many tokens (default 512)")
+    p.add_argument("--max-samples", type=int, default=None, help="use at most the first N calibration samples")
+    p.add_argument("--seed", type=int, default=0, help="seed of --score random (default 0)")
+    p.add_argument("--out", required=True, help="folder to write the pruned model to (new, empty, or a previous output with --overwrite)")
+    p.add_argument("--overwrite", action="store_true", help="replace a model already in --out (never other files)")
+    add_device_options(p)
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=run)
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    # Cheap checks first: flags, the model and Fisher folders, the data file, the output folder.
+    if not 0.0 <= args.sparsity < 1.0:
+        raise InvalidInputError(f"--sparsity must be in [0, 1) (a fraction of the candidate parameters), got {args.sparsity}")
+    structured = _parse_structured(args.structured)
+    if args.min_per_layer < 0:
+        raise InvalidInputError(f"--min-per-layer must be >= 0 (got {args.min_per_layer})")
+    if args.confidence is not None and not 0.0 < args.confidence < 1.0:
+        raise InvalidInputError(f"--confidence must be in (0, 1), e.g. 0.95 (got {args.confidence})")
+    if args.data is not None:
+        data_path, _ = check_model_and_data_args(args)
+    else:
+        data_path = None
+        check_model_arg(args)
+    if args.fisher is not None and not Path(args.fisher).is_dir():
+        raise InvalidInputError(f"--fisher {args.fisher!r} is not a folder; pass a Fisher artifact folder (hf-fisher collect --out)")
+    from hf_fisher.atomic import check_target
+    from hf_fisher.consumers.merge_io import TOKENIZER_FILES, is_model_output_file
+    from hf_fisher.consumers.pruning import CLI_TERMS, PRUNE_FILES, check_options, prune
+
+    check_target(args.out, allowed=lambda n: is_model_output_file(n) or n in PRUNE_FILES, what="pruned model",
+                 overwrite=args.overwrite, flag="--out", inputs=[("--model", args.model), ("--fisher", args.fisher)])
+    # The flag combinations, on the model's config and the Fisher artifact, before the model is loaded.
+    if args.physical and structured and "vocab" in structured and Path(args.model).is_dir() and any(
+            (Path(args.model) / f).is_file() for f in TOKENIZER_FILES):
+        raise InvalidInputError(
+            "--structured vocab with --physical renumbers the token ids, and the tokenizer in --model cannot be "
+            "renumbered with them (the output would have none that fits): prune the vocabulary without --physical "
+            "(rows zeroed, ids and tokenizer unchanged), or use hf_fisher.prune(..., physical=True, tokenizer=False) "
+            "and map ids through its vocab_map.json"
+        )
+    config, _ = load_config(args.model)
+    fisher = None
+    if args.fisher is not None:
+        from hf_fisher.fisher import Fisher
+
+        fisher = Fisher.from_pretrained(args.fisher)
+    has_data = data_path is not None
+    check_options(sparsity=args.sparsity, structured=structured, score=args.score, scope=args.scope,
+                  min_per_layer=args.min_per_layer, confidence=args.confidence, physical=args.physical,
+                  has_data=has_data, has_rescale_data=has_data and not args.no_rescale, fisher=fisher,
+                  rescale=False if args.no_rescale or not has_data else None, config=config, terms=CLI_TERMS)
+    check_device(args.device)
+    batches = None
+    if data_path is not None:
+        samples = read_samples(args, data_path)
+        config, task_type = check_samples_against_config(args, samples)
+        model, batches = load_model_and_batches(args, config, task_type, samples)
+    else:
+        model = load_model(args.model, config, args.dtype, args.device)
+    result = prune(
+        model, fisher, sparsity=args.sparsity, structured=structured, score=args.score, scope=args.scope,
+        min_per_layer=args.min_per_layer, confidence=args.confidence, physical=args.physical,
+        rescale_batches=None if args.no_rescale else batches, calibration_batches=batches,
+        rescale=False if args.no_rescale or batches is None else None, seed=args.seed, progress=not args.no_progress,
+    )
+    result.save_pretrained(args.out, overwrite=args.overwrite)
+    st = result.stats
+    print(f"Removed {st.get('removed_units', len(result.masks))} units ({100 * st['achieved_sparsity']:.1f}% of "
+          f"{st['candidate_params']:,} candidate parameters; score {st['score']}, scope {st['scope']})")
+    print(f"Saved the {'smaller' if args.physical else 'masked'} model to {args.out}")
+    return 0

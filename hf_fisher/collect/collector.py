@@ -1,0 +1,671 @@
+"""FisherCollector: accumulates per-sample contributions of one model over batches and tasks.
+
+The collector owns the statistics (one Welford or EMA accumulator per parameter and task, in
+float64 by default) and turns them into :class:`hf_fisher.Fisher` artifacts. The per-sample
+work is the engine's (:mod:`hf_fisher.engine`); the accumulation is :mod:`hf_fisher.stats`.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Iterable, Mapping
+
+import torch
+import torch.nn as nn
+
+from .. import plugins
+from ..engine.losses import task_type_of
+from ..engine.per_sample import BatchReport, ContributionSink, LossFn, PerSampleEngine, Target
+from ..errors import EmptyDataError, InvalidInputError, NoTrainableParametersError, regex_argument
+from ..estimators.base import REDUCTIONS, CollectOptions, check_keep_sample_contributions  # noqa: F401 (re-exported)
+from ..fisher import Counts, Fisher, FisherMetadata
+from .stats import EMA, AccumulatorState, Welford, Workspace, make_accumulator, shifted_moments_
+
+log = logging.getLogger(__name__)
+
+#: the estimator a FisherCollector computes itself
+EMPIRICAL = "empirical"
+#: the collector's own options besides the shared :class:`~hf_fisher.estimators.base.CollectOptions`
+#: (the diagonal estimators take them too)
+COLLECTOR_OPTIONS = frozenset({"params", "verify", "loss_fn", "accumulation_device"})
+
+
+class _MomentsSink(ContributionSink):
+    """Batch moments of every parameter's contributions, merged into the task at :meth:`commit`.
+
+    Each chunk of per-sample contributions is summarised in its own precision, in place, by
+    :func:`~hf_fisher.stats.shifted_moments_` (two-pass around the rounded chunk mean, without
+    the residual correction: the contributions are themselves rounded in that precision, which
+    dominates the correction's effect -- see there; no ``[b, *shape]`` temporary). A parameter
+    whose batch arrives in one chunk (all but the largest) keeps that summary, two tensors of
+    the parameter's shape, until :meth:`commit` Chan-merges it straight into the task's
+    accumulator, in place, in the accumulation dtype (float64): one merge per parameter and
+    batch, with float64 temporaries from a reused :class:`~hf_fisher.stats.Workspace`. A
+    parameter that arrives in several chunks folds them into a batch-level float64
+    :class:`~hf_fisher.stats.Welford` first (kept for the next batch), so memory stays one
+    float64 pair per parameter.
+
+    Nothing touches the task's accumulators before :meth:`commit`, so a batch that fails
+    half-way leaves them as they were. The collector keeps one sink for its life
+    (:meth:`reset` per batch), and with it the scratch buffers.
+
+    :meth:`add_gradients` is the fused entry point: it takes the signed per-sample gradients,
+    squares them in place itself, and reads non-finite samples off the chunk's column sums
+    instead of a separate finiteness pass over the contributions.
+    """
+
+    accepts_moments = True
+    #: whether :meth:`add_gradients` is available (contributions C_i = g_i ⊙ g_i from g_i)
+    accepts_gradients = True
+
+    def __init__(self, dtype: torch.dtype, keep_dtype: torch.dtype | None = None):
+        self.dtype = dtype
+        #: dtype of the per-sample contributions kept on the CPU (None: none kept; see
+        #: ``FisherCollector(keep_sample_contributions=True)``)
+        self.keep_dtype = keep_dtype
+        # name -> this batch's kept contributions [b, num_groups], chunks in sample order
+        self.kept: dict[str, list[torch.Tensor]] = {}
+        self.workspace = Workspace()
+        # name -> (n, shift, m2, residual) of the batch's only chunk so far
+        self.pending: dict[str, tuple] = {}
+        # name -> batch-level Welford, for parameters that came in several chunks
+        self.batch: dict[str, Welford] = {}
+        # the batch-level Welfords of earlier batches, reused
+        self.spare: dict[str, Welford] = {}
+
+    def reset(self) -> None:
+        self.pending = {}
+        self.batch = {}
+        self.kept = {}
+
+    def take_kept(self) -> dict[str, list[torch.Tensor]]:
+        """This batch's kept per-sample contributions (call before :meth:`commit`, which resets)."""
+        kept, self.kept = self.kept, {}
+        return kept
+
+    def add(self, name: str, contributions: torch.Tensor) -> None:
+        """Per-sample contributions ``[b, ...]``, already checked finite; modified in place."""
+        if self.keep_dtype is not None:  # a copy, before shifted_moments_ overwrites them
+            self.kept.setdefault(name, []).append(contributions.detach().to("cpu", self.keep_dtype, copy=True))
+        self._push(name, contributions.shape[0], *shifted_moments_(contributions, corrected=False))
+
+    def add_gradients(self, name: str, gradients: torch.Tensor, *, owned: bool = False) -> list[int]:
+        """Per-sample gradients ``g`` ``[b, ...]`` of the next samples: adds ``C_i = g_i ⊙ g_i``.
+
+        ``owned=True`` lets the sink square ``g`` in place (the caller will not read it again);
+        otherwise the squares go to a new tensor. Returns the rows (0-based, in this chunk) whose
+        contribution is not finite, and then adds nothing; an empty list when all was added.
+        Finiteness is read off the chunk's per-element sums, which are finite exactly when
+        every contribution is (unless a float32 sum overflows: then the chunk is redone in
+        float64, which cannot overflow).
+        """
+        b = gradients.shape[0]
+        if b == 0:
+            return []
+        if gradients.dtype not in (torch.float32, torch.float64):
+            x = gradients.to(torch.float32).square_()
+        else:
+            x = gradients.square_() if owned else gradients.square()
+        total = x.sum(0)
+        # N-sized checks: the column sums are non-finite iff a contribution is (or a sum overflows)
+        if not bool(torch.isfinite(total.sum())) and not bool(torch.isfinite(total).all()):
+            bad = (~torch.isfinite(x.reshape(b, -1))).any(dim=1).nonzero().flatten().tolist()
+            if bad:
+                return bad
+            x = x.to(torch.float64)  # finite contributions whose float32 sums overflow
+            total = x.sum(0)
+        self._push(name, b, *shifted_moments_(x, total=total, corrected=False))
+        return []
+
+    def add_moments(self, name: str, n: int, mean: torch.Tensor, m2: torch.Tensor) -> None:
+        self._push(name, int(n), mean, m2, None)
+
+    def _push(self, name: str, n: int, shift: torch.Tensor, m2: torch.Tensor, residual: torch.Tensor | None) -> None:
+        if n == 0:
+            return
+        if name in self.batch:
+            self.batch[name].update_shifted_(n, shift, m2, residual, workspace=self.workspace)
+        elif name in self.pending:
+            # a batch-level Welford kept from an earlier batch (same shape and device): no allocation
+            w = self.spare.get(name)
+            if w is None or w.device != shift.device or w.shape != tuple(shift.shape):
+                w = self.spare[name] = Welford(tuple(shift.shape), dtype=self.dtype, device=shift.device)
+            w.reset(zero=False)
+            w.update_shifted_(*self.pending.pop(name), workspace=self.workspace)
+            w.update_shifted_(n, shift, m2, residual, workspace=self.workspace)
+            self.batch[name] = w
+        else:
+            self.pending[name] = (n, shift, m2, residual)
+
+    def commit(self, accumulators: dict) -> None:
+        ws = self.workspace
+        for name, (n, shift, m2, residual) in self.pending.items():
+            accumulators[name].update_shifted_(n, shift, m2, residual, workspace=ws)
+        for name, w in self.batch.items():
+            accumulators[name].update_shifted_(w.count, w.mean, w.m2, workspace=ws)
+        self.reset()
+
+
+class _OrderedSink(ContributionSink):
+    """Keeps per-sample contributions in order (for EMA, whose result depends on the order)."""
+
+    def __init__(self, dtype: torch.dtype):
+        self.dtype = dtype
+        self.rows: dict[str, list[torch.Tensor]] = {}
+
+    def reset(self) -> None:
+        self.rows = {}
+
+    def add(self, name: str, contributions: torch.Tensor) -> None:
+        self.rows.setdefault(name, []).append(contributions.to(self.dtype))
+
+    def commit(self, accumulators: dict) -> None:
+        for name, chunks in self.rows.items():
+            accumulators[name].update(torch.cat(chunks).to(accumulators[name].device))
+
+
+@dataclass
+class _TaskState:
+    accumulators: dict
+    samples: int = 0
+    tokens: int = 0
+    skipped: int = 0
+    nonfinite: int = 0
+    batches: int = 0
+    #: name -> kept per-sample contributions (chunks of [b, num_groups], in sample order), or
+    #: None when the collector does not keep them
+    rows: dict | None = None
+
+
+def select_parameters(model: nn.Module, params: "str | Iterable[str] | None") -> list[tuple[str, torch.Tensor]]:
+    """The trainable ``(name, parameter)`` pairs to collect: all of them (``None``), those whose
+    name matches a regular expression (``re.search``), or those named in a list (every name
+    must exist and be trainable)."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if params is None:
+        return named
+    if isinstance(params, str):
+        pattern = regex_argument("params", params)
+        chosen = [(n, p) for n, p in named if pattern.search(n)]
+        if not chosen:
+            raise InvalidInputError(f"params={params!r} matches no trainable parameter (e.g. {named[0][0] if named else 'none'!r})")
+        return chosen
+    wanted = list(params)
+    by_name = dict(named)
+    missing = [n for n in wanted if n not in by_name]
+    if missing:
+        all_names = {n for n, _ in model.named_parameters()}
+        frozen = [n for n in missing if n in all_names]
+        raise InvalidInputError(
+            f"params: {', '.join(missing[:3])} {'is' if len(missing) == 1 else 'are'} "
+            + ("frozen (requires_grad=False)" if frozen and len(frozen) == len(missing) else "not a trainable parameter of the model")
+        )
+    return [(n, by_name[n]) for n in dict.fromkeys(wanted)]
+
+
+class FisherCollector:
+    """Collects the empirical diagonal Fisher of ``model`` for one or several tasks.
+
+    F = mean_i C_i with C_i = g_i ⊙ g_i, g_i the gradient of sample i's loss (normalisation
+    "mean": mean CE over its label tokens; "sum"; "token": C_i = (d sum_t l_it/dθ)² / T_i).
+    ``reduction="group"`` sums C_i within the adapter's groups (heads, kv-heads, channels,
+    vocabulary rows) before accumulating. Accumulation is Welford/Chan in ``accumulation_dtype``
+    (float64 default), or an EMA with bias correction when ``ema_decay`` is set.
+
+    Inside a ``torch.distributed`` process group (torchrun, ``accelerate launch``) each rank
+    accumulates the samples it is given and :meth:`fisher` returns, on every rank, the Fisher
+    of all ranks' samples, merged exactly (Chan's formula, see
+    :mod:`hf_fisher.integrations.distributed`); :meth:`fisher` is then a collective that every
+    rank must call. ``distributed=None`` (default) merges when the group has more than one
+    process, ``False`` keeps each rank's own Fisher, ``True`` requires an initialised group.
+
+    ``keep_sample_contributions=True`` (``reduction="group"`` only) also keeps every used
+    sample's group contributions ``C_i,g = Σ_{j ∈ g} C_ij``, one ``[n, num_groups]`` tensor per
+    parameter, in sample order (batches in the order given, samples within a batch in order),
+    on the CPU in ``storage_dtype`` (float32 when it is None): :attr:`Fisher.sample_contributions`,
+    whose mean over samples is the Fisher (``mean_i C_i,g = F_g``) and from which
+    :mod:`hf_fisher.uncertainty` draws bootstrap intervals. Memory: ``4 n Σ num_groups`` bytes
+    in float32. Refused (:class:`InvalidInputError`) with ``reduction="param"`` (``[n, *shape]``
+    per parameter would be n copies of the model), with ``ema_decay`` (the EMA is a weighted
+    mean, which the plain mean of the kept values would not reproduce) and when the Fisher is
+    merged across ``torch.distributed`` ranks (they are not gathered: pass ``distributed=False``
+    for each rank's own Fisher and samples).
+
+    ``estimator`` names what the collector computes, which is the empirical Fisher: any other
+    name is refused (:class:`InvalidInputError`; the true Fisher and KFAC are
+    ``hf_fisher.collect(model, batches, estimator="true" | "kfac", ...)``). An estimator that
+    computes its own contributions and adds them with :meth:`add_contributions` builds its
+    collector with :meth:`for_estimator`, which labels the artifacts with its name.
+
+    Example::
+
+        collector = FisherCollector(model, reduction="group")
+        for batch in math_batches:
+            collector.update(batch, task="math")
+        fisher = collector.fisher("math")
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        reduction: str = "param",
+        normalization: str = "mean",
+        task_type: str | None = None,
+        accumulation_dtype: torch.dtype = torch.float64,
+        storage_dtype: torch.dtype | None = None,
+        storage_device: str | torch.device = "cpu",
+        accumulation_device: str | torch.device = "cpu",
+        ema_decay: float | None = None,
+        on_nonfinite: str = "raise",
+        memory_budget_mb: float | None = None,
+        train_mode: bool = False,
+        loss_fn: LossFn | None = None,
+        estimator: str = "empirical",
+        verify: bool = True,
+        params: "str | Iterable[str] | None" = None,
+        distributed: bool | None = None,
+        keep_sample_contributions: bool = False,
+    ):
+        if estimator != EMPIRICAL:
+            raise InvalidInputError(
+                f"FisherCollector computes the empirical Fisher (the data's labels), not estimator={estimator!r}. "
+                "For the true Fisher (labels drawn from the model) or KFAC use hf_fisher.collect(model, batches, "
+                "estimator='true', mc_samples=..., seed=...) or estimator='kfac'; drop estimator= (or pass "
+                "'empirical') for the empirical Fisher"
+            )
+        # the shared options, checked in one place (the same checks hf_fisher.collect makes)
+        CollectOptions(
+            reduction=reduction, normalization=normalization, accumulation_dtype=accumulation_dtype,
+            storage_dtype=storage_dtype, storage_device=storage_device, ema_decay=ema_decay, on_nonfinite=on_nonfinite,
+            memory_budget_mb=memory_budget_mb, train_mode=train_mode, task_type=task_type, distributed=distributed,
+            keep_sample_contributions=keep_sample_contributions,
+        )
+        named = select_parameters(model, params)
+        if not named:
+            raise NoTrainableParametersError(
+                f"{type(model).__name__} has no trainable parameter (requires_grad=True); unfreeze the "
+                "parameters whose Fisher you want (e.g. model.requires_grad_(True) or a PEFT adapter)"
+            )
+        self.model = model
+        self.reduction = reduction
+        self.normalization = normalization
+        self.task_type = task_type or task_type_of(model)
+        self.accumulation_dtype = accumulation_dtype
+        self.storage_dtype = storage_dtype
+        self.storage_device = torch.device(storage_device)
+        self.accumulation_device = torch.device(accumulation_device)
+        self.ema_decay = ema_decay
+        self.train_mode = train_mode
+        self.estimator = estimator
+        self.distributed = distributed
+        self.keep_sample_contributions = keep_sample_contributions
+        #: dtype of the kept per-sample contributions (None: not kept)
+        self.keep_dtype = (storage_dtype or torch.float32) if keep_sample_contributions else None
+        self._refuse_merging_kept(None)
+        self.layout = plugins.model_layout(model)
+        self.param_shapes = {n: tuple(p.shape) for n, p in named}
+        self.groups = {n: self.layout.groups[n] for n, _ in named}
+        targets = [Target(n, p, self.groups[n] if reduction == "group" else None) for n, p in named]
+        self.engine = PerSampleEngine(
+            model, targets, plugins.grad_rules(), task_type=self.task_type, normalization=normalization,
+            loss_fn=loss_fn, memory_budget_mb=memory_budget_mb, on_nonfinite=on_nonfinite, verify=verify,
+        )
+        self.tasks: dict[str, _TaskState] = {}
+        self._moments_sink: _MomentsSink | None = None
+
+    @classmethod
+    def for_estimator(cls, estimator: str, model: nn.Module, **options: Any) -> "FisherCollector":
+        """A collector for an estimator that computes its own per-sample contributions (e.g. the
+        true Fisher's label draws) and adds them with :meth:`add_contributions`: its artifacts
+        say ``estimator``. Its :meth:`update`, :meth:`collect` and :meth:`attach_training`, which
+        compute the empirical Fisher, are refused (they would add empirical contributions under
+        that name)."""
+        collector = cls(model, **options)
+        collector.estimator = estimator
+        return collector
+
+    def _refuse_other_estimator(self, what: str) -> None:
+        if self.estimator != EMPIRICAL:
+            raise InvalidInputError(
+                f"{what} computes the empirical Fisher, but this collector is labelled estimator={self.estimator!r}: "
+                f"add that estimator's contributions with add_contributions(), or use a FisherCollector of its own"
+            )
+
+    # ------------------------------------------------------------------ accumulation
+    def _task(self, task: str) -> _TaskState:
+        if task not in self.tasks:
+            self.tasks[task] = self._empty_state()
+        return self.tasks[task]
+
+    def _empty_state(self) -> _TaskState:
+        acc = {}
+        for t in self.engine.targets:
+            shape = (t.groups.num_groups,) if t.groups is not None else tuple(t.param.shape)
+            acc[t.name] = make_accumulator(shape, ema_decay=self.ema_decay, dtype=self.accumulation_dtype, device=self.accumulation_device)
+        return _TaskState(acc, rows={name: [] for name in acc} if self.keep_dtype is not None else None)
+
+    def _refuse_merging_kept(self, distributed: bool | None) -> None:
+        if self.keep_sample_contributions and self._merging(distributed):
+            raise InvalidInputError(
+                "keep_sample_contributions=True is not supported when the Fisher is merged across torch.distributed "
+                "ranks (the per-sample contributions are not gathered); pass distributed=False to get each rank's "
+                "own Fisher with its own samples' contributions, or collect in a single process"
+            )
+
+    def _commit(self, sink: ContributionSink, state: _TaskState) -> None:
+        """``sink.commit`` into ``state``, appending the batch's kept per-sample contributions."""
+        kept = sink.take_kept() if state.rows is not None else {}
+        sink.commit(state.accumulators)
+        for name, chunks in kept.items():
+            state.rows[name].extend(chunks)
+
+    def _merging(self, distributed: bool | None = None) -> bool:
+        """Whether :meth:`fisher` merges across ranks now (``distributed`` overrides the collector's setting)."""
+        from .distributed import is_distributed
+
+        choice = self.distributed if distributed is None else distributed
+        if choice is False:
+            return False
+        if choice is True:
+            import torch.distributed as dist
+
+            if not (dist.is_available() and dist.is_initialized()):
+                raise InvalidInputError("distributed=True but torch.distributed is not initialised (any more)")
+            return True
+        return is_distributed()
+
+    def merged_state(self, task: str) -> _TaskState:
+        """``task``'s state merged over every rank of the default process group: a new
+        :class:`_TaskState` (this rank's accumulators are left as they are, so merging again
+        later never counts a sample twice). A collective: every rank must call it, for the same
+        task. A rank that has not seen ``task`` takes part with an empty state."""
+        from .distributed import merge_accumulators
+
+        local = self.tasks.get(task) or self._empty_state()
+        counters = {k: getattr(local, k) for k in ("samples", "tokens", "skipped", "nonfinite", "batches")}
+        context = {
+            "task": task, "reduction": self.reduction, "normalization": self.normalization, "estimator": self.estimator,
+            "ema_decay": self.ema_decay, "accumulation_dtype": str(self.accumulation_dtype), "task_type": self.task_type,
+        }
+        acc, counts = merge_accumulators(local.accumulators, counters, context=context)
+        return _TaskState(acc, **counts)
+
+    def _new_sink(self) -> ContributionSink:
+        if self.ema_decay is not None:
+            return _OrderedSink(self.accumulation_dtype)
+        # one moments sink for the collector's life: its float64 scratch buffers are reused
+        if self._moments_sink is None:
+            self._moments_sink = _MomentsSink(self.accumulation_dtype, self.keep_dtype)
+        return self._moments_sink
+
+    def _record(self, state: _TaskState, report: BatchReport) -> None:
+        state.batches += 1
+        state.samples += report.used
+        state.tokens += report.tokens
+        state.skipped += report.skipped
+        state.nonfinite += report.nonfinite
+
+    def attach_training(self, task: str = "train", *, max_samples: int | None = None):
+        """Collect ``task`` from the backward passes someone else runs on the model (a Trainer):
+        returns the attached :class:`~hf_fisher.engine.external.ExternalBackward`; call its
+        ``finish()`` after each backward (before the optimizer step) and ``detach()`` at the end.
+
+        A micro-batch the free path cannot take exactly (see ``ExternalBackward``: e.g. a Trainer
+        loss that counts the first real token after left padding, which the Fisher of the sample
+        alone does not) is redone with the engine's own pass, on the same parameters, with the
+        random streams left untouched; one WARNING per reason, and the counts are kept in
+        :attr:`fallback_batches` and :attr:`fallback_reasons` (``{reason: micro-batches}``).
+        """
+        from ..engine.external import ExternalBackward
+
+        self._refuse_other_estimator("attach_training()")
+        state = self._task(task)
+
+        def remaining():
+            return None if max_samples is None else max(0, max_samples - state.samples)
+
+        def done(micro):
+            if micro.failed is None:
+                self._commit(micro.sink, state)
+                self._record(state, micro.report)
+                return
+            if micro.failed not in self.fallback_reasons:
+                log.warning("hf_fisher: a training micro-batch is computed with an extra pass (exact): %s", micro.failed)
+            self.fallback_reasons[micro.failed] = self.fallback_reasons.get(micro.failed, 0) + 1
+            self.fallback_batches += 1
+            limit = remaining()
+            if limit == 0:
+                return
+            with ext.paused_capture(), preserved_rng(self.model):
+                self.update(micro.batch, task, limit=limit)
+
+        ext = ExternalBackward(self.engine, self._new_sink, done, remaining)
+        #: micro-batches computed with the engine's own pass, and how many for each reason
+        self.fallback_batches = 0
+        self.fallback_reasons: dict[str, int] = {}
+        return ext.attach()
+
+    def add_contributions(self, task: str, contributions: Mapping[str, torch.Tensor], report: BatchReport) -> None:
+        """Add one batch's per-sample contributions ``{name: [b, ...]}`` (already combined, e.g.
+        averaged over the true Fisher's label draws) to ``task``, with the batch's ``report``
+        (samples used, tokens). Same accumulation as :meth:`update`."""
+        state = self._task(task)
+        sink = self._new_sink()
+        sink.reset()
+        for name, c in contributions.items():
+            sink.add(name, c)
+        self._commit(sink, state)
+        self._record(state, report)
+
+    def batches_seen(self, task: str) -> int:
+        """Batches added to ``task`` so far (the index of the next batch in error messages)."""
+        return self._task(task).batches
+
+    def samples_seen(self, task: str) -> int:
+        """Samples added to ``task`` so far (this process only)."""
+        return self._task(task).samples
+
+    def update(self, batch: Mapping[str, Any], task: str = "default", *, limit: int | None = None) -> BatchReport:
+        """Add the samples of one batch to ``task``. Returns what was used and skipped."""
+        self._refuse_other_estimator("update()")
+        state = self._task(task)
+        sink = self._new_sink()
+        was_training = self.model.training
+        self.model.train(self.train_mode)
+        try:
+            report = self.engine.process(batch, sink, batch_index=state.batches, limit=limit)
+        except BaseException:
+            sink.reset()  # drop the half batch now rather than at the next update
+            raise
+        finally:
+            self.model.train(was_training)
+        self._commit(sink, state)
+        self._record(state, report)
+        return report
+
+    def collect(self, batches: Iterable[Mapping[str, Any]], task: str = "default", *, max_samples: int | None = None, progress: bool = True) -> None:
+        """:meth:`update` over ``batches`` until they end or ``max_samples`` samples were used."""
+        from tqdm.auto import tqdm
+
+        self._refuse_other_estimator("collect()")
+        if max_samples is not None and max_samples <= 0:
+            raise InvalidInputError(f"max_samples must be positive, got {max_samples}")
+        state = self._task(task)
+        bar = tqdm(total=max_samples, desc=f"Fisher[{task}]", unit="sample", disable=not progress)
+        try:
+            for batch in batches:
+                remaining = None if max_samples is None else max_samples - state.samples
+                if remaining is not None and remaining <= 0:
+                    break
+                report = self.update(batch, task, limit=remaining)
+                bar.update(report.used)
+        finally:
+            bar.close()
+
+    # ------------------------------------------------------------------ results
+    def fisher(
+        self, task: str = "default", *, model_name_or_path: str | None = None, data_description: str | None = None,
+        extra: Mapping[str, Any] | None = None, dtype: torch.dtype | None = None, distributed: bool | None = None,
+    ) -> Fisher:
+        """The Fisher artifact of ``task`` (mean, unbiased variance, counts, metadata).
+
+        ``extra`` is merged into ``metadata.extra``; ``dtype`` overrides the storage dtype (a
+        checkpoint keeps the accumulation dtype so that :meth:`restore` is exact). Inside a
+        process group of K > 1 ranks (see the class docstring; ``distributed`` overrides the
+        collector's setting for this call) the result holds every rank's samples, identical on
+        every rank, and ``metadata.extra["world_size"]`` is K; this rank's own accumulators are
+        not changed, so calling it again (after more updates) still counts each sample once."""
+        info: dict[str, Any] = {}
+        self._refuse_merging_kept(distributed)
+        if self._merging(distributed):
+            from .distributed import world_size
+
+            seen = self.merged_state(task)
+            merged = {task: seen}
+            info["world_size"] = world_size()
+        else:
+            from .distributed import is_distributed, rank
+
+            seen = self.tasks.get(task)
+            merged = self.tasks
+            if is_distributed():
+                info.update(world_size=1, rank=rank())
+        if seen is not None and seen.samples == 0 and seen.nonfinite > 0:
+            raise EmptyDataError(
+                f"no usable sample for task {task!r}: all {seen.nonfinite} samples with label tokens were dropped "
+                f"because their loss or gradient is not finite (on_nonfinite='skip'; {seen.skipped} more had no "
+                "label token); check the model's weights and dtype (e.g. fp16 overflow) and the data"
+            )
+        if task not in merged or merged[task].samples == 0:
+            detail = f" ({seen.batches} batches, {seen.skipped} samples without label tokens)" if seen else ""
+            where = f" on any of the {info['world_size']} ranks" if info.get("world_size", 1) > 1 else ""
+            raise EmptyDataError(
+                f"no usable sample for task {task!r}{where}{detail}: pass non-empty batches whose samples have "
+                "label tokens (labels != -100)"
+            )
+        state = merged[task]
+        dtype = dtype or self.storage_dtype or self.accumulation_dtype
+        mean, var = {}, {}
+        for name, acc in state.accumulators.items():
+            # copies: the accumulators are updated in place by later batches
+            mean[name] = acc.mean_as(dtype, self.storage_device)
+            var[name] = acc.variance().to(device=self.storage_device, dtype=dtype)
+        samples = None
+        if state.rows is not None:
+            samples = {name: _concat_rows(state.rows[name], acc.shape, self.keep_dtype) for name, acc in state.accumulators.items()}
+        return Fisher(
+            mean, var,
+            reduction=self.reduction,
+            groups=dict(self.groups),
+            param_shapes=dict(self.param_shapes),
+            counts=Counts(samples=state.samples, tokens=state.tokens, skipped=state.skipped, nonfinite=state.nonfinite),
+            metadata=self._metadata(task, model_name_or_path, data_description, dtype, {**info, **dict(extra or {})}, state),
+            layout=self.layout,
+            sample_contributions=samples,
+        )
+
+    def restore(self, task: str, fisher: Fisher) -> None:
+        """Continue ``task`` from an artifact this collector (or one like it) wrote: the
+        accumulators are rebuilt from its mean, variance and counts (Welford: ``M2 = var (n-1)``;
+        EMA: with the weight sums kept in ``metadata.extra["ema_state"]``), exactly up to the
+        artifact's dtype.
+
+        Under several ranks, restore on one rank only (the trainer callback uses rank 0) and
+        start the others empty: a merge would otherwise count the restored samples once per rank."""
+        if fisher.reduction != self.reduction or sorted(fisher.names()) != sorted(t.name for t in self.engine.targets):
+            raise InvalidInputError(
+                f"cannot resume task {task!r} from this artifact: it holds a {fisher.reduction} Fisher of "
+                f"{len(fisher)} parameters, this collector a {self.reduction} Fisher of {len(self.engine.targets)}"
+            )
+        n = fisher.counts.samples
+        ema = (fisher.metadata.extra or {}).get("ema_state")
+        acc = {}
+        for t in self.engine.targets:
+            mean = fisher[t.name].to(self.accumulation_dtype)
+            var = fisher.variances[t.name].to(self.accumulation_dtype) if fisher.has_variance else torch.zeros_like(mean)
+            if self.ema_decay is None:
+                acc[t.name] = Welford.from_state(
+                    AccumulatorState(n, mean, var * max(0, n - 1)), dtype=self.accumulation_dtype, device=self.accumulation_device,
+                )
+            else:
+                if not ema:
+                    raise InvalidInputError("this artifact has no EMA state (metadata.extra['ema_state']): it cannot resume an EMA")
+                w, w2 = float(ema["weight_sum"]), float(ema["weight_sq_sum"])
+                denom = 1.0 - w2 / (w * w) if n > 1 else 1.0
+                acc[t.name] = EMA.from_state(
+                    AccumulatorState(n, mean, var * denom * w, self.ema_decay, w, w2),
+                    dtype=self.accumulation_dtype, device=self.accumulation_device,
+                )
+        rows = None
+        if self.keep_dtype is not None:
+            if fisher.sample_contributions is None:
+                raise InvalidInputError(
+                    f"cannot resume task {task!r} with keep_sample_contributions=True: the artifact has no per-sample "
+                    "contributions (it was collected without keep_sample_contributions)"
+                )
+            rows = {t.name: [fisher.sample_contributions[t.name].to("cpu", self.keep_dtype, copy=True)] for t in self.engine.targets}
+        c = fisher.counts
+        self.tasks[task] = _TaskState(acc, samples=c.samples, tokens=c.tokens, skipped=c.skipped, nonfinite=c.nonfinite, rows=rows)
+
+    def _metadata(self, task, model_name_or_path, data_description, storage_dtype, extra=None, state=None) -> FisherMetadata:
+        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        config = getattr(base, "config", None)
+        name = model_name_or_path or getattr(config, "_name_or_path", None) or None
+        return FisherMetadata(
+            task=task,
+            estimator=self.estimator,
+            reduction=self.reduction,
+            normalization=self.normalization,
+            model_name_or_path=name or None,
+            revision=getattr(config, "_commit_hash", None),
+            model_type=getattr(config, "model_type", None),
+            mode="train" if self.train_mode else "eval",
+            accumulation_dtype=str(self.accumulation_dtype).replace("torch.", ""),
+            storage_dtype=str(storage_dtype).replace("torch.", ""),
+            data_description=data_description,
+            ema_decay=self.ema_decay,
+            extra={
+                "task_type": self.task_type,
+                "per_sample_path": "loop" if self.engine.loop_mode else "batched",
+                **({"loop_reason": self.engine.loop_reason} if self.engine.loop_mode else {}),
+                **({"vjp_params": dict(self.engine.vjp_reasons)} if self.engine.vjp_reasons and not self.engine.loop_mode else {}),
+                **(_ema_state(state) if state is not None and self.ema_decay is not None else {}),
+                **dict(extra or {}),
+            },
+        )
+
+    def close(self) -> None:
+        """Detach the capture hooks from the model and release the scratch buffers."""
+        self.engine.capture.detach()
+        if self._moments_sink is not None:
+            self._moments_sink.workspace.clear()
+            self._moments_sink.spare = {}
+
+
+def _concat_rows(chunks: list[torch.Tensor], shape: tuple, dtype: torch.dtype) -> torch.Tensor:
+    """The kept chunks of one parameter as one ``[n, num_groups]`` tensor (``[0, num_groups]`` if none)."""
+    if not chunks:
+        return torch.zeros((0, *shape), dtype=dtype)
+    return torch.cat(chunks) if len(chunks) > 1 else chunks[0].clone()
+
+
+def _ema_state(state: _TaskState) -> dict:
+    """The EMA's weight sums (shared by every accumulator of a task), for :meth:`FisherCollector.restore`."""
+    acc = next(iter(state.accumulators.values()), None)
+    if not isinstance(acc, EMA):
+        return {}
+    s = acc.state()
+    return {"ema_state": {"weight_sum": float(s.weight_sum), "weight_sq_sum": float(s.weight_sq_sum)}}
+
+
+def preserved_rng(model: nn.Module):
+    """``torch.random.fork_rng`` over the CPU and the model's CUDA device: an extra pass inside
+    training (dropout) leaves the random streams training uses as they were."""
+    devices = [p.device for p in model.parameters()][:1]
+    cuda = [d.index or 0 for d in devices if d.type == "cuda"]
+    return torch.random.fork_rng(devices=cuda)
+
+
+_preserved_rng = preserved_rng  # the name hf_fisher.integrations.trainer imports

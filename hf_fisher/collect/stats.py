@@ -1,0 +1,659 @@
+"""Streaming statistics of per-sample tensors: Welford/Chan moments and a bias-corrected EMA.
+
+Pure tensor math, no model knowledge. The engine feeds per-sample contributions
+``C_i = g_i ⊙ g_i`` (a ``[b, *shape]`` batch, or precomputed per-chunk moments) and reads back
+``F = mean_i C_i`` with its sample variance.
+
+Two accumulators share one interface (``update``, ``count``, ``mean``, ``m2``, ``variance``,
+``stderr``, ``effective_count``, ``mean_as``, ``variance_as``, ``state_dict``/``from_state_dict``,
+and the exact in-memory state ``state()``/``from_state()`` as an :class:`AccumulatorState`, which
+the cross-rank merge and the collector's checkpoints read instead of the accumulators' internals):
+
+- :class:`Welford` — exact, order-independent mean and centred sum of squares, mergeable across
+  batches, ranks and checkpoints with Chan et al.'s pairwise formula. The default.
+- :class:`EMA` — exponentially weighted mean/variance with bias correction; order dependent, so
+  it cannot be merged.
+
+Accumulation always happens in the accumulator's dtype (float64 by default) whatever the
+input dtype; ``mean_as``/``variance_as`` export in a storage dtype/device.
+
+The fast path of the collector (``reduction="param"``) is two pieces that avoid any float64
+``[b, *shape]`` temporary:
+
+- :func:`shifted_moments_` summarises a chunk of per-sample values (or of their squares, so the
+  square is not a separate step) in their own precision, in place, as a *shift*, a *residual* and
+  a centred ``M2`` (the corrected two-pass algorithm, see there);
+- :meth:`Welford.update_shifted_` Chan-merges such a summary into the float64 state in place,
+  with reusable scratch buffers from a :class:`Workspace`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+
+from hf_fisher.errors import EmptyDataError, InvalidInputError, UnsupportedError
+
+__all__ = ["AccumulatorState", "Welford", "EMA", "Workspace", "make_accumulator", "shifted_moments_", "confidence_interval"]
+
+
+def _as_shape(shape: Sequence[int] | torch.Size | int | None) -> tuple[int, ...] | None:
+    if shape is None:
+        return None
+    if isinstance(shape, int):
+        return (shape,)
+    return tuple(int(s) for s in shape)
+
+
+def _count_of(value: Any) -> int:
+    if isinstance(value, torch.Tensor):
+        return int(value.item())
+    return int(value)
+
+
+class Workspace:
+    """Reusable scratch buffers for the in-place updates (:meth:`Welford.update_shifted_`).
+
+    One flat buffer per ``(slot, dtype, device)``, grown to the largest size asked for and then
+    handed out as views: a long collection allocates its float64 temporaries once instead of at
+    every batch and parameter (fresh multi-megabyte allocations cost page faults, several times
+    an in-place pass on CPU). Not thread-safe; :meth:`clear` releases the memory.
+    """
+
+    def __init__(self) -> None:
+        self._buffers: dict[tuple, torch.Tensor] = {}
+
+    def get(self, slot: str, shape: Sequence[int] | torch.Size, dtype: torch.dtype, device) -> torch.Tensor:
+        """An uninitialised tensor of ``shape`` (a view of the slot's buffer: valid until the slot is asked for again)."""
+        shape = tuple(int(d) for d in shape)
+        numel = math.prod(shape)
+        key = (slot, dtype, torch.device(device))
+        buf = self._buffers.get(key)
+        if buf is None or buf.numel() < numel:
+            buf = torch.empty(numel, dtype=dtype, device=device)
+            self._buffers[key] = buf
+        return buf[:numel].view(shape)
+
+    def clear(self) -> None:
+        self._buffers = {}
+
+
+def shifted_moments_(
+    x: torch.Tensor, *, square: bool = False, total: torch.Tensor | None = None, corrected: bool = True
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Moments over dim 0 of ``x`` (``[b, *shape]``), or of ``x²`` with ``square=True``; **overwrites** ``x``.
+
+    Returns ``(shift, m2, residual)`` in ``x``'s precision (float32 or float64; lower precisions
+    are first promoted to float32) such that, for the ``b`` values ``y_i`` (``x_i`` or ``x_i²``)::
+
+        mean = shift + residual / b      (evaluate in the accumulation dtype; residual None: mean = shift)
+        M2   = Σ_i (y_i − mean)² = m2    (m2 >= 0)
+
+    ``total``, if given, is ``x.sum(0)`` already computed by the caller (e.g. to check
+    finiteness before ``x`` is overwritten); it is consumed (divided in place) and cannot be
+    combined with ``square``. With ``b == 1``: ``shift = y_0``, ``m2 = 0``, ``residual = None``.
+
+    Two-pass, never a sum of squares: ``shift = fl(Σ y / b)``, then ``M2`` is summed from the
+    centred values ``d_i = y_i − shift``, so there is no cancellation between large terms
+    (``M2 = Σ y² − b·mean²`` in float32 loses every digit when the mean is large against the
+    spread; a float64 version would need float64 copies of ``x``, and ``sum(dtype=float64)``
+    over the batch dimension is ~20x slower than a float32 sum on CPU).
+
+    ``corrected=True`` (default) is the corrected two-pass algorithm (Björck; Chan, Golub &
+    LeVeque 1983): also ``residual = Σ d_i``, and ``m2 = Σ d_i² − residual² / b``. Its error is
+    a few units of ``x``'s precision relative to ``M2`` whatever the mean/spread ratio, and
+    ``shift + residual / b`` gives the mean beyond ``x``'s precision. Passes over ``x``:
+    (square), sum, subtract, sum, square, sum.
+
+    ``corrected=False`` skips the residual: ``m2 = Σ (y_i − shift)²`` (subtract and square fused
+    in one pass), the plain two-pass algorithm. It overestimates ``M2`` by exactly
+    ``b·(mean − shift)²``; the shift is the rounded mean, ``|mean − shift| <= k·eps·|mean|``
+    (``k ~ log2(b) + 2``), so the *variance* is off by at most ``~(k·eps·mean)²``, i.e. its
+    square root by ``k·eps·|mean|``. Relative to ``M2`` that is only visible when all ``b``
+    values agree to ~5 significant digits in float32 (coefficient of variation <~ 1e-4), and it
+    is then still smaller than what rounding the values themselves to ``x``'s precision
+    (``eps/2`` each) does to ``M2``: ``~eps·|mean|·spread·sqrt(b)``. That is the case of the
+    engine's contributions ``C_i = g_i ⊙ g_i``, computed and rounded in the compute dtype, so the
+    collector's sink uses this cheaper form (the same accuracy as before the fused path;
+    tests/test_stats.py checks both statements). Passes over ``x``: (square), sum, fused
+    subtract-square, sum.
+
+    No ``[b, *shape]`` temporary is allocated in either form.
+    """
+    if total is not None and (square or total.dtype != x.dtype):
+        raise InvalidInputError("shifted_moments_: total must be x.sum(0) of the values themselves (no square, same dtype)")
+    if x.dtype not in (torch.float32, torch.float64):
+        x = x.to(torch.float32)
+    if square:
+        x.square_()
+    b = x.shape[0]
+    s = x.sum(0) if total is None else total
+    if b == 1:
+        return s, torch.zeros_like(s), None
+    shift = s.div_(b)
+    if not corrected:
+        # (x - shift)² in one pass (mse_loss without reduction, written over x)
+        torch.ops.aten.mse_loss.out(x, shift.expand_as(x), 0, out=x)
+        return shift, x.sum(0), None
+    x.sub_(shift)
+    residual = x.sum(0)
+    m2 = x.square_().sum(0).addcmul_(residual, residual, value=-1.0 / b).clamp_min_(0.0)
+    return shift, m2, residual
+
+
+@dataclass(frozen=True)
+class AccumulatorState:
+    """The exact state of a :class:`Welford` or :class:`EMA` accumulator.
+
+    ``count`` = n samples; ``mean`` = μ; ``m2`` = Welford's ``M2 = Σ_i (x_i − μ)²`` or the EMA's
+    unnormalised weighted dispersion ``S = Σ_k w_k (x_k − μ)²`` (its :attr:`EMA.m2` is ``S / W``);
+    EMA only: ``decay``, ``weight_sum`` ``W = Σ_k w_k`` and ``weight_sq_sum`` ``Σ_k w_k²``.
+    ``mean``/``m2`` are None for an accumulator created without a shape that saw no sample.
+    """
+
+    count: int
+    mean: torch.Tensor | None
+    m2: torch.Tensor | None
+    decay: float | None = None
+    weight_sum: float | None = None
+    weight_sq_sum: float | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        """The :meth:`Welford.state_dict` / :meth:`EMA.state_dict` keys (tensors not copied)."""
+        out: dict[str, Any] = {"count": self.count}
+        if self.mean is not None:
+            out.update(mean=self.mean, m2=self.m2)
+        if self.decay is not None:
+            out.update(decay=self.decay, weight_sum=self.weight_sum, weight_sq_sum=self.weight_sq_sum)
+        return out
+
+
+class _Accumulator:
+    """Shared plumbing: lazy shape, dtype/device handling, exports, the state API."""
+
+    kind = "base"
+
+    def __init__(self, shape=None, *, dtype: torch.dtype = torch.float64, device="cpu") -> None:
+        if not dtype.is_floating_point:
+            raise InvalidInputError(f"accumulation dtype must be a floating point dtype, got {dtype}")
+        self.dtype = dtype
+        self.device = torch.device(device)
+        self.shape = _as_shape(shape)
+        self._n = 0
+        self._mean: torch.Tensor | None = None
+        self._m2: torch.Tensor | None = None
+        if self.shape is not None:
+            self._init_state(self.shape)
+
+    def _init_state(self, shape: tuple[int, ...]) -> None:
+        self.shape = shape
+        self._mean = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self._m2 = torch.zeros(shape, dtype=self.dtype, device=self.device)
+
+    def _prepare_batch(self, batch: torch.Tensor) -> torch.Tensor:
+        if not isinstance(batch, torch.Tensor):
+            batch = torch.as_tensor(batch)
+        if batch.dim() == 0:
+            raise InvalidInputError(
+                "update() expects a batch of samples shaped [b, *shape]; got a 0-d tensor. "
+                "Use batch.unsqueeze(0) for a single sample."
+            )
+        if self.shape is not None and tuple(batch.shape[1:]) != self.shape:
+            raise InvalidInputError(
+                f"batch has per-sample shape {tuple(batch.shape[1:])}, but this accumulator "
+                f"tracks shape {self.shape}; pass tensors shaped [b, *{self.shape}]."
+            )
+        return batch.detach().to(device=self.device, dtype=self.dtype)
+
+    def _require_state(self) -> None:
+        if self._mean is None:
+            raise EmptyDataError(
+                f"this {type(self).__name__} has seen no sample and was created without a shape, "
+                "so it has no mean yet; call update() first or pass shape=..."
+            )
+
+    @property
+    def count(self) -> int:
+        """Number of samples accumulated."""
+        return self._n
+
+    @property
+    def mean(self) -> torch.Tensor:
+        """The running mean, in the accumulation dtype (zeros before any sample)."""
+        self._require_state()
+        return self._mean  # type: ignore[return-value]
+
+    def mean_as(self, dtype: torch.dtype | None = None, device=None) -> torch.Tensor:
+        """The mean converted to a storage ``dtype``/``device`` (a copy; accumulation is untouched)."""
+        return self.mean.to(device=device if device is not None else self.device, dtype=dtype or self.dtype, copy=True)
+
+    def variance(self, ddof: int = 1) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def variance_as(self, dtype: torch.dtype | None = None, device=None, *, ddof: int = 1) -> torch.Tensor:
+        """The variance converted to a storage ``dtype``/``device``."""
+        return self.variance(ddof).to(device=device if device is not None else self.device, dtype=dtype or self.dtype)
+
+    @property
+    def effective_count(self) -> float:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def stderr(self) -> torch.Tensor:
+        """Standard error of the mean: ``sqrt(variance(ddof=1) / n_eff)`` (zeros when n_eff <= 1)."""
+        var = self.variance(1)
+        n_eff = self.effective_count
+        if n_eff <= 0:
+            return torch.zeros_like(var)
+        return torch.sqrt(var / n_eff)
+
+    def state(self) -> AccumulatorState:
+        """The exact state (see :class:`AccumulatorState`), with the live tensors in the
+        accumulation dtype and device: no copy, so read them before the next update and do not
+        modify them; :meth:`from_state` copies."""
+        return AccumulatorState(self._n, self._mean, self._m2)
+
+    @classmethod
+    def from_state(cls, state: AccumulatorState, *, dtype: torch.dtype = torch.float64, device="cpu"):
+        """A new accumulator holding ``state`` (tensors copied to ``dtype``/``device``, values
+        checked as in :meth:`from_state_dict`)."""
+        return cls.from_state_dict(state.as_dict(), dtype=dtype, device=device)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(shape={self.shape}, count={self._n}, dtype={self.dtype}, device={self.device})"
+
+
+class Welford(_Accumulator):
+    """Exact streaming mean and centred second moment (Welford 1962; Chan, Golub & LeVeque 1979).
+
+    State: ``n`` samples, mean ``μ`` and ``M2 = Σ_i (x_i − μ)²`` (elementwise).
+
+    A batch ``x_1..x_b`` is first summarised by its own moments ``(b, μ_b, M2_b)`` with
+    ``μ_b = (1/b) Σ x_k`` and ``M2_b = Σ (x_k − μ_b)²`` (computed around the batch's first sample
+    as a shift, so constant input gives exactly ``M2 = 0``), then merged with Chan's formula::
+
+        δ = μ_b − μ_a,  n = n_a + n_b
+        μ  = μ_a + δ · n_b / n
+        M2 = M2_a + M2_b + δ² · n_a · n_b / n
+
+    Every term of ``M2`` is non-negative, so the variance can never come out negative. The
+    result does not depend on the order of the samples nor on how they are split into batches
+    (up to float64 rounding), and two accumulators merge exactly (:meth:`merge`), which is
+    what cross-rank reduction and checkpoint resumption use.
+
+    ``variance(ddof) = M2 / (n − ddof)`` (unbiased for ddof=1); when ``n <= ddof`` the variance
+    is undefined and **zeros** are returned instead of NaN.
+    """
+
+    kind = "welford"
+
+    def update(self, batch: torch.Tensor) -> "Welford":
+        """Add ``b`` samples given as a ``[b, *shape]`` tensor (``b == 0`` is a no-op)."""
+        x = self._prepare_batch(batch)
+        b = x.shape[0]
+        if b == 0:
+            if self.shape is None:
+                self._init_state(tuple(x.shape[1:]))
+            return self
+        shift = x[0]
+        d = x - shift
+        md = d.mean(dim=0)
+        m2_b = (d - md).square().sum(dim=0)
+        return self._merge_moments(b, shift + md, m2_b)
+
+    def update_moments(self, n_b: int, mean_b: torch.Tensor, m2_b: torch.Tensor, *, inplace: bool = False) -> "Welford":
+        """Merge precomputed moments of ``n_b`` samples: their mean and ``Σ (x − mean_b)²``.
+
+        ``inplace=True`` is :meth:`update_shifted_` (the state tensors are updated in place).
+        """
+        if inplace:
+            return self.update_shifted_(n_b, mean_b, m2_b)
+        n_b = _count_of(n_b)
+        if n_b < 0:
+            raise InvalidInputError(f"sample count must be >= 0, got {n_b}")
+        if n_b == 0:
+            return self
+        mean_b = torch.as_tensor(mean_b).detach().to(device=self.device, dtype=self.dtype)
+        m2_b = torch.as_tensor(m2_b).detach().to(device=self.device, dtype=self.dtype)
+        if mean_b.shape != m2_b.shape:
+            raise InvalidInputError(f"mean shape {tuple(mean_b.shape)} != m2 shape {tuple(m2_b.shape)}")
+        if self.shape is not None and tuple(mean_b.shape) != self.shape:
+            raise InvalidInputError(
+                f"moments have shape {tuple(mean_b.shape)}, but this accumulator tracks shape {self.shape}"
+            )
+        return self._merge_moments(n_b, mean_b, m2_b)
+
+    def _merge_moments(self, n_b: int, mean_b: torch.Tensor, m2_b: torch.Tensor) -> "Welford":
+        if self._mean is None:
+            self._init_state(tuple(mean_b.shape))
+        n_a = self._n
+        if n_a == 0:
+            self._mean = mean_b.clone()
+            self._m2 = m2_b.clone()
+            self._n = n_b
+            return self
+        n = n_a + n_b
+        delta = mean_b - self._mean
+        self._mean = self._mean + delta * (n_b / n)
+        self._m2 = self._m2 + m2_b + delta.square() * (n_a * n_b / n)
+        self._n = n
+        return self
+
+    def update_shifted_(
+        self,
+        n_b: int,
+        shift: torch.Tensor,
+        m2_b: torch.Tensor,
+        residual: torch.Tensor | None = None,
+        *,
+        workspace: Workspace | None = None,
+    ) -> "Welford":
+        """Merge, **in place**, ``n_b`` samples with mean ``shift + residual / n_b`` and centred ``M2 = m2_b``.
+
+        The summary :func:`shifted_moments_` returns (``residual=None``: the mean is ``shift``).
+        Same Chan merge as :meth:`update_moments`, evaluated in the accumulation dtype::
+
+            δ   = (shift − μ_a) + residual / n_b
+            μ  += δ · n_b / n
+            M2 += m2_b + δ² · n_a · n_b / n
+
+        but the state tensors are updated in place and the float64 temporaries come from
+        ``workspace`` (a temporary one when None): no allocation per call. Inputs of another
+        dtype/device are first copied into workspace buffers (a vectorised conversion; mixed
+        dtype arithmetic is several times slower on CPU). Tensors obtained earlier from
+        :attr:`mean`/:attr:`m2` see the change; the inputs are not modified.
+        """
+        n_b = _count_of(n_b)
+        if n_b < 0:
+            raise InvalidInputError(f"sample count must be >= 0, got {n_b}")
+        shape = tuple(shift.shape)
+        if tuple(m2_b.shape) != shape or (residual is not None and tuple(residual.shape) != shape):
+            raise InvalidInputError(f"shift, m2 and residual shapes differ: {shape}, {tuple(m2_b.shape)}, {None if residual is None else tuple(residual.shape)}")
+        if self.shape is not None and shape != self.shape:
+            raise InvalidInputError(f"moments have shape {shape}, but this accumulator tracks shape {self.shape}")
+        if n_b == 0:
+            return self
+        if self._mean is None:
+            self._init_state(shape)
+        ws = workspace if workspace is not None else Workspace()
+        mean, m2 = self._mean, self._m2
+        n_a = self._n
+        n = n_a + n_b
+        if n_a == 0:
+            mean.copy_(shift)
+            if residual is not None:
+                mean.add_(self._converted(residual, "residual", ws), alpha=1.0 / n_b)
+            m2.copy_(m2_b)
+            self._n = n_b
+            return self
+        delta = ws.get("delta", shape, self.dtype, self.device)
+        delta.copy_(shift).sub_(mean)
+        if residual is not None:
+            delta.add_(self._converted(residual, "residual", ws), alpha=1.0 / n_b)
+        mean.add_(delta, alpha=n_b / n)
+        m2.add_(self._converted(m2_b, "m2", ws))
+        m2.addcmul_(delta, delta, value=n_a * n_b / n)
+        self._n = n
+        return self
+
+    def _converted(self, t: torch.Tensor, slot: str, ws: Workspace) -> torch.Tensor:
+        t = t.detach()
+        if t.dtype == self.dtype and t.device == self.device:
+            return t
+        return ws.get(slot, t.shape, self.dtype, self.device).copy_(t)
+
+    def reset(self, *, zero: bool = True) -> "Welford":
+        """Forget every sample, keeping the state tensors (and shape) for reuse. ``zero=False``
+        skips zeroing them, for a caller that merges new moments right away (the first merge
+        overwrites the state)."""
+        self._n = 0
+        if zero and self._mean is not None:
+            self._mean.zero_()
+            self._m2.zero_()  # type: ignore[union-attr]
+        return self
+
+    def merge(self, other: "Welford") -> "Welford":
+        """Fold ``other`` into ``self`` in place (exact: same result as one sequential pass)."""
+        if not isinstance(other, Welford):
+            raise InvalidInputError(f"can only merge a Welford accumulator with another Welford, got {type(other).__name__}")
+        if other.count == 0:
+            return self
+        return self.update_moments(other.count, other.mean, other.m2)
+
+    @property
+    def m2(self) -> torch.Tensor:
+        """Centred sum of squares ``M2 = Σ_i (x_i − μ)²``."""
+        self._require_state()
+        return self._m2  # type: ignore[return-value]
+
+    @property
+    def effective_count(self) -> float:
+        return float(self._n)
+
+    def variance(self, ddof: int = 1) -> torch.Tensor:
+        """``M2 / (n − ddof)``; zeros (not NaN) while ``n <= ddof``."""
+        self._require_state()
+        if ddof < 0:
+            raise InvalidInputError(f"ddof must be >= 0, got {ddof}")
+        if self._n <= ddof:
+            return torch.zeros_like(self._m2)
+        return self._m2 / (self._n - ddof)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Plain tensors (``count`` as a 0-d int64 tensor), storable with safetensors or torch.save."""
+        out = {"count": torch.tensor(self._n, dtype=torch.int64)}
+        if self._mean is not None:
+            out["mean"] = self._mean.detach().cpu().clone()
+            out["m2"] = self._m2.detach().cpu().clone()  # type: ignore[union-attr]
+        return out
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, Any], *, dtype: torch.dtype = torch.float64, device="cpu") -> "Welford":
+        """Rebuild an accumulator from :meth:`state_dict` (``count`` may be an int or a tensor)."""
+        acc = cls(None, dtype=dtype, device=device)
+        if "mean" in state:
+            acc._init_state(tuple(state["mean"].shape))
+            acc._mean = state["mean"].detach().to(device=acc.device, dtype=dtype).clone()
+            acc._m2 = state["m2"].detach().to(device=acc.device, dtype=dtype).clone()
+            _check_state_values(cls.__name__, acc._mean, acc._m2)
+        acc._n = _count_of(state["count"])
+        if acc._n > 0 and acc._mean is None:
+            raise InvalidInputError("state_dict has a positive count but no 'mean'/'m2' tensors")
+        return acc
+
+
+class EMA(_Accumulator):
+    """Exponential moving average with bias correction (order dependent, not mergeable).
+
+    Per sample, in order: ``m ← d·m + (1 − d)·x``. After ``n`` samples sample ``k`` (1-based)
+    has weight ``w_k = (1 − d) d^(n−k)``; the weights sum to ``W = 1 − dⁿ``, so the
+    bias-corrected mean is ``μ = m / (1 − dⁿ) = Σ_k ŵ_k x_k`` with ``ŵ_k = w_k / W``.
+
+    Variance (bias-corrected, "reliability weights" form)::
+
+        V = Σ_k ŵ_k (x_k − μ)² / (1 − Σ_k ŵ_k²)
+
+    which reduces to the usual unbiased sample variance when all weights are equal. It is
+    tracked without cancellation as a weighted Welford/West recursion; ``m2`` is the biased
+    weighted dispersion ``Σ ŵ_k (x_k − μ)²`` and ``effective_count = 1 / Σ ŵ_k²`` (Kish), so
+    ``stderr = sqrt(V / effective_count)``. With one sample, ``V`` is zeros (not NaN).
+
+    ``decay`` must lie in ``[0, 1)``; ``decay=0`` keeps only the last sample.
+    """
+
+    kind = "ema"
+
+    def __init__(self, shape=None, *, decay: float, dtype: torch.dtype = torch.float64, device="cpu") -> None:
+        decay = float(decay)
+        if not (0.0 <= decay < 1.0):
+            raise InvalidInputError(f"EMA decay must be in [0, 1), got {decay}")
+        self.decay = decay
+        # W = Σ w_k (= 1 − dⁿ) and W2 = Σ w_k², in Python floats (scalars shared by all elements).
+        self._w = 0.0
+        self._w2 = 0.0
+        super().__init__(shape, dtype=dtype, device=device)
+
+    def update(self, batch: torch.Tensor) -> "EMA":
+        """Add ``b`` samples (``[b, *shape]``), processed in order: the last one weighs most."""
+        x = self._prepare_batch(batch)
+        b = x.shape[0]
+        if self._mean is None:
+            self._init_state(tuple(x.shape[1:]))
+        if b == 0:
+            return self
+        d = self.decay
+        # Weights of the batch's samples after the batch: (1 − d) d^(b−1−k), k = 0..b−1.
+        exps = torch.arange(b - 1, -1, -1, dtype=self.dtype, device=self.device)
+        w = (1.0 - d) * torch.pow(torch.tensor(d, dtype=self.dtype, device=self.device), exps)
+        w_b = float(w.sum())
+        w2_b = float(w.square().sum())
+        view = (b,) + (1,) * (x.dim() - 1)
+        shift = x[0]
+        dx = x - shift
+        md = (w.reshape(view) * dx).sum(dim=0) / w_b
+        s_b = (w.reshape(view) * (dx - md).square()).sum(dim=0)
+        mean_b = shift + md
+        # Old weights are scaled by d^b, then the batch is merged as a weighted chunk.
+        scale = d**b
+        w_a = self._w * scale
+        s_a = self._m2 * scale  # type: ignore[operator]
+        w_tot = w_a + w_b
+        if self._n == 0 or w_a == 0.0:
+            self._mean = mean_b
+            self._m2 = s_b
+        else:
+            delta = mean_b - self._mean
+            self._mean = self._mean + delta * (w_b / w_tot)
+            self._m2 = s_a + s_b + delta.square() * (w_a * w_b / w_tot)
+        self._w = w_tot
+        self._w2 = self._w2 * scale * scale + w2_b
+        self._n += b
+        return self
+
+    def update_moments(self, n_b: int, mean_b: torch.Tensor, m2_b: torch.Tensor) -> "EMA":
+        raise UnsupportedError(
+            "an EMA depends on the order of the individual samples, so it cannot absorb precomputed "
+            "batch moments; call update() with the per-sample tensors, or use Welford (ema_decay=None)."
+        )
+
+    def merge(self, other: Any) -> "EMA":
+        raise UnsupportedError(
+            "two exponential moving averages cannot be merged exactly (the result depends on the "
+            "interleaving of their samples); use Welford accumulators (ema_decay=None) for "
+            "cross-rank or checkpoint merging."
+        )
+
+    @property
+    def m2(self) -> torch.Tensor:
+        """Biased weighted dispersion ``Σ ŵ_k (x_k − μ)²`` (normalised weights)."""
+        self._require_state()
+        if self._n == 0:
+            return torch.zeros_like(self._m2)  # type: ignore[arg-type]
+        return self._m2 / self._w  # type: ignore[operator]
+
+    @property
+    def effective_count(self) -> float:
+        """Kish effective sample size ``1 / Σ ŵ_k² = W² / Σ w_k²``."""
+        if self._n == 0:
+            return 0.0
+        return self._w * self._w / self._w2
+
+    def variance(self, ddof: int = 1) -> torch.Tensor:
+        """ddof=1: ``Σ ŵ (x−μ)² / (1 − Σ ŵ²)``; ddof=0: ``Σ ŵ (x−μ)²``. Zeros with one sample."""
+        self._require_state()
+        if ddof not in (0, 1):
+            raise InvalidInputError(f"EMA.variance supports ddof=0 or 1, got {ddof}")
+        if self._n <= ddof:
+            return torch.zeros_like(self._m2)  # type: ignore[arg-type]
+        biased = self.m2
+        if ddof == 0:
+            return biased
+        denom = 1.0 - self._w2 / (self._w * self._w)
+        if denom <= 0.0:
+            return torch.zeros_like(biased)
+        return biased / denom
+
+    def state(self) -> AccumulatorState:
+        """The exact state, with the EMA's decay and weight sums (see :meth:`_Accumulator.state`)."""
+        return AccumulatorState(self._n, self._mean, self._m2, self.decay, self._w, self._w2)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        out = {
+            "count": torch.tensor(self._n, dtype=torch.int64),
+            "decay": torch.tensor(self.decay, dtype=torch.float64),
+            "weight_sum": torch.tensor(self._w, dtype=torch.float64),
+            "weight_sq_sum": torch.tensor(self._w2, dtype=torch.float64),
+        }
+        if self._mean is not None:
+            out["mean"] = self._mean.detach().cpu().clone()
+            out["m2"] = self._m2.detach().cpu().clone()  # type: ignore[union-attr]
+        return out
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, Any], *, dtype: torch.dtype = torch.float64, device="cpu") -> "EMA":
+        acc = cls(None, decay=float(state["decay"]), dtype=dtype, device=device)
+        if "mean" in state:
+            acc._init_state(tuple(state["mean"].shape))
+            acc._mean = state["mean"].detach().to(device=acc.device, dtype=dtype).clone()
+            acc._m2 = state["m2"].detach().to(device=acc.device, dtype=dtype).clone()
+            _check_state_values(cls.__name__, acc._mean, acc._m2)
+        acc._n = _count_of(state["count"])
+        acc._w = float(state["weight_sum"])
+        acc._w2 = float(state["weight_sq_sum"])
+        if not (math.isfinite(acc._w) and math.isfinite(acc._w2) and acc._w >= 0 and acc._w2 >= 0):
+            raise InvalidInputError(
+                f"EMA.from_state_dict: weight_sum {acc._w!r} and weight_sq_sum {acc._w2!r} must be finite and >= 0"
+            )
+        return acc
+
+
+def _check_state_values(cls_name: str, mean: torch.Tensor, m2: torch.Tensor) -> None:
+    """A restored accumulator's ``mean`` must be finite and its ``M2`` (a sum of squared
+    deviations) finite and >= 0: :class:`InvalidInputError` naming the tensor and the counts
+    (the counting of :class:`hf_fisher.fisher.ValueCheck`)."""
+    from hf_fisher.fisher import _value_problems
+
+    for key, t, rule in (("mean", mean, "none"), ("m2", m2, "all")):
+        problems = _value_problems(t, rule, zero=False)
+        if problems:
+            counts = ", ".join(f"{n} {kind}" for kind, n in problems.items())
+            raise InvalidInputError(
+                f"{cls_name}.from_state_dict: '{key}' holds {counts} (of {t.numel()} values); the mean must be "
+                "finite and M2 (a sum of squared deviations) finite and >= 0"
+            )
+
+
+def make_accumulator(
+    shape=None, *, ema_decay: float | None = None, dtype: torch.dtype = torch.float64, device="cpu"
+) -> Welford | EMA:
+    """A :class:`Welford` accumulator, or an :class:`EMA` when ``ema_decay`` is given."""
+    if ema_decay is None:
+        return Welford(shape, dtype=dtype, device=device)
+    return EMA(shape, decay=ema_decay, dtype=dtype, device=device)
+
+
+def confidence_interval(mean, variance, count: float, level: float = 0.95) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two-sided Student-t confidence interval for a mean, elementwise.
+
+    ``mean ± t_{(1+level)/2, n−1} · sqrt(variance / n)`` with ``variance`` the unbiased sample
+    variance of the ``n = count`` samples (``count`` may be a non-integer effective sample size,
+    e.g. an EMA's). With fewer than two samples there is no information about the spread and
+    the interval is ``(−inf, +inf)``.
+    """
+    from scipy import stats as _sps
+
+    if not (0.0 < float(level) < 1.0):
+        raise InvalidInputError(f"confidence level must be in (0, 1), got {level}")
+    mean = torch.as_tensor(mean)
+    if not mean.dtype.is_floating_point:
+        mean = mean.to(torch.float64)
+    variance = torch.as_tensor(variance, dtype=mean.dtype, device=mean.device)
+    n = float(count.item()) if isinstance(count, torch.Tensor) else float(count)
+    if n < 2:
+        inf = torch.full_like(mean, math.inf)
+        return -inf, inf.clone()
+    t = float(_sps.t.ppf(0.5 + float(level) / 2.0, df=n - 1))
+    half = t * torch.sqrt(variance.clamp_min(0) / n)
+    return mean - half, mean + half

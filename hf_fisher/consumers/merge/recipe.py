@@ -1,0 +1,242 @@
+"""The merge recipe: what ``merge_with_fisher`` writes as ``merge_recipe.yaml`` beside a merged
+model and what ``hf-fisher merge RECIPE.yaml`` reads back (mergekit-like YAML).
+
+``merge_method`` is any registered method (:mod:`hf_fisher.consumers.merge.registry`), built-in or
+from a plugin; ``parameters`` are the options the registered methods declare
+(:class:`~hf_fisher.consumers.merge.base.Option`, checked by type here and by value when the
+method is built) and the merge-wide keys of :data:`MERGE_KEYS`. Reading a recipe imports neither
+torch nor transformers.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from hf_fisher.errors import InvalidInputError
+
+from . import registry
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .base import MergeMethod
+
+__all__ = ["CARD_NAME", "MERGE_KEYS", "RECIPE_NAME", "build_recipe", "load_recipe", "recipe_to_kwargs", "yaml_text"]
+
+RECIPE_NAME = "merge_recipe.yaml"
+CARD_NAME = "README.md"
+
+#: recipe ``parameters`` that are not method options: merge-wide settings and their YAML types
+MERGE_KEYS: dict[str, tuple[type, ...]] = {
+    "allow_tokenizer_mismatch": (bool,), "max_shard_size": (str, int), "rank": (int, str), "merge_into_base": (bool,),
+}
+
+
+def _ref_of(obj: Any) -> str:
+    if isinstance(obj, (str, os.PathLike)):
+        return os.fspath(obj)
+    return f"<loaded {type(obj).__name__}>"
+
+
+def _param_keys() -> dict[str, tuple[type, ...]]:
+    """Every key a recipe's ``parameters`` may hold, with its YAML types."""
+    keys = {name: o.recipe_types for name, o in registry.option_catalogue().items()}
+    keys.update(MERGE_KEYS)
+    return keys
+
+
+def _version() -> str:
+    from hf_fisher.fisher import _library_version
+
+    return _library_version()
+
+
+def build_recipe(models, fishers, method: MergeMethod, weights, base_model, out_dtype, choice, no_fisher,
+                 gram_params) -> dict:
+    """The mergekit-like recipe of a merge (what ``hf-fisher merge RECIPE.yaml`` reads back)."""
+    from .base import RULE_TEXT
+
+    use_fisher = method.fishers is not None
+    entries = []
+    for i, m in enumerate(models):
+        params: dict[str, Any] = {"weight": weights[i]}
+        if use_fisher and fishers is not None:
+            params["fisher"] = _ref_of(fishers[i]) if isinstance(fishers[i], (str, os.PathLike)) else \
+                f"<in-memory {'KFAC ' if method.fishers == 'kfac' else ''}Fisher, task {fishers[i].metadata.task!r}>"
+        entries.append({"model": _ref_of(m), "parameters": params})
+    section: dict[str, Any] = {"version": _version(), "validation": choice}
+    if use_fisher:
+        rule = getattr(method, "no_fisher_rule", "average")
+        section["no_fisher"] = {"rule": rule, "text": RULE_TEXT[rule], "tensors": list(no_fisher)}
+    section.update(method.recipe_notes())
+    if gram_params is not None:
+        section["regmean_tensors"] = gram_params
+    return {
+        "merge_method": method.name,
+        "base_model": _ref_of(base_model) if base_model is not None else None,
+        "models": entries,
+        "parameters": method.parameters(),
+        "dtype": str(out_dtype).removeprefix("torch.") if out_dtype is not None else None,
+        "hf_fisher": section,
+    }
+
+
+_TOP_KEYS = ("merge_method", "base_model", "models", "parameters", "dtype", "hf_fisher")
+
+
+def _bad(path: str, problem: str, where: str) -> InvalidInputError:
+    return InvalidInputError(f"recipe {where}: key '{path}' {problem}")
+
+
+class _DuplicateKey(Exception):
+    def __init__(self, key: Any, first: int, line: int) -> None:
+        super().__init__(key, first, line)
+        self.key, self.first, self.line = key, first, line
+
+
+def _unique_key_loader():
+    """A ``yaml.SafeLoader`` that refuses a key given twice in one mapping (PyYAML keeps the last)."""
+    import yaml
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            if isinstance(node, yaml.MappingNode):
+                seen: dict[Any, int] = {}
+                for key_node, _ in node.value:
+                    key = self.construct_object(key_node, deep=True)
+                    try:
+                        first = seen.get(key)
+                    except TypeError:  # an unhashable key: the base class reports it
+                        continue
+                    if first is not None:
+                        raise _DuplicateKey(key, first, key_node.start_mark.line + 1)
+                    seen[key] = key_node.start_mark.line + 1
+            return super().construct_mapping(node, deep=deep)
+
+    return UniqueKeyLoader
+
+
+def yaml_text(data: Any) -> str:
+    """``data`` as plain YAML (block style, key order kept, no anchors/aliases: a value that
+    appears twice is written twice, so every reader sees it where it is used)."""
+    import yaml
+
+    class PlainDumper(yaml.SafeDumper):
+        def ignore_aliases(self, data):
+            return True
+
+    return yaml.dump(data, Dumper=PlainDumper, sort_keys=False, allow_unicode=True, default_flow_style=False)
+
+
+def load_recipe(path: str | os.PathLike) -> dict[str, Any]:
+    """Read and validate a recipe YAML file; :class:`InvalidInputError` naming the key."""
+    import yaml
+
+    where = os.fspath(path)
+    try:
+        text = Path(where).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise InvalidInputError(f"cannot read recipe {where}: {e}") from None
+    try:
+        data = yaml.load(text, Loader=_unique_key_loader())
+    except _DuplicateKey as e:
+        raise InvalidInputError(
+            f"recipe {where}: key '{e.key}' is given twice in one mapping (lines {e.first} and {e.line}); "
+            "YAML would keep only the last one silently: remove one of them"
+        ) from None
+    except yaml.YAMLError as e:
+        raise InvalidInputError(f"recipe {where} is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise InvalidInputError(f"recipe {where} must be a mapping with keys merge_method, models, ...")
+    for k in data:
+        if k not in _TOP_KEYS:
+            raise _bad(str(k), f"is not a known key (expected {list(_TOP_KEYS)})", where)
+    if "merge_method" not in data:
+        raise _bad("merge_method", "is missing (the name of a registered merge method, e.g. fisher)", where)
+    models = data.get("models")
+    if not isinstance(models, list) or len(models) < 2:
+        raise _bad("models", "must be a list of at least two entries {model: ..., parameters: {...}}", where)
+    for i, e in enumerate(models):
+        p = f"models[{i}]"
+        if not isinstance(e, dict) or not isinstance(e.get("model"), str) or not e["model"]:
+            raise _bad(f"{p}.model", "must be a model folder or Hub id (a string)", where)
+        extra = sorted(set(e) - {"model", "parameters"})
+        if extra:
+            raise _bad(f"{p}.{extra[0]}", "is not a known key (expected model, parameters)", where)
+        params = e.get("parameters") or {}
+        if not isinstance(params, dict):
+            raise _bad(f"{p}.parameters", "must be a mapping (weight, fisher)", where)
+        for k, v in params.items():
+            if k == "weight":
+                if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                    raise _bad(f"{p}.parameters.weight", f"must be a number, got {v!r}", where)
+            elif k == "fisher":
+                if v is not None and (not isinstance(v, str) or v.startswith("<")):
+                    raise _bad(f"{p}.parameters.fisher", f"must be a Fisher artifact folder or Hub id, got {v!r}", where)
+            else:
+                raise _bad(f"{p}.parameters.{k}", "is not a known key (expected weight, fisher)", where)
+        if isinstance(e["model"], str) and e["model"].startswith("<"):
+            raise _bad(f"{p}.model", f"names an in-memory model ({e['model']}); a recipe needs a folder or Hub id", where)
+    base = data.get("base_model")
+    if base is not None and (not isinstance(base, str) or not base or base.startswith("<")):
+        raise _bad("base_model", f"must be a model folder or Hub id, got {base!r}", where)
+    # the method's name, from the registry (loading the plugins imports torch: after the checks above)
+    methods = registry.available()
+    cls = methods.get(data["merge_method"]) if isinstance(data["merge_method"], str) else None
+    if cls is None:
+        raise _bad("merge_method", f"must be one of {list(methods)}, got {data['merge_method']!r}", where)
+    if cls.needs_data:
+        raise _bad("merge_method", f"{cls.name!r} needs data batches, which a recipe cannot hold; use the Python API", where)
+    params = data.get("parameters") or {}
+    if not isinstance(params, dict):
+        raise _bad("parameters", "must be a mapping", where)
+    param_keys = _param_keys()
+    for k, v in params.items():
+        types = param_keys.get(k)
+        if types is None:
+            raise _bad(f"parameters.{k}", f"is not a known parameter (expected {sorted(param_keys)})", where)
+        if not isinstance(v, types) or (bool not in types and isinstance(v, bool)):
+            raise _bad(f"parameters.{k}", f"must be of type {'/'.join(t.__name__ for t in types)}, got {v!r}", where)
+    dtype = data.get("dtype")
+    if dtype is not None:
+        from .api import _out_dtype
+
+        try:
+            _out_dtype(dtype)
+        except InvalidInputError:
+            raise _bad("dtype", f"must be a floating dtype name (float32, bfloat16, float16, float64), got {dtype!r}", where) from None
+    if data.get("hf_fisher") is not None and not isinstance(data["hf_fisher"], dict):
+        raise _bad("hf_fisher", "must be a mapping", where)
+    return data
+
+
+def recipe_to_kwargs(recipe: Mapping[str, Any], *, relative_to: str | os.PathLike | None = None) -> dict[str, Any]:
+    """``merge_with_fisher`` arguments of a validated recipe (relative local paths resolved against
+    ``relative_to`` when they exist there)."""
+    def loc(ref):
+        if ref is None or relative_to is None or os.path.isabs(ref):
+            return ref
+        cand = Path(relative_to) / ref
+        return str(cand) if cand.exists() else ref
+
+    method = recipe["merge_method"]
+    models = [loc(e["model"]) for e in recipe["models"]]
+    params = [e.get("parameters") or {} for e in recipe["models"]]
+    weights = [p.get("weight") for p in params]
+    fishers = [loc(p.get("fisher")) for p in params]
+    kwargs: dict[str, Any] = dict(recipe.get("parameters") or {})
+    kwargs.update(method=method, base_model=loc(recipe.get("base_model")), dtype=recipe.get("dtype"))
+    if all(x is not None for x in weights):
+        kwargs["weights"] = weights
+    elif any(x is not None for x in weights):
+        raise InvalidInputError("recipe: give parameters.weight for every model or for none")
+    if registry.get(method).fishers is not None:
+        if any(f is None for f in fishers):
+            raise InvalidInputError(f"recipe: method {method!r} needs models[i].parameters.fisher for every model")
+        kwargs["fishers"] = fishers
+    kwargs["models"] = models
+    return kwargs
+
+
