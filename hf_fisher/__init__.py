@@ -20,7 +20,8 @@ __version__ = "0.1.0"
 
 # public name -> submodule defining it
 _LAZY = {
-    "FisherCollector": "collect.collector",
+    "collect": "api",
+    "FisherCollector": "collection.collector",
     "FisherCallback": "integrations.trainer",
     "EWCPenalty": "consumers.ewc",
     "forgetting_risk": "consumers.ewc",
@@ -32,8 +33,8 @@ _LAZY = {
     "perturb": "consumers.perturb",
     "perturbation_sweep": "consumers.perturb",
     "write_report": "consumers.report",
-    "store_gradients": "collect.gradients",
-    "GradientStore": "collect.gradients",
+    "store_gradients": "collection.gradients",
+    "GradientStore": "collection.gradients",
     "sample_conflicts": "consumers.conflicts",
     "qkov_interference": "consumers.qkov",
     "head_categories": "consumers.head_behaviour",
@@ -57,7 +58,7 @@ __all__ = ["collect", "merge_with_fisher", "prune", "PruneResult", "mask_overlap
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names come from __getattr__
     from .api import collect
-    from .collect.collector import FisherCollector
+    from .collection.collector import FisherCollector
     from .consumers.ewc import EWCPenalty, forgetting_risk
     from .consumers.compare_estimators import compare_estimators
     from .consumers.merge.api import merge_with_fisher
@@ -66,7 +67,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names come from
     from .consumers.prune.core import PruneResult, prune
     from .consumers.report import write_report
     from .consumers.conflicts import sample_conflicts
-    from .collect.gradients import GradientStore, store_gradients
+    from .collection.gradients import GradientStore, store_gradients
     from .consumers.head_behaviour import aggregate_by_category, head_categories
     from .consumers.qkov import qkov_interference
     from .consumers.analyze import analyze
@@ -79,10 +80,6 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names come from
     from .artifacts.fisher import Fisher
     from .hookspecs import hookimpl
     from .layout import ModelLayout, ParamGroups
-
-
-# the package hf_fisher.collect is itself callable as hf_fisher.api.collect: one object, whatever is imported first
-from . import collect  # noqa: E402
 
 
 def __getattr__(name: str) -> Any:

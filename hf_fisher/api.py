@@ -63,7 +63,7 @@ def collect(
     them for bootstrap intervals. With ``max_samples`` only the used samples are kept. Refused
     (:class:`InvalidInputError`, before any batch is read) with ``reduction="param"``, with
     ``ema_decay``, and when merging across ``torch.distributed`` ranks (see
-    :class:`~hf_fisher.collect.collector.FisherCollector`).
+    :class:`~hf_fisher.collection.collector.FisherCollector`).
     """
     from .estimators.base import CollectOptions, build_estimator
 
@@ -91,7 +91,7 @@ def collect(
 
 
 def _will_merge(distributed: bool | None) -> bool:
-    from .collect.distributed import is_distributed
+    from .collection.distributed import is_distributed
 
     if distributed is False:
         return False

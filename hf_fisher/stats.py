@@ -1,8 +1,8 @@
-"""Deprecated: moved to :mod:`hf_fisher.collect.stats`; this path keeps working for one release."""
+"""Deprecated: moved to :mod:`hf_fisher.collection.stats`; this path keeps working for one release."""
 
 import importlib
 import sys
 import warnings
 
-warnings.warn("hf_fisher.stats is deprecated; import hf_fisher.collect.stats instead", DeprecationWarning, stacklevel=2)
-sys.modules[__name__] = importlib.import_module("hf_fisher.collect.stats")
+warnings.warn("hf_fisher.stats is deprecated; import hf_fisher.collection.stats instead", DeprecationWarning, stacklevel=2)
+sys.modules[__name__] = importlib.import_module("hf_fisher.collection.stats")

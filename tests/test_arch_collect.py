@@ -1,4 +1,4 @@
-"""Issue 22, collection layers: the ``hf_fisher.collect`` package (old paths kept with a
+"""Issue 22, collection layers: the ``hf_fisher.collection`` package (old paths kept with a
 DeprecationWarning), public state/step APIs instead of private reach-ins, and the estimator
 contract (:mod:`hf_fisher.estimators.base`): options validated once, declared per estimator,
 an unused option refused naming its owner."""
@@ -19,7 +19,7 @@ import torch
 import hf_fisher
 import tiny_models as tm
 from hf_fisher import plugins
-from hf_fisher.collect.stats import EMA, AccumulatorState, Welford, shifted_moments_
+from hf_fisher.collection.stats import EMA, AccumulatorState, Welford, shifted_moments_
 from hf_fisher.errors import InvalidInputError
 from hf_fisher.estimators.base import CollectOptions, Estimator, estimator_options
 from hf_fisher.estimators.empirical import EmpiricalEstimator
@@ -30,11 +30,11 @@ from hf_fisher.hookspecs import hookimpl
 ROOT = Path(__file__).resolve().parents[1]
 PKG = ROOT / "hf_fisher"
 MOVED = {
-    "hf_fisher.collector": "hf_fisher.collect.collector",
-    "hf_fisher.stats": "hf_fisher.collect.stats",
-    "hf_fisher.integrations.distributed": "hf_fisher.collect.distributed",
-    "hf_fisher.consumers.gradient_store": "hf_fisher.collect.gradients",
-    "hf_fisher.consumers.module_inputs": "hf_fisher.collect.activations",
+    "hf_fisher.collector": "hf_fisher.collection.collector",
+    "hf_fisher.stats": "hf_fisher.collection.stats",
+    "hf_fisher.integrations.distributed": "hf_fisher.collection.distributed",
+    "hf_fisher.consumers.gradient_store": "hf_fisher.collection.gradients",
+    "hf_fisher.consumers.module_inputs": "hf_fisher.collection.activations",
 }
 
 
@@ -57,7 +57,7 @@ for old, new in moved.items():
         mod = importlib.import_module(old)
     msgs = [str(w.message) for w in caught if issubclass(w.category, DeprecationWarning) and old + " is deprecated" in str(w.message)]
     out[old] = [mod is importlib.import_module(new), msgs]
-import hf_fisher.collector as c, hf_fisher.collect.collector as n
+import hf_fisher.collector as c, hf_fisher.collection.collector as n
 out["private"] = c._MomentsSink is n._MomentsSink
 print(json.dumps(out))
 """
@@ -72,7 +72,7 @@ print(json.dumps(out))
 def test_hf_fisher_collect_stays_the_entry_point_whatever_is_imported_first():
     code = """
 import inspect, json
-import hf_fisher.collect.collector as m      # the package loads first
+import hf_fisher.collection.collector as m      # the package loads first
 import hf_fisher
 from hf_fisher import collect
 import tiny_models as tm
@@ -113,7 +113,7 @@ def test_external_backward_uses_only_the_engines_public_api():
 
 def test_accumulator_internals_are_read_only_by_their_class():
     state_attrs = {"_mean", "_m2", "_n", "_w", "_w2", "_forget", "_init_state"}
-    for rel in ("collect/distributed.py", "collect/collector.py"):
+    for rel in ("collection/distributed.py", "collection/collector.py"):
         used = {a.split(".")[1] for a in _private_attributes(PKG / rel)}
         assert not used & state_attrs, (rel, used & state_attrs)
 
@@ -281,5 +281,5 @@ def test_the_path_is_straight():
         return out
 
     assert not any("collector" in m for m in imports("api.py"))
-    for rel in ("estimators/empirical.py", "estimators/true_fisher.py", "estimators/kfac.py", "collect/collector.py"):
+    for rel in ("estimators/empirical.py", "estimators/true_fisher.py", "estimators/kfac.py", "collection/collector.py"):
         assert not any(m.endswith("api") for m in imports(rel)), rel

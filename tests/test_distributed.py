@@ -27,7 +27,7 @@ import reference as R
 import tiny_models as tm
 from hf_fisher.errors import InvalidInputError
 from hf_fisher.integrations import distributed as D
-from hf_fisher.collect.stats import EMA, Welford
+from hf_fisher.collection.stats import EMA, Welford
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -9,7 +9,7 @@ import torch
 import hf_fisher
 import reference as ref
 import tiny_models as tm
-from hf_fisher.collect.gradients import attention_params, store_gradients
+from hf_fisher.collection.gradients import attention_params, store_gradients
 from hf_fisher.errors import InvalidInputError
 from hf_fisher.plugins import model_layout
 

@@ -8,9 +8,9 @@ import scipy.stats
 import torch
 from safetensors.torch import load_file, save_file
 
-from hf_fisher.collect.collector import _MomentsSink
+from hf_fisher.collection.collector import _MomentsSink
 from hf_fisher.errors import EmptyDataError, InvalidInputError, UnsupportedError
-from hf_fisher.collect.stats import (
+from hf_fisher.collection.stats import (
     EMA,
     Welford,
     Workspace,

@@ -6,7 +6,7 @@ receive, validated once, here), resolves the estimator's name in the registry
 (:func:`hf_fisher.plugins.estimators`), refuses every option the chosen estimator does not use
 (:func:`estimator_options`, naming the estimators that do use it), builds the estimator from the
 options it declares and calls its ``collect``. The estimator drives the collection
-(:class:`hf_fisher.collect.collector.FisherCollector` for the diagonal estimators); nothing
+(:class:`hf_fisher.collection.collector.FisherCollector` for the diagonal estimators); nothing
 calls back into the API.
 
 An estimator declares what it takes with two class attributes:
@@ -117,7 +117,7 @@ class CollectOptions:
 
 def check_keep_sample_contributions(keep: Any, reduction: str, ema_decay: float | None) -> None:
     """:class:`InvalidInputError` unless ``keep_sample_contributions=keep`` can be honoured (see
-    :class:`~hf_fisher.collect.collector.FisherCollector`): a bool, ``reduction="group"``, no ``ema_decay``."""
+    :class:`~hf_fisher.collection.collector.FisherCollector`): a bool, ``reduction="group"``, no ``ema_decay``."""
     if not isinstance(keep, bool):
         raise InvalidInputError(f"keep_sample_contributions must be True or False, got {keep!r}")
     if not keep:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any, ClassVar, Iterable, Mapping
 
-from ..collect.collector import COLLECTOR_OPTIONS, FisherCollector
+from ..collection.collector import COLLECTOR_OPTIONS, FisherCollector
 from ..fisher import Fisher
 from ..hookspecs import hookimpl
 from .base import CollectOptions
@@ -22,7 +22,7 @@ class EmpiricalEstimator:
 
     Takes every :class:`~hf_fisher.estimators.base.CollectOptions` field and the collector's
     own options (``params``, ``verify``, ``loss_fn``, ``accumulation_device``: see
-    :class:`~hf_fisher.collect.collector.FisherCollector`).
+    :class:`~hf_fisher.collection.collector.FisherCollector`).
     """
 
     name: ClassVar[str] = "empirical"

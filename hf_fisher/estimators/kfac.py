@@ -107,7 +107,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
-from ..collect.collector import select_parameters
+from ..collection.collector import select_parameters
 from ..engine.capture import bottom_outputs
 from ..engine.losses import (
     IGNORE_INDEX,

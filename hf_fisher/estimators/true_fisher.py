@@ -38,7 +38,7 @@ from typing import Any, ClassVar, Iterable, Mapping
 
 import torch
 
-from ..collect.collector import COLLECTOR_OPTIONS, FisherCollector
+from ..collection.collector import COLLECTOR_OPTIONS, FisherCollector
 from ..engine.losses import IGNORE_INDEX, token_labels
 from ..engine.per_sample import ContributionSink
 from ..errors import InvalidInputError, NonFiniteError, UnsupportedError

@@ -1,8 +1,8 @@
-"""Deprecated: moved to :mod:`hf_fisher.collect.distributed`; this path keeps working for one release."""
+"""Deprecated: moved to :mod:`hf_fisher.collection.distributed`; this path keeps working for one release."""
 
 import importlib
 import sys
 import warnings
 
-warnings.warn("hf_fisher.integrations.distributed is deprecated; import hf_fisher.collect.distributed instead", DeprecationWarning, stacklevel=2)
-sys.modules[__name__] = importlib.import_module("hf_fisher.collect.distributed")
+warnings.warn("hf_fisher.integrations.distributed is deprecated; import hf_fisher.collection.distributed instead", DeprecationWarning, stacklevel=2)
+sys.modules[__name__] = importlib.import_module("hf_fisher.collection.distributed")

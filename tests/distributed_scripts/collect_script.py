@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 import hf_fisher
-from hf_fisher.collect.distributed import DistributedMismatchError
+from hf_fisher.collection.distributed import DistributedMismatchError
 
 
 def main(out: Path) -> None:

@@ -35,7 +35,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import torch
 import torch.nn as nn
 
-from hf_fisher.collect.activations import (
+from hf_fisher.collection.activations import (
     linear_weights,
     select_weights,
     token_inputs,

@@ -203,7 +203,7 @@ def token_inputs(
     """
     from tqdm.auto import tqdm
 
-    from hf_fisher.collect.collector import preserved_rng
+    from hf_fisher.collection.collector import preserved_rng
 
     try:
         model_device = next(model.parameters()).device
