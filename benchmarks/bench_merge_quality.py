@@ -16,7 +16,7 @@ fine-tuned from it, one per domain. This script
    - the "Fisher" of the published merge benchmarks (fusion_bench, MergeBench): the mean over
      the same batches of the square of the *batch* gradient, ``mean_b (∇ L_b)²`` with ``L_b``
      the batch-mean loss, packed as a ``Fisher`` with reduction "param";
-2. merges the two task models with every method of ``hf_fisher.consumers.merging.merge_with_fisher``
+2. merges the two task models with every method of ``hf_fisher.consumers.merge.api.merge_with_fisher``
    from their ``save_pretrained`` folders (the streaming reader), once with the library's default
    hyper-parameters and once tuned on the validation splits (``validation=[val_python,
    val_prose]``: the library's grid over the model weights λ, the scaling and the Fisher floor;
@@ -83,7 +83,7 @@ EXTENDED = {"ties": ("density", (0.1, 0.2, 0.5, 0.8, 1.0)), "dare": ("drop_p", (
 def batch_grad_fisher(model, batches, like, task: str):
     """``mean_b (∇ L_b)²`` over ``batches`` (``L_b`` = the batch-mean loss), as a param-level
     ``Fisher`` (metadata copied from ``like``, the per-sample Fisher, with another estimator name)."""
-    from hf_fisher.fisher import Counts, Fisher
+    from hf_fisher.artifacts.fisher import Counts, Fisher
 
     params = {n: p for n, p in model.named_parameters() if p.requires_grad and n in like.param_shapes}
     acc = {n: torch.zeros(p.shape, dtype=torch.float64) for n, p in params.items()}
@@ -181,7 +181,7 @@ def regmean_tuned(method, fisher_pair, grams, validation, models, eval_model):
     library's λ grid), then for fisher_regmean the library's Fisher floors at the best of those;
     merged in memory with the library's per-tensor ``merge_tensor``. ``grams``: ``{weight name:
     ([G_1, G_2], kind)}``."""
-    from hf_fisher.consumers.merging import (
+    from hf_fisher.consumers.merge.api import (
         DEFAULT_GRID,
         MergeSettings,
         merge_tensor,
@@ -246,8 +246,8 @@ def main() -> None:
     t_start = time.perf_counter()
 
     import hf_fisher
-    from hf_fisher.consumers import merging as mw
-    from hf_fisher.consumers.regmean import collect_input_grams
+    from hf_fisher.consumers.merge import api as mw
+    from hf_fisher.consumers.merge.regmean import collect_input_grams
 
     pair = merge_tasks.load_task_pair(threads=args.threads)
     base = pair.load("base")

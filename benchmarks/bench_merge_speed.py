@@ -88,7 +88,7 @@ def setup(work: Path, size: dict) -> dict:
     import transformers
     from transformers import LlamaForCausalLM
 
-    from hf_fisher.fisher import Counts, Fisher, FisherMetadata
+    from hf_fisher.artifacts.fisher import Counts, Fisher, FisherMetadata
 
     transformers.utils.logging.disable_progress_bar()
     info = {}
@@ -118,8 +118,8 @@ def child(variant: str, work: Path, out: Path, threads: int) -> None:
     import yaml  # noqa: F401
     from transformers import LlamaForCausalLM
 
-    from hf_fisher.consumers import merge_io, merge_math  # noqa: F401
-    from hf_fisher.consumers.merging import merge_with_fisher
+    from hf_fisher.consumers.merge import io, math  # noqa: F401
+    from hf_fisher.consumers.merge.api import merge_with_fisher
 
     torch.set_num_threads(threads)
     logging.getLogger("hf_fisher").setLevel(logging.ERROR)

@@ -141,7 +141,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     import hf_fisher
-    from hf_fisher.consumers.pruning import prune
+    from hf_fisher.consumers.prune.core import prune
 
     model, data, meta = load(args.rebuild)
     # calibration: the LAST rows of the train split (training sampled rows uniformly; the test split is held out)

@@ -44,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch
 import transformers as tf
 
-from hf_fisher.consumers.gradient_store import store_gradients
+from hf_fisher.collection.gradients import store_gradients
 from hf_fisher.consumers.circuits.qkov import qkov_interference
 from hf_fisher.errors import InvalidInputError
 

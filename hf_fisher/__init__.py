@@ -35,15 +35,15 @@ _LAZY = {
     "write_report": "consumers.report",
     "store_gradients": "collection.gradients",
     "GradientStore": "collection.gradients",
-    "sample_conflicts": "consumers.conflicts",
-    "qkov_interference": "consumers.qkov",
-    "head_categories": "consumers.head_behaviour",
-    "aggregate_by_category": "consumers.head_behaviour",
+    "sample_conflicts": "consumers.circuits.conflicts",
+    "qkov_interference": "consumers.circuits.qkov",
+    "head_categories": "consumers.circuits.head_behaviour",
+    "aggregate_by_category": "consumers.circuits.head_behaviour",
     "analyze": "consumers.analyze",
-    "spectrum": "estimators.spectrum",
+    "spectrum": "consumers.spectrum",
     "compare_estimators": "consumers.compare_estimators",
     "KFACFisher": "artifacts.kfac",
-    "SpectrumResult": "estimators.spectrum",
+    "SpectrumResult": "consumers.spectrum",
     "scale_by_fisher": "consumers.natural_gradient",
     "EWCTrainer": "integrations.ewc_trainer",
     "EWCMixin": "integrations.ewc_trainer",
@@ -66,13 +66,13 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names come from
     from .consumers.perturb import perturb, perturbation_sweep
     from .consumers.prune.core import PruneResult, prune
     from .consumers.report import write_report
-    from .consumers.conflicts import sample_conflicts
+    from .consumers.circuits.conflicts import sample_conflicts
     from .collection.gradients import GradientStore, store_gradients
-    from .consumers.head_behaviour import aggregate_by_category, head_categories
-    from .consumers.qkov import qkov_interference
+    from .consumers.circuits.head_behaviour import aggregate_by_category, head_categories
+    from .consumers.circuits.qkov import qkov_interference
     from .consumers.analyze import analyze
     from .consumers.natural_gradient import scale_by_fisher
-    from .estimators.spectrum import SpectrumResult, spectrum
+    from .consumers.spectrum import SpectrumResult, spectrum
     from .artifacts.kfac import KFACFisher
     from .integrations.ewc_trainer import EWCMixin, EWCTrainer
     from .integrations.trainer import FisherCallback

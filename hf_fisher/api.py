@@ -13,7 +13,7 @@ from typing import Any, Iterable, Mapping
 import torch
 
 from .errors import InvalidInputError
-from .fisher import Fisher
+from .artifacts.fisher import Fisher
 
 
 def collect(
@@ -59,7 +59,7 @@ def collect(
     sample's group contributions ``C_i,g = Σ_{j ∈ g} (g_i ⊙ g_i)_j`` as
     ``fisher.sample_contributions[name]`` (``[n, num_groups]``, in sample order, float32 on the
     CPU or ``storage_dtype``; ``mean_i C_i,g = F_g``), saved to
-    ``sample_contributions.safetensors``; :func:`hf_fisher.uncertainty.unit_intervals` uses
+    ``sample_contributions.safetensors``; :func:`hf_fisher.analysis.uncertainty.unit_intervals` uses
     them for bootstrap intervals. With ``max_samples`` only the used samples are kept. Refused
     (:class:`InvalidInputError`, before any batch is read) with ``reduction="param"``, with
     ``ema_decay``, and when merging across ``torch.distributed`` ranks (see

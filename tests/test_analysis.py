@@ -13,7 +13,7 @@ import tiny_models as tm
 from hf_fisher import analysis, plugins
 from hf_fisher.analysis import importance as importance_consumer
 from hf_fisher.errors import InvalidInputError, UnsupportedError
-from hf_fisher.fisher import Counts, Fisher, FisherMetadata
+from hf_fisher.artifacts.fisher import Counts, Fisher, FisherMetadata
 from hf_fisher.layout import GroupRun, ParamGroups
 
 
@@ -254,7 +254,7 @@ def test_stderr_and_confidence_interval(llama_fisher):
 def test_ema_effective_count(llama_fisher):
     from dataclasses import replace
 
-    from hf_fisher.stats import EMA
+    from hf_fisher.collection.stats import EMA
 
     f = llama_fisher._replace(metadata=replace(llama_fisher.metadata, ema_decay=0.9))
     ema = EMA((1,), decay=0.9).update(torch.rand(20, 1, dtype=torch.float64))

@@ -370,7 +370,7 @@ def test_first_batch_check_through_random_directions_catches_one_missing_row():
     k fixed Gaussian directions (``PerSampleEngine._verify_probe``): exact totals pass; totals
     missing one row of one matrix (its largest, ~0.28 of its norm here) are caught and named; the
     directions come from their own generator (the global RNG is untouched)."""
-    from hf_fisher.collector import FisherCollector
+    from hf_fisher.collection.collector import FisherCollector
 
     model = tm.llama(torch.float32)
     state = torch.get_rng_state()

@@ -361,7 +361,7 @@ def test_roberta_style_position_limit(tmp_path, capsys):
 
 
 def test_oserror_while_saving_is_a_clean_message(ws, tmp_path, monkeypatch, capsys):
-    from hf_fisher.fisher import Fisher
+    from hf_fisher.artifacts.fisher import Fisher
 
     def full_disk(self, path, **kw):
         raise OSError(errno.ENOSPC, "No space left on device", str(path))

@@ -1,7 +1,7 @@
-"""Crash safety of saves (hf_fisher.atomic): a save killed with SIGKILL at any point leaves the
+"""Crash safety of saves (hf_fisher.artifacts.atomic): a save killed with SIGKILL at any point leaves the
 target holding the old or the new artifact, never none, and the next save (or load) cleans up.
 
-The child processes use the test hook ``HF_FISHER_TEST_KILL_AT=<point>`` of hf_fisher.atomic, or
+The child processes use the test hook ``HF_FISHER_TEST_KILL_AT=<point>`` of hf_fisher.artifacts.atomic, or
 kill themselves in the middle of writing a tensor file. Leftovers of other targets, of running
 saves (locked) and of live processes are never removed.
 """
@@ -53,10 +53,10 @@ SERVER = BUILD + textwrap.dedent(
     """
     import os, signal, sys, traceback
     # import what a save needs now, so that each forked child only computes and writes
-    import huggingface_hub, jinja2, safetensors.torch, hf_fisher.analysis, hf_fisher.atomic, hf_fisher.cards
+    import huggingface_hub, jinja2, safetensors.torch, hf_fisher.analysis, hf_fisher.artifacts.atomic, hf_fisher.artifacts.cards
     from huggingface_hub import ModelCard, ModelCardData, split_torch_state_dict_into_shards
     import torch.distributed.tensor  # imported lazily by split_torch_state_dict_into_shards (slow)
-    hf_fisher.cards.load_template()
+    hf_fisher.artifacts.cards.load_template()
 
     def save(target, seed, mode):
         if mode == "mid-write":  # die while the second tensor file is half written

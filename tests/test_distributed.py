@@ -26,7 +26,7 @@ import hf_fisher
 import reference as R
 import tiny_models as tm
 from hf_fisher.errors import InvalidInputError
-from hf_fisher.integrations import distributed as D
+from hf_fisher.collection import distributed as D
 from hf_fisher.collection.stats import EMA, Welford
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -502,7 +502,7 @@ def test_ema_resume_state_is_checked(tmp_path, llama, state, problem):
 
 
 def test_accumulator_state_values_are_checked():
-    from hf_fisher.stats import EMA, Welford
+    from hf_fisher.collection.stats import EMA, Welford
 
     mean = torch.ones(5, dtype=torch.float64)
     with pytest.raises(InvalidInputError, match=r"'m2' holds 2 negative \(of 5 values\)"):

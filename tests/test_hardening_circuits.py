@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from hf_fisher.consumers.circuits.conflicts import DEFAULT_ALPHA, DEFAULT_MIN_EFFECT_SIZE, sample_conflicts
-from hf_fisher.consumers.gradient_store import GradientStore
+from hf_fisher.collection.gradients import GradientStore
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -232,7 +232,7 @@ def _empty_cases():
 def test_empty_or_unlabelled_task_is_refused_before_any_work(monkeypatch, consumer, case, side):
     import tiny_models as tm
     from hf_fisher.consumers.circuits import conflicts as cf
-    from hf_fisher.consumers import gradient_store as gs
+    from hf_fisher.collection import gradients as gs
     from hf_fisher.consumers.circuits import qkov as qk
     from hf_fisher.errors import EmptyDataError
 

@@ -1,5 +1,5 @@
-"""Issue 21, output folders, inputs, plugins and Hub pushes (hf_fisher.atomic, hf_fisher.plugins,
-hf_fisher.integrations.hub):
+"""Issue 21, output folders, inputs, plugins and Hub pushes (hf_fisher.artifacts.atomic, hf_fisher.plugins,
+hf_fisher.artifacts.hub):
 
 - an output folder that cannot be written is refused before any work, naming the user's path
   (API and every CLI command that writes), a symlinked output folder stays a link, and stale
@@ -33,9 +33,10 @@ import torch
 import yaml
 
 import tiny_models as tm
-from hf_fisher import atomic, plugins
+from hf_fisher import plugins
+from hf_fisher.artifacts import atomic
 from hf_fisher.errors import ArtifactError, InvalidInputError
-from hf_fisher.fisher import Counts, Fisher, FisherMetadata
+from hf_fisher.artifacts.fisher import Counts, Fisher, FisherMetadata
 
 pytest_plugins = ["hub_server"]  # the hub_server fixture (a real local Hub-compatible server)
 
@@ -148,8 +149,8 @@ def test_api_save_to_an_unwritable_folder_names_the_users_path(ro_target):
 
 
 def test_api_merge_and_prune_check_writability_before_any_work(ws, ro_target):
-    from hf_fisher.consumers.merging import merge_with_fisher
-    from hf_fisher.consumers.pruning import prune
+    from hf_fisher.consumers.merge.api import merge_with_fisher
+    from hf_fisher.consumers.prune.core import prune
 
     with pytest.raises(ArtifactError, match=rf"output_dir {re.escape(str(ro_target))}: .*not writable"):
         # the inputs do not exist: had the inputs been read first, the error would be about them
@@ -355,8 +356,8 @@ def test_cli_merge_refuses_an_input_as_out(ws, tmp_path):
 def test_api_merge_and_prune_refuse_their_inputs(ws, tmp_path):
     import transformers as tf
 
-    from hf_fisher.consumers.merging import merge_with_fisher
-    from hf_fisher.consumers.pruning import prune
+    from hf_fisher.consumers.merge.api import merge_with_fisher
+    from hf_fisher.consumers.prune.core import prune
 
     for out, how in ((ws / "m0", "is"), (ws / "m0" / "sub", "is inside"), (ws, "contains")):
         with pytest.raises(ArtifactError, match=rf"output_dir {re.escape(str(out))}: it {how} the input model 0"):
@@ -489,7 +490,7 @@ def test_autoload_switch_refuses_other_values(tmp_path, monkeypatch, fresh_plugi
 
 
 def test_merge_push_without_token_or_offline_is_refused_before_any_work(ws, tmp_path, hub_server):
-    from hf_fisher.consumers.merging import merge_with_fisher
+    from hf_fisher.consumers.merge.api import merge_with_fisher
 
     before = len(hub_server.requests)
     # the inputs do not exist: had the push check come after reading them, the error would be about them
@@ -504,7 +505,7 @@ def test_merge_push_without_token_or_offline_is_refused_before_any_work(ws, tmp_
 
 
 def test_fisher_push_without_token_is_refused_before_saving(tmp_path, hub_server):
-    from hf_fisher.integrations import hub
+    from hf_fisher.artifacts import hub
 
     before = len(hub_server.requests)
     with pytest.raises(InvalidInputError, match=r"without a Hugging Face token"):

@@ -1,4 +1,4 @@
-"""Hub publishing and loading (hf_fisher.integrations.hub, Fisher.push_to_hub / from_pretrained).
+"""Hub publishing and loading (hf_fisher.artifacts.hub, Fisher.push_to_hub / from_pretrained).
 
 Everything runs the real, unmodified huggingface_hub client against the local Hub-compatible
 server of tests/hub_server.py (no mocks, no network); one test, skipped unless

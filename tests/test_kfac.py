@@ -1,4 +1,4 @@
-"""KFAC (``hf_fisher.estimators.kfac`` / ``hf_fisher.kfac``) against independent references.
+"""KFAC (``hf_fisher.estimators.kfac`` / ``hf_fisher.artifacts.kfac``) against independent references.
 
 - curvlinops' ``KFACLinearOperator`` (the oracle) on a tiny LLaMA's linear layers, float64:
   expand and reduce, empirical, type-2 and MC (same seed: the label draws are the same stream);

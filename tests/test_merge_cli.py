@@ -16,9 +16,9 @@ import yaml
 from safetensors.torch import load_file
 
 from hf_fisher import cli
-from hf_fisher.cards import merged_card
+from hf_fisher.artifacts.cards import merged_card
 from hf_fisher.consumers.merge.api import RECIPE_NAME, merge_with_fisher
-from hf_fisher.fisher import Counts, Fisher, FisherMetadata
+from hf_fisher.artifacts.fisher import Counts, Fisher, FisherMetadata
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

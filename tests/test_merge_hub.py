@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM
 import tiny_models as tm
 from hf_fisher.consumers.merge.api import merge_with_fisher
 from hf_fisher.errors import InvalidInputError
-from hf_fisher.integrations.hub import push_folder
+from hf_fisher.artifacts.hub import push_folder
 from test_merging import _fisher
 
 pytest_plugins = ["hub_server"]  # the hub_server fixture

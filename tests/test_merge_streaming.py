@@ -24,7 +24,7 @@ from hf_fisher.consumers.merge.io import (
     parse_size,
 )
 from hf_fisher.consumers.merge.api import merge_with_fisher
-from hf_fisher.fisher import Counts, Fisher, FisherMetadata
+from hf_fisher.artifacts.fisher import Counts, Fisher, FisherMetadata
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -108,7 +108,7 @@ _MEMORY_SCRIPT = textwrap.dedent(
     import torch, transformers, safetensors, yaml, jinja2, huggingface_hub, tqdm
     from transformers.models.llama import configuration_llama
     from hf_fisher.consumers.merge import api as merging, io as merge_io, math as merge_math
-    import hf_fisher.fisher, hf_fisher.cards, hf_fisher.atomic
+    import hf_fisher.artifacts.fisher, hf_fisher.artifacts.cards, hf_fisher.artifacts.atomic
 
     def status(key):
         for line in open("/proc/self/status"):

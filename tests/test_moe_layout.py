@@ -25,7 +25,7 @@ from hf_fisher import analysis, plugins
 from hf_fisher.architectures import moe
 from hf_fisher.architectures.builder import LayoutBuilder
 from hf_fisher.errors import InvalidInputError, PluginError, UnsupportedError
-from hf_fisher.fisher import Counts, Fisher, FisherMetadata
+from hf_fisher.artifacts.fisher import Counts, Fisher, FisherMetadata
 from hf_fisher.layout import ExpertBlock, GroupRun, ModelLayout, ParamGroups, Slice, layer_of
 
 # name -> (factory, model_type, experts E, channels per expert I, shared expert channels or None, has qk norm)

@@ -16,7 +16,7 @@ import torch
 
 import hf_fisher
 from hf_fisher.consumers.circuits import qkov as qkov_mod
-from hf_fisher.consumers.gradient_store import (
+from hf_fisher.collection.gradients import (
     GradientStore,
     attention_params,
     store_gradients,

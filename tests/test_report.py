@@ -17,7 +17,7 @@ from hf_fisher.consumers import report as report_mod
 from hf_fisher.analysis.importance import classify_units
 from hf_fisher.consumers.report import CSV_COLUMNS, PLOTS_HINT, summary_markdown, write_report
 from hf_fisher.errors import InvalidInputError
-from hf_fisher.fisher import Counts, Fisher, FisherMetadata
+from hf_fisher.artifacts.fisher import Counts, Fisher, FisherMetadata
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -18,9 +18,9 @@ import reference as ref
 import tiny_models as tm
 from hf_fisher import plugins
 from hf_fisher.analysis import uncertainty
-from hf_fisher.collector import FisherCollector
+from hf_fisher.collection.collector import FisherCollector
 from hf_fisher.errors import ArtifactError, InvalidInputError
-from hf_fisher.fisher import Fisher
+from hf_fisher.artifacts.fisher import Fisher
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

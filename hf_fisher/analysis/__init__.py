@@ -1,4 +1,4 @@
-"""Analysis of Fisher artifacts: pure functions from a :class:`~hf_fisher.fisher.Fisher` to numbers.
+"""Analysis of Fisher artifacts: pure functions from a :class:`~hf_fisher.artifacts.fisher.Fisher` to numbers.
 
 Modules (the artifact in, tables and numbers out; nothing is modified or written):
 

@@ -13,7 +13,7 @@ from hf_fisher.errors import InvalidInputError
 from hf_fisher.hookspecs import hookimpl
 
 if TYPE_CHECKING:  # pragma: no cover
-    from hf_fisher.fisher import Fisher
+    from hf_fisher.artifacts.fisher import Fisher
 
 __all__ = ["importance", "compare_tasks", "classify_units", "UnitLabels", "hf_fisher_register_consumers"]
 

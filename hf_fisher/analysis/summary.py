@@ -1,14 +1,14 @@
 """Text summary of a Fisher artifact, shared by its model card and the report consumer.
 
 Notation as in :mod:`hf_fisher.analysis.views`: ``F`` the Fisher values, ``Σ F`` the trace (the
-sum of all stored values, :meth:`~hf_fisher.fisher.Fisher.total`), ``N`` the number of model
+sum of all stored values, :meth:`~hf_fisher.artifacts.fisher.Fisher.total`), ``N`` the number of model
 parameters the artifact covers (``Σ_p numel(p)`` over its parameter shapes), so the per-parameter
 mean is ``Σ F / N``; a head's total is ``T_h`` of :func:`~hf_fisher.analysis.views.head_importance`
 and a unit's share of the trace ``100 · T / Σ F`` percent. Critical / compressible units follow the
 default thresholds of :func:`~hf_fisher.analysis.importance.classify_units`.
 
 :func:`summary_markdown` is the "Summary" section of the artifact's model card
-(:mod:`hf_fisher.cards`); the formatting helpers here (:func:`fmt`, :func:`pct`,
+(:mod:`hf_fisher.artifacts.cards`); the formatting helpers here (:func:`fmt`, :func:`pct`,
 :func:`unit_label`, :func:`rule_text`, :func:`listing`) also write the report's ``summary.txt``
 (:mod:`hf_fisher.consumers.report`), so both say the same thing the same way.
 """
@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 from hf_fisher.analysis.importance import UnitLabels, classify_units
 
 if TYPE_CHECKING:  # pragma: no cover
-    from hf_fisher.fisher import Fisher
+    from hf_fisher.artifacts.fisher import Fisher
 
 __all__ = ["summary_markdown", "num_params", "has_heads", "has_mlp", "fmt", "pct", "unit_label", "rule_text", "listing"]
 

@@ -45,12 +45,12 @@ from typing import TYPE_CHECKING, Hashable
 import numpy as np
 import torch
 
-from hf_fisher import stats
+from hf_fisher.collection import stats
 from hf_fisher.analysis import views
 from hf_fisher.errors import InvalidInputError
 
 if TYPE_CHECKING:  # pragma: no cover
-    from hf_fisher.fisher import Fisher
+    from hf_fisher.artifacts.fisher import Fisher
 
 __all__ = ["UnitInterval", "unit_intervals", "per_sample_unit_values", "UNITS", "METHODS"]
 

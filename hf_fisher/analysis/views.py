@@ -1,9 +1,9 @@
-"""Pure functions over :class:`hf_fisher.fisher.Fisher` artifacts: views, rankings, summaries.
+"""Pure functions over :class:`hf_fisher.artifacts.fisher.Fisher` artifacts: views, rankings, summaries.
 
 Notation: ``F_j`` is the Fisher value of element ``j`` of a parameter (``F = mean_i C_i``,
 ``C_i = g_i ⊙ g_i``); a group ``g`` of a parameter has ``F_g = Σ_{j ∈ g} F_j`` (reduction "sum",
 mass preserving). Nothing here modifies its input; functions that transform a Fisher return a
-new one. :class:`~hf_fisher.fisher.Fisher` has thin methods that call these.
+new one. :class:`~hf_fisher.artifacts.fisher.Fisher` has thin methods that call these.
 """
 
 from __future__ import annotations
@@ -18,10 +18,10 @@ import torch
 
 from hf_fisher.errors import InvalidInputError, UnsupportedError
 from hf_fisher.layout import ModelLayout, ParamGroups, Slice, layer_of
-from hf_fisher import stats
+from hf_fisher.collection import stats
 
 if TYPE_CHECKING:  # pragma: no cover
-    from hf_fisher.fisher import Fisher
+    from hf_fisher.artifacts.fisher import Fisher
 
 __all__ = [
     "resolve_groups",
@@ -96,7 +96,7 @@ def group_view(fisher: "Fisher", groups: Mapping[str, ParamGroups] | ModelLayout
         reduction="group",
         extra={**fisher.metadata.extra, "derived_from": "param", "variance": "unavailable in a group view"},
     )
-    from hf_fisher.fisher import Fisher
+    from hf_fisher.artifacts.fisher import Fisher
 
     return Fisher(
         mean,
@@ -608,6 +608,6 @@ def stderr(fisher: "Fisher", name: str) -> torch.Tensor:
 
 
 def confidence_interval(fisher: "Fisher", name: str, level: float = 0.95) -> tuple[torch.Tensor, torch.Tensor]:
-    """Student-t interval ``F ± t_{(1+level)/2, n−1} · stderr`` (see :func:`hf_fisher.stats.confidence_interval`)."""
+    """Student-t interval ``F ± t_{(1+level)/2, n−1} · stderr`` (see :func:`hf_fisher.collection.stats.confidence_interval`)."""
     var = _variance_of(fisher, name).double()
     return stats.confidence_interval(fisher[name].double(), var, effective_count(fisher), level)

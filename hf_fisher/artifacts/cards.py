@@ -261,13 +261,13 @@ def render_card(fisher: "Fisher", *, template: str | None = None) -> "ModelCard"
 
 
 def summary_section(fisher: "Fisher") -> str | None:
-    """Markdown of the card's "Summary" section (:func:`hf_fisher.consumers.report.summary_markdown`),
+    """Markdown of the card's "Summary" section (:func:`hf_fisher.analysis.summary.summary_markdown`),
     or None when the Fisher has no layout with attention heads or the summary cannot be computed
     for it (logged; the card is written without the section)."""
     layout = fisher.layout
     if layout is None or not layout.attention:
         return None
-    from hf_fisher.consumers.report import summary_markdown
+    from hf_fisher.analysis.summary import summary_markdown
 
     try:
         return summary_markdown(fisher)
@@ -310,7 +310,7 @@ def merged_card(recipe: dict, *, sources=None, fishers=None, base=None, template
     """
     from huggingface_hub import ModelCard, ModelCardData
 
-    from hf_fisher.consumers.merging import PAPERS, yaml_text
+    from hf_fisher.consumers.merge.api import PAPERS, yaml_text
 
     method = str(recipe.get("merge_method"))
     entries = recipe.get("models") or []

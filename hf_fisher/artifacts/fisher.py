@@ -91,7 +91,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 # The private names this module had before the artifacts package: code outside the package may
-# still reach them through the deprecated alias ``hf_fisher.fisher`` (to be swept to the public names).
+# still reach them through the deprecated alias ``hf_fisher.artifacts.fisher`` (to be swept to the public names).
 _is_hub_source = _base.is_hub_source
 _KINDS, _REQUIRED, _Bad = _format.KINDS, _format.REQUIRED, _format.SchemaError
 _S_CONFIG, _S_COUNTS, _S_INDEX, _S_METADATA = _format.S_CONFIG, _format.S_COUNTS, _format.S_INDEX, _format.S_METADATA

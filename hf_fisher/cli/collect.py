@@ -70,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
         raise InvalidInputError("--task must not be empty: it names what the data stands for (e.g. --task math)")
 
     # The output folder, before the model is touched: overwrite rule, writable, disk space.
-    from hf_fisher.fisher import is_artifact_file
+    from hf_fisher.artifacts.fisher import is_artifact_file
 
     shapes = safetensors_shapes(model_path)
     need, detail = disk_need(shapes, args) if shapes else (None, "")

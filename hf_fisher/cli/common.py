@@ -57,14 +57,14 @@ def check_output_folder(
 ) -> Path:
     """Check, before any work, that ``path`` can receive a ``what``; return it as an absolute path.
 
-    - the rules of :func:`hf_fisher.atomic.check_target` (new, empty, or holding only ``allowed``
+    - the rules of :func:`hf_fisher.artifacts.atomic.check_target` (new, empty, or holding only ``allowed``
       files, replaced only with ``overwrite``; the nearest existing folder above it writable);
     - with ``needed_bytes``, that folder's disk has at least that much free space.
 
     Raises :class:`~hf_fisher.errors.ArtifactError` (an ``OSError``) naming the problem. Writes
     nothing that stays.
     """
-    from hf_fisher.atomic import check_target, check_writable
+    from hf_fisher.artifacts.atomic import check_target, check_writable
 
     target = check_target(path, allowed=allowed, what=what, overwrite=overwrite, flag=flag)
     base = check_writable(target, what=what, flag=flag)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 
 from hf_fisher.cli.two_tasks import add_two_task_options, two_task_batches
-from hf_fisher.consumers.conflict_defaults import DEFAULT_ALPHA, DEFAULT_MIN_EFFECT_SIZE
+from hf_fisher.consumers.circuits.conflict_defaults import DEFAULT_ALPHA, DEFAULT_MIN_EFFECT_SIZE
 from hf_fisher.errors import InvalidInputError
 
 
@@ -28,8 +28,8 @@ def run(args: argparse.Namespace) -> int:
     if not 0.0 <= args.min_effect_size < 1.0:
         raise InvalidInputError(f"--min-effect-size must be in [0, 1) (got {args.min_effect_size})")
     model, a, b, layers, fisher, target = two_task_batches(args)
-    from hf_fisher.atomic import atomic_folder
-    from hf_fisher.consumers.conflicts import sample_conflicts
+    from hf_fisher.artifacts.atomic import atomic_folder
+    from hf_fisher.consumers.circuits.conflicts import sample_conflicts
 
     result = sample_conflicts(model, a, b, fisher=fisher, layers=layers, groups=args.groups, alpha=args.alpha,
                               min_effect_size=args.min_effect_size, memory_budget_mb=args.memory_budget_mb,

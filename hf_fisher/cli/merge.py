@@ -1,7 +1,7 @@
 """``hf-fisher merge``: merge models as a recipe YAML describes.
 
 The method names come from the merge-method registry (built-ins and plugins, ``hf-fisher plugins``);
-the recipe's method is checked by :func:`hf_fisher.consumers.merging.load_recipe` /
+the recipe's method is checked by :func:`hf_fisher.consumers.merge.api.load_recipe` /
 ``recipe_to_kwargs`` before torch is imported.
 """
 
@@ -56,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
         raise InvalidInputError(f"recipe {str(recipe_path)!r} does not exist (or is not a file); pass a merge recipe YAML")
     if args.dtype is not None and args.dtype not in MERGE_DTYPES:  # pragma: no cover - argparse choices
         raise InvalidInputError(f"--dtype must be one of {MERGE_DTYPES}")
-    from hf_fisher.consumers.merging import _check_output, _input_paths, load_recipe, recipe_to_kwargs
+    from hf_fisher.consumers.merge.api import _check_output, _input_paths, load_recipe, recipe_to_kwargs
 
     recipe = load_recipe(recipe_path)
     kwargs = recipe_to_kwargs(recipe, relative_to=recipe_path.parent)
@@ -65,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
             raise InvalidInputError(f"recipe {recipe_path}: {ref!r} does not exist (a local path, not a Hub id)")
     out = Path(os.path.abspath(args.out))
     if args.push_to_hub:
-        from hf_fisher.integrations.hub import check_push_ready
+        from hf_fisher.artifacts.hub import check_push_ready
 
         check_push_ready(args.push_to_hub, flag="--push-to-hub")
     _check_output(out, _input_paths(kwargs["models"], kwargs.get("base_model"), kwargs.get("fishers")), flag="--out")
@@ -75,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
         kwargs["max_shard_size"] = args.max_shard_size
     if args.allow_tokenizer_mismatch:
         kwargs["allow_tokenizer_mismatch"] = True
-    from hf_fisher.consumers.merging import merge_with_fisher
+    from hf_fisher.consumers.merge.api import merge_with_fisher
 
     path = merge_with_fisher(output_dir=out, progress=not args.no_progress,
                              push_to_hub=args.push_to_hub, **kwargs)

@@ -1,7 +1,7 @@
 """``hf-fisher prune``: prune a model by its Fisher information or a baseline score, save the result.
 
 The score names come from the prune-score registry (built-ins and plugins, ``hf-fisher plugins``);
-an unknown ``--score`` is refused by :func:`hf_fisher.consumers.pruning.check_options` before the
+an unknown ``--score`` is refused by :func:`hf_fisher.consumers.prune.core.check_options` before the
 model is loaded.
 """
 
@@ -99,9 +99,9 @@ def run(args: argparse.Namespace) -> int:
         check_model_arg(args)
     if args.fisher is not None and not Path(args.fisher).is_dir():
         raise InvalidInputError(f"--fisher {args.fisher!r} is not a folder; pass a Fisher artifact folder (hf-fisher collect --out)")
-    from hf_fisher.atomic import check_target
-    from hf_fisher.consumers.merge_io import TOKENIZER_FILES, is_model_output_file
-    from hf_fisher.consumers.pruning import CLI_TERMS, PRUNE_FILES, check_options, prune
+    from hf_fisher.artifacts.atomic import check_target
+    from hf_fisher.consumers.merge.io import TOKENIZER_FILES, is_model_output_file
+    from hf_fisher.consumers.prune.core import CLI_TERMS, PRUNE_FILES, check_options, prune
 
     check_target(args.out, allowed=lambda n: is_model_output_file(n) or n in PRUNE_FILES, what="pruned model",
                  overwrite=args.overwrite, flag="--out", inputs=[("--model", args.model), ("--fisher", args.fisher)])
@@ -117,7 +117,7 @@ def run(args: argparse.Namespace) -> int:
     config, _ = load_config(args.model)
     fisher = None
     if args.fisher is not None:
-        from hf_fisher.fisher import Fisher
+        from hf_fisher.artifacts.fisher import Fisher
 
         fisher = Fisher.from_pretrained(args.fisher)
     has_data = data_path is not None

@@ -22,15 +22,15 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     model, a, b, layers, fisher, target = two_task_batches(args)
-    from hf_fisher.atomic import atomic_folder
-    from hf_fisher.consumers.qkov import qkov_interference
+    from hf_fisher.artifacts.atomic import atomic_folder
+    from hf_fisher.consumers.circuits.qkov import qkov_interference
 
     result = qkov_interference(model, a, b, fisher=fisher, layers=layers, variant=args.variant, aggregate=args.aggregate,
                                memory_budget_mb=args.memory_budget_mb, top_k=args.top, progress=not args.no_progress,
                                task_names=(Path(args.task_a).stem or "task A", Path(args.task_b).stem or "task B"))
     extra = {}
     if args.head_categories:
-        from hf_fisher.consumers.head_behaviour import aggregate_by_category, head_categories
+        from hf_fisher.consumers.circuits.head_behaviour import aggregate_by_category, head_categories
 
         cats = head_categories(model, progress=not args.no_progress)
         extra = {"head_categories": cats.to_dict(),

@@ -27,7 +27,7 @@ def run(args: argparse.Namespace) -> int:
     for a in args.artifacts:
         if not Path(a).is_dir():
             raise InvalidInputError(f"{a!r} is not a folder; pass Fisher artifact folders (hf-fisher collect --out)")
-    from hf_fisher.atomic import check_target
+    from hf_fisher.artifacts.atomic import check_target
     from hf_fisher.consumers.report import _is_report_file, write_report
 
     check_target(args.out, allowed=_is_report_file, what="report", overwrite=args.overwrite, flag="--out")

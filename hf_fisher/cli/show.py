@@ -23,7 +23,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     if args.top < 0:
         raise InvalidInputError(f"--top must be >= 0 (got {args.top})")
-    from hf_fisher.fisher import Fisher
+    from hf_fisher.artifacts.fisher import Fisher
 
     fisher = Fisher.from_pretrained(args.dir, strict=not args.no_strict)
     for problem in fisher.metadata.extra.get("load_problems") or []:

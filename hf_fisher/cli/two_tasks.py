@@ -28,7 +28,7 @@ def two_task_batches(args: argparse.Namespace):
     """Checks and loading shared by ``qkov`` and ``conflicts``: --task-a / --task-b data files,
     --model, --out (new, empty, or a previous output with --overwrite), then the model and both
     tasks' batches."""
-    from hf_fisher.atomic import check_target
+    from hf_fisher.artifacts.atomic import check_target
 
     paths = []
     for flag in ("task_a", "task_b"):
@@ -56,7 +56,7 @@ def two_task_batches(args: argparse.Namespace):
     batches_b = batches_for(args, model, config, task_type, samples[1])
     fisher = None
     if args.fisher is not None:
-        from hf_fisher.fisher import Fisher
+        from hf_fisher.artifacts.fisher import Fisher
 
         fisher = Fisher.from_pretrained(args.fisher)
     return model, batches_a, batches_b, layers, fisher, target

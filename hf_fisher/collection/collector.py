@@ -2,7 +2,7 @@
 
 The collector owns the statistics (one Welford or EMA accumulator per parameter and task, in
 float64 by default) and turns them into :class:`hf_fisher.Fisher` artifacts. The per-sample
-work is the engine's (:mod:`hf_fisher.engine`); the accumulation is :mod:`hf_fisher.stats`.
+work is the engine's (:mod:`hf_fisher.engine`); the accumulation is :mod:`hf_fisher.collection.stats`.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from ..engine.losses import task_type_of
 from ..engine.per_sample import BatchReport, ContributionSink, LossFn, PerSampleEngine, Target
 from ..errors import EmptyDataError, InvalidInputError, NoTrainableParametersError, regex_argument
 from ..estimators.base import REDUCTIONS, CollectOptions, check_keep_sample_contributions  # noqa: F401 (re-exported)
-from ..fisher import Counts, Fisher, FisherMetadata
+from ..artifacts.fisher import Counts, Fisher, FisherMetadata
 from .stats import EMA, AccumulatorState, Welford, Workspace, make_accumulator, shifted_moments_
 
 log = logging.getLogger(__name__)
@@ -35,15 +35,15 @@ class _MomentsSink(ContributionSink):
     """Batch moments of every parameter's contributions, merged into the task at :meth:`commit`.
 
     Each chunk of per-sample contributions is summarised in its own precision, in place, by
-    :func:`~hf_fisher.stats.shifted_moments_` (two-pass around the rounded chunk mean, without
+    :func:`~hf_fisher.collection.stats.shifted_moments_` (two-pass around the rounded chunk mean, without
     the residual correction: the contributions are themselves rounded in that precision, which
     dominates the correction's effect -- see there; no ``[b, *shape]`` temporary). A parameter
     whose batch arrives in one chunk (all but the largest) keeps that summary, two tensors of
     the parameter's shape, until :meth:`commit` Chan-merges it straight into the task's
     accumulator, in place, in the accumulation dtype (float64): one merge per parameter and
-    batch, with float64 temporaries from a reused :class:`~hf_fisher.stats.Workspace`. A
+    batch, with float64 temporaries from a reused :class:`~hf_fisher.collection.stats.Workspace`. A
     parameter that arrives in several chunks folds them into a batch-level float64
-    :class:`~hf_fisher.stats.Welford` first (kept for the next batch), so memory stays one
+    :class:`~hf_fisher.collection.stats.Welford` first (kept for the next batch), so memory stays one
     float64 pair per parameter.
 
     Nothing touches the task's accumulators before :meth:`commit`, so a batch that fails
@@ -216,7 +216,7 @@ class FisherCollector:
     Inside a ``torch.distributed`` process group (torchrun, ``accelerate launch``) each rank
     accumulates the samples it is given and :meth:`fisher` returns, on every rank, the Fisher
     of all ranks' samples, merged exactly (Chan's formula, see
-    :mod:`hf_fisher.integrations.distributed`); :meth:`fisher` is then a collective that every
+    :mod:`hf_fisher.collection.distributed`); :meth:`fisher` is then a collective that every
     rank must call. ``distributed=None`` (default) merges when the group has more than one
     process, ``False`` keeps each rank's own Fisher, ``True`` requires an initialised group.
 
@@ -225,7 +225,7 @@ class FisherCollector:
     parameter, in sample order (batches in the order given, samples within a batch in order),
     on the CPU in ``storage_dtype`` (float32 when it is None): :attr:`Fisher.sample_contributions`,
     whose mean over samples is the Fisher (``mean_i C_i,g = F_g``) and from which
-    :mod:`hf_fisher.uncertainty` draws bootstrap intervals. Memory: ``4 n Σ num_groups`` bytes
+    :mod:`hf_fisher.analysis.uncertainty` draws bootstrap intervals. Memory: ``4 n Σ num_groups`` bytes
     in float32. Refused (:class:`InvalidInputError`) with ``reduction="param"`` (``[n, *shape]``
     per parameter would be n copies of the model), with ``ema_decay`` (the EMA is a weighted
     mean, which the plain mean of the kept values would not reproduce) and when the Fisher is

@@ -26,7 +26,7 @@ sum, ``W2`` the sum of squared weights and ``S = Σ w (x − μ)²``::
     S  = S_a + S_b + δ² · W_a · W_b / W
 
 so the merged mean is ``Σ_r W_r μ_r / Σ_r W_r`` and the variance and effective count follow
-from ``S``, ``W`` and ``W2`` as for one EMA (:class:`hf_fisher.stats.EMA`). Under data-parallel
+from ``S``, ``W`` and ``W2`` as for one EMA (:class:`hf_fisher.collection.stats.EMA`). Under data-parallel
 training every rank adds the same number of samples per step, so samples of the same step
 weigh the same on every rank: the merge is an EMA over steps.
 
@@ -152,7 +152,7 @@ def merge_ema_states(
         W = W_a + W_b,  W2 = W2_a + W2_b,  n = n_a + n_b,  δ = μ_b − μ_a,
         μ = μ_a + δ W_b / W,  S = S_a + S_b + δ² W_a W_b / W
 
-    (``S = Σ w (x − μ)²``, unnormalised: :class:`~hf_fisher.stats.EMA`'s internal ``m2``).
+    (``S = Σ w (x − μ)²``, unnormalised: :class:`~hf_fisher.collection.stats.EMA`'s internal ``m2``).
     Every sample keeps the weight its own EMA gave it. States with ``n == 0`` are skipped."""
     n_t, w_t, w2_t = 0, 0.0, 0.0
     mean = torch.zeros_like(states[0][3])

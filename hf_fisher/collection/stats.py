@@ -612,8 +612,8 @@ class EMA(_Accumulator):
 def _check_state_values(cls_name: str, mean: torch.Tensor, m2: torch.Tensor) -> None:
     """A restored accumulator's ``mean`` must be finite and its ``M2`` (a sum of squared
     deviations) finite and >= 0: :class:`InvalidInputError` naming the tensor and the counts
-    (the counting of :class:`hf_fisher.fisher.ValueCheck`)."""
-    from hf_fisher.fisher import _value_problems
+    (the counting of :class:`hf_fisher.artifacts.fisher.ValueCheck`)."""
+    from hf_fisher.artifacts.fisher import _value_problems
 
     for key, t, rule in (("mean", mean, "none"), ("m2", m2, "all")):
         problems = _value_problems(t, rule, zero=False)

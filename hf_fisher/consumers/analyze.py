@@ -153,9 +153,9 @@ def _stages() -> dict[str, Callable]:
 
 
 def check_out(out: str | Path, *, overwrite: bool = False, flag: str | None = None) -> Path:
-    """The rules of :func:`hf_fisher.atomic.check_target` for an analysis folder ``out`` (new, empty,
+    """The rules of :func:`hf_fisher.artifacts.atomic.check_target` for an analysis folder ``out`` (new, empty,
     or a previous analysis with ``overwrite``; writable), checked before any work."""
-    from hf_fisher.atomic import check_target
+    from hf_fisher.artifacts.atomic import check_target
 
     stages = _stages()
 
@@ -171,7 +171,7 @@ def analyze(model, tasks: Mapping[str, Sequence[Mapping[str, Any]]], *, out: str
     and write the report folder ``out``. Arguments are checked before any stage runs."""
     from tqdm.auto import tqdm
 
-    from hf_fisher.atomic import atomic_folder, scratch_folder
+    from hf_fisher.artifacts.atomic import atomic_folder, scratch_folder
 
     cfg = AnalysisConfig.of(config)
     if not isinstance(tasks, Mapping) or not tasks:
@@ -269,7 +269,7 @@ def stage_head_categories(ctx: AnalysisContext) -> dict:
 
 def stage_pruning(ctx: AnalysisContext) -> dict:
     from hf_fisher.consumers.overlap import mask_overlap, task_overlap
-    from hf_fisher.consumers.pruning import prune
+    from hf_fisher.consumers.prune.core import prune
 
     ctx.need_fishers()
     masks, out = {}, {}
@@ -335,7 +335,7 @@ def stage_report(ctx: AnalysisContext) -> dict:
     (:func:`hf_fisher.consumers.spectrum.spectrum`, ``blocks="head"`` over the attention
     parameters) when its per-sample gradient matrix fits ``memory_budget_mb``; a note otherwise."""
     from hf_fisher import plugins
-    from hf_fisher.consumers.gradient_store import attention_params
+    from hf_fisher.collection.gradients import attention_params
     from hf_fisher.consumers.report import write_report
     from hf_fisher.consumers.spectrum import spectrum
 

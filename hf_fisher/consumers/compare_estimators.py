@@ -8,7 +8,7 @@ the same data, then runs each method in turn:
   empirical Fisher F = mean_i g_i ⊙ g_i;
 - ``"true"``: ``hf_fisher.collect(estimator="true", reduction=...)``, the diagonal true Fisher
   (labels drawn from the model; Monte Carlo, ``mc_samples=1`` and ``seed=0`` by default);
-- ``"kfac"``: ``hf_fisher.collect(estimator="kfac")``, a :class:`hf_fisher.kfac.KFACFisher`; its
+- ``"kfac"``: ``hf_fisher.collect(estimator="kfac")``, a :class:`hf_fisher.artifacts.kfac.KFACFisher`; its
   diagonal is ``kfac.to_diagonal()`` (it covers the Linear / Conv1D / Embedding weights only, so
   norm weights are absent from it);
 - ``"spectrum"``: :func:`hf_fisher.consumers.spectrum.spectrum` (Lanczos / ``eigsh`` top-k of
@@ -211,7 +211,7 @@ class EstimatorComparison:
       included) with ``a``, ``b``, ``pearson``, ``spearman``, ``topk_overlap``, ``k``,
       ``num_elements``, ``unit``;
     - ``results``: the method's own result (a :class:`~hf_fisher.Fisher`, a
-      :class:`~hf_fisher.kfac.KFACFisher`, a :class:`~hf_fisher.consumers.spectrum.SpectrumResult`)
+      :class:`~hf_fisher.artifacts.kfac.KFACFisher`, a :class:`~hf_fisher.consumers.spectrum.SpectrumResult`)
       by method name, for the methods that succeeded.
     """
 

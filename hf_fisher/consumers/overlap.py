@@ -29,7 +29,7 @@ from hf_fisher.hookspecs import hookimpl
 from hf_fisher.layout import ModelLayout, layer_of
 
 if TYPE_CHECKING:  # pragma: no cover
-    from hf_fisher.fisher import Fisher
+    from hf_fisher.artifacts.fisher import Fisher
 
 __all__ = [
     "HIGH",

@@ -30,14 +30,14 @@ from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
 import torch
 
-from hf_fisher.consumers.merging import validation_loss
+from hf_fisher.consumers.merge.api import validation_loss
 from hf_fisher.consumers.overlap import count_of
 from hf_fisher.errors import InvalidInputError
 from hf_fisher.hookspecs import hookimpl
 from hf_fisher.layout import Slice
 
 if TYPE_CHECKING:  # pragma: no cover
-    from hf_fisher.fisher import Fisher
+    from hf_fisher.artifacts.fisher import Fisher
 
 __all__ = ["Perturbation", "SweepPoint", "SweepResult", "perturb", "perturbation_sweep", "hf_fisher_register_consumers"]
 
@@ -312,7 +312,7 @@ def perturbation_sweep(
     """Loss of ``model`` on ``batches`` unperturbed, then after :func:`perturb` for every target,
     concentration and seed (the weights are restored after each).
 
-    The loss is :func:`hf_fisher.consumers.merging.validation_loss` — the mean over ``batches``
+    The loss is :func:`hf_fisher.consumers.merge.api.validation_loss` — the mean over ``batches``
     of ``model(**batch).loss`` (labels default to the input ids, padding ignored). Every argument
     is checked before the first forward pass. Progress is shown with tqdm unless ``progress=False``.
     """

@@ -2,7 +2,7 @@
 Fisher artifacts (e.g. two tasks on the same model).
 
 Files written by :func:`write_report` (atomically: a temporary folder beside ``out``, renamed into
-place, :mod:`hf_fisher.atomic`):
+place, :mod:`hf_fisher.artifacts.atomic`):
 
 - ``report.csv``: columns ``run, layer, head, metric, value`` (:data:`CSV_COLUMNS`), one row per
   number. Notation: ``F`` the Fisher values of the artifact, ``F(slices)`` their sum over slices
@@ -85,7 +85,7 @@ from hf_fisher.errors import ArtifactError, InvalidInputError
 from hf_fisher.hookspecs import hookimpl
 
 if TYPE_CHECKING:  # pragma: no cover
-    from hf_fisher.fisher import Fisher
+    from hf_fisher.artifacts.fisher import Fisher
 
 __all__ = ["ReportResult", "write_report", "report_rows", "head_table", "summary_markdown", "CSV_COLUMNS",
            "hf_fisher_register_consumers"]
@@ -495,7 +495,7 @@ def _plots(runs: list[_Run], tmp: Path, mpl) -> list[str]:
 
 # ---------------------------------------------------------------------------- inputs
 def _load(item: Any) -> "Fisher":
-    from hf_fisher.fisher import Fisher
+    from hf_fisher.artifacts.fisher import Fisher
 
     if isinstance(item, Fisher):
         return item
@@ -511,7 +511,7 @@ def _load(item: Any) -> "Fisher":
 
 
 def _inputs(fishers: Any, names: Sequence[str] | None) -> list[tuple["Fisher", str]]:
-    from hf_fisher.fisher import Fisher
+    from hf_fisher.artifacts.fisher import Fisher
 
     if isinstance(fishers, (Fisher, str, os.PathLike)):
         items = [fishers]
@@ -569,7 +569,7 @@ def write_report(
     :class:`~hf_fisher.consumers.spectrum.SpectrumResult` with ``blocks="head"`` (or None) per
     Fisher, whose per-head metrics go to the CSV (``spectral_*``) and the summary.
     """
-    from hf_fisher.atomic import atomic_folder, check_target
+    from hf_fisher.artifacts.atomic import atomic_folder, check_target
 
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise InvalidInputError(f"k must be a positive integer (hotspots per kind), got {k!r}")

@@ -250,11 +250,11 @@ def _is_model_file(name: str) -> bool:
 
 def _check_folders(out: Path) -> None:
     """Each of the demo's folders inside ``out`` holds only what the demo writes there."""
-    from hf_fisher.atomic import check_target, check_writable
-    from hf_fisher.consumers.merging import is_merge_output_file
-    from hf_fisher.consumers.pruning import PRUNE_FILES
+    from hf_fisher.artifacts.atomic import check_target, check_writable
+    from hf_fisher.consumers.merge.api import is_merge_output_file
+    from hf_fisher.consumers.prune.core import PRUNE_FILES
     from hf_fisher.consumers.report import _is_report_file
-    from hf_fisher.fisher import is_artifact_file
+    from hf_fisher.artifacts.fisher import is_artifact_file
 
     def check(path: Path, allowed, what: str) -> None:
         check_writable(check_target(path, allowed=allowed, what=what, overwrite=True, flag="--out"), what=what, flag="--out")
@@ -280,11 +280,11 @@ def check_arguments(args: argparse.Namespace) -> Path:
     """Check the demo's options and its output folder before any work; return ``--out``.
 
     Raises :class:`~hf_fisher.errors.InvalidInputError` for an out-of-range number and
-    :class:`~hf_fisher.errors.ArtifactError` (from :func:`hf_fisher.atomic.check_target` /
-    :func:`~hf_fisher.atomic.check_writable`) for an output folder holding anything but an earlier
+    :class:`~hf_fisher.errors.ArtifactError` (from :func:`hf_fisher.artifacts.atomic.check_target` /
+    :func:`~hf_fisher.artifacts.atomic.check_writable`) for an output folder holding anything but an earlier
     demo's files, or one that cannot be written.
     """
-    from hf_fisher.atomic import check_target, check_writable
+    from hf_fisher.artifacts.atomic import check_target, check_writable
 
     for flag, low in (("steps", 0), ("task_steps", 1), ("samples", 1), ("top", 0), ("card_lines", 0), ("seed", 0)):
         value = getattr(args, flag)
@@ -308,7 +308,7 @@ def check_arguments(args: argparse.Namespace) -> Path:
 
 
 def _save_model(model, tokenizer, folder: Path) -> None:
-    from hf_fisher.atomic import atomic_folder
+    from hf_fisher.artifacts.atomic import atomic_folder
 
     with atomic_folder(folder, what="model folder") as tmp:
         model.save_pretrained(tmp)

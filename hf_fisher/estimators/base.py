@@ -31,7 +31,7 @@ import torch
 
 from ..engine.losses import NORMALIZATIONS
 from ..errors import InvalidInputError
-from ..fisher import REDUCTIONS
+from ..artifacts.fisher import REDUCTIONS
 
 __all__ = ["CollectOptions", "Estimator", "estimator_options", "build_estimator", "REDUCTIONS", "ON_NONFINITE", "check_keep_sample_contributions"]
 

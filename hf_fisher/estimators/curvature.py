@@ -142,7 +142,7 @@ class _Problem:
     """Model, selected parameters and prepared batches shared by the curvature operators."""
 
     def __init__(self, model, batches, *, params, normalization: str, task_type: str | None):
-        from ..collector import select_parameters
+        from ..collection.collector import select_parameters
 
         if normalization not in NORMALIZATIONS:
             raise InvalidInputError(f"unknown normalization {normalization!r}; choose one of {NORMALIZATIONS}")

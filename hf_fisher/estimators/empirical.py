@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any, ClassVar, Iterable, Mapping
 
 from ..collection.collector import COLLECTOR_OPTIONS, FisherCollector
-from ..fisher import Fisher
+from ..artifacts.fisher import Fisher
 from ..hookspecs import hookimpl
 from .base import CollectOptions
 

@@ -1,8 +1,8 @@
 """The KFAC estimator (built-in plugin ``"kfac"``): Kronecker factors of the Fisher per layer.
 
-Returns a :class:`hf_fisher.kfac.KFACFisher`: for every ``nn.Linear``, HF ``Conv1D`` (GPT-2's
+Returns a :class:`hf_fisher.artifacts.kfac.KFACFisher`: for every ``nn.Linear``, HF ``Conv1D`` (GPT-2's
 fused ``c_attn`` included: one layer with ``d_out = 3·hidden``) and ``nn.Embedding`` whose weight
-is collected, ``F_layer ≈ G ⊗ A`` (canonical form in :mod:`hf_fisher.kfac`).
+is collected, ``F_layer ≈ G ⊗ A`` (canonical form in :mod:`hf_fisher.artifacts.kfac`).
 
 **Coverage.** A subclass of ``nn.Linear`` / ``Conv1D`` with its own ``forward`` (Falcon's
 ``FalconLinear`` — fused ``query_key_value``, ``dense``, MLP — computes ``x @ W.T`` and adds the
@@ -126,9 +126,9 @@ from ..errors import (
     NoTrainableParametersError,
     UnsupportedError,
 )
-from ..fisher import Counts, FisherMetadata
+from ..artifacts.fisher import Counts, FisherMetadata
 from ..hookspecs import hookimpl
-from ..kfac import FISHER_TYPES, KFAC_APPROXES, KFACFisher, KFACLayer
+from ..artifacts.kfac import FISHER_TYPES, KFAC_APPROXES, KFACFisher, KFACLayer
 from .base import refusal
 
 __all__ = ["KFACEstimator"]

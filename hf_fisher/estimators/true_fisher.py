@@ -42,7 +42,7 @@ from ..collection.collector import COLLECTOR_OPTIONS, FisherCollector
 from ..engine.losses import IGNORE_INDEX, token_labels
 from ..engine.per_sample import ContributionSink
 from ..errors import InvalidInputError, NonFiniteError, UnsupportedError
-from ..fisher import Fisher
+from ..artifacts.fisher import Fisher
 from ..hookspecs import hookimpl
 from .base import CollectOptions
 

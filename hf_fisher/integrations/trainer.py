@@ -28,7 +28,7 @@ Several processes (torchrun / ``accelerate launch``, DDP): each rank accumulates
 the Trainer's distributed sampler gives it (training mode) or every K-th probe batch (probe
 mode: ``probe_data`` is the whole probe set, given identically to every rank, unless it is a
 DataLoader that is already sharded); at each save, each log and at train end the ranks'
-accumulators are merged exactly (:mod:`hf_fisher.integrations.distributed`) on every rank,
+accumulators are merged exactly (:mod:`hf_fisher.collection.distributed`) on every rank,
 and only the process that saves (``args.should_save``) writes. On resume, global rank 0
 restores the merged state of the checkpoint and the other ranks start empty, so the next merge
 counts every sample once. With ``ema_decay``, the merge keeps each sample's weight in its own
@@ -188,7 +188,7 @@ class FisherCallback(TrainerCallback):
 
     # ------------------------------------------------------------------ set-up
     def _make_collector(self, model, *, train_mode: bool):
-        from ..collector import FisherCollector
+        from ..collection.collector import FisherCollector
 
         return FisherCollector(
             model, reduction=self.reduction, storage_dtype=self.storage_dtype, ema_decay=self.ema_decay,
@@ -218,7 +218,7 @@ class FisherCallback(TrainerCallback):
         """Resume: the accumulator state saved with the checkpoint the Trainer resumed from."""
         if not state.global_step:
             return
-        from .distributed import is_distributed
+        from ..collection.distributed import is_distributed
 
         if is_distributed() and _global_rank(args) != 0:
             log.info("hf_fisher: resuming at step %d: rank 0 restores the merged Fisher state, this rank starts empty", state.global_step)
@@ -227,7 +227,7 @@ class FisherCallback(TrainerCallback):
         if not folder.is_dir():
             log.warning("hf_fisher: resuming at step %d without a Fisher state in %s: starting from zero", state.global_step, folder)
             return
-        from ..fisher import Fisher
+        from ..artifacts.fisher import Fisher
 
         self.collector.restore(self.task, Fisher.from_pretrained(folder))
         log.info("hf_fisher: resumed the Fisher accumulators from %s", folder)
@@ -303,7 +303,7 @@ class FisherCallback(TrainerCallback):
         """
         from huggingface_hub import HfApi
 
-        from .hub import push_folder
+        from ..artifacts.hub import push_folder
 
         repo_id = args.hub_model_id or Path(args.output_dir).absolute().name
         if "/" not in repo_id:
@@ -350,9 +350,9 @@ class FisherCallback(TrainerCallback):
 
     def _probe(self, model, step: int) -> None:
         """The Fisher of the model as it is now, leaving training exactly as it was."""
-        from ..collector import _preserved_rng
+        from ..collection.collector import _preserved_rng
 
-        from .distributed import is_distributed, rank, world_size
+        from ..collection.distributed import is_distributed, rank, world_size
 
         batches = _probe_batches(self.probe_data, self._collate)
         if is_distributed() and not _already_sharded(self.probe_data):
@@ -520,7 +520,7 @@ def _is_main_process(args) -> bool:
 
 
 def _global_rank(args) -> int:
-    from .distributed import is_distributed, rank
+    from ..collection.distributed import is_distributed, rank
 
     return rank() if is_distributed() else getattr(args, "process_index", 0)
 

@@ -2,8 +2,8 @@
 
 Inputs are two sets of exact signed per-sample gradients ``g_i`` (task A, ``i < n_A``) and
 ``g_j`` (task B, ``j < n_B``) of the same parameters, from
-:func:`hf_fisher.consumers.gradient_store.store_gradients` (computed here from batches, or
-passed in as :class:`~hf_fisher.consumers.gradient_store.GradientStore`).
+:func:`hf_fisher.collection.gradients.store_gradients` (computed here from batches, or
+passed in as :class:`~hf_fisher.collection.gradients.GradientStore`).
 
 Quantities (all in float64, per element of the stored parameters):
 
@@ -82,7 +82,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import torch
 
 from hf_fisher.consumers.circuits.conflict_defaults import DEFAULT_ALPHA, DEFAULT_MIN_EFFECT_SIZE
-from hf_fisher.consumers.gradient_store import GradientStore, attention_params, require_samples, store_gradients
+from hf_fisher.collection.gradients import GradientStore, attention_params, require_samples, store_gradients
 from hf_fisher.errors import EmptyDataError, InvalidInputError, ModelMismatchError, regex_argument
 from hf_fisher.hookspecs import hookimpl
 from hf_fisher.layout import layer_of
@@ -340,7 +340,7 @@ def _resolve_names(model: Any, params: Any, layers: Iterable[int] | None) -> lis
 
 
 def _check_budget(model: Any, names: list[str], batches: list, dtype: torch.dtype, budget: float, task: str) -> None:
-    from hf_fisher.consumers.gradient_store import samples_that_fit
+    from hf_fisher.collection.gradients import samples_that_fit
 
     fit, per_sample = samples_that_fit(model, names, dtype, budget)
     n = sum(int(b["input_ids"].shape[0]) for b in batches)
@@ -353,7 +353,7 @@ def _check_budget(model: Any, names: list[str], batches: list, dtype: torch.dtyp
 
 
 def _check_fisher(fisher: Any, model: Any, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
-    from hf_fisher.fisher import Fisher
+    from hf_fisher.artifacts.fisher import Fisher
 
     if not isinstance(fisher, Fisher):
         raise InvalidInputError(

@@ -4,7 +4,7 @@ the parameters of one attention head's Q, K, V or O block (built-in consumer).
 Definitions
 -----------
 ``g_i`` is the exact signed per-sample gradient of sample ``i`` (from
-:func:`hf_fisher.consumers.gradient_store.store_gradients`: the batched per-sample engine, loss
+:func:`hf_fisher.collection.gradients.store_gradients`: the batched per-sample engine, loss
 = the sample's mean token loss), ``C_i = g_i ⊙ g_i`` its contribution, and ``I`` the diagonal
 empirical Fisher, elementwise::
 
@@ -82,7 +82,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from hf_fisher.consumers.gradient_store import GradientStore, attention_params, require_samples, samples_that_fit, store_gradients
+from hf_fisher.collection.gradients import GradientStore, attention_params, require_samples, samples_that_fit, store_gradients
 from hf_fisher.consumers.plotting import integer_ticks
 from hf_fisher.errors import EmptyDataError, InvalidInputError, ModelMismatchError
 from hf_fisher.hookspecs import hookimpl
@@ -423,7 +423,7 @@ def qkov_interference(
     Args:
         model: the transformers model (its layout gives the head slices).
         batches_a, batches_b: lists of batch dicts (``input_ids``, ``labels``, ...), or
-            precomputed :class:`~hf_fisher.consumers.gradient_store.GradientStore`\\ s holding
+            precomputed :class:`~hf_fisher.collection.gradients.GradientStore`\\ s holding
             the attention parameters of ``layers`` (reused as they are). Passing the same list
             (or store) object twice computes its gradients once.
         fisher: a :class:`~hf_fisher.Fisher` with ``reduction="param"`` covering the attention
@@ -452,7 +452,7 @@ def qkov_interference(
     from tqdm.auto import tqdm
 
     from hf_fisher import plugins
-    from hf_fisher.fisher import Fisher
+    from hf_fisher.artifacts.fisher import Fisher
 
     # ---- arguments (nothing computed yet)
     if variant not in VARIANTS:

@@ -132,11 +132,11 @@ def is_merge_output_file(name: str) -> bool:
 
 # ---------------------------------------------------------------------------- Fisher inputs
 class FisherInput:
-    """One model's Fisher, read tensor by tensor: a :class:`~hf_fisher.fisher.Fisher`, an artifact
-    folder (read with :class:`~hf_fisher.fisher.FisherReader`) or a Hub reference."""
+    """One model's Fisher, read tensor by tensor: a :class:`~hf_fisher.artifacts.fisher.Fisher`, an artifact
+    folder (read with :class:`~hf_fisher.artifacts.fisher.FisherReader`) or a Hub reference."""
 
     def __init__(self, obj: Any, *, hub_options: dict | None = None) -> None:
-        from hf_fisher.fisher import Fisher, FisherReader
+        from hf_fisher.artifacts.fisher import Fisher, FisherReader
 
         self.fisher = None
         self.reader = None
@@ -565,7 +565,7 @@ def merge_with_fisher(
     Returns the merged model when ``output_dir`` is None; else writes ``output_dir`` atomically
     (weights as sharded safetensors + index, config, tokenizer, generation config, ``merge_recipe.yaml``,
     ``README.md``) and returns its path. ``push_to_hub="user/name"`` uploads the folder
-    (the Hub options go to :func:`hf_fisher.integrations.hub.push_folder` and the downloads).
+    (the Hub options go to :func:`hf_fisher.artifacts.hub.push_folder` and the downloads).
     Every check runs before any tensor is merged or file written.
 
     PEFT adapters (folders with ``adapter_config.json`` or ``PeftModel``\\ s) are merged by
@@ -577,7 +577,7 @@ def merge_with_fisher(
         models, fishers, weights, method, base_model, dtype, data, validation, validation_grid, max_shard_size,
         {k: v for k, v in options.items() if k not in HUB_OPTIONS})
     if push_to_hub:  # the repository arguments, before any work or request
-        from hf_fisher.integrations.hub import check_push_ready
+        from hf_fisher.artifacts.hub import check_push_ready
 
         check_push_ready(str(push_to_hub), **{k: v for k, v in hub_options.items() if k in (
             "path_in_repo", "revision", "create_pr", "commit_message", "private", "token", "api")})
@@ -714,8 +714,8 @@ def _write_merge(plan_infos, out_plan, reader, settings, out_dtype, shard_bytes,
     """Merge tensor by tensor into ``target`` (or a temporary folder whose model is returned)."""
     from tqdm.auto import tqdm
 
-    from hf_fisher.atomic import atomic_folder
-    from hf_fisher.cards import merged_card
+    from hf_fisher.artifacts.atomic import atomic_folder
+    from hf_fisher.artifacts.cards import merged_card
 
     folder_ctx = None
     if target is None:
@@ -755,7 +755,7 @@ def _input_paths(models, base_model, fishers) -> list[tuple[str, Any]]:
 
 
 def _check_output(output_dir, inputs=(), flag: str = "output_dir") -> Path:
-    from hf_fisher.atomic import check_not_input, check_target
+    from hf_fisher.artifacts.atomic import check_not_input, check_target
 
     path = Path(os.path.abspath(os.fspath(output_dir)))
     check_not_input(path, inputs, what="merged model", flag=flag)
@@ -808,9 +808,9 @@ def _load_merged(folder: Path, first: TensorSource):
 
 def _push(folder: Path, repo_id: str, hub_options: Mapping[str, Any]) -> str:
     try:
-        from hf_fisher.integrations.hub import push_folder
+        from hf_fisher.artifacts.hub import push_folder
     except ImportError as e:
-        raise UnsupportedError(f"push_to_hub needs hf_fisher.integrations.hub ({e})") from None
+        raise UnsupportedError(f"push_to_hub needs hf_fisher.artifacts.hub ({e})") from None
     keys = ("path_in_repo", "private", "revision", "create_pr", "commit_message", "token", "api")
     return push_folder(folder, repo_id, **{k: v for k, v in hub_options.items() if k in keys})
 
@@ -834,8 +834,8 @@ def _merge_adapters(models, fishers, s: MergeSettings, base_model, out_dtype, ta
         recipe["parameters"]["rank"] = rank
     if merge_into_base:
         recipe["parameters"]["merge_into_base"] = True
-    from hf_fisher.atomic import atomic_folder
-    from hf_fisher.cards import merged_card
+    from hf_fisher.artifacts.atomic import atomic_folder
+    from hf_fisher.artifacts.cards import merged_card
 
     ctx = tempfile.TemporaryDirectory(prefix="hf-fisher-merge-") if target is None else None
     write_to = target if target is not None else Path(ctx.name) / "merged"

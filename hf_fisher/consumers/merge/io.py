@@ -11,7 +11,7 @@ saves them (tied weights stored once, under the name ``save_pretrained`` keeps):
 - :class:`ModelSource`: a loaded ``PreTrainedModel``'s state dict, with tied weights removed
   exactly as ``save_pretrained`` does (``remove_tied_weights_from_state_dict``).
 - :func:`open_source`: a path, a Hub id (resolved to a local folder by
-  :func:`hf_fisher.integrations.hub.resolve_folder`) or a model.
+  :func:`hf_fisher.artifacts.hub.resolve_folder`) or a model.
 
 Output: :class:`ShardedWriter` plans the shards before the first tensor is written (every name,
 shape and dtype is known from the sources), so each shard's safetensors header is written first
@@ -296,7 +296,7 @@ def _is_model(obj: Any) -> bool:
 
 def open_source(ref: Any, *, what: str = "model", hub_options: dict | None = None) -> TensorSource:
     """A :class:`TensorSource` for a loaded model, a local folder, or a Hub id (``repo`` or
-    ``repo:subfolder``, downloaded by :func:`hf_fisher.integrations.hub.resolve_folder`)."""
+    ``repo:subfolder``, downloaded by :func:`hf_fisher.artifacts.hub.resolve_folder`)."""
     if _is_model(ref):
         return ModelSource(ref)
     if not isinstance(ref, (str, os.PathLike)):
@@ -322,10 +322,10 @@ def resolve_hub(ref: str, *, what: str, hub_options: dict | None = None, allow_p
     if not looks_like_hub_id(repo):
         raise InvalidInputError(f"{what} {ref!r} does not exist locally and is not a Hub repo id ('owner/name' or 'owner/name:subfolder')")
     try:
-        from hf_fisher.integrations.hub import resolve_folder
+        from hf_fisher.artifacts.hub import resolve_folder
     except ImportError as e:
         raise InvalidInputError(
-            f"{what} {ref!r} is not a local folder, and Hub downloads need hf_fisher.integrations.hub ({e}); "
+            f"{what} {ref!r} is not a local folder, and Hub downloads need hf_fisher.artifacts.hub ({e}); "
             "download it first (huggingface_hub.snapshot_download) and pass the folder"
         ) from None
     opts = {k: v for k, v in (hub_options or {}).items() if k in ("revision", "token", "endpoint", "cache_dir")}

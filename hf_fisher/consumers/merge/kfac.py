@@ -2,7 +2,7 @@
 model's Kronecker-factored Fisher instead of its diagonal.
 
 For every block the factors couple (a layer's weight with its bias, in the canonical form ``M``
-of :mod:`hf_fisher.kfac`; a tied weight with all its layers), the merged ``M*`` minimises
+of :mod:`hf_fisher.artifacts.kfac`; a tied weight with all its layers), the merged ``M*`` minimises
 ``Σ_i λ_i vec(M − M_i)ᵀ (F_i + δ I) vec(M − M_i)`` with ``F_i ≈ G_i ⊗ A_i``, i.e. solves
 
     Σ_i λ_i (G_i ⊗ A_i + δ I) vec(M* − M_i) = 0
@@ -37,9 +37,9 @@ logger = logging.getLogger(__name__)
 
 
 def load_kfac(obj: Any, *, hub_options: dict | None = None):
-    """A :class:`~hf_fisher.kfac.KFACFisher` from itself, an artifact folder or a Hub reference."""
+    """A :class:`~hf_fisher.artifacts.kfac.KFACFisher` from itself, an artifact folder or a Hub reference."""
     from hf_fisher.consumers.merge import io as _io
-    from hf_fisher.kfac import KFAC_CONFIG_NAME, KFACFisher
+    from hf_fisher.artifacts.kfac import KFAC_CONFIG_NAME, KFACFisher
 
     if isinstance(obj, KFACFisher):
         obj.check_values()  # finite factors with non-negative diagonals, before any work

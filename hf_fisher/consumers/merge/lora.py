@@ -271,7 +271,7 @@ class _FisherSource:
     tensor by tensor with the name mapping of the module docstring."""
 
     def __init__(self, src: Any, index: int, adapter: _Adapter, fan_in_fan_out: bool):
-        from hf_fisher.fisher import Fisher, FisherReader
+        from hf_fisher.artifacts.fisher import Fisher, FisherReader
 
         if isinstance(src, (str, os.PathLike)):
             src = FisherReader(src)
@@ -317,7 +317,7 @@ class _FisherSource:
 
     def get(self, key: str) -> torch.Tensor:
         from hf_fisher.analysis import expand
-        from hf_fisher.fisher import Fisher
+        from hf_fisher.artifacts.fisher import Fisher
 
         name = self.names[key]
         if isinstance(self.src, Fisher):

@@ -48,7 +48,7 @@ def _param_keys() -> dict[str, tuple[type, ...]]:
 
 
 def _version() -> str:
-    from hf_fisher.fisher import _library_version
+    from hf_fisher.artifacts.fisher import _library_version
 
     return _library_version()
 

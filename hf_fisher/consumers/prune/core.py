@@ -68,7 +68,7 @@ from hf_fisher.errors import EmptyDataError, InvalidInputError, UnsupportedError
 from hf_fisher.hookspecs import hookimpl
 
 if TYPE_CHECKING:  # pragma: no cover
-    from hf_fisher.fisher import Fisher
+    from hf_fisher.artifacts.fisher import Fisher
 
 __all__ = ["prune", "PruneResult", "check_options", "API_TERMS", "CLI_TERMS", "hf_fisher_register_consumers"]
 
@@ -114,8 +114,8 @@ class PruneResult:
         first, then renamed. An existing folder is replaced only when it holds a model
         (``overwrite=True``); never the folder the model was loaded from (``config.name_or_path``),
         nor one that holds it or lies inside it."""
-        from hf_fisher.atomic import atomic_folder, check_target
-        from hf_fisher.consumers.merge_io import is_model_output_file
+        from hf_fisher.artifacts.atomic import atomic_folder, check_target
+        from hf_fisher.consumers.merge.io import is_model_output_file
 
         target = check_target(save_directory, allowed=lambda n: is_model_output_file(n) or n in PRUNE_FILES,
                               what="pruned model", overwrite=overwrite,
@@ -132,7 +132,7 @@ class PruneResult:
 
 
 def _write_tokenizer(tokenizer: Any, folder: Path) -> None:
-    from hf_fisher.consumers.merge_io import TOKENIZER_FILES, copy_side_files
+    from hf_fisher.consumers.merge.io import TOKENIZER_FILES, copy_side_files
 
     if isinstance(tokenizer, (str, Path)):
         copy_side_files([Path(tokenizer)], folder, TOKENIZER_FILES)
@@ -143,7 +143,7 @@ def _write_tokenizer(tokenizer: Any, folder: Path) -> None:
 def _source_tokenizer(model: nn.Module, tokenizer: Any) -> Any:
     """The tokenizer :func:`prune` carries: ``tokenizer`` when given (``False``: none), else the
     local folder the model was loaded from when it holds tokenizer files, else None."""
-    from hf_fisher.consumers.merge_io import TOKENIZER_FILES
+    from hf_fisher.consumers.merge.io import TOKENIZER_FILES
 
     if tokenizer is False:
         return None

@@ -33,7 +33,7 @@ logger = logging.getLogger(__name__)
 def output_gram(model: nn.Module, weight: str, batches: Sequence[Mapping], *, progress: bool = False) -> torch.Tensor:
     """``G = Σ_t x_t x_tᵀ`` of the inputs of ``weight``'s module over the calibration tokens; the
     forward of each batch stops at that module."""
-    from hf_fisher.consumers.module_inputs import StopForward, token_inputs
+    from hf_fisher.collection.activations import StopForward, token_inputs
 
     acc: dict[str, torch.Tensor] = {}
 

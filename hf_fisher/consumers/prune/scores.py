@@ -111,7 +111,7 @@ class KFACScore(PruneScore):
         import re
 
         from hf_fisher.api import collect
-        from hf_fisher.consumers.gradient_store import only_trainable
+        from hf_fisher.collection.gradients import only_trainable
 
         names = S._unit_params(units, out=True)
         with only_trainable(model, names):

@@ -49,13 +49,13 @@ import torch
 import torch.nn as nn
 
 from hf_fisher import analysis
-from hf_fisher.consumers.gradient_store import only_trainable
+from hf_fisher.collection.gradients import only_trainable
 from hf_fisher.consumers.prune.units import Unit, input_axis, owner
 from hf_fisher.engine.per_sample import ContributionSink
 from hf_fisher.errors import EmptyDataError, InvalidInputError, UnsupportedError
 
 if TYPE_CHECKING:  # pragma: no cover
-    from hf_fisher.fisher import Fisher
+    from hf_fisher.artifacts.fisher import Fisher
 
 __all__ = ["ActivationStats", "score_units", "score_weights", "activation_stats", "calibration_gradient",
            "calibration_fisher", "mask_fisher", "slice_stderr"]
@@ -133,7 +133,7 @@ class ActivationStats:
 
 def activation_stats(model: nn.Module, weights: Sequence[str], batches, *, progress: bool = True) -> ActivationStats:
     """Input moments of the modules owning ``weights`` over ``batches`` (no backward)."""
-    from hf_fisher.consumers.module_inputs import token_inputs
+    from hf_fisher.collection.activations import token_inputs
 
     stats = ActivationStats()
     modules = {n: owner(model, n)[0] for n in weights}

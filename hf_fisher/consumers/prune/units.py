@@ -78,7 +78,7 @@ def owner(model: nn.Module, name: str) -> tuple[nn.Module, str]:
 def input_axis(model: nn.Module, name: str) -> int | None:
     """Axis of weight ``name`` that indexes its module's input features: 1 for ``nn.Linear``
     (``[out, in]``), 0 for HF ``Conv1D`` (``[in, out]``), None for anything else (biases...)."""
-    from hf_fisher.consumers.module_inputs import conv1d_type
+    from hf_fisher.collection.activations import conv1d_type
 
     module, attr = owner(model, name)
     if attr != "weight":

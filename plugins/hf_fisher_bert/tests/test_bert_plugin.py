@@ -24,7 +24,7 @@ import transformers as tf
 
 import hf_fisher
 from hf_fisher import plugins
-from hf_fisher.fisher import Fisher
+from hf_fisher.artifacts.fisher import Fisher
 from hf_fisher.layout import ModelLayout, ParamGroups, Slice
 from hf_fisher.testing import assert_close, global_floor, per_sample_fisher, split_batch
 
