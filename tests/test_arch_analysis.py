@@ -20,12 +20,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # old path -> new module (a plain alias: the old name is the very same module object)
 ALIASES = {
-    "hf_fisher.analysis.uncertainty": "hf_fisher.analysis.uncertainty",
-    "hf_fisher.analysis.importance": "hf_fisher.analysis.importance",
-    "hf_fisher.consumers.circuits.qkov": "hf_fisher.consumers.circuits.qkov",
-    "hf_fisher.consumers.circuits.conflicts": "hf_fisher.consumers.circuits.conflicts",
-    "hf_fisher.consumers.circuits.conflict_defaults": "hf_fisher.consumers.circuits.conflict_defaults",
-    "hf_fisher.consumers.circuits.head_behaviour": "hf_fisher.consumers.circuits.head_behaviour",
+    "hf_fisher.uncertainty": "hf_fisher.analysis.uncertainty",
+    "hf_fisher.consumers.importance": "hf_fisher.analysis.importance",
+    "hf_fisher.consumers.qkov": "hf_fisher.consumers.circuits.qkov",
+    "hf_fisher.consumers.conflicts": "hf_fisher.consumers.circuits.conflicts",
+    "hf_fisher.consumers.conflict_defaults": "hf_fisher.consumers.circuits.conflict_defaults",
+    "hf_fisher.consumers.head_behaviour": "hf_fisher.consumers.circuits.head_behaviour",
 }
 # consumer name -> the module that registers it now
 REGISTERED_IN = {

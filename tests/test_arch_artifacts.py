@@ -34,11 +34,11 @@ PACKAGE = ROOT / "hf_fisher" / "artifacts"
 MODULES = sorted(f"hf_fisher.artifacts.{p.stem}" for p in PACKAGE.glob("*.py") if p.stem != "__init__")
 KFAC_FILES = {"kfac.safetensors", "kfac_config.json", "README.md"}
 OLD_PATHS = {
-    "hf_fisher.artifacts.fisher": "hf_fisher.artifacts.fisher",
-    "hf_fisher.artifacts.kfac": "hf_fisher.artifacts.kfac",
-    "hf_fisher.artifacts.cards": "hf_fisher.artifacts.cards",
-    "hf_fisher.artifacts.atomic": "hf_fisher.artifacts.atomic",
-    "hf_fisher.artifacts.hub": "hf_fisher.artifacts.hub",
+    "hf_fisher.fisher": "hf_fisher.artifacts.fisher",
+    "hf_fisher.kfac": "hf_fisher.artifacts.kfac",
+    "hf_fisher.cards": "hf_fisher.artifacts.cards",
+    "hf_fisher.atomic": "hf_fisher.artifacts.atomic",
+    "hf_fisher.integrations.hub": "hf_fisher.artifacts.hub",
 }
 
 
@@ -65,7 +65,7 @@ def test_importing_the_artifact_layer_imports_no_analysis_or_consumer(module):
     ))
     assert module in loaded and "hf_fisher.artifacts.kfac" in loaded
     above = [m for m in loaded if m.startswith(("hf_fisher.consumers", "hf_fisher.analysis", "hf_fisher.cli",
-                                                "hf_fisher.collection.collector", "hf_fisher.api", "hf_fisher.estimators"))]
+                                                "hf_fisher.collector", "hf_fisher.api", "hf_fisher.estimators"))]
     assert above == []
 
 
@@ -104,9 +104,9 @@ def test_old_paths_warn_and_are_the_new_modules():
         "        mod = importlib.import_module(old)\n"
         "    dep = [str(x.message) for x in w if issubclass(x.category, DeprecationWarning)]\n"
         "    out[old] = [mod is sys.modules[new], dep]\n"
-        "import hf_fisher.artifacts.fisher, hf_fisher.integrations\n"
+        "import hf_fisher.fisher, hf_fisher.integrations\n"
         "from hf_fisher.integrations import hub\n"
-        "out['private'] = [hf_fisher.artifacts.fisher._value_problems.__module__, hf_fisher.artifacts.fisher._library_version() != '',\n"
+        "out['private'] = [hf_fisher.fisher._value_problems.__module__, hf_fisher.fisher._library_version() != '',\n"
         "                  hub is sys.modules['hf_fisher.artifacts.hub'], hub._check_repo_path('a/b', 'x')]\n"
         "print(json.dumps(out))\n"
     )

@@ -30,11 +30,11 @@ from hf_fisher.hookspecs import hookimpl
 ROOT = Path(__file__).resolve().parents[1]
 PKG = ROOT / "hf_fisher"
 MOVED = {
-    "hf_fisher.collection.collector": "hf_fisher.collection.collector",
-    "hf_fisher.collection.stats": "hf_fisher.collection.stats",
-    "hf_fisher.collection.distributed": "hf_fisher.collection.distributed",
-    "hf_fisher.collection.gradients": "hf_fisher.collection.gradients",
-    "hf_fisher.collection.activations": "hf_fisher.collection.activations",
+    "hf_fisher.collector": "hf_fisher.collection.collector",
+    "hf_fisher.stats": "hf_fisher.collection.stats",
+    "hf_fisher.integrations.distributed": "hf_fisher.collection.distributed",
+    "hf_fisher.consumers.gradient_store": "hf_fisher.collection.gradients",
+    "hf_fisher.consumers.module_inputs": "hf_fisher.collection.activations",
 }
 
 
@@ -57,7 +57,7 @@ for old, new in moved.items():
         mod = importlib.import_module(old)
     msgs = [str(w.message) for w in caught if issubclass(w.category, DeprecationWarning) and old + " is deprecated" in str(w.message)]
     out[old] = [mod is importlib.import_module(new), msgs]
-import hf_fisher.collection.collector as c, hf_fisher.collection.collector as n
+import hf_fisher.collector as c, hf_fisher.collection.collector as n
 out["private"] = c._MomentsSink is n._MomentsSink
 print(json.dumps(out))
 """

@@ -186,12 +186,12 @@ def test_a_tryfirst_plugin_overrides_the_builtin_pruner_and_can_refuse(fresh):
 
 # ----------------------------------------------------------------------------- old paths
 OLD = {
-    "hf_fisher.consumers.prune.core": "hf_fisher.consumers.prune.core",
-    "hf_fisher.consumers.prune.units": "hf_fisher.consumers.prune.units",
-    "hf_fisher.consumers.prune.statistics": "hf_fisher.consumers.prune.statistics",
-    "hf_fisher.consumers.prune.rescale": "hf_fisher.consumers.prune.rescale",
-    "hf_fisher.consumers.prune.obs": "hf_fisher.consumers.prune.obs",
-    "hf_fisher.consumers.prune.physical": "hf_fisher.consumers.prune.physical",
+    "hf_fisher.consumers.pruning": "hf_fisher.consumers.prune.core",
+    "hf_fisher.consumers.prune_units": "hf_fisher.consumers.prune.units",
+    "hf_fisher.consumers.prune_scores": "hf_fisher.consumers.prune.statistics",
+    "hf_fisher.consumers.prune_rescale": "hf_fisher.consumers.prune.rescale",
+    "hf_fisher.consumers.prune_obs": "hf_fisher.consumers.prune.obs",
+    "hf_fisher.consumers.prune_physical": "hf_fisher.consumers.prune.physical",
 }
 
 
