@@ -176,7 +176,7 @@ def compare_outputs(x: Path, y: Path) -> float:
         out = {}
         for f in sorted(folder.glob("*.safetensors")):
             with safe_open(str(f), "pt") as h:
-                out.update({k: f for k in h.keys()})  # noqa: SIM118 (a safe_open handle, not a dict)
+                out.update(dict.fromkeys(h.keys(), f))
         return out
 
     ix, iy = index(x), index(y)

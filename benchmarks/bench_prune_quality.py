@@ -50,7 +50,7 @@ for p in (str(REPO), str(HERE)):
     if p not in sys.path:
         sys.path.insert(0, p)
 
-import merge_tasks as mt  # noqa: E402
+import merge_tasks as mt
 
 VERSION = "v1"
 CACHE = HERE / ".cache" / f"prune_model-{VERSION}"

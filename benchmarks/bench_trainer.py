@@ -94,8 +94,9 @@ def _clock():
 
 def run(spec, method: str, steps: int, probe_every: int):
     """``(train() seconds, [seconds of each optimizer step])``."""
-    import hf_fisher
     from transformers import Trainer, TrainingArguments, default_data_collator
+
+    import hf_fisher
 
     model = build_model(spec)
     data = dataset(spec, spec["B"] * steps)

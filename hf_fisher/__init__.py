@@ -54,31 +54,31 @@ _LAZY = {
     "ParamGroups": "layout",
 }
 
-__all__ = ["collect", "merge_with_fisher", "prune", "PruneResult", "mask_overlap", "task_overlap", "perturb", "perturbation_sweep", "write_report", "store_gradients", "GradientStore", "sample_conflicts", "qkov_interference", "head_categories", "aggregate_by_category", "analyze", "spectrum", "SpectrumResult", "KFACFisher", "compare_estimators", "scale_by_fisher", "EWCPenalty", "EWCTrainer", "EWCMixin", "forgetting_risk", "Fisher", "FisherCallback", "FisherCollector", "HfFisherError", "hookimpl", "ModelLayout", "ParamGroups", "__version__"]
+__all__ = ["EWCMixin", "EWCPenalty", "EWCTrainer", "Fisher", "FisherCallback", "FisherCollector", "GradientStore", "HfFisherError", "KFACFisher", "ModelLayout", "ParamGroups", "PruneResult", "SpectrumResult", "__version__", "aggregate_by_category", "analyze", "collect", "compare_estimators", "forgetting_risk", "head_categories", "hookimpl", "mask_overlap", "merge_with_fisher", "perturb", "perturbation_sweep", "prune", "qkov_interference", "sample_conflicts", "scale_by_fisher", "spectrum", "store_gradients", "task_overlap", "write_report"]
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names come from __getattr__
     from .api import collect
+    from .artifacts.fisher import Fisher
+    from .artifacts.kfac import KFACFisher
     from .collection.collector import FisherCollector
-    from .consumers.ewc import EWCPenalty, forgetting_risk
+    from .collection.gradients import GradientStore, store_gradients
+    from .consumers.analyze import analyze
+    from .consumers.circuits.conflicts import sample_conflicts
+    from .consumers.circuits.head_behaviour import aggregate_by_category, head_categories
+    from .consumers.circuits.qkov import qkov_interference
     from .consumers.compare_estimators import compare_estimators
+    from .consumers.ewc import EWCPenalty, forgetting_risk
     from .consumers.merge.api import merge_with_fisher
+    from .consumers.natural_gradient import scale_by_fisher
     from .consumers.overlap import mask_overlap, task_overlap
     from .consumers.perturb import perturb, perturbation_sweep
     from .consumers.prune.core import PruneResult, prune
     from .consumers.report import write_report
-    from .consumers.circuits.conflicts import sample_conflicts
-    from .collection.gradients import GradientStore, store_gradients
-    from .consumers.circuits.head_behaviour import aggregate_by_category, head_categories
-    from .consumers.circuits.qkov import qkov_interference
-    from .consumers.analyze import analyze
-    from .consumers.natural_gradient import scale_by_fisher
     from .consumers.spectrum import SpectrumResult, spectrum
-    from .artifacts.kfac import KFACFisher
+    from .errors import HfFisherError
+    from .hookspecs import hookimpl
     from .integrations.ewc_trainer import EWCMixin, EWCTrainer
     from .integrations.trainer import FisherCallback
-    from .errors import HfFisherError
-    from .artifacts.fisher import Fisher
-    from .hookspecs import hookimpl
     from .layout import ModelLayout, ParamGroups
 
 

@@ -8,12 +8,13 @@ options it declares (refusing the others, naming their owners) and returns what 
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import torch
 
-from .errors import InvalidInputError
 from .artifacts.fisher import Fisher
+from .errors import InvalidInputError
 
 
 def collect(

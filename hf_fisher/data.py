@@ -25,15 +25,16 @@ from __future__ import annotations
 import codecs
 import json
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
 from hf_fisher.errors import EmptyDataError, InvalidInputError
 
-__all__ = ["Sample", "load_samples", "make_batches", "check_labels", "pad_token_id", "TASK_TYPES"]
+__all__ = ["TASK_TYPES", "Sample", "check_labels", "load_samples", "make_batches", "pad_token_id"]
 
 logger = logging.getLogger(__name__)
 

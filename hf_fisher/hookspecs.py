@@ -22,7 +22,8 @@ registration fails is reported once (plugin, distribution, error) and skipped.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import pluggy
 

@@ -24,22 +24,23 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import torch
 
 __all__ = [
-    "Slice",
-    "GroupRun",
-    "ParamGroups",
-    "HeadSlices",
     "AttentionLayer",
-    "ChannelRole",
     "ChannelBlock",
-    "ExpertRole",
+    "ChannelRole",
     "ExpertBlock",
+    "ExpertRole",
+    "GroupRun",
+    "HeadSlices",
     "ModelLayout",
+    "ParamGroups",
+    "Slice",
     "layer_of",
 ]
 
@@ -107,12 +108,12 @@ class ParamGroups:
             raise ValueError(f"ParamGroups axes must be distinct non-negative axes, got {axes}")
 
     @staticmethod
-    def single(axis: int, size: int, label: str = "all") -> "ParamGroups":
+    def single(axis: int, size: int, label: str = "all") -> ParamGroups:
         """One group covering the whole axis."""
         return ParamGroups(axis, (GroupRun(label, 1, size),))
 
     @staticmethod
-    def per_index(axis: int, size: int, prefix: str) -> "ParamGroups":
+    def per_index(axis: int, size: int, prefix: str) -> ParamGroups:
         """One group per index along ``axis`` (e.g. MLP channels, vocabulary rows)."""
         return ParamGroups(axis, (GroupRun(prefix, size, 1),))
 
@@ -227,7 +228,7 @@ class ParamGroups:
         return d
 
     @staticmethod
-    def from_dict(d: dict[str, Any]) -> "ParamGroups":
+    def from_dict(d: dict[str, Any]) -> ParamGroups:
         return ParamGroups(
             int(d["axis"]),
             tuple(GroupRun(**r) for r in d["runs"]),
@@ -343,7 +344,7 @@ class ExpertBlock:
         }
 
     @staticmethod
-    def from_dict(d: dict[str, Any]) -> "ExpertBlock":
+    def from_dict(d: dict[str, Any]) -> ExpertBlock:
         return ExpertBlock(
             layer=int(d["layer"]),
             num_experts=int(d["num_experts"]),
@@ -422,7 +423,7 @@ class ModelLayout:
         }
 
     @staticmethod
-    def from_dict(d: dict[str, Any]) -> "ModelLayout":
+    def from_dict(d: dict[str, Any]) -> ModelLayout:
         def slices(items):
             return tuple(Slice(**s) for s in items)
 

@@ -33,8 +33,9 @@ import importlib.metadata
 import logging
 import os
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import pluggy
 
@@ -44,22 +45,22 @@ from hf_fisher.hookspecs import PROJECT_NAME, hookimpl
 from hf_fisher.layout import ModelLayout, layer_of
 
 __all__ = [
-    "BUILTIN_PLUGINS",
     "BUILTIN_DISTRIBUTION",
+    "BUILTIN_PLUGINS",
     "ENTRY_POINT_GROUP",
-    "hookimpl",
-    "get_plugin_manager",
-    "register",
-    "unregister",
-    "reset",
-    "failed_plugins",
-    "list_plugins",
-    "estimators",
     "consumers",
-    "grad_rules",
-    "grad_rule_for",
-    "model_layout",
     "describe",
+    "estimators",
+    "failed_plugins",
+    "get_plugin_manager",
+    "grad_rule_for",
+    "grad_rules",
+    "hookimpl",
+    "list_plugins",
+    "model_layout",
+    "register",
+    "reset",
+    "unregister",
 ]
 
 logger = logging.getLogger(__name__)

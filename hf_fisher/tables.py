@@ -7,11 +7,12 @@ Imports nothing heavy (no torch) until :func:`format_report` reads an artifact's
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from hf_fisher.errors import InvalidInputError, UnsupportedError
 
-__all__ = ["format_table", "format_report", "channel_parts", "head_parts"]
+__all__ = ["channel_parts", "format_report", "format_table", "head_parts"]
 
 
 def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], *, title: str | None = None) -> str:

@@ -217,7 +217,7 @@ class HubServer:
         self._servers.clear()
         self._threads.clear()
 
-    def __enter__(self) -> HubServer:  # noqa: PYI034
+    def __enter__(self) -> HubServer:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
@@ -407,7 +407,7 @@ class _Handler(BaseHTTPRequestHandler):
                 headers["X-Error-Code"] = e.code
             headers["X-Error-Message"] = e.message
             self._json({"error": e.message, **e.body}, status=e.status, headers=headers, method=method)
-        except Exception as e:  # noqa: BLE001 - a bug in the server: answer 500, the fixture reports it
+        except Exception as e:
             import traceback
 
             self.hub.server_errors.append(f"{method} {self.path}: {traceback.format_exc()}")

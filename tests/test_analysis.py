@@ -9,12 +9,13 @@ import pytest
 import scipy.stats
 import torch
 
-import tiny_models as tm
 from hf_fisher import analysis, plugins
 from hf_fisher.analysis import importance as importance_consumer
-from hf_fisher.errors import InvalidInputError, UnsupportedError
 from hf_fisher.artifacts.fisher import Counts, Fisher, FisherMetadata
+from hf_fisher.errors import InvalidInputError, UnsupportedError
 from hf_fisher.layout import GroupRun, ParamGroups
+
+import tiny_models as tm
 
 
 def build(model, values=None, *, variance=True, seed=0, task="t"):

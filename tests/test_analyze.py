@@ -10,11 +10,12 @@ import pytest
 import torch
 
 import hf_fisher
-import tiny_models as tm
 from hf_fisher import hookimpl, plugins
 from hf_fisher.cli import main
 from hf_fisher.consumers.analyze import analyze
 from hf_fisher.errors import InvalidInputError
+
+import tiny_models as tm
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

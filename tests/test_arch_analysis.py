@@ -82,7 +82,7 @@ def test_analysis_package_keeps_every_name_of_the_old_module():
     assert analysis.uncertainty.unit_intervals.__module__ == "hf_fisher.analysis.uncertainty"
     assert analysis.summary.summary_markdown.__module__ == "hf_fisher.analysis.summary"
     with pytest.raises(AttributeError, match="no attribute 'no_such_name'"):
-        analysis.no_such_name  # noqa: B018
+        analysis.no_such_name
 
 
 def test_card_and_report_share_one_summary():

@@ -17,7 +17,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import tiny_models as tm
 import torch
 
 import hf_fisher
@@ -25,6 +24,8 @@ from hf_fisher.artifacts import DEFAULT_MAX_SHARD_SIZE, ArtifactHubMixin
 from hf_fisher.artifacts.fisher import Fisher
 from hf_fisher.artifacts.kfac import KFACFisher
 from hf_fisher.errors import ArtifactError, InvalidInputError, ModelMismatchError
+
+import tiny_models as tm
 
 pytest_plugins = ["hub_server"]  # the hub_server fixture
 pytestmark = pytest.mark.usefixtures("one_thread")

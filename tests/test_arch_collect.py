@@ -17,7 +17,6 @@ import pytest
 import torch
 
 import hf_fisher
-import tiny_models as tm
 from hf_fisher import plugins
 from hf_fisher.collection.stats import EMA, AccumulatorState, Welford, shifted_moments_
 from hf_fisher.errors import InvalidInputError
@@ -26,6 +25,8 @@ from hf_fisher.estimators.empirical import EmpiricalEstimator
 from hf_fisher.estimators.kfac import KFACEstimator
 from hf_fisher.estimators.true_fisher import TrueFisherEstimator
 from hf_fisher.hookspecs import hookimpl
+
+import tiny_models as tm
 
 ROOT = Path(__file__).resolve().parents[1]
 PKG = ROOT / "hf_fisher"

@@ -15,7 +15,6 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-import tiny_models as tm
 from hf_fisher import plugins
 from hf_fisher.consumers.merge import registry
 from hf_fisher.consumers.merge.api import merge_with_fisher
@@ -24,6 +23,8 @@ from hf_fisher.consumers.merge.lora import merge_lora_adapters
 from hf_fisher.consumers.merge.recipe import load_recipe, recipe_to_kwargs
 from hf_fisher.errors import InvalidInputError, PluginError, UnsupportedError
 from hf_fisher.hookspecs import hookimpl
+
+import tiny_models as tm
 
 PACKAGE = Path(__file__).resolve().parents[1] / "hf_fisher" / "consumers" / "merge"
 BUILTINS = ("fisher", "fisher_task_vector", "average", "task_arithmetic", "ties", "dare", "regmean", "fisher_regmean", "kfac")

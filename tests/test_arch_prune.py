@@ -11,13 +11,14 @@ import pytest
 import torch
 
 import hf_fisher
-import tiny_models as tm
 from hf_fisher import plugins
 from hf_fisher.consumers.prune.base import PruneScore
 from hf_fisher.consumers.prune.core import API_TERMS, CLI_TERMS, check_options, prune
 from hf_fisher.consumers.prune.physical import LlamaPhysicalPruner
 from hf_fisher.errors import InvalidInputError, PluginError, UnsupportedError
 from hf_fisher.hookspecs import hookimpl
+
+import tiny_models as tm
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -12,16 +12,17 @@ from __future__ import annotations
 
 import types
 
-import extra_models as em
 import pytest
-import reference as R
-import tiny_models as tm
 import torch
 from torch import nn
 
 import hf_fisher
 from hf_fisher.engine import per_sample as PS
 from hf_fisher.engine import rules as RU
+
+import extra_models as em
+import reference as R
+import tiny_models as tm
 
 # float64 models: the engine and the reference differ only by float64 rounding (~1e-15), plus the
 # float32 ops some float64 models still run inside (Gemma's RMSNorm casts to float32), which

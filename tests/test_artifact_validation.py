@@ -12,14 +12,15 @@ import shutil
 from pathlib import Path
 
 import pytest
-import tiny_models as tm
 import torch
 import transformers as tf
 from safetensors.torch import load_file, save_file
 from test_fisher_artifact import assert_same, make_fisher
 
-from hf_fisher.errors import ArtifactError, ModelMismatchError
 from hf_fisher.artifacts.fisher import Fisher, FisherReader
+from hf_fisher.errors import ArtifactError, ModelMismatchError
+
+import tiny_models as tm
 
 CONFIG = "fisher_config.json"
 Q = "model.layers.0.self_attn.q_proj.weight"

@@ -8,9 +8,6 @@ import pytest
 import torch
 
 import hf_fisher
-
-import reference as R
-import tiny_models as tm
 from hf_fisher.errors import (
     EmptyDataError,
     HfFisherError,
@@ -19,6 +16,9 @@ from hf_fisher.errors import (
     NonFiniteError,
     NoTrainableParametersError,
 )
+
+import reference as R
+import tiny_models as tm
 
 
 def batches3():

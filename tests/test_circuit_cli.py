@@ -7,8 +7,9 @@ import json
 import pytest
 import torch
 
-import tiny_models as tm
 from hf_fisher.cli import main
+
+import tiny_models as tm
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

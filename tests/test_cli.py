@@ -17,9 +17,10 @@ import pytest
 import torch
 import transformers as tf
 
-import tiny_models as tm
 from hf_fisher.cli import main
 from hf_fisher.demo import word_tokenizer
+
+import tiny_models as tm
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -56,3 +56,16 @@ def test_slow_marker_is_registered_and_ruff_is_configured():
     assert any(m.startswith("slow:") for m in meta["tool"]["pytest"]["ini_options"]["markers"])
     ruff = meta["tool"]["ruff"]
     assert ruff["target-version"] == "py310" and {"E", "F", "W", "I", "UP", "B"} <= set(ruff["lint"]["select"])
+
+
+def test_the_code_passes_ruff():
+    """The ruff configuration in pyproject.toml is one the code passes (the test extras install ruff)."""
+    import shutil
+    import subprocess
+
+    ruff = shutil.which("ruff", path=str(Path(sys.executable).parent)) or shutil.which("ruff")
+    if ruff is None:
+        pytest.skip("ruff is not installed (pip install -e '.[test]')")
+    proc = subprocess.run([ruff, "check", "--no-cache", "hf_fisher", "tests", "plugins", "benchmarks", "examples", "scripts"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]

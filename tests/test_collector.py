@@ -14,9 +14,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import hf_fisher
+from hf_fisher import FisherCollector
+
 import tiny_models as tm
 from reference import per_sample_contributions, reference_fisher
-from hf_fisher import FisherCollector
 
 
 def split(batch):

@@ -9,12 +9,13 @@ import shutil
 import pytest
 import torch
 
-import tiny_models as tm
 import hf_fisher
 from hf_fisher.cli import main
 from hf_fisher.consumers.compare_estimators import METHODS, compare_estimators
 from hf_fisher.demo import word_tokenizer
 from hf_fisher.errors import EmptyDataError, InvalidInputError
+
+import tiny_models as tm
 
 
 def _batches():

@@ -12,13 +12,14 @@ import torch
 from scipy.stats import false_discovery_control
 
 import hf_fisher
-import reference as ref
-import tiny_models as tm
+from hf_fisher.collection.gradients import GradientStore, attention_params, store_gradients
 from hf_fisher.consumers.circuits import conflicts as cf
 from hf_fisher.consumers.circuits.conflicts import conflict_pvalues, fdr_bh, format_p, sample_conflicts
-from hf_fisher.collection.gradients import GradientStore, attention_params, store_gradients
 from hf_fisher.errors import EmptyDataError, InvalidInputError
 from hf_fisher.plugins import model_layout
+
+import reference as ref
+import tiny_models as tm
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -21,8 +21,8 @@ import pytest
 import torch
 
 from hf_fisher.artifacts import atomic
-from hf_fisher.errors import ArtifactError
 from hf_fisher.artifacts.fisher import Fisher, is_artifact_file
+from hf_fisher.errors import ArtifactError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -43,7 +43,7 @@ BUILD = textwrap.dedent(
     """
 )
 _ns: dict = {}
-exec(BUILD, _ns)  # noqa: S102 - the same source runs in the child processes
+exec(BUILD, _ns)
 build = _ns["build"]
 
 # A helper process with torch imported once: for each request it forks a child that saves

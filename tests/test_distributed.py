@@ -23,11 +23,12 @@ import torch
 from safetensors.torch import load_file
 
 import hf_fisher
-import reference as R
-import tiny_models as tm
-from hf_fisher.errors import InvalidInputError
 from hf_fisher.collection import distributed as D
 from hf_fisher.collection.stats import EMA, Welford
+from hf_fisher.errors import InvalidInputError
+
+import reference as R
+import tiny_models as tm
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -300,7 +301,7 @@ def test_ema_merge_of_one_rank_is_that_rank_and_weights_add():
     g = torch.Generator().manual_seed(1)
     a, b = torch.randn(5, 3, generator=g, dtype=torch.float64), torch.randn(3, 3, generator=g, dtype=torch.float64)
     ea, eb = EMA((3,), decay=0.6).update(a), EMA((3,), decay=0.6).update(b)
-    st = lambda e: (e.count, e._w, e._w2, e._mean, e._m2)  # noqa: E731
+    st = lambda e: (e.count, e._w, e._w2, e._mean, e._m2)
     n, w, w2, mean, s = D.merge_ema_states([st(ea), (0, 0.0, 0.0, torch.zeros(3), torch.zeros(3))])
     assert (n, w, w2) == (5, ea._w, ea._w2) and torch.equal(mean, ea._mean) and torch.equal(s, ea._m2)
     n, w, w2, mean, s = D.merge_ema_states([st(ea), st(eb)])

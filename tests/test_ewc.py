@@ -6,8 +6,9 @@ import pytest
 import torch
 
 import hf_fisher
-import tiny_models as tm
 from hf_fisher.errors import InvalidInputError
+
+import tiny_models as tm
 
 
 def _fisher(model, reduction="param"):

@@ -19,10 +19,11 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 import hf_fisher
-import tiny_models as tm
 from hf_fisher.consumers.ewc import EWCPenalty
 from hf_fisher.errors import InvalidInputError, ModelMismatchError
 from hf_fisher.integrations.ewc_trainer import EWCMixin, EWCTrainer
+
+import tiny_models as tm
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples"))
 import continual_finetuning as cf

@@ -14,11 +14,12 @@ import torch
 from huggingface_hub import ModelCard
 from safetensors import safe_open
 
-import tiny_models as tm
 from hf_fisher import plugins
-from hf_fisher.errors import ArtifactError, InvalidInputError, ModelMismatchError
 from hf_fisher.artifacts.fisher import Counts, Fisher, FisherMetadata
+from hf_fisher.errors import ArtifactError, InvalidInputError, ModelMismatchError
 from hf_fisher.layout import ParamGroups
+
+import tiny_models as tm
 
 
 def make_fisher(model, *, reduction="param", dtype=torch.float64, variance=True, seed=0, task="math", name="org/tiny-llama"):
@@ -379,7 +380,7 @@ class _Html(HTMLParser):
     def handle_data(self, data):
         for tag in set(self.stack):
             self.text.setdefault(tag, []).append(data)
-        if self.stack and self.stack[-1] in ("td", "th") or ("td" in self.stack or "th" in self.stack):
+        if (self.stack and self.stack[-1] in ("td", "th")) or ("td" in self.stack or "th" in self.stack):
             self.rows[-1][-1] += data
 
 
@@ -425,7 +426,7 @@ def test_card_renders_task_and_names_inertly(tmp_path, llama):
     assert heading == f'Fisher information for task "{shown(NASTY)}" of "org/<script>alert(1)</script>"', heading
     assert not any("pwned" in t for t in page.text.get("h2", []))
     assert all("tick" not in t for t in page.text.get("code", [])) and "em" in page.tags  # em: the template's *i*
-    assert not any("b" == t.strip() for t in page.text.get("em", []))
+    assert not any(t.strip() == "b" for t in page.text.get("em", []))
     rows = {r[0]: r for r in page.rows}
     assert rows["task"] == ["task", shown(NASTY)]
     assert rows["estimator"] == ["estimator", "emp*irical"]

@@ -7,11 +7,12 @@ import pytest
 import torch
 
 import hf_fisher
-import reference as ref
-import tiny_models as tm
 from hf_fisher.collection.gradients import attention_params, store_gradients
 from hf_fisher.errors import InvalidInputError
 from hf_fisher.plugins import model_layout
+
+import reference as ref
+import tiny_models as tm
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

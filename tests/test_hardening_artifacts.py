@@ -7,7 +7,6 @@ count) before any work or write; ``strict=False`` reads it with a WARNING and re
 from __future__ import annotations
 
 import logging
-import math
 import os
 import subprocess
 import sys
@@ -15,13 +14,14 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-import tiny_models as tm
 import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from hf_fisher.errors import ArtifactError, InvalidInputError
 from hf_fisher.artifacts.fisher import Counts, Fisher, FisherMetadata, FisherReader
+from hf_fisher.errors import ArtifactError, InvalidInputError
+
+import tiny_models as tm
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -232,8 +232,8 @@ def test_lora_merge_refuses_invalid_fisher(tmp_path):
 
     import peft
 
-    from hf_fisher.consumers.merge.lora import merge_lora_adapters
     from hf_fisher.consumers.merge.api import merge_with_fisher
+    from hf_fisher.consumers.merge.lora import merge_lora_adapters
 
     base = tm.llama(layers=1)
     dirs = []
@@ -270,8 +270,9 @@ def test_ewc_and_ewc_trainer_refuse_invalid_fisher(tmp_path):
 
 
 def test_trainer_resume_refuses_invalid_checkpoint_state(tmp_path):
-    import hf_fisher
     from transformers import Trainer, TrainingArguments
+
+    import hf_fisher
 
     import reference as R
 

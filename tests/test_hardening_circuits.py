@@ -11,8 +11,8 @@ import math
 import pytest
 import torch
 
-from hf_fisher.consumers.circuits.conflicts import DEFAULT_ALPHA, DEFAULT_MIN_EFFECT_SIZE, sample_conflicts
 from hf_fisher.collection.gradients import GradientStore
+from hf_fisher.consumers.circuits.conflicts import DEFAULT_ALPHA, DEFAULT_MIN_EFFECT_SIZE, sample_conflicts
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -171,8 +171,9 @@ def test_one_set_of_defaults_for_api_analyze_and_cli():
 
 
 def test_analyze_passes_its_alpha_and_floor_to_the_conflicts_stage(tmp_path):
-    import tiny_models as tm
     from hf_fisher.consumers.analyze import analyze
+
+    import tiny_models as tm
 
     model = tm.llama(kv_heads=2, layers=2)
     tasks = {"a": [tm.padded_batch([7, 5, 6], seed=1)], "b": [tm.padded_batch([6, 8, 4], seed=2)]}
@@ -186,8 +187,9 @@ def test_analyze_passes_its_alpha_and_floor_to_the_conflicts_stage(tmp_path):
 def test_analyze_and_the_api_give_the_same_conflicts(tmp_path):
     """The issue: analyze (200 permutations) and the CLI (1000) disagreed on the same data; now one
     deterministic test with one set of defaults."""
-    import tiny_models as tm
     from hf_fisher.consumers.analyze import analyze
+
+    import tiny_models as tm
 
     model = tm.llama(kv_heads=2, layers=2)
     tasks = {"a": [tm.padded_batch([7, 5, 6, 8], seed=1)], "b": [tm.padded_batch([6, 8, 4, 5], seed=2)]}
@@ -230,11 +232,12 @@ def _empty_cases():
 @pytest.mark.parametrize("case", ["no batch", "all labels -100", "all padding", "empty store"])
 @pytest.mark.parametrize("consumer", ["qkov", "conflicts"])
 def test_empty_or_unlabelled_task_is_refused_before_any_work(monkeypatch, consumer, case, side):
-    import tiny_models as tm
-    from hf_fisher.consumers.circuits import conflicts as cf
     from hf_fisher.collection import gradients as gs
+    from hf_fisher.consumers.circuits import conflicts as cf
     from hf_fisher.consumers.circuits import qkov as qk
     from hf_fisher.errors import EmptyDataError
+
+    import tiny_models as tm
 
     model = tm.llama(kv_heads=2, layers=2)
     good = [tm.padded_batch([7, 5, 6], seed=1)]
@@ -258,8 +261,9 @@ def test_empty_or_unlabelled_task_is_refused_before_any_work(monkeypatch, consum
 
 
 def test_cli_refuses_an_empty_task_file(tmp_path):
-    import tiny_models as tm
     from test_cli_bad_input import hf_fisher
+
+    import tiny_models as tm
 
     tm.llama(torch.float32, layers=2).save_pretrained(tmp_path / "model")
     (tmp_path / "a.jsonl").write_text('{"input_ids": [5, 6, 7]}\n')
@@ -285,8 +289,9 @@ def _tick_text(axis):
 
 @pytest.fixture(scope="module")
 def qkov_result():
-    import tiny_models as tm
     from hf_fisher.consumers.circuits.qkov import qkov_interference
+
+    import tiny_models as tm
 
     m = tm.llama(kv_heads=2, layers=2)
     return qkov_interference(m, [tm.padded_batch([5, 7], seed=0)], [tm.padded_batch([6, 4], seed=1)],
@@ -317,10 +322,11 @@ def test_qkov_heatmaps_are_readable(qkov_result, tmp_path):
 @pytest.fixture(scope="module")
 def wide_runs():
     """Two Fishers of a 6-layer x 12-head LLaMA (72 heads), with variances."""
-    import tiny_models as tm
     import transformers as tf
 
     import hf_fisher
+
+    import tiny_models as tm
 
     torch.manual_seed(0)
     cfg = tf.LlamaConfig(vocab_size=tm.VOCAB, hidden_size=48, intermediate_size=40, num_hidden_layers=6,
@@ -365,10 +371,10 @@ def test_report_plots_are_readable(wide_runs, tmp_path):
 
 def test_report_small_model_head_ticks_are_integers(tmp_path):
     """4 heads: the old heat maps put head ticks at -0.5, 0, 0.5, ..."""
-    import tiny_models as tm
-
     import hf_fisher
     from hf_fisher.consumers import report as rp
+
+    import tiny_models as tm
 
     f = hf_fisher.collect(tm.llama(kv_heads=2), [tm.padded_batch([5, 7, 6], seed=0)], reduction="group", progress=False)
     figs = dict(rp.figures([rp._analyse(f, "a")], rp._matplotlib()))
@@ -384,11 +390,11 @@ def test_report_small_model_head_ticks_are_integers(tmp_path):
 def test_report_carries_the_per_head_spectral_metrics(tmp_path):
     import csv
 
-    import tiny_models as tm
-
     import hf_fisher
     from hf_fisher.consumers.report import SPECTRAL_METRICS, write_report
     from hf_fisher.consumers.spectrum import spectrum
+
+    import tiny_models as tm
 
     model = tm.llama(kv_heads=2)
     data = [tm.padded_batch([5, 7, 6], seed=0), tm.padded_batch([4, 6], seed=10)]
@@ -416,12 +422,12 @@ def test_report_carries_the_per_head_spectral_metrics(tmp_path):
 
 
 def test_report_refuses_spectra_that_do_not_fit(tmp_path):
-    import tiny_models as tm
-
     import hf_fisher
     from hf_fisher.consumers.report import write_report
-    from hf_fisher.errors import InvalidInputError
     from hf_fisher.consumers.spectrum import spectrum
+    from hf_fisher.errors import InvalidInputError
+
+    import tiny_models as tm
 
     model = tm.llama(kv_heads=2)
     data = [tm.padded_batch([5, 7, 6], seed=0)]
@@ -437,8 +443,9 @@ def test_report_refuses_spectra_that_do_not_fit(tmp_path):
 
 
 def test_analyze_report_has_spectral_rows(tmp_path):
-    import tiny_models as tm
     from hf_fisher.consumers.analyze import analyze
+
+    import tiny_models as tm
 
     model = tm.llama(kv_heads=2, layers=2)
     tasks = {"a": [tm.padded_batch([7, 5, 6], seed=1)], "b": [tm.padded_batch([6, 8, 4], seed=2)]}

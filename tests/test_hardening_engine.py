@@ -9,8 +9,6 @@ from __future__ import annotations
 import logging
 
 import pytest
-import reference as R
-import tiny_models as tm
 import torch
 import transformers as tf
 from test_architectures import check_exact, make_batches, path_of
@@ -20,6 +18,9 @@ import hf_fisher
 from hf_fisher import plugins
 from hf_fisher.engine.rules import GradRule, LinearRule, OuterProductPart
 from hf_fisher.hookspecs import hookimpl
+
+import reference as R
+import tiny_models as tm
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -32,11 +32,12 @@ import pytest
 import torch
 import yaml
 
-import tiny_models as tm
 from hf_fisher import plugins
 from hf_fisher.artifacts import atomic
-from hf_fisher.errors import ArtifactError, InvalidInputError
 from hf_fisher.artifacts.fisher import Counts, Fisher, FisherMetadata
+from hf_fisher.errors import ArtifactError, InvalidInputError
+
+import tiny_models as tm
 
 pytest_plugins = ["hub_server"]  # the hub_server fixture (a real local Hub-compatible server)
 

@@ -17,12 +17,13 @@ import pytest
 import torch
 import transformers as tf
 from test_kfac import _brute, _close
-from tiny_models import llama, padded_batch
 from torch import nn
 
+from hf_fisher.artifacts.kfac import KFACFisher
 from hf_fisher.errors import ArtifactError, NonFiniteError, UnsupportedError
 from hf_fisher.estimators.kfac import KFACEstimator
-from hf_fisher.artifacts.kfac import KFACFisher
+
+from tiny_models import llama, padded_batch
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -17,9 +17,10 @@ import torch
 import transformers as tf
 
 import hf_fisher
-import tiny_models as tm
 from hf_fisher.consumers.prune.core import prune
 from hf_fisher.errors import EmptyDataError, InvalidInputError
+
+import tiny_models as tm
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

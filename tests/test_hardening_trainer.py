@@ -10,17 +10,16 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 from tokenizers import Tokenizer, models
 from transformers import DataCollatorForLanguageModeling, PreTrainedTokenizerFast, Trainer, TrainingArguments
 
 import hf_fisher
+from hf_fisher.errors import InvalidInputError
+
 import reference as R
 import tiny_models as tm
-from hf_fisher.errors import InvalidInputError
 
 EOS = 2  # pad = eos, as in most trained causal LMs: its embedding row is not zero
 

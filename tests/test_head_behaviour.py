@@ -10,7 +10,6 @@ import json
 import math
 
 import pytest
-import tiny_models as tm
 import torch
 import transformers as tf
 
@@ -24,6 +23,8 @@ from hf_fisher.consumers.circuits.head_behaviour import (
 )
 from hf_fisher.errors import InvalidInputError, UnsupportedError
 from hf_fisher.plugins import model_layout
+
+import tiny_models as tm
 
 D, H, HD = 256, 4, 64  # hidden size, heads, head dim
 VOCAB, POS = 40, 64  # vocabulary (ids 0, 1, 2 are special), positions
@@ -301,7 +302,7 @@ def test_aggregate_fisher_head_importance(planted_result):
     # the shape head_importance returns ({(layer, head): float}) aggregates directly
     from hf_fisher import analysis  # noqa: F401 - the documented source of such tables
 
-    values = {k: 0.0 for k in planted_result.categories}
+    values = dict.fromkeys(planted_result.categories, 0.0)
     agg = aggregate_by_category(values, planted_result)
     assert all(a["share"] == 0.0 and a["sum"] == 0.0 for a in agg.values())
 

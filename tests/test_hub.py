@@ -14,13 +14,14 @@ import uuid
 from pathlib import Path
 
 import pytest
-import tiny_models as tm
 import torch
 from test_fisher_artifact import assert_same, make_fisher
 
-from hf_fisher.errors import ArtifactError, InvalidInputError
-from hf_fisher.artifacts.fisher import Fisher, FisherReader
 from hf_fisher.artifacts import hub
+from hf_fisher.artifacts.fisher import Fisher, FisherReader
+from hf_fisher.errors import ArtifactError, InvalidInputError
+
+import tiny_models as tm
 
 pytest_plugins = ["hub_server"]  # the hub_server fixture
 

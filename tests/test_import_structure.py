@@ -20,8 +20,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 import hf_fisher
 
 PACKAGE = Path(hf_fisher.__file__).parent

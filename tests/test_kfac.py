@@ -22,9 +22,10 @@ import logging
 import pytest
 import torch
 import transformers as tf
-from tiny_models import gpt2, llama, padded_batch
 from torch import nn
 
+from hf_fisher.artifacts.fisher import Fisher
+from hf_fisher.artifacts.kfac import KFACFisher
 from hf_fisher.errors import (
     ArtifactError,
     InvalidInputError,
@@ -32,8 +33,8 @@ from hf_fisher.errors import (
     UnsupportedError,
 )
 from hf_fisher.estimators.kfac import KFACEstimator, hf_fisher_register_estimators
-from hf_fisher.artifacts.fisher import Fisher
-from hf_fisher.artifacts.kfac import KFACFisher
+
+from tiny_models import gpt2, llama, padded_batch
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -508,6 +509,7 @@ def test_float32_factors(gpt2_model, gpt2_batch, gpt2_kfac, tmp_path):
 
 def test_collect_dispatches_to_kfac_and_refuses_diagonal_options():
     import hf_fisher
+
     from tiny_models import llama, padded_batch
 
     model = llama()

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
-from functools import lru_cache
+from functools import cache
 
 import pytest
 import torch
@@ -18,11 +18,12 @@ import transformers as tf
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-import extra_models as em
-import tiny_models as tm
 from hf_fisher import plugins
 from hf_fisher.architectures import generic
 from hf_fisher.layout import ModelLayout, ParamGroups, Slice, layer_of
+
+import extra_models as em
+import tiny_models as tm
 
 
 def _bigcode_mha(dtype=torch.float64):
@@ -82,12 +83,12 @@ MODELS = {
 WITH_HEADS = [k for k, v in MODELS.items() if v[3] is not None]
 
 
-@lru_cache(maxsize=None)
+@cache
 def _model(name: str) -> nn.Module:
     return MODELS[name][0]()
 
 
-@lru_cache(maxsize=None)
+@cache
 def _layout(name: str) -> ModelLayout:
     return plugins.model_layout(_model(name))
 
@@ -213,7 +214,7 @@ def test_head_slices_are_the_heads_the_model_uses(name):
             assert [(s.param, s.axis, s.start, s.stop) for s in h.o] == [(o_name, in_axis, h.head * hd, (h.head + 1) * hd)]
         base = _capture(model, o_mod, ids)
         B, T, D = base.shape
-        assert D == att.num_heads * hd
+        assert att.num_heads * hd == D
 
         def changed_heads(slices, seed):
             with _perturbed(model, slices, seed):

@@ -10,15 +10,16 @@ import sys
 from pathlib import Path
 
 import pytest
-import tiny_models as tm
 import torch
 import yaml
 from safetensors.torch import load_file
 
 from hf_fisher import cli
 from hf_fisher.artifacts.cards import merged_card
-from hf_fisher.consumers.merge.api import RECIPE_NAME, merge_with_fisher
 from hf_fisher.artifacts.fisher import Counts, Fisher, FisherMetadata
+from hf_fisher.consumers.merge.api import RECIPE_NAME, merge_with_fisher
+
+import tiny_models as tm
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -7,13 +7,14 @@ from __future__ import annotations
 import pytest
 import torch
 from huggingface_hub import ModelCard
+from test_merging import _fisher
 from transformers import AutoModelForCausalLM
 
-import tiny_models as tm
+from hf_fisher.artifacts.hub import push_folder
 from hf_fisher.consumers.merge.api import merge_with_fisher
 from hf_fisher.errors import InvalidInputError
-from hf_fisher.artifacts.hub import push_folder
-from test_merging import _fisher
+
+import tiny_models as tm
 
 pytest_plugins = ["hub_server"]  # the hub_server fixture
 pytestmark = pytest.mark.usefixtures("one_thread")

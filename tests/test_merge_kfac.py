@@ -9,12 +9,13 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from test_kfac import _dense_block
 
 import hf_fisher
-import tiny_models as tm
 from hf_fisher.consumers.merge.api import load_recipe, merge_with_fisher, recipe_to_kwargs
 from hf_fisher.errors import InvalidInputError, ModelMismatchError
-from test_kfac import _dense_block
+
+import tiny_models as tm
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

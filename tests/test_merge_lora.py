@@ -8,12 +8,13 @@ import os
 import re
 
 import pytest
-import tiny_models as tm
 import torch
 
 from hf_fisher.consumers.merge import math as mm
 from hf_fisher.consumers.merge.lora import LoraMergeResult, merge_lora_adapters
 from hf_fisher.errors import InvalidInputError, ModelMismatchError, UnsupportedError
+
+import tiny_models as tm
 
 peft = pytest.importorskip("peft")
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -12,10 +12,11 @@ import textwrap
 from pathlib import Path
 
 import pytest
-import tiny_models as tm
 import torch
 from safetensors.torch import load_file, save_file
 
+from hf_fisher.artifacts.fisher import Counts, Fisher, FisherMetadata
+from hf_fisher.consumers.merge.api import merge_with_fisher
 from hf_fisher.consumers.merge.io import (
     FolderSource,
     ModelSource,
@@ -23,8 +24,8 @@ from hf_fisher.consumers.merge.io import (
     TensorInfo,
     parse_size,
 )
-from hf_fisher.consumers.merge.api import merge_with_fisher
-from hf_fisher.artifacts.fisher import Counts, Fisher, FisherMetadata
+
+import tiny_models as tm
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -150,7 +151,7 @@ def _synthetic(folder: Path, n: int, rows: int, cols: int, seed: int, fisher: Pa
     (folder / "model.safetensors.index.json").write_text(json.dumps(
         {"metadata": {}, "weight_map": {k: f for f, ks in parts.items() for k in ks}}))
     mean = {k: torch.rand(rows, cols, generator=g) for k in tensors}
-    Fisher(mean, None, reduction="param", groups=None, param_shapes={k: (rows, cols) for k in tensors},
+    Fisher(mean, None, reduction="param", groups=None, param_shapes=dict.fromkeys(tensors, (rows, cols)),
            counts=Counts(1, 1), metadata=FisherMetadata(model_type="llama", storage_dtype="float32")).save_pretrained(fisher)
     return sum(t.numel() * 4 for t in tensors.values())
 

@@ -9,15 +9,16 @@ import logging
 from pathlib import Path
 
 import pytest
-import tiny_models as tm
 import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
+from hf_fisher.artifacts.fisher import Counts, Fisher, FisherMetadata
 from hf_fisher.consumers.merge.api import DEFAULT_GRID, merge_with_fisher, validation_loss
 from hf_fisher.errors import ArtifactError, InvalidInputError, ModelMismatchError
-from hf_fisher.artifacts.fisher import Counts, Fisher, FisherMetadata
 from hf_fisher.layout import GroupRun, ParamGroups
+
+import tiny_models as tm
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

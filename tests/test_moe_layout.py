@@ -14,19 +14,20 @@ from __future__ import annotations
 import json
 import logging
 import math
-from functools import lru_cache
+from functools import cache
 
 import pytest
 import torch
 import transformers as tf
 
-import extra_models as em
 from hf_fisher import analysis, plugins
 from hf_fisher.architectures import moe
 from hf_fisher.architectures.builder import LayoutBuilder
-from hf_fisher.errors import InvalidInputError, PluginError, UnsupportedError
 from hf_fisher.artifacts.fisher import Counts, Fisher, FisherMetadata
+from hf_fisher.errors import InvalidInputError, PluginError, UnsupportedError
 from hf_fisher.layout import ExpertBlock, GroupRun, ModelLayout, ParamGroups, Slice, layer_of
+
+import extra_models as em
 
 # name -> (factory, model_type, experts E, channels per expert I, shared expert channels or None, has qk norm)
 MODELS = {
@@ -40,12 +41,12 @@ L0 = "model.layers.0.mlp."
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@lru_cache(maxsize=None)
+@cache
 def _model(name: str):
     return MODELS[name][0]()[0]
 
 
-@lru_cache(maxsize=None)
+@cache
 def _layout(name: str) -> ModelLayout:
     return plugins.model_layout(_model(name))
 
@@ -314,7 +315,7 @@ def test_expert_slices_against_the_forward(name):
     with torch.no_grad():
         base = mlp(x)
         top = mlp.gate(x.reshape(-1, 32))[2]  # [tokens, top_k] expert indices
-    routed = lambda e: (top == e).any(-1)  # noqa: E731
+    routed = lambda e: (top == e).any(-1)
     e, ch = 2, 5
     assert routed(e).any() and (~routed(e)).any()
 
@@ -332,7 +333,7 @@ def test_expert_slices_against_the_forward(name):
                     p.copy_(old)
 
     # expert e's weights (all of its roles) only matter for the tokens routed to e
-    noise = lambda v: v.add_(torch.randn(v.shape, generator=g, dtype=v.dtype))  # noqa: E731
+    noise = lambda v: v.add_(torch.randn(v.shape, generator=g, dtype=v.dtype))
     changed = out_with([(r.param, _role_index(r, e, None), noise) for r in block.roles])
     diff = (changed - base).abs().reshape(-1, 32).amax(-1)
     assert bool((diff[routed(e)] > 1e-9).all()) and bool((diff[~routed(e)] == 0).all())

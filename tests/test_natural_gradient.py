@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from hf_fisher.artifacts.fisher import Counts, Fisher, FisherMetadata
 from hf_fisher.consumers.natural_gradient import natural_gradient, scale_by_fisher
 from hf_fisher.errors import InvalidInputError, ModelMismatchError, UnsupportedError
-from hf_fisher.artifacts.fisher import Counts, Fisher, FisherMetadata
 from hf_fisher.layout import GroupRun, ParamGroups
 
 

@@ -10,11 +10,12 @@ import pytest
 import torch
 
 import hf_fisher
-import tiny_models as tm
 from hf_fisher.consumers import overlap
 from hf_fisher.consumers.overlap import band, count_of, mask_overlap, task_overlap
 from hf_fisher.errors import InvalidInputError
 from hf_fisher.layout import ModelLayout
+
+import tiny_models as tm
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

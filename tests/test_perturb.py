@@ -13,12 +13,13 @@ import pytest
 import torch
 
 import hf_fisher
-import tiny_models as tm
 from hf_fisher.consumers import perturb as perturb_module
 from hf_fisher.consumers.merge.api import validation_loss
 from hf_fisher.consumers.overlap import count_of
 from hf_fisher.consumers.perturb import perturb, perturbation_sweep
 from hf_fisher.errors import InvalidInputError, ModelMismatchError
+
+import tiny_models as tm
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -15,12 +15,13 @@ import pytest
 import torch
 from torch import nn
 
-import tiny_models as tm
 from hf_fisher import plugins
 from hf_fisher.architectures.builder import LayoutBuilder
 from hf_fisher.errors import PluginError
 from hf_fisher.hookspecs import hookimpl
 from hf_fisher.layout import ModelLayout, ParamGroups
+
+import tiny_models as tm
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "plugins" / "hf_fisher_example"

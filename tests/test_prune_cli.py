@@ -10,9 +10,10 @@ import torch
 import transformers as tf
 
 import hf_fisher
-import tiny_models as tm
 from hf_fisher.cli import main
 from hf_fisher.consumers.prune.core import prune
+
+import tiny_models as tm
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -12,10 +12,11 @@ import torch
 import transformers as tf
 
 import hf_fisher
-import reference as ref
-import tiny_models as tm
 from hf_fisher.consumers.prune.core import prune
 from hf_fisher.errors import InvalidInputError, UnsupportedError
+
+import reference as ref
+import tiny_models as tm
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -419,9 +420,10 @@ def test_unstructured_masks_remove_the_lowest_fisher_weights(llama_and_fisher, s
 
 
 def test_confidence_withholds_units_not_clearly_cheaper(llama_and_fisher):
-    from hf_fisher.consumers.prune.statistics import slice_stderr, score_units
-    from hf_fisher.consumers.prune.units import structured_units
     from scipy import stats
+
+    from hf_fisher.consumers.prune.statistics import score_units, slice_stderr
+    from hf_fisher.consumers.prune.units import structured_units
 
     m, F = llama_and_fisher
     plain = prune(m, F, sparsity=0.5, scope="layer", progress=False)
@@ -429,7 +431,7 @@ def test_confidence_withholds_units_not_clearly_cheaper(llama_and_fisher):
     conf = prune(m, F, sparsity=0.5, scope="layer", confidence=0.95, progress=False)
     conf.restore()
     assert conf.stats["withheld_by_confidence"] > 0
-    key = lambda u: (u["kind"], u["layer"], u["index"])  # noqa: E731
+    key = lambda u: (u["kind"], u["layer"], u["index"])
     assert {key(u) for u in conf.removed} < {key(u) for u in plain.removed}
     units = structured_units(m, F.layout, ["heads", "channels"])
     s, _ = score_units(m, units, "fisher", fisher=F)

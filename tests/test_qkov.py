@@ -10,20 +10,21 @@ import logging
 import sys
 
 import pytest
-import reference as ref
-import tiny_models as tm
 import torch
 
 import hf_fisher
-from hf_fisher.consumers.circuits import qkov as qkov_mod
 from hf_fisher.collection.gradients import (
     GradientStore,
     attention_params,
     store_gradients,
 )
+from hf_fisher.consumers.circuits import qkov as qkov_mod
 from hf_fisher.consumers.circuits.qkov import qkov_interference
 from hf_fisher.errors import EmptyDataError, InvalidInputError, ModelMismatchError
 from hf_fisher.plugins import model_layout
+
+import reference as ref
+import tiny_models as tm
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -7,13 +7,14 @@ import logging
 import math
 
 import pytest
-import tiny_models as tm
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from hf_fisher.consumers.merge.regmean import InputGrams, collect_input_grams, regmean_tensor
 from hf_fisher.errors import EmptyDataError, InvalidInputError
+
+import tiny_models as tm
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

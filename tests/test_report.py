@@ -11,13 +11,14 @@ import sys
 import pytest
 import torch
 
-import tiny_models as tm
 from hf_fisher import analysis, plugins
-from hf_fisher.consumers import report as report_mod
 from hf_fisher.analysis.importance import classify_units
+from hf_fisher.artifacts.fisher import Counts, Fisher, FisherMetadata
+from hf_fisher.consumers import report as report_mod
 from hf_fisher.consumers.report import CSV_COLUMNS, PLOTS_HINT, summary_markdown, write_report
 from hf_fisher.errors import InvalidInputError
-from hf_fisher.artifacts.fisher import Counts, Fisher, FisherMetadata
+
+import tiny_models as tm
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

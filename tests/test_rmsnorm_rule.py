@@ -9,10 +9,11 @@ import transformers.models.llama.modeling_llama as llama
 import transformers.models.qwen3.modeling_qwen3 as qwen3
 
 import hf_fisher
-import reference as ref
-import tiny_models as tm
 from hf_fisher import plugins
 from hf_fisher.engine.rules import FuncRule, RMSNormRule, rule_for
+
+import reference as ref
+import tiny_models as tm
 
 
 def test_rule_is_chosen_only_for_known_forwards():

@@ -19,18 +19,18 @@ import torch
 import transformers as tf
 
 import hf_fisher
-from hf_fisher.errors import (
-    EmptyDataError,
-    InvalidInputError,
-    NoTrainableParametersError,
-    UnsupportedError,
-)
 from hf_fisher.consumers.spectrum import (
     capacity_metrics,
     hutchinson_trace,
     lanczos,
     slq_density,
     spectrum,
+)
+from hf_fisher.errors import (
+    EmptyDataError,
+    InvalidInputError,
+    NoTrainableParametersError,
+    UnsupportedError,
 )
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -9,7 +9,6 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from hf_fisher.collection.collector import _MomentsSink
-from hf_fisher.errors import EmptyDataError, InvalidInputError, UnsupportedError
 from hf_fisher.collection.stats import (
     EMA,
     Welford,
@@ -18,6 +17,7 @@ from hf_fisher.collection.stats import (
     make_accumulator,
     shifted_moments_,
 )
+from hf_fisher.errors import EmptyDataError, InvalidInputError, UnsupportedError
 
 
 def _data(n=57, shape=(3, 4), seed=0, offset=0.0):

@@ -7,14 +7,15 @@ samples, whatever the batch size, gradient accumulation, padding, checkpointing 
 
 from __future__ import annotations
 
-import torch
 import pytest
+import torch
 from transformers import Trainer, TrainingArguments
 
 import hf_fisher
+from hf_fisher.errors import InvalidInputError
+
 import reference as R
 import tiny_models as tm
-from hf_fisher.errors import InvalidInputError
 
 N = 8
 

@@ -4,10 +4,11 @@
 from __future__ import annotations
 
 import torch
+from test_trainer import make_samples, train
 
 import hf_fisher
+
 import tiny_models as tm
-from test_trainer import make_samples, train
 
 pytest_plugins = ["hub_server"]  # the hub_server fixture
 

@@ -15,6 +15,7 @@ import torch
 
 import hf_fisher
 from hf_fisher.errors import InvalidInputError, UnsupportedError
+
 from tiny_models import bert_classifier, llama, padded_batch
 
 pytestmark = pytest.mark.usefixtures("one_thread")

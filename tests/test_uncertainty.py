@@ -14,13 +14,14 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import hf_fisher
-import reference as ref
-import tiny_models as tm
 from hf_fisher import plugins
 from hf_fisher.analysis import uncertainty
+from hf_fisher.artifacts.fisher import Fisher
 from hf_fisher.collection.collector import FisherCollector
 from hf_fisher.errors import ArtifactError, InvalidInputError
-from hf_fisher.artifacts.fisher import Fisher
+
+import reference as ref
+import tiny_models as tm
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

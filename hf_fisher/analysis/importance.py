@@ -5,8 +5,9 @@ registered through ``hf_fisher_register_consumers`` (built-in plugin ``hf_fisher
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import TYPE_CHECKING, Any
 
 from hf_fisher.analysis import views
 from hf_fisher.errors import InvalidInputError
@@ -15,7 +16,7 @@ from hf_fisher.hookspecs import hookimpl
 if TYPE_CHECKING:  # pragma: no cover
     from hf_fisher.artifacts.fisher import Fisher
 
-__all__ = ["importance", "compare_tasks", "classify_units", "UnitLabels", "hf_fisher_register_consumers"]
+__all__ = ["UnitLabels", "classify_units", "compare_tasks", "hf_fisher_register_consumers", "importance"]
 
 
 def _top_units(scores: dict[tuple[int, int], float], k: int, total: float, key: str) -> list[dict[str, Any]]:
@@ -26,7 +27,7 @@ def _top_units(scores: dict[tuple[int, int], float], k: int, total: float, key: 
     ]
 
 
-def importance(fisher: "Fisher", *, k: int = 20, params: Iterable[str] | None = None) -> dict[str, Any]:
+def importance(fisher: Fisher, *, k: int = 20, params: Iterable[str] | None = None) -> dict[str, Any]:
     """Table data of what matters most for the Fisher's task.
 
     Returns ``{"task", "total", "groups", "per_layer", "heads", "channels"}``:
@@ -75,7 +76,7 @@ def importance(fisher: "Fisher", *, k: int = 20, params: Iterable[str] | None = 
     }
 
 
-def compare_tasks(a: "Fisher", b: "Fisher", *, k: int = 100) -> dict[str, Any]:
+def compare_tasks(a: Fisher, b: Fisher, *, k: int = 100) -> dict[str, Any]:
     """Similarity of two Fishers (cosine, Pearson, Spearman, top-k overlap); see
     :func:`hf_fisher.analysis.compare`."""
     return views.compare(a, b, k=k)
@@ -129,7 +130,7 @@ def _check_share(name: str, value: Any) -> float:
 
 
 def classify_units(
-    fisher: "Fisher",
+    fisher: Fisher,
     *,
     unit: str = "heads",
     critical_factor: float = 2.0,
@@ -172,7 +173,7 @@ def classify_units(
             "classify_units needs the model layout and this Fisher has none; collect it with hf_fisher.collect "
             "(which records the layout) or pass layout=hf_fisher.plugins.model_layout(model) to Fisher(...)"
         )
-    if unit == "heads" and not layout.attention or unit == "channels" and not layout.mlp:
+    if (unit == "heads" and not layout.attention) or (unit == "channels" and not layout.mlp):
         raise InvalidInputError(
             f"the layout ({layout.adapter!r}) describes no {'attention heads' if unit == 'heads' else 'MLP channels'}; "
             f"classify the other unit kind or use a Fisher of a model with {unit}"
@@ -180,7 +181,7 @@ def classify_units(
     values = views.head_importance(fisher) if unit == "heads" else views.channel_importance(fisher)
     total = float(sum(values.values()))
     mean = total / len(values) if values else 0.0
-    labels = {u: "ordinary" for u in values}
+    labels = dict.fromkeys(values, "ordinary")
     critical_above = None
     if total > 0:
         if critical_share is None:

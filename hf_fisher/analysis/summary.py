@@ -23,21 +23,21 @@ from hf_fisher.analysis.importance import UnitLabels, classify_units
 if TYPE_CHECKING:  # pragma: no cover
     from hf_fisher.artifacts.fisher import Fisher
 
-__all__ = ["summary_markdown", "num_params", "has_heads", "has_mlp", "fmt", "pct", "unit_label", "rule_text", "listing"]
+__all__ = ["fmt", "has_heads", "has_mlp", "listing", "num_params", "pct", "rule_text", "summary_markdown", "unit_label"]
 
 
-def num_params(fisher: "Fisher") -> int:
+def num_params(fisher: Fisher) -> int:
     """``N = Σ_p numel(p)`` over the parameters the artifact covers."""
     return sum(math.prod(shape) for shape in fisher.param_shapes.values())
 
 
-def has_heads(fisher: "Fisher") -> bool:
+def has_heads(fisher: Fisher) -> bool:
     """Whether the layout describes heads and the Fisher holds at least one of their parameters."""
     layout = fisher.layout
     return layout is not None and any(s.param in fisher for h in layout.heads() for s in h.q + h.k + h.v + h.o)
 
 
-def has_mlp(fisher: "Fisher") -> bool:
+def has_mlp(fisher: Fisher) -> bool:
     """Whether the layout describes MLP channels and the Fisher holds at least one of their parameters."""
     layout = fisher.layout
     return layout is not None and any(r.param in fisher for b in layout.mlp for r in b.roles)
@@ -81,7 +81,7 @@ def listing(lab: UnitLabels, label: str, k: int) -> str:
     return f"{len(units)} of {len(lab.values)}: {shown}{more}"
 
 
-def summary_markdown(fisher: "Fisher", k: int = 10) -> str:
+def summary_markdown(fisher: Fisher, k: int = 10) -> str:
     """Short Markdown summary of a Fisher with attention heads (used in the artifact's model card):
     curvature scale (trace ``Σ F`` and per-parameter mean ``Σ F / N``), the top ``k`` heads by
     head total (:func:`hf_fisher.analysis.head_importance`) with their share of the trace, and

@@ -39,20 +39,21 @@ Methods (:func:`unit_intervals`):
 from __future__ import annotations
 
 import math
+from collections.abc import Hashable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Hashable
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from hf_fisher.collection import stats
 from hf_fisher.analysis import views
+from hf_fisher.collection import stats
 from hf_fisher.errors import InvalidInputError
 
 if TYPE_CHECKING:  # pragma: no cover
     from hf_fisher.artifacts.fisher import Fisher
 
-__all__ = ["UnitInterval", "unit_intervals", "per_sample_unit_values", "UNITS", "METHODS"]
+__all__ = ["METHODS", "UNITS", "UnitInterval", "per_sample_unit_values", "unit_intervals"]
 
 UNITS = ("groups", "heads", "channels")
 METHODS = ("auto", "t", "bootstrap")
@@ -77,7 +78,7 @@ class UnitInterval:
 
 
 def unit_intervals(
-    fisher: "Fisher",
+    fisher: Fisher,
     unit: str = "groups",
     *,
     level: float = 0.95,
@@ -114,7 +115,7 @@ def unit_intervals(
     return {k: UnitInterval(values[k], float(low[r]), float(high[r]), label) for r, k in enumerate(values)}
 
 
-def per_sample_unit_values(fisher: "Fisher", unit: str = "groups", *, keys: list | None = None) -> np.ndarray:
+def per_sample_unit_values(fisher: Fisher, unit: str = "groups", *, keys: list | None = None) -> np.ndarray:
     """``[num_units, n]`` float64: the per-sample unit values ``u_i = Σ_g w_g C_i,g`` from
     ``fisher.sample_contributions`` (rows in the order of ``keys``, default the order of
     :func:`unit_intervals`' result); their mean over samples is the unit's value."""
@@ -189,7 +190,7 @@ def _check_args(fisher, unit, level, method, n_resamples, bootstrap_method) -> N
         )
 
 
-def _values(fisher: "Fisher", unit: str) -> dict[Hashable, float]:
+def _values(fisher: Fisher, unit: str) -> dict[Hashable, float]:
     if unit == "heads":
         return views.head_importance(fisher)
     if unit == "channels":
@@ -201,7 +202,7 @@ def _values(fisher: "Fisher", unit: str) -> dict[Hashable, float]:
     return out
 
 
-def _t_intervals(fisher: "Fisher", unit: str, values: dict, level: float) -> dict[Hashable, UnitInterval]:
+def _t_intervals(fisher: Fisher, unit: str, values: dict, level: float) -> dict[Hashable, UnitInterval]:
     if unit == "groups":
         out = {}
         for name in fisher.names():
@@ -221,7 +222,7 @@ def _t_intervals(fisher: "Fisher", unit: str, values: dict, level: float) -> dic
     return {k: UnitInterval(values[k], float(lo[r]), float(hi[r]), "t-conservative") for r, k in enumerate(keys)}
 
 
-def _unit_weights(fisher: "Fisher", unit: str) -> dict[Hashable, list[tuple[str, torch.Tensor, float]]]:
+def _unit_weights(fisher: Fisher, unit: str) -> dict[Hashable, list[tuple[str, torch.Tensor, float]]]:
     """``{head or channel: [(param, group indices, weight), ...]}``: ``u_i = Σ w · Σ_{g in indices} C_i,g``."""
     if fisher.reduction != "group":
         raise InvalidInputError("per-sample unit values need a group Fisher (reduction='group') with kept contributions")

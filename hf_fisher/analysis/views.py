@@ -11,40 +11,41 @@ from __future__ import annotations
 import logging
 import math
 import warnings
+from collections.abc import Iterable, Mapping
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any, Iterable, Mapping
+from typing import TYPE_CHECKING, Any
 
 import torch
 
+from hf_fisher.collection import stats
 from hf_fisher.errors import InvalidInputError, UnsupportedError
 from hf_fisher.layout import ModelLayout, ParamGroups, Slice, layer_of
-from hf_fisher.collection import stats
 
 if TYPE_CHECKING:  # pragma: no cover
     from hf_fisher.artifacts.fisher import Fisher
 
 __all__ = [
-    "resolve_groups",
-    "group_view",
+    "channel_groups",
+    "channel_importance",
+    "compare",
+    "confidence_interval",
+    "effective_count",
     "expand",
+    "expert_channel_importance",
+    "expert_importance",
+    "group_coordinates",
     "group_of",
     "group_range",
-    "top_k",
-    "layer_index",
-    "per_layer",
-    "normalized",
-    "slice_value",
-    "slice_groups",
-    "channel_groups",
+    "group_view",
     "head_importance",
-    "channel_importance",
-    "expert_importance",
-    "expert_channel_importance",
-    "group_coordinates",
-    "compare",
-    "effective_count",
+    "layer_index",
+    "normalized",
+    "per_layer",
+    "resolve_groups",
+    "slice_groups",
+    "slice_value",
     "stderr",
-    "confidence_interval",
+    "top_k",
 ]
 
 logger = logging.getLogger(__name__)
@@ -52,7 +53,7 @@ logger = logging.getLogger(__name__)
 
 # ---------------------------------------------------------------------------- groups
 def resolve_groups(
-    fisher: "Fisher", groups: Mapping[str, ParamGroups] | ModelLayout | None = None
+    fisher: Fisher, groups: Mapping[str, ParamGroups] | ModelLayout | None = None
 ) -> dict[str, ParamGroups]:
     """The partition to use: ``groups`` (a dict or a layout's ``groups``), else the Fisher's own
     ``groups``, else its layout's. Raises :class:`InvalidInputError` if a parameter has none."""
@@ -75,7 +76,7 @@ def resolve_groups(
     return {n: chosen[n] for n in fisher.names()}
 
 
-def group_view(fisher: "Fisher", groups: Mapping[str, ParamGroups] | ModelLayout | None = None) -> "Fisher":
+def group_view(fisher: Fisher, groups: Mapping[str, ParamGroups] | ModelLayout | None = None) -> Fisher:
     """The group Fisher of a parameter-level Fisher: ``F_g = Σ_{j ∈ g} F_j`` for every group.
 
     Mass preserving: ``Σ_g F_g = Σ_j F_j`` per parameter (sums are taken in float64, then
@@ -110,7 +111,7 @@ def group_view(fisher: "Fisher", groups: Mapping[str, ParamGroups] | ModelLayout
     )
 
 
-def expand(fisher: "Fisher", name: str, spread: bool = False) -> torch.Tensor:
+def expand(fisher: Fisher, name: str, spread: bool = False) -> torch.Tensor:
     """Parameter-shaped values of ``name``.
 
     Group-level: every element gets its group's value ``F_g`` (``spread=False``) or
@@ -169,7 +170,7 @@ def group_range(groups: ParamGroups, group: int) -> tuple[int, int]:
 
 
 # ---------------------------------------------------------------------------- rankings
-def _flat_groups(fisher: "Fisher", params: Iterable[str] | None) -> tuple["Fisher", list[str]]:
+def _flat_groups(fisher: Fisher, params: Iterable[str] | None) -> tuple[Fisher, list[str]]:
     gv = group_view(fisher)
     names = gv.names() if params is None else list(params)
     unknown = [n for n in names if n not in gv]
@@ -178,7 +179,7 @@ def _flat_groups(fisher: "Fisher", params: Iterable[str] | None) -> tuple["Fishe
     return gv, names
 
 
-def top_k(fisher: "Fisher", k: int = 10, *, params: Iterable[str] | None = None) -> list[tuple[str, str, float]]:
+def top_k(fisher: Fisher, k: int = 10, *, params: Iterable[str] | None = None) -> list[tuple[str, str, float]]:
     """The ``k`` largest group values ``F_g`` across all parameters (or only ``params``).
 
     Returns ``[(param name, group name, value), ...]`` in descending order; ties keep the order
@@ -203,7 +204,7 @@ def top_k(fisher: "Fisher", k: int = 10, *, params: Iterable[str] | None = None)
     return out
 
 
-def layer_index(fisher: "Fisher", name: str) -> int | None:
+def layer_index(fisher: Fisher, name: str) -> int | None:
     """Layer of a parameter: from the Fisher's layout when present, else parsed from the name."""
     if fisher.layout is not None:
         return fisher.layout.layer(name)
@@ -218,7 +219,7 @@ def _sorted_layers(d: dict[int | None, Any]) -> dict[int | None, Any]:
     return out
 
 
-def per_layer(fisher: "Fisher") -> dict[int | None, float]:
+def per_layer(fisher: Fisher) -> dict[int | None, float]:
     """Fisher mass per layer: ``{layer: Σ_{params p in layer} Σ_j F_pj}``; ``None`` collects
     parameters outside the layer stack (embeddings, final norm, heads). Ordered by layer."""
     totals: dict[int | None, float] = {}
@@ -228,7 +229,7 @@ def per_layer(fisher: "Fisher") -> dict[int | None, float]:
     return _sorted_layers(totals)
 
 
-def normalized(fisher: "Fisher", scope: str = "global") -> "Fisher":
+def normalized(fisher: Fisher, scope: str = "global") -> Fisher:
     """Fisher divided by a total, so values become shares.
 
     - ``scope="global"``: ``F / Σ_all F`` (everything sums to 1);
@@ -243,7 +244,7 @@ def normalized(fisher: "Fisher", scope: str = "global") -> "Fisher":
         raise InvalidInputError(f"scope must be 'global' or 'layer', got {scope!r}")
     if scope == "global":
         total = fisher.total()
-        totals = {name: total for name in fisher.names()}
+        totals = dict.fromkeys(fisher.names(), total)
     else:
         layer_totals = per_layer(fisher)
         totals = {name: layer_totals[layer_index(fisher, name)] for name in fisher.names()}
@@ -264,7 +265,7 @@ def normalized(fisher: "Fisher", scope: str = "global") -> "Fisher":
 
 
 # ---------------------------------------------------------------------------- units
-def slice_value(fisher: "Fisher", s: Slice) -> float:
+def slice_value(fisher: Fisher, s: Slice) -> float:
     """``Σ F`` over a :class:`Slice` of a parameter.
 
     Parameter-level: the exact sum of the slice's elements. Group-level: the sum of the groups
@@ -277,7 +278,7 @@ def slice_value(fisher: "Fisher", s: Slice) -> float:
     return float(t.detach().double().cpu()[slice_groups(fisher, s)].sum())
 
 
-def slice_groups(fisher: "Fisher", s: Slice) -> torch.Tensor:
+def slice_groups(fisher: Fisher, s: Slice) -> torch.Tensor:
     """The groups of a group Fisher that make up a :class:`Slice`, as increasing group indices
     (int64): ``slice_value(fisher, s) = Σ_{g in slice_groups(fisher, s)} F_g``. The slice must lie
     along the groups' axis and start/stop on group boundaries (:class:`UnsupportedError` otherwise)."""
@@ -311,7 +312,7 @@ def slice_groups(fisher: "Fisher", s: Slice) -> torch.Tensor:
     return torch.arange(g0, g1 + 1)
 
 
-def _require_layout(fisher: "Fisher", what: str) -> ModelLayout:
+def _require_layout(fisher: Fisher, what: str) -> ModelLayout:
     if fisher.layout is None:
         raise InvalidInputError(
             f"{what} needs the model layout; this Fisher has none. Collect it with hf_fisher.collect "
@@ -320,7 +321,7 @@ def _require_layout(fisher: "Fisher", what: str) -> ModelLayout:
     return fisher.layout
 
 
-def _sum_slices(fisher: "Fisher", slices: Iterable[Slice], used: list[int]) -> float:
+def _sum_slices(fisher: Fisher, slices: Iterable[Slice], used: list[int]) -> float:
     total = 0.0
     for s in slices:
         if s.param in fisher:
@@ -329,7 +330,7 @@ def _sum_slices(fisher: "Fisher", slices: Iterable[Slice], used: list[int]) -> f
     return total
 
 
-def head_importance(fisher: "Fisher") -> dict[tuple[int, int], float]:
+def head_importance(fisher: Fisher) -> dict[tuple[int, int], float]:
     """Total Fisher of each attention head, ``{(layer, head): value}``.
 
     ``T_h = F(q slices of h) + F(o slices of h) + (F(k slices) + F(v slices) of kv(h)) · H_kv / H``:
@@ -354,7 +355,7 @@ def head_importance(fisher: "Fisher") -> dict[tuple[int, int], float]:
     return out
 
 
-def channel_importance(fisher: "Fisher") -> dict[tuple[int, int], float]:
+def channel_importance(fisher: Fisher) -> dict[tuple[int, int], float]:
     """Total Fisher of each MLP channel, ``{(layer, channel): value}``.
 
     ``T_c = Σ_roles F(role slice of c)`` — e.g. gate row + up row + down column. Parameters not in
@@ -387,7 +388,7 @@ def channel_importance(fisher: "Fisher") -> dict[tuple[int, int], float]:
     return out
 
 
-def channel_groups(fisher: "Fisher", role, num_channels: int) -> torch.Tensor:
+def channel_groups(fisher: Fisher, role, num_channels: int) -> torch.Tensor:
     """Group index (int64, ``[num_channels]``) holding channel ``c`` of an MLP ``role`` in a group
     Fisher; :class:`UnsupportedError` unless each such group is exactly one channel index."""
     pg = fisher.groups[role.param]
@@ -400,7 +401,7 @@ def channel_groups(fisher: "Fisher", role, num_channels: int) -> torch.Tensor:
     return gidx
 
 
-def _per_expert(fisher: "Fisher", name: str, expert_axis: int, num_experts: int) -> torch.Tensor:
+def _per_expert(fisher: Fisher, name: str, expert_axis: int, num_experts: int) -> torch.Tensor:
     """``[E]``: the Fisher mass of each expert's slice (index ``e`` along ``expert_axis``) of ``name``."""
     t = fisher[name].detach().double().cpu()
     if fisher.reduction == "param":
@@ -418,7 +419,7 @@ def _per_expert(fisher: "Fisher", name: str, expert_axis: int, num_experts: int)
     return torch.zeros(num_experts, dtype=torch.float64).index_add_(0, lo, t)
 
 
-def expert_importance(fisher: "Fisher", *, include_router: bool = False) -> dict[tuple[int, int], float]:
+def expert_importance(fisher: Fisher, *, include_router: bool = False) -> dict[tuple[int, int], float]:
     """Total Fisher of each routed expert, ``{(layer, expert): value}``.
 
     ``T_e = Σ over the expert's own weights of F``: its whole slice ``[e]`` of every expert
@@ -453,7 +454,7 @@ def expert_importance(fisher: "Fisher", *, include_router: bool = False) -> dict
     return out
 
 
-def expert_channel_importance(fisher: "Fisher") -> dict[tuple[int, int, int], float]:
+def expert_channel_importance(fisher: Fisher) -> dict[tuple[int, int, int], float]:
     """Total Fisher of each channel of each routed expert, ``{(layer, expert, channel): value}``.
 
     ``T_ec = Σ_roles F(role slice of channel c of expert e)`` — for the HF fused layout gate row
@@ -513,7 +514,7 @@ def _topk_set(v: torch.Tensor, k: int) -> set[int]:
     return set(torch.sort(v, descending=True, stable=True).indices[:k].tolist())
 
 
-def compare(a: "Fisher", b: "Fisher", k: int = 100) -> dict[str, Any]:
+def compare(a: Fisher, b: Fisher, k: int = 100) -> dict[str, Any]:
     """How similar two Fishers (e.g. of two tasks) are, over their common parameter names.
 
     With ``x``, ``y`` the concatenated (flattened) values of the common parameters, in sorted name
@@ -575,7 +576,7 @@ def compare(a: "Fisher", b: "Fisher", k: int = 100) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------- uncertainty
-def effective_count(fisher: "Fisher") -> float:
+def effective_count(fisher: Fisher) -> float:
     """Number of samples behind the mean: ``n``, or for an EMA (decay ``d``) Kish's
     ``n_eff = (1 − dⁿ)² (1 + d) / ((1 − d)(1 − d²ⁿ))``."""
     n = fisher.counts.samples
@@ -587,7 +588,7 @@ def effective_count(fisher: "Fisher") -> float:
     return (1 - d**n) ** 2 * (1 + d) / ((1 - d) * (1 - d ** (2 * n)))
 
 
-def _variance_of(fisher: "Fisher", name: str) -> torch.Tensor:
+def _variance_of(fisher: Fisher, name: str) -> torch.Tensor:
     if name not in fisher:
         raise KeyError(f"{name!r} is not in this Fisher")
     if name not in fisher.variances:
@@ -598,7 +599,7 @@ def _variance_of(fisher: "Fisher", name: str) -> torch.Tensor:
     return fisher.variances[name]
 
 
-def stderr(fisher: "Fisher", name: str) -> torch.Tensor:
+def stderr(fisher: Fisher, name: str) -> torch.Tensor:
     """Standard error of ``F`` for ``name``: ``sqrt(Var_i(C_i) / n)`` (``n`` = :func:`effective_count`)."""
     var = _variance_of(fisher, name).double()
     n = effective_count(fisher)
@@ -607,7 +608,7 @@ def stderr(fisher: "Fisher", name: str) -> torch.Tensor:
     return torch.sqrt(var.clamp_min(0) / n)
 
 
-def confidence_interval(fisher: "Fisher", name: str, level: float = 0.95) -> tuple[torch.Tensor, torch.Tensor]:
+def confidence_interval(fisher: Fisher, name: str, level: float = 0.95) -> tuple[torch.Tensor, torch.Tensor]:
     """Student-t interval ``F ± t_{(1+level)/2, n−1} · stderr`` (see :func:`hf_fisher.collection.stats.confidence_interval`)."""
     var = _variance_of(fisher, name).double()
     return stats.confidence_interval(fisher[name].double(), var, effective_count(fisher), level)

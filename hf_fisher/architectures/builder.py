@@ -31,8 +31,9 @@ LoRA (``delta W = B @ A``, ``A: [r, in]``, ``B: [out, r]`` for a base weight wit
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -54,14 +55,14 @@ from hf_fisher.layout import (
 __all__ = [
     "HeadPart",
     "LayoutBuilder",
-    "unwrap_peft",
-    "model_type_of",
-    "config_of",
-    "find_module",
-    "default_groups",
     "complete_groups",
-    "validate_layout",
+    "config_of",
+    "default_groups",
+    "find_module",
     "is_conv1d",
+    "model_type_of",
+    "unwrap_peft",
+    "validate_layout",
 ]
 
 logger = logging.getLogger(__name__)
@@ -207,7 +208,7 @@ def _lora_groups(
                 out[name] = inherited if inherited is not None else fallback
 
         for key in mod.lora_A:
-            a_mod, b_mod = mod.lora_A[key], mod.lora_B[key] if key in mod.lora_B else None
+            a_mod, b_mod = mod.lora_A[key], mod.lora_B.get(key, None)
             a_w = getattr(a_mod, "weight", None)
             if isinstance(a_w, torch.Tensor) and a_w.dim() >= 2:
                 r = int(a_w.shape[0])
@@ -305,7 +306,7 @@ def validate_layout(model: nn.Module, layout: ModelLayout, who: str) -> None:
             if role.channel_axis is not None:
                 n_c = _axis_len(params[role.param], role.channel_axis)
                 if role.channel_axis == role.expert_axis or n_c is None or not (
-                    0 <= role.offset and role.offset + block.num_channels <= n_c
+                    role.offset >= 0 and role.offset + block.num_channels <= n_c
                 ):
                     raise bad(
                         f"experts of layer {block.layer}: role {role.role!r} (channels {role.offset}.."

@@ -36,7 +36,7 @@ def _bias(module: Any):
     return getattr(module, "bias", None)
 
 
-def start(model: Any, adapter: str) -> "tuple[LayoutBuilder, Any, int, int] | None":
+def start(model: Any, adapter: str) -> tuple[LayoutBuilder, Any, int, int] | None:
     """``(builder, decoder layers, H, Hkv)`` of a LLaMA-like model, or None when it does not fit."""
     b = LayoutBuilder(model, adapter=adapter)
     layers = find_module(b.base, ("model.layers", "layers"))

@@ -48,7 +48,7 @@ logger = logging.getLogger(__name__)
 MODEL_TYPES = frozenset({"mixtral", "qwen2_moe", "qwen3_moe"})
 ADAPTER = "moe"
 
-__all__ = ["MODEL_TYPES", "ADAPTER", "expert_row_groups", "expert_column_groups", "hf_fisher_model_layout"]
+__all__ = ["ADAPTER", "MODEL_TYPES", "expert_column_groups", "expert_row_groups", "hf_fisher_model_layout"]
 
 
 def _bias(module: Any):

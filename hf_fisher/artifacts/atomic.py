@@ -69,29 +69,29 @@ import stat
 import tempfile
 import time
 import uuid
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
 
 from hf_fisher.errors import ArtifactError
 
 __all__ = [
-    "check_target",
-    "check_writable",
-    "check_not_input",
-    "sweep",
-    "atomic_folder",
-    "scratch_folder",
-    "swap_into_place",
-    "recover",
-    "leftovers",
-    "Leftover",
-    "Recovery",
-    "TMP_PREFIX",
+    "KILL_POINTS",
     "OLD_PREFIX",
     "STALE_AFTER_S",
     "TEST_KILL_ENV",
-    "KILL_POINTS",
+    "TMP_PREFIX",
+    "Leftover",
+    "Recovery",
+    "atomic_folder",
+    "check_not_input",
+    "check_target",
+    "check_writable",
+    "leftovers",
+    "recover",
+    "scratch_folder",
+    "swap_into_place",
+    "sweep",
 ]
 
 logger = logging.getLogger(__name__)

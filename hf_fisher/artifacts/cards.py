@@ -34,7 +34,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from hf_fisher.artifacts.fisher import Fisher
 
-__all__ = ["load_template", "card_data", "render_card", "looks_like_hub_id", "hub_base_model", "md_text", "md_code", "layer_rows", "merged_card", "summary_section"]
+__all__ = ["card_data", "hub_base_model", "layer_rows", "load_template", "looks_like_hub_id", "md_code", "md_text", "merged_card", "render_card", "summary_section"]
 
 logger = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ def hub_base_model(name_or_path: str | None, revision: str | None = None) -> str
     return name_or_path
 
 
-def card_data(fisher: "Fisher") -> "ModelCardData":
+def card_data(fisher: Fisher) -> ModelCardData:
     """Hub metadata: ``library_name="hf_fisher"``, tags, ``hf_fisher`` (task, estimator, reduction,
     normalization) and ``base_model`` for Hub ids (:func:`hub_base_model`).
 
@@ -180,7 +180,7 @@ def _fmt(x: float) -> str:
     return f"{x:.4e}"
 
 
-def layer_rows(fisher: "Fisher") -> list[dict[str, str]]:
+def layer_rows(fisher: Fisher) -> list[dict[str, str]]:
     """Rows of the per-layer table: layer, total, share (%) and the layer's largest group.
 
     The largest group comes from the group view when a partition is known, else the largest
@@ -222,7 +222,7 @@ def layer_rows(fisher: "Fisher") -> list[dict[str, str]]:
     return rows
 
 
-def render_card(fisher: "Fisher", *, template: str | None = None) -> "ModelCard":
+def render_card(fisher: Fisher, *, template: str | None = None) -> ModelCard:
     """The artifact's :class:`huggingface_hub.ModelCard` (``template``: Jinja text to override the default).
 
     Template variables ending in ``_md`` and the row lists are escaped Markdown (:func:`md_text`);
@@ -260,7 +260,7 @@ def render_card(fisher: "Fisher", *, template: str | None = None) -> "ModelCard"
     )
 
 
-def summary_section(fisher: "Fisher") -> str | None:
+def summary_section(fisher: Fisher) -> str | None:
     """Markdown of the card's "Summary" section (:func:`hf_fisher.analysis.summary.summary_markdown`),
     or None when the Fisher has no layout with attention heads or the summary cannot be computed
     for it (logged; the card is written without the section)."""
@@ -298,7 +298,7 @@ def _fence(text: str) -> str:
 
 
 def merged_card(recipe: dict, *, sources=None, fishers=None, base=None, template: str | None = None,
-                library_name: str = "transformers") -> "ModelCard":
+                library_name: str = "transformers") -> ModelCard:
     """The :class:`huggingface_hub.ModelCard` of a merged model, from its recipe.
 
     Metadata (compatible with mergekit's cards): ``base_model`` lists the inputs that are Hub ids

@@ -37,9 +37,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Iterator, Mapping
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any
 
 import torch
 
@@ -72,20 +73,20 @@ from hf_fisher.errors import ArtifactError, InvalidInputError, ModelMismatchErro
 from hf_fisher.layout import ModelLayout, ParamGroups
 
 __all__ = [
+    "CONFIG_NAME",
+    "FORMAT_VERSION",
+    "LOAD_PROBLEMS_KEY",
+    "WEIGHTS_INDEX_NAME",
+    "WEIGHTS_NAME",
     "Counts",
-    "FisherMetadata",
     "Fisher",
+    "FisherMetadata",
     "FisherReader",
     "ValueCheck",
-    "known_estimators",
     "check_estimator_name",
-    "open_tensor",
     "is_artifact_file",
-    "LOAD_PROBLEMS_KEY",
-    "CONFIG_NAME",
-    "WEIGHTS_NAME",
-    "WEIGHTS_INDEX_NAME",
-    "FORMAT_VERSION",
+    "known_estimators",
+    "open_tensor",
 ]
 
 logger = logging.getLogger(__name__)
@@ -295,7 +296,7 @@ class Fisher(ArtifactHubMixin):
         """``Σ`` of every Fisher value (float64)."""
         return float(sum(t.double().sum() for t in self._mean.values())) if self._mean else 0.0
 
-    def to(self, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> "Fisher":
+    def to(self, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> Fisher:
         """A copy with tensors converted to ``dtype``/``device`` (metadata.storage_dtype updated)."""
         def conv(t: torch.Tensor) -> torch.Tensor:
             return t.to(device=device if device is not None else t.device, dtype=dtype or t.dtype)
@@ -309,7 +310,7 @@ class Fisher(ArtifactHubMixin):
             sample_contributions={k: conv(v) for k, v in samples.items()} if samples is not None else None,
         )
 
-    def _replace(self, **changes: Any) -> "Fisher":
+    def _replace(self, **changes: Any) -> Fisher:
         kwargs = dict(
             mean=self._mean,
             variance=self._variance or None,
@@ -601,7 +602,7 @@ class Fisher(ArtifactHubMixin):
         token: str | None = None,
         cache_dir: str | os.PathLike | None = None,
         strict: bool = True,
-    ) -> "Fisher":
+    ) -> Fisher:
         """Load an artifact written by :meth:`save_pretrained` (safetensors only, no pickle), from a
         local folder or from the Hugging Face Hub.
 
@@ -637,7 +638,7 @@ class Fisher(ArtifactHubMixin):
                                        subfolder=subfolder, token=token, cache_dir=cache_dir, strict=strict)
 
     @classmethod
-    def _from_pretrained(cls, folder: Path, *, device: torch.device | str, strict: bool) -> "Fisher":
+    def _from_pretrained(cls, folder: Path, *, device: torch.device | str, strict: bool) -> Fisher:
         """The artifact in ``folder`` after every structural check (:class:`FisherReader`; the
         mixin then checks the values)."""
         reader = FisherReader(folder, strict=strict)
@@ -701,7 +702,7 @@ class Fisher(ArtifactHubMixin):
         return open_tensor(path, name, kind, device=device)
 
     # ------------------------------------------------------------------ analysis (delegates)
-    def to_groups(self, groups_or_layout: Mapping[str, ParamGroups] | ModelLayout | None = None) -> "Fisher":
+    def to_groups(self, groups_or_layout: Mapping[str, ParamGroups] | ModelLayout | None = None) -> Fisher:
         """Group view (see :func:`hf_fisher.analysis.group_view`)."""
         from hf_fisher import analysis
 
@@ -725,7 +726,7 @@ class Fisher(ArtifactHubMixin):
 
         return analysis.per_layer(self)
 
-    def normalized(self, scope: str = "global") -> "Fisher":
+    def normalized(self, scope: str = "global") -> Fisher:
         """``F / Σ F`` globally or per layer (see :func:`hf_fisher.analysis.normalized`)."""
         from hf_fisher import analysis
 
@@ -755,7 +756,7 @@ class Fisher(ArtifactHubMixin):
 
         return analysis.expert_channel_importance(self)
 
-    def compare(self, other: "Fisher", k: int = 100) -> dict[str, Any]:
+    def compare(self, other: Fisher, k: int = 100) -> dict[str, Any]:
         """Similarity with another Fisher (see :func:`hf_fisher.analysis.compare`)."""
         from hf_fisher import analysis
 

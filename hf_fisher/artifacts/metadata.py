@@ -6,8 +6,9 @@ Fisher and the KFAC artifact.
 from __future__ import annotations
 
 import operator
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Mapping
+from typing import Any
 
 from hf_fisher.artifacts.format import dtype_str
 from hf_fisher.errors import InvalidInputError
@@ -67,7 +68,7 @@ class Counts:
         return {k: int(v) for k, v in asdict(self).items()}
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "Counts":
+    def from_dict(cls, d: Mapping[str, Any]) -> Counts:
         """From ``fisher_config.json``'s ``counts`` (unknown keys ignored; bad values: InvalidInputError)."""
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
@@ -109,7 +110,7 @@ class FisherMetadata:
         return d
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "FisherMetadata":
+    def from_dict(cls, d: Mapping[str, Any]) -> FisherMetadata:
         names = {f.name for f in fields(cls)}
         known = {k: v for k, v in d.items() if k in names}
         unknown = {k: v for k, v in d.items() if k not in names}

@@ -219,7 +219,7 @@ class FisherReader:
     def file_keys(self) -> dict[str, list[str] | None]:
         """``{tensor file: keys in it}`` (``None`` = every key of that file)."""
         if self._weight_map is None:
-            return {f: None for f in self._files}
+            return dict.fromkeys(self._files)
         out: dict[str, list[str] | None] = {}
         for key, f in self._weight_map.items():
             out.setdefault(f, []).append(key)  # type: ignore[union-attr]

@@ -16,8 +16,15 @@ import torch
 from hf_fisher.artifacts.format import describe
 from hf_fisher.errors import ArtifactError, InvalidInputError
 
-__all__ = ["LOAD_PROBLEMS_KEY", "ValueCheck", "value_problems", "known_estimators", "check_estimator_name",
-           "ema_state_problem", "record_problems"]
+__all__ = [
+    "LOAD_PROBLEMS_KEY",
+    "ValueCheck",
+    "check_estimator_name",
+    "ema_state_problem",
+    "known_estimators",
+    "record_problems",
+    "value_problems",
+]
 
 logger = logging.getLogger(__name__)
 

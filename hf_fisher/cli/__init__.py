@@ -41,7 +41,7 @@ from __future__ import annotations
 import argparse
 import shutil  # noqa: F401  (``hf_fisher.cli.shutil``: kept for callers that patch ``shutil.disk_usage`` through it)
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 from hf_fisher.cli import (
     analyze,
@@ -69,7 +69,7 @@ from hf_fisher.cli.common import (
 )
 from hf_fisher.tables import format_report, format_table
 
-__all__ = ["main", "build_parser", "format_table", "format_report", "check_output_folder", "estimate_artifact_bytes"]
+__all__ = ["build_parser", "check_output_folder", "estimate_artifact_bytes", "format_report", "format_table", "main"]
 
 #: The commands, in the order ``hf-fisher --help`` lists them.
 COMMANDS = (collect, show, plugins, demo, merge, compare_estimators, prune, report, qkov, conflicts, analyze)

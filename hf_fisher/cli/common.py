@@ -21,8 +21,9 @@ import math
 import os
 import shutil
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from hf_fisher.errors import ArtifactError, HfFisherError, InvalidInputError
 

@@ -11,9 +11,11 @@ may raise :class:`StopForward` to end a batch's forward early (the layers above 
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -21,12 +23,12 @@ import torch.nn as nn
 from hf_fisher.errors import EmptyDataError, InvalidInputError, regex_argument
 
 __all__ = [
-    "StopForward",
     "ForwardSummary",
+    "StopForward",
     "linear_weights",
+    "model_inputs",
     "select_weights",
     "token_inputs",
-    "model_inputs",
 ]
 
 log = logging.getLogger(__name__)
@@ -89,7 +91,7 @@ def linear_weights(model: nn.Module) -> tuple[dict[str, tuple[nn.Module, str]], 
     return found, skipped
 
 
-def select_weights(found: dict, skipped: dict, names: "str | Iterable[str] | None") -> tuple[dict, dict]:
+def select_weights(found: dict, skipped: dict, names: str | Iterable[str] | None) -> tuple[dict, dict]:
     if names is None:
         return found, skipped
     every = {**found, **skipped}
@@ -192,7 +194,7 @@ def token_inputs(
     max_samples: int | None = None,
     progress: bool = True,
     desc: str = "module inputs",
-    device: "str | torch.device | None" = None,
+    device: str | torch.device | None = None,
 ) -> ForwardSummary:
     """Run ``model`` over ``batches`` and call ``on_rows(name, X)`` for every call of every
     ``modules[name]``, with ``X`` ``[N, in]`` float64: the call's input rows at the non-padding
@@ -255,10 +257,8 @@ def token_inputs(
                 ids = inputs["input_ids"]
                 mask = inputs.get("attention_mask")
                 state.update(B=ids.shape[0], T=ids.shape[1], mask=None if mask is None else mask.bool())
-                try:
+                with contextlib.suppress(StopForward):
                     model(**inputs)
-                except StopForward:
-                    pass
                 summary.samples += int(ids.shape[0])
                 summary.batches += 1
                 bar.update(int(ids.shape[0]))

@@ -8,18 +8,19 @@ work is the engine's (:mod:`hf_fisher.engine`); the accumulation is :mod:`hf_fis
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 import torch
 import torch.nn as nn
 
 from .. import plugins
+from ..artifacts.fisher import Counts, Fisher, FisherMetadata
 from ..engine.losses import task_type_of
 from ..engine.per_sample import BatchReport, ContributionSink, LossFn, PerSampleEngine, Target
 from ..errors import EmptyDataError, InvalidInputError, NoTrainableParametersError, regex_argument
 from ..estimators.base import REDUCTIONS, CollectOptions, check_keep_sample_contributions  # noqa: F401 (re-exported)
-from ..artifacts.fisher import Counts, Fisher, FisherMetadata
 from .stats import EMA, AccumulatorState, Welford, Workspace, make_accumulator, shifted_moments_
 
 log = logging.getLogger(__name__)
@@ -178,7 +179,7 @@ class _TaskState:
     rows: dict | None = None
 
 
-def select_parameters(model: nn.Module, params: "str | Iterable[str] | None") -> list[tuple[str, torch.Tensor]]:
+def select_parameters(model: nn.Module, params: str | Iterable[str] | None) -> list[tuple[str, torch.Tensor]]:
     """The trainable ``(name, parameter)`` pairs to collect: all of them (``None``), those whose
     name matches a regular expression (``re.search``), or those named in a list (every name
     must exist and be trainable)."""
@@ -264,7 +265,7 @@ class FisherCollector:
         loss_fn: LossFn | None = None,
         estimator: str = "empirical",
         verify: bool = True,
-        params: "str | Iterable[str] | None" = None,
+        params: str | Iterable[str] | None = None,
         distributed: bool | None = None,
         keep_sample_contributions: bool = False,
     ):
@@ -316,7 +317,7 @@ class FisherCollector:
         self._moments_sink: _MomentsSink | None = None
 
     @classmethod
-    def for_estimator(cls, estimator: str, model: nn.Module, **options: Any) -> "FisherCollector":
+    def for_estimator(cls, estimator: str, model: nn.Module, **options: Any) -> FisherCollector:
         """A collector for an estimator that computes its own per-sample contributions (e.g. the
         true Fisher's label draws) and adds them with :meth:`add_contributions`: its artifacts
         say ``estimator``. Its :meth:`update`, :meth:`collect` and :meth:`attach_training`, which

@@ -47,7 +47,8 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 
@@ -58,13 +59,13 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "DistributedMismatchError",
-    "is_distributed",
-    "world_size",
-    "rank",
     "all_gather_tensor",
+    "is_distributed",
     "merge_accumulators",
-    "merge_welford_states",
     "merge_ema_states",
+    "merge_welford_states",
+    "rank",
+    "world_size",
 ]
 
 #: the largest bucket of μ/M2 values gathered at once, per rank (bytes); the gathered copy is K times it
@@ -199,7 +200,7 @@ def _describe_difference(mine: dict, ref: dict, r: int) -> str:
                     if mine[key].get(k) != ref[key].get(k):
                         return f"{k} is {mine[key].get(k)!r} on rank {r} but {ref[key].get(k)!r} on rank 0"
             return f"{key} is {mine[key]!r} on rank {r} but {ref[key]!r} on rank 0"
-    a, b = {n: s for n, s in mine["tensors"]}, {n: s for n, s in ref["tensors"]}
+    a, b = dict(mine["tensors"]), dict(ref["tensors"])
     for name in sorted(set(a) | set(b)):
         if name not in b:
             return f"rank {r} has {name!r}, which rank 0 does not collect"

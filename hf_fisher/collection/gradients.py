@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -26,7 +27,7 @@ import torch.nn as nn
 from hf_fisher.engine.per_sample import ContributionSink
 from hf_fisher.errors import EmptyDataError, InvalidInputError, regex_argument
 
-__all__ = ["GradientStore", "store_gradients", "attention_params"]
+__all__ = ["GradientStore", "attention_params", "store_gradients"]
 
 logger = logging.getLogger(__name__)
 
@@ -155,7 +156,7 @@ def _count_samples(batches: Sequence[Mapping[str, Any]]) -> int:
     return n
 
 
-def require_samples(model: nn.Module, task: "Sequence[Mapping[str, Any]] | GradientStore", what: str) -> None:
+def require_samples(model: nn.Module, task: Sequence[Mapping[str, Any]] | GradientStore, what: str) -> None:
     """Refuse (:class:`~hf_fisher.errors.EmptyDataError`), before any gradient is computed, a task
     that cannot give one per-sample gradient: a :class:`GradientStore` with no sample, no batch, or
     batches in which no sample has a label token (every label -100 or padding; counted by
@@ -181,7 +182,7 @@ def store_gradients(
     model: nn.Module,
     batches: Iterable[Mapping[str, Any]],
     *,
-    params: "str | Sequence[str] | None" = None,
+    params: str | Sequence[str] | None = None,
     layers: Iterable[int] | None = None,
     task: str = "default",
     dtype: torch.dtype = torch.float32,

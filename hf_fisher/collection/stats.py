@@ -30,14 +30,15 @@ The fast path of the collector (``reduction="param"``) is two pieces that avoid 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
 from hf_fisher.errors import EmptyDataError, InvalidInputError, UnsupportedError
 
-__all__ = ["AccumulatorState", "Welford", "EMA", "Workspace", "make_accumulator", "shifted_moments_", "confidence_interval"]
+__all__ = ["EMA", "AccumulatorState", "Welford", "Workspace", "confidence_interval", "make_accumulator", "shifted_moments_"]
 
 
 def _as_shape(shape: Sequence[int] | torch.Size | int | None) -> tuple[int, ...] | None:
@@ -289,7 +290,7 @@ class Welford(_Accumulator):
 
     kind = "welford"
 
-    def update(self, batch: torch.Tensor) -> "Welford":
+    def update(self, batch: torch.Tensor) -> Welford:
         """Add ``b`` samples given as a ``[b, *shape]`` tensor (``b == 0`` is a no-op)."""
         x = self._prepare_batch(batch)
         b = x.shape[0]
@@ -303,7 +304,7 @@ class Welford(_Accumulator):
         m2_b = (d - md).square().sum(dim=0)
         return self._merge_moments(b, shift + md, m2_b)
 
-    def update_moments(self, n_b: int, mean_b: torch.Tensor, m2_b: torch.Tensor, *, inplace: bool = False) -> "Welford":
+    def update_moments(self, n_b: int, mean_b: torch.Tensor, m2_b: torch.Tensor, *, inplace: bool = False) -> Welford:
         """Merge precomputed moments of ``n_b`` samples: their mean and ``Σ (x − mean_b)²``.
 
         ``inplace=True`` is :meth:`update_shifted_` (the state tensors are updated in place).
@@ -325,7 +326,7 @@ class Welford(_Accumulator):
             )
         return self._merge_moments(n_b, mean_b, m2_b)
 
-    def _merge_moments(self, n_b: int, mean_b: torch.Tensor, m2_b: torch.Tensor) -> "Welford":
+    def _merge_moments(self, n_b: int, mean_b: torch.Tensor, m2_b: torch.Tensor) -> Welford:
         if self._mean is None:
             self._init_state(tuple(mean_b.shape))
         n_a = self._n
@@ -349,7 +350,7 @@ class Welford(_Accumulator):
         residual: torch.Tensor | None = None,
         *,
         workspace: Workspace | None = None,
-    ) -> "Welford":
+    ) -> Welford:
         """Merge, **in place**, ``n_b`` samples with mean ``shift + residual / n_b`` and centred ``M2 = m2_b``.
 
         The summary :func:`shifted_moments_` returns (``residual=None``: the mean is ``shift``).
@@ -404,7 +405,7 @@ class Welford(_Accumulator):
             return t
         return ws.get(slot, t.shape, self.dtype, self.device).copy_(t)
 
-    def reset(self, *, zero: bool = True) -> "Welford":
+    def reset(self, *, zero: bool = True) -> Welford:
         """Forget every sample, keeping the state tensors (and shape) for reuse. ``zero=False``
         skips zeroing them, for a caller that merges new moments right away (the first merge
         overwrites the state)."""
@@ -414,7 +415,7 @@ class Welford(_Accumulator):
             self._m2.zero_()  # type: ignore[union-attr]
         return self
 
-    def merge(self, other: "Welford") -> "Welford":
+    def merge(self, other: Welford) -> Welford:
         """Fold ``other`` into ``self`` in place (exact: same result as one sequential pass)."""
         if not isinstance(other, Welford):
             raise InvalidInputError(f"can only merge a Welford accumulator with another Welford, got {type(other).__name__}")
@@ -450,7 +451,7 @@ class Welford(_Accumulator):
         return out
 
     @classmethod
-    def from_state_dict(cls, state: dict[str, Any], *, dtype: torch.dtype = torch.float64, device="cpu") -> "Welford":
+    def from_state_dict(cls, state: dict[str, Any], *, dtype: torch.dtype = torch.float64, device="cpu") -> Welford:
         """Rebuild an accumulator from :meth:`state_dict` (``count`` may be an int or a tensor)."""
         acc = cls(None, dtype=dtype, device=device)
         if "mean" in state:
@@ -495,7 +496,7 @@ class EMA(_Accumulator):
         self._w2 = 0.0
         super().__init__(shape, dtype=dtype, device=device)
 
-    def update(self, batch: torch.Tensor) -> "EMA":
+    def update(self, batch: torch.Tensor) -> EMA:
         """Add ``b`` samples (``[b, *shape]``), processed in order: the last one weighs most."""
         x = self._prepare_batch(batch)
         b = x.shape[0]
@@ -532,13 +533,13 @@ class EMA(_Accumulator):
         self._n += b
         return self
 
-    def update_moments(self, n_b: int, mean_b: torch.Tensor, m2_b: torch.Tensor) -> "EMA":
+    def update_moments(self, n_b: int, mean_b: torch.Tensor, m2_b: torch.Tensor) -> EMA:
         raise UnsupportedError(
             "an EMA depends on the order of the individual samples, so it cannot absorb precomputed "
             "batch moments; call update() with the per-sample tensors, or use Welford (ema_decay=None)."
         )
 
-    def merge(self, other: Any) -> "EMA":
+    def merge(self, other: Any) -> EMA:
         raise UnsupportedError(
             "two exponential moving averages cannot be merged exactly (the result depends on the "
             "interleaving of their samples); use Welford accumulators (ema_decay=None) for "
@@ -592,7 +593,7 @@ class EMA(_Accumulator):
         return out
 
     @classmethod
-    def from_state_dict(cls, state: dict[str, Any], *, dtype: torch.dtype = torch.float64, device="cpu") -> "EMA":
+    def from_state_dict(cls, state: dict[str, Any], *, dtype: torch.dtype = torch.float64, device="cpu") -> EMA:
         acc = cls(None, decay=float(state["decay"]), dtype=dtype, device=device)
         if "mean" in state:
             acc._init_state(tuple(state["mean"].shape))

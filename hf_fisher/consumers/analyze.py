@@ -34,15 +34,16 @@ import logging
 import os
 import time
 import traceback
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 from hf_fisher.consumers.circuits.conflict_defaults import DEFAULT_ALPHA, DEFAULT_MIN_EFFECT_SIZE
 from hf_fisher.errors import InvalidInputError
 from hf_fisher.hookspecs import hookimpl
 
-__all__ = ["AnalysisConfig", "AnalysisContext", "AnalysisResult", "analyze", "STAGE_PREFIX"]
+__all__ = ["STAGE_PREFIX", "AnalysisConfig", "AnalysisContext", "AnalysisResult", "analyze"]
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +70,7 @@ class AnalysisConfig:
     progress: bool = True
 
     @staticmethod
-    def of(config: "AnalysisConfig | Mapping[str, Any] | None") -> "AnalysisConfig":
+    def of(config: AnalysisConfig | Mapping[str, Any] | None) -> AnalysisConfig:
         if config is None:
             return AnalysisConfig()
         if isinstance(config, AnalysisConfig):

@@ -77,7 +77,7 @@ import torch
 from hf_fisher.errors import EmptyDataError, InvalidInputError
 from hf_fisher.hookspecs import hookimpl
 
-__all__ = ["METHODS", "EstimatorComparison", "compare_estimators", "parse_methods", "hf_fisher_register_consumers"]
+__all__ = ["METHODS", "EstimatorComparison", "compare_estimators", "hf_fisher_register_consumers", "parse_methods"]
 
 log = logging.getLogger(__name__)
 
@@ -138,7 +138,7 @@ class _PeakMemory:
             if rss is not None and rss > self._peak:
                 self._peak = rss
 
-    def __enter__(self) -> "_PeakMemory":
+    def __enter__(self) -> _PeakMemory:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)

@@ -19,8 +19,9 @@ Fisher value) and compares them.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -35,12 +36,12 @@ __all__ = [
     "HIGH",
     "LOW",
     "RECOMMENDATIONS",
-    "band",
     "OverlapCounts",
     "OverlapResult",
+    "band",
+    "hf_fisher_register_consumers",
     "mask_overlap",
     "task_overlap",
-    "hf_fisher_register_consumers",
 ]
 
 HIGH = 0.7
@@ -101,7 +102,7 @@ class OverlapCounts:
         """``shared / union``; 1.0 when the union is empty."""
         return 1.0 if self.union == 0 else self.shared / self.union
 
-    def __add__(self, other: "OverlapCounts") -> "OverlapCounts":
+    def __add__(self, other: OverlapCounts) -> OverlapCounts:
         return OverlapCounts(self.shared + other.shared, self.only_a + other.only_a, self.only_b + other.only_b)
 
     def to_dict(self) -> dict[str, Any]:
@@ -259,7 +260,7 @@ def _top_mask(values: torch.Tensor, keep: float) -> torch.Tensor:
     return mask
 
 
-def _param_masks(fisher_a: "Fisher", fisher_b: "Fisher", keep: float) -> tuple[dict, dict]:
+def _param_masks(fisher_a: Fisher, fisher_b: Fisher, keep: float) -> tuple[dict, dict]:
     if fisher_a.reduction != fisher_b.reduction:
         raise InvalidInputError(
             f"the Fishers have different reductions ({fisher_a.reduction!r} vs {fisher_b.reduction!r}); "
@@ -291,7 +292,7 @@ def _param_masks(fisher_a: "Fisher", fisher_b: "Fisher", keep: float) -> tuple[d
     return out[0], out[1]
 
 
-def _unit_masks(fisher_a: "Fisher", fisher_b: "Fisher", keep: float, unit: str) -> tuple[dict, dict]:
+def _unit_masks(fisher_a: Fisher, fisher_b: Fisher, keep: float, unit: str) -> tuple[dict, dict]:
     kind = "head" if unit == "heads" else "channel"
     scores = []
     for label, f in (("fisher_a", fisher_a), ("fisher_b", fisher_b)):
@@ -318,7 +319,7 @@ def _unit_masks(fisher_a: "Fisher", fisher_b: "Fisher", keep: float, unit: str) 
     return out[0], out[1]
 
 
-def task_overlap(fisher_a: "Fisher", fisher_b: "Fisher", *, keep: float = 0.2, unit: str = "params") -> OverlapResult:
+def task_overlap(fisher_a: Fisher, fisher_b: Fisher, *, keep: float = 0.2, unit: str = "params") -> OverlapResult:
     """Overlap of the important sets of two tasks: each Fisher's top ``keep`` fraction.
 
     Each task keeps the ``k = ceil(keep · N)`` largest of its ``N`` values (see :func:`count_of`;

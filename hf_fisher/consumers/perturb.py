@@ -25,8 +25,9 @@ dtype's rounding; :attr:`Perturbation.norm` is the norm actually applied, measur
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -39,7 +40,7 @@ from hf_fisher.layout import Slice
 if TYPE_CHECKING:  # pragma: no cover
     from hf_fisher.artifacts.fisher import Fisher
 
-__all__ = ["Perturbation", "SweepPoint", "SweepResult", "perturb", "perturbation_sweep", "hf_fisher_register_consumers"]
+__all__ = ["Perturbation", "SweepPoint", "SweepResult", "hf_fisher_register_consumers", "perturb", "perturbation_sweep"]
 
 UNITS = ("channels", "heads")
 TARGETS = ("top", "bottom", "random")
@@ -93,7 +94,7 @@ class Perturbation:
             "num_elements": sum(int(m.sum()) for m in self.masks.values()),
         }
 
-    def __enter__(self) -> "Perturbation":
+    def __enter__(self) -> Perturbation:
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -127,7 +128,7 @@ def _check_choice(value: Any, choices: tuple[str, ...], what: str) -> str:
 Unit = tuple[int, int]  # (layer, channel) or (layer, head)
 
 
-def _unit_slices(model, fisher: "Fisher", unit: str) -> tuple[dict[Unit, float], dict[Unit, tuple[Slice, ...]]]:
+def _unit_slices(model, fisher: Fisher, unit: str) -> tuple[dict[Unit, float], dict[Unit, tuple[Slice, ...]]]:
     """Validated ``(scores, slices)`` of every unit; raises before anything is changed."""
     layout = fisher.layout
     if layout is None:
@@ -197,7 +198,7 @@ def _apply(model, units, slices, epsilon: float, gen: torch.Generator) -> tuple[
 
 def perturb(
     model,
-    fisher: "Fisher",
+    fisher: Fisher,
     *,
     concentration: float,
     epsilon: float,
@@ -299,7 +300,7 @@ class SweepResult:
 
 def perturbation_sweep(
     model,
-    fisher: "Fisher",
+    fisher: Fisher,
     batches: Iterable[Mapping[str, Any]],
     *,
     concentrations: Sequence[float] = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0),

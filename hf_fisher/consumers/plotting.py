@@ -4,9 +4,10 @@ is imported by the callers, lazily; these only touch the objects they are given)
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
-__all__ = ["integer_ticks", "discrete_colormap"]
+__all__ = ["discrete_colormap", "integer_ticks"]
 
 
 def integer_ticks(axis, labels: Sequence[Any], *, max_ticks: int = 24, fontsize: float | None = None) -> None:

@@ -63,21 +63,38 @@ import csv
 import logging
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 from hf_fisher import analysis
 from hf_fisher.analysis.importance import UnitLabels, classify_units
 from hf_fisher.analysis.summary import (
     fmt as _e,
+)
+from hf_fisher.analysis.summary import (
     has_heads as _has_heads,
+)
+from hf_fisher.analysis.summary import (
     has_mlp as _has_mlp,
+)
+from hf_fisher.analysis.summary import (
     listing as _listing,
+)
+from hf_fisher.analysis.summary import (
     num_params as _num_params,
+)
+from hf_fisher.analysis.summary import (
     pct as _pct,
+)
+from hf_fisher.analysis.summary import (
     rule_text as _rule_text,
+)
+from hf_fisher.analysis.summary import (
     summary_markdown,
+)
+from hf_fisher.analysis.summary import (
     unit_label as _unit,
 )
 from hf_fisher.consumers.plotting import discrete_colormap, integer_ticks
@@ -87,8 +104,15 @@ from hf_fisher.hookspecs import hookimpl
 if TYPE_CHECKING:  # pragma: no cover
     from hf_fisher.artifacts.fisher import Fisher
 
-__all__ = ["ReportResult", "write_report", "report_rows", "head_table", "summary_markdown", "CSV_COLUMNS",
-           "hf_fisher_register_consumers"]
+__all__ = [
+    "CSV_COLUMNS",
+    "ReportResult",
+    "head_table",
+    "hf_fisher_register_consumers",
+    "report_rows",
+    "summary_markdown",
+    "write_report",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -114,14 +138,14 @@ class ReportResult:
 
 
 # ---------------------------------------------------------------------------- numbers
-def _stderr_fisher(fisher: "Fisher") -> "Fisher | None":
+def _stderr_fisher(fisher: Fisher) -> Fisher | None:
     """The same artifact with ``se = sqrt(Var/n)`` as its values (None without variances)."""
     if not fisher.has_variance or set(fisher.names()) - set(fisher.variances):
         return None
     return fisher._replace(mean={n: analysis.stderr(fisher, n) for n in fisher.names()}, variance=None)
 
 
-def head_table(fisher: "Fisher") -> dict[tuple[int, int], dict[str, float]]:
+def head_table(fisher: Fisher) -> dict[tuple[int, int], dict[str, float]]:
     """Per attention head ``{(layer, head): {metric: value}}`` with the head metrics of the CSV:
     ``group_fisher_q/k/v/o`` (``Σ`` slice_value over the head's slices of that role, parameters
     missing from the Fisher contributing nothing), ``head_total`` and, with variances,
@@ -155,7 +179,7 @@ def head_table(fisher: "Fisher") -> dict[tuple[int, int], dict[str, float]]:
     return out
 
 
-def _mlp_per_layer(fisher: "Fisher") -> dict[int, float]:
+def _mlp_per_layer(fisher: Fisher) -> dict[int, float]:
     if not _has_mlp(fisher):
         return {}
     out: dict[int, float] = {}
@@ -164,7 +188,7 @@ def _mlp_per_layer(fisher: "Fisher") -> dict[int, float]:
     return out
 
 
-def report_rows(fisher: "Fisher", run: str) -> list[tuple[str, str, str, str, float | int]]:
+def report_rows(fisher: Fisher, run: str) -> list[tuple[str, str, str, str, float | int]]:
     """The CSV rows ``(run, layer, head, metric, value)`` of one Fisher (see the module docstring)."""
     g = ("global", "all")
     rows: list[tuple[str, str, str, str, float | int]] = [
@@ -190,7 +214,7 @@ def _csv_value(v: float | int) -> str:
 @dataclass
 class _Run:
     name: str
-    fisher: "Fisher"
+    fisher: Fisher
     heads: dict[tuple[int, int], dict[str, float]]
     channels: dict[tuple[int, int], float]
     mlp: dict[int, float]
@@ -240,7 +264,7 @@ def _check_spectra(spectra: Any, pairs: list) -> list:
     return items
 
 
-def _analyse(fisher: "Fisher", name: str, spec: Any = None) -> _Run:
+def _analyse(fisher: Fisher, name: str, spec: Any = None) -> _Run:
     has_heads, has_mlp = _has_heads(fisher), _has_mlp(fisher)
     missing = [
         f"no {what}: the layout ({fisher.layout.adapter!r}) describes none, or the Fisher holds none of their "
@@ -494,7 +518,7 @@ def _plots(runs: list[_Run], tmp: Path, mpl) -> list[str]:
 
 
 # ---------------------------------------------------------------------------- inputs
-def _load(item: Any) -> "Fisher":
+def _load(item: Any) -> Fisher:
     from hf_fisher.artifacts.fisher import Fisher
 
     if isinstance(item, Fisher):
@@ -510,7 +534,7 @@ def _load(item: Any) -> "Fisher":
     raise InvalidInputError(f"expected a Fisher or an artifact folder path, got {type(item).__name__}")
 
 
-def _inputs(fishers: Any, names: Sequence[str] | None) -> list[tuple["Fisher", str]]:
+def _inputs(fishers: Any, names: Sequence[str] | None) -> list[tuple[Fisher, str]]:
     from hf_fisher.artifacts.fisher import Fisher
 
     if isinstance(fishers, (Fisher, str, os.PathLike)):
@@ -582,9 +606,9 @@ def write_report(
     runs = [_analyse(f, n, s) for (f, n), s in zip(pairs, specs)]
     lines = ["hf_fisher report", "================", ""]
     for run in runs:
-        lines += _run_summary(run, k) + [""]
+        lines += [*_run_summary(run, k), ""]
     if len(runs) == 2:
-        lines += _comparison(runs[0], runs[1], k) + [""]
+        lines += [*_comparison(runs[0], runs[1], k), ""]
     notes: list[str] = []
     mpl = _matplotlib()
     if mpl is None:

@@ -63,11 +63,11 @@ __all__ = [
     "SpectrumResult",
     "block_spectrum",
     "capacity_metrics",
+    "hf_fisher_register_consumers",
     "hutchinson_trace",
     "lanczos",
     "slq_density",
     "spectrum",
-    "hf_fisher_register_consumers",
 ]
 
 log = logging.getLogger(__name__)
@@ -268,7 +268,7 @@ def block_spectrum(G: torch.Tensor, index: torch.Tensor, name: str, *, prior_pre
     N = G.shape[0]
     Gb = G[:, index]
     dim = int(index.numel())
-    if N < dim:
+    if dim > N:
         lam = torch.linalg.eigvalsh(Gb @ Gb.T / N)
         method = "gram"
     else:

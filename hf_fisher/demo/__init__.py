@@ -251,10 +251,10 @@ def _is_model_file(name: str) -> bool:
 def _check_folders(out: Path) -> None:
     """Each of the demo's folders inside ``out`` holds only what the demo writes there."""
     from hf_fisher.artifacts.atomic import check_target, check_writable
+    from hf_fisher.artifacts.fisher import is_artifact_file
     from hf_fisher.consumers.merge.api import is_merge_output_file
     from hf_fisher.consumers.prune.core import PRUNE_FILES
     from hf_fisher.consumers.report import _is_report_file
-    from hf_fisher.artifacts.fisher import is_artifact_file
 
     def check(path: Path, allowed, what: str) -> None:
         check_writable(check_target(path, allowed=allowed, what=what, overwrite=True, flag="--out"), what=what, flag="--out")

@@ -9,7 +9,7 @@ serves a backward that the library runs itself and one that a Trainer runs.
 from __future__ import annotations
 
 import logging
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn as nn
@@ -51,7 +51,7 @@ class Capture:
         self.deferred: list[ModuleCall] = []
         self.muted = False  # True while the graph is back-propagated again (hooks stay silent)
 
-    def attach(self) -> "Capture":
+    def attach(self) -> Capture:
         if not self.handles:
             for m in self.modules:
                 self.handles.append(m.register_forward_hook(self._forward_hook, with_kwargs=True))
@@ -63,7 +63,7 @@ class Capture:
         self.handles = []
         self.calls = []
 
-    def __enter__(self) -> "Capture":
+    def __enter__(self) -> Capture:
         return self.attach()
 
     def __exit__(self, *exc) -> None:

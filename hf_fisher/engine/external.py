@@ -29,8 +29,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -67,7 +67,7 @@ class ExternalBackward:
     """
 
     def __init__(self, engine: PerSampleEngine, make_sink: Callable[[], ContributionSink], done: Callable[[MicroBatch], None],
-                 limit: Callable[[], "int | None"] = lambda: None):
+                 limit: Callable[[], int | None] = lambda: None):
         self.engine = engine
         self.make_sink = make_sink
         self.done = done
@@ -80,7 +80,7 @@ class ExternalBackward:
         self.paused = False
 
     # ------------------------------------------------------------------ attach
-    def attach(self) -> "ExternalBackward":
+    def attach(self) -> ExternalBackward:
         if not self.handles:
             model = self.engine.model
             self.handles.append(model.register_forward_pre_hook(self._pre, with_kwargs=True))

@@ -20,8 +20,9 @@ engine back-propagates ``sum_i w_i S_i`` and squares ``s_i * (captured gradient 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -63,7 +64,7 @@ def task_type_of(model: Any) -> str:
         return "sequence_classification"
     if name.endswith("ForMaskedLM"):
         return "masked_lm"
-    if name.endswith("ForCausalLM") or name.endswith("LMHeadModel"):
+    if name.endswith(("ForCausalLM", "LMHeadModel")):
         return "causal_lm"
     raise InvalidInputError(
         f"cannot tell the task of a {name}: pass task_type='causal_lm', 'masked_lm' or "

@@ -40,8 +40,9 @@ from __future__ import annotations
 import inspect
 import logging
 import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -49,7 +50,14 @@ import torch.nn as nn
 from ..errors import InvalidInputError, NonFiniteError, UnsupportedError
 from ..layout import ParamGroups
 from .capture import Capture, bottom_outputs
-from .losses import SampleLosses, label_counts, normalization_weights, per_sample_loss, require_token_inputs, token_labels
+from .losses import (
+    SampleLosses,
+    label_counts,
+    normalization_weights,
+    per_sample_loss,
+    require_token_inputs,
+    token_labels,
+)
 from .rules import DensePart, GradRule, ModuleCall, Part, num_samples, rule_for, sub_samples
 
 log = logging.getLogger(__name__)
@@ -319,7 +327,7 @@ class PerSampleEngine:
                             f"{where}: label id {int(labels[i, t])} at position (sample {i}, token {t}) is outside the "
                             f"model's output vocabulary [0, {self.output_size}); use -100 for tokens that must not count"
                         )
-        if self.position_limit is not None and T > self.position_limit:
+        if self.position_limit is not None and self.position_limit < T:
             raise InvalidInputError(
                 f"{where}: sequences of {T} tokens are longer than the model's {self.position_limit} positions; "
                 f"truncate them to at most {self.position_limit} tokens (e.g. tokenizer(..., truncation=True, "
@@ -513,7 +521,7 @@ class PerSampleEngine:
         owned = self.owned.get(id(call.module), set())
         if id(call.module) not in self._shared and any(pid not in self.vjp_params for pid in owned):
             rule = rule_for(call.module, self.rules)
-            for local, part in rule.parts(call).items():
+            for part in rule.parts(call).values():
                 pid = id(part.param)
                 if pid not in self.by_param or pid not in owned or pid in self.vjp_params:
                     continue
@@ -649,7 +657,7 @@ class PerSampleEngine:
     #: directions the first-batch check looks through (see :meth:`_verify_probe`)
     VERIFY_DIRECTIONS = 8
 
-    def _verify_probe(self, param: torch.Tensor) -> "torch.Tensor | None":
+    def _verify_probe(self, param: torch.Tensor) -> torch.Tensor | None:
         """Gaussian directions ``P`` [last dim, k] (entries N(0, 1/k), a fixed seed, the global
         RNG untouched) for a matrix whose last dimension exceeds 2k, else None (checked whole).
 
@@ -779,7 +787,7 @@ class PerSampleEngine:
         self.loop_mode = True
         self.loop_reason = reason
 
-    def gradient_alone(self, batch, i: int) -> "dict[int, torch.Tensor] | None":
+    def gradient_alone(self, batch, i: int) -> dict[int, torch.Tensor] | None:
         """``id(param) -> g_i`` (scaled, compute dtype) of sample ``i`` run alone, without its
         padding, exactly as the model runs it by default; None when its loss is not finite."""
         one = alone(batch, i)
@@ -815,7 +823,7 @@ class PerSampleEngine:
         return report
 
 
-def mismatch(mine: dict, ref: dict, tol: float, sizes: "dict | None" = None) -> "tuple[Any, float] | None":
+def mismatch(mine: dict, ref: dict, tol: float, sizes: dict | None = None) -> tuple[Any, float] | None:
     """The key whose tensors differ most beyond rounding, with its relative error; None if none.
 
     Per parameter p: ``|mine_p - ref_p| <= tol * (|mine_p| + |ref_p|) + tol * G * sqrt(n_p / N)``
@@ -829,7 +837,7 @@ def mismatch(mine: dict, ref: dict, tol: float, sizes: "dict | None" = None) -> 
     return bad[0] if bad else None
 
 
-def model_rounding(ref: dict, tol: float, sizes: "dict | None" = None) -> dict:
+def model_rounding(ref: dict, tol: float, sizes: dict | None = None) -> dict:
     """``key -> tol * G * sqrt(n_p / N)``: the rounding a parameter gets from the model's
     gradient scale (G the norm of the whole reference gradient over N elements): a parameter
     whose exact gradient is zero (an attention key bias: softmax is shift invariant) holds pure
@@ -840,7 +848,7 @@ def model_rounding(ref: dict, tol: float, sizes: "dict | None" = None) -> dict:
     return {key: tol * (total * size(key, r) / max(1, count)) ** 0.5 for key, r in ref.items()}
 
 
-def mismatches(mine: dict, ref: dict, tol: float, floors: dict) -> "list[tuple[Any, float]]":
+def mismatches(mine: dict, ref: dict, tol: float, floors: dict) -> list[tuple[Any, float]]:
     """Every key whose tensors differ beyond ``tol * (|mine| + |ref|) + floors[key]`` (Frobenius
     norms; a missing ``mine`` counts as zeros; any non-finite value fails with error NaN), with
     its relative error, worst first."""
@@ -858,7 +866,7 @@ def mismatches(mine: dict, ref: dict, tol: float, floors: dict) -> "list[tuple[A
     return sorted(out, key=lambda kv: -math.inf if math.isnan(kv[1]) else -kv[1])
 
 
-def _rounding_scale(parts: "list[Part]") -> float:
+def _rounding_scale(parts: list[Part]) -> float:
     """``sqrt(Σ rounding_sq)`` over a parameter's parts (:meth:`Part.rounding_sq`; a part that
     does not know its terms adds nothing, so the parameter is judged on its total alone)."""
     total = 0.0
@@ -949,7 +957,7 @@ def alone(batch: Mapping[str, Any], i: int) -> dict[str, Any]:
     return out
 
 
-def _keep_and_report(n: torch.Tensor, exclude: set[int], limit: int | None) -> "tuple[list[int], BatchReport]":
+def _keep_and_report(n: torch.Tensor, exclude: set[int], limit: int | None) -> tuple[list[int], BatchReport]:
     """The used samples (label tokens, not excluded, at most ``limit``) and the batch report."""
     counts = [int(x) for x in n]
     keep = [i for i, c in enumerate(counts) if c > 0 and i not in exclude]
@@ -970,7 +978,7 @@ def _checkpointing(model: nn.Module) -> bool:
         return bool(getattr(model, "is_gradient_checkpointing", False))
 
 
-def _selection(keep: list[int], device) -> "slice | torch.Tensor":
+def _selection(keep: list[int], device) -> slice | torch.Tensor:
     """A slice when the kept samples are contiguous (views instead of gathers), else indices."""
     if keep and keep == list(range(keep[0], keep[0] + len(keep))):
         return slice(keep[0], keep[0] + len(keep))

@@ -25,7 +25,7 @@ import logging
 import math
 import threading
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn as nn
@@ -120,7 +120,7 @@ class Part:
         whose factors give it cheaper override it."""
         return self.total() @ probe.to(self.param.device)
 
-    def rounding_sq(self) -> "torch.Tensor | None":
+    def rounding_sq(self) -> torch.Tensor | None:
         """``Σ ‖term‖²`` over the terms :meth:`total` adds up (per-token outer products, rows):
         the square of the scale of the rounding in the total, which the first-batch check
         allows a parameter judged on its own (see ``PerSampleEngine.check_totals``). A few
@@ -467,7 +467,7 @@ class EmbeddingRule(GradRule):
         return {"weight": EmbeddingPart(params["weight"], ids, g, call.scale, m.padding_idx)}
 
 
-_BODIES: dict[type, "str | None"] = {}
+_BODIES: dict[type, str | None] = {}
 
 
 class RMSNormRule(GradRule):
@@ -525,7 +525,7 @@ def rmsnorm_classes() -> list[type]:
     return out
 
 
-def forward_body(cls: type) -> "str | None":
+def forward_body(cls: type) -> str | None:
     """The statements of ``cls.forward`` (docstring dropped), unparsed by :mod:`ast`, cached.
 
     Lets a rule recognise a subclass whose forward it knows by what the forward does."""
@@ -556,7 +556,7 @@ class FuncRule(GradRule):
     received a gradient.
     """
 
-    _loop_logged: set = set()
+    _loop_logged: ClassVar[set] = set()
 
     def parts(self, call):
         params = _trainable(call.module)
@@ -662,19 +662,19 @@ def rule_for(module: nn.Module, rules: dict[type, GradRule]) -> GradRule:
 
 
 __all__ = [
-    "ModuleCall",
-    "Part",
-    "DensePart",
-    "OuterProductPart",
-    "EmbeddingPart",
-    "GradRule",
     "AffineRule",
-    "LinearRule",
     "Conv1DRule",
+    "DensePart",
+    "EmbeddingPart",
     "EmbeddingRule",
     "FuncRule",
-    "rule_for",
+    "GradRule",
+    "LinearRule",
+    "ModuleCall",
+    "OuterProductPart",
+    "Part",
     "num_samples",
+    "rule_for",
     "sub_samples",
     "take",
 ]

@@ -24,16 +24,17 @@ only when set) and its own options, and checks them itself.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar, Iterable, Mapping, Protocol, runtime_checkable
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import torch
 
+from ..artifacts.fisher import REDUCTIONS
 from ..engine.losses import NORMALIZATIONS
 from ..errors import InvalidInputError
-from ..artifacts.fisher import REDUCTIONS
 
-__all__ = ["CollectOptions", "Estimator", "estimator_options", "build_estimator", "REDUCTIONS", "ON_NONFINITE", "check_keep_sample_contributions"]
+__all__ = ["ON_NONFINITE", "REDUCTIONS", "CollectOptions", "Estimator", "build_estimator", "check_keep_sample_contributions", "estimator_options"]
 
 #: what to do with a sample whose loss or gradient is not finite
 ON_NONFINITE = ("raise", "skip")

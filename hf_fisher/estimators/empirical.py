@@ -9,10 +9,11 @@ element (``reduction="param"``) or summed within the architecture adapter's grou
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any, ClassVar
 
-from ..collection.collector import COLLECTOR_OPTIONS, FisherCollector
 from ..artifacts.fisher import Fisher
+from ..collection.collector import COLLECTOR_OPTIONS, FisherCollector
 from ..hookspecs import hookimpl
 from .base import CollectOptions
 

@@ -107,6 +107,8 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
+from ..artifacts.fisher import Counts, FisherMetadata
+from ..artifacts.kfac import FISHER_TYPES, KFAC_APPROXES, KFACFisher, KFACLayer
 from ..collection.collector import select_parameters
 from ..engine.capture import bottom_outputs
 from ..engine.losses import (
@@ -126,9 +128,7 @@ from ..errors import (
     NoTrainableParametersError,
     UnsupportedError,
 )
-from ..artifacts.fisher import Counts, FisherMetadata
 from ..hookspecs import hookimpl
-from ..artifacts.kfac import FISHER_TYPES, KFAC_APPROXES, KFACFisher, KFACLayer
 from .base import refusal
 
 __all__ = ["KFACEstimator"]
@@ -473,7 +473,7 @@ class KFACEstimator:
         if _checkpointing(model):
             raise UnsupportedError("KFAC: gradient checkpointing re-runs forwards during the backward; disable it for the collection")
         V = self._output_size(model, task_type)
-        if self.fisher_type == "type-2" and V is not None and V > self.max_type2_outputs:
+        if self.fisher_type == "type-2" and V is not None and self.max_type2_outputs < V:
             raise UnsupportedError(
                 f"fisher_type='type-2' back-propagates one column of the loss Hessian's square root per output class: "
                 f"{V} backward passes per batch for this model (max_type2_outputs={self.max_type2_outputs}). Use "
@@ -760,7 +760,7 @@ class KFACEstimator:
             with torch.no_grad(), torch.autocast(device_type=x.device.type, enabled=False):
                 try:
                     got = functional_call(m, params, (rows,))
-                except Exception as e:  # noqa: BLE001 - any failure means: not checkable, left out
+                except Exception as e:
                     got, reason = None, f"its forward cannot be checked in float64 ({type(e).__name__}: {e})"
                 ref = rows @ wt.transpose(0, 1) + (b if b is not None else 0)
                 bound = rows.abs() @ wt.abs().transpose(0, 1) + (b.abs() if b is not None else 0)

@@ -34,19 +34,20 @@ are refused (:class:`~hf_fisher.errors.UnsupportedError`).
 from __future__ import annotations
 
 import math
-from typing import Any, ClassVar, Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any, ClassVar
 
 import torch
 
+from ..artifacts.fisher import Fisher
 from ..collection.collector import COLLECTOR_OPTIONS, FisherCollector
 from ..engine.losses import IGNORE_INDEX, token_labels
 from ..engine.per_sample import ContributionSink
 from ..errors import InvalidInputError, NonFiniteError, UnsupportedError
-from ..artifacts.fisher import Fisher
 from ..hookspecs import hookimpl
 from .base import CollectOptions
 
-__all__ = ["TrueFisherEstimator", "LabelSampler"]
+__all__ = ["LabelSampler", "TrueFisherEstimator"]
 
 
 class _DrawBuffer(ContributionSink):

@@ -44,8 +44,9 @@ import itertools
 import logging
 import math
 import os
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 import torch
 from transformers import TrainerCallback
@@ -111,7 +112,7 @@ class FisherCallback(TrainerCallback):
         task: str = "train",
         probe_data: Any = None,
         probe_every_n_steps: int | None = None,
-        params: "str | Iterable[str] | None" = None,
+        params: str | Iterable[str] | None = None,
         max_samples: int | None = None,
         storage_dtype: torch.dtype | None = None,
         ema_decay: float | None = None,
@@ -351,7 +352,6 @@ class FisherCallback(TrainerCallback):
     def _probe(self, model, step: int) -> None:
         """The Fisher of the model as it is now, leaving training exactly as it was."""
         from ..collection.collector import _preserved_rng
-
         from ..collection.distributed import is_distributed, rank, world_size
 
         batches = _probe_batches(self.probe_data, self._collate)

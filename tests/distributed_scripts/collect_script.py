@@ -10,12 +10,13 @@ import json
 import sys
 from pathlib import Path
 
-import common as C
 import torch
 import torch.distributed as dist
 
 import hf_fisher
 from hf_fisher.collection.distributed import DistributedMismatchError
+
+import common as C
 
 
 def main(out: Path) -> None:

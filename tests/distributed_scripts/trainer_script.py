@@ -17,12 +17,13 @@ import json
 import sys
 from pathlib import Path
 
-import common as C
 import torch
 from safetensors.torch import save_file
 from transformers import Trainer, TrainingArguments
 
 import hf_fisher
+
+import common as C
 
 SEEN: list[int] = []
 SAVES: list[str] = []

@@ -76,29 +76,30 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 import torch
 
-from hf_fisher.consumers.circuits.conflict_defaults import DEFAULT_ALPHA, DEFAULT_MIN_EFFECT_SIZE
 from hf_fisher.collection.gradients import GradientStore, attention_params, require_samples, store_gradients
+from hf_fisher.consumers.circuits.conflict_defaults import DEFAULT_ALPHA, DEFAULT_MIN_EFFECT_SIZE
 from hf_fisher.errors import EmptyDataError, InvalidInputError, ModelMismatchError, regex_argument
 from hf_fisher.hookspecs import hookimpl
 from hf_fisher.layout import layer_of
 
 __all__ = [
+    "DEFAULT_ALPHA",
+    "DEFAULT_MIN_EFFECT_SIZE",
     "GROUPS",
     "ConflictCluster",
     "ConflictResult",
-    "sample_conflicts",
-    "DEFAULT_ALPHA",
-    "DEFAULT_MIN_EFFECT_SIZE",
     "conflict_pvalues",
     "fdr_bh",
-    "unit_l2_effect_size",
     "format_p",
     "hf_fisher_register_consumers",
+    "sample_conflicts",
+    "unit_l2_effect_size",
 ]
 
 GROUPS = ("param", "layer")
@@ -393,11 +394,11 @@ def _check_fisher(fisher: Any, model: Any, shapes: Mapping[str, tuple[int, ...]]
 
 def sample_conflicts(
     model: Any,
-    batches_a: "Iterable[Mapping[str, Any]] | GradientStore",
-    batches_b: "Iterable[Mapping[str, Any]] | GradientStore",
+    batches_a: Iterable[Mapping[str, Any]] | GradientStore,
+    batches_b: Iterable[Mapping[str, Any]] | GradientStore,
     *,
     fisher: Any = None,
-    params: "str | Sequence[str] | None" = None,
+    params: str | Sequence[str] | None = None,
     layers: Iterable[int] | None = None,
     eps: float = 1e-8,
     groups: str = "param",

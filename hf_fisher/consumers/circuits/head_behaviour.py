@@ -194,7 +194,7 @@ def _check_thresholds(thresholds: Mapping[str, Any] | None) -> dict[str, float]:
 def _vocab_rows(model: Any) -> int | None:
     try:
         emb = model.get_input_embeddings()
-    except Exception:  # noqa: BLE001 - models without the accessor
+    except Exception:
         return None
     w = getattr(emb, "weight", None)
     return int(w.shape[0]) if w is not None and w.dim() == 2 else None

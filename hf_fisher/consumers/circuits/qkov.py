@@ -82,7 +82,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from hf_fisher.collection.gradients import GradientStore, attention_params, require_samples, samples_that_fit, store_gradients
+from hf_fisher.collection.gradients import (
+    GradientStore,
+    attention_params,
+    require_samples,
+    samples_that_fit,
+    store_gradients,
+)
 from hf_fisher.consumers.plotting import integer_ticks
 from hf_fisher.errors import EmptyDataError, InvalidInputError, ModelMismatchError
 from hf_fisher.hookspecs import hookimpl
@@ -377,7 +383,7 @@ def _pair_scores(pieces, store_a: GradientStore, store_b: GradientStore, fisher_
     M = torch.zeros((nA, nB), dtype=torch.float64)
     skipped = 0
     for s in pieces:
-        idx = (slice(None),) + s.index()
+        idx = (slice(None), *s.index())
         for a_c, b_c, i_c in _chunks(store_a.grads[s.param][idx], store_b.grads[s.param][idx], fisher_layer[s.param][s.index()]):
             ga = a_c.reshape(nA, -1).to(torch.float64, copy=True)
             gb = b_c.reshape(nB, -1).to(torch.float64, copy=True)

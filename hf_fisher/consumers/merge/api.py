@@ -206,7 +206,7 @@ def _full_config(src: TensorSource) -> dict[str, Any]:
         import transformers
 
         return transformers.AutoConfig.for_model(**src.config).to_dict()
-    except Exception:  # noqa: BLE001 - unknown model type: compare what the file says
+    except Exception:
         return src.config
 
 
@@ -499,7 +499,7 @@ def _nonempty_batches(name: str, items: Sequence[Any]) -> list[Any]:
     (which is put back). :class:`InvalidInputError` naming the empty entry."""
     out = []
     for i, batches in enumerate(items):
-        if isinstance(batches, Mapping) or isinstance(batches, (str, bytes)) or not isinstance(batches, Iterable):
+        if isinstance(batches, (Mapping, str, bytes)) or not isinstance(batches, Iterable):
             raise InvalidInputError(
                 f"{name}[{i}] must be an iterable of batches (dicts of tensors), got {type(batches).__name__}"
             )

@@ -24,22 +24,23 @@ from __future__ import annotations
 import logging
 import math
 import os
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 
 from hf_fisher.errors import InvalidInputError, ModelMismatchError
 
-__all__ = ["load_kfac", "KFACMerge", "kfac_merge_block"]
+__all__ = ["KFACMerge", "kfac_merge_block", "load_kfac"]
 
 logger = logging.getLogger(__name__)
 
 
 def load_kfac(obj: Any, *, hub_options: dict | None = None):
     """A :class:`~hf_fisher.artifacts.kfac.KFACFisher` from itself, an artifact folder or a Hub reference."""
-    from hf_fisher.consumers.merge import io as _io
     from hf_fisher.artifacts.kfac import KFAC_CONFIG_NAME, KFACFisher
+    from hf_fisher.consumers.merge import io as _io
 
     if isinstance(obj, KFACFisher):
         obj.check_values()  # finite factors with non-negative diagonals, before any work
@@ -237,7 +238,7 @@ class KFACMerge:
     def __init__(self, kfacs: Sequence[Any], shapes: Sequence[dict[str, tuple[int, ...]]], labels: Sequence[str]):
         first = kfacs[0]
         blocks = first.blocks()
-        for k, (kf, shp, label) in enumerate(zip(kfacs, shapes, labels)):
+        for kf, shp, label in zip(kfacs, shapes, labels):
             if kf.blocks() != blocks:
                 raise ModelMismatchError(f"the KFAC of {label} covers other layers than the KFAC of {labels[0]}; collect both the same way")
             for name, shape in kf.param_shapes.items():

@@ -43,9 +43,10 @@ import logging
 import math
 import os
 import re
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -425,7 +426,7 @@ class LoraMergeResult:
 
         cfg = dict(self.config)
         cfg.pop("peft_type", None)
-        known = {f for f in peft.LoraConfig.__dataclass_fields__}
+        known = set(peft.LoraConfig.__dataclass_fields__)
         lcfg = peft.LoraConfig(**{k: v for k, v in cfg.items() if k in known})
         model = peft.get_peft_model(base, lcfg)
         result = peft.set_peft_model_state_dict(model, self.tensors)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -22,15 +22,15 @@ from hf_fisher.errors import InvalidInputError
 
 __all__ = [
     "compute_dtype",
-    "weighted_average",
-    "fisher_weighted",
-    "fisher_task_vector",
-    "task_arithmetic",
-    "trim_to_density",
-    "ties",
-    "dare_drop",
     "dare",
+    "dare_drop",
+    "fisher_task_vector",
+    "fisher_weighted",
+    "task_arithmetic",
     "tensor_generator",
+    "ties",
+    "trim_to_density",
+    "weighted_average",
 ]
 
 
@@ -137,7 +137,7 @@ def trim_to_density(tau: torch.Tensor, density: float) -> torch.Tensor:
     if not 0 < density <= 1:
         raise InvalidInputError(f"density must be in (0, 1], got {density!r}")
     n = tau.numel()
-    k = int(round(density * n))
+    k = round(density * n)
     if k >= n:
         return tau.clone()
     out = torch.zeros_like(tau)

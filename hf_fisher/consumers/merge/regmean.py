@@ -29,8 +29,9 @@ more).
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -119,7 +120,7 @@ def collect_input_grams(
             + (f" (skipped: {dict(list(skipped.items())[:3])})" if skipped else "")
         )
     grams: dict[str, torch.Tensor] = {}
-    rows: dict[str, int] = {n: 0 for n in found}
+    rows: dict[str, int] = dict.fromkeys(found, 0)
 
     def add(name: str, xs: torch.Tensor) -> None:
         g = grams.get(name)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["prune", "PruneResult", "PruneScore", "ScoreInputs"]
+__all__ = ["PruneResult", "PruneScore", "ScoreInputs", "prune"]
 
 _LAZY = {"prune": "core", "PruneResult": "core", "PruneScore": "base", "ScoreInputs": "base"}
 

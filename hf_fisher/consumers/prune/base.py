@@ -11,8 +11,9 @@ any work), and computes the scores in :meth:`PruneScore.score_units` (structured
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 import torch.nn as nn
@@ -36,7 +37,7 @@ class ScoreInputs:
 
     fisher: Any = None
     batches: Sequence[Mapping[str, Any]] | None = None
-    stats: "ActivationStats | None" = None
+    stats: ActivationStats | None = None
     seed: int = 0
     progress: bool = True
 
@@ -49,7 +50,7 @@ class Stage:
     be present) and ``touch(name)``, to call before changing parameter ``name`` in place so that
     ``PruneResult.restore()`` puts it back."""
 
-    units: "Sequence[Unit]"
+    units: Sequence[Unit]
     quota: Mapping[tuple, int]
     touch: Callable[[str], None]
 
@@ -94,7 +95,7 @@ class PruneScore:
     compensate_default: ClassVar[bool] = False
     layer_by_layer: ClassVar[bool] = False
 
-    def score_units(self, model: nn.Module, units: "Sequence[Unit]", inputs: ScoreInputs) -> torch.Tensor:
+    def score_units(self, model: nn.Module, units: Sequence[Unit], inputs: ScoreInputs) -> torch.Tensor:
         """``[len(units)]`` float64: the cost of removing each unit (lowest removed first)."""
         raise NotImplementedError(f"prune score {self.name!r} does not score structured units")
 
@@ -102,7 +103,7 @@ class PruneScore:
         """``{name: tensor of the weight's shape}``: the cost of zeroing each element."""
         raise UnsupportedError(f"prune score {self.name!r} is defined for structured units only")
 
-    def prepare(self, model: nn.Module, units: "Sequence[Unit]", inputs: ScoreInputs) -> None:
+    def prepare(self, model: nn.Module, units: Sequence[Unit], inputs: ScoreInputs) -> None:
         """Called once with every candidate unit before the first stage (``layer_by_layer`` scores):
         statistics of the unpruned model the stages read."""
 
@@ -112,6 +113,6 @@ class PruneScore:
         ``stage.touch``) where the method prescribes it; ``prune`` then zeroes the removed ones."""
         raise NotImplementedError(f"prune score {self.name!r} is not a layer-by-layer method")
 
-    def stderr(self, model: nn.Module, units: "Sequence[Unit]", fisher: Any) -> torch.Tensor:
+    def stderr(self, model: nn.Module, units: Sequence[Unit], fisher: Any) -> torch.Tensor:
         """``[len(units)]``: a (conservative) standard error of each unit's score, for ``confidence=``."""
         raise UnsupportedError(f"prune score {self.name!r} has no standard error; confidence= does not apply")

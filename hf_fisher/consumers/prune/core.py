@@ -48,9 +48,10 @@ import json
 import logging
 import math
 import time
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn as nn
@@ -70,7 +71,7 @@ from hf_fisher.hookspecs import hookimpl
 if TYPE_CHECKING:  # pragma: no cover
     from hf_fisher.artifacts.fisher import Fisher
 
-__all__ = ["prune", "PruneResult", "check_options", "API_TERMS", "CLI_TERMS", "hf_fisher_register_consumers"]
+__all__ = ["API_TERMS", "CLI_TERMS", "PruneResult", "check_options", "hf_fisher_register_consumers", "prune"]
 
 logger = logging.getLogger(__name__)
 
@@ -96,7 +97,7 @@ class PruneResult:
     removed: list[dict[str, Any]]
     stats: dict[str, Any]
     vocab_map: list[int] | None = None
-    _edits: "_Edits | None" = field(default=None, repr=False)
+    _edits: _Edits | None = field(default=None, repr=False)
     #: the model's tokenizer (an object with ``save_pretrained``, or the local folder holding its
     #: files): written beside the pruned model by :meth:`save_pretrained`
     tokenizer: Any = field(default=None, repr=False)
@@ -165,7 +166,7 @@ def _describe_tokenizer(tokenizer: Any) -> str:
     return f"the files in {str(tokenizer)!r}" if isinstance(tokenizer, (str, Path)) else type(tokenizer).__name__
 
 
-def _finish(result: "PruneResult", tokenizer: Any, notes: list[str]) -> "PruneResult":
+def _finish(result: PruneResult, tokenizer: Any, notes: list[str]) -> PruneResult:
     result.tokenizer = tokenizer
     result.stats["warnings"] = notes + result.stats.get("warnings", [])
     return result
@@ -178,7 +179,7 @@ def _tokenizer_special_ids(tokenizer: Any) -> list[int]:
 
         try:
             tokenizer = AutoTokenizer.from_pretrained(str(tokenizer))
-        except Exception as e:  # noqa: BLE001 - any failure: its special tokens are unknown
+        except Exception as e:
             raise InvalidInputError(
                 f"cannot read the tokenizer in {str(tokenizer)!r} ({type(e).__name__}: {e}), so its special tokens could "
                 "be pruned: pass tokenizer= (the tokenizer object), or tokenizer=False to prune without one"
@@ -284,7 +285,7 @@ def _confident_score(name: Any) -> bool:
     return bool(getattr(cls, "confidence", False))
 
 
-def _layout_of(model: nn.Module, fisher: "Fisher | None"):
+def _layout_of(model: nn.Module, fisher: Fisher | None):
     if fisher is not None:
         fisher.validate(model)
         if fisher.layout is not None:
@@ -399,10 +400,10 @@ def check_options(*, sparsity, structured, score, scope, min_per_layer, confiden
 # ----------------------------------------------------------------------------- main
 def prune(
     model: nn.Module,
-    fisher: "Fisher | None" = None,
+    fisher: Fisher | None = None,
     *,
     sparsity: float,
-    structured: "str | Sequence[str] | None" = ("heads", "channels"),
+    structured: str | Sequence[str] | None = ("heads", "channels"),
     score: str | None = None,
     scope: str = "global",
     min_per_layer: int = 1,
@@ -565,7 +566,7 @@ def _saturation(model, score: str, fisher, batches, notes: list[str], *, units=N
         try:
             with torch.no_grad():
                 losses = [float(model_loss(model, b)) for b in batches]
-        except Exception:  # noqa: BLE001 - no loss on these batches (a model without a head...): judged without it
+        except Exception:
             logger.debug("no calibration loss for the saturation check", exc_info=True)
             losses = []
         finally:

@@ -20,7 +20,7 @@ least-squares rescale, which is the case ``G = I``). Removal counts per kv group
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 

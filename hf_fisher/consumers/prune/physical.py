@@ -20,7 +20,8 @@ cannot follow, so :func:`~hf_fisher.consumers.prune.core.prune` refuses it when 
 from __future__ import annotations
 
 import copy
-from typing import Any, Mapping, Protocol, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
 
 import torch
 import torch.nn as nn
@@ -29,7 +30,7 @@ from hf_fisher.architectures.llama import MODEL_TYPES
 from hf_fisher.consumers.prune.units import Unit
 from hf_fisher.errors import InvalidInputError, UnsupportedError
 
-__all__ = ["PhysicalPruner", "LlamaPhysicalPruner", "physical_pruner", "check_physical", "build_physical"]
+__all__ = ["LlamaPhysicalPruner", "PhysicalPruner", "build_physical", "check_physical", "physical_pruner"]
 
 _TOKEN_KEYS = ("pad_token_id", "bos_token_id", "eos_token_id", "unk_token_id", "sep_token_id",
                "cls_token_id", "mask_token_id", "decoder_start_token_id")

@@ -8,12 +8,13 @@ plugin's score works wherever a built-in one does (``prune(score=...)``, ``hf-fi
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from hf_fisher.errors import InvalidInputError
 from hf_fisher.hookspecs import hookimpl
 
-__all__ = ["get_score", "score_names", "hf_fisher_register_prune_scores", "hf_fisher_physical_pruner"]
+__all__ = ["get_score", "hf_fisher_physical_pruner", "hf_fisher_register_prune_scores", "score_names"]
 
 
 @hookimpl

@@ -18,14 +18,14 @@ multiplies the kept units' columns of ``W`` (the model then needs no extra param
 from __future__ import annotations
 
 import logging
-from typing import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 import torch.nn as nn
 
 from hf_fisher.consumers.prune.units import Unit, input_axis, owner
 
-__all__ = ["output_gram", "least_squares_scales", "fold_scales"]
+__all__ = ["fold_scales", "least_squares_scales", "output_gram"]
 
 logger = logging.getLogger(__name__)
 

@@ -10,7 +10,8 @@ float64. Registered by :mod:`hf_fisher.consumers.prune.registry`.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -21,8 +22,17 @@ from hf_fisher.consumers.prune.units import input_axis
 from hf_fisher.errors import InvalidInputError
 
 __all__ = [
-    "FisherScore", "KFACScore", "MaskFisherScore", "OBDScore", "MagnitudeScore", "RandomScore",
-    "WandaSPScore", "FLAPScore", "Taylor1Score", "Taylor2Score", "BUILTIN_SCORES",
+    "BUILTIN_SCORES",
+    "FLAPScore",
+    "FisherScore",
+    "KFACScore",
+    "MagnitudeScore",
+    "MaskFisherScore",
+    "OBDScore",
+    "RandomScore",
+    "Taylor1Score",
+    "Taylor2Score",
+    "WandaSPScore",
 ]
 
 

@@ -10,16 +10,16 @@ keep the floors of :func:`unit_floors`. See :mod:`hf_fisher.consumers.prune.core
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
 from hf_fisher.consumers.prune.units import Unit
 
-__all__ = ["round_half_up", "unit_floors", "select_layer", "select_global", "global_keys"]
+__all__ = ["global_keys", "round_half_up", "select_global", "select_layer", "unit_floors"]
 
 def round_half_up(x: float) -> int:
-    return int(math.floor(x + 0.5))
+    return math.floor(x + 0.5)
 
 
 def unit_floors(units: Sequence[Unit], min_per_layer: int) -> dict[tuple, int]:

@@ -42,8 +42,9 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn as nn
@@ -57,8 +58,16 @@ from hf_fisher.errors import EmptyDataError, InvalidInputError, UnsupportedError
 if TYPE_CHECKING:  # pragma: no cover
     from hf_fisher.artifacts.fisher import Fisher
 
-__all__ = ["ActivationStats", "score_units", "score_weights", "activation_stats", "calibration_gradient",
-           "calibration_fisher", "mask_fisher", "slice_stderr"]
+__all__ = [
+    "ActivationStats",
+    "activation_stats",
+    "calibration_fisher",
+    "calibration_gradient",
+    "mask_fisher",
+    "score_units",
+    "score_weights",
+    "slice_stderr",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -89,7 +98,7 @@ def _unit_params(units: Iterable[Unit], out: bool = False) -> list[str]:
     return list(dict.fromkeys(s.param for u in units for s in (u.out if out else u.slices)))
 
 
-def _fisher_sums(fisher: "Fisher", units: Sequence[Unit], fn=None) -> torch.Tensor:
+def _fisher_sums(fisher: Fisher, units: Sequence[Unit], fn=None) -> torch.Tensor:
     names = _unit_params(units)
     missing = [n for n in names if n not in fisher]
     if missing:
@@ -290,7 +299,7 @@ def score_units(
     units: Sequence[Unit],
     score: str,
     *,
-    fisher: "Fisher | None" = None,
+    fisher: Fisher | None = None,
     batches: Sequence[Mapping[str, Any]] | None = None,
     stats: ActivationStats | None = None,
     seed: int = 0,
@@ -333,7 +342,7 @@ def score_weights(
     names: Sequence[str],
     score: str,
     *,
-    fisher: "Fisher | None" = None,
+    fisher: Fisher | None = None,
     batches=None,
     seed: int = 0,
     progress: bool = True,
@@ -354,7 +363,7 @@ def score_weights(
     return res
 
 
-def slice_stderr(fisher: "Fisher", units: Sequence[Unit]) -> torch.Tensor:
+def slice_stderr(fisher: Fisher, units: Sequence[Unit]) -> torch.Tensor:
     """``Σ_{S_u} stderr(F)`` per unit: a conservative standard error of the unit's Fisher sum
     (the standard deviation of a sum is at most the sum of the standard deviations)."""
     names = _unit_params(units)

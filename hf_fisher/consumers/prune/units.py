@@ -24,8 +24,9 @@ Fisher and the least-squares rescale read the unit's contribution to the layer o
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -33,7 +34,7 @@ import torch.nn as nn
 from hf_fisher.errors import InvalidInputError
 from hf_fisher.layout import ModelLayout, Slice
 
-__all__ = ["KINDS", "Unit", "structured_units", "input_axis", "owner", "special_token_ids"]
+__all__ = ["KINDS", "Unit", "input_axis", "owner", "special_token_ids", "structured_units"]
 
 #: what ``prune(structured=...)`` accepts, and the unit kind each builds
 KINDS = {"heads": "head", "kv_heads": "kv_head", "channels": "channel", "vocab": "vocab"}

@@ -266,7 +266,7 @@ def test_classifier_fisher_exact_param_and_group(tokenizer, tmp_path):
     for l in range(LAYERS):
         pre = f"bert.encoder.layer.{l}.attention."
         names = [pre + f"self.{p}.{w}" for p in ("query", "key", "value") for w in ("weight", "bias")]
-        total = sum(float(mean[n].sum()) for n in names + [pre + "output.dense.weight"])
+        total = sum(float(mean[n].sum()) for n in [*names, pre + "output.dense.weight"])
         assert sum(heads[(l, h)] for h in range(HEADS)) == pytest.approx(total, rel=1e-6)
     channels = gf.channel_importance()
     assert len(channels) == LAYERS * FF

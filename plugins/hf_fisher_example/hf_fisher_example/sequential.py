@@ -9,6 +9,7 @@ Groups are the generic ones (one per output unit of every linear layer).
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 from torch import nn
@@ -38,7 +39,7 @@ def hf_fisher_model_layout(model: Any):
     if chain is None:
         return None
     b = LayoutBuilder(model, adapter=ADAPTER)
-    for (pos, producer), (_, consumer) in zip(chain, chain[1:]):
+    for (pos, producer), (_, consumer) in itertools.pairwise(chain):
         hidden = producer.out_features
         b.add_mlp(pos, hidden, [(producer.weight, 0), (producer.bias, 0), (consumer.weight, 1)])
     return b.build(num_layers=len(chain))

@@ -8,7 +8,8 @@ aggregated over the calibration tokens by the root mean square.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 

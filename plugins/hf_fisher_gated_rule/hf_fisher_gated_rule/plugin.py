@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from hf_fisher.hookspecs import hookimpl
-
 from hf_fisher_gated_rule.layers import GatedLinear
 from hf_fisher_gated_rule.rule import GatedLinearRule
 
