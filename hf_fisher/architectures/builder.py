@@ -208,7 +208,7 @@ def _lora_groups(
                 out[name] = inherited if inherited is not None else fallback
 
         for key in mod.lora_A:
-            a_mod, b_mod = mod.lora_A[key], mod.lora_B.get(key, None)
+            a_mod, b_mod = mod.lora_A[key], (mod.lora_B[key] if key in mod.lora_B else None)  # noqa: SIM401 - a ModuleDict has no get()
             a_w = getattr(a_mod, "weight", None)
             if isinstance(a_w, torch.Tensor) and a_w.dim() >= 2:
                 r = int(a_w.shape[0])
