@@ -21,27 +21,10 @@ from hf_fisher.consumers.prune.core import prune
 from hf_fisher.errors import EmptyDataError, InvalidInputError
 
 import tiny_models as tm
+from test_pruning import BATCHES, logits, same, snapshot
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-BATCHES = [tm.padded_batch([7, 5, 6], seed=s) for s in range(3)]
-
-
-def inputs(batch):
-    return {k: v for k, v in batch.items() if k != "labels"}
-
-
-def logits(model, batch=BATCHES[0]):
-    with torch.no_grad():
-        return model(**inputs(batch)).logits
-
-
-def snapshot(model):
-    return {n: p.detach().clone() for n, p in model.named_parameters()}
-
-
-def same(model, snap) -> bool:
-    return all(torch.equal(p, snap[n]) for n, p in model.named_parameters())
 
 
 # ----------------------------------------------------------------------------- 7: multi-head attention
