@@ -15,13 +15,13 @@ from pathlib import Path
 import pytest
 import torch
 import transformers as tf
+from test_pruning import BATCHES, logits, same, snapshot
 
 import hf_fisher
 from hf_fisher.consumers.prune.core import prune
 from hf_fisher.errors import EmptyDataError, InvalidInputError
 
 import tiny_models as tm
-from test_pruning import BATCHES, logits, same, snapshot
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
