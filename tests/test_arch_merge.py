@@ -253,3 +253,17 @@ def test_old_names_still_work():
     assert merging.NO_FISHER_RULES == ("average", "first", "base", "error")
     assert set(merge_lora.METHODS) >= {"fisher", "fisher_task_vector", "average", "task_arithmetic", "ties", "dare"}
     assert callable(merging._check_output) and callable(merging.real_number)
+
+
+def test_the_merged_card_takes_formula_paper_and_tags_from_the_registered_class(lerp_plugin):
+    from hf_fisher.consumers.merge.card import merged_card
+
+    recipe = {"merge_method": "lerp_test", "models": [{"model": "a/b"}, {"model": "c/d"}], "parameters": {"t": 0.3}}
+    card = merged_card(recipe)
+    assert "`θ* = (1 − t) θ_1 + t θ_2`" in card.text and "linear interpolation" in card.text
+    assert "fisher-merging" not in card.data.tags and "lerp-test" in card.data.tags
+    fisher_card = merged_card({**recipe, "merge_method": "fisher"})
+    assert "fisher-merging" in fisher_card.data.tags and "Matena & Raffel 2022" in fisher_card.text
+    with pytest.warns(DeprecationWarning, match="consumers.merge.card"):
+        from hf_fisher.artifacts.cards import merged_card as old
+    assert old is merged_card

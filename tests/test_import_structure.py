@@ -210,9 +210,8 @@ ALLOWED_DEFERRED = {
     ("hf_fisher.artifacts.fisher", "hf_fisher.analysis"),
     ("hf_fisher.artifacts.cards", "hf_fisher.analysis"),
     ("hf_fisher.artifacts.fisher", "hf_fisher.artifacts.cards"),
-    # debt: the merged model's card (merged_card) still lives in artifacts/cards.py; it belongs in
-    # consumers/merge/ (with the methods' formulas from the registry)
-    ("hf_fisher.artifacts.cards", "hf_fisher.consumers.merge.api"),
+    # the deprecated alias hf_fisher.artifacts.cards.merged_card (moved to consumers/merge/card.py)
+    ("hf_fisher.artifacts.cards", "hf_fisher.consumers.merge.card"),
     # physical removal is chosen through the hf_fisher_physical_pruner hook, whose built-in
     # implementation reuses the pruning core's unit bookkeeping
     ("hf_fisher.consumers.prune.physical", "hf_fisher.consumers.prune.core"),

@@ -15,9 +15,9 @@ import yaml
 from safetensors.torch import load_file
 
 from hf_fisher import cli
-from hf_fisher.artifacts.cards import merged_card
 from hf_fisher.artifacts.fisher import Counts, Fisher, FisherMetadata
 from hf_fisher.consumers.merge.api import RECIPE_NAME, merge_with_fisher
+from hf_fisher.consumers.merge.card import merged_card
 
 import tiny_models as tm
 

@@ -715,7 +715,7 @@ def _write_merge(plan_infos, out_plan, reader, settings, out_dtype, shard_bytes,
     from tqdm.auto import tqdm
 
     from hf_fisher.artifacts.atomic import atomic_folder
-    from hf_fisher.artifacts.cards import merged_card
+    from hf_fisher.consumers.merge.card import merged_card
 
     folder_ctx = None
     if target is None:
@@ -835,7 +835,7 @@ def _merge_adapters(models, fishers, s: MergeSettings, base_model, out_dtype, ta
     if merge_into_base:
         recipe["parameters"]["merge_into_base"] = True
     from hf_fisher.artifacts.atomic import atomic_folder
-    from hf_fisher.artifacts.cards import merged_card
+    from hf_fisher.consumers.merge.card import merged_card
 
     ctx = tempfile.TemporaryDirectory(prefix="hf-fisher-merge-") if target is None else None
     write_to = target if target is not None else Path(ctx.name) / "merged"
