@@ -25,11 +25,12 @@ kfac-oneshot    ``hf_fisher.collect(model, [batch r], estimator="kfac")`` (``--m
 
 Peak memory. On CPU the high-water mark of the resident set only grows, so each method's peak is
 measured in a fresh process (the script re-invokes itself with ``--one METHOD``): the process
-builds the model and the batches, runs the method once (steady: the collector's first batch, then
-the peak counter is reset with ``echo 5 > /proc/self/clear_refs`` where the kernel allows it and
-one more update runs) and reports the process's peak RSS (VmHWM after the reset, else
-``ru_maxrss``). The figure is the whole process's peak (model, batch and all), so the ratio to
-the plain step's is the ratio a user sees. On CUDA: ``torch.cuda.max_memory_allocated()`` after
+builds the model and the batches (steady: and feeds the collector its first batch), resets the
+kernel's peak-RSS counter to the current RSS (``echo 5 > /proc/self/clear_refs``), runs the method
+once on another batch and reports ``VmHWM``: the whole process's peak (model, batch and all), so
+the ratio to the plain step's is the ratio a user sees. (``ru_maxrss`` is only the fallback where
+``clear_refs`` is refused: Linux carries the parent's high-water mark over fork + exec, so it
+reads high.) On CUDA: ``torch.cuda.max_memory_allocated()`` after
 ``reset_peak_memory_stats()``, in the same process, absolute.
 
 Printed: a table of times and peaks with their ratios to the plain step, and the machine (CPU
@@ -206,7 +207,9 @@ def one(args):
     if args.device == "cuda":
         sync(args.device)
         torch.cuda.reset_peak_memory_stats()
-    elif method.endswith("-steady"):
+    else:
+        # reset the kernel's peak-RSS counter to the current RSS (model, batches, steady collector):
+        # ru_maxrss cannot be used alone, Linux carries the parent's high-water mark over fork+exec
         try:
             Path("/proc/self/clear_refs").write_text("5")
             reset_ok = True
