@@ -494,11 +494,15 @@ def figures(runs: list[_Run], mpl) -> list[tuple[str, Any]]:
                 ax.set_yscale("log")
                 from matplotlib.ticker import FormatStrFormatter, LogLocator
 
-                for axis in (ax.xaxis, ax.yaxis):  # labels at 1, 2, 5 x 10^k only: they never overlap
-                    axis.set_minor_locator(LogLocator(subs=(2.0, 5.0)))
-                    axis.set_minor_formatter(FormatStrFormatter("%.3g"))
+                # labels at 10^k, and at 2, 5 x 10^k only when the axis spans at most two decades
+                # (over a wider span they crowd into each other)
+                few_decades = hi / lo <= 100
+                for axis in (ax.xaxis, ax.yaxis):
                     axis.set_major_formatter(FormatStrFormatter("%.3g"))
-            ax.legend(loc="upper left", fontsize=9)
+                    if few_decades:
+                        axis.set_minor_locator(LogLocator(subs=(2.0, 5.0)))
+                        axis.set_minor_formatter(FormatStrFormatter("%.3g"))
+            ax.legend(loc="best", fontsize=9)  # where it hides the fewest points
             cbar = fig.colorbar(pts, ax=ax)
             cbar.set_label("layer")
             integer_ticks(cbar.ax.yaxis, layers)
