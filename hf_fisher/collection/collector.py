@@ -131,7 +131,7 @@ class _MomentsSink(ContributionSink):
             # a batch-level Welford kept from an earlier batch (same shape and device): no allocation
             w = self.spare.get(name)
             if w is None or w.device != shift.device or w.shape != tuple(shift.shape):
-                w = self.spare[name] = Welford(tuple(shift.shape), dtype=self.dtype, device=shift.device)
+                w = self.spare[name] = Welford(tuple(shift.shape), dtype=self.dtype, device=shift.device, compensated=False)
             w.reset(zero=False)
             w.update_shifted_(*self.pending.pop(name), workspace=self.workspace)
             w.update_shifted_(n, shift, m2, residual, workspace=self.workspace)
