@@ -17,6 +17,7 @@ import torch.nn as nn
 
 from .. import plugins
 from ..artifacts.fisher import Counts, Fisher, FisherMetadata
+from ..artifacts.format import DEFAULT_MAX_SHARD_SIZE
 from ..engine.losses import task_type_of
 from ..engine.per_sample import BatchReport, ContributionSink, LossFn, PerSampleEngine, Target
 from ..errors import EmptyDataError, InvalidInputError, NoTrainableParametersError, regex_argument
@@ -510,7 +511,8 @@ class FisherCollector:
         self, task: str = "default", *, model_name_or_path: str | None = None, data_description: str | None = None,
         extra: Mapping[str, Any] | None = None, dtype: torch.dtype | None = None, distributed: bool | None = None,
     ) -> Fisher:
-        """The Fisher artifact of ``task`` (mean, unbiased variance, counts, metadata).
+        """The Fisher artifact of ``task`` (mean, unbiased variance, counts, metadata); to write it
+        without holding it in memory, :meth:`save_fisher`.
 
         ``extra`` is merged into ``metadata.extra``; ``dtype`` overrides the storage dtype (a
         checkpoint keeps the accumulation dtype so that :meth:`restore` is exact). Inside a
@@ -518,6 +520,18 @@ class FisherCollector:
         collector's setting for this call) the result holds every rank's samples, identical on
         every rank, and ``metadata.extra["world_size"]`` is K; this rank's own accumulators are
         not changed, so calling it again (after more updates) still counts each sample once."""
+        state, info = self._exported(task, distributed)
+        dtype = dtype or self.storage_dtype or self.accumulation_dtype
+        mean, var = {}, {}
+        for name, acc in state.accumulators.items():
+            # copies: the accumulators are updated in place by later batches
+            mean[name] = acc.mean_as(dtype, self.storage_device)
+            var[name] = acc.variance_as(dtype, self.storage_device)
+        return self._artifact(state, mean, var, task, model_name_or_path, data_description, dtype, info, extra)
+
+    def _exported(self, task: str, distributed: bool | None) -> tuple[_TaskState, dict[str, Any]]:
+        """``task``'s state to export (merged over the ranks when :meth:`_merging`) and the
+        ``world_size``/``rank`` info for the metadata; :class:`EmptyDataError` when it has no sample."""
         info: dict[str, Any] = {}
         self._refuse_merging_kept(distributed)
         if self._merging(distributed):
@@ -546,13 +560,10 @@ class FisherCollector:
                 f"no usable sample for task {task!r}{where}{detail}: pass non-empty batches whose samples have "
                 "label tokens (labels != -100)"
             )
-        state = merged[task]
-        dtype = dtype or self.storage_dtype or self.accumulation_dtype
-        mean, var = {}, {}
-        for name, acc in state.accumulators.items():
-            # copies: the accumulators are updated in place by later batches
-            mean[name] = acc.mean_as(dtype, self.storage_device)
-            var[name] = acc.variance().to(device=self.storage_device, dtype=dtype)
+        return merged[task], info
+
+    def _artifact(self, state: _TaskState, mean: dict, var: dict, task: str, model_name_or_path, data_description,
+                  dtype: torch.dtype, info: dict, extra) -> Fisher:
         samples = None
         if state.rows is not None:
             samples = {name: _concat_rows(state.rows[name], acc.shape, self.keep_dtype) for name, acc in state.accumulators.items()}
@@ -566,6 +577,32 @@ class FisherCollector:
             layout=self.layout,
             sample_contributions=samples,
         )
+
+    def save_fisher(
+        self, task: str, save_directory, *, model_name_or_path: str | None = None, data_description: str | None = None,
+        extra: Mapping[str, Any] | None = None, dtype: torch.dtype | None = None, distributed: bool | None = None,
+        max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+    ):
+        """Write ``task``'s Fisher artifact straight from the accumulators, shard by shard; returns its path.
+
+        The same artifact as ``fisher(task, ...).save_pretrained(save_directory, max_shard_size=...)``
+        (same arguments, same files and values), without the in-memory :class:`Fisher`: each
+        tensor is converted from its accumulator (``mean_as`` / ``variance_as``) when its shard
+        is written, so besides the accumulators at most one shard of export tensors
+        (``max_shard_size``, or one larger tensor) is held at a time
+        (:meth:`Fisher.save_streaming`; atomic: the target holds the old artifact or the
+        complete new one). Under several ranks it is a collective like :meth:`fisher`; every
+        rank writes (give each its own folder, or call it with ``distributed=False``)."""
+        state, info = self._exported(task, distributed)
+        dtype = dtype or self.storage_dtype or self.accumulation_dtype
+        plan = {name: torch.empty(acc.shape, dtype=dtype, device="meta") for name, acc in state.accumulators.items()}
+        artifact = self._artifact(state, plan, dict(plan), task, model_name_or_path, data_description, dtype, info, extra)
+
+        def produce(kind: str, name: str) -> torch.Tensor:
+            acc = state.accumulators[name]
+            return acc.mean_as(dtype, "cpu") if kind == "mean" else acc.variance_as(dtype, "cpu")
+
+        return Fisher.save_streaming(artifact, save_directory, produce, max_shard_size=max_shard_size)
 
     def restore(self, task: str, fisher: Fisher) -> None:
         """Continue ``task`` from an artifact this collector (or one like it) wrote: the
