@@ -8,6 +8,7 @@ work is the engine's (:mod:`hf_fisher.engine`); the accumulation is :mod:`hf_fis
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -22,7 +23,7 @@ from ..engine.losses import task_type_of
 from ..engine.per_sample import BatchReport, ContributionSink, LossFn, PerSampleEngine, Target
 from ..errors import EmptyDataError, InvalidInputError, NoTrainableParametersError, regex_argument
 from ..estimators.base import REDUCTIONS, CollectOptions, check_keep_sample_contributions  # noqa: F401 (re-exported)
-from .stats import EMA, AccumulatorState, Welford, Workspace, make_accumulator, shifted_moments_
+from .stats import EMA, AccumulatorState, MappedStore, Welford, Workspace, make_accumulator, shifted_moments_
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +31,7 @@ log = logging.getLogger(__name__)
 EMPIRICAL = "empirical"
 #: the collector's own options besides the shared :class:`~hf_fisher.estimators.base.CollectOptions`
 #: (the diagonal estimators take them too)
-COLLECTOR_OPTIONS = frozenset({"params", "verify", "loss_fn", "accumulation_device"})
+COLLECTOR_OPTIONS = frozenset({"params", "verify", "loss_fn", "accumulation_device", "offload_dir"})
 
 
 class _MomentsSink(ContributionSink):
@@ -215,6 +216,14 @@ class FisherCollector:
     vocabulary rows) before accumulating. Accumulation is Welford/Chan in ``accumulation_dtype``
     (float64 default), or an EMA with bias correction when ``ema_decay`` is set.
 
+    Memory of the accumulators, per Fisher value: float64 mean + M2, 16 bytes;
+    ``accumulation_dtype=torch.float32``, 12 bytes (mean compensated, within ~1e-7 relative of
+    float64 at any number of batches: :class:`~hf_fisher.collection.stats.Welford`); they live on
+    ``accumulation_device``, or, with ``offload_dir=PATH``, in memory-mapped files under PATH
+    (:class:`~hf_fisher.collection.stats.MappedStore`: bit for bit the in-memory results, for
+    Fishers larger than RAM; :meth:`close` removes the files). :meth:`save_fisher` writes the
+    artifact from them shard by shard in ``storage_dtype``, without a second full copy in memory.
+
     Inside a ``torch.distributed`` process group (torchrun, ``accelerate launch``) each rank
     accumulates the samples it is given and :meth:`fisher` returns, on every rank, the Fisher
     of all ranks' samples, merged exactly (Chan's formula, see
@@ -269,6 +278,7 @@ class FisherCollector:
         params: str | Iterable[str] | None = None,
         distributed: bool | None = None,
         keep_sample_contributions: bool = False,
+        offload_dir: str | os.PathLike | None = None,
     ):
         if estimator != EMPIRICAL:
             raise InvalidInputError(
@@ -284,6 +294,11 @@ class FisherCollector:
             memory_budget_mb=memory_budget_mb, train_mode=train_mode, task_type=task_type, distributed=distributed,
             keep_sample_contributions=keep_sample_contributions,
         )
+        if offload_dir is not None and torch.device(accumulation_device).type != "cpu":
+            raise InvalidInputError(
+                f"offload_dir keeps the accumulators in memory-mapped files on the CPU; it cannot be combined with "
+                f"accumulation_device={str(accumulation_device)!r}: drop one of them"
+            )
         named = select_parameters(model, params)
         if not named:
             raise NoTrainableParametersError(
@@ -316,6 +331,8 @@ class FisherCollector:
         )
         self.tasks: dict[str, _TaskState] = {}
         self._moments_sink: _MomentsSink | None = None
+        #: the memory-mapped files of the accumulators (``offload_dir``), or None (in memory)
+        self.store = MappedStore(offload_dir) if offload_dir is not None else None
 
     @classmethod
     def for_estimator(cls, estimator: str, model: nn.Module, **options: Any) -> FisherCollector:
@@ -345,7 +362,9 @@ class FisherCollector:
         acc = {}
         for t in self.engine.targets:
             shape = (t.groups.num_groups,) if t.groups is not None else tuple(t.param.shape)
-            acc[t.name] = make_accumulator(shape, ema_decay=self.ema_decay, dtype=self.accumulation_dtype, device=self.accumulation_device)
+            acc[t.name] = make_accumulator(
+                shape, ema_decay=self.ema_decay, dtype=self.accumulation_dtype, device=self.accumulation_device, store=self.store,
+            )
         return _TaskState(acc, rows={name: [] for name in acc} if self.keep_dtype is not None else None)
 
     def _refuse_merging_kept(self, distributed: bool | None) -> None:
@@ -626,6 +645,7 @@ class FisherCollector:
             if self.ema_decay is None:
                 acc[t.name] = Welford.from_state(
                     AccumulatorState(n, mean, var * max(0, n - 1)), dtype=self.accumulation_dtype, device=self.accumulation_device,
+                    store=self.store,
                 )
             else:
                 if not ema:
@@ -634,7 +654,7 @@ class FisherCollector:
                 denom = 1.0 - w2 / (w * w) if n > 1 else 1.0
                 acc[t.name] = EMA.from_state(
                     AccumulatorState(n, mean, var * denom * w, self.ema_decay, w, w2),
-                    dtype=self.accumulation_dtype, device=self.accumulation_device,
+                    dtype=self.accumulation_dtype, device=self.accumulation_device, store=self.store,
                 )
         rows = None
         if self.keep_dtype is not None:
@@ -675,8 +695,11 @@ class FisherCollector:
         )
 
     def close(self) -> None:
-        """Detach the capture hooks from the model and release the scratch buffers."""
+        """Detach the capture hooks from the model and release the scratch buffers; with
+        ``offload_dir``, remove the accumulators' files (their mappings stay readable until dropped)."""
         self.engine.capture.detach()
+        if self.store is not None:
+            self.store.close()
         if self._moments_sink is not None:
             self._moments_sink.workspace.clear()
             self._moments_sink.spare = {}

@@ -38,7 +38,7 @@ import torch
 
 from hf_fisher.errors import EmptyDataError, InvalidInputError, UnsupportedError
 
-__all__ = ["EMA", "AccumulatorState", "Welford", "Workspace", "confidence_interval", "make_accumulator", "shifted_moments_"]
+__all__ = ["EMA", "AccumulatorState", "MappedStore", "Welford", "Workspace", "confidence_interval", "make_accumulator", "shifted_moments_"]
 
 
 def _as_shape(shape: Sequence[int] | torch.Size | int | None) -> tuple[int, ...] | None:
@@ -145,6 +145,67 @@ def shifted_moments_(
     return shift, m2, residual
 
 
+class MappedStore:
+    """Files that hold accumulator state tensors, memory-mapped (Fishers larger than RAM).
+
+    ``MappedStore(root)`` makes a fresh folder ``root/hf-fisher-accumulators-<random>``; each
+    :meth:`zeros` is one file there, created sparse (all zeros) and mapped with
+    ``torch.from_file(shared=True)``: the tensor's pages are the file's, so the kernel writes
+    them back and drops them under memory pressure instead of the process holding them
+    (resident memory is bounded by what the updates touch, not by the Fisher's size). The
+    arithmetic is the same as in memory, so the results are bit for bit those of in-memory
+    accumulators of the same dtype.
+
+    :meth:`close` removes the folder (and it is removed when the store is garbage collected or
+    the interpreter exits); tensors already mapped stay valid until dropped (the files are only
+    unlinked). A process killed hard leaves its folder behind, recognisable by its name:
+    delete it.
+    """
+
+    PREFIX = "hf-fisher-accumulators-"
+
+    def __init__(self, root) -> None:
+        import tempfile
+        import weakref
+        from pathlib import Path
+
+        root = Path(root)
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            self.folder = Path(tempfile.mkdtemp(prefix=self.PREFIX, dir=root))
+        except OSError as e:
+            raise InvalidInputError(f"cannot create the accumulator files under {str(root)!r}: {e}; pass a writable offload_dir") from e
+        self._files = 0
+        self._finalizer = weakref.finalize(self, _remove_tree, str(self.folder))
+
+    def zeros(self, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+        """A new zero tensor of ``shape``/``dtype`` whose data is a file of this store."""
+        shape = tuple(int(d) for d in shape)
+        numel = math.prod(shape)
+        if numel == 0:
+            return torch.zeros(shape, dtype=dtype)
+        path = self.folder / f"{self._files:06d}.bin"
+        self._files += 1
+        with open(path, "wb") as f:
+            f.truncate(numel * dtype.itemsize)
+        return torch.from_file(str(path), shared=True, size=numel, dtype=dtype).view(shape)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the files (their logical sizes)."""
+        return sum(p.stat().st_size for p in self.folder.glob("*.bin")) if self.folder.exists() else 0
+
+    def close(self) -> None:
+        """Remove the folder (idempotent)."""
+        self._finalizer()
+
+
+def _remove_tree(path: str) -> None:
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)
+
+
 @dataclass(frozen=True)
 class AccumulatorState:
     """The exact state of a :class:`Welford` or :class:`EMA` accumulator.
@@ -183,11 +244,16 @@ class _Accumulator:
 
     kind = "base"
 
-    def __init__(self, shape=None, *, dtype: torch.dtype = torch.float64, device="cpu") -> None:
+    def __init__(self, shape=None, *, dtype: torch.dtype = torch.float64, device="cpu", store: MappedStore | None = None) -> None:
         if not dtype.is_floating_point:
             raise InvalidInputError(f"accumulation dtype must be a floating point dtype, got {dtype}")
         self.dtype = dtype
         self.device = torch.device(device)
+        if store is not None and self.device.type != "cpu":
+            raise InvalidInputError(f"disk-backed accumulators (store=...) live on the CPU, not on {self.device}")
+        #: the :class:`MappedStore` whose files hold the state tensors (None: in memory)
+        self.store = store
+        self._home: dict[str, torch.Tensor] = {}
         self.shape = _as_shape(shape)
         self._n = 0
         self._mean: torch.Tensor | None = None
@@ -197,8 +263,23 @@ class _Accumulator:
 
     def _init_state(self, shape: tuple[int, ...]) -> None:
         self.shape = shape
-        self._mean = torch.zeros(shape, dtype=self.dtype, device=self.device)
-        self._m2 = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self._mean = self._zeros("_mean", shape)
+        self._m2 = self._zeros("_m2", shape)
+
+    def _zeros(self, attr: str, shape: tuple[int, ...]) -> torch.Tensor:
+        """A zero state tensor: in memory, or in a file of :attr:`store` (remembered as ``attr``'s home)."""
+        if self.store is None:
+            return torch.zeros(shape, dtype=self.dtype, device=self.device)
+        t = self._home[attr] = self.store.zeros(shape, self.dtype)
+        return t
+
+    def _rehome(self) -> None:
+        """Disk-backed: copy state tensors that an update replaced by new ones back into their files."""
+        for attr, home in self._home.items():
+            t = getattr(self, attr)
+            if t is not None and t is not home:
+                home.copy_(t)
+                setattr(self, attr, home)
 
     def _prepare_batch(self, batch: torch.Tensor) -> torch.Tensor:
         if not isinstance(batch, torch.Tensor):
@@ -263,10 +344,10 @@ class _Accumulator:
         return AccumulatorState(self._n, self._mean, self._m2)
 
     @classmethod
-    def from_state(cls, state: AccumulatorState, *, dtype: torch.dtype = torch.float64, device="cpu"):
-        """A new accumulator holding ``state`` (tensors copied to ``dtype``/``device``, values
-        checked as in :meth:`from_state_dict`)."""
-        return cls.from_state_dict(state.as_dict(), dtype=dtype, device=device)
+    def from_state(cls, state: AccumulatorState, *, dtype: torch.dtype = torch.float64, device="cpu", store: MappedStore | None = None):
+        """A new accumulator holding ``state`` (tensors copied to ``dtype``/``device``, or into
+        ``store``'s files, values checked as in :meth:`from_state_dict`)."""
+        return cls.from_state_dict(state.as_dict(), dtype=dtype, device=device, store=store)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(shape={self.shape}, count={self._n}, dtype={self.dtype}, device={self.device})"
@@ -328,17 +409,20 @@ class Welford(_Accumulator):
 
     kind = "welford"
 
-    def __init__(self, shape=None, *, dtype: torch.dtype = torch.float64, device="cpu", compensated: bool | None = None) -> None:
+    def __init__(
+        self, shape=None, *, dtype: torch.dtype = torch.float64, device="cpu", compensated: bool | None = None,
+        store: MappedStore | None = None,
+    ) -> None:
         if compensated not in (None, True, False):
             raise InvalidInputError(f"compensated must be None (on below float64), True or False; got {compensated!r}")
         #: whether the mean carries a compensation term (see the class docstring)
         self.compensated = dtype != torch.float64 if compensated is None else bool(compensated)
         self._lo: torch.Tensor | None = None
-        super().__init__(shape, dtype=dtype, device=device)
+        super().__init__(shape, dtype=dtype, device=device, store=store)
 
     def _init_state(self, shape: tuple[int, ...]) -> None:
         super()._init_state(shape)
-        self._lo = torch.zeros(shape, dtype=self.dtype, device=self.device) if self.compensated else None
+        self._lo = self._zeros("_lo", shape) if self.compensated else None
 
     def update(self, batch: torch.Tensor) -> Welford:
         """Add ``b`` samples given as a ``[b, *shape]`` tensor (``b == 0`` is a no-op)."""
@@ -397,6 +481,7 @@ class Welford(_Accumulator):
                 self._mean = mean_b.clone()
             self._m2 = m2_b.clone()
             self._n = n_b
+            self._rehome()
             return self
         n = n_a + n_b
         delta = mean_b - self._mean
@@ -410,6 +495,7 @@ class Welford(_Accumulator):
             self._mean = self._mean + delta * (n_b / n)
         self._m2 = self._m2 + m2_b + delta.square() * (n_a * n_b / n)
         self._n = n
+        self._rehome()
         return self
 
     def update_shifted_(
@@ -539,9 +625,10 @@ class Welford(_Accumulator):
         return AccumulatorState(self._n, self._mean, self._m2, mean_lo=self._lo)
 
     @classmethod
-    def from_state(cls, state: AccumulatorState, *, dtype: torch.dtype = torch.float64, device="cpu", compensated: bool | None = None):
+    def from_state(cls, state: AccumulatorState, *, dtype: torch.dtype = torch.float64, device="cpu", compensated: bool | None = None,
+                   store: MappedStore | None = None):
         """A new accumulator holding ``state`` (copied, checked as in :meth:`from_state_dict`)."""
-        return cls.from_state_dict(state.as_dict(), dtype=dtype, device=device, compensated=compensated)
+        return cls.from_state_dict(state.as_dict(), dtype=dtype, device=device, compensated=compensated, store=store)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Plain tensors (``count`` as a 0-d int64 tensor; compensated: also ``mean_lo``), storable
@@ -556,13 +643,14 @@ class Welford(_Accumulator):
 
     @classmethod
     def from_state_dict(
-        cls, state: dict[str, Any], *, dtype: torch.dtype = torch.float64, device="cpu", compensated: bool | None = None
+        cls, state: dict[str, Any], *, dtype: torch.dtype = torch.float64, device="cpu", compensated: bool | None = None,
+        store: MappedStore | None = None,
     ) -> Welford:
         """Rebuild an accumulator from :meth:`state_dict` (``count`` may be an int or a tensor).
 
         A ``mean_lo`` entry is kept as the compensation of a compensated accumulator, and added
         to the mean otherwise; without one a compensated accumulator starts with ``lo = 0``."""
-        acc = cls(None, dtype=dtype, device=device, compensated=compensated)
+        acc = cls(None, dtype=dtype, device=device, compensated=compensated, store=store)
         if "mean" in state:
             acc._init_state(tuple(state["mean"].shape))
             acc._mean = state["mean"].detach().to(device=acc.device, dtype=dtype).clone()
@@ -573,6 +661,7 @@ class Welford(_Accumulator):
                     acc._lo = lo.detach().to(device=acc.device, dtype=dtype).clone()
                 else:
                     acc._mean = state["mean"].detach().to(device=acc.device, dtype=dtype) + lo.detach().to(device=acc.device, dtype=dtype)
+            acc._rehome()
             _check_state_values(cls.__name__, acc._mean, acc._m2)
         acc._n = _count_of(state["count"])
         if acc._n > 0 and acc._mean is None:
@@ -616,7 +705,7 @@ class EMA(_Accumulator):
 
     kind = "ema"
 
-    def __init__(self, shape=None, *, decay: float, dtype: torch.dtype = torch.float64, device="cpu") -> None:
+    def __init__(self, shape=None, *, decay: float, dtype: torch.dtype = torch.float64, device="cpu", store: MappedStore | None = None) -> None:
         decay = float(decay)
         if not (0.0 <= decay < 1.0):
             raise InvalidInputError(f"EMA decay must be in [0, 1), got {decay}")
@@ -624,7 +713,7 @@ class EMA(_Accumulator):
         # W = Σ w_k (= 1 − dⁿ) and W2 = Σ w_k², in Python floats (scalars shared by all elements).
         self._w = 0.0
         self._w2 = 0.0
-        super().__init__(shape, dtype=dtype, device=device)
+        super().__init__(shape, dtype=dtype, device=device, store=store)
 
     def update(self, batch: torch.Tensor) -> EMA:
         """Add ``b`` samples (``[b, *shape]``), processed in order: the last one weighs most."""
@@ -661,6 +750,7 @@ class EMA(_Accumulator):
         self._w = w_tot
         self._w2 = self._w2 * scale * scale + w2_b
         self._n += b
+        self._rehome()
         return self
 
     def update_moments(self, n_b: int, mean_b: torch.Tensor, m2_b: torch.Tensor) -> EMA:
@@ -723,12 +813,14 @@ class EMA(_Accumulator):
         return out
 
     @classmethod
-    def from_state_dict(cls, state: dict[str, Any], *, dtype: torch.dtype = torch.float64, device="cpu") -> EMA:
-        acc = cls(None, decay=float(state["decay"]), dtype=dtype, device=device)
+    def from_state_dict(cls, state: dict[str, Any], *, dtype: torch.dtype = torch.float64, device="cpu",
+                        store: MappedStore | None = None) -> EMA:
+        acc = cls(None, decay=float(state["decay"]), dtype=dtype, device=device, store=store)
         if "mean" in state:
             acc._init_state(tuple(state["mean"].shape))
             acc._mean = state["mean"].detach().to(device=acc.device, dtype=dtype).clone()
             acc._m2 = state["m2"].detach().to(device=acc.device, dtype=dtype).clone()
+            acc._rehome()
             _check_state_values(cls.__name__, acc._mean, acc._m2)
         acc._n = _count_of(state["count"])
         acc._w = float(state["weight_sum"])
@@ -758,12 +850,13 @@ def _check_state_values(cls_name: str, mean: torch.Tensor, m2: torch.Tensor) -> 
 
 def make_accumulator(
     shape=None, *, ema_decay: float | None = None, dtype: torch.dtype = torch.float64, device="cpu",
-    compensated: bool | None = None,
+    compensated: bool | None = None, store: MappedStore | None = None,
 ) -> Welford | EMA:
-    """A :class:`Welford` accumulator (``compensated``: see there), or an :class:`EMA` when ``ema_decay`` is given."""
+    """A :class:`Welford` accumulator (``compensated``: see there), or an :class:`EMA` when
+    ``ema_decay`` is given; ``store``: state tensors in its memory-mapped files."""
     if ema_decay is None:
-        return Welford(shape, dtype=dtype, device=device, compensated=compensated)
-    return EMA(shape, decay=ema_decay, dtype=dtype, device=device)
+        return Welford(shape, dtype=dtype, device=device, compensated=compensated, store=store)
+    return EMA(shape, decay=ema_decay, dtype=dtype, device=device, store=store)
 
 
 def confidence_interval(mean, variance, count: float, level: float = 0.95) -> tuple[torch.Tensor, torch.Tensor]:
