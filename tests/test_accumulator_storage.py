@@ -4,6 +4,7 @@ in-memory ones, cleaned up on close and garbage collection; bytes per Fisher val
 from __future__ import annotations
 
 import gc
+import weakref
 
 import pytest
 import torch
@@ -117,15 +118,27 @@ def test_offload_dir_refusals_before_any_work(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "s"] and list((tmp_path / "s").iterdir()) == []
 
 
-def test_failed_batch_leaves_disk_accumulators_as_they_were(tmp_path):
+def test_failed_batch_leaves_disk_accumulators_as_they_were(tmp_path, monkeypatch):
+    from hf_fisher.collection.collector import _MomentsSink
+
     model = tm.llama(torch.float32)
     col = hf_fisher.FisherCollector(model, offload_dir=tmp_path)
     col.collect(BATCHES[:1], progress=False)
     before = {n: (s.mean.clone(), s.m2.clone()) for n, s in _states(col).items()}
-    bad = dict(BATCHES[1])
-    bad["labels"] = bad["labels"][:, :2]  # shape mismatch: the batch fails inside the engine
-    with pytest.raises(Exception):
-        col.update(bad)
+    calls = {"n": 0}
+    for meth in ("add", "add_gradients"):
+        orig = getattr(_MomentsSink, meth)
+
+        def failing(sink, *args, _orig=orig, **kwargs):
+            calls["n"] += 1
+            if calls["n"] == 3:  # half-way through the batch's parameters
+                raise RuntimeError("interrupted")
+            return _orig(sink, *args, **kwargs)
+
+        monkeypatch.setattr(_MomentsSink, meth, failing)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        col.update(BATCHES[1])
+    assert calls["n"] == 3
     for n, s in _states(col).items():
         assert torch.equal(s.mean, before[n][0]) and torch.equal(s.m2, before[n][1])
     folder = col.store.folder
@@ -140,3 +153,70 @@ def test_collect_passes_offload_dir(tmp_path):
     b = hf_fisher.collect(model, BATCHES[:1], progress=False)
     assert all(torch.equal(a[n], b[n]) for n in b.names())
     assert list((tmp_path / "acc").iterdir()) == []  # removed when the estimator closes its collector
+
+
+class Storages:
+    """Bytes of distinct tensor storages alive at once (by data pointer, freed through finalizers)."""
+
+    def __init__(self):
+        self.live: dict[int, int] = {}
+        self.peak = 0
+
+    def add(self, t):
+        st = t.untyped_storage()
+        ptr = st.data_ptr()
+        if ptr not in self.live:
+            self.live[ptr] = st.nbytes()
+            weakref.finalize(st, self.live.pop, ptr, None)
+        self.peak = max(self.peak, sum(self.live.values()))
+        return t
+
+
+def _tracked(orig, track):
+    def wrapped(acc, *args, **kwargs):
+        return track.add(orig(acc, *args, **kwargs))
+    return wrapped
+
+
+@pytest.mark.parametrize("dtype", [None, torch.float32])
+def test_release_exports_without_two_full_copies(monkeypatch, dtype):
+    """fisher(release=True): accumulators + exported tensors alive at once stay within the
+    accumulators plus one parameter's export (float64 storage: the accumulators' own tensors are
+    handed over, nothing is copied); release=False holds both full copies."""
+    from hf_fisher.collection import stats
+
+    model = tm.llama(torch.float32)
+    peaks = {}
+    for release in (False, True):
+        col = hf_fisher.FisherCollector(model, storage_dtype=dtype)
+        col.collect(BATCHES[:2], progress=False)
+        track = Storages()
+        accs = col.tasks["default"].accumulators
+        acc_bytes = 0
+        for a in accs.values():
+            s = a.state()
+            track.add(s.mean)
+            track.add(s.m2)
+            acc_bytes += s.mean.nbytes + s.m2.nbytes
+        one = max(a.state().mean.numel() for a in accs.values()) * 2 * (dtype or torch.float64).itemsize
+        del accs, a, s
+        monkeypatch.undo()
+        for meth in ("mean_as", "variance_as"):
+            monkeypatch.setattr(stats.Welford, meth, _tracked(getattr(stats.Welford, meth), track))
+        fisher = col.fisher(release=release)
+        for n in fisher.names():  # what the result holds
+            track.add(fisher[n])
+            track.add(fisher.variances[n])
+        peaks[release] = (track.peak, acc_bytes, one)
+        if release:
+            assert "default" not in col.tasks
+            ref = hf_fisher.collect(model, BATCHES[:2], storage_dtype=dtype, progress=False)  # estimators release too
+            assert all(torch.equal(ref[n], fisher[n]) and torch.equal(ref.variances[n], fisher.variances[n]) for n in ref.names())
+        col.close()
+        del fisher
+    export_bytes = peaks[False][1] * (dtype or torch.float64).itemsize // 8
+    peak, acc_bytes, one = peaks[True]
+    assert peak <= acc_bytes + one, (peak, acc_bytes, one)
+    if dtype is None:
+        assert peak == acc_bytes  # handed over: no copy at all
+    assert peaks[False][0] >= acc_bytes + export_bytes

@@ -529,9 +529,17 @@ class FisherCollector:
     def fisher(
         self, task: str = "default", *, model_name_or_path: str | None = None, data_description: str | None = None,
         extra: Mapping[str, Any] | None = None, dtype: torch.dtype | None = None, distributed: bool | None = None,
+        release: bool = False,
     ) -> Fisher:
         """The Fisher artifact of ``task`` (mean, unbiased variance, counts, metadata); to write it
         without holding it in memory, :meth:`save_fisher`.
+
+        ``release=True`` consumes the task (for a collector that is finished with it): each
+        parameter's accumulator is dropped as soon as its tensors are exported, and a Welford
+        accumulator already in the storage dtype and device (not disk-backed) hands over its own
+        tensors (``mean``; ``M2`` divided in place by ``n − 1``) instead of copies. The peak is
+        then the accumulators plus one parameter's export, not two full copies. The task is
+        removed from the collector afterwards (resume it with :meth:`restore`).
 
         ``extra`` is merged into ``metadata.extra``; ``dtype`` overrides the storage dtype (a
         checkpoint keeps the accumulation dtype so that :meth:`restore` is exact). Inside a
@@ -539,14 +547,19 @@ class FisherCollector:
         collector's setting for this call) the result holds every rank's samples, identical on
         every rank, and ``metadata.extra["world_size"]`` is K; this rank's own accumulators are
         not changed, so calling it again (after more updates) still counts each sample once."""
+        if release not in (True, False):
+            raise InvalidInputError(f"release must be True or False, got {release!r}")
         state, info = self._exported(task, distributed)
         dtype = dtype or self.storage_dtype or self.accumulation_dtype
+        samples = self._samples(state)
         mean, var = {}, {}
-        for name, acc in state.accumulators.items():
-            # copies: the accumulators are updated in place by later batches
-            mean[name] = acc.mean_as(dtype, self.storage_device)
-            var[name] = acc.variance_as(dtype, self.storage_device)
-        return self._artifact(state, mean, var, task, model_name_or_path, data_description, dtype, info, extra)
+        for name in list(state.accumulators):
+            acc = state.accumulators.pop(name) if release else state.accumulators[name]
+            mean[name], var[name] = _export(acc, dtype, self.storage_device, release)
+            del acc
+        if release:
+            self.tasks.pop(task, None)
+        return self._artifact(state, mean, var, task, model_name_or_path, data_description, dtype, info, extra, samples)
 
     def _exported(self, task: str, distributed: bool | None) -> tuple[_TaskState, dict[str, Any]]:
         """``task``'s state to export (merged over the ranks when :meth:`_merging`) and the
@@ -582,10 +595,7 @@ class FisherCollector:
         return merged[task], info
 
     def _artifact(self, state: _TaskState, mean: dict, var: dict, task: str, model_name_or_path, data_description,
-                  dtype: torch.dtype, info: dict, extra) -> Fisher:
-        samples = None
-        if state.rows is not None:
-            samples = {name: _concat_rows(state.rows[name], acc.shape, self.keep_dtype) for name, acc in state.accumulators.items()}
+                  dtype: torch.dtype, info: dict, extra, samples: dict | None) -> Fisher:
         return Fisher(
             mean, var,
             reduction=self.reduction,
@@ -596,6 +606,12 @@ class FisherCollector:
             layout=self.layout,
             sample_contributions=samples,
         )
+
+    def _samples(self, state: _TaskState) -> dict | None:
+        """The kept per-sample contributions of ``state`` (``keep_sample_contributions``), or None."""
+        if state.rows is None:
+            return None
+        return {name: _concat_rows(state.rows[name], acc.shape, self.keep_dtype) for name, acc in state.accumulators.items()}
 
     def save_fisher(
         self, task: str, save_directory, *, model_name_or_path: str | None = None, data_description: str | None = None,
@@ -615,7 +631,8 @@ class FisherCollector:
         state, info = self._exported(task, distributed)
         dtype = dtype or self.storage_dtype or self.accumulation_dtype
         plan = {name: torch.empty(acc.shape, dtype=dtype, device="meta") for name, acc in state.accumulators.items()}
-        artifact = self._artifact(state, plan, dict(plan), task, model_name_or_path, data_description, dtype, info, extra)
+        artifact = self._artifact(state, plan, dict(plan), task, model_name_or_path, data_description, dtype, info, extra,
+                                  self._samples(state))
 
         def produce(kind: str, name: str) -> torch.Tensor:
             acc = state.accumulators[name]
@@ -703,6 +720,17 @@ class FisherCollector:
         if self._moments_sink is not None:
             self._moments_sink.workspace.clear()
             self._moments_sink.spare = {}
+
+
+def _export(acc, dtype: torch.dtype, device: torch.device, release: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(mean, unbiased variance)`` of one accumulator in ``dtype`` on ``device``: copies (the
+    accumulator goes on), or, with ``release`` and a Welford already in that dtype/device and in
+    memory, its own tensors (``M2 / (n − 1)`` in place; the accumulator must not be used again)."""
+    if release and isinstance(acc, Welford) and acc.store is None and acc.dtype == dtype and acc.device == torch.device(device):
+        state = acc.state()
+        m2 = state.m2.div_(state.count - 1) if state.count > 1 else state.m2.zero_()
+        return state.mean, m2
+    return acc.mean_as(dtype, device), acc.variance_as(dtype, device)
 
 
 def _concat_rows(chunks: list[torch.Tensor], shape: tuple, dtype: torch.dtype) -> torch.Tensor:
