@@ -220,3 +220,21 @@ def test_release_exports_without_two_full_copies(monkeypatch, dtype):
     if dtype is None:
         assert peak == acc_bytes  # handed over: no copy at all
     assert peaks[False][0] >= acc_bytes + export_bytes
+
+
+def test_release_keeps_the_ema_state_and_kept_samples():
+    """release=True empties the task while exporting: the metadata (EMA weight sums) and the kept
+    per-sample contributions are read before, equal to the non-releasing export."""
+    model = tm.llama(torch.float32)
+    out = []
+    for release in (False, True):
+        for kw in ({"ema_decay": 0.8}, {"reduction": "group", "keep_sample_contributions": True}):
+            col = hf_fisher.FisherCollector(model, **kw)
+            col.collect(BATCHES[:2], progress=False)
+            out.append(col.fisher(release=release))
+            col.close()
+    for a, b in zip(out[:2], out[2:]):
+        assert a.metadata.to_dict() | {"created_at": None} == b.metadata.to_dict() | {"created_at": None}
+        assert all(torch.equal(a[n], b[n]) and torch.equal(a.variances[n], b.variances[n]) for n in a.names())
+    assert "ema_state" in out[2].metadata.extra
+    assert all(torch.equal(out[1].sample_contributions[n], out[3].sample_contributions[n]) for n in out[1].names())

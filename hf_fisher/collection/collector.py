@@ -551,7 +551,8 @@ class FisherCollector:
             raise InvalidInputError(f"release must be True or False, got {release!r}")
         state, info = self._exported(task, distributed)
         dtype = dtype or self.storage_dtype or self.accumulation_dtype
-        samples = self._samples(state)
+        samples = self._samples(state)  # both before release empties state.accumulators
+        metadata = self._metadata(task, model_name_or_path, data_description, dtype, {**info, **dict(extra or {})}, state)
         mean, var = {}, {}
         for name in list(state.accumulators):
             acc = state.accumulators.pop(name) if release else state.accumulators[name]
@@ -559,7 +560,7 @@ class FisherCollector:
             del acc
         if release:
             self.tasks.pop(task, None)
-        return self._artifact(state, mean, var, task, model_name_or_path, data_description, dtype, info, extra, samples)
+        return self._artifact(state, mean, var, metadata, samples)
 
     def _exported(self, task: str, distributed: bool | None) -> tuple[_TaskState, dict[str, Any]]:
         """``task``'s state to export (merged over the ranks when :meth:`_merging`) and the
@@ -594,15 +595,14 @@ class FisherCollector:
             )
         return merged[task], info
 
-    def _artifact(self, state: _TaskState, mean: dict, var: dict, task: str, model_name_or_path, data_description,
-                  dtype: torch.dtype, info: dict, extra, samples: dict | None) -> Fisher:
+    def _artifact(self, state: _TaskState, mean: dict, var: dict, metadata: FisherMetadata, samples: dict | None) -> Fisher:
         return Fisher(
             mean, var,
             reduction=self.reduction,
             groups=dict(self.groups),
             param_shapes=dict(self.param_shapes),
             counts=Counts(samples=state.samples, tokens=state.tokens, skipped=state.skipped, nonfinite=state.nonfinite),
-            metadata=self._metadata(task, model_name_or_path, data_description, dtype, {**info, **dict(extra or {})}, state),
+            metadata=metadata,
             layout=self.layout,
             sample_contributions=samples,
         )
@@ -631,8 +631,8 @@ class FisherCollector:
         state, info = self._exported(task, distributed)
         dtype = dtype or self.storage_dtype or self.accumulation_dtype
         plan = {name: torch.empty(acc.shape, dtype=dtype, device="meta") for name, acc in state.accumulators.items()}
-        artifact = self._artifact(state, plan, dict(plan), task, model_name_or_path, data_description, dtype, info, extra,
-                                  self._samples(state))
+        metadata = self._metadata(task, model_name_or_path, data_description, dtype, {**info, **dict(extra or {})}, state)
+        artifact = self._artifact(state, plan, dict(plan), metadata, self._samples(state))
 
         def produce(kind: str, name: str) -> torch.Tensor:
             acc = state.accumulators[name]
