@@ -37,7 +37,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -90,6 +90,9 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+#: ``produce(kind, name) -> tensor``: makes one tensor of a streamed save (:meth:`Fisher.save_streaming`)
+TensorSource = Callable[[str, str], torch.Tensor]
 
 # The private names this module had before the artifacts package: code outside the package may
 # still reach them through the deprecated alias ``hf_fisher.artifacts.fisher`` (to be swept to the public names).
@@ -466,17 +469,32 @@ class Fisher(ArtifactHubMixin):
 
     # ------------------------------------------------------------------ saving
     def _state_dict(self) -> dict[str, torch.Tensor]:
+        return self._shard_tensors([f"{kind}.{name}" for kind, tensors in (("mean", self._mean), ("variance", self._variance))
+                                    for name in sorted(tensors)])
+
+    def _shard_tensors(self, keys: list[str], produce: TensorSource | None = None) -> dict[str, torch.Tensor]:
+        """``{key: CPU tensor}`` of one tensor file: this Fisher's tensors, or those ``produce``
+        makes (each checked against this Fisher's shape and dtype for it); tensors sharing memory
+        are cloned (safetensors refuses them)."""
         out: dict[str, torch.Tensor] = {}
         seen: set[int] = set()
-        for kind, tensors in (("mean", self._mean), ("variance", self._variance)):
-            for name in sorted(tensors):
-                t = tensors[name].detach().to("cpu").contiguous()
-                key = t.untyped_storage().data_ptr() if t.numel() else None
-                if key is not None and key in seen:
-                    t = t.clone()  # safetensors refuses tensors sharing memory
-                elif key is not None:
-                    seen.add(key)
-                out[f"{kind}.{name}"] = t
+        for key in keys:
+            kind, name = key.split(".", 1)
+            planned = (self._mean if kind == "mean" else self._variance)[name]
+            if produce is None:
+                t = planned
+            else:
+                t = produce(kind, name)
+                if not isinstance(t, torch.Tensor) or tuple(t.shape) != tuple(planned.shape) or t.dtype != planned.dtype:
+                    got = f"{tuple(t.shape)} {t.dtype}" if isinstance(t, torch.Tensor) else type(t).__name__
+                    raise InvalidInputError(f"{kind} of {name!r} was planned as {tuple(planned.shape)} {planned.dtype}, produced {got}")
+            t = t.detach().to("cpu").contiguous()
+            ptr = t.untyped_storage().data_ptr() if t.numel() else None
+            if ptr is not None and ptr in seen:
+                t = t.clone()
+            elif ptr is not None:
+                seen.add(ptr)
+            out[key] = t
         return out
 
     def _config(self, tensor_files: list[str], sharded: bool) -> dict[str, Any]:
@@ -520,14 +538,31 @@ class Fisher(ArtifactHubMixin):
         """
         return super().save_pretrained(save_directory, max_shard_size=max_shard_size)
 
-    def _save_pretrained(self, folder: Path, *, max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE) -> None:
+    def _save_pretrained(self, folder: Path, *, max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+                         produce: TensorSource | None = None) -> None:
+        """Write the files into ``folder``, one tensor file (shard) at a time.
+
+        The split into shards is planned from shapes and dtypes alone (meta tensors, the same
+        greedy split in key order as ``huggingface_hub.split_torch_state_dict_into_shards``:
+        every ``mean.*`` then every ``variance.*``), then each shard's tensors are gathered,
+        written and dropped before the next: at most one shard (or one tensor larger than
+        ``max_shard_size``) of CPU copies is held at a time. ``produce(kind, name)``
+        (:meth:`save_streaming`) makes each tensor on demand for a Fisher whose own tensors are
+        placeholders; the model card is then computed from memory-mapped views of the written
+        files (:func:`~hf_fisher.artifacts.format.mapped_safetensors`), not from copies.
+        """
         from huggingface_hub import split_torch_state_dict_into_shards
         from safetensors.torch import save_file
 
         from hf_fisher.artifacts import cards
 
-        state = self._state_dict()
-        split = split_torch_state_dict_into_shards(state, filename_pattern=WEIGHTS_PATTERN, max_shard_size=max_shard_size)
+        keys = [f"{kind}.{name}" for kind, tensors in (("mean", self._mean), ("variance", self._variance)) for name in sorted(tensors)]
+        plan = {}
+        for key in keys:
+            kind, name = key.split(".", 1)
+            t = (self._mean if kind == "mean" else self._variance)[name]
+            plan[key] = torch.empty(t.shape, dtype=t.dtype, device="meta")
+        split = split_torch_state_dict_into_shards(plan, filename_pattern=WEIGHTS_PATTERN, max_shard_size=max_shard_size)
         file_meta = {
             "format": "pt",
             "task": str(self.metadata.task),
@@ -535,14 +570,16 @@ class Fisher(ArtifactHubMixin):
             "estimator": str(self.metadata.estimator),
             "hf_fisher_format_version": str(FORMAT_VERSION),
         }
-        if not state:  # an empty Fisher still gets a (valid, empty) tensor file
+        if not plan:  # an empty Fisher still gets a (valid, empty) tensor file
             filename_to_tensors: dict[str, list[str]] = {WEIGHTS_NAME: []}
             sharded = False
         else:
             filename_to_tensors = split.filename_to_tensors
             sharded = split.is_sharded
-        for filename, keys in filename_to_tensors.items():
-            save_file({k: state[k] for k in keys}, str(folder / filename), metadata=file_meta)
+        for filename, shard_keys in filename_to_tensors.items():
+            shard = self._shard_tensors(shard_keys, produce)
+            save_file(shard, str(folder / filename), metadata=file_meta)
+            del shard
         if sharded:
             index = {"metadata": dict(split.metadata), "weight_map": dict(split.tensor_to_filename)}
             write_json(folder / WEIGHTS_INDEX_NAME, index)
@@ -551,7 +588,35 @@ class Fisher(ArtifactHubMixin):
             kept = {k: v.detach().to("cpu").contiguous().clone() for k, v in self.sample_contributions.items()}
             save_file(kept, str(folder / SAMPLES_NAME), metadata={**file_meta, "kind": "sample_contributions"})
         write_json(folder / CONFIG_NAME, self._config(files, sharded))
-        cards.render_card(self).save(folder / CARD_NAME)
+        shown = self
+        if produce is not None:
+            mapped: dict[str, torch.Tensor] = {}
+            for filename in files:
+                mapped.update(_format.mapped_safetensors(folder / filename))
+            shown = self._replace(
+                mean={n: mapped[f"mean.{n}"] for n in self._mean},
+                variance={n: mapped[f"variance.{n}"] for n in self._variance} if self._variance else None,
+                sample_contributions=self.sample_contributions,
+            )
+        cards.render_card(shown).save(folder / CARD_NAME)
+
+    @staticmethod
+    def save_streaming(plan: Fisher, save_directory: str | os.PathLike, produce: TensorSource, *,
+                       max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE) -> Path:
+        """Write an artifact whose tensors are made one at a time, without ever holding them all.
+
+        ``plan``: a Fisher with everything but the tensor values (counts, metadata, groups,
+        layout; its tensors may be placeholders, e.g. ``torch.empty(shape, dtype=..., device="meta")``,
+        giving each tensor's shape and storage dtype). ``produce(kind, name)`` returns the tensor
+        ``kind`` (``"mean"`` | ``"variance"``) of parameter ``name``, of the planned shape and
+        dtype (:class:`~hf_fisher.errors.InvalidInputError` otherwise, and nothing is written).
+        The files are those of :meth:`save_pretrained`, written shard by shard (see
+        :meth:`_save_pretrained`: at most one shard of tensors held at a time) with the same atomic
+        semantics: the target holds the previous artifact or the complete new one, never a
+        half-written one. :meth:`hf_fisher.FisherCollector.save_fisher` uses it to write straight
+        from the accumulators. Returns the target path.
+        """
+        return ArtifactHubMixin.save_pretrained(plan, save_directory, max_shard_size=max_shard_size, produce=produce)
 
     def _commit_message(self) -> str:
         return (

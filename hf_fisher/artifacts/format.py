@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -59,6 +60,7 @@ __all__ = [
     "is_kfac_artifact_file",
     "key_path",
     "load_file",
+    "mapped_safetensors",
     "read_json",
     "s_bool",
     "s_int",
@@ -469,6 +471,39 @@ def json_default(o: Any) -> Any:
         f"cannot store {o!r} (type {type(o).__name__}) in fisher_config.json: metadata.extra values "
         "must be JSON-serialisable (str, int, float, bool, None, lists, dicts)"
     )
+
+
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+def mapped_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file (floating point only), memory-mapped, read-only in effect:
+    views of one private mapping of the file (``torch.from_file(shared=False)``), so nothing is
+    read until a tensor is used and the pages are the file's (the page cache), not process
+    memory. For reading back a file this library has just written (the model card of a
+    streamed artifact); the layout is the safetensors format: an 8-byte little-endian header
+    length, a JSON header ``{key: {dtype, shape, data_offsets}}``, then the data."""
+    import struct
+
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+    header.pop("__metadata__", None)
+    raw = torch.from_file(str(path), shared=False, size=size, dtype=torch.uint8) if size else torch.empty(0, dtype=torch.uint8)
+    out = {}
+    for key, entry in header.items():
+        dtype = _SAFETENSORS_DTYPES.get(entry["dtype"])
+        if dtype is None:
+            raise ArtifactError(f"{path}: tensor {key!r} has dtype {entry['dtype']}, not a floating point dtype")
+        begin, end = (8 + n + int(o) for o in entry["data_offsets"])
+        piece = raw[begin:end]
+        try:
+            t = piece.view(dtype)
+        except RuntimeError:  # an offset not aligned to the element size: a copy of this tensor
+            t = piece.clone().view(dtype)
+        out[key] = t.view([int(d) for d in entry["shape"]])
+    return out
 
 
 def write_json(path: Path, obj: Any) -> None:

@@ -8,6 +8,7 @@ work is the engine's (:mod:`hf_fisher.engine`); the accumulation is :mod:`hf_fis
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -17,11 +18,12 @@ import torch.nn as nn
 
 from .. import plugins
 from ..artifacts.fisher import Counts, Fisher, FisherMetadata
+from ..artifacts.format import DEFAULT_MAX_SHARD_SIZE
 from ..engine.losses import task_type_of
 from ..engine.per_sample import BatchReport, ContributionSink, LossFn, PerSampleEngine, Target
 from ..errors import EmptyDataError, InvalidInputError, NoTrainableParametersError, regex_argument
 from ..estimators.base import REDUCTIONS, CollectOptions, check_keep_sample_contributions  # noqa: F401 (re-exported)
-from .stats import EMA, AccumulatorState, Welford, Workspace, make_accumulator, shifted_moments_
+from .stats import EMA, AccumulatorState, MappedStore, Welford, Workspace, make_accumulator, shifted_moments_
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +31,7 @@ log = logging.getLogger(__name__)
 EMPIRICAL = "empirical"
 #: the collector's own options besides the shared :class:`~hf_fisher.estimators.base.CollectOptions`
 #: (the diagonal estimators take them too)
-COLLECTOR_OPTIONS = frozenset({"params", "verify", "loss_fn", "accumulation_device"})
+COLLECTOR_OPTIONS = frozenset({"params", "verify", "loss_fn", "accumulation_device", "offload_dir"})
 
 
 class _MomentsSink(ContributionSink):
@@ -131,7 +133,7 @@ class _MomentsSink(ContributionSink):
             # a batch-level Welford kept from an earlier batch (same shape and device): no allocation
             w = self.spare.get(name)
             if w is None or w.device != shift.device or w.shape != tuple(shift.shape):
-                w = self.spare[name] = Welford(tuple(shift.shape), dtype=self.dtype, device=shift.device)
+                w = self.spare[name] = Welford(tuple(shift.shape), dtype=self.dtype, device=shift.device, compensated=False)
             w.reset(zero=False)
             w.update_shifted_(*self.pending.pop(name), workspace=self.workspace)
             w.update_shifted_(n, shift, m2, residual, workspace=self.workspace)
@@ -214,6 +216,14 @@ class FisherCollector:
     vocabulary rows) before accumulating. Accumulation is Welford/Chan in ``accumulation_dtype``
     (float64 default), or an EMA with bias correction when ``ema_decay`` is set.
 
+    Memory of the accumulators, per Fisher value: float64 mean + M2, 16 bytes;
+    ``accumulation_dtype=torch.float32``, 12 bytes (mean compensated, within ~1e-7 relative of
+    float64 at any number of batches: :class:`~hf_fisher.collection.stats.Welford`); they live on
+    ``accumulation_device``, or, with ``offload_dir=PATH``, in memory-mapped files under PATH
+    (:class:`~hf_fisher.collection.stats.MappedStore`: bit for bit the in-memory results, for
+    Fishers larger than RAM; :meth:`close` removes the files). :meth:`save_fisher` writes the
+    artifact from them shard by shard in ``storage_dtype``, without a second full copy in memory.
+
     Inside a ``torch.distributed`` process group (torchrun, ``accelerate launch``) each rank
     accumulates the samples it is given and :meth:`fisher` returns, on every rank, the Fisher
     of all ranks' samples, merged exactly (Chan's formula, see
@@ -268,6 +278,7 @@ class FisherCollector:
         params: str | Iterable[str] | None = None,
         distributed: bool | None = None,
         keep_sample_contributions: bool = False,
+        offload_dir: str | os.PathLike | None = None,
     ):
         if estimator != EMPIRICAL:
             raise InvalidInputError(
@@ -283,6 +294,11 @@ class FisherCollector:
             memory_budget_mb=memory_budget_mb, train_mode=train_mode, task_type=task_type, distributed=distributed,
             keep_sample_contributions=keep_sample_contributions,
         )
+        if offload_dir is not None and torch.device(accumulation_device).type != "cpu":
+            raise InvalidInputError(
+                f"offload_dir keeps the accumulators in memory-mapped files on the CPU; it cannot be combined with "
+                f"accumulation_device={str(accumulation_device)!r}: drop one of them"
+            )
         named = select_parameters(model, params)
         if not named:
             raise NoTrainableParametersError(
@@ -315,6 +331,8 @@ class FisherCollector:
         )
         self.tasks: dict[str, _TaskState] = {}
         self._moments_sink: _MomentsSink | None = None
+        #: the memory-mapped files of the accumulators (``offload_dir``), or None (in memory)
+        self.store = MappedStore(offload_dir) if offload_dir is not None else None
 
     @classmethod
     def for_estimator(cls, estimator: str, model: nn.Module, **options: Any) -> FisherCollector:
@@ -344,7 +362,9 @@ class FisherCollector:
         acc = {}
         for t in self.engine.targets:
             shape = (t.groups.num_groups,) if t.groups is not None else tuple(t.param.shape)
-            acc[t.name] = make_accumulator(shape, ema_decay=self.ema_decay, dtype=self.accumulation_dtype, device=self.accumulation_device)
+            acc[t.name] = make_accumulator(
+                shape, ema_decay=self.ema_decay, dtype=self.accumulation_dtype, device=self.accumulation_device, store=self.store,
+            )
         return _TaskState(acc, rows={name: [] for name in acc} if self.keep_dtype is not None else None)
 
     def _refuse_merging_kept(self, distributed: bool | None) -> None:
@@ -509,8 +529,17 @@ class FisherCollector:
     def fisher(
         self, task: str = "default", *, model_name_or_path: str | None = None, data_description: str | None = None,
         extra: Mapping[str, Any] | None = None, dtype: torch.dtype | None = None, distributed: bool | None = None,
+        release: bool = False,
     ) -> Fisher:
-        """The Fisher artifact of ``task`` (mean, unbiased variance, counts, metadata).
+        """The Fisher artifact of ``task`` (mean, unbiased variance, counts, metadata); to write it
+        without holding it in memory, :meth:`save_fisher`.
+
+        ``release=True`` consumes the task (for a collector that is finished with it): each
+        parameter's accumulator is dropped as soon as its tensors are exported, and a Welford
+        accumulator already in the storage dtype and device (not disk-backed) hands over its own
+        tensors (``mean``; ``M2`` divided in place by ``n − 1``) instead of copies. The peak is
+        then the accumulators plus one parameter's export, not two full copies. The task is
+        removed from the collector afterwards (resume it with :meth:`restore`).
 
         ``extra`` is merged into ``metadata.extra``; ``dtype`` overrides the storage dtype (a
         checkpoint keeps the accumulation dtype so that :meth:`restore` is exact). Inside a
@@ -518,6 +547,24 @@ class FisherCollector:
         collector's setting for this call) the result holds every rank's samples, identical on
         every rank, and ``metadata.extra["world_size"]`` is K; this rank's own accumulators are
         not changed, so calling it again (after more updates) still counts each sample once."""
+        if release not in (True, False):
+            raise InvalidInputError(f"release must be True or False, got {release!r}")
+        state, info = self._exported(task, distributed)
+        dtype = dtype or self.storage_dtype or self.accumulation_dtype
+        samples = self._samples(state)  # both before release empties state.accumulators
+        metadata = self._metadata(task, model_name_or_path, data_description, dtype, {**info, **dict(extra or {})}, state)
+        mean, var = {}, {}
+        for name in list(state.accumulators):
+            acc = state.accumulators.pop(name) if release else state.accumulators[name]
+            mean[name], var[name] = _export(acc, dtype, self.storage_device, release)
+            del acc
+        if release:
+            self.tasks.pop(task, None)
+        return self._artifact(state, mean, var, metadata, samples)
+
+    def _exported(self, task: str, distributed: bool | None) -> tuple[_TaskState, dict[str, Any]]:
+        """``task``'s state to export (merged over the ranks when :meth:`_merging`) and the
+        ``world_size``/``rank`` info for the metadata; :class:`EmptyDataError` when it has no sample."""
         info: dict[str, Any] = {}
         self._refuse_merging_kept(distributed)
         if self._merging(distributed):
@@ -546,26 +593,52 @@ class FisherCollector:
                 f"no usable sample for task {task!r}{where}{detail}: pass non-empty batches whose samples have "
                 "label tokens (labels != -100)"
             )
-        state = merged[task]
-        dtype = dtype or self.storage_dtype or self.accumulation_dtype
-        mean, var = {}, {}
-        for name, acc in state.accumulators.items():
-            # copies: the accumulators are updated in place by later batches
-            mean[name] = acc.mean_as(dtype, self.storage_device)
-            var[name] = acc.variance().to(device=self.storage_device, dtype=dtype)
-        samples = None
-        if state.rows is not None:
-            samples = {name: _concat_rows(state.rows[name], acc.shape, self.keep_dtype) for name, acc in state.accumulators.items()}
+        return merged[task], info
+
+    def _artifact(self, state: _TaskState, mean: dict, var: dict, metadata: FisherMetadata, samples: dict | None) -> Fisher:
         return Fisher(
             mean, var,
             reduction=self.reduction,
             groups=dict(self.groups),
             param_shapes=dict(self.param_shapes),
             counts=Counts(samples=state.samples, tokens=state.tokens, skipped=state.skipped, nonfinite=state.nonfinite),
-            metadata=self._metadata(task, model_name_or_path, data_description, dtype, {**info, **dict(extra or {})}, state),
+            metadata=metadata,
             layout=self.layout,
             sample_contributions=samples,
         )
+
+    def _samples(self, state: _TaskState) -> dict | None:
+        """The kept per-sample contributions of ``state`` (``keep_sample_contributions``), or None."""
+        if state.rows is None:
+            return None
+        return {name: _concat_rows(state.rows[name], acc.shape, self.keep_dtype) for name, acc in state.accumulators.items()}
+
+    def save_fisher(
+        self, task: str, save_directory, *, model_name_or_path: str | None = None, data_description: str | None = None,
+        extra: Mapping[str, Any] | None = None, dtype: torch.dtype | None = None, distributed: bool | None = None,
+        max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+    ):
+        """Write ``task``'s Fisher artifact straight from the accumulators, shard by shard; returns its path.
+
+        The same artifact as ``fisher(task, ...).save_pretrained(save_directory, max_shard_size=...)``
+        (same arguments, same files and values), without the in-memory :class:`Fisher`: each
+        tensor is converted from its accumulator (``mean_as`` / ``variance_as``) when its shard
+        is written, so besides the accumulators at most one shard of export tensors
+        (``max_shard_size``, or one larger tensor) is held at a time
+        (:meth:`Fisher.save_streaming`; atomic: the target holds the old artifact or the
+        complete new one). Under several ranks it is a collective like :meth:`fisher`; every
+        rank writes (give each its own folder, or call it with ``distributed=False``)."""
+        state, info = self._exported(task, distributed)
+        dtype = dtype or self.storage_dtype or self.accumulation_dtype
+        plan = {name: torch.empty(acc.shape, dtype=dtype, device="meta") for name, acc in state.accumulators.items()}
+        metadata = self._metadata(task, model_name_or_path, data_description, dtype, {**info, **dict(extra or {})}, state)
+        artifact = self._artifact(state, plan, dict(plan), metadata, self._samples(state))
+
+        def produce(kind: str, name: str) -> torch.Tensor:
+            acc = state.accumulators[name]
+            return acc.mean_as(dtype, "cpu") if kind == "mean" else acc.variance_as(dtype, "cpu")
+
+        return Fisher.save_streaming(artifact, save_directory, produce, max_shard_size=max_shard_size)
 
     def restore(self, task: str, fisher: Fisher) -> None:
         """Continue ``task`` from an artifact this collector (or one like it) wrote: the
@@ -589,6 +662,7 @@ class FisherCollector:
             if self.ema_decay is None:
                 acc[t.name] = Welford.from_state(
                     AccumulatorState(n, mean, var * max(0, n - 1)), dtype=self.accumulation_dtype, device=self.accumulation_device,
+                    store=self.store,
                 )
             else:
                 if not ema:
@@ -597,7 +671,7 @@ class FisherCollector:
                 denom = 1.0 - w2 / (w * w) if n > 1 else 1.0
                 acc[t.name] = EMA.from_state(
                     AccumulatorState(n, mean, var * denom * w, self.ema_decay, w, w2),
-                    dtype=self.accumulation_dtype, device=self.accumulation_device,
+                    dtype=self.accumulation_dtype, device=self.accumulation_device, store=self.store,
                 )
         rows = None
         if self.keep_dtype is not None:
@@ -638,11 +712,25 @@ class FisherCollector:
         )
 
     def close(self) -> None:
-        """Detach the capture hooks from the model and release the scratch buffers."""
+        """Detach the capture hooks from the model and release the scratch buffers; with
+        ``offload_dir``, remove the accumulators' files (their mappings stay readable until dropped)."""
         self.engine.capture.detach()
+        if self.store is not None:
+            self.store.close()
         if self._moments_sink is not None:
             self._moments_sink.workspace.clear()
             self._moments_sink.spare = {}
+
+
+def _export(acc, dtype: torch.dtype, device: torch.device, release: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(mean, unbiased variance)`` of one accumulator in ``dtype`` on ``device``: copies (the
+    accumulator goes on), or, with ``release`` and a Welford already in that dtype/device and in
+    memory, its own tensors (``M2 / (n − 1)`` in place; the accumulator must not be used again)."""
+    if release and isinstance(acc, Welford) and acc.store is None and acc.dtype == dtype and acc.device == torch.device(device):
+        state = acc.state()
+        m2 = state.m2.div_(state.count - 1) if state.count > 1 else state.m2.zero_()
+        return state.mean, m2
+    return acc.mean_as(dtype, device), acc.variance_as(dtype, device)
 
 
 def _concat_rows(chunks: list[torch.Tensor], shape: tuple, dtype: torch.dtype) -> torch.Tensor:

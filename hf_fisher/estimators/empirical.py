@@ -47,7 +47,7 @@ class EmpiricalEstimator:
         collector = FisherCollector(model, estimator=self.name, **self.options)
         try:
             collector.collect(batches, task, max_samples=max_samples, progress=progress)
-            return collector.fisher(task, model_name_or_path=model_name_or_path, data_description=data_description)
+            return collector.fisher(task, model_name_or_path=model_name_or_path, data_description=data_description, release=True)
         finally:
             collector.close()
 

@@ -211,7 +211,8 @@ class TrueFisherEstimator:
                 bar.close()
             extra = {"true_fisher": {"mc_samples": None if self.exact else self.mc_samples, "exact": self.exact,
                                      "temperature": self.temperature, "seed": self.seed}}
-            return collector.fisher(task, model_name_or_path=model_name_or_path, data_description=data_description, extra=extra)
+            return collector.fisher(task, model_name_or_path=model_name_or_path, data_description=data_description, extra=extra,
+                                    release=True)
         finally:
             collector.close()
 
