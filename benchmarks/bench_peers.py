@@ -410,6 +410,7 @@ def run_trainer(args, log) -> dict:
     def hf_dataset():
         import datasets
 
+        datasets.disable_progress_bars()
         rows = [data[i] for i in range(len(data))]
         return datasets.Dataset.from_dict({k: [r[k].tolist() for r in rows] for k in rows[0]}).with_format("torch")
 

@@ -54,7 +54,9 @@ benchmarks/.peers-venv (``python benchmarks/_peers_venv.py`` builds it; without 
 so). Time until the output is on disk (``os.sync()``), peak RSS above the RSS after every import
 (VmHWM after ``clear_refs``), its ratio to the largest tensor x 3 inputs (issue 23's bound is
 <= 2 x largest tensor x inputs), and max |hf_fisher ties - mergekit ties|. Merges always run on
-the CPU (they stream files), also with ``--device cuda``.
+the CPU (they stream files), also with ``--device cuda``. Disk: about 6 x the model's size in its
+dtype plus 2 float32 Fishers (the 1B config in float32: ~40 GB; the 8B config does not fit a
+64 GB disk: use ``--layers``); checked before anything is written.
 
 Peak memory. On CPU the high-water mark of the resident set only grows, so each method's peak is
 measured in a fresh process (the script re-invokes itself with ``--one METHOD``): the process
@@ -414,6 +416,15 @@ def run_merges(args, model) -> dict:
     import transformers
 
     transformers.utils.logging.disable_progress_bar()
+    # base + 2 fine-tunes in the model's dtype, 2 float32 Fishers, 3 merged outputs: refuse before writing
+    n = sum(p.numel() for p in model.parameters())
+    need = 6 * n * next(model.parameters()).element_size() + 2 * 4 * n
+    free = shutil.disk_usage(args.workdir or tempfile.gettempdir()).free
+    if free < need * 1.1:
+        msg = (f"not enough disk in {args.workdir or tempfile.gettempdir()}: the merge needs ~{need / 1e9:.1f} GB, "
+               f"{free / 1e9:.1f} GB free; pass --workdir on a larger disk or fewer --layers")
+        print(f"  merge: {msg}", flush=True)
+        return {"inputs": None, "rows": [{"method": "merge", "error": msg}], "ties_vs_mergekit": None}
     work = Path(tempfile.mkdtemp(prefix="bench-scale-merge-", dir=args.workdir))
     try:
         t0 = time.perf_counter()
@@ -588,7 +599,9 @@ def main(argv=None):
         tr = f"{row['time_ratio']:.2f}" + (" (of trainer-plain)" if row["baseline"] != "plain" else "") if row[
             "time_ratio"] else "-"
         print(f"| {row['method']} | {row['time_s']:.2f} | {tr} | {pk} | {mr} |")
-    if merges:
+    if merges and merges["inputs"] is None:
+        print(f"\nmerge: {merges['rows'][0]['error']}")
+    elif merges:
         inp = merges["inputs"]
         print()
         print(f"Two-model merge from safetensors ({inp['model_bytes'] / 1e9:.2f} GB per model, {inp['dtype']}, "
