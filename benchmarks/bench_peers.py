@@ -44,7 +44,7 @@ trainer  LLaMA of bench_trainer.py (B=16, T=64; quick: tiny), ``Trainer.train()`
          ``GradientCollectorCallback`` (default: projection 16, Adam normalisation) and its
          cheapest form (``use_optimizer_state=False``); median optimizer-step time, ratio to plain.
 kfac     LLaMA of bench_kfac.py (B=8, T=64): one plain gradient vs hf_fisher KFAC (projections;
-         and every linear), curvlinops ``KFACLinearOperator.compute_kronecker_factors`` (the same
+         and every linear; float32 factors, as the peers keep them), curvlinops ``KFACLinearOperator.compute_kronecker_factors`` (the same
          projections, empirical, expand) and kronfluence ``fit_covariance_matrices`` (the same
          projections). Agreement: each factor normalised by its Frobenius norm (the peers' scale
          conventions differ), max relative error against hf_fisher's.
@@ -568,8 +568,10 @@ def kronfluence_factors(model, ids, tmp: Path) -> dict:
     m = copy.deepcopy(model)
     task = LMTask()
     m = prepare_model(m, task)
+    import logging
+
     analyzer = Analyzer(analysis_name="bench", model=m, task=task, output_dir=str(tmp), disable_tqdm=True,
-                        disable_model_save=True, cpu=True)
+                        disable_model_save=True, cpu=True, log_level=logging.WARNING)
     class Rows(torch.utils.data.Dataset):
         def __len__(self):
             return ids.shape[0]
