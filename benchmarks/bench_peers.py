@@ -44,9 +44,10 @@ trainer  LLaMA of bench_trainer.py (B=16, T=64; quick: tiny), ``Trainer.train()`
          ``GradientCollectorCallback`` (default: projection 16, Adam normalisation) and its
          cheapest form (``use_optimizer_state=False``); median optimizer-step time, ratio to plain.
 kfac     LLaMA of bench_kfac.py (B=8, T=64): one plain gradient vs hf_fisher KFAC (projections;
-         and every linear; float32 factors, as the peers keep them), curvlinops ``KFACLinearOperator.compute_kronecker_factors`` (the same
-         projections, empirical, expand) and kronfluence ``fit_covariance_matrices`` (the same
-         projections). Agreement: each factor normalised by its Frobenius norm (the peers' scale
+         and every linear; float32 factors, as the peers keep them), curvlinops
+         ``KFACLinearOperator.compute_kronecker_factors`` (the same projections, empirical,
+         expand) and kronfluence ``fit_covariance_matrices`` (the same projections; it writes its
+         factors to disk, included). Agreement: each factor normalised by its Frobenius norm (the peers' scale
          conventions differ), max relative error against hf_fisher's.
 merge    a base LLaMA (~7M; quick: tiny) and two fine-tunes on disk, fresh process each:
          ``merge_with_fisher`` fisher and ties against mergekit's ties (same density 0.2, weights
