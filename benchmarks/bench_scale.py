@@ -4,6 +4,9 @@
     python benchmarks/bench_scale.py --model qwen2.5-0.5b --layers 2 --seq-len 2048 --modes group
     python benchmarks/bench_scale.py --model llama-3.2-1b --layers 1 --modes group
     python benchmarks/bench_scale.py --model llama-3-8b --device cuda --dtype bfloat16 --seq-len 2048
+    python benchmarks/bench_scale.py --model qwen2.5-0.5b --layers 2 --modes group,trainer,probe
+    python benchmarks/bench_scale.py --model llama-3.2-1b --modes merge --no-memory   # merges only
+    python benchmarks/bench_scale.py --model tiny --repeats 1 --modes group,param,kfac,trainer,probe,merge  # smoke
 
 The models are built from their real configurations (hidden size, heads, MLP channels,
 vocabulary, tied or untied embeddings, RoPE) with random weights: nothing is downloaded.
@@ -21,7 +24,39 @@ MODE-steady     a ``FisherCollector(model, reduction=MODE)`` fed batch 0 before 
                 first batch, with the checks), then ``update(batch r)``: time per update;
 MODE-oneshot    ``hf_fisher.collect(model, [batch r], reduction=MODE)``: a new collector each
                 time, every one-time cost (layout, graph analysis, first-batch checks) included;
-kfac-oneshot    ``hf_fisher.collect(model, [batch r], estimator="kfac")`` (``--modes`` with kfac).
+kfac-oneshot    ``hf_fisher.collect(model, [batch r], estimator="kfac")`` (``--modes`` with kfac);
+trainer-plain   ``Trainer.train()`` for ``--trainer-steps`` S optimizer steps (AdamW, learning rate 0
+                so every round sees the same weights; batches r, r+1, ... of the round): the
+                baseline of the trainer rows; the figure is the mean step time (``on_step_begin`` to
+                ``on_step_end``) of the round's S steps. The Trainer and its callbacks are built
+                once and run once before the rounds (so the callback's first-batch checks are
+                not in the rounds), then ``train()`` again each round;
+trainer-free    the same with ``FisherCallback()`` (training mode, group reduction: free, from the
+                Trainer's own backward) (``--modes`` with trainer);
+trainer-probe   the same with ``FisherCallback("probe", probe_data=[batch 0],
+                probe_every_n_steps=S)``: one probe per round, its cost spread over the S steps
+                (``--modes`` with probe).
+
+The trainer rows' ratios are to trainer-plain, the others' to plain. A method that raises (a
+refusal, e.g. of a dtype, or an error) is reported with its exception instead of figures and the
+others go on: nothing is skipped silently. Times are wall clock; the process CPU time is in the
+JSON too.
+
+Merge (``--modes`` with merge): the model (base), two fine-tunes (base + 0.01 N(0, 1) per
+tensor) and a parameter Fisher artifact of random positive values per fine-tune are saved as
+safetensors in ``--workdir`` (default the system temp folder; removed at the end); then, each in a
+fresh process, interleaved over ``--merge-repeats`` rounds: ``merge-fisher``
+(``merge_with_fisher([A, B], [F_A, F_B], method="fisher")``), ``merge-ties``
+(``merge_with_fisher([A, B], method="ties", base_model=base, density=0.2)``) and
+``mergekit-ties`` (mergekit's ``run_merge`` with the same TIES: weights 1, density 0.2,
+``normalize: true``, i.e. the disjoint mean; lazy unpickling, CPU), run by the Python of
+benchmarks/.peers-venv (``python benchmarks/_peers_venv.py`` builds it; without it the row says
+so). Time until the output is on disk (``os.sync()``), peak RSS above the RSS after every import
+(VmHWM after ``clear_refs``), its ratio to the largest tensor x 3 inputs (issue 23's bound is
+<= 2 x largest tensor x inputs), and max |hf_fisher ties - mergekit ties|. Merges always run on
+the CPU (they stream files), also with ``--device cuda``. Disk: about 6 x the model's size in its
+dtype plus 2 float32 Fishers (the 1B config in float32: ~40 GB; the 8B config does not fit a
+64 GB disk: use ``--layers``); checked before anything is written.
 
 Peak memory. On CPU the high-water mark of the resident set only grows, so each method's peak is
 measured in a fresh process (the script re-invokes itself with ``--one METHOD``): the process
@@ -33,30 +68,49 @@ the ratio to the plain step's is the ratio a user sees. (``ru_maxrss`` is only t
 reads high.) On CUDA: ``torch.cuda.max_memory_allocated()`` after
 ``reset_peak_memory_stats()``, in the same process, absolute.
 
-Printed: a table of times and peaks with their ratios to the plain step, and the machine (CPU
-model, cores, torch version, threads); ``--json OUT`` writes the same.
+Printed: a table of times and peaks with their ratios to the baseline, and the machine (CPU
+model, cores, RAM, GPU, torch and transformers versions, threads, date, commit); ``--json OUT``
+writes the same, the machine included. Unattended on a GPU box::
+
+    python benchmarks/bench_scale.py --model llama-3-8b --device cuda --dtype bfloat16 --seq-len 2048 \
+        --modes group,param,kfac,trainer --json scale-8b.json
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import resource
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # runs from a checkout without installing
-    sys.path.insert(0, str(REPO))
+for _p in (REPO, REPO / "benchmarks"):  # runs from a checkout without installing
+    if str(_p) not in sys.path:
+        sys.path.insert(0, str(_p))
+
+import _common
+import _peers_venv
 
 PRESETS = {
+    # not a real model: hidden 64, vocabulary 512, for smoke runs of the script itself
+    "tiny": dict(
+        kind="llama",
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=172,
+        vocab_size=512,
+        tie_word_embeddings=False,
+        max_position_embeddings=4096,
+    ),
     "qwen2.5-0.5b": dict(
         kind="qwen2",
         hidden_size=896,
@@ -141,20 +195,102 @@ def make_batches(args, vocab):
     return out
 
 
+MODES = ("group", "param", "kfac", "trainer", "probe", "merge")
+
+
 def methods(modes):
     out = ["plain"]
     for m in modes:
-        out += ["kfac-oneshot"] if m == "kfac" else [f"{m}-steady", f"{m}-oneshot"]
-    return out
+        if m == "kfac":
+            out += ["kfac-oneshot"]
+        elif m in ("group", "param"):
+            out += [f"{m}-steady", f"{m}-oneshot"]
+    trainer = [f"trainer-{k}" for k, m in (("free", "trainer"), ("probe", "probe")) if m in modes]
+    return out + (["trainer-plain"] + trainer if trainer else [])
+
+
+def baseline_of(method: str) -> str:
+    return "trainer-plain" if method.startswith("trainer-") else "plain"
+
+
+class _Rows(torch.utils.data.Dataset):
+    def __init__(self, rows):
+        self.rows = rows
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        return self.rows[i]
+
+
+def _clock():
+    from transformers import TrainerCallback
+
+    class Clock(TrainerCallback):
+        """Wall time of each optimizer step (last in the callback list: includes the others' on_step_end)."""
+
+        def __init__(self):
+            self.steps: list[float] = []
+
+        def on_step_begin(self, *args, **kwargs):
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, *args, **kwargs):
+            self.steps.append(time.perf_counter() - self.t0)
+
+    return Clock()
 
 
 class Runner:
-    """Runs one method on one batch; keeps the steady collectors between calls."""
+    """Runs one method on one batch; keeps the steady collectors and the Trainers between calls."""
 
-    def __init__(self, model, first_batch):
+    def __init__(self, model, batches, args):
         self.model = model
-        self.first = first_batch
+        self.batches = batches
+        self.first = batches[0]
+        self.args = args
         self.collectors = {}
+        self.trainers = {}
+        self.tmp = Path(tempfile.mkdtemp(prefix="bench-scale-trainer-"))
+
+    def close(self):
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def _rows(self, r: int):
+        """The round's S batches (r, r+1, ... cyclically) as dataset rows: the same for every trainer method."""
+        S, n = self.args.trainer_steps, len(self.batches)
+        rows = []
+        for k in range(S):
+            b = self.batches[(r + k) % n]
+            rows += [{key: v[i] for key, v in b.items()} for i in range(b["input_ids"].shape[0])]
+        return _Rows(rows)
+
+    def _trainer(self, method):
+        import logging
+
+        from transformers import PrinterCallback, Trainer, TrainingArguments, default_data_collator
+
+        import hf_fisher
+
+        logging.getLogger("transformers").setLevel(logging.ERROR)
+        S = self.args.trainer_steps
+        callbacks = []
+        if method == "trainer-free":
+            callbacks = [hf_fisher.FisherCallback(reduction="group", log_summary=False)]
+        elif method == "trainer-probe":
+            callbacks = [hf_fisher.FisherCallback("probe", probe_data=[self.first], probe_every_n_steps=S,
+                                                  log_summary=False)]
+        clock = _clock()
+        targs = TrainingArguments(
+            str(self.tmp / method), per_device_train_batch_size=self.args.batch, max_steps=S, learning_rate=0.0,
+            report_to=[], save_strategy="no", logging_strategy="no", use_cpu=self.args.device == "cpu",
+            disable_tqdm=True, seed=0, dataloader_pin_memory=False,
+        )
+        trainer = Trainer(model=self.model, args=targs, train_dataset=self._rows(0),
+                          data_collator=default_data_collator, callbacks=callbacks + [clock])
+        trainer.remove_callback(PrinterCallback)  # the end-of-train metrics line of every round
+        return trainer, clock
 
     def prepare(self, method):
         from hf_fisher.collection.collector import FisherCollector
@@ -163,8 +299,12 @@ class Runner:
             c = FisherCollector(self.model, reduction=method.split("-")[0])
             c.update(self.first)
             self.collectors[method] = c
+        elif method.startswith("trainer-"):
+            self.trainers[method] = self._trainer(method)
+            self.run(method, None, r=0)  # the callback's first batch (checks) and the Trainer's lazy set-up
 
-    def run(self, method, batch):
+    def run(self, method, batch, r: int = 1):
+        """Runs ``method``; returns the seconds to report for trainer methods (mean step time), else None."""
         import hf_fisher
 
         model = self.model
@@ -176,8 +316,19 @@ class Runner:
             self.collectors[method].update(batch)
         elif method == "kfac-oneshot":
             hf_fisher.collect(model, [batch], estimator="kfac", progress=False)
+        elif method.startswith("trainer-"):
+            trainer, clock = self.trainers[method]
+            trainer.train_dataset = self._rows(r)
+            clock.steps.clear()
+            try:
+                trainer.train()
+            finally:
+                model.eval()
+                model.zero_grad(set_to_none=True)
+            return sum(clock.steps) / len(clock.steps)
         else:
             hf_fisher.collect(model, [batch], reduction=method.split("-")[0], progress=False)
+        return None
 
 
 def sync(device):
@@ -185,43 +336,34 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def read_status(key):
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
+def _error(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}".strip().replace("\n", " ")[:300]
 
 
 def one(args):
     """--one METHOD: a fresh process measures the peak memory of one method; prints JSON."""
     model, _ = build_model(args)
     batches = make_batches(args, model.config.vocab_size)
-    runner = Runner(model, batches[0])
+    runner = Runner(model, batches, args)
     method = args.one
     reset_ok = False
-    if method.endswith("-steady"):
+    try:
         runner.prepare(method)
-    if args.device == "cuda":
+        if args.device == "cuda":
+            sync(args.device)
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            # reset the kernel's peak-RSS counter to the current RSS (model, batches, steady collector):
+            # ru_maxrss cannot be used alone, Linux carries the parent's high-water mark over fork+exec
+            reset_ok = _common.reset_peak()
+        runner.run(method, batches[1], r=1)
         sync(args.device)
-        torch.cuda.reset_peak_memory_stats()
-    else:
-        # reset the kernel's peak-RSS counter to the current RSS (model, batches, steady collector):
-        # ru_maxrss cannot be used alone, Linux carries the parent's high-water mark over fork+exec
-        try:
-            Path("/proc/self/clear_refs").write_text("5")
-            reset_ok = True
-        except OSError:
-            reset_ok = False
-    runner.run(method, batches[1])
-    sync(args.device)
-    if args.device == "cuda":
-        peak = torch.cuda.max_memory_allocated()
-    else:
-        hwm = read_status("VmHWM") if reset_ok else None
-        peak = hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    except Exception as exc:
+        print("RESULT " + json.dumps({"method": method, "error": _error(exc)}))
+        return
+    finally:
+        runner.close()
+    peak = torch.cuda.max_memory_allocated() if args.device == "cuda" else _common.peak_rss(reset_ok)
     print("RESULT " + json.dumps({"method": method, "peak_bytes": peak, "hwm_reset": reset_ok}))
 
 
@@ -245,6 +387,8 @@ def memory_in_subprocess(args, method):
         args.device,
         "--threads",
         str(args.threads),
+        "--trainer-steps",
+        str(args.trainer_steps),
     ]
     if args.layers is not None:
         cmd += ["--layers", str(args.layers)]
@@ -262,31 +406,69 @@ def memory_in_subprocess(args, method):
     }
 
 
-def machine(args):
-    cpu = platform.processor() or "?"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    info = {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "python": platform.python_version(),
-    }
-    try:
-        import transformers
+def run_merges(args, model) -> dict:
+    """The merge rows: fisher and ties (hf_fisher) and mergekit's ties on the same files, each in a
+    fresh process, ``--merge-repeats`` interleaved rounds; median time and peak."""
+    venv_py = _peers_venv.venv_python(Path(args.peers_venv))
+    st = _peers_venv.status(Path(args.peers_venv))
+    have_mergekit = venv_py.exists() and st.get("peers", {}).get("mergekit") == "ok"
+    variants = ["fisher", "ties"] + (["mergekit-ties"] if have_mergekit else [])
+    import transformers
 
-        info["transformers"] = transformers.__version__
-    except ImportError:
-        pass
-    if args.device == "cuda":
-        info["gpu"] = torch.cuda.get_device_name()
-    return info
+    transformers.utils.logging.disable_progress_bar()
+    # base + 2 fine-tunes in the model's dtype, 2 float32 Fishers, 3 merged outputs: refuse before writing
+    n = sum(p.numel() for p in model.parameters())
+    need = 6 * n * next(model.parameters()).element_size() + 2 * 4 * n
+    free = shutil.disk_usage(args.workdir or tempfile.gettempdir()).free
+    if free < need * 1.1:
+        msg = (f"not enough disk in {args.workdir or tempfile.gettempdir()}: the merge needs ~{need / 1e9:.1f} GB, "
+               f"{free / 1e9:.1f} GB free; pass --workdir on a larger disk or fewer --layers")
+        print(f"  merge: {msg}", flush=True)
+        return {"inputs": None, "rows": [{"method": "merge", "error": msg}], "ties_vs_mergekit": None}
+    work = Path(tempfile.mkdtemp(prefix="bench-scale-merge-", dir=args.workdir))
+    try:
+        t0 = time.perf_counter()
+        cpu_model = model.to("cpu") if args.device != "cpu" else model
+        info = _common.write_merge_inputs(work, cpu_model)
+        (work / "inputs.json").write_text(json.dumps(info))
+        print(f"  merge inputs: base + 2 fine-tunes of {info['model_bytes'] / 1e9:.2f} GB and 2 Fishers in {work} "
+              f"({time.perf_counter() - t0:.0f}s)", flush=True)
+        res = {v: [] for v in variants}
+        for r in range(args.merge_repeats):
+            for v in variants:
+                py = str(venv_py) if v.startswith("mergekit") else sys.executable
+                res[v].append(_common.run_merge_child(v, work, args.threads, python=py, timeout=args.timeout))
+                x = res[v][-1]
+                print(f"  merge round {r + 1}: {v} " + (f"{x['seconds']:.2f}s peak +{x['peak_above_baseline_bytes'] / 1e9:.2f} GB"
+                                                      if "error" not in x else x["error"]), flush=True)
+        agree = None
+        if have_mergekit and (work / "out-ties").is_dir() and (work / "out-mergekit-ties").is_dir():
+            agree = _common.compare_folders(work / "out-ties", work / "out-mergekit-ties")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    rows = []
+    for v in variants:
+        ok = [x for x in res[v] if "error" not in x]
+        errors = [x["error"] for x in res[v] if "error" in x]
+        row = {"method": "merge-" + v if not v.startswith("mergekit") else v, "runs": res[v]}
+        if ok:
+            row["time_s"] = statistics.median(x["seconds"] for x in ok)
+            row["peak_above_baseline_bytes"] = statistics.median(x["peak_above_baseline_bytes"] for x in ok)
+            row["peak_per_largest_tensor_x_inputs"] = row["peak_above_baseline_bytes"] / (3 * info["largest_tensor_bytes"])
+        if errors:
+            row["error"] = errors[0]
+        rows.append(row)
+    if not have_mergekit:
+        why = ("no peers venv at " + str(args.peers_venv) if not venv_py.exists()
+               else f"mergekit {st.get('peers', {}).get('mergekit', 'not recorded')}")
+        rows.append({"method": "mergekit-ties",
+                     "error": f"mergekit not installed ({why}): python benchmarks/_peers_venv.py builds it"})
+    base = next((r for r in rows if r["method"] == "mergekit-ties" and "time_s" in r), None)
+    for row in rows:
+        if base and "time_s" in row:
+            row["time_ratio"] = row["time_s"] / base["time_s"]
+            row["mem_ratio"] = row["peak_above_baseline_bytes"] / max(base["peak_above_baseline_bytes"], 1)
+    return {"inputs": info, "rows": rows, "ties_vs_mergekit": agree}
 
 
 def main(argv=None):
@@ -298,21 +480,27 @@ def main(argv=None):
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     p.add_argument("--repeats", type=int, default=3, help="timed rounds (median)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    p.add_argument("--modes", default="group,param", help="comma list of group, param, kfac")
+    p.add_argument("--modes", default="group,param", help="comma list of " + ", ".join(MODES))
+    p.add_argument("--trainer-steps", type=int, default=2, help="optimizer steps per trainer round (S)")
+    p.add_argument("--merge-repeats", type=int, default=1, help="rounds of the merge rows (median)")
+    p.add_argument("--workdir", default=None, help="where the merge's model files go (removed at the end)")
+    p.add_argument("--peers-venv", default=str(_peers_venv.DEFAULT_VENV), help="the venv with mergekit")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--no-memory", action="store_true", help="skip the peak memory measurement")
-    p.add_argument("--timeout", type=int, default=900, help="seconds allowed to each memory subprocess")
+    p.add_argument("--timeout", type=int, default=900, help="seconds allowed to each subprocess")
     p.add_argument("--json", help="write the results to this file")
     p.add_argument("--one", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: torch.cuda.is_available() is False on this machine")
     if args.one:
         return one(args)
 
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     for m in modes:
-        if m not in ("group", "param", "kfac"):
-            p.error(f"unknown mode {m!r}")
+        if m not in MODES:
+            p.error(f"unknown mode {m!r}; choose from {', '.join(MODES)}")
     names = methods(modes)
     model, attn = build_model(args)
     n_params = sum(t.numel() for t in model.parameters())
@@ -323,24 +511,42 @@ def main(argv=None):
         f"B={args.batch} T={args.seq_len} {args.dtype} {args.device}",
         flush=True,
     )
-    runner = Runner(model, batches[0])
+    runner = Runner(model, batches, args)
+    errors: dict[str, str] = {}
     runner.run("plain", batches[0])  # warm-up
     for name in names:
         t0 = time.perf_counter()
-        runner.prepare(name)
-        if name.endswith("-steady"):
-            print(f"  {name}: collector's first batch {time.perf_counter() - t0:.1f}s", flush=True)
+        try:
+            runner.prepare(name)
+        except Exception as exc:  # e.g. a dtype the method refuses: reported, the others go on
+            errors[name] = _error(exc)
+            print(f"  {name}: {errors[name]}", flush=True)
+            continue
+        if name.endswith("-steady") or name.startswith("trainer-"):
+            print(f"  {name}: first batch / first train() {time.perf_counter() - t0:.1f}s", flush=True)
+    live = [n for n in names if n not in errors]
     times = {n: [] for n in names}
+    cpu = {n: [] for n in names}
     for r in range(1, args.repeats + 1):
-        for name in names:
+        for name in list(live):
             sync(args.device)
-            t0 = time.perf_counter()
-            runner.run(name, batches[r])
+            t0, c0 = time.perf_counter(), time.process_time()
+            try:
+                reported = runner.run(name, batches[r], r=r)
+            except Exception as exc:
+                errors[name] = _error(exc)
+                live.remove(name)
+                print(f"  {name}: {errors[name]}", flush=True)
+                continue
             sync(args.device)
-            times[name].append(time.perf_counter() - t0)
-        print(f"  round {r}: " + ", ".join(f"{n} {times[n][-1]:.2f}s" for n in names), flush=True)
+            times[name].append(reported if reported is not None else time.perf_counter() - t0)
+            cpu[name].append(time.process_time() - c0)
+        print(f"  round {r}: " + ", ".join(f"{n} {times[n][-1]:.2f}s" for n in live), flush=True)
+    runner.close()
     del runner
-    med = {n: statistics.median(v) for n, v in times.items()}
+    med = {n: statistics.median(v) for n, v in times.items() if v}
+
+    merges = run_merges(args, model) if "merge" in modes else None
 
     mem = {}
     if not args.no_memory:
@@ -348,39 +554,75 @@ def main(argv=None):
             del model
             torch.cuda.empty_cache()
         for name in names:
+            if name in errors:
+                continue
             mem[name] = memory_in_subprocess(args, name)
             print(f"  memory {name}: {mem[name]}", flush=True)
 
-    info = machine(args)
-    base_t = med["plain"]
-    base_m = mem.get("plain", {}).get("peak_bytes")
+    info = _common.machine_info(args.device)
+    info["threads"] = args.threads
     rows = []
     for n in names:
+        base = baseline_of(n)
         pk = mem.get(n, {}).get("peak_bytes")
+        base_m = mem.get(base, {}).get("peak_bytes")
         rows.append(
             {
                 "method": n,
-                "time_s": med[n],
+                "baseline": base,
+                "time_s": med.get(n),
                 "times_s": times[n],
-                "time_ratio": med[n] / base_t,
+                "cpu_s": cpu[n],
+                "time_ratio": med[n] / med[base] if n in med and base in med else None,
                 "peak_bytes": pk,
                 "mem_ratio": (pk / base_m) if pk and base_m else None,
                 "mem_error": mem.get(n, {}).get("error"),
+                "error": errors.get(n),
             }
         )
     print()
-    print(f"machine: {info['cpu']}, {info['cores']} cores, torch {info['torch']}, {info['threads']} threads")
+    print(_common.machine_line(info))
     print(
         f"{args.model} ({n_layers} layers, "
         f"{n_params / 1e6:.1f}M params), B={args.batch}, T={args.seq_len}, {args.dtype}, {args.device}, "
-        f"median of {args.repeats}"
+        f"median of {args.repeats}" + (f"; trainer rows: mean step of {args.trainer_steps}" if any(
+            n.startswith("trainer-") for n in names) else "")
     )
-    print("| method | time (s) | x plain | peak memory (GB) | x plain |")
+    print("| method | time (s) | x baseline | peak memory (GB) | x baseline |")
     print("| --- | ---: | ---: | ---: | ---: |")
     for row in rows:
+        if row["error"]:
+            print(f"| {row['method']} | refused / failed: {row['error']} | | | |")
+            continue
         pk = f"{row['peak_bytes'] / 1e9:.2f}" if row["peak_bytes"] else (row["mem_error"] or "-")
         mr = f"{row['mem_ratio']:.2f}" if row["mem_ratio"] else "-"
-        print(f"| {row['method']} | {row['time_s']:.2f} | {row['time_ratio']:.2f} | {pk} | {mr} |")
+        tr = f"{row['time_ratio']:.2f}" + (" (of trainer-plain)" if row["baseline"] != "plain" else "") if row[
+            "time_ratio"] else "-"
+        print(f"| {row['method']} | {row['time_s']:.2f} | {tr} | {pk} | {mr} |")
+    if merges and merges["inputs"] is None:
+        print(f"\nmerge: {merges['rows'][0]['error']}")
+    elif merges:
+        inp = merges["inputs"]
+        print()
+        print(f"Two-model merge from safetensors ({inp['model_bytes'] / 1e9:.2f} GB per model, {inp['dtype']}, "
+              f"largest tensor {inp['largest_tensor_bytes'] / 1e6:.0f} MB), CPU, fresh process each, "
+              f"median of {args.merge_repeats}")
+        print("| merge | time (s) | x mergekit ties | peak above baseline (GB) | x mergekit ties | "
+              "/ (largest tensor x 3 inputs) |")
+        print("| --- | ---: | ---: | ---: | ---: | ---: |")
+        for row in merges["rows"]:
+            if "time_s" not in row:
+                print(f"| {row['method']} | {row.get('error')} | | | | |")
+                continue
+            tr = f"{row['time_ratio']:.2f}" if "time_ratio" in row else "-"
+            mr = f"{row['mem_ratio']:.2f}" if "mem_ratio" in row else "-"
+            print(f"| {row['method']} | {row['time_s']:.2f} | {tr} | {row['peak_above_baseline_bytes'] / 1e9:.3f} | {mr} "
+                  f"| {row['peak_per_largest_tensor_x_inputs']:.2f} |")
+        if merges["ties_vs_mergekit"]:
+            a = merges["ties_vs_mergekit"]
+            print(f"hf_fisher ties vs mergekit ties: {a['tensors']} tensors, max |diff| {a['max_abs']:.3g}, "
+                  f"max relative {a['max_rel']:.3g} (of the tensor's max), entries differing by > 1e-5 of it: "
+                  f"{a['entries_differing']} of {a['entries']}" + (f", only in one: {a['only_one_side']}" if a["only_one_side"] else ""))
     if args.json:
         out = {
             "config": {k: v for k, v in vars(args).items() if k != "one"},
@@ -388,6 +630,7 @@ def main(argv=None):
             "attn_implementation": attn,
             "machine": info,
             "results": rows,
+            "merge": merges,
         }
         Path(args.json).write_text(json.dumps(out, indent=2))
     return None
