@@ -19,7 +19,7 @@ from .. import plugins
 from ..artifacts.fisher import Counts, Fisher, FisherMetadata
 from ..engine.losses import task_type_of
 from ..engine.per_sample import BatchReport, ContributionSink, LossFn, PerSampleEngine, Target
-from ..errors import EmptyDataError, InvalidInputError, NoTrainableParametersError, regex_argument
+from ..errors import EmptyDataError, InvalidInputError, NoTrainableParametersError, UnsupportedError, regex_argument
 from ..estimators.base import REDUCTIONS, CollectOptions, check_keep_sample_contributions  # noqa: F401 (re-exported)
 from .stats import EMA, AccumulatorState, Welford, Workspace, make_accumulator, shifted_moments_
 
@@ -283,6 +283,33 @@ class FisherCollector:
             memory_budget_mb=memory_budget_mb, train_mode=train_mode, task_type=task_type, distributed=distributed,
             keep_sample_contributions=keep_sample_contributions,
         )
+        from .fsdp import FSDPSharding, is_fsdp, refuse_options
+
+        #: how this collector works on an FSDP2-sharded model (see hf_fisher.collection.fsdp); None otherwise
+        self._fsdp: FSDPSharding | None = None
+        if is_fsdp(model):
+            refuse_options(ema_decay=ema_decay, keep_sample_contributions=keep_sample_contributions, distributed=distributed)
+            self._fsdp = FSDPSharding(model)
+            with self._fsdp.unsharded():  # the engine works on the unsharded parameters FSDP2 computes with
+                self._build(model, reduction, normalization, task_type, accumulation_dtype, storage_dtype, storage_device,
+                            accumulation_device, ema_decay, train_mode, estimator, distributed, keep_sample_contributions,
+                            params, loss_fn, memory_budget_mb, on_nonfinite, verify)
+            self.engine.agree = self._fsdp.agree
+            if self.engine.loop_mode:
+                raise UnsupportedError(f"this FSDP2-sharded model needs the per-sample loop, which is not supported under FSDP2: {self.engine.loop_reason}")
+            self._fsdp.register_global_shapes(
+                {t.name: ((t.groups.num_groups,) if t.groups is not None else tuple(t.param.shape)) for t in self.engine.targets}
+            )
+        else:
+            self._build(model, reduction, normalization, task_type, accumulation_dtype, storage_dtype, storage_device,
+                        accumulation_device, ema_decay, train_mode, estimator, distributed, keep_sample_contributions,
+                        params, loss_fn, memory_budget_mb, on_nonfinite, verify)
+        self.tasks: dict[str, _TaskState] = {}
+        self._moments_sink: _MomentsSink | None = None
+
+    def _build(self, model, reduction, normalization, task_type, accumulation_dtype, storage_dtype, storage_device,
+               accumulation_device, ema_decay, train_mode, estimator, distributed, keep_sample_contributions,
+               params, loss_fn, memory_budget_mb, on_nonfinite, verify) -> None:
         named = select_parameters(model, params)
         if not named:
             raise NoTrainableParametersError(
@@ -313,8 +340,6 @@ class FisherCollector:
             model, targets, plugins.grad_rules(), task_type=self.task_type, normalization=normalization,
             loss_fn=loss_fn, memory_budget_mb=memory_budget_mb, on_nonfinite=on_nonfinite, verify=verify,
         )
-        self.tasks: dict[str, _TaskState] = {}
-        self._moments_sink: _MomentsSink | None = None
 
     @classmethod
     def for_estimator(cls, estimator: str, model: nn.Module, **options: Any) -> FisherCollector:
@@ -344,6 +369,8 @@ class FisherCollector:
         acc = {}
         for t in self.engine.targets:
             shape = (t.groups.num_groups,) if t.groups is not None else tuple(t.param.shape)
+            if self._fsdp is not None:  # this rank's rows only
+                shape = self._fsdp.local_shape(shape)
             acc[t.name] = make_accumulator(shape, ema_decay=self.ema_decay, dtype=self.accumulation_dtype, device=self.accumulation_device)
         return _TaskState(acc, rows={name: [] for name in acc} if self.keep_dtype is not None else None)
 
@@ -358,7 +385,10 @@ class FisherCollector:
     def _commit(self, sink: ContributionSink, state: _TaskState) -> None:
         """``sink.commit`` into ``state``, appending the batch's kept per-sample contributions."""
         kept = sink.take_kept() if state.rows is not None else {}
-        sink.commit(state.accumulators)
+        if self._fsdp is not None:  # a collective: the ranks' batch moments meet on each row block's owner
+            self._fsdp.commit(sink, state.accumulators, [t.name for t in self.engine.targets])
+        else:
+            sink.commit(state.accumulators)
         for name, chunks in kept.items():
             state.rows[name].extend(chunks)
 
@@ -386,6 +416,8 @@ class FisherCollector:
 
         local = self.tasks.get(task) or self._empty_state()
         counters = {k: getattr(local, k) for k in ("samples", "tokens", "skipped", "nonfinite", "batches")}
+        if self._fsdp is not None:
+            return _TaskState(self._fsdp.gather_accumulators(local.accumulators), **self._fsdp.sum_counters(counters))
         context = {
             "task": task, "reduction": self.reduction, "normalization": self.normalization, "estimator": self.estimator,
             "ema_decay": self.ema_decay, "accumulation_dtype": str(self.accumulation_dtype), "task_type": self.task_type,
@@ -496,6 +528,9 @@ class FisherCollector:
         state = self._task(task)
         bar = tqdm(total=max_samples, desc=f"Fisher[{task}]", unit="sample", disable=not progress)
         try:
+            if self._fsdp is not None:  # every rank runs every pass: the ranks stop together
+                self._fsdp.collect_in_step(self, batches, task, state, max_samples, bar)
+                return
             for batch in batches:
                 remaining = None if max_samples is None else max_samples - state.samples
                 if remaining is not None and remaining <= 0:

@@ -1,0 +1,283 @@
+"""Fisher collection on a model sharded with FSDP2 (``torch.distributed.fsdp.fully_shard``).
+
+Under FSDP2 a parameter lives between passes as a ``DTensor`` sharded over dim 0 (each rank
+holds a block of rows); during a module's forward and backward FSDP all-gathers it into an
+ordinary *unsharded* parameter, a leaf that autograd differentiates and that FSDP keeps (its
+storage is freed and refilled, the tensor object stays). The engine's capture hooks therefore see
+the whole parameter on every rank, and each rank computes the exact per-sample contributions
+``C_i = g_i ⊙ g_i`` of the whole parameter for **its own** samples.
+
+What each rank keeps is only the Fisher of a block of rows: the accumulator of a parameter (or
+of its groups, ``reduction="group"``) is split over its dim 0 as FSDP2 splits ``Shard(0)``
+(``torch.chunk``: blocks of ``c = ceil(d / K)`` rows, the last ones shorter or empty), so the
+accumulators of a rank hold about ``1/K`` of the whole. After every batch the ranks' batch
+moments meet on the owner of each block (one ``all_to_all`` per parameter, each rank sending
+each owner the rows it owns; transient memory: the moments of one parameter) and the owner
+merges them, in rank order, with Chan's formula::
+
+    n = n_a + n_s,  δ = μ_s − μ_a,  μ = μ_a + δ n_s / n,  M2 = M2_a + M2_s + δ² n_a n_s / n
+
+which is the state of one accumulator that saw every rank's samples of the batch: the result
+equals one process over the same samples up to float rounding.
+
+Every forward of an FSDP2 model is a collective, so every rank must run the same number of
+passes: the collector checks before each batch that every rank has one (a rank without a
+batch while another has one is refused on every rank at once), and the first-batch checks of
+the engine decide together (a check one rank needs runs on every rank). What cannot run in
+step on every rank is refused before any work: the per-sample loop fallback, EMA accumulators
+(order dependent), kept per-sample contributions and ``distributed=False``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from collections.abc import Iterator, Mapping
+
+import torch
+import torch.nn as nn
+
+from ..errors import DistributedMismatchError, InvalidInputError, UnsupportedError
+
+log = logging.getLogger(__name__)
+
+__all__ = ["FSDPSharding", "fsdp_modules", "is_fsdp", "row_range"]
+
+
+def fsdp_modules(model: nn.Module) -> list[nn.Module]:
+    """The modules of ``model`` wrapped by FSDP2's ``fully_shard`` (empty when none)."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover - torch without distributed
+        return []
+    return [m for m in model.modules() if isinstance(m, FSDPModule)]
+
+
+def is_fsdp(model: nn.Module) -> bool:
+    """True when some module of ``model`` is sharded with FSDP2 (``fully_shard``)."""
+    return bool(fsdp_modules(model))
+
+
+def row_range(rows: int, rank: int, world: int) -> tuple[int, int]:
+    """Rows ``[lo, hi)`` of dim 0 that ``rank`` of ``world`` owns, as FSDP2 shards ``Shard(0)``
+    (``torch.chunk``): blocks of ``c = ceil(rows / world)`` rows, ``lo = min(rank c, rows)``,
+    ``hi = min(lo + c, rows)`` (trailing ranks may own fewer rows or none)."""
+    c = math.ceil(rows / world) if rows else 0
+    lo = min(rank * c, rows)
+    return lo, min(lo + c, rows)
+
+
+class FSDPSharding:
+    """How a collector works on an FSDP2 model: the unsharded parameters, which rows of every
+    accumulator this rank owns, and the collectives that keep the ranks in step."""
+
+    def __init__(self, model: nn.Module, group=None):
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            raise InvalidInputError("the model is sharded with FSDP2 but torch.distributed is not initialised")
+        self.model = model
+        self.group = group
+        self.rank = dist.get_rank(group)
+        self.world = dist.get_world_size(group)
+        self.modules = fsdp_modules(model)
+        self._check_placements()
+
+    def _check_placements(self) -> None:
+        """FSDP2 parameters are DTensors on a 1-D mesh of this group's ranks (HSDP's 2-D mesh is
+        refused: its replicas would count their samples once per replica group)."""
+        for name, p in self.model.named_parameters():
+            mesh = getattr(p, "device_mesh", None)
+            if mesh is None:
+                continue
+            if mesh.ndim != 1 or mesh.size() != self.world:
+                raise UnsupportedError(
+                    f"parameter {name} is sharded over a device mesh of shape {tuple(mesh.shape)}; hf_fisher supports "
+                    f"FSDP2 over one 1-D mesh of all {self.world} ranks (fully_shard without HSDP)"
+                )
+
+    @contextlib.contextmanager
+    def unsharded(self) -> Iterator[None]:
+        """Every FSDP2 module unsharded (its parameters registered as the unsharded tensors the
+        forward and backward use) for the duration of the block; a collective."""
+        for m in self.modules:
+            m.unshard()
+        try:
+            yield
+        finally:
+            for m in self.modules:
+                m.reshard()
+
+    # ------------------------------------------------------------------ ownership
+    def local_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        """The shape of this rank's block of an accumulator of global ``shape``."""
+        if not shape:
+            raise UnsupportedError("a 0-d accumulator cannot be sharded over ranks")
+        lo, hi = row_range(shape[0], self.rank, self.world)
+        return (hi - lo, *shape[1:])
+
+    # ------------------------------------------------------------------ collectives
+    def _all_gather_ints(self, values: list[int]) -> list[list[int]]:
+        from .distributed import all_gather_tensor
+
+        t = torch.tensor(values, dtype=torch.int64)
+        return [x.tolist() for x in all_gather_tensor(t, self.group)]
+
+    def agree(self, flag: bool) -> bool:
+        """True on every rank when ``flag`` is true on any rank (a collective)."""
+        return any(v[0] for v in self._all_gather_ints([int(bool(flag))]))
+
+    def check_in_step(self, has_batch: bool, index: int) -> bool:
+        """Whether every rank has a next batch (False when none has); a rank without a batch
+        while another has one is refused on every rank (FSDP2 forwards are collectives)."""
+        flags = [v[0] for v in self._all_gather_ints([int(bool(has_batch))])]
+        if all(flags):
+            return True
+        if not any(flags):
+            return False
+        missing = [r for r, f in enumerate(flags) if not f]
+        raise DistributedMismatchError(
+            f"batch {index}: rank(s) {missing} have no batch while others do; under FSDP2 every forward is a "
+            "collective, so every rank must pass the same number of batches (split the data evenly, e.g. "
+            "with a DistributedSampler and drop_last=True)"
+        )
+
+    def commit(self, sink, accumulators: Mapping[str, object], names: list[str]) -> None:
+        """Merge this batch's moments of every rank into the owners' accumulators.
+
+        ``sink`` is the collector's moments sink holding this rank's batch moments of the whole
+        parameters; for each parameter (in ``names`` order, the same on every rank) every rank
+        sends each owner the rows it owns (``all_to_all_single``, blocks padded to ``c`` rows)
+        and the owner folds the ranks' ``(n_s, μ_s, M2_s)`` in rank order with Chan's formula."""
+        import torch.distributed as dist
+
+        local = {name: _local_moments(sink, name) for name in names}
+        counts = self._all_gather_ints([local[n][0] for n in names])
+        k = self.world
+        for j, name in enumerate(names):
+            ns = [counts[s][j] for s in range(k)]
+            if not any(ns):
+                continue
+            acc = accumulators[name]
+            n, mean, m2 = local[name]
+            shape = _global_shape(acc, self, name, mean)
+            rows = shape[0]
+            c = math.ceil(rows / k)
+            send = torch.zeros((k, 2, c, *shape[1:]), dtype=acc.dtype)
+            if n:
+                for d in range(k):
+                    lo, hi = row_range(rows, d, k)
+                    send[d, 0, : hi - lo] = mean[lo:hi]
+                    send[d, 1, : hi - lo] = m2[lo:hi]
+            recv = torch.empty_like(send)
+            dist.all_to_all_single(recv, send, group=self.group)
+            mine = acc.shape[0]
+            for s in range(k):
+                if ns[s]:
+                    acc.update_shifted_(ns[s], recv[s, 0, :mine], recv[s, 1, :mine])
+        sink.reset()
+
+    def register_global_shapes(self, shapes: Mapping[str, tuple[int, ...]]) -> None:
+        """The global (unsharded) shape of every accumulator, by name."""
+        self.global_shapes = dict(shapes)
+
+    def sum_counters(self, counters: Mapping[str, int]) -> dict[str, int]:
+        """``counters`` summed over ranks."""
+        keys = sorted(counters)
+        every = self._all_gather_ints([int(counters[k]) for k in keys])
+        return {k: sum(v[i] for v in every) for i, k in enumerate(keys)}
+
+    def gather_accumulators(self, accumulators: Mapping[str, object]) -> dict:
+        """Whole Welford accumulators (every rank's rows, ``all_gather``) on every rank: what
+        :meth:`FisherCollector.fisher` returns under FSDP2 (the whole Fisher on every rank; write
+        it without gathering with :meth:`FisherCollector.save_fisher`)."""
+        from .stats import AccumulatorState, Welford
+
+        out = {}
+        for name in sorted(accumulators):
+            acc = accumulators[name]
+            rows = self.global_shapes[name][0]
+            s = acc.state()
+            mean = self.gather_rows(s.mean, rows)
+            m2 = self.gather_rows(s.m2, rows)
+            out[name] = Welford.from_state(AccumulatorState(acc.count, mean, m2), dtype=acc.dtype, device=acc.device)
+        return out
+
+    def collect_in_step(self, collector, batches, task: str, state, max_samples: int | None, bar) -> None:
+        """:meth:`FisherCollector.collect` with the ranks in step: before each batch every rank
+        says whether it has one (see :meth:`check_in_step`) and whether it still wants samples;
+        the ranks stop together when none has a batch or none wants more (a rank that has
+        enough runs the others' passes with ``limit=0``, adding nothing)."""
+        it = iter(batches)
+        index = 0
+        while True:
+            batch = next(it, None)
+            if not self.check_in_step(batch is not None, index):
+                return
+            remaining = None if max_samples is None else max(0, max_samples - state.samples)
+            if not self.agree(remaining is None or remaining > 0):
+                return
+            report = collector.update(batch, task, limit=remaining)
+            bar.update(report.used)
+            index += 1
+
+    def gather_rows(self, block: torch.Tensor, rows: int, dst: int | None = None) -> torch.Tensor | None:
+        """The whole tensor of ``rows`` rows from every rank's ``block`` (a collective): on every
+        rank (``dst`` None, ``all_gather``) or on rank ``dst`` only (None elsewhere, ``gather``)."""
+        import torch.distributed as dist
+
+        k = self.world
+        c = math.ceil(rows / k)
+        padded = torch.zeros((c, *block.shape[1:]), dtype=block.dtype)
+        padded[: block.shape[0]] = block.detach().cpu()
+        if dst is None:
+            out = [torch.empty_like(padded) for _ in range(k)]
+            dist.all_gather(out, padded, group=self.group)
+        else:
+            out = [torch.empty_like(padded) for _ in range(k)] if self.rank == dst else None
+            dist.gather(padded, out, dst=dist.get_global_rank(self.group, dst) if self.group is not None else dst, group=self.group)
+            if out is None:
+                return None
+        return torch.cat([o[: hi - lo] for o, (lo, hi) in zip(out, (row_range(rows, r, k) for r in range(k)))])
+
+
+def _global_shape(acc, sharding: FSDPSharding, name: str, mean) -> tuple[int, ...]:
+    shapes = getattr(sharding, "global_shapes", None)
+    if shapes is not None and name in shapes:
+        return tuple(shapes[name])
+    return tuple(mean.shape)  # pragma: no cover - shapes are always registered
+
+
+def _local_moments(sink, name: str) -> tuple[int, torch.Tensor | None, torch.Tensor | None]:
+    """``(n, μ, M2)`` of ``name`` in this rank's batch (the moments sink's summary, converted to
+    float64), or ``(0, None, None)`` when the rank had no sample for it."""
+    if name in sink.batch:
+        w = sink.batch[name]
+        return w.count, w.mean.to(torch.float64), w.m2.to(torch.float64)
+    if name in sink.pending:
+        n, shift, m2, residual = sink.pending[name]
+        mean = shift.to(torch.float64)
+        if residual is not None:
+            mean = mean + residual.to(torch.float64) / n
+        return int(n), mean, m2.to(torch.float64)
+    return 0, None, None
+
+
+def refuse_options(*, ema_decay, keep_sample_contributions: bool, distributed, train_mode=None) -> None:
+    """What a collector cannot honour on an FSDP2 model, refused before any work."""
+    if ema_decay is not None:
+        raise UnsupportedError(
+            "ema_decay is not supported on an FSDP2-sharded model (an EMA depends on the order of the samples "
+            "across ranks); use the default Welford accumulation (ema_decay=None)"
+        )
+    if keep_sample_contributions:
+        raise UnsupportedError(
+            "keep_sample_contributions=True is not supported on an FSDP2-sharded model (the per-sample "
+            "contributions would be kept whole on every rank); collect without it"
+        )
+    if distributed is False:
+        raise UnsupportedError(
+            "distributed=False is not supported on an FSDP2-sharded model: each rank keeps only its rows of the "
+            "Fisher, which is the Fisher of every rank's samples; drop distributed=False"
+        )

@@ -1,0 +1,55 @@
+"""torchrun --nproc_per_node=2 fsdp_collect.py OUT: hf_fisher.collect and FisherCollector on a
+tiny LLaMA sharded with FSDP2 (fully_shard per decoder layer and at the root, gloo on CPU), each
+rank on its own share of the samples; writes what every rank got (tests/test_fsdp.py compares)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import common as C
+import torch
+import torch.distributed as dist
+from torch.distributed.fsdp import fully_shard
+
+import hf_fisher
+from hf_fisher.collection.collector import FisherCollector
+
+
+def sharded_llama(**kw):
+    model = C.tm.llama(torch.float64, **kw)
+    for layer in model.model.layers:
+        fully_shard(layer)
+    fully_shard(model)
+    return model
+
+
+def accumulator_numel(collector, task):
+    return sum(int(a.state().mean.numel()) + int(a.state().m2.numel()) for a in collector.tasks[task].accumulators.values())
+
+
+def main(out: Path) -> None:
+    dist.init_process_group("gloo")
+    rank, world = C.rank_and_world()
+    samples = C.make_samples()
+    mine = C.batches_of(samples)[rank::world]  # rank r: batches r, r + world, ...
+    # hf_fisher.collect (param) and a FisherCollector (group) on the sharded model
+    model = sharded_llama()
+    fisher = hf_fisher.collect(model, mine, progress=False)
+    C.write_fisher(out, f"fsdp_collect_param_r{rank}", fisher)
+    collector = FisherCollector(model, reduction="group")
+    collector.collect(mine, "g", progress=False)
+    C.write_fisher(out, f"fsdp_collect_group_r{rank}", collector.fisher("g"))
+    # accumulator memory of this rank against the whole
+    pc = FisherCollector(model)
+    pc.collect(mine[:1], "p", progress=False)
+    whole = sum(2 * int(torch.Size(s).numel()) for s in pc.param_shapes.values())
+    info = {"accumulator_numel": accumulator_numel(pc, "p"), "whole_numel": whole}
+    (out / f"fsdp_mem_r{rank}.json").write_text(json.dumps(info))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))
