@@ -602,6 +602,23 @@ class FisherCollector:
             sample_contributions=samples,
         )
 
+    def save_fisher(
+        self, save_directory, task: str = "default", *, model_name_or_path: str | None = None,
+        data_description: str | None = None, extra: Mapping[str, Any] | None = None, dtype: torch.dtype | None = None,
+    ):
+        """Write ``task``'s Fisher artifact to ``save_directory`` and return its path.
+
+        On an FSDP2-sharded model a collective that never gathers the whole Fisher on one rank:
+        every rank writes the parameters assigned to it into one sharded artifact with an index
+        (:func:`hf_fisher.collection.fsdp.save_sharded`); otherwise ``fisher(...).save_pretrained``."""
+        if self._fsdp is not None:
+            from .fsdp import save_sharded
+
+            return save_sharded(self, save_directory, task, model_name_or_path=model_name_or_path,
+                                data_description=data_description, extra=extra, dtype=dtype)
+        fisher = self.fisher(task, model_name_or_path=model_name_or_path, data_description=data_description, extra=extra, dtype=dtype)
+        return fisher.save_pretrained(save_directory)
+
     def restore(self, task: str, fisher: Fisher) -> None:
         """Continue ``task`` from an artifact this collector (or one like it) wrote: the
         accumulators are rebuilt from its mean, variance and counts (Welford: ``M2 = var (n-1)``;
@@ -609,7 +626,9 @@ class FisherCollector:
         artifact's dtype.
 
         Under several ranks, restore on one rank only (the trainer callback uses rank 0) and
-        start the others empty: a merge would otherwise count the restored samples once per rank."""
+        start the others empty: a merge would otherwise count the restored samples once per rank.
+        On an FSDP2-sharded model every rank restores, keeping the rows it owns (the sample,
+        token... counters on rank 0, since they are summed over ranks)."""
         if fisher.reduction != self.reduction or sorted(fisher.names()) != sorted(t.name for t in self.engine.targets):
             raise InvalidInputError(
                 f"cannot resume task {task!r} from this artifact: it holds a {fisher.reduction} Fisher of "
@@ -621,6 +640,8 @@ class FisherCollector:
         for t in self.engine.targets:
             mean = fisher[t.name].to(self.accumulation_dtype)
             var = fisher.variances[t.name].to(self.accumulation_dtype) if fisher.has_variance else torch.zeros_like(mean)
+            if self._fsdp is not None:  # FSDP2: every rank restores the rows it owns (and the whole count)
+                mean, var = self._fsdp.own_rows(mean), self._fsdp.own_rows(var)
             if self.ema_decay is None:
                 acc[t.name] = Welford.from_state(
                     AccumulatorState(n, mean, var * max(0, n - 1)), dtype=self.accumulation_dtype, device=self.accumulation_device,
@@ -643,6 +664,8 @@ class FisherCollector:
                 )
             rows = {t.name: [fisher.sample_contributions[t.name].to("cpu", self.keep_dtype, copy=True)] for t in self.engine.targets}
         c = fisher.counts
+        if self._fsdp is not None and self._fsdp.rank != 0:  # the counters are summed over ranks: rank 0 holds them
+            c = Counts(samples=0, tokens=0, skipped=0, nonfinite=0)
         self.tasks[task] = _TaskState(acc, samples=c.samples, tokens=c.tokens, skipped=c.skipped, nonfinite=c.nonfinite, rows=rows)
 
     def _metadata(self, task, model_name_or_path, data_description, storage_dtype, extra=None, state=None) -> FisherMetadata:

@@ -117,6 +117,11 @@ class FSDPSharding:
         lo, hi = row_range(shape[0], self.rank, self.world)
         return (hi - lo, *shape[1:])
 
+    def own_rows(self, whole: torch.Tensor) -> torch.Tensor:
+        """This rank's block of rows of a whole accumulator-shaped tensor (a copy)."""
+        lo, hi = row_range(whole.shape[0], self.rank, self.world)
+        return whole[lo:hi].clone()
+
     # ------------------------------------------------------------------ collectives
     def _all_gather_ints(self, values: list[int]) -> list[list[int]]:
         from .distributed import all_gather_tensor
@@ -281,3 +286,106 @@ def refuse_options(*, ema_decay, keep_sample_contributions: bool, distributed, t
             "distributed=False is not supported on an FSDP2-sharded model: each rank keeps only its rows of the "
             "Fisher, which is the Fisher of every rank's samples; drop distributed=False"
         )
+
+
+def save_sharded(collector, directory, task: str, *, model_name_or_path=None, data_description=None, extra=None,
+                 dtype: torch.dtype | None = None):
+    """Write ``task``'s Fisher as one sharded artifact without gathering it on one rank (a
+    collective; every rank must see ``directory``, e.g. one machine or a shared file system).
+
+    Parameters are assigned to ranks whole (greedily by size, in name order); each writer gathers
+    the row blocks of one tensor at a time (``gather``: transient memory one tensor) and writes
+    ``fisher-0000k-of-0000N.safetensors`` with the ``mean.<param>`` / ``variance.<param>`` keys of
+    :meth:`hf_fisher.Fisher.save_pretrained`; rank 0 writes ``fisher.safetensors.index.json``
+    and ``fisher_config.json``, so :meth:`hf_fisher.Fisher.from_pretrained` loads it as any
+    sharded artifact. Atomic as ``save_pretrained``: the files go to a temporary folder beside
+    the target (created by rank 0) that replaces it when every rank has written. No model card is
+    written (its summary needs the whole Fisher on one rank).
+
+    Returns the artifact's path on every rank."""
+    from types import SimpleNamespace
+
+    from safetensors.torch import save_file
+
+    from ..artifacts.atomic import atomic_folder, check_target
+    from ..artifacts.fisher import Counts, Fisher
+    from ..artifacts.format import CONFIG_NAME, FORMAT_VERSION, WEIGHTS_INDEX_NAME, is_artifact_file, write_json
+    from ..errors import EmptyDataError
+    from .distributed import _gather_bytes
+
+    sharding: FSDPSharding = collector._fsdp
+    state = collector._task(task)
+    counters = sharding.sum_counters({k: getattr(state, k) for k in ("samples", "tokens", "skipped", "nonfinite", "batches")})
+    if counters["samples"] == 0:
+        raise EmptyDataError(f"no usable sample for task {task!r} on any of the {sharding.world} ranks: nothing to save")
+    dtype = dtype or collector.storage_dtype or collector.accumulation_dtype
+    names = sorted(state.accumulators)
+    shapes = sharding.global_shapes
+    # whole tensors to writers, greedily by size
+    load = [0] * sharding.world
+    writer = {}
+    for name in sorted(names, key=lambda n: (-int(torch.Size(shapes[n]).numel()), n)):
+        w = min(range(sharding.world), key=lambda r: (load[r], r))
+        writer[name] = w
+        load[w] += int(torch.Size(shapes[name]).numel())
+    writers = sorted(set(writer.values()))
+    files = {w: f"fisher-{i + 1:05d}-of-{len(writers):05d}.safetensors" for i, w in enumerate(writers)}
+
+    ctx = atomic_folder(check_target(directory, allowed=is_artifact_file, what="Fisher artifact")) if sharding.rank == 0 else None
+    failed = b""
+    tmp = None
+    try:
+        if ctx is not None:
+            try:
+                tmp = ctx.__enter__()
+            except BaseException as e:  # tell the other ranks before raising
+                failed = str(e).encode() or b"error"
+                _gather_bytes(b"!" + failed, sharding.group)
+                raise
+        shared = _gather_bytes(str(tmp).encode() if tmp is not None else b"", sharding.group)[0]
+        if shared.startswith(b"!"):
+            raise InvalidInputError(f"rank 0 could not prepare {directory}: {shared[1:].decode()}")
+        tmp_path = shared.decode()
+        mine: dict[str, torch.Tensor] = {}
+        for name in names:
+            acc = state.accumulators[name]
+            rows = shapes[name][0]
+            for kind, block in (("mean", acc.mean_as(dtype, "cpu")), ("variance", acc.variance().to("cpu", dtype))):
+                whole = sharding.gather_rows(block, rows, dst=writer[name])
+                if whole is not None:
+                    mine[f"{kind}.{name}"] = whole.contiguous()
+        meta = {
+            "format": "pt", "task": str(task), "reduction": collector.reduction, "estimator": str(collector.estimator),
+            "hf_fisher_format_version": str(FORMAT_VERSION),
+        }
+        if sharding.rank in files:
+            save_file(mine, f"{tmp_path}/{files[sharding.rank]}", metadata=meta)
+        del mine
+        import torch.distributed as dist
+
+        dist.barrier(group=sharding.group)
+        if sharding.rank == 0:
+            from pathlib import Path
+
+            itemsize = torch.empty((), dtype=dtype).element_size()
+            weight_map = {f"{kind}.{n}": files[writer[n]] for n in names for kind in ("mean", "variance")}
+            total = 2 * itemsize * sum(int(torch.Size(shapes[n]).numel()) for n in names)
+            write_json(Path(tmp_path) / WEIGHTS_INDEX_NAME, {"metadata": {"total_size": total}, "weight_map": weight_map})
+            info = {"world_size": sharding.world, "fsdp": True, **dict(extra or {})}
+            view = SimpleNamespace(
+                reduction=collector.reduction, metadata=collector._metadata(task, model_name_or_path, data_description, dtype, info, None),
+                counts=Counts(samples=counters["samples"], tokens=counters["tokens"], skipped=counters["skipped"], nonfinite=counters["nonfinite"]),
+                param_shapes=dict(collector.param_shapes), groups=dict(collector.groups),
+                layout=collector.layout, _variance=True, sample_contributions=None, names=lambda: names,
+            )
+            write_json(Path(tmp_path) / CONFIG_NAME, Fisher._config(view, sorted(files.values()), True))
+            ctx.__exit__(None, None, None)
+            ctx = None
+        dist.barrier(group=sharding.group)
+    except BaseException as e:
+        if ctx is not None:
+            ctx.__exit__(type(e), e, e.__traceback__)
+        raise
+    from pathlib import Path
+
+    return Path(directory).absolute()

@@ -15,6 +15,7 @@ from torch.distributed.fsdp import fully_shard
 
 import hf_fisher
 from hf_fisher.collection.collector import FisherCollector
+from hf_fisher.errors import DistributedMismatchError, UnsupportedError
 
 
 def sharded_llama(**kw):
@@ -38,6 +39,17 @@ def main(out: Path) -> None:
     model = sharded_llama()
     fisher = hf_fisher.collect(model, mine, progress=False)
     C.write_fisher(out, f"fsdp_collect_param_r{rank}", fisher)
+    collector = FisherCollector(model)
+    collector.collect(mine, "s", progress=False)
+    collector.save_fisher(out / "fsdp_sharded", "s")  # every rank writes its share of one artifact
+    # resume: the first half, saved sharded, restored by a new collector, then the second half
+    first = FisherCollector(model)
+    first.collect(mine[:1], "s", progress=False)
+    first.save_fisher(out / "fsdp_checkpoint", "s")
+    resumed = FisherCollector(model)
+    resumed.restore("s", hf_fisher.Fisher.from_pretrained(out / "fsdp_checkpoint"))
+    resumed.collect(mine[1:], "s", progress=False)
+    C.write_fisher(out, f"fsdp_resume_r{rank}", resumed.fisher("s"))
     collector = FisherCollector(model, reduction="group")
     collector.collect(mine, "g", progress=False)
     C.write_fisher(out, f"fsdp_collect_group_r{rank}", collector.fisher("g"))
@@ -46,6 +58,17 @@ def main(out: Path) -> None:
     pc.collect(mine[:1], "p", progress=False)
     whole = sum(2 * int(torch.Size(s).numel()) for s in pc.param_shapes.values())
     info = {"accumulator_numel": accumulator_numel(pc, "p"), "whole_numel": whole}
+    # refusals, before any work: options that cannot be honoured, ranks out of step
+    for key, kw in (("ema", {"ema_decay": 0.9}), ("keep", {"reduction": "group", "keep_sample_contributions": True}),
+                    ("local", {"distributed": False})):
+        try:
+            FisherCollector(model, **kw)
+        except UnsupportedError as e:
+            info[f"refused_{key}"] = str(e)
+    try:
+        FisherCollector(model).collect(mine if rank == 0 else mine[:1], "x", progress=False)
+    except DistributedMismatchError as e:
+        info["refused_uneven"] = str(e)
     (out / f"fsdp_mem_r{rank}.json").write_text(json.dumps(info))
     dist.barrier()
     dist.destroy_process_group()
