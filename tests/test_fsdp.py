@@ -28,9 +28,9 @@ pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.slow]
 
 SCRIPTS = Path(__file__).resolve().parent / "distributed_scripts"
 sys.path.insert(0, str(SCRIPTS))
-import common as C  # noqa: E402
-
 from test_distributed import load, torchrun  # noqa: E402
+
+import common as C  # noqa: E402
 
 RTOL = 1e-6
 

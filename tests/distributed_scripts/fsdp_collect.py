@@ -8,7 +8,6 @@ import json
 import sys
 from pathlib import Path
 
-import common as C
 import torch
 import torch.distributed as dist
 from torch.distributed.fsdp import fully_shard
@@ -16,6 +15,8 @@ from torch.distributed.fsdp import fully_shard
 import hf_fisher
 from hf_fisher.collection.collector import FisherCollector
 from hf_fisher.errors import DistributedMismatchError, UnsupportedError
+
+import common as C
 
 
 def sharded_llama(**kw):
