@@ -113,3 +113,62 @@ def test_row_range_tiles_like_torch_chunk():
             blocks = [row_range(rows, r, world) for r in range(world)]
             assert [hi - lo for lo, hi in blocks][: len(chunks)] == [len(c) for c in chunks]
             assert sum(hi - lo for lo, hi in blocks) == rows
+
+
+# ------------------------------------------------------------------------------------ FisherCallback
+@pytest.fixture(scope="module")
+def callback_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("fsdp_cb")
+    torchrun("fsdp_callback.py", out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def free_reference():
+    """Training mode in one process: the same loop on the unsharded model, with the callback's
+    collector attached to its backward (the free path), and the engine's own pass."""
+    batches = C.batches_of(C.make_samples())
+    model = tm.llama(torch.float64)
+    model.train()
+    collector = FisherCollector(model, train_mode=True)
+    ext = collector.attach_training("train")
+    for b in batches:
+        model(**b).loss.backward()
+        ext.finish()
+        model.zero_grad()
+    ext.detach()
+    return collector.fisher("train"), hf_fisher.collect(model, batches, progress=False, train_mode=True)
+
+
+@pytest.mark.parametrize("tag", ["cb_train", "cb_resume"])
+@pytest.mark.parametrize("rank", [0, 1])
+def test_fsdp_callback_training_mode_equals_one_process(callback_run, free_reference, tag, rank):
+    free, own_pass = free_reference
+    got = load(callback_run, f"{tag}_r{rank}")
+    assert_equal_to(got.mean, got.var, got.counts, free)  # the same free path, unsharded: to float64 rounding
+    # and the engine's own pass over the same samples (the free path's loss-scale estimate rounds at ~1e-7)
+    for name in own_pass.names():
+        rel = float((got.mean[name] - own_pass[name]).norm() / own_pass[name].norm())
+        assert rel <= 1e-6, f"mean {name}: relative error {rel:.2e} against the engine's own pass"
+    info = json.loads((callback_run / f"cb_info_r{rank}.json").read_text())
+    assert info["fallback"] == 0
+    if tag == "cb_resume":  # rank 0 restored the counters of step 1 (both ranks: 2 batches of 2)
+        assert info["resume_restored"] == (4 if rank == 0 else 0) + 2
+
+
+def test_fsdp_callback_artifacts_sharded(callback_run, free_reference):
+    for folder in (callback_run / "run" / "checkpoint-1" / "fisher", callback_run / "run" / "fisher"):
+        assert (folder / "fisher.safetensors.index.json").is_file()
+    final = hf_fisher.Fisher.from_pretrained(callback_run / "run" / "fisher")
+    free, _ = free_reference
+    assert final.metadata.extra["world_size"] == 2 and final.counts.samples == free.counts.samples
+    for name in free.names():
+        R.assert_close(final[name], free[name], rtol=RTOL, what=f"mean {name}")
+    rows = json.loads((callback_run / "cb_info_r0.json").read_text())["accumulator_rows"]
+    assert rows["model.layers.0.self_attn.q_proj.weight"] == 16 and rows["lm_head.weight"] == 31  # of 32 and 61
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_fsdp_callback_probe_mode(callback_run, reference, rank):
+    got = load(callback_run, f"cb_probe_r{rank}")
+    assert_equal_to(got.mean, got.var, got.counts, reference["group"])

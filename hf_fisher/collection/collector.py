@@ -460,6 +460,9 @@ class FisherCollector:
             return None if max_samples is None else max(0, max_samples - state.samples)
 
         def done(micro):
+            if self._fsdp is not None and self._fsdp.agree(micro.failed is not None) and micro.failed is None:
+                # FSDP2: the extra pass is a collective, so every rank redoes its micro-batch with it
+                micro.failed = "another rank's micro-batch needs the engine's own pass (under FSDP2 every rank runs it)"
             if micro.failed is None:
                 self._commit(micro.sink, state)
                 self._record(state, micro.report)
@@ -469,7 +472,7 @@ class FisherCollector:
             self.fallback_reasons[micro.failed] = self.fallback_reasons.get(micro.failed, 0) + 1
             self.fallback_batches += 1
             limit = remaining()
-            if limit == 0:
+            if limit == 0 and self._fsdp is None:  # FSDP2: the pass runs on every rank, adding nothing here
                 return
             with ext.paused_capture(), preserved_rng(self.model):
                 self.update(micro.batch, task, limit=limit)
