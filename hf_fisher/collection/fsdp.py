@@ -389,3 +389,37 @@ def save_sharded(collector, directory, task: str, *, model_name_or_path=None, da
     from pathlib import Path
 
     return Path(directory).absolute()
+
+
+def restore_sharded(collector, task: str, folder) -> None:
+    """Continue ``task`` from the Fisher artifact in ``folder`` (e.g. a checkpoint written by
+    :func:`save_sharded`), every rank reading only what it owns: one tensor at a time through
+    :class:`~hf_fisher.artifacts.reader.FisherReader` (checked as ``from_pretrained`` checks it),
+    keeping its block of rows (Welford: ``M2 = var (n − 1)``); the counters go to rank 0, since
+    they are summed over ranks. Exact up to the artifact's dtype (the callback's checkpoints
+    keep the accumulation dtype)."""
+    from ..artifacts.reader import FisherReader
+    from .collector import _TaskState
+    from .stats import AccumulatorState, Welford
+
+    sharding: FSDPSharding = collector._fsdp
+    reader = FisherReader(folder)
+    names = sorted(t.name for t in collector.engine.targets)
+    if reader.reduction != collector.reduction or reader.names() != names:
+        raise InvalidInputError(
+            f"cannot resume task {task!r} from {folder}: it holds a {reader.reduction} Fisher of {len(reader.names())} "
+            f"parameters, this collector a {collector.reduction} Fisher of {len(names)}"
+        )
+    counts = reader.counts
+    n = counts.samples
+    dtype = collector.accumulation_dtype
+    acc = {}
+    for name in names:
+        mean = sharding.own_rows(reader.get(name, "mean").to(dtype))
+        var = sharding.own_rows(reader.get(name, "variance").to(dtype)) if reader.config["has_variance"] else torch.zeros_like(mean)
+        acc[name] = Welford.from_state(AccumulatorState(n, mean, var * max(0, n - 1)), dtype=dtype, device=collector.accumulation_device)
+    mine = counts if sharding.rank == 0 else None
+    collector.tasks[task] = _TaskState(
+        acc, samples=mine.samples if mine else 0, tokens=mine.tokens if mine else 0,
+        skipped=mine.skipped if mine else 0, nonfinite=mine.nonfinite if mine else 0,
+    )

@@ -35,7 +35,17 @@ counts every sample once. With ``ema_decay``, the merge keeps each sample's weig
 rank's EMA; a resumed EMA equals the uninterrupted one when every rank adds the same number of
 samples after the checkpoint (DDP with equal per-device batches whose samples all have label
 tokens), since rank 0's restored samples then decay exactly as they would have on their own
-ranks. FSDP and DeepSpeed are refused at train begin.
+ranks.
+
+FSDP2 (a model sharded with ``torch.distributed.fsdp.fully_shard``, or accelerate's
+``fsdp_version=2``; :mod:`hf_fisher.collection.fsdp`): each rank computes its own samples'
+contributions over the whole (unsharded) parameters during the Trainer's backward and keeps
+only its block of rows of the accumulators (about 1/K of the whole); every checkpoint and the
+final artifact are written by all ranks together as one sharded artifact, never gathered on
+one rank; on resume every rank reads back its own rows. :meth:`FisherCallback.fisher` and the
+logged summary gather the whole Fisher on every rank (a collective). ``ema_decay`` is refused
+under FSDP2. DeepSpeed and FSDP1 (or FSDP asked for while the model is not sharded with FSDP2
+at train begin, as accelerate does on CPU) are refused at train begin.
 """
 
 from __future__ import annotations
@@ -245,6 +255,12 @@ class FisherCallback(TrainerCallback):
         folder = Path(args.output_dir) / f"checkpoint-{state.global_step}" / self.output_subdir
         if not folder.is_dir():
             log.warning("hf_fisher: resuming at step %d without a Fisher state in %s: starting from zero", state.global_step, folder)
+            return
+        if sharded:  # every rank reads its own rows, one tensor at a time
+            from ..collection.fsdp import restore_sharded
+
+            restore_sharded(self.collector, self.task, folder)
+            log.info("hf_fisher: resumed this rank's rows of the Fisher accumulators from %s", folder)
             return
         from ..artifacts.fisher import Fisher
 
