@@ -91,6 +91,12 @@ def test_fsdp_sharded_artifact_loads_as_one(fsdp_run, reference, tmp_path):
     assert got.param_shapes == one.param_shapes and got.groups == one.groups
 
 
+def test_fsdp_sharded_save_refused_on_every_rank(fsdp_run):
+    for rank in (0, 1):
+        assert "not_an_artifact" in (fsdp_run / f"fsdp_refused_save_r{rank}.txt").read_text()
+    assert sorted(p.name for p in (fsdp_run / "not_an_artifact").iterdir()) == ["notes.txt"]
+
+
 @pytest.mark.parametrize("rank", [0, 1])
 def test_fsdp_resume_exact(fsdp_run, reference, rank):
     got = load(fsdp_run, f"fsdp_resume_r{rank}")

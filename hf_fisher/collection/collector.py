@@ -221,6 +221,16 @@ class FisherCollector:
     rank must call. ``distributed=None`` (default) merges when the group has more than one
     process, ``False`` keeps each rank's own Fisher, ``True`` requires an initialised group.
 
+    On a model sharded with FSDP2 (``torch.distributed.fsdp.fully_shard``) each rank computes
+    its own samples' contributions over the whole parameters (unsharded during the passes) and
+    keeps only its block of rows of every accumulator (dim 0 split as FSDP2 splits ``Shard(0)``:
+    about 1/K of the whole per rank); after each batch the ranks' batch moments are merged on
+    the owners exactly (:mod:`hf_fisher.collection.fsdp`). Every rank must then pass the same
+    number of batches (checked before each one); :meth:`save_fisher` writes one sharded artifact
+    from all ranks without gathering it, :meth:`fisher` gathers the whole Fisher on every rank.
+    Refused there, before any work: ``ema_decay``, ``keep_sample_contributions``,
+    ``distributed=False`` and a model that needs the per-sample loop.
+
     ``keep_sample_contributions=True`` (``reduction="group"`` only) also keeps every used
     sample's group contributions ``C_i,g = Σ_{j ∈ g} C_ij``, one ``[n, num_groups]`` tensor per
     parameter, in sample order (batches in the order given, samples within a batch in order),

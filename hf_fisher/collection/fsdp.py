@@ -331,20 +331,21 @@ def save_sharded(collector, directory, task: str, *, model_name_or_path=None, da
     writers = sorted(set(writer.values()))
     files = {w: f"fisher-{i + 1:05d}-of-{len(writers):05d}.safetensors" for i, w in enumerate(writers)}
 
-    ctx = atomic_folder(check_target(directory, allowed=is_artifact_file, what="Fisher artifact")) if sharding.rank == 0 else None
-    failed = b""
-    tmp = None
+    # rank 0 checks the target and opens the temporary folder; its path (or its refusal) goes to every rank
+    ctx, tmp, refusal = None, None, None
+    if sharding.rank == 0:
+        try:
+            ctx = atomic_folder(check_target(directory, allowed=is_artifact_file, what="Fisher artifact"))
+            tmp = ctx.__enter__()
+        except Exception as e:
+            refusal, ctx = e, None
+    message = (b"!" + (str(refusal) or type(refusal).__name__).encode()) if refusal is not None else str(tmp or "").encode()
+    shared = _gather_bytes(message, sharding.group)[0]
+    if refusal is not None:
+        raise refusal
+    if shared.startswith(b"!"):
+        raise InvalidInputError(f"cannot save the sharded Fisher artifact (refused on rank 0): {shared[1:].decode()}")
     try:
-        if ctx is not None:
-            try:
-                tmp = ctx.__enter__()
-            except BaseException as e:  # tell the other ranks before raising
-                failed = str(e).encode() or b"error"
-                _gather_bytes(b"!" + failed, sharding.group)
-                raise
-        shared = _gather_bytes(str(tmp).encode() if tmp is not None else b"", sharding.group)[0]
-        if shared.startswith(b"!"):
-            raise InvalidInputError(f"rank 0 could not prepare {directory}: {shared[1:].decode()}")
         tmp_path = shared.decode()
         mine: dict[str, torch.Tensor] = {}
         for name in names:

@@ -14,7 +14,7 @@ from torch.distributed.fsdp import fully_shard
 
 import hf_fisher
 from hf_fisher.collection.collector import FisherCollector
-from hf_fisher.errors import DistributedMismatchError, UnsupportedError
+from hf_fisher.errors import DistributedMismatchError, HfFisherError, UnsupportedError
 
 import common as C
 
@@ -43,6 +43,15 @@ def main(out: Path) -> None:
     collector = FisherCollector(model)
     collector.collect(mine, "s", progress=False)
     collector.save_fisher(out / "fsdp_sharded", "s")  # every rank writes its share of one artifact
+    foreign = out / "not_an_artifact"  # a folder with someone else's file: refused on every rank, nothing written
+    if rank == 0:
+        foreign.mkdir()
+        (foreign / "notes.txt").write_text("mine")
+    dist.barrier()
+    try:
+        collector.save_fisher(foreign, "s")
+    except HfFisherError as e:
+        (out / f"fsdp_refused_save_r{rank}.txt").write_text(str(e))
     # resume: the first half, saved sharded, restored by a new collector, then the second half
     first = FisherCollector(model)
     first.collect(mine[:1], "s", progress=False)
