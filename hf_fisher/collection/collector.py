@@ -574,6 +574,8 @@ class FisherCollector:
             seen = self.merged_state(task)
             merged = {task: seen}
             info["world_size"] = world_size()
+            if self._fsdp is not None:
+                info["fsdp"] = True
         else:
             from .distributed import is_distributed, rank
 

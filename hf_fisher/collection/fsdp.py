@@ -157,15 +157,15 @@ class FSDPSharding:
         and the owner folds the ranks' ``(n_s, μ_s, M2_s)`` in rank order with Chan's formula."""
         import torch.distributed as dist
 
-        local = {name: _local_moments(sink, name) for name in names}
-        counts = self._all_gather_ints([local[n][0] for n in names])
+        counts = self._all_gather_ints([_local_count(sink, n) for n in names])
         k = self.world
         for j, name in enumerate(names):
             ns = [counts[s][j] for s in range(k)]
             if not any(ns):
                 continue
             acc = accumulators[name]
-            n, mean, m2 = local[name]
+            n, mean, m2 = _local_moments(sink, name)
+            sink.pending.pop(name, None)  # this parameter's batch moments are freed once sent
             shape = _global_shape(acc, self, name, mean)
             rows = shape[0]
             c = math.ceil(rows / k)
@@ -252,6 +252,13 @@ def _global_shape(acc, sharding: FSDPSharding, name: str, mean) -> tuple[int, ..
     if shapes is not None and name in shapes:
         return tuple(shapes[name])
     return tuple(mean.shape)  # pragma: no cover - shapes are always registered
+
+
+def _local_count(sink, name: str) -> int:
+    """Samples of ``name`` in this rank's batch (0 when none)."""
+    if name in sink.batch:
+        return sink.batch[name].count
+    return int(sink.pending[name][0]) if name in sink.pending else 0
 
 
 def _local_moments(sink, name: str) -> tuple[int, torch.Tensor | None, torch.Tensor | None]:
