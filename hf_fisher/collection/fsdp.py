@@ -406,8 +406,9 @@ def restore_sharded(collector, task: str, folder) -> None:
     keeping its block of rows (Welford: ``M2 = var (n − 1)``); the counters go to rank 0, since
     they are summed over ranks. Exact up to the artifact's dtype (the callback's checkpoints
     keep the accumulation dtype)."""
+    import dataclasses
+
     from ..artifacts.reader import FisherReader
-    from .collector import _TaskState
     from .stats import AccumulatorState, Welford
 
     sharding: FSDPSharding = collector._fsdp
@@ -427,7 +428,7 @@ def restore_sharded(collector, task: str, folder) -> None:
         var = sharding.own_rows(reader.get(name, "variance").to(dtype)) if reader.config["has_variance"] else torch.zeros_like(mean)
         acc[name] = Welford.from_state(AccumulatorState(n, mean, var * max(0, n - 1)), dtype=dtype, device=collector.accumulation_device)
     mine = counts if sharding.rank == 0 else None
-    collector.tasks[task] = _TaskState(
-        acc, samples=mine.samples if mine else 0, tokens=mine.tokens if mine else 0,
+    collector.tasks[task] = dataclasses.replace(
+        collector._empty_state(), accumulators=acc, samples=mine.samples if mine else 0, tokens=mine.tokens if mine else 0,
         skipped=mine.skipped if mine else 0, nonfinite=mine.nonfinite if mine else 0,
     )
