@@ -67,6 +67,14 @@ def test_fsdp_collect_equals_one_process(fsdp_run, reference, reduction, rank):
     assert_equal_to(got.mean, got.var, got.counts, reference[reduction])
 
 
+@pytest.mark.parametrize("rank", [0, 1])
+def test_fsdp_max_samples_ranks_stay_in_step(fsdp_run, rank):
+    s = C.make_samples()
+    ref = hf_fisher.collect(tm.llama(torch.float64), [C.collate(s[0:2]), C.collate(s[4:5]), C.collate(s[5:6])], progress=False)
+    got = load(fsdp_run, f"fsdp_limited_r{rank}")
+    assert_equal_to(got.mean, got.var, got.counts, ref)
+
+
 def test_fsdp_accumulators_hold_own_rows(fsdp_run):
     whole = None
     total = 0

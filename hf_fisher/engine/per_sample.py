@@ -415,6 +415,8 @@ class PerSampleEngine:
             if self.agree is not None:  # sharded: every rank runs the check (an extra pass) or none
                 need_probe = self.agree(need_probe)
             probe = self._probe_sample(batch, losses.n_tokens, keep) if need_probe else None
+            if probe is None and need_probe and self.agree is not None:  # no used sample here (limit): any with labels
+                probe = self._probe_sample(batch, losses.n_tokens, [i for i, c in enumerate(losses.n_tokens.tolist()) if c > 0 and i not in exclude])
             self.begin_backward(keep, sink, shared, probe)
             weighted = losses.loss_sum * w.to(losses.loss_sum.dtype)
             loss = weighted.sum()

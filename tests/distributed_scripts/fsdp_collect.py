@@ -68,6 +68,11 @@ def main(out: Path) -> None:
     pc.collect(mine[:1], "p", progress=False)
     whole = sum(2 * int(torch.Size(s).numel()) for s in pc.param_shapes.values())
     info = {"accumulator_numel": accumulator_numel(pc, "p"), "whole_numel": whole}
+    # max_samples: rank 0 has its 2 samples after one batch and runs rank 1's passes with limit 0, while
+    # rank 1 (1 sample, then a right-padded batch: a padding kind it has not checked) still collects
+    s = samples
+    limited = [C.collate(s[0:2]), C.collate(s[2:4])] if rank == 0 else [C.collate(s[4:5]), C.collate(s[5:7])]
+    C.write_fisher(out, f"fsdp_limited_r{rank}", hf_fisher.collect(model, limited, max_samples=2, progress=False))
     # refusals, before any work: options that cannot be honoured, ranks out of step
     for key, kw in (("ema", {"ema_decay": 0.9}), ("keep", {"reduction": "group", "keep_sample_contributions": True}),
                     ("local", {"distributed": False})):
