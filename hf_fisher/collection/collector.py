@@ -21,7 +21,7 @@ from ..artifacts.fisher import Counts, Fisher, FisherMetadata
 from ..artifacts.format import DEFAULT_MAX_SHARD_SIZE
 from ..engine.losses import task_type_of
 from ..engine.per_sample import BatchReport, ContributionSink, LossFn, PerSampleEngine, Target
-from ..errors import EmptyDataError, InvalidInputError, NoTrainableParametersError, regex_argument
+from ..errors import EmptyDataError, InvalidInputError, NoTrainableParametersError, UnsupportedError, regex_argument
 from ..estimators.base import REDUCTIONS, CollectOptions, check_keep_sample_contributions  # noqa: F401 (re-exported)
 from .stats import EMA, AccumulatorState, MappedStore, Welford, Workspace, make_accumulator, shifted_moments_
 
@@ -231,6 +231,16 @@ class FisherCollector:
     rank must call. ``distributed=None`` (default) merges when the group has more than one
     process, ``False`` keeps each rank's own Fisher, ``True`` requires an initialised group.
 
+    On a model sharded with FSDP2 (``torch.distributed.fsdp.fully_shard``) each rank computes
+    its own samples' contributions over the whole parameters (unsharded during the passes) and
+    keeps only its block of rows of every accumulator (dim 0 split as FSDP2 splits ``Shard(0)``:
+    about 1/K of the whole per rank); after each batch the ranks' batch moments are merged on
+    the owners exactly (:mod:`hf_fisher.collection.fsdp`). Every rank must then pass the same
+    number of batches (checked before each one); :meth:`save_fisher` writes one sharded artifact
+    from all ranks without gathering it, :meth:`fisher` gathers the whole Fisher on every rank.
+    Refused there, before any work: ``ema_decay``, ``keep_sample_contributions``,
+    ``distributed=False`` and a model that needs the per-sample loop.
+
     ``keep_sample_contributions=True`` (``reduction="group"`` only) also keeps every used
     sample's group contributions ``C_i,g = Σ_{j ∈ g} C_ij``, one ``[n, num_groups]`` tensor per
     parameter, in sample order (batches in the order given, samples within a batch in order),
@@ -299,6 +309,35 @@ class FisherCollector:
                 f"offload_dir keeps the accumulators in memory-mapped files on the CPU; it cannot be combined with "
                 f"accumulation_device={str(accumulation_device)!r}: drop one of them"
             )
+        from .fsdp import FSDPSharding, is_fsdp, refuse_options
+
+        #: how this collector works on an FSDP2-sharded model (see hf_fisher.collection.fsdp); None otherwise
+        self._fsdp: FSDPSharding | None = None
+        if is_fsdp(model):
+            refuse_options(ema_decay=ema_decay, keep_sample_contributions=keep_sample_contributions, distributed=distributed)
+            self._fsdp = FSDPSharding(model)
+            with self._fsdp.unsharded():  # the engine works on the unsharded parameters FSDP2 computes with
+                self._build(model, reduction, normalization, task_type, accumulation_dtype, storage_dtype, storage_device,
+                            accumulation_device, ema_decay, train_mode, estimator, distributed, keep_sample_contributions,
+                            params, loss_fn, memory_budget_mb, on_nonfinite, verify)
+            self.engine.agree = self._fsdp.agree
+            if self.engine.loop_mode:
+                raise UnsupportedError(f"this FSDP2-sharded model needs the per-sample loop, which is not supported under FSDP2: {self.engine.loop_reason}")
+            self._fsdp.register_global_shapes(
+                {t.name: ((t.groups.num_groups,) if t.groups is not None else tuple(t.param.shape)) for t in self.engine.targets}
+            )
+        else:
+            self._build(model, reduction, normalization, task_type, accumulation_dtype, storage_dtype, storage_device,
+                        accumulation_device, ema_decay, train_mode, estimator, distributed, keep_sample_contributions,
+                        params, loss_fn, memory_budget_mb, on_nonfinite, verify)
+        self.tasks: dict[str, _TaskState] = {}
+        self._moments_sink: _MomentsSink | None = None
+        #: the memory-mapped files of the accumulators (``offload_dir``), or None (in memory)
+        self.store = MappedStore(offload_dir) if offload_dir is not None else None
+
+    def _build(self, model, reduction, normalization, task_type, accumulation_dtype, storage_dtype, storage_device,
+               accumulation_device, ema_decay, train_mode, estimator, distributed, keep_sample_contributions,
+               params, loss_fn, memory_budget_mb, on_nonfinite, verify) -> None:
         named = select_parameters(model, params)
         if not named:
             raise NoTrainableParametersError(
@@ -329,10 +368,6 @@ class FisherCollector:
             model, targets, plugins.grad_rules(), task_type=self.task_type, normalization=normalization,
             loss_fn=loss_fn, memory_budget_mb=memory_budget_mb, on_nonfinite=on_nonfinite, verify=verify,
         )
-        self.tasks: dict[str, _TaskState] = {}
-        self._moments_sink: _MomentsSink | None = None
-        #: the memory-mapped files of the accumulators (``offload_dir``), or None (in memory)
-        self.store = MappedStore(offload_dir) if offload_dir is not None else None
 
     @classmethod
     def for_estimator(cls, estimator: str, model: nn.Module, **options: Any) -> FisherCollector:
@@ -362,6 +397,8 @@ class FisherCollector:
         acc = {}
         for t in self.engine.targets:
             shape = (t.groups.num_groups,) if t.groups is not None else tuple(t.param.shape)
+            if self._fsdp is not None:  # this rank's rows only
+                shape = self._fsdp.local_shape(shape)
             acc[t.name] = make_accumulator(
                 shape, ema_decay=self.ema_decay, dtype=self.accumulation_dtype, device=self.accumulation_device, store=self.store,
             )
@@ -378,7 +415,10 @@ class FisherCollector:
     def _commit(self, sink: ContributionSink, state: _TaskState) -> None:
         """``sink.commit`` into ``state``, appending the batch's kept per-sample contributions."""
         kept = sink.take_kept() if state.rows is not None else {}
-        sink.commit(state.accumulators)
+        if self._fsdp is not None:  # a collective: the ranks' batch moments meet on each row block's owner
+            self._fsdp.commit(sink, state.accumulators, [t.name for t in self.engine.targets])
+        else:
+            sink.commit(state.accumulators)
         for name, chunks in kept.items():
             state.rows[name].extend(chunks)
 
@@ -406,6 +446,8 @@ class FisherCollector:
 
         local = self.tasks.get(task) or self._empty_state()
         counters = {k: getattr(local, k) for k in ("samples", "tokens", "skipped", "nonfinite", "batches")}
+        if self._fsdp is not None:
+            return _TaskState(self._fsdp.gather_accumulators(local.accumulators), **self._fsdp.sum_counters(counters))
         context = {
             "task": task, "reduction": self.reduction, "normalization": self.normalization, "estimator": self.estimator,
             "ema_decay": self.ema_decay, "accumulation_dtype": str(self.accumulation_dtype), "task_type": self.task_type,
@@ -448,6 +490,9 @@ class FisherCollector:
             return None if max_samples is None else max(0, max_samples - state.samples)
 
         def done(micro):
+            if self._fsdp is not None and self._fsdp.agree(micro.failed is not None) and micro.failed is None:
+                # FSDP2: the extra pass is a collective, so every rank redoes its micro-batch with it
+                micro.failed = "another rank's micro-batch needs the engine's own pass (under FSDP2 every rank runs it)"
             if micro.failed is None:
                 self._commit(micro.sink, state)
                 self._record(state, micro.report)
@@ -457,7 +502,7 @@ class FisherCollector:
             self.fallback_reasons[micro.failed] = self.fallback_reasons.get(micro.failed, 0) + 1
             self.fallback_batches += 1
             limit = remaining()
-            if limit == 0:
+            if limit == 0 and self._fsdp is None:  # FSDP2: the pass runs on every rank, adding nothing here
                 return
             with ext.paused_capture(), preserved_rng(self.model):
                 self.update(micro.batch, task, limit=limit)
@@ -516,6 +561,9 @@ class FisherCollector:
         state = self._task(task)
         bar = tqdm(total=max_samples, desc=f"Fisher[{task}]", unit="sample", disable=not progress)
         try:
+            if self._fsdp is not None:  # every rank runs every pass: the ranks stop together
+                self._fsdp.collect_in_step(self, batches, task, state, max_samples, bar)
+                return
             for batch in batches:
                 remaining = None if max_samples is None else max_samples - state.samples
                 if remaining is not None and remaining <= 0:
@@ -573,6 +621,8 @@ class FisherCollector:
             seen = self.merged_state(task)
             merged = {task: seen}
             info["world_size"] = world_size()
+            if self._fsdp is not None:
+                info["fsdp"] = True
         else:
             from .distributed import is_distributed, rank
 
@@ -627,7 +677,17 @@ class FisherCollector:
         (``max_shard_size``, or one larger tensor) is held at a time
         (:meth:`Fisher.save_streaming`; atomic: the target holds the old artifact or the
         complete new one). Under several ranks it is a collective like :meth:`fisher`; every
-        rank writes (give each its own folder, or call it with ``distributed=False``)."""
+        rank writes (give each its own folder, or call it with ``distributed=False``).
+
+        On an FSDP2-sharded model a collective that never gathers the whole Fisher on one rank:
+        every rank writes the parameters assigned to it into one sharded artifact with an index
+        (:func:`hf_fisher.collection.fsdp.save_sharded`; ``max_shard_size`` does not apply, one
+        file per writing rank)."""
+        if self._fsdp is not None:
+            from .fsdp import save_sharded
+
+            return save_sharded(self, save_directory, task, model_name_or_path=model_name_or_path,
+                                data_description=data_description, extra=extra, dtype=dtype)
         state, info = self._exported(task, distributed)
         dtype = dtype or self.storage_dtype or self.accumulation_dtype
         plan = {name: torch.empty(acc.shape, dtype=dtype, device="meta") for name, acc in state.accumulators.items()}
@@ -647,7 +707,9 @@ class FisherCollector:
         artifact's dtype.
 
         Under several ranks, restore on one rank only (the trainer callback uses rank 0) and
-        start the others empty: a merge would otherwise count the restored samples once per rank."""
+        start the others empty: a merge would otherwise count the restored samples once per rank.
+        On an FSDP2-sharded model every rank restores, keeping the rows it owns (the sample,
+        token... counters on rank 0, since they are summed over ranks)."""
         if fisher.reduction != self.reduction or sorted(fisher.names()) != sorted(t.name for t in self.engine.targets):
             raise InvalidInputError(
                 f"cannot resume task {task!r} from this artifact: it holds a {fisher.reduction} Fisher of "
@@ -659,6 +721,8 @@ class FisherCollector:
         for t in self.engine.targets:
             mean = fisher[t.name].to(self.accumulation_dtype)
             var = fisher.variances[t.name].to(self.accumulation_dtype) if fisher.has_variance else torch.zeros_like(mean)
+            if self._fsdp is not None:  # FSDP2: every rank restores the rows it owns (and the whole count)
+                mean, var = self._fsdp.own_rows(mean), self._fsdp.own_rows(var)
             if self.ema_decay is None:
                 acc[t.name] = Welford.from_state(
                     AccumulatorState(n, mean, var * max(0, n - 1)), dtype=self.accumulation_dtype, device=self.accumulation_device,
@@ -682,6 +746,8 @@ class FisherCollector:
                 )
             rows = {t.name: [fisher.sample_contributions[t.name].to("cpu", self.keep_dtype, copy=True)] for t in self.engine.targets}
         c = fisher.counts
+        if self._fsdp is not None and self._fsdp.rank != 0:  # the counters are summed over ranks: rank 0 holds them
+            c = Counts(samples=0, tokens=0, skipped=0, nonfinite=0)
         self.tasks[task] = _TaskState(acc, samples=c.samples, tokens=c.tokens, skipped=c.skipped, nonfinite=c.nonfinite, rows=rows)
 
     def _metadata(self, task, model_name_or_path, data_description, storage_dtype, extra=None, state=None) -> FisherMetadata:

@@ -208,6 +208,11 @@ class PerSampleEngine:
         self._totals: dict = {}
         self._rounding: dict = {}  # id(param) -> rounding scale of its first-batch total, see check_totals
         self._verify_probes: dict = {}  # (last dim, dtype, device) -> directions, see _verify_probe
+        #: set by a sharded (FSDP2) collector: ``agree(flag)`` is True on every rank when ``flag`` is
+        #: on any rank (a collective), so the first-batch checks, which run extra passes, decide
+        #: together; None in one process. With it, the per-sample loop (whose passes differ
+        #: between ranks) is refused instead of taken.
+        self.agree: Callable[[bool], bool] | None = None
         if _checkpointing(model):
             self._switch_to_loop("gradient checkpointing is enabled: recomputed forwards cannot be captured")
 
@@ -406,7 +411,12 @@ class PerSampleEngine:
             shared = self._shared_calls(calls)
             verify = self.verify_next
             padding = _padding_kind(batch)
-            probe = self._probe_sample(batch, losses.n_tokens, keep) if (verify or padding not in self.padding_checked) else None
+            need_probe = verify or padding not in self.padding_checked
+            if self.agree is not None:  # sharded: every rank runs the check (an extra pass) or none
+                need_probe = self.agree(need_probe)
+            probe = self._probe_sample(batch, losses.n_tokens, keep) if need_probe else None
+            if probe is None and need_probe and self.agree is not None:  # no used sample here (limit): any with labels
+                probe = self._probe_sample(batch, losses.n_tokens, [i for i, c in enumerate(losses.n_tokens.tolist()) if c > 0 and i not in exclude])
             self.begin_backward(keep, sink, shared, probe)
             weighted = losses.loss_sum * w.to(losses.loss_sum.dtype)
             loss = weighted.sum()
@@ -717,6 +727,8 @@ class PerSampleEngine:
         the hook-path parameters that fail all move to the vector-Jacobian path at once (loudly,
         recorded) and the batch is redone."""
         bad, ref = self._failing_totals(grads)
+        if self.agree is not None and self.agree(bool(bad)) and not bad:
+            raise _Redo()  # sharded: another rank redoes the batch, so every rank does
         if not bad:
             return
         for pid, rel in bad:
@@ -782,6 +794,11 @@ class PerSampleEngine:
         )
 
     def _switch_to_loop(self, reason: str) -> None:
+        if self.agree is not None:
+            raise UnsupportedError(
+                f"the per-sample loop is not supported on an FSDP2-sharded model (its passes would differ between "
+                f"ranks), and this model needs it: {reason}"
+            )
         if not self.loop_mode:
             log.warning("hf_fisher: falling back to a per-sample loop (one forward/backward per sample; exact but slow): %s", reason)
         self.loop_mode = True

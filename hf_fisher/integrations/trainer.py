@@ -35,7 +35,17 @@ counts every sample once. With ``ema_decay``, the merge keeps each sample's weig
 rank's EMA; a resumed EMA equals the uninterrupted one when every rank adds the same number of
 samples after the checkpoint (DDP with equal per-device batches whose samples all have label
 tokens), since rank 0's restored samples then decay exactly as they would have on their own
-ranks. FSDP and DeepSpeed are refused at train begin.
+ranks.
+
+FSDP2 (a model sharded with ``torch.distributed.fsdp.fully_shard``, or accelerate's
+``fsdp_version=2``; :mod:`hf_fisher.collection.fsdp`): each rank computes its own samples'
+contributions over the whole (unsharded) parameters during the Trainer's backward and keeps
+only its block of rows of the accumulators (about 1/K of the whole); every checkpoint and the
+final artifact are written by all ranks together as one sharded artifact, never gathered on
+one rank; on resume every rank reads back its own rows. :meth:`FisherCallback.fisher` and the
+logged summary gather the whole Fisher on every rank (a collective). ``ema_decay`` is refused
+under FSDP2. DeepSpeed and FSDP1 (or FSDP asked for while the model is not sharded with FSDP2
+at train begin, as accelerate does on CPU) are refused at train begin.
 """
 
 from __future__ import annotations
@@ -187,6 +197,23 @@ class FisherCallback(TrainerCallback):
             training.update(extra_pass_batches=sum(reasons.values()), extra_pass_reasons=dict(reasons))
         return self.collector.fisher(self.task, model_name_or_path=self._model_name, extra={"training": training}, dtype=dtype)
 
+    def _sharded(self) -> bool:
+        """Training mode on an FSDP2-sharded model: each rank holds its rows of the Fisher, which
+        are written as one sharded artifact by every rank (never gathered for a save)."""
+        return self.mode == "training" and self.collector is not None and self.collector._fsdp is not None
+
+    def _save_sharded(self, folder: Path, dtype=None):
+        """Every rank writes its share of the training-mode Fisher to ``folder`` (a collective);
+        None when no rank has a sample yet."""
+        if self._external is not None:
+            self._external.finish()
+        training = dict(self._args_summary)
+        try:
+            return self.collector.save_fisher(self.task, folder, model_name_or_path=self._model_name,
+                                              extra={"training": training}, dtype=dtype)
+        except EmptyDataError:
+            return None
+
     # ------------------------------------------------------------------ set-up
     def _make_collector(self, model, *, train_mode: bool):
         from ..collection.collector import FisherCollector
@@ -221,12 +248,19 @@ class FisherCallback(TrainerCallback):
             return
         from ..collection.distributed import is_distributed
 
-        if is_distributed() and _global_rank(args) != 0:
+        sharded = self.collector._fsdp is not None  # FSDP2: every rank restores its own rows
+        if is_distributed() and _global_rank(args) != 0 and not sharded:
             log.info("hf_fisher: resuming at step %d: rank 0 restores the merged Fisher state, this rank starts empty", state.global_step)
             return
         folder = Path(args.output_dir) / f"checkpoint-{state.global_step}" / self.output_subdir
         if not folder.is_dir():
             log.warning("hf_fisher: resuming at step %d without a Fisher state in %s: starting from zero", state.global_step, folder)
+            return
+        if sharded:  # every rank reads its own rows, one tensor at a time
+            from ..collection.fsdp import restore_sharded
+
+            restore_sharded(self.collector, self.task, folder)
+            log.info("hf_fisher: resumed this rank's rows of the Fisher accumulators from %s", folder)
             return
         from ..artifacts.fisher import Fisher
 
@@ -255,7 +289,9 @@ class FisherCallback(TrainerCallback):
         # every rank takes part in the merge (a collective), in the same order; only the saver writes
         folder = Path(args.output_dir) / f"checkpoint-{state.global_step}" / self.output_subdir
         fisher = None
-        if self.mode == "training" and self.collector is not None:
+        if self._sharded():  # FSDP2: every rank writes its rows, in the accumulation dtype (exact resume)
+            self._save_sharded(folder, dtype=self.collector.accumulation_dtype)
+        elif self.mode == "training" and self.collector is not None:
             try:
                 # the accumulation dtype, so that resuming is exact
                 fisher = self._collected(dtype=self.collector.accumulation_dtype)
@@ -285,6 +321,11 @@ class FisherCallback(TrainerCallback):
         if self._external is not None:
             self._external.detach()
             self._external = None
+        if self._sharded():  # FSDP2: written by every rank without gathering; fisher() stays a collective
+            folder = self._save_sharded(Path(args.output_dir) / self.output_subdir)
+            if folder is not None and _is_main_process(args) and getattr(args, "push_to_hub", False):
+                self._push(args, folder)
+            return control
         fisher = self._current_or_none()  # under several ranks: the merge, on every rank
         if self.mode == "training":
             self._final = fisher
@@ -537,19 +578,34 @@ def _already_sharded(data) -> bool:
 
 
 def _refuse_sharded(model, args) -> None:
-    """Refused at train begin: sharded parameters (FSDP / DeepSpeed), where the capture hooks
-    would see each rank's shards instead of whole parameters. Several DDP processes are fine:
-    their accumulators are merged exactly."""
+    """Refused at train begin: sharded parameters the capture hooks cannot see whole (DeepSpeed,
+    FSDP1, FSDP asked for but the model not sharded with FSDP2 at train begin). A model sharded
+    with FSDP2 (``fully_shard``; accelerate's ``fsdp_version=2``) is supported: see
+    :mod:`hf_fisher.collection.fsdp`. Several DDP processes are fine: their accumulators are
+    merged exactly."""
+    from ..collection.fsdp import is_fsdp
+
     env = {k: os.environ.get(k, "").lower() in ("1", "true", "yes") for k in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED")}
     fsdp = bool(getattr(args, "fsdp", None)) or env["ACCELERATE_USE_FSDP"]
     deepspeed = bool(getattr(args, "deepspeed", None)) or env["ACCELERATE_USE_DEEPSPEED"]
-    if fsdp or deepspeed:
-        what = "FSDP" if fsdp else "DeepSpeed"
+    if deepspeed:
         raise InvalidInputError(
-            f"FisherCallback does not support {what}: it shards the parameters across ranks, so the per-sample "
-            "gradients would be those of shards. Train with plain data parallelism (torchrun / accelerate launch "
-            f"without {what}: the Fisher of every rank is merged exactly), or compute the Fisher after training with "
-            "hf_fisher.collect on the saved model (under torchrun, each rank on its share of the data)"
+            "FisherCallback does not support DeepSpeed: ZeRO partitions the parameters and gradients outside the "
+            "module hooks, so the per-sample gradients would be those of partitions. Shard with FSDP2 instead "
+            "(TrainingArguments(fsdp=True, fsdp_config={'fsdp_version': 2}) or torch.distributed.fsdp.fully_shard): "
+            "each rank then keeps its rows of the Fisher, exactly; or train with plain data parallelism, or compute the "
+            "Fisher after training with hf_fisher.collect on the saved model"
+        )
+    if is_fsdp(model):
+        return
+    if fsdp:
+        raise InvalidInputError(
+            "FisherCallback does not support this FSDP setup: the model is not sharded with FSDP2 at train begin "
+            "(FSDP1 wraps the parameters in flat shards the per-sample hooks cannot see whole; on CPU accelerate "
+            "does not shard at all). Use FSDP2: TrainingArguments(fsdp=True, fsdp_config={'fsdp_version': 2}) on "
+            "GPUs, or torch.distributed.fsdp.fully_shard; or train with plain data parallelism (torchrun / "
+            "accelerate launch without FSDP: the Fisher of every rank is merged exactly), or compute the Fisher after "
+            "training with hf_fisher.collect on the saved model"
         )
 
 

@@ -1,0 +1,93 @@
+"""torchrun --nproc_per_node=2 fsdp_collect.py OUT: hf_fisher.collect and FisherCollector on a
+tiny LLaMA sharded with FSDP2 (fully_shard per decoder layer and at the root, gloo on CPU), each
+rank on its own share of the samples; writes what every rank got (tests/test_fsdp.py compares)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.distributed.fsdp import fully_shard
+
+import hf_fisher
+from hf_fisher.collection.collector import FisherCollector
+from hf_fisher.errors import DistributedMismatchError, HfFisherError, UnsupportedError
+
+import common as C
+
+
+def sharded_llama(**kw):
+    model = C.tm.llama(torch.float64, **kw)
+    for layer in model.model.layers:
+        fully_shard(layer)
+    fully_shard(model)
+    return model
+
+
+def accumulator_numel(collector, task):
+    return sum(int(a.state().mean.numel()) + int(a.state().m2.numel()) for a in collector.tasks[task].accumulators.values())
+
+
+def main(out: Path) -> None:
+    dist.init_process_group("gloo")
+    rank, world = C.rank_and_world()
+    samples = C.make_samples()
+    mine = C.batches_of(samples)[rank::world]  # rank r: batches r, r + world, ...
+    # hf_fisher.collect (param) and a FisherCollector (group) on the sharded model
+    model = sharded_llama()
+    fisher = hf_fisher.collect(model, mine, progress=False)
+    C.write_fisher(out, f"fsdp_collect_param_r{rank}", fisher)
+    collector = FisherCollector(model)
+    collector.collect(mine, "s", progress=False)
+    collector.save_fisher("s", out / "fsdp_sharded")  # every rank writes its share of one artifact
+    foreign = out / "not_an_artifact"  # a folder with someone else's file: refused on every rank, nothing written
+    if rank == 0:
+        foreign.mkdir()
+        (foreign / "notes.txt").write_text("mine")
+    dist.barrier()
+    try:
+        collector.save_fisher("s", foreign)
+    except HfFisherError as e:
+        (out / f"fsdp_refused_save_r{rank}.txt").write_text(str(e))
+    # resume: the first half, saved sharded, restored by a new collector, then the second half
+    first = FisherCollector(model)
+    first.collect(mine[:1], "s", progress=False)
+    first.save_fisher("s", out / "fsdp_checkpoint")
+    resumed = FisherCollector(model)
+    resumed.restore("s", hf_fisher.Fisher.from_pretrained(out / "fsdp_checkpoint"))
+    resumed.collect(mine[1:], "s", progress=False)
+    C.write_fisher(out, f"fsdp_resume_r{rank}", resumed.fisher("s"))
+    collector = FisherCollector(model, reduction="group")
+    collector.collect(mine, "g", progress=False)
+    C.write_fisher(out, f"fsdp_collect_group_r{rank}", collector.fisher("g"))
+    # accumulator memory of this rank against the whole
+    pc = FisherCollector(model)
+    pc.collect(mine[:1], "p", progress=False)
+    whole = sum(2 * int(torch.Size(s).numel()) for s in pc.param_shapes.values())
+    info = {"accumulator_numel": accumulator_numel(pc, "p"), "whole_numel": whole}
+    # max_samples: rank 0 has its 2 samples after one batch and runs rank 1's passes with limit 0, while
+    # rank 1 (1 sample, then a right-padded batch: a padding kind it has not checked) still collects
+    s = samples
+    limited = [C.collate(s[0:2]), C.collate(s[2:4])] if rank == 0 else [C.collate(s[4:5]), C.collate(s[5:7])]
+    C.write_fisher(out, f"fsdp_limited_r{rank}", hf_fisher.collect(model, limited, max_samples=2, progress=False))
+    # refusals, before any work: options that cannot be honoured, ranks out of step
+    for key, kw in (("ema", {"ema_decay": 0.9}), ("keep", {"reduction": "group", "keep_sample_contributions": True}),
+                    ("local", {"distributed": False})):
+        try:
+            FisherCollector(model, **kw)
+        except UnsupportedError as e:
+            info[f"refused_{key}"] = str(e)
+    try:
+        FisherCollector(model).collect(mine if rank == 0 else mine[:1], "x", progress=False)
+    except DistributedMismatchError as e:
+        info["refused_uneven"] = str(e)
+    (out / f"fsdp_mem_r{rank}.json").write_text(json.dumps(info))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))
