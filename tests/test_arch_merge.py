@@ -151,10 +151,10 @@ def test_a_method_registered_in_code_works_in_the_api_and_recipes(lerp_plugin, p
     assert merged.keys() == wa.keys()
     for k in wa:
         torch.testing.assert_close(merged[k], 0.75 * wa[k].double() + 0.25 * wb[k].double(), rtol=1e-15, atol=0)
-    recipe = yaml.safe_load((out / "merge_recipe.yaml").read_text())
+    recipe = yaml.safe_load((out / "mergekit_config.yml").read_text())
     assert recipe["merge_method"] == "lerp_test" and recipe["parameters"] == {"t": 0.25}
     # the recipe it wrote reads back and reproduces the merge
-    kwargs = recipe_to_kwargs(load_recipe(out / "merge_recipe.yaml"))
+    kwargs = recipe_to_kwargs(load_recipe(out / "mergekit_config.yml"))
     assert kwargs["method"] == "lerp_test" and kwargs["t"] == 0.25
     again = merge_with_fisher(output_dir=tmp_path / "again", progress=False, **kwargs)
     assert all(torch.equal(_weights(again)[k], merged[k]) for k in merged)

@@ -38,7 +38,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add ``hf-fisher merge`` to the subcommands ``sub``."""
     p = sub.add_parser("merge", help="merge models (Fisher, TIES, DARE, task arithmetic, ...) from a recipe YAML",
                        description=MERGE_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("recipe", help="merge recipe YAML (the merge_recipe.yaml a merge writes reproduces it)")
+    p.add_argument("recipe", help="merge recipe YAML (mergekit_config.yml, the one a merge writes, reproduces it; mergekit recipes run unchanged)")
     p.add_argument("--out", required=True, help="folder to write the merged model to (new, empty, or a previous merge output)")
     p.add_argument("--dtype", choices=MERGE_DTYPES, default=None, help="dtype of the merged weights (default: the recipe's, else the inputs')")
     p.add_argument("--max-shard-size", default=None, help="largest weight shard, e.g. 5GB or 500MB (default 5GB)")
