@@ -385,7 +385,15 @@ def _tensor_settings(s: MergeSettings, name: str, n: int):
     method = s.method.replace(**options) if options else s.method
     weights = [real_number(f"weight of model {i} for {name!r}", w) for i, w in enumerate(per_model.pop("weight", s.weights))]
     method.check_weights(weights)
-    return method, weights, per_model
+    own = {o.name: o for o in method.options}
+    for k, values in per_model.items():  # each model's value checked by the option's declaration
+        if k in own:
+            for i, v in enumerate(values):
+                try:
+                    own[k].check(v)
+                except InvalidInputError as e:
+                    raise InvalidInputError(f"model {i}'s {k} for tensor {name!r}: {e}") from None
+    return method, weights, {k: v for k, v in per_model.items() if k in own}
 
 
 def _out_dtype(dtype: Any) -> torch.dtype | None:

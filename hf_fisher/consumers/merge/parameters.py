@@ -72,7 +72,7 @@ def check_setting(setting: Any, check, where: str) -> None:
         check(setting, where)
         return
     if not isinstance(setting, list) or not setting:
-        raise InvalidInputError(f"{where} must be a value, a list of values (a gradient over the layers) or a list "
+        raise InvalidInputError(f"key '{where}' must be a value, a list of values (a gradient over the layers) or a list "
                                 f"of {{filter, value}}, got {setting!r}")
     if all(is_scalar(e) for e in setting):
         for i, e in enumerate(setting):
@@ -80,10 +80,10 @@ def check_setting(setting: Any, check, where: str) -> None:
         return
     for i, cond in enumerate(setting):
         if not isinstance(cond, Mapping) or "value" not in cond or set(cond) - {"filter", "value"}:
-            raise InvalidInputError(f"{where}[{i}] must be a mapping {{filter: <part of a tensor name>, value: ...}}, "
+            raise InvalidInputError(f"key '{where}[{i}]' must be a mapping {{filter: <part of a tensor name>, value: ...}}, "
                                     f"got {cond!r}")
         if cond.get("filter") is not None and not isinstance(cond["filter"], str):
-            raise InvalidInputError(f"{where}[{i}].filter must be a string (part of a tensor name), got {cond['filter']!r}")
+            raise InvalidInputError(f"key '{where}[{i}].filter' must be a string (part of a tensor name), got {cond['filter']!r}")
         check_setting(cond["value"], check, f"{where}[{i}].value")
 
 
