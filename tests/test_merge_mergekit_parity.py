@@ -196,3 +196,16 @@ def test_conventions_differ_where_the_issue_says(ckpt):
     hf_ties = registry.build("ties", {"density": 0.5, "convention": "hf_fisher"}).merge(t)
     assert not torch.equal(mk_ties, hf_ties)
     torch.testing.assert_close(hf_ties, mm.ties(base[name], [m0[name], m1[name]], [0.7, 0.3], density=0.5, scaling=1.0))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("filter_wise", [False, True])
+def test_model_stock_plugin_equals_mergekit(ckpt, tmp_path, filter_wise):
+    from hf_fisher import plugins
+
+    if "model_stock" not in plugins.merge_methods():
+        pytest.skip("the plugin hf_fisher_extra_methods is not installed (scripts/setup.sh installs it)")
+    recipe = {"merge_method": "model_stock", "base_model": str(ckpt / "base"),
+              "models": [{"model": str(ckpt / "base")}, {"model": str(ckpt / "m0")}, {"model": str(ckpt / "m1")}],
+              "parameters": {"filter_wise": filter_wise}}
+    assert_identical(run_hf_fisher(recipe, tmp_path / "ours"), run_mergekit(recipe, tmp_path / "mk"))

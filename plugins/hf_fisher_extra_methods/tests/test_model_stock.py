@@ -133,7 +133,7 @@ def test_api_merge_equals_the_formula(loaded, models, tmp_path):
     base, fts = models
     weights = [0.5, 0.3, 0.2]
     out = hf_fisher.merge_with_fisher(fts, method="model_stock", base_model=base, weights=weights, dtype="float64",
-                                      output_dir=tmp_path / "out", progress=False)
+                                      convention="hf_fisher", output_dir=tmp_path / "out", progress=False)
     merged = _weights(out)
     ref = reference(_weights(base), [_weights(f) for f in fts], weights)
     assert merged.keys() == ref.keys()
@@ -163,7 +163,7 @@ def test_api_refusals(loaded, models, tmp_path):
 def test_cli_recipe_merge_and_plugins_listing(site, models, tmp_path):
     base, fts = models
     recipe = {"merge_method": "model_stock", "base_model": str(base), "dtype": "float64",
-              "models": [{"model": str(f)} for f in fts]}
+              "models": [{"model": str(f)} for f in fts], "parameters": {"convention": "hf_fisher"}}
     (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
     proc = _cli("merge", str(tmp_path / "recipe.yaml"), "--out", str(tmp_path / "out"), "--no-progress",
                 cwd=tmp_path, site=site)
