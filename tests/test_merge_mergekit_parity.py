@@ -183,21 +183,6 @@ def test_slerp_recipe_with_t_gradient_and_filter(ckpt, tmp_path):
     assert_identical(run_hf_fisher(recipe, tmp_path / "ours"), run_mergekit(recipe, tmp_path / "mk"))
 
 
-def test_conventions_differ_where_the_issue_says(ckpt):
-    """At density < 1 with weights the two conventions give different models (trim count, zero sign
-    sum, weighted divisor); the hf_fisher convention stays available by name."""
-    from hf_fisher.consumers.merge.base import TensorInputs
-    from hf_fisher.consumers.merge import registry
-
-    base, m0, m1 = (_tensors(ckpt / n) for n in ("base", "m0", "m1"))
-    name = "model.layers.1.mlp.up_proj.weight"
-    t = TensorInputs(name, [m0[name], m1[name]], [0.7, 0.3], base[name])
-    mk_ties = registry.build("ties", {"density": 0.5}).merge(t)
-    hf_ties = registry.build("ties", {"density": 0.5, "convention": "hf_fisher"}).merge(t)
-    assert not torch.equal(mk_ties, hf_ties)
-    torch.testing.assert_close(hf_ties, mm.ties(base[name], [m0[name], m1[name]], [0.7, 0.3], density=0.5, scaling=1.0))
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("filter_wise", [False, True])
 def test_model_stock_plugin_equals_mergekit(ckpt, tmp_path, filter_wise):
@@ -208,4 +193,18 @@ def test_model_stock_plugin_equals_mergekit(ckpt, tmp_path, filter_wise):
     recipe = {"merge_method": "model_stock", "base_model": str(ckpt / "base"),
               "models": [{"model": str(ckpt / "base")}, {"model": str(ckpt / "m0")}, {"model": str(ckpt / "m1")}],
               "parameters": {"filter_wise": filter_wise}}
+    assert_identical(run_hf_fisher(recipe, tmp_path / "ours"), run_mergekit(recipe, tmp_path / "mk"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("with_base", [False, True])
+@pytest.mark.parametrize("options", [{}, {"nuslerp_flatten": False}, {"nuslerp_flatten": False, "nuslerp_row_wise": True}])
+def test_nuslerp_equals_mergekit(ckpt, tmp_path, with_base, options):
+    recipe = {"merge_method": "nuslerp",
+              "models": [{"model": str(ckpt / "m0"), "parameters": {"weight": 0.7}},
+                         {"model": str(ckpt / "m1"), "parameters": {"weight": 0.3}}]}
+    if with_base:
+        recipe["base_model"] = str(ckpt / "base")
+    if options:
+        recipe["parameters"] = options
     assert_identical(run_hf_fisher(recipe, tmp_path / "ours"), run_mergekit(recipe, tmp_path / "mk"))

@@ -111,3 +111,18 @@ def test_a_setting_out_of_range_at_some_tensor_is_refused_before_anything_is_wri
     code, out = _run(tmp_path, recipe)
     assert code == 2 and "density" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_conventions_differ_where_the_issue_says(ckpt):
+    """At density < 1 with weights the two conventions give different models (trim count, zero sign
+    sum, weighted divisor); the hf_fisher convention stays available by name."""
+    from hf_fisher.consumers.merge import registry
+    from hf_fisher.consumers.merge.base import TensorInputs
+
+    base, m0, m1 = (load_file(str(ckpt / n / "model.safetensors")) for n in ("base", "m0", "m1"))
+    name = "model.layers.1.mlp.up_proj.weight"
+    t = TensorInputs(name, [m0[name], m1[name]], [0.7, 0.3], base[name])
+    mk_ties = registry.build("ties", {"density": 0.5}).merge(t)
+    hf_ties = registry.build("ties", {"density": 0.5, "convention": "hf_fisher"}).merge(t)
+    assert not torch.equal(mk_ties, hf_ties)
+    torch.testing.assert_close(hf_ties, mm.ties(base[name], [m0[name], m1[name]], [0.7, 0.3], density=0.5, scaling=1.0))

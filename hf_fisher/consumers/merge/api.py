@@ -578,6 +578,11 @@ def merge_with_fisher(
     options (``fisher_floor``, ``normalize_fishers``, ``no_fisher_rule``, ``scaling``, ``density``,
     ``drop_p``, ``seed``, ``dare_then``, ``alpha``, ``kfac_damping``, ``kfac_damping_mode``, or a
     plugin method's), each checked by its declaration, and the Hub options of :data:`HUB_OPTIONS`.
+    mergekit's methods (``linear``, ``dare_ties``, ``dare_linear``, ``breadcrumbs``, ``breadcrumbs_ties``,
+    ``della``, ``della_linear``, ``slerp``, ``nuslerp``) take mergekit's options (``normalize``,
+    ``rescale``, ``int8_mask``, ``gamma``, ``epsilon``, ``t``; ``scaling`` is mergekit's ``lambda``) and give
+    mergekit 0.1.5's numbers; ``ties``, ``dare``, ``task_arithmetic`` and ``average`` do too under
+    ``convention="mergekit"`` (the default; ``"hf_fisher"``: the earlier TIES/DARE arithmetic).
 
     ``fishers``: one per model (``Fisher``, artifact folder, Hub ``repo`` / ``repo:subfolder``;
     for ``kfac`` one KFAC Fisher per model), required by the methods that take Fishers.

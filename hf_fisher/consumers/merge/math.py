@@ -437,3 +437,26 @@ def slerp(t: float, v0: torch.Tensor, v1: torch.Tensor, dot_threshold: float = 0
     for s in chunks:
         out[:, s:s + step] = coef_a * a[:, s:s + step].to(dt) + coef_b * b[:, s:s + step].to(dt)
     return out.reshape(v0.shape)
+
+
+def nuslerp(t: float, v0: torch.Tensor, v1: torch.Tensor, *, row_wise: bool = False, flatten: bool = True,
+            eps: float = 1e-8) -> torch.Tensor:
+    """mergekit's ``nuslerp`` interpolation: SLERP of the flattened tensors (``flatten``), else of each
+    row (``row_wise``: each column) separately, ``(sin((1 − t)Ω) v0 + sin(tΩ) v1) / sin Ω``, linear
+    where ``1 − cos²Ω ≤ eps²``."""
+    shape = v0.shape
+    dim = 0 if row_wise else -1
+    if flatten:
+        v0, v1 = v0.reshape(-1), v1.reshape(-1)
+    elif dim != -1:
+        v0, v1 = v0.transpose(dim, -1), v1.transpose(dim, -1)
+    u0 = v0 / torch.norm(v0, dim=-1, keepdim=True).clamp(min=1e-7)
+    u1 = v1 / torch.norm(v1, dim=-1, keepdim=True).clamp(min=1e-7)
+    cos = torch.sum(u0 * u1, dim=-1, keepdim=True).clamp(-1, 1)
+    colinear = (1 - cos.square()) <= eps**2
+    theta = torch.acos(torch.where(colinear, 0, cos))
+    out = (torch.sin((1 - t) * theta) * v0 + torch.sin(t * theta) * v1) / torch.sin(theta)
+    out = torch.where(colinear, (1 - t) * v0 + t * v1, out)
+    if dim != -1 and not flatten:
+        out = out.transpose(dim, -1)
+    return out.reshape(shape)

@@ -301,7 +301,7 @@ def recipe_to_kwargs(recipe: Mapping[str, Any], *, relative_to: str | os.PathLik
             if all(e["model"] != base for e in entries):
                 entries.append({"model": base})
             base = None
-        elif cls.needs_base:
+        elif cls.needs_base or cls.name == "nuslerp":  # nuslerp: the base, when given, is the base
             entries = [e for e in entries if e["model"] != base]
     shared = {ALIASES.get(k, k): v for k, v in (recipe.get("parameters") or {}).items()}
     merge_wide = {k: shared.pop(k) for k in list(shared) if k in MERGE_KEYS}

@@ -7,14 +7,14 @@ from .fisher import Fisher, FisherTaskVector
 from .generalized import GENERALIZED, Breadcrumbs, BreadcrumbsTies, DareLinear, DareTies, Della, DellaLinear
 from .kfac import KFAC
 from .regmean import FisherRegMean, RegMean
-from .slerp import Slerp
+from .slerp import NuSlerp, Slerp
 from .task_arithmetic import TaskArithmetic
 from .ties import Ties
 
 #: every built-in, in the order ``hf-fisher plugins`` lists them
 BUILTINS = (Fisher, FisherTaskVector, Average, TaskArithmetic, Ties, Dare, RegMean, FisherRegMean, KFAC,
-            Linear, *GENERALIZED, Slerp)
+            Linear, *GENERALIZED, Slerp, NuSlerp)
 
 __all__ = ["BUILTINS", "KFAC", "Average", "Breadcrumbs", "BreadcrumbsTies", "Dare", "DareLinear", "DareTies",
-           "Della", "DellaLinear", "Fisher", "FisherRegMean", "FisherTaskVector", "Linear", "RegMean", "Slerp",
+           "Della", "DellaLinear", "Fisher", "FisherRegMean", "FisherTaskVector", "Linear", "NuSlerp", "RegMean", "Slerp",
            "TaskArithmetic", "Ties"]
