@@ -626,6 +626,9 @@ def merge_with_fisher(
     if output_dir is not None:
         target = _check_output(output_dir, _input_paths(models, base_model, fishers))
 
+    if tensor_parameters is not None and (any(_is_adapter(m) for m in models) or settings.method.fishers == "kfac"):
+        raise UnsupportedError("per-tensor settings (a recipe's gradients, filters, per-model densities) apply to "
+                               "per-tensor merges of full models, not to LoRA adapters or KFAC blocks; give scalar settings")
     if any(_is_adapter(m) for m in models):
         return _merge_adapters(models, fishers, settings, base_model, out_dtype, target, push_to_hub, hub_options,
                                rank=rank, merge_into_base=merge_into_base)
