@@ -197,9 +197,9 @@ def test_method_objects_are_immutable_and_replace_checks_again():
     assert m.replace(scaling=2.0).values() == {"scaling": 2.0, "density": 0.5, "convention": "mergekit", "normalize": None, "int8_mask": False}
     with pytest.raises(InvalidInputError, match="density"):
         m.replace(density=2)
-    assert m.parameters() == {"scaling": 1.0, "density": 0.5, "convention": "mergekit", "normalize": None, "int8_mask": False}
+    assert m.parameters() == {"scaling": 1.0, "density": 0.5, "convention": "mergekit", "int8_mask": False}
     assert registry.build("dare", {}).parameters() == {"scaling": 1.0, "drop_p": 0.9, "seed": 0, "dare_then": "task_arithmetic",
-                                                       "convention": "mergekit", "normalize": None, "rescale": None}
+                                                       "convention": "mergekit"}
 
 
 def _name_dispatch(path: Path) -> list[str]:

@@ -208,3 +208,15 @@ def test_nuslerp_equals_mergekit(ckpt, tmp_path, with_base, options):
     if options:
         recipe["parameters"] = options
     assert_identical(run_hf_fisher(recipe, tmp_path / "ours"), run_mergekit(recipe, tmp_path / "mk"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["ties", "dare_linear", "breadcrumbs_ties", "linear"])
+def test_the_recipe_hf_fisher_writes_runs_in_mergekit_to_the_same_model(ckpt, tmp_path, method):
+    from hf_fisher.consumers.merge.api import merge_with_fisher
+
+    kw = {} if method == "linear" else {"base_model": ckpt / "base", "density": 0.5 if method != "dare_linear" else 1.0}
+    out = merge_with_fisher([ckpt / "m0", ckpt / "m1"], method=method, weights=[0.7, 0.3], output_dir=tmp_path / "ours",
+                            progress=False, **kw)
+    recipe = yaml.safe_load((out / RECIPE_NAME).read_text())
+    assert_identical(_tensors(out), run_mergekit(recipe, tmp_path / "mk"))

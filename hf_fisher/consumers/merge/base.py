@@ -183,8 +183,9 @@ class MergeMethod:
         return type(self)(**{**self.values(), **changes})
 
     def parameters(self) -> dict[str, Any]:
-        """The options the recipe records (default: all of them)."""
-        return self.values()
+        """The options the recipe records (default: all of them but those left unset, None: the
+        method's default, which a mergekit reader could not parse)."""
+        return {k: v for k, v in self.values().items() if v is not None}
 
     @property
     def uses_base(self) -> bool:

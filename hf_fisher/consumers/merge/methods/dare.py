@@ -32,11 +32,12 @@ class Dare(MergeMethod):
         check_convention(self, normalize=self.normalize, rescale=self.rescale)
 
     def parameters(self):
-        out = self.values()
+        out = super().parameters()
         if self.dare_then != "ties":
             del out["density"]
         if self.convention == "hf_fisher":
-            del out["normalize"], out["rescale"]
+            out.pop("normalize", None)
+            out.pop("rescale", None)
         return out
 
     def merge(self, t: TensorInputs):

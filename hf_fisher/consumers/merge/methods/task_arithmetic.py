@@ -27,9 +27,9 @@ class TaskArithmetic(MergeMethod):
         check_convention(self, normalize=self.normalize)
 
     def parameters(self):
-        out = self.values()
+        out = super().parameters()
         if self.convention == "hf_fisher":
-            del out["normalize"]
+            out.pop("normalize", None)
         return out
 
     def merge(self, t: TensorInputs):

@@ -44,9 +44,10 @@ class Ties(MergeMethod):
         check_convention(self, normalize=self.normalize)
 
     def parameters(self):
-        out = self.values()
+        out = super().parameters()
         if self.convention == "hf_fisher":
-            del out["normalize"], out["int8_mask"]
+            out.pop("normalize", None)
+            out.pop("int8_mask", None)
         return out
 
     def merge(self, t: TensorInputs):
