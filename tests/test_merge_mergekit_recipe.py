@@ -126,3 +126,28 @@ def test_conventions_differ_where_the_issue_says(ckpt):
     hf_ties = registry.build("ties", {"density": 0.5, "convention": "hf_fisher"}).merge(t)
     assert not torch.equal(mk_ties, hf_ties)
     torch.testing.assert_close(hf_ties, mm.ties(base[name], [m0[name], m1[name]], [0.7, 0.3], density=0.5, scaling=1.0))
+
+
+def test_dare_under_the_mergekit_convention_is_dare_linear_and_dare_ties(ckpt):
+    """``dare`` (drop probability p) is mergekit's dare_linear / dare_ties at density 1 − p with the
+    same per-tensor mask; the hf_fisher convention rescales the kept entries by 1/(1 − p) instead of
+    to the L1 norm."""
+    from hf_fisher.consumers.merge import registry
+    from hf_fisher.consumers.merge.base import TensorInputs
+
+    base, m0, m1 = (load_file(str(ckpt / n / "model.safetensors")) for n in ("base", "m0", "m1"))
+    name = "model.layers.0.self_attn.v_proj.weight"
+    t = TensorInputs(name, [m0[name], m1[name]], [0.7, 0.3], base[name])
+    dare = registry.build("dare", {"drop_p": 0.75, "seed": 4}).merge(t)
+    assert torch.equal(dare, registry.build("dare_linear", {"density": 0.25, "seed": 4}).merge(t))
+    g = mm.tensor_generator(4, name, 0)
+    taus = [m[name] - base[name] for m in (m0, m1)]
+    masks = [torch.bernoulli(torch.full_like(tau, 0.25), generator=g) for tau in taus]
+    ref = base[name] + sum(w * tau * m * (tau.abs().sum() / (tau * m).abs().sum())
+                           for w, tau, m in zip([0.7, 0.3], taus, masks))
+    torch.testing.assert_close(dare, ref, rtol=1e-6, atol=1e-7)
+    ties = registry.build("dare", {"drop_p": 0.75, "seed": 4, "dare_then": "ties", "density": 1.0}).merge(t)
+    assert torch.equal(ties, registry.build("dare_ties", {"density": 0.25, "seed": 4, "normalize": True}).merge(t))
+    old = registry.build("dare", {"drop_p": 0.75, "seed": 4, "convention": "hf_fisher"}).merge(t)
+    kept = (old - base[name]) != 0
+    assert not torch.equal(old, dare) and kept.any()

@@ -41,6 +41,8 @@ class Dare(MergeMethod):
         return out
 
     def merge(self, t: TensorInputs):
+        import torch
+
         from .. import math as mm
 
         if self.convention == "hf_fisher":
@@ -55,9 +57,9 @@ class Dare(MergeMethod):
                 densities=[1 - self.drop_p] * len(t.thetas), scaling=self.scaling, normalize=bool(self.normalize))
         dt = mm.compute_dtype(t.base, *t.thetas)
         b = t.base.to(dt)
-        dropped = [b + mm.sparsify(th.to(dt) - b, 1 - self.drop_p, "random", rescale=rescale, generator=g)
-                   for th in t.thetas]
-        return mm.generalized_task_arithmetic(
-            b, dropped, t.weights, sparsification="magnitude", consensus="sum", scaling=self.scaling,
+        dropped = [mm.sparsify(th.to(dt) - b, 1 - self.drop_p, "random", rescale=rescale, generator=g) for th in t.thetas]
+        zero = torch.zeros_like(b)  # TIES on the dropped task vectors themselves (0 + x is x: no rounding)
+        return b + mm.generalized_task_arithmetic(
+            zero, dropped, t.weights, sparsification="magnitude", consensus="sum", scaling=self.scaling,
             densities=t.model_values("density", self.density),
             normalize=True if self.normalize is None else self.normalize)
