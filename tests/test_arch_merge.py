@@ -151,10 +151,10 @@ def test_a_method_registered_in_code_works_in_the_api_and_recipes(lerp_plugin, p
     assert merged.keys() == wa.keys()
     for k in wa:
         torch.testing.assert_close(merged[k], 0.75 * wa[k].double() + 0.25 * wb[k].double(), rtol=1e-15, atol=0)
-    recipe = yaml.safe_load((out / "merge_recipe.yaml").read_text())
+    recipe = yaml.safe_load((out / "mergekit_config.yml").read_text())
     assert recipe["merge_method"] == "lerp_test" and recipe["parameters"] == {"t": 0.25}
     # the recipe it wrote reads back and reproduces the merge
-    kwargs = recipe_to_kwargs(load_recipe(out / "merge_recipe.yaml"))
+    kwargs = recipe_to_kwargs(load_recipe(out / "mergekit_config.yml"))
     assert kwargs["method"] == "lerp_test" and kwargs["t"] == 0.25
     again = merge_with_fisher(output_dir=tmp_path / "again", progress=False, **kwargs)
     assert all(torch.equal(_weights(again)[k], merged[k]) for k in merged)
@@ -194,11 +194,12 @@ def test_method_objects_are_immutable_and_replace_checks_again():
     m = registry.build("ties", {"density": 0.5})
     with pytest.raises(AttributeError):
         m.density = 0.9
-    assert m.replace(scaling=2.0).values() == {"scaling": 2.0, "density": 0.5}
+    assert m.replace(scaling=2.0).values() == {"scaling": 2.0, "density": 0.5, "convention": "mergekit", "normalize": None, "int8_mask": False}
     with pytest.raises(InvalidInputError, match="density"):
         m.replace(density=2)
-    assert m.parameters() == {"scaling": 1.0, "density": 0.5}
-    assert registry.build("dare", {}).parameters() == {"scaling": 1.0, "drop_p": 0.9, "seed": 0, "dare_then": "task_arithmetic"}
+    assert m.parameters() == {"scaling": 1.0, "density": 0.5, "convention": "mergekit", "int8_mask": False}
+    assert registry.build("dare", {}).parameters() == {"scaling": 1.0, "drop_p": 0.9, "seed": 0, "dare_then": "task_arithmetic",
+                                                       "convention": "mergekit"}
 
 
 def _name_dispatch(path: Path) -> list[str]:

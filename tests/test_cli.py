@@ -327,7 +327,7 @@ def test_demo_trains_collects_and_saves(tmp_path, capsys):
     assert (root / "pruned-copy" / "model.safetensors").is_file()
     # 5. the merges and the score table: four rows, each with both tasks' losses
     for name in ("merged-average", "merged-fisher"):
-        assert (root / name / "merge_recipe.yaml").is_file() and (root / name / "README.md").is_file()
+        assert (root / name / "mergekit_config.yml").is_file() and (root / name / "README.md").is_file()
     rows = table(text, "Held-out loss per task")
     labels = [" ".join(r[:2]) for r in rows]
     assert labels == ["copy model", "reverse model", "average merge", "Fisher merge"]

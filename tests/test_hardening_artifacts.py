@@ -475,7 +475,7 @@ def test_merged_card_reads_as_written(merge_inputs, tmp_path):
     assert f"<code>{models[0]}</code>" in html and "<code>fisher_floor</code>" in html
     assert "Matena &amp; Raffel 2022" in html and "&amp;amp;" not in html
     # the recipe: plain YAML, no anchors or aliases, and it loads back to the same recipe
-    recipe_text = (out / "merge_recipe.yaml").read_text()
+    recipe_text = (out / "mergekit_config.yml").read_text()
     assert "&id" not in recipe_text and "*id" not in recipe_text, recipe_text
     block = text.split("```yaml\n")[1].split("```")[0]
     assert "&id" not in block and "*id" not in block

@@ -46,7 +46,7 @@ def test_merge_from_hub_ids_and_push(tmp_path, hub_server):
     assert out == tmp_path / "merged"
     commits = hub_server.commits("user/merged")
     files = hub_server.files("user/merged")
-    assert {"config.json", "model.safetensors", "merge_recipe.yaml", "README.md"} <= set(files)
+    assert {"config.json", "model.safetensors", "mergekit_config.yml", "README.md"} <= set(files)
     assert len(commits) == 2  # the repository's creation, then one commit with every file
     card = ModelCard(files["README.md"].decode())
     assert card.data.base_model_relation == "merge"

@@ -114,7 +114,7 @@ def test_recipe_round_trip(pair, tmp_path):
         paths.append((str(tmp_path / f"m{i}"), str(tmp_path / f"k{i}")))
     out = merge_with_fisher([p[0] for p in paths], [p[1] for p in paths], method="kfac", kfac_damping=0.01,
                             output_dir=tmp_path / "merged", progress=False)
-    recipe = load_recipe(out / "merge_recipe.yaml")
+    recipe = load_recipe(out / "mergekit_config.yml")
     assert recipe["merge_method"] == "kfac" and recipe["parameters"]["kfac_damping"] == 0.01
     again = merge_with_fisher(**recipe_to_kwargs(recipe), output_dir=tmp_path / "again", progress=False)
     from safetensors.torch import load_file

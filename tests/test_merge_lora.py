@@ -174,7 +174,8 @@ def test_reduced_rank_reports_the_svd_tail(setup, tmp_path):
 
 
 def test_dare_in_delta_space_equals_dense_dare(setup):
-    res = merge_lora_adapters(setup["dirs"][:2], None, method="dare", drop_p=0.4, seed=7, base_model=setup["base"], merge_into_base=True)
+    res = merge_lora_adapters(setup["dirs"][:2], None, method="dare", drop_p=0.4, seed=7, base_model=setup["base"], merge_into_base=True,
+                              convention="hf_fisher")
     ms = [dict(m.named_parameters()) for m in setup["merged"][:2]]
     b0 = dict(setup["base"].named_parameters())
     for n in _dense_names(setup["base"]):
@@ -217,7 +218,7 @@ def test_refusals_happen_before_anything_is_written(setup, tmp_path):
                                                      fishers=[setup["fishers"][0], _lora_only_fisher(setup)])),
         (InvalidInputError, "one dense-weight Fisher per adapter", dict(adapters=[good, good], method="fisher", fishers=None)),
         (InvalidInputError, "one weight per adapter", dict(adapters=[good, good], method="average", weights=[1.0])),
-        (InvalidInputError, "unknown method", dict(adapters=[good, good], method="slerp")),
+        (InvalidInputError, "unknown method", dict(adapters=[good, good], method="frankenmerge")),
         (UnsupportedError, "Grams", dict(adapters=[good, good], method="regmean")),
         (InvalidInputError, "rank", dict(adapters=[good, good], method="average", rank=0)),
         (InvalidInputError, "merge_into_base", dict(adapters=[good, good], method="average", rank=2, merge_into_base=True)),

@@ -196,7 +196,7 @@ def test_parameters_without_fisher_use_the_logged_rule(zoo, tmp_path, caplog):
     got = _out_tensors(out)
     for n in skip:
         _close(got[n], 0.4 * _sd(a)[n] + 0.6 * _sd(b)[n])
-    recipe = yaml.safe_load((out / "merge_recipe.yaml").read_text())
+    recipe = yaml.safe_load((out / "mergekit_config.yml").read_text())
     assert recipe["hf_fisher"]["no_fisher"]["rule"] == "average"
     assert sorted(recipe["hf_fisher"]["no_fisher"]["tensors"]) == sorted(skip)
     first = merge_with_fisher([a, b], [fa, fb], no_fisher_rule="first", progress=False).state_dict()
@@ -249,7 +249,7 @@ def test_ties_reference(zoo):
     a, b = zoo["models"]
     s0, sa, sb = _sd(zoo["base"]), _sd(a), _sd(b)
     got = merge_with_fisher([a, b], method="ties", base_model=zoo["base"], density=0.3, scaling=0.9,
-                            progress=False).state_dict()
+                            convention="hf_fisher", progress=False).state_dict()
     for n in sa:
         _close(got[n], _ties_reference(s0[n], [sa[n], sb[n]], [1.0, 1.0], 0.3, 0.9))
 
@@ -257,7 +257,7 @@ def test_ties_reference(zoo):
 def test_dare_is_seeded_and_drops_with_rate_p(zoo):
     a = zoo["models"][0]
     s0, sa = _sd(zoo["base"]), _sd(a)
-    kw = {"method": "dare", "base_model": zoo["base"], "drop_p": 0.6, "progress": False}
+    kw = {"method": "dare", "base_model": zoo["base"], "drop_p": 0.6, "convention": "hf_fisher", "progress": False}
     one = merge_with_fisher([a, a], seed=3, weights=[1.0, 0.0], **kw).state_dict()
     again = merge_with_fisher([a, a], seed=3, weights=[1.0, 0.0], **kw).state_dict()
     other = merge_with_fisher([a, a], seed=4, weights=[1.0, 0.0], **kw).state_dict()
@@ -293,7 +293,7 @@ def test_validation_picks_the_grid_point_with_the_smallest_loss(zoo, tmp_path, c
         out = merge_with_fisher([a, b], method=method, validation=val, validation_grid=grid,
                                 output_dir=tmp_path / "v", progress=False, **kw)
     assert "validation picked" in caplog.text
-    recipe = yaml.safe_load((out / "merge_recipe.yaml").read_text())
+    recipe = yaml.safe_load((out / "mergekit_config.yml").read_text())
     chosen = recipe["hf_fisher"]["validation"]["chosen"]
     best = None  # evaluate the grid by hand
     for w in weight_grid:

@@ -15,21 +15,28 @@ from hf_fisher.cli.common import looks_local
 from hf_fisher.errors import InvalidInputError
 
 MERGE_DESCRIPTION = """\
-Merge models as a recipe describes (mergekit-like YAML):
+Merge models as a recipe describes. mergekit recipes run unchanged:
 
-    merge_method: fisher            # fisher, fisher_task_vector, average, task_arithmetic, ties, dare,
-                                    # or a plugin's method (all of them: hf-fisher plugins)
-    base_model: null                # required by fisher_task_vector, task_arithmetic, ties, dare
+    merge_method: ties              # linear, task_arithmetic, ties, dare_ties, dare_linear, breadcrumbs,
+                                    # breadcrumbs_ties, della, della_linear, slerp, model_stock (plugin),
+                                    # and fisher, fisher_task_vector, kfac, average, dare (all: hf-fisher plugins)
+    base_model: path/to/base        # the task-vector methods' base (listed among models too, as mergekit allows)
     models:
       - model: path/or/hub-id
-        parameters: {weight: 0.5, fisher: path/to/fisher-artifact}
+        parameters:
+          weight: [1.0, 0.5]        # a gradient over the layers, or {filter: self_attn, value: ...} lists
+          density: 0.5
       - model: other/model
-        parameters: {weight: 0.5, fisher: other/fisher:subfolder}
-    parameters: {fisher_floor: 1.0e-6, normalize_fishers: false}
-    dtype: null
+        parameters: {weight: 0.5, density: 0.3, fisher: path/to/fisher}   # fisher: for the Fisher methods
+    parameters: {normalize: true, int8_mask: true, lambda: 1.0}
+    dtype: bfloat16                 # output dtype (out_dtype wins); arithmetic is float32 or float64
+    tokenizer_source: base          # base or one of the models
 
-Every input, Fisher and the output folder are checked before any tensor is merged. Relative
-paths are read relative to the recipe's folder.
+Numbers follow mergekit 0.1.5 (convention: mergekit, the default; convention: hf_fisher for the
+earlier TIES/DARE arithmetic). Not carried out, refused naming the key: slices (passthrough),
+modules, tokenizer, chat_template, tokenizer_source: union. Every input, Fisher and the output
+folder are checked before any tensor is merged. Relative paths are read relative to the
+recipe's folder. The merge writes its recipe as mergekit_config.yml.
 """
 MERGE_DTYPES = ("float32", "float64", "bfloat16", "float16")
 
@@ -38,7 +45,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add ``hf-fisher merge`` to the subcommands ``sub``."""
     p = sub.add_parser("merge", help="merge models (Fisher, TIES, DARE, task arithmetic, ...) from a recipe YAML",
                        description=MERGE_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("recipe", help="merge recipe YAML (the merge_recipe.yaml a merge writes reproduces it)")
+    p.add_argument("recipe", help="merge recipe YAML (mergekit_config.yml, the one a merge writes, reproduces it; mergekit recipes run unchanged)")
     p.add_argument("--out", required=True, help="folder to write the merged model to (new, empty, or a previous merge output)")
     p.add_argument("--dtype", choices=MERGE_DTYPES, default=None, help="dtype of the merged weights (default: the recipe's, else the inputs')")
     p.add_argument("--max-shard-size", default=None, help="largest weight shard, e.g. 5GB or 500MB (default 5GB)")

@@ -27,8 +27,8 @@ Everything it writes goes inside ``--out`` (default ``demo_output``)::
     copy/fisher/            its Fisher artifact, saved by FisherCallback (with a model card)
     reverse/model/, reverse/fisher/     the same for the reverse task
     pruned-copy/            the copy model with 30% of its heads / channels removed (pruning.json)
-    merged-fisher/          the Fisher merge (merge_recipe.yaml, model card README.md)
-    merged-average/         the plain average (merge_recipe.yaml, README.md)
+    merged-fisher/          the Fisher merge (mergekit_config.yml, model card README.md)
+    merged-average/         the plain average (mergekit_config.yml, README.md)
     report/                 report.csv, summary.txt and the plots (PNG)
     copy.txt, reverse.txt   the held-out data as text, one sequence per line
 
@@ -507,8 +507,8 @@ def _run(args: argparse.Namespace, root: Path) -> DemoResult:
         *[(f"{t}/{TASK_FISHER_SUBDIR}/", f"the {t} Fisher artifact from FisherCallback, with its model card README.md")
           for t in TASKS],
         (f"{PRUNED_DIR}/", f"the copy model, {int(100 * PRUNE_SPARSITY)}% of its heads / channels removed (pruning.json)"),
-        (f"{MERGED_FISHER_DIR}/", "the Fisher merge (merge_recipe.yaml, model card README.md)"),
-        (f"{MERGED_AVERAGE_DIR}/", "the plain average (merge_recipe.yaml, model card README.md)"),
+        (f"{MERGED_FISHER_DIR}/", "the Fisher merge (mergekit_config.yml, model card README.md)"),
+        (f"{MERGED_AVERAGE_DIR}/", "the plain average (mergekit_config.yml, model card README.md)"),
         (f"{REPORT_DIR}/", ", ".join(f for f in report.files if not f.endswith(".png"))
                            + (f" and {len(plots)} plots" if plots else "")),
         (", ".join(DATA_FILES.values()), f"the held-out sequences ({args.samples} per task), one a line"),

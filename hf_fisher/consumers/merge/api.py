@@ -49,6 +49,7 @@ from . import registry
 from .base import RULE_TEXT, MergeMethod, TensorInputs, real_number
 from .recipe import (  # noqa: F401
     CARD_NAME,
+    LEGACY_RECIPE_NAMES,
     RECIPE_NAME,
     _ref_of,
     build_recipe,
@@ -127,7 +128,7 @@ def is_merge_output_file(name: str) -> bool:
     """Whether a file name belongs to a merge output folder (what a new merge may replace)."""
     from .io import is_model_output_file
 
-    return is_model_output_file(name) or name in (RECIPE_NAME, CARD_NAME, *ADAPTER_FILES)
+    return is_model_output_file(name) or name in (RECIPE_NAME, *LEGACY_RECIPE_NAMES, CARD_NAME, *ADAPTER_FILES)
 
 
 # ---------------------------------------------------------------------------- Fisher inputs
@@ -315,6 +316,8 @@ class MergeSettings:
 
     method: MergeMethod
     weights: list[float]
+    #: settings that vary by tensor or model (a mergekit recipe's gradients, filters, per-model density)
+    tensor_parameters: Any = None
 
 
 @dataclass
@@ -326,6 +329,7 @@ class _Inputs:
     covered: set[str] = field(default_factory=set)
     grams: dict[str, tuple[list[torch.Tensor], str]] = field(default_factory=dict)
     layers: Any = None  # the method's layer merge (KFAC blocks), if it merges whole layers
+    tokenizer_source: Any = None  # the source whose tokenizer files the output gets first
 
 
 class _Reader:
@@ -358,6 +362,7 @@ def _merge_one(reader: _Reader, info: TensorInfo, s: MergeSettings, out_dtype: t
         merged = s.method.merge_layer(layers, info.name, lambda n: reader.read(n)[0], s.weights)
         return merged.to(out_dtype or info.dtype)
     thetas, base, fishers = reader.read(info.name)
+    method, weights, per_model = _tensor_settings(s, info.name, len(thetas))
     if not info.dtype.is_floating_point:  # integer buffers are not merged: they must agree
         for i, t in enumerate(thetas[1:], start=1):
             if not torch.equal(t, thetas[0]):
@@ -366,8 +371,29 @@ def _merge_one(reader: _Reader, info: TensorInfo, s: MergeSettings, out_dtype: t
                     f"{reader.inp.labels[i]}; it cannot be averaged"
                 )
         return thetas[0]
-    merged = s.method.merge(TensorInputs(info.name, thetas, s.weights, base, fishers, reader.inp.grams.get(info.name)))
+    merged = method.merge(TensorInputs(info.name, thetas, weights, base, fishers, reader.inp.grams.get(info.name),
+                                       per_model=per_model))
     return merged.to(out_dtype or info.dtype)
+
+
+def _tensor_settings(s: MergeSettings, name: str, n: int):
+    """``(method, weights, per-model values)`` for tensor ``name`` (``s.tensor_parameters`` resolved)."""
+    tp = s.tensor_parameters
+    if tp is None:
+        return s.method, s.weights, None
+    options, per_model = tp.resolve(name, s.method, s.weights)
+    method = s.method.replace(**options) if options else s.method
+    weights = [real_number(f"weight of model {i} for {name!r}", w) for i, w in enumerate(per_model.pop("weight", s.weights))]
+    method.check_weights(weights)
+    own = {o.name: o for o in method.options}
+    for k, values in per_model.items():  # each model's value checked by the option's declaration
+        if k in own:
+            for i, v in enumerate(values):
+                try:
+                    own[k].check(v)
+                except InvalidInputError as e:
+                    raise InvalidInputError(f"model {i}'s {k} for tensor {name!r}: {e}") from None
+    return method, weights, {k: v for k, v in per_model.items() if k in own}
 
 
 def _out_dtype(dtype: Any) -> torch.dtype | None:
@@ -538,6 +564,8 @@ def merge_with_fisher(
     progress: bool = True,
     rank: int | str | None = None,
     merge_into_base: bool = False,
+    tensor_parameters: Any = None,
+    tokenizer_source: Any = None,
     **options: Any,
 ):
     """Merge ``models`` (folders, Hub ids or loaded ``PreTrainedModel``\\ s) into one.
@@ -550,6 +578,11 @@ def merge_with_fisher(
     options (``fisher_floor``, ``normalize_fishers``, ``no_fisher_rule``, ``scaling``, ``density``,
     ``drop_p``, ``seed``, ``dare_then``, ``alpha``, ``kfac_damping``, ``kfac_damping_mode``, or a
     plugin method's), each checked by its declaration, and the Hub options of :data:`HUB_OPTIONS`.
+    mergekit's methods (``linear``, ``dare_ties``, ``dare_linear``, ``breadcrumbs``, ``breadcrumbs_ties``,
+    ``della``, ``della_linear``, ``slerp``, ``nuslerp``) take mergekit's options (``normalize``,
+    ``rescale``, ``int8_mask``, ``gamma``, ``epsilon``, ``t``; ``scaling`` is mergekit's ``lambda``) and give
+    mergekit 0.1.5's numbers; ``ties``, ``dare``, ``task_arithmetic`` and ``average`` do too under
+    ``convention="mergekit"`` (the default; ``"hf_fisher"``: the earlier TIES/DARE arithmetic).
 
     ``fishers``: one per model (``Fisher``, artifact folder, Hub ``repo`` / ``repo:subfolder``;
     for ``kfac`` one KFAC Fisher per model), required by the methods that take Fishers.
@@ -563,7 +596,7 @@ def merge_with_fisher(
     choice is logged and written into the recipe and card.
 
     Returns the merged model when ``output_dir`` is None; else writes ``output_dir`` atomically
-    (weights as sharded safetensors + index, config, tokenizer, generation config, ``merge_recipe.yaml``,
+    (weights as sharded safetensors + index, config, tokenizer, generation config, ``mergekit_config.yml``,
     ``README.md``) and returns its path. ``push_to_hub="user/name"`` uploads the folder
     (the Hub options go to :func:`hf_fisher.artifacts.hub.push_folder` and the downloads).
     Every check runs before any tensor is merged or file written.
@@ -571,6 +604,12 @@ def merge_with_fisher(
     PEFT adapters (folders with ``adapter_config.json`` or ``PeftModel``\\ s) are merged by
     :func:`hf_fisher.consumers.merge.lora.merge_lora_adapters` (``rank``, ``merge_into_base``
     apply to them only); this function writes the folder, recipe and card around the result.
+
+    ``tensor_parameters`` (:class:`~hf_fisher.consumers.merge.parameters.TensorParameters`, what
+    ``recipe_to_kwargs`` makes of a mergekit recipe's per-layer gradients, ``filter:`` conditions and
+    per-model densities) sets options and weights tensor by tensor, each resolved and checked before
+    any tensor is merged. ``tokenizer_source``: the folder (an input's) whose tokenizer files the
+    output gets (default: the first model's).
     """
     hub_options = {k: v for k, v in options.items() if k in HUB_OPTIONS}
     settings, data, validation, grid, out_dtype, shard_bytes = _check_arguments(
@@ -587,6 +626,9 @@ def merge_with_fisher(
     if output_dir is not None:
         target = _check_output(output_dir, _input_paths(models, base_model, fishers))
 
+    if tensor_parameters is not None and (any(_is_adapter(m) for m in models) or settings.method.fishers == "kfac"):
+        raise UnsupportedError("per-tensor settings (a recipe's gradients, filters, per-model densities) apply to "
+                               "per-tensor merges of full models, not to LoRA adapters or KFAC blocks; give scalar settings")
     if any(_is_adapter(m) for m in models):
         return _merge_adapters(models, fishers, settings, base_model, out_dtype, target, push_to_hub, hub_options,
                                rank=rank, merge_into_base=merge_into_base)
@@ -594,6 +636,16 @@ def merge_with_fisher(
     inp, plan_infos, no_fisher = _open_inputs(models, fishers, settings.method, base_model, allow_tokenizer_mismatch,
                                               hub_options)
     method = settings.method
+    if tensor_parameters is not None:  # every tensor's settings resolved and checked before any work
+        if validation is not None:
+            raise UnsupportedError("validation tuning with per-tensor settings (gradients, filters, per-model "
+                                   "densities) is not available; give scalar settings")
+        tensor_parameters.bind(_full_config(inp.sources[0]))
+        settings = MergeSettings(settings.method, settings.weights, tensor_parameters)
+        for info in plan_infos:
+            _tensor_settings(settings, info.name, len(inp.sources))
+    if tokenizer_source is not None:
+        inp.tokenizer_source = _io.open_source(tokenizer_source, what="tokenizer_source", hub_options=hub_options)
 
     # ---- work
     if method.needs_data:
@@ -733,7 +785,7 @@ def _write_merge(plan_infos, out_plan, reader, settings, out_dtype, shard_bytes,
         except BaseException:
             writer.abort()
             raise
-        _write_side_files(tmp, inp.sources, inp.base, out_dtype)
+        _write_side_files(tmp, inp.sources, inp.base, out_dtype, inp.tokenizer_source)
         (tmp / RECIPE_NAME).write_text(yaml_text(recipe), encoding="utf-8")
         merged_card(recipe, sources=inp.sources, fishers=inp.fishers, base=inp.base).save(tmp / CARD_NAME)
     logger.info("merged %d models (%s) into %s", len(inp.sources), name, write_to)
@@ -759,7 +811,7 @@ def _check_output(output_dir, inputs=(), flag: str = "output_dir") -> Path:
 
     path = Path(os.path.abspath(os.fspath(output_dir)))
     check_not_input(path, inputs, what="merged model", flag=flag)
-    if path.is_dir() and any(path.iterdir()) and not (path / RECIPE_NAME).is_file():
+    if path.is_dir() and any(path.iterdir()) and not any((path / r).is_file() for r in (RECIPE_NAME, *LEGACY_RECIPE_NAMES)):
         raise ArtifactError(
             f"{flag} {path} is a non-empty folder that is not a previous merge output (no {RECIPE_NAME}); "
             "choose a new or empty folder"
@@ -767,7 +819,8 @@ def _check_output(output_dir, inputs=(), flag: str = "output_dir") -> Path:
     return check_target(path, allowed=is_merge_output_file, what="merged model", overwrite=True, flag=flag)
 
 
-def _write_side_files(tmp: Path, sources: Sequence[TensorSource], base: TensorSource | None, out_dtype) -> None:
+def _write_side_files(tmp: Path, sources: Sequence[TensorSource], base: TensorSource | None, out_dtype,
+                      tokenizer_source: TensorSource | None = None) -> None:
     first = sources[0]
     cfg = dict(first.config)
     if out_dtype is not None:
@@ -789,6 +842,8 @@ def _write_side_files(tmp: Path, sources: Sequence[TensorSource], base: TensorSo
     else:
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
     folders = [s.folder for s in sources] + ([base.folder] if base is not None else [])
+    if tokenizer_source is not None:
+        folders.insert(0, tokenizer_source.folder)
     _io.copy_side_files(folders, tmp, [f for f in (*_io.TOKENIZER_FILES, "generation_config.json") if not (tmp / f).exists()])
 
 

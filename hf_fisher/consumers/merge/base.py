@@ -107,6 +107,14 @@ class TensorInputs:
     base: torch.Tensor | None = None
     fishers: Sequence[torch.Tensor] | None = None
     gram: tuple[Sequence[torch.Tensor], str] | None = None
+    #: per-model values of options a recipe gives model by model (mergekit's ``density``, ``gamma``,
+    #: ``epsilon`` under ``models[i].parameters``), resolved for this tensor: option name -> one value per model
+    per_model: Mapping[str, Sequence[Any]] | None = None
+
+    def model_values(self, name: str, default: Any) -> list[Any]:
+        """Option ``name``'s value for each model: the per-model values when given, else ``default``."""
+        got = (self.per_model or {}).get(name)
+        return list(got) if got is not None else [default] * len(self.thetas)
 
 
 class MergeMethod:
@@ -175,8 +183,9 @@ class MergeMethod:
         return type(self)(**{**self.values(), **changes})
 
     def parameters(self) -> dict[str, Any]:
-        """The options the recipe records (default: all of them)."""
-        return self.values()
+        """The options the recipe records (default: all of them but those left unset, None: the
+        method's default, which a mergekit reader could not parse)."""
+        return {k: v for k, v in self.values().items() if v is not None}
 
     @property
     def uses_base(self) -> bool:
@@ -235,6 +244,17 @@ DROP_P = Option("drop_p", 0.9, low=0, high=1, high_open=True, help="DARE: drop p
 SEED = Option("seed", 0, kind="int", help="DARE: random seed")
 DARE_THEN = Option("dare_then", "task_arithmetic", kind="choice", choices=("task_arithmetic", "ties"),
                    help="DARE: combine the rescaled task vectors by")
+CONVENTION = Option("convention", "mergekit", kind="choice", choices=("mergekit", "hf_fisher"),
+                    help="'mergekit': mergekit 0.1.5's numbers (trim max(1, int(d·n)), a zero sign sum elects +1, "
+                         "weighted TIES divides by the agreeing weights, DARE rescales to the L1 norm); 'hf_fisher': "
+                         "round(d·n), a zero sign sum keeps nothing, divides by the agreeing count, DARE rescales by 1/(1 − p)")
+NORMALIZE = Option("normalize", None, kind="bool",
+                   help="divide the merged task vector by the sum of the (agreeing) weights (None: the method's default)")
+RESCALE = Option("rescale", None, kind="bool", help="rescale each sparsified task vector to its L1 norm (None: the method's default)")
+INT8_MASK = Option("int8_mask", False, kind="bool", help="mergekit's int8 sign mask (memory only: the numbers are the same)")
+MK_DENSITY = Option("density", 1.0, low=0, low_open=True, high=1, help="fraction of each task vector kept")
+GAMMA = Option("gamma", 0.01, low=0, high=1, help="Model Breadcrumbs: fraction of largest-magnitude entries dropped")
+EPSILON = Option("epsilon", 0.15, low=0, high=1, help="DELLA: spread of the keep probabilities around density")
 ALPHA = Option("alpha", 0.9, low=0, high=1, help="RegMean: off-diagonal Gram scale")
 KFAC_DAMPING = Option("kfac_damping", 1e-3, low=0, low_open=True, note="δ relative to the mean Fisher diagonal")
 KFAC_DAMPING_MODE = Option("kfac_damping_mode", "factor", kind="choice", choices=("factor", "exact"),

@@ -28,6 +28,28 @@ The other methods act element by element (Fisher weights, trimming, dropping) an
 full-rank ``ΔW*`` in general: their default is ``min(out, in)`` (exact); pass an int to truncate
 (the error is reported), ``"full"`` for ``min(out, in)`` with any method.
 
+peft's ``PeftModel.add_weighted_adapter`` (peft 0.18 - 0.22) and how this differs, and why:
+
+- ``combination_type="linear"`` / ``"ties"`` / ``"dare_linear"`` / ``"dare_ties"`` / ``"magnitude_prune"``
+  (no ``_svd``) merge the *factors*: ``A* = f(√|λ_i s_i| sign(λ_i s_i) A_i)``, ``B* = f(√|λ_i s_i| B_i)``,
+  so ``B* A*`` holds cross terms ``B_i A_j`` (i ≠ j) and is not ``Σ_i λ_i ΔW_i``; trimming or dropping
+  entries of A and B is not trimming ΔW. Here every method acts on ``ΔW_i`` itself, so a merge of
+  adapters equals the same merge of the merged-in models (what a user of a method means by it);
+- ``"cat"`` concatenates the factors: exactly ``Σ_i λ_i ΔW_i`` at rank ``Σ_i r_i`` -- what
+  ``method="task_arithmetic"`` gives here at the default rank (refactored by SVD, also exact);
+- the ``*_svd`` types combine ``ΔW_i`` (as here) and truncate by SVD to the new rank (as ``rank=``
+  here, which also reports the truncation error);
+- peft's TIES (``utils/merge_utils.py``): trim ``int(d·n)`` entries (as mergekit; hf_fisher's default
+  ``convention="mergekit"`` does the same, ``"hf_fisher"`` ``round(d·n)``), elect the sign from the
+  *unweighted* trimmed tensors (``majority_sign_method="total"``: ``Σ_i τ̂_i ≥ 0`` → +1; mergekit and
+  hf_fisher elect from the weighted ``Σ_i λ_i τ̂_i``), divide the agreeing weighted sum by the *count*
+  of agreeing entries (hf_fisher's ``"hf_fisher"`` convention; mergekit's and hf_fisher's default divide
+  by the agreeing weights' sum);
+- peft's DARE keeps ``m ~ Bernoulli(d)`` from torch's global generator and rescales by ``1/d``
+  (hf_fisher's ``"hf_fisher"`` convention rescales the same way; mergekit's and hf_fisher's default
+  rescale to the L1 norm of the task vector), with no seed of its own; hf_fisher's masks are seeded
+  per tensor (``seed``).
+
 Fisher names: a Fisher collected on the merged-in model names the weight
 ``model.layers.0.self_attn.q_proj.weight``; one collected on the PeftModel with the base weights
 trainable names it ``base_model.model.model.layers.0.self_attn.q_proj.base_layer.weight`` (the

@@ -226,3 +226,237 @@ def dare(
     if then == "ties":
         return ties(b, dropped, weights, density=density, scaling=scaling)
     return task_arithmetic(b, dropped, weights, scaling=scaling)
+
+
+# ---------------------------------------------------------------------------- mergekit's conventions
+# The functions below reproduce mergekit 0.1.5 (``mergekit/sparsify.py``,
+# ``mergekit/merge_methods/generalized_task_arithmetic.py`` and ``linear.py``) operation by operation, so
+# that on float32 (or float64) inputs the result is the same to the last bit. They differ from the
+# functions above (the ``"hf_fisher"`` convention) in: the trim count ``k = max(1, int(d·n))`` (not
+# ``round(d·n)``); an exactly zero sign sum electing ``+1`` (not dropping the entry); with weights, the
+# agreeing sum divided by the sum of the agreeing weights (``normalize``), not by their count; DARE's kept
+# entries rescaled to the task vector's L1 norm (``rescale``), not by ``1/(1 − p)``; the DARE mask drawn as
+# ``torch.bernoulli(full(density))`` (float32), models in order, from one generator per tensor (mergekit
+# draws from torch's global generator in its execution order, so a whole model's masks are not mergekit's
+# draws: the only difference, on DARE/DELLA only).
+
+#: the ways a task vector is sparsified (mergekit's ``SparsificationMethod``)
+SPARSIFIERS = ("magnitude", "random", "magnitude_outliers", "della_magprune")
+
+
+def _rescaled(tau: torch.Tensor, mask: torch.Tensor, rescale: bool, eps: float = 1e-7) -> torch.Tensor:
+    """``m ⊙ τ``, times ``‖τ‖₁ / ‖m ⊙ τ‖₁`` when ``rescale`` (and both norms are at least ``eps``)."""
+    masked = tau * mask
+    if not rescale:
+        return masked
+    before = tau.abs().sum()
+    after = masked.abs().sum()
+    if before < eps or after < eps:
+        return masked
+    return masked * (before / after)
+
+
+def _work_dtype(tau: torch.Tensor) -> torch.dtype:
+    """mergekit's work dtype of the random masks on CPU: bfloat16 stays, anything else is float32."""
+    return tau.dtype if tau.dtype == torch.bfloat16 else torch.float32
+
+
+def sparsify(tau: torch.Tensor, density: float, how: str, *, rescale: bool = False, gamma: float = 0.01,
+             epsilon: float = 0.15, generator: torch.Generator | None = None) -> torch.Tensor:
+    """mergekit's sparsification of one task vector, keeping a fraction ``density`` (``≥ 1``: all):
+
+    - ``"magnitude"`` (TIES' trim): the ``k = max(1, int(density · n))`` entries of largest ``|τ|``;
+    - ``"random"`` (DARE): ``m ~ Bernoulli(density)`` per entry;
+    - ``"magnitude_outliers"`` (Model Breadcrumbs): drop the ``int(gamma · n)`` largest ``|τ|`` and the
+      smallest, keeping ``int(density · n)`` entries;
+    - ``"della_magprune"`` (DELLA): ``m ~ Bernoulli(p_j)`` per row, ``p_j = density − ε + 2ε · r_j``, ``r_j``
+      the entry's magnitude rank in its row scaled to ``[0, 1]``;
+
+    then ``m ⊙ τ``, rescaled to ``τ``'s L1 norm when ``rescale`` (:func:`_rescaled`). Random masks come from
+    ``generator``. The random ones run in mergekit's CPU work dtype (float32, bfloat16 kept) and are
+    cast back."""
+    if how not in SPARSIFIERS:
+        raise InvalidInputError(f"sparsification must be one of {list(SPARSIFIERS)}, got {how!r}")
+    if density >= 1:
+        return tau
+    if how == "magnitude":
+        if density <= 0 or tau.numel() == 0:
+            return torch.zeros_like(tau)
+        k = max(1, int(density * tau.numel()))
+        mask = torch.zeros(tau.numel(), dtype=tau.dtype)
+        w = tau.abs().reshape(-1)
+        if w.dtype != torch.float64:
+            w = w.float()
+        mask[torch.argsort(w, descending=True)[:k]] = 1
+        return _rescaled(tau, mask.reshape_as(tau), rescale)
+    if how == "magnitude_outliers":
+        n = tau.numel()
+        target = int(density * n)
+        n_bot = max(0, n - target - int(gamma * n))
+        w = tau.abs().reshape(-1)
+        if w.dtype != torch.float64:
+            w = w.float()
+        mask = torch.zeros(n, dtype=tau.dtype)
+        mask[torch.sort(w, descending=False).indices[n_bot:n_bot + target]] = 1
+        return _rescaled(tau, mask.reshape_as(tau), rescale)
+    work = _work_dtype(tau)
+    if how == "random":
+        mask = torch.bernoulli(torch.full_like(tau, density, dtype=work), generator=generator)
+        return _rescaled(tau.to(work), mask, rescale).to(tau.dtype)
+    if density <= 0:
+        return torch.zeros_like(tau)
+    if density + epsilon >= 1 or density - epsilon <= 0:
+        raise InvalidInputError(f"DELLA: epsilon ({epsilon}) must keep density ± epsilon in (0, 1) (density {density})")
+    shape = tau.shape
+    t2 = tau.unsqueeze(0) if tau.dim() < 2 else tau
+    ranks = torch.argsort(t2.abs(), dim=1, descending=False).argsort(dim=1).to(work) + 1
+    lo = ranks.min(dim=1, keepdim=True).values
+    hi = ranks.max(dim=1, keepdim=True).values
+    probs = (density - epsilon) + ((ranks - lo) / (hi - lo)).clamp(0, 1) * 2 * epsilon
+    mask = torch.bernoulli(probs, generator=generator).to(work)
+    return _rescaled(t2.to(work), mask, rescale).to(tau.dtype).reshape(shape)
+
+
+def consensus_mask(deltas: torch.Tensor, method: str = "sum") -> torch.Tensor:
+    """mergekit's TIES sign election over the stacked weighted task vectors ``deltas`` (models on dim
+    0): ``γ = +1`` where ``Σ_i δ_i ≥ 0`` (``"sum"``; ``"count"``: where ``Σ_i sign δ_i ≥ 0``), else ``−1``;
+    the mask is ``sign δ_i = γ`` (a zero entry never agrees)."""
+    sign = deltas.sign()
+    if method == "sum":
+        majority = (deltas.sum(dim=0) >= 0).to(deltas.dtype) * 2 - 1
+    elif method == "count":
+        majority = (sign.sum(dim=0) >= 0).to(deltas.dtype) * 2 - 1
+    else:
+        raise InvalidInputError(f"consensus must be 'sum' or 'count', got {method!r}")
+    return sign == majority
+
+
+def generalized_task_arithmetic(
+    base: torch.Tensor,
+    thetas: Sequence[torch.Tensor],
+    weights: Sequence[float],
+    *,
+    sparsification: str | None,
+    consensus: str | None,
+    densities: Sequence[float] | None = None,
+    normalize: bool,
+    rescale: bool = False,
+    scaling: float = 1.0,
+    gammas: Sequence[float] | None = None,
+    epsilons: Sequence[float] | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """mergekit's generalized task arithmetic (``task_arithmetic``, ``ties``, ``dare_ties``,
+    ``dare_linear``, ``breadcrumbs(_ties)``, ``della(_linear)``), per tensor:
+
+    ``δ_i = λ_i · sparsify(θ_i − θ_base, d_i)`` (:func:`sparsify`, models in order);
+    with ``consensus``: ``m_i = [sign δ_i = γ]`` (:func:`consensus_mask`), ``S = Σ_i m_i δ_i``,
+    ``D = Σ_i m_i λ_i`` (0 → 1); without: ``S = Σ_i δ_i``, ``D = Σ_i λ_i`` (``|D| < 1e−8`` → 1);
+    ``θ* = θ_base + s · S / D`` (``normalize``) or ``θ_base + s · S``."""
+    _check(thetas, weights)
+    n = len(thetas)
+    dt = compute_dtype(base, *thetas)
+    b = base.to(dt)
+    dens = list(densities) if densities is not None else [1.0] * n
+    extra: dict[str, Sequence[float]] = {}
+    if sparsification == "magnitude_outliers":
+        extra["gamma"] = list(gammas) if gammas is not None else [0.01] * n
+    if sparsification == "della_magprune":
+        extra["epsilon"] = list(epsilons) if epsilons is not None else [0.15] * n
+    deltas = b.new_empty((n, *b.shape))
+    for i, t in enumerate(thetas):
+        delta = t.to(dt) - b
+        if sparsification:
+            delta = sparsify(delta, float(dens[i]), sparsification, rescale=rescale, generator=generator,
+                             **{k: float(v[i]) for k, v in extra.items()})
+        deltas[i] = delta
+    w = torch.tensor([float(x) for x in weights], dtype=dt)
+    while deltas.dim() > w.dim():
+        w.unsqueeze_(-1)
+    deltas.mul_(w)
+    if consensus:
+        mask = consensus_mask(deltas, consensus)
+        mixed = (deltas * mask).sum(dim=0)
+        divisor = (w * mask).sum(dim=0)
+        divisor[divisor == 0] = 1
+    else:
+        mixed = deltas.sum(dim=0)
+        divisor = w.sum(dim=0)
+        divisor[divisor.abs() < 1e-8] = 1
+    if normalize:
+        mixed /= divisor
+    if scaling != 1:
+        mixed *= scaling
+    return b + mixed
+
+
+def linear(thetas: Sequence[torch.Tensor], weights: Sequence[float], *, normalize: bool = True) -> torch.Tensor:
+    """mergekit's ``linear``: ``θ* = Σ_i λ_i θ_i / Σ_i λ_i`` (``normalize``, no check of the sum) or
+    ``Σ_i λ_i θ_i``, accumulated in mergekit's order (``addcmul``)."""
+    _check(thetas, weights)
+    dt = compute_dtype(*thetas)
+    w = torch.tensor([float(x) for x in weights], dtype=dt)
+    out = torch.zeros(thetas[0].shape, dtype=dt)
+    for t, c in zip(thetas, w.unbind(0)):
+        out.addcmul_(t.to(dt), c)
+    if normalize:
+        out.div_(w.sum())
+    return out
+
+
+_SLERP_CHUNK = 1024 * 1024  # mergekit's _CHUNK_ELEMENTS
+
+
+def slerp(t: float, v0: torch.Tensor, v1: torch.Tensor, dot_threshold: float = 0.9995, eps: float = 1e-8) -> torch.Tensor:
+    """Spherical interpolation of whole tensors (mergekit's ``slerp``): with ``Ω`` the angle between
+    ``v0`` and ``v1`` (flattened, each normalised),
+    ``θ* = sin((1 − t)Ω)/sin Ω · v0 + sin(tΩ)/sin Ω · v1``; the linear ``(1 − t) v0 + t v1`` where
+    ``|cos Ω| > dot_threshold``. Norms and dot products chunked as mergekit chunks them."""
+    dt = torch.float64 if v0.dtype == torch.float64 else torch.float32
+    a = v0.reshape(1, -1)
+    b = v1.reshape(1, -1)
+    tt = torch.tensor([float(t)], dtype=dt).reshape(-1, 1)
+    if not a.shape[1]:
+        return ((1 - tt) * a + tt * b).reshape(v0.shape).to(dt)
+    step = _SLERP_CHUNK
+    chunks = range(0, a.shape[1], step)
+    norm_a = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(a[:, s:s + step].to(dt), dim=1, keepdim=True)
+                                                   for s in chunks]), dim=0)
+    norm_b = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(b[:, s:s + step].to(dt), dim=1, keepdim=True)
+                                                   for s in chunks]), dim=0)
+    norm_a = torch.where(norm_a > eps, norm_a, 1)
+    norm_b = torch.where(norm_b > eps, norm_b, 1)
+    dot = torch.stack([((a[:, s:s + step].to(dt) / norm_a) * (b[:, s:s + step].to(dt) / norm_b)).sum(dim=1, keepdim=True)
+                       for s in chunks]).sum(dim=0).clamp(-1, 1)
+    lin = dot.abs() > dot_threshold
+    theta = torch.acos(torch.where(lin, 0, dot))
+    sin_theta = torch.sin(theta)
+    coef_a = torch.where(lin, 1 - tt, torch.sin((1 - tt) * theta) / sin_theta)
+    coef_b = torch.where(lin, tt, torch.sin(tt * theta) / sin_theta)
+    out = torch.empty_like(a, dtype=dt)
+    for s in chunks:
+        out[:, s:s + step] = coef_a * a[:, s:s + step].to(dt) + coef_b * b[:, s:s + step].to(dt)
+    return out.reshape(v0.shape)
+
+
+def nuslerp(t: float, v0: torch.Tensor, v1: torch.Tensor, *, row_wise: bool = False, flatten: bool = True,
+            eps: float = 1e-8) -> torch.Tensor:
+    """mergekit's ``nuslerp`` interpolation: SLERP of the flattened tensors (``flatten``), else of each
+    row (``row_wise``: each column) separately, ``(sin((1 − t)Ω) v0 + sin(tΩ) v1) / sin Ω``, linear
+    where ``1 − cos²Ω ≤ eps²``."""
+    shape = v0.shape
+    dim = 0 if row_wise else -1
+    if flatten:
+        v0, v1 = v0.reshape(-1), v1.reshape(-1)
+    elif dim != -1:
+        v0, v1 = v0.transpose(dim, -1), v1.transpose(dim, -1)
+    u0 = v0 / torch.norm(v0, dim=-1, keepdim=True).clamp(min=1e-7)
+    u1 = v1 / torch.norm(v1, dim=-1, keepdim=True).clamp(min=1e-7)
+    cos = torch.sum(u0 * u1, dim=-1, keepdim=True).clamp(-1, 1)
+    colinear = (1 - cos.square()) <= eps**2
+    theta = torch.acos(torch.where(colinear, 0, cos))
+    out = (torch.sin((1 - t) * theta) * v0 + torch.sin(t * theta) * v1) / torch.sin(theta)
+    out = torch.where(colinear, (1 - t) * v0 + t * v1, out)
+    if dim != -1 and not flatten:
+        out = out.transpose(dim, -1)
+    return out.reshape(shape)

@@ -1,4 +1,4 @@
-"""The merge recipe: what ``merge_with_fisher`` writes as ``merge_recipe.yaml`` beside a merged
+"""The merge recipe: what ``merge_with_fisher`` writes as ``mergekit_config.yml`` beside a merged
 model and what ``hf-fisher merge RECIPE.yaml`` reads back (mergekit-like YAML).
 
 ``merge_method`` is any registered method (:mod:`hf_fisher.consumers.merge.registry`), built-in or
@@ -23,9 +23,11 @@ from . import registry
 if TYPE_CHECKING:  # pragma: no cover
     from .base import MergeMethod
 
-__all__ = ["CARD_NAME", "MERGE_KEYS", "RECIPE_NAME", "build_recipe", "load_recipe", "recipe_to_kwargs", "yaml_text"]
+__all__ = ["CARD_NAME", "LEGACY_RECIPE_NAMES", "MERGE_KEYS", "RECIPE_NAME", "build_recipe", "load_recipe", "recipe_to_kwargs", "yaml_text"]
 
-RECIPE_NAME = "merge_recipe.yaml"
+RECIPE_NAME = "mergekit_config.yml"  # mergekit's name for the recipe beside a merge
+#: the names earlier versions gave it (a folder holding one is a previous merge output)
+LEGACY_RECIPE_NAMES = ("merge_recipe.yaml",)
 CARD_NAME = "README.md"
 
 #: recipe ``parameters`` that are not method options: merge-wide settings and their YAML types
@@ -83,8 +85,21 @@ def build_recipe(models, fishers, method: MergeMethod, weights, base_model, out_
     }
 
 
-_TOP_KEYS = ("merge_method", "base_model", "models", "parameters", "dtype", "hf_fisher")
+_TOP_KEYS = ("merge_method", "base_model", "models", "parameters", "dtype", "hf_fisher", "out_dtype", "tokenizer_source")
 
+#: mergekit's recipe keys that ``hf-fisher merge`` does not carry out, with what to do instead
+_UNSUPPORTED = {
+    "slices": "mergekit's layer slices (passthrough / frankenmerges) are not supported by hf-fisher merge; "
+              "give models: with one entry per whole model",
+    "modules": "mergekit's per-module merges are not supported by hf-fisher merge; give models: and merge_method:",
+    "tokenizer": "mergekit's tokenizer building (tokens, pad_to_multiple_of) is not supported by hf-fisher merge; "
+                 "use tokenizer_source: base or a model of the recipe",
+    "chat_template": "mergekit's chat_template is not supported by hf-fisher merge; the tokenizer files are copied "
+                     "from tokenizer_source (default: the first model)",
+}
+
+#: mergekit's names of options: recipe key -> option
+ALIASES = {"lambda": "scaling"}
 
 def _bad(path: str, problem: str, where: str) -> InvalidInputError:
     return InvalidInputError(f"recipe {where}: key '{path}' {problem}")
@@ -130,9 +145,22 @@ def yaml_text(data: Any) -> str:
     return yaml.dump(data, Dumper=PlainDumper, sort_keys=False, allow_unicode=True, default_flow_style=False)
 
 
+def _check_value(types: tuple[type, ...], what: str, where: str):
+    def check(v, at):
+        if not isinstance(v, types) or (bool not in types and isinstance(v, bool)) or (
+                isinstance(v, float) and not math.isfinite(v)):
+            raise _bad(at, f"must be of type {'/'.join(t.__name__ for t in types)}{what}, got {v!r}", where)
+    return check
+
+
 def load_recipe(path: str | os.PathLike) -> dict[str, Any]:
-    """Read and validate a recipe YAML file; :class:`InvalidInputError` naming the key."""
+    """Read and validate a recipe YAML file (hf_fisher's, or mergekit's form: per-model ``weight`` /
+    ``density`` / ``gamma`` / ``epsilon``, gradients over the layers and ``filter:`` conditions,
+    ``lambda``, ``normalize``, ``int8_mask``, ``rescale``, ``t``, ``dtype`` / ``out_dtype``,
+    ``tokenizer_source``); :class:`InvalidInputError` naming the key."""
     import yaml
+
+    from .parameters import PER_MODEL_KEYS, check_setting
 
     where = os.fspath(path)
     try:
@@ -151,6 +179,8 @@ def load_recipe(path: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise InvalidInputError(f"recipe {where} must be a mapping with keys merge_method, models, ...")
     for k in data:
+        if k in _UNSUPPORTED:
+            raise _bad(str(k), f"is not supported: {_UNSUPPORTED[k]}", where)
         if k not in _TOP_KEYS:
             raise _bad(str(k), f"is not a known key (expected {list(_TOP_KEYS)})", where)
     if "merge_method" not in data:
@@ -158,6 +188,7 @@ def load_recipe(path: str | os.PathLike) -> dict[str, Any]:
     models = data.get("models")
     if not isinstance(models, list) or len(models) < 2:
         raise _bad("models", "must be a list of at least two entries {model: ..., parameters: {...}}", where)
+    number = _check_value((float, int), "", where)
     for i, e in enumerate(models):
         p = f"models[{i}]"
         if not isinstance(e, dict) or not isinstance(e.get("model"), str) or not e["model"]:
@@ -170,13 +201,18 @@ def load_recipe(path: str | os.PathLike) -> dict[str, Any]:
             raise _bad(f"{p}.parameters", "must be a mapping (weight, fisher)", where)
         for k, v in params.items():
             if k == "weight":
-                if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-                    raise _bad(f"{p}.parameters.weight", f"must be a number, got {v!r}", where)
+                def weight(x, at, _p=p):
+                    if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x):
+                        raise _bad(at, f"must be a number, got {x!r}", where)
+                check_setting(v, weight, f"{p}.parameters.weight")
             elif k == "fisher":
                 if v is not None and (not isinstance(v, str) or v.startswith("<")):
                     raise _bad(f"{p}.parameters.fisher", f"must be a Fisher artifact folder or Hub id, got {v!r}", where)
+            elif k in PER_MODEL_KEYS:
+                check_setting(v, number, f"{p}.parameters.{k}")
             else:
-                raise _bad(f"{p}.parameters.{k}", "is not a known key (expected weight, fisher)", where)
+                raise _bad(f"{p}.parameters.{k}", f"is not a known key (expected weight, fisher, {', '.join(PER_MODEL_KEYS[1:])})",
+                           where)
         if isinstance(e["model"], str) and e["model"].startswith("<"):
             raise _bad(f"{p}.model", f"names an in-memory model ({e['model']}); a recipe needs a folder or Hub id", where)
     base = data.get("base_model")
@@ -193,20 +229,41 @@ def load_recipe(path: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(params, dict):
         raise _bad("parameters", "must be a mapping", where)
     param_keys = _param_keys()
+    for k in PER_MODEL_KEYS:
+        param_keys.setdefault(k, (float, int))
     for k, v in params.items():
-        types = param_keys.get(k)
+        types = param_keys.get(ALIASES.get(k, k))
         if types is None:
-            raise _bad(f"parameters.{k}", f"is not a known parameter (expected {sorted(param_keys)})", where)
-        if not isinstance(v, types) or (bool not in types and isinstance(v, bool)):
-            raise _bad(f"parameters.{k}", f"must be of type {'/'.join(t.__name__ for t in types)}, got {v!r}", where)
-    dtype = data.get("dtype")
-    if dtype is not None:
-        from .api import _out_dtype
+            raise _bad(f"parameters.{k}", f"is not a known parameter (expected {sorted([*param_keys, *ALIASES])})", where)
+        if v is None:  # the option's default (what a written recipe records for "the method's default")
+            continue
+        if k in MERGE_KEYS:
+            _check_value(types, "", where)(v, f"parameters.{k}")
+        else:
+            check_setting(v, _check_value(types, "", where), f"parameters.{k}")
+    if "lambda" in params and "scaling" in params:
+        raise _bad("parameters.lambda", "and parameters.scaling are the same option (mergekit's name and hf_fisher's); "
+                   "give one", where)
+    for key in ("dtype", "out_dtype"):
+        dtype = data.get(key)
+        if dtype is not None:
+            from .api import _out_dtype
 
-        try:
-            _out_dtype(dtype)
-        except InvalidInputError:
-            raise _bad("dtype", f"must be a floating dtype name (float32, bfloat16, float16, float64), got {dtype!r}", where) from None
+            try:
+                _out_dtype(dtype)
+            except InvalidInputError:
+                raise _bad(key, f"must be a floating dtype name (float32, bfloat16, float16, float64), got {dtype!r}",
+                           where) from None
+    ts = data.get("tokenizer_source")
+    if ts is not None:
+        names = [e["model"] for e in models] + ([base] if base else [])
+        if ts == "union":
+            raise _bad("tokenizer_source", "'union' (mergekit's merged vocabulary) is not supported by hf-fisher merge; "
+                       "use base or one model of the recipe", where)
+        if not isinstance(ts, str) or (ts != "base" and ts not in names):
+            raise _bad("tokenizer_source", f"must be 'base' or one of the recipe's models {names}, got {ts!r}", where)
+        if ts == "base" and not base:
+            raise _bad("tokenizer_source", "is 'base' but the recipe has no base_model", where)
     if data.get("hf_fisher") is not None and not isinstance(data["hf_fisher"], dict):
         raise _bad("hf_fisher", "must be a mapping", where)
     return data
@@ -214,7 +271,17 @@ def load_recipe(path: str | os.PathLike) -> dict[str, Any]:
 
 def recipe_to_kwargs(recipe: Mapping[str, Any], *, relative_to: str | os.PathLike | None = None) -> dict[str, Any]:
     """``merge_with_fisher`` arguments of a validated recipe (relative local paths resolved against
-    ``relative_to`` when they exist there)."""
+    ``relative_to`` when they exist there).
+
+    As mergekit reads its recipes: a model entry that is the ``base_model`` is the base of the
+    task-vector methods (not merged in); ``slerp`` interpolates from the base to the other model;
+    ``linear`` merges the base as one more input when it is not listed; ``lambda`` is ``scaling``;
+    ``out_dtype`` (else ``dtype``) is the output dtype; ``ties`` without a density keeps everything
+    (mergekit's default density 1). Settings that differ between models (other than ``weight``),
+    gradients and filters become ``tensor_parameters``
+    (:class:`~hf_fisher.consumers.merge.parameters.TensorParameters`)."""
+    from .parameters import PER_MODEL_KEYS, TensorParameters, varies
+
     def loc(ref):
         if ref is None or relative_to is None or os.path.isabs(ref):
             return ref
@@ -222,21 +289,61 @@ def recipe_to_kwargs(recipe: Mapping[str, Any], *, relative_to: str | os.PathLik
         return str(cand) if cand.exists() else ref
 
     method = recipe["merge_method"]
-    models = [loc(e["model"]) for e in recipe["models"]]
-    params = [e.get("parameters") or {} for e in recipe["models"]]
-    weights = [p.get("weight") for p in params]
-    fishers = [loc(p.get("fisher")) for p in params]
-    kwargs: dict[str, Any] = dict(recipe.get("parameters") or {})
-    kwargs.update(method=method, base_model=loc(recipe.get("base_model")), dtype=recipe.get("dtype"))
-    if all(x is not None for x in weights):
-        kwargs["weights"] = weights
-    elif any(x is not None for x in weights):
-        raise InvalidInputError("recipe: give parameters.weight for every model or for none")
-    if registry.get(method).fishers is not None:
+    cls = registry.get(method)
+    base = recipe.get("base_model")
+    entries = list(recipe["models"])
+    if base is not None:
+        if cls.name == "slerp":
+            own = [e for e in entries if e["model"] == base]
+            entries = (own or [{"model": base}])[:1] + [e for e in entries if e["model"] != base]
+            base = None
+        elif cls.name == "linear":
+            if all(e["model"] != base for e in entries):
+                entries.append({"model": base})
+            base = None
+        elif cls.needs_base or cls.name == "nuslerp":  # nuslerp: the base, when given, is the base
+            entries = [e for e in entries if e["model"] != base]
+    shared = {ALIASES.get(k, k): v for k, v in (recipe.get("parameters") or {}).items()}
+    merge_wide = {k: shared.pop(k) for k in list(shared) if k in MERGE_KEYS}
+    params = [dict(e.get("parameters") or {}) for e in entries]
+    fishers = [loc(p.pop("fisher", None)) for p in params]
+    if cls.name == "ties" and "density" not in shared and all("density" not in p for p in params):
+        shared["density"] = 1.0  # mergekit's default density
+    kwargs: dict[str, Any] = dict(merge_wide)
+    varying: dict[str, Any] = {}
+    for k, v in shared.items():
+        if v is not None and varies(v):
+            varying[k] = v
+        elif k not in PER_MODEL_KEYS:
+            kwargs[k] = v
+    per_model: list[dict[str, Any]] = [{} for _ in params]
+    for k in PER_MODEL_KEYS:
+        values = [p.get(k, shared.get(k)) for p in params]
+        if any(v is None for v in values):
+            if k == "weight" and any(v is not None for v in values):
+                raise InvalidInputError("recipe: give parameters.weight for every model or for none")
+            if all(v is None for v in values):
+                continue
+        if any(varies(v) for v in values if v is not None) or (k != "weight" and len({repr(v) for v in values}) > 1):
+            for i, p in enumerate(params):
+                if k in p:
+                    per_model[i][k] = p[k]
+            if k in shared:
+                varying[k] = shared[k]
+        elif k == "weight":
+            kwargs["weights"] = values
+        else:
+            kwargs[k] = values[0]
+    if varying or any(per_model):
+        kwargs["tensor_parameters"] = TensorParameters(varying, per_model)
+    out_dtype = recipe.get("out_dtype") or recipe.get("dtype")
+    kwargs.update(method=method, base_model=loc(base), dtype=out_dtype)
+    ts = recipe.get("tokenizer_source")
+    if ts is not None:
+        kwargs["tokenizer_source"] = loc(recipe.get("base_model") if ts == "base" else ts)
+    if cls.fishers is not None:
         if any(f is None for f in fishers):
             raise InvalidInputError(f"recipe: method {method!r} needs models[i].parameters.fisher for every model")
         kwargs["fishers"] = fishers
-    kwargs["models"] = models
+    kwargs["models"] = [loc(e["model"]) for e in entries]
     return kwargs
-
-

@@ -133,7 +133,7 @@ def test_api_merge_equals_the_formula(loaded, models, tmp_path):
     base, fts = models
     weights = [0.5, 0.3, 0.2]
     out = hf_fisher.merge_with_fisher(fts, method="model_stock", base_model=base, weights=weights, dtype="float64",
-                                      output_dir=tmp_path / "out", progress=False)
+                                      convention="hf_fisher", output_dir=tmp_path / "out", progress=False)
     merged = _weights(out)
     ref = reference(_weights(base), [_weights(f) for f in fts], weights)
     assert merged.keys() == ref.keys()
@@ -143,7 +143,7 @@ def test_api_merge_equals_the_formula(loaded, models, tmp_path):
         avg = sum(w * _weights(f)[k].double() for w, f in zip(weights, fts)) / sum(weights)
         moved += not torch.allclose(merged[k], avg) and not torch.allclose(merged[k], _weights(base)[k].double())
     assert moved == len(ref)  # t strictly between 0 and 1 everywhere: neither the average nor the base
-    recipe = yaml.safe_load((out / "merge_recipe.yaml").read_text())
+    recipe = yaml.safe_load((out / "mergekit_config.yml").read_text())
     assert recipe["merge_method"] == "model_stock" and recipe["base_model"] == str(base)
     assert "model_stock" in (out / "README.md").read_text()
 
@@ -163,7 +163,7 @@ def test_api_refusals(loaded, models, tmp_path):
 def test_cli_recipe_merge_and_plugins_listing(site, models, tmp_path):
     base, fts = models
     recipe = {"merge_method": "model_stock", "base_model": str(base), "dtype": "float64",
-              "models": [{"model": str(f)} for f in fts]}
+              "models": [{"model": str(f)} for f in fts], "parameters": {"convention": "hf_fisher"}}
     (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
     proc = _cli("merge", str(tmp_path / "recipe.yaml"), "--out", str(tmp_path / "out"), "--no-progress",
                 cwd=tmp_path, site=site)
@@ -173,7 +173,7 @@ def test_cli_recipe_merge_and_plugins_listing(site, models, tmp_path):
     for k in ref:
         torch.testing.assert_close(merged[k], ref[k], rtol=1e-12, atol=1e-14)
     # the recipe the merge wrote reproduces it
-    proc = _cli("merge", str(tmp_path / "out" / "merge_recipe.yaml"), "--out", str(tmp_path / "again"),
+    proc = _cli("merge", str(tmp_path / "out" / "mergekit_config.yml"), "--out", str(tmp_path / "again"),
                 "--no-progress", cwd=tmp_path, site=site)
     assert proc.returncode == 0, proc.stderr
     again = _weights(tmp_path / "again")

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
-from ..base import SCALING, MergeMethod, TensorInputs
+from ..base import CONVENTION, NORMALIZE, SCALING, MergeMethod, TensorInputs
+from .ties import check_convention
 
 
 class TaskArithmetic(MergeMethod):
-    """``θ* = θ_base + s Σ_i λ_i τ_i`` with task vectors ``τ_i = θ_i − θ_base`` (Ilharco et al. 2023)."""
+    """``θ* = θ_base + s Σ_i λ_i τ_i`` with task vectors ``τ_i = θ_i − θ_base`` (Ilharco et al. 2023).
+
+    ``normalize=True`` (mergekit's option, default off) divides the sum by ``Σ_i λ_i``. Both
+    conventions give the same numbers up to rounding; ``"mergekit"`` (default) accumulates in
+    mergekit's order (:func:`~hf_fisher.consumers.merge.math.generalized_task_arithmetic`), bit for bit."""
 
     name = "task_arithmetic"
     paper = "Ilharco et al. 2023, *Editing Models with Task Arithmetic* (arXiv:2212.04089)"
@@ -14,10 +19,23 @@ class TaskArithmetic(MergeMethod):
     needs_base = True
     task_vectors = True
     linear = True
-    options = (SCALING,)
+    options = (SCALING, CONVENTION, NORMALIZE)
     tuned = ("scaling",)
+
+    def __init__(self, **options) -> None:
+        super().__init__(**options)
+        check_convention(self, normalize=self.normalize)
+
+    def parameters(self):
+        out = super().parameters()
+        if self.convention == "hf_fisher":
+            out.pop("normalize", None)
+        return out
 
     def merge(self, t: TensorInputs):
         from .. import math as mm
 
-        return mm.task_arithmetic(t.base, t.thetas, t.weights, scaling=self.scaling)
+        if self.convention == "hf_fisher":
+            return mm.task_arithmetic(t.base, t.thetas, t.weights, scaling=self.scaling)
+        return mm.generalized_task_arithmetic(t.base, t.thetas, t.weights, sparsification=None, consensus=None,
+                                              scaling=self.scaling, normalize=bool(self.normalize))
