@@ -406,7 +406,11 @@ class PerSampleEngine:
             shared = self._shared_calls(calls)
             verify = self.verify_next
             padding = _padding_kind(batch)
-            probe = self._probe_sample(batch, losses.n_tokens, keep) if (verify or padding not in self.padding_checked) else None
+            probe = (
+                self._probe_sample(batch, losses.n_tokens, keep)
+                if (verify or padding not in self.padding_checked) and not (B == 1 and padding == "none")
+                else None
+            )
             self.begin_backward(keep, sink, shared, probe)
             weighted = losses.loss_sum * w.to(losses.loss_sum.dtype)
             loss = weighted.sum()
@@ -584,10 +588,10 @@ class PerSampleEngine:
             else:
                 self._totals[pid] = sum(p.total_times(probe) for p in parts) if parts else None
             self._rounding[pid] = _rounding_scale(parts)
-        if self._probe is not None:
+        if self._probe is not None:  # kept through the check's directions only (see _check_alone)
             zeros = torch.zeros(target.param.shape, dtype=self.compute_dtype, device=self.device)
             one = slice(self._probe, self._probe + 1)
-            self._probe_grads[pid] = sum((p.materialize(one)[0] for p in parts), zeros)
+            self._probe_grads[pid] = self.seen(target.param, sum((p.materialize(one)[0] for p in parts), zeros))
         keep = self._keep
         shape = tuple(target.param.shape)
         n_keep = num_samples(keep)
@@ -675,6 +679,13 @@ class PerSampleEngine:
             probes[key] = (torch.randn(key[0], k, generator=g, dtype=torch.float64) / k**0.5).to(self.compute_dtype).to(self.device)
         return probes[key]
 
+    def seen(self, param: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        """``g P`` (:meth:`_verify_probe`) for a matrix checked through directions, else ``g``
+        itself: what the first-batch checks compare of a gradient of ``param``."""
+        probe = self._verify_probe(param)
+        g = g.to(self.compute_dtype)
+        return g if probe is None else g @ probe
+
     def check_totals(self, grads: Mapping[int, torch.Tensor | None]):
         """Compare the first batch's summed parts (:attr:`_totals`) with autograd's batch
         gradients ``grads`` (seen through :meth:`_verify_probe`), EACH PARAMETER ON ITS OWN SCALE.
@@ -700,8 +711,7 @@ class PerSampleEngine:
         rounding, self._rounding = self._rounding, {}
         seen = {}
         for pid, r in ref.items():
-            probe = self._verify_probe(self.by_param[pid].param)
-            seen[pid] = r if probe is None else r @ probe
+            seen[pid] = self.seen(self.by_param[pid].param, r)
             if mine.get(pid) is None:
                 mine[pid] = torch.zeros_like(seen[pid])
         tol = self._tolerance()
@@ -746,13 +756,19 @@ class PerSampleEngine:
         return min(keep, key=lambda i: (-int(pads[i]), int(n_tokens[i]), i))
 
     def _check_alone(self, batch, i: int, batch_index: int) -> None:
-        """Sample ``i`` alone, without its padding, must get the gradient it got in the batch."""
-        mine = {pid: g.to(self.compute_dtype) for pid, g in self._probe_grads.items()}
-        self._probe_grads = {}
+        """Sample ``i`` alone, without its padding, must get the gradient it got in the batch.
+
+        Both gradients are compared through the first-batch check's directions (:meth:`seen`:
+        ``g P`` for a matrix, ``E‖E P‖² = ‖E‖²``) with :func:`mismatch`'s model-wide rounding
+        term over the parameters' own sizes. The cost: one forward and backward of sample ``i``
+        alone (the batch's shortest, see :meth:`_probe_sample`)."""
+        mine, self._probe_grads = self._probe_grads, {}
         ref = self.gradient_alone(batch, i)
         if ref is None:
             raise UnsupportedError(f"sample {i} of batch {batch_index} has a non-finite loss alone, without padding")
-        bad = mismatch(mine, ref, self._tolerance())
+        sizes = {pid: int(self.by_param[pid].param.numel()) for pid in ref}
+        ref = {pid: self.seen(self.by_param[pid].param, g) for pid, g in ref.items()}
+        bad = mismatch(mine, ref, self._tolerance(), sizes)
         if bad is not None:
             pid, rel = bad
             raise UnsupportedError(
@@ -842,10 +858,17 @@ def model_rounding(ref: dict, tol: float, sizes: dict | None = None) -> dict:
     gradient scale (G the norm of the whole reference gradient over N elements): a parameter
     whose exact gradient is zero (an attention key bias: softmax is shift invariant) holds pure
     rounding noise of that size after a computation that rounds differently."""
-    total = sum(float(r.double().square().sum()) for r in ref.values())
+    total = sum(_norm(r) ** 2 for r in ref.values())
     size = (lambda key, r: max(1, sizes[key])) if sizes is not None else (lambda key, r: max(1, r.numel()))
     count = sum(size(key, r) for key, r in ref.items())
     return {key: tol * (total * size(key, r) / max(1, count)) ** 0.5 for key, r in ref.items()}
+
+
+def _norm(t: torch.Tensor) -> float:
+    """Frobenius norm as a float, computed in the tensor's own dtype (no float64 copy of a
+    parameter-sized tensor); in float64 where that overflows."""
+    n = float(torch.linalg.vector_norm(t))
+    return float(torch.linalg.vector_norm(t, dtype=torch.float64)) if math.isinf(n) else n
 
 
 def mismatches(mine: dict, ref: dict, tol: float, floors: dict) -> list[tuple[Any, float]]:
