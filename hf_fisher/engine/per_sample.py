@@ -19,7 +19,12 @@ How one batch is processed:
    judged against each parameter's own scale: a tiny gradient next to large ones cannot hide a
    missing or wrong part), and the most padded sample, run alone without its padding, must get
    the gradient it got inside the padded batch (the invariant the definitions demand:
-   positions, padding, NaN at padded positions would all break it). A parameter the hooks
+   positions, padding, NaN at padded positions would all break it). Both are proportionate:
+   the totals come from the same backward (autograd's parameter gradients next to the
+   captured outputs' ones) and are compared through a few fixed random directions; the padding
+   check costs one forward and backward of that one sample (the batch's shortest), none for a
+   batch of one unpadded sample (which is its own run alone: the check then waits for the next
+   batch of its padding kind). A parameter the hooks
    cannot give exactly (used outside its module's forward, a rule not exact for it, a module
    call shared by the batch) gets its per-sample gradients from a batched vector-Jacobian
    product instead, the rest of the model staying batched; anything else (activation
@@ -891,13 +896,14 @@ def mismatches(mine: dict, ref: dict, tol: float, floors: dict) -> list[tuple[An
 
 def _rounding_scale(parts: list[Part]) -> float:
     """``sqrt(Σ rounding_sq)`` over a parameter's parts (:meth:`Part.rounding_sq`; a part that
-    does not know its terms adds nothing, so the parameter is judged on its total alone)."""
+    does not know its terms adds nothing, so the parameter is judged on its total alone; so is
+    one whose scale overflows: an infinite allowance would pass anything)."""
     total = 0.0
     for p in parts:
         r = p.rounding_sq()
         if r is not None:
             total += float(r)
-    return total**0.5
+    return total**0.5 if math.isfinite(total) else 0.0
 
 
 def owned_parameters(model: nn.Module) -> dict[int, set[int]]:
