@@ -19,7 +19,12 @@ How one batch is processed:
    judged against each parameter's own scale: a tiny gradient next to large ones cannot hide a
    missing or wrong part), and the most padded sample, run alone without its padding, must get
    the gradient it got inside the padded batch (the invariant the definitions demand:
-   positions, padding, NaN at padded positions would all break it). A parameter the hooks
+   positions, padding, NaN at padded positions would all break it). Both are proportionate:
+   the totals come from the same backward (autograd's parameter gradients next to the
+   captured outputs' ones) and are compared through a few fixed random directions; the padding
+   check costs one forward and backward of that one sample (the batch's shortest), none for a
+   batch of one unpadded sample (which is its own run alone: the check then waits for the next
+   batch of its padding kind). A parameter the hooks
    cannot give exactly (used outside its module's forward, a rule not exact for it, a module
    call shared by the batch) gets its per-sample gradients from a batched vector-Jacobian
    product instead, the rest of the model staying batched; anything else (activation
@@ -411,7 +416,8 @@ class PerSampleEngine:
             shared = self._shared_calls(calls)
             verify = self.verify_next
             padding = _padding_kind(batch)
-            need_probe = verify or padding not in self.padding_checked
+            # a batch of one unpadded sample is its own "alone" run: no padding check to make
+            need_probe = (verify or padding not in self.padding_checked) and not (B == 1 and padding == "none")
             if self.agree is not None:  # sharded: every rank runs the check (an extra pass) or none
                 need_probe = self.agree(need_probe)
             probe = self._probe_sample(batch, losses.n_tokens, keep) if need_probe else None
@@ -594,10 +600,10 @@ class PerSampleEngine:
             else:
                 self._totals[pid] = sum(p.total_times(probe) for p in parts) if parts else None
             self._rounding[pid] = _rounding_scale(parts)
-        if self._probe is not None:
+        if self._probe is not None:  # kept through the check's directions only (see _check_alone)
             zeros = torch.zeros(target.param.shape, dtype=self.compute_dtype, device=self.device)
             one = slice(self._probe, self._probe + 1)
-            self._probe_grads[pid] = sum((p.materialize(one)[0] for p in parts), zeros)
+            self._probe_grads[pid] = self.seen(target.param, sum((p.materialize(one)[0] for p in parts), zeros))
         keep = self._keep
         shape = tuple(target.param.shape)
         n_keep = num_samples(keep)
@@ -685,6 +691,13 @@ class PerSampleEngine:
             probes[key] = (torch.randn(key[0], k, generator=g, dtype=torch.float64) / k**0.5).to(self.compute_dtype).to(self.device)
         return probes[key]
 
+    def seen(self, param: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        """``g P`` (:meth:`_verify_probe`) for a matrix checked through directions, else ``g``
+        itself: what the first-batch checks compare of a gradient of ``param``."""
+        probe = self._verify_probe(param)
+        g = g.to(self.compute_dtype)
+        return g if probe is None else g @ probe
+
     def check_totals(self, grads: Mapping[int, torch.Tensor | None]):
         """Compare the first batch's summed parts (:attr:`_totals`) with autograd's batch
         gradients ``grads`` (seen through :meth:`_verify_probe`), EACH PARAMETER ON ITS OWN SCALE.
@@ -710,8 +723,7 @@ class PerSampleEngine:
         rounding, self._rounding = self._rounding, {}
         seen = {}
         for pid, r in ref.items():
-            probe = self._verify_probe(self.by_param[pid].param)
-            seen[pid] = r if probe is None else r @ probe
+            seen[pid] = self.seen(self.by_param[pid].param, r)
             if mine.get(pid) is None:
                 mine[pid] = torch.zeros_like(seen[pid])
         tol = self._tolerance()
@@ -758,13 +770,19 @@ class PerSampleEngine:
         return min(keep, key=lambda i: (-int(pads[i]), int(n_tokens[i]), i))
 
     def _check_alone(self, batch, i: int, batch_index: int) -> None:
-        """Sample ``i`` alone, without its padding, must get the gradient it got in the batch."""
-        mine = {pid: g.to(self.compute_dtype) for pid, g in self._probe_grads.items()}
-        self._probe_grads = {}
+        """Sample ``i`` alone, without its padding, must get the gradient it got in the batch.
+
+        Both gradients are compared through the first-batch check's directions (:meth:`seen`:
+        ``g P`` for a matrix, ``E‖E P‖² = ‖E‖²``) with :func:`mismatch`'s model-wide rounding
+        term over the parameters' own sizes. The cost: one forward and backward of sample ``i``
+        alone (the batch's shortest, see :meth:`_probe_sample`)."""
+        mine, self._probe_grads = self._probe_grads, {}
         ref = self.gradient_alone(batch, i)
         if ref is None:
             raise UnsupportedError(f"sample {i} of batch {batch_index} has a non-finite loss alone, without padding")
-        bad = mismatch(mine, ref, self._tolerance())
+        sizes = {pid: int(self.by_param[pid].param.numel()) for pid in ref}
+        ref = {pid: self.seen(self.by_param[pid].param, g) for pid, g in ref.items()}
+        bad = mismatch(mine, ref, self._tolerance(), sizes)
         if bad is not None:
             pid, rel = bad
             raise UnsupportedError(
@@ -859,10 +877,17 @@ def model_rounding(ref: dict, tol: float, sizes: dict | None = None) -> dict:
     gradient scale (G the norm of the whole reference gradient over N elements): a parameter
     whose exact gradient is zero (an attention key bias: softmax is shift invariant) holds pure
     rounding noise of that size after a computation that rounds differently."""
-    total = sum(float(r.double().square().sum()) for r in ref.values())
+    total = sum(_norm(r) ** 2 for r in ref.values())
     size = (lambda key, r: max(1, sizes[key])) if sizes is not None else (lambda key, r: max(1, r.numel()))
     count = sum(size(key, r) for key, r in ref.items())
     return {key: tol * (total * size(key, r) / max(1, count)) ** 0.5 for key, r in ref.items()}
+
+
+def _norm(t: torch.Tensor) -> float:
+    """Frobenius norm as a float, computed in the tensor's own dtype (no float64 copy of a
+    parameter-sized tensor); in float64 where that overflows."""
+    n = float(torch.linalg.vector_norm(t))
+    return float(torch.linalg.vector_norm(t, dtype=torch.float64)) if math.isinf(n) else n
 
 
 def mismatches(mine: dict, ref: dict, tol: float, floors: dict) -> list[tuple[Any, float]]:
@@ -885,13 +910,14 @@ def mismatches(mine: dict, ref: dict, tol: float, floors: dict) -> list[tuple[An
 
 def _rounding_scale(parts: list[Part]) -> float:
     """``sqrt(Σ rounding_sq)`` over a parameter's parts (:meth:`Part.rounding_sq`; a part that
-    does not know its terms adds nothing, so the parameter is judged on its total alone)."""
+    does not know its terms adds nothing, so the parameter is judged on its total alone; so is
+    one whose scale overflows: an infinite allowance would pass anything)."""
     total = 0.0
     for p in parts:
         r = p.rounding_sq()
         if r is not None:
             total += float(r)
-    return total**0.5
+    return total**0.5 if math.isfinite(total) else 0.0
 
 
 def owned_parameters(model: nn.Module) -> dict[int, set[int]]:
