@@ -279,8 +279,9 @@ def merge_accumulators(
         for name in bucket:
             acc = accumulators[name]
             numel = int(torch.Size(acc.shape).numel())
-            pieces = [(g[offset: offset + numel].view(acc.shape), g[offset + numel: offset + 2 * numel].view(acc.shape)) for g in gathered]
-            offset += 2 * numel
+            width = 3 if _compensated(acc) else 2
+            pieces = [tuple(g[offset + j * numel: offset + (j + 1) * numel].view(acc.shape) for j in range(width)) for g in gathered]
+            offset += width * numel
             counts = [int(t[index[name]]) for t in all_ints]
             device = acc.device
             if isinstance(acc, EMA):
@@ -289,18 +290,33 @@ def merge_accumulators(
                     [(counts[r], float(weights[r][j, 0]), float(weights[r][j, 1]), pieces[r][0], pieces[r][1]) for r in range(k)]
                 )
                 out[name] = EMA.from_state(AccumulatorState(n, mean, s, acc.decay, w, w2), dtype=acc.dtype, device=device)
+            elif _compensated(acc):  # ranks folded in order with their low-order parts (Welford.update_moments)
+                merged = Welford(acc.shape, dtype=acc.dtype, device=device, compensated=True)
+                for r in range(k):
+                    if counts[r]:
+                        merged.update_moments(counts[r], pieces[r][0], pieces[r][1], mean_lo=pieces[r][2])
+                out[name] = merged
             else:
                 n, mean, m2 = merge_welford_states([(counts[r], pieces[r][0], pieces[r][1]) for r in range(k)])
                 out[name] = Welford.from_state(AccumulatorState(n, mean, m2), dtype=acc.dtype, device=device)
     return out, merged_counters
 
 
-def _state(acc) -> tuple[torch.Tensor, torch.Tensor]:
-    """(μ, M2) of a Welford, (μ, S) of an EMA: the raw state tensors (zeros before any sample)."""
+def _compensated(acc) -> bool:
+    return isinstance(acc, Welford) and acc.compensated
+
+
+def _state(acc) -> tuple[torch.Tensor, ...]:
+    """(μ, M2) of a Welford, (μ, S) of an EMA: the raw state tensors (zeros before any sample);
+    a compensated Welford adds its mean's low-order part (μ = hi + lo), so that a float32 merge
+    across ranks keeps the precision each rank accumulated."""
     state = acc.state()
     if state.mean is None:
         z = torch.zeros(acc.shape, dtype=acc.dtype, device=acc.device)
-        return z, z
+        return (z, z, z) if _compensated(acc) else (z, z)
+    if _compensated(acc):
+        lo = state.mean_lo if state.mean_lo is not None else torch.zeros_like(state.mean)
+        return state.mean, state.m2, lo
     return state.mean, state.m2
 
 
@@ -311,7 +327,7 @@ def _buckets(accumulators, names: list[str], limit: int) -> list[list[str]]:
     key = None
     for name in names:
         acc = accumulators[name]
-        nbytes = 2 * int(torch.Size(acc.shape).numel()) * acc.dtype.itemsize
+        nbytes = (3 if _compensated(acc) else 2) * int(torch.Size(acc.shape).numel()) * acc.dtype.itemsize
         k = (acc.dtype, acc.device)
         if not out or k != key or size + nbytes > limit:
             out.append([])
