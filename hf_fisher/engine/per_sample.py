@@ -58,7 +58,17 @@ from .losses import (
     require_token_inputs,
     token_labels,
 )
-from .rules import DensePart, GradRule, ModuleCall, Part, num_samples, rule_for, sub_samples
+from .rules import (
+    DensePart,
+    GradRule,
+    ModuleCall,
+    Part,
+    chunked_per_index_sq,
+    num_samples,
+    rows_per_block,
+    rule_for,
+    sub_samples,
+)
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +98,8 @@ class ContributionSink:
     accepts_moments = False
     #: whether :meth:`add_gradients` is available (the sink squares signed gradients itself)
     accepts_gradients = False
+    #: whether :meth:`add_gradients` takes blocks of rows of one sample's gradient (``rows=``)
+    accepts_row_blocks = False
 
     def add(self, name: str, contributions: torch.Tensor) -> None:
         """Per-sample contributions ``[b, ...]`` of the next samples; the sink owns the tensor
@@ -98,10 +110,14 @@ class ContributionSink:
         """Moments of the next ``n`` samples' contributions (``M2 = sum (C_i - mean)²``)."""
         raise NotImplementedError
 
-    def add_gradients(self, name: str, gradients: torch.Tensor, *, owned: bool = False) -> list[int]:
+    def add_gradients(self, name: str, gradients: torch.Tensor, *, owned: bool = False, rows: tuple[int, int, int] | None = None) -> list[int]:
         """Signed per-sample gradients ``[b, ...]`` of the next samples (parameter reduction):
         the sink adds ``C_i = g_i ⊙ g_i`` (in place when ``owned``) and returns the rows whose
-        contribution is not finite (nothing of such a chunk is added)."""
+        contribution is not finite (nothing of such a chunk is added).
+
+        ``rows=(lo, hi, n)`` (only where :attr:`accepts_row_blocks`): ``gradients`` are rows
+        ``lo:hi`` of dim 0 (of ``n``) of the same samples' gradients; the blocks of those samples
+        come in order, ``lo = 0`` first, ``hi = n`` last, before the next samples."""
         raise NotImplementedError
 
     def reset(self) -> None:
@@ -599,9 +615,15 @@ class PerSampleEngine:
             zeros = torch.zeros((n_keep, n_out) if n_out is not None else (n_keep, *shape), dtype=self.compute_dtype, device=self.device)
             self._emit(target.name, zeros)
             return
-        if groups is not None and len(parts) == 1:
+        if groups is not None:
             axes = groups.axes if getattr(groups, "extra_axes", ()) else groups.axis
-            per_index = parts[0].per_index_sq(axes, keep, self.budget_elems)
+            if len(parts) == 1:
+                per_index = parts[0].per_index_sq(axes, keep, self.budget_elems)
+            else:  # tied weights: the parts' sum, squared per index (in row blocks past the budget)
+                per_index = chunked_per_index_sq(
+                    lambda s: sum(p.materialize(s) for p in parts), shape, axes, keep, self.budget_elems,
+                    lambda s, lo, hi: sum(p.materialize_rows(s, lo, hi) for p in parts),
+                )
             self._emit(target.name, groups.reduce_axis(per_index))
             return
         if groups is None and len(parts) == 1 and self._sink.accepts_moments and hasattr(parts[0], "sparse_moments"):
@@ -614,7 +636,20 @@ class PerSampleEngine:
         # a sink that squares the signed gradients itself (in place) holds one [chunk, *shape]
         # tensor instead of three: its chunks can be three times larger
         fused = groups is None and getattr(self._sink, "accepts_gradients", False)
-        chunk = max(1, (3 if fused else 1) * self.budget_elems // numel)
+        budget = (3 if fused else 1) * self.budget_elems
+        if fused and numel > budget and shape and getattr(self._sink, "accepts_row_blocks", False):
+            # one sample's gradient exceeds the budget: blocks of rows of it, one sample at a time
+            step = rows_per_block(shape, budget)
+            for i in range(n_keep):
+                idx = sub_samples(keep, i, i + 1)
+                for lo in range(0, shape[0], step):
+                    hi = min(shape[0], lo + step)
+                    g = sum(p.materialize_rows(idx, lo, hi) for p in parts)
+                    bad = self._sink.add_gradients(target.name, g, owned=len(parts) > 1 or g._base is None, rows=(lo, hi, shape[0]))
+                    if bad:
+                        raise _NonFiniteSamples({_sample_at(idx, r) for r in bad}, f"gradient of {target.name}")
+            return
+        chunk = max(1, budget // numel)
         for lo in range(0, n_keep, chunk):
             idx = sub_samples(keep, lo, lo + chunk)
             g = parts[0].materialize(idx)
