@@ -382,7 +382,7 @@ class OuterProductPart(Part):
                 u, v = take(U, idx), take(V, idx)
                 outs.append(torch.bmm(_gram(v), u, out=_scratch(tuple(u.shape), u)).mul_(u).sum(dim=1))
             return torch.cat(outs)
-        if R * C > budget_elems:
+        if budget_elems < R * C:
             step = max(1, budget_elems // max(1, C))
             rows = []
             for s in _each(samples):
@@ -803,10 +803,10 @@ __all__ = [
     "ModuleCall",
     "OuterProductPart",
     "Part",
-    "num_samples",
-    "rule_for",
     "chunked_per_index_sq",
+    "num_samples",
     "rows_per_block",
+    "rule_for",
     "sub_samples",
     "take",
 ]
