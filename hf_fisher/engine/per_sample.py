@@ -64,6 +64,7 @@ from .rules import (
     ModuleCall,
     Part,
     chunked_per_index_sq,
+    gradient_rows,
     num_samples,
     rows_per_block,
     rule_for,
@@ -644,19 +645,17 @@ class PerSampleEngine:
                 idx = sub_samples(keep, i, i + 1)
                 for lo in range(0, shape[0], step):
                     hi = min(shape[0], lo + step)
-                    g = sum(p.materialize_rows(idx, lo, hi) for p in parts)
-                    bad = self._sink.add_gradients(target.name, g, owned=len(parts) > 1 or g._base is None, rows=(lo, hi, shape[0]))
+                    g, owned = gradient_rows(parts, idx, (lo, hi))
+                    bad = self._sink.add_gradients(target.name, g, owned=owned, rows=(lo, hi, shape[0]))
                     if bad:
                         raise _NonFiniteSamples({_sample_at(idx, r) for r in bad}, f"gradient of {target.name}")
             return
         chunk = max(1, budget // numel)
         for lo in range(0, n_keep, chunk):
             idx = sub_samples(keep, lo, lo + chunk)
-            g = parts[0].materialize(idx)
-            for p in parts[1:]:
-                g = g + p.materialize(idx)
+            g, owned = gradient_rows(parts, idx)
             if fused:
-                bad = self._sink.add_gradients(target.name, g, owned=len(parts) > 1 or g._base is None)
+                bad = self._sink.add_gradients(target.name, g, owned=owned)
                 if bad:
                     raise _NonFiniteSamples({_sample_at(idx, r) for r in bad}, f"gradient of {target.name}")
                 continue

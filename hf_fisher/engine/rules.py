@@ -326,6 +326,33 @@ def _scratch(shape: tuple, like: torch.Tensor) -> torch.Tensor:
     return kept[1][:n].view(shape)
 
 
+def gradient_rows(parts: list[Part], samples, rows: tuple[int, int] | None = None) -> tuple[torch.Tensor, bool]:
+    """``Σ_parts`` of the signed per-sample gradients of ``samples`` (rows ``lo:hi`` of dim 0 with
+    ``rows``), and whether the result is the caller's to overwrite (not a view of a part's data).
+
+    An outer-product part writes its product into the batch's reused buffer (:func:`_scratch`): a
+    fresh multi-MB result per parameter and chunk would cost a page fault per page (about as much
+    time as the product itself at hidden 1024). The result is only valid until the next use of
+    that buffer: the caller consumes it (a sink must not keep it) before the next parameter."""
+    first = parts[0]
+    lo, hi = rows if rows is not None else (0, None)
+    if isinstance(first, OuterProductPart):
+        hi = first.U.shape[-1] if hi is None else hi
+        shape = (num_samples(samples), hi - lo, first.V.shape[-1])
+        g = first.materialize_rows(samples, lo, hi, out=_scratch(shape, first.U))
+        if rows is None:
+            g = g.view(shape[0], *first.param.shape)
+        owned = True
+    else:
+        g = first.materialize(samples) if rows is None else first.materialize_rows(samples, lo, hi)
+        owned = g._base is None
+    for p in parts[1:]:
+        more = p.materialize(samples) if rows is None else p.materialize_rows(samples, lo, hi)
+        g = g.add_(more) if owned else g + more
+        owned = True
+    return g, owned
+
+
 def release_grams() -> None:
     """Drop the kept Gram and the products' buffer (the engine calls it when a batch's
     reductions are done)."""
@@ -351,11 +378,12 @@ class OuterProductPart(Part):
     def materialize(self, samples):
         return self.materialize_rows(samples, 0, self.U.shape[-1])
 
-    def materialize_rows(self, samples, lo, hi):
-        # G_i[lo:hi] = s_i U_i[:, lo:hi]^T V_i: the scale applied to the [b, ρ, C] product, not to a
-        # [b, T, ρ] copy of U (bigger than the product when T > C)
+    def materialize_rows(self, samples, lo, hi, out: torch.Tensor | None = None):
+        """Rows ``lo:hi`` of ``G_i = s_i U_iᵀ V_i`` (into ``out`` [b, hi - lo, C] when given)."""
+        # the scale applied to the [b, ρ, C] product, not to a [b, T, ρ] copy of U (bigger than
+        # the product when T > C)
         U = take(self.U[..., lo:hi] if (lo, hi) != (0, self.U.shape[-1]) else self.U, samples)
-        G = torch.bmm(U.transpose(1, 2), take(self.V, samples))
+        G = torch.bmm(U.transpose(1, 2), take(self.V, samples), out=out)
         return _times(G, self.scale, samples)
 
     def per_index_sq(self, axis, samples, budget_elems):
@@ -804,6 +832,7 @@ __all__ = [
     "OuterProductPart",
     "Part",
     "chunked_per_index_sq",
+    "gradient_rows",
     "num_samples",
     "rows_per_block",
     "rule_for",
