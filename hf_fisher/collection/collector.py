@@ -118,7 +118,9 @@ class _MomentsSink(ContributionSink):
             x = gradients.to(torch.float32).square_()
         else:
             x = gradients.square_() if owned else gradients.square()
-        total = x.sum(0)
+        # Σ_i over the samples as a matrix-vector product: about twice the speed of x.sum(0) on
+        # a CPU (a strided reduction); the same sums in x's precision, in another order
+        total = x.sum(0) if b == 1 or not x.is_contiguous() else (x.new_ones(1, b) @ x.view(b, -1)).view(x.shape[1:])
         # N-sized checks: the column sums are non-finite iff a contribution is (or a sum overflows)
         if not bool(torch.isfinite(total.sum())) and not bool(torch.isfinite(total).all()):
             bad = (~torch.isfinite(x.reshape(b, -1))).any(dim=1).nonzero().flatten().tolist()

@@ -56,21 +56,35 @@ class ExpertsPart(Part):
         self.scale = scale
 
     def _expert(self, e: int) -> OuterProductPart | None:
+        """Expert ``e``'s factors over its routed tokens only, compacted per sample: ``[B, T_e, ·]``
+        with ``T_e = max_i n_ie`` (the most tokens one sample routes to it), sample i's ``n_ie``
+        tokens first (in order), zero rows after (they add nothing to ``G_i``). About ``k/E`` of the
+        tokens, so about ``k/E`` of the work of factors padded to all ``T`` positions."""
         tokens, U, V = self.factors[e]
         if tokens.numel() == 0:
             return None
-        N = self.B * self.T
-        Ufull = U.new_zeros(N, U.shape[1]).index_copy_(0, tokens, U)
-        Vfull = V.new_zeros(N, V.shape[1]).index_copy_(0, tokens, V)
-        return OuterProductPart(self.param[e], Ufull.view(self.B, self.T, -1), Vfull.view(self.B, self.T, -1), self.scale)
+        sample = torch.div(tokens, self.T, rounding_mode="floor")
+        counts = torch.bincount(sample, minlength=self.B)
+        width = int(counts.max())
+        # rank of each token among its sample's (the tokens are in increasing order, so a sample's are contiguous)
+        starts = counts.cumsum(0) - counts
+        rank = torch.arange(tokens.numel(), device=tokens.device) - starts[sample]
+        slot = sample * width + rank
+        Uc = U.new_zeros(self.B * width, U.shape[1]).index_copy_(0, slot, U)
+        Vc = V.new_zeros(self.B * width, V.shape[1]).index_copy_(0, slot, V)
+        return OuterProductPart(self.param[e], Uc.view(self.B, width, -1), Vc.view(self.B, width, -1), self.scale)
 
     def materialize(self, samples):
-        E, R, C = self.param.shape
-        out = torch.zeros((num_samples(samples), E, R, C), dtype=self._dtype(), device=self.param.device)
-        for e in range(E):
+        return self.materialize_rows(samples, 0, self.param.shape[0])
+
+    def materialize_rows(self, samples, lo, hi):
+        """Experts ``lo:hi`` (dim 0) of the per-sample gradients, ``[b, hi - lo, R, C]``."""
+        _, R, C = self.param.shape
+        out = torch.zeros((num_samples(samples), hi - lo, R, C), dtype=self._dtype(), device=self.param.device)
+        for e in range(lo, hi):
             part = self._expert(e)
             if part is not None:
-                out[:, e] = part.materialize(samples)
+                out[:, e - lo] = part.materialize(samples)
         return out
 
     def per_index_sq(self, axis, samples, budget_elems):
