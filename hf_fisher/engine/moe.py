@@ -49,11 +49,18 @@ class ExpertsPart(Part):
     Group axes: 0 (expert), 1 (rows), 2 (columns), or (0, 1) / (0, 2) flattened.
     """
 
+    writes_out = True
+    #: param mode forms the gradients one expert at a time (a contiguous [b, R, C] product each)
+    row_block = 1
+
     def __init__(self, param, factors, batch_size: int, seq_len: int, scale):
         self.param = param
         self.factors = factors
         self.B, self.T = batch_size, seq_len
         self.scale = scale
+
+    def out_like(self):
+        return torch.empty(0, dtype=self._dtype(), device=self.param.device)
 
     def _expert(self, e: int) -> OuterProductPart | None:
         """Expert ``e``'s factors over its routed tokens only, compacted per sample: ``[B, T_e, ·]``
@@ -77,13 +84,20 @@ class ExpertsPart(Part):
     def materialize(self, samples):
         return self.materialize_rows(samples, 0, self.param.shape[0])
 
-    def materialize_rows(self, samples, lo, hi):
-        """Experts ``lo:hi`` (dim 0) of the per-sample gradients, ``[b, hi - lo, R, C]``."""
+    def materialize_rows(self, samples, lo, hi, out=None):
+        """Experts ``lo:hi`` (dim 0) of the per-sample gradients, ``[b, hi - lo, R, C]`` (into
+        ``out`` when given; a single expert's product is written there directly)."""
         _, R, C = self.param.shape
-        out = torch.zeros((num_samples(samples), hi - lo, R, C), dtype=self._dtype(), device=self.param.device)
+        b = num_samples(samples)
+        if out is None:
+            out = torch.empty((b, hi - lo, R, C), dtype=self._dtype(), device=self.param.device)
         for e in range(lo, hi):
             part = self._expert(e)
-            if part is not None:
+            if part is None:
+                out[:, e - lo].zero_()
+            elif hi - lo == 1:
+                part.materialize_rows(samples, 0, R, out=out.view(b, R, C))
+            else:
                 out[:, e - lo] = part.materialize(samples)
         return out
 

@@ -638,11 +638,15 @@ class PerSampleEngine:
         # tensor instead of three: its chunks can be three times larger
         fused = groups is None and getattr(self._sink, "accepts_gradients", False)
         budget = (3 if fused else 1) * self.budget_elems
-        if fused and numel > budget and shape and getattr(self._sink, "accepts_row_blocks", False):
-            # one sample's gradient exceeds the budget: blocks of rows of it, one sample at a time
-            step = rows_per_block(shape, budget)
-            for i in range(n_keep):
-                idx = sub_samples(keep, i, i + 1)
+        prefer = getattr(parts[0], "row_block", None)
+        if fused and shape and (numel > budget or prefer) and getattr(self._sink, "accepts_row_blocks", False):
+            # blocks of rows (one sample's gradient exceeds the budget, or the part forms its
+            # gradient by blocks, e.g. one expert at a time), as many samples as fit per block
+            step = min(rows_per_block(shape, budget), prefer or shape[0])
+            per_sample = step * (numel // shape[0])
+            chunk = max(1, budget // per_sample)
+            for s0 in range(0, n_keep, chunk):
+                idx = sub_samples(keep, s0, s0 + chunk)
                 for lo in range(0, shape[0], step):
                     hi = min(shape[0], lo + step)
                     g, owned = gradient_rows(parts, idx, (lo, hi))

@@ -98,6 +98,13 @@ class Part:
     """
 
     param: torch.Tensor
+    #: whether :meth:`materialize_rows` takes ``out=`` (a buffer of :meth:`out_like`'s dtype and
+    #: device, shaped ``[b, hi - lo, *param.shape[1:]]``) and writes its result there
+    writes_out: ClassVar[bool] = False
+
+    def out_like(self) -> torch.Tensor:
+        """A tensor of the dtype and device of this part's gradients (for ``out=`` buffers)."""
+        return self.param
 
     def materialize(self, samples: torch.Tensor) -> torch.Tensor:
         """Signed per-sample gradients ``[len(samples), *param.shape]`` (scaled)."""
@@ -330,24 +337,23 @@ def gradient_rows(parts: list[Part], samples, rows: tuple[int, int] | None = Non
     """``Σ_parts`` of the signed per-sample gradients of ``samples`` (rows ``lo:hi`` of dim 0 with
     ``rows``), and whether the result is the caller's to overwrite (not a view of a part's data).
 
-    An outer-product part writes its product into the batch's reused buffer (:func:`_scratch`): a
-    fresh multi-MB result per parameter and chunk would cost a page fault per page (about as much
-    time as the product itself at hidden 1024). The result is only valid until the next use of
-    that buffer: the caller consumes it (a sink must not keep it) before the next parameter."""
+    A part whose ``materialize_rows`` takes ``out=`` (:attr:`Part.writes_out`: outer products,
+    experts) writes into the batch's reused buffer (:func:`_scratch`): a fresh multi-MB result per
+    parameter and chunk would cost a page fault per page (about as much time as the product
+    itself at hidden 1024). The result is only valid until the next use of that buffer: the
+    caller consumes it (a sink must not keep it) before the next parameter."""
     first = parts[0]
-    lo, hi = rows if rows is not None else (0, None)
-    if isinstance(first, OuterProductPart):
-        hi = first.U.shape[-1] if hi is None else hi
-        shape = (num_samples(samples), hi - lo, first.V.shape[-1])
-        g = first.materialize_rows(samples, lo, hi, out=_scratch(shape, first.U))
-        if rows is None:
-            g = g.view(shape[0], *first.param.shape)
+    shape0 = tuple(first.param.shape)
+    if first.writes_out and shape0:
+        lo, hi = rows if rows is not None else (0, shape0[0])
+        shape = (num_samples(samples), hi - lo, *shape0[1:])
+        g = first.materialize_rows(samples, lo, hi, out=_scratch(shape, first.out_like()))
         owned = True
     else:
-        g = first.materialize(samples) if rows is None else first.materialize_rows(samples, lo, hi)
+        g = first.materialize(samples) if rows is None else first.materialize_rows(samples, *rows)
         owned = g._base is None
     for p in parts[1:]:
-        more = p.materialize(samples) if rows is None else p.materialize_rows(samples, lo, hi)
+        more = p.materialize(samples) if rows is None else p.materialize_rows(samples, *rows)
         g = g.add_(more) if owned else g + more
         owned = True
     return g, owned
@@ -371,9 +377,14 @@ class OuterProductPart(Part):
     (``G_i[rows] = U_i[:, rows]^T V_i``: ``ρ C`` elements per block of ``ρ`` rows).
     """
 
+    writes_out = True
+
     def __init__(self, param: torch.Tensor, U: torch.Tensor, V: torch.Tensor, scale: torch.Tensor | None):
         self.param = param
         self.U, self.V, self.scale = U, V, scale
+
+    def out_like(self):
+        return self.U
 
     def materialize(self, samples):
         return self.materialize_rows(samples, 0, self.U.shape[-1])
