@@ -8,11 +8,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-import extra_models as em
 import hf_fisher
+from hf_fisher.engine.moe import ExpertsPart
+
+import extra_models as em
 import reference as R
 import tiny_models as tm
-from hf_fisher.engine.moe import ExpertsPart
 
 
 def routed_part(B=3, T=10, E=4, R=5, C=6, seed=0):
