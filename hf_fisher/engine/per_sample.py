@@ -159,7 +159,14 @@ class PerSampleEngine:
         loss_fn: optional ``(model_output, batch) -> SampleLosses`` replacing the dataset-label
             loss (e.g. labels sampled from the model for the true Fisher).
         memory_budget_mb: bound on the temporaries of the per-sample reduction (materialised
-            per-sample gradients, Gram products). Default: 32 MB for group reductions (their
+            per-sample gradients, Gram products), at any sequence length and width: chunks of
+            samples while one sample fits, else blocks of tokens (Gram form) or of rows (a
+            per-sample gradient; param mode through a sink that takes row blocks). Not counted:
+            the parameter-shaped moments a batch hands the accumulators, an embedding table's
+            token gradients (group mode: chunks of samples within the budget, at least one
+            sample's ``[T, d]``; param mode: the batch's, as its sparse moments take them at once:
+            the size of the table's output gradient), and the first batch's checks (whole batch gradients, one
+            sample's whole gradient). Default: 32 MB for group reductions (their
             peak memory stays at or below a training step's), 256 MB for param reductions (whose
             float64 accumulators dominate memory anyway, and bigger chunks are faster).
         on_nonfinite: "raise" (default) or "skip" (skip and count the sample).

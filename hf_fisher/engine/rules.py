@@ -497,9 +497,19 @@ class EmbeddingPart(Part):
         out.index_add_(0, keys, g)
         return out.view(b, hi - lo, *self.param.shape[1:])
 
+    def samples_per_chunk(self, budget_elems: int) -> int:
+        """Samples whose token gradients (``[T, dim]`` each) fit in ``budget_elems`` (at least one)."""
+        return max(1, budget_elems // max(1, self.grads.shape[1] * self.grads.shape[2]))
+
     def per_index_sq(self, axis, samples, budget_elems):
+        if isinstance(axis, (tuple, list)) and len(axis) == 1:
+            (axis,) = axis
         if axis != 0:
             return super().per_index_sq(axis, samples, budget_elems)
+        step = self.samples_per_chunk(budget_elems)
+        if num_samples(samples) > step:  # the segment sums of a chunk of samples at a time
+            return torch.cat([self.per_index_sq(0, sub_samples(samples, lo, lo + step), budget_elems)
+                              for lo in range(0, num_samples(samples), step)])
         keys, b = self._keys(samples)
         g = take(self.grads, samples).reshape(keys.shape[0], -1)
         uniq, inverse = torch.unique(keys, return_inverse=True)
