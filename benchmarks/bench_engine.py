@@ -4,6 +4,8 @@
     python benchmarks/bench_engine.py --quick    # a tiny model, seconds
     python benchmarks/bench_engine.py --device cuda
     python benchmarks/bench_engine.py --mode multi   # only the several-batch one-shot comparison
+    python benchmarks/bench_engine.py --mode steady --hidden 1024 --layers 1 --vocab 2000 \
+        --shape 8x64 --methods plain,param --no-memory   # one width, chosen methods (a width sweep)
 
 Two parts (``--mode steady``, ``--mode multi``; both by default).
 
@@ -300,6 +302,7 @@ def fmt_row(cells, widths) -> str:
 
 def run_steady(args, spec: dict, shapes, repeats: int) -> list[tuple[str, bool]]:
     model = build_model(spec, args.device)
+    methods = METHODS if not args.methods else tuple(m for m in METHODS if m in args.methods.split(","))
     n_params = sum(p.numel() for p in model.parameters())
     print(
         f"LLaMA {n_params:,} parameters (hidden {spec['hidden']}, {spec['layers']} layers, {spec['heads']} heads / "
@@ -309,14 +312,15 @@ def run_steady(args, spec: dict, shapes, repeats: int) -> list[tuple[str, bool]]
     summary = []
     for B, T in shapes:
         batch = make_batch(spec["vocab"], B, T, args.device)
-        times = {m: time_method(m, model, batch, args.device, repeats) for m in METHODS}
+        times = {m: time_method(m, model, batch, args.device, repeats) for m in methods}
         print(f"\nB={B}, T={T}")
         widths = (22, 10, 9)
         print(fmt_row(("method", "median s", "x plain"), widths))
-        for m in METHODS:
-            print(fmt_row((LABELS[m], f"{times[m]:.4f}", f"{times[m] / times['plain']:.2f}"), widths))
-        print(f"one-sample loop / group = {times['loop'] / times['group']:.2f}x, "
-              f"one-sample loop / param = {times['loop'] / times['param']:.2f}x")
+        for m in methods:
+            print(fmt_row((LABELS[m], f"{times[m]:.4f}", f"{times[m] / times['plain']:.2f}" if "plain" in times else "-"), widths))
+        if {"loop", "group", "param"} <= set(times):
+            print(f"one-sample loop / group = {times['loop'] / times['group']:.2f}x, "
+                  f"one-sample loop / param = {times['loop'] / times['param']:.2f}x")
         summary.append((B, T, times))
 
     if not args.no_memory:
@@ -329,7 +333,7 @@ def run_steady(args, spec: dict, shapes, repeats: int) -> list[tuple[str, bool]]
               f"   ratio {ratio:.2f}")
 
     checks = []
-    if not args.quick:
+    if not args.quick and not args.methods and not args.hidden:
         B, T, times = summary[0]
         checks = [
             (f"group <= 1.3x plain at B={B}", times["group"] / times["plain"] <= 1.3),
@@ -351,6 +355,12 @@ def main(argv=None) -> int:
                         help="steady: single-batch steady state (+ memory); multi: several batches, one-shot, LLaMA and Mixtral")
     parser.add_argument("--stat", choices=("median", "min"), default="median",
                         help="statistic of the several-batch rounds (default median; min on a shared, noisy machine)")
+    parser.add_argument("--hidden", type=int, default=None,
+                        help="steady: LLaMA of this width (heads of 32, intermediate 2.6875 x hidden, kv-heads half the heads)")
+    parser.add_argument("--layers", type=int, default=None, help="steady: number of layers (with --hidden)")
+    parser.add_argument("--vocab", type=int, default=None, help="steady: vocabulary size (with --hidden)")
+    parser.add_argument("--shape", default=None, help="steady: one batch shape BxT, e.g. 8x64")
+    parser.add_argument("--methods", default=None, help=f"steady: comma-separated subset of {','.join(METHODS)}")
     parser.add_argument("--_memory", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
@@ -361,8 +371,18 @@ def main(argv=None) -> int:
 
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available")
-    spec = QUICK if args.quick else FULL
+    spec = dict(QUICK if args.quick else FULL)
+    if args.hidden:
+        heads = max(1, args.hidden // 32)
+        spec.update(hidden=args.hidden, heads=heads, kv_heads=max(1, heads // 2), intermediate=int(args.hidden * 2.6875))
+    if args.layers:
+        spec["layers"] = args.layers
+    if args.vocab:
+        spec["vocab"] = args.vocab
     shapes = QUICK_SHAPES if args.quick else FULL_SHAPES
+    if args.shape:
+        B, T = (int(x) for x in args.shape.lower().split("x"))
+        shapes = [(B, T)]
     repeats = args.repeats or (2 if args.quick else 5)
 
     import transformers

@@ -165,11 +165,11 @@ def test_builtin_estimators_follow_the_protocol():
     for est in (EmpiricalEstimator(), TrueFisherEstimator(), KFACEstimator()):
         assert isinstance(est, Estimator)
         assert est.collect_options <= set(CollectOptions.names())
-    assert KFACEstimator.collect_options == {"normalization", "task_type", "train_mode", "accumulation_dtype", "distributed"}
+    assert KFACEstimator.collect_options == {"normalization", "task_type", "train_mode", "accumulation_dtype", "distributed", "memory_budget_mb"}
 
 
 @pytest.mark.parametrize("estimator, option, owners", [
-    ("kfac", {"memory_budget_mb": 64}, ["empirical", "true"]),   # was silently swallowed
+    ("kfac", {"ema_decay": 0.9}, ["empirical", "true"]),   # memory_budget_mb was silently swallowed; KFAC now honours it
     ("kfac", {"on_nonfinite": "skip"}, ["empirical", "true"]),
     ("kfac", {"verify": False}, ["empirical", "true"]),
     ("kfac", {"temperature": 2.0}, ["true"]),
@@ -192,8 +192,8 @@ def test_an_option_the_estimator_does_not_use_is_refused_naming_its_owner(estima
 
 
 def test_kfac_built_directly_refuses_diagonal_options():
-    with pytest.raises(InvalidInputError, match="estimator='kfac' has no option memory_budget_mb, reduction"):
-        KFACEstimator(reduction="param", memory_budget_mb=8)
+    with pytest.raises(InvalidInputError, match="estimator='kfac' has no option ema_decay, reduction"):
+        KFACEstimator(reduction="param", ema_decay=0.9)
     with pytest.raises(InvalidInputError, match="distributed=True does not apply to KFAC"):
         KFACEstimator(distributed=True)
 
@@ -269,7 +269,7 @@ def test_a_plugin_estimator_gets_exactly_what_it_declares(test_estimators):
 def test_estimator_options_passes_every_field_the_estimator_declares():
     kwargs = estimator_options("kfac", KFACEstimator, CollectOptions(normalization="sum"), {"fisher_type": "mc"}, {})
     assert kwargs == {"accumulation_dtype": torch.float64, "distributed": None, "normalization": "sum", "task_type": None,
-                      "train_mode": False, "fisher_type": "mc"}
+                      "train_mode": False, "fisher_type": "mc", "memory_budget_mb": None}
 
 
 def test_the_path_is_straight():

@@ -61,6 +61,9 @@ class _MomentsSink(ContributionSink):
     accepts_moments = True
     #: whether :meth:`add_gradients` is available (contributions C_i = g_i ⊙ g_i from g_i)
     accepts_gradients = True
+    #: whether :meth:`add_gradients` takes row blocks (``rows=``): their moments are staged into
+    #: parameter-shaped buffers until the last block of the samples arrives
+    accepts_row_blocks = True
 
     def __init__(self, dtype: torch.dtype, keep_dtype: torch.dtype | None = None):
         self.dtype = dtype
@@ -76,11 +79,14 @@ class _MomentsSink(ContributionSink):
         self.batch: dict[str, Welford] = {}
         # the batch-level Welfords of earlier batches, reused
         self.spare: dict[str, Welford] = {}
+        # name -> (shift, m2) of the samples whose row blocks are arriving (see add_gradients)
+        self.staged: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def reset(self) -> None:
         self.pending = {}
         self.batch = {}
         self.kept = {}
+        self.staged = {}
 
     def take_kept(self) -> dict[str, list[torch.Tensor]]:
         """This batch's kept per-sample contributions (call before :meth:`commit`, which resets)."""
@@ -93,8 +99,12 @@ class _MomentsSink(ContributionSink):
             self.kept.setdefault(name, []).append(contributions.detach().to("cpu", self.keep_dtype, copy=True))
         self._push(name, contributions.shape[0], *shifted_moments_(contributions, corrected=False))
 
-    def add_gradients(self, name: str, gradients: torch.Tensor, *, owned: bool = False) -> list[int]:
+    def add_gradients(self, name: str, gradients: torch.Tensor, *, owned: bool = False, rows: tuple[int, int, int] | None = None) -> list[int]:
         """Per-sample gradients ``g`` ``[b, ...]`` of the next samples: adds ``C_i = g_i ⊙ g_i``.
+
+        ``rows=(lo, hi, n)``: ``g`` holds rows ``lo:hi`` (of ``n``, dim 0) of the samples'
+        gradients (the engine's blocks when one sample exceeds its memory budget); each block's
+        moments go to rows ``lo:hi`` of parameter-shaped buffers, added once ``hi == n``.
 
         ``owned=True`` lets the sink square ``g`` in place (the caller will not read it again);
         otherwise the squares go to a new tensor. Returns the rows (0-based, in this chunk) whose
@@ -110,7 +120,9 @@ class _MomentsSink(ContributionSink):
             x = gradients.to(torch.float32).square_()
         else:
             x = gradients.square_() if owned else gradients.square()
-        total = x.sum(0)
+        # Σ_i over the samples as a matrix-vector product: about twice the speed of x.sum(0) on
+        # a CPU (a strided reduction); the same sums in x's precision, in another order
+        total = x.sum(0) if b == 1 or not x.is_contiguous() else (x.new_ones(1, b) @ x.view(b, -1)).view(x.shape[1:])
         # N-sized checks: the column sums are non-finite iff a contribution is (or a sum overflows)
         if not bool(torch.isfinite(total.sum())) and not bool(torch.isfinite(total).all()):
             bad = (~torch.isfinite(x.reshape(b, -1))).any(dim=1).nonzero().flatten().tolist()
@@ -118,7 +130,22 @@ class _MomentsSink(ContributionSink):
                 return bad
             x = x.to(torch.float64)  # finite contributions whose float32 sums overflow
             total = x.sum(0)
-        self._push(name, b, *shifted_moments_(x, total=total, corrected=False))
+        shift, m2, residual = shifted_moments_(x, total=total, corrected=False)
+        if rows is None:
+            self._push(name, b, shift, m2, residual)
+            return []
+        lo, hi, n = rows
+        staged = self.staged.get(name)
+        if staged is None or lo == 0:
+            staged = (shift.new_empty((n, *shift.shape[1:])), m2.new_empty((n, *m2.shape[1:])))
+        if staged[0].dtype != shift.dtype:  # a block redone in float64 (see above)
+            staged = (staged[0].to(shift.dtype), staged[1].to(shift.dtype))
+        staged[0][lo:hi] = shift
+        staged[1][lo:hi] = m2
+        self.staged[name] = staged
+        if hi == n:
+            del self.staged[name]
+            self._push(name, b, staged[0], staged[1], None)
         return []
 
     def add_moments(self, name: str, n: int, mean: torch.Tensor, m2: torch.Tensor) -> None:

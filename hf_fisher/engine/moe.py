@@ -49,28 +49,56 @@ class ExpertsPart(Part):
     Group axes: 0 (expert), 1 (rows), 2 (columns), or (0, 1) / (0, 2) flattened.
     """
 
+    writes_out = True
+    #: param mode forms the gradients one expert at a time (a contiguous [b, R, C] product each)
+    row_block = 1
+
     def __init__(self, param, factors, batch_size: int, seq_len: int, scale):
         self.param = param
         self.factors = factors
         self.B, self.T = batch_size, seq_len
         self.scale = scale
 
+    def out_like(self):
+        return torch.empty(0, dtype=self._dtype(), device=self.param.device)
+
     def _expert(self, e: int) -> OuterProductPart | None:
+        """Expert ``e``'s factors over its routed tokens only, compacted per sample: ``[B, T_e, ·]``
+        with ``T_e = max_i n_ie`` (the most tokens one sample routes to it), sample i's ``n_ie``
+        tokens first (in order), zero rows after (they add nothing to ``G_i``). About ``k/E`` of the
+        tokens, so about ``k/E`` of the work of factors padded to all ``T`` positions."""
         tokens, U, V = self.factors[e]
         if tokens.numel() == 0:
             return None
-        N = self.B * self.T
-        Ufull = U.new_zeros(N, U.shape[1]).index_copy_(0, tokens, U)
-        Vfull = V.new_zeros(N, V.shape[1]).index_copy_(0, tokens, V)
-        return OuterProductPart(self.param[e], Ufull.view(self.B, self.T, -1), Vfull.view(self.B, self.T, -1), self.scale)
+        sample = torch.div(tokens, self.T, rounding_mode="floor")
+        counts = torch.bincount(sample, minlength=self.B)
+        width = int(counts.max())
+        # rank of each token among its sample's (the tokens are in increasing order, so a sample's are contiguous)
+        starts = counts.cumsum(0) - counts
+        rank = torch.arange(tokens.numel(), device=tokens.device) - starts[sample]
+        slot = sample * width + rank
+        Uc = U.new_zeros(self.B * width, U.shape[1]).index_copy_(0, slot, U)
+        Vc = V.new_zeros(self.B * width, V.shape[1]).index_copy_(0, slot, V)
+        return OuterProductPart(self.param[e], Uc.view(self.B, width, -1), Vc.view(self.B, width, -1), self.scale)
 
     def materialize(self, samples):
-        E, R, C = self.param.shape
-        out = torch.zeros((num_samples(samples), E, R, C), dtype=self._dtype(), device=self.param.device)
-        for e in range(E):
+        return self.materialize_rows(samples, 0, self.param.shape[0])
+
+    def materialize_rows(self, samples, lo, hi, out=None):
+        """Experts ``lo:hi`` (dim 0) of the per-sample gradients, ``[b, hi - lo, R, C]`` (into
+        ``out`` when given; a single expert's product is written there directly)."""
+        _, R, C = self.param.shape
+        b = num_samples(samples)
+        if out is None:
+            out = torch.empty((b, hi - lo, R, C), dtype=self._dtype(), device=self.param.device)
+        for e in range(lo, hi):
             part = self._expert(e)
-            if part is not None:
-                out[:, e] = part.materialize(samples)
+            if part is None:
+                out[:, e - lo].zero_()
+            elif hi - lo == 1:
+                part.materialize_rows(samples, 0, R, out=out.view(b, R, C))
+            else:
+                out[:, e - lo] = part.materialize(samples)
         return out
 
     def per_index_sq(self, axis, samples, budget_elems):

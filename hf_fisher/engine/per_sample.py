@@ -63,7 +63,18 @@ from .losses import (
     require_token_inputs,
     token_labels,
 )
-from .rules import DensePart, GradRule, ModuleCall, Part, num_samples, rule_for, sub_samples
+from .rules import (
+    DensePart,
+    GradRule,
+    ModuleCall,
+    Part,
+    chunked_per_index_sq,
+    gradient_rows,
+    num_samples,
+    rows_per_block,
+    rule_for,
+    sub_samples,
+)
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +104,8 @@ class ContributionSink:
     accepts_moments = False
     #: whether :meth:`add_gradients` is available (the sink squares signed gradients itself)
     accepts_gradients = False
+    #: whether :meth:`add_gradients` takes blocks of rows of one sample's gradient (``rows=``)
+    accepts_row_blocks = False
 
     def add(self, name: str, contributions: torch.Tensor) -> None:
         """Per-sample contributions ``[b, ...]`` of the next samples; the sink owns the tensor
@@ -103,10 +116,14 @@ class ContributionSink:
         """Moments of the next ``n`` samples' contributions (``M2 = sum (C_i - mean)²``)."""
         raise NotImplementedError
 
-    def add_gradients(self, name: str, gradients: torch.Tensor, *, owned: bool = False) -> list[int]:
+    def add_gradients(self, name: str, gradients: torch.Tensor, *, owned: bool = False, rows: tuple[int, int, int] | None = None) -> list[int]:
         """Signed per-sample gradients ``[b, ...]`` of the next samples (parameter reduction):
         the sink adds ``C_i = g_i ⊙ g_i`` (in place when ``owned``) and returns the rows whose
-        contribution is not finite (nothing of such a chunk is added)."""
+        contribution is not finite (nothing of such a chunk is added).
+
+        ``rows=(lo, hi, n)`` (only where :attr:`accepts_row_blocks`): ``gradients`` are rows
+        ``lo:hi`` of dim 0 (of ``n``) of the same samples' gradients; the blocks of those samples
+        come in order, ``lo = 0`` first, ``hi = n`` last, before the next samples."""
         raise NotImplementedError
 
     def reset(self) -> None:
@@ -147,7 +164,14 @@ class PerSampleEngine:
         loss_fn: optional ``(model_output, batch) -> SampleLosses`` replacing the dataset-label
             loss (e.g. labels sampled from the model for the true Fisher).
         memory_budget_mb: bound on the temporaries of the per-sample reduction (materialised
-            per-sample gradients, Gram products). Default: 32 MB for group reductions (their
+            per-sample gradients, Gram products), at any sequence length and width: chunks of
+            samples while one sample fits, else blocks of tokens (Gram form) or of rows (a
+            per-sample gradient; param mode through a sink that takes row blocks). Not counted:
+            the parameter-shaped moments a batch hands the accumulators, an embedding table's
+            token gradients (group mode: chunks of samples within the budget, at least one
+            sample's ``[T, d]``; param mode: the batch's, as its sparse moments take them at once:
+            the size of the table's output gradient), and the first batch's checks (whole batch gradients, one
+            sample's whole gradient). Default: 32 MB for group reductions (their
             peak memory stays at or below a training step's), 256 MB for param reductions (whose
             float64 accumulators dominate memory anyway, and bigger chunks are faster).
         on_nonfinite: "raise" (default) or "skip" (skip and count the sample).
@@ -615,9 +639,15 @@ class PerSampleEngine:
             zeros = torch.zeros((n_keep, n_out) if n_out is not None else (n_keep, *shape), dtype=self.compute_dtype, device=self.device)
             self._emit(target.name, zeros)
             return
-        if groups is not None and len(parts) == 1:
+        if groups is not None:
             axes = groups.axes if getattr(groups, "extra_axes", ()) else groups.axis
-            per_index = parts[0].per_index_sq(axes, keep, self.budget_elems)
+            if len(parts) == 1:
+                per_index = parts[0].per_index_sq(axes, keep, self.budget_elems)
+            else:  # tied weights: the parts' sum, squared per index (in row blocks past the budget)
+                per_index = chunked_per_index_sq(
+                    lambda s: sum(p.materialize(s) for p in parts), shape, axes, keep, self.budget_elems,
+                    lambda s, lo, hi: sum(p.materialize_rows(s, lo, hi) for p in parts),
+                )
             self._emit(target.name, groups.reduce_axis(per_index))
             return
         if groups is None and len(parts) == 1 and self._sink.accepts_moments and hasattr(parts[0], "sparse_moments"):
@@ -630,14 +660,29 @@ class PerSampleEngine:
         # a sink that squares the signed gradients itself (in place) holds one [chunk, *shape]
         # tensor instead of three: its chunks can be three times larger
         fused = groups is None and getattr(self._sink, "accepts_gradients", False)
-        chunk = max(1, (3 if fused else 1) * self.budget_elems // numel)
+        budget = (3 if fused else 1) * self.budget_elems
+        prefer = getattr(parts[0], "row_block", None)
+        if fused and shape and (numel > budget or prefer) and getattr(self._sink, "accepts_row_blocks", False):
+            # blocks of rows (one sample's gradient exceeds the budget, or the part forms its
+            # gradient by blocks, e.g. one expert at a time), as many samples as fit per block
+            step = min(rows_per_block(shape, budget), prefer or shape[0])
+            per_sample = step * (numel // shape[0])
+            chunk = max(1, budget // per_sample)
+            for s0 in range(0, n_keep, chunk):
+                idx = sub_samples(keep, s0, s0 + chunk)
+                for lo in range(0, shape[0], step):
+                    hi = min(shape[0], lo + step)
+                    g, owned = gradient_rows(parts, idx, (lo, hi))
+                    bad = self._sink.add_gradients(target.name, g, owned=owned, rows=(lo, hi, shape[0]))
+                    if bad:
+                        raise _NonFiniteSamples({_sample_at(idx, r) for r in bad}, f"gradient of {target.name}")
+            return
+        chunk = max(1, budget // numel)
         for lo in range(0, n_keep, chunk):
             idx = sub_samples(keep, lo, lo + chunk)
-            g = parts[0].materialize(idx)
-            for p in parts[1:]:
-                g = g + p.materialize(idx)
+            g, owned = gradient_rows(parts, idx)
             if fused:
-                bad = self._sink.add_gradients(target.name, g, owned=len(parts) > 1 or g._base is None)
+                bad = self._sink.add_gradients(target.name, g, owned=owned)
                 if bad:
                     raise _NonFiniteSamples({_sample_at(idx, r) for r in bad}, f"gradient of {target.name}")
                 continue

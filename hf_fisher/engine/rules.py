@@ -98,17 +98,32 @@ class Part:
     """
 
     param: torch.Tensor
+    #: whether :meth:`materialize_rows` takes ``out=`` (a buffer of :meth:`out_like`'s dtype and
+    #: device, shaped ``[b, hi - lo, *param.shape[1:]]``) and writes its result there
+    writes_out: ClassVar[bool] = False
+
+    def out_like(self) -> torch.Tensor:
+        """A tensor of the dtype and device of this part's gradients (for ``out=`` buffers)."""
+        return self.param
 
     def materialize(self, samples: torch.Tensor) -> torch.Tensor:
         """Signed per-sample gradients ``[len(samples), *param.shape]`` (scaled)."""
         raise NotImplementedError
 
+    def materialize_rows(self, samples, lo: int, hi: int) -> torch.Tensor:
+        """Rows ``lo:hi`` (dim 0 of the parameter) of the signed per-sample gradients:
+        ``materialize(samples)[:, lo:hi]``, ``[len(samples), hi - lo, *param.shape[1:]]``. The
+        engine asks for row blocks when one sample's whole gradient exceeds the memory budget.
+        Default: the whole gradient, then the rows; parts that can form only the rows override it."""
+        return self.materialize(samples)[:, lo:hi]
+
     def per_index_sq(self, axis: int, samples: torch.Tensor, budget_elems: int) -> torch.Tensor:
         """``sum over all axes but `axis` of g_i**2`` for each sample: ``[len(samples), size]``.
 
-        Only valid when this part is the parameter's only part. Default: materialise in chunks.
+        Only valid when this part is the parameter's only part. Default: materialise in chunks
+        (of samples, or of rows when one sample exceeds ``budget_elems``).
         """
-        return chunked_per_index_sq(self.materialize, self.param.shape, axis, samples, budget_elems)
+        return chunked_per_index_sq(self.materialize, self.param.shape, axis, samples, budget_elems, self.materialize_rows)
 
     def total(self) -> torch.Tensor:
         """Unscaled sum over samples of the gradient (equals autograd's batch gradient)."""
@@ -150,19 +165,61 @@ def take(x: torch.Tensor, samples) -> torch.Tensor:
     return x[samples] if isinstance(samples, slice) else x.index_select(0, samples)
 
 
-def chunked_per_index_sq(materialize, shape, axis, samples, budget_elems) -> torch.Tensor:
+def _flat_over(sq: torch.Tensor, axes: tuple[int, ...]) -> torch.Tensor:
+    """``[b, *shape]`` -> ``[b, prod(shape[a] for a in axes)]``: summed over the other axes, the
+    ``axes`` flattened in their given order (C order, outermost first)."""
+    if sq.dim() == 1:  # a 0-d parameter: one position
+        return sq.unsqueeze(-1)
+    other = [d + 1 for d in range(sq.dim() - 1) if d not in axes]
+    kept = sq.sum(dim=other) if other else sq
+    ascending = sorted(axes)
+    perm = [0] + [1 + ascending.index(a) for a in axes]
+    if perm != list(range(kept.dim())):
+        kept = kept.permute(perm)
+    return kept.reshape(kept.shape[0], -1)
+
+
+def rows_per_block(shape, budget_elems: int) -> int:
+    """Rows (dim 0 of a parameter of ``shape``) of one sample's gradient that fit in ``budget_elems``
+    (at least 1)."""
+    row = max(1, math.prod(tuple(shape)[1:]))
+    return max(1, budget_elems // row)
+
+
+def chunked_per_index_sq(materialize, shape, axis, samples, budget_elems, materialize_rows=None) -> torch.Tensor:
     """``[b, size]`` per-index squared sums by materialising chunks of samples; ``axis`` may be a
-    tuple of axes, whose indices are then flattened in C order (multi-axis groups)."""
+    tuple of axes, whose indices are then flattened in C order (multi-axis groups).
+
+    When one sample's gradient exceeds ``budget_elems`` and ``materialize_rows`` is given
+    (``(samples, lo, hi) -> rows lo:hi`` of the gradients), each sample is formed in blocks of
+    rows (dim 0) that fit: the squares of a block are its own per-index sums when the group
+    index starts with dim 0 (C order: a block is a contiguous run of it), and add up over the
+    blocks when dim 0 is not a group axis.
+    """
     axes = tuple(axis) if isinstance(axis, (tuple, list)) else (axis,)
-    numel = max(1, int(torch.Size(shape).numel()))
-    chunk = max(1, budget_elems // numel)
-    other = [d + 1 for d in range(len(shape)) if d not in axes]
+    shape = tuple(shape)
+    numel = max(1, math.prod(shape))
+    n = num_samples(samples)
+    by_rows = materialize_rows is not None and numel > budget_elems and len(shape) > 0 and (axes[0] == 0 or 0 not in axes)
     outs = []
-    for lo in range(0, num_samples(samples), chunk):
-        g = materialize(sub_samples(samples, lo, lo + chunk))
-        sq = g * g
-        sq = sq.sum(dim=other) if other else sq
-        outs.append(sq.reshape(sq.shape[0], -1))
+    if not by_rows:
+        chunk = max(1, budget_elems // numel)
+        for lo in range(0, n, chunk):
+            g = materialize(sub_samples(samples, lo, lo + chunk))
+            outs.append(_flat_over(g * g, axes))
+        return torch.cat(outs)
+    step = rows_per_block(shape, budget_elems)
+    for i in range(n):
+        one = sub_samples(samples, i, i + 1)
+        pieces, acc = [], None
+        for lo in range(0, shape[0], step):
+            g = materialize_rows(one, lo, min(shape[0], lo + step))
+            flat = _flat_over(g * g, axes)
+            if 0 in axes:
+                pieces.append(flat)
+            else:
+                acc = flat if acc is None else acc.add_(flat)
+        outs.append(torch.cat(pieces, 1) if 0 in axes else acc)
     return torch.cat(outs)
 
 
@@ -172,6 +229,40 @@ def _scale_rows(x: torch.Tensor, scale: torch.Tensor | None, samples) -> torch.T
         return x
     s = take(scale, samples).to(x.dtype)
     return x * s.view(-1, *([1] * (x.dim() - 1)))
+
+
+def _times(x: torch.Tensor, scale: torch.Tensor | None, samples) -> torch.Tensor:
+    """Rows of ``x`` (a fresh result) times ``s_i``, in place."""
+    if scale is None:
+        return x
+    s = take(scale, samples).to(x.dtype)
+    return x.mul_(s.view(-1, *([1] * (x.dim() - 1))))
+
+
+def _each(samples):
+    """The selection's samples one at a time, each as a slice of one (views, no gathers)."""
+    for i in range(num_samples(samples)):
+        j = samples.start + i if isinstance(samples, slice) else int(samples[i])
+        yield slice(j, j + 1)
+
+
+def _gram_blocks(u: torch.Tensor, v: torch.Tensor, budget_elems: int) -> torch.Tensor:
+    """The Gram form ``r = Σ_{t,s} (v_t·v_s) u_t ∘ u_s`` of one sample (``u`` [1, T, R], ``v``
+    [1, T, C]) over blocks of tokens, for a T whose ``[T, T]`` Gram exceeds the budget.
+
+    ``K`` is symmetric, so only its lower block triangle is formed: for the block ``a = [lo, hi)``,
+    ``K_a = v_a v_{<hi}^T`` [τ, hi] with its part left of the diagonal block doubled, and
+    ``r += Σ_{t∈a} (K_a u_{<hi})_t ∘ u_t`` (the same sum; ``τ (T + R)`` elements per block, about
+    half the products of the whole Gram)."""
+    T, R = u.shape[1], u.shape[2]
+    tau = max(1, budget_elems // max(1, T + R))
+    out = u.new_zeros(1, R)
+    for lo in range(0, T, tau):
+        hi = min(T, lo + tau)
+        K = torch.bmm(v[:, lo:hi], v[:, :hi].transpose(1, 2))
+        K[:, :, :lo] *= 2
+        out += torch.bmm(K, u[:, :hi]).mul_(u[:, lo:hi]).sum(dim=1)
+    return out
 
 
 def _times_sq(x: torch.Tensor, scale: torch.Tensor | None, samples) -> torch.Tensor:
@@ -197,6 +288,11 @@ class DensePart(Part):
 
     def materialize(self, samples):
         return _scale_rows(self.per_sample, self.scale, samples)
+
+    def materialize_rows(self, samples, lo, hi):
+        if self.per_sample.dim() < 2:
+            return super().materialize_rows(samples, lo, hi)
+        return _scale_rows(self.per_sample[:, lo:hi], self.scale, samples)
 
     def total(self):
         return self.per_sample.sum(0)
@@ -237,6 +333,32 @@ def _scratch(shape: tuple, like: torch.Tensor) -> torch.Tensor:
     return kept[1][:n].view(shape)
 
 
+def gradient_rows(parts: list[Part], samples, rows: tuple[int, int] | None = None) -> tuple[torch.Tensor, bool]:
+    """``Σ_parts`` of the signed per-sample gradients of ``samples`` (rows ``lo:hi`` of dim 0 with
+    ``rows``), and whether the result is the caller's to overwrite (not a view of a part's data).
+
+    A part whose ``materialize_rows`` takes ``out=`` (:attr:`Part.writes_out`: outer products,
+    experts) writes into the batch's reused buffer (:func:`_scratch`): a fresh multi-MB result per
+    parameter and chunk would cost a page fault per page (about as much time as the product
+    itself at hidden 1024). The result is only valid until the next use of that buffer: the
+    caller consumes it (a sink must not keep it) before the next parameter."""
+    first = parts[0]
+    shape0 = tuple(first.param.shape)
+    if first.writes_out and shape0:
+        lo, hi = rows if rows is not None else (0, shape0[0])
+        shape = (num_samples(samples), hi - lo, *shape0[1:])
+        g = first.materialize_rows(samples, lo, hi, out=_scratch(shape, first.out_like()))
+        owned = True
+    else:
+        g = first.materialize(samples) if rows is None else first.materialize_rows(samples, *rows)
+        owned = g._base is None
+    for p in parts[1:]:
+        more = p.materialize(samples) if rows is None else p.materialize_rows(samples, *rows)
+        g = g.add_(more) if owned else g + more
+        owned = True
+    return g, owned
+
+
 def release_grams() -> None:
     """Drop the kept Gram and the products' buffer (the engine calls it when a batch's
     reductions are done)."""
@@ -248,40 +370,73 @@ class OuterProductPart(Part):
 
     Per-index squared sums of rows, for one sample: ``r[r] = sum_c (sum_t U_tr V_tc)^2``. Two ways:
     materialise ``G_i`` (cost ~ T·R·C) or the Gram form ``r = sum_t ((V V^T) U)_tr U_tr`` (cost
-    ~ T²·(R + C)); the cheaper one is taken, under the memory budget.
+    ~ T²·(R + C)); the cheaper one is taken. Either way the temporaries stay within the memory
+    budget at any T and width: chunks of samples while a whole sample fits; beyond that, the
+    Gram form runs over blocks of tokens (``K_a = V_a V^T``, ``r += Σ_{t∈a} (K_a U)_t ∘ U_t``:
+    ``τ (T + R)`` elements per block of ``τ`` tokens) and materialisation over blocks of rows
+    (``G_i[rows] = U_i[:, rows]^T V_i``: ``ρ C`` elements per block of ``ρ`` rows).
     """
+
+    writes_out = True
 
     def __init__(self, param: torch.Tensor, U: torch.Tensor, V: torch.Tensor, scale: torch.Tensor | None):
         self.param = param
         self.U, self.V, self.scale = U, V, scale
 
+    def out_like(self):
+        return self.U
+
     def materialize(self, samples):
-        U = _scale_rows(self.U, self.scale, samples)
-        return torch.bmm(U.transpose(1, 2), take(self.V, samples))
+        return self.materialize_rows(samples, 0, self.U.shape[-1])
+
+    def materialize_rows(self, samples, lo, hi, out: torch.Tensor | None = None):
+        """Rows ``lo:hi`` of ``G_i = s_i U_iᵀ V_i`` (into ``out`` [b, hi - lo, C] when given)."""
+        # the scale applied to the [b, ρ, C] product, not to a [b, T, ρ] copy of U (bigger than
+        # the product when T > C)
+        U = take(self.U[..., lo:hi] if (lo, hi) != (0, self.U.shape[-1]) else self.U, samples)
+        G = torch.bmm(U.transpose(1, 2), take(self.V, samples), out=out)
+        return _times(G, self.scale, samples)
 
     def per_index_sq(self, axis, samples, budget_elems):
+        if isinstance(axis, (tuple, list)):
+            if len(axis) != 1:  # both axes: per element
+                return super().per_index_sq(axis, samples, budget_elems)
+            (axis,) = axis
         # the result is quadratic in the per-sample scale: apply s_i^2 to it, not s_i to U
         out = self._per_index_sq_unscaled(axis, samples, budget_elems)
         return _times_sq(out, self.scale, samples)
 
     def _per_index_sq_unscaled(self, axis, samples, budget_elems):
-        U = take(self.U, samples)
-        V = take(self.V, samples)
-        if axis == 1:
-            U, V = V, U
-        T, R, C = U.shape[1], U.shape[2], V.shape[2]
+        U, V = (self.V, self.U) if axis == 1 else (self.U, self.V)
+        b, T, R, C = num_samples(samples), U.shape[1], U.shape[2], V.shape[2]
         if T * T * (R + C) < T * R * C:
+            per_sample = T * T + T * R  # the Gram [T, T] and the product [T, R]
+            if per_sample > budget_elems:
+                return torch.cat([_gram_blocks(take(U, s), take(V, s), budget_elems) for s in _each(samples)])
             # Gram form, chunked over samples so [b, T, T] + [b, T, R] stay within budget.
-            chunk = max(1, budget_elems // max(1, T * T + T * R))
+            chunk = max(1, budget_elems // per_sample)
             outs = []
-            for lo in range(0, U.shape[0], chunk):
-                u, v = U[lo : lo + chunk], V[lo : lo + chunk]
+            for lo in range(0, b, chunk):
+                idx = sub_samples(samples, lo, lo + chunk)
+                u, v = take(U, idx), take(V, idx)
                 outs.append(torch.bmm(_gram(v), u, out=_scratch(tuple(u.shape), u)).mul_(u).sum(dim=1))
             return torch.cat(outs)
+        if budget_elems < R * C:
+            step = max(1, budget_elems // max(1, C))
+            rows = []
+            for s in _each(samples):
+                u, v = take(U, s), take(V, s)
+                out = u.new_empty(1, R)
+                for lo in range(0, R, step):
+                    G = torch.bmm(u[..., lo : lo + step].transpose(1, 2), v)
+                    out[:, lo : lo + step] = G.mul_(G).sum(dim=2)
+                rows.append(out)
+            return torch.cat(rows)
         chunk = max(1, budget_elems // max(1, R * C))
         outs = []
-        for lo in range(0, U.shape[0], chunk):
-            G = torch.bmm(U[lo : lo + chunk].transpose(1, 2), V[lo : lo + chunk])
+        for lo in range(0, b, chunk):
+            idx = sub_samples(samples, lo, lo + chunk)
+            G = torch.bmm(take(U, idx).transpose(1, 2), take(V, idx))
             outs.append(G.mul_(G).sum(dim=2))
         return torch.cat(outs)
 
@@ -328,9 +483,33 @@ class EmbeddingPart(Part):
         out.index_add_(0, keys, g)
         return out.view(b, *self.param.shape)
 
+    def materialize_rows(self, samples, lo, hi):
+        # only the tokens whose id is in [lo, hi): a [b, hi - lo, dim] block
+        ids = take(self.ids, samples)
+        b = ids.shape[0]
+        hit = (ids >= lo) & (ids < hi)
+        sample, token = hit.nonzero(as_tuple=True)
+        keys = sample * (hi - lo) + (ids[sample, token] - lo)
+        g = take(self.grads, samples)[sample, token]
+        if self.scale is not None:
+            g = g * take(self.scale, samples).to(g.dtype)[sample].unsqueeze(1)
+        out = g.new_zeros(b * (hi - lo), g.shape[-1])
+        out.index_add_(0, keys, g)
+        return out.view(b, hi - lo, *self.param.shape[1:])
+
+    def samples_per_chunk(self, budget_elems: int) -> int:
+        """Samples whose token gradients (``[T, dim]`` each) fit in ``budget_elems`` (at least one)."""
+        return max(1, budget_elems // max(1, self.grads.shape[1] * self.grads.shape[2]))
+
     def per_index_sq(self, axis, samples, budget_elems):
+        if isinstance(axis, (tuple, list)) and len(axis) == 1:
+            (axis,) = axis
         if axis != 0:
             return super().per_index_sq(axis, samples, budget_elems)
+        step = self.samples_per_chunk(budget_elems)
+        if num_samples(samples) > step:  # the segment sums of a chunk of samples at a time
+            return torch.cat([self.per_index_sq(0, sub_samples(samples, lo, lo + step), budget_elems)
+                              for lo in range(0, num_samples(samples), step)])
         keys, b = self._keys(samples)
         g = take(self.grads, samples).reshape(keys.shape[0], -1)
         uniq, inverse = torch.unique(keys, return_inverse=True)
@@ -673,7 +852,10 @@ __all__ = [
     "ModuleCall",
     "OuterProductPart",
     "Part",
+    "chunked_per_index_sq",
+    "gradient_rows",
     "num_samples",
+    "rows_per_block",
     "rule_for",
     "sub_samples",
     "take",

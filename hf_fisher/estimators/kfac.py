@@ -153,26 +153,67 @@ class _Call:
         self.tensors = [_Node(self.edge.node)]
 
 
-_CHUNK_ELEMS = 1 << 20  # bound on the temporaries of one second-moment product
+_CHUNK_ELEMS = 1 << 20  # default bound on the temporaries of one second-moment product (elements)
 
 
-def _second_moment(x: torch.Tensor, w: torch.Tensor | None, diagonal: bool) -> torch.Tensor:
-    """``Σ_r w_r x_r x_rᵀ`` (or its diagonal ``Σ_r w_r x_r²``) over the rows of ``x`` [R, d], in
-    chunks of rows so that a temporary stays below ``_CHUNK_ELEMS`` elements."""
+def _second_moment(x: torch.Tensor, w: torch.Tensor | None, diagonal: bool, *, mask: torch.Tensor | None = None,
+                   compute: torch.dtype | None = None, chunk_elems: int = _CHUNK_ELEMS) -> torch.Tensor:
+    """``Σ_r w_r x_r x_rᵀ`` (or its diagonal ``Σ_r w_r x_r²``) over the rows of ``x`` [R, d] that
+    ``mask`` [R] keeps (all without one), in ``compute`` (default: ``x``'s dtype).
+
+    In chunks of rows: the selected, converted and weighted copies of a chunk stay below
+    ``chunk_elems`` elements each, whatever the number of rows (tokens) — no copy of the whole
+    ``x`` is made."""
     R, d = x.shape
-    step = max(1, _CHUNK_ELEMS // max(1, d))
+    step = max(1, chunk_elems // max(1, d))
     out = None
     for lo in range(0, R, step):
         xs = x[lo : lo + step]
+        ws = None if w is None else w[lo : lo + step]
+        if mask is not None:
+            keep = mask[lo : lo + step]
+            xs = xs[keep]
+            ws = None if ws is None else ws[keep]
+        if compute is not None:
+            xs = xs.to(compute)
         if diagonal:
             sq = xs * xs
-            part = sq.sum(0) if w is None else w[lo : lo + step] @ sq
+            part = sq.sum(0) if ws is None else ws.to(sq.dtype) @ sq
         else:
-            xw = xs if w is None else xs * w[lo : lo + step].unsqueeze(1)
+            xw = xs if ws is None else xs * ws.to(xs.dtype).unsqueeze(1)
             part = xw.transpose(0, 1) @ xs
         out = part if out is None else out.add_(part)
-    assert out is not None
+    if out is None:
+        dt = compute or x.dtype
+        out = torch.zeros(d if diagonal else (d, d), dtype=dt, device=x.device)
     return out
+
+
+def _masked_sums(x: torch.Tensor, pos: torch.Tensor, compute: torch.dtype, chunk_elems: int) -> torch.Tensor:
+    """``Σ_{t: pos_it} x_it`` per sample, ``[B, d]`` in ``compute``, from ``x`` [B, T, d] and ``pos``
+    [B, T], over chunks of token rows (masked positions are left out, not multiplied by zero: a
+    NaN there does not count)."""
+    B, T, d = x.shape
+    flat, keep = x.reshape(-1, d), pos.reshape(-1)
+    owner = torch.arange(B, device=x.device).repeat_interleave(T)
+    out = torch.zeros(B, d, dtype=compute, device=x.device)
+    step = max(1, chunk_elems // max(1, d))
+    for lo in range(0, B * T, step):
+        k = keep[lo : lo + step]
+        out.index_add_(0, owner[lo : lo + step][k], flat[lo : lo + step][k].to(compute))
+    return out
+
+
+def _all_finite(x: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """Whether every entry of ``x`` (of the samples ``rows`` [B] of its leading axis, when given)
+    is finite, as a device flag: from per-sample minima and maxima (NaN propagates through them),
+    without an ``x``-sized temporary."""
+    flat = x.reshape(x.shape[0], -1) if rows is not None else x.reshape(1, -1)
+    if flat.shape[1] == 0:
+        return torch.ones((), dtype=torch.bool, device=x.device)
+    lo, hi = torch.aminmax(flat, dim=1)
+    ok = torch.isfinite(lo) & torch.isfinite(hi)
+    return (ok | ~rows.to(ok.device)).all() if rows is not None else ok.all()
 
 
 class _Ctx:
@@ -274,6 +315,32 @@ def _per_token(x: torch.Tensor, ctx: _Ctx, what: str) -> tuple[torch.Tensor, tor
     )
 
 
+def _chunked_matmul(w: torch.Tensor, x: torch.Tensor, compute: torch.dtype, chunk_elems: int) -> torch.Tensor:
+    """``w @ x`` (``w`` [k, R] small, ``x`` [R, d]) over chunks of rows of ``x`` converted to ``compute``."""
+    step = max(1, chunk_elems // max(1, x.shape[1]))
+    out = None
+    for lo in range(0, x.shape[0], step):
+        part = w[:, lo : lo + step].to(compute) @ x[lo : lo + step].to(compute)
+        out = part if out is None else out.add_(part)
+    return out if out is not None else torch.zeros(w.shape[0], x.shape[1], dtype=compute, device=x.device)
+
+
+def _output_moment(g: torch.Tensor, acc: _Acc, ctx: _Ctx, compute: torch.dtype, chunk_elems: int) -> torch.Tensor:
+    """``Σ c_i ĝ ĝᵀ`` (or its diagonal) of one layer's output gradient ``g`` (module docstring:
+    per token for expand, per-sample sums for reduce), with temporaries of at most
+    ``chunk_elems`` elements each (no masked or converted copy of ``g``)."""
+    x, pos = _per_token(g, ctx, f"the output gradient of {acc.name}")
+    c = ctx.weight.to(device=x.device, dtype=compute)  # c_i (x the draw's weight)
+    d = x.shape[-1]
+    if acc.form == "expand":
+        w = c.repeat_interleave(x.shape[1])
+        full = ctx.all_real and pos.shape[1] == x.shape[1] and bool(ctx.valid.all())
+        return _second_moment(x.reshape(-1, d), w, acc.g_diag, mask=None if full else pos.reshape(-1), compute=compute,
+                              chunk_elems=chunk_elems)
+    rows = _masked_sums(x, pos, compute, chunk_elems)[ctx.valid]
+    return _second_moment(rows, c[ctx.valid], acc.g_diag, chunk_elems=chunk_elems)
+
+
 class KFACEstimator:
     """KFAC: per layer ``F ≈ G ⊗ A`` (formulas and scale conventions in the module docstring).
 
@@ -293,14 +360,20 @@ class KFACEstimator:
             the memory; products are computed in the model's dtype promoted to float32 either way).
         distributed: None or False (the factors are this process's; merging across ranks is not
             supported, so True is refused).
+        memory_budget_mb: bound on the temporaries of the factor products (the selected, converted
+            and weighted rows of one chunk of tokens: two chunks of ``memory_budget_mb / 2`` MB each,
+            at any sequence length; the factors themselves are not counted). None: chunks of 2^20
+            elements.
 
     The other :class:`~hf_fisher.estimators.base.CollectOptions` (``reduction``,
-    ``storage_dtype``, ``ema_decay``, ``memory_budget_mb``, ...) concern a diagonal Fisher and are
+    ``storage_dtype``, ``ema_decay``, ...) concern a diagonal Fisher and are
     refused, naming them: take ``kfac.to_diagonal()`` (``.to_groups()``) where a diagonal is needed.
     """
 
     name: ClassVar[str] = "kfac"
-    collect_options: ClassVar[frozenset[str]] = frozenset({"normalization", "task_type", "train_mode", "accumulation_dtype", "distributed"})
+    collect_options: ClassVar[frozenset[str]] = frozenset(
+        {"normalization", "task_type", "train_mode", "accumulation_dtype", "distributed", "memory_budget_mb"}
+    )
     own_options: ClassVar[frozenset[str]] = frozenset(
         {"fisher_type", "kfac_approx", "mc_samples", "seed", "diagonal_g_above", "max_type2_outputs", "params"}
     )
@@ -324,6 +397,7 @@ class KFACEstimator:
         train_mode: bool = False,
         accumulation_dtype: torch.dtype = torch.float64,
         distributed: bool | None = None,
+        memory_budget_mb: float | None = None,
         **unused: Any,
     ):
         if unused:
@@ -358,6 +432,12 @@ class KFACEstimator:
         if accumulation_dtype not in (torch.float32, torch.float64):
             raise InvalidInputError(f"accumulation_dtype must be torch.float32 or torch.float64, got {accumulation_dtype!r}")
         self.accumulation_dtype = accumulation_dtype
+        if memory_budget_mb is not None and (
+            isinstance(memory_budget_mb, bool) or not isinstance(memory_budget_mb, (int, float)) or not memory_budget_mb > 0
+        ):
+            raise InvalidInputError(f"memory_budget_mb must be None or a positive number of MB, got {memory_budget_mb!r}")
+        self.memory_budget_mb = memory_budget_mb
+        self.chunk_elems = _CHUNK_ELEMS
         if not isinstance(train_mode, bool):
             raise InvalidInputError(f"train_mode must be True or False, got {train_mode!r}")
         self.fisher_type = fisher_type
@@ -485,6 +565,9 @@ class KFACEstimator:
         explicit_positions = _position_convention(model) is None and "position_ids" in accepted
         device = next(model.parameters()).device
         compute = torch.promote_types(next(model.parameters()).dtype, torch.float32)
+        if self.memory_budget_mb is not None:  # two chunk-sized temporaries at a time
+            elem = torch.empty((), dtype=compute).element_size()
+            self.chunk_elems = max(1, int(self.memory_budget_mb * 2**20 / (2 * elem)))
         ctx = _Ctx()
         outputs: list[_Call] = []
         gen = torch.Generator().manual_seed(self.seed)
@@ -492,18 +575,7 @@ class KFACEstimator:
 
         def g_hook(acc: _Acc):
             def hook(g: torch.Tensor):
-                x, pos = _per_token(g, ctx, f"the output gradient of {acc.name}")
-                x = x.to(compute)
-                c = ctx.weight.to(device=x.device, dtype=compute)  # c_i (x the draw's weight)
-                d = x.shape[-1]
-                if acc.form == "expand":
-                    if ctx.all_real and pos.shape[1] == x.shape[1] and bool(ctx.valid.all()):
-                        rows, w = x.reshape(-1, d), c.repeat_interleave(x.shape[1])
-                    else:
-                        rows, w = x[pos], c.unsqueeze(1).expand(-1, pos.shape[1])[pos]
-                else:
-                    rows, w = x.masked_fill(~pos.unsqueeze(-1), 0).sum(1)[ctx.valid], c[ctx.valid]
-                gg = _second_moment(rows, w, acc.g_diag).to(acc_dtype)
+                gg = _output_moment(g, acc, ctx, compute, self.chunk_elems).to(acc_dtype)
                 ctx.g_checks.append((acc.name, torch.isfinite(gg.sum())))
                 acc.add_g(gg)
             return hook
@@ -541,10 +613,10 @@ class KFACEstimator:
                 key = (x.data_ptr(), tuple(x.shape), x.stride(), x._version, acc.form, acc.bias is not None)
                 hit = ctx.a_cache.get(key)
                 if hit is None:
-                    aa, n_rows = self._input_moment(x.detach(), acc, ctx, compute, acc_dtype)
+                    aa, n_rows = self._input_moment(x.detach(), acc, ctx, compute, acc_dtype, self.chunk_elems)
                     ctx.a_cache[key] = (x, aa, n_rows)
-                    xs = x.detach() if ctx.all_valid or x.shape[0] != ctx.B else x.detach()[ctx.valid]
-                    ctx.checks.append(torch.isfinite(xs).all())
+                    per_sample = not ctx.all_valid and x.shape[0] == ctx.B
+                    ctx.checks.append(_all_finite(x.detach(), ctx.valid if per_sample else None))
                 else:
                     _, aa, n_rows = hit
                 acc.stage_a(aa, n_rows)
@@ -779,23 +851,31 @@ class KFACEstimator:
         return False
 
     @staticmethod
-    def _input_moment(x, acc, ctx, compute, acc_dtype) -> tuple[torch.Tensor, int]:
+    def _input_moment(x, acc, ctx, compute, acc_dtype, chunk_elems: int = _CHUNK_ELEMS) -> tuple[torch.Tensor, int]:
         """``Σ ã ãᵀ`` over the counted rows of a layer input (tokens for expand, per-sample means
-        for reduce) and the number of rows."""
+        for reduce) and the number of rows; temporaries in chunks of ``chunk_elems`` elements."""
         xt, pos = _per_token(x, ctx, f"the input of {acc.name}")
-        xt = xt.to(compute)
+        d = xt.shape[-1]
         if acc.form == "expand" or xt.shape[1] == 1:
             full = ctx.all_real and bool(ctx.valid.all()) and pos.shape[1] == xt.shape[1]
-            rows = xt.reshape(-1, xt.shape[-1]) if full else xt[pos]
+            flat = xt.reshape(-1, d)
+            mask = None if full else pos.reshape(-1)
+            aa = _second_moment(flat, None, False, mask=mask, compute=compute, chunk_elems=chunk_elems).to(acc_dtype)
+            n_rows = flat.shape[0] if mask is None else int(mask.sum())
+            col = None
+            if acc.bias is not None:
+                ones = torch.ones(1, flat.shape[0], dtype=compute, device=flat.device) if mask is None else mask.to(compute).unsqueeze(0)
+                col = _chunked_matmul(ones, flat, compute, chunk_elems).squeeze(0).to(acc_dtype)
         else:
             R = pos.sum(1).clamp(min=1).to(compute)
-            rows = (xt.masked_fill(~pos.unsqueeze(-1), 0).sum(1) / R.unsqueeze(1))[ctx.valid]
-        aa = _second_moment(rows, None, False).to(acc_dtype)
-        if acc.bias is not None:  # ã = [a, 1]: [[Σ aaᵀ, Σ a], [Σ aᵀ, n]] without copying a
-            col = rows.sum(0).to(acc_dtype)
-            corner = torch.tensor([[float(rows.shape[0])]], dtype=acc_dtype, device=col.device)
+            rows = (_masked_sums(xt, pos, compute, chunk_elems) / R.unsqueeze(1))[ctx.valid]
+            aa = _second_moment(rows, None, False, chunk_elems=chunk_elems).to(acc_dtype)
+            n_rows = int(rows.shape[0])
+            col = rows.sum(0).to(acc_dtype) if acc.bias is not None else None
+        if col is not None:  # ã = [a, 1]: [[Σ aaᵀ, Σ a], [Σ aᵀ, n]] without copying a
+            corner = torch.tensor([[float(n_rows)]], dtype=acc_dtype, device=col.device)
             aa = torch.cat([torch.cat([aa, col.unsqueeze(1)], 1), torch.cat([col.unsqueeze(0), corner], 1)], 0)
-        return aa, int(rows.shape[0])
+        return aa, n_rows
 
     def _prepare(self, batch, bi, device, task_type, V) -> dict[str, torch.Tensor]:
         if not isinstance(batch, Mapping) or "input_ids" not in batch:
