@@ -504,7 +504,7 @@ def _tune(plan: list[TensorInfo], reader: _Reader, s: MergeSettings, validation,
     for cand in tqdm(cands, desc="validation grid", disable=not progress):
         sd = {info.name: _merge_one(reader, info, cand, None) for info in plan}
         loss = loss_of(sd)
-        if not results or loss < min(r[0] for r in results):
+        if grid.get("layer_lean") and (not results or loss < min(r[0] for r in results)):
             best_sd = sd  # the best point's tensors, for the per-layer refinement
         results.append((loss, cand))
     best_loss, best = min(results, key=lambda r: r[0])  # first of equal losses
