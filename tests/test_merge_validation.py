@@ -14,7 +14,7 @@ import yaml
 
 import hf_fisher
 from hf_fisher.artifacts.fisher import Counts, Fisher, FisherMetadata
-from hf_fisher.consumers.merge.api import layer_group, merge_with_fisher
+from hf_fisher.consumers.merge.api import RECIPE_NAME, layer_group, merge_with_fisher
 from hf_fisher.consumers.merge.regmean import regmean_tensor
 from hf_fisher.errors import InvalidInputError
 
@@ -139,7 +139,7 @@ def test_validation_picks_the_point_with_the_lowest_independent_loss(llamas, gpt
                             progress=False, **{**kw, **({"data": once} if once else {})})
     if once:  # the Grams were made once: one pass over each model's data, whatever the number of points
         assert [o.passes for o in once] == [1, 1]
-    recipe = yaml.safe_load((out / "merge_recipe.yaml").read_text())
+    recipe = yaml.safe_load((out / RECIPE_NAME).read_text())
     chosen = recipe["hf_fisher"]["validation"]["chosen"]
     points = {}
     for w, v in itertools.product(([0.5, 0.5], [0.75, 0.25], [0.25, 0.75]), values):
@@ -165,17 +165,22 @@ def test_validation_picks_the_point_with_the_lowest_independent_loss(llamas, gpt
 
 
 # ---------------------------------------------------------------------------- per layer
-def test_per_layer_weights_lower_the_validation_loss_and_are_recorded(llamas, tmp_path):
-    models = llamas
-    data = [_data(s) for s in (0, 1)]
-    val = _val()
-    grid = {"weight_lean": (0.0,), "alpha": (0.9,), "layer_lean": (0.5, 1.0)}
-    out = merge_with_fisher(models, method="regmean", data=data, validation=val, validation_grid=grid,
-                            output_dir=tmp_path / "v", progress=False)
-    recipe = yaml.safe_load((out / "merge_recipe.yaml").read_text())
+@pytest.mark.parametrize("method", ["regmean", "kfac"])
+def test_per_layer_weights_lower_the_validation_loss_and_are_recorded(llamas, gpt2s, tmp_path, method):
+    models = gpt2s if method == "kfac" else llamas
+    vocab = models[0].config.vocab_size
+    data = [_data(s, vocab) for s in (0, 1)]
+    val = _val(vocab)
+    kw = _kwargs(method, models, data)
+    knob, value = ("kfac_damping", 1e-2) if method == "kfac" else ("alpha", 0.9)
+    grid = {"weight_lean": (0.0,), knob: (value,), "layer_lean": (0.5, 1.0)}
+    out = merge_with_fisher(models, method=method, validation=val, validation_grid=grid,
+                            output_dir=tmp_path / "v", progress=False, **kw)
+    recipe = yaml.safe_load((out / RECIPE_NAME).read_text())
     rec = recipe["hf_fisher"]["validation"]
     chosen, layers = rec["chosen"], rec["layers"]
-    assert layers["layers"] == ["model.layers.0", "model.layers.1"]
+    prefix = "transformer.h" if method == "kfac" else "model.layers"
+    assert layers["layers"] == [f"{prefix}.0", f"{prefix}.1"]
     assert layers["points"] == 2 * 2 * 2 == len(layers["losses"])  # 2 layers x 2 leans x 2 models
     assert chosen["grid_loss"] == pytest.approx(rec["losses"][0]["loss"])
     lw = chosen.get("layer_weights") or {}
@@ -183,17 +188,15 @@ def test_per_layer_weights_lower_the_validation_loss_and_are_recorded(llamas, tm
     assert chosen["loss"] < chosen["grid_loss"]
     assert chosen["loss"] == pytest.approx(min(x["loss"] for x in layers["losses"] if x["layer"] == max(lw)))
     # independent: each layer merged with its own weights, everything else with the global ones
-    sds = [m.state_dict() for m in models]
     merged = type(models[0]).from_pretrained(out, dtype=torch.float64).eval()
-    ref_plain = merge_with_fisher(models, method="regmean", data=data, alpha=0.9, progress=False).state_dict()
-    ref_layer = {g: merge_with_fisher(models, method="regmean", data=data, alpha=0.9, weights=w, progress=False).state_dict()
+    ref_plain = merge_with_fisher(models, method=method, progress=False, **{knob: value}, **kw).state_dict()
+    ref_layer = {g: merge_with_fisher(models, method=method, weights=w, progress=False, **{knob: value}, **kw).state_dict()
                  for g, w in lw.items()}
     for name, t in merged.state_dict().items():
         g = layer_group(name)
         ref = ref_layer[g][name] if g in lw else ref_plain[name]
         assert torch.allclose(t, ref, atol=1e-12, rtol=0), name
     assert independent_loss(merged, val) == pytest.approx(chosen["loss"], rel=1e-9)
-    assert set(sds[0]) == set(merged.state_dict())
     # each model's weight: mergekit's per-tensor list, layer filters first, the global weight last
     for i, entry in enumerate(recipe["models"]):
         weight = entry["parameters"]["weight"]
