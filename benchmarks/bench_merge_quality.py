@@ -1,14 +1,21 @@
-"""Quality of the merge methods on a task pair made offline (issue 14), measured in one run.
+"""Quality of the merge methods on several task pairs made offline (issues 14 and 26), measured in one run.
 
-    python benchmarks/bench_merge_quality.py                  # the reference run (~15 min on one busy CPU core)
-    python benchmarks/bench_merge_quality.py --fisher-samples 128
-    python benchmarks/bench_merge_quality.py --json out.json
+    python benchmarks/bench_merge_quality.py                       # every pair, reference settings (~15 min a pair on one busy core)
+    python benchmarks/bench_merge_quality.py --pairs llama-gqa gpt2
+    python benchmarks/bench_merge_quality.py --quick               # smoke run: small pairs, few samples, small grids (minutes)
+    python benchmarks/bench_merge_quality.py --fisher-samples 128 --json out.json
     python benchmarks/bench_merge_quality.py --extended-grid --only ties dare   # + TIES density / DARE drop_p
+    python benchmarks/bench_merge_quality.py --no-layers           # without the per-layer rows
     python benchmarks/bench_merge_quality.py --report-only benchmarks/.cache/bench_merge_quality.json
 
-The task pair (``benchmarks/merge_tasks.py``, built and cached on first use): one tiny base
-LLaMA pre-trained on a mix of Python source and English licence prose, and two task models
-fine-tuned from it, one per domain. This script
+The task pairs (``benchmarks/merge_tasks.py``, built and cached on first use; ``--pairs``, default
+all of ``merge_tasks.PAIRS``): per pair a tiny base model pre-trained on a mix of two domains of
+real text read from this machine, and two task models fine-tuned from it, one per domain.
+Shapes differ: LLaMA with grouped-query attention (``llama-gqa``: Python source vs licence prose),
+LLaMA with multi-head attention (``llama-mha``: man pages vs package descriptions), GPT-2 with
+its fused ``c_attn`` and tied embeddings (``gpt2``: C headers vs Debian changelogs). Each domain's
+files are split into train / validation / test by a hash of their path (disjoint files). For
+each pair this script
 
 1. collects, for each task model on its own train split (``--fisher-samples`` sequences,
    batches of ``--batch-size``):
@@ -16,30 +23,32 @@ fine-tuned from it, one per domain. This script
    - the "Fisher" of the published merge benchmarks (fusion_bench, MergeBench): the mean over
      the same batches of the square of the *batch* gradient, ``mean_b (∇ L_b)²`` with ``L_b``
      the batch-mean loss, packed as a ``Fisher`` with reduction "param";
-2. merges the two task models with every method of ``hf_fisher.consumers.merge.api.merge_with_fisher``
-   from their ``save_pretrained`` folders (the streaming reader), once with the library's default
-   hyper-parameters and once tuned on the validation splits (``validation=[val_python,
-   val_prose]``: the library's grid over the model weights λ, the scaling and the Fisher floor;
-   ``merge_with_fisher`` refuses ``validation=`` for RegMean methods, so for ``regmean`` and
-   ``fisher_regmean`` this script searches ``alpha`` (0, .25, .5, .75, .9, 1) x the library's λ
-   grid itself (then, for fisher_regmean, the library's Fisher floors at the best point) on the
-   same validation criterion, merging in memory with the library's per-tensor ``merge_tensor``
-   and Grams from ``collect_input_grams``);
+   - KFAC factors of the same sequences; RegMean's Grams are collected by the library from the
+     same train batches (``data=``);
+2. merges the two task models with every method of ``merge_with_fisher`` from their
+   ``save_pretrained`` folders (the streaming reader) in three configurations:
+   - ``default``: the library's default hyper-parameters (uniform weights), no validation;
+   - ``tuned``: ``validation=[val_a, val_b]``: the library's grid (the model weights λ, and what
+     the method tunes: the scaling of task arithmetic / TIES / DARE, the Fisher floor, RegMean's
+     ``alpha``, KFAC's damping), every method including the data-aware ones;
+   - ``tuned+layers``: the same plus the per-layer refinement (``validation_grid={"layer_lean":
+     ...}``: per-layer model weights, AdaMerging-style, chosen by a coordinate search on validation);
 3. evaluates every merged model on both held-out **test** splits (mean token loss, nats, and
-   perplexity) -- the test split is never used to choose anything -- and prints one markdown
-   table (plus the base and the two task models as reference rows), the winner by the mean of
-   the two test losses, and the checks of the issue; everything goes to a JSON file.
+   perplexity) and on the validation splits; the test split is never used to choose anything.
 
-Validation criterion (library and this script alike): the mean over the two domains of the mean
-batch loss on the validation split.
+It prints one markdown table per pair (plus the base and the two task models as reference rows),
+a summary table over the pairs, and the checks of issue 26 per pair: the best validation-tuned
+method (picked by its validation loss, not its test loss) against plain averaging, tuned TIES and
+DARE, and untuned RegMean; everything goes to a JSON file.
+
+Validation criterion (the library's): the mean over the two domains of the mean batch loss on the
+validation split.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import dataclasses
-import itertools
 import json
 import logging
 import math
@@ -57,7 +66,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import merge_tasks  # benchmarks/merge_tasks.py, beside this script
 
-DOMAINS = merge_tasks.DOMAINS
+DOMAINS = merge_tasks.DOMAINS  # the llama-gqa pair's (each pair has its own: pair.domains)
 BATCH_GRAD = "fisher (squared batch gradient, as fusion_bench)"
 # rows of the table: (label, library method, which Fisher)
 ROWS = [
@@ -74,7 +83,11 @@ ROWS = [
 ]
 FISHER_LABELS = ("fisher", BATCH_GRAD, "fisher_task_vector", "fisher_regmean", "kfac")
 BASELINE_LABELS = ("average", "task_arithmetic", "ties", "dare")
-ALPHAS = (0.0, 0.25, 0.5, 0.75, 0.9, 1.0)  # this script's RegMean alpha grid
+DATA_AWARE = ("regmean", "fisher_regmean", "kfac")
+LAYER_LEAN = (0.25, 0.5)  # the per-layer refinement's leans (validation_grid["layer_lean"])
+# --quick: a small grid (the library's DEFAULT_GRID otherwise)
+QUICK_GRID = {"weight_lean": (0.0, 0.5), "scaling": (0.5, 1.0), "fisher_floor": (1e-6, 1e-4), "alpha": (0.5, 0.9),
+              "kfac_damping": (1e-3, 1e-2)}
 # --extended-grid: the hyper-parameter the library's validation grid leaves fixed, searched around it
 EXTENDED = {"ties": ("density", (0.1, 0.2, 0.5, 0.8, 1.0)), "dare": ("drop_p", (0.1, 0.3, 0.5, 0.7, 0.9))}
 
@@ -109,14 +122,10 @@ def batch_grad_fisher(model, batches, like, task: str):
 
 
 # ---------------------------------------------------------------------------------- evaluation
-def evaluate(pair, model) -> dict[str, float]:
-    return pair.evaluate(model, "test")
-
-
-def _row(label: str, config: str, losses: dict[str, float], **extra) -> dict:
-    vals = [losses[d] for d in DOMAINS]
+def _row(label: str, config: str, losses: dict[str, float], domains, **extra) -> dict:
+    vals = [losses[d] for d in domains]
     return {"method": label, "config": config, "test_loss": losses, "mean_loss": sum(vals) / len(vals),
-            "test_ppl": {d: math.exp(losses[d]) for d in DOMAINS}, **extra}
+            "test_ppl": {d: math.exp(losses[d]) for d in domains}, **extra}
 
 
 def _fmt_hp(hp: dict | None) -> str:
@@ -124,39 +133,51 @@ def _fmt_hp(hp: dict | None) -> str:
         return ""
     parts = []
     for k, v in hp.items():
-        if isinstance(v, list):
+        if isinstance(v, list) and all(isinstance(x, (int, float)) for x in v):
             v = "[" + ", ".join(f"{x:.3g}" for x in v) + "]"
         elif isinstance(v, float):
             v = f"{v:.3g}"
+        elif isinstance(v, dict):
+            v = "{" + ", ".join(f"{k2.split('.')[-1]}: [" + ", ".join(f"{x:.3g}" for x in w) + "]"
+                                for k2, w in v.items()) + "}"
         parts.append(f"{k}={v}")
     return ", ".join(parts)
 
 
 # ------------------------------------------------------------------------------------- merging
-def library_merge(mw, label, method, fishers, pair, data, validation, **extra):
-    """One call of ``merge_with_fisher`` from the saved folders; returns (model, chosen settings)."""
+def library_merge(mw, pair, method, fishers, data, validation, grid=None, **extra):
+    """One call of ``merge_with_fisher`` from the saved folders; returns (model, chosen settings,
+    the recipe's validation record)."""
     kw = dict(method=method, progress=False, **extra)
     if method in ("fisher", "fisher_task_vector", "fisher_regmean", "kfac"):
         kw["fishers"] = fishers
-    if method in mw.BASE_METHODS:
+    if method in ("fisher_task_vector", "task_arithmetic", "ties", "dare"):
         kw["base_model"] = str(pair.path("base"))
     if method in ("regmean", "fisher_regmean"):
         kw["data"] = data
     if validation is not None:
         kw["validation"] = validation
+        kw["validation_grid"] = grid
     with tempfile_dir() as out:
-        folder = mw.merge_with_fisher([str(pair.path(d)) for d in DOMAINS], output_dir=out / "merged", **kw)
+        folder = mw.merge_with_fisher([str(pair.path(d)) for d in pair.domains], output_dir=out / "merged", **kw)
         import yaml
 
         recipe = yaml.safe_load((Path(folder) / mw.RECIPE_NAME).read_text())
-        model = pair_model_from(folder)
+        model = merge_tasks._model_class(pair.spec).from_pretrained(str(folder), dtype=torch.float32).eval()
     hp = dict(recipe["parameters"])
-    hp["weights"] = [m["parameters"]["weight"] for m in recipe["models"]]
-    hp.pop("no_fisher_rule", None)
-    hp.pop("seed", None)
+    weights = [m["parameters"]["weight"] for m in recipe["models"]]
+    if all(isinstance(w, list) for w in weights):  # per-layer weights: mergekit's filter list, the global weight last
+        hp["weights"] = [w[-1]["value"] for w in weights]
+    else:
+        hp["weights"] = weights
+    val = recipe["hf_fisher"].get("validation")
+    if val and val["chosen"].get("layer_weights"):
+        hp["layer_weights"] = val["chosen"]["layer_weights"]
+    for k in ("no_fisher_rule", "seed", "normalize_fishers", "kfac_damping_mode"):
+        hp.pop(k, None)
     if hp.get("dare_then") == "task_arithmetic":
         hp.pop("dare_then")
-    return model, hp, recipe["hf_fisher"].get("validation")
+    return model, hp, val
 
 
 class tempfile_dir:
@@ -170,154 +191,61 @@ class tempfile_dir:
         self._d.cleanup()
 
 
-def pair_model_from(folder):
-    from transformers import LlamaForCausalLM
-
-    return LlamaForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
-
-
-def regmean_tuned(method, fisher_pair, grams, validation, models, eval_model):
-    """``regmean`` / ``fisher_regmean`` tuned on validation by this script: ``alpha`` x λ (the
-    library's λ grid), then for fisher_regmean the library's Fisher floors at the best of those;
-    merged in memory with the library's per-tensor ``merge_tensor``. ``grams``: ``{weight name:
-    ([G_1, G_2], kind)}``."""
-    from hf_fisher.consumers.merge.api import (
-        DEFAULT_GRID,
-        MergeSettings,
-        merge_tensor,
-        validation_candidates,
-        validation_loss,
-    )
-
-    sds = [m.state_dict() for m in models]
-    names = list(sds[0])
-    weight_grid = []  # the library's λ candidates (its candidate list repeats them once per Fisher floor)
-    for c in validation_candidates(MergeSettings(method, [0.5, 0.5]), 2, DEFAULT_GRID):
-        if c.weights not in weight_grid:
-            weight_grid.append(c.weights)
-    floors = DEFAULT_GRID["fisher_floor"] if method == "fisher_regmean" else (1e-6,)
-    fis = {}
-    if method == "fisher_regmean":
-        fis = {n: [f[n] for f in fisher_pair] for n in names if all(n in f for f in fisher_pair)}
-
-    def merged(s):
-        return {n: merge_tensor(n, [x[n] for x in sds], None, fis.get(n), s, gram=grams.get(n)).to(sds[0][n].dtype)
-                for n in names}
-
-    results = []
-
-    def score(s):
-        eval_model.load_state_dict(merged(s))
-        results.append((validation_loss(eval_model, validation), s))
-
-    for alpha, w in itertools.product(ALPHAS, weight_grid):  # alpha x weights at the default floor ...
-        score(MergeSettings(method, list(w), alpha=float(alpha)))
-    if len(floors) > 1:  # ... then the floor at the best of those (a coordinate search: 30 + 3 points, not 120)
-        first = min(results, key=lambda r: r[0])[1]
-        for floor in floors:
-            if floor != first.fisher_floor:
-                score(dataclasses.replace(first, fisher_floor=float(floor)))
-    best_loss, best = min(results, key=lambda r: r[0])  # first of equal losses
-    eval_model.load_state_dict(merged(best))
-    hp = {"alpha": best.alpha, "weights": best.weights}
-    if method == "fisher_regmean":
-        hp["fisher_floor"] = best.fisher_floor
-    return hp, {"loss": best_loss, "points": len(results)}
-
-
 # ------------------------------------------------------------------------------------------ run
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--fisher-samples", type=int, default=512, help="train sequences per task for Fisher / Grams")
-    ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "1")))
-    ap.add_argument("--json", default=str(merge_tasks.CACHE.parent / "bench_merge_quality.json"))
-    ap.add_argument("--only", nargs="*", help="run only these rows (labels of the table)")
-    ap.add_argument("--extended-grid", action="store_true",
-                    help="also tune TIES' density and DARE's drop probability on validation (rows 'tuned+')")
-    ap.add_argument("--report-only", metavar="JSON", help="print the table and checks of a saved run, run nothing")
-    args = ap.parse_args()
-    if args.report_only:
-        saved = json.loads(Path(args.report_only).read_text())
-        print_report(saved["rows"], saved["fisher_samples"])
-        return
-    torch.set_num_threads(args.threads)
-    logging.getLogger("hf_fisher").setLevel(logging.ERROR)
-    t_start = time.perf_counter()
-
+def run_pair(name: str, args, grid: dict) -> dict:
     import hf_fisher
     from hf_fisher.consumers.merge import api as mw
-    from hf_fisher.consumers.merge.regmean import collect_input_grams
 
-    pair = merge_tasks.load_task_pair(threads=args.threads)
+    t_start = time.perf_counter()
+    pair = merge_tasks.load_task_pair(threads=args.threads, pair=name, quick=args.quick)
+    domains = pair.domains
     base = pair.load("base")
-    models = [pair.load(d) for d in DOMAINS]
-    print(f"task pair: {pair.root} ({pair.meta['parameters']:,} parameters, seq len {merge_tasks.SEQ_LEN}, "
-          f"domains {', '.join(DOMAINS)}); {args.threads} threads")
+    models = [pair.load(d) for d in domains]
+    print(f"\n=== {name}: {pair.root} ({pair.spec.arch}, {pair.meta['parameters']:,} parameters, seq len "
+          f"{merge_tasks.SEQ_LEN}, domains {', '.join(domains)}); {args.threads} threads", flush=True)
 
-    # ---- Fishers, Grams, validation batches
-    train = [pair.batches(d, "train", args.batch_size, args.fisher_samples) for d in DOMAINS]
-    validation = [pair.batches(d, "validation", args.batch_size) for d in DOMAINS]
+    # ---- Fishers, validation batches (the Grams: the library, from the same train batches)
+    train = [pair.batches(d, "train", args.batch_size, args.fisher_samples) for d in domains]
+    validation = [pair.batches(d, "validation", args.batch_size, args.validation_samples) for d in domains]
     timing = {}
     t = time.perf_counter()
-    per_sample = [hf_fisher.collect(m, b, reduction="param", task=d, progress=False) for m, b, d in zip(models, train, DOMAINS)]
+    per_sample = [hf_fisher.collect(m, b, reduction="param", task=d, progress=False) for m, b, d in zip(models, train, domains)]
     timing["per_sample_fisher_s"] = time.perf_counter() - t
     t = time.perf_counter()
-    batch_grad = [batch_grad_fisher(m, b, f, d) for m, b, f, d in zip(models, train, per_sample, DOMAINS)]
+    batch_grad = [batch_grad_fisher(m, b, f, d) for m, b, f, d in zip(models, train, per_sample, domains)]
     timing["batch_grad_fisher_s"] = time.perf_counter() - t
-    t = time.perf_counter()
-    per_model_grams = [collect_input_grams(m, b, progress=False) for m, b in zip(models, train)]
-    grams = {n: ([g.grams[n] for g in per_model_grams], per_model_grams[0].kinds[n])
-             for n in per_model_grams[0].grams if all(n in g.grams for g in per_model_grams)}
-    timing["grams_s"] = time.perf_counter() - t
     kfac = None
     if not args.only or "kfac" in args.only:
         t = time.perf_counter()
-        kfac = [hf_fisher.collect(m, b, estimator="kfac", task=d, progress=False) for m, b, d in zip(models, train, DOMAINS)]
+        kfac = [hf_fisher.collect(m, b, estimator="kfac", task=d, progress=False) for m, b, d in zip(models, train, domains)]
         timing["kfac_s"] = time.perf_counter() - t
-        print(f"KFAC factors of the same sequences: {timing['kfac_s']:.1f} s")
     print(f"Fishers of {args.fisher_samples} train sequences per task: per-sample {timing['per_sample_fisher_s']:.1f} s, "
-          f"squared batch gradient {timing['batch_grad_fisher_s']:.1f} s, RegMean Grams {timing['grams_s']:.1f} s")
-    fisher_stats = {}
-    for kind, fl in (("per_sample", per_sample), ("batch_grad", batch_grad)):
-        for d, f in zip(DOMAINS, fl):
-            vals = torch.cat([f[n].double().flatten() for n in f.names()])
-            fisher_stats[f"{kind}/{d}"] = {"mean": float(vals.mean()), "median": float(vals.median()),
-                                           "frac_below_1e-6": float((vals < 1e-6).double().mean())}
-    for k, v in fisher_stats.items():
-        print(f"  {k:22s} mean {v['mean']:.3g}  median {v['median']:.3g}  below the default floor 1e-6: "
-              f"{100 * v['frac_below_1e-6']:.1f}%")
+          f"squared batch gradient {timing['batch_grad_fisher_s']:.1f} s, KFAC {timing.get('kfac_s', 0):.1f} s")
 
-    # ---- reference rows
-    rows = [_row("base", "reference", evaluate(pair, base))]
-    for d, m in zip(DOMAINS, models):
-        rows.append(_row(f"{d} model", "reference", evaluate(pair, m)))
+    def ref_row(label, model):
+        return _row(label, "reference", pair.evaluate(model, "test"), domains,
+                    validation_loss=mw.validation_loss(model, validation))
 
-    eval_model = copy.deepcopy(models[0]).eval()
+    rows = [ref_row("base", base)] + [ref_row(f"{d} model", m) for d, m in zip(domains, models)]
+    configs = [("default", None), ("tuned", grid)]
+    if not args.no_layers:
+        configs.append(("tuned+layers", {**grid, "layer_lean": LAYER_LEAN}))
     for label, method, which in ROWS:
         if args.only and label not in args.only:
             continue
         fishers = {"per_sample": per_sample, "batch_grad": batch_grad, "kfac": kfac, None: None}[which]
-        # default hyper-parameters
-        t = time.perf_counter()
-        model, hp, _ = library_merge(mw, label, method, fishers, pair, train, None)
-        secs = time.perf_counter() - t
-        rows.append(_row(label, "default", evaluate(pair, model), hyper=hp, merge_s=secs))
-        print(f"{label:50s} default  mean test loss {rows[-1]['mean_loss']:.4f}  ({secs:.1f} s)  {_fmt_hp(hp)}", flush=True)
-        # tuned on the validation split
-        t = time.perf_counter()
-        if method in ("regmean", "fisher_regmean"):
-            hp, val = regmean_tuned(method, fishers, grams, validation, models, eval_model)
-            model, how = eval_model, "this script's alpha x weights grid (library refuses validation= for RegMean)"
-        else:
-            model, hp, val = library_merge(mw, label, method, fishers, pair, train, validation)
-            val = {"loss": val["chosen"]["loss"], "points": val["points"]}
-            how = "merge_with_fisher(validation=...), library grid"
-        secs = time.perf_counter() - t
-        rows.append(_row(label, "tuned", evaluate(pair, model), hyper=hp, merge_s=secs,
-                         validation_loss=val["loss"], grid_points=val["points"], tuning=how))
-        print(f"{label:50s} tuned    mean test loss {rows[-1]['mean_loss']:.4f}  ({secs:.1f} s, {val['points']} points, "
-              f"val {val['loss']:.4f})  {_fmt_hp(hp)}", flush=True)
+        for config, g in configs:
+            t = time.perf_counter()
+            model, hp, val = library_merge(mw, pair, method, fishers, train, validation if g else None, g)
+            secs = time.perf_counter() - t
+            extra = {"hyper": hp, "merge_s": secs, "validation_loss": mw.validation_loss(model, validation)}
+            if val:
+                extra["grid_points"] = val["points"]
+            rows.append(_row(label, config, pair.evaluate(model, "test"), domains, **extra))
+            r = rows[-1]
+            points = f", {val['points']} points" if val else ""
+            print(f"{label:50s} {config:12s} test {r['mean_loss']:.4f}  val {r['validation_loss']:.4f}  ({secs:.1f} s"
+                  f"{points})  {_fmt_hp(hp)}", flush=True)
         if args.extended_grid and method in EXTENDED:
             # the library's grid leaves TIES' density and DARE's drop probability at their defaults:
             # search them too (one validation-tuned merge per value; the lowest validation loss wins)
@@ -326,90 +254,140 @@ def main() -> None:
             best = None
             points = 0
             for v in values:
-                m_, hp_, val_ = library_merge(mw, label, method, fishers, pair, train, validation, **{key: v})
+                m_, hp_, val_ = library_merge(mw, pair, method, fishers, train, validation, grid, **{key: v})
                 points += val_["points"]
                 if best is None or val_["chosen"]["loss"] < best[2]:
                     best = (m_, hp_, val_["chosen"]["loss"])
             secs = time.perf_counter() - t
-            rows.append(_row(label, "tuned+", evaluate(pair, best[0]), hyper=best[1], merge_s=secs,
-                             validation_loss=best[2], grid_points=points,
-                             tuning=f"library grid x {key} in {list(values)}"))
-            print(f"{label:50s} tuned+   mean test loss {rows[-1]['mean_loss']:.4f}  ({secs:.1f} s, {points} points, "
-                  f"val {best[2]:.4f})  {_fmt_hp(best[1])}", flush=True)
-
-    report(rows, args, pair, timing, fisher_stats, time.perf_counter() - t_start)
-
-
-def print_report(rows, fisher_samples) -> tuple[dict | None, list[dict]]:
-    print()
-    print(f"Test loss (nats/token, mean over tokens) and perplexity; {fisher_samples} train sequences per task for "
-          f"the Fishers and Grams; default = the library's defaults, tuned = chosen on the validation splits")
-    print()
-    head = (f"| method | config | {DOMAINS[0]} loss | {DOMAINS[1]} loss | mean loss | {DOMAINS[0]} ppl | "
-            f"{DOMAINS[1]} ppl | hyper-parameters |")
-    print(head)
-    print("| --- " * 8 + "|")
-    for r in rows:
-        l, p = r["test_loss"], r["test_ppl"]
-        print(f"| {r['method']} | {r['config']} | {l[DOMAINS[0]]:.4f} | {l[DOMAINS[1]]:.4f} | {r['mean_loss']:.4f} | "
-              f"{p[DOMAINS[0]]:.2f} | {p[DOMAINS[1]]:.2f} | {_fmt_hp(r.get('hyper'))} |")
-    merged = [r for r in rows if r["config"] != "reference"]
-    if not merged:
-        return None, []
-    best = min(merged, key=lambda r: r["mean_loss"])
-    print(f"\nLowest mean test loss of all rows: {best['method']} ({best['config']}), {best['mean_loss']:.4f}")
-
-    def pick(labels, configs):
-        """The row of ``labels`` the validation split picks among ``configs`` (tuned: lowest
-        validation loss; default: the first default row, i.e. plain ``fisher`` for the Fisher
-        methods) -- never chosen by the test loss."""
-        rs = [r for r in merged if r["method"] in labels and r["config"] in configs]
-        if not rs:
-            return None
-        if "validation_loss" in rs[0]:
-            return min(rs, key=lambda r: r.get("validation_loss", math.inf))
-        return rs[0]
-
-    checks = []
-    for configs, what in ((("tuned", "tuned+"), "tuned on validation"), (("default",), "library defaults")):
-        bf = pick(FISHER_LABELS, configs)
-        if bf is None:
-            continue
-        others = [(o, pick((o,), configs)) for o in BASELINE_LABELS + ("regmean",)]
-        others.append(("the squared-batch-gradient Fisher", pick((BATCH_GRAD,), configs)))
-        ps = pick(("fisher",), configs)
-        for other, bo in others:
-            if bo is None:
-                continue
-            mine = ps if other.startswith("the squared") else bf
-            if mine is None:
-                continue
-            tol = 1e-3 if other == "regmean" else 0.0
-            ok = mine["mean_loss"] <= bo["mean_loss"] + tol if tol else mine["mean_loss"] < bo["mean_loss"]
-            verb = "matches (within 0.001) or beats" if tol else "beats"
-            if other.startswith("the squared"):
-                who = "per-sample fisher"
-            else:
-                who = "best Fisher-based (picked on validation)" if configs != ("default",) else "fisher"
-            checks.append({"check": f"{what}: {who} {verb} {other}", "met": bool(ok),
-                           "fisher": [mine["method"], mine["config"], mine["mean_loss"]],
-                           "other": [bo["method"], bo["config"], bo["mean_loss"]]})
-    print("\nChecks (mean of the two test losses; each method's row picked on validation, not on test):")
-    for c in checks:
-        print(f"  [{'met' if c['met'] else 'MISSED'}] {c['check']}: {c['fisher'][0]} ({c['fisher'][1]}) "
-              f"{c['fisher'][2]:.4f} vs {c['other'][0]} ({c['other'][1]}) {c['other'][2]:.4f}")
-    return best, checks
+            rows.append(_row(label, "tuned+", pair.evaluate(best[0], "test"), domains, hyper=best[1], merge_s=secs,
+                             validation_loss=best[2], grid_points=points))
+            print(f"{label:50s} {'tuned+':12s} test {rows[-1]['mean_loss']:.4f}  val {best[2]:.4f}  ({secs:.1f} s, "
+                  f"{points} points)  {_fmt_hp(best[1])}", flush=True)
+    return {"pair": name, "domains": list(domains), "rows": rows, "timing_s": timing,
+            "total_s": time.perf_counter() - t_start,
+            "task_pair": {k: pair.meta.get(k) for k in ("version", "arch", "parameters", "model", "losses", "quick")}}
 
 
-def report(rows, args, pair, timing, fisher_stats, total_s) -> None:
-    best, checks = print_report(rows, args.fisher_samples)
-    out = {"rows": rows, "best": best, "checks": checks, "fisher_samples": args.fisher_samples,
-           "batch_size": args.batch_size, "threads": args.threads, "timing_s": timing, "fisher_stats": fisher_stats,
-           "total_s": total_s, "task_pair": {k: pair.meta[k] for k in ("version", "parameters", "model", "losses")},
-           "torch": torch.__version__}
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--pairs", nargs="+", default=["all"], help=f"task pairs: {list(merge_tasks.PAIRS)} or 'all'")
+    ap.add_argument("--quick", action="store_true",
+                    help="smoke run: the small pairs, 64 train / 64 validation sequences, a small grid")
+    ap.add_argument("--fisher-samples", type=int, default=None, help="train sequences per task for Fishers / Grams (512)")
+    ap.add_argument("--validation-samples", type=int, default=None, help="validation sequences per task (all)")
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "1")))
+    ap.add_argument("--json", default=None, help="output JSON (default benchmarks/.cache/bench_merge_quality[-quick].json)")
+    ap.add_argument("--only", nargs="*", help="run only these rows (labels of the table)")
+    ap.add_argument("--no-layers", action="store_true", help="leave out the per-layer ('tuned+layers') rows")
+    ap.add_argument("--extended-grid", action="store_true",
+                    help="also tune TIES' density and DARE's drop probability on validation (rows 'tuned+')")
+    ap.add_argument("--report-only", metavar="JSON", help="print the tables and checks of a saved run, run nothing")
+    args = ap.parse_args()
+    if args.report_only:
+        saved = json.loads(Path(args.report_only).read_text())
+        results = saved.get("pairs") or {"llama-gqa": {"rows": saved["rows"], "domains": list(DOMAINS)}}
+        print_all(results, saved["fisher_samples"])
+        return
+    if args.fisher_samples is None:
+        args.fisher_samples = 64 if args.quick else 512
+    if args.validation_samples is None and args.quick:
+        args.validation_samples = 64
+    if args.json is None:
+        args.json = str(merge_tasks.CACHE.parent / f"bench_merge_quality{'-quick' if args.quick else ''}.json")
+    names = merge_tasks.parse_pairs(args.pairs)
+    torch.set_num_threads(args.threads)
+    logging.getLogger("hf_fisher").setLevel(logging.ERROR)
+    from hf_fisher.consumers.merge.api import DEFAULT_GRID
+
+    grid = {k: v for k, v in (QUICK_GRID if args.quick else DEFAULT_GRID).items() if k != "layer_lean"}
+    t_start = time.perf_counter()
+    results = {name: run_pair(name, args, grid) for name in names}
+    checks = print_all(results, args.fisher_samples)
+    out = {"pairs": results, "checks": checks, "fisher_samples": args.fisher_samples,
+           "validation_samples": args.validation_samples, "batch_size": args.batch_size, "threads": args.threads,
+           "quick": args.quick, "grid": {k: list(v) for k, v in grid.items()}, "layer_lean": list(LAYER_LEAN),
+           "total_s": time.perf_counter() - t_start, "torch": torch.__version__}
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(out, indent=2))
-    print(f"\nwritten {args.json} (total {total_s:.0f} s)")
+    print(f"\nwritten {args.json} (total {out['total_s']:.0f} s)")
+
+
+# ----------------------------------------------------------------------------------------- report
+def print_table(name: str, rows: list[dict], domains) -> None:
+    a, b = domains
+    print(f"\n#### {name}: test loss (nats/token) and perplexity; val = mean validation loss (what tuning sees)\n")
+    print(f"| method | config | {a} loss | {b} loss | mean loss | val | {a} ppl | {b} ppl | hyper-parameters |")
+    print("| --- " * 9 + "|")
+    for r in rows:
+        l, p = r["test_loss"], r["test_ppl"]
+        v = r.get("validation_loss")
+        print(f"| {r['method']} | {r['config']} | {l[a]:.4f} | {l[b]:.4f} | {r['mean_loss']:.4f} | "
+              f"{'' if v is None else f'{v:.4f}'} | {p[a]:.2f} | {p[b]:.2f} | {_fmt_hp(r.get('hyper'))} |")
+
+
+def pair_checks(rows: list[dict]) -> list[dict]:
+    """Issue 26's merge target on one pair: the best validation-tuned method (picked by its
+    validation loss among every tuned row, never by test loss) beats plain averaging, tuned TIES,
+    tuned DARE and untuned RegMean on the mean test loss; and the best Fisher-based row (picked on
+    validation) against each data-free baseline."""
+    merged = [r for r in rows if r["config"] != "reference"]
+
+    def get(label, config):
+        return next((r for r in merged if r["method"] == label and r["config"] == config), None)
+
+    def best_on_validation(rs):
+        rs = [r for r in rs if r.get("validation_loss") is not None]
+        return min(rs, key=lambda r: r["validation_loss"]) if rs else None
+
+    checks = []
+    tuned = best_on_validation([r for r in merged if r["config"].startswith("tuned")])
+    if tuned is not None:
+        for label, config in (("average", "default"), ("ties", "tuned"), ("dare", "tuned"), ("regmean", "default"),
+                              ("fisher_regmean", "default")):
+            other = get(label, config)
+            if other is not None:
+                checks.append({"check": f"best validation-tuned beats {label} ({config})",
+                               "met": tuned["mean_loss"] < other["mean_loss"],
+                               "mine": [tuned["method"], tuned["config"], tuned["mean_loss"]],
+                               "other": [other["method"], other["config"], other["mean_loss"]]})
+    for method in DATA_AWARE:
+        d, t = get(method, "default"), best_on_validation([r for r in merged if r["method"] == method and r["config"] != "default"])
+        if d is not None and t is not None:
+            checks.append({"check": f"{method} tuned on validation beats {method} untuned",
+                           "met": t["mean_loss"] < d["mean_loss"],
+                           "mine": [t["method"], t["config"], t["mean_loss"]],
+                           "other": [d["method"], d["config"], d["mean_loss"]]})
+    return checks
+
+
+def print_all(results: dict, fisher_samples) -> dict:
+    checks = {}
+    for name, res in results.items():
+        print_table(name, res["rows"], res["domains"])
+        checks[name] = pair_checks(res["rows"])
+        print(f"\nChecks on {name} (mean test loss; rows picked on validation, not on test):")
+        for c in checks[name]:
+            print(f"  [{'met' if c['met'] else 'MISSED'}] {c['check']}: {c['mine'][0]} ({c['mine'][1]}) "
+                  f"{c['mine'][2]:.4f} vs {c['other'][0]} ({c['other'][1]}) {c['other'][2]:.4f}")
+    names = list(results)
+    keys = []
+    for res in results.values():
+        for r in res["rows"]:
+            if (r["method"], r["config"]) not in keys and r["config"] != "reference":
+                keys.append((r["method"], r["config"]))
+    print(f"\n#### Summary: mean test loss per pair ({fisher_samples} train sequences per task for Fishers and Grams)\n")
+    print("| method | config | " + " | ".join(names) + " |")
+    print("| --- " * (2 + len(names)) + "|")
+    for method, config in keys:
+        cells = []
+        for n in names:
+            r = next((r for r in results[n]["rows"] if r["method"] == method and r["config"] == config), None)
+            cells.append("" if r is None else f"{r['mean_loss']:.4f}")
+        print(f"| {method} | {config} | " + " | ".join(cells) + " |")
+    met = [c["met"] for cs in checks.values() for c in cs]
+    print(f"\n{sum(met)} of {len(met)} checks met over {len(names)} pair(s)")
+    return checks
 
 
 if __name__ == "__main__":

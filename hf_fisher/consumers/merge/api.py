@@ -31,6 +31,7 @@ import json
 import logging
 import math
 import os
+import re
 import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -96,12 +97,20 @@ HUB_OPTIONS = ("revision", "token", "endpoint", "cache_dir", "path_in_repo", "pr
 
 #: the validation grid (see :func:`merge_with_fisher`): model-weight mixtures
 #: ``λ = (1 − t)·uniform + t·e_i`` for each model ``i`` and ``t`` below (``t = 0``: uniform),
-#: scalings for task arithmetic / TIES / DARE, Fisher floors for the Fisher methods
+#: scalings for task arithmetic / TIES / DARE, Fisher floors for the Fisher methods, RegMean's
+#: ``alpha`` (``regmean``, ``fisher_regmean``), KFAC's relative damping (``kfac``); each method
+#: tunes the keys of its ``MergeMethod.tuned`` (the full product with the weights). ``layer_lean``:
+#: the per-layer refinement after it (empty: off), see :func:`merge_with_fisher`.
 DEFAULT_GRID: dict[str, tuple[float, ...]] = {
     "weight_lean": (0.0, 0.25, 0.5),
     "scaling": (0.25, 0.5, 0.75, 1.0, 1.25),
     "fisher_floor": (1e-8, 1e-6, 1e-4, 1e-2),
+    "alpha": (0.0, 0.5, 0.9, 1.0),
+    "kfac_damping": (1e-4, 1e-3, 1e-2, 1e-1),
+    "layer_lean": (),
 }
+#: grid keys that are model-weight leans ``t`` in [0, 1], not method options
+LEAN_KEYS = ("weight_lean", "layer_lean")
 
 #: config fields that change tensor shapes or their meaning, compared across the inputs
 ARCH_FIELDS = (
@@ -309,15 +318,34 @@ def _check_fisher(fi: FisherInput, src: TensorSource, label: str) -> None:
 
 
 # ---------------------------------------------------------------------------- plan
+_LAYER = re.compile(r"^(.*?\.\d+)\.")
+
+
+def layer_group(name: str) -> str | None:
+    """The layer a tensor name belongs to: its name up to the first numbered module
+    (``model.layers.3.mlp.up_proj.weight`` -> ``model.layers.3``, ``transformer.h.0.attn.c_attn.weight``
+    -> ``transformer.h.0``); None for tensors outside numbered layers (embeddings, final norm, head)."""
+    m = _LAYER.match(name)
+    return m.group(1) if m else None
+
+
 @dataclass(frozen=True)
 class MergeSettings:
     """The numbers a merge uses (what the recipe records): the method with its options, and the
-    model weights ``λ_i``."""
+    model weights ``λ_i``; ``layer_weights`` (from the per-layer validation refinement) overrides
+    them for the tensors of a layer (:func:`layer_group`)."""
 
     method: MergeMethod
     weights: list[float]
     #: settings that vary by tensor or model (a mergekit recipe's gradients, filters, per-model density)
     tensor_parameters: Any = None
+    #: per-layer model weights chosen on validation data (``layer_group(name)`` -> weights), or None
+    layer_weights: dict[str, list[float]] | None = None
+
+    def weights_for(self, name: str) -> list[float]:
+        if self.layer_weights:
+            return self.layer_weights.get(layer_group(name), self.weights)
+        return self.weights
 
 
 @dataclass
@@ -356,13 +384,23 @@ class _Reader:
         return out
 
 
+def _weight_name(reader: _Reader, name: str) -> str:
+    """The tensor whose layer decides ``name``'s weights: itself, or the first tensor of its KFAC
+    block (a block is merged with one set of weights)."""
+    layers = reader.inp.layers
+    if layers is not None and name in layers.block_of:
+        return min(layers.blocks[layers.block_of[name]])
+    return name
+
+
 def _merge_one(reader: _Reader, info: TensorInfo, s: MergeSettings, out_dtype: torch.dtype | None) -> torch.Tensor:
     layers = reader.inp.layers
+    weights = s.weights_for(_weight_name(reader, info.name))
     if layers is not None and info.name in layers.block_of:
-        merged = s.method.merge_layer(layers, info.name, lambda n: reader.read(n)[0], s.weights)
+        merged = s.method.merge_layer(layers, info.name, lambda n: reader.read(n)[0], weights)
         return merged.to(out_dtype or info.dtype)
     thetas, base, fishers = reader.read(info.name)
-    method, weights, per_model = _tensor_settings(s, info.name, len(thetas))
+    method, weights, per_model = _tensor_settings(s, info.name, len(thetas), weights)
     if not info.dtype.is_floating_point:  # integer buffers are not merged: they must agree
         for i, t in enumerate(thetas[1:], start=1):
             if not torch.equal(t, thetas[0]):
@@ -376,14 +414,15 @@ def _merge_one(reader: _Reader, info: TensorInfo, s: MergeSettings, out_dtype: t
     return merged.to(out_dtype or info.dtype)
 
 
-def _tensor_settings(s: MergeSettings, name: str, n: int):
-    """``(method, weights, per-model values)`` for tensor ``name`` (``s.tensor_parameters`` resolved)."""
+def _tensor_settings(s: MergeSettings, name: str, n: int, weights: list[float]):
+    """``(method, weights, per-model values)`` for tensor ``name`` (``s.tensor_parameters`` resolved),
+    starting from ``weights`` (the tensor's layer weights: :meth:`MergeSettings.weights_for`)."""
     tp = s.tensor_parameters
     if tp is None:
-        return s.method, s.weights, None
-    options, per_model = tp.resolve(name, s.method, s.weights)
+        return s.method, weights, None
+    options, per_model = tp.resolve(name, s.method, weights)
     method = s.method.replace(**options) if options else s.method
-    weights = [real_number(f"weight of model {i} for {name!r}", w) for i, w in enumerate(per_model.pop("weight", s.weights))]
+    weights = [real_number(f"weight of model {i} for {name!r}", w) for i, w in enumerate(per_model.pop("weight", weights))]
     method.check_weights(weights)
     own = {o.name: o for o in method.options}
     for k, values in per_model.items():  # each model's value checked by the option's declaration
@@ -447,19 +486,24 @@ def validation_loss(model, validation: Sequence[Sequence[Mapping[str, Any]]]) ->
     return sum(losses) / len(losses)
 
 
+def _leaned(base: Sequence[float], unit: float, t: float) -> list[list[float]]:
+    """``(1 − t)·base + t·unit·e_i`` for each model ``i`` (``t = 0``: ``base`` itself)."""
+    n = len(base)
+    if t == 0:
+        return [list(base)]
+    return [[(1 - t) * base[j] + (unit * t if j == i else 0.0) for j in range(n)] for i in range(n)]
+
+
 def validation_candidates(s: MergeSettings, n: int, grid: Mapping[str, Sequence[float]]) -> list[MergeSettings]:
     """Every grid point: weights ``(1−t)/n + t·e_i`` (times ``n`` for task-vector methods, so uniform
     is all ones), × each option the method tunes (``MergeMethod.tuned``: the scaling of task
-    arithmetic / TIES / DARE, the Fisher floor of the Fisher methods) over its grid values."""
+    arithmetic / TIES / DARE, the Fisher floor of the Fisher methods, ``alpha`` of the RegMean
+    methods, the damping of KFAC) over its grid values."""
     method = s.method
     unit = float(n) if method.task_vectors else 1.0
     weights: list[list[float]] = []
     for t in grid["weight_lean"]:
-        if t == 0:
-            cands = [[unit / n] * n]
-        else:
-            cands = [[unit * ((1 - t) / n + (t if j == i else 0.0)) for j in range(n)] for i in range(n)]
-        for c in cands:
+        for c in _leaned([unit / n] * n, unit, float(t)):
             if c not in weights:
                 weights.append(c)
     tuned = [k for k in method.tuned if k in grid]
@@ -469,27 +513,79 @@ def validation_candidates(s: MergeSettings, n: int, grid: Mapping[str, Sequence[
 
 
 def _tune(plan: list[TensorInfo], reader: _Reader, s: MergeSettings, validation, grid, progress: bool):
+    """The grid point with the lowest validation loss (first of equal losses), then, when
+    ``grid["layer_lean"]`` is not empty, the per-layer refinement (:func:`_tune_layers`). Only the
+    combination step runs per point: the inputs, Fishers, Grams and KFAC factors are read once."""
     from tqdm.auto import tqdm
 
     model = _eval_model(reader.inp.sources[0])
-    cands = validation_candidates(s, len(reader.inp.sources), grid)
-    results = []
-    for cand in tqdm(cands, desc="validation grid", disable=not progress):
-        sd = {info.name: _merge_one(reader, info, cand, None) for info in plan}
+
+    def loss_of(sd: Mapping[str, torch.Tensor]) -> float:
         _, unexpected = model.load_state_dict(sd, strict=False)
         if unexpected:
             raise InvalidInputError(f"merged tensors the model does not have: {unexpected[:5]}")
-        results.append((validation_loss(model, validation), cand))
+        return validation_loss(model, validation)
+
+    cands = validation_candidates(s, len(reader.inp.sources), grid)
+    results = []
+    best_sd: dict[str, torch.Tensor] = {}
+    for cand in tqdm(cands, desc="validation grid", disable=not progress):
+        sd = {info.name: _merge_one(reader, info, cand, None) for info in plan}
+        loss = loss_of(sd)
+        if grid.get("layer_lean") and (not results or loss < min(r[0] for r in results)):
+            best_sd = sd  # the best point's tensors, for the per-layer refinement
+        results.append((loss, cand))
     best_loss, best = min(results, key=lambda r: r[0])  # first of equal losses
     tuned = [k for k in s.method.tuned if k in grid]
     choice = {"loss": best_loss, "weights": best.weights, **{k: getattr(best.method, k) for k in tuned}}
-    logger.info("validation picked %s (mean validation loss %.6g over %d tasks, %d grid points)",
-                {k: v for k, v in choice.items() if k != "loss"}, best_loss, len(validation), len(cands))
     record = {"criterion": "mean over tasks of the mean batch loss", "grid": {k: list(v) for k, v in grid.items()},
               "points": len(cands), "chosen": choice,
               "losses": [{"weights": c.weights, **{k: getattr(c.method, k) for k in tuned}, "loss": l}
                          for l, c in results]}
+    if grid.get("layer_lean"):
+        best, layer_record = _tune_layers(plan, reader, best, best_loss, best_sd, loss_of, grid["layer_lean"], progress)
+        record["layers"] = layer_record
+        record["points"] += layer_record["points"]
+        choice["grid_loss"] = best_loss
+        choice["loss"] = layer_record["loss"]
+        if best.layer_weights:
+            choice["layer_weights"] = best.layer_weights
+    logger.info("validation picked %s (mean validation loss %.6g over %d tasks, %d points)",
+                {k: v for k, v in choice.items() if k != "loss"}, choice["loss"], len(validation), record["points"])
     return best, record
+
+
+def _tune_layers(plan, reader: _Reader, s: MergeSettings, loss: float, sd: dict, loss_of, leans, progress: bool):
+    """Per-layer model weights (AdaMerging-style layer-wise coefficients, chosen by a coordinate
+    search): for each numbered layer in order (:func:`layer_group`), try the weights
+    ``(1 − t)·λ* + t·u·e_i`` (``λ*`` the grid's choice, ``u`` 1, or ``n`` for task-vector methods,
+    ``t`` in ``leans``) for that layer's tensors only, the other layers fixed, and keep one when it
+    lowers the validation loss. One deterministic sweep; only the layer's tensors are merged again."""
+    from tqdm.auto import tqdm
+
+    n = len(reader.inp.sources)
+    unit = float(n) if s.method.task_vectors else 1.0
+    groups: dict[str, list] = {}
+    for info in plan:
+        g = layer_group(_weight_name(reader, info.name))
+        if g is not None and info.dtype.is_floating_point:
+            groups.setdefault(g, []).append(info)
+    layer_weights: dict[str, list[float]] = {}
+    trials = []
+    for g, infos in tqdm(groups.items(), desc="validation per layer", disable=not progress):
+        for t in leans:
+            for w in _leaned(s.weights, unit, float(t)):
+                if w == layer_weights.get(g, s.weights):
+                    continue
+                cand = MergeSettings(s.method, s.weights, {**layer_weights, g: w})
+                trial = {**sd, **{i.name: _merge_one(reader, i, cand, None) for i in infos}}
+                trial_loss = loss_of(trial)
+                trials.append({"layer": g, "weights": w, "loss": trial_loss})
+                if trial_loss < loss:
+                    loss, sd, layer_weights = trial_loss, trial, cand.layer_weights
+    record = {"layers": list(groups), "layer_lean": [float(t) for t in leans], "points": len(trials),
+              "loss": loss, "losses": trials}
+    return MergeSettings(s.method, s.weights, layer_weights or None), record
 
 
 # ---------------------------------------------------------------------------- RegMean
@@ -590,10 +686,20 @@ def merge_with_fisher(
     task-vector methods (task arithmetic / TIES / DARE; mergekit's default). ``base_model``:
     required by the task-vector methods. ``data`` (RegMean: one iterable of batches per model).
 
-    ``validation=[batches_1, ...]`` (held-out batches per task) picks λ and the options the method
-    tunes (the scaling, the Fisher floor) on :data:`DEFAULT_GRID` (or ``validation_grid``) by the
-    mean validation loss over the tasks; the inputs are then read once and kept in memory. The
-    choice is logged and written into the recipe and card.
+    ``validation=[batches_1, ...]`` (held-out batches per task, never the data the result is
+    evaluated on) picks λ and the options the method tunes (``MergeMethod.tuned``: the scaling of
+    task arithmetic / TIES / DARE, the Fisher floor, RegMean's ``alpha``, KFAC's damping) on the
+    full product of :data:`DEFAULT_GRID` (updated by ``validation_grid``) by the mean validation
+    loss over the tasks (the first of equal losses). Every method can be tuned, the data-aware ones
+    (``regmean``, ``fisher_regmean``, ``kfac``) included: the inputs, Fishers, Grams and KFAC
+    factors are read or collected once and kept in memory, and each point only recombines them.
+    ``validation_grid={"layer_lean": (0.25, 0.5)}`` adds per-layer weights (AdaMerging-style
+    layer-wise coefficients): after the grid, one coordinate sweep over the numbered layers tries,
+    for each layer's tensors alone, ``λ = (1 − t)·λ* + t·e_i`` (times ``n`` for task-vector methods)
+    and keeps a layer's weights when they lower the validation loss; the recipe then writes each
+    model's ``weight`` as mergekit's per-tensor list (``{filter: layer., value: λ}``).
+    The grid, every point's loss and the choice are logged and written into the recipe
+    (``hf_fisher.validation``) and card.
 
     Returns the merged model when ``output_dir`` is None; else writes ``output_dir`` atomically
     (weights as sharded safetensors + index, config, tokenizer, generation config, ``mergekit_config.yml``,
@@ -630,6 +736,9 @@ def merge_with_fisher(
         raise UnsupportedError("per-tensor settings (a recipe's gradients, filters, per-model densities) apply to "
                                "per-tensor merges of full models, not to LoRA adapters or KFAC blocks; give scalar settings")
     if any(_is_adapter(m) for m in models):
+        if validation is not None:
+            raise UnsupportedError("validation= is not available for PEFT adapters; merge the merged-in models "
+                                   "(peft_model.merge_and_unload()) to tune on validation data")
         return _merge_adapters(models, fishers, settings, base_model, out_dtype, target, push_to_hub, hub_options,
                                rank=rank, merge_into_base=merge_into_base)
 
@@ -643,7 +752,7 @@ def merge_with_fisher(
         tensor_parameters.bind(_full_config(inp.sources[0]))
         settings = MergeSettings(settings.method, settings.weights, tensor_parameters)
         for info in plan_infos:
-            _tensor_settings(settings, info.name, len(inp.sources))
+            _tensor_settings(settings, info.name, len(inp.sources), settings.weights)
     if tokenizer_source is not None:
         inp.tokenizer_source = _io.open_source(tokenizer_source, what="tokenizer_source", hub_options=hub_options)
 
@@ -673,10 +782,21 @@ def merge_with_fisher(
 
     recipe = build_recipe(models, fishers, settings.method, settings.weights, base_model, out_dtype, choice, no_fisher,
                           sorted(inp.grams) if inp.grams else None)
+    if settings.layer_weights:
+        _layer_weights_to_recipe(recipe, settings)
     out_plan = [_io.TensorInfo(i.name, i.shape, out_dtype if (out_dtype and i.dtype.is_floating_point) else i.dtype)
                 for i in plan_infos]
     return _write_merge(plan_infos, out_plan, reader, settings, out_dtype, shard_bytes, inp, recipe, target,
                         push_to_hub, hub_options, progress)
+
+
+def _layer_weights_to_recipe(recipe: dict, s: MergeSettings) -> None:
+    """Per-layer weights written as mergekit writes per-tensor parameters: each model's ``weight``
+    a list of ``{filter: <layer>., value: λ}`` (the first filter found in a tensor's name applies)
+    ending with ``{value: λ}`` for every other tensor."""
+    for i, entry in enumerate(recipe["models"]):
+        entry["parameters"]["weight"] = [{"filter": f"{g}.", "value": w[i]} for g, w in s.layer_weights.items()] + [
+            {"value": s.weights[i]}]
 
 
 def _check_arguments(models, fishers, weights, method, base_model, dtype, data, validation, validation_grid,
@@ -705,23 +825,60 @@ def _check_arguments(models, fishers, weights, method, base_model, dtype, data, 
         m.check_weights(w)
     m.check_inputs(n, fishers=fishers, base_model=base_model, data=data)
     if m.needs_data:
-        if validation is not None:
-            raise UnsupportedError(f"validation tuning is not available for method {m.name!r} (it needs data); "
-                                   "tune its options by hand")
         data = _nonempty_batches("data", data)
-    if validation is not None:
-        if isinstance(validation, (str, Mapping)) or not isinstance(validation, Sequence) or len(validation) != n:
-            got = len(validation) if isinstance(validation, Sequence) else type(validation).__name__
-            raise InvalidInputError(f"validation must hold one list of batches per model ({n}), got {got}")
-        validation = [list(b) for b in _nonempty_batches("validation", validation)]  # read once per grid point
     grid = dict(DEFAULT_GRID)
-    if validation_grid:
-        unknown = sorted(set(validation_grid) - set(grid))
-        if unknown:
-            raise InvalidInputError(f"validation_grid has unknown key(s) {unknown}; known: {sorted(grid)}")
-        grid.update({k: tuple(real_number(f"validation_grid[{k!r}][{i}]", x) for i, x in enumerate(v))
-                     for k, v in validation_grid.items()})
+    if validation is not None:
+        validation = _check_validation(validation, n)
+        grid = _check_grid(m, validation_grid)
+    elif validation_grid:
+        raise InvalidInputError("validation_grid= is given without validation=; pass the validation batches "
+                                "(one list per model) or leave the grid out")
     return MergeSettings(m, w), data, validation, grid, _out_dtype(dtype), _io.parse_size(max_shard_size)
+
+
+def _check_validation(validation, n: int) -> list[list[Mapping[str, Any]]]:
+    """One non-empty list of batches (dicts) per model, read into lists (each point reads them again)."""
+    if isinstance(validation, (str, Mapping)) or not isinstance(validation, Sequence) or len(validation) != n:
+        got = len(validation) if isinstance(validation, Sequence) else type(validation).__name__
+        raise InvalidInputError(f"validation must hold one list of batches per model ({n}), got {got}")
+    out = [list(b) for b in _nonempty_batches("validation", validation)]
+    for i, batches in enumerate(out):
+        for j, b in enumerate(batches):
+            if not isinstance(b, Mapping):
+                raise InvalidInputError(f"validation[{i}][{j}] must be a batch (a dict of tensors such as input_ids), "
+                                        f"got {type(b).__name__}")
+    return out
+
+
+def _check_grid(m: MergeMethod, validation_grid) -> dict[str, tuple[float, ...]]:
+    """:data:`DEFAULT_GRID` updated by ``validation_grid``, every value checked (the leans in [0, 1],
+    each option the method tunes by its declaration) before any work."""
+    grid = dict(DEFAULT_GRID)
+    if not validation_grid:
+        return grid
+    if not isinstance(validation_grid, Mapping):
+        raise InvalidInputError(f"validation_grid must be a mapping of grid keys to lists of numbers, got {validation_grid!r}")
+    unknown = sorted(set(validation_grid) - set(grid))
+    if unknown:
+        raise InvalidInputError(f"validation_grid has unknown key(s) {unknown}; known: {sorted(grid)}")
+    for k, v in validation_grid.items():
+        if isinstance(v, (str, bytes)) or not isinstance(v, Sequence):
+            raise InvalidInputError(f"validation_grid[{k!r}] must be a list of numbers, got {v!r}")
+        vals = tuple(real_number(f"validation_grid[{k!r}][{i}]", x) for i, x in enumerate(v))
+        if not vals and k != "layer_lean":
+            raise InvalidInputError(f"validation_grid[{k!r}] is empty; give at least one value")
+        for x in vals:
+            if k in LEAN_KEYS:
+                if not 0.0 <= x <= 1.0:
+                    raise InvalidInputError(f"validation_grid[{k!r}] values are leans towards one model, in [0, 1]; "
+                                            f"got {x!r}")
+            elif k in m.tuned:
+                try:
+                    m.replace(**{k: x})
+                except InvalidInputError as e:
+                    raise InvalidInputError(f"validation_grid[{k!r}]: {e}") from None
+        grid[k] = vals
+    return grid
 
 
 def _open_inputs(models, fishers, method: MergeMethod, base_model, allow_tokenizer_mismatch, hub_options):

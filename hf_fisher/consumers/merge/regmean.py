@@ -29,6 +29,7 @@ more).
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -170,12 +171,18 @@ def regmean_tensor(
     alpha: float,
     kind: str,
     name: str | None = None,
+    coefficients: Sequence[float] | None = None,
 ) -> torch.Tensor:
     """The RegMean merge of one weight::
 
         G̃_i = α G_i + (1 − α) diag(G_i)
-        kind="linear" (W [out, in]):  W* = ((Σ_i G̃_i)^{-1} Σ_i G̃_i W_i^T)^T
-        kind="conv1d" (W [in, out]):  W* = (Σ_i G̃_i)^{-1} Σ_i G̃_i W_i
+        kind="linear" (W [out, in]):  W* = ((Σ_i c_i G̃_i)^{-1} Σ_i c_i G̃_i W_i^T)^T
+        kind="conv1d" (W [in, out]):  W* = (Σ_i c_i G̃_i)^{-1} Σ_i c_i G̃_i W_i
+
+    ``coefficients`` ``c_i`` (the merge's model weights λ_i; None: all equal, the paper's form)
+    weigh each model's Gram: ``Σ_i c_i X_iᵀX_i`` is the Gram of the union of the inputs with model
+    i's rows counted ``c_i`` times. Only their ratios matter (they are scaled to ``Σ c_i = n``);
+    they must be non-negative with a positive sum.
 
     computed in float64 with :func:`torch.linalg.solve`; the result has ``weights[0]``'s dtype.
     When ``Σ_i G̃_i`` is singular (a Cholesky pivot at or below ``in · eps`` of its largest
@@ -207,18 +214,35 @@ def regmean_tensor(
             )
         if not bool(torch.isfinite(g).all()):
             raise InvalidInputError(f"Gram {i}{what} has NaN or Inf entries")
+    n = len(weights)
+    if coefficients is None:
+        coef = [1.0] * n
+    else:
+        if len(coefficients) != n or any(not math.isfinite(float(c)) or float(c) < 0 for c in coefficients) \
+                or not sum(float(c) for c in coefficients) > 0:
+            raise InvalidInputError(f"coefficients{what} must be {n} non-negative numbers with a positive sum, "
+                                    f"got {list(coefficients)}")
+        total = sum(float(c) for c in coefficients)
+        coef = [n * float(c) / total for c in coefficients]
     dt = torch.float64
     a = float(alpha)
     A = torch.zeros((n_in, n_in), dtype=dt)
     R = torch.zeros((n_in, shape[0] if kind == "linear" else shape[1]), dtype=dt)
-    S = torch.zeros_like(R)  # Σ_i W_i', for the ridge
-    for w, g in zip(weights, grams):
+    S = torch.zeros_like(R)  # Σ_i c_i W_i', for the ridge
+    for c, w, g in zip(coef, weights, grams):
+        if c == 0.0:
+            continue
         gt = _regularised(g.detach().to("cpu", dt), a)
         wt = w.detach().to("cpu", dt)
         wt = wt.T if kind == "linear" else wt
+        if c != 1.0:
+            gt = gt * c
+            wt_c = wt * c
+        else:
+            wt_c = wt
         A.add_(gt)
         R.addmm_(gt, wt)
-        S.add_(wt)
+        S.add_(wt_c)
     tol = max(n_in, 1) * torch.finfo(dt).eps
 
     def definite(M: torch.Tensor) -> bool:

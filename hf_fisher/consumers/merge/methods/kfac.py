@@ -25,6 +25,7 @@ class KFAC(FisherInputMethod):
     fishers = "kfac"
     lora_refusal = "merges full models; for LoRA adapters use method='fisher' (delta-W space)"
     options = (KFAC_DAMPING, KFAC_DAMPING_MODE, NO_FISHER_RULE)
+    tuned = ("kfac_damping",)
 
     def recipe_notes(self):
         return {"kfac": ("per block: sum_i lambda_i F_i vec(M - M_i) = 0, F_i = (G_i + sqrt(delta) I) x (A_i + sqrt(delta) I) "
