@@ -577,7 +577,7 @@ def _tune_layers(plan, reader: _Reader, s: MergeSettings, loss: float, sd: dict,
             for w in _leaned(s.weights, unit, float(t)):
                 if w == layer_weights.get(g, s.weights):
                     continue
-                cand = MergeSettings(s.method, s.weights, {**layer_weights, g: w})
+                cand = MergeSettings(s.method, s.weights, layer_weights={**layer_weights, g: w})
                 trial = {**sd, **{i.name: _merge_one(reader, i, cand, None) for i in infos}}
                 trial_loss = loss_of(trial)
                 trials.append({"layer": g, "weights": w, "loss": trial_loss})
@@ -585,7 +585,7 @@ def _tune_layers(plan, reader: _Reader, s: MergeSettings, loss: float, sd: dict,
                     loss, sd, layer_weights = trial_loss, trial, cand.layer_weights
     record = {"layers": list(groups), "layer_lean": [float(t) for t in leans], "points": len(trials),
               "loss": loss, "losses": trials}
-    return MergeSettings(s.method, s.weights, layer_weights or None), record
+    return MergeSettings(s.method, s.weights, layer_weights=layer_weights or None), record
 
 
 # ---------------------------------------------------------------------------- RegMean
