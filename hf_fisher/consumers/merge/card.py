@@ -22,7 +22,7 @@ _MERGE_FORMULAS = {
     "task_arithmetic": "Task arithmetic: `θ* = θ_base + s Σ_i λ_i τ_i`, `τ_i = θ_i − θ_base`.",
     "ties": "TIES: trim each `λ_i τ_i` to its largest magnitudes (density), elect each entry's sign, average the agreeing entries, `θ* = θ_base + s · mean`.",
     "dare": "DARE: drop each task-vector entry with probability `p`, rescale the rest by `1/(1 − p)`, then task arithmetic or TIES.",
-    "regmean": "RegMean: `W* = (Σ_i G̃_i)⁻¹ Σ_i G̃_i W_i` per linear layer (input Gram matrices, off-diagonal scaled by `α`); other tensors averaged.",
+    "regmean": "RegMean: `W* = (Σ_i λ_i G̃_i)⁻¹ Σ_i λ_i G̃_i W_i` per linear layer (λ_i the model weights) (input Gram matrices, off-diagonal scaled by `α`); other tensors averaged.",
     "fisher_regmean": "RegMean for every linear weight, Fisher-weighted averaging for the other tensors.",
     "kfac": "KFAC Fisher merging, per block: `Σ_i λ_i (F_i + δI) vec(M* − M_i) = 0` with `F_i ≈ G_i ⊗ A_i` (Kronecker-factored Fishers).",
 }
