@@ -119,7 +119,7 @@ def select(layers: list[Layer], Ih, Ic, counts: dict[int, tuple[int, int]], *, b
     masks = Masks(layers)
     for l, (nh, nc) in counts.items():
         L = layers[l]
-        if balance_groups:
+        if balance_groups and L.kv_heads < L.heads:  # GQA/MQA; multi-head attention: per layer
             g = L.heads // L.kv_heads
             per = nh // L.kv_heads
             assert per * L.kv_heads == nh, "balanced heads: the count must split evenly over the kv groups"
@@ -157,19 +157,27 @@ def _unit_columns(L: Layer, which: str) -> list[torch.Tensor]:
 
 
 def _solve(W, cols, kept, x_fit, x_target, residual_gap):
-    """Kept masks minimising ``‖gap + Σ_K s_u W_{J_u} x_fit − W x_target‖²`` over the tokens."""
-    # per-unit outputs, token-chunked: A = Σ Y_Kᵀ Y_K, b = Σ Y_Kᵀ (W x_target − gap)
-    n = len(kept)
-    A = torch.zeros(n, n, dtype=torch.float64)
-    b = torch.zeros(n, dtype=torch.float64)
-    for t0 in range(0, x_fit.shape[0], 512):
-        xf, xt = x_fit[t0 : t0 + 512], x_target[t0 : t0 + 512]
-        Y = torch.stack([xf[:, cols[u]] @ W[:, cols[u]].T for u in kept], dim=2)  # [t, out, n]
-        target = xt @ W.T
-        if residual_gap is not None:
-            target = target - residual_gap[t0 : t0 + 512]
-        A += torch.einsum("toa,tob->ab", Y, Y)
-        b += torch.einsum("toa,to->a", Y, target)
+    """Kept masks minimising ``‖gap + Σ_K s_u W_{J_u} x_fit − W x_target‖²`` over the tokens:
+    ``A s = b`` with ``A = Σ_t Y_Kᵀ Y_K``, ``b = Σ_t Y_Kᵀ (W x_target − gap)``, ``Y_u`` unit ``u``'s
+    output. Units of one column (MLP channels): ``A_uv = (W_uᵀ W_v)(Σ_t x_u x_v)`` directly;
+    wider units (heads): from the per-unit outputs, token-chunked."""
+    target_all = x_target @ W.T
+    if residual_gap is not None:
+        target_all = target_all - residual_gap
+    if all(len(cols[u]) == 1 for u in kept):
+        idx = torch.tensor([int(cols[u][0]) for u in kept])
+        Xk, Wk = x_fit[:, idx], W[:, idx]
+        A = (Xk.T @ Xk) * (Wk.T @ Wk)
+        b = ((target_all @ Wk) * Xk).sum(0)
+    else:
+        n = len(kept)
+        A = torch.zeros(n, n, dtype=torch.float64)
+        b = torch.zeros(n, dtype=torch.float64)
+        for t0 in range(0, x_fit.shape[0], 512):
+            xf = x_fit[t0 : t0 + 512]
+            Y = torch.stack([xf[:, cols[u]] @ W[:, cols[u]].T for u in kept], dim=2)  # [t, out, n]
+            A += torch.einsum("toa,tob->ab", Y, Y)
+            b += torch.einsum("toa,to->a", Y, target_all[t0 : t0 + 512])
     return torch.linalg.lstsq(A, b.unsqueeze(1), driver="gelsd").solution.squeeze(1)
 
 
