@@ -36,10 +36,19 @@ lowest score of the units kept in its budget (its bucket for ``scope="layer"``, 
 
 Applying. The masks (``True`` = kept) zero the removed slices in place; ``PruneResult.restore()``
 puts every touched tensor back bitwise. With rescale batches, the kept units' output columns are
-rescaled layer by layer (:mod:`~hf_fisher.consumers.prune.rescale`) while the masks go in; FLAP's
-bias compensation adds ``(W₀ − W) E[x]`` (``Σ_{removed j} W_{:,j} E[x_j]``, plus what a rescale
-took from the kept columns) to the projection's bias (creating one when the module has none). ``physical=True`` returns a smaller model instead
+rescaled layer by layer (:mod:`~hf_fisher.consumers.prune.rescale`) while the masks go in: each
+stage reconstructs the *unpruned* model's output of the layer (and, in pre-norm residual blocks,
+its residual stream) from the inputs of the model pruned so far, as Kwon et al.'s layer-wise
+reconstruction does (``stats["rescaled"]`` records per projection whether the residual term was
+used); FLAP's bias compensation adds ``(W₀ − W) E[x]`` (``Σ_{removed j} W_{:,j} E[x_j]``, plus
+what a rescale took from the kept columns) to the projection's bias (creating one when the module
+has none). ``physical=True`` returns a smaller model instead
 (:mod:`~hf_fisher.consumers.prune.physical`) and leaves the given model as it was.
+
+Validation. ``validation=`` held-out batches choose the options left unset by their loss: the
+criterion among :data:`VALIDATION_SCORES` (KFAC-OBS, mask Fisher + rescale, FLAP) and FLAP's bias
+compensation on or off; the choice and every candidate's validation loss are logged (WARNING) and
+recorded in ``stats["validation"]`` (pruning.json).
 """
 
 from __future__ import annotations
@@ -439,9 +448,9 @@ def prune(
     """Prune ``model`` to ``sparsity`` (module docstring for budgets, confidence and applying).
 
     ``score=None`` (default) is ``"kfac"`` — structured OBS under the KFAC quadratic with its
-    Fisher-weighted rescale, the lowest held-out loss in ``benchmarks/bench_prune_quality.py`` — when
-    calibration batches are given with ``scope="layer"`` (heads / kv-heads / channels), else
-    ``"fisher"``.
+    Fisher-weighted reconstruction of the unpruned layers — when calibration batches are given
+    with ``scope="layer"`` (heads / kv-heads / channels), else ``"fisher"``; with ``validation=``
+    the criterion and the bias compensation are chosen on those batches (below).
     ``fisher``: the artifact for ``score="fisher"`` / ``"obd"`` (a group Fisher works for
     "fisher"; "obd" and unstructured pruning need ``reduction="param"``). ``score``: the name of a
     registered :class:`~hf_fisher.consumers.prune.base.PruneScore` (built-ins in
@@ -567,8 +576,9 @@ def prune(
     return _finish(result, tokenizer, notes)
 
 
-#: the criteria ``validation=`` chooses among when ``score`` is None (each with its default rescale)
-VALIDATION_SCORES = ("kfac", "mask_fisher")
+#: the criteria ``validation=`` chooses among when ``score`` is None (each with its default rescale:
+#: KFAC-OBS's own, mask Fisher's least squares, none for FLAP), each with and without the bias compensation
+VALIDATION_SCORES = ("kfac", "mask_fisher", "flap")
 
 
 def _by_validation(model, fisher, validation, **options) -> PruneResult:
