@@ -158,40 +158,45 @@ def residual_blocks(model: nn.Module, pairs: Mapping[int, tuple[str, str]], batc
     (``‖h_out − h_in − y_attn − y_mlp‖ ≤ tol ‖h_out‖``, ``tol`` 1e-3 in float32 / 1e-6 in
     float64 / 3e-2 in half precision). Other layers (post-norm blocks, norms after the sublayers)
     are left out: their rescale reconstructs the projection's output alone."""
-    out: dict[str, Residual] = {}
-    for o_name, d_name in pairs.values():
-        a, b = o_name.split(".")[:-2], d_name.split(".")[:-2]
-        k = 0
-        while k < min(len(a), len(b)) and a[k] == b[k]:
-            k += 1
-        if k == 0:
-            continue
-        try:
-            block = model.get_submodule(".".join(a[:k]))
-            o, d = owner(model, o_name)[0], owner(model, d_name)[0]
-        except AttributeError:
-            continue
-        got: dict[str, torch.Tensor] = {}
+    from hf_fisher.collection.activations import accepted_kwargs, model_inputs, position_convention
 
-        def keep(key, value, got=got) -> None:
-            got.setdefault(key, value[0] if isinstance(value, (tuple, list)) else value)
+    found: dict[str, tuple] = {}
+    got: dict[tuple, torch.Tensor] = {}
+    hooks = []
 
-        hooks = [block.register_forward_pre_hook(lambda m, a, kw: keep("in", a[0] if a else kw.get("hidden_states")),
-                                                 with_kwargs=True),
-                 block.register_forward_hook(lambda m, a, out: keep("out", out)),
-                 o.register_forward_hook(lambda m, a, out: keep("o", out)),
-                 d.register_forward_hook(lambda m, a, out: keep("d", out))]
-        try:
-            from hf_fisher.collection.activations import accepted_kwargs, model_inputs, position_convention
+    def keep(key, value) -> None:
+        got.setdefault(key, value[0] if isinstance(value, (tuple, list)) else value)
 
+    try:
+        for layer, (o_name, d_name) in pairs.items():
+            a, b = o_name.split(".")[:-2], d_name.split(".")[:-2]
+            k = 0
+            while k < min(len(a), len(b)) and a[k] == b[k]:
+                k += 1
+            if k == 0:
+                continue
+            try:
+                block = model.get_submodule(".".join(a[:k]))
+                o, d = owner(model, o_name)[0], owner(model, d_name)[0]
+            except AttributeError:
+                continue
+            found[layer] = (block, o_name, d_name)
+            hooks += [block.register_forward_pre_hook(
+                          lambda m, a, kw, L=layer: keep((L, "in"), a[0] if a else kw.get("hidden_states")), with_kwargs=True),
+                      block.register_forward_hook(lambda m, a, out, L=layer: keep((L, "out"), out)),
+                      o.register_forward_hook(lambda m, a, out, L=layer: keep((L, "o"), out)),
+                      d.register_forward_hook(lambda m, a, out, L=layer: keep((L, "d"), out))]
+        if found:
             inputs = model_inputs(model, batch, 0, next(model.parameters()).device, accepted_kwargs(model),
                                   position_convention(model))
             with torch.no_grad():
                 model(**inputs)
-        finally:
-            for h in hooks:
-                h.remove()
-        ts = [got.get(n) for n in ("in", "out", "o", "d")]
+    finally:
+        for h in hooks:
+            h.remove()
+    out: dict[str, Residual] = {}
+    for layer, (block, o_name, d_name) in found.items():
+        ts = [got.get((layer, n)) for n in ("in", "out", "o", "d")]
         if not all(isinstance(t, torch.Tensor) for t in ts) or len({tuple(t.shape) for t in ts}) != 1:
             continue
         h_in, h_out, y_o, y_d = (t.double() for t in ts)
