@@ -40,7 +40,8 @@ rescaled layer by layer (:mod:`~hf_fisher.consumers.prune.rescale`) while the ma
 stage reconstructs the *unpruned* model's output of the layer (and, in pre-norm residual blocks,
 its residual stream) from the inputs of the model pruned so far, as Kwon et al.'s layer-wise
 reconstruction does (``stats["rescaled"]`` records per projection whether the residual term was
-used); FLAP's bias compensation adds ``(W₀ − W) E[x]`` (``Σ_{removed j} W_{:,j} E[x_j]``, plus
+used; not with the bias compensation, which restores the mean output itself: on the demo's
+converged copy model, 30 %, held-out loss 0.0008 without the residual term, 1.05 with it); FLAP's bias compensation adds ``(W₀ − W) E[x]`` (``Σ_{removed j} W_{:,j} E[x_j]``, plus
 what a rescale took from the kept columns) to the projection's bias (creating one when the module
 has none). ``physical=True`` returns a smaller model instead
 (:mod:`~hf_fisher.consumers.prune.physical`) and leaves the given model as it was.
@@ -552,7 +553,9 @@ def prune(
         removed, withheld = _confident(units, scores, removed, fisher, confidence, scope, score, model)
     edits = _Edits(model)
     t_apply = time.perf_counter()
-    residuals = _residuals(model, units, layout, rescale_batches, notes) if rescale else None
+    # with FLAP's bias compensation (which restores each projection's mean output on the unpruned inputs)
+    # the rescale reconstructs the projection output alone: the residual term would correct the same mean twice
+    residuals = _residuals(model, units, layout, rescale_batches, notes) if rescale and not compensate else None
     rescaled = _apply(model, units, set(removed), edits, rescale_batches if rescale else None, progress,
                       residuals=residuals)
     if compensate:
@@ -837,7 +840,7 @@ def _prune_sequential(model, units, *, score, sparsity, min_per_layer, calibrati
     if compensate:
         stats_act = S.activation_stats(model, list(dict.fromkeys(s.param for u in units for s in u.out)), calibration, progress=progress)
     t_apply = time.perf_counter()
-    residuals = _residuals(model, units, layout, (calibration if greedy else rescale_batches) or [None], notes)
+    residuals = {} if compensate else _residuals(model, units, layout, (calibration if greedy else rescale_batches) or [None], notes)
     rescaled = _apply(model, units, removed, edits, None if greedy else rescale_batches, progress, choose=choose,
                       residuals=residuals)
     rescaled = obs_log or rescaled
