@@ -27,7 +27,7 @@ balanced over the kv groups, channels filling each layer's budget), so only the 
 and what is done to the kept ones differ. Calibration: ``--calib`` sequences of the **train**
 split; ``validation=`` data: the **validation** split; evaluation: the held-out **test** split
 (never used to choose anything). Rows: hf_fisher's default with ``validation=`` (the criterion
-chosen on the validation split among KFAC-OBS and mask Fisher + rescale, each with and without
+chosen on the validation split among KFAC-OBS, mask Fisher + rescale, FLAP and Wanda-sp, each with and without
 FLAP's bias compensation), its default without validation data (``score="kfac"``), ``kfac``,
 ``mask_fisher`` and ``fisher`` with the rescale, a plain Kwon et al. 2022 written independently
 (``tests/kwon_reference.py``: mask Fisher, lowest units within the same counts, least-squares

@@ -40,8 +40,8 @@ channel's that of its gate/up rows and down column. --physical removes the units
 from_pretrained loads); otherwise the weights are zeroed. --out gets the tokenizer files of
 --model and pruning.json: what was removed, and the warnings (a sparsity the floors cannot reach;
 a saturated model, whose Fisher vanishes: then the default adds FLAP's bias compensation).
-With --validation FILE (held-out text) and no --score, each of kfac, mask_fisher and flap (each
-with and without FLAP's bias compensation) prunes the model and the lowest validation loss wins;
+With --validation FILE (held-out text) and no --score, each of kfac, mask_fisher, flap and
+wanda_sp (each with and without FLAP's bias compensation) prunes the model and the lowest validation loss wins;
 the choice and every candidate's loss are printed and saved in pruning.json.
 The flag combinations are checked before the model is loaded.
 """
@@ -76,7 +76,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--no-rescale", action="store_true", help="no least-squares rescale even with --data")
     p.add_argument("--validation", default=None, metavar="FILE",
                    help="held-out data (.txt / .jsonl, not the --data text): the criterion left unset (kfac, "
-                        "mask_fisher or flap, each with FLAP's bias compensation on or off) is chosen by its loss; the "
+                        "mask_fisher, flap or wanda_sp, each with FLAP's bias compensation on or off) is chosen by its loss; the "
                         "choice is printed and saved in pruning.json (needs --data)")
     p.add_argument("--encoding", default="utf-8", help="text encoding of --data (default utf-8)")
     p.add_argument("--batch-size", type=int, default=8, help="samples per batch of --data (default 8)")

@@ -47,7 +47,7 @@ has none). ``physical=True`` returns a smaller model instead
 (:mod:`~hf_fisher.consumers.prune.physical`) and leaves the given model as it was.
 
 Validation. ``validation=`` held-out batches choose the options left unset by their loss: the
-criterion among :data:`VALIDATION_SCORES` (KFAC-OBS, mask Fisher + rescale, FLAP) and FLAP's bias
+criterion among :data:`VALIDATION_SCORES` (KFAC-OBS, mask Fisher + rescale, FLAP, Wanda-sp) and FLAP's bias
 compensation on or off; the choice and every candidate's validation loss are logged (WARNING) and
 recorded in ``stats["validation"]`` (pruning.json).
 """
@@ -580,8 +580,9 @@ def prune(
 
 
 #: the criteria ``validation=`` chooses among when ``score`` is None (each with its default rescale:
-#: KFAC-OBS's own, mask Fisher's least squares, none for FLAP), each with and without the bias compensation
-VALIDATION_SCORES = ("kfac", "mask_fisher", "flap")
+#: KFAC-OBS's own, the least squares for mask Fisher and Wanda-sp, none for FLAP), each with and
+#: without the bias compensation
+VALIDATION_SCORES = ("kfac", "mask_fisher", "flap", "wanda_sp")
 
 
 def _by_validation(model, fisher, validation, **options) -> PruneResult:
