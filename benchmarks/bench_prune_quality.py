@@ -261,7 +261,7 @@ def run_pair(name: str, args) -> dict:
             row["loss"][str(sp)] = statistics.mean(losses)
         row["time_ratio"] = statistics.mean(secs) / fb if secs else None
         results.append(row)
-        chosen = "  chosen: " + ", ".join(f"{c['score']}{'+comp' if c['compensate'] else ''}" for c in row["chosen"].values()) \
+        chosen = "  chosen: " + ", ".join(f"{c['score']}{'+rescale' if c['rescale'] else ''}{'+comp' if c['compensate'] else ''}" for c in row["chosen"].values()) \
             if "chosen" in row else ""
         print(f"{label:68s} " + "  ".join(f"{row['loss'][str(sp)]:.4f}" for sp in SPARSITIES) + chosen, flush=True)
     head = "| criterion | " + " | ".join(f"{int(sp * 100)}%" for sp in SPARSITIES) + " | statistics time (x fwd+bwd) |"

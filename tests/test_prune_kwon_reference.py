@@ -132,8 +132,9 @@ def test_validation_picks_the_lowest_validation_loss_and_records_it(trained, cap
     with caplog.at_level("WARNING", logger="hf_fisher.consumers.prune.core"):
         r = prune(model, None, sparsity=0.4, scope="layer", rescale_batches=calib, validation=val, progress=False)
     rec = r.stats["validation"]
-    losses = {(c["score"], c["compensate"]): c["validation_loss"] for c in rec["candidates"]}
-    assert set(losses) == {(s, c) for s in ("kfac", "mask_fisher", "flap", "wanda_sp") for c in (False, True)}
+    losses = {(c["score"], c["rescale"], c["compensate"]): c["validation_loss"] for c in rec["candidates"]}
+    assert set(losses) == {(s, r, c) for s, r in (("kfac", True), ("mask_fisher", True), ("flap", False), ("wanda_sp", False),
+                                                  ("wanda_sp", True)) for c in (False, True)}
     assert rec["chosen"]["validation_loss"] == min(losses.values())
     assert (r.stats["score"], r.stats["compensated"]) == (rec["chosen"]["score"], rec["chosen"]["compensate"])
     assert validation_loss(model, [val]) == pytest.approx(rec["chosen"]["validation_loss"], rel=1e-12)

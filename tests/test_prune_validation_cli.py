@@ -36,7 +36,7 @@ def test_validation_choice_is_printed_and_saved(workspace, capsys):
     assert main(_args(workspace, out, "--validation", str(workspace / "val.jsonl"))) == 0
     printed = capsys.readouterr().out
     rec = json.loads((out / "pruning.json").read_text())["stats"]["validation"]
-    assert len(rec["candidates"]) == 8
+    assert len(rec["candidates"]) == 10
     assert rec["chosen"]["validation_loss"] == min(c["validation_loss"] for c in rec["candidates"])
     assert f"Validation chose score {rec['chosen']['score']}" in printed
 

@@ -168,9 +168,10 @@ def run(args: argparse.Namespace) -> int:
           f"{st['candidate_params']:,} candidate parameters; score {st['score']}, scope {st['scope']})")
     if "validation" in st:
         chosen = st["validation"]["chosen"]
-        print("Validation chose score " + chosen["score"] + (" with" if chosen["compensate"] else " without")
+        print("Validation chose score " + chosen["score"] + (" with" if chosen["rescale"] else " without") + " rescale,"
+              + (" with" if chosen["compensate"] else " without")
               + f" bias compensation (validation loss {chosen['validation_loss']:.6g}); candidates: "
-              + ", ".join(f"{c['score']}{'+compensate' if c['compensate'] else ''} {c['validation_loss']:.6g}"
-                          for c in st["validation"]["candidates"]))
+              + ", ".join(f"{c['score']}{'+rescale' if c['rescale'] else ''}{'+compensate' if c['compensate'] else ''} "
+                          f"{c['validation_loss']:.6g}" for c in st["validation"]["candidates"]))
     print(f"Saved the {'smaller' if args.physical else 'masked'} model to {args.out}")
     return 0

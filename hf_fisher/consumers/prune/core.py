@@ -579,16 +579,17 @@ def prune(
     return _finish(result, tokenizer, notes)
 
 
-#: the criteria ``validation=`` chooses among when ``score`` is None (each with its default rescale:
-#: KFAC-OBS's own, the least squares for mask Fisher and Wanda-sp, none for FLAP), each with and
-#: without the bias compensation
-VALIDATION_SCORES = ("kfac", "mask_fisher", "flap", "wanda_sp")
+#: the criteria ``validation=`` chooses among when ``score`` is None, as ``(score, rescale)`` (None:
+#: the score's default — KFAC-OBS's own reconstruction, the least squares for mask Fisher, none for
+#: FLAP; Wanda-sp both in its published form and with the least squares), each with and without
+#: the bias compensation; a ``rescale=`` given to ``prune`` applies to all
+VALIDATION_SCORES = (("kfac", None), ("mask_fisher", None), ("flap", None), ("wanda_sp", False), ("wanda_sp", True))
 
 
 def _by_validation(model, fisher, validation, **options) -> PruneResult:
     """``prune(..., validation=batches)``: every candidate setting of the options left unset
-    (``score``: :data:`VALIDATION_SCORES` that the inputs allow; ``compensate``: off / on where
-    allowed) prunes the model (masked) and is scored by the mean loss of the validation batches
+    (``score``: :data:`VALIDATION_SCORES` that the inputs allow, with their rescale setting;
+    ``compensate``: off / on where allowed) prunes the model (masked) and is scored by the mean loss of the validation batches
     (``model(**batch).loss``, labels = inputs with padding ignored); the lowest (the first of
     equal losses) prunes the model for good. Refused before any work when nothing is left to
     choose or an option is refused for every candidate."""
@@ -599,25 +600,28 @@ def _by_validation(model, fisher, validation, **options) -> PruneResult:
     has_data = options["rescale_batches"] is not None or options["calibration_batches"] is not None
     common = dict(sparsity=options["sparsity"], structured=options["structured"], scope=options["scope"],
                   min_per_layer=options["min_per_layer"], confidence=options["confidence"], has_data=has_data,
-                  has_rescale_data=options["rescale_batches"] is not None, fisher=fisher, rescale=options["rescale"],
+                  has_rescale_data=options["rescale_batches"] is not None, fisher=fisher,
                   sequential=options["sequential"], config=config_of(model))
-    scores = [options["score"]] if options["score"] is not None else list(VALIDATION_SCORES)
+    user_rescale = options["rescale"]
+    pairs = [(options["score"], None)] if options["score"] is not None else list(VALIDATION_SCORES)
+    if user_rescale is not None or options["rescale_batches"] is None:
+        pairs = list(dict.fromkeys((sc, user_rescale) for sc, _ in pairs))
     comps = [options["compensate"]] if options["compensate"] is not None else [False, True]
     if options["score"] is not None and options["compensate"] is not None:
         raise InvalidInputError("validation= chooses the score and the bias compensation left unset (score=None, "
                                 "compensate=None); both are set here: leave one unset, or drop validation=")
     cands, refusals = [], []
-    for sc in scores:
+    for sc, resc in pairs:
         for comp in comps:
             try:
-                check_options(score=sc, compensate=comp, physical=options["physical"], **common)
+                check_options(score=sc, compensate=comp, rescale=resc, physical=options["physical"], **common)
             except (InvalidInputError, UnsupportedError) as e:
                 refusals.append(f"score={sc!r}, compensate={comp}: {e}")
                 continue
-            cands.append({"score": sc, "compensate": comp})
+            cands.append({"score": sc, "compensate": comp, "rescale": resc})
     if not cands:
         raise InvalidInputError("validation= has no candidate these options allow: " + "; ".join(refusals))
-    run = {k: v for k, v in options.items() if k not in ("score", "compensate")}
+    run = {k: v for k, v in options.items() if k not in ("score", "compensate", "rescale")}
     results = []
     from tqdm.auto import tqdm
 
@@ -634,11 +638,11 @@ def _by_validation(model, fisher, validation, **options) -> PruneResult:
     record = {"criterion": "mean validation batch loss (labels = inputs, padding ignored)",
               "batches": len(batches), "candidates": results, "chosen": results[best]}
     result.stats["validation"] = record
-    others = ", ".join(f"{r['score']}{' + bias compensation' if r['compensate'] else ''} {r['validation_loss']:.6g}"
-                       for i, r in enumerate(results) if i != best)
-    logger.warning("prune: validation chose score=%r, compensate=%s (validation loss %.6g; others: %s); recorded in "
-                   "stats['validation'] and pruning.json", choice["score"], choice["compensate"],
-                   results[best]["validation_loss"], others or "none")
+    others = ", ".join(f"{r['score']}{' + rescale' if r['rescale'] else ''}{' + bias compensation' if r['compensate'] else ''} "
+                       f"{r['validation_loss']:.6g}" for i, r in enumerate(results) if i != best)
+    logger.warning("prune: validation chose score=%r, rescale=%s, compensate=%s (validation loss %.6g; others: %s); "
+                   "recorded in stats['validation'] and pruning.json", choice["score"], results[best]["rescale"],
+                   choice["compensate"], results[best]["validation_loss"], others or "none")
     return result
 
 
