@@ -1,42 +1,51 @@
-"""Quality of structured pruning criteria on a tiny LLaMA trained offline on real text (issue 15).
+"""Quality of structured pruning criteria on tiny models trained offline on real text (issues 15, 26).
 
-    python benchmarks/bench_prune_quality.py                 # build (or load) the model, run the table
-    python benchmarks/bench_prune_quality.py --json out.json
-    python benchmarks/bench_prune_quality.py --rebuild       # train the model again
+    python benchmarks/bench_prune_quality.py                      # the default pairs, full table
+    python benchmarks/bench_prune_quality.py --pairs all          # also the ~23M-parameter pair (hours on CPU)
+    python benchmarks/bench_prune_quality.py --pairs gpt2-man --json out.json
+    python benchmarks/bench_prune_quality.py --quick              # smoke run: tiny models, few rows (a minute)
+    python benchmarks/bench_prune_quality.py --rebuild            # train the models again
 
-The model: a LLaMA (hidden 192, 4 layers, 12 query heads sharing 2 kv-heads, MLP 512, byte
-vocabulary of 260, untied; 1.6M parameters) trained from scratch on the Python source of the
-interpreter's standard library (``benchmarks/merge_tasks.py``'s ``python`` domain: files split
-into train / validation / test by a hash of their path, paragraphs de-duplicated across splits),
-cached in ``benchmarks/.cache/prune_model-<version>/``.
+Pairs (a model trained from scratch on one source of real text found on this machine, nothing
+downloaded; byte vocabulary of 260; files split into train / validation / test by a hash of their
+path, paragraphs de-duplicated across splits, ``benchmarks/merge_tasks.py``):
+
+- ``llama-gqa-python``: LLaMA, hidden 192, 4 layers, 12 query heads over 2 kv-heads, MLP 512
+  (1.6M parameters), on the Python source of the interpreter's standard library;
+- ``llama-mha-prose``: LLaMA, hidden 128, 4 layers, 4 heads = 4 kv-heads (multi-head), MLP 384,
+  on licence and copyright prose (``/usr/share/common-licenses``, ``/usr/share/doc/*/copyright``);
+- ``gpt2-man``: GPT-2 (fused ``c_attn``, Conv1D), hidden 128, 4 layers, 4 heads, MLP 512, on the
+  troff source of the English man pages (``/usr/share/man/man[1-8]``);
+- ``llama-gqa-23m-python`` (only with ``--pairs all``): LLaMA, hidden 512, 8 layers, 8 query
+  heads over 2 kv-heads, MLP 1408 (about 23M parameters), Python source.
+
+Cached in ``benchmarks/.cache/prune_<pair>-<version>/`` (``--quick``: ``prune_quick_<pair>``).
 
 Every criterion prunes the same model at 20 / 40 / 60 % of the attention-head + MLP-channel
 parameters with ``scope="layer"``: the same per-layer counts for every criterion (query heads
 balanced over the kv groups, channels filling each layer's budget), so only the choice of units
-differs. Calibration: ``--calib`` sequences of the **train** split; evaluation: the held-out
-**test** split (never used to choose anything). Rows:
+and what is done to the kept ones differ. Calibration: ``--calib`` sequences of the **train**
+split; ``validation=`` data: the **validation** split; evaluation: the held-out **test** split
+(never used to choose anything). Rows: hf_fisher's default with ``validation=`` (the criterion
+chosen on the validation split among KFAC-OBS, mask Fisher + rescale, FLAP and Wanda-sp, each with and without
+FLAP's bias compensation), its default without validation data (``score="kfac"``), ``kfac``,
+``mask_fisher`` and ``fisher`` with the rescale, a plain Kwon et al. 2022 written independently
+(``tests/kwon_reference.py``: mask Fisher, lowest units within the same counts, least-squares
+mask tuning reconstructing the unpruned layer), FLAP with its bias compensation, Wanda-sp,
+magnitude; without ``--quick`` also the variants without rescale, OBD, LLM-Pruner Taylor and random.
 
-- hf_fisher's default with calibration data, ``score="kfac"``: layer by layer, units removed
-  greedily by the least loss increase under the KFAC quadratic (the Fisher of the layer output
-  ``G`` times the Gram of its input), the kept units' scales re-optimised and folded in
-  (``hf_fisher/consumers/prune_obs.py``); the other score options ``"fisher"`` (group Fisher of
-  exactly what a unit removes), ``"mask_fisher"`` and ``"obd"``, each with and without the
-  least-squares rescale;
-- the baselines in their published form: FLAP (fluctuation metric + bias compensation),
-  Wanda-sp, LLM-Pruner Taylor first and second order (element-wise, summed over the unit), Kwon
-  et al.'s mask Fisher with its rescale (the ``mask_fisher + rescale`` row), weight magnitude,
-  random (mean over ``--seeds`` seeds).
-
-The time column: the seconds of each criterion's statistics (Fisher collection, activation
-statistics, gradients, ...) divided by the seconds of one forward+backward pass over the
-calibration set, measured in the same process.
+The time column: the seconds of each criterion's statistics divided by the seconds of one
+forward+backward pass over the calibration set, measured in the same process.
 """
 
 from __future__ import annotations
 
 import argparse
+import gzip
+import hashlib
 import json
 import os
+import re
 import statistics
 import sys
 import time
@@ -46,61 +55,121 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-for p in (str(REPO), str(HERE)):
+for p in (str(REPO), str(HERE), str(REPO / "tests")):
     if p not in sys.path:
         sys.path.insert(0, p)
 
 import merge_tasks as mt
 
 VERSION = "v1"
-CACHE = HERE / ".cache" / f"prune_model-{VERSION}"
-MODEL = dict(hidden=192, layers=4, heads=12, kv_heads=2, intermediate=512)
-TRAIN = dict(steps=1500, batch=32, lr=3e-3, warmup=100, seed=0)
+PAIRS = {
+    "llama-gqa-python": dict(arch="llama", domain="python", model=dict(hidden=192, layers=4, heads=12, kv_heads=2, intermediate=512),
+                             train=dict(steps=1500, batch=32, lr=3e-3, warmup=100, seed=0)),
+    "llama-mha-prose": dict(arch="llama", domain="prose", model=dict(hidden=128, layers=4, heads=4, kv_heads=4, intermediate=384),
+                            train=dict(steps=1200, batch=32, lr=3e-3, warmup=100, seed=1)),
+    "gpt2-man": dict(arch="gpt2", domain="man", model=dict(hidden=128, layers=4, heads=4, intermediate=512),
+                     train=dict(steps=1200, batch=32, lr=2e-3, warmup=100, seed=2)),
+    "llama-gqa-23m-python": dict(arch="llama", domain="python",
+                                 model=dict(hidden=512, layers=8, heads=8, kv_heads=2, intermediate=1408),
+                                 train=dict(steps=1500, batch=32, lr=1.5e-3, warmup=150, seed=3)),
+}
+DEFAULT_PAIRS = ("llama-gqa-python", "llama-mha-prose", "gpt2-man")
+QUICK_MODEL = dict(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128)
+QUICK_TRAIN = dict(steps=40, batch=16, lr=3e-3, warmup=10, seed=0)
 CAPS = {"train": 12000, "validation": 256, "test": 512}
 SPARSITIES = (0.2, 0.4, 0.6)
 
 
-def config():
+# ----------------------------------------------------------------------------------- the text
+def _man_files() -> list[tuple[str, Path]]:
+    out = []
+    for p in sorted(Path("/usr/share/man").glob("man[1-8]/*")):
+        if p.is_file():
+            out.append((p.relative_to("/usr/share/man").as_posix(), p))
+    return out
+
+
+def splits(domain: str) -> dict[str, list[str]]:
+    """The de-duplicated paragraphs of each split of ``domain`` (``python`` / ``prose`` from
+    merge_tasks; ``man``: English man pages, gzip-decoded troff source)."""
+    if domain != "man":
+        return mt.domain_splits(domain)
+    by_split: dict[str, list[Path]] = {"train": [], "validation": [], "test": []}
+    for rel, path in _man_files():
+        by_split[mt._split_of(rel)].append(path)
+    seen: set[bytes] = set()
+    out: dict[str, list[str]] = {}
+    for split in ("train", "validation", "test"):
+        paras = []
+        for path in by_split[split]:
+            try:
+                raw = path.read_bytes()
+                text = (gzip.decompress(raw) if path.suffix == ".gz" else raw).decode("utf-8")
+            except (OSError, UnicodeDecodeError, EOFError, gzip.BadGzipFile):
+                continue
+            for p in mt._paragraphs(text):
+                key = hashlib.sha1(re.sub(r"\s+", " ", p).strip().encode()).digest()
+                if key not in seen:
+                    seen.add(key)
+                    paras.append(p)
+        out[split] = paras
+    return out
+
+
+# ---------------------------------------------------------------------------------- the models
+def config(arch: str, m: dict):
+    if arch == "gpt2":
+        from transformers import GPT2Config
+
+        return GPT2Config(vocab_size=mt.VOCAB, n_embd=m["hidden"], n_layer=m["layers"], n_head=m["heads"],
+                          n_inner=m["intermediate"], n_positions=mt.SEQ_LEN, bos_token_id=mt.BOS, eos_token_id=mt.BOS,
+                          resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     from transformers import LlamaConfig
 
     return LlamaConfig(
-        vocab_size=mt.VOCAB, hidden_size=MODEL["hidden"], intermediate_size=MODEL["intermediate"],
-        num_hidden_layers=MODEL["layers"], num_attention_heads=MODEL["heads"], num_key_value_heads=MODEL["kv_heads"],
-        max_position_embeddings=mt.SEQ_LEN, tie_word_embeddings=False, bos_token_id=mt.BOS, eos_token_id=mt.BOS,
-        pad_token_id=None,
+        vocab_size=mt.VOCAB, hidden_size=m["hidden"], intermediate_size=m["intermediate"], num_hidden_layers=m["layers"],
+        num_attention_heads=m["heads"], num_key_value_heads=m["kv_heads"], max_position_embeddings=mt.SEQ_LEN,
+        tie_word_embeddings=False, bos_token_id=mt.BOS, eos_token_id=mt.BOS, pad_token_id=None,
     )
 
 
-def build(root: Path) -> tuple:
-    from transformers import LlamaForCausalLM
+def _model_class(arch: str):
+    from transformers import GPT2LMHeadModel, LlamaForCausalLM
 
+    return GPT2LMHeadModel if arch == "gpt2" else LlamaForCausalLM
+
+
+def load(name: str, quick: bool, rebuild: bool):
+    spec = PAIRS[name]
+    model_cfg = QUICK_MODEL if quick else spec["model"]
+    if quick and spec["arch"] == "llama" and spec["model"]["kv_heads"] == spec["model"]["heads"]:
+        model_cfg = {**QUICK_MODEL, "kv_heads": QUICK_MODEL["heads"]}
+    train = QUICK_TRAIN if quick else spec["train"]
+    root = HERE / ".cache" / (f"prune_quick_{name}" if quick else f"prune_{name}-{VERSION}")
+    cls = _model_class(spec["arch"])
+    if not rebuild and (root / "meta.json").is_file():
+        return cls.from_pretrained(root / "model", dtype=torch.float32).eval(), torch.load(root / "data.pt"), \
+            json.loads((root / "meta.json").read_text())
     t0 = time.perf_counter()
-    paras = mt.domain_splits("python")
-    data = {s: mt.encode(p, CAPS[s], seed=200 + i) for i, (s, p) in enumerate(paras.items())}
-    print("python: " + ", ".join(f"{s} {len(t)} sequences" for s, t in data.items()), flush=True)
-    torch.manual_seed(TRAIN["seed"])
-    model = LlamaForCausalLM(config())
+    caps = {"train": 2000, "validation": 64, "test": 64} if quick else CAPS
+    paras = splits(spec["domain"])
+    data = {s: mt.encode(p, caps[s], seed=200 + i) for i, (s, p) in enumerate(paras.items())}
+    print(f"{name}: {spec['domain']}: " + ", ".join(f"{s} {len(t)} sequences" for s, t in data.items()), flush=True)
+    torch.manual_seed(train["seed"])
+    model = cls(config(spec["arch"], model_cfg))
     n = sum(p.numel() for p in model.parameters())
-    print(f"LLaMA {n:,} parameters; training {TRAIN['steps']} steps", flush=True)
-    mt._train(model, mt._sampler(data["train"], batch=TRAIN["batch"]), TRAIN["steps"], TRAIN["lr"], TRAIN["warmup"],
-              TRAIN["seed"], "prune-model")
+    print(f"{name}: {spec['arch']} {n:,} parameters; training {train['steps']} steps", flush=True)
+    mt._train(model, mt._sampler(data["train"], batch=train["batch"]), train["steps"], train["lr"], train["warmup"],
+              train["seed"], name)
     root.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(root / "model")
     torch.save(data, root / "data.pt")
-    meta = {"version": VERSION, "model": MODEL, "train": TRAIN, "parameters": n,
+    meta = {"pair": name, "version": VERSION, "arch": spec["arch"], "domain": spec["domain"], "model": model_cfg,
+            "train": train, "parameters": n, "quick": quick,
             "losses": {s: mt.eval_loss(model, data[s]) for s in ("validation", "test")},
             "build_seconds": round(time.perf_counter() - t0, 1)}
     (root / "meta.json").write_text(json.dumps(meta, indent=2))
     return model.eval(), data, meta
-
-
-def load(rebuild: bool):
-    from transformers import LlamaForCausalLM
-
-    if rebuild or not (CACHE / "meta.json").is_file():
-        return build(CACHE)
-    return (LlamaForCausalLM.from_pretrained(CACHE / "model", dtype=torch.float32).eval(), torch.load(CACHE / "data.pt"),
-            json.loads((CACHE / "meta.json").read_text()))
 
 
 def forward_backward_seconds(model, batches) -> float:
@@ -111,99 +180,143 @@ def forward_backward_seconds(model, batches) -> float:
     return time.perf_counter() - t0
 
 
+# ------------------------------------------------------------------------------------ the rows
+# label, score (None: the library's default), rescale, validation, in --quick
 ROWS = [
-    # label, score (None: the library's default), rescale, kind
-    ("hf_fisher default (kfac: KFAC-OBS + its rescale)", None, True, "ours"),
-    ("fisher + rescale", "fisher", True, "ours"),
-    ("fisher (no rescale)", "fisher", False, "ours"),
-    ("mask_fisher + rescale (Kwon et al. 2022)", "mask_fisher", True, "baseline"),
-    ("mask_fisher (no rescale)", "mask_fisher", False, "ours"),
-    ("obd + rescale", "obd", True, "ours"),
-    ("obd (no rescale)", "obd", False, "ours"),
-    ("FLAP (bias compensation)", "flap", False, "baseline"),
-    ("Wanda-sp", "wanda_sp", False, "baseline"),
-    ("LLM-Pruner Taylor 1st order", "taylor1", False, "baseline"),
-    ("LLM-Pruner Taylor 2nd order", "taylor2", False, "baseline"),
-    ("magnitude", "magnitude", False, "baseline"),
-    ("random", "random", False, "baseline"),
+    ("hf_fisher default + validation= (chosen on the validation split)", None, True, True, True),
+    ("hf_fisher default without validation (kfac: KFAC-OBS + its rescale)", None, True, False, True),
+    ("mask_fisher + rescale", "mask_fisher", True, False, True),
+    ("fisher + rescale", "fisher", True, False, True),
+    ("plain Kwon et al. + LSQ (tests/kwon_reference.py, same counts)", "plain_kwon", True, False, True),
+    ("FLAP (bias compensation)", "flap", False, False, True),
+    ("Wanda-sp", "wanda_sp", False, False, True),
+    ("magnitude", "magnitude", False, False, True),
+    ("fisher (no rescale)", "fisher", False, False, False),
+    ("mask_fisher (no rescale)", "mask_fisher", False, False, False),
+    ("obd + rescale", "obd", True, False, False),
+    ("LLM-Pruner Taylor 1st order", "taylor1", False, False, False),
+    ("LLM-Pruner Taylor 2nd order", "taylor2", False, False, False),
+    ("random", "random", False, False, False),
 ]
+
+
+def run_pair(name: str, args) -> dict:
+    import kwon_reference as K
+
+    import hf_fisher
+    from hf_fisher.consumers.prune.core import prune
+
+    model, data, meta = load(name, args.quick, args.rebuild)
+    calib = mt.batches(data["train"][-args.calib:], args.batch_size)  # training sampled rows uniformly
+    val = mt.batches(data["validation"][: args.validation], args.batch_size)
+    test = mt.batches(data["test"][: args.test], 64)
+    base_loss = K.loss_with(model, test, None)
+    fb = forward_backward_seconds(model, calib)
+    t0 = time.perf_counter()
+    fisher_group = hf_fisher.collect(model, calib, reduction="group", progress=False)
+    t_group = time.perf_counter() - t0
+    rows = [r for r in ROWS if r[4] or not args.quick]
+    fisher_param = None
+    t_param = 0.0
+    if any(r[1] == "obd" for r in rows):
+        t0 = time.perf_counter()
+        fisher_param = hf_fisher.collect(model, calib, reduction="param", progress=False)
+        t_param = time.perf_counter() - t0
+    print(f"\n{name}: {meta['parameters']:,} parameters, test loss {base_loss:.4f} nats/byte; one forward+backward over "
+          f"{len(data['train'][-args.calib:])} calibration sequences: {fb:.2f} s", flush=True)
+    mask_fisher_scores = None
+    results = []
+    counts: dict[str, dict] = {}
+    for label, score, rescale, use_val, _ in rows:
+        row = {"label": label, "score": score, "rescale": rescale, "validation": use_val, "loss": {}, "time_ratio": None}
+        secs = []
+        for sp in SPARSITIES:
+            if score == "plain_kwon":
+                t0 = time.perf_counter()
+                if mask_fisher_scores is None:
+                    mask_fisher_scores = K.mask_fisher(model, calib)
+                    secs.append(time.perf_counter() - t0)
+                zero_one = K.select(K.layers_of(model), *mask_fisher_scores, counts[str(sp)], balance_groups=True)
+                tuned = K.tune(model, calib, zero_one, lsq="kwon")
+                row["loss"][str(sp)] = K.loss_with(model, test, tuned)
+                continue
+            losses = []
+            for seed in range(args.seeds) if score == "random" else [0]:
+                fisher = fisher_param if score == "obd" else fisher_group if score == "fisher" else None
+                r = prune(model, fisher, sparsity=sp, structured=("heads", "channels"), score=score, scope="layer",
+                          rescale_batches=calib if rescale else None, calibration_batches=calib,
+                          rescale=None if score is None else rescale, seed=seed, progress=False,
+                          validation=val if use_val else None)
+                losses.append(K.loss_with(model, test, None))
+                extra = t_param if score == "obd" else t_group if score == "fisher" else 0.0
+                secs.append(r.stats["score_seconds"] + extra)
+                layer_counts = {int(k): (v["removed"].get("head", 0), v["removed"].get("channel", 0))
+                                for k, v in r.stats["per_layer"].items()}
+                if score is None and not use_val:
+                    counts[str(sp)] = layer_counts
+                row.setdefault("per_layer", {})[str(sp)] = layer_counts
+                if "validation" in r.stats:
+                    row.setdefault("chosen", {})[str(sp)] = r.stats["validation"]["chosen"]
+                r.restore()
+            row["loss"][str(sp)] = statistics.mean(losses)
+        row["time_ratio"] = statistics.mean(secs) / fb if secs else None
+        results.append(row)
+        chosen = "  chosen: " + ", ".join(f"{c['score']}{'+rescale' if c['rescale'] else ''}{'+comp' if c['compensate'] else ''}" for c in row["chosen"].values()) \
+            if "chosen" in row else ""
+        print(f"{label:68s} " + "  ".join(f"{row['loss'][str(sp)]:.4f}" for sp in SPARSITIES) + chosen, flush=True)
+    head = "| criterion | " + " | ".join(f"{int(sp * 100)}%" for sp in SPARSITIES) + " | statistics time (x fwd+bwd) |"
+    lines = [f"{name} ({meta['arch']}, {meta['parameters']:,} parameters, {meta['domain']} text): held-out test loss "
+             f"(nats/byte) after pruning heads + MLP channels; unpruned {base_loss:.4f}", "", head,
+             "| --- |" + " --- |" * (len(SPARSITIES) + 1)]
+    best = {str(sp): min(r["loss"][str(sp)] for r in results) for sp in SPARSITIES}
+    for r in results:
+        cells = [(f"**{r['loss'][str(sp)]:.4f}**" if r["loss"][str(sp)] == best[str(sp)] else f"{r['loss'][str(sp)]:.4f}")
+                 for sp in SPARSITIES]
+        t = "" if r["time_ratio"] is None else f"{r['time_ratio']:.2f}"
+        lines.append(f"| {r['label']} | " + " | ".join(cells) + f" | {t} |")
+    table = "\n".join(lines)
+    print("\n" + table)
+    default = results[0]
+    plain = next(r for r in results if r["score"] == "plain_kwon")
+    wins = {str(sp): default["loss"][str(sp)] == best[str(sp)] for sp in SPARSITIES}
+    vs_kwon = {str(sp): default["loss"][str(sp)] <= plain["loss"][str(sp)] for sp in SPARSITIES}
+    same = all(r.get("per_layer", counts) == counts for r in results if r["score"] != "plain_kwon")
+    print(f"default + validation lowest at every budget: {all(wins.values())} {wins}; "
+          f"<= plain Kwon+LSQ: {all(vs_kwon.values())} {vs_kwon}; same per-layer counts for every criterion: {same}")
+    return {"meta": meta, "base_loss": base_loss, "forward_backward_seconds": fb, "fisher_seconds": {"group": t_group, "param": t_param},
+            "results": results, "table": table, "default_wins": wins, "default_not_worse_than_plain_kwon": vs_kwon,
+            "same_counts": same}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--pairs", default=",".join(DEFAULT_PAIRS),
+                    help=f"comma list of {', '.join(PAIRS)}, or 'all' (default: {','.join(DEFAULT_PAIRS)})")
+    ap.add_argument("--quick", action="store_true", help="smoke run: tiny models trained briefly, the main rows, few sequences")
     ap.add_argument("--rebuild", action="store_true")
-    ap.add_argument("--calib", type=int, default=128, help="calibration sequences from the train split (default 128)")
+    ap.add_argument("--calib", type=int, default=None, help="calibration sequences from the train split (default 128; quick 16)")
+    ap.add_argument("--validation", type=int, default=None, help="validation sequences (default 128; quick 16)")
+    ap.add_argument("--test", type=int, default=None, help="held-out test sequences (default 512; quick 32)")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--seeds", type=int, default=3, help="seeds of the random criterion (default 3)")
     ap.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "2")))
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
+    names = list(PAIRS) if args.pairs == "all" else [p.strip() for p in args.pairs.split(",") if p.strip()]
+    bad = [p for p in names if p not in PAIRS]
+    if bad:
+        ap.error(f"unknown pair(s) {bad}; choose from {', '.join(PAIRS)} or 'all'")
+    args.calib = args.calib or (16 if args.quick else 128)
+    args.validation = args.validation or (16 if args.quick else 128)
+    args.test = args.test or (32 if args.quick else 512)
     torch.set_num_threads(args.threads)
-
-    import hf_fisher
-    from hf_fisher.consumers.prune.core import prune
-
-    model, data, meta = load(args.rebuild)
-    # calibration: the LAST rows of the train split (training sampled rows uniformly; the test split is held out)
-    calib = mt.batches(data["train"][-args.calib:], args.batch_size)
-    test = data["test"]
-    base_loss = mt.eval_loss(model, test)
-    fb = forward_backward_seconds(model, calib)
-    t0 = time.perf_counter()
-    fisher_group = hf_fisher.collect(model, calib, reduction="group", progress=False)
-    t_group = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    fisher_param = hf_fisher.collect(model, calib, reduction="param", progress=False)
-    t_param = time.perf_counter() - t0
-    print(f"model: {meta['parameters']:,} parameters, test loss {base_loss:.4f} nats/byte; one forward+backward over "
-          f"{args.calib} calibration sequences: {fb:.2f} s", flush=True)
-
-    results = []
-    for label, score, rescale, kind in ROWS:
-        row = {"label": label, "score": score, "rescale": rescale, "kind": kind, "loss": {}, "time_ratio": None}
-        for sp in SPARSITIES:
-            seeds = range(args.seeds) if score == "random" else [0]
-            losses, secs = [], []
-            for seed in seeds:
-                fisher = fisher_param if score == "obd" else fisher_group if score == "fisher" else None
-                r = prune(model, fisher, sparsity=sp, structured=("heads", "channels"), score=score, scope="layer",
-                          rescale_batches=calib if rescale else None, calibration_batches=calib,
-                          rescale=None if score is None else rescale, seed=seed, progress=False)
-                row["score"] = r.stats["score"]
-                losses.append(mt.eval_loss(model, test))
-                extra = t_param if score == "obd" else t_group if score == "fisher" else 0.0
-                secs.append(r.stats["score_seconds"] + extra)
-                row.setdefault("per_layer", {})[str(sp)] = {k: v["removed"] for k, v in r.stats["per_layer"].items()}
-                row.setdefault("achieved", {})[str(sp)] = r.stats["achieved_sparsity"]
-                r.restore()
-            row["loss"][str(sp)] = statistics.mean(losses)
-            row["time_ratio"] = statistics.mean(secs) / fb
-        results.append(row)
-        print(f"{label:45s} " + "  ".join(f"{row['loss'][str(sp)]:.4f}" for sp in SPARSITIES)
-              + f"   stats {row['time_ratio']:.2f}x", flush=True)
-
-    head = "| criterion | " + " | ".join(f"{int(sp * 100)}%" for sp in SPARSITIES) + " | statistics time (x fwd+bwd) |"
-    lines = [f"Held-out test loss (nats/byte) after pruning heads + MLP channels; unpruned {base_loss:.4f}", "",
-             head, "| --- |" + " --- |" * (len(SPARSITIES) + 1)]
-    best = {str(sp): min(r["loss"][str(sp)] for r in results) for sp in SPARSITIES}
-    for r in results:
-        cells = [(f"**{r['loss'][str(sp)]:.4f}**" if r["loss"][str(sp)] == best[str(sp)] else f"{r['loss'][str(sp)]:.4f}")
-                 for sp in SPARSITIES]
-        lines.append(f"| {r['label']} | " + " | ".join(cells) + f" | {r['time_ratio']:.2f} |")
-    table = "\n".join(lines)
-    print()
-    print(table)
-    default = results[0]
-    wins = {str(sp): default["loss"][str(sp)] == best[str(sp)] for sp in SPARSITIES}
-    print(f"\nhf_fisher's default lowest at every budget: {all(wins.values())} {wins}")
-    counts = results[0]["per_layer"]
-    same = all(r["per_layer"] == counts for r in results)
-    print(f"same per-layer counts for every criterion: {same}")
+    out = {name: run_pair(name, args) for name in names}
+    print("\nSummary (hf_fisher default + validation=):")
+    for name, r in out.items():
+        print(f"  {name}: lowest of all criteria {r['default_wins']}; not worse than plain Kwon+LSQ "
+              f"{r['default_not_worse_than_plain_kwon']}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"meta": meta, "base_loss": base_loss, "forward_backward_seconds": fb,
-                                               "fisher_seconds": {"group": t_group, "param": t_param},
-                                               "results": results, "table": table, "default_wins": wins,
-                                               "same_counts": same}, indent=1))
+        Path(args.json).write_text(json.dumps(out, indent=1))
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from hf_fisher.cli.common import (
     add_device_options,
+    batches_for,
     check_device,
     check_model_and_data_args,
     check_model_arg,
@@ -39,6 +40,9 @@ channel's that of its gate/up rows and down column. --physical removes the units
 from_pretrained loads); otherwise the weights are zeroed. --out gets the tokenizer files of
 --model and pruning.json: what was removed, and the warnings (a sparsity the floors cannot reach;
 a saturated model, whose Fisher vanishes: then the default adds FLAP's bias compensation).
+With --validation FILE (held-out text) and no --score, each of kfac, mask_fisher, flap and
+wanda_sp (each with and without FLAP's bias compensation) prunes the model and the lowest validation loss wins;
+the choice and every candidate's loss are printed and saved in pruning.json.
 The flag combinations are checked before the model is loaded.
 """
 
@@ -70,6 +74,10 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--physical", action="store_true", help="remove the units and save a smaller model (LLaMA family; needs --scope layer)")
     p.add_argument("--data", default=None, help="calibration data (.txt / .jsonl): the least-squares rescale and the data-driven scores")
     p.add_argument("--no-rescale", action="store_true", help="no least-squares rescale even with --data")
+    p.add_argument("--validation", default=None, metavar="FILE",
+                   help="held-out data (.txt / .jsonl, not the --data text): the criterion left unset (kfac, "
+                        "mask_fisher, flap or wanda_sp, each with FLAP's bias compensation on or off) is chosen by its loss; the "
+                        "choice is printed and saved in pruning.json (needs --data)")
     p.add_argument("--encoding", default="utf-8", help="text encoding of --data (default utf-8)")
     p.add_argument("--batch-size", type=int, default=8, help="samples per batch of --data (default 8)")
     p.add_argument("--max-length", type=int, default=512, help="truncate calibration samples to this many tokens (default 512)")
@@ -97,6 +105,14 @@ def run(args: argparse.Namespace) -> int:
     else:
         data_path = None
         check_model_arg(args)
+    if args.validation is not None:
+        vpath = Path(args.validation)
+        if data_path is None:
+            raise InvalidInputError("--validation chooses among criteria computed on calibration data: pass --data FILE too")
+        if vpath.suffix.lower() not in (".txt", ".jsonl") or not vpath.is_file():
+            raise InvalidInputError(f"--validation {args.validation!r}: expected an existing .txt or .jsonl file")
+        if args.score is not None:
+            raise InvalidInputError("--validation chooses the criterion: drop --score (or drop --validation)")
     if args.fisher is not None and not Path(args.fisher).is_dir():
         raise InvalidInputError(f"--fisher {args.fisher!r} is not a folder; pass a Fisher artifact folder (hf-fisher collect --out)")
     from hf_fisher.artifacts.atomic import check_target
@@ -126,11 +142,17 @@ def run(args: argparse.Namespace) -> int:
                   has_data=has_data, has_rescale_data=has_data and not args.no_rescale, fisher=fisher,
                   rescale=False if args.no_rescale or not has_data else None, config=config, terms=CLI_TERMS)
     check_device(args.device)
-    batches = None
+    batches = validation = None
     if data_path is not None:
         samples = read_samples(args, data_path)
         config, task_type = check_samples_against_config(args, samples)
+        held_out = None
+        if args.validation is not None:
+            held_out = read_samples(args, Path(args.validation))
+            check_samples_against_config(args, held_out)
         model, batches = load_model_and_batches(args, config, task_type, samples)
+        if held_out is not None:
+            validation = batches_for(args, model, config, task_type, held_out)
     else:
         model = load_model(args.model, config, args.dtype, args.device)
     result = prune(
@@ -138,10 +160,18 @@ def run(args: argparse.Namespace) -> int:
         min_per_layer=args.min_per_layer, confidence=args.confidence, physical=args.physical,
         rescale_batches=None if args.no_rescale else batches, calibration_batches=batches,
         rescale=False if args.no_rescale or batches is None else None, seed=args.seed, progress=not args.no_progress,
+        validation=validation,
     )
     result.save_pretrained(args.out, overwrite=args.overwrite)
     st = result.stats
     print(f"Removed {st.get('removed_units', len(result.masks))} units ({100 * st['achieved_sparsity']:.1f}% of "
           f"{st['candidate_params']:,} candidate parameters; score {st['score']}, scope {st['scope']})")
+    if "validation" in st:
+        chosen = st["validation"]["chosen"]
+        print("Validation chose score " + chosen["score"] + (" with" if chosen["rescale"] else " without") + " rescale,"
+              + (" with" if chosen["compensate"] else " without")
+              + f" bias compensation (validation loss {chosen['validation_loss']:.6g}); candidates: "
+              + ", ".join(f"{c['score']}{'+rescale' if c['rescale'] else ''}{'+compensate' if c['compensate'] else ''} "
+                          f"{c['validation_loss']:.6g}" for c in st["validation"]["candidates"]))
     print(f"Saved the {'smaller' if args.physical else 'masked'} model to {args.out}")
     return 0

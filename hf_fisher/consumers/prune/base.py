@@ -12,6 +12,7 @@ any work), and computes the scores in :meth:`PruneScore.score_units` (structured
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -47,12 +48,17 @@ class Stage:
     """One stage of layer-by-layer pruning (a layer's attention, then its MLP) for a
     :attr:`PruneScore.layer_by_layer` score: ``units`` (the stage's candidates), ``quota``
     (budget key :attr:`Unit.budget` -> how many units of it to remove; keys of other stages may
-    be present) and ``touch(name)``, to call before changing parameter ``name`` in place so that
-    ``PruneResult.restore()`` puts it back."""
+    be present), ``touch(name)``, to call before changing parameter ``name`` in place so that
+    ``PruneResult.restore()`` puts it back, and ``teacher()``: a context inside which the model
+    is the given, unpruned one (the target a stage reconstructs), and ``residual``: where the
+    stage's output joins the residual stream (:class:`~hf_fisher.consumers.prune.rescale.Residual`,
+    None when the block is not a pre-norm residual block)."""
 
     units: Sequence[Unit]
     quota: Mapping[tuple, int]
     touch: Callable[[str], None]
+    teacher: Callable[[], AbstractContextManager] | None = None
+    residual: Any = None
 
 
 class PruneScore:

@@ -102,8 +102,9 @@ class KFACScore(PruneScore):
     projection (:func:`hf_fisher.consumers.prune.obs.obs_select`): per stage (a layer's attention,
     then its MLP), units are removed greedily by the least increase of
     ``½ Δwᵀ (G ⊗ A) Δw`` with the kept units' output scales re-optimised after every removal,
-    ``A`` the exact Gram of the projection's inputs on the calibration batches and ``G`` the
-    KFAC output factor. The default with calibration data and ``scope="layer"``."""
+    ``A`` the exact Gram of the projection's inputs on the calibration batches (model pruned so
+    far), ``G`` the KFAC output factor, ``δy`` the difference to the unpruned model's output of
+    the layer. The default with calibration data and ``scope="layer"``."""
 
     name = "kfac"
     needs_data = True
@@ -131,17 +132,18 @@ class KFACScore(PruneScore):
 
     def prune_stage(self, model, stage, inputs):
         from hf_fisher.consumers.prune.obs import obs_select
-        from hf_fisher.consumers.prune.rescale import fold_scales, output_gram
+        from hf_fisher.consumers.prune.rescale import fold_scales, output_grams, residual_term
 
         units = list(stage.units)
         if not units[0].out:
             return [], None
         name = units[0].out[0].param
-        gram = output_gram(model, name, inputs.batches)
+        gram, cross, gap = output_grams(model, name, inputs.batches, stage.teacher, stage.residual)
         layer = self._layers[name]
         weight = dict(model.named_parameters())[name]
         gone, scales, _ = obs_select(weight, input_axis(model, name), name, units, stage.quota, lambda u: u.budget, gram,
-                                     layer.G, layer.g_diagonal)
+                                     layer.G, layer.g_diagonal, cross=cross,
+                                     gap=None if gap is None else residual_term(model, name, gap, layer.G))
         kept = [i for i in range(len(units)) if i not in set(gone)]
         fold_scales(model, name, [units[i] for i in kept], scales, stage.touch)
         return gone, {"weight": name, "kept": len(kept), "removed": len(gone),
