@@ -36,7 +36,7 @@ SCRIPTS = Path(__file__).resolve().parent / "distributed_scripts"
 sys.path.insert(0, str(SCRIPTS))
 import common as C  # noqa: E402
 
-TIMEOUT_S = 240
+TIMEOUT_S = 480  # a launch takes ~20 s on 2 idle cores; generous for a loaded machine
 
 
 # ------------------------------------------------------------------------------------ launching
