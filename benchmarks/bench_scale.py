@@ -252,6 +252,10 @@ class Runner:
         self.args = args
         self.collectors = {}
         self.trainers = {}
+        #: the collectors' accumulation options (--accumulation-dtype, --offload-dir)
+        self.options = {"accumulation_dtype": getattr(torch, args.accumulation_dtype)}
+        if args.offload_dir:
+            self.options["offload_dir"] = args.offload_dir
         self.tmp = Path(tempfile.mkdtemp(prefix="bench-scale-trainer-"))
 
     def close(self):
@@ -296,7 +300,7 @@ class Runner:
         from hf_fisher.collection.collector import FisherCollector
 
         if method.endswith("-steady"):
-            c = FisherCollector(self.model, reduction=method.split("-")[0])
+            c = FisherCollector(self.model, reduction=method.split("-")[0], **self.options)
             c.update(self.first)
             self.collectors[method] = c
         elif method.startswith("trainer-"):
@@ -327,7 +331,7 @@ class Runner:
                 model.zero_grad(set_to_none=True)
             return sum(clock.steps) / len(clock.steps)
         else:
-            hf_fisher.collect(model, [batch], reduction=method.split("-")[0], progress=False)
+            hf_fisher.collect(model, [batch], reduction=method.split("-")[0], progress=False, **self.options)
         return None
 
 
@@ -392,6 +396,7 @@ def memory_in_subprocess(args, method):
     ]
     if args.layers is not None:
         cmd += ["--layers", str(args.layers)]
+    cmd += ["--accumulation-dtype", args.accumulation_dtype] + (["--offload-dir", args.offload_dir] if args.offload_dir else [])
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
     except subprocess.TimeoutExpired:
@@ -485,6 +490,9 @@ def main(argv=None):
     p.add_argument("--merge-repeats", type=int, default=1, help="rounds of the merge rows (median)")
     p.add_argument("--workdir", default=None, help="where the merge's model files go (removed at the end)")
     p.add_argument("--peers-venv", default=str(_peers_venv.DEFAULT_VENV), help="the venv with mergekit")
+    p.add_argument("--accumulation-dtype", choices=["float64", "float32"], default="float64",
+                   help="the group/param collectors' accumulators (float32: compensated mean, 12 bytes per value)")
+    p.add_argument("--offload-dir", default=None, help="keep the group/param accumulators in memory-mapped files here")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--no-memory", action="store_true", help="skip the peak memory measurement")
     p.add_argument("--timeout", type=int, default=900, help="seconds allowed to each subprocess")
@@ -585,6 +593,7 @@ def main(argv=None):
     print(
         f"{args.model} ({n_layers} layers, "
         f"{n_params / 1e6:.1f}M params), B={args.batch}, T={args.seq_len}, {args.dtype}, {args.device}, "
+        f"{args.accumulation_dtype} accumulators" + (" (offloaded)" if args.offload_dir else "") + ", "
         f"median of {args.repeats}" + (f"; trainer rows: mean step of {args.trainer_steps}" if any(
             n.startswith("trainer-") for n in names) else "")
     )
