@@ -304,3 +304,21 @@ if __name__ == "__main__" and len(sys.argv) == 5 and sys.argv[1] == "merge-child
         sys.path.insert(0, str(REPO))
     variant, work, threads = sys.argv[2], Path(sys.argv[3]), int(sys.argv[4])
     print("RESULT " + json.dumps(merge_child(variant, work, work / f"out-{variant}", threads)), flush=True)
+
+
+def step_clock():
+    """A TrainerCallback recording the wall time of each optimizer step in ``.steps`` (put it last
+    in the callback list: it then includes the other callbacks' ``on_step_end``)."""
+    from transformers import TrainerCallback
+
+    class Clock(TrainerCallback):
+        def __init__(self):
+            self.steps: list[float] = []
+
+        def on_step_begin(self, *args, **kwargs):
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, *args, **kwargs):
+            self.steps.append(time.perf_counter() - self.t0)
+
+    return Clock()

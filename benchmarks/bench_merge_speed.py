@@ -49,8 +49,11 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # runs from a checkout without installing
-    sys.path.insert(0, str(REPO))
+for _p in (REPO, REPO / "benchmarks"):  # runs from a checkout without installing
+    if str(_p) not in sys.path:
+        sys.path.insert(0, str(_p))
+
+import _common
 
 FULL = dict(hidden=768, layers=12, heads=12, kv_heads=12, intermediate=2048, vocab=8000)
 QUICK = dict(hidden=256, layers=4, heads=8, kv_heads=4, intermediate=688, vocab=8000)
@@ -168,30 +171,6 @@ def run_child(variant: str, work: Path, threads: int) -> dict:
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
-def compare_outputs(x: Path, y: Path) -> float:
-    """Max |difference| between the tensors of two saved model folders (read one at a time)."""
-    from safetensors import safe_open
-
-    def index(folder: Path) -> dict[str, Path]:
-        out = {}
-        for f in sorted(folder.glob("*.safetensors")):
-            with safe_open(str(f), "pt") as h:
-                out.update(dict.fromkeys(h.keys(), f))
-        return out
-
-    ix, iy = index(x), index(y)
-    if set(ix) != set(iy):
-        raise RuntimeError(f"different tensor names: {sorted(set(ix) ^ set(iy))[:5]}")
-    worst = 0.0
-    for k in ix:
-        with safe_open(str(ix[k]), "pt") as h:
-            a = h.get_tensor(k)
-        with safe_open(str(iy[k]), "pt") as h:
-            b = h.get_tensor(k)
-        worst = max(worst, float((a.double() - b.double()).abs().max()))
-    return worst
-
-
 # ------------------------------------------------------------------------------------ main
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -225,7 +204,7 @@ def main() -> None:
                 results[v].append(run_child(v, work, args.threads))
                 print(f"  round {r + 1}: {v:10s} {results[v][-1]['seconds']:7.2f} s  "
                       f"peak +{results[v][-1]['peak_bytes'] / 2**20:7.1f} MiB", flush=True)
-        diff = compare_outputs(work / "out-average", work / "out-in_memory")
+        diff = _common.compare_folders(work / "out-average", work / "out-in_memory")["max_abs"]
         summary = {v: {"seconds": statistics.median(x["seconds"] for x in rs),
                        "returned_seconds": statistics.median(x["returned_seconds"] for x in rs),
                        "peak_mib": statistics.median(x["peak_bytes"] for x in rs) / 2**20,

@@ -224,24 +224,6 @@ class _Rows(torch.utils.data.Dataset):
         return self.rows[i]
 
 
-def _clock():
-    from transformers import TrainerCallback
-
-    class Clock(TrainerCallback):
-        """Wall time of each optimizer step (last in the callback list: includes the others' on_step_end)."""
-
-        def __init__(self):
-            self.steps: list[float] = []
-
-        def on_step_begin(self, *args, **kwargs):
-            self.t0 = time.perf_counter()
-
-        def on_step_end(self, *args, **kwargs):
-            self.steps.append(time.perf_counter() - self.t0)
-
-    return Clock()
-
-
 class Runner:
     """Runs one method on one batch; keeps the steady collectors and the Trainers between calls."""
 
@@ -285,7 +267,7 @@ class Runner:
         elif method == "trainer-probe":
             callbacks = [hf_fisher.FisherCallback("probe", probe_data=[self.first], probe_every_n_steps=S,
                                                   log_summary=False)]
-        clock = _clock()
+        clock = _common.step_clock()
         targs = TrainingArguments(
             str(self.tmp / method), per_device_train_batch_size=self.args.batch, max_steps=S, learning_rate=0.0,
             report_to=[], save_strategy="no", logging_strategy="no", use_cpu=self.args.device == "cpu",

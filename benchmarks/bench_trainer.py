@@ -36,8 +36,11 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+for _p in (REPO, REPO / "benchmarks"):  # runs from a checkout without installing
+    if str(_p) not in sys.path:
+        sys.path.insert(0, str(_p))
+
+import _common
 
 FULL = dict(hidden=256, layers=4, heads=8, kv_heads=4, intermediate=688, vocab=8000, B=16, T=64)
 #: the same depth and vocabulary, twice the width: the Gram products of the group reduction grow
@@ -74,24 +77,6 @@ def dataset(spec, n):
     return Rows(torch.randint(3, spec["vocab"], (n, spec["T"]), generator=g))
 
 
-def _clock():
-    from transformers import TrainerCallback
-
-    class Clock(TrainerCallback):
-        """Wall time of each optimizer step."""
-
-        def __init__(self):
-            self.steps: list[float] = []
-
-        def on_step_begin(self, *args, **kwargs):
-            self.t0 = time.perf_counter()
-
-        def on_step_end(self, *args, **kwargs):
-            self.steps.append(time.perf_counter() - self.t0)
-
-    return Clock()
-
-
 def run(spec, method: str, steps: int, probe_every: int):
     """``(train() seconds, [seconds of each optimizer step])``."""
     from transformers import Trainer, TrainingArguments, default_data_collator
@@ -114,7 +99,7 @@ def run(spec, method: str, steps: int, probe_every: int):
             out, per_device_train_batch_size=spec["B"], max_steps=steps, learning_rate=1e-4, report_to=[],
             save_strategy="no", logging_strategy="no", use_cpu=True, disable_tqdm=True, seed=0,
         )
-        clock = _clock()
+        clock = _common.step_clock()
         trainer = Trainer(model=model, args=args, train_dataset=data, data_collator=default_data_collator, callbacks=callbacks + [clock])
         t0 = time.perf_counter()
         trainer.train()
