@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from ..base import CONVENTION, DARE_THEN, DENSITY, DROP_P, NORMALIZE, RESCALE, SCALING, SEED, MergeMethod, TensorInputs
-from .ties import check_convention
+from .convention import ConventionOptions
 
 
-class Dare(MergeMethod):
+class Dare(ConventionOptions, MergeMethod):
     """DARE (Yu et al. 2024): drop each entry of ``τ_i`` with probability ``p = drop_p``, rescale the
     kept ones, then combine by task arithmetic or TIES (``dare_then``, TIES with ``density``).
 
@@ -27,17 +27,12 @@ class Dare(MergeMethod):
     options = (SCALING, DENSITY, DROP_P, SEED, DARE_THEN, CONVENTION, NORMALIZE, RESCALE)
     tuned = ("scaling",)
 
-    def __init__(self, **options) -> None:
-        super().__init__(**options)
-        check_convention(self, normalize=self.normalize, rescale=self.rescale)
+    mergekit_only = ("normalize", "rescale")
 
     def parameters(self):
         out = super().parameters()
         if self.dare_then != "ties":
             del out["density"]
-        if self.convention == "hf_fisher":
-            out.pop("normalize", None)
-            out.pop("rescale", None)
         return out
 
     def merge(self, t: TensorInputs):

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from ..base import CONVENTION, NORMALIZE, SCALING, MergeMethod, TensorInputs
-from .ties import check_convention
+from .convention import ConventionOptions
 
 
-class TaskArithmetic(MergeMethod):
+class TaskArithmetic(ConventionOptions, MergeMethod):
     """``θ* = θ_base + s Σ_i λ_i τ_i`` with task vectors ``τ_i = θ_i − θ_base`` (Ilharco et al. 2023).
 
     ``normalize=True`` (mergekit's option, default off) divides the sum by ``Σ_i λ_i``. Both
@@ -22,15 +22,7 @@ class TaskArithmetic(MergeMethod):
     options = (SCALING, CONVENTION, NORMALIZE)
     tuned = ("scaling",)
 
-    def __init__(self, **options) -> None:
-        super().__init__(**options)
-        check_convention(self, normalize=self.normalize)
-
-    def parameters(self):
-        out = super().parameters()
-        if self.convention == "hf_fisher":
-            out.pop("normalize", None)
-        return out
+    mergekit_only = ("normalize",)
 
     def merge(self, t: TensorInputs):
         from .. import math as mm

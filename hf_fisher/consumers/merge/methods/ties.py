@@ -3,21 +3,10 @@
 from __future__ import annotations
 
 from ..base import CONVENTION, DENSITY, INT8_MASK, NORMALIZE, SCALING, MergeMethod, TensorInputs
+from .convention import ConventionOptions
 
 
-def check_convention(method: MergeMethod, **mergekit_only) -> None:
-    """Refuse mergekit's options set under the ``"hf_fisher"`` convention (which cannot honour them)."""
-    if method.convention != "hf_fisher":  # type: ignore[attr-defined]
-        return
-    from hf_fisher.errors import InvalidInputError
-
-    bad = sorted(k for k, v in mergekit_only.items() if v is not None)
-    if bad:
-        raise InvalidInputError(f"method {method.name!r}: option(s) {bad} are mergekit's and need convention='mergekit' "
-                                "(convention='hf_fisher' has no such setting)")
-
-
-class Ties(MergeMethod):
+class Ties(ConventionOptions, MergeMethod):
     """TIES (Yadav et al. 2023): trim each task vector ``τ_i`` to its top-``density`` magnitudes, elect
     each entry's sign from the summed weighted trimmed vectors, merge the agreeing entries,
     ``θ* = θ_base + s · merged``.
@@ -39,16 +28,8 @@ class Ties(MergeMethod):
     options = (SCALING, DENSITY, CONVENTION, NORMALIZE, INT8_MASK)
     tuned = ("scaling",)
 
-    def __init__(self, **options) -> None:
-        super().__init__(**options)
-        check_convention(self, normalize=self.normalize)
-
-    def parameters(self):
-        out = super().parameters()
-        if self.convention == "hf_fisher":
-            out.pop("normalize", None)
-            out.pop("int8_mask", None)
-        return out
+    mergekit_only = ("normalize",)
+    mergekit_hidden = ("int8_mask",)
 
     def merge(self, t: TensorInputs):
         from .. import math as mm
