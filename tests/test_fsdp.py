@@ -120,6 +120,17 @@ def test_fsdp_refusals(fsdp_run):
         assert "same number of batches" in info["refused_uneven"] and "[1]" in info["refused_uneven"]
 
 
+def test_fsdp_one_rank_bad_batch_refused_on_every_rank(fsdp_run):
+    """A batch only rank 1 finds bad: rank 1 raises its own input error, rank 0 an error naming rank 1
+    (neither waits in a collective the other never joins); nothing is added and both go on."""
+    infos = [json.loads((fsdp_run / f"fsdp_mem_r{rank}.json").read_text()) for rank in (0, 1)]
+    assert infos[1]["refused_one_rank"].startswith("InvalidInputError") and "vocabulary" in infos[1]["refused_one_rank"]
+    assert infos[0]["refused_one_rank"].startswith("DistributedMismatchError") and "[1]" in infos[0]["refused_one_rank"]
+    for info in infos:
+        assert info["one_rank_samples_after"] == 0
+        assert info["one_rank_samples_then"] > 0
+
+
 def test_row_range_tiles_like_torch_chunk():
     for rows in (0, 1, 5, 7, 61, 64):
         for world in (1, 2, 3, 4, 8):

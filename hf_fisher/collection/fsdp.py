@@ -133,10 +133,24 @@ class FSDPSharding:
         """True on every rank when ``flag`` is true on any rank (a collective)."""
         return any(v[0] for v in self._all_gather_ints([int(bool(flag))]))
 
-    def check_in_step(self, has_batch: bool, index: int) -> bool:
+    def check_in_step(self, has_batch: bool, index: int, error: BaseException | None = None) -> bool:
         """Whether every rank has a next batch (False when none has); a rank without a batch
-        while another has one is refused on every rank (FSDP2 forwards are collectives)."""
-        flags = [v[0] for v in self._all_gather_ints([int(bool(has_batch))])]
+        while another has one is refused on every rank (FSDP2 forwards are collectives).
+
+        ``error`` is this rank's refusal of its batch (bad input found before any pass): the
+        ranks learn of it together, the refusing rank raises its own error and every other rank
+        a :class:`DistributedMismatchError` naming it, so no rank is left waiting in a collective
+        that the refusing rank never joins, and nothing of the batch is added anywhere."""
+        every = self._all_gather_ints([int(bool(has_batch)), int(error is not None)])
+        refused = [r for r, v in enumerate(every) if v[1]]
+        if error is not None:
+            raise error
+        if refused:
+            raise DistributedMismatchError(
+                f"batch {index}: rank(s) {refused} refused their batch before any pass (their error says "
+                "why); under FSDP2 every rank stops with it, and nothing of this batch was added on any rank"
+            )
+        flags = [v[0] for v in every]
         if all(flags):
             return True
         if not any(flags):
@@ -218,7 +232,13 @@ class FSDPSharding:
         index = 0
         while True:
             batch = next(it, None)
-            if not self.check_in_step(batch is not None, index):
+            error = None
+            if batch is not None:
+                try:  # the batch's own checks before any collective pass (see check_in_step)
+                    collector.engine.prepare(batch, state.batches)
+                except Exception as e:  # re-raised on this rank by check_in_step
+                    error = e
+            if not self.check_in_step(batch is not None, index, error):
                 return
             remaining = None if max_samples is None else max(0, max_samples - state.samples)
             if not self.agree(remaining is None or remaining > 0):

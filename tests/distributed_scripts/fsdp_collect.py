@@ -14,7 +14,7 @@ from torch.distributed.fsdp import fully_shard
 
 import hf_fisher
 from hf_fisher.collection.collector import FisherCollector
-from hf_fisher.errors import DistributedMismatchError, HfFisherError, UnsupportedError
+from hf_fisher.errors import DistributedMismatchError, HfFisherError, InvalidInputError, UnsupportedError
 
 import common as C
 
@@ -84,6 +84,20 @@ def main(out: Path) -> None:
         FisherCollector(model).collect(mine if rank == 0 else mine[:1], "x", progress=False)
     except DistributedMismatchError as e:
         info["refused_uneven"] = str(e)
+    # one rank's batch is bad input (a token id outside the vocabulary): refused on every rank before any
+    # pass, the bad rank with its own error, the other naming it; nothing added, and the ranks stay usable
+    bad = dict(mine[0])
+    if rank == 1:
+        bad["input_ids"] = bad["input_ids"].clone()
+        bad["input_ids"][0, 0] = 10**6
+    one_bad = FisherCollector(model)
+    try:
+        one_bad.collect([bad], "b", progress=False)
+    except (InvalidInputError, DistributedMismatchError) as e:
+        info["refused_one_rank"] = f"{type(e).__name__}: {e}"
+    info["one_rank_samples_after"] = one_bad.samples_seen("b")
+    one_bad.collect(mine[:1], "b", progress=False)
+    info["one_rank_samples_then"] = one_bad.samples_seen("b")
     (out / f"fsdp_mem_r{rank}.json").write_text(json.dumps(info))
     dist.barrier()
     dist.destroy_process_group()
