@@ -194,8 +194,11 @@ def test_an_option_the_estimator_does_not_use_is_refused_naming_its_owner(estima
 def test_kfac_built_directly_refuses_diagonal_options():
     with pytest.raises(InvalidInputError, match="estimator='kfac' has no option ema_decay, reduction"):
         KFACEstimator(reduction="param", ema_decay=0.9)
-    with pytest.raises(InvalidInputError, match="distributed=True does not apply to KFAC"):
-        KFACEstimator(distributed=True)
+    with pytest.raises(InvalidInputError, match="distributed must be None, True or False"):
+        KFACEstimator(distributed="yes")
+    # the factors are summed over torch.distributed ranks (tests/test_fsdp.py); True without a process group is refused
+    with pytest.raises(InvalidInputError, match="distributed=True but torch.distributed is not initialised"):
+        KFACEstimator(distributed=True).collect(tm.llama(), [tm.padded_batch([3, 2])], progress=False)
 
 
 def test_options_at_their_defaults_and_declared_ones_reach_kfac():

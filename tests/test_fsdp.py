@@ -131,6 +131,53 @@ def test_fsdp_one_rank_bad_batch_refused_on_every_rank(fsdp_run):
         assert info["one_rank_samples_then"] > 0
 
 
+def _kfac_factors(kfac):
+    return {f"{k}/{n}": getattr(layer, k) for n, layer in kfac.layers.items() for k in ("A", "G")}
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_kfac_under_torch_distributed_sums_the_ranks(fsdp_run, rank):
+    """KFAC on an unsharded model under torch.distributed: by default every rank gets the factors of
+    every rank's batches (one process over all of them); distributed=False: its own batches only."""
+    from safetensors.torch import load_file
+
+    batches = C.batches_of(C.make_samples())
+    for tag, mine in (("merged", batches), ("local", batches[rank::2])):
+        ref = hf_fisher.collect(tm.llama(torch.float64), mine, estimator="kfac", progress=False)
+        got = load_file(str(fsdp_run / f"kfac_{tag}_r{rank}.safetensors"))
+        counts = json.loads((fsdp_run / f"kfac_{tag}_r{rank}.json").read_text())["counts"]
+        assert counts == {"samples": ref.counts.samples, "tokens": ref.counts.tokens, "skipped": ref.counts.skipped}
+        want = _kfac_factors(ref)
+        assert sorted(got) == sorted(want)
+        for name, t in want.items():
+            R.assert_close(got[name], t, rtol=1e-10, what=f"{tag} {name}")
+
+
+def test_kfac_refused_on_an_fsdp_model(fsdp_run):
+    for rank in (0, 1):
+        info = json.loads((fsdp_run / f"fsdp_mem_r{rank}.json").read_text())
+        assert "FSDP2" in info["refused_kfac"] and "unsharded copy" in info["refused_kfac"]
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_fsdp_true_fisher_exact_equals_one_process(fsdp_run, rank):
+    from fsdp_collect import classification_batches
+
+    ref = hf_fisher.collect(tm.bert_classifier(torch.float64), classification_batches(), estimator="true", exact=True,
+                            progress=False)
+    got = load(fsdp_run, f"fsdp_true_exact_r{rank}")
+    assert_equal_to(got.mean, got.var, got.counts, ref)
+
+
+def test_rank_seed_keeps_rank_zero_and_separates_the_others(fsdp_run):
+    """Monte Carlo draws (true Fisher, KFAC mc): rank 0 and one process draw from the user's seed,
+    other ranks from a stream of their own (the same seed everywhere would repeat the draws)."""
+    from hf_fisher.collection.distributed import rank_seed
+
+    seeds = [json.loads((fsdp_run / f"fsdp_mem_r{rank}.json").read_text())["rank_seed"] for rank in (0, 1)]
+    assert seeds[0] == 5 == rank_seed(5) and seeds[1] != 5
+
+
 def test_row_range_tiles_like_torch_chunk():
     for rows in (0, 1, 5, 7, 61, 64):
         for world in (1, 2, 3, 4, 8):

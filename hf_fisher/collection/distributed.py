@@ -96,6 +96,29 @@ def rank(group=None) -> int:
     return dist.get_rank(group) if dist.is_available() and dist.is_initialized() else 0
 
 
+def all_reduce_sum(tensor: torch.Tensor, group=None) -> torch.Tensor:
+    """``tensor`` summed over the ranks of ``group``, in place (on the backend's device and
+    back); every rank must call it with the same shape and dtype."""
+    dist = _dist()
+    device = _comm_device(group)
+    t = tensor.detach().to(device)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
+    if t is not tensor:
+        tensor.copy_(t)
+    return tensor
+
+
+def rank_seed(seed: int, group=None) -> int:
+    """The seed of this rank's random draws: ``seed`` itself in one process and on rank 0, and a
+    different stream per other rank, so that the ranks' Monte Carlo draws are independent (the
+    same seed on every rank would draw the same numbers for different samples)."""
+    r = rank(group)
+    if r == 0:
+        return int(seed)
+    mixer = torch.Generator().manual_seed(int(seed))
+    return int(torch.randint(0, 2**62, (r,), generator=mixer)[-1])
+
+
 def _comm_device(group=None) -> torch.device:
     """The device the group's backend communicates from: CUDA for nccl, CPU otherwise
     (gloo, mpi, and ``cpu:gloo,cuda:nccl`` style mixed backends)."""

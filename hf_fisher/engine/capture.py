@@ -93,6 +93,10 @@ class Capture:
             module=module, args=args, kwargs=kwargs, output=output,
             batch_size=self.batch_size, compute_dtype=self.compute_dtype, scale=self.scale, seq_len=self.seq_len,
         )
+        # the parameters as this forward used them: under FSDP2 the unsharded tensors, which stay
+        # the module's only between its unshard and reshard (a rule reading values in the backward
+        # must not meet the sharded DTensors registered by then)
+        call.extra["params"] = dict(module.named_parameters(recurse=False))
         self.calls.append(call)
         if isinstance(output, torch.Tensor):
             call.tensors = [output] if output.requires_grad else []

@@ -569,8 +569,25 @@ class GradRule:
         return module_type.forward is registered.forward
 
 
-def _trainable(module: nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p for n, p in module.named_parameters(recurse=False) if p.requires_grad}
+def _trainable(module: nn.Module, call: ModuleCall | None = None) -> dict[str, torch.Tensor]:
+    """The module's direct trainable parameters; with ``call``, as that forward used them (see
+    ``ModuleCall.extra["params"]``: FSDP2 registers other tensors between passes)."""
+    params = call.extra.get("params") if call is not None else None
+    items = params.items() if params is not None else module.named_parameters(recurse=False)
+    return {n: p for n, p in items if p.requires_grad}
+
+
+def _values(module: nn.Module, name: str, p: torch.Tensor) -> torch.Tensor:
+    """The values of parameter ``name`` that the forward used (``p``, detached). Under FSDP2 the
+    module's unit may have been resharded before this backward hook runs (the unsharded storage is
+    freed): then the values are gathered from the sharded parameter registered now (a collective;
+    every rank runs the same hooks in the same order)."""
+    if p.numel() and p.untyped_storage().size() == 0:
+        now = module._parameters.get(name)
+        if now is None or not hasattr(now, "full_tensor"):
+            raise UnsupportedError(f"{type(module).__name__}.{name}: its values were freed before the backward reached it")
+        return now.full_tensor().detach().to(p.dtype)
+    return p.detach()
 
 
 def _flat_tokens(call: ModuleCall, x: torch.Tensor) -> torch.Tensor:
@@ -738,7 +755,7 @@ class FuncRule(GradRule):
     _loop_logged: ClassVar[set] = set()
 
     def parts(self, call):
-        params = _trainable(call.module)
+        params = _trainable(call.module, call)
         if not params:
             return {}
         per_sample = self._per_sample(call, params, call.batch_size)
@@ -760,7 +777,7 @@ class FuncRule(GradRule):
         # sliced per sample like top-level ones
         flat, in_spec = tree_flatten((tuple(call.args), dict(call.kwargs)))
         kinds = [call.batch_axis_kind(x) for x in flat]
-        detached = {n: p.detach() for n, p in params.items()}
+        detached = {n: _values(module, n, p) for n, p in params.items()}
         multi = isinstance(call.grad_output, (tuple, list))
 
         def one(x, kind):  # the sample's slice as the module sees it alone

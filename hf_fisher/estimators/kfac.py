@@ -110,6 +110,7 @@ from torch.utils._pytree import tree_leaves
 from ..artifacts.fisher import Counts, FisherMetadata
 from ..artifacts.kfac import FISHER_TYPES, KFAC_APPROXES, KFACFisher, KFACLayer
 from ..collection.collector import select_parameters
+from ..collection.distributed import all_gather_tensor, all_reduce_sum, is_distributed, rank_seed
 from ..engine.capture import bottom_outputs
 from ..engine.losses import (
     IGNORE_INDEX,
@@ -122,6 +123,7 @@ from ..engine.losses import (
 )
 from ..engine.rules import conv1d_type
 from ..errors import (
+    DistributedMismatchError,
     EmptyDataError,
     InvalidInputError,
     NonFiniteError,
@@ -358,8 +360,11 @@ class KFACEstimator:
         train_mode: run the model in train mode (dropout on); default eval.
         accumulation_dtype: dtype of the factors, torch.float64 (default) or torch.float32 (half
             the memory; products are computed in the model's dtype promoted to float32 either way).
-        distributed: None or False (the factors are this process's; merging across ranks is not
-            supported, so True is refused).
+        distributed: None (default): under torch.distributed with several processes the factors
+            are summed over the ranks (each rank's own batches; the result is the KFAC of all the
+            samples, on every rank), else this process's; True: always merge (refused when
+            torch.distributed is not initialised); False: this process's own factors. A model
+            sharded with FSDP2 is refused (gather a full copy, or collect under DDP).
         memory_budget_mb: bound on the temporaries of the factor products (the selected, converted
             and weighted rows of one chunk of tokens: two chunks of ``memory_budget_mb / 2`` MB each,
             at any sequence length; the factors themselves are not counted). None: chunks of 2^20
@@ -402,11 +407,9 @@ class KFACEstimator:
     ):
         if unused:
             raise refusal(self.name, type(self), sorted(unused))
-        if distributed not in (None, False):
-            raise InvalidInputError(
-                f"distributed={distributed!r} does not apply to KFAC: its factors are not merged across torch.distributed "
-                "ranks; leave it at None (or False) and collect in a single process where the factors of all data are needed"
-            )
+        if distributed not in (None, True, False):
+            raise InvalidInputError(f"distributed must be None, True or False, got {distributed!r}")
+        self.distributed = distributed
 
         def choice(what, value, choices):
             if value not in choices:
@@ -546,6 +549,15 @@ class KFACEstimator:
 
         if max_samples is not None and (isinstance(max_samples, bool) or not isinstance(max_samples, int) or max_samples <= 0):
             raise InvalidInputError(f"max_samples must be a positive integer, got {max_samples!r}")
+        from ..collection.fsdp import is_fsdp
+
+        if is_fsdp(model):
+            raise UnsupportedError(
+                "KFAC on a model sharded with FSDP2 (fully_shard) is not supported: its passes do not keep the ranks in "
+                "step. Collect the factors on an unsharded copy of the model (one process, or several under DDP, where "
+                "the factors are summed over the ranks), or use the diagonal estimators, which run under FSDP2"
+            )
+        merge = self._merging()
         task_type = self.task_type or task_type_of(model)
         problem = getattr(getattr(model, "config", None), "problem_type", None)
         if task_type == "sequence_classification" and problem in ("regression", "multi_label_classification"):
@@ -570,7 +582,7 @@ class KFACEstimator:
             self.chunk_elems = max(1, int(self.memory_budget_mb * 2**20 / (2 * elem)))
         ctx = _Ctx()
         outputs: list[_Call] = []
-        gen = torch.Generator().manual_seed(self.seed)
+        gen = torch.Generator().manual_seed(rank_seed(self.seed))  # the ranks' MC draws independent
         acc_dtype = self.accumulation_dtype
 
         def g_hook(acc: _Acc):
@@ -783,10 +795,22 @@ class KFACEstimator:
             for h in handles:
                 h.remove()
             model.train(was_training)
+        if merge:  # a collective: before any rank can refuse its own (possibly empty) share
+            samples, tokens, skipped, loop_reason = _merge_ranks(layers, samples, tokens, skipped, loop_reason, acc_dtype, device)
         if samples == 0:
             raise EmptyDataError("KFAC: the data yielded no sample with a label token (no batches, or every label is -100)")
         return self._artifact(model, layers, uncovered, samples, tokens, skipped, task, task_type, model_name_or_path,
                               data_description, loop_reason)
+
+    def _merging(self) -> bool:
+        """Whether the factors are summed over the torch.distributed ranks (see ``distributed``)."""
+        import torch.distributed as dist
+
+        if self.distributed is False:
+            return False
+        if self.distributed is True and not (dist.is_available() and dist.is_initialized()):
+            raise InvalidInputError("KFAC: distributed=True but torch.distributed is not initialised")
+        return self.distributed is True or is_distributed()
 
     def _drop_outside_uses(self, layers: dict[str, _Acc], outside: set[int]) -> None:
         """Leave out (or refuse, when ``params`` names them) the layers whose weight or bias is
@@ -1035,3 +1059,48 @@ def _targets(labels: torch.Tensor, task_type: str, logits: torch.Tensor) -> torc
 @hookimpl
 def hf_fisher_register_estimators(register):
     register("kfac", KFACEstimator)
+
+
+def _merge_ranks(layers: dict[str, _Acc], samples: int, tokens: int, skipped: int, loop_reason: str | None,
+                 dtype: torch.dtype, device: torch.device):
+    """Sum every layer's factor sums ``A = Σ x xᵀ``, ``G = Σ g gᵀ``, its row count and the sample,
+    token and skip counters over the ranks, in place: the state of one process that saw every
+    rank's batches (``A / rows`` and ``G / samples`` are then the factors of all the data). A
+    layer one rank left out (or never saw) is left out on every rank; a rank without a factor
+    another has adds zeros. Returns the summed counters and the loop reason (any rank's)."""
+    names = sorted(layers)
+    # per layer: left out, a_count, then the shapes of A and G (up to 2 dims each, -1 = none)
+    local = []
+    for n in names:
+        a = layers[n]
+        shape = []
+        for t in (a.A, a.G):
+            shape += [*t.shape, -1, -1][:2] if t is not None else [-2, -2]
+        local.append([int(a.dropped is not None), a.a_count, *shape])
+    flat = [samples, tokens, skipped, int(loop_reason is not None)] + [v for row in local for v in row]
+    every = [x.tolist() for x in all_gather_tensor(torch.tensor(flat, dtype=torch.int64))]
+    samples, tokens, skipped = (sum(r[i] for r in every) for i in range(3))
+    if loop_reason is None and any(r[3] for r in every):
+        loop_reason = "another rank processed padded batches one sample at a time (its warning says why)"
+    width = 6
+    for j, n in enumerate(names):
+        a = layers[n]
+        rows = [r[4 + j * width: 4 + (j + 1) * width] for r in every]
+        if any(r[0] for r in rows):
+            if a.dropped is None:
+                a.dropped = f"layer {n} was left out on another rank (its warning says why)"
+            a.A = a.G = None
+            continue
+        a.a_count = sum(r[1] for r in rows)
+        for k, attr in enumerate(("A", "G")):
+            dims = [tuple(d for d in r[2 + 2 * k: 4 + 2 * k] if d >= 0) for r in rows if r[2 + 2 * k] != -2]
+            if not dims:
+                continue
+            if len(set(dims)) != 1:
+                raise DistributedMismatchError(f"KFAC: the ranks' {attr} factors of layer {n} differ in shape ({sorted(set(dims))})")
+            t = getattr(a, attr)
+            if t is None:
+                t = torch.zeros(dims[0], dtype=dtype, device=device)
+                setattr(a, attr, t)
+            all_reduce_sum(t)
+    return samples, tokens, skipped, loop_reason

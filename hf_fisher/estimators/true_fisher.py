@@ -41,6 +41,7 @@ import torch
 
 from ..artifacts.fisher import Fisher
 from ..collection.collector import COLLECTOR_OPTIONS, FisherCollector
+from ..collection.distributed import rank_seed
 from ..engine.losses import IGNORE_INDEX, token_labels
 from ..engine.per_sample import ContributionSink
 from ..errors import InvalidInputError, NonFiniteError, UnsupportedError
@@ -77,7 +78,8 @@ class LabelSampler:
         self.mc_samples = mc_samples
         self.temperature = temperature
         self.exact = exact
-        self.generator = torch.Generator().manual_seed(int(seed))
+        # rank 0 (and one process) draws from ``seed``; other ranks from their own stream
+        self.generator = torch.Generator().manual_seed(rank_seed(seed))
 
     def _logits(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         with torch.no_grad():

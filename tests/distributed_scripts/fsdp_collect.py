@@ -10,10 +10,12 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from safetensors.torch import save_file
 from torch.distributed.fsdp import fully_shard
 
 import hf_fisher
 from hf_fisher.collection.collector import FisherCollector
+from hf_fisher.collection.distributed import rank_seed
 from hf_fisher.errors import DistributedMismatchError, HfFisherError, InvalidInputError, UnsupportedError
 
 import common as C
@@ -29,6 +31,24 @@ def sharded_llama(**kw):
 
 def accumulator_numel(collector, task):
     return sum(int(a.state().mean.numel()) + int(a.state().m2.numel()) for a in collector.tasks[task].accumulators.values())
+
+
+def classification_batches():
+    """The samples as 3-class classification batches (right padding, labels [B])."""
+    out = []
+    for i, b in enumerate(C.batches_of(C.make_samples())):
+        b = dict(b)
+        b["labels"] = torch.tensor([(2 * i) % 3, (2 * i + 1) % 3])
+        out.append(b)
+    return out
+
+
+def write_kfac(out: Path, tag: str, kfac) -> None:
+    """Every layer's factors A and G and the counts."""
+    tensors = {f"{k}/{n}": getattr(layer, k).contiguous() for n, layer in kfac.layers.items() for k in ("A", "G")}
+    save_file(tensors, str(out / f"{tag}.safetensors"))
+    c = kfac.counts
+    (out / f"{tag}.json").write_text(json.dumps({"counts": {"samples": c.samples, "tokens": c.tokens, "skipped": c.skipped}}))
 
 
 def main(out: Path) -> None:
@@ -98,6 +118,23 @@ def main(out: Path) -> None:
     info["one_rank_samples_after"] = one_bad.samples_seen("b")
     one_bad.collect(mine[:1], "b", progress=False)
     info["one_rank_samples_then"] = one_bad.samples_seen("b")
+    # the other estimators: KFAC on the FSDP2 model is refused; on an unsharded model under torch.distributed
+    # its factors are summed over the ranks (distributed=False: this rank's own); the exact true Fisher of a
+    # sharded classifier goes through the collector's row owners like the empirical one
+    try:
+        hf_fisher.collect(model, mine, estimator="kfac", progress=False)
+    except UnsupportedError as e:
+        info["refused_kfac"] = str(e)
+    for tag, kw in (("merged", {}), ("local", {"distributed": False})):
+        write_kfac(out, f"kfac_{tag}_r{rank}", hf_fisher.collect(C.tm.llama(torch.float64), mine, estimator="kfac",
+                                                                  progress=False, **kw))
+    bert = C.tm.bert_classifier(torch.float64)
+    for layer in bert.bert.encoder.layer:
+        fully_shard(layer)
+    fully_shard(bert)
+    C.write_fisher(out, f"fsdp_true_exact_r{rank}", hf_fisher.collect(bert, classification_batches()[rank::world],
+                                                                      estimator="true", exact=True, progress=False))
+    info["rank_seed"] = rank_seed(5)
     (out / f"fsdp_mem_r{rank}.json").write_text(json.dumps(info))
     dist.barrier()
     dist.destroy_process_group()
