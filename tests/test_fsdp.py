@@ -97,6 +97,13 @@ def test_fsdp_sharded_artifact_loads_as_one(fsdp_run, reference, tmp_path):
                                                "skipped": got.counts.skipped, "nonfinite": got.counts.nonfinite}, ref)
     one = hf_fisher.Fisher.from_pretrained(ref.save_pretrained(tmp_path / "one"))
     assert got.param_shapes == one.param_shapes and got.groups == one.groups
+    # the model card, written by rank 0 from the shards: the same per-layer table as one process's card
+    from hf_fisher.artifacts import cards
+
+    card = (folder / "README.md").read_text()
+    assert "| extra.world\\_size | 2 |" in card and (tmp_path / "one" / "README.md").exists()
+    for row in cards.layer_rows(one):
+        assert f"| {row['layer']} | {row['total']} | {row['share']} |" in card, row
 
 
 def test_fsdp_sharded_save_refused_on_every_rank(fsdp_run):

@@ -326,8 +326,8 @@ def save_sharded(collector, directory, task: str, *, model_name_or_path=None, da
     :meth:`hf_fisher.Fisher.save_pretrained`; rank 0 writes ``fisher.safetensors.index.json``
     and ``fisher_config.json``, so :meth:`hf_fisher.Fisher.from_pretrained` loads it as any
     sharded artifact. Atomic as ``save_pretrained``: the files go to a temporary folder beside
-    the target (created by rank 0) that replaces it when every rank has written. No model card is
-    written (its summary needs the whole Fisher on one rank).
+    the target (created by rank 0) that replaces it when every rank has written. Rank 0 writes the
+    model card from memory-mapped views of the written shards.
 
     Returns the artifact's path on every rank."""
     from types import SimpleNamespace
@@ -407,6 +407,7 @@ def save_sharded(collector, directory, task: str, *, model_name_or_path=None, da
                 layout=collector.layout, _variance=True, sample_contributions=None, names=lambda: names,
             )
             write_json(Path(tmp_path) / CONFIG_NAME, Fisher._config(view, sorted(files.values()), True))
+            _write_card(Path(tmp_path), view, names, sorted(files.values()))
             ctx.__exit__(None, None, None)
             ctx = None
         dist.barrier(group=sharding.group)
@@ -417,6 +418,25 @@ def save_sharded(collector, directory, task: str, *, model_name_or_path=None, da
     from pathlib import Path
 
     return Path(directory).absolute()
+
+
+def _write_card(folder, view, names: list[str], files: list[str]) -> None:
+    """The artifact's model card (``README.md``), as :meth:`hf_fisher.Fisher.save_pretrained`
+    writes it, computed by rank 0 from memory-mapped views of the shards every rank has just
+    written (the pages are the files', nothing is gathered into process memory)."""
+    from ..artifacts import cards
+    from ..artifacts.fisher import Fisher
+    from ..artifacts.format import CARD_NAME, mapped_safetensors
+
+    mapped: dict[str, torch.Tensor] = {}
+    for filename in files:
+        mapped.update(mapped_safetensors(folder / filename))
+    shown = Fisher(
+        {n: mapped[f"mean.{n}"] for n in names}, {n: mapped[f"variance.{n}"] for n in names},
+        reduction=view.reduction, groups=view.groups or None, param_shapes=view.param_shapes, counts=view.counts,
+        metadata=view.metadata, layout=view.layout,
+    )
+    cards.render_card(shown).save(folder / CARD_NAME)
 
 
 def restore_sharded(collector, task: str, folder) -> None:
