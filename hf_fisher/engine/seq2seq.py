@@ -66,8 +66,16 @@ def batch_size(batch: Mapping[str, Any]) -> int:
 
 
 def shift_labels(model: Any, labels: torch.Tensor) -> torch.Tensor:
-    """The decoder inputs the model itself builds from ``labels`` when none are given."""
+    """The decoder inputs the model itself builds from ``labels`` when none are given.
+
+    A sample without any label token (it counts nothing) gets one non-pad token first, so that
+    shifts which look for the last real token (mBART's language id) do not fail on it."""
     base = _base(model)
+    empty = (labels == IGNORE_INDEX).all(dim=1)
+    if bool(empty.any()):
+        pad = getattr(base.config, "pad_token_id", None)
+        labels = labels.clone()
+        labels[empty, 0] = 1 if pad == 0 else 0
     prepare = getattr(base, "prepare_decoder_input_ids_from_labels", None)
     if prepare is not None:
         return prepare(labels=labels)
