@@ -87,14 +87,17 @@ def test_seq2seq_right_padding_stays_batched(name):
 
 def test_t5_relative_bias_batch_of_query_length():
     """T5's relative bias embedding has output [q, k, heads]: with as many samples as decoder
-    positions its leading dimension looks batched; it is a call shared by the batch all the same."""
+    positions its leading dimension looks batched; it is a call shared by the batch all the same,
+    on the vector-Jacobian path from the start (without that, the padding check finds the batch's
+    gradient wrong and the whole collection falls back to the per-sample loop)."""
     model = sm.t5()
-    b = sm.batch(model, [3, 4, 2], [3, 3, 2], seed=5, pad_extra=0)  # B = 3 = target length = max source + 0 - 1
+    b = sm.batch(model, [3, 4, 2], [3, 3, 2], seed=5, pad_extra=0)  # 3 samples, 3 target positions
     b["input_ids"] = b["input_ids"][:, :3]
-    b["attention_mask"] = b["attention_mask"][:, :3]
+    b["attention_mask"] = b["attention_mask"][:, :3]  # 3 source positions
     fisher = collect(model, [b], progress=False)
     mean, var, n = sm.reference(model, [b])
     check(fisher, mean, var, n)
+    assert fisher.metadata.extra["per_sample_path"] == "batched"
 
 
 @pytest.mark.parametrize("name", ["t5", "bart", "whisper"])
