@@ -7,14 +7,13 @@ from __future__ import annotations
 import json
 
 import pytest
+import seq2seq_models as sm
 import torch
 
 from hf_fisher import Fisher, collect
 from hf_fisher.cli import main
 from hf_fisher.data import load_samples, make_seq2seq_batches
 from hf_fisher.demo import word_tokenizer
-
-import seq2seq_models as sm
 
 PAIRS = [("the cat sat", "le chat"), ("a dog ran in the park", "un chien"), ("the bird", "un oiseau chante")]
 WORDS = sorted({w for s, t in PAIRS for w in f"{s} {t}".split()})

@@ -13,13 +13,14 @@ from __future__ import annotations
 import logging
 
 import pytest
+import seq2seq_models as sm
 import torch
 
-import reference as R
-import seq2seq_models as sm
 from hf_fisher import collect
 from hf_fisher.errors import InvalidInputError
 from hf_fisher.plugins import model_layout
+
+import reference as R
 
 RTOL = 1e-6
 MODELS = {**sm.TOKEN_MODELS, "whisper": sm.whisper}

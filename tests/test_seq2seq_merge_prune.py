@@ -5,9 +5,9 @@ groups, not attention or MLP blocks), unstructured pruning masks elements."""
 from __future__ import annotations
 
 import pytest
+import seq2seq_models as sm
 import torch
 
-import seq2seq_models as sm
 from hf_fisher import collect
 from hf_fisher.consumers.merge.api import merge_with_fisher
 from hf_fisher.consumers.prune.core import prune

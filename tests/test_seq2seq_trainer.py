@@ -4,12 +4,13 @@ WARNING naming why, counted in fallback_batches)."""
 
 from __future__ import annotations
 
+import seq2seq_models as sm
 import torch
 from transformers import DataCollatorForSeq2Seq, Seq2SeqTrainer, Seq2SeqTrainingArguments
 
 import hf_fisher
+
 import reference as R
-import seq2seq_models as sm
 
 N = 6
 
@@ -30,7 +31,7 @@ class _PadOnly:
 
     padding_side = "right"
     pad_token_id = 0
-    model_input_names = ["input_ids", "attention_mask"]
+    model_input_names = ("input_ids", "attention_mask")
 
     def pad(self, features, padding=True, max_length=None, pad_to_multiple_of=None, return_tensors="pt", **_):
         T = max(len(f["input_ids"]) for f in features)

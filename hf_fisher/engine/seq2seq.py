@@ -134,7 +134,7 @@ def prepare(engine: Any, batch: Mapping[str, Any], batch_index: int) -> dict[str
     src_limit, tgt_limit = _length_limits(engine.model)
     if main == "input_ids" and src_limit is not None and x.shape[1] > src_limit:
         raise InvalidInputError(f"{where}: source sequences of {x.shape[1]} tokens are longer than the model's {src_limit} positions; truncate them")
-    if tgt_limit is not None and L > tgt_limit:
+    if tgt_limit is not None and tgt_limit < L:
         raise InvalidInputError(f"{where}: target sequences of {L} tokens are longer than the model's {tgt_limit} decoder positions; truncate them")
     return out
 
