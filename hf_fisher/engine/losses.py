@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import InvalidInputError, UnsupportedError
+from .seq2seq import TASK, is_seq2seq
 
 NORMALIZATIONS = ("mean", "sum", "token")
 TASK_TYPES = ("causal_lm", "masked_lm", "sequence_classification", "seq2seq")
@@ -59,8 +60,6 @@ def require_token_inputs(model: Any) -> None:
 def task_type_of(model: Any) -> str:
     """Infer the task type from the model class (``...ForCausalLM``, ``...LMHeadModel``, ...);
     ``"seq2seq"`` for an encoder-decoder (``config.is_encoder_decoder``, see :mod:`.seq2seq`)."""
-    from .seq2seq import TASK, is_seq2seq
-
     if is_seq2seq(model):
         return TASK
     require_token_inputs(model)

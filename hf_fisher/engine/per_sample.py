@@ -453,7 +453,7 @@ class PerSampleEngine:
             calls = self.capture.calls
             shared = self._shared_calls(calls)
             verify = self.verify_next
-            padding = seq2seq.padding_kind(batch) if self.task_type == seq2seq.TASK else _padding_kind(batch)
+            padding = seq2seq.padding_kind(batch, _padding_kind) if self.task_type == seq2seq.TASK else _padding_kind(batch)
             # a batch of one unpadded sample is its own "alone" run: no padding check to make
             need_probe = (verify or padding not in self.padding_checked) and not (B == 1 and padding == "none")
             if self.agree is not None:  # sharded: every rank runs the check (an extra pass) or none

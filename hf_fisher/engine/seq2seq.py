@@ -24,7 +24,7 @@ so only its decoder side is ever trimmed.
 from __future__ import annotations
 
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -230,12 +230,10 @@ def alone(batch: Mapping[str, Any], i: int) -> dict[str, Any]:
     return out
 
 
-def padding_kind(batch: Mapping[str, Any]) -> str:
+def padding_kind(batch: Mapping[str, Any], _padding_kind: Callable[[Mapping[str, Any]], str]) -> str:
     """"none", or ``"<encoder>+<decoder>"`` with each side's "none" / "right" / "left" /
-    "other" (see :func:`hf_fisher.engine.per_sample._padding_kind`): the padding check runs once
-    per kind."""
-    from .per_sample import _padding_kind
-
+    "other" as ``_padding_kind`` (:func:`hf_fisher.engine.per_sample._padding_kind`) tells it
+    from a mask: the padding check runs once per kind."""
     enc = _padding_kind(batch) if "input_ids" in batch else "none"
     dmask = batch.get("decoder_attention_mask")
     if dmask is not None:
