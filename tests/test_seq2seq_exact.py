@@ -164,3 +164,17 @@ def test_whisper_features_shape_refused():
     b["input_features"] = b["input_features"][:, :, :-1]
     with pytest.raises(InvalidInputError, match="input_features has shape"):
         collect(model, [b], progress=False)
+
+
+def test_decoder_attention_mask_decides_which_labels_count():
+    """A label on a position the decoder mask hides does not count (as padding): the Fisher
+    equals the one with that label set to -100."""
+    model = sm.bart()
+    b = sm.batch(model, [5, 3, 7], [4, 2, 6], seed=1, decoder_mask=True)
+    b["labels"] = b["labels"].masked_fill(b["decoder_attention_mask"] == 0, 7)  # labels under the mask
+    b["decoder_attention_mask"][0, 3] = 0  # and sample 0's last label hidden too
+    expected = dict(b, labels=b["labels"].masked_fill(b["decoder_attention_mask"] == 0, -100))
+    fisher = collect(model, [b], progress=False)
+    mean, var, n = sm.reference(model, [expected])
+    assert fisher.counts.tokens == int((expected["labels"] != -100).sum()) == 4 - 1 + 2 + 6
+    check(fisher, mean, var, n)

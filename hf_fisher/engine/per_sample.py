@@ -160,7 +160,7 @@ class PerSampleEngine:
         model: any HF model (optionally PEFT-wrapped); its trainable parameters are covered.
         targets: one :class:`Target` per trainable parameter (groups None = per element).
         rules: module type -> :class:`GradRule` (from the plugin manager).
-        task_type: "causal_lm" | "masked_lm" | "sequence_classification".
+        task_type: "causal_lm" | "masked_lm" | "sequence_classification" | "seq2seq" (see :mod:`.seq2seq`).
         normalization: "mean" | "sum" | "token" (see :mod:`.losses`).
         loss_fn: optional ``(model_output, batch) -> SampleLosses`` replacing the dataset-label
             loss (e.g. labels sampled from the model for the true Fisher).
