@@ -89,3 +89,17 @@ def test_bad_jsonl_pair_exits_2(folder, tmp_path, capsys):
     data.write_text(json.dumps({"source": "the cat", "target": 3}) + "\n")
     rc = main(["collect", "--model", str(folder), "--data", str(data), "--task", "mt", "--out", str(tmp_path / "o"), "--no-progress"])
     assert rc == 2 and "'source' and 'target' must both be strings" in capsys.readouterr().err
+
+
+def test_speech_encoder_decoder_refused_before_loading(tmp_path, capsys):
+    """Whisper is a seq2seq model the API takes (input_features), not the text-pair CLI: refused
+    from its config alone (the weights are not even valid)."""
+    folder = tmp_path / "whisper"
+    sm.whisper(torch.float32).config.save_pretrained(folder)
+    (folder / "model.safetensors").write_bytes(b"not safetensors")
+    data = write(tmp_path / "pairs.tsv", "tsv")
+    out = tmp_path / "out"
+    rc = main(["collect", "--model", str(folder), "--data", str(data), "--task", "mt", "--out", str(out), "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "does not take text" in err and "input_features" in err
+    assert not out.exists() or not any(out.iterdir())

@@ -101,7 +101,7 @@ def test_t5_relative_bias_batch_of_query_length():
     assert fisher.metadata.extra["per_sample_path"] == "batched"
 
 
-@pytest.mark.parametrize("name", ["t5", "bart", "whisper"])
+@pytest.mark.parametrize("name", sorted(MODELS))
 def test_seq2seq_groups_exact(name):
     model = MODELS[name]()
     layout = model_layout(model)

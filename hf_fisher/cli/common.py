@@ -352,6 +352,14 @@ def load_config(name_or_path: str):
     task_type = "sequence_classification" if any(a.endswith("ForSequenceClassification") for a in archs) else "causal_lm"
     if getattr(config, "is_encoder_decoder", False):  # T5, BART, Marian, ...: (source, target) pairs
         task_type = "seq2seq"
+        from transformers.models.auto.modeling_auto import MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES as TEXT_TO_TEXT
+
+        if config.model_type not in TEXT_TO_TEXT:
+            raise InvalidInputError(
+                f"--model {name_or_path!r} is a {config.model_type} encoder-decoder that does not take text (not an "
+                "AutoModelForSeq2SeqLM, e.g. speech: Whisper): the command line reads text pairs; collect its Fisher "
+                "with the Python API (hf_fisher.collect with batches of 'input_features' and 'labels')"
+            )
     return config, task_type
 
 
