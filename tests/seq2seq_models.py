@@ -56,6 +56,11 @@ def mbart(dtype=torch.float64, *, seed=3):
                       pad_token_id=1, bos_token_id=0, eos_token_id=2, decoder_start_token_id=2)
 
 
+def pegasus(dtype=torch.float64, *, seed=5):
+    return _bart_like(tf.PegasusForConditionalGeneration, tf.PegasusConfig, seed, dtype,
+                      pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+
+
 def whisper(dtype=torch.float64, *, seed=4):
     torch.manual_seed(seed)
     cfg = tf.WhisperConfig(
@@ -67,7 +72,7 @@ def whisper(dtype=torch.float64, *, seed=4):
     return _finish(tf.WhisperForConditionalGeneration(cfg), dtype)
 
 
-TOKEN_MODELS = {"t5": t5, "bart": bart, "marian": marian, "mbart": mbart}
+TOKEN_MODELS = {"t5": t5, "bart": bart, "marian": marian, "mbart": mbart, "pegasus": pegasus}
 
 
 def batch(model, src_lens, tgt_lens, *, side="right", seed=0, decoder_mask=False, pad_extra=1):
