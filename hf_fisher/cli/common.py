@@ -236,7 +236,7 @@ def check_model_and_data_args(args: argparse.Namespace) -> tuple[Path, Path]:
     (>= 1), ``--encoding``, ``--model`` (a folder with a config.json, or a Hub id)."""
     data_path = Path(args.data)
     if data_path.suffix.lower() not in (".txt", ".jsonl", ".tsv"):
-        raise InvalidInputError(f"--data {str(data_path)!r}: expected a .txt, .jsonl or .tsv (source<TAB>target, seq2seq) file")
+        raise InvalidInputError(f"--data {str(data_path)!r}: expected a .txt or .jsonl file (or a .tsv of source<TAB>target pairs for an encoder-decoder)")
     if not data_path.is_file():
         raise InvalidInputError(f"--data {str(data_path)!r} does not exist (or is not a file)")
     for flag in ("batch_size", "max_length", "max_samples"):
