@@ -4,8 +4,8 @@ WARNING naming why, counted in fallback_batches)."""
 
 from __future__ import annotations
 
-import seq2seq_models as sm
 import pytest
+import seq2seq_models as sm
 import torch
 from transformers import DataCollatorForSeq2Seq, Seq2SeqTrainer, Seq2SeqTrainingArguments
 
