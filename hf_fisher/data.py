@@ -6,6 +6,9 @@ File formats
 - ``.jsonl``: one JSON object per non-empty line, with either ``"text"`` (a string, tokenized
   later) or ``"input_ids"`` (a list of ints, used as is). An optional integer ``"label"`` is the
   class of the sample for sequence classification.
+- seq2seq (encoder-decoder models): ``.tsv`` with two tab-separated columns per non-empty line
+  (source, target), or ``.jsonl`` objects ``{"source": ..., "target": ...}`` (strings). See
+  :func:`make_seq2seq_batches`.
 
 Files are read as UTF-8 by default (a leading byte-order mark is skipped); ``encoding=`` (the
 CLI's ``--encoding``) reads other encodings. A byte sequence that is not valid in the encoding is
@@ -34,11 +37,11 @@ import torch
 
 from hf_fisher.errors import EmptyDataError, InvalidInputError
 
-__all__ = ["TASK_TYPES", "Sample", "check_labels", "load_samples", "make_batches", "pad_token_id"]
+__all__ = ["TASK_TYPES", "Sample", "check_labels", "load_samples", "make_batches", "make_seq2seq_batches", "pad_token_id"]
 
 logger = logging.getLogger(__name__)
 
-TASK_TYPES = ("causal_lm", "sequence_classification")
+TASK_TYPES = ("causal_lm", "sequence_classification", "seq2seq")
 IGNORE_INDEX = -100
 
 
@@ -54,6 +57,8 @@ class Sample:
     input_ids: tuple[int, ...] | None = None
     label: int | None = None
     where: str | None = field(default=None, compare=False, repr=False)
+    #: seq2seq: the target text (``text`` is then the source)
+    target: str | None = None
 
 
 def _where(sample: Sample, i: int) -> str:
@@ -108,10 +113,11 @@ def load_samples(path: str | Path, *, encoding: str = "utf-8") -> list[Sample]:
     """
     path = Path(path)
     suffix = path.suffix.lower()
-    if suffix not in (".txt", ".jsonl"):
+    if suffix not in (".txt", ".jsonl", ".tsv"):
         raise InvalidInputError(
-            f"unsupported data file {str(path)!r}: expected a .txt file (one sample per line) or a "
-            f".jsonl file (one JSON object per line with a 'text' or 'input_ids' key)"
+            f"unsupported data file {str(path)!r}: expected a .txt file (one sample per line), a "
+            f".jsonl file (one JSON object per line with a 'text' or 'input_ids' key, or 'source' and 'target') "
+            f"or a .tsv file (source<TAB>target per line, for seq2seq models)"
         )
     if not path.is_file():
         raise InvalidInputError(f"data file {str(path)!r} does not exist (or is not a file)")
@@ -122,6 +128,8 @@ def load_samples(path: str | Path, *, encoding: str = "utf-8") -> list[Sample]:
             continue
         if suffix == ".txt":
             samples.append(Sample(text=line, where=f"{path.name}, line {lineno}"))
+        elif suffix == ".tsv":
+            samples.append(_parse_tsv_line(line, path, lineno))
         else:
             samples.append(_parse_json_line(line, path, lineno))
     if not samples:
@@ -137,6 +145,8 @@ def _parse_json_line(line: str, path: Path, lineno: int) -> Sample:
         raise InvalidInputError(f"{where}: malformed JSON ({e.msg} at column {e.colno})") from None
     if not isinstance(obj, dict):
         raise InvalidInputError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    if "source" in obj or "target" in obj:
+        return _pair(obj.get("source"), obj.get("target"), where, "'source' and 'target' must both be strings")
     label = obj.get("label")
     if label is not None and (isinstance(label, bool) or not isinstance(label, int)):
         raise InvalidInputError(f"{where}: 'label' must be an integer class id, got {label!r}")
@@ -156,6 +166,21 @@ def _parse_json_line(line: str, path: Path, lineno: int) -> Sample:
     raise InvalidInputError(f"{where}: the object has neither a 'text' nor an 'input_ids' key (keys: {sorted(obj)})")
 
 
+def _parse_tsv_line(line: str, path: Path, lineno: int) -> Sample:
+    where = f"{path.name}, line {lineno}"
+    cols = line.split("\t")
+    if len(cols) != 2:
+        raise InvalidInputError(f"{where}: expected two tab-separated columns (source, target), found {len(cols)}")
+    return _pair(cols[0], cols[1], where, "both columns must be non-empty")
+
+
+def _pair(source: Any, target: Any, where: str, rule: str) -> Sample:
+    """A seq2seq sample (source text, target text), both non-empty strings."""
+    if not isinstance(source, str) or not isinstance(target, str) or not source.strip() or not target.strip():
+        raise InvalidInputError(f"{where}: a seq2seq sample needs a source and a target text; {rule}")
+    return Sample(text=source, target=target, where=where)
+
+
 def check_labels(samples: Sequence[Sample], task_type: str, num_labels: int | None = None) -> None:
     """Check the samples' labels for ``task_type`` before any model work.
 
@@ -163,6 +188,9 @@ def check_labels(samples: Sequence[Sample], task_type: str, num_labels: int | No
     (``-100`` = ignored, as in transformers) when ``num_labels > 1`` is known. Raises
     :class:`InvalidInputError` naming the file and line of the first bad sample.
     """
+    if task_type == "seq2seq" or any(s.target is not None for s in samples):
+        _check_pairs(samples, task_type)
+        return
     if task_type != "sequence_classification":
         return
     for i, sample in enumerate(samples):
@@ -177,6 +205,21 @@ def check_labels(samples: Sequence[Sample], task_type: str, num_labels: int | No
             raise InvalidInputError(
                 f"{_where(sample, i)}: label {sample.label} is outside [0, {num_labels}) (the model has "
                 f"num_labels={num_labels}); fix the label or the model's num_labels"
+            )
+
+
+def _check_pairs(samples: Sequence[Sample], task_type: str) -> None:
+    """Seq2seq models need (source, target) pairs; other models refuse them."""
+    for i, sample in enumerate(samples):
+        if task_type == "seq2seq" and sample.target is None:
+            raise InvalidInputError(
+                f"{_where(sample, i)}: no target; an encoder-decoder model needs (source, target) pairs: a .tsv file "
+                "(source<TAB>target per line) or a .jsonl file with 'source' and 'target'"
+            )
+        if task_type != "seq2seq" and sample.target is not None:
+            raise InvalidInputError(
+                f"{_where(sample, i)}: a (source, target) pair, but the model is a {task_type} model, not an "
+                "encoder-decoder; give a .txt file or .jsonl with 'text' / 'input_ids'"
             )
 
 
@@ -215,6 +258,10 @@ def make_batches(
     """
     if task_type not in TASK_TYPES:
         raise InvalidInputError(f"unknown task_type {task_type!r}; expected one of {TASK_TYPES}")
+    if task_type == "seq2seq":
+        samples = [Sample(text=x) if isinstance(x, str) else x for x in samples]
+        return make_seq2seq_batches(tokenizer, samples, batch_size=batch_size, max_length=max_length,
+                                    pad_id=pad_token_id(tokenizer) if pad_id is None else pad_id, vocab_size=vocab_size)
     if batch_size < 1 or max_length < 1:
         raise InvalidInputError(f"batch_size and max_length must be >= 1 (got {batch_size}, {max_length})")
     if not samples:
@@ -263,4 +310,51 @@ def make_batches(
             batch_labels = torch.tensor(labels[start : start + batch_size], dtype=torch.long)
         batches.append({"input_ids": input_ids, "attention_mask": mask, "labels": batch_labels})
     logger.debug("made %d batches from %d samples", len(batches), len(sequences))
+    return batches
+
+
+def make_seq2seq_batches(
+    tokenizer: Any,
+    samples: Sequence[Sample],
+    *,
+    batch_size: int,
+    max_length: int,
+    pad_id: int,
+    vocab_size: int | None = None,
+) -> list[dict[str, torch.Tensor]]:
+    """Seq2seq batches of (source, target) samples: ``input_ids`` / ``attention_mask`` of the
+    sources (``tokenizer(source)``) and ``labels`` of the targets (``tokenizer(text_target=
+    target)``), each at most ``max_length`` tokens, right-padded (labels with -100). The model
+    builds its decoder inputs from the labels (see :mod:`hf_fisher.engine.seq2seq`)."""
+    if batch_size < 1 or max_length < 1:
+        raise InvalidInputError(f"batch_size and max_length must be >= 1 (got {batch_size}, {max_length})")
+    if not samples:
+        raise EmptyDataError("no samples to batch")
+    pairs = []
+    for i, sample in enumerate(samples):
+        if sample.target is None or sample.text is None:
+            raise InvalidInputError(f"{_where(sample, i)}: a seq2seq sample needs a source and a target text")
+        src = list(tokenizer(sample.text, truncation=True, max_length=max_length)["input_ids"])[:max_length]
+        tgt = list(tokenizer(text_target=sample.target, truncation=True, max_length=max_length)["input_ids"])[:max_length]
+        for ids, what in ((src, "source"), (tgt, "target")):
+            if not ids:
+                raise InvalidInputError(f"{_where(sample, i)}: the {what} has no tokens; remove the sample from the data")
+            if vocab_size is not None and max(ids) >= vocab_size:
+                raise InvalidInputError(
+                    f"{_where(sample, i)}: {what} token id {max(ids)} but the model's vocabulary has {vocab_size} entries; "
+                    "does the tokenizer belong to this model?"
+                )
+        pairs.append((src, tgt))
+    batches = []
+    for start in range(0, len(pairs), batch_size):
+        chunk = pairs[start : start + batch_size]
+        S, L = max(len(s) for s, _ in chunk), max(len(t) for _, t in chunk)
+        ids = torch.full((len(chunk), S), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(chunk), S), dtype=torch.long)
+        labels = torch.full((len(chunk), L), IGNORE_INDEX, dtype=torch.long)
+        for row, (src, tgt) in enumerate(chunk):
+            ids[row, : len(src)] = torch.tensor(src)
+            mask[row, : len(src)] = 1
+            labels[row, : len(tgt)] = torch.tensor(tgt)
+        batches.append({"input_ids": ids, "attention_mask": mask, "labels": labels})
     return batches

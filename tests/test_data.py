@@ -97,7 +97,7 @@ def test_batch_errors(tokenizer):
     with pytest.raises(InvalidInputError, match="token id 61 .* 61 entries"):
         make_batches(None, [Sample(input_ids=(3, 61))], batch_size=1, max_length=4, vocab_size=61)
     with pytest.raises(InvalidInputError, match="unknown task_type"):
-        make_batches(tokenizer, ["a"], batch_size=1, max_length=4, task_type="seq2seq")
+        make_batches(tokenizer, ["a"], batch_size=1, max_length=4, task_type="translation")
     with pytest.raises(InvalidInputError, match="batch_size"):
         make_batches(tokenizer, ["a"], batch_size=0, max_length=4)
     with pytest.raises(EmptyDataError):

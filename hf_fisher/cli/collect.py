@@ -33,6 +33,9 @@ What is scored: for a causal LM every token of each line counts (the labels are 
 padding ignored; the model predicts each token from the ones before it), unlike the demo, which
 scores only the copied half of its sequences. A classifier (config architectures
 ...ForSequenceClassification) is scored on each sample's integer 'label' (.jsonl).
+An encoder-decoder (config is_encoder_decoder: T5, BART, Marian, ...) is scored on each
+(source, target) pair: the decoder's cross-entropy over the target's tokens (.tsv with two
+tab-separated columns, or .jsonl with 'source' and 'target').
 
 Everything is checked before the model's weights are loaded: arguments, --device, --estimator,
 --out (new or empty, or a previous artifact with --overwrite; writable; enough free disk space),
@@ -45,7 +48,8 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = sub.add_parser("collect", help="collect a Fisher artifact of a model on a data file",
                        description=COLLECT_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="folder of a saved transformers model (with its tokenizer)")
-    p.add_argument("--data", required=True, help=".txt (one sample per line) or .jsonl ('text' or 'input_ids', optional 'label')")
+    p.add_argument("--data", required=True, help=".txt (one sample per line) or .jsonl ('text' or 'input_ids', optional 'label'); "
+                   "encoder-decoder models: .tsv (source<TAB>target) or .jsonl ('source', 'target')")
     p.add_argument("--encoding", default="utf-8", help="text encoding of --data (default utf-8; e.g. latin-1, cp1252, utf-16)")
     p.add_argument("--task", required=True, help="name of the task the data stands for (recorded in the artifact)")
     p.add_argument("--out", required=True, help="folder to write the artifact to (new or empty; checked before the work)")

@@ -139,7 +139,7 @@ def meta_shapes(config: Any, task_type: str) -> list[tuple[int, ...]] | None:
         import transformers
 
         cls = (transformers.AutoModelForSequenceClassification if task_type == "sequence_classification"
-               else transformers.AutoModelForCausalLM)
+               else transformers.AutoModelForSeq2SeqLM if task_type == "seq2seq" else transformers.AutoModelForCausalLM)
         with torch.device("meta"):
             model = cls.from_config(config)
         return [tuple(p.shape) for p in model.parameters()]
@@ -226,6 +226,7 @@ def looks_local(name: str) -> bool:
 SCORING = {
     "causal_lm": "every token of each line scored, causal-LM labels = the input ids",
     "sequence_classification": "each sample scored on its 'label'",
+    "seq2seq": "each (source, target) pair scored on the target's tokens, the decoder's cross-entropy",
 }
 
 
@@ -234,8 +235,8 @@ def check_model_and_data_args(args: argparse.Namespace) -> tuple[Path, Path]:
     ``--data`` (.txt / .jsonl, exists), ``--batch-size`` / ``--max-length`` / ``--max-samples``
     (>= 1), ``--encoding``, ``--model`` (a folder with a config.json, or a Hub id)."""
     data_path = Path(args.data)
-    if data_path.suffix.lower() not in (".txt", ".jsonl"):
-        raise InvalidInputError(f"--data {str(data_path)!r}: expected a .txt or .jsonl file")
+    if data_path.suffix.lower() not in (".txt", ".jsonl", ".tsv"):
+        raise InvalidInputError(f"--data {str(data_path)!r}: expected a .txt or .jsonl file (or a .tsv of source<TAB>target pairs for an encoder-decoder)")
     if not data_path.is_file():
         raise InvalidInputError(f"--data {str(data_path)!r} does not exist (or is not a file)")
     for flag in ("batch_size", "max_length", "max_samples"):
@@ -349,6 +350,16 @@ def load_config(name_or_path: str):
         raise InvalidInputError(f"could not load the config of model {name_or_path!r}: {e}") from None
     archs = getattr(config, "architectures", None) or []
     task_type = "sequence_classification" if any(a.endswith("ForSequenceClassification") for a in archs) else "causal_lm"
+    if getattr(config, "is_encoder_decoder", False):  # T5, BART, Marian, ...: (source, target) pairs
+        task_type = "seq2seq"
+        from transformers.models.auto.modeling_auto import MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES as TEXT_TO_TEXT
+
+        if config.model_type not in TEXT_TO_TEXT:
+            raise InvalidInputError(
+                f"--model {name_or_path!r} is a {config.model_type} encoder-decoder that does not take text (not an "
+                "AutoModelForSeq2SeqLM, e.g. speech: Whisper): the command line reads text pairs; collect its Fisher "
+                "with the Python API (hf_fisher.collect with batches of 'input_features' and 'labels')"
+            )
     return config, task_type
 
 
@@ -360,6 +371,8 @@ def load_model(name_or_path: str, config: Any, dtype: str, device: str):
     archs = getattr(config, "architectures", None) or []
     if any(a.endswith("ForSequenceClassification") for a in archs):
         cls = transformers.AutoModelForSequenceClassification
+    elif getattr(config, "is_encoder_decoder", False):
+        cls = transformers.AutoModelForSeq2SeqLM
     else:
         cls = transformers.AutoModelForCausalLM
     # transformers >= 4.56 names the argument ``dtype`` (``torch_dtype`` before).

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import HfFisherError, UnsupportedError
+from . import seq2seq
 from .losses import IGNORE_INDEX, label_counts, normalization_weights, token_labels
 from .per_sample import BatchReport, ContributionSink, PerSampleEngine, _keep_and_report
 
@@ -119,6 +120,8 @@ class ExternalBackward:
             return None
         self.finish()  # a previous micro-batch whose end no callback reported
         engine = self.engine
+        if engine.task_type == seq2seq.TASK:
+            return self._pre_seq2seq(kwargs)
         batch = {k: kwargs[k] for k in _INPUT_KEYS if isinstance(kwargs.get(k), torch.Tensor)}
         if args and "input_ids" not in batch and isinstance(args[0], torch.Tensor):
             batch["input_ids"] = args[0]
@@ -163,6 +166,18 @@ class ExternalBackward:
                 micro.failed = micro.failed or _MOVED_POSITIONS
         return None
 
+    def _pre_seq2seq(self, kwargs):
+        """A seq2seq micro-batch: recorded for the engine's own pass (see
+        :func:`.seq2seq.refuse_free_path`), nothing captured from the Trainer's backward."""
+        engine = self.engine
+        batch = {k: kwargs[k].detach() for k in seq2seq.BATCH_KEYS if isinstance(kwargs.get(k), torch.Tensor)}
+        batch = engine.prepare(batch, engine.batches_seen)
+        n = label_counts(batch, engine.task_type)
+        _, report = _keep_and_report(n, set(), self.limit())
+        self.current = MicroBatch(batch, report, self.make_sink(), engine.verify_next, n, failed=seq2seq.refuse_free_path())
+        engine.capture.start(seq2seq.batch_size(batch), engine.compute_dtype, None)
+        return None
+
     def _post(self, module, args, kwargs, output):
         micro = self.current
         if micro is None or self.paused or not torch.is_grad_enabled():
@@ -176,6 +191,8 @@ class ExternalBackward:
             # activation alive until the end of the backward
             c.output = None
             c.tensors = []
+        if engine.task_type == seq2seq.TASK:  # redone by the engine's own pass (see _pre_seq2seq)
+            return None
         logits = output.logits if hasattr(output, "logits") else (output[0] if isinstance(output, (tuple, list)) else None)
         if not isinstance(logits, torch.Tensor) or not logits.requires_grad:
             micro.failed = micro.failed or "the model's output has no logits that require grad"

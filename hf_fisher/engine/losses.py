@@ -4,6 +4,7 @@ For sample i with label tokens t in L_i (labels != -100 and attention_mask == 1)
 
 - causal LM:   l_it = CE(logits[i, t-1], labels[i, t])  (labels shifted by one)
 - masked LM:   l_it = CE(logits[i, t], labels[i, t])
+- seq2seq:     l_it = CE(decoder_logits[i, t], labels[i, t])  (the decoder inputs are the shifted labels)
 - sequence classification: one "token" per sample, l_i1 = CE(logits[i], labels[i])
   (MSE for regression heads, summed BCE for multi-label heads).
 
@@ -28,9 +29,10 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import InvalidInputError, UnsupportedError
+from .seq2seq import TASK, is_seq2seq
 
 NORMALIZATIONS = ("mean", "sum", "token")
-TASK_TYPES = ("causal_lm", "masked_lm", "sequence_classification")
+TASK_TYPES = ("causal_lm", "masked_lm", "sequence_classification", "seq2seq")
 IGNORE_INDEX = -100
 
 
@@ -56,7 +58,10 @@ def require_token_inputs(model: Any) -> None:
 
 
 def task_type_of(model: Any) -> str:
-    """Infer the task type from the model class (``...ForCausalLM``, ``...LMHeadModel``, ...)."""
+    """Infer the task type from the model class (``...ForCausalLM``, ``...LMHeadModel``, ...);
+    ``"seq2seq"`` for an encoder-decoder (``config.is_encoder_decoder``, see :mod:`.seq2seq`)."""
+    if is_seq2seq(model):
+        return TASK
     require_token_inputs(model)
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     name = type(base).__name__
@@ -75,16 +80,16 @@ def task_type_of(model: Any) -> str:
 def token_labels(batch: Mapping[str, torch.Tensor], task_type: str) -> torch.Tensor:
     """Labels with -100 wherever a token must not count (given -100s, and attention_mask == 0).
 
-    Causal LM without ``labels`` uses ``input_ids``.
+    Causal LM without ``labels`` uses ``input_ids``. Seq2seq: the decoder's mask
+    (``decoder_attention_mask``) decides, not the encoder's.
     """
-    ids = batch["input_ids"]
     labels = batch.get("labels")
     if labels is None:
         if task_type != "causal_lm":
             raise InvalidInputError(f"a {task_type} batch needs 'labels'")
-        labels = ids
+        labels = batch["input_ids"]
     labels = labels.clone()
-    mask = batch.get("attention_mask")
+    mask = batch.get("decoder_attention_mask" if task_type == "seq2seq" else "attention_mask")
     if mask is not None and task_type != "sequence_classification":
         labels[mask == 0] = IGNORE_INDEX
         if task_type == "causal_lm":
@@ -116,7 +121,7 @@ def per_sample_loss(task_type: str, logits: torch.Tensor, labels: torch.Tensor, 
         # shift the labels, not the logits (no copy of the [B, T, V] logits): position t
         # predicts token t + 1, the last position predicts nothing
         labels = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
-    elif task_type != "masked_lm":
+    elif task_type not in ("masked_lm", "seq2seq"):  # seq2seq: decoder input t is label t-1, no shift
         raise InvalidInputError(f"unknown task_type {task_type!r}; choose one of {TASK_TYPES}")
     B, T, V = logits.shape
     valid = labels != IGNORE_INDEX

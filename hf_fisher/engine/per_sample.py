@@ -54,6 +54,7 @@ import torch.nn as nn
 
 from ..errors import InvalidInputError, NonFiniteError, UnsupportedError
 from ..layout import ParamGroups
+from . import seq2seq
 from .capture import Capture, bottom_outputs
 from .losses import (
     SampleLosses,
@@ -159,7 +160,7 @@ class PerSampleEngine:
         model: any HF model (optionally PEFT-wrapped); its trainable parameters are covered.
         targets: one :class:`Target` per trainable parameter (groups None = per element).
         rules: module type -> :class:`GradRule` (from the plugin manager).
-        task_type: "causal_lm" | "masked_lm" | "sequence_classification".
+        task_type: "causal_lm" | "masked_lm" | "sequence_classification" | "seq2seq" (see :mod:`.seq2seq`).
         normalization: "mean" | "sum" | "token" (see :mod:`.losses`).
         loss_fn: optional ``(model_output, batch) -> SampleLosses`` replacing the dataset-label
             loss (e.g. labels sampled from the model for the true Fisher).
@@ -193,7 +194,10 @@ class PerSampleEngine:
         if on_nonfinite not in ("raise", "skip"):
             raise InvalidInputError(f"on_nonfinite must be 'raise' or 'skip', not {on_nonfinite!r}")
         normalization_weights(torch.ones(1, dtype=torch.long), normalization, torch.float32)  # validates
-        require_token_inputs(model)
+        if task_type == seq2seq.TASK:
+            seq2seq.encoder_input_name(model)  # token ids or log-mel features, else refused
+        else:
+            require_token_inputs(model)
         self.model = model
         self.targets = targets
         self.by_param = {id(t.param): t for t in targets}
@@ -244,6 +248,11 @@ class PerSampleEngine:
         self.agree: Callable[[bool], bool] | None = None
         if _checkpointing(model):
             self._switch_to_loop("gradient checkpointing is enabled: recomputed forwards cannot be captured")
+        if task_type == seq2seq.TASK:  # seq2seq: calls shared by the batch whatever its shape
+            for m in seq2seq.batch_shared_modules(model):
+                for p in m.parameters(recurse=False):
+                    if id(p) in self.by_param:
+                        self._use_vjp(p, f"{type(m).__name__} of relative positions is shared by the batch")
 
     # ------------------------------------------------------------------ public
     def process(self, batch: Mapping[str, Any], sink: ContributionSink, *, batch_index: int = 0, limit: int | None = None) -> BatchReport:
@@ -297,6 +306,8 @@ class PerSampleEngine:
 
     # ------------------------------------------------------------------ batch set-up
     def prepare(self, batch: Mapping[str, Any], batch_index: int) -> dict[str, torch.Tensor]:
+        if self.task_type == seq2seq.TASK:
+            return seq2seq.prepare(self, batch, batch_index)
         if not isinstance(batch, Mapping):
             raise InvalidInputError(f"batch {batch_index} must be a mapping with 'input_ids' (got {type(batch).__name__})")
         if "input_ids" not in batch:
@@ -371,6 +382,8 @@ class PerSampleEngine:
     def model_inputs(self, batch: dict[str, torch.Tensor], *, alone: bool = False) -> dict[str, Any]:
         """The model's inputs for ``batch``; ``alone``: a single unpadded sample, run exactly as
         the model runs it by default (the reference the padding check compares against)."""
+        if self.task_type == seq2seq.TASK:
+            return seq2seq.model_inputs(self, batch)
         inputs = {k: batch[k] for k in _MODEL_INPUT_KEYS if k in batch and k in self.forward_params}
         if not alone and "position_ids" in self.forward_params and "position_ids" not in inputs:
             positions = self._positions(batch)
@@ -424,7 +437,8 @@ class PerSampleEngine:
 
     # ------------------------------------------------------------------ one pass
     def _process_once(self, batch, sink, batch_index, exclude, limit) -> BatchReport:
-        B, T = batch["input_ids"].shape
+        # seq2seq: encoder and decoder lengths differ, so no [B*T] token-flattened tensor is read as per sample
+        B, T = (seq2seq.batch_size(batch), 0) if self.task_type == seq2seq.TASK else batch["input_ids"].shape
         self.capture.attach()
         try:
             # scale is filled in after the forward (it needs the label counts)
@@ -439,7 +453,7 @@ class PerSampleEngine:
             calls = self.capture.calls
             shared = self._shared_calls(calls)
             verify = self.verify_next
-            padding = _padding_kind(batch)
+            padding = seq2seq.padding_kind(batch, _padding_kind) if self.task_type == seq2seq.TASK else _padding_kind(batch)
             # a batch of one unpadded sample is its own "alone" run: no padding check to make
             need_probe = (verify or padding not in self.padding_checked) and not (B == 1 and padding == "none")
             if self.agree is not None:  # sharded: every rank runs the check (an extra pass) or none
@@ -870,7 +884,7 @@ class PerSampleEngine:
     def gradient_alone(self, batch, i: int) -> dict[int, torch.Tensor] | None:
         """``id(param) -> g_i`` (scaled, compute dtype) of sample ``i`` run alone, without its
         padding, exactly as the model runs it by default; None when its loss is not finite."""
-        one = alone(batch, i)
+        one = seq2seq.alone(batch, i) if self.task_type == seq2seq.TASK else alone(batch, i)
         li = self.sample_losses(self.model(**self.model_inputs(one, alone=True)), one)
         if not bool(torch.isfinite(li.loss_sum.detach()).all()):
             return None
