@@ -79,7 +79,7 @@ def build_recipe(models, fishers, method: MergeMethod, weights, base_model, out_
         "merge_method": method.name,
         "base_model": _ref_of(base_model) if base_model is not None else None,
         "models": entries,
-        "parameters": method.parameters(),
+        "parameters": mergekit_names(method.parameters()),
         "dtype": str(out_dtype).removeprefix("torch.") if out_dtype is not None else None,
         "hf_fisher": section,
     }
@@ -100,6 +100,16 @@ _UNSUPPORTED = {
 
 #: mergekit's names of options: recipe key -> option
 ALIASES = {"lambda": "scaling"}
+#: option -> the name a written recipe gives it (mergekit's, so that mergekit reads it)
+WRITTEN_NAMES = {v: k for k, v in ALIASES.items()}
+
+
+def mergekit_names(parameters: Mapping[str, Any]) -> dict[str, Any]:
+    """``parameters`` with each option under the name mergekit reads (``scaling`` -> ``lambda``:
+    mergekit ignores a key it does not know, so a recipe written with ``scaling`` would merge at
+    mergekit's default λ = 1)."""
+    return {WRITTEN_NAMES.get(k, k): v for k, v in parameters.items()}
+
 
 def _bad(path: str, problem: str, where: str) -> InvalidInputError:
     return InvalidInputError(f"recipe {where}: key '{path}' {problem}")
