@@ -6,12 +6,14 @@ mergekit's ``run_merge`` on the written ``mergekit_config.yml`` gives the same m
 from __future__ import annotations
 
 import pytest
+import test_merge_mergekit_parity as parity
 import yaml
+from test_merge_mergekit_parity import _tensors, assert_identical, run_mergekit
 
 from hf_fisher import cli
 from hf_fisher.consumers.merge.recipe import RECIPE_NAME
 
-from test_merge_mergekit_parity import _tensors, assert_identical, ckpt, run_mergekit  # noqa: F401 (ckpt: fixture)
+ckpt = parity.ckpt  # the fixture: a float32 base and two fine-tunes of it
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -20,7 +22,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.mark.parametrize("method, options", [
     ("task_arithmetic", {}), ("ties", {"density": 0.5}), ("breadcrumbs_ties", {"density": 0.5, "gamma": 0.1}),
 ])
-def test_written_recipe_keeps_the_scale_for_mergekit(ckpt, tmp_path, method, options):  # noqa: F811
+def test_written_recipe_keeps_the_scale_for_mergekit(ckpt, tmp_path, method, options):
     from hf_fisher.consumers.merge.api import merge_with_fisher
 
     out = merge_with_fisher([ckpt / "m0", ckpt / "m1"], method=method, weights=[0.7, 0.3], base_model=ckpt / "base",

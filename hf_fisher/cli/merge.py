@@ -67,7 +67,8 @@ def run(args: argparse.Namespace) -> int:
 
     recipe = load_recipe(recipe_path)
     kwargs = recipe_to_kwargs(recipe, relative_to=recipe_path.parent)
-    for ref in [*kwargs["models"], kwargs.get("base_model"), *(kwargs.get("fishers") or [])]:
+    refs = [*kwargs["models"], kwargs.get("base_model"), *(kwargs.get("fishers") or [])]
+    for ref in [r for x in refs for r in (x.input_refs() if hasattr(x, "input_refs") else [x])]:
         if ref is not None and not os.path.exists(ref) and looks_local(ref):
             raise InvalidInputError(f"recipe {recipe_path}: {ref!r} does not exist (a local path, not a Hub id)")
     out = Path(os.path.abspath(args.out))

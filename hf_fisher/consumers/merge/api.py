@@ -811,8 +811,9 @@ def _check_arguments(models, fishers, weights, method, base_model, dtype, data, 
             f"options of the merge methods {sorted(catalogue)} and the Hub options {list(HUB_OPTIONS)}"
         )
     m = registry.build(method, options)  # the method name and every option, checked by its declaration
-    if isinstance(models, (str, os.PathLike)) or not isinstance(models, Sequence) or len(models) < 2:
-        raise InvalidInputError("models must be a list of at least two models (folders, Hub ids or loaded models)")
+    if isinstance(models, (str, os.PathLike)) or not isinstance(models, Sequence) or len(models) < m.min_models:
+        raise InvalidInputError(f"models must be a list of at least {'two models' if m.min_models == 2 else 'one model'} "
+                                "(folders, Hub ids or loaded models)")
     n = len(models)
     if weights is None:
         w = m.default_weights(n)
@@ -959,6 +960,7 @@ def _write_merge(plan_infos, out_plan, reader, settings, out_dtype, shard_bytes,
 def _input_paths(models, base_model, fishers) -> list[tuple[str, Any]]:
     """``(label, path)`` of the inputs given as paths: an output folder may not be, hold or lie in one."""
     pairs = [(f"model {i}", m) for i, m in enumerate(models)] + [("base_model", base_model)]
+    pairs = [(label, r) for label, ref in pairs for r in (ref.input_refs() if hasattr(ref, "input_refs") else [ref])]
     pairs += [(f"Fisher {i}", f) for i, f in enumerate(fishers or [])]
     return [(label, ref) for label, ref in pairs if isinstance(ref, (str, os.PathLike))]
 

@@ -21,8 +21,8 @@ from hf_fisher.errors import InvalidInputError
 
 __all__ = ["PER_MODEL_KEYS", "TensorParameters", "evaluate", "is_scalar", "layer_position"]
 
-#: options a recipe may give model by model (mergekit's non-base parameters) besides ``fisher``
-PER_MODEL_KEYS = ("weight", "density", "gamma", "epsilon")
+#: options a recipe may give model by model (mergekit's non-base parameters; ``scale``: passthrough's) besides ``fisher``
+PER_MODEL_KEYS = ("weight", "density", "gamma", "epsilon", "scale")
 
 _LAYER = re.compile(r"\.(\d+)\.")
 
