@@ -45,7 +45,9 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add ``hf-fisher merge`` to the subcommands ``sub``."""
     p = sub.add_parser("merge", help="merge models (Fisher, TIES, DARE, task arithmetic, ...) from a recipe YAML",
                        description=MERGE_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("recipe", help="merge recipe YAML (mergekit_config.yml, the one a merge writes, reproduces it; mergekit recipes run unchanged)")
+    p.add_argument("recipe", nargs="?", default=None,
+                   help="merge recipe YAML (mergekit_config.yml, the one a merge writes, reproduces it; mergekit recipes run unchanged)")
+    p.add_argument("--config", default=None, metavar="RECIPE", help="the recipe YAML (instead of the positional argument)")
     p.add_argument("--out", required=True, help="folder to write the merged model to (new, empty, or a previous merge output)")
     p.add_argument("--dtype", choices=MERGE_DTYPES, default=None, help="dtype of the merged weights (default: the recipe's, else the inputs')")
     p.add_argument("--max-shard-size", default=None, help="largest weight shard, e.g. 5GB or 500MB (default 5GB)")
@@ -57,7 +59,9 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    recipe_path = Path(args.recipe)
+    if (args.recipe is None) == (args.config is None):
+        raise InvalidInputError("give the recipe YAML once: as the argument (hf-fisher merge recipe.yml) or as --config")
+    recipe_path = Path(args.recipe if args.recipe is not None else args.config)
     # Cheap checks first: the recipe file and its keys, the output folder -- before torch is imported.
     if not recipe_path.is_file():
         raise InvalidInputError(f"recipe {str(recipe_path)!r} does not exist (or is not a file); pass a merge recipe YAML")

@@ -10,6 +10,7 @@ torch nor transformers.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from collections.abc import Mapping
@@ -20,6 +21,8 @@ from hf_fisher.errors import InvalidInputError
 
 from . import registry
 from .parameters import PER_MODEL_KEYS, varies
+
+logger = logging.getLogger(__name__)
 
 if TYPE_CHECKING:  # pragma: no cover
     from .base import MergeMethod
@@ -331,6 +334,7 @@ def recipe_to_kwargs(recipe: Mapping[str, Any], *, relative_to: str | os.PathLik
 
     method = recipe["merge_method"]
     cls = registry.get(method)
+    _warn_reduced_arithmetic(recipe)
     if recipe.get("slices"):
         return _slices_to_kwargs(recipe, cls, loc)
     base = recipe.get("base_model")
@@ -390,6 +394,20 @@ def recipe_to_kwargs(recipe: Mapping[str, Any], *, relative_to: str | os.PathLik
         kwargs["fishers"] = fishers
     kwargs["models"] = [loc(e["model"]) for e in entries]
     return kwargs
+
+
+def _warn_reduced_arithmetic(recipe: Mapping[str, Any]) -> None:
+    """mergekit reads the inputs in the recipe's ``dtype`` and computes in it; hf_fisher computes in
+    float32 (float64 for float64 inputs) and rounds once to the output dtype: said loudly when the
+    recipe's ``dtype`` is a 16-bit one (the outputs then differ from mergekit's)."""
+    dtype = recipe.get("dtype")
+    if dtype in ("bfloat16", "float16", "bf16", "fp16", "half"):
+        logger.warning(
+            "recipe dtype %s: mergekit reads the models in %s and merges in %s arithmetic; hf-fisher merges in "
+            "float32 and rounds the result once to %s, so the output equals mergekit's float32 merge rounded to %s, "
+            "not mergekit's %s-arithmetic merge (which differs in the last bits, and where %s rounding flips a "
+            "trim or sign decision)", dtype, dtype, dtype, recipe.get("out_dtype") or dtype, recipe.get("out_dtype") or dtype,
+            dtype, dtype)
 
 
 def _slices_to_kwargs(recipe: Mapping[str, Any], cls, loc) -> dict[str, Any]:
