@@ -83,3 +83,14 @@ def test_passthrough_of_one_whole_model_with_scale(ckpt, tmp_path):
     m0 = _tensors(ckpt / "m0")
     assert torch.equal(ours["model.layers.1.mlp.up_proj.weight"], m0["model.layers.1.mlp.up_proj.weight"] * 0.5)
     assert torch.equal(ours["model.embed_tokens.weight"], m0["model.embed_tokens.weight"])
+
+
+@pytest.mark.parametrize("args", [[], ["r.yml", "--config", "r.yml"]])
+def test_the_recipe_is_given_once(tmp_path, capsys, args):
+    from hf_fisher import cli
+
+    (tmp_path / "r.yml").write_text("merge_method: linear\n")
+    args = [str(tmp_path / a) if a.endswith(".yml") else a for a in args]
+    assert cli.main(["merge", *args, "--out", str(tmp_path / "out"), "--no-progress"]) == 2
+    assert "give the recipe YAML once" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

@@ -18,8 +18,9 @@ MERGE_DESCRIPTION = """\
 Merge models as a recipe describes. mergekit recipes run unchanged:
 
     merge_method: ties              # linear, task_arithmetic, ties, dare_ties, dare_linear, breadcrumbs,
-                                    # breadcrumbs_ties, della, della_linear, slerp, model_stock (plugin),
-                                    # and fisher, fisher_task_vector, kfac, average, dare (all: hf-fisher plugins)
+                                    # breadcrumbs_ties, della, della_linear, slerp, nuslerp, passthrough,
+                                    # model_stock (plugin), and fisher, fisher_task_vector, kfac, average, dare
+                                    # (all: hf-fisher plugins)
     base_model: path/to/base        # the task-vector methods' base (listed among models too, as mergekit allows)
     models:
       - model: path/or/hub-id
@@ -32,11 +33,22 @@ Merge models as a recipe describes. mergekit recipes run unchanged:
     dtype: bfloat16                 # output dtype (out_dtype wins); arithmetic is float32 or float64
     tokenizer_source: base          # base or one of the models
 
+Instead of models:, mergekit's slices: take layer ranges of several models (frankenmerges with
+passthrough; any method over the same number of models per slice; num_hidden_layers of the output
+is the sum of the slice lengths):
+
+    slices:
+      - sources: [{model: a, layer_range: [0, 16]}]
+      - sources: [{model: b, layer_range: [8, 24]}]
+    merge_method: passthrough
+
 Numbers follow mergekit 0.1.5 (convention: mergekit, the default; convention: hf_fisher for the
-earlier TIES/DARE arithmetic). Not carried out, refused naming the key: slices (passthrough),
-modules, tokenizer, chat_template, tokenizer_source: union. Every input, Fisher and the output
-folder are checked before any tensor is merged. Relative paths are read relative to the
-recipe's folder. The merge writes its recipe as mergekit_config.yml.
+earlier TIES/DARE arithmetic). Arithmetic is float32 (float64 for float64 inputs) rounded once to
+the output dtype; mergekit computes in a 16-bit recipe dtype, which is logged as a difference.
+Not carried out, refused naming the key: modules, tokenizer, chat_template, tokenizer_source: union,
+slices[i].residual_weight. Every input, Fisher and the output folder are checked before any tensor
+is merged. Relative paths are read relative to the recipe's folder. The merge writes its recipe as
+mergekit_config.yml (the scale as lambda, slices as slices:), which mergekit and hf-fisher both rerun.
 """
 MERGE_DTYPES = ("float32", "float64", "bfloat16", "float16")
 
