@@ -136,3 +136,18 @@ def test_slices_and_models_together_are_refused(tmp_path, capsys):
                     "slices: [{sources: [{model: a, layer_range: [0, 1]}]}]\n")
     assert cli.main(["merge", str(path), "--out", str(tmp_path / "out"), "--no-progress"]) == 2
     assert "'slices' and models are both given" in capsys.readouterr().err
+
+
+def test_slices_of_models_of_another_architecture_are_refused(ckpt, tmp_path, capsys):
+    import tiny_models as tm
+
+    tm.llama(torch.float32, seed=3, layers=LAYERS, kv_heads=4).save_pretrained(tmp_path / "wide")
+    recipe = {"slices": [{"sources": [_src(ckpt, "m0", 0, 2)]}, {"sources": [{"model": str(tmp_path / "wide"),
+                                                                               "layer_range": [2, 3]}]}],
+              "merge_method": "passthrough"}
+    path = tmp_path / "recipe.yml"
+    path.write_text(yaml.safe_dump(recipe))
+    assert cli.main(["merge", str(path), "--out", str(tmp_path / "out"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "has another architecture" in err and "num_key_value_heads: 4 vs 2" in err, err
+    assert not (tmp_path / "out").exists()

@@ -27,7 +27,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from hf_fisher.errors import InvalidInputError
+from hf_fisher.errors import InvalidInputError, ModelMismatchError
 
 from .io import TensorInfo, TensorSource, open_source
 from .parameters import PER_MODEL_KEYS, evaluate
@@ -123,7 +123,7 @@ class SlicePlan:
         self.hub_options = dict(hub_options or {})
         self.out_starts = [sum(lengths[:s]) for s in range(len(lengths))]
         self._sources: dict[str, TensorSource] = {}
-        self._layout: tuple[str, list[str], list[str], dict[str, TensorInfo]] | None = None
+        self._layout: tuple[str, list[str], list[str]] | None = None
 
     # ------------------------------------------------------------------ inputs
     def refs(self) -> list[str]:
@@ -154,30 +154,41 @@ class SlicePlan:
                                     f"(numbered containers {sorted(found)}); slices need one stack of layers")
         return prefixes[0], n
 
-    def layout(self) -> tuple[str, list[str], list[str], dict[str, TensorInfo]]:
-        """``(prefix, pre, post, layer tensors by suffix)``: the layer container, the tensors before
-        and after the layers (in the order of the model's modules), and one layer's tensors."""
+    def layout(self) -> tuple[str, list[str], list[str]]:
+        """``(prefix, pre, post)``: the layer container and the tensors before and after the layers
+        (in the order of the model's modules), every source checked against the donor (one
+        architecture, layer ranges inside its layers) first."""
         if self._layout is not None:
             return self._layout
-        pieces = [p for col in self.columns for p in col] + list(self.base or [])
-        prefix = None
+        from .api import ARCH_FIELDS, _full_config
+
+        donor = self.source(self.donor)
+        prefix, _ = self._layers_of(donor)
+        ref_cfg = _full_config(donor)
+        fields = [k for k in ARCH_FIELDS if k not in _LAYER_KEYS]
         for s, length in enumerate(self.lengths):
             for piece in [col[s] for col in self.columns] + ([self.base[s]] if self.base else []):
                 src = self.source(piece.ref)
                 pfx, n = self._layers_of(src)
-                if prefix is not None and pfx != prefix:
-                    raise InvalidInputError(f"slices: model {piece.ref!r} keeps its layers in {pfx!r}, another model in "
-                                            f"{prefix!r}; slices need models of one architecture")
-                prefix = pfx
+                cfg = _full_config(src)
+                diffs = [f"{k}: {cfg.get(k)!r} vs {ref_cfg.get(k)!r}" for k in fields
+                         if (k in cfg or k in ref_cfg) and cfg.get(k) != ref_cfg.get(k)]
+                if pfx != prefix or diffs:
+                    raise ModelMismatchError(f"slices: model {piece.ref!r} has another architecture than {self.donor!r} "
+                                             f"({'; '.join(diffs) or f'layers in {pfx!r}, not {prefix!r}'}); slices need "
+                                             "models of one architecture")
                 if piece.start + length > n:
                     raise InvalidInputError(f"slices: layer_range [{piece.start}, {piece.start + length}] of model "
                                             f"{piece.ref!r} is past its {n} layers (layers 0..{n - 1})")
-        first = self.source(pieces[0].ref)
-        outside = [k for k in first.infos() if not k.startswith(prefix + ".")]
-        layer0 = {k[len(prefix) + 3:]: v for k, v in first.infos().items() if k.startswith(prefix + ".0.")}
-        pre, post = _split_outside(first, outside, prefix)
-        self._layout = (prefix, pre, post, layer0)
+        outside = [k for k in donor.infos() if not k.startswith(prefix + ".")]
+        pre, post = _split_outside(donor, outside, prefix)
+        self._layout = (prefix, pre, post)
         return self._layout
+
+    def layer_suffixes(self, ref: str, layer: int) -> list[str]:
+        """The tensor names of layer ``layer`` of model ``ref`` after ``<prefix>.<layer>.``."""
+        head = f"{self.layout()[0]}.{layer}."
+        return [k[len(head):] for k in self.source(ref).infos() if k.startswith(head)]
 
     def config(self) -> dict[str, Any]:
         """The donor's config with the output layer count (and ``layer_types`` cut like the layers)."""
@@ -200,7 +211,7 @@ class SlicePlan:
     def locate(self, name: str) -> tuple[int, int | None]:
         """``(slice, layer offset in it)`` of output tensor ``name`` (offset None: outside the layers;
         slice 0 for the tensors before the layers, the last for those after)."""
-        prefix, pre, _, _ = self.layout()
+        prefix, pre, _ = self.layout()
         if name.startswith(prefix + "."):
             k = int(name[len(prefix) + 1:].split(".", 1)[0])
             for s in reversed(range(len(self.lengths))):
@@ -290,9 +301,13 @@ class SlicedSource(TensorSource):
 
     def infos(self) -> dict[str, TensorInfo]:
         if self._infos is None:
-            prefix, pre, post, layer0 = self.plan.layout()
+            plan = self.plan
+            prefix, pre, post = plan.layout()
             names = list(pre)
-            names += [f"{prefix}.{k}.{suffix}" for k in range(sum(self.plan.lengths)) for suffix in layer0]
+            for s, (piece, length) in enumerate(zip(self.pieces, plan.lengths)):
+                for off in range(length):  # each output layer has the tensors of the layer it reads
+                    k = plan.out_starts[s] + off
+                    names += [f"{prefix}.{k}.{suffix}" for suffix in plan.layer_suffixes(piece.ref, piece.start + off)]
             names += list(post)
             out = {}
             for name in names:
