@@ -151,3 +151,21 @@ def test_slices_of_models_of_another_architecture_are_refused(ckpt, tmp_path, ca
     err = capsys.readouterr().err
     assert "has another architecture" in err and "num_key_value_heads: 4 vs 2" in err, err
     assert not (tmp_path / "out").exists()
+
+
+def test_slices_of_models_with_another_vocabulary_are_refused(ckpt, tmp_path, capsys):
+    import shutil
+
+    from hf_fisher.demo import word_tokenizer
+
+    shutil.copytree(ckpt / "m1", tmp_path / "other")
+    word_tokenizer([f"v{i}" for i in range(8)]).save_pretrained(tmp_path / "other")
+    recipe = {"slices": [{"sources": [_src(ckpt, "m0", 0, 2)]},
+                         {"sources": [{"model": str(tmp_path / "other"), "layer_range": [2, 3]}]}],
+              "merge_method": "passthrough"}
+    path = tmp_path / "recipe.yml"
+    path.write_text(yaml.safe_dump(recipe))
+    assert cli.main(["merge", str(path), "--out", str(tmp_path / "out"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "tokenizer vocabulary" in err and "other" in err, err
+    assert not (tmp_path / "out").exists()

@@ -277,7 +277,9 @@ def vocabulary_fingerprint(folder: Path | None) -> tuple[str, str] | None:
 
 
 def _check_tokenizers(sources: Sequence[TensorSource], labels: Sequence[str], allow: bool) -> None:
-    prints = [(label, src, vocabulary_fingerprint(src.folder)) for label, src in zip(labels, sources)]
+    parts = [(label, part) for label, src in zip(labels, sources)  # a slices recipe's virtual model: each model it reads
+             for part in (src.parts() if hasattr(src, "parts") else [src])]
+    prints = [(label, src, vocabulary_fingerprint(src.folder)) for label, src in parts]
     have = [p for p in prints if p[2] is not None]
     if len({p[2] for p in have}) <= 1:
         return

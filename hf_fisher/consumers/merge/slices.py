@@ -284,6 +284,10 @@ class SlicedSource(TensorSource):
     def input_refs(self) -> list[str]:
         return self.plan.refs()
 
+    def parts(self) -> list[TensorSource]:
+        """The models this virtual model reads (their tokenizers are compared with the others')."""
+        return [self.plan.source(ref) for ref in dict.fromkeys(p.ref for p in self.pieces)]
+
     @property
     def config(self) -> dict[str, Any]:  # type: ignore[override]
         if self._config is None:
