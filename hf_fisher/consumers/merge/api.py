@@ -786,6 +786,8 @@ def merge_with_fisher(
                           sorted(inp.grams) if inp.grams else None)
     if settings.layer_weights:
         _layer_weights_to_recipe(recipe, settings)
+    if settings.tensor_parameters is not None:  # gradients, filters, per-model settings: as given
+        settings.tensor_parameters.write_to(recipe)
     out_plan = [_io.TensorInfo(i.name, i.shape, out_dtype if (out_dtype and i.dtype.is_floating_point) else i.dtype)
                 for i in plan_infos]
     return _write_merge(plan_infos, out_plan, reader, settings, out_dtype, shard_bytes, inp, recipe, target,

@@ -105,6 +105,19 @@ class TensorParameters:
     def __repr__(self) -> str:
         return f"TensorParameters(shared={self.shared!r}, per_model={self.per_model!r})"
 
+    def write_to(self, recipe: dict) -> None:
+        """Record these settings in a written recipe (mergekit's names): the merge-wide ones in its
+        ``parameters``, each model's in its entry (an entry's scalar ``weight`` is dropped where the
+        merge-wide ``weight`` applies, since a model's own setting would win)."""
+        from .recipe import mergekit_names
+
+        recipe.setdefault("parameters", {}).update(mergekit_names(self.shared))
+        for entry, own in zip(recipe["models"], self.per_model):
+            params = entry.setdefault("parameters", {})
+            if "weight" in self.shared and "weight" not in own:
+                params.pop("weight", None)
+            params.update(own)
+
     def bind(self, config: Mapping[str, Any]) -> None:
         """Read the layer count ``L`` from the first model's config."""
         for key in ("num_hidden_layers", "n_layer", "num_layers"):

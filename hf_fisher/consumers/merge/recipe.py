@@ -85,6 +85,8 @@ def build_recipe(models, fishers, method: MergeMethod, weights, base_model, out_
                 "parameters": mergekit_names(method.parameters()),
                 "dtype": str(out_dtype).removeprefix("torch.") if out_dtype is not None else None,
                 "hf_fisher": section}
+    if base_model is None and method.name == "slerp":  # mergekit's slerp goes from its base_model: the first model
+        base_model = models[0]
     return {
         "merge_method": method.name,
         "base_model": _ref_of(base_model) if base_model is not None else None,

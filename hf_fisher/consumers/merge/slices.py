@@ -341,6 +341,13 @@ class SliceParameters:
     def __repr__(self) -> str:
         return f"SliceParameters(slices={len(self.plan.lengths)}, shared={self.shared!r})"
 
+    def write_to(self, recipe: dict) -> None:
+        """Record the recipe's merge-wide settings in a written recipe (the slices, with their own
+        and their sources' settings, are written whole by ``build_recipe``)."""
+        from .recipe import mergekit_names
+
+        recipe.setdefault("parameters", {}).update(mergekit_names(self.shared))
+
     def bind(self, config: Mapping[str, Any]) -> None:
         """Nothing to read: positions come from the slices."""
 
