@@ -224,6 +224,16 @@ def _check_models(sources: Sequence[TensorSource], labels: Sequence[str]) -> Non
     """Same architecture fields, same tensor names, same shapes: ModelMismatchError otherwise."""
     ref = sources[0]
     cfg0 = _full_config(ref)
+    parts = [(label, part) for src, label in zip(sources, labels) for part in (src.parts() if hasattr(src, "parts") else [])]
+    if parts:  # a slices recipe's virtual models: every model they read, of one architecture but the layer count
+        first = _full_config(parts[0][1])
+        for label, part in parts[1:]:
+            cfg = _full_config(part)
+            diffs = [f"{k}: {cfg.get(k)!r} vs {first.get(k)!r}" for k in ARCH_FIELDS if k not in ("num_hidden_layers", "n_layer")
+                     and (k in cfg or k in first) and cfg.get(k) != first.get(k)]
+            if diffs:
+                raise ModelMismatchError(f"model {part.ref!r} (read by {label}) has another architecture than "
+                                         f"{parts[0][1].ref!r}: {'; '.join(diffs)}. Slices need models of one architecture")
     for src, label in zip(sources[1:], labels[1:]):
         cfg = _full_config(src)
         diffs = [f"{k}: {cfg0.get(k)!r} vs {cfg.get(k)!r}" for k in ARCH_FIELDS

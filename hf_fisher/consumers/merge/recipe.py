@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 from hf_fisher.errors import InvalidInputError
 
 from . import registry
-from .parameters import PER_MODEL_KEYS, varies
+from .parameters import ALIASES, PER_MODEL_KEYS, mergekit_names, varies
 
 logger = logging.getLogger(__name__)
 
@@ -108,19 +108,6 @@ _UNSUPPORTED = {
     "chat_template": "mergekit's chat_template is not supported by hf-fisher merge; the tokenizer files are copied "
                      "from tokenizer_source (default: the first model)",
 }
-
-#: mergekit's names of options: recipe key -> option
-ALIASES = {"lambda": "scaling"}
-#: option -> the name a written recipe gives it (mergekit's, so that mergekit reads it)
-WRITTEN_NAMES = {v: k for k, v in ALIASES.items()}
-
-
-def mergekit_names(parameters: Mapping[str, Any]) -> dict[str, Any]:
-    """``parameters`` with each option under the name mergekit reads (``scaling`` -> ``lambda``:
-    mergekit ignores a key it does not know, so a recipe written with ``scaling`` would merge at
-    mergekit's default λ = 1)."""
-    return {WRITTEN_NAMES.get(k, k): v for k, v in parameters.items()}
-
 
 def _bad(path: str, problem: str, where: str) -> InvalidInputError:
     return InvalidInputError(f"recipe {where}: key '{path}' {problem}")

@@ -30,7 +30,7 @@ from typing import Any
 from hf_fisher.errors import InvalidInputError, ModelMismatchError
 
 from .io import TensorInfo, TensorSource, open_source
-from .parameters import PER_MODEL_KEYS, evaluate
+from .parameters import PER_MODEL_KEYS, evaluate, mergekit_names
 
 __all__ = ["SliceParameters", "SlicePlan", "SlicedSource", "check_slices"]
 
@@ -156,27 +156,19 @@ class SlicePlan:
 
     def layout(self) -> tuple[str, list[str], list[str]]:
         """``(prefix, pre, post)``: the layer container and the tensors before and after the layers
-        (in the order of the model's modules), every source checked against the donor (one
-        architecture, layer ranges inside its layers) first."""
+        (in the order of the model's modules), every source's layer ranges checked first (their
+        architectures: by ``merge_with_fisher``, through :meth:`SlicedSource.parts`)."""
         if self._layout is not None:
             return self._layout
-        from .api import ARCH_FIELDS, _full_config
-
         donor = self.source(self.donor)
         prefix, _ = self._layers_of(donor)
-        ref_cfg = _full_config(donor)
-        fields = [k for k in ARCH_FIELDS if k not in _LAYER_KEYS]
         for s, length in enumerate(self.lengths):
             for piece in [col[s] for col in self.columns] + ([self.base[s]] if self.base else []):
                 src = self.source(piece.ref)
                 pfx, n = self._layers_of(src)
-                cfg = _full_config(src)
-                diffs = [f"{k}: {cfg.get(k)!r} vs {ref_cfg.get(k)!r}" for k in fields
-                         if (k in cfg or k in ref_cfg) and cfg.get(k) != ref_cfg.get(k)]
-                if pfx != prefix or diffs:
+                if pfx != prefix:
                     raise ModelMismatchError(f"slices: model {piece.ref!r} has another architecture than {self.donor!r} "
-                                             f"({'; '.join(diffs) or f'layers in {pfx!r}, not {prefix!r}'}); slices need "
-                                             "models of one architecture")
+                                             f"(layers in {pfx!r}, not {prefix!r}); slices need models of one architecture")
                 if piece.start + length > n:
                     raise InvalidInputError(f"slices: layer_range [{piece.start}, {piece.start + length}] of model "
                                             f"{piece.ref!r} is past its {n} layers (layers 0..{n - 1})")
@@ -285,8 +277,9 @@ class SlicedSource(TensorSource):
         return self.plan.refs()
 
     def parts(self) -> list[TensorSource]:
-        """The models this virtual model reads (their tokenizers are compared with the others')."""
-        return [self.plan.source(ref) for ref in dict.fromkeys(p.ref for p in self.pieces)]
+        """The models this virtual model reads, and the donor of its config and tokenizer (checked
+        against the other inputs: one architecture, one vocabulary)."""
+        return [self.plan.source(ref) for ref in dict.fromkeys([*(p.ref for p in self.pieces), self.plan.donor])]
 
     @property
     def config(self) -> dict[str, Any]:  # type: ignore[override]
@@ -344,8 +337,6 @@ class SliceParameters:
     def write_to(self, recipe: dict) -> None:
         """Record the recipe's merge-wide settings in a written recipe (the slices, with their own
         and their sources' settings, are written whole by ``build_recipe``)."""
-        from .recipe import mergekit_names
-
         recipe.setdefault("parameters", {}).update(mergekit_names(self.shared))
 
     def bind(self, config: Mapping[str, Any]) -> None:
