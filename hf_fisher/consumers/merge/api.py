@@ -727,7 +727,9 @@ def merge_with_fisher(
     ``recipe_to_kwargs`` makes of a mergekit recipe's per-layer gradients, ``filter:`` conditions and
     per-model densities) sets options and weights tensor by tensor, each resolved and checked before
     any tensor is merged. ``tokenizer_source``: the folder (an input's) whose tokenizer files the
-    output gets (default: the first model's).
+    output gets (default: the first model's). A mergekit ``slices:`` recipe becomes virtual models
+    (:class:`~hf_fisher.consumers.merge.slices.SlicedSource`, made by ``recipe_to_kwargs``) with
+    :class:`~hf_fisher.consumers.merge.slices.SliceParameters`; ``passthrough`` takes one model.
     """
     hub_options = {k: v for k, v in options.items() if k in HUB_OPTIONS}
     settings, data, validation, grid, out_dtype, shard_bytes = _check_arguments(

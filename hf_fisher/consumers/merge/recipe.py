@@ -165,7 +165,8 @@ def load_recipe(path: str | os.PathLike) -> dict[str, Any]:
     """Read and validate a recipe YAML file (hf_fisher's, or mergekit's form: per-model ``weight`` /
     ``density`` / ``gamma`` / ``epsilon``, gradients over the layers and ``filter:`` conditions,
     ``lambda``, ``normalize``, ``int8_mask``, ``rescale``, ``t``, ``dtype`` / ``out_dtype``,
-    ``tokenizer_source``); :class:`InvalidInputError` naming the key."""
+    ``tokenizer_source``, ``slices:`` with their ``sources`` / ``layer_range`` / ``parameters``);
+    :class:`InvalidInputError` naming the key."""
     import yaml
 
     from .parameters import PER_MODEL_KEYS, check_setting
@@ -312,7 +313,8 @@ def recipe_to_kwargs(recipe: Mapping[str, Any], *, relative_to: str | os.PathLik
     ``out_dtype`` (else ``dtype``) is the output dtype; ``ties`` without a density keeps everything
     (mergekit's default density 1). Settings that differ between models (other than ``weight``),
     gradients and filters become ``tensor_parameters``
-    (:class:`~hf_fisher.consumers.merge.parameters.TensorParameters`)."""
+    (:class:`~hf_fisher.consumers.merge.parameters.TensorParameters`). A ``slices:`` recipe gives
+    virtual models instead (:func:`_slices_to_kwargs`, :mod:`hf_fisher.consumers.merge.slices`)."""
     from .parameters import TensorParameters
 
     def loc(ref):
