@@ -84,7 +84,8 @@ def test_per_model_gradients_give_the_formula_tensor_by_tensor(ckpt, tmp_path):
 
 
 @pytest.mark.parametrize("text, key", [
-    ("slices:\n  - sources: [{model: a, layer_range: [0, 2]}]\nmerge_method: passthrough\n", "slices"),
+    ("slices:\n  - sources: [{model: a, layer_range: [0, 2]}]\n    residual_weight: 0.5\nmerge_method: passthrough\n",
+     "slices[0].residual_weight"),  # slices are carried out now (test_merge_mergekit_slices.py); this key is not
     ("modules: {}\nmerge_method: linear\nmodels: [{model: a}, {model: b}]\n", "modules"),
     ("merge_method: linear\nmodels: [{model: a}, {model: b}]\ntokenizer: {source: union}\n", "tokenizer"),
     ("merge_method: linear\nmodels: [{model: a}, {model: b}]\ntokenizer_source: union\n", "tokenizer_source"),

@@ -156,7 +156,7 @@ def test_validation_picks_the_point_with_the_lowest_independent_loss(llamas, gpt
         assert recorded[(tuple(round(x, 9) for x in w), v)] == pytest.approx(loss, rel=1e-9)
     # the written model is the chosen one; the recipe and card say what was chosen
     assert [e["parameters"]["weight"] for e in recipe["models"]] == pytest.approx(list(best[0]))
-    assert recipe["parameters"][knob] == best[1]
+    assert recipe["parameters"][{"scaling": "lambda"}.get(knob, knob)] == best[1]  # mergekit's name
     assert recipe["hf_fisher"]["validation"]["grid"][knob] == list(values)
     merged = type(models[0]).from_pretrained(out, dtype=torch.float64).eval()
     assert independent_loss(merged, val) == pytest.approx(points[best], rel=1e-9)

@@ -305,7 +305,7 @@ def test_validation_picks_the_grid_point_with_the_smallest_loss(zoo, tmp_path, c
     assert chosen["weights"] == pytest.approx(best[1]) and chosen[knob] == best[2]
     assert chosen["loss"] == pytest.approx(best[0], rel=1e-9)
     assert [e["parameters"]["weight"] for e in recipe["models"]] == pytest.approx(best[1])
-    assert recipe["parameters"][knob] == best[2]
+    assert recipe["parameters"][{"scaling": "lambda"}.get(knob, knob)] == best[2]  # mergekit's name
     assert "Validation-tuned settings" in (out / "README.md").read_text()
     losses = {round(x["loss"], 12) for x in recipe["hf_fisher"]["validation"]["losses"]}
     assert len(losses) > 1  # the grid points differ: the choice is not a tie

@@ -18,8 +18,9 @@ MERGE_DESCRIPTION = """\
 Merge models as a recipe describes. mergekit recipes run unchanged:
 
     merge_method: ties              # linear, task_arithmetic, ties, dare_ties, dare_linear, breadcrumbs,
-                                    # breadcrumbs_ties, della, della_linear, slerp, model_stock (plugin),
-                                    # and fisher, fisher_task_vector, kfac, average, dare (all: hf-fisher plugins)
+                                    # breadcrumbs_ties, della, della_linear, slerp, nuslerp, passthrough,
+                                    # model_stock (plugin), and fisher, fisher_task_vector, kfac, average, dare
+                                    # (all: hf-fisher plugins)
     base_model: path/to/base        # the task-vector methods' base (listed among models too, as mergekit allows)
     models:
       - model: path/or/hub-id
@@ -32,11 +33,22 @@ Merge models as a recipe describes. mergekit recipes run unchanged:
     dtype: bfloat16                 # output dtype (out_dtype wins); arithmetic is float32 or float64
     tokenizer_source: base          # base or one of the models
 
+Instead of models:, mergekit's slices: take layer ranges of several models (frankenmerges with
+passthrough; any method over the same number of models per slice; num_hidden_layers of the output
+is the sum of the slice lengths):
+
+    slices:
+      - sources: [{model: a, layer_range: [0, 16]}]
+      - sources: [{model: b, layer_range: [8, 24]}]
+    merge_method: passthrough
+
 Numbers follow mergekit 0.1.5 (convention: mergekit, the default; convention: hf_fisher for the
-earlier TIES/DARE arithmetic). Not carried out, refused naming the key: slices (passthrough),
-modules, tokenizer, chat_template, tokenizer_source: union. Every input, Fisher and the output
-folder are checked before any tensor is merged. Relative paths are read relative to the
-recipe's folder. The merge writes its recipe as mergekit_config.yml.
+earlier TIES/DARE arithmetic). Arithmetic is float32 (float64 for float64 inputs) rounded once to
+the output dtype; mergekit computes in a 16-bit recipe dtype, which is logged as a difference.
+Not carried out, refused naming the key: modules, tokenizer, chat_template, tokenizer_source: union,
+slices[i].residual_weight. Every input, Fisher and the output folder are checked before any tensor
+is merged. Relative paths are read relative to the recipe's folder. The merge writes its recipe as
+mergekit_config.yml (the scale as lambda, slices as slices:), which mergekit and hf-fisher both rerun.
 """
 MERGE_DTYPES = ("float32", "float64", "bfloat16", "float16")
 
@@ -45,7 +57,9 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add ``hf-fisher merge`` to the subcommands ``sub``."""
     p = sub.add_parser("merge", help="merge models (Fisher, TIES, DARE, task arithmetic, ...) from a recipe YAML",
                        description=MERGE_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("recipe", help="merge recipe YAML (mergekit_config.yml, the one a merge writes, reproduces it; mergekit recipes run unchanged)")
+    p.add_argument("recipe", nargs="?", default=None,
+                   help="merge recipe YAML (mergekit_config.yml, the one a merge writes, reproduces it; mergekit recipes run unchanged)")
+    p.add_argument("--config", default=None, metavar="RECIPE", help="the recipe YAML (instead of the positional argument)")
     p.add_argument("--out", required=True, help="folder to write the merged model to (new, empty, or a previous merge output)")
     p.add_argument("--dtype", choices=MERGE_DTYPES, default=None, help="dtype of the merged weights (default: the recipe's, else the inputs')")
     p.add_argument("--max-shard-size", default=None, help="largest weight shard, e.g. 5GB or 500MB (default 5GB)")
@@ -57,7 +71,9 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    recipe_path = Path(args.recipe)
+    if (args.recipe is None) == (args.config is None):
+        raise InvalidInputError("give the recipe YAML once: as the argument (hf-fisher merge recipe.yml) or as --config")
+    recipe_path = Path(args.recipe if args.recipe is not None else args.config)
     # Cheap checks first: the recipe file and its keys, the output folder -- before torch is imported.
     if not recipe_path.is_file():
         raise InvalidInputError(f"recipe {str(recipe_path)!r} does not exist (or is not a file); pass a merge recipe YAML")
@@ -67,7 +83,8 @@ def run(args: argparse.Namespace) -> int:
 
     recipe = load_recipe(recipe_path)
     kwargs = recipe_to_kwargs(recipe, relative_to=recipe_path.parent)
-    for ref in [*kwargs["models"], kwargs.get("base_model"), *(kwargs.get("fishers") or [])]:
+    refs = [*kwargs["models"], kwargs.get("base_model"), *(kwargs.get("fishers") or [])]
+    for ref in [r for x in refs for r in (x.input_refs() if hasattr(x, "input_refs") else [x])]:
         if ref is not None and not os.path.exists(ref) and looks_local(ref):
             raise InvalidInputError(f"recipe {recipe_path}: {ref!r} does not exist (a local path, not a Hub id)")
     out = Path(os.path.abspath(args.out))

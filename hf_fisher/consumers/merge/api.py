@@ -224,6 +224,16 @@ def _check_models(sources: Sequence[TensorSource], labels: Sequence[str]) -> Non
     """Same architecture fields, same tensor names, same shapes: ModelMismatchError otherwise."""
     ref = sources[0]
     cfg0 = _full_config(ref)
+    parts = [(label, part) for src, label in zip(sources, labels) for part in (src.parts() if hasattr(src, "parts") else [])]
+    if parts:  # a slices recipe's virtual models: every model they read, of one architecture but the layer count
+        first = _full_config(parts[0][1])
+        for label, part in parts[1:]:
+            cfg = _full_config(part)
+            diffs = [f"{k}: {cfg.get(k)!r} vs {first.get(k)!r}" for k in ARCH_FIELDS if k not in ("num_hidden_layers", "n_layer")
+                     and (k in cfg or k in first) and cfg.get(k) != first.get(k)]
+            if diffs:
+                raise ModelMismatchError(f"model {part.ref!r} (read by {label}) has another architecture than "
+                                         f"{parts[0][1].ref!r}: {'; '.join(diffs)}. Slices need models of one architecture")
     for src, label in zip(sources[1:], labels[1:]):
         cfg = _full_config(src)
         diffs = [f"{k}: {cfg0.get(k)!r} vs {cfg.get(k)!r}" for k in ARCH_FIELDS
@@ -277,7 +287,9 @@ def vocabulary_fingerprint(folder: Path | None) -> tuple[str, str] | None:
 
 
 def _check_tokenizers(sources: Sequence[TensorSource], labels: Sequence[str], allow: bool) -> None:
-    prints = [(label, src, vocabulary_fingerprint(src.folder)) for label, src in zip(labels, sources)]
+    parts = [(label, part) for label, src in zip(labels, sources)  # a slices recipe's virtual model: each model it reads
+             for part in (src.parts() if hasattr(src, "parts") else [src])]
+    prints = [(label, src, vocabulary_fingerprint(src.folder)) for label, src in parts]
     have = [p for p in prints if p[2] is not None]
     if len({p[2] for p in have}) <= 1:
         return
@@ -715,7 +727,9 @@ def merge_with_fisher(
     ``recipe_to_kwargs`` makes of a mergekit recipe's per-layer gradients, ``filter:`` conditions and
     per-model densities) sets options and weights tensor by tensor, each resolved and checked before
     any tensor is merged. ``tokenizer_source``: the folder (an input's) whose tokenizer files the
-    output gets (default: the first model's).
+    output gets (default: the first model's). A mergekit ``slices:`` recipe becomes virtual models
+    (:class:`~hf_fisher.consumers.merge.slices.SlicedSource`, made by ``recipe_to_kwargs``) with
+    :class:`~hf_fisher.consumers.merge.slices.SliceParameters`; ``passthrough`` takes one model.
     """
     hub_options = {k: v for k, v in options.items() if k in HUB_OPTIONS}
     settings, data, validation, grid, out_dtype, shard_bytes = _check_arguments(
@@ -784,6 +798,8 @@ def merge_with_fisher(
                           sorted(inp.grams) if inp.grams else None)
     if settings.layer_weights:
         _layer_weights_to_recipe(recipe, settings)
+    if settings.tensor_parameters is not None:  # gradients, filters, per-model settings: as given
+        settings.tensor_parameters.write_to(recipe)
     out_plan = [_io.TensorInfo(i.name, i.shape, out_dtype if (out_dtype and i.dtype.is_floating_point) else i.dtype)
                 for i in plan_infos]
     return _write_merge(plan_infos, out_plan, reader, settings, out_dtype, shard_bytes, inp, recipe, target,
@@ -811,8 +827,9 @@ def _check_arguments(models, fishers, weights, method, base_model, dtype, data, 
             f"options of the merge methods {sorted(catalogue)} and the Hub options {list(HUB_OPTIONS)}"
         )
     m = registry.build(method, options)  # the method name and every option, checked by its declaration
-    if isinstance(models, (str, os.PathLike)) or not isinstance(models, Sequence) or len(models) < 2:
-        raise InvalidInputError("models must be a list of at least two models (folders, Hub ids or loaded models)")
+    if isinstance(models, (str, os.PathLike)) or not isinstance(models, Sequence) or len(models) < m.min_models:
+        raise InvalidInputError(f"models must be a list of at least {'two models' if m.min_models == 2 else 'one model'} "
+                                "(folders, Hub ids or loaded models)")
     n = len(models)
     if weights is None:
         w = m.default_weights(n)
@@ -959,6 +976,7 @@ def _write_merge(plan_infos, out_plan, reader, settings, out_dtype, shard_bytes,
 def _input_paths(models, base_model, fishers) -> list[tuple[str, Any]]:
     """``(label, path)`` of the inputs given as paths: an output folder may not be, hold or lie in one."""
     pairs = [(f"model {i}", m) for i, m in enumerate(models)] + [("base_model", base_model)]
+    pairs = [(label, r) for label, ref in pairs for r in (ref.input_refs() if hasattr(ref, "input_refs") else [ref])]
     pairs += [(f"Fisher {i}", f) for i, f in enumerate(fishers or [])]
     return [(label, ref) for label, ref in pairs if isinstance(ref, (str, os.PathLike))]
 

@@ -152,6 +152,8 @@ class MergeMethod:
     options: ClassVar[tuple[Option, ...]] = ()
     #: options the validation grid tunes besides the weights (keys of ``DEFAULT_GRID``)
     tuned: ClassVar[tuple[str, ...]] = ()
+    #: the fewest models it merges (``passthrough``: 1)
+    min_models: ClassVar[int] = 2
 
     def __init__(self, **options: Any) -> None:
         known = {o.name: o for o in self.options}

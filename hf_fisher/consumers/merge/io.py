@@ -297,6 +297,8 @@ def _is_model(obj: Any) -> bool:
 def open_source(ref: Any, *, what: str = "model", hub_options: dict | None = None) -> TensorSource:
     """A :class:`TensorSource` for a loaded model, a local folder, or a Hub id (``repo`` or
     ``repo:subfolder``, downloaded by :func:`hf_fisher.artifacts.hub.resolve_folder`)."""
+    if isinstance(ref, TensorSource):  # e.g. a slices recipe's virtual model
+        return ref
     if _is_model(ref):
         return ModelSource(ref)
     if not isinstance(ref, (str, os.PathLike)):

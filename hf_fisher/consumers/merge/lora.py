@@ -39,8 +39,11 @@ peft's ``PeftModel.add_weighted_adapter`` (peft 0.18 - 0.22) and how this differ
   ``method="task_arithmetic"`` gives here at the default rank (refactored by SVD, also exact);
 - the ``*_svd`` types combine ``ΔW_i`` (as here) and truncate by SVD to the new rank (as ``rank=``
   here, which also reports the truncation error);
-- peft's TIES (``utils/merge_utils.py``): trim ``int(d·n)`` entries (as mergekit; hf_fisher's default
-  ``convention="mergekit"`` does the same, ``"hf_fisher"`` ``round(d·n)``), elect the sign from the
+- the factor-space types need one rank ``r`` for every adapter (peft raises otherwise) and give rank
+  ``r``; here adapters of any ranks merge, at the rank of the merged ``ΔW*`` (above);
+- peft's TIES (``utils/merge_utils.py``): trim ``int(d·n)`` entries (mergekit and hf_fisher's default
+  ``convention="mergekit"``: ``max(1, int(d·n))``, so a tiny tensor at a small density keeps its largest
+  entry where peft zeroes it; ``"hf_fisher"``: ``round(d·n)``), elect the sign from the
   *unweighted* trimmed tensors (``majority_sign_method="total"``: ``Σ_i τ̂_i ≥ 0`` → +1; mergekit and
   hf_fisher elect from the weighted ``Σ_i λ_i τ̂_i``), divide the agreeing weighted sum by the *count*
   of agreeing entries (hf_fisher's ``"hf_fisher"`` convention; mergekit's and hf_fisher's default divide
@@ -48,7 +51,13 @@ peft's ``PeftModel.add_weighted_adapter`` (peft 0.18 - 0.22) and how this differ
 - peft's DARE keeps ``m ~ Bernoulli(d)`` from torch's global generator and rescales by ``1/d``
   (hf_fisher's ``"hf_fisher"`` convention rescales the same way; mergekit's and hf_fisher's default
   rescale to the L1 norm of the task vector), with no seed of its own; hf_fisher's masks are seeded
-  per tensor (``seed``).
+  per tensor (``seed``);
+- ``"magnitude_prune"`` (trim, then the weighted sum, no sign election) has no method here: it is
+  ``ties`` without the election; ``"svd"`` is ``task_arithmetic`` truncated to ``rank``.
+
+Why: a merge of adapters here is defined as the same merge of the merged-in dense models (the only
+definition under which the mergekit-convention numbers, the Fisher weights and the trim/sign rules
+mean what they mean for full models), and the rank is a separate, reported approximation.
 
 Fisher names: a Fisher collected on the merged-in model names the weight
 ``model.layers.0.self_attn.q_proj.weight``; one collected on the PeftModel with the base weights

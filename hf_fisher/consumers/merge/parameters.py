@@ -19,12 +19,24 @@ from typing import Any
 
 from hf_fisher.errors import InvalidInputError
 
-__all__ = ["PER_MODEL_KEYS", "TensorParameters", "evaluate", "is_scalar", "layer_position"]
+__all__ = ["ALIASES", "PER_MODEL_KEYS", "TensorParameters", "evaluate", "is_scalar", "layer_position", "mergekit_names"]
 
-#: options a recipe may give model by model (mergekit's non-base parameters) besides ``fisher``
-PER_MODEL_KEYS = ("weight", "density", "gamma", "epsilon")
+#: options a recipe may give model by model (mergekit's non-base parameters; ``scale``: passthrough's) besides ``fisher``
+PER_MODEL_KEYS = ("weight", "density", "gamma", "epsilon", "scale")
 
 _LAYER = re.compile(r"\.(\d+)\.")
+
+#: mergekit's names of options: recipe key -> option
+ALIASES = {"lambda": "scaling"}
+#: option -> the name a written recipe gives it (mergekit's, so that mergekit reads it)
+WRITTEN_NAMES = {v: k for k, v in ALIASES.items()}
+
+
+def mergekit_names(parameters: Mapping[str, Any]) -> dict[str, Any]:
+    """``parameters`` with each option under the name mergekit reads (``scaling`` -> ``lambda``:
+    mergekit ignores a key it does not know, so a recipe written with ``scaling`` would merge at
+    mergekit's default λ = 1)."""
+    return {WRITTEN_NAMES.get(k, k): v for k, v in parameters.items()}
 
 
 def is_scalar(v: Any) -> bool:
@@ -104,6 +116,17 @@ class TensorParameters:
 
     def __repr__(self) -> str:
         return f"TensorParameters(shared={self.shared!r}, per_model={self.per_model!r})"
+
+    def write_to(self, recipe: dict) -> None:
+        """Record these settings in a written recipe (mergekit's names): the merge-wide ones in its
+        ``parameters``, each model's in its entry (an entry's scalar ``weight`` is dropped where the
+        merge-wide ``weight`` applies, since a model's own setting would win)."""
+        recipe.setdefault("parameters", {}).update(mergekit_names(self.shared))
+        for entry, own in zip(recipe["models"], self.per_model):
+            params = entry.setdefault("parameters", {})
+            if "weight" in self.shared and "weight" not in own:
+                params.pop("weight", None)
+            params.update(own)
 
     def bind(self, config: Mapping[str, Any]) -> None:
         """Read the layer count ``L`` from the first model's config."""

@@ -10,6 +10,7 @@ torch nor transformers.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from collections.abc import Mapping
@@ -19,6 +20,9 @@ from typing import TYPE_CHECKING, Any
 from hf_fisher.errors import InvalidInputError
 
 from . import registry
+from .parameters import ALIASES, PER_MODEL_KEYS, mergekit_names, varies
+
+logger = logging.getLogger(__name__)
 
 if TYPE_CHECKING:  # pragma: no cover
     from .base import MergeMethod
@@ -75,31 +79,35 @@ def build_recipe(models, fishers, method: MergeMethod, weights, base_model, out_
     section.update(method.recipe_notes())
     if gram_params is not None:
         section["regmean_tensors"] = gram_params
+    plan = getattr(models[0], "plan", None)  # a slices: recipe's virtual models: its slices written back
+    if plan is not None:
+        return {"merge_method": method.name, "base_model": plan.spec["base_model"], "slices": plan.spec["slices"],
+                "parameters": mergekit_names(method.parameters()),
+                "dtype": str(out_dtype).removeprefix("torch.") if out_dtype is not None else None,
+                "hf_fisher": section}
+    if base_model is None and method.name == "slerp":  # mergekit's slerp goes from its base_model: the first model
+        base_model = models[0]
     return {
         "merge_method": method.name,
         "base_model": _ref_of(base_model) if base_model is not None else None,
         "models": entries,
-        "parameters": method.parameters(),
+        "parameters": mergekit_names(method.parameters()),
         "dtype": str(out_dtype).removeprefix("torch.") if out_dtype is not None else None,
         "hf_fisher": section,
     }
 
 
-_TOP_KEYS = ("merge_method", "base_model", "models", "parameters", "dtype", "hf_fisher", "out_dtype", "tokenizer_source")
+_TOP_KEYS = ("merge_method", "base_model", "models", "slices", "parameters", "dtype", "hf_fisher", "out_dtype",
+             "tokenizer_source")
 
 #: mergekit's recipe keys that ``hf-fisher merge`` does not carry out, with what to do instead
 _UNSUPPORTED = {
-    "slices": "mergekit's layer slices (passthrough / frankenmerges) are not supported by hf-fisher merge; "
-              "give models: with one entry per whole model",
     "modules": "mergekit's per-module merges are not supported by hf-fisher merge; give models: and merge_method:",
     "tokenizer": "mergekit's tokenizer building (tokens, pad_to_multiple_of) is not supported by hf-fisher merge; "
                  "use tokenizer_source: base or a model of the recipe",
     "chat_template": "mergekit's chat_template is not supported by hf-fisher merge; the tokenizer files are copied "
                      "from tokenizer_source (default: the first model)",
 }
-
-#: mergekit's names of options: recipe key -> option
-ALIASES = {"lambda": "scaling"}
 
 def _bad(path: str, problem: str, where: str) -> InvalidInputError:
     return InvalidInputError(f"recipe {where}: key '{path}' {problem}")
@@ -157,7 +165,8 @@ def load_recipe(path: str | os.PathLike) -> dict[str, Any]:
     """Read and validate a recipe YAML file (hf_fisher's, or mergekit's form: per-model ``weight`` /
     ``density`` / ``gamma`` / ``epsilon``, gradients over the layers and ``filter:`` conditions,
     ``lambda``, ``normalize``, ``int8_mask``, ``rescale``, ``t``, ``dtype`` / ``out_dtype``,
-    ``tokenizer_source``); :class:`InvalidInputError` naming the key."""
+    ``tokenizer_source``, ``slices:`` with their ``sources`` / ``layer_range`` / ``parameters``);
+    :class:`InvalidInputError` naming the key."""
     import yaml
 
     from .parameters import PER_MODEL_KEYS, check_setting
@@ -186,10 +195,30 @@ def load_recipe(path: str | os.PathLike) -> dict[str, Any]:
     if "merge_method" not in data:
         raise _bad("merge_method", "is missing (the name of a registered merge method, e.g. fisher)", where)
     models = data.get("models")
-    if not isinstance(models, list) or len(models) < 2:
-        raise _bad("models", "must be a list of at least two entries {model: ..., parameters: {...}}", where)
+    slices = data.get("slices")
+    if models is not None and slices is not None:
+        raise _bad("slices", "and models are both given; give one of them (as mergekit requires)", where)
     number = _check_value((float, int), "", where)
-    for i, e in enumerate(models):
+
+    def check_model_params(params, p):
+        for k, v in params.items():
+            if k == "weight":
+                def weight(x, at):
+                    if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x):
+                        raise _bad(at, f"must be a number, got {x!r}", where)
+                check_setting(v, weight, f"{p}.weight")
+            elif k == "fisher":
+                if v is not None and (not isinstance(v, str) or v.startswith("<")):
+                    raise _bad(f"{p}.fisher", f"must be a Fisher artifact folder or Hub id, got {v!r}", where)
+            elif k in PER_MODEL_KEYS:
+                check_setting(v, number, f"{p}.{k}")
+            else:
+                raise _bad(f"{p}.{k}", f"is not a known key (expected weight, fisher, {', '.join(PER_MODEL_KEYS[1:])})",
+                           where)
+
+    if slices is None and (not isinstance(models, list) or not models):
+        raise _bad("models", "must be a list of entries {model: ..., parameters: {...}} (or give slices:)", where)
+    for i, e in enumerate(models or []):
         p = f"models[{i}]"
         if not isinstance(e, dict) or not isinstance(e.get("model"), str) or not e["model"]:
             raise _bad(f"{p}.model", "must be a model folder or Hub id (a string)", where)
@@ -199,20 +228,7 @@ def load_recipe(path: str | os.PathLike) -> dict[str, Any]:
         params = e.get("parameters") or {}
         if not isinstance(params, dict):
             raise _bad(f"{p}.parameters", "must be a mapping (weight, fisher)", where)
-        for k, v in params.items():
-            if k == "weight":
-                def weight(x, at, _p=p):
-                    if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x):
-                        raise _bad(at, f"must be a number, got {x!r}", where)
-                check_setting(v, weight, f"{p}.parameters.weight")
-            elif k == "fisher":
-                if v is not None and (not isinstance(v, str) or v.startswith("<")):
-                    raise _bad(f"{p}.parameters.fisher", f"must be a Fisher artifact folder or Hub id, got {v!r}", where)
-            elif k in PER_MODEL_KEYS:
-                check_setting(v, number, f"{p}.parameters.{k}")
-            else:
-                raise _bad(f"{p}.parameters.{k}", f"is not a known key (expected weight, fisher, {', '.join(PER_MODEL_KEYS[1:])})",
-                           where)
+        check_model_params(params, f"{p}.parameters")
         if isinstance(e["model"], str) and e["model"].startswith("<"):
             raise _bad(f"{p}.model", f"names an in-memory model ({e['model']}); a recipe needs a folder or Hub id", where)
     base = data.get("base_model")
@@ -225,22 +241,39 @@ def load_recipe(path: str | os.PathLike) -> dict[str, Any]:
         raise _bad("merge_method", f"must be one of {list(methods)}, got {data['merge_method']!r}", where)
     if cls.needs_data:
         raise _bad("merge_method", f"{cls.name!r} needs data batches, which a recipe cannot hold; use the Python API", where)
-    params = data.get("parameters") or {}
-    if not isinstance(params, dict):
-        raise _bad("parameters", "must be a mapping", where)
+    if models is not None and len(models) < cls.min_models:
+        least = "two entries" if cls.min_models == 2 else f"{cls.min_models} entries"
+        raise _bad("models", f"must be a list of at least {least} {{model: ..., parameters: {{...}}}} for method "
+                   f"{cls.name!r}, got {len(models)}", where)
     param_keys = _param_keys()
     for k in PER_MODEL_KEYS:
         param_keys.setdefault(k, (float, int))
-    for k, v in params.items():
-        types = param_keys.get(ALIASES.get(k, k))
-        if types is None:
-            raise _bad(f"parameters.{k}", f"is not a known parameter (expected {sorted([*param_keys, *ALIASES])})", where)
-        if v is None:  # the option's default (what a written recipe records for "the method's default")
-            continue
-        if k in MERGE_KEYS:
-            _check_value(types, "", where)(v, f"parameters.{k}")
-        else:
-            check_setting(v, _check_value(types, "", where), f"parameters.{k}")
+
+    def check_shared(params, path):
+        for k, v in params.items():
+            types = param_keys.get(ALIASES.get(k, k))
+            if types is None:
+                raise _bad(f"{path}.{k}", f"is not a known parameter (expected {sorted([*param_keys, *ALIASES])})", where)
+            if v is None:  # the option's default (what a written recipe records for "the method's default")
+                continue
+            if k in MERGE_KEYS:
+                _check_value(types, "", where)(v, f"{path}.{k}")
+            else:
+                check_setting(v, _check_value(types, "", where), f"{path}.{k}")
+
+    params = data.get("parameters") or {}
+    if not isinstance(params, dict):
+        raise _bad("parameters", "must be a mapping", where)
+    check_shared(params, "parameters")
+    if slices is not None:
+        from .slices import check_slices
+
+        def check_params(p, path):
+            if path.endswith("].parameters") and ".sources[" in path:
+                check_model_params(p, path)
+            else:
+                check_shared(p, path)
+        check_slices(slices, where, check_params)
     if "lambda" in params and "scaling" in params:
         raise _bad("parameters.lambda", "and parameters.scaling are the same option (mergekit's name and hf_fisher's); "
                    "give one", where)
@@ -256,7 +289,8 @@ def load_recipe(path: str | os.PathLike) -> dict[str, Any]:
                            where) from None
     ts = data.get("tokenizer_source")
     if ts is not None:
-        names = [e["model"] for e in models] + ([base] if base else [])
+        names = [e["model"] for e in models or []] + [src["model"] for sl in slices or [] for src in sl["sources"]]
+        names = list(dict.fromkeys(names + ([base] if base else [])))
         if ts == "union":
             raise _bad("tokenizer_source", "'union' (mergekit's merged vocabulary) is not supported by hf-fisher merge; "
                        "use base or one model of the recipe", where)
@@ -279,8 +313,9 @@ def recipe_to_kwargs(recipe: Mapping[str, Any], *, relative_to: str | os.PathLik
     ``out_dtype`` (else ``dtype``) is the output dtype; ``ties`` without a density keeps everything
     (mergekit's default density 1). Settings that differ between models (other than ``weight``),
     gradients and filters become ``tensor_parameters``
-    (:class:`~hf_fisher.consumers.merge.parameters.TensorParameters`)."""
-    from .parameters import PER_MODEL_KEYS, TensorParameters, varies
+    (:class:`~hf_fisher.consumers.merge.parameters.TensorParameters`). A ``slices:`` recipe gives
+    virtual models instead (:func:`_slices_to_kwargs`, :mod:`hf_fisher.consumers.merge.slices`)."""
+    from .parameters import TensorParameters
 
     def loc(ref):
         if ref is None or relative_to is None or os.path.isabs(ref):
@@ -290,6 +325,9 @@ def recipe_to_kwargs(recipe: Mapping[str, Any], *, relative_to: str | os.PathLik
 
     method = recipe["merge_method"]
     cls = registry.get(method)
+    _warn_reduced_arithmetic(recipe)
+    if recipe.get("slices"):
+        return _slices_to_kwargs(recipe, cls, loc)
     base = recipe.get("base_model")
     entries = list(recipe["models"])
     if base is not None:
@@ -346,4 +384,88 @@ def recipe_to_kwargs(recipe: Mapping[str, Any], *, relative_to: str | os.PathLik
             raise InvalidInputError(f"recipe: method {method!r} needs models[i].parameters.fisher for every model")
         kwargs["fishers"] = fishers
     kwargs["models"] = [loc(e["model"]) for e in entries]
+    return kwargs
+
+
+def _warn_reduced_arithmetic(recipe: Mapping[str, Any]) -> None:
+    """mergekit reads the inputs in the recipe's ``dtype`` and computes in it; hf_fisher computes in
+    float32 (float64 for float64 inputs) and rounds once to the output dtype: said loudly when the
+    recipe's ``dtype`` is a 16-bit one (the outputs then differ from mergekit's)."""
+    dtype = recipe.get("dtype")
+    if dtype in ("bfloat16", "float16", "bf16", "fp16", "half"):
+        logger.warning(
+            "recipe dtype %s: mergekit reads the models in %s and merges in %s arithmetic; hf-fisher merges in "
+            "float32 and rounds the result once to %s, so the output equals mergekit's float32 merge rounded to %s, "
+            "not mergekit's %s-arithmetic merge (which differs in the last bits, and where %s rounding flips a "
+            "trim or sign decision)", dtype, dtype, dtype, recipe.get("out_dtype") or dtype, recipe.get("out_dtype") or dtype,
+            dtype, dtype)
+
+
+def _slices_to_kwargs(recipe: Mapping[str, Any], cls, loc) -> dict[str, Any]:
+    """``merge_with_fisher`` arguments of a ``slices:`` recipe: the ``j``-th model of every slice
+    (the base set apart as :func:`recipe_to_kwargs` sets it apart) as virtual model ``j``
+    (:class:`~hf_fisher.consumers.merge.slices.SlicedSource`), every tensor's settings by
+    :class:`~hf_fisher.consumers.merge.slices.SliceParameters`."""
+    from .slices import SlicedSource, SliceParameters, SlicePlan, _Piece
+
+    method = cls.name
+    if cls.fishers is not None:
+        raise InvalidInputError(f"recipe: method {method!r} takes Fishers per model, which slices: cannot give; "
+                                "use models: with whole models")
+    top_base = recipe.get("base_model")
+    base_inside = cls.name == "slerp" or cls.needs_base or (cls.name == "nuslerp" and top_base is not None)
+    columns: list[list] = []
+    bases: list = []
+    lengths, slice_params = [], []
+    for s, sl in enumerate(recipe["slices"]):
+        sources = sl["sources"]
+        b = sl.get("base_model") or top_base
+        pieces = [(src["model"], _Piece(loc(src["model"]), src["layer_range"][0], dict(src.get("parameters") or {})))
+                  for src in sources]
+        if base_inside:
+            if b is None or all(m != b for m, _ in pieces):
+                raise InvalidInputError(f"recipe: slices[{s}]: method {method!r} needs its base_model ({b!r}) among the "
+                                        "slice's sources (mergekit requires it too)")
+            own = [pc for m, pc in pieces if m == b]
+            rest = [pc for m, pc in pieces if m != b]
+            if cls.name == "slerp":
+                rest = own + rest
+            else:
+                bases.append(own[0])
+        else:
+            rest = [pc for _, pc in pieces]
+        if columns and len(rest) != len(columns):
+            raise InvalidInputError(f"recipe: slices[{s}] merges {len(rest)} model(s), slices[0] {len(columns)}; "
+                                    "hf-fisher merge needs the same number of models in every slice")
+        if not columns:
+            columns = [[] for _ in rest]
+        for j, pc in enumerate(rest):
+            columns[j].append(pc)
+        lengths.append(sources[0]["layer_range"][1] - sources[0]["layer_range"][0])
+        slice_params.append({ALIASES.get(k, k): v for k, v in (sl.get("parameters") or {}).items()})
+    if len(columns) < cls.min_models:
+        raise InvalidInputError(f"recipe: method {method!r} merges at least {cls.min_models} models per slice, "
+                                f"the slices give {len(columns)}")
+    shared = {ALIASES.get(k, k): v for k, v in (recipe.get("parameters") or {}).items()}
+    merge_wide = {k: shared.pop(k) for k in list(shared) if k in MERGE_KEYS}
+    if cls.name == "ties" and not any("density" in scope for scope in [shared, *slice_params]) and not any(
+            "density" in pc.parameters for col in columns for pc in col):
+        shared["density"] = 1.0  # mergekit's default density
+    donor = loc(top_base) if top_base else columns[0][0].ref
+    plan = SlicePlan(columns, bases or None, lengths, slice_params, donor)
+    plan.spec = {"slices": [{**sl, "sources": [{**src, "model": loc(src["model"])} for src in sl["sources"]],
+                             **({"base_model": loc(sl["base_model"])} if sl.get("base_model") else {})}
+                            for sl in recipe["slices"]],
+                 "base_model": loc(top_base)}
+    kwargs: dict[str, Any] = dict(merge_wide)
+    for k, v in shared.items():  # the scalar options also on the method (recorded in the written recipe)
+        if v is not None and k not in PER_MODEL_KEYS and not varies(v):
+            kwargs[k] = v
+    kwargs.update(method=method, models=[SlicedSource(plan, j) for j in range(len(columns))],
+                  base_model=SlicedSource(plan, "base") if bases else None,
+                  dtype=recipe.get("out_dtype") or recipe.get("dtype"),
+                  tensor_parameters=SliceParameters(plan, shared))
+    ts = recipe.get("tokenizer_source")
+    if ts is not None:
+        kwargs["tokenizer_source"] = loc(top_base if ts == "base" else ts)
     return kwargs

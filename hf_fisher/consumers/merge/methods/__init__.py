@@ -6,6 +6,7 @@ from .dare import Dare
 from .fisher import Fisher, FisherTaskVector
 from .generalized import GENERALIZED, Breadcrumbs, BreadcrumbsTies, DareLinear, DareTies, Della, DellaLinear
 from .kfac import KFAC
+from .passthrough import Passthrough
 from .regmean import FisherRegMean, RegMean
 from .slerp import NuSlerp, Slerp
 from .task_arithmetic import TaskArithmetic
@@ -13,8 +14,8 @@ from .ties import Ties
 
 #: every built-in, in the order ``hf-fisher plugins`` lists them
 BUILTINS = (Fisher, FisherTaskVector, Average, TaskArithmetic, Ties, Dare, RegMean, FisherRegMean, KFAC,
-            Linear, *GENERALIZED, Slerp, NuSlerp)
+            Linear, *GENERALIZED, Slerp, NuSlerp, Passthrough)
 
 __all__ = ["BUILTINS", "KFAC", "Average", "Breadcrumbs", "BreadcrumbsTies", "Dare", "DareLinear", "DareTies",
-           "Della", "DellaLinear", "Fisher", "FisherRegMean", "FisherTaskVector", "Linear", "NuSlerp", "RegMean", "Slerp",
+           "Della", "DellaLinear", "Fisher", "FisherRegMean", "FisherTaskVector", "Linear", "NuSlerp", "Passthrough", "RegMean", "Slerp",
            "TaskArithmetic", "Ties"]
