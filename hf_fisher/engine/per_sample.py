@@ -63,6 +63,7 @@ from .losses import (
     require_token_inputs,
     token_labels,
 )
+from . import vision
 from .rules import (
     DensePart,
     GradRule,
@@ -78,7 +79,7 @@ from .rules import (
 
 log = logging.getLogger(__name__)
 
-_MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids", "position_ids", "inputs_embeds")
+_MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids", "position_ids", "inputs_embeds", *vision.INPUT_KEYS)
 
 LossFn = Callable[[Any, Mapping[str, torch.Tensor]], SampleLosses]
 
@@ -193,7 +194,10 @@ class PerSampleEngine:
         if on_nonfinite not in ("raise", "skip"):
             raise InvalidInputError(f"on_nonfinite must be 'raise' or 'skip', not {on_nonfinite!r}")
         normalization_weights(torch.ones(1, dtype=torch.long), normalization, torch.float32)  # validates
-        require_token_inputs(model)
+        if task_type in vision.VISION_TASKS:  # pixel_values / input_values (engine.vision)
+            vision.check_model(model, task_type)
+        else:
+            require_token_inputs(model)
         self.model = model
         self.targets = targets
         self.by_param = {id(t.param): t for t in targets}
@@ -297,6 +301,8 @@ class PerSampleEngine:
 
     # ------------------------------------------------------------------ batch set-up
     def prepare(self, batch: Mapping[str, Any], batch_index: int) -> dict[str, torch.Tensor]:
+        if self.task_type in vision.VISION_TASKS:
+            return self._prepare_vision(batch, batch_index)
         if not isinstance(batch, Mapping):
             raise InvalidInputError(f"batch {batch_index} must be a mapping with 'input_ids' (got {type(batch).__name__})")
         if "input_ids" not in batch:
@@ -320,6 +326,16 @@ class PerSampleEngine:
                     f"outside the model's vocabulary [0, {self.vocab_size}); check the tokenizer matches the model"
                 )
         self._check_shapes_and_labels(out, batch_index)
+        return out
+
+    def _prepare_vision(self, batch: Mapping[str, Any], batch_index: int) -> dict[str, torch.Tensor]:
+        """An image / audio batch on the model's device, checked (:func:`.vision.check_batch`)."""
+        if not isinstance(batch, Mapping):
+            key = vision.INPUT_OF[self.task_type]
+            raise InvalidInputError(f"batch {batch_index} must be a mapping with {key!r} and 'labels' (got {type(batch).__name__})")
+        vision.refuse_batchnorm_training(self.model)
+        out = {k: (v.to(self.device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+        vision.check_batch(out, self.task_type, batch_index, self.num_labels)
         return out
 
     def _check_shapes_and_labels(self, batch: dict[str, Any], batch_index: int) -> None:
@@ -424,7 +440,7 @@ class PerSampleEngine:
 
     # ------------------------------------------------------------------ one pass
     def _process_once(self, batch, sink, batch_index, exclude, limit) -> BatchReport:
-        B, T = batch["input_ids"].shape
+        B, T = batch_dims(batch, self.task_type)
         self.capture.attach()
         try:
             # scale is filled in after the forward (it needs the label counts)
@@ -1024,11 +1040,20 @@ def _padding_kind(batch: Mapping[str, torch.Tensor]) -> str:
     return "right" if bool(right) else "left" if bool(left) else "other"
 
 
+def batch_dims(batch: Mapping[str, Any], task_type: str) -> tuple[int, int]:
+    """``(B, T)``: samples and token positions of a batch (``T = 0`` for image / audio inputs,
+    which no module flattens to ``[B * T, ...]``)."""
+    if task_type in vision.VISION_TASKS:
+        return vision.batch_size_of(batch, task_type), 0
+    B, T = batch["input_ids"].shape
+    return int(B), int(T)
+
+
 def alone(batch: Mapping[str, Any], i: int) -> dict[str, Any]:
     """Sample ``i`` of a batch as a batch of one, without its leading and trailing padding
     (positions with ``attention_mask == 0`` at either end; a mask with holes is kept whole)."""
-    ids = batch["input_ids"]
-    B, T = ids.shape
+    ids = next(batch[k] for k in ("input_ids", *vision.INPUT_KEYS) if k in batch)  # the padded input
+    B, T = ids.shape[:2]
     lo, hi = 0, T
     mask = batch.get("attention_mask")
     if mask is not None:
