@@ -5,7 +5,8 @@ wav2vec2 and HuBERT sequence classifiers with ``feat_extract_norm="layer"`` (the
 takes an attention mask): the reference runs every clip alone, without its padding. The
 feature encoder's Conv1d layers are on the batched conv rule; the positional convolution's
 weight-norm parameters (a parametrisation computed once per batch, shared by the samples) take
-the exact vector-Jacobian path. wav2vec2 with ``feat_extract_norm="group"`` normalises each
+the exact vector-Jacobian path (as do the projections whose outputs the model zeroes in place
+at padded frames). wav2vec2 with ``feat_extract_norm="group"`` normalises each
 channel over the whole padded clip: the padding check catches it and the engine computes it
 per sample, loudly, still exact.
 """
@@ -47,9 +48,13 @@ def test_audio_classifier_on_padded_batches_is_exact(family, reduction, caplog):
     assert extra["per_sample_path"] == "batched" and "falling back" not in caplog.text
     convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv1d)]
     assert len(convs) == 3 and all(isinstance(rule_for(m, plugins.grad_rules()), ConvRule) for m in convs)
-    assert set(extra.get("vjp_params", {})) == {
-        f"{family}.encoder.pos_conv_embed.conv.parametrizations.weight.original{k}" for k in (0, 1)
-    }
+    # the weight norm's parameters, and the two projections whose outputs the model zeroes in
+    # place at padded frames (the hooks on those outputs cannot see their gradient) take the
+    # exact vector-Jacobian path; the feature encoder's convolutions and every layer stay batched
+    weight_norm = {f"{family}.encoder.pos_conv_embed.conv.parametrizations.weight.original{k}" for k in (0, 1)}
+    in_place = {f"{family}.feature_projection.projection.{p}" for p in ("weight", "bias")} | {"projector.weight", "projector.bias"}
+    vjp = set(extra.get("vjp_params", {}))
+    assert weight_norm <= vjp <= weight_norm | in_place, vjp
     assert layout.adapter == "vit" and len(layout.attention) == 2 and len(layout.mlp) == 2
     if reduction == "group":
         assert fisher.group_names(f"{family}.encoder.layers.1.attention.out_proj.weight") == [f"head_{h}" for h in range(4)]
