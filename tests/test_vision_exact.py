@@ -62,7 +62,7 @@ def test_image_classifier_group_mode_is_exact(family):
     vm.assert_matches(fisher, *vm.reference(model, batches, groups=layout.groups))
     if family in ("vit", "clip"):
         assert layout.adapter == "vit" and len(layout.attention) == 2 and len(layout.mlp) == 2
-        q = next(n for n in layout.groups if n.endswith("layers.0.attention.q_proj.weight") or n.endswith("layers.0.self_attn.q_proj.weight"))
+        q = next(n for n in layout.groups if n.endswith(("layers.0.attention.q_proj.weight", "layers.0.self_attn.q_proj.weight")))
         assert fisher.group_names(q) == [f"head_{h}" for h in range(4)]
 
 

@@ -54,6 +54,7 @@ import torch.nn as nn
 
 from ..errors import InvalidInputError, NonFiniteError, UnsupportedError
 from ..layout import ParamGroups
+from . import vision
 from .capture import Capture, bottom_outputs
 from .losses import (
     SampleLosses,
@@ -63,7 +64,6 @@ from .losses import (
     require_token_inputs,
     token_labels,
 )
-from . import vision
 from .rules import (
     DensePart,
     GradRule,
