@@ -98,3 +98,12 @@ def test_batchnorm_in_train_mode_is_refused():
 def test_task_type_must_fit_the_model():
     with pytest.raises(UnsupportedError, match="main input is 'input_values'"):
         _collect(vm.vit(), _batches(), task_type="audio_classification")
+
+
+def test_a_model_without_a_classification_head_is_refused():
+    """ViTModel returns hidden states, not class scores: refused, naming the head to use."""
+    import transformers as tf
+
+    model = tf.ViTModel(vm.vit().config).double().eval()
+    with pytest.raises(InvalidInputError, match=r"class scores \[batch, num_labels\].*classification head"):
+        _collect(model, _batches(), task_type="image_classification")

@@ -119,6 +119,8 @@ def label_counts(batch: Mapping[str, torch.Tensor], task_type: str) -> torch.Ten
 
 def per_sample_loss(task_type: str, logits: torch.Tensor, labels: torch.Tensor, *, problem_type: str | None = None) -> SampleLosses:
     """Per-sample summed loss S_i and label-token count n_i (see module docstring)."""
+    if task_type in vision.VISION_TASKS:
+        vision.check_logits(logits, labels, task_type)
     if task_type in CLASSIFICATION_TASKS:
         return _classification_loss(logits, labels, problem_type)
     if task_type == "causal_lm":

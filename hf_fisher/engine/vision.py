@@ -137,6 +137,17 @@ def check_batch(batch: dict[str, Any], task_type: str, batch_index: int, num_lab
             )
 
 
+def check_logits(logits: torch.Tensor, labels: torch.Tensor, task_type: str) -> None:
+    """Class scores ``[B, num_labels]``, one row per sample, else :class:`InvalidInputError` (a
+    model without a classification head returns hidden states)."""
+    if logits.dim() != 2 or logits.shape[0] != labels.shape[0]:
+        raise InvalidInputError(
+            f"{task_type} needs class scores [batch, num_labels] from the model, but its output has shape "
+            f"{tuple(logits.shape)}: use a model with a classification head (e.g. AutoModelForImageClassification / "
+            "AutoModelForAudioClassification)"
+        )
+
+
 def class_labels(batch: Mapping[str, torch.Tensor], task_type: str) -> torch.Tensor:
     """The batch's labels (a copy), one per sample."""
     labels = batch.get("labels")
@@ -146,6 +157,6 @@ def class_labels(batch: Mapping[str, torch.Tensor], task_type: str) -> torch.Ten
 
 
 __all__ = [
-    "AUDIO", "IMAGE", "INPUT_KEYS", "INPUT_OF", "VISION_TASKS", "batch_size_of", "check_batch", "check_model",
+    "AUDIO", "IMAGE", "INPUT_KEYS", "INPUT_OF", "VISION_TASKS", "batch_size_of", "check_batch", "check_logits", "check_model",
     "class_labels", "main_input_name", "refuse_batchnorm_training", "vision_task_of",
 ]
