@@ -160,7 +160,8 @@ class PerSampleEngine:
         model: any HF model (optionally PEFT-wrapped); its trainable parameters are covered.
         targets: one :class:`Target` per trainable parameter (groups None = per element).
         rules: module type -> :class:`GradRule` (from the plugin manager).
-        task_type: "causal_lm" | "masked_lm" | "sequence_classification".
+        task_type: "causal_lm" | "masked_lm" | "sequence_classification" | "image_classification" |
+            "audio_classification" (the last two: ``pixel_values`` / ``input_values`` batches, :mod:`.vision`).
         normalization: "mean" | "sum" | "token" (see :mod:`.losses`).
         loss_fn: optional ``(model_output, batch) -> SampleLosses`` replacing the dataset-label
             loss (e.g. labels sampled from the model for the true Fisher).
