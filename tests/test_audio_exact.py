@@ -58,6 +58,7 @@ def test_audio_classifier_on_padded_batches_is_exact(family, reduction, caplog):
     assert layout.adapter == "vit" and len(layout.attention) == 2 and len(layout.mlp) == 2
     if reduction == "group":
         assert fisher.group_names(f"{family}.encoder.layers.1.attention.out_proj.weight") == [f"head_{h}" for h in range(4)]
+        assert fisher.group_names(f"{family}.feature_extractor.conv_layers.1.conv.weight") == [f"filter_{i}" for i in range(8)]
 
 
 def test_group_norm_wav2vec2_mixes_the_padding_in_and_is_computed_per_sample(caplog):

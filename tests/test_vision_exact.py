@@ -64,6 +64,8 @@ def test_image_classifier_group_mode_is_exact(family):
         assert layout.adapter == "vit" and len(layout.attention) == 2 and len(layout.mlp) == 2
         q = next(n for n in layout.groups if n.endswith(("layers.0.attention.q_proj.weight", "layers.0.self_attn.q_proj.weight")))
         assert fisher.group_names(q) == [f"head_{h}" for h in range(4)]
+    if family == "vit":  # the patch embedding's filters (the conv rule's Gram path over output channels)
+        assert fisher.group_names("vit.embeddings.patch_embeddings.projection.weight") == [f"filter_{i}" for i in range(32)]
 
 
 def test_image_batches_are_checked_before_any_work():

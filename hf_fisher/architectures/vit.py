@@ -10,12 +10,15 @@ Every layer is a pre/post-norm transformer block of ``nn.Linear`` projections (w
 - the MLP (``mlp.fc1`` / ``mlp.fc2``, or wav2vec2's ``feed_forward.intermediate_dense`` /
   ``output_dense``): channel ``c`` is row ``c`` of the first (and its bias entry) and column
   ``c`` of the second -> ``channel_..``; the second's bias one group;
-- the block's LayerNorms: one group each.
+- the block's LayerNorms: one group each;
+- every ``nn.Conv1d`` / ``nn.Conv2d`` (ViT's patch embedding, wav2vec2's feature encoder; not a
+  weight-normed one, whose weight is computed): one group per output filter (``filter_..``,
+  weight axis 0 and bias).
 
 Where the layers live: ``vit.layers`` / ``deit.layers`` (transformers 5), ``vit.encoder.layer``
 (4.x), ``vision_model.encoder.layers`` (CLIP; a CLIP model with a text tower is left to the
 generic adapter), ``wav2vec2.encoder.layers`` / ``hubert.encoder.layers``. Everything else
-(patch / feature-encoder convolutions, position embeddings, CLS tokens, the classifier) keeps
+(position embeddings, CLS tokens, the positional convolution's weight norm, the classifier) keeps
 the generic groups. A model whose projections do not have these shapes gets the generic adapter.
 """
 
@@ -23,6 +26,8 @@ from __future__ import annotations
 
 import logging
 from typing import Any
+
+from torch import nn
 
 from hf_fisher.architectures.builder import HeadPart, LayoutBuilder, find_module, model_type_of
 from hf_fisher.hookspecs import hookimpl
@@ -112,4 +117,8 @@ def hf_fisher_model_layout(model: Any) -> ModelLayout | None:
             mod = getattr(layer, norm, None)
             b.single(getattr(mod, "weight", None), layer=l)
             b.single(getattr(mod, "bias", None), layer=l)
+    for m in b.base.modules():
+        if isinstance(m, (nn.Conv1d, nn.Conv2d)) and "weight" in m._parameters:
+            b.per_index(m.weight, 0, "filter_")
+            b.per_index(m.bias, 0, "filter_")
     return b.build(num_layers=len(layers))
