@@ -175,7 +175,7 @@ class TrueFisherEstimator:
             raise UnsupportedError("the true Fisher of a one-output (regression) head is not defined here; use estimator='empirical'")
         if self.exact and task not in CLASSIFICATION_TASKS:
             raise UnsupportedError(
-                f"exact=True sums over every class, which is only tractable for classifiers (one label per sample); this is a "
+                f"exact=True sums over every class, which is only tractable for classifiers (sequence classification, image / audio classification); this is a "
                 f"{task} model (a vocabulary per token). Use Monte Carlo draws: exact=False, mc_samples=M"
             )
 
