@@ -109,3 +109,15 @@ def test_a_model_without_a_classification_head_is_refused():
     model = tf.ViTModel(vm.vit().config).double().eval()
     with pytest.raises(InvalidInputError, match=r"class scores \[batch, num_labels\].*classification head"):
         _collect(model, _batches(), task_type="image_classification")
+
+
+def test_lora_vit_is_exact():
+    """A PEFT LoRA adapter on ViT's q/v projections: the task is read through the wrapper, the
+    adapter's factors are exact against the brute force."""
+    peft = pytest.importorskip("peft")
+    model = peft.get_peft_model(vm.vit(), peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"], lora_dropout=0.0, init_lora_weights=False))
+    batches = _batches()
+    fisher = _collect(model, batches)
+    assert len(fisher.names()) == 8 and all("lora_" in n for n in fisher.names())
+    assert fisher.metadata.extra == {"task_type": "image_classification", "per_sample_path": "batched"}
+    vm.assert_matches(fisher, *vm.reference(model, batches))
