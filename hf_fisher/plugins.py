@@ -70,6 +70,7 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "hf_fisher.architectures.gpt2",
     "hf_fisher.architectures.moe",
     "hf_fisher.architectures.encdec",
+    "hf_fisher.architectures.vit",
     "hf_fisher.architectures.generic",
     "hf_fisher.engine.rules",
     "hf_fisher.engine.moe",

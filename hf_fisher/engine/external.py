@@ -35,13 +35,13 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import HfFisherError, UnsupportedError
-from . import seq2seq
-from .losses import IGNORE_INDEX, label_counts, normalization_weights, token_labels
-from .per_sample import BatchReport, ContributionSink, PerSampleEngine, _keep_and_report
+from . import seq2seq, vision
+from .losses import CLASSIFICATION_TASKS, IGNORE_INDEX, label_counts, normalization_weights, token_labels
+from .per_sample import BatchReport, ContributionSink, PerSampleEngine, _keep_and_report, batch_dims
 
 log = logging.getLogger(__name__)
 
-_INPUT_KEYS = ("input_ids", "attention_mask", "labels", "token_type_ids", "position_ids")
+_INPUT_KEYS = ("input_ids", "attention_mask", "labels", "token_type_ids", "position_ids", *vision.INPUT_KEYS)
 
 
 @dataclass
@@ -123,16 +123,17 @@ class ExternalBackward:
         if engine.task_type == seq2seq.TASK:
             return self._pre_seq2seq(kwargs)
         batch = {k: kwargs[k] for k in _INPUT_KEYS if isinstance(kwargs.get(k), torch.Tensor)}
-        if args and "input_ids" not in batch and isinstance(args[0], torch.Tensor):
-            batch["input_ids"] = args[0]
-        if "input_ids" not in batch:
-            log.warning("hf_fisher: a training forward without input_ids (inputs_embeds?) is not captured")
+        main = vision.INPUT_OF.get(engine.task_type, "input_ids")  # pixel_values / input_values (engine.vision)
+        if args and main not in batch and isinstance(args[0], torch.Tensor):
+            batch[main] = args[0]
+        if main not in batch:
+            log.warning("hf_fisher: a training forward without %s (inputs_embeds?) is not captured", main)
             return None
         batch = {k: v.detach() for k, v in batch.items()}
         batch = engine.prepare(batch, engine.batches_seen)
         n = label_counts(batch, engine.task_type)
         keep, report = _keep_and_report(n, set(), self.limit())
-        B, T = batch["input_ids"].shape
+        B, T = batch_dims(batch, engine.task_type)
         verify = engine.verify_next
         micro = MicroBatch(batch, report, self.make_sink(), verify, n)
         self.current = micro
@@ -336,7 +337,7 @@ def _counts_labels_beyond_samples(batch: dict, task_type: str) -> bool:
     by one for a causal LM) counts a label that :func:`token_labels` excludes: a label on
     padding, or (causal LM) one predicted from a padding position."""
     labels = batch.get("labels")
-    if labels is None or task_type == "sequence_classification" or labels.shape != batch["input_ids"].shape:
+    if labels is None or task_type in CLASSIFICATION_TASKS or labels.shape != batch["input_ids"].shape:
         return False
     beyond = (labels != IGNORE_INDEX) & (token_labels(batch, task_type) == IGNORE_INDEX)
     if task_type == "causal_lm":
@@ -346,7 +347,7 @@ def _counts_labels_beyond_samples(batch: dict, task_type: str) -> bool:
 
 def _probe_positions(labels: torch.Tensor, task_type: str, k: int = 16) -> torch.Tensor:
     """Up to ``k`` (sample, position) pairs with a label (spread over the batch)."""
-    if task_type == "sequence_classification":
+    if task_type in CLASSIFICATION_TASKS:
         valid = (labels != IGNORE_INDEX) if labels.dim() == 1 and not labels.is_floating_point() else torch.ones(labels.shape[0], dtype=torch.bool, device=labels.device)
         idx = valid.nonzero().flatten()
         step = max(1, idx.numel() // k)
@@ -358,14 +359,14 @@ def _probe_positions(labels: torch.Tensor, task_type: str, k: int = 16) -> torch
 
 
 def _picked_logits(logits: torch.Tensor, probe: torch.Tensor, task_type: str) -> torch.Tensor:
-    if task_type == "sequence_classification":
+    if task_type in CLASSIFICATION_TASKS:
         return logits[probe].float() if logits.dtype not in (torch.float32, torch.float64) else logits[probe]
     out = logits[probe[:, 0], probe[:, 1]]
     return out if out.dtype in (torch.float32, torch.float64) else out.float()
 
 
 def _picked_labels(labels: torch.Tensor, probe: torch.Tensor, task_type: str) -> torch.Tensor:
-    if task_type == "sequence_classification":
+    if task_type in CLASSIFICATION_TASKS:
         return labels[probe]
     shifted = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX) if task_type == "causal_lm" else labels
     return shifted[probe[:, 0], probe[:, 1]]
@@ -375,7 +376,7 @@ def _loss_scale(grad: torch.Tensor, picked: torch.Tensor, targets: torch.Tensor,
     """``c`` with ``dL/dlogits = c * dS/dlogits`` at the probed positions (least squares, checked)."""
     if probe.numel() == 0:
         raise UnsupportedError("no label token in the micro-batch")
-    if task_type == "sequence_classification":
+    if task_type in CLASSIFICATION_TASKS:
         if targets.is_floating_point() or targets.dim() != 1:
             raise UnsupportedError("only single-label classification losses can be rescaled per sample")
         g = grad[probe]

@@ -7,6 +7,7 @@ For sample i with label tokens t in L_i (labels != -100 and attention_mask == 1)
 - seq2seq:     l_it = CE(decoder_logits[i, t], labels[i, t])  (the decoder inputs are the shifted labels)
 - sequence classification: one "token" per sample, l_i1 = CE(logits[i], labels[i])
   (MSE for regression heads, summed BCE for multi-label heads).
+- image / audio classification (:mod:`.vision`): the same, on ``pixel_values`` / ``input_values``.
 
 :func:`per_sample_loss` returns ``S_i = sum_t l_it`` and ``n_i = |L_i|``. The normalisation
 decides the per-sample gradient the Fisher squares (DESIGN.md section 2):
@@ -29,10 +30,13 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import InvalidInputError, UnsupportedError
+from . import vision
 from .seq2seq import TASK, is_seq2seq
 
 NORMALIZATIONS = ("mean", "sum", "token")
-TASK_TYPES = ("causal_lm", "masked_lm", "sequence_classification", "seq2seq")
+TASK_TYPES = ("causal_lm", "masked_lm", "sequence_classification", "seq2seq", *vision.VISION_TASKS)
+#: tasks with one label per sample (one "token": n_i = 1, or 0 for a label of -100)
+CLASSIFICATION_TASKS = ("sequence_classification", *vision.VISION_TASKS)
 IGNORE_INDEX = -100
 
 
@@ -59,9 +63,13 @@ def require_token_inputs(model: Any) -> None:
 
 def task_type_of(model: Any) -> str:
     """Infer the task type from the model class (``...ForCausalLM``, ``...LMHeadModel``, ...);
-    ``"seq2seq"`` for an encoder-decoder (``config.is_encoder_decoder``, see :mod:`.seq2seq`)."""
+    ``"seq2seq"`` for an encoder-decoder (``config.is_encoder_decoder``, see :mod:`.seq2seq`),
+    image / audio classification for those classifiers (:mod:`.vision`)."""
     if is_seq2seq(model):
         return TASK
+    task = vision.vision_task_of(model)  # image / audio classifiers (engine.vision)
+    if task is not None:
+        return task
     require_token_inputs(model)
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     name = type(base).__name__
@@ -83,6 +91,8 @@ def token_labels(batch: Mapping[str, torch.Tensor], task_type: str) -> torch.Ten
     Causal LM without ``labels`` uses ``input_ids``. Seq2seq: the decoder's mask
     (``decoder_attention_mask``) decides, not the encoder's.
     """
+    if task_type in vision.VISION_TASKS:
+        return vision.class_labels(batch, task_type)
     labels = batch.get("labels")
     if labels is None:
         if task_type != "causal_lm":
@@ -104,7 +114,7 @@ def label_counts(batch: Mapping[str, torch.Tensor], task_type: str) -> torch.Ten
     same count :func:`per_sample_loss` returns."""
     labels = token_labels(batch, task_type)
     B = labels.shape[0]
-    if task_type == "sequence_classification":
+    if task_type in CLASSIFICATION_TASKS:
         if labels.dim() == 1 and not labels.is_floating_point():
             return (labels != IGNORE_INDEX).long()
         return torch.ones(B, dtype=torch.long, device=labels.device)
@@ -115,7 +125,9 @@ def label_counts(batch: Mapping[str, torch.Tensor], task_type: str) -> torch.Ten
 
 def per_sample_loss(task_type: str, logits: torch.Tensor, labels: torch.Tensor, *, problem_type: str | None = None) -> SampleLosses:
     """Per-sample summed loss S_i and label-token count n_i (see module docstring)."""
-    if task_type == "sequence_classification":
+    if task_type in vision.VISION_TASKS:
+        vision.check_logits(logits, labels, task_type)
+    if task_type in CLASSIFICATION_TASKS:
         return _classification_loss(logits, labels, problem_type)
     if task_type == "causal_lm":
         # shift the labels, not the logits (no copy of the [B, T, V] logits): position t

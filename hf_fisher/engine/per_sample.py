@@ -54,7 +54,7 @@ import torch.nn as nn
 
 from ..errors import InvalidInputError, NonFiniteError, UnsupportedError
 from ..layout import ParamGroups
-from . import seq2seq
+from . import seq2seq, vision
 from .capture import Capture, bottom_outputs
 from .losses import (
     SampleLosses,
@@ -79,7 +79,7 @@ from .rules import (
 
 log = logging.getLogger(__name__)
 
-_MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids", "position_ids", "inputs_embeds")
+_MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids", "position_ids", "inputs_embeds", *vision.INPUT_KEYS)
 
 LossFn = Callable[[Any, Mapping[str, torch.Tensor]], SampleLosses]
 
@@ -160,7 +160,9 @@ class PerSampleEngine:
         model: any HF model (optionally PEFT-wrapped); its trainable parameters are covered.
         targets: one :class:`Target` per trainable parameter (groups None = per element).
         rules: module type -> :class:`GradRule` (from the plugin manager).
-        task_type: "causal_lm" | "masked_lm" | "sequence_classification" | "seq2seq" (see :mod:`.seq2seq`).
+        task_type: "causal_lm" | "masked_lm" | "sequence_classification" | "seq2seq" (see :mod:`.seq2seq`) |
+            "image_classification" | "audio_classification" (``pixel_values`` / ``input_values`` batches,
+            :mod:`.vision`).
         normalization: "mean" | "sum" | "token" (see :mod:`.losses`).
         loss_fn: optional ``(model_output, batch) -> SampleLosses`` replacing the dataset-label
             loss (e.g. labels sampled from the model for the true Fisher).
@@ -196,6 +198,8 @@ class PerSampleEngine:
         normalization_weights(torch.ones(1, dtype=torch.long), normalization, torch.float32)  # validates
         if task_type == seq2seq.TASK:
             seq2seq.encoder_input_name(model)  # token ids or log-mel features, else refused
+        if task_type in vision.VISION_TASKS:  # pixel_values / input_values (engine.vision)
+            vision.check_model(model, task_type)
         else:
             require_token_inputs(model)
         self.model = model
@@ -308,6 +312,8 @@ class PerSampleEngine:
     def prepare(self, batch: Mapping[str, Any], batch_index: int) -> dict[str, torch.Tensor]:
         if self.task_type == seq2seq.TASK:
             return seq2seq.prepare(self, batch, batch_index)
+        if self.task_type in vision.VISION_TASKS:
+            return self._prepare_vision(batch, batch_index)
         if not isinstance(batch, Mapping):
             raise InvalidInputError(f"batch {batch_index} must be a mapping with 'input_ids' (got {type(batch).__name__})")
         if "input_ids" not in batch:
@@ -331,6 +337,16 @@ class PerSampleEngine:
                     f"outside the model's vocabulary [0, {self.vocab_size}); check the tokenizer matches the model"
                 )
         self._check_shapes_and_labels(out, batch_index)
+        return out
+
+    def _prepare_vision(self, batch: Mapping[str, Any], batch_index: int) -> dict[str, torch.Tensor]:
+        """An image / audio batch on the model's device, checked (:func:`.vision.check_batch`)."""
+        if not isinstance(batch, Mapping):
+            key = vision.INPUT_OF[self.task_type]
+            raise InvalidInputError(f"batch {batch_index} must be a mapping with {key!r} and 'labels' (got {type(batch).__name__})")
+        vision.refuse_batchnorm_training(self.model)
+        out = {k: (v.to(self.device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+        vision.check_batch(out, self.task_type, batch_index, self.num_labels)
         return out
 
     def _check_shapes_and_labels(self, batch: dict[str, Any], batch_index: int) -> None:
@@ -437,8 +453,7 @@ class PerSampleEngine:
 
     # ------------------------------------------------------------------ one pass
     def _process_once(self, batch, sink, batch_index, exclude, limit) -> BatchReport:
-        # seq2seq: encoder and decoder lengths differ, so no [B*T] token-flattened tensor is read as per sample
-        B, T = (seq2seq.batch_size(batch), 0) if self.task_type == seq2seq.TASK else batch["input_ids"].shape
+        B, T = batch_dims(batch, self.task_type)
         self.capture.attach()
         try:
             # scale is filled in after the forward (it needs the label counts)
@@ -1038,11 +1053,23 @@ def _padding_kind(batch: Mapping[str, torch.Tensor]) -> str:
     return "right" if bool(right) else "left" if bool(left) else "other"
 
 
+def batch_dims(batch: Mapping[str, Any], task_type: str) -> tuple[int, int]:
+    """``(B, T)``: samples and token positions of a batch (``T = 0`` for image / audio inputs,
+    which no module flattens to ``[B * T, ...]``, and for seq2seq, whose encoder and decoder
+    lengths differ, so no token-flattened tensor is read as per sample)."""
+    if task_type == seq2seq.TASK:
+        return seq2seq.batch_size(batch), 0
+    if task_type in vision.VISION_TASKS:
+        return vision.batch_size_of(batch, task_type), 0
+    B, T = batch["input_ids"].shape
+    return int(B), int(T)
+
+
 def alone(batch: Mapping[str, Any], i: int) -> dict[str, Any]:
     """Sample ``i`` of a batch as a batch of one, without its leading and trailing padding
     (positions with ``attention_mask == 0`` at either end; a mask with holes is kept whole)."""
-    ids = batch["input_ids"]
-    B, T = ids.shape
+    ids = next(batch[k] for k in ("input_ids", *vision.INPUT_KEYS) if k in batch)  # the padded input
+    B, T = ids.shape[:2]
     lo, hi = 0, T
     mask = batch.get("attention_mask")
     if mask is not None:

@@ -9,7 +9,8 @@ squaring.
 
 Parts never materialise per-sample gradients unless asked:
 
-- :class:`OuterProductPart` (Linear, Conv1D): ``G_i = sum_t u_it ⊗ v_it`` with per-token factors
+- :class:`OuterProductPart` (Linear, Conv1D; Conv1d/Conv2d as :class:`ConvWeightPart`, the
+  tokens being output positions and ``v`` the input patches): ``G_i = sum_t u_it ⊗ v_it`` with per-token factors
   ``U_i`` [T, R] and ``V_i`` [T, C]. Per-index squared sums along rows use the Gram form
   ``r_i = sum_{t,s} (v_it·v_is) u_itr u_isr``, whichever of Gram / materialisation is cheaper.
 - :class:`EmbeddingPart`: ``G_i[r] = sum_{t: x_it = r} g_it`` (segment sums, padding_idx rows 0).
@@ -634,6 +635,81 @@ class Conv1DRule(AffineRule):
         return a, g
 
 
+class ConvWeightPart(OuterProductPart):
+    """The weight ``[O, I, *k]`` of an ungrouped convolution: ``G_i = U_iᵀ V_i`` reshaped to the
+    weight's shape, with ``U_i`` [L, O] the output gradient at the ``L`` output positions and
+    ``V_i`` [L, I·prod(k)] the input patch each position reads (im2col, ``F.unfold``): the
+    per-sample form of ``dW = Σ_l δ_l ⊗ patch_l``. Groups over output channels (dim 0) take the
+    outer-product part's Gram / materialisation paths; other axes materialise."""
+
+    def materialize_rows(self, samples, lo, hi, out: torch.Tensor | None = None):
+        flat = None if out is None else out.view(out.shape[0], out.shape[1], -1)
+        G = super().materialize_rows(samples, lo, hi, out=flat)
+        return G.view(G.shape[0], hi - lo, *self.param.shape[1:])
+
+    def per_index_sq(self, axis, samples, budget_elems):
+        axes = tuple(axis) if isinstance(axis, (tuple, list)) else (axis,)
+        if axes == (0,):
+            return super().per_index_sq(0, samples, budget_elems)
+        return Part.per_index_sq(self, axis, samples, budget_elems)
+
+    def total(self):
+        return super().total().view(self.param.shape)
+
+    def total_times(self, probe):
+        return self.total() @ probe.to(self.param.device)
+
+
+class ConvRule(GradRule):
+    """``nn.Conv1d`` / ``nn.Conv2d`` (zero padding, any stride, dilation and groups), batched.
+
+    With the input patches ``P_i`` = ``unfold(x_i)`` [I·prod(k), L] (im2col; Conv1d as a Conv2d of
+    height 1) and the output gradient ``δ_i`` [O, L] at the ``L`` output positions:
+
+    - weight, ``groups = 1``: ``G_i = δ_i P_iᵀ`` (:class:`ConvWeightPart`, never formed unless asked);
+    - weight, ``groups = g``: ``G_i[o] = δ_i[o] P_i[group(o)]ᵀ`` per group (depthwise included),
+      materialised per sample (``[B, *weight.shape]``);
+    - bias: ``b_i = Σ_l δ_i[:, l]``.
+
+    A weight computed by a parametrisation (weight norm) is read from the module; its own
+    parameters are not the module's (the engine's vector-Jacobian path covers them). Other
+    padding modes and string paddings (``"same"``) go to the generic rule.
+    """
+
+    def parts(self, call):
+        m = call.module
+        params = _trainable(m)
+        if not params:
+            return {}
+        x = call.input()
+        nd = 2 if isinstance(m, nn.Conv2d) else 1
+        if m.padding_mode != "zeros" or isinstance(m.padding, str) or x.dim() != nd + 2 or call.batch_axis_kind(x) != "batch":
+            return GENERIC_RULE.parts(call)
+        dt = call.compute_dtype
+        x = x.to(dt)
+        g = call.grad_output.to(dt)
+        B, O = g.shape[0], g.shape[1]
+        if nd == 1:
+            x, size = x.unsqueeze(2), (1, *m.kernel_size)
+            conv = dict(dilation=(1, *m.dilation), padding=(0, *m.padding), stride=(1, *m.stride))
+        else:
+            size, conv = m.kernel_size, dict(dilation=m.dilation, padding=m.padding, stride=m.stride)
+        patches = torch.nn.functional.unfold(x, size, **conv)  # [B, I·K, L]
+        U = g.reshape(B, O, -1).transpose(1, 2)  # [B, L, O]
+        out = {}
+        if "weight" in params:
+            w = params["weight"]
+            if m.groups == 1:
+                out["weight"] = ConvWeightPart(w, U, patches.transpose(1, 2), call.scale)
+            else:
+                G, L = m.groups, U.shape[1]
+                per = torch.einsum("blgo,bgcl->bgoc", U.reshape(B, L, G, O // G), patches.reshape(B, G, -1, L))
+                out["weight"] = DensePart(w, per.reshape(B, *w.shape), call.scale)
+        if "bias" in params:
+            out["bias"] = DensePart(params["bias"], U.sum(1), call.scale, terms=U)
+        return out
+
+
 class EmbeddingRule(GradRule):
     """nn.Embedding: per-sample segment sums of output gradients per token id.
 
@@ -827,6 +903,9 @@ def conv1d_type():
 def hf_fisher_register_grad_rules(register):
     register(nn.Linear, LinearRule())
     register(nn.Embedding, EmbeddingRule())
+    conv = ConvRule()
+    register(nn.Conv1d, conv)
+    register(nn.Conv2d, conv)
     rms = RMSNormRule()
     for cls in rmsnorm_classes():
         register(cls, rms)
@@ -860,6 +939,8 @@ def rule_for(module: nn.Module, rules: dict[type, GradRule]) -> GradRule:
 __all__ = [
     "AffineRule",
     "Conv1DRule",
+    "ConvRule",
+    "ConvWeightPart",
     "DensePart",
     "EmbeddingPart",
     "EmbeddingRule",

@@ -42,7 +42,7 @@ import torch
 from ..artifacts.fisher import Fisher
 from ..collection.collector import COLLECTOR_OPTIONS, FisherCollector
 from ..collection.distributed import rank_seed
-from ..engine.losses import IGNORE_INDEX, token_labels
+from ..engine.losses import CLASSIFICATION_TASKS, IGNORE_INDEX, token_labels
 from ..engine.per_sample import ContributionSink
 from ..errors import InvalidInputError, NonFiniteError, UnsupportedError
 from ..hookspecs import hookimpl
@@ -91,7 +91,7 @@ class LabelSampler:
         task = self.engine.task_type
         logits = self._logits(batch)
         B = logits.shape[0]
-        if task == "sequence_classification":
+        if task in CLASSIFICATION_TASKS:
             labels = batch.get("labels")
             valid = torch.ones(B, dtype=torch.bool) if labels is None else (labels.view(B) != IGNORE_INDEX).cpu()
             probs = torch.softmax(logits.view(B, -1), dim=-1).cpu()
@@ -168,16 +168,16 @@ class TrueFisherEstimator:
         task = task_type
         config = getattr(model.get_base_model() if hasattr(model, "get_base_model") else model, "config", None)
         problem = getattr(config, "problem_type", None)
-        if task == "sequence_classification" and problem in ("regression", "multi_label_classification"):
+        if task in CLASSIFICATION_TASKS and problem in ("regression", "multi_label_classification"):
             raise UnsupportedError(
                 f"the true Fisher is an expectation over a categorical prediction; this head's problem_type is "
                 f"{problem!r}. Use estimator='empirical' for it"
             )
-        if task == "sequence_classification" and getattr(config, "num_labels", 2) == 1:
+        if task in CLASSIFICATION_TASKS and getattr(config, "num_labels", 2) == 1:
             raise UnsupportedError("the true Fisher of a one-output (regression) head is not defined here; use estimator='empirical'")
-        if self.exact and task != "sequence_classification":
+        if self.exact and task not in CLASSIFICATION_TASKS:
             raise UnsupportedError(
-                f"exact=True sums over every class, which is only tractable for sequence classification; this is a "
+                f"exact=True sums over every class, which is only tractable for classifiers (sequence classification, image / audio classification); this is a "
                 f"{task} model (a vocabulary per token). Use Monte Carlo draws: exact=False, mc_samples=M"
             )
 

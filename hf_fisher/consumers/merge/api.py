@@ -184,7 +184,19 @@ class FisherInput:
     def names(self) -> set[str]:
         return set(self.param_shapes)
 
+    def use_checkpoint_names(self, renamed: Mapping[str, str]) -> None:
+        """Name the tensors as the model's checkpoint does (``renamed``: loaded-model name -> name
+        on disk, transformers' weight conversions, e.g. ViT's), for a Fisher collected on the
+        loaded model whose names the checkpoint does not have."""
+        if not renamed:
+            return
+        new = {n: renamed.get(n, n) for n in self.param_shapes}
+        self._source_name = {v: k for k, v in new.items()}
+        self.param_shapes = {new[n]: s for n, s in self.param_shapes.items()}
+        self.groups = {new.get(n, n): g for n, g in self.groups.items()}
+
     def raw(self, name: str) -> torch.Tensor:
+        name = getattr(self, "_source_name", {}).get(name, name)
         return self.fisher[name] if self.fisher is not None else self.reader.get(name)
 
     def element(self, name: str) -> torch.Tensor:
@@ -915,6 +927,8 @@ def _open_inputs(models, fishers, method: MergeMethod, base_model, allow_tokeniz
     if method.fishers == "diagonal":
         fisher_inputs = [FisherInput(f, hub_options=hub_options) for f in fishers]
         for fi, src, label in zip(fisher_inputs, sources, labels):
+            if not fi.names() <= set(src.infos()):  # named as in the loaded model (transformers' renaming)?
+                fi.use_checkpoint_names(getattr(src, "checkpoint_names", {}))
             _check_fisher(fi, src, label)
         covered = set.intersection(*(fi.names() for fi in fisher_inputs))
     elif method.fishers is not None:

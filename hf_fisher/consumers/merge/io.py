@@ -239,6 +239,13 @@ class FolderSource(TensorSource):
     def infos(self) -> dict[str, TensorInfo]:
         return self._infos
 
+    @property
+    def checkpoint_names(self) -> dict[str, str]:
+        """``{name in the loaded model: name on disk}`` (:func:`folder_checkpoint_names`)."""
+        if not hasattr(self, "_checkpoint_names"):
+            self._checkpoint_names = folder_checkpoint_names(self.config)
+        return self._checkpoint_names
+
     def get(self, name: str) -> torch.Tensor:
         from safetensors import safe_open
 
@@ -274,12 +281,7 @@ class ModelSource(TensorSource):
                 if key in seen:
                     del state[k]
                 seen.add(key)
-        try:
-            from transformers.core_model_loading import revert_weight_conversion
-
-            state = revert_weight_conversion(model, state)
-        except ImportError:  # pragma: no cover - transformers without weight conversions
-            pass
+        state, self.checkpoint_names = _reverted(model, state)
         self._state = state
         self._infos = {k: TensorInfo(k, tuple(v.shape), v.dtype) for k, v in state.items()}
 
@@ -288,6 +290,35 @@ class ModelSource(TensorSource):
 
     def get(self, name: str) -> torch.Tensor:
         return self._state[name]
+
+
+def _reverted(model: Any, state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """``state`` under the names ``save_pretrained`` writes (transformers' weight conversions
+    reverted, e.g. ViT's ``vit.layers.0.attention.q_proj`` -> ``vit.encoder.layer.0.attention.attention.query``),
+    and ``{name in the loaded model: name on disk}`` for the tensors the conversion only renames
+    (a Fisher, collected on the loaded model, names its tensors the first way)."""
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+    except ImportError:  # pragma: no cover - transformers without weight conversions
+        return state, {}
+    names = {id(v): k for k, v in state.items()}
+    out = revert_weight_conversion(model, dict(state))
+    return out, {names[id(v)]: k for k, v in out.items() if id(v) in names and names[id(v)] != k}
+
+
+def folder_checkpoint_names(config: dict[str, Any]) -> dict[str, str]:
+    """:func:`_reverted`'s name map for a saved folder's model class, built on the meta device
+    from its ``config.json`` (empty when the class cannot be built)."""
+    try:
+        import transformers
+
+        cls = getattr(transformers, (config.get("architectures") or [""])[0])
+        cfg = transformers.AutoConfig.for_model(**config)
+        with torch.device("meta"):
+            model = cls(cfg)
+        return _reverted(model, dict(model.state_dict()))[1]
+    except Exception:  # no class, an old transformers, a config the class refuses: no renaming known
+        return {}
 
 
 def _is_model(obj: Any) -> bool:
