@@ -213,11 +213,10 @@ def _whisper():
 def test_non_text_model_is_refused_naming_its_input_before_any_forward(make, takes, task_type):
     from hf_fisher.errors import UnsupportedError
 
-    if make is _vit and task_type is None:  # issue 25: now an image classifier (tests/test_vision_exact.py)
-        pytest.skip("ViT classifiers are supported (task image_classification)")
     model, batch = make()
-    if make is _whisper and task_type is None:  # an encoder-decoder: the seq2seq task (tests/test_seq2seq_exact.py)
-        assert hf_fisher.collect(model, [batch], progress=False).metadata.extra["task_type"] == "seq2seq"
+    if task_type is None:  # issue 25: detected as their own tasks now (tests/test_vision_exact.py, test_seq2seq_exact.py)
+        expected = "image_classification" if make is _vit else "seq2seq"
+        assert hf_fisher.collect(model, [batch], progress=False).metadata.extra["task_type"] == expected
         return
     calls = []
     model.register_forward_pre_hook(lambda *a: calls.append(1))

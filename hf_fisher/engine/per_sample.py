@@ -198,7 +198,7 @@ class PerSampleEngine:
         normalization_weights(torch.ones(1, dtype=torch.long), normalization, torch.float32)  # validates
         if task_type == seq2seq.TASK:
             seq2seq.encoder_input_name(model)  # token ids or log-mel features, else refused
-        if task_type in vision.VISION_TASKS:  # pixel_values / input_values (engine.vision)
+        elif task_type in vision.VISION_TASKS:  # pixel_values / input_values (engine.vision)
             vision.check_model(model, task_type)
         else:
             require_token_inputs(model)
