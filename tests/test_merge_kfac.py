@@ -30,12 +30,19 @@ def pair():
     return models, kfacs
 
 
-def _factor_damped(k, r):
-    """The KFAC with every factor damped, (G + r I) and (A + r I), for the dense reference."""
-    def add(f, diag):
+def _factor_damped(k, kfacs, lam, damping):
+    """The KFAC with every factor damped relative to its scale, (G + √c ḡ I) and (A + √c ā I)
+    (ḡ, ā: the λ-weighted mean diagonals of the layer's factors over the models), for the dense reference."""
+    def mean_diag(n, attr):
+        return sum(l * float((getattr(kk.layers[n], attr) if getattr(kk.layers[n], f"{attr.lower()}_diagonal")
+                              else torch.diagonal(getattr(kk.layers[n], attr))).double().mean()) for l, kk in zip(lam, kfacs))
+
+    def add(f, diag, r):
         return f.double() + r if diag else f.double() + r * torch.eye(f.shape[0], dtype=torch.float64)
 
-    layers = {n: dataclasses.replace(L, G=add(L.G, L.g_diagonal), A=add(L.A, L.a_diagonal)) for n, L in k.layers.items()}
+    layers = {n: dataclasses.replace(L, G=add(L.G, L.g_diagonal, damping ** 0.5 * mean_diag(n, "G")),
+                                     A=add(L.A, L.a_diagonal, damping ** 0.5 * mean_diag(n, "A")))
+              for n, L in k.layers.items()}
     return SimpleNamespace(layers=layers, param_shapes=k.param_shapes)
 
 
@@ -46,7 +53,7 @@ def dense_merge(kfacs, models, names, weights, damping, mode):
     diag = sum(l * float(D.diagonal().mean()) for l, D in zip(lam, Ds))
     delta = damping * diag
     if mode == "factor":
-        Ds = [_dense_block(_factor_damped(k, delta ** 0.5), names)[0] for k in kfacs]
+        Ds = [_dense_block(_factor_damped(k, kfacs, lam, damping), names)[0] for k in kfacs]
         shift = 0.0
     else:
         shift = delta

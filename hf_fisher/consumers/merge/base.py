@@ -260,7 +260,7 @@ EPSILON = Option("epsilon", 0.15, low=0, high=1, help="DELLA: spread of the keep
 ALPHA = Option("alpha", 0.9, low=0, high=1, help="RegMean: off-diagonal Gram scale")
 KFAC_DAMPING = Option("kfac_damping", 1e-3, low=0, low_open=True, note="δ relative to the mean Fisher diagonal")
 KFAC_DAMPING_MODE = Option("kfac_damping_mode", "factor", kind="choice", choices=("factor", "exact"),
-                           help="'factor': (G + √δI) ⊗ (A + √δI); 'exact': G ⊗ A + δI")
+                           help="'factor': (G + √c·ḡI) ⊗ (A + √c·āI), each factor damped by its mean diagonal; 'exact': G ⊗ A + δI")
 
 RULE_TEXT = {
     "average": "λ-weighted average",

@@ -9,7 +9,12 @@ of :mod:`hf_fisher.artifacts.kfac`; a tied weight with all its layers), the merg
     ⇔  Σ_i λ_i (G_i M* A_i + δ M*) = Σ_i λ_i (G_i M_i A_i + δ M_i)
 
 (λ normalised to sum 1; ``kfac_damping_mode="exact"``), or with factor damping
-(``"factor"``, the default) ``F_i ≈ (G_i + √δ I) ⊗ (A_i + √δ I)``, which for two models has an
+(``"factor"``, the default) ``F_i ≈ (G_i + r_G I) ⊗ (A_i + r_A I)``, each factor damped relative
+to its own scale, ``r_G = √c·ḡ``, ``r_A = √c·ā`` (``c = kfac_damping``, ``ḡ``/``ā`` the λ-weighted
+mean diagonals of the layer's factors; Martens & Grosse's π-balanced damping, so ``r_G r_A = δ``
+of the layer and the merge depends on ``G ⊗ A`` only, not on how its scale is split between the
+factors — a uniform ``√δ`` on both barely damped GPT-2's input factors, of order 1, and drowned
+its output-gradient factors, of order 1e-3, and merged far worse than averaging), which for two models has an
 exact closed form per layer (simultaneous diagonalisation of the factor pairs); otherwise by
 preconditioned conjugate gradients in float64 from the λ-weighted average, to a relative
 residual of ``1e-10`` (:func:`kfac_merge_block`). The damping is relative: ``δ = kfac_damping · d̄`` with ``d̄``
@@ -32,7 +37,7 @@ import torch
 
 from hf_fisher.errors import InvalidInputError, ModelMismatchError
 
-__all__ = ["KFACMerge", "kfac_merge_block", "load_kfac"]
+__all__ = ["KFACMerge", "factor_dampings", "kfac_merge_block", "load_kfac"]
 
 logger = logging.getLogger(__name__)
 
@@ -94,15 +99,36 @@ def _eig(f: torch.Tensor, diagonal: bool):
     return w.clamp(min=0), q
 
 
-def _damped(L, r: float):
-    """The layer with factor damping: ``G + r I``, ``A + r I``."""
+def _mean_diagonal(f: torch.Tensor, diagonal: bool) -> float:
+    return float((f if diagonal else torch.diagonal(f)).double().mean())
+
+
+def factor_dampings(kfac_layers: Sequence[Any], lam: Sequence[float], damping: float) -> tuple[float, float]:
+    """``(r_G, r_A)`` of one layer's factor damping over the models (``kfac_layers[i]`` model i's
+    factors of the layer): ``r_G = √c · ḡ``, ``r_A = √c · ā`` with ``c = kfac_damping``,
+    ``ḡ = Σ_i λ_i mean(diag G_i)`` and ``ā = Σ_i λ_i mean(diag A_i)`` (Martens & Grosse's π-balanced
+    factored Tikhonov damping, ``r_G = √δ / π``, ``r_A = π √δ`` with ``δ = c ḡ ā`` the relative
+    damping of the layer and ``π = √(ā / ḡ)``). Each factor is damped relative to its own scale,
+    so the split of the scale between G and A (a convention of the estimator) does not change the
+    merge; one uniform ``√δ`` on both factors would barely damp the larger factor and drown the
+    smaller one. Zero factors (all-zero Fishers): ``(1, 1)``, i.e. the λ-weighted average."""
+    g = sum(l * _mean_diagonal(L.G, L.g_diagonal) for l, L in zip(lam, kfac_layers))
+    a = sum(l * _mean_diagonal(L.A, L.a_diagonal) for l, L in zip(lam, kfac_layers))
+    if not (g > 0 and a > 0):
+        return 1.0, 1.0
+    root = math.sqrt(damping)
+    return root * g, root * a
+
+
+def _damped(L, r_g: float, r_a: float):
+    """The layer with factor damping: ``G + r_G I``, ``A + r_A I``."""
     from dataclasses import replace
 
-    def add(f, diag):
+    def add(f, diag, r):
         f = f.double()
         return f + r if diag else f + r * torch.eye(f.shape[0], dtype=torch.float64)
 
-    return replace(L, G=add(L.G, L.g_diagonal), A=add(L.A, L.a_diagonal))
+    return replace(L, G=add(L.G, L.g_diagonal, r_g), A=add(L.A, L.a_diagonal, r_a))
 
 
 def _whitener(f1: torch.Tensor, f2: torch.Tensor, diagonal: bool):
@@ -134,8 +160,8 @@ def kfac_merge_block(kfacs: Sequence[Any], thetas: Sequence[dict[str, torch.Tens
                      max_iter: int | None = None) -> dict[str, torch.Tensor]:
     """``M*`` of one block (module docstring); ``thetas[i]`` holds model i's tensors of the block.
 
-    ``mode="factor"`` (default) damps each factor, ``F_i ≈ (G_i + √δ I) ⊗ (A_i + √δ I)`` (Martens
-    & Grosse's factor damping); with two models a one-layer block then has the closed form of
+    ``mode="factor"`` (default) damps each factor relative to its scale, ``F_i ≈ (G_i + r_G I) ⊗
+    (A_i + r_A I)`` (Martens & Grosse's π-balanced factor damping, :func:`factor_dampings`); with two models a one-layer block then has the closed form of
     :func:`_two_model_closed_form` (simultaneous diagonalisation), exact and O(d³). ``"exact"``
     adds ``δ I`` to each ``G_i ⊗ A_i``. Otherwise (several models, ``"exact"``, tied blocks) the
     system is solved by conjugate gradients to a relative residual ``tol``: one-layer blocks in
@@ -151,8 +177,8 @@ def kfac_merge_block(kfacs: Sequence[Any], thetas: Sequence[dict[str, torch.Tens
     diag = sum(l * sum(float(L.diagonal().double().sum()) for L in Ls) / numel for l, Ls in zip(lam, layers))
     delta = damping * diag if diag > 0 else 1.0  # all-zero Fishers: the damping alone, the weighted average
     if mode == "factor":
-        r = math.sqrt(delta)
-        layers = [[_damped(L, r) for L in Ls] for Ls in layers]
+        rs = [factor_dampings([Ls[j] for Ls in layers], lam, damping) for j in range(len(layers[0]))]
+        layers = [[_damped(L, *r) for L, r in zip(Ls, rs)] for Ls in layers]
         shift = 0.0
     else:
         layers = [[replace_double(L) for L in Ls] for Ls in layers]

@@ -14,8 +14,8 @@ from ..base import (
 class KFAC(FisherInputMethod):
     """Fisher-weighted merging with each model's Kronecker-factored Fisher ``F_i ≈ G_i ⊗ A_i`` per
     layer (KFAC artifacts, ``hf_fisher.collect(..., estimator="kfac")``): per block solve
-    ``Σ_i λ_i F_i vec(M − M_i) = 0`` by conjugate gradients, ``F_i = (G_i + √δ I) ⊗ (A_i + √δ I)``
-    (``kfac_damping_mode="factor"``) or ``G_i ⊗ A_i + δ I`` (``"exact"``), ``δ = kfac_damping ×``
+    ``Σ_i λ_i F_i vec(M − M_i) = 0`` by conjugate gradients, ``F_i = (G_i + √c·ḡ I) ⊗ (A_i + √c·ā I)``
+    (``kfac_damping_mode="factor"``: each factor damped relative to its λ-weighted mean diagonal) or ``G_i ⊗ A_i + δ I`` (``"exact"``), ``δ = kfac_damping ×``
     the mean Fisher diagonal (:mod:`hf_fisher.consumers.merge.kfac`). Tensors no KFAC block covers
     follow ``no_fisher_rule``."""
 
@@ -28,8 +28,8 @@ class KFAC(FisherInputMethod):
     tuned = ("kfac_damping",)
 
     def recipe_notes(self):
-        return {"kfac": ("per block: sum_i lambda_i F_i vec(M - M_i) = 0, F_i = (G_i + sqrt(delta) I) x (A_i + sqrt(delta) I) "
-                         "(factor) or G_i x A_i + delta I (exact); delta = kfac_damping x mean Fisher diagonal")}
+        return {"kfac": ("per block: sum_i lambda_i F_i vec(M - M_i) = 0, F_i = (G_i + sqrt(c) mean(diag G) I) x (A_i + sqrt(c) mean(diag A) I) "
+                         "(factor, c = kfac_damping) or G_i x A_i + delta I (exact); delta = kfac_damping x mean Fisher diagonal")}
 
     def layer_merge(self, fishers, sources, labels, hub_options):
         from ..kfac import KFACMerge, load_kfac
