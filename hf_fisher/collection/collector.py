@@ -23,7 +23,7 @@ from ..engine.losses import task_type_of
 from ..engine.per_sample import BatchReport, ContributionSink, LossFn, PerSampleEngine, Target
 from ..errors import EmptyDataError, InvalidInputError, NoTrainableParametersError, UnsupportedError, regex_argument
 from ..estimators.base import REDUCTIONS, CollectOptions, check_keep_sample_contributions  # noqa: F401 (re-exported)
-from .stats import EMA, AccumulatorState, MappedStore, Welford, Workspace, make_accumulator, shifted_moments_
+from .stats import EMA, AccumulatorState, MappedStore, Welford, Workspace, make_accumulator, shifted_moments_, zeros_like_free
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,8 @@ class _MomentsSink(ContributionSink):
     the residual correction: the contributions are themselves rounded in that precision, which
     dominates the correction's effect -- see there; no ``[b, *shape]`` temporary). A parameter
     whose batch arrives in one chunk (all but the largest) keeps that summary, two tensors of
-    the parameter's shape, until :meth:`commit` Chan-merges it straight into the task's
+    the parameter's shape (one tensor for a chunk of one sample, whose ``M2 = 0`` is a
+    broadcast zero that takes no memory), until :meth:`commit` Chan-merges it straight into the task's
     accumulator, in place, in the accumulation dtype (float64): one merge per parameter and
     batch, with float64 temporaries from a reused :class:`~hf_fisher.collection.stats.Workspace`. A
     parameter that arrives in several chunks folds them into a batch-level float64
@@ -50,7 +51,10 @@ class _MomentsSink(ContributionSink):
     float64 pair per parameter.
 
     Nothing touches the task's accumulators before :meth:`commit`, so a batch that fails
-    half-way leaves them as they were. The collector keeps one sink for its life
+    half-way leaves them as they were, bit for bit. (Merging each parameter as soon as its
+    moments are complete would save this staging, but Chan's merge cannot be undone exactly in
+    floating point -- ``fl(a + d) − d`` is not ``a`` -- and the only exact undo, a copy of the
+    parameter's state, costs 12-16 bytes per value against the 4-8 staged here.) The collector keeps one sink for its life
     (:meth:`reset` per batch), and with it the scratch buffers.
 
     :meth:`add_gradients` is the fused entry point: it takes the signed per-sample gradients,
@@ -136,16 +140,17 @@ class _MomentsSink(ContributionSink):
             return []
         lo, hi, n = rows
         staged = self.staged.get(name)
-        if staged is None or lo == 0:
-            staged = (shift.new_empty((n, *shift.shape[1:])), m2.new_empty((n, *m2.shape[1:])))
+        if staged is None or lo == 0:  # one sample (b == 1): M2 = 0, nothing to stage for it
+            staged = (shift.new_empty((n, *shift.shape[1:])), None if b == 1 else m2.new_empty((n, *m2.shape[1:])))
         if staged[0].dtype != shift.dtype:  # a block redone in float64 (see above)
-            staged = (staged[0].to(shift.dtype), staged[1].to(shift.dtype))
+            staged = (staged[0].to(shift.dtype), None if staged[1] is None else staged[1].to(shift.dtype))
         staged[0][lo:hi] = shift
-        staged[1][lo:hi] = m2
+        if staged[1] is not None:
+            staged[1][lo:hi] = m2
         self.staged[name] = staged
         if hi == n:
             del self.staged[name]
-            self._push(name, b, staged[0], staged[1], None)
+            self._push(name, b, staged[0], zeros_like_free(staged[0]) if staged[1] is None else staged[1], None)
         return []
 
     def add_moments(self, name: str, n: int, mean: torch.Tensor, m2: torch.Tensor) -> None:
@@ -625,6 +630,7 @@ class FisherCollector:
         if release not in (True, False):
             raise InvalidInputError(f"release must be True or False, got {release!r}")
         state, info = self._exported(task, distributed)
+        self._release_scratch()
         dtype = dtype or self.storage_dtype or self.accumulation_dtype
         samples = self._samples(state)  # both before release empties state.accumulators
         metadata = self._metadata(task, model_name_or_path, data_description, dtype, {**info, **dict(extra or {})}, state)
@@ -716,6 +722,7 @@ class FisherCollector:
             return save_sharded(self, save_directory, task, model_name_or_path=model_name_or_path,
                                 data_description=data_description, extra=extra, dtype=dtype)
         state, info = self._exported(task, distributed)
+        self._release_scratch()
         dtype = dtype or self.storage_dtype or self.accumulation_dtype
         plan = {name: torch.empty(acc.shape, dtype=dtype, device="meta") for name, acc in state.accumulators.items()}
         metadata = self._metadata(task, model_name_or_path, data_description, dtype, {**info, **dict(extra or {})}, state)
@@ -810,6 +817,12 @@ class FisherCollector:
         self.engine.capture.detach()
         if self.store is not None:
             self.store.close()
+        self._release_scratch()
+
+    def _release_scratch(self) -> None:
+        """Free the moments sink's reusable buffers (workspace, batch-level Welfords kept for the
+        next batch): before an export, whose peak is then the accumulators plus the export, and
+        at :meth:`close`. A later :meth:`update` allocates them again."""
         if self._moments_sink is not None:
             self._moments_sink.workspace.clear()
             self._moments_sink.spare = {}

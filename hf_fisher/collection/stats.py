@@ -95,7 +95,7 @@ def shifted_moments_(
 
     ``total``, if given, is ``x.sum(0)`` already computed by the caller (e.g. to check
     finiteness before ``x`` is overwritten); it is consumed (divided in place) and cannot be
-    combined with ``square``. With ``b == 1``: ``shift = y_0``, ``m2 = 0``, ``residual = None``.
+    combined with ``square``. With ``b == 1``: ``shift = y_0``, ``m2 = 0`` (a read-only broadcast zero, :func:`zeros_like_free`), ``residual = None``.
 
     Two-pass, never a sum of squares: ``shift = fl(Σ y / b)``, then ``M2`` is summed from the
     centred values ``d_i = y_i − shift``, so there is no cancellation between large terms
@@ -132,8 +132,8 @@ def shifted_moments_(
         x.square_()
     b = x.shape[0]
     s = x.sum(0) if total is None else total
-    if b == 1:
-        return s, torch.zeros_like(s), None
+    if b == 1:  # M2 = 0: a broadcast zero, no parameter-sized tensor (see zeros_like_free)
+        return s, zeros_like_free(s), None
     shift = s.div_(b)
     if not corrected:
         # (x - shift)² in one pass (mse_loss without reduction, written over x)
@@ -522,6 +522,12 @@ class Welford(_Accumulator):
         first copied into workspace buffers (a vectorised conversion; mixed dtype arithmetic is
         several times slower on CPU). Tensors obtained earlier from :attr:`mean`/:attr:`m2` see
         the change; the inputs are not modified.
+
+        Every step is elementwise, so it runs over slices of :data:`MERGE_CHUNK` elements of the
+        flattened tensors (the same bits as one pass): the temporaries are bounded by the slice,
+        not by the parameter (a 136M-element embedding would otherwise need two parameter-sized
+        scratch buffers). ``m2_b`` may be :func:`zeros_like_free` (one sample: ``M2_b = 0``),
+        which is never materialised.
         """
         n_b = _count_of(n_b)
         if n_b < 0:
@@ -536,9 +542,25 @@ class Welford(_Accumulator):
         if self._mean is None:
             self._init_state(shape)
         ws = workspace if workspace is not None else Workspace()
-        mean, m2, lo = self._mean, self._m2, self._lo
+        state = [self._mean, self._m2, self._lo]
+        inputs = [shift.detach(), m2_b.detach(), None if residual is None else residual.detach()]
+        flat = [_flat_view(t) for t in state + inputs]
+        numel = math.prod(shape)
+        zero_m2 = _is_broadcast_zero(inputs[1])
+        if any(f is None for t, f in zip(state + inputs, flat) if t is not None):
+            self._merge_shifted(n_b, *state, *inputs, zero_m2, ws)  # not flat-viewable: one pass over the whole tensors
+        else:
+            for a in range(0, numel, MERGE_CHUNK):
+                self._merge_shifted(n_b, *(None if f is None else f[a:a + MERGE_CHUNK] for f in flat), zero_m2, ws)
+        self._n += n_b
+        return self
+
+    def _merge_shifted(self, n_b, mean, m2, lo, shift, m2_b, residual, zero_m2: bool, ws: Workspace) -> None:
+        """:meth:`update_shifted_` on corresponding slices of the state and the inputs (elementwise:
+        any slicing gives the same bits); the temporaries are workspace views of the slices' size."""
         n_a = self._n
         n = n_a + n_b
+        shape = tuple(shift.shape)
         if n_a == 0:
             mean.copy_(shift)
             if lo is not None:
@@ -548,23 +570,24 @@ class Welford(_Accumulator):
                     _fast_two_sum_(mean, lo, y, ws)
             elif residual is not None:
                 mean.add_(self._converted(residual, "residual", ws), alpha=1.0 / n_b)
-            m2.copy_(m2_b)
-            self._n = n_b
-            return self
+            if zero_m2:
+                m2.zero_()
+            else:
+                m2.copy_(m2_b)
+            return
         delta = ws.get("delta", shape, self.dtype, self.device)
         delta.copy_(shift).sub_(mean)
         if lo is not None:
             delta.sub_(lo)
         if residual is not None:
             delta.add_(self._converted(residual, "residual", ws), alpha=1.0 / n_b)
-        m2.add_(self._converted(m2_b, "m2", ws))
+        if not zero_m2:  # adding M2_b = +0 leaves M2 (>= 0) bit for bit as it is
+            m2.add_(self._converted(m2_b, "m2", ws))
         m2.addcmul_(delta, delta, value=n_a * n_b / n)
         if lo is None:
             mean.add_(delta, alpha=n_b / n)
         else:
             _fast_two_sum_(mean, lo, torch.add(lo, delta, alpha=n_b / n, out=delta), ws)
-        self._n = n
-        return self
 
     def _converted(self, t: torch.Tensor, slot: str, ws: Workspace) -> torch.Tensor:
         t = t.detach()
@@ -667,6 +690,34 @@ class Welford(_Accumulator):
         if acc._n > 0 and acc._mean is None:
             raise InvalidInputError("state_dict has a positive count but no 'mean'/'m2' tensors")
         return acc
+
+
+#: elements per slice of :meth:`Welford.update_shifted_`: its temporaries (workspace views) are
+#: at most this many elements per slot, whatever the parameter's size (4 MiB in float32)
+MERGE_CHUNK = 1 << 20
+
+
+def _flat_view(t: torch.Tensor | None) -> torch.Tensor | None:
+    """A 1-D view of all of ``t``'s elements in order (contiguous, or a broadcast scalar), else None."""
+    if t is None:
+        return None
+    if t.is_contiguous():
+        return t.view(-1)
+    if all(st == 0 for st in t.stride()):
+        return t.as_strided((t.numel(),), (0,))
+    return None
+
+
+def zeros_like_free(t: torch.Tensor) -> torch.Tensor:
+    """Zeros of ``t``'s shape, dtype and device without their memory (a broadcast 0-d zero):
+    a read-only stand-in for the ``M2 = 0`` of one sample."""
+    return t.new_zeros(()).expand(t.shape)
+
+
+def _is_broadcast_zero(t: torch.Tensor) -> bool:
+    """Whether ``t`` is a :func:`zeros_like_free` (a broadcast 0-d zero): nothing to add."""
+    return t.dim() > 0 and t.numel() > 0 and all(st == 0 for st in t.stride()) and t.untyped_storage().nbytes() <= t.element_size() \
+        and not bool(t.as_strided((), ()))
 
 
 def _fast_two_sum(hi: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
