@@ -23,7 +23,16 @@ from ..engine.losses import task_type_of
 from ..engine.per_sample import BatchReport, ContributionSink, LossFn, PerSampleEngine, Target
 from ..errors import EmptyDataError, InvalidInputError, NoTrainableParametersError, UnsupportedError, regex_argument
 from ..estimators.base import REDUCTIONS, CollectOptions, check_keep_sample_contributions  # noqa: F401 (re-exported)
-from .stats import EMA, AccumulatorState, MappedStore, Welford, Workspace, make_accumulator, shifted_moments_, zeros_like_free
+from .stats import (
+    EMA,
+    AccumulatorState,
+    MappedStore,
+    Welford,
+    Workspace,
+    make_accumulator,
+    shifted_moments_,
+    zeros_like_free,
+)
 
 log = logging.getLogger(__name__)
 
