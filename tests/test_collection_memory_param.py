@@ -201,18 +201,26 @@ def test_one_sample_moments_are_a_zero_that_takes_no_memory():
     assert torch.allclose(acc.mean, shift * 2) and torch.allclose(acc.m2, 2 * shift**2) and acc.count == 2
 
 
-def test_exporting_frees_the_scratch_and_collection_goes_on_bit_identically():
-    """fisher()/save_fisher() drop the sink's reusable buffers (workspace, batch-level Welfords of
-    parameters that came in several chunks); collecting on after an export allocates them again
-    and gives the same bits as a collector that never exported."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_parameters_in_several_chunks_hold_one_pair_and_export_frees_the_scratch(dtype):
+    """A parameter whose batch comes in several chunks (here the tied embedding, one sample per
+    chunk) is folded into a batch-level Welford. In the accumulation dtype of the chunks
+    (float32) that Welford is the first chunk's moments themselves: nothing parameter-sized stays
+    between batches (old code: a float32 pair kept for the collector's life). Otherwise (float64
+    accumulation of float32 moments) one is kept for the next batch, and fisher() frees it with
+    the merge's workspace. Either way the bits are those of a collector that never exported."""
     model = tied_model()
     data = batches(3)
-    kw = dict(reduction="param", accumulation_dtype=torch.float32, verify=False, memory_budget_mb=0.6)
+    kw = dict(reduction="param", accumulation_dtype=dtype, verify=False, memory_budget_mb=0.6)
     col = FisherCollector(model, **kw)
     col.update(data[0])
     col.update(data[1])
     sink = col._moments_sink
-    assert sink.spare and sink.workspace._buffers  # the embedding came in several chunks
+    assert sink.workspace._buffers
+    if dtype == torch.float32:
+        assert not sink.spare
+    else:
+        assert list(sink.spare) == ["model.embed_tokens.weight"]
     col.fisher()
     assert not sink.spare and not sink.workspace._buffers  # old code: kept until close()
     col.update(data[2])

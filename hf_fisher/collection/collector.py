@@ -29,6 +29,7 @@ from .stats import (
     MappedStore,
     Welford,
     Workspace,
+    is_zeros_free,
     make_accumulator,
     shifted_moments_,
     zeros_like_free,
@@ -55,9 +56,10 @@ class _MomentsSink(ContributionSink):
     broadcast zero that takes no memory), until :meth:`commit` Chan-merges it straight into the task's
     accumulator, in place, in the accumulation dtype (float64): one merge per parameter and
     batch, with float64 temporaries from a reused :class:`~hf_fisher.collection.stats.Workspace`. A
-    parameter that arrives in several chunks folds them into a batch-level float64
-    :class:`~hf_fisher.collection.stats.Welford` first (kept for the next batch), so memory stays one
-    float64 pair per parameter.
+    parameter that arrives in several chunks folds them into a batch-level
+    :class:`~hf_fisher.collection.stats.Welford` first, so memory stays one pair per parameter:
+    made of its first chunk's moments themselves when they are in the accumulation dtype
+    (:meth:`~hf_fisher.collection.stats.Welford.adopt`), else a float64 one kept for the next batch.
 
     Nothing touches the task's accumulators before :meth:`commit`, so a batch that fails
     half-way leaves them as they were, bit for bit. (Merging each parameter as soon as its
@@ -94,8 +96,11 @@ class _MomentsSink(ContributionSink):
         self.spare: dict[str, Welford] = {}
         # name -> (shift, m2) of the samples whose row blocks are arriving (see add_gradients)
         self.staged: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        # names whose moments came from add_moments (not the sink's own tensors)
+        self.foreign: set[str] = set()
 
     def reset(self) -> None:
+        self.foreign = set()
         self.pending = {}
         self.batch = {}
         self.kept = {}
@@ -163,6 +168,7 @@ class _MomentsSink(ContributionSink):
         return []
 
     def add_moments(self, name: str, n: int, mean: torch.Tensor, m2: torch.Tensor) -> None:
+        self.foreign.add(name)  # the caller's tensors: read, never updated in place
         self._push(name, int(n), mean, m2, None)
 
     def _push(self, name: str, n: int, shift: torch.Tensor, m2: torch.Tensor, residual: torch.Tensor | None) -> None:
@@ -171,16 +177,32 @@ class _MomentsSink(ContributionSink):
         if name in self.batch:
             self.batch[name].update_shifted_(n, shift, m2, residual, workspace=self.workspace)
         elif name in self.pending:
-            # a batch-level Welford kept from an earlier batch (same shape and device): no allocation
-            w = self.spare.get(name)
-            if w is None or w.device != shift.device or w.shape != tuple(shift.shape):
-                w = self.spare[name] = Welford(tuple(shift.shape), dtype=self.dtype, device=shift.device, compensated=False)
-            w.reset(zero=False)
-            w.update_shifted_(*self.pending.pop(name), workspace=self.workspace)
+            w = self._adopted(name)
+            if w is None:  # a batch-level Welford kept from an earlier batch (same shape and device): no allocation
+                w = self.spare.get(name)
+                if w is None or w.device != shift.device or w.shape != tuple(shift.shape):
+                    w = self.spare[name] = Welford(tuple(shift.shape), dtype=self.dtype, device=shift.device, compensated=False)
+                w.reset(zero=False)
+                w.update_shifted_(*self.pending.pop(name), workspace=self.workspace)
             w.update_shifted_(n, shift, m2, residual, workspace=self.workspace)
             self.batch[name] = w
         else:
             self.pending[name] = (n, shift, m2, residual)
+
+    def _adopted(self, name: str) -> Welford | None:
+        """The batch-level Welford of ``name`` made of its first chunk's moments themselves, when
+        the sink owns them (not an engine's :meth:`add_moments`) in the accumulation dtype: the
+        same bits as copying them into a Welford, without a second pair of parameter-sized
+        tensors (nor one kept between batches). None otherwise."""
+        n, shift, m2, residual = self.pending[name]
+        if name in self.foreign or residual is not None or shift.dtype != self.dtype or not shift.is_contiguous():
+            return None
+        if is_zeros_free(m2):  # one sample: M2 = 0, now a tensor of its own to update in place
+            m2 = torch.zeros_like(shift)
+        elif m2.dtype != self.dtype or not m2.is_contiguous():
+            return None
+        del self.pending[name]
+        return Welford.adopt(n, shift, m2)
 
     def commit(self, accumulators: dict) -> None:
         ws = self.workspace

@@ -38,7 +38,7 @@ import torch
 
 from hf_fisher.errors import EmptyDataError, InvalidInputError, UnsupportedError
 
-__all__ = ["EMA", "AccumulatorState", "MappedStore", "Welford", "Workspace", "confidence_interval", "make_accumulator", "shifted_moments_"]
+__all__ = ["EMA", "AccumulatorState", "MappedStore", "Welford", "Workspace", "confidence_interval", "make_accumulator", "shifted_moments_", "zeros_like_free"]
 
 
 def _as_shape(shape: Sequence[int] | torch.Size | int | None) -> tuple[int, ...] | None:
@@ -546,7 +546,7 @@ class Welford(_Accumulator):
         inputs = [shift.detach(), m2_b.detach(), None if residual is None else residual.detach()]
         flat = [_flat_view(t) for t in state + inputs]
         numel = math.prod(shape)
-        zero_m2 = _is_broadcast_zero(inputs[1])
+        zero_m2 = is_zeros_free(inputs[1])
         if any(f is None for t, f in zip(state + inputs, flat) if t is not None):
             self._merge_shifted(n_b, *state, *inputs, zero_m2, ws)  # not flat-viewable: one pass over the whole tensors
         else:
@@ -606,6 +606,19 @@ class Welford(_Accumulator):
             if self._lo is not None:
                 self._lo.zero_()
         return self
+
+    @classmethod
+    def adopt(cls, n: int, mean: torch.Tensor, m2: torch.Tensor) -> Welford:
+        """An uncompensated accumulator of ``n`` samples whose state **is** ``mean`` and ``m2``
+        (no copy: later updates overwrite them in place), for a caller that owns them, e.g. the
+        collector's first batch moments of a parameter that arrives in several chunks. They
+        must share dtype, device and shape, and be contiguous."""
+        if mean.dtype != m2.dtype or mean.device != m2.device or mean.shape != m2.shape or not (mean.is_contiguous() and m2.is_contiguous()):
+            raise InvalidInputError("Welford.adopt needs contiguous mean and m2 of one dtype, device and shape")
+        acc = cls(None, dtype=mean.dtype, device=mean.device, compensated=False)
+        acc.shape = tuple(mean.shape)
+        acc._mean, acc._m2, acc._n = mean, m2, _count_of(n)
+        return acc
 
     def merge(self, other: Welford) -> Welford:
         """Fold ``other`` into ``self`` in place (exact: same result as one sequential pass)."""
@@ -714,7 +727,7 @@ def zeros_like_free(t: torch.Tensor) -> torch.Tensor:
     return t.new_zeros(()).expand(t.shape)
 
 
-def _is_broadcast_zero(t: torch.Tensor) -> bool:
+def is_zeros_free(t: torch.Tensor) -> bool:
     """Whether ``t`` is a :func:`zeros_like_free` (a broadcast 0-d zero): nothing to add."""
     return t.dim() > 0 and t.numel() > 0 and all(st == 0 for st in t.stride()) and t.untyped_storage().nbytes() <= t.element_size() \
         and not bool(t.as_strided((), ()))
