@@ -669,6 +669,7 @@ class FisherCollector:
         for name in list(state.accumulators):
             acc = state.accumulators.pop(name) if release else state.accumulators[name]
             mean[name], var[name] = _export(acc, dtype, self.storage_device, release)
+            acc.release_pages()  # disk-backed: what the export read leaves resident memory
             del acc
         if release:
             self.tasks.pop(task, None)
@@ -761,7 +762,9 @@ class FisherCollector:
 
         def produce(kind: str, name: str) -> torch.Tensor:
             acc = state.accumulators[name]
-            return acc.mean_as(dtype, "cpu") if kind == "mean" else acc.variance_as(dtype, "cpu")
+            out = acc.mean_as(dtype, "cpu") if kind == "mean" else acc.variance_as(dtype, "cpu")
+            acc.release_pages()  # disk-backed: what the export read leaves resident memory
+            return out
 
         return Fisher.save_streaming(artifact, save_directory, produce, max_shard_size=max_shard_size)
 

@@ -29,7 +29,10 @@ The fast path of the collector (``reduction="param"``) is two pieces that avoid 
 
 from __future__ import annotations
 
+import ctypes
 import math
+import mmap
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -176,6 +179,8 @@ class MappedStore:
         except OSError as e:
             raise InvalidInputError(f"cannot create the accumulator files under {str(root)!r}: {e}; pass a writable offload_dir") from e
         self._files = 0
+        # (address, bytes) of every file's mapping, for release()
+        self._mapped: list[tuple[int, int]] = []
         self._finalizer = weakref.finalize(self, _remove_tree, str(self.folder))
 
     def zeros(self, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
@@ -188,7 +193,30 @@ class MappedStore:
         self._files += 1
         with open(path, "wb") as f:
             f.truncate(numel * dtype.itemsize)
-        return torch.from_file(str(path), shared=True, size=numel, dtype=dtype).view(shape)
+        t = torch.from_file(str(path), shared=True, size=numel, dtype=dtype).view(shape)
+        self._mapped.append((t.data_ptr(), numel * dtype.itemsize))
+        return t
+
+    def release(self, *tensors: torch.Tensor | None) -> None:
+        """Drop the pages of ``tensors`` (contiguous views of this store's files) from the
+        process's resident memory: ``madvise(MADV_DONTNEED)`` on the whole pages they cover,
+        clipped to the file's mapping. The data is the file's (a shared mapping: dirty pages
+        stay in the page cache and are written back), so a later access reads the same values
+        again; only the resident set shrinks, to what is being updated now. A no-op where
+        ``madvise`` is not available and for tensors that are not in a file of this store."""
+        libc = _libc()
+        if libc is None:
+            return
+        for t in tensors:
+            if t is None or t.numel() == 0 or not t.is_contiguous():
+                continue
+            lo, hi = t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()
+            for base, size in self._mapped:
+                if base <= lo and hi <= base + size:
+                    start = max(base, lo - lo % _PAGE)
+                    end = min(base + size + (-size) % _PAGE, hi + (-hi) % _PAGE)
+                    libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_DONTNEED)
+                    break
 
     @property
     def nbytes(self) -> int:
@@ -198,6 +226,22 @@ class MappedStore:
     def close(self) -> None:
         """Remove the folder (idempotent)."""
         self._finalizer()
+
+
+_PAGE = mmap.PAGESIZE
+_MADV_DONTNEED = getattr(mmap, "MADV_DONTNEED", 4)
+
+
+def _libc():
+    """The C library's ``madvise`` (Linux), or None."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        return libc
+    except (OSError, AttributeError):
+        return None
 
 
 def _remove_tree(path: str) -> None:
@@ -280,6 +324,13 @@ class _Accumulator:
             if t is not None and t is not home:
                 home.copy_(t)
                 setattr(self, attr, home)
+        self.release_pages()
+
+    def release_pages(self) -> None:
+        """Disk-backed: drop the state's pages from resident memory (:meth:`MappedStore.release`;
+        the values stay, in the files). A no-op in memory."""
+        if self.store is not None:
+            self.store.release(*self._home.values())
 
     def _prepare_batch(self, batch: torch.Tensor) -> torch.Tensor:
         if not isinstance(batch, torch.Tensor):
@@ -551,7 +602,10 @@ class Welford(_Accumulator):
             self._merge_shifted(n_b, *state, *inputs, zero_m2, ws)  # not flat-viewable: one pass over the whole tensors
         else:
             for a in range(0, numel, MERGE_CHUNK):
-                self._merge_shifted(n_b, *(None if f is None else f[a:a + MERGE_CHUNK] for f in flat), zero_m2, ws)
+                sliced = [None if f is None else f[a:a + MERGE_CHUNK] for f in flat]
+                self._merge_shifted(n_b, *sliced, zero_m2, ws)
+                if self.store is not None:  # disk-backed: resident memory stays one slice
+                    self.store.release(*sliced[:3])
         self._n += n_b
         return self
 
@@ -699,6 +753,7 @@ class Welford(_Accumulator):
                     acc._mean = state["mean"].detach().to(device=acc.device, dtype=dtype) + lo.detach().to(device=acc.device, dtype=dtype)
             acc._rehome()
             _check_state_values(cls.__name__, acc._mean, acc._m2)
+            acc.release_pages()  # disk-backed: the check read them back in
         acc._n = _count_of(state["count"])
         if acc._n > 0 and acc._mean is None:
             raise InvalidInputError("state_dict has a positive count but no 'mean'/'m2' tensors")
@@ -886,6 +941,7 @@ class EMA(_Accumulator):
             acc._m2 = state["m2"].detach().to(device=acc.device, dtype=dtype).clone()
             acc._rehome()
             _check_state_values(cls.__name__, acc._mean, acc._m2)
+            acc.release_pages()  # disk-backed: the check read them back in
         acc._n = _count_of(state["count"])
         acc._w = float(state["weight_sum"])
         acc._w2 = float(state["weight_sq_sum"])
