@@ -52,8 +52,8 @@ class _MomentsSink(ContributionSink):
     the residual correction: the contributions are themselves rounded in that precision, which
     dominates the correction's effect -- see there; no ``[b, *shape]`` temporary). A parameter
     whose batch arrives in one chunk (all but the largest) keeps that summary, two tensors of
-    the parameter's shape (one tensor for a chunk of one sample, whose ``M2 = 0`` is a
-    broadcast zero that takes no memory), until :meth:`commit` Chan-merges it straight into the task's
+    the parameter's shape (one for a chunk of one sample, whose ``M2 = 0`` is a broadcast zero
+    that takes no memory), until :meth:`commit` Chan-merges it straight into the task's
     accumulator, in place, in the accumulation dtype (float64): one merge per parameter and
     batch, with float64 temporaries from a reused :class:`~hf_fisher.collection.stats.Workspace`. A
     parameter that arrives in several chunks folds them into a batch-level
@@ -65,7 +65,9 @@ class _MomentsSink(ContributionSink):
     half-way leaves them as they were, bit for bit. (Merging each parameter as soon as its
     moments are complete would save this staging, but Chan's merge cannot be undone exactly in
     floating point -- ``fl(a + d) − d`` is not ``a`` -- and the only exact undo, a copy of the
-    parameter's state, costs 12-16 bytes per value against the 4-8 staged here.) The collector keeps one sink for its life
+    parameter's state, costs 12-16 bytes per value against the 4-8 staged here; nor would it
+    lower the peak, which is reached while the last parameter is reduced, with every other
+    parameter's moments complete either way.) The collector keeps one sink for its life
     (:meth:`reset` per batch), and with it the scratch buffers.
 
     :meth:`add_gradients` is the fused entry point: it takes the signed per-sample gradients,

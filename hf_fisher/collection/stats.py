@@ -30,6 +30,7 @@ The fast path of the collector (``reduction="param"``) is two pieces that avoid 
 from __future__ import annotations
 
 import ctypes
+import functools
 import math
 import mmap
 import sys
@@ -232,8 +233,9 @@ _PAGE = mmap.PAGESIZE
 _MADV_DONTNEED = getattr(mmap, "MADV_DONTNEED", 4)
 
 
+@functools.cache
 def _libc():
-    """The C library's ``madvise`` (Linux), or None."""
+    """The C library, for its ``madvise`` (Linux), or None."""
     if not sys.platform.startswith("linux"):
         return None
     try:
