@@ -23,7 +23,17 @@ from ..engine.losses import task_type_of
 from ..engine.per_sample import BatchReport, ContributionSink, LossFn, PerSampleEngine, Target
 from ..errors import EmptyDataError, InvalidInputError, NoTrainableParametersError, UnsupportedError, regex_argument
 from ..estimators.base import REDUCTIONS, CollectOptions, check_keep_sample_contributions  # noqa: F401 (re-exported)
-from .stats import EMA, AccumulatorState, MappedStore, Welford, Workspace, make_accumulator, shifted_moments_
+from .stats import (
+    EMA,
+    AccumulatorState,
+    MappedStore,
+    Welford,
+    Workspace,
+    is_zeros_free,
+    make_accumulator,
+    shifted_moments_,
+    zeros_like_free,
+)
 
 log = logging.getLogger(__name__)
 
@@ -42,15 +52,22 @@ class _MomentsSink(ContributionSink):
     the residual correction: the contributions are themselves rounded in that precision, which
     dominates the correction's effect -- see there; no ``[b, *shape]`` temporary). A parameter
     whose batch arrives in one chunk (all but the largest) keeps that summary, two tensors of
-    the parameter's shape, until :meth:`commit` Chan-merges it straight into the task's
+    the parameter's shape (one for a chunk of one sample, whose ``M2 = 0`` is a broadcast zero
+    that takes no memory), until :meth:`commit` Chan-merges it straight into the task's
     accumulator, in place, in the accumulation dtype (float64): one merge per parameter and
     batch, with float64 temporaries from a reused :class:`~hf_fisher.collection.stats.Workspace`. A
-    parameter that arrives in several chunks folds them into a batch-level float64
-    :class:`~hf_fisher.collection.stats.Welford` first (kept for the next batch), so memory stays one
-    float64 pair per parameter.
+    parameter that arrives in several chunks folds them into a batch-level
+    :class:`~hf_fisher.collection.stats.Welford` first, so memory stays one pair per parameter:
+    made of its first chunk's moments themselves when they are in the accumulation dtype
+    (:meth:`~hf_fisher.collection.stats.Welford.adopt`), else a float64 one kept for the next batch.
 
     Nothing touches the task's accumulators before :meth:`commit`, so a batch that fails
-    half-way leaves them as they were. The collector keeps one sink for its life
+    half-way leaves them as they were, bit for bit. (Merging each parameter as soon as its
+    moments are complete would save this staging, but Chan's merge cannot be undone exactly in
+    floating point -- ``fl(a + d) − d`` is not ``a`` -- and the only exact undo, a copy of the
+    parameter's state, costs 12-16 bytes per value against the 4-8 staged here; nor would it
+    lower the peak, which is reached while the last parameter is reduced, with every other
+    parameter's moments complete either way.) The collector keeps one sink for its life
     (:meth:`reset` per batch), and with it the scratch buffers.
 
     :meth:`add_gradients` is the fused entry point: it takes the signed per-sample gradients,
@@ -81,8 +98,11 @@ class _MomentsSink(ContributionSink):
         self.spare: dict[str, Welford] = {}
         # name -> (shift, m2) of the samples whose row blocks are arriving (see add_gradients)
         self.staged: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        # names whose moments came from add_moments (not the sink's own tensors)
+        self.foreign: set[str] = set()
 
     def reset(self) -> None:
+        self.foreign = set()
         self.pending = {}
         self.batch = {}
         self.kept = {}
@@ -136,19 +156,21 @@ class _MomentsSink(ContributionSink):
             return []
         lo, hi, n = rows
         staged = self.staged.get(name)
-        if staged is None or lo == 0:
-            staged = (shift.new_empty((n, *shift.shape[1:])), m2.new_empty((n, *m2.shape[1:])))
+        if staged is None or lo == 0:  # one sample (b == 1): M2 = 0, nothing to stage for it
+            staged = (shift.new_empty((n, *shift.shape[1:])), None if b == 1 else m2.new_empty((n, *m2.shape[1:])))
         if staged[0].dtype != shift.dtype:  # a block redone in float64 (see above)
-            staged = (staged[0].to(shift.dtype), staged[1].to(shift.dtype))
+            staged = (staged[0].to(shift.dtype), None if staged[1] is None else staged[1].to(shift.dtype))
         staged[0][lo:hi] = shift
-        staged[1][lo:hi] = m2
+        if staged[1] is not None:
+            staged[1][lo:hi] = m2
         self.staged[name] = staged
         if hi == n:
             del self.staged[name]
-            self._push(name, b, staged[0], staged[1], None)
+            self._push(name, b, staged[0], zeros_like_free(staged[0]) if staged[1] is None else staged[1], None)
         return []
 
     def add_moments(self, name: str, n: int, mean: torch.Tensor, m2: torch.Tensor) -> None:
+        self.foreign.add(name)  # the caller's tensors: read, never updated in place
         self._push(name, int(n), mean, m2, None)
 
     def _push(self, name: str, n: int, shift: torch.Tensor, m2: torch.Tensor, residual: torch.Tensor | None) -> None:
@@ -157,16 +179,32 @@ class _MomentsSink(ContributionSink):
         if name in self.batch:
             self.batch[name].update_shifted_(n, shift, m2, residual, workspace=self.workspace)
         elif name in self.pending:
-            # a batch-level Welford kept from an earlier batch (same shape and device): no allocation
-            w = self.spare.get(name)
-            if w is None or w.device != shift.device or w.shape != tuple(shift.shape):
-                w = self.spare[name] = Welford(tuple(shift.shape), dtype=self.dtype, device=shift.device, compensated=False)
-            w.reset(zero=False)
-            w.update_shifted_(*self.pending.pop(name), workspace=self.workspace)
+            w = self._adopted(name)
+            if w is None:  # a batch-level Welford kept from an earlier batch (same shape and device): no allocation
+                w = self.spare.get(name)
+                if w is None or w.device != shift.device or w.shape != tuple(shift.shape):
+                    w = self.spare[name] = Welford(tuple(shift.shape), dtype=self.dtype, device=shift.device, compensated=False)
+                w.reset(zero=False)
+                w.update_shifted_(*self.pending.pop(name), workspace=self.workspace)
             w.update_shifted_(n, shift, m2, residual, workspace=self.workspace)
             self.batch[name] = w
         else:
             self.pending[name] = (n, shift, m2, residual)
+
+    def _adopted(self, name: str) -> Welford | None:
+        """The batch-level Welford of ``name`` made of its first chunk's moments themselves, when
+        the sink owns them (not an engine's :meth:`add_moments`) in the accumulation dtype: the
+        same bits as copying them into a Welford, without a second pair of parameter-sized
+        tensors (nor one kept between batches). None otherwise."""
+        n, shift, m2, residual = self.pending[name]
+        if name in self.foreign or residual is not None or shift.dtype != self.dtype or not shift.is_contiguous():
+            return None
+        if is_zeros_free(m2):  # one sample: M2 = 0, now a tensor of its own to update in place
+            m2 = torch.zeros_like(shift)
+        elif m2.dtype != self.dtype or not m2.is_contiguous():
+            return None
+        del self.pending[name]
+        return Welford.adopt(n, shift, m2)
 
     def commit(self, accumulators: dict) -> None:
         ws = self.workspace
@@ -625,6 +663,7 @@ class FisherCollector:
         if release not in (True, False):
             raise InvalidInputError(f"release must be True or False, got {release!r}")
         state, info = self._exported(task, distributed)
+        self._release_scratch()
         dtype = dtype or self.storage_dtype or self.accumulation_dtype
         samples = self._samples(state)  # both before release empties state.accumulators
         metadata = self._metadata(task, model_name_or_path, data_description, dtype, {**info, **dict(extra or {})}, state)
@@ -632,6 +671,7 @@ class FisherCollector:
         for name in list(state.accumulators):
             acc = state.accumulators.pop(name) if release else state.accumulators[name]
             mean[name], var[name] = _export(acc, dtype, self.storage_device, release)
+            acc.release_pages()  # disk-backed: what the export read leaves resident memory
             del acc
         if release:
             self.tasks.pop(task, None)
@@ -716,6 +756,7 @@ class FisherCollector:
             return save_sharded(self, save_directory, task, model_name_or_path=model_name_or_path,
                                 data_description=data_description, extra=extra, dtype=dtype)
         state, info = self._exported(task, distributed)
+        self._release_scratch()
         dtype = dtype or self.storage_dtype or self.accumulation_dtype
         plan = {name: torch.empty(acc.shape, dtype=dtype, device="meta") for name, acc in state.accumulators.items()}
         metadata = self._metadata(task, model_name_or_path, data_description, dtype, {**info, **dict(extra or {})}, state)
@@ -723,7 +764,9 @@ class FisherCollector:
 
         def produce(kind: str, name: str) -> torch.Tensor:
             acc = state.accumulators[name]
-            return acc.mean_as(dtype, "cpu") if kind == "mean" else acc.variance_as(dtype, "cpu")
+            out = acc.mean_as(dtype, "cpu") if kind == "mean" else acc.variance_as(dtype, "cpu")
+            acc.release_pages()  # disk-backed: what the export read leaves resident memory
+            return out
 
         return Fisher.save_streaming(artifact, save_directory, produce, max_shard_size=max_shard_size)
 
@@ -810,6 +853,12 @@ class FisherCollector:
         self.engine.capture.detach()
         if self.store is not None:
             self.store.close()
+        self._release_scratch()
+
+    def _release_scratch(self) -> None:
+        """Free the moments sink's reusable buffers (workspace, batch-level Welfords kept for the
+        next batch): before an export, whose peak is then the accumulators plus the export, and
+        at :meth:`close`. A later :meth:`update` allocates them again."""
         if self._moments_sink is not None:
             self._moments_sink.workspace.clear()
             self._moments_sink.spare = {}

@@ -29,7 +29,11 @@ The fast path of the collector (``reduction="param"``) is two pieces that avoid 
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import math
+import mmap
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -38,7 +42,7 @@ import torch
 
 from hf_fisher.errors import EmptyDataError, InvalidInputError, UnsupportedError
 
-__all__ = ["EMA", "AccumulatorState", "MappedStore", "Welford", "Workspace", "confidence_interval", "make_accumulator", "shifted_moments_"]
+__all__ = ["EMA", "AccumulatorState", "MappedStore", "Welford", "Workspace", "confidence_interval", "make_accumulator", "shifted_moments_", "zeros_like_free"]
 
 
 def _as_shape(shape: Sequence[int] | torch.Size | int | None) -> tuple[int, ...] | None:
@@ -95,7 +99,7 @@ def shifted_moments_(
 
     ``total``, if given, is ``x.sum(0)`` already computed by the caller (e.g. to check
     finiteness before ``x`` is overwritten); it is consumed (divided in place) and cannot be
-    combined with ``square``. With ``b == 1``: ``shift = y_0``, ``m2 = 0``, ``residual = None``.
+    combined with ``square``. With ``b == 1``: ``shift = y_0``, ``m2 = 0`` (a read-only broadcast zero, :func:`zeros_like_free`), ``residual = None``.
 
     Two-pass, never a sum of squares: ``shift = fl(Σ y / b)``, then ``M2`` is summed from the
     centred values ``d_i = y_i − shift``, so there is no cancellation between large terms
@@ -132,8 +136,8 @@ def shifted_moments_(
         x.square_()
     b = x.shape[0]
     s = x.sum(0) if total is None else total
-    if b == 1:
-        return s, torch.zeros_like(s), None
+    if b == 1:  # M2 = 0: a broadcast zero, no parameter-sized tensor (see zeros_like_free)
+        return s, zeros_like_free(s), None
     shift = s.div_(b)
     if not corrected:
         # (x - shift)² in one pass (mse_loss without reduction, written over x)
@@ -176,6 +180,8 @@ class MappedStore:
         except OSError as e:
             raise InvalidInputError(f"cannot create the accumulator files under {str(root)!r}: {e}; pass a writable offload_dir") from e
         self._files = 0
+        # (address, bytes) of every file's mapping, for release()
+        self._mapped: list[tuple[int, int]] = []
         self._finalizer = weakref.finalize(self, _remove_tree, str(self.folder))
 
     def zeros(self, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
@@ -188,7 +194,30 @@ class MappedStore:
         self._files += 1
         with open(path, "wb") as f:
             f.truncate(numel * dtype.itemsize)
-        return torch.from_file(str(path), shared=True, size=numel, dtype=dtype).view(shape)
+        t = torch.from_file(str(path), shared=True, size=numel, dtype=dtype).view(shape)
+        self._mapped.append((t.data_ptr(), numel * dtype.itemsize))
+        return t
+
+    def release(self, *tensors: torch.Tensor | None) -> None:
+        """Drop the pages of ``tensors`` (contiguous views of this store's files) from the
+        process's resident memory: ``madvise(MADV_DONTNEED)`` on the whole pages they cover,
+        clipped to the file's mapping. The data is the file's (a shared mapping: dirty pages
+        stay in the page cache and are written back), so a later access reads the same values
+        again; only the resident set shrinks, to what is being updated now. A no-op where
+        ``madvise`` is not available and for tensors that are not in a file of this store."""
+        libc = _libc()
+        if libc is None:
+            return
+        for t in tensors:
+            if t is None or t.numel() == 0 or not t.is_contiguous():
+                continue
+            lo, hi = t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()
+            for base, size in self._mapped:
+                if base <= lo and hi <= base + size:
+                    start = max(base, lo - lo % _PAGE)
+                    end = min(base + size + (-size) % _PAGE, hi + (-hi) % _PAGE)
+                    libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_DONTNEED)
+                    break
 
     @property
     def nbytes(self) -> int:
@@ -198,6 +227,23 @@ class MappedStore:
     def close(self) -> None:
         """Remove the folder (idempotent)."""
         self._finalizer()
+
+
+_PAGE = mmap.PAGESIZE
+_MADV_DONTNEED = getattr(mmap, "MADV_DONTNEED", 4)
+
+
+@functools.cache
+def _libc():
+    """The C library, for its ``madvise`` (Linux), or None."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        return libc
+    except (OSError, AttributeError):
+        return None
 
 
 def _remove_tree(path: str) -> None:
@@ -280,6 +326,13 @@ class _Accumulator:
             if t is not None and t is not home:
                 home.copy_(t)
                 setattr(self, attr, home)
+        self.release_pages()
+
+    def release_pages(self) -> None:
+        """Disk-backed: drop the state's pages from resident memory (:meth:`MappedStore.release`;
+        the values stay, in the files). A no-op in memory."""
+        if self.store is not None:
+            self.store.release(*self._home.values())
 
     def _prepare_batch(self, batch: torch.Tensor) -> torch.Tensor:
         if not isinstance(batch, torch.Tensor):
@@ -522,6 +575,12 @@ class Welford(_Accumulator):
         first copied into workspace buffers (a vectorised conversion; mixed dtype arithmetic is
         several times slower on CPU). Tensors obtained earlier from :attr:`mean`/:attr:`m2` see
         the change; the inputs are not modified.
+
+        Every step is elementwise, so it runs over slices of :data:`MERGE_CHUNK` elements of the
+        flattened tensors (the same bits as one pass): the temporaries are bounded by the slice,
+        not by the parameter (a 136M-element embedding would otherwise need two parameter-sized
+        scratch buffers). ``m2_b`` may be :func:`zeros_like_free` (one sample: ``M2_b = 0``),
+        which is never materialised.
         """
         n_b = _count_of(n_b)
         if n_b < 0:
@@ -536,9 +595,28 @@ class Welford(_Accumulator):
         if self._mean is None:
             self._init_state(shape)
         ws = workspace if workspace is not None else Workspace()
-        mean, m2, lo = self._mean, self._m2, self._lo
+        state = [self._mean, self._m2, self._lo]
+        inputs = [shift.detach(), m2_b.detach(), None if residual is None else residual.detach()]
+        flat = [_flat_view(t) for t in state + inputs]
+        numel = math.prod(shape)
+        zero_m2 = is_zeros_free(inputs[1])
+        if any(f is None for t, f in zip(state + inputs, flat) if t is not None):
+            self._merge_shifted(n_b, *state, *inputs, zero_m2, ws)  # not flat-viewable: one pass over the whole tensors
+        else:
+            for a in range(0, numel, MERGE_CHUNK):
+                sliced = [None if f is None else f[a:a + MERGE_CHUNK] for f in flat]
+                self._merge_shifted(n_b, *sliced, zero_m2, ws)
+                if self.store is not None:  # disk-backed: resident memory stays one slice
+                    self.store.release(*sliced[:3])
+        self._n += n_b
+        return self
+
+    def _merge_shifted(self, n_b, mean, m2, lo, shift, m2_b, residual, zero_m2: bool, ws: Workspace) -> None:
+        """:meth:`update_shifted_` on corresponding slices of the state and the inputs (elementwise:
+        any slicing gives the same bits); the temporaries are workspace views of the slices' size."""
         n_a = self._n
         n = n_a + n_b
+        shape = tuple(shift.shape)
         if n_a == 0:
             mean.copy_(shift)
             if lo is not None:
@@ -548,23 +626,24 @@ class Welford(_Accumulator):
                     _fast_two_sum_(mean, lo, y, ws)
             elif residual is not None:
                 mean.add_(self._converted(residual, "residual", ws), alpha=1.0 / n_b)
-            m2.copy_(m2_b)
-            self._n = n_b
-            return self
+            if zero_m2:
+                m2.zero_()
+            else:
+                m2.copy_(m2_b)
+            return
         delta = ws.get("delta", shape, self.dtype, self.device)
         delta.copy_(shift).sub_(mean)
         if lo is not None:
             delta.sub_(lo)
         if residual is not None:
             delta.add_(self._converted(residual, "residual", ws), alpha=1.0 / n_b)
-        m2.add_(self._converted(m2_b, "m2", ws))
+        if not zero_m2:  # adding M2_b = +0 leaves M2 (>= 0) bit for bit as it is
+            m2.add_(self._converted(m2_b, "m2", ws))
         m2.addcmul_(delta, delta, value=n_a * n_b / n)
         if lo is None:
             mean.add_(delta, alpha=n_b / n)
         else:
             _fast_two_sum_(mean, lo, torch.add(lo, delta, alpha=n_b / n, out=delta), ws)
-        self._n = n
-        return self
 
     def _converted(self, t: torch.Tensor, slot: str, ws: Workspace) -> torch.Tensor:
         t = t.detach()
@@ -583,6 +662,19 @@ class Welford(_Accumulator):
             if self._lo is not None:
                 self._lo.zero_()
         return self
+
+    @classmethod
+    def adopt(cls, n: int, mean: torch.Tensor, m2: torch.Tensor) -> Welford:
+        """An uncompensated accumulator of ``n`` samples whose state **is** ``mean`` and ``m2``
+        (no copy: later updates overwrite them in place), for a caller that owns them, e.g. the
+        collector's first batch moments of a parameter that arrives in several chunks. They
+        must share dtype, device and shape, and be contiguous."""
+        if mean.dtype != m2.dtype or mean.device != m2.device or mean.shape != m2.shape or not (mean.is_contiguous() and m2.is_contiguous()):
+            raise InvalidInputError("Welford.adopt needs contiguous mean and m2 of one dtype, device and shape")
+        acc = cls(None, dtype=mean.dtype, device=mean.device, compensated=False)
+        acc.shape = tuple(mean.shape)
+        acc._mean, acc._m2, acc._n = mean, m2, _count_of(n)
+        return acc
 
     def merge(self, other: Welford) -> Welford:
         """Fold ``other`` into ``self`` in place (exact: same result as one sequential pass)."""
@@ -663,10 +755,39 @@ class Welford(_Accumulator):
                     acc._mean = state["mean"].detach().to(device=acc.device, dtype=dtype) + lo.detach().to(device=acc.device, dtype=dtype)
             acc._rehome()
             _check_state_values(cls.__name__, acc._mean, acc._m2)
+            acc.release_pages()  # disk-backed: the check read them back in
         acc._n = _count_of(state["count"])
         if acc._n > 0 and acc._mean is None:
             raise InvalidInputError("state_dict has a positive count but no 'mean'/'m2' tensors")
         return acc
+
+
+#: elements per slice of :meth:`Welford.update_shifted_`: its temporaries (workspace views) are
+#: at most this many elements per slot, whatever the parameter's size (4 MiB in float32)
+MERGE_CHUNK = 1 << 20
+
+
+def _flat_view(t: torch.Tensor | None) -> torch.Tensor | None:
+    """A 1-D view of all of ``t``'s elements in order (contiguous, or a broadcast scalar), else None."""
+    if t is None:
+        return None
+    if t.is_contiguous():
+        return t.view(-1)
+    if all(st == 0 for st in t.stride()):
+        return t.as_strided((t.numel(),), (0,))
+    return None
+
+
+def zeros_like_free(t: torch.Tensor) -> torch.Tensor:
+    """Zeros of ``t``'s shape, dtype and device without their memory (a broadcast 0-d zero):
+    a read-only stand-in for the ``M2 = 0`` of one sample."""
+    return t.new_zeros(()).expand(t.shape)
+
+
+def is_zeros_free(t: torch.Tensor) -> bool:
+    """Whether ``t`` is a :func:`zeros_like_free` (a broadcast 0-d zero): nothing to add."""
+    return t.dim() > 0 and t.numel() > 0 and all(st == 0 for st in t.stride()) and t.untyped_storage().nbytes() <= t.element_size() \
+        and not bool(t.as_strided((), ()))
 
 
 def _fast_two_sum(hi: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -822,6 +943,7 @@ class EMA(_Accumulator):
             acc._m2 = state["m2"].detach().to(device=acc.device, dtype=dtype).clone()
             acc._rehome()
             _check_state_values(cls.__name__, acc._mean, acc._m2)
+            acc.release_pages()  # disk-backed: the check read them back in
         acc._n = _count_of(state["count"])
         acc._w = float(state["weight_sum"])
         acc._w2 = float(state["weight_sq_sum"])
