@@ -761,7 +761,11 @@ class PerSampleEngine:
         itself: what the first-batch checks compare of a gradient of ``param``."""
         probe = self._verify_probe(param)
         g = g.to(self.compute_dtype)
-        return g if probe is None else g @ probe
+        if probe is None:
+            return g
+        if g.dim() == 2:  # (Pᵀ gᵀ)ᵀ: a k-row product reads g along its rows (see OuterProductPart.total_times)
+            return (probe.t() @ g.t()).t()
+        return g @ probe
 
     def check_totals(self, grads: Mapping[int, torch.Tensor | None]):
         """Compare the first batch's summed parts (:attr:`_totals`) with autograd's batch
