@@ -691,9 +691,13 @@ class PerSampleEngine:
         fused = groups is None and getattr(self._sink, "accepts_gradients", False)
         budget = (3 if fused else 1) * self.budget_elems
         prefer = getattr(parts[0], "row_block", None)
-        if fused and shape and (numel > budget or prefer) and getattr(self._sink, "accepts_row_blocks", False):
-            # blocks of rows (one sample's gradient exceeds the budget, or the part forms its
-            # gradient by blocks, e.g. one expert at a time), as many samples as fit per block
+        blocks = fused and len(shape) > 0 and getattr(self._sink, "accepts_row_blocks", False)
+        if blocks and not (numel > budget or prefer):
+            prefer = self._cache_rows(parts, shape, n_keep)
+        if blocks and (numel > budget or prefer):
+            # blocks of rows (one sample's gradient exceeds the budget, the part forms its
+            # gradient by blocks, e.g. one expert at a time, or a block of every sample's rows
+            # stays in the CPU's cache, see _cache_rows), as many samples as fit per block
             step = min(rows_per_block(shape, budget), prefer or shape[0])
             per_sample = step * (numel // shape[0])
             chunk = max(1, budget // per_sample)
@@ -717,6 +721,22 @@ class PerSampleEngine:
                 continue
             c = g * g
             self._emit(target.name, groups.reduce(c, batch_dims=1) if groups is not None else c, idx)
+
+    #: elements of one block of per-sample gradient rows formed at a time on a CPU (4 MB in
+    #: float32): the product and the sink's passes over it (square, sums, centred squares) then
+    #: run in the cache instead of streaming a [b, *shape] tensor from memory four more times
+    CACHE_BLOCK_ELEMS = 2**20
+
+    def _cache_rows(self, parts: list[Part], shape: tuple, n_keep: int) -> int | None:
+        """Rows per block such that the ``n_keep`` samples' block of rows of a CPU outer-product
+        gradient (``[n_keep, rows, *shape[1:]]``) holds about :attr:`CACHE_BLOCK_ELEMS` elements;
+        None (the whole gradient at once) where that is already small, on other devices (a
+        kernel launch per block), or for parts whose row blocks are not cheap to form."""
+        if self.device.type != "cpu" or not all(p.writes_out or isinstance(p, DensePart) for p in parts):
+            return None
+        row = max(1, math.prod(shape[1:]))
+        step = max(1, self.CACHE_BLOCK_ELEMS // max(1, n_keep * row))
+        return step if step < shape[0] else None
 
     def _emit(self, name: str, contributions: torch.Tensor, samples=None) -> None:
         """Hand per-sample contributions of the samples ``samples`` (default: all kept ones) to
@@ -770,7 +790,11 @@ class PerSampleEngine:
         itself: what the first-batch checks compare of a gradient of ``param``."""
         probe = self._verify_probe(param)
         g = g.to(self.compute_dtype)
-        return g if probe is None else g @ probe
+        if probe is None:
+            return g
+        if g.dim() == 2:  # (Pᵀ gᵀ)ᵀ: a k-row product reads g along its rows (see OuterProductPart.total_times)
+            return (probe.t() @ g.t()).t()
+        return g @ probe
 
     def check_totals(self, grads: Mapping[int, torch.Tensor | None]):
         """Compare the first batch's summed parts (:attr:`_totals`) with autograd's batch
