@@ -265,6 +265,11 @@ def _gram_blocks(u: torch.Tensor, v: torch.Tensor, budget_elems: int) -> torch.T
     return out
 
 
+def _gram_block_tokens(T: int) -> int:
+    """Tokens per block of :func:`_gram_quadratic`: ``T / 4`` within [16, 256], all of them below 32."""
+    return T if T < 32 else min(256, max(16, T // 4))
+
+
 def _gram_quadratic(K: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """``r = Σ_t u_t ∘ (K u)_t`` per sample (``K`` [b, T, T] symmetric, ``u`` [b, T, R]) -> [b, R].
 
@@ -276,7 +281,7 @@ def _gram_quadratic(K: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     slowly); below 32 tokens one block, the whole ``K u``. The products go to the batch's reused
     buffer (:func:`_scratch`), ``[b, τ, R]``."""
     b, T, R = u.shape
-    tau = T if T < 32 else min(256, max(16, T // 4))
+    tau = _gram_block_tokens(T)
     out = None
     for lo in range(0, T, tau):
         hi = min(T, lo + tau)
@@ -433,10 +438,10 @@ class OuterProductPart(Part):
         U, V = (self.V, self.U) if axis == 1 else (self.U, self.V)
         b, T, R, C = num_samples(samples), U.shape[1], U.shape[2], V.shape[2]
         if T * T * (R + C) < T * R * C:
-            per_sample = T * T + T * R  # the Gram [T, T] and the product [T, R]
+            per_sample = T * T + _gram_block_tokens(T) * R  # the Gram [T, T] and one block's product [τ, R]
             if per_sample > budget_elems:
                 return torch.cat([_gram_blocks(take(U, s), take(V, s), budget_elems) for s in _each(samples)])
-            # Gram form, chunked over samples so [b, T, T] + [b, T, R] stay within budget.
+            # Gram form, chunked over samples so [b, T, T] + [b, τ, R] stay within budget.
             chunk = max(1, budget_elems // per_sample)
             outs = []
             for lo in range(0, b, chunk):
