@@ -438,9 +438,19 @@ class OuterProductPart(Part):
         U, V = (self.V, self.U) if axis == 1 else (self.U, self.V)
         b, T, R, C = num_samples(samples), U.shape[1], U.shape[2], V.shape[2]
         if T * T * (R + C) < T * R * C:
-            per_sample = T * T + _gram_block_tokens(T) * R  # the Gram [T, T] and one block's product [τ, R]
+            tau = _gram_block_tokens(T)
+            per_sample = T * T + tau * R  # the Gram [T, T] and one block's product [τ, R]
             if per_sample > budget_elems:
-                return torch.cat([_gram_blocks(take(U, s), take(V, s), budget_elems) for s in _each(samples)])
+                rho = (budget_elems - T * T) // tau
+                if rho < 64:  # not even the Gram and a few rows' product: over blocks of tokens
+                    return torch.cat([_gram_blocks(take(U, s), take(V, s), budget_elems) for s in _each(samples)])
+                # a wide U (lm_head's vocabulary): the sample's whole Gram, over slices of ρ rows
+                # (each row's sum needs only its own column of U and K)
+                outs = []
+                for s in _each(samples):
+                    u, K = take(U, s), _gram(take(V, s))
+                    outs.append(torch.cat([_gram_quadratic(K, u[..., lo : lo + rho]) for lo in range(0, R, rho)], dim=1))
+                return torch.cat(outs)
             # Gram form, chunked over samples so [b, T, T] + [b, τ, R] stay within budget.
             chunk = max(1, budget_elems // per_sample)
             outs = []
