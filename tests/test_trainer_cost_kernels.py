@@ -108,3 +108,30 @@ def test_free_callback_on_a_tied_model_equals_collect(tmp_path):
     floor = 1e-9 * max(float(ref[n].abs().max()) for n in ref.names())
     for name in ref.names():
         torch.testing.assert_close(fisher[name], ref[name], rtol=2e-5, atol=floor)
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_free_callback_one_sample_batches_take_the_parameters_own_gradients(tmp_path, monkeypatch, tied):
+    """Micro-batches of one sample (per_device_train_batch_size=1, with gradient accumulation):
+    the sample's gradients are the Trainer's own parameter gradients; no per-sample rule runs,
+    and the Fisher equals collect's."""
+    from hf_fisher.engine import rules
+
+    calls = []
+    for cls in (rules.LinearRule, rules.EmbeddingRule, rules.RMSNormRule):
+        original = cls.parts
+        monkeypatch.setattr(cls, "parts", lambda self, call, original=original: calls.append(call) or original(self, call))
+    model = tied_llama(torch.float32) if tied else tm.llama(torch.float32)
+    samples = make_samples()
+    cb = hf_fisher.FisherCallback(reduction="group")
+    train(model, samples, tmp_path, callbacks=[cb], bs=1, ga=2)
+    assert cb.collector.fallback_batches == 0
+    assert calls == []
+    monkeypatch.undo()
+    ref = hf_fisher.collect(model, [collate([s]) for s in samples], reduction="group", progress=False)
+    fisher = cb.fisher()
+    assert fisher.counts.samples == ref.counts.samples == len(samples)
+    floor = 1e-9 * max(float(ref[n].abs().max()) for n in ref.names())
+    for name in ref.names():
+        torch.testing.assert_close(fisher[name], ref[name], rtol=2e-5, atol=floor)
+        torch.testing.assert_close(fisher.variances[name], ref.variances[name], rtol=2e-4, atol=floor * floor + 1e-30)
