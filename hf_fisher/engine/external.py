@@ -21,6 +21,12 @@ learned position table. Every captured
 per-sample gradient is then ``c * dS_i/dθ`` and the engine's scale is ``w_i s_i / c`` (see
 :func:`~hf_fisher.engine.losses.normalization_weights`).
 
+A micro-batch of one sample (``per_device_train_batch_size=1``, the usual setting at real scale,
+with gradient accumulation) needs no rule at all: the gradient the backward computes for each
+parameter (read by a tensor hook on the parameter, before it is accumulated into ``.grad``) is
+``c * dS_1/dθ`` itself, every use of a tied weight included; its reduction is the only work left.
+Only for plain float32/float64 parameters (a DTensor shard's hook sees a reduced gradient).
+
 Gradient clipping happens after the backward, on ``.grad``: it never reaches the per-sample
 gradients the hooks see, so it does not change the contributions. Nothing here touches ``.grad``.
 """
