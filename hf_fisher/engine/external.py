@@ -21,6 +21,12 @@ learned position table. Every captured
 per-sample gradient is then ``c * dS_i/dθ`` and the engine's scale is ``w_i s_i / c`` (see
 :func:`~hf_fisher.engine.losses.normalization_weights`).
 
+A micro-batch of one sample (``per_device_train_batch_size=1``, the usual setting at real scale,
+with gradient accumulation) needs no rule at all: the gradient the backward computes for each
+parameter (read by a tensor hook on the parameter, before it is accumulated into ``.grad``) is
+``c * dS_1/dθ`` itself, every use of a tied weight included; its reduction is the only work left.
+Only for plain float32/float64 parameters (a DTensor shard's hook sees a reduced gradient).
+
 Gradient clipping happens after the backward, on ``.grad``: it never reaches the per-sample
 gradients the hooks see, so it does not change the contributions. Nothing here touches ``.grad``.
 """
@@ -38,6 +44,7 @@ from ..errors import HfFisherError, UnsupportedError
 from . import seq2seq, vision
 from .losses import CLASSIFICATION_TASKS, IGNORE_INDEX, label_counts, normalization_weights, token_labels
 from .per_sample import BatchReport, ContributionSink, PerSampleEngine, _keep_and_report, batch_dims
+from .rules import DensePart
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +62,9 @@ class MicroBatch:
     n_tokens: torch.Tensor
     failed: str | None = None
     scale_ready: bool = False
+    #: one sample: its per-sample gradients are the backward's own parameter gradients
+    #: (see :meth:`ExternalBackward._on_param_grad`), no rule runs
+    whole: bool = False
 
 
 class ExternalBackward:
@@ -79,6 +89,7 @@ class ExternalBackward:
         self._grads: dict | None = None
         self._grad_handle = None
         self.paused = False
+        self.param_queue: list = []
 
     # ------------------------------------------------------------------ attach
     def attach(self) -> ExternalBackward:
@@ -89,6 +100,9 @@ class ExternalBackward:
             cap = self.engine.capture
             cap.on_grad = self._gated
             cap.attach()
+            if _plain_parameters(self.engine):
+                for t in self.engine.targets:
+                    self.handles.append(t.param.register_hook(lambda g, t=t: self._on_param_grad(t, g)))
         return self
 
     @contextlib.contextmanager
@@ -136,8 +150,10 @@ class ExternalBackward:
         B, T = batch_dims(batch, engine.task_type)
         verify = engine.verify_next
         micro = MicroBatch(batch, report, self.make_sink(), verify, n)
+        micro.whole = B == 1 and _plain_parameters(engine)
         self.current = micro
         self.queue = []
+        self.param_queue = []
         cap = engine.capture
         cap.start(B, engine.compute_dtype, None, seq_len=T)
         engine.begin_backward(keep, micro.sink, set(), None)
@@ -236,11 +252,38 @@ class ExternalBackward:
         queued, self.queue = self.queue, []
         for call in queued:
             engine.capture._dispatch(call)
+        grads, self.param_queue = self.param_queue, []
+        for target, g in grads:
+            self._on_param_grad(target, g)
+        return None
+
+    def _on_param_grad(self, target, grad):
+        """A micro-batch of one sample: the gradient this backward computes for a parameter (a
+        tensor hook on the parameter: every use summed, tied weights included, before it is
+        accumulated into ``.grad``) is ``c dS_1/dθ``, the sample's own gradient times the loss
+        scale ``c``. It is that sample's part as it is (``g_1 = (w_1 s_1 / c) · grad``): no rule,
+        no Gram product, only the reduction of a tensor the Trainer computed anyway."""
+        micro = self.current
+        if micro is None or not micro.whole or micro.failed or self.paused:
+            return None
+        if not micro.scale_ready:
+            self.param_queue.append((target, grad))
+            return None
+        engine = self.engine
+        try:
+            with torch.no_grad():
+                engine._pending[id(target.param)] = [DensePart(target.param, grad.detach().unsqueeze(0).to(engine.compute_dtype), engine.capture.scale)]
+                engine._reduce(id(target.param))
+        except (UnsupportedError, HfFisherError) as e:
+            micro.failed = micro.failed or str(e)
+        except Exception as e:  # _NonFiniteSamples: the caller redoes the batch
+            log.debug("free capture failed", exc_info=True)
+            micro.failed = micro.failed or f"{type(e).__name__}: {e}"
         return None
 
     def _gated(self, call):
         micro = self.current
-        if micro is None or micro.failed:
+        if micro is None or micro.failed or micro.whole:  # whole: the parameters' own hooks do it
             call.args, call.kwargs, call.grad_output, call.output = (), {}, None, None
             return
         if not micro.scale_ready:
@@ -277,6 +320,7 @@ class ExternalBackward:
         finally:
             cap.calls = []
             cap.recomputed = False
+            self.param_queue = []
             engine.discard_pending()
             self._grads = None
             if self._grad_handle is not None:
@@ -330,6 +374,14 @@ _MOVED_POSITIONS = (
     "default positions 0, 1, ... count the padding), unlike each sample alone. Pad on the right "
     "(tokenizer.padding_side='right') to keep the free path"
 )
+
+
+def _plain_parameters(engine: PerSampleEngine) -> bool:
+    """Whether every target is a plain float32/float64 tensor, whose hook sees this process's whole
+    gradient (not a shard's reduced one, as a DTensor's would be; not rounded to a lower precision
+    than the rules' float32 products)."""
+    return all(type(t.param) in (torch.Tensor, torch.nn.Parameter) and t.param.dtype in (torch.float32, torch.float64)
+               for t in engine.targets)
 
 
 def _counts_labels_beyond_samples(batch: dict, task_type: str) -> bool:

@@ -75,6 +75,7 @@ from .rules import (
     rows_per_block,
     rule_for,
     sub_samples,
+    tied_rows_per_index_sq,
 )
 
 log = logging.getLogger(__name__)
@@ -673,6 +674,8 @@ class PerSampleEngine:
             if len(parts) == 1:
                 per_index = parts[0].per_index_sq(axes, keep, self.budget_elems)
             else:  # tied weights: the parts' sum, squared per index (in row blocks past the budget)
+                per_index = tied_rows_per_index_sq(parts, keep, self.budget_elems) if axes in (0, (0,)) else None
+            if per_index is None:
                 per_index = chunked_per_index_sq(
                     lambda s: sum(p.materialize(s) for p in parts), shape, axes, keep, self.budget_elems,
                     lambda s, lo, hi: sum(p.materialize_rows(s, lo, hi) for p in parts),
