@@ -28,14 +28,18 @@ and what is done to the kept ones differ. Calibration: ``--calib`` sequences of 
 split; ``validation=`` data: the **validation** split; evaluation: the held-out **test** split
 (never used to choose anything). Rows: hf_fisher's default with ``validation=`` (the criterion
 chosen on the validation split among KFAC-OBS, mask Fisher + rescale, FLAP and Wanda-sp, each with and without
-FLAP's bias compensation), its default without validation data (``score="kfac"``), ``kfac``,
-``mask_fisher`` and ``fisher`` with the rescale, a plain Kwon et al. 2022 written independently
+FLAP's bias compensation), its default without validation data (the same choice made on the
+last quarter of the calibration batches, held out, the candidates pruning with the rest; then the
+chosen one prunes with all of them), ``kfac`` (KFAC-OBS, the default before that), ``mask_fisher``
+and ``fisher`` with the rescale, a plain Kwon et al. 2022 written independently
 (``tests/kwon_reference.py``: mask Fisher, lowest units within the same counts, least-squares
 mask tuning reconstructing the unpruned layer), FLAP with its bias compensation, Wanda-sp,
 magnitude; without ``--quick`` also the variants without rescale, OBD, LLM-Pruner Taylor and random.
 
-The time column: the seconds of each criterion's statistics divided by the seconds of one
-forward+backward pass over the calibration set, measured in the same process.
+The time column: the seconds of each criterion's statistics (for the two defaults: of the whole
+choice, every candidate's pruning and loss) divided by the seconds of one forward+backward pass
+over the calibration set, measured in the same process. ``--rows WORD,...`` runs only the rows
+whose label contains one of the words (e.g. ``--rows held-out`` for the default without validation).
 """
 
 from __future__ import annotations
