@@ -55,6 +55,10 @@ recorded in ``stats["validation"]`` (pruning.json). Without ``validation=``, the
 calibration batches, the candidates pruning with the rest; the chosen one then prunes with all of
 them (``stats["validation"]["source"] == "held-out calibration batches"``). Issue 26: no single
 criterion is lowest everywhere (KFAC-OBS loses to Wanda-sp by 0.39 nats on a prose model at 40%).
+Held-out *calibration* batches judge the candidates on the calibration text: when that is text
+the model was trained on (and fits better than new text), the choice leans to the criteria that
+reconstruct it (KFAC-OBS, the rescale) where text it was not trained on may prefer Wanda-sp
+(bench_prune_quality.py, llama-mha-prose at 20%); ``validation=`` with such text avoids that.
 """
 
 from __future__ import annotations
