@@ -28,14 +28,18 @@ and what is done to the kept ones differ. Calibration: ``--calib`` sequences of 
 split; ``validation=`` data: the **validation** split; evaluation: the held-out **test** split
 (never used to choose anything). Rows: hf_fisher's default with ``validation=`` (the criterion
 chosen on the validation split among KFAC-OBS, mask Fisher + rescale, FLAP and Wanda-sp, each with and without
-FLAP's bias compensation), its default without validation data (``score="kfac"``), ``kfac``,
-``mask_fisher`` and ``fisher`` with the rescale, a plain Kwon et al. 2022 written independently
+FLAP's bias compensation), its default without validation data (the same choice made on the
+last quarter of the calibration batches, held out, the candidates pruning with the rest; then the
+chosen one prunes with all of them), ``kfac`` (KFAC-OBS, the default before that), ``mask_fisher``
+and ``fisher`` with the rescale, a plain Kwon et al. 2022 written independently
 (``tests/kwon_reference.py``: mask Fisher, lowest units within the same counts, least-squares
 mask tuning reconstructing the unpruned layer), FLAP with its bias compensation, Wanda-sp,
 magnitude; without ``--quick`` also the variants without rescale, OBD, LLM-Pruner Taylor and random.
 
-The time column: the seconds of each criterion's statistics divided by the seconds of one
-forward+backward pass over the calibration set, measured in the same process.
+The time column: the seconds of each criterion's statistics (for the two defaults: of the whole
+choice, every candidate's pruning and loss) divided by the seconds of one forward+backward pass
+over the calibration set, measured in the same process. ``--rows WORD,...`` runs only the rows
+whose label contains one of the words (e.g. ``--rows held-out`` for the default without validation).
 """
 
 from __future__ import annotations
@@ -184,7 +188,8 @@ def forward_backward_seconds(model, batches) -> float:
 # label, score (None: the library's default), rescale, validation, in --quick
 ROWS = [
     ("hf_fisher default + validation= (chosen on the validation split)", None, True, True, True),
-    ("hf_fisher default without validation (kfac: KFAC-OBS + its rescale)", None, True, False, True),
+    ("hf_fisher default without validation (chosen on held-out calibration batches)", None, True, False, True),
+    ("kfac: KFAC-OBS + its rescale (the default before issue 26's selection)", "kfac", True, False, True),
     ("mask_fisher + rescale", "mask_fisher", True, False, True),
     ("fisher + rescale", "fisher", True, False, True),
     ("plain Kwon et al. + LSQ (tests/kwon_reference.py, same counts)", "plain_kwon", True, False, True),
@@ -216,6 +221,8 @@ def run_pair(name: str, args) -> dict:
     fisher_group = hf_fisher.collect(model, calib, reduction="group", progress=False)
     t_group = time.perf_counter() - t0
     rows = [r for r in ROWS if r[4] or not args.quick]
+    if args.rows:
+        rows = [r for r in rows if any(w in r[0] for w in args.rows.split(","))]
     fisher_param = None
     t_param = 0.0
     if any(r[1] == "obd" for r in rows):
@@ -232,6 +239,8 @@ def run_pair(name: str, args) -> dict:
         secs = []
         for sp in SPARSITIES:
             if score == "plain_kwon":
+                if str(sp) not in counts:
+                    continue
                 t0 = time.perf_counter()
                 if mask_fisher_scores is None:
                     mask_fisher_scores = K.mask_fisher(model, calib)
@@ -249,11 +258,11 @@ def run_pair(name: str, args) -> dict:
                           validation=val if use_val else None)
                 losses.append(K.loss_with(model, test, None))
                 extra = t_param if score == "obd" else t_group if score == "fisher" else 0.0
-                secs.append(r.stats["score_seconds"] + extra)
+                # with validation= / the held-out selection: every candidate's pruning counts
+                secs.append(r.stats["validation"]["seconds"] if "validation" in r.stats else r.stats["score_seconds"] + extra)
                 layer_counts = {int(k): (v["removed"].get("head", 0), v["removed"].get("channel", 0))
                                 for k, v in r.stats["per_layer"].items()}
-                if score is None and not use_val:
-                    counts[str(sp)] = layer_counts
+                counts.setdefault(str(sp), layer_counts)
                 row.setdefault("per_layer", {})[str(sp)] = layer_counts
                 if "validation" in r.stats:
                     row.setdefault("chosen", {})[str(sp)] = r.stats["validation"]["chosen"]
@@ -263,29 +272,35 @@ def run_pair(name: str, args) -> dict:
         results.append(row)
         chosen = "  chosen: " + ", ".join(f"{c['score']}{'+rescale' if c['rescale'] else ''}{'+comp' if c['compensate'] else ''}" for c in row["chosen"].values()) \
             if "chosen" in row else ""
-        print(f"{label:68s} " + "  ".join(f"{row['loss'][str(sp)]:.4f}" for sp in SPARSITIES) + chosen, flush=True)
+        print(f"{label:68s} " + "  ".join(f"{row['loss'][str(sp)]:.4f}" for sp in SPARSITIES if str(sp) in row["loss"]) + chosen,
+              flush=True)
     head = "| criterion | " + " | ".join(f"{int(sp * 100)}%" for sp in SPARSITIES) + " | statistics time (x fwd+bwd) |"
     lines = [f"{name} ({meta['arch']}, {meta['parameters']:,} parameters, {meta['domain']} text): held-out test loss "
              f"(nats/byte) after pruning heads + MLP channels; unpruned {base_loss:.4f}", "", head,
              "| --- |" + " --- |" * (len(SPARSITIES) + 1)]
-    best = {str(sp): min(r["loss"][str(sp)] for r in results) for sp in SPARSITIES}
+    best = {str(sp): min(r["loss"][str(sp)] for r in results if str(sp) in r["loss"]) for sp in SPARSITIES}
     for r in results:
-        cells = [(f"**{r['loss'][str(sp)]:.4f}**" if r["loss"][str(sp)] == best[str(sp)] else f"{r['loss'][str(sp)]:.4f}")
-                 for sp in SPARSITIES]
+        cells = [("" if str(sp) not in r["loss"] else f"**{r['loss'][str(sp)]:.4f}**" if r["loss"][str(sp)] == best[str(sp)]
+                  else f"{r['loss'][str(sp)]:.4f}") for sp in SPARSITIES]
         t = "" if r["time_ratio"] is None else f"{r['time_ratio']:.2f}"
         lines.append(f"| {r['label']} | " + " | ".join(cells) + f" | {t} |")
     table = "\n".join(lines)
     print("\n" + table)
-    default = results[0]
-    plain = next(r for r in results if r["score"] == "plain_kwon")
-    wins = {str(sp): default["loss"][str(sp)] == best[str(sp)] for sp in SPARSITIES}
-    vs_kwon = {str(sp): default["loss"][str(sp)] <= plain["loss"][str(sp)] for sp in SPARSITIES}
+    plain = next((r for r in results if r["score"] == "plain_kwon"), None)
+    summary = {}
+    for which, default in (("with validation", next((r for r in results if r["score"] is None and r["validation"]), None)),
+                           ("without validation", next((r for r in results if r["score"] is None and not r["validation"]), None))):
+        if default is None:
+            continue
+        wins = {str(sp): default["loss"][str(sp)] == best[str(sp)] for sp in SPARSITIES}
+        vs_kwon = {str(sp): default["loss"][str(sp)] <= plain["loss"][str(sp)] for sp in SPARSITIES} if plain else {}
+        summary[which] = {"wins": wins, "not_worse_than_plain_kwon": vs_kwon}
+        print(f"default {which} lowest at every budget: {all(wins.values())} {wins}; "
+              f"<= plain Kwon+LSQ: {all(vs_kwon.values())} {vs_kwon}")
     same = all(r.get("per_layer", counts) == counts for r in results if r["score"] != "plain_kwon")
-    print(f"default + validation lowest at every budget: {all(wins.values())} {wins}; "
-          f"<= plain Kwon+LSQ: {all(vs_kwon.values())} {vs_kwon}; same per-layer counts for every criterion: {same}")
+    print(f"same per-layer counts for every criterion: {same}")
     return {"meta": meta, "base_loss": base_loss, "forward_backward_seconds": fb, "fisher_seconds": {"group": t_group, "param": t_param},
-            "results": results, "table": table, "default_wins": wins, "default_not_worse_than_plain_kwon": vs_kwon,
-            "same_counts": same}
+            "results": results, "table": table, "default": summary, "same_counts": same}
 
 
 def main() -> None:
@@ -301,6 +316,8 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=3, help="seeds of the random criterion (default 3)")
     ap.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "2")))
     ap.add_argument("--json", default=None)
+    ap.add_argument("--rows", default=None,
+                    help="comma list of words: run only the rows whose label contains one (e.g. 'default,plain Kwon')")
     args = ap.parse_args()
     names = list(PAIRS) if args.pairs == "all" else [p.strip() for p in args.pairs.split(",") if p.strip()]
     bad = [p for p in names if p not in PAIRS]
@@ -311,10 +328,11 @@ def main() -> None:
     args.test = args.test or (32 if args.quick else 512)
     torch.set_num_threads(args.threads)
     out = {name: run_pair(name, args) for name in names}
-    print("\nSummary (hf_fisher default + validation=):")
+    print("\nSummary (hf_fisher's default):")
     for name, r in out.items():
-        print(f"  {name}: lowest of all criteria {r['default_wins']}; not worse than plain Kwon+LSQ "
-              f"{r['default_not_worse_than_plain_kwon']}")
+        for which, d in r["default"].items():
+            print(f"  {name}, {which}: lowest of all criteria {d['wins']}; not worse than plain Kwon+LSQ "
+                  f"{d['not_worse_than_plain_kwon']}")
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1))
 

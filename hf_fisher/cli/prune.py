@@ -31,7 +31,10 @@ Prune a model by its Fisher information (or a baseline criterion) and save the r
         --scope layer --data calib.txt --physical --out M-pruned
     hf-fisher prune --model M --fisher fisher-lm --sparsity 0.3 --out M-masked
 
-With --data and --scope layer the default criterion is "kfac": layer by layer, units are removed
+With --data and --scope layer the default criterion is chosen on held-out calibration batches
+(with at least 4 batches: the last quarter is held out, the candidates of --validation below
+prune with the rest, the lowest held-out loss wins and prunes with all of --data; printed and
+saved in pruning.json); with fewer batches it is "kfac": layer by layer, units are removed
 greedily by the least loss increase under the KFAC quadratic (Fisher of the layer output x
 Gram of its input) with the kept units' scales re-optimised and folded into the weights.
 Without data, "fisher": a head's score is the Fisher of its Q rows and O columns (no share of
@@ -67,7 +70,8 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--structured", default="heads,channels", help="comma list of heads, kv_heads, channels, vocab; or none (unstructured)")
     p.add_argument("--score", default=None, metavar="SCORE",
                    help="criterion: a registered prune score, e.g. fisher, kfac, obd, magnitude, wanda_sp, flap (all of them: "
-                        "`hf-fisher plugins`; default: kfac with --data and --scope layer, else fisher)")
+                        "`hf-fisher plugins`; default with --data and --scope layer: chosen on held-out --data batches, "
+                        "kfac with fewer than 4 batches; else fisher)")
     p.add_argument("--scope", choices=("global", "layer"), default="global", help="one global budget, or the same budget in every layer (default global)")
     p.add_argument("--min-per-layer", type=int, default=1, help="units of each kind kept in every layer (default 1)")
     p.add_argument("--confidence", type=float, default=None, help="remove only units whose upper confidence bound is below every kept unit (e.g. 0.95)")
@@ -168,7 +172,9 @@ def run(args: argparse.Namespace) -> int:
           f"{st['candidate_params']:,} candidate parameters; score {st['score']}, scope {st['scope']})")
     if "validation" in st:
         chosen = st["validation"]["chosen"]
-        print("Validation chose score " + chosen["score"] + (" with" if chosen["rescale"] else " without") + " rescale,"
+        by = "Validation" if st["validation"]["source"] == "validation=" else \
+            f"On {st['validation']['batches']} held-out --data batch(es), the default"
+        print(by + " chose score " + chosen["score"] + (" with" if chosen["rescale"] else " without") + " rescale,"
               + (" with" if chosen["compensate"] else " without")
               + f" bias compensation (validation loss {chosen['validation_loss']:.6g}); candidates: "
               + ", ".join(f"{c['score']}{'+rescale' if c['rescale'] else ''}{'+compensate' if c['compensate'] else ''} "
