@@ -1,7 +1,7 @@
-"""The pruning default without ``validation=`` data (issue 26 item 3): with at least
-``HOLDOUT_MIN_BATCHES`` calibration batches it chooses its criterion on the last quarter of them,
-held out, the candidates pruning with the rest; deterministic and recorded in the result's stats
-(pruning.json). With fewer batches it is KFAC-OBS, as before."""
+"""``validation="holdout"`` (issue 26 item 3): with at least ``HOLDOUT_MIN_BATCHES`` calibration
+batches the criterion is chosen on the last quarter of them, held out, the candidates pruning with
+the rest; deterministic and recorded in the result's stats (pruning.json). Fewer batches are
+refused; the default without ``validation=`` stays KFAC-OBS."""
 
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ def test_default_chooses_on_held_out_calibration_batches_deterministically(tmp_p
     before = _weights(m)
     runs = []
     for _ in range(2):
-        r = prune(m, None, sparsity=0.5, scope="layer", rescale_batches=CALIB, progress=False)
+        r = prune(m, None, sparsity=0.5, scope="layer", rescale_batches=CALIB, validation="holdout", progress=False)
         runs.append((r.stats["validation"], r.removed, _weights(m)))
         if not runs[1:]:
             r.save_pretrained(tmp_path / "out")
@@ -62,11 +62,21 @@ def test_default_chooses_on_held_out_calibration_batches_deterministically(tmp_p
     r.restore()
 
 
-def test_fewer_calibration_batches_keep_kfac_obs():
+def test_default_stays_kfac_obs_and_holdout_needs_enough_batches():
+    from hf_fisher.errors import InvalidInputError
+
     m = tm.llama(torch.float64, kv_heads=2, layers=2, seed=3)
-    r = prune(m, None, sparsity=0.5, scope="layer", rescale_batches=CALIB[: HOLDOUT_MIN_BATCHES - 1], progress=False)
+    r = prune(m, None, sparsity=0.5, scope="layer", rescale_batches=CALIB, progress=False)
     r.restore()
     assert r.stats["score"] == "kfac" and "validation" not in r.stats
+    with pytest.raises(InvalidInputError, match=f"needs at least {HOLDOUT_MIN_BATCHES}"):
+        prune(m, None, sparsity=0.5, scope="layer", rescale_batches=CALIB[: HOLDOUT_MIN_BATCHES - 1],
+              validation="holdout", progress=False)
+    with pytest.raises(InvalidInputError, match="leave score=None"):
+        prune(m, None, sparsity=0.5, scope="layer", score="kfac", rescale_batches=CALIB, validation="holdout",
+              progress=False)
+    with pytest.raises(InvalidInputError, match="held-out batches or 'holdout'"):
+        prune(m, None, sparsity=0.5, scope="layer", rescale_batches=CALIB, validation="calibration", progress=False)
 
 
 def test_bad_options_are_refused_in_their_own_terms_before_the_selection():
@@ -75,8 +85,8 @@ def test_bad_options_are_refused_in_their_own_terms_before_the_selection():
     m = tm.llama(torch.float64, kv_heads=2, layers=2, seed=3)
     before = _weights(m)
     with pytest.raises(InvalidInputError, match=r"sparsity must be a number in \[0, 1\)"):
-        prune(m, None, sparsity=1.5, scope="layer", rescale_batches=CALIB, progress=False)
+        prune(m, None, sparsity=1.5, scope="layer", rescale_batches=CALIB, validation="holdout", progress=False)
     with pytest.raises(InvalidInputError, match=r"rescale_batches\[2\]: token id"):
-        prune(m, None, sparsity=0.5, scope="layer", progress=False,
+        prune(m, None, sparsity=0.5, scope="layer", progress=False, validation="holdout",
               rescale_batches=CALIB[:2] + [{"input_ids": torch.full((1, 4), 10_000)}] + CALIB[3:])
     assert all(torch.equal(p, before[n]) for n, p in m.named_parameters())

@@ -1,8 +1,8 @@
 """Issue 26: a fixed criterion is not lowest everywhere. On this tiny trained model at 75%, the
-old default (KFAC-OBS + its reconstruction) loses on held-out data to FLAP; the default without
-``validation=`` now chooses among KFAC-OBS, mask Fisher + rescale, FLAP and Wanda-sp (each with
-and without the bias compensation) on held-out calibration batches, and beats KFAC-OBS and the
-plain Kwon et al. + LSQ (tests/kwon_reference.py) at the same per-layer counts on the test data."""
+default (KFAC-OBS + its reconstruction) loses on held-out data to FLAP; ``validation="holdout"``
+chooses among KFAC-OBS, mask Fisher + rescale, FLAP and Wanda-sp (each with and without the bias
+compensation) on held-out calibration batches, and beats KFAC-OBS and the plain Kwon et al. + LSQ
+(tests/kwon_reference.py) at the same per-layer counts on the test data."""
 
 from __future__ import annotations
 
@@ -16,10 +16,10 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.slow
-def test_default_beats_kfac_obs_and_plain_kwon_where_kfac_obs_loses(trained):  # noqa: F811
+def test_holdout_choice_beats_kfac_obs_and_plain_kwon_where_kfac_obs_loses(trained):  # noqa: F811
     model, _, _, test = trained
     calib = _batches(_language(64, 24, 3), 16)  # four batches: the last one is held out
-    r = prune(model, None, sparsity=0.75, scope="layer", rescale_batches=calib, progress=False)
+    r = prune(model, None, sparsity=0.75, scope="layer", rescale_batches=calib, validation="holdout", progress=False)
     default = K.loss_with(model, test, None)
     counts, rec = _counts(r), r.stats.get("validation")
     r.restore()

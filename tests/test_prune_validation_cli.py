@@ -60,3 +60,12 @@ def test_validation_needs_data(workspace, tmp_path, capsys):
     assert main(args) == 2
     assert "pass --data FILE too" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_validation_holdout_chooses_on_the_last_quarter_of_the_data(workspace, capsys):
+    out = workspace / "pruned_holdout"
+    assert main(_args(workspace, out, "--validation", "holdout", "--batch-size", "1")) == 0  # 6 batches: 2 held out
+    printed = capsys.readouterr().out
+    rec = json.loads((out / "pruning.json").read_text())["stats"]["validation"]
+    assert rec["source"] == "held-out calibration batches" and rec["held_out"] == [4, 5] and rec["of"] == 6
+    assert "held-out --data batch(es), --validation holdout chose score" in printed

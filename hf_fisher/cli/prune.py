@@ -31,10 +31,7 @@ Prune a model by its Fisher information (or a baseline criterion) and save the r
         --scope layer --data calib.txt --physical --out M-pruned
     hf-fisher prune --model M --fisher fisher-lm --sparsity 0.3 --out M-masked
 
-With --data and --scope layer the default criterion is chosen on held-out calibration batches
-(with at least 4 batches: the last quarter is held out, the candidates of --validation below
-prune with the rest, the lowest held-out loss wins and prunes with all of --data; printed and
-saved in pruning.json); with fewer batches it is "kfac": layer by layer, units are removed
+With --data and --scope layer the default criterion is "kfac": layer by layer, units are removed
 greedily by the least loss increase under the KFAC quadratic (Fisher of the layer output x
 Gram of its input) with the kept units' scales re-optimised and folded into the weights.
 Without data, "fisher": a head's score is the Fisher of its Q rows and O columns (no share of
@@ -45,7 +42,10 @@ from_pretrained loads); otherwise the weights are zeroed. --out gets the tokeniz
 a saturated model, whose Fisher vanishes: then the default adds FLAP's bias compensation).
 With --validation FILE (held-out text) and no --score, each of kfac, mask_fisher, flap and
 wanda_sp (each with and without FLAP's bias compensation) prunes the model and the lowest validation loss wins;
-the choice and every candidate's loss are printed and saved in pruning.json.
+the choice and every candidate's loss are printed and saved in pruning.json. --validation holdout
+makes the same choice on the last quarter of the --data batches (at least 4), held out, the
+candidates pruning with the rest (text the model was trained on leans to the criteria that
+reconstruct it: held-out text it was not trained on is the better judge).
 The flag combinations are checked before the model is loaded.
 """
 
@@ -78,10 +78,11 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--physical", action="store_true", help="remove the units and save a smaller model (LLaMA family; needs --scope layer)")
     p.add_argument("--data", default=None, help="calibration data (.txt / .jsonl): the least-squares rescale and the data-driven scores")
     p.add_argument("--no-rescale", action="store_true", help="no least-squares rescale even with --data")
-    p.add_argument("--validation", default=None, metavar="FILE",
+    p.add_argument("--validation", default=None, metavar="FILE|holdout",
                    help="held-out data (.txt / .jsonl, not the --data text): the criterion left unset (kfac, "
                         "mask_fisher, flap or wanda_sp, each with FLAP's bias compensation on or off) is chosen by its loss; the "
-                        "choice is printed and saved in pruning.json (needs --data)")
+                        "choice is printed and saved in pruning.json (needs --data). 'holdout': chosen on the last "
+                        "quarter of the --data batches instead")
     p.add_argument("--encoding", default="utf-8", help="text encoding of --data (default utf-8)")
     p.add_argument("--batch-size", type=int, default=8, help="samples per batch of --data (default 8)")
     p.add_argument("--max-length", type=int, default=512, help="truncate calibration samples to this many tokens (default 512)")
@@ -113,8 +114,8 @@ def run(args: argparse.Namespace) -> int:
         vpath = Path(args.validation)
         if data_path is None:
             raise InvalidInputError("--validation chooses among criteria computed on calibration data: pass --data FILE too")
-        if vpath.suffix.lower() not in (".txt", ".jsonl") or not vpath.is_file():
-            raise InvalidInputError(f"--validation {args.validation!r}: expected an existing .txt or .jsonl file")
+        if args.validation != "holdout" and (vpath.suffix.lower() not in (".txt", ".jsonl") or not vpath.is_file()):
+            raise InvalidInputError(f"--validation {args.validation!r}: expected an existing .txt or .jsonl file, or 'holdout'")
         if args.score is not None:
             raise InvalidInputError("--validation chooses the criterion: drop --score (or drop --validation)")
     if args.fisher is not None and not Path(args.fisher).is_dir():
@@ -151,7 +152,9 @@ def run(args: argparse.Namespace) -> int:
         samples = read_samples(args, data_path)
         config, task_type = check_samples_against_config(args, samples)
         held_out = None
-        if args.validation is not None:
+        if args.validation == "holdout":
+            validation = "holdout"
+        elif args.validation is not None:
             held_out = read_samples(args, Path(args.validation))
             check_samples_against_config(args, held_out)
         model, batches = load_model_and_batches(args, config, task_type, samples)
@@ -173,7 +176,7 @@ def run(args: argparse.Namespace) -> int:
     if "validation" in st:
         chosen = st["validation"]["chosen"]
         by = "Validation" if st["validation"]["source"] == "validation=" else \
-            f"On {st['validation']['batches']} held-out --data batch(es), the default"
+            f"On {st['validation']['batches']} held-out --data batch(es), --validation holdout"
         print(by + " chose score " + chosen["score"] + (" with" if chosen["rescale"] else " without") + " rescale,"
               + (" with" if chosen["compensate"] else " without")
               + f" bias compensation (validation loss {chosen['validation_loss']:.6g}); candidates: "

@@ -49,16 +49,16 @@ has none). ``physical=True`` returns a smaller model instead
 Validation. ``validation=`` held-out batches choose the options left unset by their loss: the
 criterion among :data:`VALIDATION_SCORES` (KFAC-OBS, mask Fisher + rescale, FLAP, Wanda-sp) and FLAP's bias
 compensation on or off; the choice and every candidate's validation loss are logged (WARNING) and
-recorded in ``stats["validation"]`` (pruning.json). Without ``validation=``, the default criterion
-(``score=None``, ``scope="layer"``, heads / kv-heads / channels, at least
-:data:`HOLDOUT_MIN_BATCHES` calibration batches) is chosen the same way on the last quarter of the
-calibration batches, the candidates pruning with the rest; the chosen one then prunes with all of
-them (``stats["validation"]["source"] == "held-out calibration batches"``). Issue 26: no single
-criterion is lowest everywhere (KFAC-OBS loses to Wanda-sp by 0.39 nats on a prose model at 40%).
-Held-out *calibration* batches judge the candidates on the calibration text: when that is text
-the model was trained on (and fits better than new text), the choice leans to the criteria that
-reconstruct it (KFAC-OBS, the rescale) where text it was not trained on may prefer Wanda-sp
-(bench_prune_quality.py, llama-mha-prose at 20%); ``validation=`` with such text avoids that.
+recorded in ``stats["validation"]`` (pruning.json). ``validation="holdout"`` makes the same
+choice without held-out text: the last quarter of the calibration batches (at least
+:data:`HOLDOUT_MIN_BATCHES`) is held out, the candidates prune with the rest, and the chosen one
+then prunes with all of them (``stats["validation"]["source"] == "held-out calibration
+batches"``); about eleven prunings instead of one. It is opt-in, not the default: on the five
+models of bench_prune_quality.py it changed the default's choice for the better once (0.09 nats
+at 40% on a prose model) and for the worse once (0.004), because held-out *calibration* batches
+are text the model was trained on and fits better than new text, so they lean to the criteria
+that reconstruct it (KFAC-OBS, the rescale) where new text may prefer Wanda-sp; ``validation=``
+with text the model was not trained on avoids that.
 """
 
 from __future__ import annotations
@@ -453,17 +453,15 @@ def prune(
     seed: int = 0,
     progress: bool = True,
     tokenizer: Any = None,
-    validation: Sequence[Mapping[str, Any]] | None = None,
+    validation: Sequence[Mapping[str, Any]] | str | None = None,
 ) -> PruneResult:
     """Prune ``model`` to ``sparsity`` (module docstring for budgets, confidence and applying).
 
-    ``score=None`` (default), with calibration batches and ``scope="layer"`` (heads / kv-heads /
-    channels): chosen among :data:`VALIDATION_SCORES` (with and without the bias compensation) by
-    the loss on ``validation=`` when given, else on the last ``ceil(HOLDOUT_FRACTION · n)`` of
-    ``n ≥`` :data:`HOLDOUT_MIN_BATCHES` calibration batches held out (:func:`_by_holdout`); with
-    fewer batches ``"kfac"`` — structured OBS under the KFAC quadratic with its Fisher-weighted
-    reconstruction of the unpruned layers. Without calibration batches or with ``scope="global"``:
-    ``"fisher"``.
+    ``score=None`` (default) is ``"kfac"`` — structured OBS under the KFAC quadratic with its
+    Fisher-weighted reconstruction of the unpruned layers — when calibration batches are given
+    with ``scope="layer"`` (heads / kv-heads / channels), else ``"fisher"``; with ``validation=``
+    batches the criterion and the bias compensation are chosen on them (below), with
+    ``validation="holdout"`` on the last quarter of the calibration batches (module docstring).
     ``fisher``: the artifact for ``score="fisher"`` / ``"obd"`` (a group Fisher works for
     "fisher"; "obd" and unstructured pruning need ``reduction="param"``). ``score``: the name of a
     registered :class:`~hf_fisher.consumers.prune.base.PruneScore` (built-ins in
@@ -496,10 +494,17 @@ def prune(
                    confidence=confidence, physical=physical, rescale_batches=rescale_batches, rescale=rescale,
                    calibration_batches=calibration_batches, compensate=compensate, keep_tokens=keep_tokens,
                    sequential=sequential, seed=seed, progress=progress, tokenizer=tokenizer)
+    if isinstance(validation, str):
+        if validation != "holdout":
+            raise InvalidInputError(f"validation must be held-out batches or 'holdout', got {validation!r}")
+        if score is not None:
+            raise InvalidInputError("validation='holdout' chooses the criterion: leave score=None (or drop validation=)")
+        refusal = _holdout_refusal(options, model, fisher)
+        if refusal is not None:
+            raise InvalidInputError(f"validation='holdout' {refusal}")
+        return _by_holdout(model, fisher, options)
     if validation is not None:
         return _by_validation(model, fisher, validation, **options)
-    if score is None and _selects_by_holdout(options, model, fisher):
-        return _by_holdout(model, fisher, options)
     t_start = time.perf_counter()
     chosen = {"score": score is not None, "compensate": compensate is not None}
     if hasattr(model, "peft_config") and physical:
@@ -600,23 +605,23 @@ def prune(
 VALIDATION_SCORES = (("kfac", None), ("mask_fisher", None), ("flap", None), ("wanda_sp", False), ("wanda_sp", True))
 
 
-#: the default criterion without ``validation=`` (``score=None``, scope "layer", heads / kv-heads /
-#: channels) is chosen on held-out calibration batches when there are at least this many: the last
-#: ``ceil(HOLDOUT_FRACTION · n)`` of them (:func:`_by_holdout`); with fewer it is ``"kfac"``
+#: ``validation="holdout"`` needs at least this many calibration batches and holds out the last
+#: ``ceil(HOLDOUT_FRACTION · n)`` of them (:func:`_by_holdout`)
 HOLDOUT_MIN_BATCHES = 4
 HOLDOUT_FRACTION = 0.25
 
 
-def _selects_by_holdout(options: Mapping[str, Any], model: nn.Module, fisher) -> bool:
-    """Whether ``prune``'s default criterion is chosen on held-out calibration batches: ``score``
-    and ``validation`` not given, ``scope="layer"``, heads / kv-heads / channels (no vocabulary
-    rows), no ``confidence``, and at least :data:`HOLDOUT_MIN_BATCHES` calibration batches (the
-    inputs with which the default would be ``"kfac"``). With fewer batches the default stays
-    ``"kfac"`` (logged at INFO)."""
+def _holdout_refusal(options: Mapping[str, Any], model: nn.Module, fisher) -> str | None:
+    """Why ``validation="holdout"`` cannot choose here (None when it can): it needs ``scope="layer"``,
+    heads / kv-heads / channels (no vocabulary rows), no ``confidence`` and at least
+    :data:`HOLDOUT_MIN_BATCHES` calibration batches. The options are checked first, in their own terms."""
     kinds = _structured_kinds(options["structured"])
     batches = options["calibration_batches"] if options["calibration_batches"] is not None else options["rescale_batches"]
-    if batches is None or options["scope"] != "layer" or not kinds or "vocab" in kinds or options["confidence"] is not None:
-        return False
+    if batches is None:
+        return f"holds out calibration batches: pass at least {HOLDOUT_MIN_BATCHES} as calibration_batches= or rescale_batches="
+    if options["scope"] != "layer" or not kinds or "vocab" in kinds or options["confidence"] is not None:
+        return ("chooses among the layer-wise criteria: it needs scope='layer', heads / kv-heads / channels (no vocab) "
+                "and no confidence=")
     from hf_fisher.architectures.builder import config_of
 
     check_options(sparsity=options["sparsity"], structured=kinds, score=None, scope=options["scope"],
@@ -626,14 +631,13 @@ def _selects_by_holdout(options: Mapping[str, Any], model: nn.Module, fisher) ->
     n = len(_check_batches("calibration_batches" if options["calibration_batches"] is not None else "rescale_batches",
                            batches, model))
     if n < HOLDOUT_MIN_BATCHES:
-        logger.info("prune: %d calibration batch(es), fewer than the %d the default needs to choose its criterion on "
-                    "held-out batches: score 'kfac'", n, HOLDOUT_MIN_BATCHES)
-        return False
-    return True
+        return (f"holds out the last quarter of the calibration batches and needs at least {HOLDOUT_MIN_BATCHES} "
+                f"(got {n}): pass more batches, or validation= batches of held-out text")
+    return None
 
 
 def _by_holdout(model, fisher, options: Mapping[str, Any]) -> PruneResult:
-    """The default criterion without ``validation=`` data (:func:`_selects_by_holdout`): the last
+    """``validation="holdout"`` (:func:`_holdout_refusal`): the last
     ``h = ceil(HOLDOUT_FRACTION · n)`` of the ``n`` calibration batches are held out; every
     candidate of :func:`_by_validation` prunes the model with the other ``n − h`` batches (also
     as rescale batches, when the rescale batches are the calibration batches) and is scored by its
