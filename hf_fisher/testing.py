@@ -42,7 +42,13 @@ import torch
 import torch.nn.functional as F
 
 IGNORE = -100
-TASK_TYPES = ("causal_lm", "masked_lm", "classification", "sequence_classification")  # the last two: the same
+TASK_TYPES = (
+    "causal_lm", "masked_lm", "classification", "sequence_classification",  # the last two: the same
+    "seq2seq", "image_classification", "audio_classification",
+)
+CLASS_TASKS = ("classification", "sequence_classification", "image_classification", "audio_classification")
+#: a sample's model input, by task (token tasks and seq2seq: ``input_ids``, or Whisper's ``input_features``)
+INPUT_KEYS = ("input_ids", "input_features", "pixel_values", "input_values")
 NORMALIZATIONS = ("mean", "sum", "token")
 REDUCTIONS = ("param", "group")
 RTOL = 1e-6  # float64 model, float64 accumulation vs this float64 reference
@@ -71,12 +77,14 @@ def _logits(out: Any) -> torch.Tensor:
 
 
 def _token_losses(logits: torch.Tensor, labels: torch.Tensor, task_type: str) -> tuple[torch.Tensor, int]:
-    """Sum of per-token cross-entropies of ONE sample and its number of label tokens."""
-    if task_type in ("classification", "sequence_classification"):
+    """Sum of per-token cross-entropies of ONE sample and its number of label tokens (seq2seq:
+    the decoder's logits against its labels, position by position: the decoder inputs are the
+    labels shifted right by the model, so logit t predicts label t)."""
+    if task_type in CLASS_TASKS:
         return F.cross_entropy(logits.reshape(1, -1).double(), labels.reshape(1), reduction="sum"), 1
     if task_type == "causal_lm":
         logits, labels = logits[:, :-1], labels[:, 1:]
-    elif task_type != "masked_lm":
+    elif task_type not in ("masked_lm", "seq2seq"):
         raise ValueError(f"unknown task_type {task_type!r}; expected one of {TASK_TYPES}")
     logits = logits.reshape(-1, logits.shape[-1]).double()
     labels = labels.reshape(-1)
@@ -89,9 +97,9 @@ def _token_losses(logits: torch.Tensor, labels: torch.Tensor, task_type: str) ->
 
 def label_tokens(sample: Mapping[str, torch.Tensor], task_type: str = "causal_lm") -> int:
     """Number of label tokens that enter the loss of one unpadded sample (after the causal shift)."""
-    if task_type in ("classification", "sequence_classification"):
-        return 1
-    labels = sample.get("labels", sample["input_ids"])
+    if task_type in CLASS_TASKS:
+        return int(sample["labels"].reshape(-1)[0] != IGNORE) if "labels" in sample else 1
+    labels = sample.get("labels", sample.get("input_ids"))
     if task_type == "causal_lm":
         labels = labels[:, 1:]
     return int((labels != IGNORE).sum())
@@ -129,12 +137,22 @@ def _iter_contributions(
     model.eval()
     try:
         for s in samples:
-            ids = s["input_ids"]
-            if ids.dim() != 2 or ids.shape[0] != 1:
-                raise ValueError(f"reference samples are single and unpadded ([1, T]); got {tuple(ids.shape)}")
-            labels = s.get("labels", ids)
+            key = next((k for k in INPUT_KEYS if k in s), None)
+            if key is None:
+                raise ValueError(f"a reference sample needs one of {INPUT_KEYS}; got {sorted(s)}")
+            x = s[key]
+            if x.shape[0] != 1 or (key == "input_ids" and x.dim() != 2):
+                raise ValueError(f"reference samples are single and unpadded ([1, ...]); got {key} {tuple(x.shape)}")
+            labels = s.get("labels", x)
+            if label_tokens({"labels": labels}, task_type) == 0:  # nothing to differentiate: skipped, as the engine does
+                yield None
+                continue
+            inputs = {key: x}
+            if task_type == "seq2seq":  # the decoder's inputs: the labels shifted by the model itself
+                inputs["labels"] = labels
+                inputs["use_cache"] = False
             with torch.enable_grad():
-                logits = _logits(model(input_ids=ids))
+                logits = _logits(model(**inputs))
                 total, n = _token_losses(logits, labels, task_type)
                 if n == 0:
                     yield None
@@ -195,12 +213,36 @@ def reference_group_variance(
     }
 
 
-def split_batch(batch: Mapping[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+def split_batch(batch: Mapping[str, torch.Tensor], task_type: str | None = None) -> list[dict[str, torch.Tensor]]:
     """Per-sample unpadded dicts (``input_ids`` [1, T_i], ``labels`` [1, T_i] or [1]) of a batch.
 
     Works for right or left padding: the kept positions are those with ``attention_mask == 1``
     (all positions when there is no mask). Labels of shape [B] (classification) become [1].
+    Images (``pixel_values``) are taken whole; audio (``input_values``) is cut by its mask;
+    ``task_type="seq2seq"`` batches keep each source by its mask and each target up to its last
+    label (``decoder_attention_mask`` == 0 positions ignored), and Whisper's ``input_features``
+    whole (its padding is silence the sample alone gets too).
     """
+    if "pixel_values" in batch or "input_features" in batch:
+        key = "pixel_values" if "pixel_values" in batch else "input_features"
+        out = []
+        for i in range(batch[key].shape[0]):
+            s = {key: batch[key][i : i + 1].clone()}
+            if "labels" in batch:
+                s["labels"] = _target_of(batch, i)
+            out.append(s)
+        return out
+    key = "input_values" if "input_values" in batch else "input_ids"
+    ids = batch[key]
+    labels = batch.get("labels")
+    if task_type == "seq2seq":
+        mask = batch.get("attention_mask")
+        return [{key: ids[i : i + 1, mask[i].bool()].clone() if mask is not None else ids[i : i + 1].clone(),
+                 "labels": _target_of(batch, i)} for i in range(ids.shape[0])]
+    if key == "input_values":
+        mask = batch.get("attention_mask")
+        return [{key: ids[i : i + 1, mask[i].bool()].clone() if mask is not None else ids[i : i + 1].clone(),
+                 **({"labels": labels[i : i + 1].clone()} if labels is not None else {})} for i in range(ids.shape[0])]
     ids = batch["input_ids"]
     mask = batch.get("attention_mask")
     labels = batch.get("labels")
@@ -212,6 +254,21 @@ def split_batch(batch: Mapping[str, torch.Tensor]) -> list[dict[str, torch.Tenso
             s["labels"] = labels[i : i + 1].clone() if labels.dim() == 1 else labels[i, keep].unsqueeze(0).clone()
         out.append(s)
     return out
+
+
+def _target_of(batch: Mapping[str, torch.Tensor], i: int) -> torch.Tensor:
+    """Sample ``i``'s labels: [1] for one class label, else its target up to its last counted
+    label (positions hidden by ``decoder_attention_mask`` set to -100)."""
+    labels = batch["labels"]
+    if labels.dim() == 1:
+        return labels[i : i + 1].clone()
+    row = labels[i].clone()
+    dmask = batch.get("decoder_attention_mask")
+    if dmask is not None:
+        row[dmask[i] == 0] = IGNORE
+    valid = (row != IGNORE).nonzero().flatten()
+    n = int(valid[-1]) + 1 if valid.numel() else 0
+    return row[:n].unsqueeze(0)
 
 
 def collate(
@@ -365,7 +422,7 @@ def per_sample_fisher(
     group_acc: dict[str, _Welford] = {}
     kept: list[dict[str, torch.Tensor]] = []
     skipped = 0
-    samples = (s for batch in batches for s in split_batch(batch))
+    samples = (s for batch in batches for s in split_batch(batch, task_type))
     for c in _iter_contributions(model, samples, normalization=normalization, task_type=task_type):
         if c is None:
             skipped += 1

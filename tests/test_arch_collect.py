@@ -106,7 +106,8 @@ def _private_attributes(path: Path, owners: set[str] | None = None) -> set[str]:
 
 def test_external_backward_uses_only_the_engines_public_api():
     assert _private_attributes(PKG / "engine" / "external.py", {"engine"}) == set()
-    engine_api = ("begin_backward", "on_grad", "finish_backward", "discard_pending", "forward_params", "position_pair")
+    engine_api = ("begin_backward", "on_grad", "on_whole_gradient", "finish_backward", "discard_pending", "forward_params",
+                  "position_pair")
     from hf_fisher.engine.per_sample import PerSampleEngine
 
     assert all(callable(getattr(PerSampleEngine, n, None)) for n in engine_api if n != "forward_params")

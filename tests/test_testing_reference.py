@@ -89,7 +89,7 @@ def test_group_moments_need_groups_and_bad_options_are_refused():
     with pytest.raises(ValueError, match="normalization"):
         per_sample_fisher(model, _batches(), normalization="avg")
     with pytest.raises(ValueError, match="task_type"):
-        per_sample_fisher(model, _batches(), task_type="seq2seq")
+        per_sample_fisher(model, _batches(), task_type="translation")
 
 
 def test_reference_covers_the_engines_choices():

@@ -44,7 +44,6 @@ from ..errors import HfFisherError, UnsupportedError
 from . import seq2seq, vision
 from .losses import CLASSIFICATION_TASKS, IGNORE_INDEX, label_counts, normalization_weights, token_labels
 from .per_sample import BatchReport, ContributionSink, PerSampleEngine, _keep_and_report, batch_dims
-from .rules import DensePart
 
 log = logging.getLogger(__name__)
 
@@ -272,8 +271,7 @@ class ExternalBackward:
         engine = self.engine
         try:
             with torch.no_grad():
-                engine._pending[id(target.param)] = [DensePart(target.param, grad.detach().unsqueeze(0).to(engine.compute_dtype), engine.capture.scale)]
-                engine._reduce(id(target.param))
+                engine.on_whole_gradient(target.param, grad)
         except (UnsupportedError, HfFisherError) as e:
             micro.failed = micro.failed or str(e)
         except Exception as e:  # _NonFiniteSamples: the caller redoes the batch

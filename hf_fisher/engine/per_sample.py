@@ -601,6 +601,14 @@ class PerSampleEngine:
         # free what this call held (inputs, output, its gradient) as soon as it is reduced
         call.args, call.kwargs, call.grad_output, call.output = (), {}, None, None
 
+    def on_whole_gradient(self, param: torch.Tensor, gradient: torch.Tensor) -> None:
+        """A batch of one sample whose whole gradient of ``param`` is known from elsewhere (the
+        Trainer's backward, every use summed): it is the sample's only part, reduced now (the
+        per-sample scale set by :meth:`begin_backward` applies as to any part)."""
+        pid = id(param)
+        self._pending[pid] = [DensePart(param, gradient.detach().unsqueeze(0).to(self.compute_dtype), self.capture.scale)]
+        self._reduce(pid)
+
     def discard_pending(self) -> None:
         """Drop the parts of a backward that will not be finished (its micro-batch failed)."""
         self._pending = {}
