@@ -5,13 +5,11 @@ classification (padded clips, a clip labelled -100). Each against ``hf_fisher.co
 from __future__ import annotations
 
 import pytest
-import torch
+import seq2seq_models as S
+import vision_models as V
 
 import hf_fisher
 from hf_fisher.testing import assert_fisher_close, per_sample_fisher, split_batch
-
-import seq2seq_models as S
-import vision_models as V
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
