@@ -429,7 +429,7 @@ def run_trainer(args, log) -> dict:
         targs = TrainingArguments(str(tmp / f"out-{method}"), per_device_train_batch_size=spec["B"], max_steps=steps,
                                   learning_rate=1e-4, report_to=[], save_strategy="no", logging_strategy="no",
                                   use_cpu=True, disable_tqdm=True, seed=0)
-        clock = bench_trainer._clock()
+        clock = _common.step_clock()
         trainer = Trainer(model=model, args=targs, train_dataset=train, data_collator=default_data_collator,
                           callbacks=callbacks + [clock])
         trainer.remove_callback(PrinterCallback)
