@@ -20,6 +20,7 @@ from hf_fisher.errors import InvalidInputError
 
 import reference as R
 import tiny_models as tm
+from tiny_models import ListDataset
 
 EOS = 2  # pad = eos, as in most trained causal LMs: its embedding row is not zero
 
@@ -32,17 +33,6 @@ def eos_tokenizer(side="left"):
     )
     tok.padding_side = side
     return tok
-
-
-class ListDataset(torch.utils.data.Dataset):
-    def __init__(self, samples):
-        self.samples = samples
-
-    def __len__(self):
-        return len(self.samples)
-
-    def __getitem__(self, i):
-        return self.samples[i]
 
 
 def lm_samples(n=8, seed=0):

@@ -12,19 +12,9 @@ from transformers import DataCollatorForSeq2Seq, Seq2SeqTrainer, Seq2SeqTraining
 import hf_fisher
 
 import reference as R
+from tiny_models import ListDataset
 
 N = 6
-
-
-class ListDataset(torch.utils.data.Dataset):
-    def __init__(self, samples):
-        self.samples = samples
-
-    def __len__(self):
-        return len(self.samples)
-
-    def __getitem__(self, i):
-        return self.samples[i]
 
 
 class _PadOnly:

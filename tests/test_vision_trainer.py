@@ -11,18 +11,9 @@ from transformers import Trainer, TrainingArguments
 
 import hf_fisher
 
+from tiny_models import ListDataset
+
 N = 8
-
-
-class ListDataset(torch.utils.data.Dataset):
-    def __init__(self, samples):
-        self.samples = samples
-
-    def __len__(self):
-        return len(self.samples)
-
-    def __getitem__(self, i):
-        return self.samples[i]
 
 
 def collate(items):

@@ -140,3 +140,16 @@ def padded_batch(lengths, *, seed=0, vocab=VOCAB, pad_id=0, ignore_some=True, si
             lab[1] = -100  # an ignored label token inside the sequence
         labels[i, sl] = lab
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+class ListDataset(torch.utils.data.Dataset):
+    """A list of samples as a map-style dataset (what the Trainer tests feed a Trainer)."""
+
+    def __init__(self, samples):
+        self.samples = samples
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, i):
+        return self.samples[i]

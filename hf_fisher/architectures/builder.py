@@ -505,6 +505,18 @@ class LayoutBuilder:
                 )
             )
 
+    def add_token_rows(self) -> None:
+        """The input embeddings' and the LM head's rows (2-D weights only), one group per token
+        each and registered as vocabulary rows (a tied pair once): what every language-model
+        adapter adds for its vocabulary."""
+        embed = self.base.get_input_embeddings() if hasattr(self.base, "get_input_embeddings") else None
+        head = self.base.get_output_embeddings() if hasattr(self.base, "get_output_embeddings") else None
+        for mod in (embed, head):
+            w = getattr(mod, "weight", None) if mod is not None else None
+            if w is not None and w.dim() == 2:
+                self.per_index(w, 0, "token_")
+                self.add_vocab(w, 0)
+
     def add_vocab(self, param: torch.Tensor | None, axis: int = 0) -> None:
         """A vocabulary-indexed parameter (token embeddings, LM head); tied ones appear once."""
         name = self.name(param)

@@ -76,16 +76,6 @@ def _channels(b: LayoutBuilder, l: int, ins: list, out: Any) -> None:
     b.single(getattr(out, "bias", None), layer=l)
 
 
-def _vocab(b: LayoutBuilder) -> None:
-    embed = b.base.get_input_embeddings()
-    head = b.base.get_output_embeddings() if hasattr(b.base, "get_output_embeddings") else None
-    for mod in (embed, head):
-        w = getattr(mod, "weight", None) if mod is not None else None
-        if w is not None and w.dim() == 2:
-            b.per_index(w, 0, "token_")
-            b.add_vocab(w, 0)
-
-
 def _t5(model: Any) -> ModelLayout | None:
     b = LayoutBuilder(model, adapter=ADAPTER)
     H = int(b.config.num_heads)
@@ -104,7 +94,7 @@ def _t5(model: Any) -> ModelLayout | None:
                 ins = [getattr(ff, n) for n in ("wi", "wi_0", "wi_1") if hasattr(ff, n)]
                 _channels(b, l, ins, ff.wo)
             b.single(getattr(getattr(sub, "layer_norm", None), "weight", None), layer=l)
-    _vocab(b)
+    b.add_token_rows()
     return b.build(num_layers=len(enc) + len(dec))
 
 
@@ -136,7 +126,7 @@ def _bart(model: Any) -> ModelLayout | None:
         if mod is not None:
             b.per_index(mod.weight, 0, "channel_")
             b.per_index(getattr(mod, "bias", None), 0, "channel_")
-    _vocab(b)
+    b.add_token_rows()
     return b.build(num_layers=len(enc) + len(dec))
 
 

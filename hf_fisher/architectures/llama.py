@@ -120,13 +120,7 @@ def gated_mlp(b: LayoutBuilder, l: int, mlp: Any) -> None:
 
 def finish(b: LayoutBuilder, num_layers: int) -> ModelLayout:
     """Vocabulary rows of the embeddings / LM head, the final norm, and the built layout."""
-    embed = b.base.get_input_embeddings()
-    head = b.base.get_output_embeddings() if hasattr(b.base, "get_output_embeddings") else None
-    for mod in (embed, head):
-        w = getattr(mod, "weight", None) if mod is not None else None
-        if w is not None and w.dim() == 2:
-            b.per_index(w, 0, "token_")
-            b.add_vocab(w, 0)
+    b.add_token_rows()
     final_norm = find_module(b.base, ("model.norm", "norm"))
     if final_norm is not None:
         b.single(getattr(final_norm, "weight", None))

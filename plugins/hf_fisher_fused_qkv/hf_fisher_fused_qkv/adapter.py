@@ -63,13 +63,7 @@ def _norms(b: LayoutBuilder, layer: int, block: Any, names: tuple[str, ...]) -> 
 
 
 def _vocab_and_final_norm(b: LayoutBuilder, final_norm_paths: tuple[str, ...]) -> None:
-    embed = b.base.get_input_embeddings() if hasattr(b.base, "get_input_embeddings") else None
-    head = b.base.get_output_embeddings() if hasattr(b.base, "get_output_embeddings") else None
-    for mod in (embed, head):
-        w = getattr(mod, "weight", None) if mod is not None else None
-        if w is not None and w.dim() == 2:
-            b.per_index(w, 0, "token_")
-            b.add_vocab(w, 0)
+    b.add_token_rows()
     norm = find_module(b.base, final_norm_paths)
     if norm is not None:
         b.single(getattr(norm, "weight", None))
