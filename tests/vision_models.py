@@ -11,17 +11,10 @@ import torch
 import torch.nn.functional as F
 import transformers as tf
 
+from extra_models import _finish  # non-trivial biases and norms, as for the text models
+
 NUM_LABELS = 3
 ATTN = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=40)
-
-
-def _finish(model, dtype, seed):
-    torch.manual_seed(seed + 1000)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("bias") or "norm" in name.lower():
-                p.add_(0.05 * torch.randn_like(p))
-    return model.to(dtype).eval()
 
 
 def vit(dtype=torch.float64, seed=40):
