@@ -10,21 +10,19 @@ import sys
 from pathlib import Path
 
 import pytest
+import seq2seq_models as S
 import torch
 
 import hf_fisher
 from hf_fisher.collection.collector import FisherCollector
 
-import seq2seq_models as S
-
 pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.slow]
 
 SCRIPTS = Path(__file__).resolve().parent / "distributed_scripts"
 sys.path.insert(0, str(SCRIPTS))
+from fsdp_seq2seq import t5_batches  # noqa: E402
 from test_distributed import load, torchrun  # noqa: E402
 from test_fsdp import assert_equal_to  # noqa: E402
-
-from fsdp_seq2seq import t5_batches  # noqa: E402
 
 
 @pytest.fixture(scope="module")

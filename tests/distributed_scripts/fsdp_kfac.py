@@ -11,13 +11,13 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from fsdp_collect import sharded_llama, write_kfac
 
 import hf_fisher
 from hf_fisher.collection.distributed import rank_seed
 from hf_fisher.errors import DistributedMismatchError, InvalidInputError, UnsupportedError
 
 import common as C
-from fsdp_collect import sharded_llama, write_kfac
 
 
 def main(out: Path) -> None:

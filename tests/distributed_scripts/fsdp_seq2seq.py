@@ -8,6 +8,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import seq2seq_models as S
 import torch
 import torch.distributed as dist
 from torch.distributed.fsdp import fully_shard
@@ -16,7 +17,6 @@ import hf_fisher
 from hf_fisher.collection.collector import FisherCollector
 
 import common as C
-import seq2seq_models as S
 
 
 def t5_batches():
