@@ -119,3 +119,14 @@ def test_fsdp_kfac_refusals(kfac_run):
     # a batch only rank 1 finds bad: rank 1 its own error, rank 0 one naming rank 1, before any pass
     assert infos[1]["refused_one_rank"].startswith("InvalidInputError") and "outside the model" in infos[1]["refused_one_rank"]
     assert infos[0]["refused_one_rank"].startswith("DistributedMismatchError") and "[1]" in infos[0]["refused_one_rank"]
+
+
+def test_fsdp_kfac_nonfinite_padded_batch_refused_on_every_rank(kfac_run):
+    """A left-padded batch that eager attention turns to NaN on rank 1 only: one process would redo it
+    sample by sample; under FSDP2 both ranks stop after its forward (no backward pass is left waiting),
+    rank 1 saying why and what to pass instead, rank 0 naming rank 1; the ranks then go on in step
+    (the "after" case of test_fsdp_kfac_equals_one_process)."""
+    infos = [json.loads((kfac_run / f"kfac_info_r{r}.json").read_text()) for r in (0, 1)]
+    assert infos[1]["refused_nonfinite"].startswith("NonFiniteError")
+    assert "padded" in infos[1]["refused_nonfinite"] and "unpadded" in infos[1]["refused_nonfinite"]
+    assert infos[0]["refused_nonfinite"].startswith("DistributedMismatchError") and "[1]" in infos[0]["refused_nonfinite"]

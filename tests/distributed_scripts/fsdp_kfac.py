@@ -15,9 +15,18 @@ from fsdp_collect import sharded_llama, write_kfac
 
 import hf_fisher
 from hf_fisher.collection.distributed import rank_seed
-from hf_fisher.errors import DistributedMismatchError, InvalidInputError, UnsupportedError
+from hf_fisher.errors import DistributedMismatchError, InvalidInputError, NonFiniteError, UnsupportedError
 
 import common as C
+
+
+def left_padded(batch):
+    """``batch`` (right-padded) with every row's padding moved to its left."""
+    out = {k: v.clone() for k, v in batch.items()}
+    for i, n in enumerate(batch["attention_mask"].sum(1).tolist()):
+        for k in out:
+            out[k][i] = batch[k][i].roll(out[k].shape[1] - n)
+    return out
 
 
 def main(out: Path) -> None:
@@ -60,6 +69,15 @@ def main(out: Path) -> None:
         hf_fisher.collect(model, mine if rank == 0 else [], estimator="kfac", progress=False)
     except DistributedMismatchError as e:
         info["refused_stranded"] = str(e)
+    # eager attention in float64 gives NaN on left padding (fully masked rows, softmax in float32): one process
+    # redoes such a batch sample by sample, which cannot run in step; refused on both ranks, rank 1 (the NaN)
+    # with the reason, rank 0 naming it
+    model.set_attn_implementation("eager")
+    try:
+        hf_fisher.collect(model, [mine[0] if rank == 0 else left_padded(mine[0])], estimator="kfac", progress=False)
+    except (NonFiniteError, DistributedMismatchError) as e:
+        info["refused_nonfinite"] = f"{type(e).__name__}: {e}"
+    model.set_attn_implementation("sdpa")
     kfac("after", mine[:1])  # the ranks are still in step after the refusals
     (out / f"kfac_info_r{rank}.json").write_text(json.dumps(info))
     dist.barrier()
