@@ -101,14 +101,21 @@ def test_fsdp_kfac_mc_follows_rank_seeds(kfac_run, rank):
     whole = one_process(BATCHES, seed=3, **kw)
     got, counts = got_of(kfac_run, "mc", rank)
     assert counts == counts_of(whole)
+    assert_factors(got, mc_reference(per_rank, whole), "mc")
+    # the draws matter: one process with seed 3 over all batches draws rank 1's labels differently
+    name = next(iter(whole.layers))
+    assert not torch.allclose(got[f"G/{name}"], whole.layers[name].G, rtol=1e-3)
+
+
+def mc_reference(per_rank, whole) -> dict[str, torch.Tensor]:
+    """A of one process over all the batches (``whole``: it does not depend on the draws), G the
+    mean of the ranks' one-process G weighted by their samples."""
     n = [k.counts.samples for k in per_rank]
     want = {}
     for name, layer in whole.layers.items():
         want[f"A/{name}"] = layer.A
         want[f"G/{name}"] = sum(k.layers[name].G * n_r for k, n_r in zip(per_rank, n)) / sum(n)
-    assert_factors(got, want, "mc")
-    # the draws matter: one process with seed 3 over all batches draws rank 1's labels differently
-    assert not torch.allclose(got[f"G/{name}"], whole.layers[name].G, rtol=1e-3)
+    return want
 
 
 def test_fsdp_kfac_refusals(kfac_run):
@@ -121,12 +128,49 @@ def test_fsdp_kfac_refusals(kfac_run):
     assert infos[0]["refused_one_rank"].startswith("DistributedMismatchError") and "[1]" in infos[0]["refused_one_rank"]
 
 
-def test_fsdp_kfac_nonfinite_padded_batch_refused_on_every_rank(kfac_run):
-    """A left-padded batch that eager attention turns to NaN on rank 1 only: one process would redo it
-    sample by sample; under FSDP2 both ranks stop after its forward (no backward pass is left waiting),
-    rank 1 saying why and what to pass instead, rank 0 naming rank 1; the ranks then go on in step
-    (the "after" case of test_fsdp_kfac_equals_one_process)."""
+
+def test_fsdp_kfac_settle_stops_every_rank(kfac_run):
     infos = [json.loads((kfac_run / f"kfac_info_r{r}.json").read_text()) for r in (0, 1)]
-    assert infos[1]["refused_nonfinite"].startswith("NonFiniteError")
-    assert "padded" in infos[1]["refused_nonfinite"] and "unpadded" in infos[1]["refused_nonfinite"]
-    assert infos[0]["refused_nonfinite"].startswith("DistributedMismatchError") and "[1]" in infos[0]["refused_nonfinite"]
+    assert infos[1]["settled"] == "NonFiniteError: rank 1's own error"
+    assert infos[0]["settled"].startswith("DistributedMismatchError: batch 7: a check failed on rank(s) [1]")
+
+
+def left_padded(batch):
+    from fsdp_kfac import left_padded as f
+
+    return f(batch)
+
+
+def eager_llama():
+    model = tm.llama(torch.float64)
+    model.set_attn_implementation("eager")
+    return model
+
+
+def eager_batches():
+    return [[BATCHES[0], BATCHES[2]], [left_padded(BATCHES[1]), left_padded(BATCHES[3])]]
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_fsdp_kfac_nonfinite_padded_batches_redone_in_step(kfac_run, rank):
+    """Eager attention in float64 gives NaN on rank 1's left-padded batches: rank 1 redoes them one
+    sample at a time (as one process does), rank 0 runs the same passes adding nothing; the factors
+    equal one process over all four batches, and "mc" still draws each rank's labels as one process
+    over its own batches with its rank seed would."""
+    per_rank = eager_batches()
+    model = eager_llama()
+    left = per_rank[1][0]
+    assert not bool(torch.isfinite(model(input_ids=left["input_ids"], attention_mask=left["attention_mask"]).logits).all())
+    ref = hf_fisher.collect(model, per_rank[0] + per_rank[1], estimator="kfac", progress=False)
+    assert "non-finite" in ref.metadata.extra["loop_reason"]
+    got, counts = got_of(kfac_run, "eager", rank)
+    assert counts == counts_of(ref)
+    assert_factors(got, factors(ref), "eager")
+    reasons = [json.loads((kfac_run / f"kfac_info_r{r}.json").read_text())["eager_loop_reason"] for r in (0, 1)]
+    assert "one sample at a time" in reasons[1] and "another rank" in reasons[0]
+    seeds = [json.loads((kfac_run / f"kfac_info_r{r}.json").read_text())["rank_seed"] for r in (0, 1)]
+    kw = {"fisher_type": "mc"}
+    singles = [hf_fisher.collect(model, per_rank[r], estimator="kfac", progress=False, seed=seeds[r], **kw) for r in (0, 1)]
+    got, counts = got_of(kfac_run, "eager_mc", rank)
+    assert counts == counts_of(ref)
+    assert_factors(got, mc_reference(singles, ref), "eager mc")

@@ -162,6 +162,10 @@ class FSDPSharding:
             "with a DistributedSampler and drop_last=True)"
         )
 
+    def max_over_ranks(self, value: int) -> int:
+        """The largest of the ranks' ``value`` (a collective)."""
+        return max(v[0] for v in self._all_gather_ints([int(value)]))
+
     def failed_ranks(self, failed: bool) -> list[int]:
         """The ranks on which ``failed`` is true (the same list on every rank; a collective)."""
         return [r for r, v in enumerate(self._all_gather_ints([int(bool(failed))])) if v[0]]

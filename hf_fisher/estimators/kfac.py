@@ -108,10 +108,13 @@ rank still has a batch that counts a sample; a rank whose batch counts nothing (
 batch (or a replay of its last one) with every row masked out, adding exact zeros (1, K or V
 backward passes for empirical, mc and type-2, from a zero gradient, drawing nothing). The
 finiteness checks are settled together (one rank's failure stops every rank, the others naming
-it), and a batch one rank finds bad is refused on every rank before any pass. Refused: a rank
-without any batch while others have one, ``distributed=False``, and a padded batch whose forward
-is not finite (one process redoes it sample by sample, which cannot run in step: the error says
-to pass unpadded batches).
+it), and a batch one rank finds bad is refused on every rank before any pass. A padded batch whose
+forward is not finite is redone one sample at a time on its rank exactly when one process over
+that rank's batches would redo it, the other ranks running as many passes counting nothing; so
+each rank's draws ("mc") are those of one process over its own batches with its
+:func:`~hf_fisher.collection.distributed.rank_seed`. Refused: a rank without any batch while
+others have one, and ``distributed=False``. Each rank holds the whole factors (they are per
+layer, ``d_in² + d_out²``, not parameter-shaped).
 """
 
 from __future__ import annotations
@@ -676,12 +679,14 @@ class KFACEstimator:
             outputs.append(_Call(out))
             return
 
-        def run(prepared, labels, valid, n, padded: bool) -> None:
+        def run(prepared, labels, valid, n, padded: bool, may_redo: bool = True) -> bool:
             """One forward and the backward(s) of a prepared batch; ``valid`` [B]: the samples
             that count, ``n`` [B] their label tokens. The input products are added once the
             forward is finite at every position of the counted samples (padding included); if it
-            is not, nothing is added and a padded batch raises _NonFiniteBatch (to be redone one
-            sample at a time), an unpadded one NonFiniteError."""
+            is not, nothing is added and a padded batch (``may_redo``) raises _NonFiniteBatch (to be
+            redone one sample at a time), an unpadded one NonFiniteError. Under FSDP2 such a padded
+            batch instead runs the other ranks' backward passes counting nothing, and True is
+            returned (the caller redoes it in step, :func:`in_step`)."""
             ids = prepared["input_ids"]
             B, T = ids.shape
             mask = prepared.get("attention_mask")
@@ -726,17 +731,20 @@ class KFACEstimator:
                     logits = out.logits if hasattr(out, "logits") else out[0]
                     z = logits.detach() if ctx.all_valid or logits.shape[0] != B else logits.detach()[ctx.valid]
                     ok = bool(torch.stack([torch.isfinite(z).all(), *ctx.checks]).all())
-                    if not ok and padded and sharding is None:
+                    redo = not ok and padded and may_redo
+                    if redo and sharding is None:
                         raise _NonFiniteBatch
-                    settle(ok, NonFiniteError(
-                        f"KFAC: batch {ctx.index}: the padded batch gives non-finite values (the model produces NaN/inf "
-                        "at padded positions, e.g. fully masked attention rows of left padding in eager attention); "
-                        "under FSDP2 it cannot be redone one sample at a time in step on every rank: pass unpadded "
-                        "batches (equal lengths, or batch size 1), right padding, or another attention implementation"
-                    ) if padded else NonFiniteError(
+                    settle(ok or redo, NonFiniteError(
                         f"KFAC: batch {ctx.index}: the model's forward gives non-finite values (layer inputs or "
                         "logits); check the model's weights and dtype"
                     ), "the forward's finiteness check")
+                    if redo:  # FSDP2: nothing of this forward counts; the others' passes run on a zero gradient
+                        ctx.valid = torch.zeros_like(ctx.valid)
+                        ctx.pos = torch.zeros_like(ctx.pos)
+                        ctx.all_valid = False
+                        base_weight = ctx.weight = torch.zeros_like(base_weight)
+                        for a in layers.values():
+                            a.discard()
                     for a in layers.values():
                         a.commit_a()
                     self._backward(logits, _targets(labels, task_type, logits), outputs, ctx, base_weight, gen)
@@ -754,6 +762,7 @@ class KFACEstimator:
                 outputs.clear()
                 for a in layers.values():
                     a.discard()
+            return redo
 
         def settle(ok: bool, error: BaseException, what: str) -> None:
             """Raise ``error`` unless ``ok``; under FSDP2 every rank raises when any rank's check
@@ -765,21 +774,57 @@ class KFACEstimator:
 
         ctx.settle = settle
 
-        def run_alone(prepared, labels, valid, n) -> None:
-            """Each counted sample of a batch alone, without its padding (the definition)."""
+        def run_alone(prepared, labels, valid, n, passes: int | None = None) -> None:
+            """Each counted sample of a batch alone, without its padding (the definition); under
+            FSDP2 ``passes`` in all, the ones after the samples on one sample counting nothing."""
             from ..engine.per_sample import alone
 
-            for i in valid.nonzero().flatten().tolist():
+            rows = valid.nonzero().flatten().tolist()
+            mask = prepared.get("attention_mask")
+            spare = int(mask.sum(1).argmax()) if mask is not None else 0  # a row with real tokens
+            for k in range(len(rows) if passes is None else passes):
+                i = rows[k] if k < len(rows) else spare
                 p1 = alone({**prepared, "_kfac_labels": labels}, i)
                 l1 = p1.pop("_kfac_labels")
                 m1 = p1.get("attention_mask")
+                counts = k < len(rows)
                 try:
-                    run(p1, l1, valid[i : i + 1], n[i : i + 1], m1 is not None and not bool(m1.bool().all()))
+                    run(p1, l1, valid[i : i + 1] & counts, n[i : i + 1] * counts, m1 is not None and not bool(m1.bool().all()),
+                        may_redo=sharding is None)
                 except (NonFiniteError, _NonFiniteBatch):
                     raise NonFiniteError(
                         f"KFAC: sample {i} of batch {ctx.index} gives non-finite values also alone, without its "
                         "padding; check the model's weights and dtype, or drop the sample"
                     ) from None
+
+        def in_step(prepared, labels, valid, n, nv: int, padded: bool) -> str | None:
+            """FSDP2: one batch on every rank in step, each rank redoing its padded batches one
+            sample at a time exactly when one process over its batches would. First every rank
+            runs one forward and its backward passes: its batch, or (a rank whose padded batches
+            already go sample by sample, ``loop_reason``) one sample counting nothing; a rank
+            whose padded batch is not finite counts nothing of it. Then, if some rank redoes its
+            batch, every rank runs the largest number of samples to redo, one sample each, those
+            beyond its own counting nothing (and drawing nothing). Returns this rank's loop reason."""
+            alone_here = loop_reason is not None and padded and nv > 0
+            if alone_here:
+                run_alone(prepared, labels, torch.zeros_like(valid), n, passes=1)
+                redo = True
+            else:
+                redo = run(prepared, labels, valid, n, padded, may_redo=nv > 0)
+            passes = sharding.max_over_ranks(nv if redo else 0)
+            if passes == 0:
+                return loop_reason
+            run_alone(prepared, labels, valid if redo else torch.zeros_like(valid), n, passes=passes)
+            if not redo or loop_reason is not None:
+                return loop_reason
+            reason = (
+                f"batch {ctx.index}: the padded batch gives non-finite values (the model produces NaN/inf at padded "
+                "positions, e.g. fully masked attention rows of left padding in eager attention); this rank's padded "
+                "batches are processed one sample at a time, without their padding, in step with the other ranks "
+                "(exact, slower)"
+            )
+            log.warning("KFAC: %s", reason)
+            return reason
 
         def enter(module, args):
             if not uses.checked:
@@ -832,9 +877,12 @@ class KFACEstimator:
                 mask = prepared.get("attention_mask")
                 padded = mask is not None and not bool(mask.bool().all())
                 try:
-                    if loop_reason is not None and padded:
+                    if sharding is not None:
+                        loop_reason = in_step(prepared, labels, valid, n, nv, padded)
+                    elif loop_reason is not None and padded:
                         raise _NonFiniteBatch
-                    run(prepared, labels, valid, n, padded)
+                    else:
+                        run(prepared, labels, valid, n, padded)
                 except _NonFiniteBatch:
                     if loop_reason is None:
                         loop_reason = (

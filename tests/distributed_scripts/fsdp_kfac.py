@@ -15,6 +15,7 @@ from fsdp_collect import sharded_llama, write_kfac
 
 import hf_fisher
 from hf_fisher.collection.distributed import rank_seed
+from hf_fisher.collection.fsdp import FSDPSharding
 from hf_fisher.errors import DistributedMismatchError, InvalidInputError, NonFiniteError, UnsupportedError
 
 import common as C
@@ -38,7 +39,9 @@ def main(out: Path) -> None:
     info = {"rank_seed": rank_seed(3)}
 
     def kfac(tag, data, **kw):
-        write_kfac(out, f"{tag}_r{rank}", hf_fisher.collect(model, data, estimator="kfac", progress=False, **kw))
+        result = hf_fisher.collect(model, data, estimator="kfac", progress=False, **kw)
+        write_kfac(out, f"{tag}_r{rank}", result)
+        return result
 
     kfac("empirical", mine)
     kfac("reduce", mine, kfac_approx="reduce")
@@ -69,15 +72,20 @@ def main(out: Path) -> None:
         hf_fisher.collect(model, mine if rank == 0 else [], estimator="kfac", progress=False)
     except DistributedMismatchError as e:
         info["refused_stranded"] = str(e)
-    # eager attention in float64 gives NaN on left padding (fully masked rows, softmax in float32): one process
-    # redoes such a batch sample by sample, which cannot run in step; refused on both ranks, rank 1 (the NaN)
-    # with the reason, rank 0 naming it
+    # eager attention in float64 gives NaN on left padding (fully masked rows, softmax in float32): rank 1 redoes
+    # its left-padded batches one sample at a time, as one process over its batches would, rank 0 running the
+    # same number of passes (its own batches right-padded, finite, batched)
     model.set_attn_implementation("eager")
-    try:
-        hf_fisher.collect(model, [mine[0] if rank == 0 else left_padded(mine[0])], estimator="kfac", progress=False)
-    except (NonFiniteError, DistributedMismatchError) as e:
-        info["refused_nonfinite"] = f"{type(e).__name__}: {e}"
+    eager = [batches[0], batches[2]] if rank == 0 else [left_padded(batches[1]), left_padded(batches[3])]
+    info["eager_loop_reason"] = kfac("eager", eager).metadata.extra.get("loop_reason")
+    kfac("eager_mc", eager, fisher_type="mc", seed=3)
     model.set_attn_implementation("sdpa")
+    # a check that fails on rank 1 only stops both ranks: rank 1 with its error, rank 0 naming rank 1
+    sharding = FSDPSharding(model)
+    try:
+        sharding.settle(rank != 1, NonFiniteError("rank 1's own error"), 7, "a check")
+    except (NonFiniteError, DistributedMismatchError) as e:
+        info["settled"] = f"{type(e).__name__}: {e}"
     kfac("after", mine[:1])  # the ranks are still in step after the refusals
     (out / f"kfac_info_r{rank}.json").write_text(json.dumps(info))
     dist.barrier()
