@@ -26,6 +26,11 @@ batch while another has one is refused on every rank at once), and the first-bat
 the engine decide together (a check one rank needs runs on every rank). What cannot run in
 step on every rank is refused before any work: the per-sample loop fallback, EMA accumulators
 (order dependent), kept per-sample contributions and ``distributed=False``.
+
+KFAC (:mod:`hf_fisher.estimators.kfac`) keeps whole per-layer factors on every rank and sums them
+at the end; its passes stay in step through :meth:`FSDPSharding.replay_step` (a rank without a
+counted sample runs the others' passes counting nothing), :meth:`FSDPSharding.settle` (a check
+failing on one rank stops every rank) and :meth:`FSDPSharding.max_over_ranks`.
 """
 
 from __future__ import annotations
