@@ -75,6 +75,7 @@ CASES = {  # tag: (one process's batches, options)
     "reduce": (BATCHES, {"kfac_approx": "reduce"}),
     "type2": (BATCHES[:2], {"fisher_type": "type-2"}),
     "uneven": (BATCHES[:3] + [BATCHES[3], EMPTY], {}),
+    "type2_uneven": (BATCHES[:3], {"fisher_type": "type-2"}),
     "limited": ([BATCHES[0], C.collate(SAMPLES[4:5]), BATCHES[3]], {"max_samples": 4}),
     "after": (BATCHES[:2], {}),
 }
@@ -169,7 +170,7 @@ def test_fsdp_kfac_nonfinite_padded_batches_redone_in_step(kfac_run, rank):
     reasons = [json.loads((kfac_run / f"kfac_info_r{r}.json").read_text())["eager_loop_reason"] for r in (0, 1)]
     assert "one sample at a time" in reasons[1] and "another rank" in reasons[0]
     seeds = [json.loads((kfac_run / f"kfac_info_r{r}.json").read_text())["rank_seed"] for r in (0, 1)]
-    kw = {"fisher_type": "mc"}
+    kw = {"fisher_type": "mc", "mc_samples": 2}
     singles = [hf_fisher.collect(model, per_rank[r], estimator="kfac", progress=False, seed=seeds[r], **kw) for r in (0, 1)]
     got, counts = got_of(kfac_run, "eager_mc", rank)
     assert counts == counts_of(ref)

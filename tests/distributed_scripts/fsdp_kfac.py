@@ -52,6 +52,7 @@ def main(out: Path) -> None:
     empty = dict(batches[3])
     empty["labels"] = torch.full_like(empty["labels"], -100)
     kfac("uneven", batches[:3] if rank == 0 else [batches[3], empty])
+    kfac("type2_uneven", batches[:2] if rank == 0 else batches[2:3], fisher_type="type-2")  # rank 1 replays: V passes
     # max_samples (per rank, as the diagonal collectors): rank 0 is done after its first batch and replays it
     # while rank 1 still collects from its second
     kfac("limited", [batches[0], batches[1]] if rank == 0 else [C.collate(C.make_samples()[4:5]), batches[3]], max_samples=2)
@@ -78,7 +79,7 @@ def main(out: Path) -> None:
     model.set_attn_implementation("eager")
     eager = [batches[0], batches[2]] if rank == 0 else [left_padded(batches[1]), left_padded(batches[3])]
     info["eager_loop_reason"] = kfac("eager", eager).metadata.extra.get("loop_reason")
-    kfac("eager_mc", eager, fisher_type="mc", seed=3)
+    kfac("eager_mc", eager, fisher_type="mc", mc_samples=2, seed=3)
     model.set_attn_implementation("sdpa")
     # a check that fails on rank 1 only stops both ranks: rank 1 with its error, rank 0 naming rank 1
     sharding = FSDPSharding(model)

@@ -5,10 +5,10 @@ root, gloo on CPU), each rank on its own padded batches; writes what every rank 
 
 from __future__ import annotations
 
+import importlib
 import sys
 from pathlib import Path
 
-import seq2seq_models as S
 import torch
 import torch.distributed as dist
 from torch.distributed.fsdp import fully_shard
@@ -17,6 +17,8 @@ import hf_fisher
 from hf_fisher.collection.collector import FisherCollector
 
 import common as C
+
+S = importlib.import_module("seq2seq_models")  # tests/, on the path once common is imported
 
 
 def t5_batches():
