@@ -26,6 +26,11 @@ batch while another has one is refused on every rank at once), and the first-bat
 the engine decide together (a check one rank needs runs on every rank). What cannot run in
 step on every rank is refused before any work: the per-sample loop fallback, EMA accumulators
 (order dependent), kept per-sample contributions and ``distributed=False``.
+
+KFAC (:mod:`hf_fisher.estimators.kfac`) keeps whole per-layer factors on every rank and sums them
+at the end; its passes stay in step through :meth:`FSDPSharding.replay_step` (a rank without a
+counted sample runs the others' passes counting nothing), :meth:`FSDPSharding.settle` (a check
+failing on one rank stops every rank) and :meth:`FSDPSharding.max_over_ranks`.
 """
 
 from __future__ import annotations
@@ -161,6 +166,58 @@ class FSDPSharding:
             "collective, so every rank must pass the same number of batches (split the data evenly, e.g. "
             "with a DistributedSampler and drop_last=True)"
         )
+
+    def max_over_ranks(self, value: int) -> int:
+        """The largest of the ranks' ``value`` (a collective)."""
+        return max(v[0] for v in self._all_gather_ints([int(value)]))
+
+    def failed_ranks(self, failed: bool) -> list[int]:
+        """The ranks on which ``failed`` is true (the same list on every rank; a collective)."""
+        return [r for r, v in enumerate(self._all_gather_ints([int(bool(failed))])) if v[0]]
+
+    def settle(self, ok: bool, error: BaseException, index: int, what: str) -> None:
+        """Raise on every rank when ``ok`` is false on any (a collective): this rank ``error`` when
+        its own ``ok`` is false, a :class:`DistributedMismatchError` naming the failing ranks
+        otherwise, so that no rank goes on into a pass the failing ones never join."""
+        bad = self.failed_ranks(not ok)
+        if not ok:
+            raise error
+        if bad:
+            raise DistributedMismatchError(
+                f"batch {index}: {what} failed on rank(s) {bad} (their error says why); under FSDP2 every rank stops with it"
+            )
+
+    def replay_step(self, index: int, *, has_batch: bool, counted: bool, error: BaseException | None,
+                    can_replay: bool) -> bool | None:
+        """The ranks' joint decision before one batch of a pass-by-pass collection that replays
+        (KFAC): ``None`` when no rank has a batch left (stop), ``False`` when no rank's batch
+        counts a sample (skip it: no pass anywhere), ``True`` when every rank runs the batch's
+        passes, a rank without a batch (out of data, or past its ``max_samples``) on a replay of
+        its last batch that counts nothing. A collective.
+
+        Refused on every rank: a batch one rank finds bad (see :meth:`check_in_step`), and a rank
+        that would have to replay before it ever had a batch (``can_replay`` false)."""
+        every = self._all_gather_ints([int(has_batch), int(counted), int(error is not None), int(can_replay)])
+        refused = [r for r, v in enumerate(every) if v[2]]
+        if error is not None:
+            raise error
+        if refused:
+            raise DistributedMismatchError(
+                f"batch {index}: rank(s) {refused} refused their batch before any pass (their error says why); under "
+                "FSDP2 every rank stops with it, and nothing of this batch was added on any rank"
+            )
+        if not any(v[0] for v in every):
+            return None
+        if not any(v[1] for v in every):
+            return False
+        stranded = [r for r, v in enumerate(every) if not v[0] and not v[3]]
+        if stranded:
+            raise DistributedMismatchError(
+                f"batch {index}: rank(s) {stranded} have no batch at all while others do; under FSDP2 every forward is "
+                "a collective, so every rank needs at least one batch (split the data evenly, e.g. with a "
+                "DistributedSampler)"
+            )
+        return True
 
     def commit(self, sink, accumulators: Mapping[str, object], names: list[str]) -> None:
         """Merge this batch's moments of every rank into the owners' accumulators.

@@ -60,7 +60,11 @@ dense V x V matrix).
   ``mc_samples = K`` draws, each a backward, ``ĝĝᵀ`` averaged over the draws (weight 1/K). Draws
   use a ``torch.Generator`` seeded with ``seed`` once per ``collect``: per batch and draw one
   ``multinomial(softmax(z), 1)`` over the label rows in row-major order (the same stream as
-  curvlinops' ``KFACLinearOperator`` for equal-length, fully labelled data);
+  curvlinops' ``KFACLinearOperator`` for equal-length, fully labelled data). Under
+  torch.distributed rank r seeds its generator with
+  :func:`~hf_fisher.collection.distributed.rank_seed` (rank 0: ``seed`` itself, the others a
+  stream of their own), so the summed factors are those of one process per rank (its batches,
+  its seed) added together;
 - ``"type-2"``: the exact expectation, through the symmetric square root of the cross-entropy
   Hessian w.r.t. the logits, ``H = diag(p) − p pᵀ = S Sᵀ`` with ``S = diag(√p) − √p pᵀ``: column
   c, ``S_c = √p_c (e_c − p)``, is back-propagated from all label positions at once, and
@@ -92,10 +96,30 @@ positions) gives:
 
 The product G ⊗ A approximates the core's Fisher of the same normalisation; KFAC is exact for
 a single sample with a single token position.
+
+**FSDP2** (``fully_shard``, one 1-D mesh). The hooks see the unsharded weights FSDP2 gathers
+for each pass, so each rank computes the whole factor sums ``Σ ã ãᵀ`` and ``Σ c ĝ ĝᵀ`` of its own
+samples; at the end they are summed over the ranks with the row and sample counts (as under
+DDP), then divided by the global counts: the factors of one process over every rank's samples.
+Every forward and backward is a collective, so the ranks run the same passes: before each batch
+they decide together (:meth:`~hf_fisher.collection.fsdp.FSDPSharding.replay_step`) whether any
+rank still has a batch that counts a sample; a rank whose batch counts nothing (every label
+-100, or past its ``max_samples``), or that has run out of batches, runs the same passes on its
+batch (or a replay of its last one) with every row masked out, adding exact zeros (1, K or V
+backward passes for empirical, mc and type-2, from a zero gradient, drawing nothing). The
+finiteness checks are settled together (one rank's failure stops every rank, the others naming
+it), and a batch one rank finds bad is refused on every rank before any pass. A padded batch whose
+forward is not finite is redone one sample at a time on its rank exactly when one process over
+that rank's batches would redo it, the other ranks running as many passes counting nothing; so
+each rank's draws ("mc") are those of one process over its own batches with its
+:func:`~hf_fisher.collection.distributed.rank_seed`. Refused: a rank without any batch while
+others have one, and ``distributed=False``. Each rank holds the whole factors (they are per
+layer, ``d_in² + d_out²``, not parameter-shaped).
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 from collections.abc import Iterable, Mapping
@@ -282,6 +306,7 @@ class _Acc:
         # checked to be the layer's affine map (first call); a failed check leaves it out
         self.unverified = False
         self.dropped: str | None = None
+        self.param_ids: dict[str, int] = {}  # "weight"/"bias" -> id of the parameter the forward uses
 
     def stage_a(self, x: torch.Tensor, n_rows: int) -> None:
         self.pA, self.p_count = x, n_rows
@@ -363,8 +388,9 @@ class KFACEstimator:
         distributed: None (default): under torch.distributed with several processes the factors
             are summed over the ranks (each rank's own batches; the result is the KFAC of all the
             samples, on every rank), else this process's; True: always merge (refused when
-            torch.distributed is not initialised); False: this process's own factors. A model
-            sharded with FSDP2 is refused (gather a full copy, or collect under DDP).
+            torch.distributed is not initialised); False: this process's own factors. On a model
+            sharded with FSDP2 the factors are always summed (False is refused; see the module
+            docstring).
         memory_budget_mb: bound on the temporaries of the factor products (the selected, converted
             and weighted rows of one chunk of tokens: two chunks of ``memory_budget_mb / 2`` MB each,
             at any sequence length; the factors themselves are not counted). None: chunks of 2^20
@@ -549,14 +575,18 @@ class KFACEstimator:
 
         if max_samples is not None and (isinstance(max_samples, bool) or not isinstance(max_samples, int) or max_samples <= 0):
             raise InvalidInputError(f"max_samples must be a positive integer, got {max_samples!r}")
-        from ..collection.fsdp import is_fsdp
+        from contextlib import nullcontext
 
+        from ..collection.fsdp import FSDPSharding, is_fsdp
+
+        sharding = None
         if is_fsdp(model):
-            raise UnsupportedError(
-                "KFAC on a model sharded with FSDP2 (fully_shard) is not supported: its passes do not keep the ranks in "
-                "step. Collect the factors on an unsharded copy of the model (one process, or several under DDP, where "
-                "the factors are summed over the ranks), or use the diagonal estimators, which run under FSDP2"
-            )
+            if self.distributed is False:
+                raise UnsupportedError(
+                    "KFAC: distributed=False is not supported on an FSDP2-sharded model (its passes are collectives of "
+                    "every rank, whose factors are summed); drop distributed=False"
+                )
+            sharding = FSDPSharding(model)  # refuses what it cannot shard over (HSDP meshes)
         merge = self._merging()
         task_type = self.task_type or task_type_of(model)
         problem = getattr(getattr(model, "config", None), "problem_type", None)
@@ -571,7 +601,17 @@ class KFACEstimator:
                 f"{V} backward passes per batch for this model (max_type2_outputs={self.max_type2_outputs}). Use "
                 f"fisher_type='mc' (mc_samples draws estimate the same expectation), or raise max_type2_outputs"
             )
-        layers, uncovered = self._layers(model)
+        with sharding.unsharded() if sharding is not None else nullcontext():
+            # under FSDP2: the unsharded parameters the forward uses (the same objects in every pass)
+            layers, uncovered = self._layers(model)
+            uses = _Ctx()  # which layers are running (for the first forward's check of the weights' uses)
+            uses.checked, uses.active, uses.owners = False, {}, {}
+            for a in layers.values():
+                for local, pname in (("weight", a.weight), ("bias", a.bias)):
+                    if pname is not None:
+                        p = model.get_parameter(pname)
+                        a.param_ids[local] = id(p)
+                        uses.owners.setdefault(id(p), []).append(a)
         by_module = {id(a.module): a for a in layers.values()}
         accepted = _accepted_kwargs(model)
         explicit_positions = _position_convention(model) is None and "position_ids" in accepted
@@ -639,12 +679,14 @@ class KFACEstimator:
             outputs.append(_Call(out))
             return
 
-        def run(prepared, labels, valid, n, padded: bool) -> None:
+        def run(prepared, labels, valid, n, padded: bool, may_redo: bool = True) -> bool:
             """One forward and the backward(s) of a prepared batch; ``valid`` [B]: the samples
             that count, ``n`` [B] their label tokens. The input products are added once the
             forward is finite at every position of the counted samples (padding included); if it
-            is not, nothing is added and a padded batch raises _NonFiniteBatch (to be redone one
-            sample at a time), an unpadded one NonFiniteError."""
+            is not, nothing is added and a padded batch (``may_redo``) raises _NonFiniteBatch (to be
+            redone one sample at a time), an unpadded one NonFiniteError. Under FSDP2 such a padded
+            batch instead runs the other ranks' backward passes counting nothing, and True is
+            returned (the caller redoes it in step, :func:`in_step`)."""
             ids = prepared["input_ids"]
             B, T = ids.shape
             mask = prepared.get("attention_mask")
@@ -688,55 +730,101 @@ class KFACEstimator:
                     ctx.a_cache = {}
                     logits = out.logits if hasattr(out, "logits") else out[0]
                     z = logits.detach() if ctx.all_valid or logits.shape[0] != B else logits.detach()[ctx.valid]
-                    if not bool(torch.stack([torch.isfinite(z).all(), *ctx.checks]).all()):
-                        if padded:
-                            raise _NonFiniteBatch
-                        raise NonFiniteError(
-                            f"KFAC: batch {ctx.index}: the model's forward gives non-finite values (layer inputs or "
-                            "logits); check the model's weights and dtype"
-                        )
+                    ok = bool(torch.stack([torch.isfinite(z).all(), *ctx.checks]).all())
+                    redo = not ok and padded and may_redo
+                    if redo and sharding is None:
+                        raise _NonFiniteBatch
+                    settle(ok or redo, NonFiniteError(
+                        f"KFAC: batch {ctx.index}: the model's forward gives non-finite values (layer inputs or "
+                        "logits); check the model's weights and dtype"
+                    ), "the forward's finiteness check")
+                    if redo:  # FSDP2: nothing of this forward counts; the others' passes run on a zero gradient
+                        ctx.valid = torch.zeros_like(ctx.valid)
+                        ctx.pos = torch.zeros_like(ctx.pos)
+                        ctx.all_valid = False
+                        base_weight = ctx.weight = torch.zeros_like(base_weight)
+                        for a in layers.values():
+                            a.discard()
                     for a in layers.values():
                         a.commit_a()
                     self._backward(logits, _targets(labels, task_type, logits), outputs, ctx, base_weight, gen)
                     del out, logits, z
-                if ctx.g_checks and not bool(torch.stack([f for _, f in ctx.g_checks]).all()):
-                    bad = [name for name, f in ctx.g_checks if not bool(f)]
-                    raise NonFiniteError(
-                        f"KFAC: batch {ctx.index}: the output gradients of {bad[:3]} are not finite although the forward "
-                        "is" + (" (the model may hide NaN at padded positions in its forward; pass unpadded batches, "
-                                "e.g. batch size 1, or another attention implementation)" if padded else
-                                "; check the model's weights and dtype")
-                    )
+                bad = [name for name, f in ctx.g_checks if not bool(f)]
+                settle(not bad, NonFiniteError(
+                    f"KFAC: batch {ctx.index}: the output gradients of {bad[:3]} are not finite although the forward "
+                    "is" + (" (the model may hide NaN at padded positions in its forward; pass unpadded batches, "
+                            "e.g. batch size 1, or another attention implementation)" if padded else
+                            "; check the model's weights and dtype")
+                ), "the output gradients' finiteness check")
             finally:
                 ctx.a_cache = {}
                 ctx.checks, ctx.g_checks = [], []
                 outputs.clear()
                 for a in layers.values():
                     a.discard()
+            return redo
 
-        def run_alone(prepared, labels, valid, n) -> None:
-            """Each counted sample of a batch alone, without its padding (the definition)."""
+        def settle(ok: bool, error: BaseException, what: str) -> None:
+            """Raise ``error`` unless ``ok``; under FSDP2 every rank raises when any rank's check
+            fails (:meth:`FSDPSharding.settle`), so no rank enters a pass the others never join."""
+            if sharding is not None:
+                sharding.settle(ok, error, ctx.index, what)
+            elif not ok:
+                raise error
+
+        ctx.settle = settle
+
+        def run_alone(prepared, labels, valid, n, passes: int | None = None) -> None:
+            """Each counted sample of a batch alone, without its padding (the definition); under
+            FSDP2 ``passes`` in all, the ones after the samples on one sample counting nothing."""
             from ..engine.per_sample import alone
 
-            for i in valid.nonzero().flatten().tolist():
+            rows = valid.nonzero().flatten().tolist()
+            mask = prepared.get("attention_mask")
+            spare = int(mask.sum(1).argmax()) if mask is not None else 0  # a row with real tokens
+            for k in range(len(rows) if passes is None else passes):
+                i = rows[k] if k < len(rows) else spare
                 p1 = alone({**prepared, "_kfac_labels": labels}, i)
                 l1 = p1.pop("_kfac_labels")
                 m1 = p1.get("attention_mask")
+                counts = k < len(rows)
                 try:
-                    run(p1, l1, valid[i : i + 1], n[i : i + 1], m1 is not None and not bool(m1.bool().all()))
+                    run(p1, l1, valid[i : i + 1] & counts, n[i : i + 1] * counts, m1 is not None and not bool(m1.bool().all()),
+                        may_redo=sharding is None)
                 except (NonFiniteError, _NonFiniteBatch):
                     raise NonFiniteError(
                         f"KFAC: sample {i} of batch {ctx.index} gives non-finite values also alone, without its "
                         "padding; check the model's weights and dtype, or drop the sample"
                     ) from None
 
-        # which layers are running (for the first forward's check of the weights' uses)
-        uses = _Ctx()
-        uses.checked, uses.active, uses.owners = False, {}, {}
-        for a in layers.values():
-            for pname in (a.weight, a.bias):
-                if pname is not None:
-                    uses.owners.setdefault(id(model.get_parameter(pname)), []).append(a)
+        def in_step(prepared, labels, valid, n, nv: int, padded: bool) -> str | None:
+            """FSDP2: one batch on every rank in step, each rank redoing its padded batches one
+            sample at a time exactly when one process over its batches would. First every rank
+            runs one forward and its backward passes: its batch, or (a rank whose padded batches
+            already go sample by sample, ``loop_reason``) one sample counting nothing; a rank
+            whose padded batch is not finite counts nothing of it. Then, if some rank redoes its
+            batch, every rank runs the largest number of samples to redo, one sample each, those
+            beyond its own counting nothing (and drawing nothing). Returns this rank's loop reason."""
+            alone_here = loop_reason is not None and padded and nv > 0
+            if alone_here:
+                run_alone(prepared, labels, torch.zeros_like(valid), n, passes=1)
+                redo = True
+            else:
+                redo = run(prepared, labels, valid, n, padded, may_redo=nv > 0)
+            passes = sharding.max_over_ranks(nv if redo else 0)
+            if passes == 0:
+                return loop_reason
+            run_alone(prepared, labels, valid if redo else torch.zeros_like(valid), n, passes=passes)
+            if not redo or loop_reason is not None:
+                return loop_reason
+            reason = (
+                f"batch {ctx.index}: the padded batch gives non-finite values (the model produces NaN/inf at padded "
+                "positions, e.g. fully masked attention rows of left padding in eager attention); this rank's padded "
+                "batches are processed one sample at a time, without their padding, in step with the other ranks "
+                "(exact, slower)"
+            )
+            log.warning("KFAC: %s", reason)
+            return reason
 
         def enter(module, args):
             if not uses.checked:
@@ -754,29 +842,47 @@ class KFACEstimator:
         model.train(self.train_mode)
         samples = tokens = skipped = batches_seen = 0
         bar = tqdm(total=max_samples, desc=f"KFAC[{task}]", unit="sample", disable=not progress)
+        last = None  # FSDP2: this rank's last batch, replayed (counting nothing) when the others have one and it not
+        it = iter(batches)
         try:
-            for bi, batch in enumerate(batches):
+            for bi in itertools.count():
                 remaining = None if max_samples is None else max_samples - samples
-                if remaining is not None and remaining <= 0:
-                    break
-                prepared = self._prepare(batch, bi, device, task_type, V)
-                labels = token_labels(prepared, task_type)
-                n = label_counts(prepared, task_type)
-                valid = n > 0
-                if remaining is not None:
-                    valid &= valid.long().cumsum(0) <= remaining
-                    n = torch.where(valid, n, torch.zeros_like(n))
-                nv = int(valid.sum())
-                skipped += int((label_counts(prepared, task_type) == 0).sum())
-                if nv == 0:
+                batch = next(it, None) if remaining is None or remaining > 0 else None
+                item = error = None
+                if batch is not None:
+                    try:
+                        item = self._item(batch, bi, device, task_type, V, remaining)
+                    except Exception as e:
+                        if sharding is None:
+                            raise
+                        error = e  # raised on this rank, and named on the others, by replay_step
+                if sharding is None:
+                    if item is None:
+                        break
+                    go = item[4] > 0
+                else:  # every rank runs the same passes: see FSDPSharding.replay_step
+                    go = sharding.replay_step(bi, has_batch=item is not None, counted=item is not None and item[4] > 0,
+                                              error=error, can_replay=last is not None)
+                    if go is None:
+                        break
+                ctx.index = bi
+                if item is not None:
+                    skipped += item[5]
+                    last = item
+                if not go:
                     continue
+                prepared, labels, n, valid, nv, _ = last  # this batch, or (FSDP2, none left here) the last one
+                if nv == 0 or item is None:  # FSDP2: this rank's passes, in step with the others', add nothing
+                    valid, n, nv = torch.zeros_like(valid), torch.zeros_like(n), 0
                 mask = prepared.get("attention_mask")
                 padded = mask is not None and not bool(mask.bool().all())
-                ctx.index = bi
                 try:
-                    if loop_reason is not None and padded:
+                    if sharding is not None:
+                        loop_reason = in_step(prepared, labels, valid, n, nv, padded)
+                    elif loop_reason is not None and padded:
                         raise _NonFiniteBatch
-                    run(prepared, labels, valid, n, padded)
+                    else:
+                        run(prepared, labels, valid, n, padded)
                 except _NonFiniteBatch:
                     if loop_reason is None:
                         loop_reason = (
@@ -786,10 +892,11 @@ class KFACEstimator:
                         )
                         log.warning("KFAC: %s", loop_reason)
                     run_alone(prepared, labels, valid, n)
-                samples += nv
-                tokens += int(n.sum())
-                batches_seen += 1
-                bar.update(nv)
+                if nv:
+                    samples += nv
+                    tokens += int(n.sum())
+                    batches_seen += 1
+                    bar.update(nv)
         finally:
             bar.close()
             for h in handles:
@@ -801,6 +908,20 @@ class KFACEstimator:
             raise EmptyDataError("KFAC: the data yielded no sample with a label token (no batches, or every label is -100)")
         return self._artifact(model, layers, uncovered, samples, tokens, skipped, task, task_type, model_name_or_path,
                               data_description, loop_reason)
+
+    def _item(self, batch, bi: int, device, task_type: str, V, remaining: int | None):
+        """One batch checked and prepared: ``(prepared, labels, n, valid, nv, skipped)``, ``valid``
+        [B] the samples that count (a label token, within ``remaining``), ``n`` [B] their label
+        tokens (0 elsewhere), ``nv`` how many, ``skipped`` the samples without a label token."""
+        prepared = self._prepare(batch, bi, device, task_type, V)
+        labels = token_labels(prepared, task_type)
+        n = label_counts(prepared, task_type)
+        skipped = int((n == 0).sum())
+        valid = n > 0
+        if remaining is not None:
+            valid &= valid.long().cumsum(0) <= remaining
+            n = torch.where(valid, n, torch.zeros_like(n))
+        return prepared, labels, n, valid, int(valid.sum()), skipped
 
     def _merging(self) -> bool:
         """Whether the factors are summed over the torch.distributed ranks (see ``distributed``)."""
@@ -819,7 +940,7 @@ class KFACEstimator:
             if a.dropped is not None:
                 continue
             params = [n for n, local in ((a.weight, "weight"), (a.bias, "bias"))
-                      if n is not None and id(a.module._parameters[local]) in outside]
+                      if n is not None and a.param_ids.get(local) in outside]
             if not params:
                 continue
             reason = (f"{type(a.module).__name__} {a.name}: {params[0]} is also used outside the layer's forward "
@@ -938,11 +1059,20 @@ class KFACEstimator:
             torch.autograd.grad([root], bottoms, grad_outputs=[grad], retain_graph=retain, allow_unused=True)
 
         def finite(t):
-            if not bool(torch.isfinite(t).all()):
-                raise NonFiniteError("KFAC: the loss or the logits at label positions are not finite; check the model's weights and dtype")
+            ctx.settle(bool(torch.isfinite(t).all()), NonFiniteError(
+                "KFAC: the loss or the logits at label positions are not finite; check the model's weights and dtype"
+            ), "the loss's finiteness check")
 
         try:
-            if self.fisher_type == "empirical":
+            if not bool(ctx.valid.any()):
+                # FSDP2, a rank whose batch counts no sample: the other ranks' number of backward passes
+                # (each a collective), from a zero gradient: every product adds zero (its rows are masked)
+                ctx.settle(True, None, "the loss's finiteness check")
+                passes = {"empirical": 1, "mc": self.mc_samples}.get(self.fisher_type, V)
+                zero = torch.zeros_like(z)
+                for m in range(passes):
+                    back(z, zero, m < passes - 1)
+            elif self.fisher_type == "empirical":
                 loss = F.cross_entropy(z, targets, ignore_index=IGNORE_INDEX, reduction="sum")
                 finite(loss.detach())
                 back(loss, None, False)
