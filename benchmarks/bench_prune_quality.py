@@ -16,6 +16,9 @@ path, paragraphs de-duplicated across splits, ``benchmarks/merge_tasks.py``):
   on licence and copyright prose (``/usr/share/common-licenses``, ``/usr/share/doc/*/copyright``);
 - ``gpt2-man``: GPT-2 (fused ``c_attn``, Conv1D), hidden 128, 4 layers, 4 heads, MLP 512, on the
   troff source of the English man pages (``/usr/share/man/man[1-8]``);
+- ``merge-task-python``, ``merge-task-prose``: the two fine-tuned task models of
+  ``merge_tasks.py``'s ``llama-gqa`` pair (LLaMA, hidden 128, 3 layers, 4 query heads over 2
+  kv-heads, pre-trained on Python + prose, then fine-tuned on one; its cache and splits);
 - ``llama-gqa-23m-python`` (only with ``--pairs all``): LLaMA, hidden 512, 8 layers, 8 query
   heads over 2 kv-heads, MLP 1408 (about 23M parameters), Python source.
 
@@ -28,7 +31,8 @@ and what is done to the kept ones differ. Calibration: ``--calib`` sequences of 
 split; ``validation=`` data: the **validation** split; evaluation: the held-out **test** split
 (never used to choose anything). Rows: hf_fisher's default with ``validation=`` (the criterion
 chosen on the validation split among KFAC-OBS, mask Fisher + rescale, FLAP and Wanda-sp, each with and without
-FLAP's bias compensation), its default without validation data (``score="kfac"``),
+FLAP's bias compensation), its default without validation data (``score="kfac"``, half of the
+OBS update folded in), KFAC-OBS with its full update (``obs_update=1``, the default before),
 ``validation="holdout"`` (the same choice made on the last quarter of the calibration batches, held
 out, the candidates pruning with the rest; then the chosen one prunes with all of them),
 ``mask_fisher`` and ``fisher`` with the rescale, a plain Kwon et al. 2022 written independently
@@ -73,11 +77,15 @@ PAIRS = {
                             train=dict(steps=1200, batch=32, lr=3e-3, warmup=100, seed=1)),
     "gpt2-man": dict(arch="gpt2", domain="man", model=dict(hidden=128, layers=4, heads=4, intermediate=512),
                      train=dict(steps=1200, batch=32, lr=2e-3, warmup=100, seed=2)),
+    # the fine-tuned task models of merge_tasks' "llama-gqa" pair (LLaMA, hidden 128, 3 layers, 4 query heads over
+    # 2 kv-heads, pre-trained on python + prose, then fine-tuned on one): built / cached by merge_tasks
+    "merge-task-python": dict(arch="merge_task", domain="python"),
+    "merge-task-prose": dict(arch="merge_task", domain="prose"),
     "llama-gqa-23m-python": dict(arch="llama", domain="python",
                                  model=dict(hidden=512, layers=8, heads=8, kv_heads=2, intermediate=1408),
                                  train=dict(steps=1500, batch=32, lr=1.5e-3, warmup=150, seed=3)),
 }
-DEFAULT_PAIRS = ("llama-gqa-python", "llama-mha-prose", "gpt2-man")
+DEFAULT_PAIRS = ("llama-gqa-python", "llama-mha-prose", "gpt2-man", "merge-task-python", "merge-task-prose")
 QUICK_MODEL = dict(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128)
 QUICK_TRAIN = dict(steps=40, batch=16, lr=3e-3, warmup=10, seed=0)
 CAPS = {"train": 12000, "validation": 256, "test": 512}
@@ -145,6 +153,13 @@ def _model_class(arch: str):
 
 def load(name: str, quick: bool, rebuild: bool):
     spec = PAIRS[name]
+    if spec["arch"] == "merge_task":  # merge_tasks' cache: its splits, calibration from the train split as below
+        tp = mt.load_task_pair(rebuild=rebuild, quick=quick)
+        d = spec["domain"]
+        model = tp.load(d)
+        meta = {"pair": name, "arch": tp.meta["arch"], "domain": d, "parameters": sum(p.numel() for p in model.parameters()),
+                "merge_tasks": {k: tp.meta.get(k) for k in ("version", "model", "pretrain", "finetune")}}
+        return model, tp.data[d], meta
     model_cfg = QUICK_MODEL if quick else spec["model"]
     if quick and spec["arch"] == "llama" and spec["model"]["kv_heads"] == spec["model"]["heads"]:
         model_cfg = {**QUICK_MODEL, "kv_heads": QUICK_MODEL["heads"]}
@@ -188,7 +203,8 @@ def forward_backward_seconds(model, batches) -> float:
 # label, score (None: the library's default), rescale, validation, in --quick
 ROWS = [
     ("hf_fisher default + validation= (chosen on the validation split)", None, True, True, True),
-    ("hf_fisher default without validation (kfac: KFAC-OBS + its rescale)", None, True, False, True),
+    ("hf_fisher default without validation (kfac: KFAC-OBS + half its update)", None, True, False, True),
+    ("KFAC-OBS + its full update (obs_update=1, the default before)", "kfac_full", True, False, True),
     ('validation="holdout" (chosen on held-out calibration batches)', None, True, "holdout", True),
     ("mask_fisher + rescale", "mask_fisher", True, False, True),
     ("fisher + rescale", "fisher", True, False, True),
@@ -252,10 +268,11 @@ def run_pair(name: str, args) -> dict:
             losses = []
             for seed in range(args.seeds) if score == "random" else [0]:
                 fisher = fisher_param if score == "obd" else fisher_group if score == "fisher" else None
-                r = prune(model, fisher, sparsity=sp, structured=("heads", "channels"), score=score, scope="layer",
-                          rescale_batches=calib if rescale else None, calibration_batches=calib,
-                          rescale=None if score is None else rescale, seed=seed, progress=False,
-                          validation=val if use_val is True else use_val or None)
+                full = score == "kfac_full"
+                r = prune(model, fisher, sparsity=sp, structured=("heads", "channels"), score="kfac" if full else score,
+                          scope="layer", rescale_batches=calib if rescale else None, calibration_batches=calib,
+                          rescale=None if score is None or full else rescale, seed=seed, progress=False,
+                          validation=val if use_val is True else use_val or None, **({"obs_update": 1.0} if full else {}))
                 losses.append(K.loss_with(model, test, None))
                 extra = t_param if score == "obd" else t_group if score == "fisher" else 0.0
                 # with validation= / the held-out selection: every candidate's pruning counts

@@ -23,7 +23,8 @@ def test_holdout_choice_beats_kfac_obs_and_plain_kwon_where_kfac_obs_loses(train
     default = K.loss_with(model, test, None)
     counts, rec = _counts(r), r.stats.get("validation")
     r.restore()
-    r = prune(model, None, sparsity=0.75, scope="layer", score="kfac", rescale_batches=calib, progress=False)
+    r = prune(model, None, sparsity=0.75, scope="layer", score="kfac", rescale_batches=calib, progress=False,
+              obs_update=1.0)  # KFAC-OBS with its full update (the default before issue 26 item 3)
     assert _counts(r) == counts
     kfac = K.loss_with(model, test, None)
     r.restore()

@@ -33,7 +33,8 @@ Prune a model by its Fisher information (or a baseline criterion) and save the r
 
 With --data and --scope layer the default criterion is "kfac": layer by layer, units are removed
 greedily by the least loss increase under the KFAC quadratic (Fisher of the layer output x
-Gram of its input) with the kept units' scales re-optimised and folded into the weights.
+Gram of its input) with the kept units' scales re-optimised, and half of that update
+(--obs-update 0.5: scales 1 + 0.5 (s - 1)) folded into the weights (--obs-update 1: all of it).
 Without data, "fisher": a head's score is the Fisher of its Q rows and O columns (no share of
 the K/V it shares under GQA; in multi-head attention a head takes its K/V rows along), a
 channel's that of its gate/up rows and down column. --physical removes the units (a smaller model
@@ -88,6 +89,9 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--max-length", type=int, default=512, help="truncate calibration samples to this many tokens (default 512)")
     p.add_argument("--max-samples", type=int, default=None, help="use at most the first N calibration samples")
     p.add_argument("--seed", type=int, default=0, help="seed of --score random (default 0)")
+    p.add_argument("--obs-update", type=float, default=None, metavar="GAMMA",
+                   help="score kfac: the fraction of its OBS update folded into the kept units, in [0, 1] "
+                        "(default 0.5; 1: the full update, 0: selection only)")
     p.add_argument("--out", required=True, help="folder to write the pruned model to (new, empty, or a previous output with --overwrite)")
     p.add_argument("--overwrite", action="store_true", help="replace a model already in --out (never other files)")
     add_device_options(p)
@@ -145,7 +149,8 @@ def run(args: argparse.Namespace) -> int:
     check_options(sparsity=args.sparsity, structured=structured, score=args.score, scope=args.scope,
                   min_per_layer=args.min_per_layer, confidence=args.confidence, physical=args.physical,
                   has_data=has_data, has_rescale_data=has_data and not args.no_rescale, fisher=fisher,
-                  rescale=False if args.no_rescale or not has_data else None, config=config, terms=CLI_TERMS)
+                  rescale=False if args.no_rescale or not has_data else None, config=config,
+                  obs_update=args.obs_update, terms=CLI_TERMS)
     check_device(args.device)
     batches = validation = None
     if data_path is not None:
@@ -167,7 +172,7 @@ def run(args: argparse.Namespace) -> int:
         min_per_layer=args.min_per_layer, confidence=args.confidence, physical=args.physical,
         rescale_batches=None if args.no_rescale else batches, calibration_batches=batches,
         rescale=False if args.no_rescale or batches is None else None, seed=args.seed, progress=not args.no_progress,
-        validation=validation,
+        validation=validation, obs_update=args.obs_update,
     )
     result.save_pretrained(args.out, overwrite=args.overwrite)
     st = result.stats

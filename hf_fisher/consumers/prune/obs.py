@@ -18,6 +18,15 @@ which ``s ← s − s_k H⁻¹_{:,k} / H⁻¹_kk`` and ``H⁻¹`` is downdated (
 ``s`` of the kept units are folded into their columns (the Fisher-weighted counterpart of the
 least-squares rescale, which is the case ``G = I``). Removal counts per kv group / layer are the
 ``scope="layer"`` counts.
+
+Shrunk update. Only a fraction ``γ`` (``update``; ``prune(obs_update=γ)``) of the
+reconstruction is folded in: the kept units' scales become ``1 + γ (s − 1)`` (``θ_kept + γ δ``
+on the scales, ``δ = s − 1`` the OBS update; ``γ = 1`` the full OBS update, ``γ = 0`` selection
+alone, the kept weights unchanged). The selection is the same for every ``γ`` within a stage;
+later stages see the model as shrunk. Reason: the update reconstructs the calibration text, and
+models that fit their training text far better than new text (the prose models of
+``benchmarks/bench_prune_quality.py``) generalise worse after a full reconstruction
+(:data:`~hf_fisher.consumers.prune.core.OBS_UPDATE`).
 """
 
 from __future__ import annotations
@@ -51,12 +60,14 @@ def _unit_matrix(weight: torch.Tensor, axis: int, units: Sequence[Unit], name: s
 
 def obs_select(weight: torch.Tensor, axis: int, name: str, units: Sequence[Unit], quota: Mapping[tuple, int],
                key_of, gram: torch.Tensor, G: torch.Tensor, g_diagonal: bool,
-               cross: torch.Tensor | None = None, gap: torch.Tensor | None = None) -> tuple[list[int], torch.Tensor, float]:
+               cross: torch.Tensor | None = None, gap: torch.Tensor | None = None,
+               update: float = 1.0) -> tuple[list[int], torch.Tensor, float]:
     """``(removed positions, scales of the kept positions in order, ΔL estimate)`` for one stage
     (module docstring). ``quota[key_of(unit)]``: how many units of each key to remove. ``cross``:
     ``C = Σ_t x'_t x_tᵀ`` with ``x`` the unpruned model's inputs (None: ``x = x'``, ``s₀ = 1``);
     ``gap``: per input feature ``e_j = Σ_o (GW)_{oj} D_{jo}`` of the residual-stream difference
-    (:func:`~hf_fisher.consumers.prune.rescale.residual_term`), subtracted from ``Pᵀ`` of ``b``."""
+    (:func:`~hf_fisher.consumers.prune.rescale.residual_term`), subtracted from ``Pᵀ`` of ``b``;
+    ``update``: the fraction ``γ`` of the OBS update applied, returned scales ``1 + γ (s − 1)``."""
     H, b = _unit_matrix(weight, axis, units, name, gram, G, g_diagonal, cross, gap)
     n = H.shape[0]
     ridge = 1e-10 * float(H.diagonal().mean()) if n else 0.0
@@ -82,4 +93,4 @@ def obs_select(weight: torch.Tensor, axis: int, name: str, units: Sequence[Unit]
         k = alive.pop(j)
         removed.append(k)
         left[key_of(units[k])] -= 1
-    return sorted(removed), s, cost
+    return sorted(removed), 1.0 + update * (s - 1.0), cost

@@ -104,7 +104,8 @@ class KFACScore(PruneScore):
     ``½ Δwᵀ (G ⊗ A) Δw`` with the kept units' output scales re-optimised after every removal,
     ``A`` the exact Gram of the projection's inputs on the calibration batches (model pruned so
     far), ``G`` the KFAC output factor, ``δy`` the difference to the unpruned model's output of
-    the layer. The default with calibration data and ``scope="layer"``."""
+    the layer; a fraction ``update`` (``prune(obs_update=)``) of the update is folded into the kept
+    units' scales, ``1 + γ (s − 1)``. The default with calibration data and ``scope="layer"``."""
 
     name = "kfac"
     needs_data = True
@@ -112,6 +113,8 @@ class KFACScore(PruneScore):
     output_projection = True
     curvature = True
     layer_by_layer = True
+    #: the fraction ``γ`` of the OBS update folded in (``prune`` sets it from ``obs_update=``)
+    update = 1.0
 
     def score_units(self, model, units, inputs):
         raise InvalidInputError("score 'kfac' selects units greedily layer by layer; prune() runs it (it has no per-unit score)")
@@ -143,7 +146,8 @@ class KFACScore(PruneScore):
         weight = dict(model.named_parameters())[name]
         gone, scales, _ = obs_select(weight, input_axis(model, name), name, units, stage.quota, lambda u: u.budget, gram,
                                      layer.G, layer.g_diagonal, cross=cross,
-                                     gap=None if gap is None else residual_term(model, name, gap, layer.G))
+                                     gap=None if gap is None else residual_term(model, name, gap, layer.G),
+                                     update=self.update)
         kept = [i for i in range(len(units)) if i not in set(gone)]
         fold_scales(model, name, [units[i] for i in kept], scales, stage.touch)
         return gone, {"weight": name, "kept": len(kept), "removed": len(gone),
