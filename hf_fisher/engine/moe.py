@@ -261,32 +261,43 @@ class FusedExpertsRule(GradRule):
         W_gu = m.gate_up_proj.detach().to(dt)
         W_d = m.down_proj.detach().to(dt)
         b_gu = m.gate_up_proj_bias.detach().to(dt) if biased else None
-        gu_factors, d_factors, gu_rows, d_rows = [], [], [], []
         E = W_gu.shape[0]
+        # every routed (token, slot) pair, grouped by expert (tokens in increasing order within
+        # each, as the per-sample runs of ExpertsPart need), so the gate's vjp is one autograd
+        # call over all of them (act_gate works row by row) and each expert's rows are a slice
+        k = index.shape[-1]
+        flat = index.reshape(-1)
+        valid = ((flat >= 0) & (flat < E)).nonzero().flatten()
+        pairs = valid[torch.sort(flat[valid], stable=True).indices]
+        counts = torch.bincount(flat[pairs], minlength=E).tolist()
+        tok = torch.div(pairs, k, rounding_mode="floor")
+        x_r = x.index_select(0, tok)
+        delta = go.index_select(0, tok).mul_(w.reshape(-1)[pairs].unsqueeze(1))  # w_tj δ_t
+        bounds = [0]
+        for n in counts:
+            bounds.append(bounds[-1] + n)
+        u = x_r.new_empty(x_r.shape[0], W_gu.shape[2] if transposed else W_gu.shape[1])
+        dh = delta.new_empty(delta.shape[0], W_d.shape[1] if transposed else W_d.shape[2])
         for e in range(E):
-            tok, slot = (index == e).nonzero(as_tuple=True)
-            if tok.numel() == 0:
-                empty = x.new_zeros(0)
-                gu_factors.append((tok, empty.view(0, W_gu.shape[1]), empty.view(0, W_gu.shape[2])))
-                d_factors.append((tok, empty.view(0, W_d.shape[1]), empty.view(0, W_d.shape[2])))
-                gu_rows.append((tok, empty.view(0, W_gu.shape[2] if transposed else W_gu.shape[1])))
-                d_rows.append((tok, empty.view(0, W_d.shape[2] if transposed else W_d.shape[1])))
-                continue
-            x_e = x.index_select(0, tok)
-            delta = go.index_select(0, tok) * w[tok, slot].unsqueeze(1)  # w_tj δ_t
-            with torch.enable_grad():
-                u = x_e @ (W_gu[e] if transposed else W_gu[e].t())
+            lo, hi = bounds[e], bounds[e + 1]
+            if hi > lo:
+                torch.mm(x_r[lo:hi], W_gu[e] if transposed else W_gu[e].t(), out=u[lo:hi])
                 if b_gu is not None:
-                    u = u + b_gu[e]
-                u.requires_grad_(True)
-                h = _apply_gate(m, u)
-                dh = delta @ (W_d[e].t() if transposed else W_d[e])
-                (d_u,) = torch.autograd.grad(h, u, dh)
-            h = h.detach()
-            gu_factors.append((tok, x_e, d_u) if transposed else (tok, d_u, x_e))
-            d_factors.append((tok, h, delta) if transposed else (tok, delta, h))
-            gu_rows.append((tok, d_u))
-            d_rows.append((tok, delta))
+                    u[lo:hi] += b_gu[e]
+                torch.mm(delta[lo:hi], W_d[e].t() if transposed else W_d[e], out=dh[lo:hi])
+        with torch.enable_grad():
+            u.requires_grad_(True)
+            h = _apply_gate(m, u)
+            (d_u,) = torch.autograd.grad(h, u, dh)
+        h = h.detach()
+        gu_factors, d_factors, gu_rows, d_rows = [], [], [], []
+        for e in range(E):
+            sl = slice(bounds[e], bounds[e + 1])
+            t_e, x_e, du_e, h_e, dl_e = tok[sl], x_r[sl], d_u[sl], h[sl], delta[sl]
+            gu_factors.append((t_e, x_e, du_e) if transposed else (t_e, du_e, x_e))
+            d_factors.append((t_e, h_e, dl_e) if transposed else (t_e, dl_e, h_e))
+            gu_rows.append((t_e, du_e))
+            d_rows.append((t_e, dl_e))
         out = {}
         T1 = max(T, 1)
         if "gate_up_proj" in params:
