@@ -73,7 +73,7 @@ def test_group_sums_per_sample_run_exact(R, C):
              (2, sq.sum((1, 2))), (0, sq.sum((2, 3)))]
     # a budget that holds every sample's Gram temporaries but not one whole [R, C] product
     gram = n_max * (n_max + max(R, C))
-    gram_only = gram if R * C > gram else None
+    gram_only = gram if gram < R * C else None
     assert (gram_only is None) == ((R, C) == (5, 6))
     for budget in (10**6, gram_only):
         if budget is None:

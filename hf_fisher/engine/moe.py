@@ -29,7 +29,18 @@ import torch.nn as nn
 
 from ..errors import UnsupportedError
 from ..hookspecs import hookimpl
-from .rules import DensePart, GradRule, ModuleCall, OuterProductPart, Part, _each, _times, _times_sq, _trainable, num_samples
+from .rules import (
+    DensePart,
+    GradRule,
+    ModuleCall,
+    OuterProductPart,
+    Part,
+    _each,
+    _times,
+    _times_sq,
+    _trainable,
+    num_samples,
+)
 
 #: (module path, class name) of the fused experts modules this rule knows
 EXPERTS_CLASSES = (
@@ -143,7 +154,7 @@ class ExpertsPart(Part):
         R, C = U.shape[1], V.shape[1]
         spans = self._spans(e)
         n_max = max(n for _, n in spans)
-        fits_product = R * C <= budget_elems
+        fits_product = budget_elems >= R * C
         if n_max * (n_max + R) > budget_elems and not fits_product:
             return None
         out = U.new_zeros(num_samples(samples), R)
