@@ -57,6 +57,9 @@ class ExpertsPart(Part):
 
     ``factors[e] = (tokens, U, V)``: the routed token indices (into the B*T flattened tokens)
     and their factors ``U`` [n_e, R], ``V`` [n_e, C]; ``G_i[e] = sum_{t of sample i} U_t ⊗ V_t``.
+    The tokens are in increasing order, so sample i's ``n_ie`` tokens are one run of rows: on a
+    CPU each sample's product is formed over its own run (:meth:`_spans`); elsewhere over the
+    factors compacted to ``[B, max_i n_ie, ·]`` (:meth:`_expert`, one batched product).
     Group axes: 0 (expert), 1 (rows), 2 (columns), or (0, 1) / (0, 2) flattened.
     """
 
