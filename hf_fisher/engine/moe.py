@@ -29,7 +29,18 @@ import torch.nn as nn
 
 from ..errors import UnsupportedError
 from ..hookspecs import hookimpl
-from .rules import DensePart, GradRule, ModuleCall, OuterProductPart, Part, _trainable, num_samples
+from .rules import (
+    DensePart,
+    GradRule,
+    ModuleCall,
+    OuterProductPart,
+    Part,
+    _each,
+    _times,
+    _times_sq,
+    _trainable,
+    num_samples,
+)
 
 #: (module path, class name) of the fused experts modules this rule knows
 EXPERTS_CLASSES = (
@@ -46,6 +57,9 @@ class ExpertsPart(Part):
 
     ``factors[e] = (tokens, U, V)``: the routed token indices (into the B*T flattened tokens)
     and their factors ``U`` [n_e, R], ``V`` [n_e, C]; ``G_i[e] = sum_{t of sample i} U_t ⊗ V_t``.
+    The tokens are in increasing order, so sample i's ``n_ie`` tokens are one run of rows: on a
+    CPU each sample's product is formed over its own run (:meth:`_spans`); elsewhere over the
+    factors compacted to ``[B, max_i n_ie, ·]`` (:meth:`_expert`, one batched product).
     Group axes: 0 (expert), 1 (rows), 2 (columns), or (0, 1) / (0, 2) flattened.
     """
 
@@ -58,6 +72,7 @@ class ExpertsPart(Part):
         self.factors = factors
         self.B, self.T = batch_size, seq_len
         self.scale = scale
+        self._span_cache: dict[int, list[tuple[int, int]]] = {}
 
     def out_like(self):
         return torch.empty(0, dtype=self._dtype(), device=self.param.device)
@@ -81,16 +96,46 @@ class ExpertsPart(Part):
         Vc = V.new_zeros(self.B * width, V.shape[1]).index_copy_(0, slot, V)
         return OuterProductPart(self.param[e], Uc.view(self.B, width, -1), Vc.view(self.B, width, -1), self.scale)
 
+    def _spans(self, e: int) -> list[tuple[int, int]]:
+        """``(start, count)`` of each sample's run in expert ``e``'s factors (the routed tokens are
+        in increasing order, so a sample's ``n_ie`` tokens are one contiguous run of rows)."""
+        spans = self._span_cache.get(e)
+        if spans is None:
+            tokens = self.factors[e][0]
+            counts = torch.bincount(torch.div(tokens, self.T, rounding_mode="floor"), minlength=self.B)
+            starts = counts.cumsum(0) - counts
+            spans = self._span_cache[e] = list(zip(starts.tolist(), counts.tolist()))
+        return spans
+
+    def _by_sample(self) -> bool:
+        """Whether each sample's product is formed over its own run of rows (exactly its ``n_ie``
+        tokens: no padding, no copies) rather than one batched product over the compacted
+        ``[B, T_e, ·]`` factors of :meth:`_expert`: on a CPU, where a product per sample costs no
+        kernel launch and the padding to ``T_e = max_i n_ie`` is about a quarter of the work."""
+        return self.param.device.type == "cpu"
+
     def materialize(self, samples):
         return self.materialize_rows(samples, 0, self.param.shape[0])
 
     def materialize_rows(self, samples, lo, hi, out=None):
         """Experts ``lo:hi`` (dim 0) of the per-sample gradients, ``[b, hi - lo, R, C]`` (into
-        ``out`` when given; a single expert's product is written there directly)."""
+        ``out`` when given; a single expert's product is written there directly). On a CPU,
+        sample i's ``G_i[e] = s_i U_{i,e}ᵀ V_{i,e}`` over its own rows of expert e's factors."""
         _, R, C = self.param.shape
         b = num_samples(samples)
         if out is None:
             out = torch.empty((b, hi - lo, R, C), dtype=self._dtype(), device=self.param.device)
+        if self._by_sample():
+            for e in range(lo, hi):
+                _, U, V = self.factors[e]
+                spans = self._spans(e) if U.numel() else None
+                for j, one in enumerate(_each(samples)):
+                    start, n = spans[one.start] if spans else (0, 0)
+                    if n:
+                        torch.mm(U[start : start + n].t(), V[start : start + n], out=out[j, e - lo])
+                    else:
+                        out[j, e - lo].zero_()
+            return _times(out, self.scale, samples)
         for e in range(lo, hi):
             part = self._expert(e)
             if part is None:
@@ -99,6 +144,33 @@ class ExpertsPart(Part):
                 part.materialize_rows(samples, 0, R, out=out.view(b, R, C))
             else:
                 out[:, e - lo] = part.materialize(samples)
+        return out
+
+    def _sample_sq(self, e: int, axis: int, samples, budget_elems: int) -> torch.Tensor | None:
+        """``[b, R or C]``: ``Σ`` over the other axis of ``(U_{i,e}ᵀ V_{i,e})²`` (unscaled) per sample,
+        each over its own run of rows: the Gram form ``Σ_t ((v vᵀ) u)_t ∘ u_t`` (``n_ie² (R + C)``
+        products) or the materialised gradient (``n_ie R C``), whichever is cheaper, as
+        :class:`~hf_fisher.engine.rules.OuterProductPart` chooses. None where one sample's
+        temporaries would exceed ``budget_elems`` (the padded path then works in blocks)."""
+        _, U, V = self.factors[e]
+        U, V = (V, U) if axis == 1 else (U, V)
+        R, C = U.shape[1], V.shape[1]
+        spans = self._spans(e)
+        n_max = max(n for _, n in spans)
+        fits_product = budget_elems >= R * C
+        if n_max * (n_max + R) > budget_elems and not fits_product:
+            return None
+        out = U.new_zeros(num_samples(samples), R)
+        for j, one in enumerate(_each(samples)):
+            start, n = spans[one.start]
+            if not n:
+                continue
+            u, v = U[start : start + n], V[start : start + n]
+            if n * (n + R) <= budget_elems and (n * (R + C) < R * C or not fits_product):
+                torch.sum((v @ v.t() @ u).mul_(u), 0, out=out[j])
+            else:
+                G = u.t() @ v
+                torch.sum(G.mul_(G), 1, out=out[j])
         return out
 
     def per_index_sq(self, axis, samples, budget_elems):
@@ -111,13 +183,20 @@ class ExpertsPart(Part):
         size = (R if inner == [1] else C) if inner else 1
         per_expert = torch.zeros((b, E, size), dtype=self._dtype(), device=self.param.device)
         for e in range(E):
-            part = self._expert(e)
-            if part is None:
-                continue
+            sq = None
+            if self._by_sample() and self.factors[e][0].numel():
+                sq = self._sample_sq(e, inner[0] - 1 if inner else 0, samples, budget_elems)
+                if sq is not None:
+                    sq = _times_sq(sq, self.scale, samples)
+            if sq is None:
+                part = self._expert(e)
+                if part is None:
+                    continue
+                sq = part.per_index_sq(inner[0] - 1 if inner else 0, samples, budget_elems)
             if inner:
-                per_expert[:, e] = part.per_index_sq(inner[0] - 1, samples, budget_elems)
+                per_expert[:, e] = sq
             else:
-                per_expert[:, e, 0] = part.per_index_sq(0, samples, budget_elems).sum(1)
+                per_expert[:, e, 0] = sq.sum(1)
         if 0 in axes:
             return per_expert.reshape(b, -1)
         return per_expert.sum(1)
@@ -127,6 +206,18 @@ class ExpertsPart(Part):
         for e, (tokens, U, V) in enumerate(self.factors):
             if tokens.numel():
                 out[e] = U.t() @ V
+        return out
+
+    def total_times(self, probe):
+        """``total() @ probe`` per expert as ``Uᵀ (V P) = ((Pᵀ Vᵀ) U)ᵀ`` (``[E, R, k]``): about
+        ``n_e (R + C) k`` products per expert instead of the ``n_e R C`` of its batch gradient
+        (the first batch's check, see :meth:`OuterProductPart.total_times`)."""
+        E, R, _ = self.param.shape
+        probe = probe.to(device=self.param.device)
+        out = torch.zeros((E, R, probe.shape[1]), dtype=self._dtype(), device=self.param.device)
+        for e, (tokens, U, V) in enumerate(self.factors):
+            if tokens.numel():
+                out[e] = ((probe.to(V.dtype).t() @ V.t()) @ U).t()
         return out
 
     def rounding_sq(self):
@@ -184,32 +275,43 @@ class FusedExpertsRule(GradRule):
         W_gu = m.gate_up_proj.detach().to(dt)
         W_d = m.down_proj.detach().to(dt)
         b_gu = m.gate_up_proj_bias.detach().to(dt) if biased else None
-        gu_factors, d_factors, gu_rows, d_rows = [], [], [], []
         E = W_gu.shape[0]
+        # every routed (token, slot) pair, grouped by expert (tokens in increasing order within
+        # each, as the per-sample runs of ExpertsPart need), so the gate's vjp is one autograd
+        # call over all of them (act_gate works row by row) and each expert's rows are a slice
+        k = index.shape[-1]
+        flat = index.reshape(-1)
+        valid = ((flat >= 0) & (flat < E)).nonzero().flatten()
+        pairs = valid[torch.sort(flat[valid], stable=True).indices]
+        counts = torch.bincount(flat[pairs], minlength=E).tolist()
+        tok = torch.div(pairs, k, rounding_mode="floor")
+        x_r = x.index_select(0, tok)
+        delta = go.index_select(0, tok).mul_(w.reshape(-1)[pairs].unsqueeze(1))  # w_tj δ_t
+        bounds = [0]
+        for n in counts:
+            bounds.append(bounds[-1] + n)
+        u = x_r.new_empty(x_r.shape[0], W_gu.shape[2] if transposed else W_gu.shape[1])
+        dh = delta.new_empty(delta.shape[0], W_d.shape[1] if transposed else W_d.shape[2])
         for e in range(E):
-            tok, slot = (index == e).nonzero(as_tuple=True)
-            if tok.numel() == 0:
-                empty = x.new_zeros(0)
-                gu_factors.append((tok, empty.view(0, W_gu.shape[1]), empty.view(0, W_gu.shape[2])))
-                d_factors.append((tok, empty.view(0, W_d.shape[1]), empty.view(0, W_d.shape[2])))
-                gu_rows.append((tok, empty.view(0, W_gu.shape[2] if transposed else W_gu.shape[1])))
-                d_rows.append((tok, empty.view(0, W_d.shape[2] if transposed else W_d.shape[1])))
-                continue
-            x_e = x.index_select(0, tok)
-            delta = go.index_select(0, tok) * w[tok, slot].unsqueeze(1)  # w_tj δ_t
-            with torch.enable_grad():
-                u = x_e @ (W_gu[e] if transposed else W_gu[e].t())
+            lo, hi = bounds[e], bounds[e + 1]
+            if hi > lo:
+                torch.mm(x_r[lo:hi], W_gu[e] if transposed else W_gu[e].t(), out=u[lo:hi])
                 if b_gu is not None:
-                    u = u + b_gu[e]
-                u.requires_grad_(True)
-                h = _apply_gate(m, u)
-                dh = delta @ (W_d[e].t() if transposed else W_d[e])
-                (d_u,) = torch.autograd.grad(h, u, dh)
-            h = h.detach()
-            gu_factors.append((tok, x_e, d_u) if transposed else (tok, d_u, x_e))
-            d_factors.append((tok, h, delta) if transposed else (tok, delta, h))
-            gu_rows.append((tok, d_u))
-            d_rows.append((tok, delta))
+                    u[lo:hi] += b_gu[e]
+                torch.mm(delta[lo:hi], W_d[e].t() if transposed else W_d[e], out=dh[lo:hi])
+        with torch.enable_grad():
+            u.requires_grad_(True)
+            h = _apply_gate(m, u)
+            (d_u,) = torch.autograd.grad(h, u, dh)
+        h = h.detach()
+        gu_factors, d_factors, gu_rows, d_rows = [], [], [], []
+        for e in range(E):
+            sl = slice(bounds[e], bounds[e + 1])
+            t_e, x_e, du_e, h_e, dl_e = tok[sl], x_r[sl], d_u[sl], h[sl], delta[sl]
+            gu_factors.append((t_e, x_e, du_e) if transposed else (t_e, du_e, x_e))
+            d_factors.append((t_e, h_e, dl_e) if transposed else (t_e, dl_e, h_e))
+            gu_rows.append((t_e, du_e))
+            d_rows.append((t_e, dl_e))
         out = {}
         T1 = max(T, 1)
         if "gate_up_proj" in params:
