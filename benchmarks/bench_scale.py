@@ -58,6 +58,17 @@ the CPU (they stream files), also with ``--device cuda``. Disk: about 6 x the mo
 dtype plus 2 float32 Fishers (the 1B config in float32: ~40 GB; the 8B config does not fit a
 64 GB disk: use ``--layers``); checked before anything is written.
 
+``--isolate``: every method in a fresh process of its own instead (the parent builds no model): one
+untimed plain warm-up step, the method's set-up (steady: the collector's first batch; one-shot: one
+untimed run on batch 0, the process's first-call costs), then ``--repeats`` timed runs on batches
+1..R, and the peak RSS over those runs. Not interleaved, but no two methods' state shares a process:
+the full-depth 1B param Fisher (model 4.9 GB, float32 accumulators 14.8 GB) cannot sit next to a
+second collector or a plain step's gradients. Without it, the parent also drops its model before
+the memory children (each builds its own)::
+
+    python benchmarks/bench_scale.py --model llama-3.2-1b --modes param --accumulation-dtype float32 \
+        --offload-dir /big/disk --isolate --repeats 2
+
 Peak memory. On CPU the high-water mark of the resident set only grows, so each method's peak is
 measured in a fresh process (the script re-invokes itself with ``--one METHOD``): the process
 builds the model and the batches (steady: and feeds the collector its first batch), resets the
