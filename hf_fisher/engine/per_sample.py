@@ -655,7 +655,7 @@ class PerSampleEngine:
 
     def finish_backward(self, verify_grads: dict[int, torch.Tensor | None] | None) -> None:
         """End one backward: reduce the parameters no call reached (zero contributions) and, with
-        ``verify_grads`` (``{id(param): batch gradient}``), check the per-sample gradients
+        ``verify_grads`` (``{id(param): batch gradient}`` or its :class:`ReferenceGradient`), check the per-sample gradients
         against them (:class:`UnsupportedError` when they do not add up)."""
         from .rules import release_grams
 
