@@ -21,7 +21,8 @@ How one batch is processed:
    the gradient it got inside the padded batch (the invariant the definitions demand:
    positions, padding, NaN at padded positions would all break it). Both are proportionate:
    the totals come from the same backward (autograd's parameter gradients next to the
-   captured outputs' ones) and are compared through a few fixed random directions; the padding
+   captured outputs' ones, each reduced as autograd produces it and dropped: never the whole
+   model's gradients at once) and are compared through a few fixed random directions; the padding
    check costs one forward and backward of that one sample (the batch's shortest), none for a
    batch of one unpadded sample (which is its own run alone: the check then waits for the next
    batch of its padding kind). A parameter the hooks
