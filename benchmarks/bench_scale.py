@@ -58,6 +58,17 @@ the CPU (they stream files), also with ``--device cuda``. Disk: about 6 x the mo
 dtype plus 2 float32 Fishers (the 1B config in float32: ~40 GB; the 8B config does not fit a
 64 GB disk: use ``--layers``); checked before anything is written.
 
+``--isolate``: every method in a fresh process of its own instead (the parent builds no model): one
+untimed plain warm-up step, the method's set-up (steady: the collector's first batch; one-shot: one
+untimed run on batch 0, the process's first-call costs), then ``--repeats`` timed runs on batches
+1..R, and the peak RSS over those runs. Not interleaved, but no two methods' state shares a process:
+the full-depth 1B param Fisher (model 4.9 GB, float32 accumulators 14.8 GB) cannot sit next to a
+second collector or a plain step's gradients. Without it, the parent also drops its model before
+the memory children (each builds its own)::
+
+    python benchmarks/bench_scale.py --model llama-3.2-1b --modes param --accumulation-dtype float32 \
+        --offload-dir /big/disk --isolate --repeats 2
+
 Peak memory. On CPU the high-water mark of the resident set only grows, so each method's peak is
 measured in a fresh process (the script re-invokes itself with ``--one METHOD``): the process
 builds the model and the batches (steady: and feeds the collector its first batch), resets the
@@ -327,33 +338,51 @@ def _error(exc: BaseException) -> str:
 
 
 def one(args):
-    """--one METHOD: a fresh process measures the peak memory of one method; prints JSON."""
+    """--one METHOD: a fresh process measures one method; prints JSON.
+
+    Without ``--rounds``: the peak memory of one run on batch 1. With ``--rounds R`` (``--isolate``):
+    one untimed plain warm-up step (as the interleaved rounds have), the method's set-up (a one-shot
+    method: one untimed run on batch 0), then R timed runs on batches 1..R; the peak is over the
+    R runs (VmHWM reset after the set-up)."""
     model, _ = build_model(args)
     batches = make_batches(args, model.config.vocab_size)
     runner = Runner(model, batches, args)
     method = args.one
+    rounds = args.rounds or 1
     reset_ok = False
+    times, cpu, reported = [], [], None
     try:
+        if args.rounds:
+            runner.run("plain", batches[0])  # warm-up, untimed
         runner.prepare(method)
+        if args.rounds and method.endswith("-oneshot"):
+            # once untimed on batch 0: the process's first-call costs (lazy imports), which the
+            # interleaved rounds pay in the steady collector's set-up, not in a one-shot round
+            runner.run(method, batches[0], r=0)
+        sync(args.device)
         if args.device == "cuda":
-            sync(args.device)
             torch.cuda.reset_peak_memory_stats()
         else:
             # reset the kernel's peak-RSS counter to the current RSS (model, batches, steady collector):
             # ru_maxrss cannot be used alone, Linux carries the parent's high-water mark over fork+exec
             reset_ok = _common.reset_peak()
-        runner.run(method, batches[1], r=1)
-        sync(args.device)
+        for r in range(1, rounds + 1):
+            t0, c0 = time.perf_counter(), time.process_time()
+            reported = runner.run(method, batches[r], r=r)
+            sync(args.device)
+            times.append(reported if reported is not None else time.perf_counter() - t0)
+            cpu.append(time.process_time() - c0)
     except Exception as exc:
         print("RESULT " + json.dumps({"method": method, "error": _error(exc)}))
         return
     finally:
         runner.close()
     peak = torch.cuda.max_memory_allocated() if args.device == "cuda" else _common.peak_rss(reset_ok)
-    print("RESULT " + json.dumps({"method": method, "peak_bytes": peak, "hwm_reset": reset_ok}))
+    print("RESULT " + json.dumps({"method": method, "peak_bytes": peak, "hwm_reset": reset_ok, "times_s": times, "cpu_s": cpu}))
 
 
-def memory_in_subprocess(args, method):
+def memory_in_subprocess(args, method, rounds: int | None = None):
+    """Runs ``--one method`` in a fresh process (``rounds``: also R timed runs, see :func:`one`)."""
     cmd = [
         sys.executable,
         __file__,
@@ -368,7 +397,7 @@ def memory_in_subprocess(args, method):
         "--dtype",
         args.dtype,
         "--repeats",
-        "1",
+        str(rounds or 1),
         "--device",
         args.device,
         "--threads",
@@ -379,8 +408,10 @@ def memory_in_subprocess(args, method):
     if args.layers is not None:
         cmd += ["--layers", str(args.layers)]
     cmd += ["--accumulation-dtype", args.accumulation_dtype] + (["--offload-dir", args.offload_dir] if args.offload_dir else [])
+    if rounds:
+        cmd += ["--rounds", str(rounds)]
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout * (1 + (rounds or 0)))
     except subprocess.TimeoutExpired:
         return {"error": f"timeout after {args.timeout}s"}
     for line in proc.stdout.splitlines():
@@ -479,7 +510,11 @@ def main(argv=None):
     p.add_argument("--no-memory", action="store_true", help="skip the peak memory measurement")
     p.add_argument("--timeout", type=int, default=900, help="seconds allowed to each subprocess")
     p.add_argument("--json", help="write the results to this file")
+    p.add_argument("--isolate", action="store_true",
+                   help="each method in a fresh process of its own, timed there (R rounds) and its peak taken there: "
+                        "no two methods' state in one process (the full-depth param runs); not interleaved")
     p.add_argument("--one", help=argparse.SUPPRESS)
+    p.add_argument("--rounds", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -492,17 +527,63 @@ def main(argv=None):
         if m not in MODES:
             p.error(f"unknown mode {m!r}; choose from {', '.join(MODES)}")
     names = methods(modes)
-    model, attn = build_model(args)
+    if args.isolate and args.device == "cpu" and "merge" not in modes:
+        # the parent only names the model: its weights would sit next to every child's
+        model, attn = build_model(argparse.Namespace(**{**vars(args), "device": "meta"}))
+    else:
+        model, attn = build_model(args)
     n_params = sum(t.numel() for t in model.parameters())
     n_layers = model.config.num_hidden_layers
-    batches = make_batches(args, model.config.vocab_size)
     print(
         f"{args.model} layers={n_layers} params={n_params / 1e6:.1f}M attn={attn} "
         f"B={args.batch} T={args.seq_len} {args.dtype} {args.device}",
         flush=True,
     )
-    runner = Runner(model, batches, args)
     errors: dict[str, str] = {}
+    times = {n: [] for n in names}
+    cpu = {n: [] for n in names}
+    mem = {}
+    if args.isolate:
+        times, cpu, mem = isolated(args, names, errors)
+    else:
+        interleaved_rounds(args, model, names, errors, times, cpu)
+    med = {n: statistics.median(v) for n, v in times.items() if v}
+
+    merges = run_merges(args, model) if "merge" in modes else None
+
+    if not args.no_memory and not args.isolate:
+        # the children build their own model: this one would sit next to theirs
+        del model
+        if args.device == "cuda":
+            torch.cuda.empty_cache()
+        for name in names:
+            if name in errors:
+                continue
+            mem[name] = memory_in_subprocess(args, name)
+            print(f"  memory {name}: {mem[name]}", flush=True)
+    _report(args, names, errors, times, cpu, med, mem, merges, n_params, n_layers, attn)
+    return None
+
+
+def isolated(args, names, errors):
+    """``--isolate``: every method in a fresh process (:func:`one` with ``--rounds``): times and peak."""
+    times, cpu, mem = {n: [] for n in names}, {n: [] for n in names}, {}
+    for name in names:
+        res = memory_in_subprocess(args, name, rounds=args.repeats)
+        print(f"  {name}: {res}", flush=True)
+        if "error" in res:
+            errors[name] = res["error"] + (f" ({' / '.join(res['tail'])})" if res.get("tail") else "")
+            continue
+        times[name], cpu[name] = res["times_s"], res["cpu_s"]
+        if not args.no_memory:
+            mem[name] = res
+    return times, cpu, mem
+
+
+def interleaved_rounds(args, model, names, errors, times, cpu):
+    """The methods timed round by round in this process (fills ``times``/``cpu``, ``errors``)."""
+    batches = make_batches(args, model.config.vocab_size)
+    runner = Runner(model, batches, args)
     runner.run("plain", batches[0])  # warm-up
     for name in names:
         t0 = time.perf_counter()
@@ -515,8 +596,6 @@ def main(argv=None):
         if name.endswith("-steady") or name.startswith("trainer-"):
             print(f"  {name}: first batch / first train() {time.perf_counter() - t0:.1f}s", flush=True)
     live = [n for n in names if n not in errors]
-    times = {n: [] for n in names}
-    cpu = {n: [] for n in names}
     for r in range(1, args.repeats + 1):
         for name in list(live):
             sync(args.device)
@@ -533,22 +612,9 @@ def main(argv=None):
             cpu[name].append(time.process_time() - c0)
         print(f"  round {r}: " + ", ".join(f"{n} {times[n][-1]:.2f}s" for n in live), flush=True)
     runner.close()
-    del runner
-    med = {n: statistics.median(v) for n, v in times.items() if v}
 
-    merges = run_merges(args, model) if "merge" in modes else None
 
-    mem = {}
-    if not args.no_memory:
-        if args.device == "cuda":
-            del model
-            torch.cuda.empty_cache()
-        for name in names:
-            if name in errors:
-                continue
-            mem[name] = memory_in_subprocess(args, name)
-            print(f"  memory {name}: {mem[name]}", flush=True)
-
+def _report(args, names, errors, times, cpu, med, mem, merges, n_params, n_layers, attn):
     info = _common.machine_info(args.device)
     info["threads"] = args.threads
     rows = []
@@ -576,7 +642,8 @@ def main(argv=None):
         f"{args.model} ({n_layers} layers, "
         f"{n_params / 1e6:.1f}M params), B={args.batch}, T={args.seq_len}, {args.dtype}, {args.device}, "
         f"{args.accumulation_dtype} accumulators" + (" (offloaded)" if args.offload_dir else "") + ", "
-        f"median of {args.repeats}" + (f"; trainer rows: mean step of {args.trainer_steps}" if any(
+        f"median of {args.repeats}" + (" (each method in a fresh process of its own)" if args.isolate else "")
+        + (f"; trainer rows: mean step of {args.trainer_steps}" if any(
             n.startswith("trainer-") for n in names) else "")
     )
     print("| method | time (s) | x baseline | peak memory (GB) | x baseline |")

@@ -21,7 +21,8 @@ How one batch is processed:
    the gradient it got inside the padded batch (the invariant the definitions demand:
    positions, padding, NaN at padded positions would all break it). Both are proportionate:
    the totals come from the same backward (autograd's parameter gradients next to the
-   captured outputs' ones) and are compared through a few fixed random directions; the padding
+   captured outputs' ones, each reduced as autograd produces it and dropped: never the whole
+   model's gradients at once) and are compared through a few fixed random directions; the padding
    check costs one forward and backward of that one sample (the batch's shortest), none for a
    batch of one unpadded sample (which is its own run alone: the check then waits for the next
    batch of its padding kind). A parameter the hooks
@@ -83,6 +84,18 @@ log = logging.getLogger(__name__)
 _MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids", "position_ids", "inputs_embeds", *vision.INPUT_KEYS)
 
 LossFn = Callable[[Any, Mapping[str, torch.Tensor]], SampleLosses]
+
+
+@dataclass(frozen=True)
+class ReferenceGradient:
+    """What the first-batch check keeps of autograd's batch gradient ``g`` of one parameter (in
+    the compute dtype): ``seen = g P`` (:meth:`PerSampleEngine.seen`: ``g`` through the check's
+    random directions, or ``g`` itself for a small parameter), its Frobenius norm ``‖g‖_F`` (the
+    model-wide rounding term, :func:`rounding_floors`) and whether ``g`` is finite."""
+
+    seen: torch.Tensor
+    norm: float
+    finite: bool
 
 
 @dataclass
@@ -490,10 +503,18 @@ class PerSampleEngine:
             params = [t.param for t in self.targets] if verify else []
             vjp = [t for t in self.targets if id(t.param) in self.vjp_params]
             self.capture.in_backward = True
-            grads = (
-                torch.autograd.grad(loss, inputs + params, allow_unused=True, retain_graph=bool(vjp))
-                if (inputs or params) else []
-            )
+            # the check's reference: each parameter's batch gradient reduced to what the check
+            # compares as soon as autograd has it, then dropped (see _reference_hook)
+            refs: dict[int, ReferenceGradient] = {}
+            hooks = [p.register_hook(self._reference_hook(p, refs)) for p in params if p.requires_grad]
+            try:
+                grads = (
+                    torch.autograd.grad(loss, inputs + params, allow_unused=True, retain_graph=bool(vjp))
+                    if (inputs or params) else []
+                )
+            finally:
+                for h in hooks:
+                    h.remove()
             self.capture.flush_deferred()
             self.capture.in_backward = False
             if self.capture.recomputed:
@@ -501,8 +522,9 @@ class PerSampleEngine:
             if vjp:
                 self.capture.muted = True
                 self._vjp_parts(weighted, vjp)
-            self.finish_backward(verify_grads=dict(zip(map(id, params), grads[len(inputs):])) if verify else None)
-            del grads, loss, weighted, losses
+            del grads
+            self.finish_backward(verify_grads={id(p): refs.get(id(p)) for p in params} if verify else None)
+            del refs, loss, weighted, losses
             self.capture.detach()
             if probe is not None:
                 self._check_alone(batch, probe, batch_index)
@@ -634,7 +656,7 @@ class PerSampleEngine:
 
     def finish_backward(self, verify_grads: dict[int, torch.Tensor | None] | None) -> None:
         """End one backward: reduce the parameters no call reached (zero contributions) and, with
-        ``verify_grads`` (``{id(param): batch gradient}``), check the per-sample gradients
+        ``verify_grads`` (``{id(param): batch gradient}`` or its :class:`ReferenceGradient`), check the per-sample gradients
         against them (:class:`UnsupportedError` when they do not add up)."""
         from .rules import release_grams
 
@@ -767,6 +789,26 @@ class PerSampleEngine:
         floor = 1e-6 if self.compute_dtype == torch.float64 else 1e-3
         return max(floor, 8 * torch.finfo(self.model_dtype).eps)
 
+    def _reference_hook(self, param: torch.Tensor, refs: dict):
+        """A tensor hook for ``param`` during the checked backward: stores ``refs[id(param)] =``
+        :meth:`reference` of autograd's batch gradient and hands autograd back a broadcast zero
+        (no memory) in its place, so the model's gradients are never all alive at once: the
+        check holds one parameter's gradient at a time, not a parameter-sized copy of the model."""
+
+        def hook(g: torch.Tensor) -> torch.Tensor:
+            refs[id(param)] = self.reference(param, g)
+            return g.new_zeros(()).expand(g.shape)
+
+        return hook
+
+    def reference(self, param: torch.Tensor, g: torch.Tensor | None) -> ReferenceGradient:
+        """What the first-batch check keeps of autograd's batch gradient ``g`` of ``param`` (None:
+        zeros), taken in the compute dtype: ``seen = g P`` (:meth:`seen`), ``‖g‖_F`` and whether
+        ``g`` is finite."""
+        r = torch.zeros_like(param, dtype=self.compute_dtype) if g is None else g.detach().to(self.compute_dtype)
+        norm = _norm(r)
+        return ReferenceGradient(self.seen(param, r), norm, math.isfinite(norm) or bool(torch.isfinite(r).all()))
+
     def reference_gradients(self, grads: Mapping[int, torch.Tensor | None]) -> dict[int, torch.Tensor]:
         """``id(param) -> gradient`` in the compute dtype for every target (zeros where None)."""
         ref = {}
@@ -820,24 +862,30 @@ class PerSampleEngine:
         the vector-Jacobian path get autograd's own per-sample gradients (nothing can be missed
         there): they are judged with the model-wide rounding term of :func:`mismatch`.
 
+        ``grads`` values: gradients (None: zeros) or their :class:`ReferenceGradient` (what the
+        engine's own checked backward keeps, one parameter at a time).
+
         Returns ``(bad, ref)``: the worst failing ``(id(param), relative error)`` or None, and
-        the whole reference gradients. Forgets the totals."""
+        ``id(param) ->`` :class:`ReferenceGradient`. Forgets the totals."""
         bad, ref = self._failing_totals(grads)
         return (bad[0] if bad else None), ref
 
     def _failing_totals(self, grads: Mapping[int, torch.Tensor | None]):
         """:meth:`check_totals` with every failing parameter, worst first."""
-        ref = self.reference_gradients(grads)
+        ref = {}
+        for t in self.targets:
+            g = grads.get(id(t.param))
+            ref[id(t.param)] = g if isinstance(g, ReferenceGradient) else self.reference(t.param, g)
         mine, self._totals = self._totals, {}
         rounding, self._rounding = self._rounding, {}
         seen = {}
         for pid, r in ref.items():
-            seen[pid] = self.seen(self.by_param[pid].param, r)
+            seen[pid] = r.seen
             if mine.get(pid) is None:
                 mine[pid] = torch.zeros_like(seen[pid])
         tol = self._tolerance()
         sizes = {pid: int(self.by_param[pid].param.numel()) for pid in ref}
-        floors = model_rounding(ref, tol, sizes)
+        floors = rounding_floors({pid: r.norm for pid, r in ref.items()}, tol, sizes)
         for pid in ref:
             if pid not in self.vjp_params:
                 floors[pid] = tol * rounding.get(pid, 0.0)
@@ -854,7 +902,7 @@ class PerSampleEngine:
             return
         for pid, rel in bad:
             name = self.by_param[pid].name
-            if not torch.isfinite(ref[pid]).all():
+            if not ref[pid].finite:
                 raise UnsupportedError(
                     f"autograd's batch gradient of {name} is not finite although every used sample's loss is "
                     "(NaN/inf at padded positions)"
@@ -986,10 +1034,16 @@ def model_rounding(ref: dict, tol: float, sizes: dict | None = None) -> dict:
     gradient scale (G the norm of the whole reference gradient over N elements): a parameter
     whose exact gradient is zero (an attention key bias: softmax is shift invariant) holds pure
     rounding noise of that size after a computation that rounds differently."""
-    total = sum(_norm(r) ** 2 for r in ref.values())
-    size = (lambda key, r: max(1, sizes[key])) if sizes is not None else (lambda key, r: max(1, r.numel()))
-    count = sum(size(key, r) for key, r in ref.items())
-    return {key: tol * (total * size(key, r) / max(1, count)) ** 0.5 for key, r in ref.items()}
+    sizes = sizes if sizes is not None else {key: r.numel() for key, r in ref.items()}
+    return rounding_floors({key: _norm(r) for key, r in ref.items()}, tol, sizes)
+
+
+def rounding_floors(norms: dict, tol: float, sizes: dict) -> dict:
+    """:func:`model_rounding` from the reference gradients' Frobenius norms ``norms`` and
+    element counts ``sizes``: ``key -> tol * G * sqrt(n_p / N)``, ``G² = Σ_p norms[p]²``."""
+    total = sum(n**2 for n in norms.values())
+    count = sum(max(1, sizes[key]) for key in norms)
+    return {key: tol * (total * max(1, sizes[key]) / max(1, count)) ** 0.5 for key in norms}
 
 
 def _norm(t: torch.Tensor) -> float:
