@@ -738,8 +738,6 @@ class PerSampleEngine:
     #: run in the cache instead of streaming a [b, *shape] tensor from memory four more times
     CACHE_BLOCK_ELEMS = 2**20
 
-    MIN_CACHE_ROWS = 0
-
     def _cache_rows(self, parts: list[Part], shape: tuple, n_keep: int) -> int | None:
         """Rows per block such that the ``n_keep`` samples' block of rows of a CPU outer-product
         gradient (``[n_keep, rows, *shape[1:]]``) holds about :attr:`CACHE_BLOCK_ELEMS` elements;
@@ -748,7 +746,7 @@ class PerSampleEngine:
         if self.device.type != "cpu" or not all(p.writes_out or isinstance(p, DensePart) for p in parts):
             return None
         row = max(1, math.prod(shape[1:]))
-        step = max(1, self.CACHE_BLOCK_ELEMS // max(1, n_keep * row), self.MIN_CACHE_ROWS)
+        step = max(1, self.CACHE_BLOCK_ELEMS // max(1, n_keep * row))
         return step if step < shape[0] else None
 
     def _emit(self, name: str, contributions: torch.Tensor, samples=None) -> None:
