@@ -789,9 +789,9 @@ class Welford(_Accumulator):
 
 #: elements per slice of :meth:`Welford.update_shifted_`: its temporaries (workspace views) are
 #: at most this many elements per slot, whatever the parameter's size (2 MiB in float64). A
-#: slice's working set (state, inputs, temporaries: ~10 MB) stays in a CPU's cache across the
-#: merge's six passes; slices of 1M elements (~40 MB) streamed from memory at every pass
-#: (measured 2-4% of a parameter-mode batch at hidden 256-1024, issue 24)
+#: slice's working set (state, inputs, temporaries: ~10 MB) can stay in a CPU's last-level
+#: cache across the merge's six passes, where slices of 1M elements (~40 MB) are streamed from
+#: memory at every pass (measured: ~1-2% of a parameter-mode batch at hidden 256-1024, issue 24)
 MERGE_CHUNK = 1 << 18
 
 
