@@ -31,6 +31,7 @@ from .stats import (
     Workspace,
     is_zeros_free,
     make_accumulator,
+    sample_sum,
     shifted_moments_,
     zeros_like_free,
 )
@@ -140,30 +141,32 @@ class _MomentsSink(ContributionSink):
             x = gradients.to(torch.float32).square_()
         else:
             x = gradients.square_() if owned else gradients.square()
-        # Σ_i over the samples as a matrix-vector product: about twice the speed of x.sum(0) on
-        # a CPU (a strided reduction); the same sums in x's precision, in another order
-        total = x.sum(0) if b == 1 or not x.is_contiguous() else (x.new_ones(1, b) @ x.view(b, -1)).view(x.shape[1:])
+        staged = out = None
+        if rows is not None:
+            lo, hi, n = rows
+            staged = self.staged.get(name)
+            if staged is None or lo == 0:  # one sample (b == 1): M2 = 0, nothing to stage for it
+                staged = self.staged[name] = (x.new_empty((n, *x.shape[2:])), None if b == 1 else x.new_empty((n, *x.shape[2:])))
+            if staged[0].dtype == x.dtype:  # the block's sums go straight to its rows (no copy)
+                out = (staged[0][lo:hi], None if staged[1] is None else staged[1][lo:hi])
+        total = sample_sum(x, out=None if out is None else out[0])
         # N-sized checks: the column sums are non-finite iff a contribution is (or a sum overflows)
         if not bool(torch.isfinite(total.sum())) and not bool(torch.isfinite(total).all()):
             bad = (~torch.isfinite(x.reshape(b, -1))).any(dim=1).nonzero().flatten().tolist()
             if bad:
                 return bad
             x = x.to(torch.float64)  # finite contributions whose float32 sums overflow
-            total = x.sum(0)
-        shift, m2, residual = shifted_moments_(x, total=total, corrected=False)
+            total, out = x.sum(0), None
+        shift, m2, residual = shifted_moments_(x, total=total, corrected=False, m2_out=None if out is None else out[1])
         if rows is None:
             self._push(name, b, shift, m2, residual)
             return []
-        lo, hi, n = rows
-        staged = self.staged.get(name)
-        if staged is None or lo == 0:  # one sample (b == 1): M2 = 0, nothing to stage for it
-            staged = (shift.new_empty((n, *shift.shape[1:])), None if b == 1 else m2.new_empty((n, *m2.shape[1:])))
-        if staged[0].dtype != shift.dtype:  # a block redone in float64 (see above)
-            staged = (staged[0].to(shift.dtype), None if staged[1] is None else staged[1].to(shift.dtype))
-        staged[0][lo:hi] = shift
-        if staged[1] is not None:
-            staged[1][lo:hi] = m2
-        self.staged[name] = staged
+        if out is None:  # the block or an earlier one redone in float64: the staged rows in float64
+            if staged[0].dtype != torch.float64:
+                staged = self.staged[name] = (staged[0].to(torch.float64), None if staged[1] is None else staged[1].to(torch.float64))
+            staged[0][lo:hi] = shift
+            if staged[1] is not None:
+                staged[1][lo:hi] = m2
         if hi == n:
             del self.staged[name]
             self._push(name, b, staged[0], zeros_like_free(staged[0]) if staged[1] is None else staged[1], None)

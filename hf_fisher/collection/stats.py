@@ -42,7 +42,7 @@ import torch
 
 from hf_fisher.errors import EmptyDataError, InvalidInputError, UnsupportedError
 
-__all__ = ["EMA", "AccumulatorState", "MappedStore", "Welford", "Workspace", "confidence_interval", "make_accumulator", "shifted_moments_", "zeros_like_free"]
+__all__ = ["EMA", "AccumulatorState", "MappedStore", "Welford", "Workspace", "confidence_interval", "make_accumulator", "sample_sum", "shifted_moments_", "zeros_like_free"]
 
 
 def _as_shape(shape: Sequence[int] | torch.Size | int | None) -> tuple[int, ...] | None:
@@ -87,7 +87,7 @@ class Workspace:
 
 
 def shifted_moments_(
-    x: torch.Tensor, *, square: bool = False, total: torch.Tensor | None = None, corrected: bool = True
+    x: torch.Tensor, *, square: bool = False, total: torch.Tensor | None = None, corrected: bool = True, m2_out: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Moments over dim 0 of ``x`` (``[b, *shape]``), or of ``x²`` with ``square=True``; **overwrites** ``x``.
 
@@ -99,7 +99,8 @@ def shifted_moments_(
 
     ``total``, if given, is ``x.sum(0)`` already computed by the caller (e.g. to check
     finiteness before ``x`` is overwritten); it is consumed (divided in place) and cannot be
-    combined with ``square``. With ``b == 1``: ``shift = y_0``, ``m2 = 0`` (a read-only broadcast zero, :func:`zeros_like_free`), ``residual = None``.
+    combined with ``square``. ``m2_out``, if given, is a contiguous tensor of ``x.shape[1:]`` and
+    ``x``'s dtype that receives ``m2`` (e.g. rows of a larger buffer: no copy). With ``b == 1``: ``shift = y_0``, ``m2 = 0`` (a read-only broadcast zero, :func:`zeros_like_free`), ``residual = None``.
 
     Two-pass, never a sum of squares: ``shift = fl(Σ y / b)``, then ``M2`` is summed from the
     centred values ``d_i = y_i − shift``, so there is no cancellation between large terms
@@ -111,7 +112,8 @@ def shifted_moments_(
     LeVeque 1983): also ``residual = Σ d_i``, and ``m2 = Σ d_i² − residual² / b``. Its error is
     a few units of ``x``'s precision relative to ``M2`` whatever the mean/spread ratio, and
     ``shift + residual / b`` gives the mean beyond ``x``'s precision. Passes over ``x``:
-    (square), sum, subtract, sum, square, sum.
+    (square), sum, subtract, sum, square, sum. The sums over the samples are
+    :func:`sample_sum`'s matrix-vector products.
 
     ``corrected=False`` skips the residual: ``m2 = Σ (y_i − shift)²`` (subtract and square fused
     in one pass), the plain two-pass algorithm. It overestimates ``M2`` by exactly
@@ -135,18 +137,41 @@ def shifted_moments_(
     if square:
         x.square_()
     b = x.shape[0]
-    s = x.sum(0) if total is None else total
+    s = sample_sum(x) if total is None else total
     if b == 1:  # M2 = 0: a broadcast zero, no parameter-sized tensor (see zeros_like_free)
         return s, zeros_like_free(s), None
     shift = s.div_(b)
     if not corrected:
         # (x - shift)² in one pass (mse_loss without reduction, written over x)
         torch.ops.aten.mse_loss.out(x, shift.expand_as(x), 0, out=x)
-        return shift, x.sum(0), None
+        return shift, sample_sum(x, out=m2_out), None
     x.sub_(shift)
-    residual = x.sum(0)
-    m2 = x.square_().sum(0).addcmul_(residual, residual, value=-1.0 / b).clamp_min_(0.0)
+    residual = sample_sum(x)
+    m2 = sample_sum(x.square_(), out=m2_out).addcmul_(residual, residual, value=-1.0 / b).clamp_min_(0.0)
     return shift, m2, residual
+
+
+def sample_sum(x: torch.Tensor, *, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``Σ_i x_i`` over dim 0 of ``x`` (``[b, *shape]``) in ``x``'s precision, into ``out`` (a
+    contiguous ``shape`` tensor) when given.
+
+    For a contiguous ``x`` it is the product ``1ᵀ X`` with ``X`` the ``[b, N]`` view: one
+    matrix-vector product, about twice the speed of ``x.sum(0)`` (a strided reduction) on a
+    CPU; the same sums in another order."""
+    b = x.shape[0]
+    if b == 1 or not x.is_contiguous() or not x.dtype.is_floating_point or x.numel() == 0 or (out is not None and not out.is_contiguous()):
+        return x.sum(0) if out is None else torch.sum(x, 0, out=out)
+    row = _ones_row(b, x.dtype, x.device)
+    if out is None:
+        return (row @ x.view(b, -1)).view(x.shape[1:])
+    torch.mm(row, x.view(b, -1), out=out.view(1, -1))
+    return out
+
+
+@functools.lru_cache(maxsize=16)
+def _ones_row(b: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A ``[1, b]`` row of ones (read only), for :func:`sample_sum`."""
+    return torch.ones(1, b, dtype=dtype, device=device)
 
 
 class MappedStore:
@@ -763,8 +788,11 @@ class Welford(_Accumulator):
 
 
 #: elements per slice of :meth:`Welford.update_shifted_`: its temporaries (workspace views) are
-#: at most this many elements per slot, whatever the parameter's size (4 MiB in float32)
-MERGE_CHUNK = 1 << 20
+#: at most this many elements per slot, whatever the parameter's size (2 MiB in float64). A
+#: slice's working set (state, inputs, temporaries: ~10 MB) can stay in a CPU's last-level
+#: cache across the merge's six passes, where slices of 1M elements (~40 MB) are streamed from
+#: memory at every pass (measured: ~1-2% of a parameter-mode batch at hidden 256-1024, issue 24)
+MERGE_CHUNK = 1 << 18
 
 
 def _flat_view(t: torch.Tensor | None) -> torch.Tensor | None:
