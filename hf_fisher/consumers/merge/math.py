@@ -550,12 +550,13 @@ def generalized_task_arithmetic(
     ``D = Σ_i m_i λ_i`` (0 → 1); without: ``S = Σ_i δ_i``, ``D = Σ_i λ_i`` (``|D| < 1e−8`` → 1);
     ``θ* = θ_base + s · S / D`` (``normalize``) or ``θ_base + s · S``.
 
-    Without sparsification or with ``"magnitude"`` (no ``rescale``): block by block, the trim's
+    Without sparsification, with ``"random"`` (:class:`RandomSparsified`) or with ``"magnitude"``
+    (no ``rescale``): block by block, the trim's
     k-th largest ``|τ_i|`` found by :class:`TopK` (entries tied at it kept first by position;
     mergekit keeps those its unstable ``argsort`` puts first, an order torch does not define:
     the results differ only where more entries tie at the k-th magnitude than are kept). The
-    random, outlier and DELLA sparsifications and L1 rescaling run on whole tensors (their masks
-    are drawn, ranked or rescaled over the whole tensor)."""
+    outlier and DELLA sparsifications and the magnitude trim with L1 rescaling run on whole
+    tensors (their masks are ranked over the whole tensor)."""
     _check(thetas, weights)
     n = len(thetas)
     dt = compute_dtype(base, *thetas)
@@ -564,8 +565,15 @@ def generalized_task_arithmetic(
     if consensus and consensus not in ("sum", "count"):
         raise InvalidInputError(f"consensus must be 'sum' or 'count', got {consensus!r}")
     if sparsification in (None, "magnitude") and not (sparsification and rescale):
-        return _generalized_blocks(base, thetas, w, dens if sparsification else None, consensus=consensus,
-                                   normalize=normalize, scaling=scaling, dt=dt)
+        return generalized_streams(base, task_vector_streams(base, thetas, dt), w, dens if sparsification else None,
+                                   consensus=consensus, normalize=normalize, scaling=scaling, dt=dt)
+    if sparsification == "random":
+        taus = task_vector_streams(base, thetas, dt)
+        if generator is None:
+            generator = torch.default_generator
+        dropped = [RandomSparsified(taus[i], base.shape, float(dens[i]), rescale, generator, dt) for i in range(n)]
+        return generalized_streams(base, dropped, w, None, consensus=consensus, normalize=normalize,
+                                   scaling=scaling, dt=dt)
     b = base.to(dt)
     extra: dict[str, Sequence[float]] = {}
     if sparsification == "magnitude_outliers":
@@ -606,37 +614,106 @@ def _combine(deltas: torch.Tensor, w: torch.Tensor, *, consensus: str | None, no
     return mixed
 
 
-def _generalized_blocks(base, thetas, w, densities, *, consensus, normalize, scaling, dt) -> torch.Tensor:
-    """:func:`generalized_task_arithmetic` without sparsification (``densities`` None) or with the
-    magnitude trim to ``max(1, int(d_i · numel))`` entries, block by block."""
+def task_vector_streams(base: torch.Tensor, thetas: Sequence[torch.Tensor], dt: torch.dtype):
+    """``[τ_0, τ_1, ...]`` as streams: ``streams[i]()`` yields ``θ_i − θ_base`` (in ``dt``) block by
+    block (:func:`row_blocks` of the base's shape), a fresh pass per call."""
     rows = _rows(base)
     blocks = row_blocks(base.shape)
-    numel = base.numel()
 
-    def taus(i):
+    def stream(i):
         for sl in blocks:
             yield _rows(thetas[i])[sl].to(dt) - rows[sl].to(dt)
 
+    return [lambda i=i: stream(i) for i in range(len(thetas))]
+
+
+class RandomSparsified:
+    """mergekit's random sparsification (DARE, ``sparsify(τ, d, "random", rescale)``) of one task
+    vector given as a stream (:func:`task_vector_streams`), block by block, with the same bits:
+    ``m ~ Bernoulli(d)`` one draw per entry in order from ``generator`` (left where the whole
+    tensor's draws leave it, so the next model draws on from there, as mergekit's do),
+    ``m ⊙ τ`` in mergekit's work dtype, times ``‖τ‖₁ / ‖m ⊙ τ‖₁`` when ``rescale``. The two norms
+    are summed over one whole-size buffer of ``|τ|`` then ``|m ⊙ τ|`` (the same reduction as
+    mergekit's, hence the same bits): the scratch is that buffer. ``density >= 1``: ``τ``, no draws."""
+
+    def __init__(self, taus, shape: Sequence[int], density: float, rescale: bool, generator: torch.Generator,
+                 dt: torch.dtype, eps: float = 1e-7) -> None:
+        self.taus, self.density, self.dt = taus, float(density), dt
+        self.work = dt if dt == torch.bfloat16 else torch.float32
+        self.factor = None
+        if self.density >= 1:
+            return
+        self.state = generator.get_state()
+        blocks = row_blocks(shape)
+        if rescale:
+            buf = torch.empty(tuple(shape), dtype=self.work)
+            view = _rows(buf)
+            for sl, tau in zip(blocks, taus()):
+                view[sl] = tau.to(self.work).abs()
+            before = buf.sum()
+        g = self._generator()
+        for sl, tau in zip(blocks, taus()):
+            mask = self._draw(tau, g)
+            if rescale:
+                view[sl] = (tau.to(self.work) * mask).abs()
+        generator.set_state(g.get_state())
+        if rescale:
+            after = buf.sum()
+            del buf, view
+            if not (before < eps or after < eps):
+                self.factor = before / after
+
+    def _generator(self) -> torch.Generator:
+        return torch.Generator().set_state(self.state)
+
+    def _draw(self, tau: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        return torch.bernoulli(torch.full(tau.shape, self.density, dtype=self.work), generator=g)
+
+    def __call__(self):
+        """A pass over the sparsified blocks (in ``dt``)."""
+        if self.density >= 1:
+            yield from self.taus()
+            return
+        g = self._generator()
+        for tau in self.taus():
+            masked = tau.to(self.work) * self._draw(tau, g)
+            if self.factor is not None:
+                masked = masked * self.factor
+            yield masked.to(self.dt)
+
+
+def generalized_streams(base: torch.Tensor, taus, w: torch.Tensor, densities: Sequence[float] | None, *,
+                        consensus: str | None, normalize: bool, scaling: float, dt: torch.dtype,
+                        zero_base: bool = False) -> torch.Tensor:
+    """:func:`generalized_task_arithmetic` of task vectors given as streams (``taus[i]()`` yields
+    model i's ``τ_i`` blocks in ``dt``, :func:`task_vector_streams`), block by block: each trimmed to
+    its ``max(1, int(d_i · numel))`` largest magnitudes (:class:`TopK`) unless ``densities`` is
+    None or ``d_i >= 1``, weighted, combined (:func:`_combine`), added to ``θ_base``
+    (``zero_base``: ``θ_base + (0 + S)``, a merge around a zero base added to ``θ_base``)."""
+    rows = _rows(base)
+    numel = base.numel()
     tops: list[TopK | None] = []
-    for i, d in enumerate(densities or [1.0] * len(thetas)):
+    for i, d in enumerate(densities or [1.0] * len(taus)):
         d = float(d)
         if d >= 1:
             tops.append(None)
         else:
             k = max(1, int(d * numel)) if d > 0 and numel else 0
-            tops.append(TopK(lambda i=i: taus(i), numel, k, dt))
-    passes = [taus(i) for i in range(len(thetas))]
+            tops.append(TopK(taus[i], numel, k, dt))
+    passes = [stream() for stream in taus]
 
     def block(sl):
         b = rows[sl].to(dt)
-        deltas = b.new_empty((len(thetas), b.numel()))
+        deltas = b.new_empty((len(taus), b.numel()))
         for i, (top, it) in enumerate(zip(tops, passes)):
             delta = next(it).reshape(-1)
             if top is not None:
                 delta = torch.zeros_like(delta) if top.none else delta * top.mask(delta).to(dt)
             deltas[i] = delta
-        return (b.reshape(-1) + _combine(deltas, w, consensus=consensus, normalize=normalize,
-                                         scaling=scaling)).reshape(b.shape)
+        mixed = _combine(deltas, w, consensus=consensus, normalize=normalize, scaling=scaling)
+        if zero_base:
+            mixed = torch.zeros_like(mixed) + mixed
+        return (b.reshape(-1) + mixed).reshape(b.shape)
 
     return _by_blocks(base.shape, dt, block)
 
