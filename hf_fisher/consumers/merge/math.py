@@ -49,10 +49,10 @@ def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
-#: elements per block of the block-wise formulas (256 KB of float32: small enough that the
-#: allocator reuses the blocks' memory instead of mapping fresh pages for each, as it does for
-#: whole tensors, which made block-wise faster than whole-tensor arithmetic here)
-BLOCK_ELEMENTS = 1 << 16
+#: elements per block of the block-wise formulas (4 MB of float32: a few tens of MB of scratch;
+#: smaller blocks mean more parallel regions per tensor, which costs a lot of CPU time on a
+#: loaded machine)
+BLOCK_ELEMENTS = 1 << 20
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
