@@ -158,6 +158,8 @@ def machine_line(info: dict) -> str:
 MERGE_VARIANTS = ("fisher", "ties", "mergekit-ties")
 #: TIES options used by both implementations (mergekit's names; hf_fisher's ``density``/``scaling``)
 TIES_DENSITY = 0.2
+#: the other hf_fisher merges :func:`merge_child` runs (A and B on base, each method's defaults)
+BASE_MERGES = ("task_arithmetic", "dare", "dare_ties", "dare_linear", "breadcrumbs")
 
 
 def write_merge_inputs(work: Path, model, noise: float = 0.01, shard: str = "2GB") -> dict:
@@ -238,6 +240,9 @@ def merge_child(variant: str, work: Path, out: Path, threads: int) -> dict:
             def op():
                 merge_with_fisher(models, method="ties", base_model=str(work / "base"), density=TIES_DENSITY,
                                   output_dir=out, progress=False)
+        elif variant in BASE_MERGES:  # the method's defaults (mergekit's convention), weights 1
+            def op():
+                merge_with_fisher(models, method=variant, base_model=str(work / "base"), output_dir=out, progress=False)
         else:
             raise SystemExit(f"unknown merge variant {variant}")
     base_rss = status_bytes("VmRSS") or 0

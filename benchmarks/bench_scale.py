@@ -47,12 +47,15 @@ tensor) and a parameter Fisher artifact of random positive values per fine-tune 
 safetensors in ``--workdir`` (default the system temp folder; removed at the end); then, each in a
 fresh process, interleaved over ``--merge-repeats`` rounds: ``merge-fisher``
 (``merge_with_fisher([A, B], [F_A, F_B], method="fisher")``), ``merge-ties``
-(``merge_with_fisher([A, B], method="ties", base_model=base, density=0.2)``) and
+(``merge_with_fisher([A, B], method="ties", base_model=base, density=0.2)``), with
+``--merge-methods`` also ``task_arithmetic``, ``dare``, ``dare_ties``, ``dare_linear``,
+``breadcrumbs`` (each method's defaults, on base), and (unless ``--no-mergekit``)
 ``mergekit-ties`` (mergekit's ``run_merge`` with the same TIES: weights 1, density 0.2,
 ``normalize: true``, i.e. the disjoint mean; lazy unpickling, CPU), run by the Python of
 benchmarks/.peers-venv (``python benchmarks/_peers_venv.py`` builds it; without it the row says
 so). Time until the output is on disk (``os.sync()``), peak RSS above the RSS after every import
-(VmHWM after ``clear_refs``), its ratio to the largest tensor x 3 inputs (issue 23's bound is
+(VmHWM after ``clear_refs``), its ratio to the largest tensor x the inputs read for it (4 for
+fisher: 2 models and 2 Fishers; 3 for the others: 2 models and the base; issue 23's bound is
 <= 2 x largest tensor x inputs), and max |hf_fisher ties - mergekit ties|. Merges always run on
 the CPU (they stream files), also with ``--device cuda``. Disk: about 6 x the model's size in its
 dtype plus 2 float32 Fishers (the 1B config in float32: ~40 GB; the 8B config does not fit a
@@ -430,7 +433,11 @@ def run_merges(args, model) -> dict:
     venv_py = _peers_venv.venv_python(Path(args.peers_venv))
     st = _peers_venv.status(Path(args.peers_venv))
     have_mergekit = venv_py.exists() and st.get("peers", {}).get("mergekit") == "ok"
-    variants = ["fisher", "ties"] + (["mergekit-ties"] if have_mergekit else [])
+    variants = [v.strip() for v in args.merge_methods.split(",") if v.strip()]
+    bad = [v for v in variants if v not in ("fisher", "ties", *_common.BASE_MERGES)]
+    if bad:
+        raise SystemExit(f"--merge-methods: unknown {bad}; choose from fisher, ties, {', '.join(_common.BASE_MERGES)}")
+    variants += ["mergekit-ties"] if have_mergekit and not args.no_mergekit else []
     import transformers
 
     transformers.utils.logging.disable_progress_bar()
@@ -472,11 +479,12 @@ def run_merges(args, model) -> dict:
         if ok:
             row["time_s"] = statistics.median(x["seconds"] for x in ok)
             row["peak_above_baseline_bytes"] = statistics.median(x["peak_above_baseline_bytes"] for x in ok)
-            row["peak_per_largest_tensor_x_inputs"] = row["peak_above_baseline_bytes"] / (3 * info["largest_tensor_bytes"])
+            row["inputs"] = 4 if v == "fisher" else 3  # 2 models + 2 Fishers; 2 models + the base
+            row["peak_per_largest_tensor_x_inputs"] = row["peak_above_baseline_bytes"] / (row["inputs"] * info["largest_tensor_bytes"])
         if errors:
             row["error"] = errors[0]
         rows.append(row)
-    if not have_mergekit:
+    if not have_mergekit and not args.no_mergekit:
         why = ("no peers venv at " + str(args.peers_venv) if not venv_py.exists()
                else f"mergekit {st.get('peers', {}).get('mergekit', 'not recorded')}")
         rows.append({"method": "mergekit-ties",
@@ -501,6 +509,9 @@ def main(argv=None):
     p.add_argument("--modes", default="group,param", help="comma list of " + ", ".join(MODES))
     p.add_argument("--trainer-steps", type=int, default=2, help="optimizer steps per trainer round (S)")
     p.add_argument("--merge-repeats", type=int, default=1, help="rounds of the merge rows (median)")
+    p.add_argument("--merge-methods", default="fisher,ties",
+                   help="hf_fisher merges to run: fisher, ties and any of " + ", ".join(_common.BASE_MERGES))
+    p.add_argument("--no-mergekit", action="store_true", help="leave out mergekit's ties (its peak: ~4 x largest tensor x 3)")
     p.add_argument("--workdir", default=None, help="where the merge's model files go (removed at the end)")
     p.add_argument("--peers-venv", default=str(_peers_venv.DEFAULT_VENV), help="the venv with mergekit")
     p.add_argument("--accumulation-dtype", choices=["float64", "float32"], default="float64",
@@ -665,17 +676,17 @@ def _report(args, names, errors, times, cpu, med, mem, merges, n_params, n_layer
         print(f"Two-model merge from safetensors ({inp['model_bytes'] / 1e9:.2f} GB per model, {inp['dtype']}, "
               f"largest tensor {inp['largest_tensor_bytes'] / 1e6:.0f} MB), CPU, fresh process each, "
               f"median of {args.merge_repeats}")
-        print("| merge | time (s) | x mergekit ties | peak above baseline (GB) | x mergekit ties | "
-              "/ (largest tensor x 3 inputs) |")
-        print("| --- | ---: | ---: | ---: | ---: | ---: |")
+        print("| merge | time (s) | x mergekit ties | peak above baseline (GB) | x mergekit ties | inputs | "
+              "/ (largest tensor x inputs) |")
+        print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
         for row in merges["rows"]:
             if "time_s" not in row:
-                print(f"| {row['method']} | {row.get('error')} | | | | |")
+                print(f"| {row['method']} | {row.get('error')} | | | | | |")
                 continue
             tr = f"{row['time_ratio']:.2f}" if "time_ratio" in row else "-"
             mr = f"{row['mem_ratio']:.2f}" if "mem_ratio" in row else "-"
             print(f"| {row['method']} | {row['time_s']:.2f} | {tr} | {row['peak_above_baseline_bytes'] / 1e9:.3f} | {mr} "
-                  f"| {row['peak_per_largest_tensor_x_inputs']:.2f} |")
+                  f"| {row.get('inputs', 3)} | {row['peak_per_largest_tensor_x_inputs']:.2f} |")
         if merges["ties_vs_mergekit"]:
             a = merges["ties_vs_mergekit"]
             print(f"hf_fisher ties vs mergekit ties: {a['tensors']} tensors, max |diff| {a['max_abs']:.3g}, "

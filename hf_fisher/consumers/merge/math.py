@@ -8,6 +8,13 @@ Fisher for this tensor, θ_base the base model's tensor, τ_i = θ_i − θ_base
 
 Arithmetic runs in ``compute_dtype(...)`` (float32 at least, float64 when an input is float64);
 callers cast the result to the output dtype.
+
+Memory: the elementwise formulas run over blocks of whole rows (:func:`row_blocks`, about
+``BLOCK_ELEMENTS`` elements each), so besides the inputs a merge holds its output and O(block)
+scratch, whatever the tensor's size (a 128k-row vocabulary table included). TIES' trim finds the
+k-th largest ``|τ|`` by a radix selection over the blocks (:class:`TopK`: histograms of the bit
+pattern, exact counts), never a full-size sort or index tensor; the results are the same bits as
+the whole-tensor formulas (the tests keep those as references).
 """
 
 from __future__ import annotations
@@ -21,11 +28,14 @@ import torch
 from hf_fisher.errors import InvalidInputError
 
 __all__ = [
+    "BLOCK_ELEMENTS",
+    "TopK",
     "compute_dtype",
     "dare",
     "dare_drop",
     "fisher_task_vector",
     "fisher_weighted",
+    "row_blocks",
     "task_arithmetic",
     "tensor_generator",
     "ties",
@@ -37,6 +47,103 @@ __all__ = [
 def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
     """float64 when any input is float64, else float32."""
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+#: elements per block of the block-wise formulas (4 MB of float32: a few tens of MB of scratch;
+#: smaller blocks mean more parallel regions per tensor, which costs a lot of CPU time on a
+#: loaded machine)
+BLOCK_ELEMENTS = 1 << 20
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """``t`` with at least one dimension (a 0-d tensor as one row of one element)."""
+    return t.reshape(1) if t.dim() == 0 else t
+
+
+def row_blocks(shape: Sequence[int]) -> list[slice]:
+    """Slices of dim 0 that cover a tensor of ``shape`` in order, each of whole rows and about
+    ``BLOCK_ELEMENTS`` elements (one row when a row is larger)."""
+    shape = tuple(shape) or (1,)
+    step = max(1, BLOCK_ELEMENTS // max(1, math.prod(shape[1:])))
+    return [slice(s, min(s + step, shape[0])) for s in range(0, shape[0], step)]
+
+
+def _by_blocks(shape: Sequence[int], dtype: torch.dtype, block) -> torch.Tensor:
+    """The tensor of ``shape`` and ``dtype`` whose rows ``sl`` are ``block(sl)``, for the slices of
+    :func:`row_blocks` in order (``block`` is called once per slice, first to last)."""
+    out = torch.empty(tuple(shape), dtype=dtype)
+    view = _rows(out)
+    for sl in row_blocks(shape):
+        view[sl] = block(sl)
+    return out
+
+
+_KEY_INT = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+_DIGIT = 16  # bits per pass of the radix selection
+#: the key every NaN gets: one above +inf's bit pattern (any NaN's pattern is above it)
+_NAN_KEY = {d: int(torch.tensor(float("inf"), dtype=d).view(_KEY_INT[d.itemsize])) + 1
+            for d in (torch.float16, torch.bfloat16, torch.float32, torch.float64)}
+
+
+def _magnitude_keys(x: torch.Tensor) -> torch.Tensor:
+    """``|x|`` flattened, as the integers of its bit pattern: for non-negative floats they order
+    as the values do (every NaN clamped to one pattern just above +inf's, where sorts place NaN)."""
+    a = x.abs().reshape(-1)
+    keys = a.view(_KEY_INT[a.element_size()])
+    keys = keys.to(torch.int32) if keys.dtype == torch.int16 else keys
+    return keys.clamp_max_(_NAN_KEY[a.dtype])
+
+
+def _kth_largest_key(key_blocks, k: int, bits: int) -> tuple[int, int]:
+    """``(T, r)``: the k-th largest of the non-negative ``bits``-bit keys that ``key_blocks()``
+    yields (one pass per call), and how many keys equal to ``T`` are among the k largest.
+
+    Radix selection, most significant 16 bits first: a pass counts the next digit of the keys that
+    match the digits fixed so far (exact integer histograms over the blocks) and fixes the digit
+    where the count from the top reaches the rank still needed; ``bits / 16`` passes."""
+    prefix, need = 0, k
+    for shift in range(bits - _DIGIT, -1, -_DIGIT):
+        hist = torch.zeros(1 << _DIGIT, dtype=torch.int64)
+        for keys in key_blocks():
+            if shift + _DIGIT < bits:
+                keys = keys[(keys >> (shift + _DIGIT)) == prefix]
+            if keys.numel():
+                hist += torch.bincount((keys >> shift) & ((1 << _DIGIT) - 1), minlength=1 << _DIGIT)
+        at_least = hist.flip(0).cumsum(0)  # [j]: keys whose digit is >= 65535 - j
+        j = int(torch.searchsorted(at_least, need))
+        need -= int(at_least[j - 1]) if j else 0
+        prefix = (prefix << _DIGIT) | ((1 << _DIGIT) - 1 - j)
+    return prefix, need
+
+
+class TopK:
+    """The ``k`` entries of largest ``|x|`` of a tensor that is read block by block: exactly ``k``,
+    the entries tied at the k-th magnitude kept first by position (NaN counts as the largest).
+
+    ``blocks()`` yields the tensor's blocks in order (a fresh pass per call; called
+    ``bits / 16`` times here, ``bits`` the dtype's width); :meth:`mask` then takes the same blocks
+    in the same order, once each, and returns each one's keep mask. Memory: O(block)."""
+
+    def __init__(self, blocks, n: int, k: int, dtype: torch.dtype) -> None:
+        self.all, self.none = k >= n, k <= 0
+        self.threshold, self.ties_left = 0, 0
+        if not (self.all or self.none):
+            bits = 8 * torch.empty((), dtype=dtype).element_size()
+            self.threshold, self.ties_left = _kth_largest_key(lambda: (_magnitude_keys(x) for x in blocks()), k, bits)
+
+    def mask(self, x: torch.Tensor) -> torch.Tensor:
+        """The keep mask of the next block ``x``: ``|x| > T``, and the next of the entries ``|x| = T``
+        while fewer than the needed ones have been kept."""
+        if self.all or self.none:
+            return torch.full(x.shape, self.all, dtype=torch.bool)
+        keys = _magnitude_keys(x)
+        keep = keys > self.threshold
+        if self.ties_left:
+            tied = keys == self.threshold
+            take = tied & (tied.cumsum(0) <= self.ties_left)
+            keep |= take
+            self.ties_left -= int(take.sum())
+        return keep.reshape(x.shape)
 
 
 def _up(tensors: Sequence[torch.Tensor], dtype: torch.dtype) -> list[torch.Tensor]:
@@ -55,16 +162,44 @@ def _check(thetas: Sequence[torch.Tensor], weights: Sequence[float]) -> None:
 
 
 def weighted_average(thetas: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
-    """``θ* = Σ_i λ_i θ_i / Σ_i λ_i``."""
+    """``θ* = Σ_i λ_i θ_i / Σ_i λ_i`` (block by block)."""
     _check(thetas, weights)
     total = float(sum(weights))
     if total == 0:
         raise InvalidInputError(f"the model weights sum to 0 ({list(weights)}); an average needs a non-zero sum")
     dt = compute_dtype(*thetas)
-    out = torch.zeros(thetas[0].shape, dtype=dt)
-    for w, t in zip(weights, _up(thetas, dt)):
-        out.add_(t, alpha=float(w))
-    return out.div_(total)
+
+    def block(sl):
+        out = torch.zeros(_rows(thetas[0])[sl].shape, dtype=dt)
+        for w, t in zip(weights, thetas):
+            out.add_(_rows(t)[sl].to(dt), alpha=float(w))
+        return out.div_(total)
+
+    return _by_blocks(thetas[0].shape, dt, block)
+
+
+def _fisher_block(thetas: Sequence[torch.Tensor], fishers: Sequence[torch.Tensor], weights: Sequence[float],
+                  floor: float, dt: torch.dtype) -> torch.Tensor:
+    """``Σ_i λ_i F̃_i θ_i / Σ_i λ_i F̃_i`` of one block (``F̃_i = max(F_i, floor)``), in ``dt``."""
+    num = torch.zeros(thetas[0].shape, dtype=dt)
+    den = torch.zeros(thetas[0].shape, dtype=dt)
+    for w, t, f in zip(weights, thetas, fishers):
+        wf = f.to(dt).clamp_min(floor).mul_(float(w))
+        num.addcmul_(wf, t.to(dt))
+        den.add_(wf)
+    return num.div_(den)
+
+
+def _check_fishers(thetas, fishers, weights, floor) -> None:
+    if len(fishers) != len(thetas):
+        raise InvalidInputError(f"{len(fishers)} Fisher tensors for {len(thetas)} models")
+    if not floor > 0 or not math.isfinite(floor):
+        raise InvalidInputError(f"fisher_floor must be a positive finite number, got {floor!r}")
+    if any(w < 0 for w in weights) or sum(weights) <= 0:
+        raise InvalidInputError(f"Fisher merging needs non-negative model weights with a positive sum, got {list(weights)}")
+    for i, (t, f) in enumerate(zip(thetas, fishers)):
+        if tuple(f.shape) != tuple(t.shape):
+            raise InvalidInputError(f"Fisher {i} has shape {tuple(f.shape)}, its tensor {tuple(t.shape)}")
 
 
 def fisher_weighted(
@@ -82,24 +217,13 @@ def fisher_weighted(
     floor, ``F̃_i = floor`` for all i and the result is the λ-weighted average; where one model's
     Fisher is large and the others' vanish, the result is (up to ``floor / F``) that model's value.
     ``fishers[i]`` must have ``thetas[i]``'s shape (group Fishers are expanded by the caller).
+    Computed block by block (:func:`row_blocks`): the scratch is O(block).
     """
     _check(thetas, weights)
-    if len(fishers) != len(thetas):
-        raise InvalidInputError(f"{len(fishers)} Fisher tensors for {len(thetas)} models")
-    if not floor > 0 or not math.isfinite(floor):
-        raise InvalidInputError(f"fisher_floor must be a positive finite number, got {floor!r}")
-    if any(w < 0 for w in weights) or sum(weights) <= 0:
-        raise InvalidInputError(f"Fisher merging needs non-negative model weights with a positive sum, got {list(weights)}")
+    _check_fishers(thetas, fishers, weights, floor)
     dt = compute_dtype(*thetas, *fishers)
-    num = torch.zeros(thetas[0].shape, dtype=dt)
-    den = torch.zeros(thetas[0].shape, dtype=dt)
-    for i, (w, t, f) in enumerate(zip(weights, _up(thetas, dt), _up(fishers, dt))):
-        if tuple(f.shape) != tuple(t.shape):
-            raise InvalidInputError(f"Fisher {i} has shape {tuple(f.shape)}, its tensor {tuple(t.shape)}")
-        wf = f.clamp_min(floor).mul_(float(w))
-        num.addcmul_(wf, t)
-        den.add_(wf)
-    return num.div_(den)
+    return _by_blocks(thetas[0].shape, dt, lambda sl: _fisher_block(
+        [_rows(t)[sl] for t in thetas], [_rows(f)[sl] for f in fishers], weights, floor, dt))
 
 
 def fisher_task_vector(
@@ -111,42 +235,58 @@ def fisher_task_vector(
     floor: float,
 ) -> torch.Tensor:
     """``θ* = θ_base + Σ_i λ_i F̃_i τ_i / Σ_i λ_i F̃_i`` (Fisher merging of task vectors, floor as in
-    :func:`fisher_weighted`)."""
+    :func:`fisher_weighted`), block by block."""
+    _check(thetas, weights)
+    _check_fishers(thetas, fishers, weights, floor)
     dt = compute_dtype(base, *thetas)
-    b = base.to(dt)
-    taus = [t.to(dt) - b for t in thetas]
-    return fisher_weighted(taus, fishers, weights, floor=floor).add_(b)
+    out_dt = compute_dtype(torch.empty(0, dtype=dt), *fishers)
+
+    def block(sl):
+        b = _rows(base)[sl].to(dt)
+        taus = [_rows(t)[sl].to(dt) - b for t in thetas]
+        return _fisher_block(taus, [_rows(f)[sl] for f in fishers], weights, floor, out_dt).add_(b)
+
+    return _by_blocks(base.shape, out_dt, block)
 
 
 def task_arithmetic(
     base: torch.Tensor, thetas: Sequence[torch.Tensor], weights: Sequence[float], *, scaling: float
 ) -> torch.Tensor:
-    """Task arithmetic (Ilharco et al. 2023): ``θ* = θ_base + s Σ_i λ_i τ_i``."""
+    """Task arithmetic (Ilharco et al. 2023): ``θ* = θ_base + s Σ_i λ_i τ_i`` (block by block)."""
     _check(thetas, weights)
     dt = compute_dtype(base, *thetas)
-    b = base.to(dt)
-    out = torch.zeros(b.shape, dtype=dt)
-    for w, t in zip(weights, _up(thetas, dt)):
+    return _by_blocks(base.shape, dt, lambda sl: _task_arithmetic_block(
+        _rows(base)[sl].to(dt), [_rows(t)[sl].to(dt) for t in thetas], weights, scaling))
+
+
+def _task_arithmetic_block(b: torch.Tensor, thetas: Sequence[torch.Tensor], weights: Sequence[float],
+                           scaling: float) -> torch.Tensor:
+    out = torch.zeros(b.shape, dtype=b.dtype)
+    for w, t in zip(weights, thetas):
         out.add_(t - b, alpha=float(w))
     return out.mul_(float(scaling)).add_(b)
 
 
-def trim_to_density(tau: torch.Tensor, density: float) -> torch.Tensor:
-    """Keep the ``k = round(density · numel)`` entries of largest ``|τ|`` (exactly k, ties broken by
-    position), zero the rest (TIES' trim step)."""
+def _check_density(density: float) -> None:
     if not 0 < density <= 1:
         raise InvalidInputError(f"density must be in (0, 1], got {density!r}")
+
+
+def trim_to_density(tau: torch.Tensor, density: float) -> torch.Tensor:
+    """Keep the ``k = round(density · numel)`` entries of largest ``|τ|`` (exactly k, ties at the k-th
+    magnitude broken by position: the first ones kept), zero the rest (TIES' trim step). Selected
+    block by block (:class:`TopK`), no full-size sort."""
+    _check_density(density)
     n = tau.numel()
     k = round(density * n)
     if k >= n:
         return tau.clone()
-    out = torch.zeros_like(tau)
     if k == 0:
-        return out
-    flat = tau.reshape(-1)
-    idx = torch.topk(flat.abs(), k, sorted=False).indices
-    out.view(-1)[idx] = flat[idx]
-    return out
+        return torch.zeros_like(tau)
+    rows = _rows(tau)
+    blocks = row_blocks(tau.shape)
+    top = TopK(lambda: (rows[sl] for sl in blocks), n, k, tau.dtype)
+    return _by_blocks(tau.shape, tau.dtype, lambda sl: torch.where(top.mask(rows[sl]), rows[sl], 0))
 
 
 def _elect_and_mean(taus: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -165,6 +305,39 @@ def _elect_and_mean(taus: Sequence[torch.Tensor]) -> torch.Tensor:
     return num.div_(cnt.clamp_min(1))
 
 
+def _ties_streams(base: torch.Tensor, streams, weights: Sequence[float], *, density: float, scaling: float,
+                  dt: torch.dtype) -> torch.Tensor:
+    """TIES (``"hf_fisher"`` convention) over models given as streams: ``streams[i]()`` yields model
+    i's ``θ_i`` blocks (in ``dt``, for the slices of :func:`row_blocks` in order; a fresh pass per
+    call). Trim ``λ_i τ_i`` to ``round(d · n)`` entries (:class:`TopK`), elect, disjoint mean."""
+    rows = _rows(base)
+    blocks = row_blocks(base.shape)
+    n = base.numel()
+    k = round(density * n)
+
+    def weighted(i):
+        for sl, t in zip(blocks, streams[i]()):
+            yield (t - rows[sl].to(dt)).mul_(float(weights[i]))
+
+    tops = [TopK(lambda i=i: weighted(i), n, k, dt) for i in range(len(streams))]
+    passes = [weighted(i) for i in range(len(streams))]
+
+    def block(sl):
+        taus = []
+        for top, it in zip(tops, passes):
+            x = next(it)
+            taus.append(torch.where(top.mask(x), x, 0))
+        return _elect_and_mean(taus).mul_(float(scaling)).add_(rows[sl].to(dt))
+
+    return _by_blocks(base.shape, dt, block)
+
+
+def _blocks_of(t: torch.Tensor, dt: torch.dtype):
+    """A stream (for :func:`_ties_streams`) of ``t``'s row blocks in ``dt``."""
+    rows = _rows(t)
+    return lambda: (rows[sl].to(dt) for sl in row_blocks(t.shape))
+
+
 def ties(
     base: torch.Tensor,
     thetas: Sequence[torch.Tensor],
@@ -175,23 +348,30 @@ def ties(
 ) -> torch.Tensor:
     """TIES merging (Yadav et al. 2023): trim each ``λ_i τ_i`` to its top-``density`` magnitudes
     (:func:`trim_to_density`), elect each entry's sign by the summed values, average the entries
-    that agree with it (disjoint mean), ``θ* = θ_base + s · mean``."""
+    that agree with it (disjoint mean), ``θ* = θ_base + s · mean``. Block by block: the trim's
+    selection reads the task vectors ``bits / 16`` times (:class:`TopK`), nothing is whole-size
+    but the output."""
     _check(thetas, weights)
+    _check_density(density)
     dt = compute_dtype(base, *thetas)
-    b = base.to(dt)
-    taus = [trim_to_density((t.to(dt) - b).mul_(float(w)), density) for w, t in zip(weights, thetas)]
-    return _elect_and_mean(taus).mul_(float(scaling)).add_(b)
+    return _ties_streams(base, [_blocks_of(t, dt) for t in thetas], weights, density=density, scaling=scaling, dt=dt)
 
 
 def dare_drop(tau: torch.Tensor, p: float, generator: torch.Generator) -> torch.Tensor:
     """DARE (Yu et al. 2024): drop each entry with probability ``p``, rescale the kept ones by
-    ``1 / (1 − p)`` (so the expectation is ``τ``)."""
-    if not 0 <= p < 1:
-        raise InvalidInputError(f"DARE drop probability must be in [0, 1), got {p!r}")
+    ``1 / (1 − p)`` (so the expectation is ``τ``). The draws are one float64 uniform per entry in
+    order, so a tensor's row blocks dropped one after the other from the same generator give the
+    same result as the whole tensor."""
+    _check_drop(p)
     if p == 0:
         return tau.clone()
     keep = torch.rand(tau.shape, generator=generator, dtype=torch.float64) >= p
     return torch.where(keep, tau / (1 - p), torch.zeros_like(tau))
+
+
+def _check_drop(p: float) -> None:
+    if not 0 <= p < 1:
+        raise InvalidInputError(f"DARE drop probability must be in [0, 1), got {p!r}")
 
 
 def tensor_generator(seed: int, name: str, index: int) -> torch.Generator:
@@ -214,18 +394,34 @@ def dare(
 ) -> torch.Tensor:
     """DARE: :func:`dare_drop` on each task vector (model i with ``generators[i]``), then task
     arithmetic (``then="task_arithmetic"``) or TIES (``then="ties"``, with ``density``) on the
-    rescaled task vectors, with scaling ``s``."""
+    rescaled task vectors, with scaling ``s``. Block by block: each pass over a model's blocks
+    draws from a copy of ``generators[i]``'s state (TIES' selection makes several passes), which
+    is left as it was given."""
     _check(thetas, weights)
     if then not in ("task_arithmetic", "ties"):
         raise InvalidInputError(f"DARE is followed by 'task_arithmetic' or 'ties', got {then!r}")
     if len(generators) != len(thetas):
         raise InvalidInputError(f"{len(generators)} generators for {len(thetas)} models")
-    dt = compute_dtype(base, *thetas)
-    b = base.to(dt)
-    dropped = [b + dare_drop(t.to(dt) - b, p, g) for t, g in zip(thetas, generators)]
+    _check_drop(p)
     if then == "ties":
-        return ties(b, dropped, weights, density=density, scaling=scaling)
-    return task_arithmetic(b, dropped, weights, scaling=scaling)
+        _check_density(density)
+    dt = compute_dtype(base, *thetas)
+    rows = _rows(base)
+    blocks = row_blocks(base.shape)
+    states = [g.get_state() for g in generators]
+
+    def dropped(i):  # model i's b + dare_drop(θ_i − b) blocks, drawn from a fresh copy of its generator
+        g = torch.Generator().set_state(states[i])
+        for sl in blocks:
+            b = rows[sl].to(dt)
+            yield b + dare_drop(_rows(thetas[i])[sl].to(dt) - b, p, g)
+
+    if then == "ties":
+        return _ties_streams(base, [lambda i=i: dropped(i) for i in range(len(thetas))], weights, density=density,
+                             scaling=scaling, dt=dt)
+    passes = [dropped(i) for i in range(len(thetas))]
+    return _by_blocks(base.shape, dt, lambda sl: _task_arithmetic_block(
+        rows[sl].to(dt), [next(it) for it in passes], weights, scaling))
 
 
 # ---------------------------------------------------------------------------- mergekit's conventions
@@ -352,12 +548,33 @@ def generalized_task_arithmetic(
     ``δ_i = λ_i · sparsify(θ_i − θ_base, d_i)`` (:func:`sparsify`, models in order);
     with ``consensus``: ``m_i = [sign δ_i = γ]`` (:func:`consensus_mask`), ``S = Σ_i m_i δ_i``,
     ``D = Σ_i m_i λ_i`` (0 → 1); without: ``S = Σ_i δ_i``, ``D = Σ_i λ_i`` (``|D| < 1e−8`` → 1);
-    ``θ* = θ_base + s · S / D`` (``normalize``) or ``θ_base + s · S``."""
+    ``θ* = θ_base + s · S / D`` (``normalize``) or ``θ_base + s · S``.
+
+    Without sparsification, with ``"random"`` (:class:`RandomSparsified`) or with ``"magnitude"``
+    (no ``rescale``): block by block, the trim's
+    k-th largest ``|τ_i|`` found by :class:`TopK` (entries tied at it kept first by position;
+    mergekit keeps those its unstable ``argsort`` puts first, an order torch does not define:
+    the results differ only where more entries tie at the k-th magnitude than are kept). The
+    outlier and DELLA sparsifications and the magnitude trim with L1 rescaling run on whole
+    tensors (their masks are ranked over the whole tensor)."""
     _check(thetas, weights)
     n = len(thetas)
     dt = compute_dtype(base, *thetas)
-    b = base.to(dt)
     dens = list(densities) if densities is not None else [1.0] * n
+    w = torch.tensor([float(x) for x in weights], dtype=dt)
+    if consensus and consensus not in ("sum", "count"):
+        raise InvalidInputError(f"consensus must be 'sum' or 'count', got {consensus!r}")
+    if sparsification in (None, "magnitude") and not (sparsification and rescale):
+        return generalized_streams(base, task_vector_streams(base, thetas, dt), w, dens if sparsification else None,
+                                   consensus=consensus, normalize=normalize, scaling=scaling, dt=dt)
+    if sparsification == "random":
+        taus = task_vector_streams(base, thetas, dt)
+        if generator is None:
+            generator = torch.default_generator
+        dropped = [RandomSparsified(taus[i], base.shape, float(dens[i]), rescale, generator, dt) for i in range(n)]
+        return generalized_streams(base, dropped, w, None, consensus=consensus, normalize=normalize,
+                                   scaling=scaling, dt=dt)
+    b = base.to(dt)
     extra: dict[str, Sequence[float]] = {}
     if sparsification == "magnitude_outliers":
         extra["gamma"] = list(gammas) if gammas is not None else [0.01] * n
@@ -370,7 +587,14 @@ def generalized_task_arithmetic(
             delta = sparsify(delta, float(dens[i]), sparsification, rescale=rescale, generator=generator,
                              **{k: float(v[i]) for k, v in extra.items()})
         deltas[i] = delta
-    w = torch.tensor([float(x) for x in weights], dtype=dt)
+    return b + _combine(deltas, w, consensus=consensus, normalize=normalize, scaling=scaling)
+
+
+def _combine(deltas: torch.Tensor, w: torch.Tensor, *, consensus: str | None, normalize: bool,
+             scaling: float) -> torch.Tensor:
+    """``s · S / D`` (or ``s · S``) of :func:`generalized_task_arithmetic` from the stacked
+    sparsified task vectors ``deltas`` (models on dim 0; multiplied by the weights ``w`` in place)."""
+    w = w.clone()
     while deltas.dim() > w.dim():
         w.unsqueeze_(-1)
     deltas.mul_(w)
@@ -387,7 +611,111 @@ def generalized_task_arithmetic(
         mixed /= divisor
     if scaling != 1:
         mixed *= scaling
-    return b + mixed
+    return mixed
+
+
+def task_vector_streams(base: torch.Tensor, thetas: Sequence[torch.Tensor], dt: torch.dtype):
+    """``[τ_0, τ_1, ...]`` as streams: ``streams[i]()`` yields ``θ_i − θ_base`` (in ``dt``) block by
+    block (:func:`row_blocks` of the base's shape), a fresh pass per call."""
+    rows = _rows(base)
+    blocks = row_blocks(base.shape)
+
+    def stream(i):
+        for sl in blocks:
+            yield _rows(thetas[i])[sl].to(dt) - rows[sl].to(dt)
+
+    return [lambda i=i: stream(i) for i in range(len(thetas))]
+
+
+class RandomSparsified:
+    """mergekit's random sparsification (DARE, ``sparsify(τ, d, "random", rescale)``) of one task
+    vector given as a stream (:func:`task_vector_streams`), block by block, with the same bits:
+    ``m ~ Bernoulli(d)`` one draw per entry in order from ``generator`` (left where the whole
+    tensor's draws leave it, so the next model draws on from there, as mergekit's do),
+    ``m ⊙ τ`` in mergekit's work dtype, times ``‖τ‖₁ / ‖m ⊙ τ‖₁`` when ``rescale``. The two norms
+    are summed over one whole-size buffer of ``|τ|`` then ``|m ⊙ τ|`` (the same reduction as
+    mergekit's, hence the same bits): the scratch is that buffer. ``density >= 1``: ``τ``, no draws."""
+
+    def __init__(self, taus, shape: Sequence[int], density: float, rescale: bool, generator: torch.Generator,
+                 dt: torch.dtype, eps: float = 1e-7) -> None:
+        self.taus, self.density, self.dt = taus, float(density), dt
+        self.work = dt if dt == torch.bfloat16 else torch.float32
+        self.factor = None
+        if self.density >= 1:
+            return
+        self.state = generator.get_state()
+        blocks = row_blocks(shape)
+        if rescale:
+            buf = torch.empty(tuple(shape), dtype=self.work)
+            view = _rows(buf)
+            for sl, tau in zip(blocks, taus()):
+                view[sl] = tau.to(self.work).abs()
+            before = buf.sum()
+        g = self._generator()
+        for sl, tau in zip(blocks, taus()):
+            mask = self._draw(tau, g)
+            if rescale:
+                view[sl] = (tau.to(self.work) * mask).abs()
+        generator.set_state(g.get_state())
+        if rescale:
+            after = buf.sum()
+            del buf, view
+            if not (before < eps or after < eps):
+                self.factor = before / after
+
+    def _generator(self) -> torch.Generator:
+        return torch.Generator().set_state(self.state)
+
+    def _draw(self, tau: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        return torch.bernoulli(torch.full(tau.shape, self.density, dtype=self.work), generator=g)
+
+    def __call__(self):
+        """A pass over the sparsified blocks (in ``dt``)."""
+        if self.density >= 1:
+            yield from self.taus()
+            return
+        g = self._generator()
+        for tau in self.taus():
+            masked = tau.to(self.work) * self._draw(tau, g)
+            if self.factor is not None:
+                masked = masked * self.factor
+            yield masked.to(self.dt)
+
+
+def generalized_streams(base: torch.Tensor, taus, w: torch.Tensor, densities: Sequence[float] | None, *,
+                        consensus: str | None, normalize: bool, scaling: float, dt: torch.dtype,
+                        zero_base: bool = False) -> torch.Tensor:
+    """:func:`generalized_task_arithmetic` of task vectors given as streams (``taus[i]()`` yields
+    model i's ``τ_i`` blocks in ``dt``, :func:`task_vector_streams`), block by block: each trimmed to
+    its ``max(1, int(d_i · numel))`` largest magnitudes (:class:`TopK`) unless ``densities`` is
+    None or ``d_i >= 1``, weighted, combined (:func:`_combine`), added to ``θ_base``
+    (``zero_base``: ``θ_base + (0 + S)``, a merge around a zero base added to ``θ_base``)."""
+    rows = _rows(base)
+    numel = base.numel()
+    tops: list[TopK | None] = []
+    for i, d in enumerate(densities or [1.0] * len(taus)):
+        d = float(d)
+        if d >= 1:
+            tops.append(None)
+        else:
+            k = max(1, int(d * numel)) if d > 0 and numel else 0
+            tops.append(TopK(taus[i], numel, k, dt))
+    passes = [stream() for stream in taus]
+
+    def block(sl):
+        b = rows[sl].to(dt)
+        deltas = b.new_empty((len(taus), b.numel()))
+        for i, (top, it) in enumerate(zip(tops, passes)):
+            delta = next(it).reshape(-1)
+            if top is not None:
+                delta = torch.zeros_like(delta) if top.none else delta * top.mask(delta).to(dt)
+            deltas[i] = delta
+        mixed = _combine(deltas, w, consensus=consensus, normalize=normalize, scaling=scaling)
+        if zero_base:
+            mixed = torch.zeros_like(mixed) + mixed
+        return (b.reshape(-1) + mixed).reshape(b.shape)
+
+    return _by_blocks(base.shape, dt, block)
 
 
 def linear(thetas: Sequence[torch.Tensor], weights: Sequence[float], *, normalize: bool = True) -> torch.Tensor:

@@ -51,10 +51,10 @@ class Dare(ConventionOptions, MergeMethod):
                 t.base, t.thetas, t.weights, sparsification="random", consensus=None, generator=g, rescale=rescale,
                 densities=[1 - self.drop_p] * len(t.thetas), scaling=self.scaling, normalize=bool(self.normalize))
         dt = mm.compute_dtype(t.base, *t.thetas)
-        b = t.base.to(dt)
-        dropped = [mm.sparsify(th.to(dt) - b, 1 - self.drop_p, "random", rescale=rescale, generator=g) for th in t.thetas]
-        zero = torch.zeros_like(b)  # TIES on the dropped task vectors themselves (0 + x is x: no rounding)
-        return b + mm.generalized_task_arithmetic(
-            zero, dropped, t.weights, sparsification="magnitude", consensus="sum", scaling=self.scaling,
-            densities=t.model_values("density", self.density),
-            normalize=True if self.normalize is None else self.normalize)
+        taus = mm.task_vector_streams(t.base, t.thetas, dt)  # block by block (the trim: math.TopK)
+        dropped = [mm.RandomSparsified(tau, t.base.shape, 1 - self.drop_p, rescale, g, dt) for tau in taus]
+        w = torch.tensor([float(x) for x in t.weights], dtype=dt)
+        # TIES on the dropped task vectors themselves, around a zero base, then added to the base
+        return mm.generalized_streams(
+            t.base, dropped, w, t.model_values("density", self.density), consensus="sum", scaling=self.scaling,
+            normalize=True if self.normalize is None else self.normalize, dt=dt, zero_base=True)

@@ -18,7 +18,12 @@ class Ties(ConventionOptions, MergeMethod):
     ``convention="hf_fisher"`` (:func:`~hf_fisher.consumers.merge.math.ties`): keep ``round(d·n)``
     entries of ``λ_i τ_i``; ``γ = sign(Σ_i λ_i τ̂_i)`` (0: no entry agrees); ``merged`` is the mean
     (by count) of the agreeing ``λ_i τ̂_i``. At density 1 and weights 1 both agree except where the sum is 0.
-    A recipe's per-model ``density`` is honoured under ``"mergekit"``."""
+    A recipe's per-model ``density`` is honoured under ``"mergekit"``.
+
+    Both trim block by block without sorting (:class:`~hf_fisher.consumers.merge.math.TopK`: the k-th
+    largest magnitude by radix selection; scratch O(block) besides the output). Entries tied at the
+    k-th magnitude are kept first by position; mergekit keeps those its unstable ``argsort`` puts
+    first (an order torch does not specify), so the two can differ there and only there."""
 
     name = "ties"
     paper = "Yadav et al. 2023, *TIES-Merging: Resolving Interference When Merging Models* (arXiv:2306.01708)"
