@@ -13,11 +13,11 @@ import logging
 import pytest
 import torch
 import yaml
+from test_merge_validation import _data, _finetuned, independent_loss
 
 from hf_fisher.consumers.merge.api import LAYER_SHRINK, RECIPE_NAME, layer_group, merge_with_fisher
 
 import tiny_models as tm
-from test_merge_validation import _data, _finetuned, independent_loss
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
