@@ -98,7 +98,8 @@ HUB_OPTIONS = ("revision", "token", "endpoint", "cache_dir", "path_in_repo", "pr
 #: the validation grid (see :func:`merge_with_fisher`): model-weight mixtures
 #: ``λ = (1 − t)·uniform + t·e_i`` for each model ``i`` and ``t`` below (``t = 0``: uniform),
 #: scalings for task arithmetic / TIES / DARE, Fisher floors for the Fisher methods, RegMean's
-#: ``alpha`` (``regmean``, ``fisher_regmean``), KFAC's relative damping (``kfac``); each method
+#: ``alpha`` (``regmean``, ``fisher_regmean``), KFAC's relative damping (``kfac``: from nearly
+#: undamped to nearly the weighted average, which it reaches as the damping grows); each method
 #: tunes the keys of its ``MergeMethod.tuned`` (the full product with the weights). ``layer_lean``:
 #: the per-layer refinement after it (empty: off), see :func:`merge_with_fisher`.
 DEFAULT_GRID: dict[str, tuple[float, ...]] = {
@@ -106,7 +107,7 @@ DEFAULT_GRID: dict[str, tuple[float, ...]] = {
     "scaling": (0.25, 0.5, 0.75, 1.0, 1.25),
     "fisher_floor": (1e-8, 1e-6, 1e-4, 1e-2),
     "alpha": (0.0, 0.5, 0.9, 1.0),
-    "kfac_damping": (1e-4, 1e-3, 1e-2, 1e-1),
+    "kfac_damping": (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0),
     "layer_lean": (),
 }
 #: grid keys that are model-weight leans ``t`` in [0, 1], not method options

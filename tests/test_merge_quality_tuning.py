@@ -1,13 +1,16 @@
-"""The per-layer validation refinement (``validation_grid={"layer_lean": ...}``) holds data out:
-the coordinate sweep chooses on half of each task's validation batches (``[0::2]``) and the other
+"""Validation tuning of the merges (issue 26 item 4).
+
+The per-layer refinement (``validation_grid={"layer_lean": ...}``) holds data out: the coordinate sweep chooses on half of each task's validation batches (``[0::2]``) and the other
 half (``[1::2]``) decides how far the searched per-layer weights are kept, shrunk toward the
 grid's choice. Checked against the whole procedure written out here with plain merges (each
 layer's tensors from a merge with that layer's weights, losses computed independently); with one
-batch per task there is nothing to hold out: a WARNING, recorded."""
+batch per task there is nothing to hold out: a WARNING, recorded. KFAC's damping grid reaches from
+KFAC to nearly the weighted average."""
 
 from __future__ import annotations
 
 import copy
+import itertools
 import logging
 
 import pytest
@@ -15,7 +18,8 @@ import torch
 import yaml
 from test_merge_validation import _data, _finetuned, independent_loss
 
-from hf_fisher.consumers.merge.api import LAYER_SHRINK, RECIPE_NAME, layer_group, merge_with_fisher
+import hf_fisher
+from hf_fisher.consumers.merge.api import DEFAULT_GRID, LAYER_SHRINK, RECIPE_NAME, layer_group, merge_with_fisher
 
 import tiny_models as tm
 
@@ -112,3 +116,22 @@ def test_one_validation_batch_per_task_cannot_be_held_out_and_says_so(llamas, da
     assert "cannot hold out validation data" in caplog.text
     rec = yaml.safe_load((out / RECIPE_NAME).read_text())["hf_fisher"]["validation"]
     assert rec["layers"]["holdout"] is None
+
+
+def test_default_kfac_damping_grid_runs_from_kfac_to_nearly_the_average():
+    """KFAC's merge tends to the λ-weighted average as the damping grows; the validation grid must
+    reach close to it (on GPT-2 pairs the well-damped merges are the good ones): along the default
+    grid the merged Linear weights move monotonically toward the average, the last point within a
+    fifth of the first point's distance."""
+    models = _finetuned(lambda: tm.gpt2(seed=4))
+    vocab = models[0].config.vocab_size
+    data = [_data(s, vocab) for s in (0, 1)]
+    fishers = [hf_fisher.collect(m, d, estimator="kfac", progress=False) for m, d in zip(models, data)]
+    avg = merge_with_fisher(models, method="average", progress=False).state_dict()
+    linear = [n for n in avg if n.endswith(("c_attn.weight", "c_fc.weight", "c_proj.weight"))]
+    dist = []
+    for c in DEFAULT_GRID["kfac_damping"]:
+        m = merge_with_fisher(models, fishers, method="kfac", kfac_damping=c, progress=False).state_dict()
+        dist.append(sum(float((m[n] - avg[n]).norm() ** 2) for n in linear) ** 0.5)
+    assert all(a > b for a, b in itertools.pairwise(dist)), dist
+    assert dist[-1] < 0.2 * dist[0], dist
