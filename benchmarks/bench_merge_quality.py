@@ -208,19 +208,23 @@ def run_pair(name: str, args, grid: dict) -> dict:
     train = [pair.batches(d, "train", args.batch_size, args.fisher_samples) for d in domains]
     validation = [pair.batches(d, "validation", args.batch_size, args.validation_samples) for d in domains]
     timing = {}
-    t = time.perf_counter()
-    per_sample = [hf_fisher.collect(m, b, reduction="param", task=d, progress=False) for m, b, d in zip(models, train, domains)]
-    timing["per_sample_fisher_s"] = time.perf_counter() - t
-    t = time.perf_counter()
-    batch_grad = [batch_grad_fisher(m, b, f, d) for m, b, f, d in zip(models, train, per_sample, domains)]
-    timing["batch_grad_fisher_s"] = time.perf_counter() - t
-    kfac = None
-    if not args.only or "kfac" in args.only:
+    needed = {which for label, _, which in ROWS if not args.only or label in args.only}  # what the rows run use
+    per_sample = batch_grad = kfac = None
+    if needed & {"per_sample", "batch_grad"}:
+        t = time.perf_counter()
+        per_sample = [hf_fisher.collect(m, b, reduction="param", task=d, progress=False)
+                      for m, b, d in zip(models, train, domains)]
+        timing["per_sample_fisher_s"] = time.perf_counter() - t
+    if "batch_grad" in needed:
+        t = time.perf_counter()
+        batch_grad = [batch_grad_fisher(m, b, f, d) for m, b, f, d in zip(models, train, per_sample, domains)]
+        timing["batch_grad_fisher_s"] = time.perf_counter() - t
+    if "kfac" in needed:
         t = time.perf_counter()
         kfac = [hf_fisher.collect(m, b, estimator="kfac", task=d, progress=False) for m, b, d in zip(models, train, domains)]
         timing["kfac_s"] = time.perf_counter() - t
-    print(f"Fishers of {args.fisher_samples} train sequences per task: per-sample {timing['per_sample_fisher_s']:.1f} s, "
-          f"squared batch gradient {timing['batch_grad_fisher_s']:.1f} s, KFAC {timing.get('kfac_s', 0):.1f} s")
+    print(f"Fishers of {args.fisher_samples} train sequences per task: per-sample {timing.get('per_sample_fisher_s', 0):.1f} s, "
+          f"squared batch gradient {timing.get('batch_grad_fisher_s', 0):.1f} s, KFAC {timing.get('kfac_s', 0):.1f} s")
 
     def ref_row(label, model):
         return _row(label, "reference", pair.evaluate(model, "test"), domains,
