@@ -87,7 +87,7 @@ DATA_AWARE = ("regmean", "fisher_regmean", "kfac")
 LAYER_LEAN = (0.25, 0.5)  # the per-layer refinement's leans (validation_grid["layer_lean"])
 # --quick: a small grid (the library's DEFAULT_GRID otherwise)
 QUICK_GRID = {"weight_lean": (0.0, 0.5), "scaling": (0.5, 1.0), "fisher_floor": (1e-6, 1e-4), "alpha": (0.5, 0.9),
-              "kfac_damping": (1e-3, 1e-2)}
+              "kfac_damping": (1e-3, 1e-1, 10.0)}
 # --extended-grid: the hyper-parameter the library's validation grid leaves fixed, searched around it
 EXTENDED = {"ties": ("density", (0.1, 0.2, 0.5, 0.8, 1.0)), "dare": ("drop_p", (0.1, 0.3, 0.5, 0.7, 0.9))}
 
