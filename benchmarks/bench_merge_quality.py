@@ -32,7 +32,9 @@ each pair this script
      the method tunes: the scaling of task arithmetic / TIES / DARE, the Fisher floor, RegMean's
      ``alpha``, KFAC's damping), every method including the data-aware ones;
    - ``tuned+layers``: the same plus the per-layer refinement (``validation_grid={"layer_lean":
-     ...}``: per-layer model weights, AdaMerging-style, chosen by a coordinate search on validation);
+     ...}``: per-layer model weights, AdaMerging-style, chosen by a coordinate search on half of
+     each task's validation batches and kept, shrunk toward the grid's choice, only as far as the
+     other half confirms);
 3. evaluates every merged model on both held-out **test** splits (mean token loss, nats, and
    perplexity) and on the validation splits; the test split is never used to choose anything.
 
