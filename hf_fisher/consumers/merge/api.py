@@ -98,7 +98,8 @@ HUB_OPTIONS = ("revision", "token", "endpoint", "cache_dir", "path_in_repo", "pr
 #: the validation grid (see :func:`merge_with_fisher`): model-weight mixtures
 #: ``λ = (1 − t)·uniform + t·e_i`` for each model ``i`` and ``t`` below (``t = 0``: uniform),
 #: scalings for task arithmetic / TIES / DARE, Fisher floors for the Fisher methods, RegMean's
-#: ``alpha`` (``regmean``, ``fisher_regmean``), KFAC's relative damping (``kfac``); each method
+#: ``alpha`` (``regmean``, ``fisher_regmean``), KFAC's relative damping (``kfac``: from nearly
+#: undamped to nearly the weighted average, which it reaches as the damping grows); each method
 #: tunes the keys of its ``MergeMethod.tuned`` (the full product with the weights). ``layer_lean``:
 #: the per-layer refinement after it (empty: off), see :func:`merge_with_fisher`.
 DEFAULT_GRID: dict[str, tuple[float, ...]] = {
@@ -106,7 +107,7 @@ DEFAULT_GRID: dict[str, tuple[float, ...]] = {
     "scaling": (0.25, 0.5, 0.75, 1.0, 1.25),
     "fisher_floor": (1e-8, 1e-6, 1e-4, 1e-2),
     "alpha": (0.0, 0.5, 0.9, 1.0),
-    "kfac_damping": (1e-4, 1e-3, 1e-2, 1e-1),
+    "kfac_damping": (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0),
     "layer_lean": (),
 }
 #: grid keys that are model-weight leans ``t`` in [0, 1], not method options
@@ -544,11 +545,11 @@ def _tune(plan: list[TensorInfo], reader: _Reader, s: MergeSettings, validation,
 
     model = _eval_model(reader.inp.sources[0])
 
-    def loss_of(sd: Mapping[str, torch.Tensor]) -> float:
+    def loss_of(sd: Mapping[str, torch.Tensor], batches=validation) -> float:
         _, unexpected = model.load_state_dict(sd, strict=False)
         if unexpected:
             raise InvalidInputError(f"merged tensors the model does not have: {unexpected[:5]}")
-        return validation_loss(model, validation)
+        return validation_loss(model, batches)
 
     cands = validation_candidates(s, len(reader.inp.sources), grid)
     results = []
@@ -567,7 +568,8 @@ def _tune(plan: list[TensorInfo], reader: _Reader, s: MergeSettings, validation,
               "losses": [{"weights": c.weights, **{k: getattr(c.method, k) for k in tuned}, "loss": l}
                          for l, c in results]}
     if grid.get("layer_lean"):
-        best, layer_record = _tune_layers(plan, reader, best, best_loss, best_sd, loss_of, grid["layer_lean"], progress)
+        best, layer_record = _tune_layers(plan, reader, best, best_loss, best_sd, loss_of, grid["layer_lean"], progress,
+                                          validation)
         record["layers"] = layer_record
         record["points"] += layer_record["points"]
         choice["grid_loss"] = best_loss
@@ -579,12 +581,35 @@ def _tune(plan: list[TensorInfo], reader: _Reader, s: MergeSettings, validation,
     return best, record
 
 
-def _tune_layers(plan, reader: _Reader, s: MergeSettings, loss: float, sd: dict, loss_of, leans, progress: bool):
+def validation_halves(validation):
+    """The two halves of the validation batches for the per-layer refinement: each task's
+    even-numbered batches (``[0::2]``, where the search chooses) and odd-numbered ones (``[1::2]``,
+    where the choice is confirmed); None when a task has fewer than two batches."""
+    if any(len(batches) < 2 for batches in validation):
+        return None
+    return [list(b[0::2]) for b in validation], [list(b[1::2]) for b in validation]
+
+
+#: the shrinkages ``s`` of the per-layer refinement tried on the held-out half:
+#: ``λ_layer = λ* + s·(λ_layer_searched − λ*)`` (0: the grid's choice, 1: the searched weights)
+LAYER_SHRINK = (0.0, 0.5, 1.0)
+
+
+def _tune_layers(plan, reader: _Reader, s: MergeSettings, loss: float, sd: dict, loss_of, leans, progress: bool,
+                 validation=None):
     """Per-layer model weights (AdaMerging-style layer-wise coefficients, chosen by a coordinate
     search): for each numbered layer in order (:func:`layer_group`), try the weights
     ``(1 − t)·λ* + t·u·e_i`` (``λ*`` the grid's choice, ``u`` 1, or ``n`` for task-vector methods,
     ``t`` in ``leans``) for that layer's tensors only, the other layers fixed, and keep one when it
-    lowers the validation loss. One deterministic sweep; only the layer's tensors are merged again."""
+    lowers the validation loss. One deterministic sweep; only the layer's tensors are merged again.
+
+    Held-out confirmation (when every task has at least two validation batches,
+    :func:`validation_halves`): the sweep sees only the first half ``V_A``; on the second half
+    ``V_B`` the searched per-layer weights are shrunk toward the grid's choice,
+    ``λ_g(s) = λ* + s·(λ_g − λ*)`` for ``s`` in :data:`LAYER_SHRINK`, and the ``s`` with the
+    lowest ``L(V_B)`` is kept (the first of equal losses, so ``s = 0``, the grid's choice, unless
+    the refinement also helps on data it was not chosen on). With one batch for some task there
+    is nothing to hold out: the sweep runs on all of it, with a WARNING (recorded as ``holdout: None``)."""
     from tqdm.auto import tqdm
 
     n = len(reader.inp.sources)
@@ -594,6 +619,17 @@ def _tune_layers(plan, reader: _Reader, s: MergeSettings, loss: float, sd: dict,
         g = layer_group(_weight_name(reader, info.name))
         if g is not None and info.dtype.is_floating_point:
             groups.setdefault(g, []).append(info)
+    halves = validation_halves(validation) if validation is not None else None
+    grid_sd = sd
+    if halves is None:
+        logger.warning("the per-layer refinement cannot hold out validation data (a task has fewer than two "
+                       "validation batches): its weights are searched and kept on the same batches")
+        search_loss = loss_of
+    else:
+        def search_loss(state):
+            return loss_of(state, halves[0])
+
+        loss = search_loss(sd)
     layer_weights: dict[str, list[float]] = {}
     trials = []
     for g, infos in tqdm(groups.items(), desc="validation per layer", disable=not progress):
@@ -603,12 +639,33 @@ def _tune_layers(plan, reader: _Reader, s: MergeSettings, loss: float, sd: dict,
                     continue
                 cand = MergeSettings(s.method, s.weights, layer_weights={**layer_weights, g: w})
                 trial = {**sd, **{i.name: _merge_one(reader, i, cand, None) for i in infos}}
-                trial_loss = loss_of(trial)
+                trial_loss = search_loss(trial)
                 trials.append({"layer": g, "weights": w, "loss": trial_loss})
                 if trial_loss < loss:
                     loss, sd, layer_weights = trial_loss, trial, cand.layer_weights
     record = {"layers": list(groups), "layer_lean": [float(t) for t in leans], "points": len(trials),
-              "loss": loss, "losses": trials}
+              "loss": loss, "losses": trials, "holdout": None}
+    if halves is not None:
+        record["search_loss"] = loss
+        confirm = []
+        best_lw, best_sd, best_holdout = {}, grid_sd, None
+        for shrink in LAYER_SHRINK if layer_weights else ():
+            lw = {g: [a + shrink * (b - a) for a, b in zip(s.weights, w)] for g, w in layer_weights.items()}
+            if shrink == 0.0:
+                lw, state = {}, grid_sd
+            else:
+                cand = MergeSettings(s.method, s.weights, layer_weights=lw)
+                state = {**grid_sd, **{i.name: _merge_one(reader, i, cand, None) for g in lw for i in groups[g]}}
+            held = loss_of(state, halves[1])
+            confirm.append({"shrink": shrink, "loss": held})
+            if best_holdout is None or held < best_holdout:
+                best_lw, best_sd, best_holdout = lw, state, held
+        record["holdout"] = {"search": "batches [0::2] of each task", "confirm": "batches [1::2] of each task",
+                             "shrink": confirm, "chosen_shrink": next((c["shrink"] for c in confirm
+                                                                      if c["loss"] == best_holdout), 0.0)}
+        record["points"] += len(confirm)
+        layer_weights = best_lw
+        record["loss"] = loss_of(best_sd)  # the whole validation set, as every other choice's loss
     return MergeSettings(s.method, s.weights, layer_weights=layer_weights or None), record
 
 
@@ -720,7 +777,10 @@ def merge_with_fisher(
     ``validation_grid={"layer_lean": (0.25, 0.5)}`` adds per-layer weights (AdaMerging-style
     layer-wise coefficients): after the grid, one coordinate sweep over the numbered layers tries,
     for each layer's tensors alone, ``λ = (1 − t)·λ* + t·e_i`` (times ``n`` for task-vector methods)
-    and keeps a layer's weights when they lower the validation loss; the recipe then writes each
+    and keeps a layer's weights when they lower the validation loss; the sweep searches on half of
+    each task's validation batches and the other half decides how far the searched weights are
+    kept (shrunk toward the grid's choice, none of them unless they help there too; one batch for
+    a task: no half to hold out, a WARNING); the recipe then writes each
     model's ``weight`` as mergekit's per-tensor list (``{filter: layer., value: λ}``).
     The grid, every point's loss and the choice are logged and written into the recipe
     (``hf_fisher.validation``) and card.
