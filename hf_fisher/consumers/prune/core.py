@@ -902,7 +902,7 @@ class _ParamFisher(dict):
 
 
 def _prune_sequential(model, units, *, score, sparsity, min_per_layer, calibration, rescale_batches, compensate,
-                      seed, progress, physical, t_start, layout, notes, obs_update: float = 1.0) -> PruneResult:
+                      seed, progress, physical, t_start, layout, notes, obs_update: float) -> PruneResult:
     """Layer by layer, attention then MLP: score the stage's units on the model as it is now,
     remove the counts ``scope="layer"`` removes, rescale (or compensate), go on."""
     counts: dict[tuple, int] = {}
