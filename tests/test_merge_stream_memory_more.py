@@ -131,6 +131,17 @@ def ref_slerp(t, v0, v1, dot_threshold=0.9995, eps=1e-8):
     return out.reshape(v0.shape)
 
 
+def ref_linear(thetas, weights, normalize=True):
+    dt = mm.compute_dtype(*thetas)
+    w = torch.tensor([float(x) for x in weights], dtype=dt)
+    out = torch.zeros(thetas[0].shape, dtype=dt)
+    for t, c in zip(thetas, w.unbind(0)):
+        out.addcmul_(t.to(dt), c)
+    if normalize:
+        out.div_(w.sum())
+    return out
+
+
 # ---------------------------------------------------------------------------- inputs
 def tensors(kind: str, shape=(301, 70), n=3, dtype=torch.float32, seed=0):
     g = torch.Generator().manual_seed(seed)
@@ -238,6 +249,14 @@ def test_nuslerp_and_slerp_bitwise(blocks, monkeypatch, shape, dtype):
     assert same_bits(got, ref_nuslerp_method(1.1 / 1.5, thetas, base, flatten=False))
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_linear_bitwise(blocks, shape, dtype):
+    _, thetas = tensors("random", shape=shape, dtype=dtype)
+    for normalize in (True, False):
+        assert same_bits(mm.linear(thetas, W, normalize=normalize), ref_linear(thetas, W, normalize))
+
+
 # ---------------------------------------------------------------------------- bounded scratch
 ROWS, COLS = 2048, 2048  # 4M float32 entries: 16 MB, 64 blocks of 64k entries
 METHODS = [
@@ -279,3 +298,16 @@ def test_magnitude_rescale_scratch_is_about_the_output(monkeypatch):
                                        rescale=True, consensus="sum", normalize=True)
     size = base.numel() * base.element_size()
     assert track.peak <= 1.5 * size, f"peak {track.peak / size:.2f} x the tensor"
+
+
+@pytest.mark.parametrize("name", ["average", "linear"])
+def test_linear_bfloat16_scratch_is_the_output(monkeypatch, name):
+    """bfloat16 inputs cast to float32 block by block: peak <= 1.25 x the float32 output (before: 2 x,
+    a whole float32 copy of an input besides the output)."""
+    monkeypatch.setattr(mm, "BLOCK_ELEMENTS", 1 << 16, raising=False)
+    _, thetas = tensors("random", shape=(ROWS, COLS), n=2, dtype=torch.bfloat16)
+    track = LiveBytes()
+    with track:
+        out = registry.get(name)().merge(TensorInputs("w", thetas, [1.0, 0.5]))
+    size = out.numel() * out.element_size()
+    assert out.dtype == torch.float32 and track.peak <= 1.25 * size, f"peak {track.peak / size:.2f} x the output"

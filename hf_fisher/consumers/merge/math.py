@@ -843,16 +843,20 @@ def generalized_streams(base: torch.Tensor, taus, w: torch.Tensor, densities: Se
 
 def linear(thetas: Sequence[torch.Tensor], weights: Sequence[float], *, normalize: bool = True) -> torch.Tensor:
     """mergekit's ``linear``: ``θ* = Σ_i λ_i θ_i / Σ_i λ_i`` (``normalize``, no check of the sum) or
-    ``Σ_i λ_i θ_i``, accumulated in mergekit's order (``addcmul``)."""
+    ``Σ_i λ_i θ_i``, accumulated in mergekit's order (``addcmul``), block by block (each input cast to
+    the compute dtype one block at a time)."""
     _check(thetas, weights)
     dt = compute_dtype(*thetas)
     w = torch.tensor([float(x) for x in weights], dtype=dt)
-    out = torch.zeros(thetas[0].shape, dtype=dt)
-    for t, c in zip(thetas, w.unbind(0)):
-        out.addcmul_(t.to(dt), c)
-    if normalize:
-        out.div_(w.sum())
-    return out
+    total = w.sum()
+
+    def block(sl):
+        out = torch.zeros(_rows(thetas[0])[sl].shape, dtype=dt)
+        for t, c in zip(thetas, w.unbind(0)):
+            out.addcmul_(_rows(t)[sl].to(dt), c)
+        return out.div_(total) if normalize else out
+
+    return _by_blocks(thetas[0].shape, dt, block)
 
 
 _SLERP_CHUNK = 1024 * 1024  # mergekit's _CHUNK_ELEMENTS
