@@ -475,8 +475,11 @@ def _work_dtype(tau: torch.Tensor) -> torch.dtype:
 def _della_probs(t2: torch.Tensor, density: float, epsilon: float, work: torch.dtype) -> torch.Tensor:
     """DELLA's keep probabilities of a tensor of 2 or more dimensions, ranked along dim 1:
     ``p = d − ε + 2ε · (r − r_min)/(r_max − r_min)`` (clamped to ``[d − ε, d + ε]``), ``r`` the
-    ascending ``|τ|`` rank (torch's ``argsort`` twice, from 1), in the work dtype."""
-    ranks = torch.argsort(t2.abs(), dim=1, descending=False).argsort(dim=1).to(work) + 1
+    ascending ``|τ|`` rank (mergekit's ``argsort(argsort(|τ|)) + 1``, from 1), in the work dtype. The
+    second ``argsort`` inverts a permutation, whose inverse is unique: it is formed by a scatter."""
+    order = torch.argsort(t2.abs(), dim=1, descending=False)
+    pos = torch.arange(t2.shape[1]).reshape(1, -1, *([1] * (t2.dim() - 2))).expand_as(order)
+    ranks = torch.empty_like(order).scatter_(1, order, pos).to(work) + 1
     lo = ranks.min(dim=1, keepdim=True).values
     hi = ranks.max(dim=1, keepdim=True).values
     return (density - epsilon) + ((ranks - lo) / (hi - lo)).clamp(0, 1) * 2 * epsilon
@@ -670,6 +673,10 @@ class Sparsified:
     scratch is that buffer, only while the object is built. Calling the object makes a pass over the
     sparsified blocks (in ``dt``); ``density >= 1``: ``τ`` itself; :meth:`_zero`: zeros (no work)."""
 
+    #: whether the masks are drawn from a generator (a first pass then draws them all, to leave it as
+    #: the whole tensor's draws would)
+    draws = False
+
     def __init__(self, taus, shape: Sequence[int], density: float, rescale: bool, dt: torch.dtype,
                  work: torch.dtype, eps: float = 1e-7) -> None:
         self.taus, self.shape, self.density, self.dt, self.work = taus, tuple(shape), float(density), dt, work
@@ -684,10 +691,11 @@ class Sparsified:
             for sl, tau in zip(blocks, taus()):
                 view[sl] = tau.to(work).abs()
             before = buf.sum()
-        for sl, (tau, mask) in zip(blocks, self._pairs()):  # a whole pass (a generator's draws: all of them)
-            if rescale:
-                view[sl] = (tau.to(work) * mask).abs()
-        self._passed()
+        if rescale or self.draws:
+            for sl, (tau, mask) in zip(blocks, self._pairs()):  # a whole pass (a generator's draws: all of them)
+                if rescale:
+                    view[sl] = (tau.to(work) * mask).abs()
+            self._passed()
         if rescale:
             after = buf.sum()
             del buf, view
@@ -728,6 +736,8 @@ class RandomSparsified(Sparsified):
     """DARE's random sparsification (``sparsify(τ, d, "random", rescale)``): ``m ~ Bernoulli(d)`` one
     draw per entry in order from ``generator`` (left where the whole tensor's draws leave it, so the
     next model draws on from there, as mergekit's do), in mergekit's work dtype (:func:`_work_dtype`)."""
+
+    draws = True
 
     def __init__(self, taus, shape: Sequence[int], density: float, rescale: bool, generator: torch.Generator,
                  dt: torch.dtype) -> None:
