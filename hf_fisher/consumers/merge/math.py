@@ -13,8 +13,13 @@ Memory: the elementwise formulas run over blocks of whole rows (:func:`row_block
 ``BLOCK_ELEMENTS`` elements each), so besides the inputs a merge holds its output and O(block)
 scratch, whatever the tensor's size (a 128k-row vocabulary table included). TIES' trim finds the
 k-th largest ``|τ|`` by a radix selection over the blocks (:class:`TopK`: histograms of the bit
-pattern, exact counts), never a full-size sort or index tensor; the results are the same bits as
-the whole-tensor formulas (the tests keep those as references).
+pattern, exact counts), never a full-size sort or index tensor; Model Breadcrumbs' two cuts are two
+such selections of the smallest magnitudes; DELLA ranks within blocks of whole rows; random masks
+are drawn block after block from one generator. mergekit's L1 rescaling and nuslerp's norms and
+dot products reduce over one whole-size buffer (the reduction mergekit runs, hence its bits),
+freed before the output is made. The results are the same bits as the whole-tensor formulas (the
+tests keep those as references); peak scratch besides the inputs: about 1.1-1.25 x the output
+(tests/test_merge_stream_memory*.py).
 """
 
 from __future__ import annotations
