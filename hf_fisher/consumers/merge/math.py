@@ -13,12 +13,18 @@ Memory: the elementwise formulas run over blocks of whole rows (:func:`row_block
 ``BLOCK_ELEMENTS`` elements each), so besides the inputs a merge holds its output and O(block)
 scratch, whatever the tensor's size (a 128k-row vocabulary table included). TIES' trim finds the
 k-th largest ``|τ|`` by a radix selection over the blocks (:class:`TopK`: histograms of the bit
-pattern, exact counts), never a full-size sort or index tensor; the results are the same bits as
-the whole-tensor formulas (the tests keep those as references).
+pattern, exact counts), never a full-size sort or index tensor; Model Breadcrumbs' two cuts are two
+such selections of the smallest magnitudes; DELLA ranks within blocks of whole rows; random masks
+are drawn block after block from one generator. mergekit's L1 rescaling and nuslerp's norms and
+dot products reduce over one whole-size buffer (the reduction mergekit runs, hence its bits),
+freed before the output is made. The results are the same bits as the whole-tensor formulas (the
+tests keep those as references); peak scratch besides the inputs: about 1.1-1.25 x the output
+(tests/test_merge_stream_memory*.py).
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import math
 from collections.abc import Sequence
@@ -117,26 +123,40 @@ def _kth_largest_key(key_blocks, k: int, bits: int) -> tuple[int, int]:
 
 
 class TopK:
-    """The ``k`` entries of largest ``|x|`` of a tensor that is read block by block: exactly ``k``,
-    the entries tied at the k-th magnitude kept first by position (NaN counts as the largest).
+    """The ``k`` entries of largest ``|x|`` (``smallest``: of smallest ``|x|``) of a tensor that is read
+    block by block: exactly ``k``, the entries tied at the k-th magnitude kept first by position
+    (NaN counts as the largest).
 
     ``blocks()`` yields the tensor's blocks in order (a fresh pass per call; called
     ``bits / 16`` times here, ``bits`` the dtype's width); :meth:`mask` then takes the same blocks
-    in the same order, once each, and returns each one's keep mask. Memory: O(block)."""
+    in the same order, once each, and returns each one's keep mask (:meth:`fresh`: a copy for
+    another pass of :meth:`mask`). Memory: O(block). ``smallest`` selects by the keys
+    ``K − key`` (``K`` the NaN key, above every other): the k largest of those are the k smallest
+    magnitudes, ties again first by position."""
 
-    def __init__(self, blocks, n: int, k: int, dtype: torch.dtype) -> None:
+    def __init__(self, blocks, n: int, k: int, dtype: torch.dtype, *, smallest: bool = False) -> None:
         self.all, self.none = k >= n, k <= 0
         self.threshold, self.ties_left = 0, 0
+        self.smallest = smallest
         if not (self.all or self.none):
             bits = 8 * torch.empty((), dtype=dtype).element_size()
-            self.threshold, self.ties_left = _kth_largest_key(lambda: (_magnitude_keys(x) for x in blocks()), k, bits)
+            self.threshold, self.ties_left = _kth_largest_key(lambda: (self._keys(x) for x in blocks()), k, bits)
+
+    def _keys(self, x: torch.Tensor) -> torch.Tensor:
+        keys = _magnitude_keys(x)
+        return _NAN_KEY[x.dtype] - keys if self.smallest else keys
+
+    def fresh(self) -> TopK:
+        """A copy for a new pass of :meth:`mask` (the ties still to keep as after construction;
+        call it before the first :meth:`mask` of this one)."""
+        return copy.copy(self)
 
     def mask(self, x: torch.Tensor) -> torch.Tensor:
         """The keep mask of the next block ``x``: ``|x| > T``, and the next of the entries ``|x| = T``
         while fewer than the needed ones have been kept."""
         if self.all or self.none:
             return torch.full(x.shape, self.all, dtype=torch.bool)
-        keys = _magnitude_keys(x)
+        keys = self._keys(x)
         keep = keys > self.threshold
         if self.ties_left:
             tied = keys == self.threshold
@@ -457,6 +477,19 @@ def _work_dtype(tau: torch.Tensor) -> torch.dtype:
     return tau.dtype if tau.dtype == torch.bfloat16 else torch.float32
 
 
+def _della_probs(t2: torch.Tensor, density: float, epsilon: float, work: torch.dtype) -> torch.Tensor:
+    """DELLA's keep probabilities of a tensor of 2 or more dimensions, ranked along dim 1:
+    ``p = d − ε + 2ε · (r − r_min)/(r_max − r_min)`` (clamped to ``[d − ε, d + ε]``), ``r`` the
+    ascending ``|τ|`` rank (mergekit's ``argsort(argsort(|τ|)) + 1``, from 1), in the work dtype. The
+    second ``argsort`` inverts a permutation, whose inverse is unique: it is formed by a scatter."""
+    order = torch.argsort(t2.abs(), dim=1, descending=False)
+    pos = torch.arange(t2.shape[1]).reshape(1, -1, *([1] * (t2.dim() - 2))).expand_as(order)
+    ranks = torch.empty_like(order).scatter_(1, order, pos).to(work) + 1
+    lo = ranks.min(dim=1, keepdim=True).values
+    hi = ranks.max(dim=1, keepdim=True).values
+    return (density - epsilon) + ((ranks - lo) / (hi - lo)).clamp(0, 1) * 2 * epsilon
+
+
 def sparsify(tau: torch.Tensor, density: float, how: str, *, rescale: bool = False, gamma: float = 0.01,
              epsilon: float = 0.15, generator: torch.Generator | None = None) -> torch.Tensor:
     """mergekit's sparsification of one task vector, keeping a fraction ``density`` (``≥ 1``: all):
@@ -505,11 +538,7 @@ def sparsify(tau: torch.Tensor, density: float, how: str, *, rescale: bool = Fal
         raise InvalidInputError(f"DELLA: epsilon ({epsilon}) must keep density ± epsilon in (0, 1) (density {density})")
     shape = tau.shape
     t2 = tau.unsqueeze(0) if tau.dim() < 2 else tau
-    ranks = torch.argsort(t2.abs(), dim=1, descending=False).argsort(dim=1).to(work) + 1
-    lo = ranks.min(dim=1, keepdim=True).values
-    hi = ranks.max(dim=1, keepdim=True).values
-    probs = (density - epsilon) + ((ranks - lo) / (hi - lo)).clamp(0, 1) * 2 * epsilon
-    mask = torch.bernoulli(probs, generator=generator).to(work)
+    mask = torch.bernoulli(_della_probs(t2, density, epsilon, work), generator=generator).to(work)
     return _rescaled(t2.to(work), mask, rescale).to(tau.dtype).reshape(shape)
 
 
@@ -550,43 +579,56 @@ def generalized_task_arithmetic(
     ``D = Σ_i m_i λ_i`` (0 → 1); without: ``S = Σ_i δ_i``, ``D = Σ_i λ_i`` (``|D| < 1e−8`` → 1);
     ``θ* = θ_base + s · S / D`` (``normalize``) or ``θ_base + s · S``.
 
-    Without sparsification, with ``"random"`` (:class:`RandomSparsified`) or with ``"magnitude"``
-    (no ``rescale``): block by block, the trim's
-    k-th largest ``|τ_i|`` found by :class:`TopK` (entries tied at it kept first by position;
-    mergekit keeps those its unstable ``argsort`` puts first, an order torch does not define:
-    the results differ only where more entries tie at the k-th magnitude than are kept). The
-    outlier and DELLA sparsifications and the magnitude trim with L1 rescaling run on whole
-    tensors (their masks are ranked over the whole tensor)."""
+    Block by block (:func:`generalized_streams`), the sparsified task vectors as streams
+    (:class:`Sparsified`): the magnitude trim's k-th largest ``|τ_i|`` found by :class:`TopK`, the
+    outliers' two cuts by two :class:`TopK` of the smallest (:class:`RankSparsified`; entries tied at
+    a cut go by position; mergekit's by torch's unstable sort, an order torch does not define: the
+    results differ only where magnitudes tie at a cut), the random and DELLA masks drawn block after
+    block (:class:`RandomSparsified`, :class:`DellaSparsified`). Scratch: the output, O(block), and
+    with ``rescale`` one whole-size buffer for the L1 norms while a model's stream is prepared.
+    DELLA on a tensor of fewer than 2 dimensions (ranked as one row) runs on the whole tensor."""
     _check(thetas, weights)
     n = len(thetas)
     dt = compute_dtype(base, *thetas)
-    dens = list(densities) if densities is not None else [1.0] * n
+    dens = [float(d) for d in densities] if densities is not None else [1.0] * n
     w = torch.tensor([float(x) for x in weights], dtype=dt)
     if consensus and consensus not in ("sum", "count"):
         raise InvalidInputError(f"consensus must be 'sum' or 'count', got {consensus!r}")
-    if sparsification in (None, "magnitude") and not (sparsification and rescale):
-        return generalized_streams(base, task_vector_streams(base, thetas, dt), w, dens if sparsification else None,
-                                   consensus=consensus, normalize=normalize, scaling=scaling, dt=dt)
-    if sparsification == "random":
-        taus = task_vector_streams(base, thetas, dt)
-        if generator is None:
-            generator = torch.default_generator
-        dropped = [RandomSparsified(taus[i], base.shape, float(dens[i]), rescale, generator, dt) for i in range(n)]
-        return generalized_streams(base, dropped, w, None, consensus=consensus, normalize=normalize,
-                                   scaling=scaling, dt=dt)
-    b = base.to(dt)
-    extra: dict[str, Sequence[float]] = {}
-    if sparsification == "magnitude_outliers":
-        extra["gamma"] = list(gammas) if gammas is not None else [0.01] * n
+    if sparsification is not None and sparsification not in SPARSIFIERS:
+        raise InvalidInputError(f"sparsification must be one of {list(SPARSIFIERS)}, got {sparsification!r}")
+    gam = [float(x) for x in gammas] if gammas is not None else [0.01] * n
+    eps = [float(x) for x in epsilons] if epsilons is not None else [0.15] * n
     if sparsification == "della_magprune":
-        extra["epsilon"] = list(epsilons) if epsilons is not None else [0.15] * n
-    deltas = b.new_empty((n, *b.shape))
+        for d, e in zip(dens, eps):
+            if 0 < d < 1 and (d + e >= 1 or d - e <= 0):
+                raise InvalidInputError(f"DELLA: epsilon ({e}) must keep density ± epsilon in (0, 1) (density {d})")
+    if sparsification in ("random", "della_magprune") and generator is None:
+        generator = torch.default_generator
+    if sparsification == "della_magprune" and base.dim() < 2:
+        return _generalized_whole(base, thetas, w, dens, eps, consensus=consensus, normalize=normalize,
+                                  rescale=rescale, scaling=scaling, generator=generator, dt=dt)
+    taus = task_vector_streams(base, thetas, dt)
+    if sparsification is None or (sparsification == "magnitude" and not rescale):
+        return generalized_streams(base, taus, w, dens if sparsification else None,
+                                   consensus=consensus, normalize=normalize, scaling=scaling, dt=dt)
+    shape = base.shape
+    if sparsification == "random":
+        streams = [RandomSparsified(taus[i], shape, dens[i], rescale, generator, dt) for i in range(n)]
+    elif sparsification == "della_magprune":
+        streams = [DellaSparsified(taus[i], shape, dens[i], rescale, generator, dt, eps[i]) for i in range(n)]
+    else:
+        streams = [RankSparsified(taus[i], shape, dens[i], rescale, dt, sparsification, gam[i]) for i in range(n)]
+    return generalized_streams(base, streams, w, None, consensus=consensus, normalize=normalize,
+                               scaling=scaling, dt=dt)
+
+
+def _generalized_whole(base, thetas, w, dens, eps, *, consensus, normalize, rescale, scaling, generator, dt):
+    """:func:`generalized_task_arithmetic` with DELLA on whole tensors (of fewer than 2 dimensions)."""
+    b = base.to(dt)
+    deltas = b.new_empty((len(thetas), *b.shape))
     for i, t in enumerate(thetas):
-        delta = t.to(dt) - b
-        if sparsification:
-            delta = sparsify(delta, float(dens[i]), sparsification, rescale=rescale, generator=generator,
-                             **{k: float(v[i]) for k, v in extra.items()})
-        deltas[i] = delta
+        deltas[i] = sparsify(t.to(dt) - b, dens[i], "della_magprune", rescale=rescale, generator=generator,
+                             epsilon=eps[i])
     return b + _combine(deltas, w, consensus=consensus, normalize=normalize, scaling=scaling)
 
 
@@ -627,59 +669,155 @@ def task_vector_streams(base: torch.Tensor, thetas: Sequence[torch.Tensor], dt: 
     return [lambda i=i: stream(i) for i in range(len(thetas))]
 
 
-class RandomSparsified:
-    """mergekit's random sparsification (DARE, ``sparsify(τ, d, "random", rescale)``) of one task
-    vector given as a stream (:func:`task_vector_streams`), block by block, with the same bits:
-    ``m ~ Bernoulli(d)`` one draw per entry in order from ``generator`` (left where the whole
-    tensor's draws leave it, so the next model draws on from there, as mergekit's do),
-    ``m ⊙ τ`` in mergekit's work dtype, times ``‖τ‖₁ / ‖m ⊙ τ‖₁`` when ``rescale``. The two norms
-    are summed over one whole-size buffer of ``|τ|`` then ``|m ⊙ τ|`` (the same reduction as
-    mergekit's, hence the same bits): the scratch is that buffer. ``density >= 1``: ``τ``, no draws."""
+class Sparsified:
+    """mergekit's sparsification (:func:`sparsify`) of one task vector given as a stream
+    (:func:`task_vector_streams`), block by block, with the same bits: ``m ⊙ τ`` in the work dtype,
+    times ``‖τ‖₁ / ‖m ⊙ τ‖₁`` when ``rescale`` (and both are at least ``eps``), cast to ``dt``.
+    Subclasses give the masks (:meth:`_pairs`). The two norms are summed over one whole-size
+    buffer of ``|τ|`` then ``|m ⊙ τ|`` (the same reduction as mergekit's, hence the same bits): the
+    scratch is that buffer, only while the object is built. Calling the object makes a pass over the
+    sparsified blocks (in ``dt``); ``density >= 1``: ``τ`` itself; :meth:`_zero`: zeros (no work)."""
 
-    def __init__(self, taus, shape: Sequence[int], density: float, rescale: bool, generator: torch.Generator,
-                 dt: torch.dtype, eps: float = 1e-7) -> None:
-        self.taus, self.density, self.dt = taus, float(density), dt
-        self.work = dt if dt == torch.bfloat16 else torch.float32
+    #: whether the masks are drawn from a generator (a first pass then draws them all, to leave it as
+    #: the whole tensor's draws would)
+    draws = False
+
+    def __init__(self, taus, shape: Sequence[int], density: float, rescale: bool, dt: torch.dtype,
+                 work: torch.dtype, eps: float = 1e-7) -> None:
+        self.taus, self.shape, self.density, self.dt, self.work = taus, tuple(shape), float(density), dt, work
         self.factor = None
-        if self.density >= 1:
+        if self.density >= 1 or self._zero():
             return
-        self.state = generator.get_state()
+        self._prepare()
         blocks = row_blocks(shape)
         if rescale:
-            buf = torch.empty(tuple(shape), dtype=self.work)
+            buf = torch.empty(self.shape, dtype=work)
             view = _rows(buf)
             for sl, tau in zip(blocks, taus()):
-                view[sl] = tau.to(self.work).abs()
+                view[sl] = tau.to(work).abs()
             before = buf.sum()
-        g = self._generator()
-        for sl, tau in zip(blocks, taus()):
-            mask = self._draw(tau, g)
-            if rescale:
-                view[sl] = (tau.to(self.work) * mask).abs()
-        generator.set_state(g.get_state())
+        if rescale or self.draws:
+            for sl, (tau, mask) in zip(blocks, self._pairs()):  # a whole pass (a generator's draws: all of them)
+                if rescale:
+                    view[sl] = (tau.to(work) * mask).abs()
+            self._passed()
         if rescale:
             after = buf.sum()
             del buf, view
             if not (before < eps or after < eps):
                 self.factor = before / after
 
-    def _generator(self) -> torch.Generator:
-        return torch.Generator().set_state(self.state)
+    def _zero(self) -> bool:
+        """Whether the result is zeros (``zeros_like(τ)``, not ``0 · τ``, which is −0 where ``τ < 0``)."""
+        return False
 
-    def _draw(self, tau: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-        return torch.bernoulli(torch.full(tau.shape, self.density, dtype=self.work), generator=g)
+    def _prepare(self) -> None:
+        """Work before the first pass (e.g. a selection's thresholds)."""
+
+    def _pairs(self):
+        """A pass of ``(τ block, its mask in the work dtype)``."""
+        raise NotImplementedError
+
+    def _passed(self) -> None:
+        """Called after the first whole pass."""
 
     def __call__(self):
         """A pass over the sparsified blocks (in ``dt``)."""
         if self.density >= 1:
             yield from self.taus()
             return
-        g = self._generator()
-        for tau in self.taus():
-            masked = tau.to(self.work) * self._draw(tau, g)
+        if self._zero():
+            for tau in self.taus():
+                yield torch.zeros_like(tau)
+            return
+        for tau, mask in self._pairs():
+            masked = tau.to(self.work) * mask
             if self.factor is not None:
                 masked = masked * self.factor
             yield masked.to(self.dt)
+
+
+class RandomSparsified(Sparsified):
+    """DARE's random sparsification (``sparsify(τ, d, "random", rescale)``): ``m ~ Bernoulli(d)`` one
+    draw per entry in order from ``generator`` (left where the whole tensor's draws leave it, so the
+    next model draws on from there, as mergekit's do), in mergekit's work dtype (:func:`_work_dtype`)."""
+
+    draws = True
+
+    def __init__(self, taus, shape: Sequence[int], density: float, rescale: bool, generator: torch.Generator,
+                 dt: torch.dtype) -> None:
+        self.generator = generator
+        self.state = generator.get_state()
+        super().__init__(taus, shape, density, rescale, dt, _work_dtype(torch.empty(0, dtype=dt)))
+
+    def _probs(self, tau: torch.Tensor) -> torch.Tensor:
+        return torch.full(tau.shape, self.density, dtype=self.work)
+
+    def _pairs(self):
+        self._g = torch.Generator().set_state(self.state)
+        for tau in self.taus():
+            yield tau, torch.bernoulli(self._probs(tau), generator=self._g).to(self.work)
+
+    def _passed(self) -> None:
+        self.generator.set_state(self._g.get_state())
+
+
+class DellaSparsified(RandomSparsified):
+    """DELLA's magnitude-ranked sparsification (``sparsify(τ, d, "della_magprune", rescale, epsilon)``):
+    ``m ~ Bernoulli(p)`` with :func:`_della_probs` of each block's rows, for a tensor of 2 or more
+    dimensions (its ranks run along dim 1, within a block of whole dim-0 rows)."""
+
+    def __init__(self, taus, shape: Sequence[int], density: float, rescale: bool, generator: torch.Generator,
+                 dt: torch.dtype, epsilon: float) -> None:
+        if len(shape) < 2:
+            raise InvalidInputError(f"DELLA by blocks ranks rows of a tensor of 2 or more dimensions, got shape {tuple(shape)}")
+        self.epsilon = float(epsilon)
+        super().__init__(taus, shape, density, rescale, generator, dt)
+
+    def _zero(self) -> bool:
+        return self.density <= 0
+
+    def _probs(self, tau: torch.Tensor) -> torch.Tensor:
+        return _della_probs(tau, self.density, self.epsilon, self.work)
+
+
+class RankSparsified(Sparsified):
+    """The magnitude sparsifications by rank over the whole tensor, selected block by block
+    (:class:`TopK`, no sort): ``"magnitude"`` keeps the ``max(1, int(d · n))`` largest ``|τ|``
+    (ties at the cut first by position); ``"magnitude_outliers"`` (Model Breadcrumbs) keeps the
+    entries of ascending ``|τ|`` rank ``[n_bot, n_bot + int(d · n))``, ``n_bot = max(0, n − int(d · n) −
+    int(γ · n))`` (ranks of tied magnitudes by position: the k smallest of :class:`TopK` with
+    ``smallest``, minus the ``n_bot`` smallest). mergekit ranks by torch's unstable sort, whose order
+    of tied entries torch does not define: the results differ only where magnitudes tie at a cut.
+    The mask is in ``τ``'s dtype (``dt``), the work dtype."""
+
+    def __init__(self, taus, shape: Sequence[int], density: float, rescale: bool, dt: torch.dtype, how: str,
+                 gamma: float = 0.0) -> None:
+        self.how, self.gamma = how, float(gamma)
+        super().__init__(taus, shape, density, rescale, dt, dt)
+
+    def _prepare(self) -> None:
+        n = math.prod(self.shape)
+        if self.how == "magnitude":
+            k = max(1, int(self.density * n)) if self.density > 0 and n else 0
+            self.tops = [(TopK(self.taus, n, k, self.dt), True)]
+        else:
+            target = int(self.density * n)
+            n_bot = max(0, n - target - int(self.gamma * n))
+            self.tops = [(TopK(self.taus, n, n_bot + target, self.dt, smallest=True), True),
+                         (TopK(self.taus, n, n_bot, self.dt, smallest=True), False)]
+
+    def _pairs(self):
+        tops = [(top.fresh(), keep) for top, keep in self.tops]
+        for tau in self.taus():
+            mask = None
+            for top, keep in tops:
+                m = top.mask(tau) if keep else ~top.mask(tau)
+                mask = m if mask is None else mask & m
+            yield tau, mask.to(self.dt)
+
+    def _zero(self) -> bool:
+        return self.how == "magnitude" and self.density <= 0
 
 
 def generalized_streams(base: torch.Tensor, taus, w: torch.Tensor, densities: Sequence[float] | None, *,
@@ -720,16 +858,20 @@ def generalized_streams(base: torch.Tensor, taus, w: torch.Tensor, densities: Se
 
 def linear(thetas: Sequence[torch.Tensor], weights: Sequence[float], *, normalize: bool = True) -> torch.Tensor:
     """mergekit's ``linear``: ``θ* = Σ_i λ_i θ_i / Σ_i λ_i`` (``normalize``, no check of the sum) or
-    ``Σ_i λ_i θ_i``, accumulated in mergekit's order (``addcmul``)."""
+    ``Σ_i λ_i θ_i``, accumulated in mergekit's order (``addcmul``), block by block (each input cast to
+    the compute dtype one block at a time)."""
     _check(thetas, weights)
     dt = compute_dtype(*thetas)
     w = torch.tensor([float(x) for x in weights], dtype=dt)
-    out = torch.zeros(thetas[0].shape, dtype=dt)
-    for t, c in zip(thetas, w.unbind(0)):
-        out.addcmul_(t.to(dt), c)
-    if normalize:
-        out.div_(w.sum())
-    return out
+    total = w.sum()
+
+    def block(sl):
+        out = torch.zeros(_rows(thetas[0])[sl].shape, dtype=dt)
+        for t, c in zip(thetas, w.unbind(0)):
+            out.addcmul_(_rows(t)[sl].to(dt), c)
+        return out.div_(total) if normalize else out
+
+    return _by_blocks(thetas[0].shape, dt, block)
 
 
 _SLERP_CHUNK = 1024 * 1024  # mergekit's _CHUNK_ELEMENTS
@@ -739,7 +881,8 @@ def slerp(t: float, v0: torch.Tensor, v1: torch.Tensor, dot_threshold: float = 0
     """Spherical interpolation of whole tensors (mergekit's ``slerp``): with ``Ω`` the angle between
     ``v0`` and ``v1`` (flattened, each normalised),
     ``θ* = sin((1 − t)Ω)/sin Ω · v0 + sin(tΩ)/sin Ω · v1``; the linear ``(1 − t) v0 + t v1`` where
-    ``|cos Ω| > dot_threshold``. Norms and dot products chunked as mergekit chunks them."""
+    ``|cos Ω| > dot_threshold``. Norms and dot products chunked as mergekit chunks them (1M elements), the
+    output formed block by block (:func:`row_blocks`): scratch O(chunk) besides the output."""
     dt = torch.float64 if v0.dtype == torch.float64 else torch.float32
     a = v0.reshape(1, -1)
     b = v1.reshape(1, -1)
@@ -761,17 +904,77 @@ def slerp(t: float, v0: torch.Tensor, v1: torch.Tensor, dot_threshold: float = 0
     sin_theta = torch.sin(theta)
     coef_a = torch.where(lin, 1 - tt, torch.sin((1 - tt) * theta) / sin_theta)
     coef_b = torch.where(lin, tt, torch.sin(tt * theta) / sin_theta)
-    out = torch.empty_like(a, dtype=dt)
-    for s in chunks:
-        out[:, s:s + step] = coef_a * a[:, s:s + step].to(dt) + coef_b * b[:, s:s + step].to(dt)
-    return out.reshape(v0.shape)
+    r0, r1 = _rows(v0), _rows(v1)
+    return _by_blocks(v0.shape, dt, lambda sl: coef_a.reshape(()) * r0[sl].to(dt) + coef_b.reshape(()) * r1[sl].to(dt))
 
 
-def nuslerp(t: float, v0: torch.Tensor, v1: torch.Tensor, *, row_wise: bool = False, flatten: bool = True,
-            eps: float = 1e-8) -> torch.Tensor:
+def nuslerp(t: float, v0: torch.Tensor, v1: torch.Tensor, *, base: torch.Tensor | None = None, row_wise: bool = False,
+            flatten: bool = True, eps: float = 1e-8) -> torch.Tensor:
     """mergekit's ``nuslerp`` interpolation: SLERP of the flattened tensors (``flatten``), else of each
-    row (``row_wise``: each column) separately, ``(sin((1 − t)Ω) v0 + sin(tΩ) v1) / sin Ω``, linear
-    where ``1 − cos²Ω ≤ eps²``."""
+    row (``row_wise``: each column) separately, ``(sin((1 − t)Ω) v0 + sin(tΩ) v1) / sin Ω`` with
+    ``cos Ω = ⟨v0/‖v0‖, v1/‖v1‖⟩`` (norms clamped to 1e−7), linear ``(1 − t) v0 + t v1`` where
+    ``1 − cos²Ω ≤ eps²``. With ``base``: ``θ_base + nuslerp(t, v0 − θ_base, v1 − θ_base)`` (task vectors).
+    In ``compute_dtype(v0, v1)`` (the base cast to it).
+
+    Block by block (:func:`row_blocks`): the norms and the dot products are reduced over one
+    whole-size buffer laid out as the whole-tensor formula's operands (the same reductions, hence
+    the same bits), then the output is formed block after block: the scratch is that buffer."""
+    dt = compute_dtype(v0, v1)
+    shape = tuple(v0.shape)
+    r0, r1 = _rows(v0), _rows(v1)
+    rb = None if base is None else _rows(base)
+
+    def x(r, sl):  # the interpolated vector's rows sl (a task vector with a base)
+        v = r[sl].to(dt)
+        return v if rb is None else v - rb[sl].to(dt)
+
+    if not v0.dim() or not v0.numel():
+        whole = slice(None)
+        out = _nuslerp_whole(t, x(r0, whole), x(r1, whole), row_wise=row_wise, flatten=flatten, eps=eps)
+        return (out if rb is None else rb.to(dt) + out).reshape(shape)
+    dim = 0 if row_wise else -1
+
+    def view(u):  # the layout the whole-tensor formula reduces in (over its last dim)
+        if flatten:
+            return u.reshape(-1)
+        return u.transpose(dim, -1) if dim != -1 else u
+
+    def back(c):  # a per-vector quantity (view layout, kept dim) broadcast in the tensor's layout
+        if flatten:
+            return c.reshape((1,) * len(shape))
+        return c.transpose(dim, -1) if dim != -1 else c
+
+    def part(c, sl):
+        return c[sl] if c.shape[0] == shape[0] else c
+
+    blocks = row_blocks(shape)
+    buf = torch.empty(shape, dtype=dt)
+    rows = _rows(buf)
+    norms = []
+    for r in (r0, r1):
+        for sl in blocks:
+            rows[sl] = x(r, sl)
+        norms.append(back(torch.norm(view(buf), dim=-1, keepdim=True).clamp(min=1e-7)))
+    for sl in blocks:
+        rows[sl] = (x(r0, sl) / part(norms[0], sl)) * (x(r1, sl) / part(norms[1], sl))
+    cos = torch.sum(view(buf), dim=-1, keepdim=True).clamp(-1, 1)
+    del buf, rows
+    colinear = (1 - cos.square()) <= eps**2
+    theta = torch.acos(torch.where(colinear, 0, cos))
+    s0, s1, st, col = (back(c) for c in (torch.sin((1 - t) * theta), torch.sin(t * theta), torch.sin(theta), colinear))
+
+    def block(sl):
+        a, b = x(r0, sl), x(r1, sl)
+        out = (part(s0, sl) * a + part(s1, sl) * b) / part(st, sl)
+        out = torch.where(part(col, sl), (1 - t) * a + t * b, out)
+        return out if rb is None else rb[sl].to(dt) + out
+
+    return _by_blocks(shape, dt, block)
+
+
+def _nuslerp_whole(t: float, v0: torch.Tensor, v1: torch.Tensor, *, row_wise: bool, flatten: bool,
+                   eps: float) -> torch.Tensor:
+    """:func:`nuslerp` of whole tensors (0-d or empty ones)."""
     shape = v0.shape
     dim = 0 if row_wise else -1
     if flatten:

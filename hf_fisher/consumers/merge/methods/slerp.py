@@ -66,10 +66,5 @@ class NuSlerp(MergeMethod):
         w = [float(x) for x in t.weights]
         total = sum(w)
         frac = 0.5 if abs(total) < 1e-6 else w[1] / total
-        kw = {"row_wise": self.nuslerp_row_wise, "flatten": self.nuslerp_flatten}
-        dt = mm.compute_dtype(*t.thetas)
-        a, b = (x.to(dt) for x in t.thetas)
-        if t.base is None:
-            return mm.nuslerp(frac, a, b, **kw)
-        base = t.base.to(dt)
-        return base + mm.nuslerp(frac, a - base, b - base, **kw)
+        return mm.nuslerp(frac, t.thetas[0], t.thetas[1], base=t.base, row_wise=self.nuslerp_row_wise,
+                          flatten=self.nuslerp_flatten)
