@@ -33,6 +33,8 @@ split; ``validation=`` data: the **validation** split; evaluation: the held-out 
 chosen on the validation split among KFAC-OBS, mask Fisher + rescale, FLAP and Wanda-sp, each with and without
 FLAP's bias compensation), its default without validation data (``score="kfac"``, half of the
 OBS update folded in), KFAC-OBS with its full update (``obs_update=1``, the default before),
+KFAC-OBS whose (half) update reconstructs the layer's own output on the pruned model's inputs
+(``obs_target="layer"``, OBS / SparseGPT's target) instead of the unpruned model's,
 ``validation="holdout"`` (the same choice made on the last quarter of the calibration batches, held
 out, the candidates pruning with the rest; then the chosen one prunes with all of them),
 ``mask_fisher`` and ``fisher`` with the rescale, a plain Kwon et al. 2022 written independently
@@ -205,6 +207,7 @@ ROWS = [
     ("hf_fisher default + validation= (chosen on the validation split)", None, True, True, True),
     ("hf_fisher default without validation (kfac: KFAC-OBS + half its update)", None, True, False, True),
     ("KFAC-OBS + its full update (obs_update=1, the default before)", "kfac_full", True, False, True),
+    ("KFAC-OBS, half its update reconstructing the layer's own output (obs_target='layer')", "kfac_layer", True, False, True),
     ('validation="holdout" (chosen on held-out calibration batches)', None, True, "holdout", True),
     ("mask_fisher + rescale", "mask_fisher", True, False, True),
     ("fisher + rescale", "fisher", True, False, True),
@@ -268,11 +271,12 @@ def run_pair(name: str, args) -> dict:
             losses = []
             for seed in range(args.seeds) if score == "random" else [0]:
                 fisher = fisher_param if score == "obd" else fisher_group if score == "fisher" else None
-                full = score == "kfac_full"
-                r = prune(model, fisher, sparsity=sp, structured=("heads", "channels"), score="kfac" if full else score,
+                full, layer = score == "kfac_full", score == "kfac_layer"
+                kfac = {"obs_update": 1.0} if full else {"obs_target": "layer"} if layer else {}
+                r = prune(model, fisher, sparsity=sp, structured=("heads", "channels"), score="kfac" if kfac else score,
                           scope="layer", rescale_batches=calib if rescale else None, calibration_batches=calib,
-                          rescale=None if score is None or full else rescale, seed=seed, progress=False,
-                          validation=val if use_val is True else use_val or None, **({"obs_update": 1.0} if full else {}))
+                          rescale=None if score is None or kfac else rescale, seed=seed, progress=False,
+                          validation=val if use_val is True else use_val or None, **kfac)
                 losses.append(K.loss_with(model, test, None))
                 extra = t_param if score == "obd" else t_group if score == "fisher" else 0.0
                 # with validation= / the held-out selection: every candidate's pruning counts
@@ -333,9 +337,19 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=3, help="seeds of the random criterion (default 3)")
     ap.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "2")))
     ap.add_argument("--json", default=None)
+    ap.add_argument("--sparsities", default=None,
+                    help="comma list of budgets in (0, 1) to run (default 0.2,0.4,0.6), e.g. '0.4' for one column")
     ap.add_argument("--rows", default=None,
                     help="comma list of words: run only the rows whose label contains one (e.g. 'default,plain Kwon')")
     args = ap.parse_args()
+    global SPARSITIES
+    if args.sparsities:
+        try:
+            SPARSITIES = tuple(float(x) for x in args.sparsities.split(",") if x.strip())
+        except ValueError:
+            ap.error(f"--sparsities must be a comma list of numbers, got {args.sparsities!r}")
+        if not SPARSITIES or not all(0.0 < sp < 1.0 for sp in SPARSITIES):
+            ap.error(f"--sparsities must be numbers in (0, 1), got {args.sparsities!r}")
     names = list(PAIRS) if args.pairs == "all" else [p.strip() for p in args.pairs.split(",") if p.strip()]
     bad = [p for p in names if p not in PAIRS]
     if bad:

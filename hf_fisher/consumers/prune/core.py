@@ -110,6 +110,12 @@ SCOPES = ("global", "layer")
 #: over Wanda-sp) and merge-task prose 40 % (+0.042 over Wanda-sp); γ = 1 stays lower at gpt2-man 40 /
 #: 60 % and merge-task python 20 %. Same cost.
 OBS_UPDATE = 0.5
+#: what the KFAC-OBS update reconstructs (``obs_target=``; :mod:`~hf_fisher.consumers.prune.obs`): ``"layer"``
+#: the layer's own output on the inputs of the model as pruned so far (OBS / OBC / SparseGPT: the update
+#: compensates the units removed in this layer only), ``"unpruned"`` the unpruned model's output of the
+#: layer and its residual stream (Kwon et al.'s target: the update also compensates what earlier layers lost)
+OBS_TARGETS = ("layer", "unpruned")
+OBS_TARGET = "unpruned"
 PRUNE_FILES = ("pruning.json", "vocab_map.json")
 
 
@@ -349,7 +355,7 @@ API_TERMS = {
     "physical": "physical=True", "structured": "structured=...", "unstructured": "structured=None",
     "confidence": "confidence=", "param": "a Fisher collected with reduction='param'", "min": "min_per_layer",
     "no_rescale": "rescale=False", "compensate": "compensate", "sequential": "sequential=True",
-    "obs_update": "obs_update=",
+    "obs_update": "obs_update=", "obs_target": "obs_target=",
 }
 CLI_TERMS = {
     "score": "--score {}", "data": "--data FILE", "rescale_data": "--data FILE",
@@ -357,13 +363,13 @@ CLI_TERMS = {
     "physical": "--physical", "structured": "--structured heads,channels", "unstructured": "--structured none",
     "confidence": "--confidence", "param": "a Fisher collected with hf-fisher collect --reduction param",
     "min": "--min-per-layer", "no_rescale": "--no-rescale", "compensate": "FLAP's bias compensation",
-    "sequential": "sequential", "obs_update": "--obs-update",
+    "sequential": "sequential", "obs_update": "--obs-update", "obs_target": "--obs-target",
 }
 
 
 def check_options(*, sparsity, structured, score, scope, min_per_layer, confidence, physical: bool, has_data: bool,
                   has_rescale_data: bool, fisher, rescale=None, compensate=None, sequential: bool = False, config=None,
-                  obs_update=None, terms: Mapping[str, str] = API_TERMS) -> tuple[list[str] | None, str, bool, bool]:
+                  obs_update=None, obs_target=None, terms: Mapping[str, str] = API_TERMS) -> tuple[list[str] | None, str, bool, bool]:
     """Every check of :func:`prune`'s options that needs neither the model's weights nor the data's
     content — run by ``prune`` and by ``hf-fisher prune`` before it loads the model, with the
     messages in ``terms`` (:data:`API_TERMS` or :data:`CLI_TERMS`). ``config``: the model's config
@@ -447,6 +453,13 @@ def check_options(*, sparsity, structured, score, scope, min_per_layer, confiden
         if score != "kfac":
             raise InvalidInputError(f"{t['obs_update']} is the fraction of the KFAC-OBS update; it applies to "
                                     f"{t['score'].format('kfac')} only, not {sc}")
+    if obs_target is not None:
+        if obs_target not in OBS_TARGETS:
+            raise InvalidInputError(f"{t['obs_target']} must be one of {', '.join(map(repr, OBS_TARGETS))} (what the "
+                                    f"KFAC-OBS update reconstructs; default {OBS_TARGET!r}), got {obs_target!r}")
+        if score != "kfac":
+            raise InvalidInputError(f"{t['obs_target']} is what the KFAC-OBS update reconstructs; it applies to "
+                                    f"{t['score'].format('kfac')} only, not {sc}")
     if physical:
         from hf_fisher.consumers.prune.physical import check_physical
 
@@ -477,6 +490,7 @@ def prune(
     tokenizer: Any = None,
     validation: Sequence[Mapping[str, Any]] | str | None = None,
     obs_update: float | None = None,
+    obs_target: str | None = None,
 ) -> PruneResult:
     """Prune ``model`` to ``sparsity`` (module docstring for budgets, confidence and applying).
 
@@ -513,14 +527,18 @@ def prune(
     ``obs_update``: score "kfac" only, the fraction ``γ ∈ [0, 1]`` of the OBS update folded into
     the kept units, scales ``1 + γ (s − 1)`` (:mod:`~hf_fisher.consumers.prune.obs`); default
     :data:`OBS_UPDATE` = ½, ``1`` the full update (the default before), ``0`` the selection alone;
-    recorded in ``stats["obs_update"]``.
+    recorded in ``stats["obs_update"]``. ``obs_target``: score "kfac" only, what the update
+    reconstructs: ``"unpruned"`` (default, :data:`OBS_TARGET`) the unpruned model's output of each
+    layer and its residual stream, ``"layer"`` the layer's own output on the inputs of the model
+    pruned so far (:data:`OBS_TARGETS`); recorded in ``stats["obs_target"]``.
     """
     from hf_fisher.architectures.builder import config_of
 
     options = dict(sparsity=sparsity, structured=structured, score=score, scope=scope, min_per_layer=min_per_layer,
                    confidence=confidence, physical=physical, rescale_batches=rescale_batches, rescale=rescale,
                    calibration_batches=calibration_batches, compensate=compensate, keep_tokens=keep_tokens,
-                   sequential=sequential, seed=seed, progress=progress, tokenizer=tokenizer, obs_update=obs_update)
+                   sequential=sequential, seed=seed, progress=progress, tokenizer=tokenizer, obs_update=obs_update,
+                   obs_target=obs_target)
     if isinstance(validation, str):
         if validation != "holdout":
             raise InvalidInputError(f"validation must be held-out batches or 'holdout', got {validation!r}")
@@ -540,7 +558,7 @@ def prune(
         sparsity=sparsity, structured=structured, score=score, scope=scope, min_per_layer=min_per_layer,
         confidence=confidence, physical=physical, has_data=rescale_batches is not None or calibration_batches is not None,
         has_rescale_data=rescale_batches is not None, fisher=fisher, rescale=rescale, compensate=compensate,
-        sequential=sequential, config=config_of(model), obs_update=obs_update,
+        sequential=sequential, config=config_of(model), obs_update=obs_update, obs_target=obs_target,
     )
     keep_tokens = _check_keep_tokens(keep_tokens, model)
     tokenizer = _source_tokenizer(model, tokenizer)
@@ -582,7 +600,8 @@ def prune(
             model, units, score=score, sparsity=float(sparsity), min_per_layer=min_per_layer, calibration=calibration_batches,
             rescale_batches=rescale_batches if rescale else None, compensate=bool(compensate), seed=seed, progress=progress,
             physical=physical, t_start=t_start, layout=layout, notes=notes,
-            obs_update=OBS_UPDATE if obs_update is None else float(obs_update)), tokenizer, notes)
+            obs_update=OBS_UPDATE if obs_update is None else float(obs_update),
+            obs_target=OBS_TARGET if obs_target is None else obs_target), tokenizer, notes)
     stats_act = None
     t_stats = time.perf_counter()
     if cls.needs_activations or compensate:
@@ -708,7 +727,8 @@ def _by_validation(model, fisher, validation, *, fit_options: Mapping[str, Any] 
     common = dict(sparsity=options["sparsity"], structured=options["structured"], scope=options["scope"],
                   min_per_layer=options["min_per_layer"], confidence=options["confidence"], has_data=has_data,
                   has_rescale_data=options["rescale_batches"] is not None, fisher=fisher,
-                  sequential=options["sequential"], config=config_of(model), obs_update=options["obs_update"])
+                  sequential=options["sequential"], config=config_of(model), obs_update=options["obs_update"],
+                  obs_target=options["obs_target"])
     user_rescale = options["rescale"]
     pairs = [(options["score"], None)] if options["score"] is not None else list(VALIDATION_SCORES)
     if user_rescale is not None or options["rescale_batches"] is None:
@@ -902,7 +922,8 @@ class _ParamFisher(dict):
 
 
 def _prune_sequential(model, units, *, score, sparsity, min_per_layer, calibration, rescale_batches, compensate,
-                      seed, progress, physical, t_start, layout, notes, obs_update: float) -> PruneResult:
+                      seed, progress, physical, t_start, layout, notes, obs_update: float,
+                      obs_target: str) -> PruneResult:
     """Layer by layer, attention then MLP: score the stage's units on the model as it is now,
     remove the counts ``scope="layer"`` removes, rescale (or compensate), go on."""
     counts: dict[tuple, int] = {}
@@ -913,8 +934,9 @@ def _prune_sequential(model, units, *, score, sparsity, min_per_layer, calibrati
 
     scorer = get_score(score)()
     greedy = scorer.layer_by_layer
-    if hasattr(scorer, "update"):  # KFAC-OBS: the fraction of its update folded in
+    if hasattr(scorer, "update"):  # KFAC-OBS: the fraction of its update folded in, and what it reconstructs
         scorer.update = obs_update
+        scorer.target = obs_target
     edits = _Edits(model)
     if greedy:
         scorer.prepare(model, units, ScoreInputs(batches=calibration, seed=seed, progress=False))
@@ -970,6 +992,7 @@ def _prune_sequential(model, units, *, score, sparsity, min_per_layer, calibrati
                  apply_seconds=time.perf_counter() - t_apply - seconds[0])
     if hasattr(scorer, "update"):
         stats["obs_update"] = scorer.update
+        stats["obs_target"] = scorer.target
     result = PruneResult(model, _masks(model, units, order), [describe(units[k]) for k in order], stats, _edits=edits)
     if physical:
         from hf_fisher.consumers.prune.physical import build_physical

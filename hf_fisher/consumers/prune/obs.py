@@ -27,6 +27,15 @@ later stages see the model as shrunk. Reason: the update reconstructs the calibr
 models that fit their training text far better than new text (the prose models of
 ``benchmarks/bench_prune_quality.py``) generalise worse after a full reconstruction
 (:data:`~hf_fisher.consumers.prune.core.OBS_UPDATE`).
+
+Target (``prune(obs_target=)``). ``"unpruned"`` (the default): ``x`` are the unpruned model's
+inputs and the residual-stream difference enters ``b`` (``gap``), so the update reconstructs the
+unpruned model's output of the layer and also compensates what earlier layers lost (Kwon et al.'s
+target). ``"layer"``: ``x = x'`` and no residual term (``cross`` and ``gap`` None, ``b = H 1``,
+``s₀ = 1``), so the update reconstructs the layer's own output on the current inputs and
+compensates only the units removed here (OBS / OBC / SparseGPT's target):
+``s_K = H_KK⁻¹ (H 1)_K``, the weighted least squares of ``Σ_t ‖G^½ (Σ_{u∈K} s_u y_u(x'_t) −
+y(x'_t))‖²``.
 """
 
 from __future__ import annotations

@@ -105,7 +105,9 @@ class KFACScore(PruneScore):
     ``A`` the exact Gram of the projection's inputs on the calibration batches (model pruned so
     far), ``G`` the KFAC output factor, ``δy`` the difference to the unpruned model's output of
     the layer; a fraction ``update`` (``prune(obs_update=)``) of the update is folded into the kept
-    units' scales, ``1 + γ (s − 1)``. The default with calibration data and ``scope="layer"``."""
+    units' scales, ``1 + γ (s − 1)``; with ``target == "layer"`` (``prune(obs_target="layer")``)
+    ``δy`` is the difference to the layer's own output on the current inputs instead. The default
+    with calibration data and ``scope="layer"``."""
 
     name = "kfac"
     needs_data = True
@@ -115,6 +117,9 @@ class KFACScore(PruneScore):
     layer_by_layer = True
     #: the fraction ``γ`` of the OBS update folded in (``prune`` sets it from ``obs_update=``)
     update = 1.0
+    #: what the update reconstructs (``prune`` sets it from ``obs_target=``): ``"layer"`` the layer's own
+    #: output on the current inputs (``C = A``, no residual term, ``s₀ = 1``), ``"unpruned"`` the unpruned model's
+    target = "unpruned"
 
     def score_units(self, model, units, inputs):
         raise InvalidInputError("score 'kfac' selects units greedily layer by layer; prune() runs it (it has no per-unit score)")
@@ -141,7 +146,11 @@ class KFACScore(PruneScore):
         if not units[0].out:
             return [], None
         name = units[0].out[0].param
-        gram, cross, gap = output_grams(model, name, inputs.batches, stage.teacher, stage.residual)
+        if self.target == "layer":
+            gram, cross, gap = output_grams(model, name, inputs.batches)
+            cross = None
+        else:
+            gram, cross, gap = output_grams(model, name, inputs.batches, stage.teacher, stage.residual)
         layer = self._layers[name]
         weight = dict(model.named_parameters())[name]
         gone, scales, _ = obs_select(weight, input_axis(model, name), name, units, stage.quota, lambda u: u.budget, gram,
