@@ -92,6 +92,9 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--obs-update", type=float, default=None, metavar="GAMMA",
                    help="score kfac: the fraction of its OBS update folded into the kept units, in [0, 1] "
                         "(default 0.5; 1: the full update, 0: selection only)")
+    p.add_argument("--obs-target", choices=("unpruned", "layer"), default=None,
+                   help="score kfac: what its OBS update rebuilds: 'unpruned' (default) the unpruned model's layer "
+                        "outputs, 'layer' each layer's own output on the inputs of the model pruned so far")
     p.add_argument("--out", required=True, help="folder to write the pruned model to (new, empty, or a previous output with --overwrite)")
     p.add_argument("--overwrite", action="store_true", help="replace a model already in --out (never other files)")
     add_device_options(p)
@@ -150,7 +153,7 @@ def run(args: argparse.Namespace) -> int:
                   min_per_layer=args.min_per_layer, confidence=args.confidence, physical=args.physical,
                   has_data=has_data, has_rescale_data=has_data and not args.no_rescale, fisher=fisher,
                   rescale=False if args.no_rescale or not has_data else None, config=config,
-                  obs_update=args.obs_update, terms=CLI_TERMS)
+                  obs_update=args.obs_update, obs_target=args.obs_target, terms=CLI_TERMS)
     check_device(args.device)
     batches = validation = None
     if data_path is not None:
@@ -172,7 +175,7 @@ def run(args: argparse.Namespace) -> int:
         min_per_layer=args.min_per_layer, confidence=args.confidence, physical=args.physical,
         rescale_batches=None if args.no_rescale else batches, calibration_batches=batches,
         rescale=False if args.no_rescale or batches is None else None, seed=args.seed, progress=not args.no_progress,
-        validation=validation, obs_update=args.obs_update,
+        validation=validation, obs_update=args.obs_update, obs_target=args.obs_target,
     )
     result.save_pretrained(args.out, overwrite=args.overwrite)
     st = result.stats
