@@ -25,6 +25,7 @@ from test_hardening_engine import MissingRule
 import hf_fisher
 import hf_fisher.collection.stats as stats
 from hf_fisher.collection.collector import FisherCollector, _MomentsSink
+from hf_fisher.engine.per_sample import PerSampleEngine
 from hf_fisher.errors import InvalidInputError, NonFiniteError, PartialBatchError, UnsupportedError
 
 import tiny_models as tm
@@ -57,6 +58,23 @@ def run(model, data, **kw):
     for task, b in data:
         col.update(b, task)
     return {t: states(col, t) for t in col.tasks}, col, held
+
+
+@pytest.fixture
+def undone(monkeypatch):
+    """The number of parameters whose merges each successful undo of a streaming sink took back."""
+    counts: list[int] = []
+    undo = _MomentsSink._undo
+
+    def spy(sink):
+        n = len(sink.merged)
+        ok = undo(sink)
+        if ok and n:
+            counts.append(n)
+        return ok
+
+    monkeypatch.setattr(_MomentsSink, "_undo", spy)
+    return counts
 
 
 def assert_same_tasks(a, b):
@@ -247,20 +265,22 @@ def test_a_failure_after_merges_makes_the_collector_unusable(monkeypatch, tmp_pa
     _assert_unusable(col, model, tmp_path, "cannot be used any more: batch 1 of task 'math'")
 
 
-def test_a_failing_first_batch_of_a_task_is_undone_exactly(monkeypatch):
+def test_a_failing_first_batch_of_a_task_is_undone_exactly(monkeypatch, undone):
     """Task b's first batch fails after merges (embedding last): its accumulators were empty, so
     they are zeroed again -- the exact undo. The error is the atomic one, task a is untouched, and
     the collector goes on as if the batch never came."""
     model = tied_model()
     data = batches(3, count=4)
+    add_gradients, alone = _MomentsSink.add_gradients, PerSampleEngine.gradient_alone
     col = _streaming(model)
     col.update(data[0], "a")
     a_before = states(col, "a")
     seen = _nan_for_sample_1(monkeypatch, model, EMBED)
     with pytest.raises(NonFiniteError, match="sample 1"):
         col.update(data[1], "b")
-    monkeypatch.undo()
+    _MomentsSink.add_gradients, PerSampleEngine.gradient_alone = add_gradients, alone
     assert seen == {"batched": 1, "alone": 1}
+    assert undone == [len(list(model.parameters())) - 1]  # every parameter but the embedding was merged
     assert all(a.count == 0 for a in col.tasks["b"].accumulators.values())
     assert all(not t.any() for s in states(col, "b").values() for t in s.values())
     assert_same_bits(states(col, "a"), a_before)
@@ -289,7 +309,7 @@ def _nan_in_batched_pass_only(monkeypatch, param):
     monkeypatch.setattr(_MomentsSink, "add_gradients", poisoned)
 
 
-def test_batched_pass_nan_redo_on_the_first_batch_is_exact(monkeypatch):
+def test_batched_pass_nan_redo_on_the_first_batch_is_exact(monkeypatch, undone):
     """Batch 0 (a fresh task) is redone on the per-sample path after the embedding's NaN, every
     other parameter being merged by then: undone, redone, the same bits as atomic batches."""
     model = tied_model()
@@ -304,6 +324,7 @@ def test_batched_pass_nan_redo_on_the_first_batch_is_exact(monkeypatch):
         col.update(data[1])
         results.append(states(col))
     assert_same_bits(*results)
+    assert undone == [len(list(model.parameters())) - 1]
 
 
 def test_batched_pass_nan_redo_on_a_later_batch_is_refused(monkeypatch, tmp_path):
@@ -318,7 +339,7 @@ def test_batched_pass_nan_redo_on_a_later_batch_is_refused(monkeypatch, tmp_path
     _assert_unusable(col, model, tmp_path, "batch 1 of task 'default'")
 
 
-def test_first_batch_check_redo_is_exact_and_after_restore_refused(tmp_path):
+def test_first_batch_check_redo_is_exact_and_after_restore_refused(tmp_path, undone):
     """A wrong rule on one parameter: the first batch's check moves it to the vector-Jacobian path
     and redoes the batch. In a fresh task the merges are undone: the same bits as atomic batches.
     A new collector restored from a checkpoint runs the check on a task that is not empty: the
@@ -339,6 +360,7 @@ def test_first_batch_check_redo_is_exact_and_after_restore_refused(tmp_path):
 
     (a, fisher, model), (s, _, _) = _with_rule(MissingRule(), both)
     assert_same_bits(a, s)
+    assert undone == [len(list(model.parameters()))]  # the check comes after every parameter was merged
 
     def restored():
         col = FisherCollector(model, reduction="param", atomic_batches=False)

@@ -301,7 +301,7 @@ class _MomentsSink(ContributionSink):
 
 
 class _Lost(Exception):
-    """the engine started the batch again (after its first-batch check moved parameters to the vector-Jacobian path, or to take the per-sample path)
+    """the engine started the batch again, after its first-batch check moved parameters to the vector-Jacobian path or to take the per-sample path
 
     Raised by a streaming :class:`_MomentsSink` when a batch is started again after part of it
     was merged for good; the collector turns it into a :class:`PartialBatchError` (the first
