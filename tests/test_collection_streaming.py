@@ -18,7 +18,15 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers as tf
-from test_collection_memory_param import LiveBytes, _nan_for_sample_1, assert_same_bits, batches, numel, states, tied_model
+from test_collection_memory_param import (
+    LiveBytes,
+    _nan_for_sample_1,
+    assert_same_bits,
+    batches,
+    numel,
+    states,
+    tied_model,
+)
 from test_engine_first_batch import _MixSamples, _ruled, _with_rule
 from test_hardening_engine import MissingRule
 
