@@ -138,7 +138,10 @@ class _MomentsSink(ContributionSink):
         parameters out (exact when their accumulators were empty before the batch), else raise
         :class:`_Lost` (the batch cannot be started again)."""
         if self.merged and not self._undo():
-            raise _Lost()
+            raise _Lost(
+                "the engine started the batch again, after its first-batch check moved parameters to the "
+                "vector-Jacobian path or to take the per-sample path"
+            )
         self._clear()
 
     def abandon(self) -> bool:
@@ -301,11 +304,9 @@ class _MomentsSink(ContributionSink):
 
 
 class _Lost(Exception):
-    """the engine started the batch again, after its first-batch check moved parameters to the vector-Jacobian path or to take the per-sample path
-
-    Raised by a streaming :class:`_MomentsSink` when a batch is started again after part of it
-    was merged for good; the collector turns it into a :class:`PartialBatchError` (the first
-    line above is the reason it gives when the engine's own signal is not at hand)."""
+    """Raised by a streaming :class:`_MomentsSink` when a batch is started again after part of it
+    was merged for good; the collector turns it into a :class:`PartialBatchError` (its cause: the
+    engine's failure being handled, when there is one)."""
 
 
 class _OrderedSink(ContributionSink):
@@ -1060,9 +1061,9 @@ def _check_atomic_batches(atomic_batches: Any, *, ema_decay: float | None, on_no
 
 
 def _describe(e: BaseException) -> str:
-    """A failure in words for an error message (the engine's internal signals by their docstring)."""
+    """A failure in words for an error message (the engine's internal signals without their class name)."""
     name = type(e).__name__
-    text = str(e) or ((type(e).__doc__ or "").strip().splitlines() or [name])[0]
+    text = str(e) or name
     samples = getattr(e, "samples", None)
     if samples:
         text = f"non-finite {text} for sample(s) {sorted(samples)}"
