@@ -72,6 +72,15 @@ the memory children (each builds its own)::
     python benchmarks/bench_scale.py --model llama-3.2-1b --modes param --accumulation-dtype float32 \
         --offload-dir /big/disk --isolate --repeats 2
 
+``--no-atomic-batches``: the group/param collectors (steady and one-shot) are built with
+``atomic_batches=False``: each parameter's batch moments are merged into its accumulator as soon
+as the backward has produced them, instead of staging every parameter's (4 bytes per value for
+B=1 in float32) until the batch is complete. The full-depth 1B param Fisher with its float32
+accumulators in memory (no ``--offload-dir``) needs it::
+
+    python benchmarks/bench_scale.py --model llama-3.2-1b --modes param --accumulation-dtype float32 \
+        --isolate --no-atomic-batches --repeats 2
+
 Peak memory. On CPU the high-water mark of the resident set only grows, so each method's peak is
 measured in a fresh process (the script re-invokes itself with ``--one METHOD``): the process
 builds the model and the batches (steady: and feeds the collector its first batch), resets the
@@ -248,10 +257,12 @@ class Runner:
         self.args = args
         self.collectors = {}
         self.trainers = {}
-        #: the collectors' accumulation options (--accumulation-dtype, --offload-dir)
+        #: the collectors' accumulation options (--accumulation-dtype, --offload-dir, --no-atomic-batches)
         self.options = {"accumulation_dtype": getattr(torch, args.accumulation_dtype)}
         if args.offload_dir:
             self.options["offload_dir"] = args.offload_dir
+        if args.no_atomic_batches:
+            self.options["atomic_batches"] = False
         self.tmp = Path(tempfile.mkdtemp(prefix="bench-scale-trainer-"))
 
     def close(self):
@@ -411,6 +422,7 @@ def memory_in_subprocess(args, method, rounds: int | None = None):
     if args.layers is not None:
         cmd += ["--layers", str(args.layers)]
     cmd += ["--accumulation-dtype", args.accumulation_dtype] + (["--offload-dir", args.offload_dir] if args.offload_dir else [])
+    cmd += ["--no-atomic-batches"] if args.no_atomic_batches else []
     if rounds:
         cmd += ["--rounds", str(rounds)]
     try:
@@ -517,6 +529,9 @@ def main(argv=None):
     p.add_argument("--accumulation-dtype", choices=["float64", "float32"], default="float64",
                    help="the group/param collectors' accumulators (float32: compensated mean, 12 bytes per value)")
     p.add_argument("--offload-dir", default=None, help="keep the group/param accumulators in memory-mapped files here")
+    p.add_argument("--no-atomic-batches", action="store_true",
+                   help="the group/param collectors merge each parameter's batch moments as soon as they are complete "
+                        "(atomic_batches=False: no staged copy of the model's moments at the end of the backward)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--no-memory", action="store_true", help="skip the peak memory measurement")
     p.add_argument("--timeout", type=int, default=900, help="seconds allowed to each subprocess")
@@ -652,7 +667,8 @@ def _report(args, names, errors, times, cpu, med, mem, merges, n_params, n_layer
     print(
         f"{args.model} ({n_layers} layers, "
         f"{n_params / 1e6:.1f}M params), B={args.batch}, T={args.seq_len}, {args.dtype}, {args.device}, "
-        f"{args.accumulation_dtype} accumulators" + (" (offloaded)" if args.offload_dir else "") + ", "
+        f"{args.accumulation_dtype} accumulators" + (" (offloaded)" if args.offload_dir else "")
+        + (", streaming commit (--no-atomic-batches)" if args.no_atomic_batches else "") + ", "
         f"median of {args.repeats}" + (" (each method in a fresh process of its own)" if args.isolate else "")
         + (f"; trainer rows: mean step of {args.trainer_steps}" if any(
             n.startswith("trainer-") for n in names) else "")

@@ -65,6 +65,13 @@ def collect(
     (:class:`InvalidInputError`, before any batch is read) with ``reduction="param"``, with
     ``ema_decay``, and when merging across ``torch.distributed`` ranks (see
     :class:`~hf_fisher.collection.collector.FisherCollector`).
+
+    The diagonal estimators (``"empirical"``, ``"true"``) also take the collector's own options
+    as keywords (``params``, ``verify``, ``loss_fn``, ``accumulation_device``, ``offload_dir``,
+    ``atomic_batches``; see :class:`~hf_fisher.collection.collector.FisherCollector`), e.g.
+    ``atomic_batches=False``: each parameter's batch moments are merged into its accumulator as
+    soon as they are complete instead of staged until the batch is (a lower peak; the same bits;
+    a batch that fails after a merge raises :class:`~hf_fisher.errors.PartialBatchError`).
     """
     from .estimators.base import CollectOptions, build_estimator
 

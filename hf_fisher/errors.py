@@ -42,6 +42,12 @@ class UnsupportedError(HfFisherError, NotImplementedError):
     """The requested computation cannot be done exactly for this model/configuration."""
 
 
+class PartialBatchError(HfFisherError, RuntimeError):
+    """A batch failed after part of it had been merged into a collector's accumulators
+    (``FisherCollector(atomic_batches=False)``), which cannot be undone exactly: the collector
+    refuses every later use."""
+
+
 class DistributedMismatchError(HfFisherError, ValueError):
     """The ranks of a process group do not hold the same accumulators (names, shapes, settings),
     so their Fisher cannot be merged."""

@@ -62,9 +62,25 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--max-samples", type=int, default=None, help="use at most the first N samples")
     add_device_options(p)
     p.add_argument("--storage-dtype", choices=STORAGE_DTYPES, default=None, help="dtype of the saved tensors (default: the accumulation dtype, float64)")
+    p.add_argument("--no-atomic-batches", action="store_true",
+                   help="merge each parameter's batch moments into the accumulators as soon as the backward has produced "
+                        "them (atomic_batches=False): a lower peak (no staged copy of the model's moments per batch); "
+                        "a batch that fails ends the run either way")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
     return p
+
+
+def check_streaming_estimator(name: str) -> None:
+    """``--no-atomic-batches`` only for an estimator that takes ``atomic_batches`` (the diagonal ones)."""
+    from hf_fisher import plugins
+
+    if "atomic_batches" not in getattr(plugins.estimators()[name], "own_options", ()):
+        takers = sorted(n for n, c in plugins.estimators().items() if "atomic_batches" in getattr(c, "own_options", ()))
+        raise InvalidInputError(
+            f"--no-atomic-batches applies to the estimators that accumulate per-sample moments ({', '.join(takers)}), "
+            f"not to --estimator {name}; drop --no-atomic-batches"
+        )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -84,6 +100,8 @@ def run(args: argparse.Namespace) -> int:
 
     samples = read_samples(args, data_path)
     check_estimator(args.estimator)  # loads the plugins
+    if args.no_atomic_batches:
+        check_streaming_estimator(args.estimator)
     config, task_type = check_samples_against_config(args, samples)
     if need is None:  # no safetensors headers to read: estimate from the config, still before the weights
         shapes = meta_shapes(config, task_type)
@@ -108,6 +126,7 @@ def run(args: argparse.Namespace) -> int:
         storage_dtype=torch_dtype(args.storage_dtype) if args.storage_dtype else None,
         model_name_or_path=str(args.model),
         data_description=f"{data_path.name}: {len(samples)} samples",
+        **({"atomic_batches": False} if args.no_atomic_batches else {}),
     )
     fisher.save_pretrained(out)
     c = fisher.counts

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,7 +21,14 @@ from ..artifacts.fisher import Counts, Fisher, FisherMetadata
 from ..artifacts.format import DEFAULT_MAX_SHARD_SIZE
 from ..engine.losses import task_type_of
 from ..engine.per_sample import BatchReport, ContributionSink, LossFn, PerSampleEngine, Target
-from ..errors import EmptyDataError, InvalidInputError, NoTrainableParametersError, UnsupportedError, regex_argument
+from ..errors import (
+    EmptyDataError,
+    InvalidInputError,
+    NoTrainableParametersError,
+    PartialBatchError,
+    UnsupportedError,
+    regex_argument,
+)
 from ..estimators.base import REDUCTIONS, CollectOptions, check_keep_sample_contributions  # noqa: F401 (re-exported)
 from .stats import (
     EMA,
@@ -42,7 +49,7 @@ log = logging.getLogger(__name__)
 EMPIRICAL = "empirical"
 #: the collector's own options besides the shared :class:`~hf_fisher.estimators.base.CollectOptions`
 #: (the diagonal estimators take them too)
-COLLECTOR_OPTIONS = frozenset({"params", "verify", "loss_fn", "accumulation_device", "offload_dir"})
+COLLECTOR_OPTIONS = frozenset({"params", "verify", "loss_fn", "accumulation_device", "offload_dir", "atomic_batches"})
 
 
 class _MomentsSink(ContributionSink):
@@ -62,14 +69,27 @@ class _MomentsSink(ContributionSink):
     made of its first chunk's moments themselves when they are in the accumulation dtype
     (:meth:`~hf_fisher.collection.stats.Welford.adopt`), else a float64 one kept for the next batch.
 
-    Nothing touches the task's accumulators before :meth:`commit`, so a batch that fails
-    half-way leaves them as they were, bit for bit. (Merging each parameter as soon as its
-    moments are complete would save this staging, but Chan's merge cannot be undone exactly in
-    floating point -- ``fl(a + d) − d`` is not ``a`` -- and the only exact undo, a copy of the
-    parameter's state, costs 12-16 bytes per value against the 4-8 staged here; nor would it
-    lower the peak, which is reached while the last parameter is reduced, with every other
-    parameter's moments complete either way.) The collector keeps one sink for its life
-    (:meth:`reset` per batch), and with it the scratch buffers.
+    Atomic batches (the default): nothing touches the task's accumulators before :meth:`commit`,
+    so a batch that fails half-way leaves them as they were, bit for bit. The price is the
+    staging: at the end of the backward every parameter's batch moments are alive at once, on
+    top of the accumulators (4 bytes per value for a one-sample float32 batch, 8 for more; the
+    exact undo of a merge, a copy of the parameter's state, would cost 12-16: Chan's merge
+    cannot be undone in floating point, ``fl(a + d) − d`` is not ``a``).
+
+    Streaming (``atomic=False``, :meth:`begin` with the task's accumulators): the engine calls
+    :meth:`complete` once a parameter's contributions of the pass are all in (the batched path,
+    row blocks and sample chunks included), and its batch moments are merged into its
+    accumulator right then (the same merge, on the same tensors, as :meth:`commit` would do:
+    the same bits) and freed. The peak then holds one parameter's moments instead of the whole
+    model's. A batch that fails after a merge cannot be taken back: when the engine starts the
+    batch again (:meth:`reset`: a redo after the first-batch check, a fallback to the per-sample
+    loop) the merged accumulators are zeroed again if they were empty before the batch (an
+    exact undo: a task's first batch), else :class:`_Lost` is raised; :meth:`abandon` says
+    whether a failed batch stays partly merged (the collector then refuses every later use).
+    The per-sample loop never calls :meth:`complete`: its moments are staged until :meth:`commit`.
+
+    The collector keeps one sink for its life (:meth:`reset` per batch), and with it the
+    scratch buffers.
 
     :meth:`add_gradients` is the fused entry point: it takes the signed per-sample gradients,
     squares them in place itself, and reads non-finite samples off the chunk's column sums
@@ -83,8 +103,14 @@ class _MomentsSink(ContributionSink):
     #: parameter-shaped buffers until the last block of the samples arrives
     accepts_row_blocks = True
 
-    def __init__(self, dtype: torch.dtype, keep_dtype: torch.dtype | None = None):
+    def __init__(self, dtype: torch.dtype, keep_dtype: torch.dtype | None = None, *, atomic: bool = True):
         self.dtype = dtype
+        #: False: merge each parameter's batch moments at :meth:`complete` (see the class docstring)
+        self.atomic = atomic
+        #: streaming: the task's accumulators this batch merges into (None between batches)
+        self.target: dict | None = None
+        #: streaming: name -> whether its accumulator was empty before this batch merged into it
+        self.merged: dict[str, bool] = {}
         #: dtype of the per-sample contributions kept on the CPU (None: none kept; see
         #: ``FisherCollector(keep_sample_contributions=True)``)
         self.keep_dtype = keep_dtype
@@ -102,7 +128,43 @@ class _MomentsSink(ContributionSink):
         # names whose moments came from add_moments (not the sink's own tensors)
         self.foreign: set[str] = set()
 
+    def begin(self, accumulators: dict) -> None:
+        """A batch into ``accumulators`` starts: a streaming sink merges into them at :meth:`complete`."""
+        self.merged = {}
+        self.target = None if self.atomic else accumulators
+
     def reset(self) -> None:
+        """The batch starts (again): drop what it staged. Streaming, after a merge: take the merged
+        parameters out (exact when their accumulators were empty before the batch), else raise
+        :class:`_Lost` (the batch cannot be started again)."""
+        if self.merged and not self._undo():
+            raise _Lost(
+                "the engine started the batch again, after its first-batch check moved parameters to the "
+                "vector-Jacobian path or to take the per-sample path"
+            )
+        self._clear()
+
+    def abandon(self) -> bool:
+        """Drop a failed batch; True when part of it stays merged in the accumulators (streaming:
+        a merge into an accumulator that was not empty)."""
+        lost = bool(self.merged) and not self._undo()
+        self.merged, self.target = {}, None
+        self._clear()
+        return lost
+
+    def _undo(self) -> bool:
+        """Zero again the accumulators this batch merged into, when every one of them was empty
+        before it (the exact undo); False (nothing changed) otherwise."""
+        if not all(self.merged.values()):
+            return False
+        for name in self.merged:
+            acc = self.target[name]
+            acc.reset()
+            acc.release_pages()
+        self.merged = {}
+        return True
+
+    def _clear(self) -> None:
         self.foreign = set()
         self.pending = {}
         self.batch = {}
@@ -209,13 +271,42 @@ class _MomentsSink(ContributionSink):
         del self.pending[name]
         return Welford.adopt(n, shift, m2)
 
+    def complete(self, name: str) -> None:
+        """Streaming: merge ``name``'s batch moments into its accumulator now and free them
+        (atomic: a no-op, they wait for :meth:`commit`)."""
+        if self.target is None:
+            return
+        acc = self.target[name]
+        empty = acc.count == 0
+        if self._merge(name, acc):
+            self.merged[name] = empty
+
+    def _merge(self, name: str, acc) -> bool:
+        """Chan-merge ``name``'s batch moments (its only chunk, or its batch-level Welford) into
+        ``acc`` in place and drop them; False when there are none."""
+        if name in self.pending:
+            n, shift, m2, residual = self.pending.pop(name)
+            acc.update_shifted_(n, shift, m2, residual, workspace=self.workspace)
+        elif name in self.batch:
+            w = self.batch.pop(name)
+            acc.update_shifted_(w.count, w.mean, w.m2, workspace=self.workspace)
+            if not self.atomic:  # streaming keeps nothing parameter-sized between batches
+                self.spare.pop(name, None)
+        else:
+            return False
+        return True
+
     def commit(self, accumulators: dict) -> None:
-        ws = self.workspace
-        for name, (n, shift, m2, residual) in self.pending.items():
-            accumulators[name].update_shifted_(n, shift, m2, residual, workspace=ws)
-        for name, w in self.batch.items():
-            accumulators[name].update_shifted_(w.count, w.mean, w.m2, workspace=ws)
-        self.reset()
+        for name in list(self.pending) + list(self.batch):
+            self._merge(name, accumulators[name])
+        self.merged, self.target = {}, None
+        self._clear()
+
+
+class _Lost(Exception):
+    """Raised by a streaming :class:`_MomentsSink` when a batch is started again after part of it
+    was merged for good; the collector turns it into a :class:`PartialBatchError` (its cause: the
+    engine's failure being handled, when there is one)."""
 
 
 class _OrderedSink(ContributionSink):
@@ -291,6 +382,21 @@ class FisherCollector:
     (:class:`~hf_fisher.collection.stats.MappedStore`: bit for bit the in-memory results, for
     Fishers larger than RAM; :meth:`close` removes the files). :meth:`save_fisher` writes the
     artifact from them shard by shard in ``storage_dtype``, without a second full copy in memory.
+    Besides them a batch stages, by default, every parameter's batch moments until the whole batch
+    succeeded (atomic batches: a batch that fails leaves the accumulators bit for bit as they
+    were): at the end of the backward they are all alive at once, 4 bytes per value for a
+    one-sample batch in float32, 8 for more. ``atomic_batches=False`` (streaming commit) merges
+    each parameter's batch moments into its accumulator as soon as the backward has produced
+    them all (row blocks included) and frees them: the peak holds one parameter's moments, not
+    the model's (e.g. 1.24G-parameter Llama-3.2-1B, float32 accumulation: model 4.9 GB +
+    accumulators 14.8 GB, without the 4.9 GB staged). The accumulators are the same bits on
+    every batch that succeeds. A batch that fails after a merge cannot be taken back exactly:
+    in a task's first batch (its accumulators were empty) the merges are undone and the batch
+    is handled as with atomic batches (an error raised, or the engine's redo after its first-
+    batch checks); in a later one the collector raises :class:`~hf_fisher.errors.PartialBatchError`
+    naming the batch, and refuses every later use (update, fisher, save_fisher, ...). Refused,
+    before any work: with ``ema_decay``, ``on_nonfinite="skip"`` (its redo without the sample),
+    on an FSDP2-sharded model and for :meth:`attach_training`.
 
     Inside a ``torch.distributed`` process group (torchrun, ``accelerate launch``) each rank
     accumulates the samples it is given and :meth:`fisher` returns, on every rank, the Fisher
@@ -357,6 +463,7 @@ class FisherCollector:
         distributed: bool | None = None,
         keep_sample_contributions: bool = False,
         offload_dir: str | os.PathLike | None = None,
+        atomic_batches: bool = True,
     ):
         if estimator != EMPIRICAL:
             raise InvalidInputError(
@@ -372,6 +479,7 @@ class FisherCollector:
             memory_budget_mb=memory_budget_mb, train_mode=train_mode, task_type=task_type, distributed=distributed,
             keep_sample_contributions=keep_sample_contributions,
         )
+        _check_atomic_batches(atomic_batches, ema_decay=ema_decay, on_nonfinite=on_nonfinite)
         if offload_dir is not None and torch.device(accumulation_device).type != "cpu":
             raise InvalidInputError(
                 f"offload_dir keeps the accumulators in memory-mapped files on the CPU; it cannot be combined with "
@@ -382,6 +490,12 @@ class FisherCollector:
         #: how this collector works on an FSDP2-sharded model (see hf_fisher.collection.fsdp); None otherwise
         self._fsdp: FSDPSharding | None = None
         if is_fsdp(model):
+            if not atomic_batches:
+                raise UnsupportedError(
+                    "atomic_batches=False is not supported on an FSDP2-sharded model: there the ranks' batch moments "
+                    "are merged on the owners of their rows after the whole batch (a collective), not parameter by "
+                    "parameter during the backward; drop atomic_batches=False (each rank already holds only its rows)"
+                )
             refuse_options(ema_decay=ema_decay, keep_sample_contributions=keep_sample_contributions, distributed=distributed)
             self._fsdp = FSDPSharding(model)
             with self._fsdp.unsharded():  # the engine works on the unsharded parameters FSDP2 computes with
@@ -399,6 +513,10 @@ class FisherCollector:
                         accumulation_device, ema_decay, train_mode, estimator, distributed, keep_sample_contributions,
                         params, loss_fn, memory_budget_mb, on_nonfinite, verify)
         self.tasks: dict[str, _TaskState] = {}
+        #: False: each parameter's batch moments are merged as soon as they are complete (see the class docstring)
+        self.atomic_batches = atomic_batches
+        #: why the collector refuses every use (a streaming batch failed after a merge), or None
+        self._broken: str | None = None
         self._moments_sink: _MomentsSink | None = None
         #: the memory-mapped files of the accumulators (``offload_dir``), or None (in memory)
         self.store = MappedStore(offload_dir) if offload_dir is not None else None
@@ -512,6 +630,7 @@ class FisherCollector:
         task. A rank that has not seen ``task`` takes part with an empty state."""
         from .distributed import merge_accumulators
 
+        self._usable()
         local = self.tasks.get(task) or self._empty_state()
         counters = {k: getattr(local, k) for k in ("samples", "tokens", "skipped", "nonfinite", "batches")}
         if self._fsdp is not None:
@@ -528,8 +647,44 @@ class FisherCollector:
             return _OrderedSink(self.accumulation_dtype)
         # one moments sink for the collector's life: its float64 scratch buffers are reused
         if self._moments_sink is None:
-            self._moments_sink = _MomentsSink(self.accumulation_dtype, self.keep_dtype)
+            self._moments_sink = _MomentsSink(self.accumulation_dtype, self.keep_dtype, atomic=self.atomic_batches)
         return self._moments_sink
+
+    def _usable(self) -> None:
+        """:class:`PartialBatchError` once a streaming batch failed with part of it merged."""
+        if self._broken is not None:
+            raise PartialBatchError(f"this FisherCollector cannot be used any more: {self._broken}")
+
+    def _batch(self, task: str, state: _TaskState, sink: ContributionSink, fill: Callable[[], Any]) -> Any:
+        """One batch of ``task``: ``fill()`` hands its contributions to ``sink``, then they are
+        committed into ``state``; returns what ``fill`` returns.
+
+        A batch that fails is dropped (atomic: the accumulators are as before, bit for bit). A
+        streaming one (``atomic_batches=False``) may already have merged some parameters: the
+        accumulators are zeroed again if they were empty before it (exact), else the collector
+        refuses every later use and the error is a :class:`PartialBatchError` (from the failure)."""
+        streaming = isinstance(sink, _MomentsSink) and not sink.atomic
+        if streaming:
+            sink.begin(state.accumulators)
+        try:
+            result = fill()
+        except BaseException as e:
+            merged = len(sink.merged) if streaming else 0
+            if not (sink.abandon() if streaming else sink.reset()):  # reset(): None
+                raise
+            cause = e.__context__ if isinstance(e, _Lost) and e.__context__ is not None else e
+            self._broken = (
+                f"batch {state.batches} of task {task!r} failed ({_describe(cause)}) after the batch moments of {merged} of "
+                f"{len(state.accumulators)} parameters had been merged into the accumulators (atomic_batches=False merges "
+                "each parameter as soon as its moments are complete, and a merge cannot be taken back exactly). Start "
+                "a new collector (or restore a checkpoint saved before this batch into one), with atomic batches (the "
+                "default, atomic_batches=True) to keep going after a failing batch"
+            )
+            if isinstance(e, Exception):
+                raise PartialBatchError(self._broken) from cause
+            raise  # KeyboardInterrupt, SystemExit: as they are (the collector is marked all the same)
+        self._commit(sink, state)
+        return result
 
     def _record(self, state: _TaskState, report: BatchReport) -> None:
         state.batches += 1
@@ -551,7 +706,14 @@ class FisherCollector:
         """
         from ..engine.external import ExternalBackward
 
+        self._usable()
         self._refuse_other_estimator("attach_training()")
+        if not self.atomic_batches:
+            raise InvalidInputError(
+                "attach_training() needs atomic batches: a training micro-batch the free path cannot take is redone "
+                "with the engine's own pass, which needs its moments held back until it is complete; build the "
+                "collector with atomic_batches=True (the default)"
+            )
         state = self._task(task)
 
         def remaining():
@@ -584,13 +746,19 @@ class FisherCollector:
     def add_contributions(self, task: str, contributions: Mapping[str, torch.Tensor], report: BatchReport) -> None:
         """Add one batch's per-sample contributions ``{name: [b, ...]}`` (already combined, e.g.
         averaged over the true Fisher's label draws) to ``task``, with the batch's ``report``
-        (samples used, tokens). Same accumulation as :meth:`update`."""
+        (samples used, tokens). Same accumulation as :meth:`update` (``atomic_batches=False``:
+        each parameter merged as soon as it is added)."""
+        self._usable()
         state = self._task(task)
         sink = self._new_sink()
         sink.reset()
-        for name, c in contributions.items():
-            sink.add(name, c)
-        self._commit(sink, state)
+
+        def fill() -> None:
+            for name, c in contributions.items():
+                sink.add(name, c)
+                sink.complete(name)
+
+        self._batch(task, state, sink, fill)
         self._record(state, report)
 
     def batches_seen(self, task: str) -> int:
@@ -603,19 +771,20 @@ class FisherCollector:
 
     def update(self, batch: Mapping[str, Any], task: str = "default", *, limit: int | None = None) -> BatchReport:
         """Add the samples of one batch to ``task``. Returns what was used and skipped."""
+        self._usable()
         self._refuse_other_estimator("update()")
         state = self._task(task)
         sink = self._new_sink()
-        was_training = self.model.training
-        self.model.train(self.train_mode)
-        try:
-            report = self.engine.process(batch, sink, batch_index=state.batches, limit=limit)
-        except BaseException:
-            sink.reset()  # drop the half batch now rather than at the next update
-            raise
-        finally:
-            self.model.train(was_training)
-        self._commit(sink, state)
+
+        def fill() -> BatchReport:
+            was_training = self.model.training
+            self.model.train(self.train_mode)
+            try:
+                return self.engine.process(batch, sink, batch_index=state.batches, limit=limit)
+            finally:
+                self.model.train(was_training)
+
+        report = self._batch(task, state, sink, fill)  # a failed batch is dropped now rather than at the next update
         self._record(state, report)
         return report
 
@@ -623,6 +792,7 @@ class FisherCollector:
         """:meth:`update` over ``batches`` until they end or ``max_samples`` samples were used."""
         from tqdm.auto import tqdm
 
+        self._usable()
         self._refuse_other_estimator("collect()")
         if max_samples is not None and max_samples <= 0:
             raise InvalidInputError(f"max_samples must be positive, got {max_samples}")
@@ -663,6 +833,7 @@ class FisherCollector:
         collector's setting for this call) the result holds every rank's samples, identical on
         every rank, and ``metadata.extra["world_size"]`` is K; this rank's own accumulators are
         not changed, so calling it again (after more updates) still counts each sample once."""
+        self._usable()
         if release not in (True, False):
             raise InvalidInputError(f"release must be True or False, got {release!r}")
         state, info = self._exported(task, distributed)
@@ -753,6 +924,7 @@ class FisherCollector:
         every rank writes the parameters assigned to it into one sharded artifact with an index
         (:func:`hf_fisher.collection.fsdp.save_sharded`; ``max_shard_size`` does not apply, one
         file per writing rank)."""
+        self._usable()
         if self._fsdp is not None:
             from .fsdp import save_sharded
 
@@ -783,6 +955,7 @@ class FisherCollector:
         start the others empty: a merge would otherwise count the restored samples once per rank.
         On an FSDP2-sharded model every rank restores, keeping the rows it owns (the sample,
         token... counters on rank 0, since they are summed over ranks)."""
+        self._usable()
         if fisher.reduction != self.reduction or sorted(fisher.names()) != sorted(t.name for t in self.engine.targets):
             raise InvalidInputError(
                 f"cannot resume task {task!r} from this artifact: it holds a {fisher.reduction} Fisher of "
@@ -865,6 +1038,36 @@ class FisherCollector:
         if self._moments_sink is not None:
             self._moments_sink.workspace.clear()
             self._moments_sink.spare = {}
+
+
+def _check_atomic_batches(atomic_batches: Any, *, ema_decay: float | None, on_nonfinite: str) -> None:
+    """:class:`InvalidInputError` unless ``atomic_batches`` is a bool that can be honoured with
+    these options (streaming merges Welford moments and cannot redo a batch without a sample)."""
+    if atomic_batches not in (True, False):
+        raise InvalidInputError(f"atomic_batches must be True or False, got {atomic_batches!r}")
+    if atomic_batches:
+        return
+    if ema_decay is not None:
+        raise InvalidInputError(
+            "atomic_batches=False cannot be combined with ema_decay: it streams the batch moments of the Welford "
+            "accumulators, and an EMA takes each batch's contributions in order at the commit; drop one of them"
+        )
+    if on_nonfinite != "raise":
+        raise InvalidInputError(
+            "atomic_batches=False cannot be combined with on_nonfinite='skip': skipping a sample whose gradient is "
+            "not finite redoes the batch without it, and with streaming the other parameters' moments would already "
+            "be merged for good; pass on_nonfinite='raise', or keep atomic batches (the default) to skip such samples"
+        )
+
+
+def _describe(e: BaseException) -> str:
+    """A failure in words for an error message (the engine's internal signals without their class name)."""
+    name = type(e).__name__
+    text = str(e) or name
+    samples = getattr(e, "samples", None)
+    if samples:
+        text = f"non-finite {text} for sample(s) {sorted(samples)}"
+    return text if name.startswith("_") else f"{name}: {text}"
 
 
 def _export(acc, dtype: torch.dtype, device: torch.device, release: bool) -> tuple[torch.Tensor, torch.Tensor]:

@@ -112,7 +112,9 @@ class ContributionSink:
 
     The engine calls :meth:`add` per chunk of samples (in increasing sample order for a given
     parameter). Nothing reaches the collector's accumulators until :meth:`commit`, so a batch
-    that fails half-way (or is redone without some samples) leaves them untouched.
+    that fails half-way (or is redone without some samples) leaves them untouched -- unless the
+    sink streams (``FisherCollector(atomic_batches=False)``), merging each parameter at
+    :meth:`complete`.
     """
 
     #: whether :meth:`add_moments` is available (order-independent statistics only)
@@ -140,6 +142,11 @@ class ContributionSink:
         ``lo:hi`` of dim 0 (of ``n``) of the same samples' gradients; the blocks of those samples
         come in order, ``lo = 0`` first, ``hi = n`` last, before the next samples."""
         raise NotImplementedError
+
+    def complete(self, name: str) -> None:
+        """Every sample of this pass has been handed for ``name`` (the batched path, after its
+        reduction; the per-sample loop never calls it). A sink may merge ``name``'s moments into
+        its accumulators now, giving up the batch's all-or-nothing commit; by default a no-op."""
 
     def reset(self) -> None:
         raise NotImplementedError
@@ -674,6 +681,12 @@ class PerSampleEngine:
             self._verify(verify_grads)
 
     def _reduce(self, pid: int) -> None:
+        """Reduce parameter ``pid``'s parts into the sink (:meth:`_reduce_parts`), then tell the
+        sink that its contributions for this pass are complete (:meth:`ContributionSink.complete`)."""
+        self._reduce_parts(pid)
+        self._sink.complete(self.by_param[pid].name)
+
+    def _reduce_parts(self, pid: int) -> None:
         target = self.by_param[pid]
         parts = self._pending.pop(pid, [])
         self._done.add(pid)
