@@ -1,7 +1,8 @@
-"""The parameter-mode sink's finiteness check per block (issue 24, item 2): the column sums'
-total read as a Python float (one aten call per block instead of ``torch.isfinite``'s five)
-must still name every sample with a NaN, +inf or -inf gradient, add nothing of such a chunk,
-and redo in float64 a block of finite gradients whose float32 sums overflow."""
+"""The parameter-mode sink's finiteness check per block (issue 24, item 2), read off the
+chunk's column sums instead of a separate pass: it must name every sample with a NaN, +inf or
+-inf gradient (whole chunks and row blocks), add nothing of such a chunk, and redo in float64 a
+chunk of finite gradients whose float32 sums overflow. Pins the behaviour any cheaper form of
+the check (fewer aten calls per block) has to keep."""
 
 from __future__ import annotations
 

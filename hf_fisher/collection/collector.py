@@ -8,7 +8,6 @@ work is the engine's (:mod:`hf_fisher.engine`); the accumulation is :mod:`hf_fis
 from __future__ import annotations
 
 import logging
-import math
 import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -151,9 +150,8 @@ class _MomentsSink(ContributionSink):
             if staged[0].dtype == x.dtype:  # the block's sums go straight to its rows (no copy)
                 out = (staged[0][lo:hi], None if staged[1] is None else staged[1][lo:hi])
         total = sample_sum(x, out=None if out is None else out[0])
-        # N-sized checks: the column sums are non-finite iff a contribution is (or a sum overflows);
-        # the scalar read as a Python float (one aten call, where torch.isfinite on it is five)
-        if not math.isfinite(float(total.sum())) and not bool(torch.isfinite(total).all()):
+        # N-sized checks: the column sums are non-finite iff a contribution is (or a sum overflows)
+        if not bool(torch.isfinite(total.sum())) and not bool(torch.isfinite(total).all()):
             bad = (~torch.isfinite(x.reshape(b, -1))).any(dim=1).nonzero().flatten().tolist()
             if bad:
                 return bad
