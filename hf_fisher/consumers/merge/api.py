@@ -1043,7 +1043,8 @@ def _check_grid(m: MergeMethod, validation_grid) -> dict[str, tuple[float, ...]]
         for x in vals:
             if k in LEAN_KEYS:
                 if not 0.0 <= x <= 1.0:
-                    raise InvalidInputError(f"validation_grid[{k!r}] values are leans towards one model, in [0, 1]; "
+                    raise InvalidInputError(f"validation_grid[{k!r}] values are fractions in [0, 1] ("
+                                            f"{'shrinkages toward uniform weights' if k == 'weight_shrink' else 'leans towards one model'}); "
                                             f"got {x!r}")
             elif k in m.tuned:
                 try:
