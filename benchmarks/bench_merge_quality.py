@@ -173,6 +173,9 @@ def library_merge(mw, pair, method, fishers, data, validation, grid=None, **extr
     else:
         hp["weights"] = weights
     val = recipe["hf_fisher"].get("validation")
+    if val and val.get("weights_holdout"):  # the weights searched on one half, shrunk as far as the other confirms
+        hp["weight_shrink"] = val["weights_holdout"]["chosen_shrink"]
+        hp["searched_weights"] = val["weights_holdout"]["searched"]["weights"]
     if val and val["chosen"].get("layer_weights"):
         hp["layer_weights"] = val["chosen"]["layer_weights"]
     for k in ("no_fisher_rule", "seed", "normalize_fishers", "kfac_damping_mode"):
