@@ -855,7 +855,12 @@ def merge_with_fisher(
     evaluated on) picks λ and the options the method tunes (``MergeMethod.tuned``: the scaling of
     task arithmetic / TIES / DARE, the Fisher floor, RegMean's ``alpha``, KFAC's damping) on the
     full product of :data:`DEFAULT_GRID` (updated by ``validation_grid``) by the mean validation
-    loss over the tasks (the first of equal losses). Every method can be tuned, the data-aware ones
+    loss over the tasks (the first of equal losses). The model weights are held to a second look
+    (``weight_shrink``, default ``(0, 0.5, 1)``): the grid is searched on half of each task's
+    validation batches, the searched weights are shrunk toward uniform as far as the other half
+    confirms (none of the lean unless it helps there too), and the options are then chosen on all
+    batches at those weights; ``weight_shrink=()``, or one batch for some task (a WARNING): weights
+    and options chosen together on all batches. Every method can be tuned, the data-aware ones
     (``regmean``, ``fisher_regmean``, ``kfac``) included: the inputs, Fishers, Grams and KFAC
     factors are read or collected once and kept in memory, and each point only recombines them.
     ``validation_grid={"layer_lean": (0.25, 0.5)}`` adds per-layer weights (AdaMerging-style
