@@ -667,9 +667,9 @@ def _point_key(c: MergeSettings) -> tuple:
 
 def validation_halves(validation):
     """The two halves of the validation batches for the held-out confirmations (model weights,
-    per-layer refinement): each task's
-    even-numbered batches (``[0::2]``, where the search chooses) and odd-numbered ones (``[1::2]``,
-    where the choice is confirmed); None when a task has fewer than two batches."""
+    per-layer refinement): each task's even-numbered batches (``[0::2]``, where the search
+    chooses) and odd-numbered ones (``[1::2]``, where the choice is confirmed); None when a task
+    has fewer than two batches."""
     if any(len(batches) < 2 for batches in validation):
         return None
     return [list(b[0::2]) for b in validation], [list(b[1::2]) for b in validation]
