@@ -30,7 +30,9 @@ each pair this script
    - ``default``: the library's default hyper-parameters (uniform weights), no validation;
    - ``tuned``: ``validation=[val_a, val_b]``: the library's grid (the model weights λ, and what
      the method tunes: the scaling of task arithmetic / TIES / DARE, the Fisher floor, RegMean's
-     ``alpha``, KFAC's damping), every method including the data-aware ones;
+     ``alpha``, KFAC's damping), every method including the data-aware ones; the weights searched
+     on half of each task's validation batches and kept, shrunk toward uniform, only as far as the
+     other half confirms (``weight_shrink``), the options then chosen on all of it;
    - ``tuned+layers``: the same plus the per-layer refinement (``validation_grid={"layer_lean":
      ...}``: per-layer model weights, AdaMerging-style, chosen by a coordinate search on half of
      each task's validation batches and kept, shrunk toward the grid's choice, only as far as the
@@ -173,6 +175,9 @@ def library_merge(mw, pair, method, fishers, data, validation, grid=None, **extr
     else:
         hp["weights"] = weights
     val = recipe["hf_fisher"].get("validation")
+    if val and val.get("weights_holdout"):  # the weights searched on one half, shrunk as far as the other confirms
+        hp["weight_shrink"] = val["weights_holdout"]["chosen_shrink"]
+        hp["searched_weights"] = val["weights_holdout"]["searched"]["weights"]
     if val and val["chosen"].get("layer_weights"):
         hp["layer_weights"] = val["chosen"]["layer_weights"]
     for k in ("no_fisher_rule", "seed", "normalize_fishers", "kfac_damping_mode"):

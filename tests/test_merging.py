@@ -309,7 +309,8 @@ def test_validation_picks_the_grid_point_with_the_smallest_loss(zoo, tmp_path, c
     assert "Validation-tuned settings" in (out / "README.md").read_text()
     losses = {round(x["loss"], 12) for x in recipe["hf_fisher"]["validation"]["losses"]}
     assert len(losses) > 1  # the grid points differ: the choice is not a tie
-    assert set(DEFAULT_GRID) == {"weight_lean", "scaling", "fisher_floor", "alpha", "kfac_damping", "layer_lean"}
+    assert set(DEFAULT_GRID) == {"weight_lean", "scaling", "fisher_floor", "alpha", "kfac_damping", "layer_lean",
+                                 "weight_shrink"}
 
 
 # ---------------------------------------------------------------------------- checks before work

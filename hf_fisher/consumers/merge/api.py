@@ -101,7 +101,9 @@ HUB_OPTIONS = ("revision", "token", "endpoint", "cache_dir", "path_in_repo", "pr
 #: ``alpha`` (``regmean``, ``fisher_regmean``), KFAC's relative damping (``kfac``: from nearly
 #: undamped to nearly the weighted average, which it reaches as the damping grows); each method
 #: tunes the keys of its ``MergeMethod.tuned`` (the full product with the weights). ``layer_lean``:
-#: the per-layer refinement after it (empty: off), see :func:`merge_with_fisher`.
+#: the per-layer refinement after it (empty: off), see :func:`merge_with_fisher`. ``weight_shrink``:
+#: the held-out confirmation of the model weights (:func:`_confirm_weights`; empty: the weights are
+#: chosen on all of the validation data with the options, as one grid point).
 DEFAULT_GRID: dict[str, tuple[float, ...]] = {
     "weight_lean": (0.0, 0.25, 0.5),
     "scaling": (0.25, 0.5, 0.75, 1.0, 1.25),
@@ -109,9 +111,12 @@ DEFAULT_GRID: dict[str, tuple[float, ...]] = {
     "alpha": (0.0, 0.5, 0.9, 1.0),
     "kfac_damping": (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0),
     "layer_lean": (),
+    "weight_shrink": (0.0, 0.5, 1.0),
 }
-#: grid keys that are model-weight leans ``t`` in [0, 1], not method options
-LEAN_KEYS = ("weight_lean", "layer_lean")
+#: grid keys whose values are fractions in [0, 1] (leans toward one model, shrinkages), not method options
+LEAN_KEYS = ("weight_lean", "layer_lean", "weight_shrink")
+#: grid keys that may be empty (a step turned off)
+OPTIONAL_KEYS = ("layer_lean", "weight_shrink")
 
 #: config fields that change tensor shapes or their meaning, compared across the inputs
 ARCH_FIELDS = (
@@ -498,17 +503,28 @@ def _batch_loss(model, batch: Mapping[str, Any]) -> float:
     return float(model_loss(model, batch))
 
 
+def batch_losses(model, validation: Sequence[Sequence[Mapping[str, Any]]]) -> list[list[float]]:
+    """Each task's batch losses ``model(**batch).loss`` (labels default to the input ids with
+    padding ignored), in the order of its batches."""
+    with torch.no_grad():
+        return [[_batch_loss(model, b) for b in batches] for batches in validation]
+
+
+def task_mean(losses: Sequence[Sequence[float]], part: slice = slice(None)) -> float:
+    """``(1/T) Σ_t mean_b L_{t,b}`` over each task's batches ``[part]`` (the validation criterion)."""
+    means = []
+    for per in losses:
+        per = list(per)[part]
+        if not per:
+            raise InvalidInputError("a task's validation batches are empty")
+        means.append(sum(per) / len(per))
+    return sum(means) / len(means)
+
+
 def validation_loss(model, validation: Sequence[Sequence[Mapping[str, Any]]]) -> float:
     """Mean over tasks of the mean batch loss (``model(**batch).loss``; labels default to the
     input ids with padding ignored)."""
-    losses = []
-    with torch.no_grad():
-        for batches in validation:
-            per = [_batch_loss(model, b) for b in batches]
-            if not per:
-                raise InvalidInputError("a task's validation batches are empty")
-            losses.append(sum(per) / len(per))
-    return sum(losses) / len(losses)
+    return task_mean(batch_losses(model, validation))
 
 
 def _leaned(base: Sequence[float], unit: float, t: float) -> list[list[float]]:
@@ -538,38 +554,54 @@ def validation_candidates(s: MergeSettings, n: int, grid: Mapping[str, Sequence[
 
 
 def _tune(plan: list[TensorInfo], reader: _Reader, s: MergeSettings, validation, grid, progress: bool):
-    """The grid point with the lowest validation loss (first of equal losses), then, when
-    ``grid["layer_lean"]`` is not empty, the per-layer refinement (:func:`_tune_layers`). Only the
-    combination step runs per point: the inputs, Fishers, Grams and KFAC factors are read once."""
+    """The grid point with the lowest validation loss (first of equal losses), the model weights
+    confirmed on held-out batches when ``grid["weight_shrink"]`` is not empty
+    (:func:`_confirm_weights`), then, when ``grid["layer_lean"]`` is not empty, the per-layer
+    refinement (:func:`_tune_layers`). Only the combination step runs per point: the inputs,
+    Fishers, Grams and KFAC factors are read once."""
     from tqdm.auto import tqdm
 
     model = _eval_model(reader.inp.sources[0])
 
-    def loss_of(sd: Mapping[str, torch.Tensor], batches=validation) -> float:
+    def state(cand: MergeSettings) -> dict[str, torch.Tensor]:
+        return {info.name: _merge_one(reader, info, cand, None) for info in plan}
+
+    def load(sd: Mapping[str, torch.Tensor]) -> None:
         _, unexpected = model.load_state_dict(sd, strict=False)
         if unexpected:
             raise InvalidInputError(f"merged tensors the model does not have: {unexpected[:5]}")
+
+    def loss_of(sd: Mapping[str, torch.Tensor], batches=validation) -> float:
+        load(sd)
         return validation_loss(model, batches)
 
+    def per_batch(cand: MergeSettings) -> list[list[float]]:
+        load(state(cand))
+        return batch_losses(model, validation)
+
     cands = validation_candidates(s, len(reader.inp.sources), grid)
-    results = []
-    best_sd: dict[str, torch.Tensor] = {}
-    for cand in tqdm(cands, desc="validation grid", disable=not progress):
-        sd = {info.name: _merge_one(reader, info, cand, None) for info in plan}
-        loss = loss_of(sd)
-        if grid.get("layer_lean") and (not results or loss < min(r[0] for r in results)):
-            best_sd = sd  # the best point's tensors, for the per-layer refinement
-        results.append((loss, cand))
-    best_loss, best = min(results, key=lambda r: r[0])  # first of equal losses
+    results = [(per_batch(cand), cand) for cand in tqdm(cands, desc="validation grid", disable=not progress)]
     tuned = [k for k in s.method.tuned if k in grid]
-    choice = {"loss": best_loss, "weights": best.weights, **{k: getattr(best.method, k) for k in tuned}}
     record = {"criterion": "mean over tasks of the mean batch loss", "grid": {k: list(v) for k, v in grid.items()},
-              "points": len(cands), "chosen": choice,
-              "losses": [{"weights": c.weights, **{k: getattr(c.method, k) for k in tuned}, "loss": l}
-                         for l, c in results]}
+              "points": len(cands),
+              "losses": [{"weights": c.weights, **{k: getattr(c.method, k) for k in tuned}, "loss": task_mean(per)}
+                         for per, c in results]}
+    halves = validation_halves(validation)
+    if grid.get("weight_shrink") and len({tuple(c.weights) for c in cands}) > 1 and halves is not None:
+        best, best_loss, weight_record = _confirm_weights(results, s, grid["weight_shrink"], per_batch, tuned)
+        record["weights_holdout"] = weight_record
+        record["points"] += weight_record["points"]
+    else:
+        if grid.get("weight_shrink") and halves is None and len({tuple(c.weights) for c in cands}) > 1:
+            logger.warning("the model weights cannot be confirmed on held-out validation data (a task has fewer "
+                           "than two validation batches): they are chosen on all of it with the options")
+        best_per, best = min(results, key=lambda r: task_mean(r[0]))  # first of equal losses
+        best_loss = task_mean(best_per)
+    choice = {"loss": best_loss, "weights": best.weights, **{k: getattr(best.method, k) for k in tuned}}
+    record["chosen"] = choice
     if grid.get("layer_lean"):
-        best, layer_record = _tune_layers(plan, reader, best, best_loss, best_sd, loss_of, grid["layer_lean"], progress,
-                                          validation)
+        best, layer_record = _tune_layers(plan, reader, best, best_loss, state(best), loss_of, grid["layer_lean"],
+                                          progress, validation)
         record["layers"] = layer_record
         record["points"] += layer_record["points"]
         choice["grid_loss"] = best_loss
@@ -581,10 +613,63 @@ def _tune(plan: list[TensorInfo], reader: _Reader, s: MergeSettings, validation,
     return best, record
 
 
+def _confirm_weights(results, s: MergeSettings, shrinks, per_batch, tuned):
+    """The model weights searched on one half of the validation batches and kept only as far as
+    the other half confirms them; the options then chosen on all of it at those weights.
+
+    With ``V_A``, ``V_B`` the halves of :func:`validation_halves` and ``L_X(λ, h)`` the criterion
+    (:func:`task_mean`) on ``X`` of the grid point with weights ``λ`` and options ``h``:
+
+    1. search: ``(λ_A, h_A) = argmin L_{V_A}`` over the grid (weights and options jointly);
+    2. confirm: ``λ(s) = u + s·(λ_A − u)`` (``u`` the uniform weights, ``1/n`` each, or 1 each
+       for task-vector methods; ``s`` in ``shrinks``, in order), ``s* = argmin_s L_{V_B}(λ(s), h_A)``,
+       the first of equal losses (with ``shrinks = (0, ½, 1)``: uniform weights unless the lean
+       also helps on the batches it was not chosen on);
+    3. options: ``h* = argmin_h L_V(λ(s*), h)`` over the grid's options, on all batches ``V``.
+
+    ``results``: ``(per-batch losses, settings)`` of every grid point; ``per_batch(settings)``
+    merges and evaluates a point off the grid; ``tuned``: the option names recorded. Returns
+    ``(settings, L_V, record)``."""
+    A, B = slice(0, None, 2), slice(1, None, 2)  # = validation_halves: batches [0::2] and [1::2]
+    n = len(s.weights)
+    u = [(float(n) if s.method.task_vectors else 1.0) / n] * n
+    evaluated = {_point_key(c): (per, c) for per, c in results}
+
+    def get(cand: MergeSettings):
+        key = _point_key(cand)
+        if key not in evaluated:
+            evaluated[key] = (per_batch(cand), cand)
+        return evaluated[key][0]
+
+    extra = len(evaluated)
+    per_a, searched = min(results, key=lambda r: task_mean(r[0], A))
+    confirm = []
+    for shrink in shrinks:
+        w = [a + float(shrink) * (b - a) for a, b in zip(u, searched.weights)]
+        confirm.append({"shrink": float(shrink), "weights": w,
+                        "loss": task_mean(get(MergeSettings(searched.method, w)), B)})
+    chosen = min(confirm, key=lambda c: c["loss"])  # first of equal losses
+    options = [c.method for _, c in results if c.weights == results[0][1].weights]  # every option point once
+    at = [(task_mean(get(MergeSettings(m, chosen["weights"]))), MergeSettings(m, chosen["weights"])) for m in options]
+    loss, best = min(at, key=lambda r: r[0])
+    record = {"search": "batches [0::2] of each task", "confirm": "batches [1::2] of each task",
+              "searched": {"weights": searched.weights, **{k: getattr(searched.method, k) for k in tuned},
+                           "loss": task_mean(per_a, A)},
+              "shrink": confirm, "chosen_shrink": chosen["shrink"], "points": len(evaluated) - extra}
+    return best, loss, record
+
+
+def _point_key(c: MergeSettings) -> tuple:
+    """A grid point's identity: its weights (rounded) and the options its method tunes."""
+    return (tuple(round(float(w), 12) for w in c.weights),
+            tuple((k, getattr(c.method, k)) for k in c.method.tuned))
+
+
 def validation_halves(validation):
-    """The two halves of the validation batches for the per-layer refinement: each task's
-    even-numbered batches (``[0::2]``, where the search chooses) and odd-numbered ones (``[1::2]``,
-    where the choice is confirmed); None when a task has fewer than two batches."""
+    """The two halves of the validation batches for the held-out confirmations (model weights,
+    per-layer refinement): each task's even-numbered batches (``[0::2]``, where the search
+    chooses) and odd-numbered ones (``[1::2]``, where the choice is confirmed); None when a task
+    has fewer than two batches."""
     if any(len(batches) < 2 for batches in validation):
         return None
     return [list(b[0::2]) for b in validation], [list(b[1::2]) for b in validation]
@@ -771,7 +856,12 @@ def merge_with_fisher(
     evaluated on) picks λ and the options the method tunes (``MergeMethod.tuned``: the scaling of
     task arithmetic / TIES / DARE, the Fisher floor, RegMean's ``alpha``, KFAC's damping) on the
     full product of :data:`DEFAULT_GRID` (updated by ``validation_grid``) by the mean validation
-    loss over the tasks (the first of equal losses). Every method can be tuned, the data-aware ones
+    loss over the tasks (the first of equal losses). The model weights are held to a second look
+    (``weight_shrink``, default ``(0, 0.5, 1)``): the grid is searched on half of each task's
+    validation batches, the searched weights are shrunk toward uniform as far as the other half
+    confirms (none of the lean unless it helps there too), and the options are then chosen on all
+    batches at those weights; ``weight_shrink=()``, or one batch for some task (a WARNING): weights
+    and options chosen together on all batches. Every method can be tuned, the data-aware ones
     (``regmean``, ``fisher_regmean``, ``kfac``) included: the inputs, Fishers, Grams and KFAC
     factors are read or collected once and kept in memory, and each point only recombines them.
     ``validation_grid={"layer_lean": (0.25, 0.5)}`` adds per-layer weights (AdaMerging-style
@@ -954,12 +1044,13 @@ def _check_grid(m: MergeMethod, validation_grid) -> dict[str, tuple[float, ...]]
         if isinstance(v, (str, bytes)) or not isinstance(v, Sequence):
             raise InvalidInputError(f"validation_grid[{k!r}] must be a list of numbers, got {v!r}")
         vals = tuple(real_number(f"validation_grid[{k!r}][{i}]", x) for i, x in enumerate(v))
-        if not vals and k != "layer_lean":
+        if not vals and k not in OPTIONAL_KEYS:
             raise InvalidInputError(f"validation_grid[{k!r}] is empty; give at least one value")
         for x in vals:
             if k in LEAN_KEYS:
                 if not 0.0 <= x <= 1.0:
-                    raise InvalidInputError(f"validation_grid[{k!r}] values are leans towards one model, in [0, 1]; "
+                    raise InvalidInputError(f"validation_grid[{k!r}] values are fractions in [0, 1] ("
+                                            f"{'shrinkages toward uniform weights' if k == 'weight_shrink' else 'leans towards one model'}); "
                                             f"got {x!r}")
             elif k in m.tuned:
                 try:
