@@ -219,3 +219,4 @@ def test_collect_passes_the_option(estimator):
     assert f.metadata.estimator == estimator
     for n in ref.names():
         assert torch.equal(ref[n], f[n]), n
+
