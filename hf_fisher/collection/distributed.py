@@ -30,6 +30,11 @@ from ``S``, ``W`` and ``W2`` as for one EMA (:class:`hf_fisher.collection.stats.
 training every rank adds the same number of samples per step, so samples of the same step
 weigh the same on every rank: the merge is an EMA over steps.
 
+Mean-only Welford accumulators (``variance=False``) send only ``μ`` (and a compensated one's
+low-order part) and fold the ranks with the mean's line of the same merge: the merged mean is
+bit for bit the one merged with ``M2``. A mean-only accumulator is a kind of its own in the
+signature: ranks that disagree on the setting are refused.
+
 Transport: tensors only (``all_gather`` of int64 counters, float64 EMA weights and the
 accumulators' own dtype for ``μ``/``M2``, in buckets of a bounded size), never pickled
 objects, so any backend works (gloo on CPU, nccl on CUDA). Every rank receives the same

@@ -19,6 +19,8 @@ merges them, in rank order, with Chan's formula::
 
 which is the state of one accumulator that saw every rank's samples of the batch: the result
 equals one process over the same samples up to float rounding.
+Mean-only accumulators (``variance=False``) send and merge the mean only (no ``M2`` line), and
+the sharded artifact then has no variance tensors.
 
 Every forward of an FSDP2 model is a collective, so every rank must run the same number of
 passes: the collector checks before each batch that every rank has one (a rank without a
