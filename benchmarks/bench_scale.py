@@ -81,6 +81,14 @@ accumulators in memory (no ``--offload-dir``) needs it::
     python benchmarks/bench_scale.py --model llama-3.2-1b --modes param --accumulation-dtype float32 \
         --isolate --no-atomic-batches --repeats 2
 
+``--no-variance``: the group/param collectors keep the mean only (``variance=False``): no ``M2``,
+accumulators of 8 bytes per value instead of 12 in float32 (16 in float64); the same Fisher, an
+artifact without variances. With it the full-depth 1B param Fisher's float32 accumulators take
+9.9 GB instead of 14.8 GB::
+
+    python benchmarks/bench_scale.py --model llama-3.2-1b --modes param --accumulation-dtype float32 \
+        --isolate --no-atomic-batches --no-variance --repeats 2
+
 Peak memory. On CPU the high-water mark of the resident set only grows, so each method's peak is
 measured in a fresh process (the script re-invokes itself with ``--one METHOD``): the process
 builds the model and the batches (steady: and feeds the collector its first batch), resets the
@@ -257,12 +265,14 @@ class Runner:
         self.args = args
         self.collectors = {}
         self.trainers = {}
-        #: the collectors' accumulation options (--accumulation-dtype, --offload-dir, --no-atomic-batches)
+        #: the collectors' accumulation options (--accumulation-dtype, --offload-dir, --no-atomic-batches, --no-variance)
         self.options = {"accumulation_dtype": getattr(torch, args.accumulation_dtype)}
         if args.offload_dir:
             self.options["offload_dir"] = args.offload_dir
         if args.no_atomic_batches:
             self.options["atomic_batches"] = False
+        if args.no_variance:
+            self.options["variance"] = False
         self.tmp = Path(tempfile.mkdtemp(prefix="bench-scale-trainer-"))
 
     def close(self):
@@ -423,6 +433,7 @@ def memory_in_subprocess(args, method, rounds: int | None = None):
         cmd += ["--layers", str(args.layers)]
     cmd += ["--accumulation-dtype", args.accumulation_dtype] + (["--offload-dir", args.offload_dir] if args.offload_dir else [])
     cmd += ["--no-atomic-batches"] if args.no_atomic_batches else []
+    cmd += ["--no-variance"] if args.no_variance else []
     if rounds:
         cmd += ["--rounds", str(rounds)]
     try:
@@ -532,6 +543,8 @@ def main(argv=None):
     p.add_argument("--no-atomic-batches", action="store_true",
                    help="the group/param collectors merge each parameter's batch moments as soon as they are complete "
                         "(atomic_batches=False: no staged copy of the model's moments at the end of the backward)")
+    p.add_argument("--no-variance", action="store_true",
+                   help="the group/param collectors keep the mean only (variance=False: no M2, 8 bytes per value)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--no-memory", action="store_true", help="skip the peak memory measurement")
     p.add_argument("--timeout", type=int, default=900, help="seconds allowed to each subprocess")
@@ -668,7 +681,8 @@ def _report(args, names, errors, times, cpu, med, mem, merges, n_params, n_layer
         f"{args.model} ({n_layers} layers, "
         f"{n_params / 1e6:.1f}M params), B={args.batch}, T={args.seq_len}, {args.dtype}, {args.device}, "
         f"{args.accumulation_dtype} accumulators" + (" (offloaded)" if args.offload_dir else "")
-        + (", streaming commit (--no-atomic-batches)" if args.no_atomic_batches else "") + ", "
+        + (", streaming commit (--no-atomic-batches)" if args.no_atomic_batches else "")
+        + (", mean only (--no-variance)" if args.no_variance else "") + ", "
         f"median of {args.repeats}" + (" (each method in a fresh process of its own)" if args.isolate else "")
         + (f"; trainer rows: mean step of {args.trainer_steps}" if any(
             n.startswith("trainer-") for n in names) else "")

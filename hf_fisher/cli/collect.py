@@ -66,20 +66,24 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    help="merge each parameter's batch moments into the accumulators as soon as the backward has produced "
                         "them (atomic_batches=False): a lower peak (no staged copy of the model's moments per batch); "
                         "a batch that fails ends the run either way")
+    p.add_argument("--no-variance", action="store_true",
+                   help="keep the mean only (variance=False): accumulators of 8 bytes per value instead of 12 (float32) "
+                        "or 16 (float64), the same Fisher, and an artifact without variances (intervals from them refuse it)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
     return p
 
 
-def check_streaming_estimator(name: str) -> None:
-    """``--no-atomic-batches`` only for an estimator that takes ``atomic_batches`` (the diagonal ones)."""
+def check_streaming_estimator(name: str, option: str = "atomic_batches", flag: str = "--no-atomic-batches") -> None:
+    """``flag`` (``--no-atomic-batches``, ``--no-variance``) only for an estimator that takes
+    ``option`` (the diagonal ones, which accumulate per-sample moments)."""
     from hf_fisher import plugins
 
-    if "atomic_batches" not in getattr(plugins.estimators()[name], "own_options", ()):
-        takers = sorted(n for n, c in plugins.estimators().items() if "atomic_batches" in getattr(c, "own_options", ()))
+    if option not in getattr(plugins.estimators()[name], "own_options", ()):
+        takers = sorted(n for n, c in plugins.estimators().items() if option in getattr(c, "own_options", ()))
         raise InvalidInputError(
-            f"--no-atomic-batches applies to the estimators that accumulate per-sample moments ({', '.join(takers)}), "
-            f"not to --estimator {name}; drop --no-atomic-batches"
+            f"{flag} applies to the estimators that accumulate per-sample moments ({', '.join(takers)}), "
+            f"not to --estimator {name}; drop {flag}"
         )
 
 
@@ -102,6 +106,8 @@ def run(args: argparse.Namespace) -> int:
     check_estimator(args.estimator)  # loads the plugins
     if args.no_atomic_batches:
         check_streaming_estimator(args.estimator)
+    if args.no_variance:
+        check_streaming_estimator(args.estimator, "variance", "--no-variance")
     config, task_type = check_samples_against_config(args, samples)
     if need is None:  # no safetensors headers to read: estimate from the config, still before the weights
         shapes = meta_shapes(config, task_type)
@@ -127,6 +133,7 @@ def run(args: argparse.Namespace) -> int:
         model_name_or_path=str(args.model),
         data_description=f"{data_path.name}: {len(samples)} samples",
         **({"atomic_batches": False} if args.no_atomic_batches else {}),
+        **({"variance": False} if args.no_variance else {}),
     )
     fisher.save_pretrained(out)
     c = fisher.counts

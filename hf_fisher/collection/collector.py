@@ -49,7 +49,7 @@ log = logging.getLogger(__name__)
 EMPIRICAL = "empirical"
 #: the collector's own options besides the shared :class:`~hf_fisher.estimators.base.CollectOptions`
 #: (the diagonal estimators take them too)
-COLLECTOR_OPTIONS = frozenset({"params", "verify", "loss_fn", "accumulation_device", "offload_dir", "atomic_batches"})
+COLLECTOR_OPTIONS = frozenset({"params", "verify", "loss_fn", "accumulation_device", "offload_dir", "atomic_batches", "variance"})
 
 
 class _MomentsSink(ContributionSink):
@@ -398,6 +398,15 @@ class FisherCollector:
     before any work: with ``ema_decay``, ``on_nonfinite="skip"`` (its redo without the sample),
     on an FSDP2-sharded model and for :meth:`attach_training`.
 
+    ``variance=False`` keeps the mean only: no ``M2`` accumulator (the mean-only
+    :class:`~hf_fisher.collection.stats.Welford`), so 8 bytes per Fisher value in float32
+    (``hi`` + ``lo``) and 8 in float64 instead of 12 and 16 (Llama-3.2-1B in float32: 9.9 GB
+    instead of 14.8 GB); the mean is bit for bit the one kept with the variance. The artifacts
+    then have no variance (:attr:`Fisher.has_variance` False, ``metadata.extra["variance"]``
+    False), and what needs it refuses them (e.g. :mod:`hf_fisher.analysis.uncertainty`'s
+    intervals from the variance). Refused with ``ema_decay`` (an EMA keeps its dispersion); a
+    checkpoint collected with the other setting is refused by :meth:`restore`.
+
     Inside a ``torch.distributed`` process group (torchrun, ``accelerate launch``) each rank
     accumulates the samples it is given and :meth:`fisher` returns, on every rank, the Fisher
     of all ranks' samples, merged exactly (Chan's formula, see
@@ -464,6 +473,7 @@ class FisherCollector:
         keep_sample_contributions: bool = False,
         offload_dir: str | os.PathLike | None = None,
         atomic_batches: bool = True,
+        variance: bool = True,
     ):
         if estimator != EMPIRICAL:
             raise InvalidInputError(
@@ -480,6 +490,7 @@ class FisherCollector:
             keep_sample_contributions=keep_sample_contributions,
         )
         _check_atomic_batches(atomic_batches, ema_decay=ema_decay, on_nonfinite=on_nonfinite)
+        _check_variance(variance, ema_decay=ema_decay)
         if offload_dir is not None and torch.device(accumulation_device).type != "cpu":
             raise InvalidInputError(
                 f"offload_dir keeps the accumulators in memory-mapped files on the CPU; it cannot be combined with "
@@ -513,6 +524,8 @@ class FisherCollector:
                         accumulation_device, ema_decay, train_mode, estimator, distributed, keep_sample_contributions,
                         params, loss_fn, memory_budget_mb, on_nonfinite, verify)
         self.tasks: dict[str, _TaskState] = {}
+        #: False: the accumulators keep the mean only, no M2 (see the class docstring)
+        self.keeps_variance = variance
         #: False: each parameter's batch moments are merged as soon as they are complete (see the class docstring)
         self.atomic_batches = atomic_batches
         #: why the collector refuses every use (a streaming batch failed after a merge), or None
@@ -587,6 +600,7 @@ class FisherCollector:
                 shape = self._fsdp.local_shape(shape)
             acc[t.name] = make_accumulator(
                 shape, ema_decay=self.ema_decay, dtype=self.accumulation_dtype, device=self.accumulation_device, store=self.store,
+                variance=self.keeps_variance,
             )
         return _TaskState(acc, rows={name: [] for name in acc} if self.keep_dtype is not None else None)
 
@@ -638,6 +652,7 @@ class FisherCollector:
         context = {
             "task": task, "reduction": self.reduction, "normalization": self.normalization, "estimator": self.estimator,
             "ema_decay": self.ema_decay, "accumulation_dtype": str(self.accumulation_dtype), "task_type": self.task_type,
+            "variance": self.keeps_variance,
         }
         acc, counts = merge_accumulators(local.accumulators, counters, context=context)
         return _TaskState(acc, **counts)
@@ -849,7 +864,7 @@ class FisherCollector:
             del acc
         if release:
             self.tasks.pop(task, None)
-        return self._artifact(state, mean, var, metadata, samples)
+        return self._artifact(state, mean, var if self.keeps_variance else None, metadata, samples)
 
     def _exported(self, task: str, distributed: bool | None) -> tuple[_TaskState, dict[str, Any]]:
         """``task``'s state to export (merged over the ranks when :meth:`_merging`) and the
@@ -935,7 +950,7 @@ class FisherCollector:
         dtype = dtype or self.storage_dtype or self.accumulation_dtype
         plan = {name: torch.empty(acc.shape, dtype=dtype, device="meta") for name, acc in state.accumulators.items()}
         metadata = self._metadata(task, model_name_or_path, data_description, dtype, {**info, **dict(extra or {})}, state)
-        artifact = self._artifact(state, plan, dict(plan), metadata, self._samples(state))
+        artifact = self._artifact(state, plan, dict(plan) if self.keeps_variance else None, metadata, self._samples(state))
 
         def produce(kind: str, name: str) -> torch.Tensor:
             acc = state.accumulators[name]
@@ -961,18 +976,19 @@ class FisherCollector:
                 f"cannot resume task {task!r} from this artifact: it holds a {fisher.reduction} Fisher of "
                 f"{len(fisher)} parameters, this collector a {self.reduction} Fisher of {len(self.engine.targets)}"
             )
+        self._check_resumable_variance(task, fisher.has_variance)
         n = fisher.counts.samples
         ema = (fisher.metadata.extra or {}).get("ema_state")
         acc = {}
         for t in self.engine.targets:
             mean = fisher[t.name].to(self.accumulation_dtype)
-            var = fisher.variances[t.name].to(self.accumulation_dtype) if fisher.has_variance else torch.zeros_like(mean)
+            var = fisher.variances[t.name].to(self.accumulation_dtype) if fisher.has_variance else None
             if self._fsdp is not None:  # FSDP2: every rank restores the rows it owns (and the whole count)
-                mean, var = self._fsdp.own_rows(mean), self._fsdp.own_rows(var)
+                mean, var = self._fsdp.own_rows(mean), None if var is None else self._fsdp.own_rows(var)
             if self.ema_decay is None:
                 acc[t.name] = Welford.from_state(
-                    AccumulatorState(n, mean, var * max(0, n - 1)), dtype=self.accumulation_dtype, device=self.accumulation_device,
-                    store=self.store,
+                    AccumulatorState(n, mean, None if var is None else var * max(0, n - 1)), dtype=self.accumulation_dtype,
+                    device=self.accumulation_device, store=self.store, variance=self.keeps_variance,
                 )
             else:
                 if not ema:
@@ -995,6 +1011,23 @@ class FisherCollector:
         if self._fsdp is not None and self._fsdp.rank != 0:  # the counters are summed over ranks: rank 0 holds them
             c = Counts(samples=0, tokens=0, skipped=0, nonfinite=0)
         self.tasks[task] = _TaskState(acc, samples=c.samples, tokens=c.tokens, skipped=c.skipped, nonfinite=c.nonfinite, rows=rows)
+
+    def _check_resumable_variance(self, task: str, has_variance: bool) -> None:
+        """:class:`InvalidInputError` when a checkpoint's variance does not match ``variance=``:
+        without a variance it cannot give a collector that keeps one its ``M2`` (a zero ``M2``
+        would be a wrong variance), and one with a variance is not silently cut to its mean."""
+        if has_variance == self.keeps_variance:
+            return
+        if self.keeps_variance:
+            raise InvalidInputError(
+                f"cannot resume task {task!r} from this artifact: it has no variance (collected with variance=False), "
+                "and this collector keeps the variance (variance=True), whose M2 it cannot rebuild; resume it with "
+                "variance=False (the mean only), or collect the task afresh"
+            )
+        raise InvalidInputError(
+            f"cannot resume task {task!r} from this artifact: it was collected with the variance, and this collector "
+            "keeps the mean only (variance=False); resume it with variance=True, or collect the task afresh"
+        )
 
     def _metadata(self, task, model_name_or_path, data_description, storage_dtype, extra=None, state=None) -> FisherMetadata:
         base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
@@ -1019,6 +1052,7 @@ class FisherCollector:
                 **({"loop_reason": self.engine.loop_reason} if self.engine.loop_mode else {}),
                 **({"vjp_params": dict(self.engine.vjp_reasons)} if self.engine.vjp_reasons and not self.engine.loop_mode else {}),
                 **(_ema_state(state) if state is not None and self.ema_decay is not None else {}),
+                **({} if self.keeps_variance else {"variance": False}),
                 **dict(extra or {}),
             },
         )
@@ -1060,6 +1094,18 @@ def _check_atomic_batches(atomic_batches: Any, *, ema_decay: float | None, on_no
         )
 
 
+def _check_variance(variance: Any, *, ema_decay: float | None) -> None:
+    """:class:`InvalidInputError` unless ``variance`` is a bool that can be honoured (the mean
+    only is a Welford without ``M2``; an EMA keeps its dispersion)."""
+    if variance not in (True, False):
+        raise InvalidInputError(f"variance must be True (keep the variance) or False (the mean only), got {variance!r}")
+    if not variance and ema_decay is not None:
+        raise InvalidInputError(
+            "variance=False cannot be combined with ema_decay: the mean-only accumulator is a Welford one without M2, "
+            "and an EMA keeps its dispersion; drop one of them"
+        )
+
+
 def _describe(e: BaseException) -> str:
     """A failure in words for an error message (the engine's internal signals without their class name)."""
     name = type(e).__name__
@@ -1070,10 +1116,15 @@ def _describe(e: BaseException) -> str:
     return text if name.startswith("_") else f"{name}: {text}"
 
 
-def _export(acc, dtype: torch.dtype, device: torch.device, release: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _export(acc, dtype: torch.dtype, device: torch.device, release: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``(mean, unbiased variance)`` of one accumulator in ``dtype`` on ``device``: copies (the
     accumulator goes on), or, with ``release`` and a Welford already in that dtype/device and in
-    memory, its own tensors (``M2 / (n − 1)`` in place; the accumulator must not be used again)."""
+    memory, its own tensors (``M2 / (n − 1)`` in place; the accumulator must not be used again).
+    A mean-only Welford: ``(mean, None)``."""
+    if isinstance(acc, Welford) and not acc.has_variance:
+        if release and acc.store is None and acc.dtype == dtype and acc.device == torch.device(device):
+            return acc.state().mean, None
+        return acc.mean_as(dtype, device), None
     if release and isinstance(acc, Welford) and acc.store is None and acc.dtype == dtype and acc.device == torch.device(device):
         state = acc.state()
         m2 = state.m2.div_(state.count - 1) if state.count > 1 else state.m2.zero_()

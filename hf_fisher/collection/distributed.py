@@ -30,6 +30,11 @@ from ``S``, ``W`` and ``W2`` as for one EMA (:class:`hf_fisher.collection.stats.
 training every rank adds the same number of samples per step, so samples of the same step
 weigh the same on every rank: the merge is an EMA over steps.
 
+Mean-only Welford accumulators (``variance=False``) send only ``μ`` (and a compensated one's
+low-order part) and fold the ranks with the mean's line of the same merge: the merged mean is
+bit for bit the one merged with ``M2``. A mean-only accumulator is a kind of its own in the
+signature: ranks that disagree on the setting are refused.
+
 Transport: tensors only (``all_gather`` of int64 counters, float64 EMA weights and the
 accumulators' own dtype for ``μ``/``M2``, in buckets of a bounded size), never pickled
 objects, so any backend works (gloo on CPU, nccl on CUDA). Every rank receives the same
@@ -201,7 +206,7 @@ def _signature(accumulators: Mapping[str, Any], counters: Mapping[str, int], con
     for name in sorted(accumulators):
         acc = accumulators[name]
         tensors.append([name, list(acc.shape) if acc.shape is not None else None])
-    kinds = sorted({type(a).__name__ for a in accumulators.values()})
+    kinds = sorted({_kind(a) for a in accumulators.values()})
     dtypes = sorted({str(a.dtype) for a in accumulators.values()})
     decays = sorted({float(a.decay) for a in accumulators.values() if isinstance(a, EMA)})
     return {
@@ -302,8 +307,10 @@ def merge_accumulators(
         for name in bucket:
             acc = accumulators[name]
             numel = int(torch.Size(acc.shape).numel())
-            width = 3 if _compensated(acc) else 2
+            width = _width(acc)
             pieces = [tuple(g[offset + j * numel: offset + (j + 1) * numel].view(acc.shape) for j in range(width)) for g in gathered]
+            if not _keeps_m2(acc):  # a mean-only Welford: (μ, lo) or (μ,) travelled; M2 slot None
+                pieces = [(p[0], None, *p[1:]) for p in pieces]
             offset += width * numel
             counts = [int(t[index[name]]) for t in all_ints]
             device = acc.device
@@ -313,11 +320,11 @@ def merge_accumulators(
                     [(counts[r], float(weights[r][j, 0]), float(weights[r][j, 1]), pieces[r][0], pieces[r][1]) for r in range(k)]
                 )
                 out[name] = EMA.from_state(AccumulatorState(n, mean, s, acc.decay, w, w2), dtype=acc.dtype, device=device)
-            elif _compensated(acc):  # ranks folded in order with their low-order parts (Welford.update_moments)
-                merged = Welford(acc.shape, dtype=acc.dtype, device=device, compensated=True)
+            elif _compensated(acc) or not _keeps_m2(acc):  # ranks folded in order (with their low-order parts)
+                merged = Welford(acc.shape, dtype=acc.dtype, device=device, compensated=acc.compensated, variance=acc.has_variance)
                 for r in range(k):
                     if counts[r]:
-                        merged.update_moments(counts[r], pieces[r][0], pieces[r][1], mean_lo=pieces[r][2])
+                        merged.update_moments(counts[r], pieces[r][0], pieces[r][1], mean_lo=pieces[r][2] if acc.compensated else None)
                 out[name] = merged
             else:
                 n, mean, m2 = merge_welford_states([(counts[r], pieces[r][0], pieces[r][1]) for r in range(k)])
@@ -329,18 +336,35 @@ def _compensated(acc) -> bool:
     return isinstance(acc, Welford) and acc.compensated
 
 
+def _keeps_m2(acc) -> bool:
+    """False for a mean-only Welford (``variance=False``), which has no M2 to send."""
+    return not isinstance(acc, Welford) or acc.has_variance
+
+
+def _kind(acc) -> str:
+    """The accumulator's kind in the ranks' signature (a mean-only Welford is one of its own)."""
+    return type(acc).__name__ + ("" if _keeps_m2(acc) else " without variance")
+
+
+def _width(acc) -> int:
+    """How many state tensors of the accumulator's shape travel: μ, M2 (kept), lo (compensated)."""
+    return 1 + _keeps_m2(acc) + _compensated(acc)
+
+
 def _state(acc) -> tuple[torch.Tensor, ...]:
     """(μ, M2) of a Welford, (μ, S) of an EMA: the raw state tensors (zeros before any sample);
     a compensated Welford adds its mean's low-order part (μ = hi + lo), so that a float32 merge
-    across ranks keeps the precision each rank accumulated."""
+    across ranks keeps the precision each rank accumulated. A mean-only Welford has no M2: (μ[, lo])."""
     state = acc.state()
     if state.mean is None:
         z = torch.zeros(acc.shape, dtype=acc.dtype, device=acc.device)
-        return (z, z, z) if _compensated(acc) else (z, z)
+        return (z,) * _width(acc)
+    out = [state.mean]
+    if _keeps_m2(acc):
+        out.append(state.m2)
     if _compensated(acc):
-        lo = state.mean_lo if state.mean_lo is not None else torch.zeros_like(state.mean)
-        return state.mean, state.m2, lo
-    return state.mean, state.m2
+        out.append(state.mean_lo if state.mean_lo is not None else torch.zeros_like(state.mean))
+    return tuple(out)
 
 
 def _buckets(accumulators, names: list[str], limit: int) -> list[list[str]]:
@@ -350,7 +374,7 @@ def _buckets(accumulators, names: list[str], limit: int) -> list[list[str]]:
     key = None
     for name in names:
         acc = accumulators[name]
-        nbytes = (3 if _compensated(acc) else 2) * int(torch.Size(acc.shape).numel()) * acc.dtype.itemsize
+        nbytes = _width(acc) * int(torch.Size(acc.shape).numel()) * acc.dtype.itemsize
         k = (acc.dtype, acc.device)
         if not out or k != key or size + nbytes > limit:
             out.append([])

@@ -19,6 +19,8 @@ merges them, in rank order, with Chan's formula::
 
 which is the state of one accumulator that saw every rank's samples of the batch: the result
 equals one process over the same samples up to float rounding.
+Mean-only accumulators (``variance=False``) send and merge the mean only (no ``M2`` line), and
+the sharded artifact then has no variance tensors.
 
 Every forward of an FSDP2 model is a collective, so every rank must run the same number of
 passes: the collector checks before each batch that every rank has one (a rank without a
@@ -225,7 +227,8 @@ class FSDPSharding:
         ``sink`` is the collector's moments sink holding this rank's batch moments of the whole
         parameters; for each parameter (in ``names`` order, the same on every rank) every rank
         sends each owner the rows it owns (``all_to_all_single``, blocks padded to ``c`` rows)
-        and the owner folds the ranks' ``(n_s, μ_s, M2_s)`` in rank order with Chan's formula."""
+        and the owner folds the ranks' ``(n_s, μ_s, M2_s)`` in rank order with Chan's formula
+        (mean-only accumulators, ``variance=False``: ``(n_s, μ_s)``, no M2 is sent)."""
         import torch.distributed as dist
 
         counts = self._all_gather_ints([_local_count(sink, n) for n in names])
@@ -240,18 +243,20 @@ class FSDPSharding:
             shape = _global_shape(acc, self, name, mean)
             rows = shape[0]
             c = math.ceil(rows / k)
-            send = torch.zeros((k, 2, c, *shape[1:]), dtype=acc.dtype)
+            keep_m2 = acc.has_variance
+            send = torch.zeros((k, 1 + keep_m2, c, *shape[1:]), dtype=acc.dtype)
             if n:
                 for d in range(k):
                     lo, hi = row_range(rows, d, k)
                     send[d, 0, : hi - lo] = mean[lo:hi]
-                    send[d, 1, : hi - lo] = m2[lo:hi]
+                    if keep_m2:
+                        send[d, 1, : hi - lo] = m2[lo:hi]
             recv = torch.empty_like(send)
             dist.all_to_all_single(recv, send, group=self.group)
             mine = acc.shape[0]
             for s in range(k):
                 if ns[s]:
-                    acc.update_shifted_(ns[s], recv[s, 0, :mine], recv[s, 1, :mine])
+                    acc.update_shifted_(ns[s], recv[s, 0, :mine], recv[s, 1, :mine] if keep_m2 else None)
         sink.reset()
 
     def register_global_shapes(self, shapes: Mapping[str, tuple[int, ...]]) -> None:
@@ -276,8 +281,9 @@ class FSDPSharding:
             rows = self.global_shapes[name][0]
             s = acc.state()
             mean = self.gather_rows(s.mean, rows)
-            m2 = self.gather_rows(s.m2, rows)
-            out[name] = Welford.from_state(AccumulatorState(acc.count, mean, m2), dtype=acc.dtype, device=acc.device)
+            m2 = self.gather_rows(s.m2, rows) if acc.has_variance else None
+            out[name] = Welford.from_state(AccumulatorState(acc.count, mean, m2), dtype=acc.dtype, device=acc.device,
+                                           variance=acc.has_variance)
         return out
 
     def collect_in_step(self, collector, batches, task: str, state, max_samples: int | None, bar) -> None:
@@ -432,10 +438,12 @@ def save_sharded(collector, directory, task: str, *, model_name_or_path=None, da
     try:
         tmp_path = shared.decode()
         mine: dict[str, torch.Tensor] = {}
+        kinds = ("mean", "variance") if collector.keeps_variance else ("mean",)  # variance=False: the mean only
         for name in names:
             acc = state.accumulators[name]
             rows = shapes[name][0]
-            for kind, block in (("mean", acc.mean_as(dtype, "cpu")), ("variance", acc.variance().to("cpu", dtype))):
+            for kind in kinds:
+                block = acc.mean_as(dtype, "cpu") if kind == "mean" else acc.variance().to("cpu", dtype)
                 whole = sharding.gather_rows(block, rows, dst=writer[name])
                 if whole is not None:
                     mine[f"{kind}.{name}"] = whole.contiguous()
@@ -453,15 +461,15 @@ def save_sharded(collector, directory, task: str, *, model_name_or_path=None, da
             from pathlib import Path
 
             itemsize = torch.empty((), dtype=dtype).element_size()
-            weight_map = {f"{kind}.{n}": files[writer[n]] for n in names for kind in ("mean", "variance")}
-            total = 2 * itemsize * sum(int(torch.Size(shapes[n]).numel()) for n in names)
+            weight_map = {f"{kind}.{n}": files[writer[n]] for n in names for kind in kinds}
+            total = len(kinds) * itemsize * sum(int(torch.Size(shapes[n]).numel()) for n in names)
             write_json(Path(tmp_path) / WEIGHTS_INDEX_NAME, {"metadata": {"total_size": total}, "weight_map": weight_map})
             info = {"world_size": sharding.world, "fsdp": True, **dict(extra or {})}
             view = SimpleNamespace(
                 reduction=collector.reduction, metadata=collector._metadata(task, model_name_or_path, data_description, dtype, info, None),
                 counts=Counts(samples=counters["samples"], tokens=counters["tokens"], skipped=counters["skipped"], nonfinite=counters["nonfinite"]),
                 param_shapes=dict(collector.param_shapes), groups=dict(collector.groups),
-                layout=collector.layout, _variance=True, sample_contributions=None, names=lambda: names,
+                layout=collector.layout, _variance=collector.keeps_variance, sample_contributions=None, names=lambda: names,
             )
             write_json(Path(tmp_path) / CONFIG_NAME, Fisher._config(view, sorted(files.values()), True))
             _write_card(Path(tmp_path), view, names, sorted(files.values()))
@@ -489,7 +497,7 @@ def _write_card(folder, view, names: list[str], files: list[str]) -> None:
     for filename in files:
         mapped.update(mapped_safetensors(folder / filename))
     shown = Fisher(
-        {n: mapped[f"mean.{n}"] for n in names}, {n: mapped[f"variance.{n}"] for n in names},
+        {n: mapped[f"mean.{n}"] for n in names}, {n: mapped[f"variance.{n}"] for n in names} if view._variance else None,
         reduction=view.reduction, groups=view.groups or None, param_shapes=view.param_shapes, counts=view.counts,
         metadata=view.metadata, layout=view.layout,
     )
@@ -516,14 +524,16 @@ def restore_sharded(collector, task: str, folder) -> None:
             f"cannot resume task {task!r} from {folder}: it holds a {reader.reduction} Fisher of {len(reader.names())} "
             f"parameters, this collector a {collector.reduction} Fisher of {len(names)}"
         )
+    collector._check_resumable_variance(task, bool(reader.config["has_variance"]))
     counts = reader.counts
     n = counts.samples
     dtype = collector.accumulation_dtype
     acc = {}
     for name in names:
         mean = sharding.own_rows(reader.get(name, "mean").to(dtype))
-        var = sharding.own_rows(reader.get(name, "variance").to(dtype)) if reader.config["has_variance"] else torch.zeros_like(mean)
-        acc[name] = Welford.from_state(AccumulatorState(n, mean, var * max(0, n - 1)), dtype=dtype, device=collector.accumulation_device)
+        m2 = sharding.own_rows(reader.get(name, "variance").to(dtype)) * max(0, n - 1) if collector.keeps_variance else None
+        acc[name] = Welford.from_state(AccumulatorState(n, mean, m2), dtype=dtype, device=collector.accumulation_device,
+                                       variance=collector.keeps_variance)
     mine = counts if sharding.rank == 0 else None
     collector.tasks[task] = dataclasses.replace(
         collector._empty_state(), accumulators=acc, samples=mine.samples if mine else 0, tokens=mine.tokens if mine else 0,

@@ -284,7 +284,8 @@ class AccumulatorState:
     ``count`` = n samples; ``mean`` = μ; ``m2`` = Welford's ``M2 = Σ_i (x_i − μ)²`` or the EMA's
     unnormalised weighted dispersion ``S = Σ_k w_k (x_k − μ)²`` (its :attr:`EMA.m2` is ``S / W``);
     EMA only: ``decay``, ``weight_sum`` ``W = Σ_k w_k`` and ``weight_sq_sum`` ``Σ_k w_k²``.
-    ``mean``/``m2`` are None for an accumulator created without a shape that saw no sample.
+    ``mean``/``m2`` are None for an accumulator created without a shape that saw no sample;
+    ``m2`` is None for a mean-only :class:`Welford` (``variance=False``).
     ``mean_lo``: a compensated :class:`Welford`'s low-order part of the mean (the mean is
     ``mean + mean_lo`` beyond the accumulation dtype's precision; ``mean`` alone is its rounding);
     None otherwise. A reader that ignores it loses only that rounding.
@@ -302,7 +303,9 @@ class AccumulatorState:
         """The :meth:`Welford.state_dict` / :meth:`EMA.state_dict` keys (tensors not copied)."""
         out: dict[str, Any] = {"count": self.count}
         if self.mean is not None:
-            out.update(mean=self.mean, m2=self.m2)
+            out["mean"] = self.mean
+            if self.m2 is not None:
+                out["m2"] = self.m2
             if self.mean_lo is not None:
                 out["mean_lo"] = self.mean_lo
         if self.decay is not None:
@@ -481,6 +484,14 @@ class Welford(_Accumulator):
     4 more bytes per element and bring float32 back to float64's 16 bytes; compensated
     float32 holds ``hi``, ``lo``, ``M2``: 12 bytes per element.
 
+    **Mean only** (``variance=False``): no ``M2`` at all, only ``n`` and the mean (``hi`` and
+    ``lo`` when compensated): 8 bytes per element in float32 as in float64. The mean's merge is
+    the one above without its ``M2`` line, so the mean is bit for bit the mean kept with
+    ``variance=True``; :attr:`m2`, :meth:`variance` and :meth:`stderr` are refused
+    (:class:`~hf_fisher.errors.UnsupportedError`), :meth:`state` has ``m2=None`` and
+    :meth:`state_dict` no ``m2`` entry. The ``M2`` inputs of the updates are ignored (they may be
+    None).
+
     The EMA is not compensated: its errors decay geometrically (by ``d`` per sample), so the
     rounding error of its mean stays below ``~u/(1 − d)`` relative at any length.
     """
@@ -489,18 +500,31 @@ class Welford(_Accumulator):
 
     def __init__(
         self, shape=None, *, dtype: torch.dtype = torch.float64, device="cpu", compensated: bool | None = None,
-        store: MappedStore | None = None,
+        store: MappedStore | None = None, variance: bool = True,
     ) -> None:
         if compensated not in (None, True, False):
             raise InvalidInputError(f"compensated must be None (on below float64), True or False; got {compensated!r}")
+        if variance not in (True, False):
+            raise InvalidInputError(f"variance must be True (keep M2) or False (the mean only); got {variance!r}")
+        #: whether ``M2`` (and so the variance) is kept (see "Mean only" in the class docstring)
+        self.has_variance = bool(variance)
         #: whether the mean carries a compensation term (see the class docstring)
         self.compensated = dtype != torch.float64 if compensated is None else bool(compensated)
         self._lo: torch.Tensor | None = None
         super().__init__(shape, dtype=dtype, device=device, store=store)
 
     def _init_state(self, shape: tuple[int, ...]) -> None:
-        super()._init_state(shape)
+        self.shape = shape
+        self._mean = self._zeros("_mean", shape)
+        self._m2 = self._zeros("_m2", shape) if self.has_variance else None
         self._lo = self._zeros("_lo", shape) if self.compensated else None
+
+    def _refuse_no_variance(self, what: str) -> None:
+        if not self.has_variance:
+            raise UnsupportedError(
+                f"{what}: this Welford accumulator keeps the mean only (variance=False), so it has no M2; "
+                "accumulate with variance=True (the default) to get the variance"
+            )
 
     def update(self, batch: torch.Tensor) -> Welford:
         """Add ``b`` samples given as a ``[b, *shape]`` tensor (``b == 0`` is a no-op)."""
@@ -513,13 +537,14 @@ class Welford(_Accumulator):
         shift = x[0]
         d = x - shift
         md = d.mean(dim=0)
-        m2_b = (d - md).square().sum(dim=0)
+        m2_b = (d - md).square().sum(dim=0) if self.has_variance else None
         return self._merge_moments(b, shift, m2_b, md)
 
     def update_moments(
         self, n_b: int, mean_b: torch.Tensor, m2_b: torch.Tensor, *, inplace: bool = False, mean_lo: torch.Tensor | None = None
     ) -> Welford:
-        """Merge precomputed moments of ``n_b`` samples: their mean and ``Σ (x − mean_b)²``.
+        """Merge precomputed moments of ``n_b`` samples: their mean and ``Σ (x − mean_b)²``
+        (``m2_b`` ignored, and may be None, when the accumulator keeps the mean only).
 
         ``mean_lo`` (optional): a low-order part, the mean being ``mean_b + mean_lo`` (what a
         compensated accumulator's :meth:`state` gives). ``inplace=True`` is
@@ -534,6 +559,10 @@ class Welford(_Accumulator):
         if n_b == 0:
             return self
         mean_b = torch.as_tensor(mean_b).detach().to(device=self.device, dtype=self.dtype)
+        if not self.has_variance:
+            m2_b = mean_b  # not read: only its shape is checked
+        elif m2_b is None:
+            raise InvalidInputError("update_moments: m2_b is required by an accumulator that keeps the variance")
         m2_b = torch.as_tensor(m2_b).detach().to(device=self.device, dtype=self.dtype)
         if mean_b.shape != m2_b.shape or (mean_lo is not None and tuple(mean_lo.shape) != tuple(mean_b.shape)):
             raise InvalidInputError(f"mean shape {tuple(mean_b.shape)} != m2 shape {tuple(m2_b.shape)}")
@@ -557,7 +586,8 @@ class Welford(_Accumulator):
                 self._mean, self._lo = _fast_two_sum(mean_b, lo_b) if lo_b is not None else (mean_b.clone(), torch.zeros_like(mean_b))
             else:
                 self._mean = mean_b.clone()
-            self._m2 = m2_b.clone()
+            if self.has_variance:
+                self._m2 = m2_b.clone()
             self._n = n_b
             self._rehome()
             return self
@@ -571,7 +601,8 @@ class Welford(_Accumulator):
             self._mean, self._lo = _fast_two_sum(self._mean, delta * (n_b / n) + self._lo)
         else:
             self._mean = self._mean + delta * (n_b / n)
-        self._m2 = self._m2 + m2_b + delta.square() * (n_a * n_b / n)
+        if self.has_variance:
+            self._m2 = self._m2 + m2_b + delta.square() * (n_a * n_b / n)
         self._n = n
         self._rehome()
         return self
@@ -605,12 +636,17 @@ class Welford(_Accumulator):
         flattened tensors (the same bits as one pass): the temporaries are bounded by the slice,
         not by the parameter (a 136M-element embedding would otherwise need two parameter-sized
         scratch buffers). ``m2_b`` may be :func:`zeros_like_free` (one sample: ``M2_b = 0``),
-        which is never materialised.
+        which is never materialised. Mean only (``variance=False``): ``m2_b`` is ignored (None is
+        accepted) and ``M2`` is neither read nor written.
         """
         n_b = _count_of(n_b)
         if n_b < 0:
             raise InvalidInputError(f"sample count must be >= 0, got {n_b}")
         shape = tuple(shift.shape)
+        if not self.has_variance:
+            m2_b = zeros_like_free(shift)  # never read
+        elif m2_b is None:
+            raise InvalidInputError("update_shifted_: m2_b is required by an accumulator that keeps the variance")
         if tuple(m2_b.shape) != shape or (residual is not None and tuple(residual.shape) != shape):
             raise InvalidInputError(f"shift, m2 and residual shapes differ: {shape}, {tuple(m2_b.shape)}, {None if residual is None else tuple(residual.shape)}")
         if self.shape is not None and shape != self.shape:
@@ -651,6 +687,8 @@ class Welford(_Accumulator):
                     _fast_two_sum_(mean, lo, y, ws)
             elif residual is not None:
                 mean.add_(self._converted(residual, "residual", ws), alpha=1.0 / n_b)
+            if m2 is None:
+                return
             if zero_m2:
                 m2.zero_()
             else:
@@ -662,9 +700,10 @@ class Welford(_Accumulator):
             delta.sub_(lo)
         if residual is not None:
             delta.add_(self._converted(residual, "residual", ws), alpha=1.0 / n_b)
-        if not zero_m2:  # adding M2_b = +0 leaves M2 (>= 0) bit for bit as it is
-            m2.add_(self._converted(m2_b, "m2", ws))
-        m2.addcmul_(delta, delta, value=n_a * n_b / n)
+        if m2 is not None:  # mean only: no M2
+            if not zero_m2:  # adding M2_b = +0 leaves M2 (>= 0) bit for bit as it is
+                m2.add_(self._converted(m2_b, "m2", ws))
+            m2.addcmul_(delta, delta, value=n_a * n_b / n)
         if lo is None:
             mean.add_(delta, alpha=n_b / n)
         else:
@@ -683,7 +722,8 @@ class Welford(_Accumulator):
         self._n = 0
         if zero and self._mean is not None:
             self._mean.zero_()
-            self._m2.zero_()  # type: ignore[union-attr]
+            if self._m2 is not None:
+                self._m2.zero_()
             if self._lo is not None:
                 self._lo.zero_()
         return self
@@ -707,7 +747,12 @@ class Welford(_Accumulator):
             raise InvalidInputError(f"can only merge a Welford accumulator with another Welford, got {type(other).__name__}")
         if other.count == 0:
             return self
-        return self.update_moments(other.count, other.mean, other.m2, mean_lo=other._lo)
+        if self.has_variance and not other.has_variance:
+            raise UnsupportedError(
+                "cannot merge a mean-only Welford (variance=False) into one that keeps the variance: it has no M2; "
+                "merge into a mean-only accumulator, or accumulate both with variance=True"
+            )
+        return self.update_moments(other.count, other.mean, other._m2, mean_lo=other._lo)
 
     def mean_as(self, dtype: torch.dtype | None = None, device=None) -> torch.Tensor:
         """The mean converted to a storage ``dtype``/``device`` (a copy; accumulation is untouched).
@@ -720,7 +765,8 @@ class Welford(_Accumulator):
 
     @property
     def m2(self) -> torch.Tensor:
-        """Centred sum of squares ``M2 = Σ_i (x_i − μ)²``."""
+        """Centred sum of squares ``M2 = Σ_i (x_i − μ)²`` (refused for a mean-only accumulator)."""
+        self._refuse_no_variance("m2")
         self._require_state()
         return self._m2  # type: ignore[return-value]
 
@@ -729,7 +775,8 @@ class Welford(_Accumulator):
         return float(self._n)
 
     def variance(self, ddof: int = 1) -> torch.Tensor:
-        """``M2 / (n − ddof)``; zeros (not NaN) while ``n <= ddof``."""
+        """``M2 / (n − ddof)``; zeros (not NaN) while ``n <= ddof`` (refused for a mean-only accumulator)."""
+        self._refuse_no_variance("variance()")
         self._require_state()
         if ddof < 0:
             raise InvalidInputError(f"ddof must be >= 0, got {ddof}")
@@ -738,14 +785,15 @@ class Welford(_Accumulator):
         return self._m2 / (self._n - ddof)
 
     def state(self) -> AccumulatorState:
-        """The exact state (see :class:`AccumulatorState`; compensated: with ``mean_lo``), live tensors, no copy."""
+        """The exact state (see :class:`AccumulatorState`; compensated: with ``mean_lo``; mean only:
+        ``m2`` None), live tensors, no copy."""
         return AccumulatorState(self._n, self._mean, self._m2, mean_lo=self._lo)
 
     @classmethod
     def from_state(cls, state: AccumulatorState, *, dtype: torch.dtype = torch.float64, device="cpu", compensated: bool | None = None,
-                   store: MappedStore | None = None):
+                   store: MappedStore | None = None, variance: bool | None = None):
         """A new accumulator holding ``state`` (copied, checked as in :meth:`from_state_dict`)."""
-        return cls.from_state_dict(state.as_dict(), dtype=dtype, device=device, compensated=compensated, store=store)
+        return cls.from_state_dict(state.as_dict(), dtype=dtype, device=device, compensated=compensated, store=store, variance=variance)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Plain tensors (``count`` as a 0-d int64 tensor; compensated: also ``mean_lo``), storable
@@ -753,7 +801,8 @@ class Welford(_Accumulator):
         out = {"count": torch.tensor(self._n, dtype=torch.int64)}
         if self._mean is not None:
             out["mean"] = self._mean.detach().cpu().clone()
-            out["m2"] = self._m2.detach().cpu().clone()  # type: ignore[union-attr]
+            if self._m2 is not None:
+                out["m2"] = self._m2.detach().cpu().clone()
             if self._lo is not None:
                 out["mean_lo"] = self._lo.detach().cpu().clone()
         return out
@@ -761,17 +810,31 @@ class Welford(_Accumulator):
     @classmethod
     def from_state_dict(
         cls, state: dict[str, Any], *, dtype: torch.dtype = torch.float64, device="cpu", compensated: bool | None = None,
-        store: MappedStore | None = None,
+        store: MappedStore | None = None, variance: bool | None = None,
     ) -> Welford:
         """Rebuild an accumulator from :meth:`state_dict` (``count`` may be an int or a tensor).
 
         A ``mean_lo`` entry is kept as the compensation of a compensated accumulator, and added
-        to the mean otherwise; without one a compensated accumulator starts with ``lo = 0``."""
-        acc = cls(None, dtype=dtype, device=device, compensated=compensated, store=store)
+        to the mean otherwise; without one a compensated accumulator starts with ``lo = 0``.
+        ``variance``: None keeps the variance when the state has an ``m2`` (mean only without
+        one); True or False must match the state (:class:`InvalidInputError` otherwise: a
+        mean-only state cannot make an accumulator with a variance, and a state with ``M2`` is
+        not silently cut down to its mean)."""
+        has_m2 = state.get("m2") is not None
+        if "mean" in state and variance is not None and bool(variance) != has_m2:
+            raise InvalidInputError(
+                "this accumulator state keeps the mean only (no 'm2'): it cannot resume an accumulator with "
+                "variance=True; resume with variance=False" if variance else
+                "this accumulator state keeps the variance ('m2'), but the accumulator asked for keeps the mean only "
+                "(variance=False); resume with variance=True, or start the mean-only accumulation afresh"
+            )
+        acc = cls(None, dtype=dtype, device=device, compensated=compensated, store=store,
+                  variance=has_m2 if variance is None and "mean" in state else (True if variance is None else variance))
         if "mean" in state:
             acc._init_state(tuple(state["mean"].shape))
             acc._mean = state["mean"].detach().to(device=acc.device, dtype=dtype).clone()
-            acc._m2 = state["m2"].detach().to(device=acc.device, dtype=dtype).clone()
+            if has_m2:
+                acc._m2 = state["m2"].detach().to(device=acc.device, dtype=dtype).clone()
             lo = state.get("mean_lo")
             if lo is not None:
                 if acc._lo is not None:
@@ -785,6 +848,9 @@ class Welford(_Accumulator):
         if acc._n > 0 and acc._mean is None:
             raise InvalidInputError("state_dict has a positive count but no 'mean'/'m2' tensors")
         return acc
+
+    def __repr__(self) -> str:
+        return super().__repr__()[:-1] + ("" if self.has_variance else ", variance=False") + ")"
 
 
 #: elements per slice of :meth:`Welford.update_shifted_`: its temporaries (workspace views) are
@@ -982,13 +1048,15 @@ class EMA(_Accumulator):
         return acc
 
 
-def _check_state_values(cls_name: str, mean: torch.Tensor, m2: torch.Tensor) -> None:
+def _check_state_values(cls_name: str, mean: torch.Tensor, m2: torch.Tensor | None) -> None:
     """A restored accumulator's ``mean`` must be finite and its ``M2`` (a sum of squared
     deviations) finite and >= 0: :class:`InvalidInputError` naming the tensor and the counts
     (the counting of :class:`hf_fisher.artifacts.fisher.ValueCheck`)."""
     from hf_fisher.artifacts.fisher import _value_problems
 
     for key, t, rule in (("mean", mean, "none"), ("m2", m2, "all")):
+        if t is None:  # a mean-only Welford
+            continue
         problems = _value_problems(t, rule, zero=False)
         if problems:
             counts = ", ".join(f"{n} {kind}" for kind, n in problems.items())
@@ -1000,12 +1068,15 @@ def _check_state_values(cls_name: str, mean: torch.Tensor, m2: torch.Tensor) -> 
 
 def make_accumulator(
     shape=None, *, ema_decay: float | None = None, dtype: torch.dtype = torch.float64, device="cpu",
-    compensated: bool | None = None, store: MappedStore | None = None,
+    compensated: bool | None = None, store: MappedStore | None = None, variance: bool = True,
 ) -> Welford | EMA:
-    """A :class:`Welford` accumulator (``compensated``: see there), or an :class:`EMA` when
-    ``ema_decay`` is given; ``store``: state tensors in its memory-mapped files."""
+    """A :class:`Welford` accumulator (``compensated``, ``variance``: see there), or an :class:`EMA`
+    when ``ema_decay`` is given (which keeps its dispersion: ``variance=False`` is refused);
+    ``store``: state tensors in its memory-mapped files."""
     if ema_decay is None:
-        return Welford(shape, dtype=dtype, device=device, compensated=compensated, store=store)
+        return Welford(shape, dtype=dtype, device=device, compensated=compensated, store=store, variance=variance)
+    if not variance:
+        raise InvalidInputError("variance=False (the mean only) is for Welford accumulators; an EMA (ema_decay) keeps its dispersion")
     return EMA(shape, decay=ema_decay, dtype=dtype, device=device, store=store)
 
 

@@ -96,6 +96,10 @@ class FisherCallback(TrainerCallback):
             trainable ones; for a PEFT model, its trainable adapter weights).
         max_samples: training mode: stop adding samples after this many.
         storage_dtype, ema_decay: as for :func:`hf_fisher.collect`.
+        variance: False keeps the mean only (no variance in the artifacts and checkpoints;
+            accumulators 8 bytes per value instead of 12-16: see
+            :class:`~hf_fisher.collection.collector.FisherCollector`); not with ``ema_decay``.
+            A checkpoint collected with the other setting is refused on resume.
         output_subdir: folder name of the artifact inside ``output_dir`` and checkpoints.
         log_summary: add Fisher scalars (``fisher/trace``, ``fisher/samples``, per-layer traces)
             to the Trainer's logs.
@@ -130,7 +134,11 @@ class FisherCallback(TrainerCallback):
         log_summary: bool = True,
         estimator_options: Mapping[str, Any] | None = None,
         base_model: str | None = None,
+        variance: bool = True,
     ):
+        from ..collection.collector import _check_variance
+
+        _check_variance(variance, ema_decay=ema_decay)
         if mode not in MODES:
             raise InvalidInputError(f"unknown mode {mode!r}; choose 'training' or 'probe'")
         estimator_options = _check_estimator(mode, estimator, estimator_options)
@@ -159,6 +167,7 @@ class FisherCallback(TrainerCallback):
         self.max_samples = max_samples
         self.storage_dtype = storage_dtype
         self.ema_decay = ema_decay
+        self.variance = variance
         self.output_subdir = output_subdir
         self.log_summary = log_summary
         self.collector = None
@@ -220,7 +229,7 @@ class FisherCallback(TrainerCallback):
 
         return FisherCollector(
             model, reduction=self.reduction, storage_dtype=self.storage_dtype, ema_decay=self.ema_decay,
-            train_mode=train_mode, params=self.params,
+            train_mode=train_mode, params=self.params, variance=self.variance,
         )
 
     def on_train_begin(self, args, state, control, model=None, train_dataloader=None, **kwargs):
@@ -370,7 +379,7 @@ class FisherCallback(TrainerCallback):
 
         return plugins.estimators()[self.estimator](
             reduction=self.reduction, storage_dtype=self.storage_dtype, ema_decay=self.ema_decay, train_mode=False,
-            params=self.params, **self.estimator_options,
+            params=self.params, variance=self.variance, **self.estimator_options,
         )
 
     def _check_probe_against(self, model) -> None:
