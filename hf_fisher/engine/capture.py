@@ -36,9 +36,14 @@ class Capture:
     the caller must not trust the recorded calls then.
     """
 
-    def __init__(self, modules: list[nn.Module], on_grad: Callable[[ModuleCall], None]):
+    def __init__(self, modules: list[nn.Module], on_grad: Callable[[ModuleCall], None], taps: Callable[[nn.Module], object | None] | None = None):
         self.modules = modules
         self.on_grad = on_grad
+        #: ``taps(module)``: None, or a probe (see :meth:`~hf_fisher.engine.rules.GradRule.tap`) whose
+        #: ``start()`` runs before each recorded forward of the module and whose ``stop()`` (a dict)
+        #: ends it and goes into the call's ``extra``
+        self.taps = taps
+        self._taps: dict[int, object] = {}
         self.calls: list[ModuleCall] = []
         self.handles: list = []
         self.in_backward = False
@@ -54,14 +59,25 @@ class Capture:
     def attach(self) -> Capture:
         if not self.handles:
             for m in self.modules:
+                tap = self.taps(m) if self.taps is not None else None
+                if tap is not None:
+                    self._taps[id(m)] = tap
+                    self.handles.append(m.register_forward_pre_hook(self._tap_hook))
                 self.handles.append(m.register_forward_hook(self._forward_hook, with_kwargs=True))
         return self
 
     def detach(self) -> None:
         for h in self.handles:
             h.remove()
+        for tap in self._taps.values():
+            tap.stop()
+        self._taps = {}
         self.handles = []
         self.calls = []
+
+    def _tap_hook(self, module, args):
+        if not (self.suspended or self.in_backward) and torch.is_grad_enabled():
+            self._taps[id(module)].start()
 
     def __enter__(self) -> Capture:
         return self.attach()
@@ -82,6 +98,8 @@ class Capture:
         self.scale = scale
 
     def _forward_hook(self, module, args, kwargs, output):
+        tap = self._taps.get(id(module))
+        tapped = tap.stop() if tap is not None else {}
         if self.suspended:
             return None
         if self.in_backward:
@@ -97,6 +115,7 @@ class Capture:
         # the module's only between its unshard and reshard (a rule reading values in the backward
         # must not meet the sharded DTensors registered by then)
         call.extra["params"] = dict(module.named_parameters(recurse=False))
+        call.extra.update(tapped)
         self.calls.append(call)
         if isinstance(output, torch.Tensor):
             call.tensors = [output] if output.requires_grad else []

@@ -24,6 +24,8 @@ module's own ``_apply_gate``, so any activation is exact.
 
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.nn as nn
 
@@ -41,6 +43,8 @@ from .rules import (
     _trainable,
     num_samples,
 )
+
+log = logging.getLogger(__name__)
 
 #: (module path, class name) of the fused experts modules this rule knows
 EXPERTS_CLASSES = (
@@ -253,6 +257,11 @@ class FusedExpertsRule(GradRule):
     def applies_to(self, module_type, registered):
         return module_type.forward is registered.forward
 
+    def tap(self, module):
+        """Records the input of the module's ``_apply_gate`` during a forward (see
+        :class:`_GateTap`), so :meth:`parts` need not recompute the gate/up projection."""
+        return _GateTap(module) if getattr(module, "has_gate", True) else None
+
     def parts(self, call: ModuleCall) -> dict[str, Part]:
         m = call.module
         params = _trainable(m)
@@ -290,14 +299,19 @@ class FusedExpertsRule(GradRule):
         bounds = [0]
         for n in counts:
             bounds.append(bounds[-1] + n)
-        u = x_r.new_empty(x_r.shape[0], W_gu.shape[2] if transposed else W_gu.shape[1])
+        u = _recorded_gate_input(call, flat, pairs, x_r, W_gu, b_gu, transposed, dt)
+        if u is None:
+            u = x_r.new_empty(x_r.shape[0], W_gu.shape[2] if transposed else W_gu.shape[1])
+            for e in range(E):
+                lo, hi = bounds[e], bounds[e + 1]
+                if hi > lo:
+                    torch.mm(x_r[lo:hi], W_gu[e] if transposed else W_gu[e].t(), out=u[lo:hi])
+                    if b_gu is not None:
+                        u[lo:hi] += b_gu[e]
         dh = delta.new_empty(delta.shape[0], W_d.shape[1] if transposed else W_d.shape[2])
         for e in range(E):
             lo, hi = bounds[e], bounds[e + 1]
             if hi > lo:
-                torch.mm(x_r[lo:hi], W_gu[e] if transposed else W_gu[e].t(), out=u[lo:hi])
-                if b_gu is not None:
-                    u[lo:hi] += b_gu[e]
                 torch.mm(delta[lo:hi], W_d[e].t() if transposed else W_d[e], out=dh[lo:hi])
         with torch.enable_grad():
             u.requires_grad_(True)
@@ -323,6 +337,90 @@ class FusedExpertsRule(GradRule):
         if biased and "down_proj_bias" in params:
             out["down_proj_bias"] = _expert_bias_part(params["down_proj_bias"], d_rows, B, T1, call.scale)
         return out
+
+
+_MISSING = object()
+#: experts implementations (``config._experts_implementation``) that call ``_apply_gate`` once per
+#: forward on every (token, slot) pair, and the order of those rows: "grouped_mm" sorts the flattened
+#: expert ids (``torch.sort``, not stable: the same call here gives the same order), "batched_mm"
+#: keeps the flattened order
+_GATE_ROW_ORDERS = ("grouped_mm", "batched_mm")
+#: rows of a recorded gate/up projection that :func:`_recorded_gate_input` recomputes to check it
+_CHECKED_ROWS = 8
+_WARNED: set = set()
+
+
+class _GateTap:
+    """Records ``u``, the input of an experts module's ``_apply_gate`` in one forward: the gate/up
+    projection ``x_t W_gu[e]ᵀ (+ b)`` of every routed pair, as the forward computed it (a tensor of
+    the forward's graph; held, not copied). Installed as an instance attribute for the forward only
+    (:meth:`start` / :meth:`stop`), so the module's own ``_apply_gate`` still does the work."""
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+        self.seen: list[torch.Tensor] | None = None
+        self.saved = _MISSING
+
+    def start(self) -> None:
+        self.stop()
+        m, seen = self.module, []
+        self.saved = m.__dict__.get("_apply_gate", _MISSING)
+        gate = m._apply_gate
+
+        def recording_gate(u):
+            seen.append(u)
+            return gate(u)
+
+        m.__dict__["_apply_gate"] = recording_gate
+        self.seen = seen
+
+    def stop(self) -> dict:
+        if self.seen is None:
+            return {}
+        if self.saved is _MISSING:
+            self.module.__dict__.pop("_apply_gate", None)
+        else:
+            self.module.__dict__["_apply_gate"] = self.saved
+        seen, self.seen, self.saved = self.seen, None, _MISSING
+        return {"gate_inputs": seen}
+
+
+def _recorded_gate_input(call: ModuleCall, flat, pairs, x_r, W_gu, b_gu, transposed: bool, dt) -> torch.Tensor | None:
+    """The gate/up projection ``u`` of the routed pairs ``pairs`` (rows in that order) as the
+    forward computed it (:class:`_GateTap`), or None where it was not recorded, was recorded in
+    another dtype, or comes from an implementation whose row order is not known. A few rows are
+    recomputed and compared first: a mismatch is logged (WARNING) and gives None (the caller
+    recomputes every row)."""
+    m = call.module
+    seen = call.extra.get("gate_inputs")
+    impl = getattr(getattr(m, "config", None), "_experts_implementation", None)
+    if not seen or len(seen) != 1 or impl not in _GATE_ROW_ORDERS or getattr(m, "_is_expert_parallel", False):
+        return None
+    u = seen[0].detach()
+    width = W_gu.shape[2] if transposed else W_gu.shape[1]
+    if u.dtype != dt or u.shape != (flat.numel(), width) or pairs.numel() == 0:
+        return None
+    if impl == "grouped_mm":
+        perm = torch.sort(flat).indices  # the forward's row r is pair perm[r]
+        row_of = torch.empty_like(perm)
+        row_of[perm] = torch.arange(perm.numel(), device=perm.device)
+        rows = row_of.index_select(0, pairs)
+    else:
+        rows = pairs
+    u = u.index_select(0, rows)
+    check = torch.linspace(0, pairs.numel() - 1, min(pairs.numel(), _CHECKED_ROWS), device=pairs.device).long()
+    W = W_gu.index_select(0, flat.index_select(0, pairs.index_select(0, check)))
+    ref = torch.einsum("kh,khc->kc" if transposed else "kh,kch->kc", x_r.index_select(0, check), W)
+    if b_gu is not None:
+        ref += b_gu.index_select(0, flat.index_select(0, pairs.index_select(0, check)))
+    tol = 1e-4 if dt.itemsize >= 4 else 1e-2
+    if not torch.allclose(u.index_select(0, check), ref, rtol=tol, atol=tol * float(ref.abs().max())):
+        if type(m) not in _WARNED:
+            _WARNED.add(type(m))
+            log.warning("%s (%s experts): the recorded gate/up projection does not match its recomputation; "
+                        "recomputing it", type(m).__name__, impl)
+        return None
+    return u
 
 
 def _arg(call: ModuleCall, position: int, name: str):

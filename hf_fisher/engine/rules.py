@@ -651,6 +651,15 @@ class GradRule:
         """
         return module_type.forward is registered.forward
 
+    def tap(self, module: nn.Module):
+        """An optional probe of what a forward of ``module`` computes inside (None: none, the
+        default). A probe has ``start()``, run before each recorded forward of the module, and
+        ``stop() -> dict``, run after it (and when the capture detaches; a no-op when not
+        started), whose items join the call's ``ModuleCall.extra`` for :meth:`parts`. It must
+        leave the module as it found it and its results must not change a number: a rule uses
+        them only to skip recomputing what the forward already formed."""
+        return None
+
 
 def _trainable(module: nn.Module, call: ModuleCall | None = None) -> dict[str, torch.Tensor]:
     """The module's direct trainable parameters; with ``call``, as that forward used them (see
