@@ -15,6 +15,7 @@ import logging
 
 import pytest
 import torch
+from test_hardening_engine import gpt_oss
 
 import hf_fisher
 from hf_fisher.engine import moe
@@ -22,22 +23,26 @@ from hf_fisher.engine import moe
 import extra_models as em
 import reference as R
 import tiny_models as tm
-from test_hardening_engine import gpt_oss
 
 
 @pytest.fixture
 def recorded(monkeypatch):
-    """How many experts calls used a recorded gate/up projection (``True``) or recomputed it."""
-    used: list[bool] = []
-    orig = moe._recorded_gate_input
+    """Per experts call: whether it used the recorded rows (``rows``) and had the backward's own
+    gradient of the gate/up projection (``grad``)."""
+    used: list[dict] = []
+    orig = moe._recorded_rows
 
-    def spy(*args, **kwargs):
-        u = orig(*args, **kwargs)
-        used.append(u is not None)
-        return u
+    def spy(call, *args, **kwargs):
+        rows = orig(call, *args, **kwargs)
+        used.append({"rows": rows is not None, "grad": call.extra.get("inner_grad") is not None})
+        return rows
 
-    monkeypatch.setattr(moe, "_recorded_gate_input", spy)
+    monkeypatch.setattr(moe, "_recorded_rows", spy)
     return used
+
+
+def all_recorded(used):
+    return bool(used) and all(u["rows"] and u["grad"] for u in used)
 
 
 def experts_modules(model):
@@ -65,7 +70,7 @@ def test_batched_mm_float64_recorded_and_exact(reduction, case, recorded):
     model.set_experts_implementation("batched_mm")
     batches = BATCHES[case]()
     fisher = hf_fisher.collect(model, batches, reduction=reduction, progress=False)
-    assert recorded and all(recorded)
+    assert all_recorded(recorded)
     assert_matches_reference(model, batches, fisher, reduction, rtol=1e-9)
     assert all("_apply_gate" not in m.__dict__ for m in experts_modules(model))
 
@@ -78,7 +83,7 @@ def test_top_k_ties_zero_router(recorded):
             layer.mlp.gate.weight.zero_()  # every expert's logit equal: top-k among ties
     batches = BATCHES["padded"]()
     fisher = hf_fisher.collect(model, batches, reduction="param", progress=False)
-    assert recorded and all(recorded)
+    assert all_recorded(recorded)
     assert_matches_reference(model, batches, fisher, "param", rtol=1e-9)
 
 
@@ -89,7 +94,7 @@ def test_grouped_mm_float32_sorted_rows_recorded(reduction, recorded):
     model.set_experts_implementation("grouped_mm")
     batches = BATCHES["padded"]() + BATCHES["B=1"]()
     fisher = hf_fisher.collect(model, batches, reduction=reduction, progress=False)
-    assert recorded and all(recorded)
+    assert all_recorded(recorded)
     assert_matches_reference(model64, batches, fisher, reduction, rtol=2e-4)
 
 
@@ -98,7 +103,7 @@ def test_gpt_oss_transposed_biased_recorded(recorded):
     model.set_experts_implementation("batched_mm")
     batches = BATCHES["padded"]()
     fisher = hf_fisher.collect(model, batches, reduction="param", progress=False)
-    assert recorded and all(recorded)
+    assert all_recorded(recorded)
     assert_matches_reference(model, batches, fisher, "param", rtol=1e-9)
 
 
@@ -106,7 +111,7 @@ def test_eager_experts_not_tapped_recompute(recorded):
     model, _, _ = em.mixtral()  # eager: the original forward never calls _apply_gate
     batches = BATCHES["B=1"]()
     fisher = hf_fisher.collect(model, batches, reduction="param", progress=False)
-    assert recorded and not any(recorded)
+    assert recorded and not any(u["rows"] for u in recorded)
     assert_matches_reference(model, batches, fisher, "param", rtol=1e-9)
 
 
@@ -117,7 +122,8 @@ def test_mismatched_recording_refused_loudly(monkeypatch, caplog, recorded):
 
     def reversed_rows(self):
         out = stop(self)
-        return {k: [u.flip(0) for u in v] for k, v in out.items()}
+        out["gate_inputs"] = [u.flip(0) for u in out.get("gate_inputs", [])]
+        return out
 
     monkeypatch.setattr(moe._GateTap, "stop", reversed_rows)
     monkeypatch.setattr(moe, "_WARNED", set())
@@ -126,7 +132,7 @@ def test_mismatched_recording_refused_loudly(monkeypatch, caplog, recorded):
     batches = BATCHES["padded"]()
     with caplog.at_level(logging.WARNING, logger="hf_fisher.engine.moe"):
         fisher = hf_fisher.collect(model, batches, reduction="param", progress=False)
-    assert recorded and not any(recorded)
+    assert recorded and not any(u["rows"] for u in recorded)
     assert "does not match its recomputation" in caplog.text
     assert_matches_reference(model, batches, fisher, "param", rtol=1e-9)
 
@@ -146,8 +152,26 @@ def test_tap_restores_an_instance_gate_and_records_one_forward():
     got = tap.stop()
     assert m.__dict__["_apply_gate"] is own
     (u,) = got["gate_inputs"]
+    assert got["inner"] is u and got["gate_outputs"][0].shape == (10, m.gate_up_proj.shape[1] // 2)
     assert u.shape == (10, m.gate_up_proj.shape[1])
     ref = torch.stack([m.gate_up_proj[e] @ x[p // 2] for p, e in enumerate(idx.reshape(-1).tolist())])
     torch.testing.assert_close(u, ref, rtol=1e-12, atol=1e-12)
     assert tap.stop() == {}  # stopping twice: a no-op
     torch.testing.assert_close(m(x, idx, w), y, rtol=0, atol=0)
+
+
+def test_backward_that_stops_above_the_gate_recomputes_the_rest(recorded):
+    """Frozen embeddings and first attention block: after the first batch (whose check asks
+    autograd for every parameter's gradient, so d_u of every layer is formed), the engine's
+    backward stops at the first layer's router, above its experts' gate/up projection; that call
+    is dispatched when the backward ends, with u recorded but d_u recomputed. Still exact."""
+    model, _, _ = em.mixtral()
+    model.set_experts_implementation("batched_mm")
+    first = model.model.layers[0]
+    for mod in (model.model.embed_tokens, first.self_attn, first.input_layernorm, first.post_attention_layernorm):
+        mod.requires_grad_(False)
+    batches = BATCHES["padded"]()
+    fisher = hf_fisher.collect(model, batches, reduction="param", progress=False)
+    assert all(u["rows"] for u in recorded)
+    assert any(u["grad"] for u in recorded) and not all(u["grad"] for u in recorded)
+    assert_matches_reference(model, batches, fisher, "param", rtol=1e-9)

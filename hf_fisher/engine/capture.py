@@ -120,7 +120,11 @@ class Capture:
         if isinstance(output, torch.Tensor):
             call.tensors = [output] if output.requires_grad else []
             if output.requires_grad:
-                output.register_hook(self._make_grad_hook(call))
+                inner = call.extra.get("inner")
+                waits = isinstance(inner, torch.Tensor) and inner.requires_grad
+                output.register_hook(self._make_grad_hook(call, waits))
+                if waits:
+                    inner.register_hook(self._make_inner_hook(call))
             return None
         from torch.utils._pytree import tree_flatten, tree_unflatten
 
@@ -149,10 +153,30 @@ class Capture:
         finally:
             self.suspended = False
 
-    def _make_grad_hook(self, call: ModuleCall):
+    def _make_grad_hook(self, call: ModuleCall, waits: bool = False):
         def hook(grad):
             if not self.muted:
                 call.grad_output = grad
+                if waits:  # dispatched by the inner hook below, or by flush_deferred if none comes
+                    self.deferred.append(call)
+                else:
+                    self._dispatch(call)
+            return None
+
+        return hook
+
+    def _make_inner_hook(self, call: ModuleCall):
+        """A tap's ``extra["inner"]``: a tensor inside the module's forward whose gradient its
+        rule uses (the backward reaches it after the module's output): the call is dispatched
+        when it arrives, with ``extra["inner_grad"]`` set."""
+
+        def hook(grad):
+            if self.muted or call.grad_output is None:
+                return None
+            k = next((k for k, c in enumerate(self.deferred) if c is call), None)
+            if k is not None:
+                del self.deferred[k]
+                call.extra["inner_grad"] = grad
                 self._dispatch(call)
             return None
 
@@ -170,8 +194,9 @@ class Capture:
         return hook
 
     def flush_deferred(self) -> None:
-        """Dispatch the multi-output calls gathered during the backward (see class docstring),
-        without grad mode, as the backward's own hooks run: a rule's per-sample gradients never
+        """Dispatch the multi-output calls gathered during the backward (see class docstring) and
+        the calls whose tap's inner gradient never came (the backward stopped above it), without
+        grad mode, as the backward's own hooks run: a rule's per-sample gradients never
         join a graph (a module whose submodules' parameters require grad would otherwise give
         parts that do)."""
         deferred, self.deferred = self.deferred, []

@@ -299,25 +299,35 @@ class FusedExpertsRule(GradRule):
         bounds = [0]
         for n in counts:
             bounds.append(bounds[-1] + n)
-        u = _recorded_gate_input(call, flat, pairs, x_r, W_gu, b_gu, transposed, dt)
-        if u is None:
-            u = x_r.new_empty(x_r.shape[0], W_gu.shape[2] if transposed else W_gu.shape[1])
+        # the forward's own u = x W_gu[e]ᵀ (+ b) and h = act_gate(u), and the backward's own
+        # d_u = dL/du, where the tap recorded them (rows mapped to this order); else recomputed
+        rows = _recorded_rows(call, flat, pairs, x_r, W_gu, b_gu, transposed, dt)
+        recorded = {k: call.extra.pop(k, None) for k in ("gate_inputs", "gate_outputs", "inner", "inner_grad")}
+        d_u = recorded["inner_grad"]
+        if rows is not None and d_u is not None and d_u.dtype == dt and d_u.shape == recorded["gate_inputs"][0].shape:
+            d_u = d_u.index_select(0, rows)
+            h = recorded["gate_outputs"][0].detach().index_select(0, rows)
+        else:
+            if rows is not None:
+                u = recorded["gate_inputs"][0].detach().index_select(0, rows)
+            else:
+                u = x_r.new_empty(x_r.shape[0], W_gu.shape[2] if transposed else W_gu.shape[1])
+                for e in range(E):
+                    lo, hi = bounds[e], bounds[e + 1]
+                    if hi > lo:
+                        torch.mm(x_r[lo:hi], W_gu[e] if transposed else W_gu[e].t(), out=u[lo:hi])
+                        if b_gu is not None:
+                            u[lo:hi] += b_gu[e]
+            dh = delta.new_empty(delta.shape[0], W_d.shape[1] if transposed else W_d.shape[2])
             for e in range(E):
                 lo, hi = bounds[e], bounds[e + 1]
                 if hi > lo:
-                    torch.mm(x_r[lo:hi], W_gu[e] if transposed else W_gu[e].t(), out=u[lo:hi])
-                    if b_gu is not None:
-                        u[lo:hi] += b_gu[e]
-        dh = delta.new_empty(delta.shape[0], W_d.shape[1] if transposed else W_d.shape[2])
-        for e in range(E):
-            lo, hi = bounds[e], bounds[e + 1]
-            if hi > lo:
-                torch.mm(delta[lo:hi], W_d[e].t() if transposed else W_d[e], out=dh[lo:hi])
-        with torch.enable_grad():
-            u.requires_grad_(True)
-            h = _apply_gate(m, u)
-            (d_u,) = torch.autograd.grad(h, u, dh)
-        h = h.detach()
+                    torch.mm(delta[lo:hi], W_d[e].t() if transposed else W_d[e], out=dh[lo:hi])
+            with torch.enable_grad():
+                u.requires_grad_(True)
+                h = _apply_gate(m, u)
+                (d_u,) = torch.autograd.grad(h, u, dh)
+            h = h.detach()
         gu_factors, d_factors, gu_rows, d_rows = [], [], [], []
         for e in range(E):
             sl = slice(bounds[e], bounds[e + 1])
@@ -345,15 +355,17 @@ _MISSING = object()
 #: expert ids (``torch.sort``, not stable: the same call here gives the same order), "batched_mm"
 #: keeps the flattened order
 _GATE_ROW_ORDERS = ("grouped_mm", "batched_mm")
-#: rows of a recorded gate/up projection that :func:`_recorded_gate_input` recomputes to check it
+#: rows of a recorded gate/up projection that :func:`_recorded_rows` recomputes to check it
 _CHECKED_ROWS = 8
 _WARNED: set = set()
 
 
 class _GateTap:
-    """Records ``u``, the input of an experts module's ``_apply_gate`` in one forward: the gate/up
-    projection ``x_t W_gu[e]ᵀ (+ b)`` of every routed pair, as the forward computed it (a tensor of
-    the forward's graph; held, not copied). Installed as an instance attribute for the forward only
+    """Records ``u`` and ``h``, the input and output of an experts module's ``_apply_gate`` in one
+    forward: the gate/up projection ``x_t W_gu[e]ᵀ (+ b)`` of every routed pair and its gated
+    activation, as the forward computed them (tensors of the forward's graph; held, not copied),
+    and hands ``u`` to the capture as the call's ``inner`` tensor, whose gradient ``d_u`` the
+    backward then delivers with the call. Installed as an instance attribute for the forward only
     (:meth:`start` / :meth:`stop`), so the module's own ``_apply_gate`` still does the work."""
 
     def __init__(self, module: nn.Module):
@@ -368,8 +380,9 @@ class _GateTap:
         gate = m._apply_gate
 
         def recording_gate(u):
-            seen.append(u)
-            return gate(u)
+            h = gate(u)
+            seen.append((u, h))
+            return h
 
         m.__dict__["_apply_gate"] = recording_gate
         self.seen = seen
@@ -382,15 +395,18 @@ class _GateTap:
         else:
             self.module.__dict__["_apply_gate"] = self.saved
         seen, self.seen, self.saved = self.seen, None, _MISSING
-        return {"gate_inputs": seen}
+        out = {"gate_inputs": [u for u, _ in seen], "gate_outputs": [h for _, h in seen]}
+        if len(seen) == 1:
+            out["inner"] = seen[0][0]  # the capture hands its gradient to parts (see Capture)
+        return out
 
 
-def _recorded_gate_input(call: ModuleCall, flat, pairs, x_r, W_gu, b_gu, transposed: bool, dt) -> torch.Tensor | None:
-    """The gate/up projection ``u`` of the routed pairs ``pairs`` (rows in that order) as the
-    forward computed it (:class:`_GateTap`), or None where it was not recorded, was recorded in
-    another dtype, or comes from an implementation whose row order is not known. A few rows are
-    recomputed and compared first: a mismatch is logged (WARNING) and gives None (the caller
-    recomputes every row)."""
+def _recorded_rows(call: ModuleCall, flat, pairs, x_r, W_gu, b_gu, transposed: bool, dt) -> torch.Tensor | None:
+    """Where the routed pairs ``pairs`` (in this order) sit among the rows the forward passed to
+    ``_apply_gate`` (:class:`_GateTap`), or None where nothing was recorded, it was recorded in
+    another dtype, or by an implementation whose row order is not known. A few rows of the
+    recorded ``u`` are recomputed and compared first: a mismatch is logged (WARNING) and gives
+    None (the caller then recomputes every row)."""
     m = call.module
     seen = call.extra.get("gate_inputs")
     impl = getattr(getattr(m, "config", None), "_experts_implementation", None)
@@ -407,20 +423,19 @@ def _recorded_gate_input(call: ModuleCall, flat, pairs, x_r, W_gu, b_gu, transpo
         rows = row_of.index_select(0, pairs)
     else:
         rows = pairs
-    u = u.index_select(0, rows)
     check = torch.linspace(0, pairs.numel() - 1, min(pairs.numel(), _CHECKED_ROWS), device=pairs.device).long()
-    W = W_gu.index_select(0, flat.index_select(0, pairs.index_select(0, check)))
-    ref = torch.einsum("kh,khc->kc" if transposed else "kh,kch->kc", x_r.index_select(0, check), W)
+    experts = flat.index_select(0, pairs.index_select(0, check))
+    ref = torch.einsum("kh,khc->kc" if transposed else "kh,kch->kc", x_r.index_select(0, check), W_gu.index_select(0, experts))
     if b_gu is not None:
-        ref += b_gu.index_select(0, flat.index_select(0, pairs.index_select(0, check)))
+        ref += b_gu.index_select(0, experts)
     tol = 1e-4 if dt.itemsize >= 4 else 1e-2
-    if not torch.allclose(u.index_select(0, check), ref, rtol=tol, atol=tol * float(ref.abs().max())):
+    if not torch.allclose(u.index_select(0, rows.index_select(0, check)), ref, rtol=tol, atol=tol * float(ref.abs().max())):
         if type(m) not in _WARNED:
             _WARNED.add(type(m))
             log.warning("%s (%s experts): the recorded gate/up projection does not match its recomputation; "
                         "recomputing it", type(m).__name__, impl)
         return None
-    return u
+    return rows
 
 
 def _arg(call: ModuleCall, position: int, name: str):
