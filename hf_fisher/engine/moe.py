@@ -20,6 +20,15 @@ or materialisation, whichever is cheaper, as for nn.Linear). The routing weights
 flows on to the router through autograd (the router is an ordinary module with a tuple output,
 handled by the generic rule). ``act_gate``'s Jacobian-vector product comes from autograd on the
 module's own ``_apply_gate``, so any activation is exact.
+
+Nothing of this is recomputed where the model's own passes formed it: the rule's
+:meth:`~FusedExpertsRule.tap` records ``u_t = gate_up[e] @ x_t`` and ``h_t`` at the module's
+``_apply_gate`` during the forward, and the capture hands the call over once the backward has
+formed ``d_t = dL/du_t`` (the call's ``inner`` gradient). The grouped_mm and batched_mm kernels'
+row orders are known (sorted expert ids / flattened pairs): the rows are mapped to the rule's
+order and a few are recomputed as a check (a mismatch is logged and everything recomputed).
+Eager experts (which never call ``_apply_gate``), another dtype in the forward (bf16), expert
+parallelism, or a backward that stops above ``u`` recompute what is missing, as before.
 """
 
 from __future__ import annotations
