@@ -115,17 +115,28 @@ def test_eager_experts_not_tapped_recompute(recorded):
     assert_matches_reference(model, batches, fisher, "param", rtol=1e-9)
 
 
-def test_mismatched_recording_refused_loudly(monkeypatch, caplog, recorded):
-    """A recording whose rows are not in the order the rule expects (here: reversed, as a kernel
-    with another row order would give) fails the spot check: WARNING, recomputed, still exact."""
+def _two_rows_swapped(u):
+    """Row 0 and the row farthest from it swapped (padding rows can be equal: swapping those
+    changes nothing)."""
+    u = u.detach().clone()
+    j = int((u - u[0]).abs().amax(1).argmax())
+    u[[0, j]] = u[[j, 0]]
+    return u
+
+
+@pytest.mark.parametrize("disorder", [lambda u: u.flip(0), _two_rows_swapped], ids=["reversed", "two rows swapped"])
+def test_mismatched_recording_refused_loudly(monkeypatch, caplog, recorded, disorder):
+    """A recording whose rows are not in the order the rule expects (reversed, as a kernel with
+    another row order would give; or only two rows of one call swapped) fails the check of every
+    row: WARNING, recomputed, still exact."""
     stop = moe._GateTap.stop
 
-    def reversed_rows(self):
+    def disordered(self):
         out = stop(self)
-        out["gate_inputs"] = [u.flip(0) for u in out.get("gate_inputs", [])]
+        out["gate_inputs"] = [disorder(u) for u in out.get("gate_inputs", [])]
         return out
 
-    monkeypatch.setattr(moe._GateTap, "stop", reversed_rows)
+    monkeypatch.setattr(moe._GateTap, "stop", disordered)
     monkeypatch.setattr(moe, "_WARNED", set())
     model, _, _ = em.mixtral()
     model.set_experts_implementation("batched_mm")

@@ -26,7 +26,8 @@ Nothing of this is recomputed where the model's own passes formed it: the rule's
 ``_apply_gate`` during the forward, and the capture hands the call over once the backward has
 formed ``d_t = dL/du_t`` (the call's ``inner`` gradient). The grouped_mm and batched_mm kernels'
 row orders are known (sorted expert ids / flattened pairs): the rows are mapped to the rule's
-order and a few are recomputed as a check (a mismatch is logged and everything recomputed).
+order and each is checked through a random direction (a mismatch is logged and everything
+recomputed).
 Eager experts (which never call ``_apply_gate``), another dtype in the forward (bf16), expert
 parallelism, or a backward that stops above ``u`` recompute what is missing, as before.
 """
@@ -364,8 +365,6 @@ _MISSING = object()
 #: expert ids (``torch.sort``, not stable: the same call here gives the same order), "batched_mm"
 #: keeps the flattened order
 _GATE_ROW_ORDERS = ("grouped_mm", "batched_mm")
-#: rows of a recorded gate/up projection that :func:`_recorded_rows` recomputes to check it
-_CHECKED_ROWS = 8
 _WARNED: set = set()
 
 
@@ -413,9 +412,9 @@ class _GateTap:
 def _recorded_rows(call: ModuleCall, flat, pairs, x_r, W_gu, b_gu, transposed: bool, dt) -> torch.Tensor | None:
     """Where the routed pairs ``pairs`` (in this order) sit among the rows the forward passed to
     ``_apply_gate`` (:class:`_GateTap`), or None where nothing was recorded, it was recorded in
-    another dtype, or by an implementation whose row order is not known. A few rows of the
-    recorded ``u`` are recomputed and compared first: a mismatch is logged (WARNING) and gives
-    None (the caller then recomputes every row)."""
+    another dtype, or by an implementation whose row order is not known. Every row of the
+    recorded ``u`` is checked first through a random direction (``u_t·r = x_t·(W_gu[e]ᵀ r)``): a
+    mismatch is logged (WARNING) and gives None (the caller then recomputes every row)."""
     m = call.module
     seen = call.extra.get("gate_inputs")
     impl = getattr(getattr(m, "config", None), "_experts_implementation", None)
@@ -432,13 +431,25 @@ def _recorded_rows(call: ModuleCall, flat, pairs, x_r, W_gu, b_gu, transposed: b
         rows = row_of.index_select(0, pairs)
     else:
         rows = pairs
-    check = torch.linspace(0, pairs.numel() - 1, min(pairs.numel(), _CHECKED_ROWS), device=pairs.device).long()
-    experts = flat.index_select(0, pairs.index_select(0, check))
-    ref = torch.einsum("kh,khc->kc" if transposed else "kh,kch->kc", x_r.index_select(0, check), W_gu.index_select(0, experts))
-    if b_gu is not None:
-        ref += b_gu.index_select(0, experts)
-    tol = 1e-4 if dt.itemsize >= 4 else 1e-2
-    if not torch.allclose(u.index_select(0, rows.index_select(0, check)), ref, rtol=tol, atol=tol * float(ref.abs().max())):
+    # every row checked through one random direction r: u_t·r against x_t·(W_gu[e]ᵀ r) (+ b·r),
+    # about S (H + 2I) products instead of the S H 2I of recomputing u; each row within its own
+    # rounding scale |x_t| Σ_j |r_j| |W_gu[e]_j| (+ |b|·|r|)
+    r = torch.randn(width, generator=torch.Generator().manual_seed(0), dtype=torch.float64).to(device=u.device, dtype=dt)
+    got = u.index_select(0, rows) @ r
+    ref, scale = torch.empty_like(got), torch.linalg.vector_norm(x_r, dim=1)
+    counts = torch.bincount(flat.index_select(0, pairs), minlength=W_gu.shape[0]).tolist()
+    lo = 0
+    for e, n in enumerate(counts):
+        if n:
+            W = W_gu[e] if transposed else W_gu[e].t()  # [H, 2I]
+            ref[lo : lo + n] = x_r[lo : lo + n] @ (W @ r)
+            bound = torch.linalg.vector_norm(W, dim=0) @ r.abs()
+            scale[lo : lo + n] *= bound
+            if b_gu is not None:
+                ref[lo : lo + n] += b_gu[e] @ r
+                scale[lo : lo + n] += b_gu[e].abs() @ r.abs()
+        lo += n
+    if not bool(((got - ref).abs() <= 1000 * torch.finfo(dt).eps * scale).all()):
         if type(m) not in _WARNED:
             _WARNED.add(type(m))
             log.warning("%s (%s experts): the recorded gate/up projection does not match its recomputation; "
