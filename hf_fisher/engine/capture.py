@@ -36,9 +36,14 @@ class Capture:
     the caller must not trust the recorded calls then.
     """
 
-    def __init__(self, modules: list[nn.Module], on_grad: Callable[[ModuleCall], None]):
+    def __init__(self, modules: list[nn.Module], on_grad: Callable[[ModuleCall], None], taps: Callable[[nn.Module], object | None] | None = None):
         self.modules = modules
         self.on_grad = on_grad
+        #: ``taps(module)``: None, or a probe (see :meth:`~hf_fisher.engine.rules.GradRule.tap`) whose
+        #: ``start()`` runs before each recorded forward of the module and whose ``stop()`` (a dict)
+        #: ends it and goes into the call's ``extra``
+        self.taps = taps
+        self._taps: dict[int, object] = {}
         self.calls: list[ModuleCall] = []
         self.handles: list = []
         self.in_backward = False
@@ -54,14 +59,25 @@ class Capture:
     def attach(self) -> Capture:
         if not self.handles:
             for m in self.modules:
+                tap = self.taps(m) if self.taps is not None else None
+                if tap is not None:
+                    self._taps[id(m)] = tap
+                    self.handles.append(m.register_forward_pre_hook(self._tap_hook))
                 self.handles.append(m.register_forward_hook(self._forward_hook, with_kwargs=True))
         return self
 
     def detach(self) -> None:
         for h in self.handles:
             h.remove()
+        for tap in self._taps.values():
+            tap.stop()
+        self._taps = {}
         self.handles = []
         self.calls = []
+
+    def _tap_hook(self, module, args):
+        if not (self.suspended or self.in_backward) and torch.is_grad_enabled():
+            self._taps[id(module)].start()
 
     def __enter__(self) -> Capture:
         return self.attach()
@@ -82,6 +98,8 @@ class Capture:
         self.scale = scale
 
     def _forward_hook(self, module, args, kwargs, output):
+        tap = self._taps.get(id(module))
+        tapped = tap.stop() if tap is not None else {}
         if self.suspended:
             return None
         if self.in_backward:
@@ -97,11 +115,16 @@ class Capture:
         # the module's only between its unshard and reshard (a rule reading values in the backward
         # must not meet the sharded DTensors registered by then)
         call.extra["params"] = dict(module.named_parameters(recurse=False))
+        call.extra.update(tapped)
         self.calls.append(call)
         if isinstance(output, torch.Tensor):
             call.tensors = [output] if output.requires_grad else []
             if output.requires_grad:
-                output.register_hook(self._make_grad_hook(call))
+                inner = call.extra.get("inner")
+                waits = isinstance(inner, torch.Tensor) and inner.requires_grad
+                output.register_hook(self._make_grad_hook(call, waits))
+                if waits:
+                    inner.register_hook(self._make_inner_hook(call))
             return None
         from torch.utils._pytree import tree_flatten, tree_unflatten
 
@@ -130,10 +153,30 @@ class Capture:
         finally:
             self.suspended = False
 
-    def _make_grad_hook(self, call: ModuleCall):
+    def _make_grad_hook(self, call: ModuleCall, waits: bool = False):
         def hook(grad):
             if not self.muted:
                 call.grad_output = grad
+                if waits:  # dispatched by the inner hook below, or by flush_deferred if none comes
+                    self.deferred.append(call)
+                else:
+                    self._dispatch(call)
+            return None
+
+        return hook
+
+    def _make_inner_hook(self, call: ModuleCall):
+        """A tap's ``extra["inner"]``: a tensor inside the module's forward whose gradient its
+        rule uses (the backward reaches it after the module's output): the call is dispatched
+        when it arrives, with ``extra["inner_grad"]`` set."""
+
+        def hook(grad):
+            if self.muted or call.grad_output is None:
+                return None
+            k = next((k for k, c in enumerate(self.deferred) if c is call), None)
+            if k is not None:
+                del self.deferred[k]
+                call.extra["inner_grad"] = grad
                 self._dispatch(call)
             return None
 
@@ -151,8 +194,9 @@ class Capture:
         return hook
 
     def flush_deferred(self) -> None:
-        """Dispatch the multi-output calls gathered during the backward (see class docstring),
-        without grad mode, as the backward's own hooks run: a rule's per-sample gradients never
+        """Dispatch the multi-output calls gathered during the backward (see class docstring) and
+        the calls whose tap's inner gradient never came (the backward stopped above it), without
+        grad mode, as the backward's own hooks run: a rule's per-sample gradients never
         join a graph (a module whose submodules' parameters require grad would otherwise give
         parts that do)."""
         deferred, self.deferred = self.deferred, []

@@ -20,9 +20,21 @@ or materialisation, whichever is cheaper, as for nn.Linear). The routing weights
 flows on to the router through autograd (the router is an ordinary module with a tuple output,
 handled by the generic rule). ``act_gate``'s Jacobian-vector product comes from autograd on the
 module's own ``_apply_gate``, so any activation is exact.
+
+Nothing of this is recomputed where the model's own passes formed it: the rule's
+:meth:`~FusedExpertsRule.tap` records ``u_t = gate_up[e] @ x_t`` and ``h_t`` at the module's
+``_apply_gate`` during the forward, and the capture hands the call over once the backward has
+formed ``d_t = dL/du_t`` (the call's ``inner`` gradient). The grouped_mm and batched_mm kernels'
+row orders are known (sorted expert ids / flattened pairs): the rows are mapped to the rule's
+order and each is checked through a random direction (a mismatch is logged and everything
+recomputed).
+Eager experts (which never call ``_apply_gate``), another dtype in the forward (bf16), expert
+parallelism, or a backward that stops above ``u`` recompute what is missing, as before.
 """
 
 from __future__ import annotations
+
+import logging
 
 import torch
 import torch.nn as nn
@@ -41,6 +53,8 @@ from .rules import (
     _trainable,
     num_samples,
 )
+
+log = logging.getLogger(__name__)
 
 #: (module path, class name) of the fused experts modules this rule knows
 EXPERTS_CLASSES = (
@@ -253,6 +267,11 @@ class FusedExpertsRule(GradRule):
     def applies_to(self, module_type, registered):
         return module_type.forward is registered.forward
 
+    def tap(self, module):
+        """Records the input of the module's ``_apply_gate`` during a forward (see
+        :class:`_GateTap`), so :meth:`parts` need not recompute the gate/up projection."""
+        return _GateTap(module) if getattr(module, "has_gate", True) else None
+
     def parts(self, call: ModuleCall) -> dict[str, Part]:
         m = call.module
         params = _trainable(m)
@@ -290,20 +309,35 @@ class FusedExpertsRule(GradRule):
         bounds = [0]
         for n in counts:
             bounds.append(bounds[-1] + n)
-        u = x_r.new_empty(x_r.shape[0], W_gu.shape[2] if transposed else W_gu.shape[1])
-        dh = delta.new_empty(delta.shape[0], W_d.shape[1] if transposed else W_d.shape[2])
-        for e in range(E):
-            lo, hi = bounds[e], bounds[e + 1]
-            if hi > lo:
-                torch.mm(x_r[lo:hi], W_gu[e] if transposed else W_gu[e].t(), out=u[lo:hi])
-                if b_gu is not None:
-                    u[lo:hi] += b_gu[e]
-                torch.mm(delta[lo:hi], W_d[e].t() if transposed else W_d[e], out=dh[lo:hi])
-        with torch.enable_grad():
-            u.requires_grad_(True)
-            h = _apply_gate(m, u)
-            (d_u,) = torch.autograd.grad(h, u, dh)
-        h = h.detach()
+        # the forward's own u = x W_gu[e]ᵀ (+ b) and h = act_gate(u), and the backward's own
+        # d_u = dL/du, where the tap recorded them (rows mapped to this order); else recomputed
+        rows = _recorded_rows(call, flat, pairs, x_r, W_gu, b_gu, transposed, dt)
+        recorded = {k: call.extra.pop(k, None) for k in ("gate_inputs", "gate_outputs", "inner", "inner_grad")}
+        d_u = recorded["inner_grad"]
+        if rows is not None and d_u is not None and d_u.dtype == dt and d_u.shape == recorded["gate_inputs"][0].shape:
+            d_u = d_u.index_select(0, rows)
+            h = recorded["gate_outputs"][0].detach().index_select(0, rows)
+        else:
+            if rows is not None:
+                u = recorded["gate_inputs"][0].detach().index_select(0, rows)
+            else:
+                u = x_r.new_empty(x_r.shape[0], W_gu.shape[2] if transposed else W_gu.shape[1])
+                for e in range(E):
+                    lo, hi = bounds[e], bounds[e + 1]
+                    if hi > lo:
+                        torch.mm(x_r[lo:hi], W_gu[e] if transposed else W_gu[e].t(), out=u[lo:hi])
+                        if b_gu is not None:
+                            u[lo:hi] += b_gu[e]
+            dh = delta.new_empty(delta.shape[0], W_d.shape[1] if transposed else W_d.shape[2])
+            for e in range(E):
+                lo, hi = bounds[e], bounds[e + 1]
+                if hi > lo:
+                    torch.mm(delta[lo:hi], W_d[e].t() if transposed else W_d[e], out=dh[lo:hi])
+            with torch.enable_grad():
+                u.requires_grad_(True)
+                h = _apply_gate(m, u)
+                (d_u,) = torch.autograd.grad(h, u, dh)
+            h = h.detach()
         gu_factors, d_factors, gu_rows, d_rows = [], [], [], []
         for e in range(E):
             sl = slice(bounds[e], bounds[e + 1])
@@ -323,6 +357,105 @@ class FusedExpertsRule(GradRule):
         if biased and "down_proj_bias" in params:
             out["down_proj_bias"] = _expert_bias_part(params["down_proj_bias"], d_rows, B, T1, call.scale)
         return out
+
+
+_MISSING = object()
+#: experts implementations (``config._experts_implementation``) that call ``_apply_gate`` once per
+#: forward on every (token, slot) pair, and the order of those rows: "grouped_mm" sorts the flattened
+#: expert ids (``torch.sort``, not stable: the same call here gives the same order), "batched_mm"
+#: keeps the flattened order
+_GATE_ROW_ORDERS = ("grouped_mm", "batched_mm")
+_WARNED: set = set()
+
+
+class _GateTap:
+    """Records ``u`` and ``h``, the input and output of an experts module's ``_apply_gate`` in one
+    forward: the gate/up projection ``x_t W_gu[e]ᵀ (+ b)`` of every routed pair and its gated
+    activation, as the forward computed them (tensors of the forward's graph; held, not copied),
+    and hands ``u`` to the capture as the call's ``inner`` tensor, whose gradient ``d_u`` the
+    backward then delivers with the call. Installed as an instance attribute for the forward only
+    (:meth:`start` / :meth:`stop`), so the module's own ``_apply_gate`` still does the work."""
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+        self.seen: list[torch.Tensor] | None = None
+        self.saved = _MISSING
+
+    def start(self) -> None:
+        self.stop()
+        m, seen = self.module, []
+        self.saved = m.__dict__.get("_apply_gate", _MISSING)
+        gate = m._apply_gate
+
+        def recording_gate(u):
+            h = gate(u)
+            seen.append((u, h))
+            return h
+
+        m.__dict__["_apply_gate"] = recording_gate
+        self.seen = seen
+
+    def stop(self) -> dict:
+        if self.seen is None:
+            return {}
+        if self.saved is _MISSING:
+            self.module.__dict__.pop("_apply_gate", None)
+        else:
+            self.module.__dict__["_apply_gate"] = self.saved
+        seen, self.seen, self.saved = self.seen, None, _MISSING
+        out = {"gate_inputs": [u for u, _ in seen], "gate_outputs": [h for _, h in seen]}
+        if len(seen) == 1:
+            out["inner"] = seen[0][0]  # the capture hands its gradient to parts (see Capture)
+        return out
+
+
+def _recorded_rows(call: ModuleCall, flat, pairs, x_r, W_gu, b_gu, transposed: bool, dt) -> torch.Tensor | None:
+    """Where the routed pairs ``pairs`` (in this order) sit among the rows the forward passed to
+    ``_apply_gate`` (:class:`_GateTap`), or None where nothing was recorded, it was recorded in
+    another dtype, or by an implementation whose row order is not known. Every row of the
+    recorded ``u`` is checked first through a random direction (``u_t·r = x_t·(W_gu[e]ᵀ r)``): a
+    mismatch is logged (WARNING) and gives None (the caller then recomputes every row)."""
+    m = call.module
+    seen = call.extra.get("gate_inputs")
+    impl = getattr(getattr(m, "config", None), "_experts_implementation", None)
+    if not seen or len(seen) != 1 or impl not in _GATE_ROW_ORDERS or getattr(m, "_is_expert_parallel", False):
+        return None
+    u = seen[0].detach()
+    width = W_gu.shape[2] if transposed else W_gu.shape[1]
+    if u.dtype != dt or u.shape != (flat.numel(), width) or pairs.numel() == 0:
+        return None
+    if impl == "grouped_mm":
+        perm = torch.sort(flat).indices  # the forward's row r is pair perm[r]
+        row_of = torch.empty_like(perm)
+        row_of[perm] = torch.arange(perm.numel(), device=perm.device)
+        rows = row_of.index_select(0, pairs)
+    else:
+        rows = pairs
+    # every row checked through one random direction r: u_t·r against x_t·(W_gu[e]ᵀ r) (+ b·r),
+    # about S (H + 2I) products instead of the S H 2I of recomputing u; each row within its own
+    # rounding scale |x_t| Σ_j |r_j| |W_gu[e]_j| (+ |b|·|r|)
+    r = torch.randn(width, generator=torch.Generator().manual_seed(0), dtype=torch.float64).to(device=u.device, dtype=dt)
+    got = u.index_select(0, rows) @ r
+    ref, scale = torch.empty_like(got), torch.linalg.vector_norm(x_r, dim=1)
+    counts = torch.bincount(flat.index_select(0, pairs), minlength=W_gu.shape[0]).tolist()
+    lo = 0
+    for e, n in enumerate(counts):
+        if n:
+            W = W_gu[e] if transposed else W_gu[e].t()  # [H, 2I]
+            ref[lo : lo + n] = x_r[lo : lo + n] @ (W @ r)
+            bound = torch.linalg.vector_norm(W, dim=0) @ r.abs()
+            scale[lo : lo + n] *= bound
+            if b_gu is not None:
+                ref[lo : lo + n] += b_gu[e] @ r
+                scale[lo : lo + n] += b_gu[e].abs() @ r.abs()
+        lo += n
+    if not bool(((got - ref).abs() <= 1000 * torch.finfo(dt).eps * scale).all()):
+        if type(m) not in _WARNED:
+            _WARNED.add(type(m))
+            log.warning("%s (%s experts): the recorded gate/up projection does not match its recomputation; "
+                        "recomputing it", type(m).__name__, impl)
+        return None
+    return rows
 
 
 def _arg(call: ModuleCall, position: int, name: str):

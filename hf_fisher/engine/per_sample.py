@@ -244,7 +244,7 @@ class PerSampleEngine:
         self.budget_elems = max(1, int(memory_budget_mb * 2**20 / (3 * elem)))
         wanted = set(self.by_param)
         self.owned = {m: ids & wanted for m, ids in owned_parameters(model).items() if ids & wanted}
-        self.capture = Capture([m for m in model.modules() if id(m) in self.owned], self.on_grad)
+        self.capture = Capture([m for m in model.modules() if id(m) in self.owned], self.on_grad, taps=self._tap)
         self._bottom_cache: dict = {}
         #: the keyword arguments the model's forward accepts
         self.forward_params = _accepted_kwargs(model)
@@ -612,6 +612,11 @@ class PerSampleEngine:
                 if pid in self.by_param and pid not in self.vjp_params:
                     expected[pid] = expected.get(pid, 0) + 1
         self._expected = expected
+
+    def _tap(self, module: nn.Module):
+        """The forward probe of the module's rule (:meth:`GradRule.tap`), or None."""
+        tap = getattr(rule_for(module, self.rules), "tap", None)
+        return tap(module) if tap is not None else None
 
     def on_grad(self, call: ModuleCall) -> None:
         """A recorded call's output gradient arrived: turn it into per-sample gradient parts of

@@ -651,6 +651,18 @@ class GradRule:
         """
         return module_type.forward is registered.forward
 
+    def tap(self, module: nn.Module):
+        """An optional probe of what a forward of ``module`` computes inside (None: none, the
+        default). A probe has ``start()``, run before each recorded forward of the module, and
+        ``stop() -> dict``, run after it (and when the capture detaches; a no-op when not
+        started), whose items join the call's ``ModuleCall.extra`` for :meth:`parts`. An item
+        ``"inner"`` (a tensor of the forward's graph, inside the module) makes the capture hold
+        the call until the backward has formed that tensor's gradient (``extra["inner_grad"]``),
+        or until the backward ends when it never does. It must leave the module as it found it and
+        its results must not change a number: a rule uses them only to skip recomputing what the
+        module's own forward and backward already formed."""
+        return None
+
 
 def _trainable(module: nn.Module, call: ModuleCall | None = None) -> dict[str, torch.Tensor]:
     """The module's direct trainable parameters; with ``call``, as that forward used them (see
