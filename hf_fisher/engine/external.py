@@ -89,6 +89,12 @@ class ExternalBackward:
         self._grad_handle = None
         self.paused = False
         self.param_queue: list = []
+        #: whether the next free micro-batch is checked against the Trainer's batch gradient: until one
+        #: passes. Its own flag, not the engine's: the engine's own pass (which redoes a micro-batch
+        #: whose check failed) vouches for its own backward, not for what the Trainer's backward gives
+        #: the rules, so a failed check keeps every later micro-batch checked (and redone) instead of
+        #: letting the redo's passing check turn the free path's off
+        self.verify_next = engine.verify
 
     # ------------------------------------------------------------------ attach
     def attach(self) -> ExternalBackward:
@@ -147,8 +153,7 @@ class ExternalBackward:
         n = label_counts(batch, engine.task_type)
         keep, report = _keep_and_report(n, set(), self.limit())
         B, T = batch_dims(batch, engine.task_type)
-        verify = engine.verify_next
-        micro = MicroBatch(batch, report, self.make_sink(), verify, n)
+        micro = MicroBatch(batch, report, self.make_sink(), self.verify_next, n)
         micro.whole = B == 1 and _plain_parameters(engine)
         self.current = micro
         self.queue = []
@@ -327,7 +332,7 @@ class ExternalBackward:
         if not micro.failed:
             engine.batches_seen += 1
             if micro.verify:
-                engine.verify_next = False
+                self.verify_next = engine.verify_next = False
         else:
             micro.sink.reset()
         self.done(micro)

@@ -231,6 +231,8 @@ class PerSampleEngine:
         self.normalization = normalization
         self.loss_fn = loss_fn
         self.on_nonfinite = on_nonfinite
+        #: whether the first batch is checked (the caller's choice); :attr:`verify_next`: whether the next one is
+        self.verify = verify
         self.verify_next = verify
         self.loop_mode = False
         self.loop_reason = ""
