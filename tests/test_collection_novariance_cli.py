@@ -34,3 +34,16 @@ def test_no_variance_refused_for_kfac_before_the_model(ws, tmp_path, capsys):  #
     assert_clean_error(res, r"--no-variance applies to the estimators that accumulate per-sample moments "
                             r"\(empirical, true\), not to --estimator kfac")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_disk_estimate_counts_the_mean_only_with_no_variance():
+    """``hf-fisher collect``'s free-space check needs half the bytes for a mean-only param artifact."""
+    import argparse
+
+    from hf_fisher.cli.common import disk_need
+
+    shapes = [(1000, 100), (100,)]
+    both, detail = disk_need(shapes, argparse.Namespace(storage_dtype="float32", reduction="param", no_variance=False))
+    mean, detail_mean = disk_need(shapes, argparse.Namespace(storage_dtype="float32", reduction="param", no_variance=True))
+    assert both == 100_100 * 4 * 2 + 2**20 and mean == 100_100 * 4 + 2**20
+    assert "mean and variance" in detail and "--no-variance" in detail_mean

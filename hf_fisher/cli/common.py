@@ -103,18 +103,20 @@ def safetensors_shapes(model_dir: Path) -> list[tuple[int, ...]] | None:
     return shapes
 
 
-def estimate_artifact_bytes(shapes: Sequence[Sequence[int]], *, reduction: str, element_size: int) -> int:
+def estimate_artifact_bytes(shapes: Sequence[Sequence[int]], *, reduction: str, element_size: int,
+                            variance: bool = True) -> int:
     """About how many bytes a Fisher artifact of parameters of ``shapes`` takes on disk.
 
-    ``param``: every element, twice (mean and variance) at ``element_size`` bytes; ``group``:
-    at most one value per row of the longest axis of each tensor (heads, channels, vocabulary
-    rows), twice -- small. Plus 1 MiB for the config and the model card.
+    ``param``: every element, twice (mean and variance; once with ``variance=False``) at
+    ``element_size`` bytes; ``group``: at most one value per row of the longest axis of each
+    tensor (heads, channels, vocabulary rows), as many times -- small. Plus 1 MiB for the config
+    and the model card.
     """
     if reduction == "param":
         values = sum(math.prod(s) for s in shapes)
     else:
         values = sum(max(s) if len(s) else 1 for s in shapes)
-    return int(values) * element_size * 2 + 2**20
+    return int(values) * element_size * (2 if variance else 1) + 2**20
 
 
 _ELEMENT_SIZE = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2}
@@ -122,10 +124,12 @@ _ELEMENT_SIZE = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2}
 
 def disk_need(shapes: Sequence[Sequence[int]], args: argparse.Namespace) -> tuple[int, str]:
     dtype = args.storage_dtype or "float64"
-    need = estimate_artifact_bytes(shapes, reduction=args.reduction, element_size=_ELEMENT_SIZE[dtype])
+    variance = not getattr(args, "no_variance", False)
+    need = estimate_artifact_bytes(shapes, reduction=args.reduction, element_size=_ELEMENT_SIZE[dtype], variance=variance)
     if args.reduction == "param":
         n = sum(math.prod(s) for s in shapes)
-        detail = f"{n:,} parameters x {_ELEMENT_SIZE[dtype]} bytes ({dtype}) x 2 for mean and variance"
+        what = "x 2 for mean and variance" if variance else "for the mean (--no-variance)"
+        detail = f"{n:,} parameters x {_ELEMENT_SIZE[dtype]} bytes ({dtype}) {what}"
     else:
         detail = f"group reduction, {dtype}"
     return need, detail
