@@ -122,6 +122,7 @@ def test_one_validation_batch_per_task_cannot_confirm_the_weights_and_says_so(se
     assert "cannot be confirmed on held-out validation data" in caplog.text
     rec = yaml.safe_load((out / RECIPE_NAME).read_text())["hf_fisher"]["validation"]
     assert "weights_holdout" not in rec
+    assert "cannot be confirmed on held-out validation data" in rec["weights_not_held_out"]  # recorded, not only logged
     best = min(rec["losses"], key=lambda e: e["loss"])
     assert (rec["chosen"]["weights"], rec["chosen"]["scaling"]) == (best["weights"], best["scaling"])
 

@@ -593,8 +593,10 @@ def _tune(plan: list[TensorInfo], reader: _Reader, s: MergeSettings, validation,
         record["points"] += weight_record["points"]
     else:
         if grid.get("weight_shrink") and halves is None and len({tuple(c.weights) for c in cands}) > 1:
-            logger.warning("the model weights cannot be confirmed on held-out validation data (a task has fewer "
-                           "than two validation batches): they are chosen on all of it with the options")
+            why = ("the model weights cannot be confirmed on held-out validation data (a task has fewer than two "
+                   "validation batches): they are chosen on all of it with the options")
+            logger.warning(why)
+            record["weights_not_held_out"] = why
         best_per, best = min(results, key=lambda r: task_mean(r[0]))  # first of equal losses
         best_loss = task_mean(best_per)
     choice = {"loss": best_loss, "weights": best.weights, **{k: getattr(best.method, k) for k in tuned}}
@@ -706,9 +708,11 @@ def _tune_layers(plan, reader: _Reader, s: MergeSettings, loss: float, sd: dict,
             groups.setdefault(g, []).append(info)
     halves = validation_halves(validation) if validation is not None else None
     grid_sd = sd
+    not_held_out = None
     if halves is None:
-        logger.warning("the per-layer refinement cannot hold out validation data (a task has fewer than two "
-                       "validation batches): its weights are searched and kept on the same batches")
+        not_held_out = ("the per-layer refinement cannot hold out validation data (a task has fewer than two "
+                        "validation batches): its weights are searched and kept on the same batches")
+        logger.warning(not_held_out)
         search_loss = loss_of
     else:
         def search_loss(state):
@@ -751,6 +755,8 @@ def _tune_layers(plan, reader: _Reader, s: MergeSettings, loss: float, sd: dict,
         record["points"] += len(confirm)
         layer_weights = best_lw
         record["loss"] = loss_of(best_sd)  # the whole validation set, as every other choice's loss
+    if not_held_out is not None:
+        record["not_held_out"] = not_held_out
     return MergeSettings(s.method, s.weights, layer_weights=layer_weights or None), record
 
 
